@@ -1,0 +1,65 @@
+"""Boundary checks shared by the sparse core. Messages name the argument, the value,
+what is allowed and how to fix it."""
+
+from __future__ import annotations
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_power_of_two(value: object, name: str, low: int, high: int) -> int:
+    """Return ``value`` if it is a power of two in [low, high], else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value > high or value & (value - 1):
+        raise ValueError(f"`{name}` must be a power of two in [{low}, {high}] (got {value!r})")
+    return value
+
+
+def check_fraction(value: object, name: str) -> float:
+    """Return ``value`` as a float if it lies in (0, 1], else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be a fraction in (0, 1] (got {value!r}); 0.2 keeps a fifth")
+    return float(value)
+
+
+def check_bhnd(x: object, name: str) -> torch.Tensor:
+    """Check one [B, H, N, D] floating-point tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, H, N, D] (got {type(x).__name__})")
+    if x.dim() != 4:
+        raise ValueError(
+            f"`{name}` must have shape [B, H, N, D] (got {tuple(x.shape)}); "
+            "diffusers gives [B, N, H, D]: use .transpose(1, 2)"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"`{name}` must be float16, bfloat16, float32 or float64 (got {x.dtype})")
+    if x.shape[2] < 1:
+        raise ValueError(f"`{name}` must hold at least one token (got N = {x.shape[2]})")
+    return x
+
+
+def check_qk(q: object, k: object) -> None:
+    """Check a query/key pair: both [B, H, N, D], same shape, dtype and device."""
+    check_bhnd(q, "q")
+    check_bhnd(k, "k")
+    if q.shape != k.shape:
+        raise ValueError(
+            f"`q` and `k` must have the same shape [B, H, N, D] (got {tuple(q.shape)} and {tuple(k.shape)});"
+            " self-attention only"
+        )
+    if q.dtype != k.dtype:
+        raise ValueError(f"`q` and `k` must share a dtype (got {q.dtype} and {k.dtype}); cast one of them")
+    if q.device != k.device:
+        raise ValueError(f"`q` and `k` must be on one device (got {q.device} and {k.device}); move one of them")
+
+
+def num_blocks(n: int, block: int) -> int:
+    """Blocks of ``block`` tokens covering ``n`` tokens; the last may be short."""
+    return -(-n // block)
+
+
+def block_sizes(n: int, block: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Token count of each block, int64 [ceil(n / block)]; every block holds ``block`` but the last."""
+    sizes = torch.full((num_blocks(n, block),), block, dtype=torch.int64, device=device)
+    sizes[-1] = n - block * (sizes.numel() - 1)
+    return sizes
