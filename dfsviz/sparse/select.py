@@ -1,0 +1,253 @@
+"""Selectors: turn block scores [B, H, Mq, Mk] into a :class:`BlockMask`.
+
+- ``topk``: DFSAttn's rule. Every query block keeps k = max(1, int(gamma * Mk)) key
+  blocks, the k highest-scoring ones (``torch.topk``), per batch element and head.
+  ``int`` truncates the float product exactly as the reference code does, so
+  gamma = 0.19999999999999998 (0.3 - 0.1 in floating point) keeps 118 of 591 blocks.
+- ``cumulative``: per row, the smallest set of key blocks whose normalised score mass
+  reaches tau (top-p). Mass scores (``dfs_tile``, ``antidiagonal``, ``oracle``) are
+  normalised by the row sum; logit scores (``meanpool``) by a softmax over the row.
+
+Both accept ``forced_kv``, key blocks every non-dense row keeps (HunyuanVideo's text
+blocks, paper.md section 3.4), and ``dense_q``, query blocks whose rows keep every key
+block (HunyuanVideo's rows from ``dense_start_block`` on). Forced blocks count inside
+the budget: top-k picks only k - n_forced further blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from dfsviz.sparse._validate import check_fraction, check_power_of_two, num_blocks
+from dfsviz.sparse.masks import BlockMask
+
+__all__ = [
+    "SELECTORS",
+    "SelectorSpec",
+    "select_cumulative",
+    "select_topk",
+    "selector_key",
+    "selector_names",
+    "topk_count",
+]
+
+
+def topk_count(gamma: float, num_kv_blocks: int) -> int:
+    """k = max(1, int(gamma * Mk)), the reference's per-row budget (float product, truncated)."""
+    gamma = check_fraction(gamma, "gamma")
+    if isinstance(num_kv_blocks, bool) or not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
+        raise ValueError(f"`num_kv_blocks` must be a positive integer Mk (got {num_kv_blocks!r})")
+    return max(1, int(gamma * num_kv_blocks))
+
+
+def _check_scores(scores: object, seq_len: int, block: int) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"`scores` must be a torch.Tensor [B, H, Mq, Mk] (got {type(scores).__name__})")
+    if not scores.is_floating_point():
+        raise ValueError(f"`scores` must be a floating-point tensor (got {scores.dtype}); use block_scores_ref")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"`seq_len` must be a positive integer N (got {seq_len!r}); pass q.shape[2]")
+    check_power_of_two(block, "block", 16, 256)
+    m = num_blocks(seq_len, block)
+    if scores.dim() != 4 or scores.shape[2] != m or scores.shape[3] != m:
+        raise ValueError(
+            f"`scores` must have shape [B, H, {m}, {m}] for seq_len={seq_len}, block={block} "
+            f"(got {tuple(scores.shape)}); score with the same block size"
+        )
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("`scores` must not contain NaN (got at least one); check q and k for NaN/inf")
+    return scores
+
+
+def _block_set(value: object, name: str, m: int, device: torch.device) -> torch.Tensor:
+    """bool [m] from None, a bool tensor [m], or a sequence/tensor of block indices."""
+    out = torch.zeros(m, dtype=torch.bool, device=device)
+    if value is None:
+        return out
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        if value.shape != (m,):
+            raise ValueError(f"`{name}` as a bool tensor must have shape [{m}] (got {tuple(value.shape)})")
+        return value.to(device)
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.dim() != 1:
+            raise ValueError(
+                f"`{name}` must be a bool [{m}] tensor or 1-D integer block indices "
+                f"(got {value.dtype}, shape {tuple(value.shape)})"
+            )
+        idx = [int(i) for i in value.tolist()]
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        idx = list(value)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in idx):
+            raise ValueError(f"`{name}` must hold integer block indices (got {value!r})")
+    else:
+        raise TypeError(
+            f"`{name}` must be None, a bool [{m}] tensor or a list of block indices "
+            f"(got {type(value).__name__})"
+        )
+    bad = [i for i in idx if not 0 <= i < m]
+    if bad:
+        raise ValueError(f"`{name}` indices must lie in [0, {m}) (got {bad[:5]}); they are block, not token, indices")
+    if idx:
+        out[torch.tensor(idx, dtype=torch.long, device=device)] = True
+    return out
+
+
+def _finish(keep: torch.Tensor, forced: torch.Tensor, dense_q: torch.Tensor, seq_len: int, block: int) -> BlockMask:
+    keep = keep | forced
+    keep[:, :, dense_q, :] = True
+    return BlockMask.from_dense(keep, seq_len, block)
+
+
+def select_topk(
+    scores: torch.Tensor,
+    gamma: float,
+    *,
+    seq_len: int,
+    block: int,
+    forced_kv: torch.Tensor | Sequence[int] | None = None,
+    dense_q: torch.Tensor | Sequence[int] | None = None,
+) -> BlockMask:
+    """Keep the k = max(1, int(gamma * Mk)) best key blocks of every query block.
+
+    Args:
+        scores: float [B, H, Mq, Mk], higher = more important (any scorer's output).
+        gamma: kept fraction in (0, 1] (DFSAttn's "sparsity").
+        seq_len: N, tokens; block: tokens per block (Mq = Mk = ceil(N / block)).
+        forced_kv: key blocks every row keeps, inside the budget (bool [Mk] or indices);
+            the remaining k - n_forced blocks are the best of the others.
+        dense_q: query blocks whose rows keep all Mk key blocks (bool [Mq] or indices).
+
+    Returns:
+        BlockMask [B, H, Mq, Mk]. Ties are broken by ``torch.topk``.
+    """
+    scores = _check_scores(scores, seq_len, block)
+    m = scores.shape[3]
+    k = topk_count(gamma, m)
+    forced = _block_set(forced_kv, "forced_kv", m, scores.device)
+    dense_rows = _block_set(dense_q, "dense_q", m, scores.device)
+    n_forced = int(forced.sum())
+    k_free = k - n_forced
+    if k_free < 1:
+        raise ValueError(
+            f"`gamma` keeps k = max(1, int({gamma} * {m})) = {k} blocks, which leaves {k_free} after the "
+            f"{n_forced} `forced_kv` blocks (must be >= 1); raise gamma or force fewer blocks"
+        )
+    # Forced blocks are taken out of the race so that top-k fills the rest of the budget.
+    race = scores.masked_fill(forced, float("-inf"))
+    top = torch.topk(race, k_free, dim=-1).indices
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
+    return _finish(keep, forced, dense_rows, seq_len, block)
+
+
+def select_cumulative(
+    scores: torch.Tensor,
+    tau: float,
+    *,
+    seq_len: int,
+    block: int,
+    forced_kv: torch.Tensor | Sequence[int] | None = None,
+    dense_q: torch.Tensor | Sequence[int] | None = None,
+    scores_are_logits: bool = False,
+) -> BlockMask:
+    """Keep, per row, the smallest set of key blocks whose normalised score mass reaches tau.
+
+    Each row is turned into a distribution p over key blocks: ``softmax(row)`` when
+    ``scores_are_logits`` (meanpool; pass ``SCORERS[method].is_logit``), else
+    ``row / row.sum()`` for non-negative mass scores (dfs_tile rows sum to block / tile,
+    antidiagonal to about block / stride, oracle to 1). Blocks are added in descending p
+    (forced blocks first, their mass counts) while the mass already kept is below tau;
+    so the set is the smallest reaching tau, at least one block, computed in float64.
+    With tau = 1 rounding can keep blocks of zero mass.
+
+    Args:
+        scores: float [B, H, Mq, Mk]; tau: target mass in (0, 1]; others as :func:`select_topk`.
+
+    Returns:
+        BlockMask [B, H, Mq, Mk].
+    """
+    scores = _check_scores(scores, seq_len, block)
+    tau = check_fraction(tau, "tau")
+    if not isinstance(scores_are_logits, bool):
+        raise TypeError(f"`scores_are_logits` must be a bool (got {type(scores_are_logits).__name__})")
+    m = scores.shape[3]
+    forced = _block_set(forced_kv, "forced_kv", m, scores.device)
+    dense_rows = _block_set(dense_q, "dense_q", m, scores.device)
+    s = scores.to(torch.float64)
+    if scores_are_logits:
+        p = torch.softmax(s, dim=-1)
+    else:
+        if bool((s < 0).any()):
+            raise ValueError(
+                f"`scores` must be non-negative masses when scores_are_logits=False (min {float(s.min()):.4g}); "
+                "pass scores_are_logits=True for logit scorers such as meanpool"
+            )
+        total = s.sum(dim=-1, keepdim=True)
+        if bool((total <= 0).any()):
+            raise ValueError(
+                "`scores` rows must have a positive sum to be normalised (got an all-zero row); "
+                "check the scorer output or pass scores_are_logits=True"
+            )
+        p = s / total
+    # Forced blocks sort ahead of every other block (priority > any probability).
+    priority = torch.where(forced, p + 2.0, p)
+    order = torch.argsort(priority, dim=-1, descending=True, stable=True)
+    p_sorted = torch.gather(p, -1, order)
+    mass_before = torch.cumsum(p_sorted, dim=-1) - p_sorted
+    take_sorted = mass_before < tau
+    take_sorted[..., 0] = True
+    keep = torch.zeros_like(take_sorted).scatter_(-1, order, take_sorted)
+    return _finish(keep, forced, dense_rows, seq_len, block)
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    """A registered selector.
+
+    Fields:
+        name: registry key ("topk", "cumulative").
+        fn: callable(scores, value, *, seq_len, block, forced_kv=None, dense_q=None, ...) -> BlockMask.
+        param: what ``value`` is: "gamma" (kept fraction of key blocks) or "tau" (target mass).
+        key_letter: letter of the value in :func:`selector_key` ("g" or "t").
+        summary: one line for CLI help and dashboard tooltips.
+    """
+
+    name: str
+    fn: Callable[..., BlockMask]
+    param: str
+    key_letter: str
+    summary: str
+
+    def __call__(self, scores: torch.Tensor, value: float, **kwargs) -> BlockMask:
+        return self.fn(scores, value, **kwargs)
+
+
+SELECTORS: dict[str, SelectorSpec] = {
+    spec.name: spec
+    for spec in (
+        SelectorSpec("topk", select_topk, "gamma", "g", "k = max(1, int(gamma * Mk)) best key blocks per query block"),
+        SelectorSpec("cumulative", select_cumulative, "tau", "t", "smallest key-block set holding score mass tau"),
+    )
+}
+
+
+def selector_names() -> list[str]:
+    """Registered selector names, in registry order."""
+    return list(SELECTORS)
+
+
+def selector_key(kind: str, value: float) -> str:
+    """Self-describing selector name: ("topk", 0.1) -> "topk_g0.10", ("cumulative", 0.9) -> "cumulative_t0.90".
+
+    Values with more than two significant decimals keep them (0.125 -> "topk_g0.125");
+    float noise such as 0.19999999999999998 prints as 0.20.
+    """
+    if not isinstance(kind, str) or kind not in SELECTORS:
+        raise ValueError(f"`kind` must be one of {selector_names()} (got {kind!r})")
+    spec = SELECTORS[kind]
+    value = check_fraction(value, spec.param)
+    text = f"{value:.2f}" if math.isclose(value, round(value, 2), abs_tol=1e-9) else f"{value:.4g}"
+    return f"{spec.name}_{spec.key_letter}{text}"
