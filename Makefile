@@ -24,6 +24,7 @@ browser:
 
 run: $(STAMP)
 	$(BIN)/dfsviz orders --grid 21x45x80 --block 128
+	$(BIN)/dfsviz recall --grid 13x24x40
 
 # pytest's exit code 5 means no test was collected: that is a failure, not a pass.
 test: $(STAMP) browser
