@@ -1,0 +1,188 @@
+"""GPU correctness suite of dfsviz.kernels, run in one device call.
+
+    PYTHONPATH=$PWD python3 benchmarks/check_gpu.py --out results/check_gpu.json
+
+Checks, each against the float64 golden reference and the reference in the test dtype
+(the kernel's error must be at most 2x the reference's own plus a small floor):
+block-sparse attention (ragged N, D 64/128, fp16/bf16, B 1/2, with and without a token
+order, LSE), agreement with FlexAttention on ``mask.to_flex_block_mask()``, NaN in one
+query row staying in that row, the ValueErrors at the boundary, fused block scoring
+(dfs_tile, meanpool) and the streaming block statistics. Exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import torch
+
+from dfsviz.kernels._check import compare_to_golden
+from dfsviz.kernels.block_scores import block_scores
+from dfsviz.kernels.block_sparse_attention import block_sparse_attention
+from dfsviz.kernels.block_stats import block_stats
+from dfsviz.sparse.attention import block_sparse_attention_ref
+from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.masks import BlockMask
+from dfsviz.sparse.orders import make_order
+from dfsviz.sparse.scoring import block_scores_ref
+from dfsviz.sparse.stats import block_stats_ref
+
+log = logging.getLogger("check_gpu")
+DEV = "cuda"
+
+# (grid, D, dtype, B, H, order name or None, keep fraction)
+ATTENTION_CASES = [
+    (LatentGrid(4, 32, 32, text_len=1), 128, torch.bfloat16, 1, 4, None, 0.3),  # N = 4097
+    (LatentGrid(4, 32, 32, text_len=1), 128, torch.bfloat16, 2, 3, "hilbert3d", 0.3),
+    (LatentGrid(5, 20, 30), 64, torch.float16, 2, 2, "hilbert3d", 0.5),  # N = 3000
+    (LatentGrid(3, 17, 23, text_len=7), 64, torch.bfloat16, 1, 2, None, 0.2),  # N = 1180
+    (LatentGrid(1, 1, 1), 128, torch.float16, 1, 2, None, 1.0),  # N = 1
+]
+
+
+def _mask(bsz, heads, n, block, keep, gen):
+    m = -(-n // block)
+    dense = torch.rand(bsz, heads, m, m, generator=gen, device=DEV) < keep
+    dense[..., torch.arange(m, device=DEV), torch.arange(m, device=DEV)] = True  # keep the diagonal
+    if m > 2:
+        dense[0, 0, 1] = False  # one empty query block: output 0, LSE -inf
+    return BlockMask.from_dense(dense, n, block)
+
+
+def check_attention(results):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for grid, d, dtype, bsz, heads, order_name, keep in ATTENTION_CASES:
+        n = grid.num_tokens
+        q, k, v = (torch.randn(bsz, heads, n, d, generator=gen, device=DEV).to(dtype) for _ in range(3))
+        mask = _mask(bsz, heads, n, 128, keep, gen)
+        order = make_order(order_name, grid) if order_name else None
+        out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, backend="triton")
+        ref, ref_lse = block_sparse_attention_ref(q, k, v, mask, order=order, return_lse=True)
+        gold, gold_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask, order=order,
+                                                    return_lse=True)
+        label = f"attention {grid.name} D{d} {str(dtype)[6:]} B{bsz} H{heads} {order_name or 'no order'}"
+        checks = [compare_to_golden(f"{label} out", out, ref, gold, floor=1e-4),
+                  compare_to_golden(f"{label} lse", lse, ref_lse, gold_lse, floor=1e-4)]
+        if order is None and n > 1:
+            # FlexAttention on the same mask, as a second low-precision reference.
+            fo = flex(q, k, v, block_mask=mask.to_flex_block_mask())
+            checks.append(compare_to_golden(f"{label} vs FlexAttention", out, fo, gold, floor=1e-4))
+            results.append({"check": f"{label} |kernel - flex|", "max_abs": float((out.float() - fo.float()).abs().max()),
+                            "ok": True})
+        for c in checks:
+            results.append({"check": c.name, "kernel_err": c.kernel_err, "ref_err": c.ref_err, "bound": c.bound,
+                            "where": c.where, "ok": c.ok})
+
+
+def check_nan_row(results):
+    n, d = 1000, 128
+    q, k, v = (torch.randn(2, 2, n, d, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    q[1, 0, 517, 3] = float("nan")
+    out = block_sparse_attention(q, k, v, BlockMask.full(2, 2, n, 128, device=DEV), backend="triton")
+    bad = torch.isnan(out).any(-1)
+    expected = torch.zeros_like(bad)
+    expected[1, 0, 517] = True
+    results.append({"check": "NaN in q[1, 0, 517] reaches that row only", "ok": bool(torch.equal(bad, expected))})
+
+
+def check_errors(results):
+    q, k, v = (torch.randn(1, 2, 256, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    mask = BlockMask.full(1, 2, 256, 128, device=DEV)
+    cases = {
+        "wrong dtype": lambda: block_sparse_attention(q.double(), k.double(), v.double(), mask, backend="triton"),
+        "head dim 96": lambda: block_sparse_attention(q[..., :96], k[..., :96], v[..., :96], mask, backend="triton"),
+        "device mix": lambda: block_sparse_attention(q, k.cpu(), v, mask, backend="triton"),
+        "mask on cpu": lambda: block_sparse_attention(q, k, v, mask.to("cpu"), backend="triton"),
+        "mask shape": lambda: block_sparse_attention(q, k, v, BlockMask.full(1, 2, 300, 128, device=DEV),
+                                                     backend="triton"),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            outcome, ok = "no error raised", False
+        except ValueError as exc:
+            outcome, ok = str(exc), True
+        except Exception as exc:  # anything but ValueError is a failure of the boundary checks
+            outcome, ok = f"{type(exc).__name__}: {exc}", False
+        results.append({"check": f"ValueError: {name}", "message": outcome, "ok": ok})
+
+
+def check_scores_and_stats(results):
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    for n, d, dtype in ((4097, 128, torch.bfloat16), (3000, 64, torch.float16)):
+        shared = torch.randn(d, generator=gen, device=DEV)
+        q = (torch.randn(2, 3, n, d, generator=gen, device=DEV) + shared).to(dtype)
+        k = (torch.randn(2, 3, n, d, generator=gen, device=DEV) + shared).to(dtype)
+        for method in ("dfs_tile", "meanpool"):
+            out = block_scores(q, k, method=method, tile=16, block=128, backend="triton")
+            ref = block_scores_ref(q, k, method=method, tile=16, block=128)
+            gold = block_scores_ref(q.double(), k.double(), method=method, tile=16, block=128)
+            c = compare_to_golden(f"block_scores {method} N{n} D{d} {str(dtype)[6:]}", out, ref, gold, floor=1e-5)
+            results.append({"check": c.name, "kernel_err": c.kernel_err, "ref_err": c.ref_err, "bound": c.bound,
+                            "where": c.where, "ok": c.ok})
+        st = block_stats(q, k, block=128, backend="triton")
+        st_ref = block_stats_ref(q, k, block=128)
+        st_gold = block_stats_ref(q.double(), k.double(), block=128)
+        for field in ("m", "L", "r", "J", "lse"):
+            c = compare_to_golden(f"block_stats {field} N{n} D{d} {str(dtype)[6:]}", getattr(st, field),
+                                  getattr(st_ref, field), getattr(st_gold, field), floor=5e-5)
+            results.append({"check": c.name, "kernel_err": c.kernel_err, "ref_err": c.ref_err, "bound": c.bound,
+                            "where": c.where, "ok": c.ok})
+
+
+STEPS = {"attention": check_attention, "nan": check_nan_row, "errors": check_errors,
+         "scores_stats": check_scores_and_stats}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=sorted(STEPS),
+                        help="run only these groups of checks")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available():
+        log.error("no CUDA device: run this on the GPU machine")
+        return 2
+    import triton
+
+    results: list[dict] = []
+    t0 = time.time()
+    for step in (STEPS[name] for name in args.only):
+        try:
+            step(results)
+        except Exception as exc:  # report the crash as a failed check and keep going
+            log.exception("%s crashed", step.__name__)
+            results.append({"check": f"{step.__name__} crashed", "message": f"{type(exc).__name__}: {exc}",
+                            "ok": False})
+    summary = {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "seconds": round(time.time() - t0, 1),
+        "groups": args.only,
+        "passed": sum(r["ok"] for r in results),
+        "failed": sum(not r["ok"] for r in results),
+        "results": results,
+    }
+    for r in results:
+        detail = (f"kernel {r['kernel_err']:.2e} ref {r['ref_err']:.2e} bound {r['bound']:.2e}"
+                  if "kernel_err" in r else r.get("message", r.get("max_abs", ""))) 
+        log.info("%-4s %s  %s", "ok" if r["ok"] else "FAIL", r["check"], str(detail)[:160])
+    log.info("%d passed, %d failed on %s in %.0f s", summary["passed"], summary["failed"], summary["card"],
+             summary["seconds"])
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(summary, fh, indent=1)
+    return 0 if summary["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

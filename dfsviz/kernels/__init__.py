@@ -1,0 +1,12 @@
+"""Triton kernels: block-sparse attention, fused DFSAttn block scoring and streaming block
+statistics. Each public function has a PyTorch twin in ``dfsviz.sparse`` with the same
+signature plus ``backend=``: Triton runs when the tensors are on CUDA (or on CPU under
+TRITON_INTERPRET=1 when forced), the reference otherwise; ``backend="triton" | "ref"``
+or the environment variable DFSVIZ_KERNEL_BACKEND override the choice."""
+
+from dfsviz.kernels._dispatch import BACKENDS, ENV_VAR, resolve_backend
+from dfsviz.kernels.block_scores import block_scores
+from dfsviz.kernels.block_sparse_attention import block_sparse_attention
+from dfsviz.kernels.block_stats import block_stats
+
+__all__ = ["BACKENDS", "ENV_VAR", "block_scores", "block_sparse_attention", "block_stats", "resolve_backend"]

@@ -1,0 +1,79 @@
+"""Kernel backend choice: the Triton kernel or its PyTorch reference twin.
+
+Default: Triton when every tensor is on a CUDA device and Triton imports, else the
+reference. ``backend="triton" | "ref"`` forces one; the environment variable
+``DFSVIZ_KERNEL_BACKEND`` (same values) replaces the default for calls that pass
+``backend=None``. With ``TRITON_INTERPRET=1`` set before dfsviz.kernels is imported,
+Triton's interpreter runs the real kernels on CPU tensors (that is how CI tests them),
+so ``"triton"`` is accepted for CPU tensors then.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BACKENDS", "ENV_VAR", "interpreting", "resolve_backend", "triton_available"]
+
+#: Registry of kernel backends: name -> what runs.
+BACKENDS = {
+    "triton": "the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)",
+    "ref": "the PyTorch reference from dfsviz.sparse (any device)",
+}
+ENV_VAR = "DFSVIZ_KERNEL_BACKEND"
+
+# Triton reads TRITON_INTERPRET when a @triton.jit function is decorated, i.e. when the
+# kernel modules are imported (they import this module first), so read it once here too.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreting() -> bool:
+    """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRET
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports (the kernels' compiler or interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # an ImportError, or a broken install raising at import
+        logger.info("Triton unavailable, kernels fall back to the PyTorch reference: %s", exc)
+        return False
+    return True
+
+
+def _check_name(backend: object, source: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"{source} must be one of {sorted(BACKENDS)} or None for automatic (got {backend!r}); "
+            "'triton' runs the kernel, 'ref' the PyTorch reference"
+        )
+    return backend  # type: ignore[return-value]
+
+
+def resolve_backend(backend: object, *tensors: torch.Tensor) -> str:
+    """Pick "triton" or "ref" for a call on ``tensors``; raise ValueError if the forced one cannot run."""
+    if backend is None:
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            backend = _check_name(env, f"environment variable {ENV_VAR}")
+    else:
+        backend = _check_name(backend, "`backend`")
+    on_cuda = all(t.is_cuda for t in tensors)
+    runnable = triton_available() and (on_cuda or (_INTERPRET and not any(t.is_cuda for t in tensors)))
+    if backend is None:
+        return "triton" if on_cuda and runnable else "ref"
+    if backend == "triton" and not runnable:
+        devices = sorted({str(t.device) for t in tensors})
+        raise ValueError(
+            f"backend 'triton' cannot run on tensors on {devices}: Triton needs CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before importing dfsviz.kernels, for CPU tensors) and an "
+            "importable triton; move the tensors with .cuda() or use backend='ref'"
+        )
+    return backend

@@ -1,0 +1,296 @@
+"""Block-sparse attention forward in Triton, twin of ``dfsviz.sparse.attention.block_sparse_attention_ref``.
+
+One program owns BLOCK_M query rows of one (batch, head) and runs FlashAttention's
+online softmax over the kept key blocks of its query block only, read straight from
+the BlockMask's ``kv_num_blocks`` / ``kv_indices`` (FlexAttention's layout). With a
+token order the program loads q, k and v rows through ``perm`` and stores output rows
+(and LSE) at their original positions, so no gather or scatter pass runs outside.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from dfsviz.kernels._dispatch import interpreting, resolve_backend
+from dfsviz.sparse.attention import (
+    block_sparse_attention_ref,
+    check_attention_inputs,
+    check_order_for,
+    resolve_scale,
+)
+from dfsviz.sparse.masks import BlockMask
+
+__all__ = ["block_sparse_attention", "ATTENTION_CONFIGS", "attention_config_fits"]
+
+_LOG2E = 1.4426950408889634
+HEAD_DIMS = (64, 128)
+# Row offsets inside one head are int32 in the kernel (batch/head offsets are int64).
+_MAX_HEAD_SPAN = 2**31
+
+
+@triton.jit
+def _attention_step(
+    acc, l_i, m_i, q, k_base, v_base, perm_ptr, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
+    HAS_ORDER: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One BLOCK_N slice of keys: logits, online-softmax update, P @ V accumulation."""
+    col_ok = offs_n < N
+    if HAS_ORDER:
+        if MASKED:
+            rows_n = tl.load(perm_ptr + offs_n, mask=col_ok, other=0)
+        else:
+            rows_n = tl.load(perm_ptr + offs_n)
+    else:
+        rows_n = offs_n
+    k_ptrs = k_base + rows_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + rows_n[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    # The interpreter's bf16 dot is wrong: it runs fp32 operands instead (exact for bf16/fp16 values).
+    if UPCAST:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+    # Scale and log2(e) are folded into one multiply so the softmax uses exp2.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASKED:
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if UPCAST:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _block_sparse_attention_kernel(
+    Q, K, V, O, LSE, KV_NUM, KV_IDX, PERM,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ORDER: tl.constexpr, RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    u = (pid_m * BLOCK_M) // BLOCK  # the mask's query block holding these rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in the ordered sequence
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    if HAS_ORDER:
+        rows_m = tl.load(PERM + offs_m, mask=row_ok, other=0)  # original rows of these positions
+    else:
+        rows_m = offs_m
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(q_base + rows_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    mask_row = pid_bh.to(tl.int64) * NUM_Q_BLOCKS + u
+    num_kv = tl.load(KV_NUM + mask_row)
+    idx_ptr = KV_IDX + mask_row * NUM_KV_BLOCKS
+    CHUNKS: tl.constexpr = BLOCK // BLOCK_N
+
+    # Kept blocks ascend, so the one short block (the last, Mk - 1) can only be the last
+    # entry: every other block runs without load masks or -inf fills.
+    n_full = num_kv
+    if not EVEN_N:
+        last = tl.load(idx_ptr + tl.maximum(num_kv - 1, 0))
+        n_full = tl.where((num_kv > 0) & (last == NUM_KV_BLOCKS - 1), num_kv - 1, num_kv)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for it in range(0, n_full * CHUNKS):
+        kv_block = tl.load(idx_ptr + it // CHUNKS)
+        offs_n = kv_block * BLOCK + (it % CHUNKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc, l_i, m_i = _attention_step(
+            acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
+            HAS_ORDER, False, UPCAST, DOT_PRECISION,
+        )
+    if not EVEN_N:
+        if n_full < num_kv:
+            tail_start = (NUM_KV_BLOCKS - 1) * BLOCK
+            # Only slices that start before N hold a real key; the first always does.
+            for c in range(0, tl.cdiv(N - tail_start, BLOCK_N)):
+                offs_n = tail_start + c * BLOCK_N + tl.arange(0, BLOCK_N)
+                acc, l_i, m_i = _attention_step(
+                    acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, N,
+                    qk_scale, HAS_ORDER, True, UPCAST, DOT_PRECISION,
+                )
+
+    # A query block with no kept key block has l = 0 and acc = 0: divide by 1 to output 0;
+    # a NaN row keeps l = NaN and stays NaN, as dense attention would.
+    l_safe = tl.where(num_kv > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + rows_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    if RETURN_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 domain back to natural log
+        tl.store(LSE + pid_bh.to(tl.int64) * N + rows_m, lse, mask=row_ok)
+
+
+#: Autotune space, as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper.
+ATTENTION_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2),
+]
+
+
+def attention_config_fits(config: dict, block: int, head_dim: int) -> bool:
+    """Pruning predicate: a program's query rows and its key slice must lie inside one mask
+    block (rows of one program share one mask row; a slice never straddles two key blocks)."""
+    del head_dim  # every config compiles for D in {64, 128}
+    return config["BLOCK_M"] <= block and config["BLOCK_N"] <= block
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
+    block, head_dim = args["BLOCK"], args["HEAD_DIM"]
+    fits = [c for c in configs if attention_config_fits(c.all_kwargs(), block, head_dim)]
+    return fits
+
+
+_TUNED_KERNEL = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                      num_stages=c["num_stages"])
+        for c in ATTENTION_CONFIGS
+    ],
+    key=["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_block_sparse_attention_kernel)
+
+# Device copies of order permutations as int32, keyed by the perm tensor (weakly), so a
+# cached TokenOrder costs no host-to-device copy per call.
+_PERM_CACHE: dict = {}
+
+
+def _perm_on(perm: torch.Tensor, device: torch.device) -> torch.Tensor:
+    key = (id(perm), str(device))
+    hit = _PERM_CACHE.get(key)
+    if hit is not None and hit[0]() is perm:
+        return hit[1]
+    dev = perm.to(device=device, dtype=torch.int32)
+    _PERM_CACHE[key] = (weakref.ref(perm, lambda _, key=key: _PERM_CACHE.pop(key, None)), dev)
+    return dev
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """The kernel needs unit stride along D; any B, H, N strides are fine."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_lse=False):
+    check_attention_inputs(q, k, v, mask)
+    bsz, heads, n, d = q.shape
+    if d not in HEAD_DIMS:
+        raise ValueError(
+            f"`q` head dim D must be one of {HEAD_DIMS} for the Triton kernel (got {d}); "
+            "use backend='ref' for other head dims"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"`q` dtype must be float16, bfloat16 or float32 for the Triton kernel (got {q.dtype}); "
+            "cast with .to(torch.bfloat16) or use backend='ref'"
+        )
+    scale = resolve_scale(scale, d)
+    q, k, v = _row_major(q), _row_major(k), _row_major(v)
+    if max(x.stride(2) for x in (q, k, v)) * n >= _MAX_HEAD_SPAN:
+        raise ValueError(
+            f"one head of q, k or v spans more than 2**31 elements (N = {n}, row strides "
+            f"{[x.stride(2) for x in (q, k, v)]}); pass [B, H, N, D]-contiguous tensors"
+        )
+    perm = None
+    if order is not None:
+        perm = _perm_on(check_order_for(order, n), q.device)
+    counts = mask.kv_num_blocks.contiguous()
+    indices = mask.kv_indices.contiguous()
+
+    out = torch.empty((bsz, heads, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device) if return_lse else out
+    args = (
+        q, k, v, out, lse, counts, indices, perm if perm is not None else counts,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        heads, n, mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E,
+    )
+    meta = dict(
+        HEAD_DIM=d, BLOCK=mask.block, HAS_ORDER=perm is not None, RETURN_LSE=return_lse,
+        EVEN_N=n % mask.block == 0, UPCAST=interpreting() and q.dtype != torch.float32,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreting() else "tf32",
+    )
+    if interpreting():
+        # The interpreter pays per program, so take the largest tile that fits instead of tuning.
+        cfg = next(c for c in ATTENTION_CONFIGS if attention_config_fits(c, mask.block, d))
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]), bsz * heads)
+        _block_sparse_attention_kernel[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    else:
+        grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), bsz * heads)  # noqa: E731
+        _TUNED_KERNEL[grid](*args, **meta)
+    return (out, lse) if return_lse else out
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: BlockMask,
+    order=None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Block-sparse softmax attention, forward (Triton kernel or its PyTorch reference).
+
+    Args:
+        q, k, v: [B, H, N, D], float16 / bfloat16 (float32 too; the reference also takes
+            float64 and any D), one device; original token order when ``order`` is given.
+            Any strides with unit stride along D (e.g. diffusers' [B, N, H, D] transposed).
+        mask: dfsviz BlockMask (B, H, Mq, Mk) over the ordered sequence, seq_len = N,
+            block in [16, 256] (128 in DFSAttn). Ragged N is handled with load masks.
+        order: optional TokenOrder over N tokens; the kernel gathers q/k/v rows through
+            ``order.perm`` and writes output rows back to their original positions.
+        scale: softmax scale, default D**-0.5.
+        return_lse: also return lse float32 [B, H, N] (natural log, original order).
+        backend: None (Triton on CUDA, else reference; env DFSVIZ_KERNEL_BACKEND),
+            "triton" or "ref".
+
+    Returns:
+        out [B, H, N, D] in the input dtype, or (out, lse).
+    """
+    which = resolve_backend(backend, q, k, v) if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) \
+        and isinstance(v, torch.Tensor) else "ref"
+    if which == "ref":
+        return block_sparse_attention_ref(q, k, v, mask, order=order, scale=scale, return_lse=return_lse)
+    return _block_sparse_attention_fwd(q, k, v, mask, order=order, scale=scale, return_lse=return_lse)

@@ -1,0 +1,231 @@
+"""Block-sparse attention: Triton kernel (interpreter on CPU) and PyTorch reference.
+
+The kernel's error against a float64 golden run of the reference may be at most 2x
+the reference's own error in the test dtype plus a small floor (dfsviz.kernels._check).
+"""
+
+import math
+
+import pytest
+import torch
+
+from dfsviz.kernels import _dispatch
+from dfsviz.kernels._check import compare_to_golden
+from dfsviz.kernels.block_sparse_attention import block_sparse_attention
+from dfsviz.sparse.attention import block_sparse_attention_ref
+from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.masks import BlockMask
+from dfsviz.sparse.orders import make_order
+
+# Grids (with a text token where needed) whose token counts are the awkward lengths.
+GRIDS = {
+    1: LatentGrid(1, 1, 1),
+    127: LatentGrid(3, 6, 7, text_len=1),
+    129: LatentGrid(2, 8, 8, text_len=1),
+    211: LatentGrid(5, 6, 7, text_len=1),
+    257: LatentGrid(4, 8, 8, text_len=1),
+}
+
+# (N, D, dtype, block, order name or None); B = 2, H = 2 throughout.
+CASES = [
+    (1, 64, torch.float32, 128, None),
+    (127, 64, torch.float16, 128, "hilbert3d"),
+    (129, 128, torch.float32, 64, None),
+    (129, 64, torch.float16, 32, "hilbert3d"),
+    (211, 128, torch.float16, 64, "hilbert3d"),
+    (211, 64, torch.float32, 128, None),
+    (257, 128, torch.float32, 128, "raster"),
+    (257, 64, torch.float16, 64, None),
+    (256, 64, torch.float32, 64, None),
+    (129, 128, torch.bfloat16, 64, "hilbert3d"),  # bf16 dots upcast in the interpreter
+]
+
+
+def _case_id(case):
+    n, d, dtype, block, order = case
+    return f"n{n}-d{d}-{str(dtype).split('.')[-1]}-b{block}-{order or 'noorder'}"
+
+
+def _random_mask(bsz, heads, n, block, generator, keep=0.5):
+    m = -(-n // block)
+    dense = torch.rand(bsz, heads, m, m, generator=generator) < keep
+    dense[..., 0, :] = False  # one query block keeps nothing: output 0, LSE -inf
+    dense[0, 0, 0, -1] = True if m > 1 else False
+    return BlockMask.from_dense(dense, n, block)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_reference(case):
+    n, d, dtype, block, order_name = case
+    gen = torch.Generator().manual_seed(n * 7 + d)
+    q, k, v = (torch.randn(2, 2, n, d, generator=gen).to(dtype) for _ in range(3))
+    mask = _random_mask(2, 2, n, block, gen)
+    order = make_order(order_name, GRIDS[n]) if order_name else None
+
+    out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, backend="triton")
+    ref, ref_lse = block_sparse_attention_ref(q, k, v, mask, order=order, return_lse=True)
+    gold, gold_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask, order=order,
+                                                return_lse=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, n)
+    for check in (
+        compare_to_golden("out", out, ref, gold, floor=1e-5),
+        compare_to_golden("lse", lse, ref_lse, gold_lse, floor=1e-5),
+    ):
+        assert check.ok, str(check)
+
+
+def test_order_matches_explicit_permutation():
+    """With an order, the kernel equals: permute, attend on the ordered sequence, restore."""
+    n, block = 129, 32
+    order = make_order("hilbert3d", GRIDS[n])
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, n, 64, generator=gen) for _ in range(3))
+    mask = _random_mask(2, 2, n, block, gen)
+    fused = block_sparse_attention(q, k, v, mask, order=order, backend="triton")
+    ordered = block_sparse_attention(order.apply(q), order.apply(k), order.apply(v), mask, backend="triton")
+    torch.testing.assert_close(fused, order.restore(ordered), rtol=0, atol=1e-6)
+    assert not torch.equal(order.perm, torch.arange(n)), "the test needs a non-identity order"
+
+
+def test_reference_matches_brute_force_masked_softmax():
+    """The reference against a token-level masked softmax in float64 (independent path)."""
+    n, block, d = 75, 16, 8
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 3, n, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = _random_mask(1, 3, n, block, gen, keep=0.4)
+    tokens = torch.arange(n) // block
+    allowed = mask.to_dense()[:, :, tokens][:, :, :, tokens]  # [B, H, N, N]
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # empty rows: 0
+    expected = probs @ v
+    out, lse = block_sparse_attention_ref(q, k, v, mask, return_lse=True)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-6)
+
+
+def test_full_mask_equals_dense_attention():
+    n, d = 100, 64
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, n, d, generator=gen) for _ in range(3))
+    mask = BlockMask.full(2, 2, n, 32)
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    out = block_sparse_attention(q, k, v, mask, backend="triton")
+    torch.testing.assert_close(out.double(), dense, rtol=0, atol=2e-6)
+
+
+def test_nan_in_one_query_row_stays_in_that_row():
+    n, d = 129, 64
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, n, d, generator=gen) for _ in range(3))
+    q[0, 1, 70, 5] = float("nan")
+    out = block_sparse_attention(q, k, v, BlockMask.full(1, 2, n, 64), backend="triton")
+    bad = torch.isnan(out).any(dim=-1)
+    expected = torch.zeros_like(bad)
+    expected[0, 1, 70] = True
+    assert torch.equal(bad, expected)
+
+
+def test_strided_input_from_bnhd_layout():
+    """diffusers hands [B, N, H, D]; its transpose(1, 2) view runs without a copy."""
+    n, d = 97, 64
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n, 3, d, generator=gen).transpose(1, 2) for _ in range(3))
+    mask = _random_mask(2, 3, n, 32, gen)
+    out = block_sparse_attention(q, k, v, mask, backend="triton")
+    ref = block_sparse_attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), mask)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+
+
+def _inputs(n=64, d=64, dtype=torch.float32, block=32):
+    q, k, v = (torch.randn(1, 2, n, d, dtype=dtype) for _ in range(3))
+    return q, k, v, BlockMask.full(1, 2, n, block)
+
+
+def test_error_wrong_dtype():
+    q, k, v, mask = _inputs(dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"float16, bfloat16 or float32 for the Triton kernel.*backend='ref'"):
+        block_sparse_attention(q, k, v, mask, backend="triton")
+    with pytest.raises(ValueError, match=r"`q`, `k` and `v` must share one dtype"):
+        block_sparse_attention(q, k.float(), v, mask, backend="triton")
+
+
+def test_error_head_dim():
+    q, k, v, mask = _inputs(d=96)
+    with pytest.raises(ValueError, match=r"head dim D must be one of \(64, 128\).*backend='ref'"):
+        block_sparse_attention(q, k, v, mask, backend="triton")
+
+
+def test_error_device_mix():
+    q, k, v, mask = _inputs()
+    with pytest.raises(ValueError, match=r"must be on one device.*move them to one"):
+        block_sparse_attention(q, k.to("meta"), v, mask, backend="triton")
+    with pytest.raises(ValueError, match=r"`mask` must be on q's device.*mask.to"):
+        block_sparse_attention(q.to("meta"), k.to("meta"), v.to("meta"), mask, backend="triton")
+
+
+def test_error_mask_shape():
+    q, k, v, _ = _inputs()
+    with pytest.raises(ValueError, match=r"`mask.seq_len` must equal N = q.shape\[2\] = 64"):
+        block_sparse_attention(q, k, v, BlockMask.full(1, 2, 65, 32), backend="triton")
+    with pytest.raises(ValueError, match=r"`mask` must have B, H = \(1, 2\)"):
+        block_sparse_attention(q, k, v, BlockMask.full(1, 3, 64, 32), backend="triton")
+
+
+def test_error_shapes_order_scale():
+    q, k, v, mask = _inputs()
+    with pytest.raises(ValueError, match=r"must share one shape"):
+        block_sparse_attention(q, k[:, :, :32], v, mask)
+    with pytest.raises(ValueError, match=r"`order` must permute N = q.shape\[2\] = 64 tokens"):
+        block_sparse_attention(q, k, v, mask, order=make_order("hilbert3d", LatentGrid(1, 8, 9)))
+    with pytest.raises(TypeError, match=r"`order` must be a dfsviz TokenOrder"):
+        block_sparse_attention(q, k, v, mask, order=torch.arange(64))
+    with pytest.raises(ValueError, match=r"`scale` must be a positive finite number"):
+        block_sparse_attention(q, k, v, mask, scale=-1.0)
+
+
+def test_backend_choice(monkeypatch):
+    q, k, v, mask = _inputs()
+    with pytest.raises(ValueError, match=r"`backend` must be one of \['ref', 'triton'\]"):
+        block_sparse_attention(q, k, v, mask, backend="cuda")
+    monkeypatch.setenv(_dispatch.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=r"environment variable DFSVIZ_KERNEL_BACKEND must be one of"):
+        block_sparse_attention(q, k, v, mask)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    assert _dispatch.resolve_backend(None, q) == "triton"  # CPU tensors run under the interpreter
+    monkeypatch.delenv(_dispatch.ENV_VAR)
+    assert _dispatch.resolve_backend(None, q) == ("triton" if q.is_cuda else "ref")
+    monkeypatch.setattr(_dispatch, "_INTERPRET", False)
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run on tensors on \['cpu'\]"):
+        _dispatch.resolve_backend("triton", q)
+
+
+def test_error_head_span_beyond_int32(monkeypatch):
+    """Row offsets are int32 inside a head; a head spanning more elements must be refused."""
+    import importlib
+
+    module = importlib.import_module("dfsviz.kernels.block_sparse_attention")
+    monkeypatch.setattr(module, "_MAX_HEAD_SPAN", 64 * 64)  # stands in for 2**31 at test size
+    q, k, v, mask = _inputs()
+    with pytest.raises(ValueError, match=r"one head of q, k or v spans more than 2\*\*31 elements"):
+        block_sparse_attention(q, k, v, mask, backend="triton")
+
+
+def test_error_return_lse_type():
+    q, k, v, mask = _inputs()
+    with pytest.raises(TypeError, match=r"`return_lse` must be a bool"):
+        block_sparse_attention(q, k, v, mask, return_lse=1, backend="ref")
+
+
+def test_golden_check_fails_on_large_error_and_nan():
+    gold = torch.linspace(0, 1, 10, dtype=torch.float64)
+    ref = gold + 1e-4
+    assert compare_to_golden("close", gold + 1e-4, ref, gold).ok
+    bad = compare_to_golden("far", gold + 1e-3, ref, gold)
+    assert not bad.ok and "FAIL" in str(bad) and bad.kernel_err == pytest.approx(1e-3)
+    with_nan = gold.clone()
+    with_nan[3] = float("nan")
+    assert compare_to_golden("nan", with_nan, ref, gold).nan_mismatch == 1
+    with pytest.raises(ValueError, match=r"must share a shape"):
+        compare_to_golden("shape", gold[:5], ref, gold)
