@@ -1,0 +1,73 @@
+"""Capture attention statistics from diffusers video DiTs into the HDF5 store.
+
+* :class:`AttentionCapture` (hooks): record post-RoPE Q/K/V of self-attention at SDPA.
+* adapters: Wan, HunyuanVideo, CogVideoX, generic (grid, layers, forward, padding).
+* :func:`run_capture` / :class:`CaptureConfig` (runner): the ``dfsviz capture`` engine.
+* :class:`CaptureWriter` / :class:`CaptureReader` / :func:`open_capture` (store): the file
+  format, version :data:`FORMAT_VERSION` (``docs/format.md``).
+"""
+
+from dfsviz.capture.adapters import (
+    ADAPTERS,
+    CogVideoXAdapter,
+    Conditioning,
+    GenericAdapter,
+    HunyuanVideoAdapter,
+    ModelAdapter,
+    WanAdapter,
+    adapter_for,
+    adapter_names,
+    get_adapter,
+    supported_architectures,
+)
+from dfsviz.capture.hooks import AttentionCapture, AttentionRecord
+from dfsviz.capture.runner import (
+    CaptureConfig,
+    CaptureResult,
+    ModelSource,
+    ResolvedCapture,
+    block_footprints,
+    default_capture_steps,
+    load_model_source,
+    resolve_capture,
+    run_capture,
+)
+from dfsviz.capture.store import (
+    FORMAT_VERSION,
+    CaptureReader,
+    CaptureWriter,
+    StoredStats,
+    StoreLayout,
+    open_capture,
+)
+
+__all__ = [
+    "ADAPTERS",
+    "AttentionCapture",
+    "AttentionRecord",
+    "CaptureConfig",
+    "CaptureReader",
+    "CaptureResult",
+    "CaptureWriter",
+    "CogVideoXAdapter",
+    "Conditioning",
+    "FORMAT_VERSION",
+    "GenericAdapter",
+    "HunyuanVideoAdapter",
+    "ModelAdapter",
+    "ModelSource",
+    "ResolvedCapture",
+    "StoreLayout",
+    "StoredStats",
+    "WanAdapter",
+    "adapter_for",
+    "adapter_names",
+    "block_footprints",
+    "default_capture_steps",
+    "get_adapter",
+    "load_model_source",
+    "open_capture",
+    "resolve_capture",
+    "run_capture",
+    "supported_architectures",
+]

@@ -1,0 +1,169 @@
+"""``dfsviz capture``: record attention statistics of a video DiT into one HDF5 file."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+
+from dfsviz.cli import fail_cleanly, main
+from dfsviz.sparse.orders import order_names
+from dfsviz.sparse.scoring import scorer_names
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def parse_int_list(spec: str | None, option: str) -> tuple[int, ...] | None:
+    """"all"/None -> None; "0,3,5-7" -> (0, 3, 5, 6, 7)."""
+    if spec is None or spec.strip().lower() == "all":
+        return None
+    values: list[int] = []
+    for part in spec.split(","):
+        match = _RANGE.match(part.strip())
+        if match is None:
+            raise ValueError(f"`{option}` must be 'all' or integers and ranges like 0,3,5-7 (got {spec!r})")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f"`{option}`: range {part.strip()!r} runs backwards; write {hi}-{lo}")
+        values.extend(range(lo, hi + 1))
+    return tuple(sorted(set(values)))
+
+
+def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    bad = [n for n in names if n not in allowed]
+    if not names or bad:
+        raise ValueError(f"`{option}` must be a comma-separated subset of {','.join(allowed)} (got {spec!r})")
+    return names
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if num_bytes < 1024 or unit == "TiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return ""
+
+
+@main.command(
+    "capture",
+    epilog=(
+        "\b\nExamples:\n"
+        "  dfsviz capture --out tiny.h5                       # the embedded model, CPU friendly\n"
+        "  dfsviz capture --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --embeddings prompt.safetensors \\\n"
+        "      --capture-steps 0,10,25,49 --layers 0-29 --out wan.h5\n"
+        "  dfsviz capture --model ./wan-dir --embeddings random --dry-run --out x.h5"
+    ),
+)
+@click.option("--model", default=None, help="Hub id or local diffusers directory; default: the embedded model.")
+@click.option("--prompt", default="", help="Prompt (embedded model: a class name).")
+@click.option("--negative-prompt", default="", help="Unconditional prompt (recorded in the file).")
+@click.option(
+    "--embeddings",
+    default=None,
+    help="Precomputed prompt embeddings (.safetensors with prompt_embeds, negative_prompt_embeds, ...) or 'random'.",
+)
+@click.option("--num-steps", type=int, default=None, help="Denoising steps (default: the model's, 50 for Wan).")
+@click.option("--capture-steps", default=None, help="Steps to capture, e.g. 0,10,25-27 (default: 5 spread).")
+@click.option("--layers", default=None, help="Layers to capture, e.g. 0-29 or 0,5 (default all).")
+@click.option("--heads", default=None, help="Heads to capture, e.g. 0-3 (default all).")
+@click.option("--height", type=int, default=None, help="Video height in pixels (default: the model's).")
+@click.option("--width", type=int, default=None, help="Video width in pixels (default: the model's).")
+@click.option("--frames", type=int, default=None, help="Video frames (default: the model's).")
+@click.option("--latent", default=None, help="Latent size FxHxW in latent cells (overrides height/width/frames).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of noise, random embeddings, footprints.")
+@click.option("--guidance-scale", type=float, default=None, help="CFG weight (1 = no unconditional pass).")
+@click.option(
+    "--branches", type=click.Choice(["cond", "both"]), default="cond", show_default=True,
+    help="Capture the conditional pass only, or the unconditional one too.",
+)
+@click.option(
+    "--orders", "orders_spec", default="raster,hilbert3d", show_default=True,
+    help=f"Token orders: {','.join(order_names())}.",
+)
+@click.option(
+    "--methods", "methods_spec", default="meanpool,dfs_tile,antidiagonal", show_default=True,
+    help=f"Scoring methods: {','.join(scorer_names())}.",
+)
+@click.option("--block", type=int, default=128, show_default=True, help="Tokens per block (power of two, 16-256).")
+@click.option("--tile", type=int, default=16, show_default=True, help="dfs_tile pooling tile b.")
+@click.option("--stride", type=int, default=8, show_default=True, help="antidiagonal stride S.")
+@click.option("--footprints", type=int, default=2, show_default=True, help="Query blocks per head with exact attention.")
+@click.option("--save-qkv", default=None, help="Layers whose Q/K/V are stored, e.g. 0,15 (default none).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
+    help="Model dtype (auto: bfloat16 on CUDA, float32 on CPU).",
+)
+@click.option(
+    "--kernel-backend", type=click.Choice(["triton", "ref"]), default=None,
+    help="Force the statistics kernels (default: Triton on CUDA, reference on CPU).",
+)
+@click.option("--out", required=True, help="Output HDF5 file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted capture in --out.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved settings and estimated size; capture nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@fail_cleanly
+def capture_command(**opts) -> None:
+    """Capture attention statistics of a video DiT into one HDF5 file.
+
+    For every captured (step, layer) and token order: block mass m, pooled logit L,
+    diversities r and J, block scores of every method, variance ratios W_q and W_k,
+    footprints of sampled query blocks and optionally Q/K/V. Open the file with
+    ``dfsviz.open(path)`` or ``dfsviz inspect FILE``.
+    """
+    from dfsviz.capture.runner import CaptureConfig, resolve_capture, run_capture
+
+    config = CaptureConfig(
+        out=opts["out"],
+        model=opts["model"],
+        prompt=opts["prompt"],
+        negative_prompt=opts["negative_prompt"],
+        embeddings=opts["embeddings"],
+        num_steps=opts["num_steps"],
+        capture_steps=parse_int_list(opts["capture_steps"], "--capture-steps"),
+        layers=parse_int_list(opts["layers"], "--layers"),
+        heads=parse_int_list(opts["heads"], "--heads"),
+        height=opts["height"],
+        width=opts["width"],
+        frames=opts["frames"],
+        latent=opts["latent"],
+        seed=opts["seed"],
+        guidance_scale=opts["guidance_scale"],
+        branches=opts["branches"],
+        orders=_names(opts["orders_spec"], "--orders", order_names()),
+        methods=_names(opts["methods_spec"], "--methods", scorer_names()),
+        block=opts["block"],
+        tile=opts["tile"],
+        stride=opts["stride"],
+        footprints=opts["footprints"],
+        save_qkv=parse_int_list(opts["save_qkv"], "--save-qkv") or (),
+        device=opts["device"],
+        dtype=opts["dtype"],
+        overwrite=opts["overwrite"],
+        resume=opts["resume"],
+        kernel_backend=opts["kernel_backend"],
+    )
+    try:
+        if opts["dry_run"]:
+            resolved = resolve_capture(config, load_weights=False)
+            info = resolved.describe()
+            click.echo(json.dumps(info, indent=1))
+            click.echo(
+                f"estimated size: {_size(info['bytes_per_step_uncompressed'])} per step, "
+                f"{_size(info['estimated_file_bytes_uncompressed'])} for {len(info['capture_steps'])} steps "
+                "(uncompressed upper bound; maps compress about 1.2-8x)"
+            )
+            return
+        result = run_capture(config, progress=not opts["quiet"])
+    except OSError as exc:  # unreadable weights, full disk: one line, exit 2
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    state = "complete" if result.complete else "incomplete"
+    click.echo(
+        f"wrote {result.path} ({state}): steps {result.steps}"
+        + (f", {len(result.skipped)} already there" if result.skipped else "")
+        + f", {_size(result.file_bytes)}, {result.seconds:.1f} s"
+    )

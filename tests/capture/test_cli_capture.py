@@ -1,0 +1,126 @@
+"""`dfsviz capture` and `dfsviz inspect` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+import dfsviz.cli.capture  # noqa: F401  (registers the command on the group)
+import dfsviz.cli.inspect  # noqa: F401
+from dfsviz.cli import main
+from dfsviz.cli.capture import parse_int_list
+
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "format_v1.h5"
+TINY = ["--embeddings", "random", "--latent", "3x16x16", "--block", "16", "--tile", "4", "--stride", "4", "--device", "cpu"]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_dry_run_prints_resolved_config_and_size(tmp_path, model_dirs):
+    out = tmp_path / "x.h5"
+    result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(out), "--dry-run", "--num-steps", "10",
+                     *TINY)
+    assert result.exit_code == 0, result.output
+    text, size_line = result.output.rsplit("}", 1)
+    info = json.loads(text + "}")
+    assert info["grid"] == "f3h8w8" and info["tokens"] == 192 and info["blocks"] == 12
+    assert info["capture_steps"] == [0, 2, 4, 7, 9] and info["layers"] == [0, 1] and info["heads"] == [0, 1]
+    # per step: 2 layers x 1 branch x 2 orders x 2 heads = 8 maps of 12 x 12
+    maps = 8 * 144
+    expected = 4 * maps * 4 + 3 * maps * 4 + 2 * 8 * 8 + 8 * 2 * 4 + 8 * 2 * 192 * 2  # 2 footprints
+    assert info["bytes_per_step_uncompressed"] == expected
+    assert "estimated size:" in size_line and "for 5 steps" in size_line
+    assert not out.exists()
+
+
+def test_existing_output_without_overwrite_is_one_line_exit_2(tmp_path, model_dirs):
+    out = tmp_path / "x.h5"
+    out.write_bytes(b"keep me")
+    result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(out), "--quiet", *TINY)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"Error: output {str(out)!r} exists; pass --overwrite to replace it "
+                                                  "or --resume to continue it"]
+    assert out.read_bytes() == b"keep me"
+
+
+def test_unknown_model_and_unsupported_architecture_exit_2(tmp_path):
+    result = _invoke("capture", "--model", "not-a-model", "--out", str(tmp_path / "a.h5"), *TINY)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "unknown model 'not-a-model'" in result.output and "WanTransformer3DModel" in result.output
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    result = _invoke("capture", "--model", str(flux), "--out", str(tmp_path / "b.h5"), *TINY)
+    assert result.exit_code == 2
+    assert "unsupported architecture FluxTransformer2DModel; supported: WanTransformer3DModel" in result.output
+    assert "HunyuanVideoTransformer3DModel" in result.output and "CogVideoXTransformer3DModel" in result.output
+
+
+def test_bad_option_values_exit_2(tmp_path, model_dirs):
+    result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(tmp_path / "a.h5"), "--layers", "3-1",
+                     *TINY)
+    assert result.exit_code == 2 and "runs backwards" in result.output
+    result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(tmp_path / "a.h5"), "--orders",
+                     "raster,spiral", *TINY)
+    assert result.exit_code == 2 and "`--orders` must be a comma-separated subset" in result.output
+    result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(tmp_path / "a.h5"), "--layers", "0,5",
+                     "--dry-run", *TINY)
+    assert result.exit_code == 2 and "`layers` [5] do not exist; this model has layers 0..1" in result.output
+
+
+def test_parse_int_list():
+    assert parse_int_list("0,3,5-7", "--layers") == (0, 3, 5, 6, 7)
+    assert parse_int_list("all", "--layers") is None and parse_int_list(None, "--layers") is None
+    with pytest.raises(ValueError, match="`--heads` must be 'all' or integers and ranges"):
+        parse_int_list("1,x", "--heads")
+
+
+def test_help_shows_examples():
+    assert "dfsviz capture --out tiny.h5" in _invoke("capture", "--help").output
+    assert "dfsviz inspect capture.h5" in _invoke("inspect", "--help").output
+
+
+def test_inspect_fixture(tmp_path):
+    result = _invoke("inspect", str(FIXTURE), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["complete"] is True and info["format_version"] == 1 and info["problems"] == []
+    assert info["completed_steps"] == [1] and info["grid"] == "f3h8w8" and info["model_class"] == "WanTransformer3DModel"
+    result = _invoke("inspect", str(FIXTURE))
+    assert result.exit_code == 0 and "completed_steps" in result.output
+
+
+def test_inspect_unknown_version_and_invalid_file(tmp_path):
+    newer = tmp_path / "newer.h5"
+    shutil.copy(FIXTURE, newer)
+    with h5py.File(newer, "r+") as f:
+        f.attrs["format_version"] = 2
+        f.attrs["dfsviz_version"] = "0.9.0"
+    result = _invoke("inspect", str(newer))
+    assert result.exit_code == 2 and "format version 2, written by dfsviz 0.9.0" in result.output
+    broken = tmp_path / "broken.h5"
+    shutil.copy(FIXTURE, broken)
+    with h5py.File(broken, "r+") as f:
+        f["orders/hilbert3d"][0] = f["orders/hilbert3d"][1]  # no longer a permutation
+    result = _invoke("inspect", str(broken))
+    assert result.exit_code == 2 and "order 'hilbert3d': stored permutation is not a bijection" in result.output
+
+
+def test_dry_run_defaults_to_the_embedded_model(tmp_path):
+    from dfsviz.models import default_model_dir
+
+    if not (default_model_dir() / "config.json").is_file():
+        pytest.skip("the embedded model's weights are not in data/models yet")
+    result = _invoke("capture", "--out", str(tmp_path / "e.h5"), "--dry-run", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output.rsplit("}", 1)[0] + "}")
+    assert info["model"].startswith("dfsviz-embedded:") and info["architecture"] == "WanTransformer3DModel"
+    f, h, w = json.loads((default_model_dir() / "dfsviz_model.json").read_text())["token_grid"]
+    assert info["grid"] == f"f{f}h{h}w{w}" and info["tokens"] == f * h * w and info["blocks"] == -(-f * h * w // 128)

@@ -1,0 +1,211 @@
+"""The HDF5 store: round trip, crash-safe step groups, resume, version checks, reader errors."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dfsviz.capture.store import (
+    FORMAT_VERSION,
+    CaptureReader,
+    CaptureWriter,
+    StoreLayout,
+    step_key,
+)
+from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.orders import make_order
+
+GRID = LatentGrid(2, 4, 5, text_len=3, text_first=True)  # N = 43: a ragged last block of 16
+CONFIG = {"seed": 0, "out": "x.h5", "resume": False}
+
+
+def _layout(**kw):
+    base = dict(grid=GRID, block=16, orders=("raster", "hilbert3d"), methods=("meanpool", "dfs_tile"), layers=(3, 7),
+                layer_names=("blocks.3.attn1", "blocks.7.attn1"), heads=(0, 2), branches=("cond",), steps=(0, 5),
+                footprints=2, qkv_layers=(7,), head_dim=8, qkv_dtype="float32")
+    base.update(kw)
+    return StoreLayout(**base)
+
+
+def _create(path, layout=None, config=CONFIG):
+    layout = layout or _layout()
+    perms = {o: make_order(o, layout.grid).perm for o in layout.orders}
+    return CaptureWriter.create(path, layout, {"capture_config": config, "prompt": "a cat"}, perms, workers=2)
+
+
+def _random_maps(gen, heads=2, mb=3):
+    maps = {n: torch.rand(heads, mb, mb, generator=gen) for n in ("L", "r", "J")}
+    maps["m"] = torch.softmax(torch.randn(heads, mb, mb, generator=gen), dim=-1)  # block mass rows sum to 1
+    return maps
+
+
+def _write_step(writer, step, gen):
+    lay = writer.layout
+    expected = {}
+    writer.begin_step(step, {"timestep": 900.0})
+    for layer in lay.layers:
+        for order in lay.orders:
+            stats = _random_maps(gen)
+            scores = {m: torch.randn(2, 3, 3, generator=gen) for m in lay.methods}
+            wq, wk = torch.rand(2, generator=gen, dtype=torch.float64), torch.rand(2, generator=gen, dtype=torch.float64)
+            writer.write_maps(layer, "cond", order, stats, scores, wq, wk)
+            blocks = torch.tensor([[0, 2], [1, 2]])
+            att = torch.softmax(torch.randn(2, 2, lay.num_tokens, generator=gen), dim=-1)
+            writer.write_footprints(layer, "cond", order, blocks, att)
+            expected[(layer, order)] = (stats, scores, wq, wk, blocks, att)
+    qkv = [torch.randn(2, lay.num_tokens, 8, generator=gen) for _ in range(3)]
+    writer.write_qkv(7, "cond", *qkv)
+    expected["qkv"] = qkv
+    writer.end_step()
+    return expected
+
+
+def test_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / "c.h5"
+    with _create(path) as writer:
+        expected = {s: _write_step(writer, s, gen) for s in (0, 5)}
+        writer.finish()
+    with CaptureReader(path) as reader:
+        assert reader.complete and reader.steps == [0, 5] and reader.validate() == []
+        assert reader.layers == [3, 7] and reader.heads == [0, 2] and reader.orders == ["raster", "hilbert3d"]
+        assert reader.grid == GRID and reader.attrs["prompt"] == "a cat"
+        for step in (0, 5):
+            for (layer, order), (stats, scores, wq, wk, blocks, att) in (
+                (k, v) for k, v in expected[step].items() if k != "qkv"
+            ):
+                got = reader.block_stats(step, layer, order)
+                for name in ("m", "L", "r", "J"):
+                    assert torch.equal(getattr(got, name)[0], stats[name])  # float32 stored exactly
+                assert torch.equal(reader.block_stats(step, layer, order, head=2).m[0, 0], stats["m"][1])
+                for method in ("meanpool", "dfs_tile"):
+                    assert torch.equal(reader.scores(step, layer, order, method)[0], scores[method])
+                got_wq, got_wk = reader.variance_ratios(step, layer, order)
+                assert torch.equal(got_wq[0], wq) and torch.equal(got_wk[0], wk)
+                got_blocks, got_att = reader.footprints(step, layer, order, head=2)
+                assert torch.equal(got_blocks, blocks[1])
+                # float16 of N x probability: relative error below 2^-11
+                torch.testing.assert_close(got_att, att[1], rtol=1e-3, atol=1e-7)
+            q, k, v = reader.qkv(step, 7)
+            for got, want in zip((q, k, v), expected[step]["qkv"]):
+                assert torch.equal(got[0], want)
+        assert torch.equal(reader.perm("hilbert3d"), make_order("hilbert3d", GRID).perm)
+        assert torch.equal(reader.token_order("hilbert3d").inv, make_order("hilbert3d", GRID).inv)
+        assert torch.equal(reader.coords(), GRID.video_coords())
+
+
+def test_files_are_plain_hdf5_with_named_dims(tmp_path):
+    path = tmp_path / "c.h5"
+    with _create(path) as writer:
+        _write_step(writer, 0, torch.Generator().manual_seed(1))
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == FORMAT_VERSION and not f.attrs["complete"]
+        m = f["steps"][step_key(0)]["m"]
+        assert list(m.attrs["dims"]) == ["layer", "branch", "order", "head", "q_block", "k_block"]
+        assert [d.label for d in m.dims] == ["layer", "branch", "order", "head", "q_block", "k_block"]
+        assert list(m.dims[0][0][...]) == [3, 7]  # the layer coordinate
+        assert m.chunks == (1, 1, 1, 1, 3, 3) and m.compression == "gzip" and m.shuffle
+        assert np.isfinite(m[...]).all()
+
+
+def test_interrupted_step_is_invisible_and_resume_drops_it(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    path = tmp_path / "c.h5"
+    writer = _create(path)
+    _write_step(writer, 0, gen)
+    writer.begin_step(5)
+    writer.write_maps(3, "cond", "raster", _random_maps(gen), {m: torch.zeros(2, 3, 3) for m in ("meanpool", "dfs_tile")},
+                      torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    writer.close()  # as if killed: step 5 never marked complete
+    with CaptureReader(path) as reader:
+        assert reader.steps == [0] and not reader.complete and reader.validate() == []
+        with pytest.raises(ValueError, match=r"`step` 5 is not a completed step of this capture; completed steps: \[0\]"
+                                             r" \(the run was interrupted"):
+            reader.block_stats(5, 3, "raster")
+    writer = CaptureWriter.resume(path, _layout(), CONFIG)
+    assert writer.completed == {0}
+    with h5py.File(path, "r") as f:
+        assert list(f["steps"]) == [step_key(0)]
+    _write_step(writer, 5, gen)
+    writer.finish()
+    writer.close()
+    with CaptureReader(path) as reader:
+        assert reader.complete and reader.steps == [0, 5]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    path = tmp_path / "c.h5"
+    _create(path).close()
+    with pytest.raises(ValueError, match=r"captured with other settings \(differs in \['seed'\]\)"):
+        CaptureWriter.resume(path, _layout(), {**CONFIG, "seed": 1})
+    with pytest.raises(ValueError, match=r"differs in \['layout'\]"):
+        CaptureWriter.resume(path, _layout(block=32), CONFIG)
+    with pytest.raises(ValueError, match="does not exist; drop --resume"):
+        CaptureWriter.resume(tmp_path / "none.h5", _layout(), CONFIG)
+
+
+def test_unknown_format_version_names_the_writer(tmp_path):
+    path = tmp_path / "c.h5"
+    _create(path).close()
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 99
+        f.attrs["dfsviz_version"] = "9.9.9"
+    with pytest.raises(ValueError, match="has capture format version 99, written by dfsviz 9.9.9; .* reads format version 1"):
+        CaptureReader(path)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(ValueError, match="is not a dfsviz capture"):
+        CaptureReader(other)
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(ValueError, match="is not a readable HDF5 file"):
+        CaptureReader(tmp_path / "text.h5")
+    with pytest.raises(ValueError, match="does not exist"):
+        CaptureReader(tmp_path / "missing.h5")
+
+
+def test_writer_and_reader_errors(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    path = tmp_path / "c.h5"
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        path.write_bytes(b"")
+        _create(path)
+    path.unlink()
+    writer = _create(path)
+    with pytest.raises(ValueError, match=r"`step` 3 is not a captured step \[0, 5\]"):
+        writer.begin_step(3)
+    _write_step(writer, 0, gen)
+    with pytest.raises(ValueError, match="step 0 is already complete"):
+        writer.begin_step(0)
+    with pytest.raises(RuntimeError, match=r"cannot finish: steps \[5\] were not written"):
+        writer.finish()
+    writer.close()
+    with CaptureReader(path) as r:
+        with pytest.raises(ValueError, match=r"`layer` must be one of \[3, 7\] \(got 4\)"):
+            r.block_stats(0, 4, "raster")
+        with pytest.raises(ValueError, match=r"`head` must be one of \[0, 2\] \(got 1\)"):
+            r.scores(0, 3, "raster", "meanpool", head=1)
+        with pytest.raises(ValueError, match="`order` must be one of"):
+            r.perm("morton3d")
+        with pytest.raises(ValueError, match="`method` must be one of"):
+            r.scores(0, 3, "raster", "oracle")
+        with pytest.raises(ValueError, match="pass exactly one of `gamma`"):
+            r.mask(0, 3, "raster", "meanpool")
+        with pytest.raises(ValueError, match=r"Q/K/V of layer 3 were not saved; saved layers: \[7\]"):
+            r.qkv(0, 3)
+        with pytest.raises(ValueError, match="`branch` must be one of"):
+            r.variance_ratios(0, 3, "raster", branch="uncond")
+        with pytest.raises(TypeError, match="`head` must be one int"):
+            r.footprints(0, 3, "raster", head=None)
+    with pytest.raises(ValueError, match=r"`qkv_layers` \[9\] are not captured layers"):
+        _layout(qkv_layers=(9,))
+
+
+def test_bytes_per_step_counts_every_dataset():
+    lay = _layout()
+    # 2 layers x 1 branch x 2 orders x 2 heads; 3 x 3 blocks; 2 methods; 2 samples; N = 43; 1 qkv layer, D = 8
+    maps = 2 * 1 * 2 * 2 * 9
+    want = 4 * maps * 4 + 2 * maps * 4 + 2 * (2 * 2 * 2 * 8) + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 2 * 43 * 2 + 3 * 2 * 43 * 8 * 4
+    assert lay.bytes_per_step() == want
