@@ -42,7 +42,7 @@ def main() -> None:
 
 
 # Subcommand modules register themselves on `main` when imported.
-_COMMAND_MODULES = ("orders", "recall", "capture", "inspect")
+_COMMAND_MODULES = ("orders", "recall", "capture", "inspect", "report")
 
 
 def _register() -> None:

@@ -1,0 +1,88 @@
+"""Boundary checks shared by the analysis modules. Messages name the argument, the value,
+what is allowed and how to fix it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dfsviz.sparse._validate import check_power_of_two, num_blocks
+
+
+def check_seq_block(seq_len: object, block: object) -> tuple[int, int]:
+    """Validate N (>= 1) and the block size (power of two in [16, 256])."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"`seq_len` must be a positive integer, the number of tokens N (got {seq_len!r})")
+    check_power_of_two(block, "block", 16, 256)
+    return seq_len, block
+
+
+def check_block_map(x: object, name: str, seq_len: int, block: int, *, nonneg: bool = False) -> torch.Tensor:
+    """Check a per-block-pair map [B, H, Mq, Mk] (block mass m or block scores) for (N, block).
+
+    Returns ``x`` unchanged. Raises TypeError for non-tensors, ValueError for a wrong shape,
+    a non-floating dtype, NaN, or (``nonneg``) negative entries.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, H, Mq, Mk] (got {type(x).__name__})")
+    if not x.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor (got {x.dtype})")
+    m = num_blocks(seq_len, block)
+    if x.dim() != 4 or x.shape[2] != m or x.shape[3] != m or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(
+            f"`{name}` must have shape [B, H, {m}, {m}] for seq_len={seq_len}, block={block} "
+            f"(got {tuple(x.shape)}); compute it with the same block size"
+        )
+    if bool(torch.isnan(x).any()):
+        raise ValueError(f"`{name}` must not contain NaN (got at least one); check the captured q and k")
+    if nonneg and bool((x < 0).any()):
+        raise ValueError(
+            f"`{name}` must be non-negative block mass (min {float(x.min()):.4g}); pass m from block_stats_ref"
+        )
+    return x
+
+
+def check_steps(steps: object, count: int, what: str) -> tuple[int, ...]:
+    """Strictly ascending non-negative step indices, one per entry of ``what``."""
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+        raise TypeError(f"`steps` must be a sequence of step indices (got {type(steps).__name__})")
+    out = tuple(steps)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in out):
+        raise ValueError(f"`steps` must hold non-negative integers (got {list(out)})")
+    if len(out) != count:
+        raise ValueError(f"`steps` must have one entry per {what} ({count}) (got {len(out)})")
+    if count == 0:
+        raise ValueError(f"`steps` must not be empty; pass at least one step and its {what}")
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"`steps` must be strictly ascending (got {list(out)}); sort the steps and their {what}")
+    return out
+
+
+def check_target(target: object) -> float:
+    """A recall target in (0, 1]."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
+        raise ValueError(f"`target` must be a recall level in (0, 1] (got {target!r}); e.g. 0.9 or 0.95")
+    return float(target)
+
+
+def block_flags(value: object, name: str, m: int, device: torch.device) -> torch.Tensor:
+    """bool [m] from None (no block), a bool tensor [m], or a sequence / 1-D tensor of block indices."""
+    out = torch.zeros(m, dtype=torch.bool, device=device)
+    if value is None:
+        return out
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        if value.shape != (m,):
+            raise ValueError(f"`{name}` as a bool tensor must have shape [{m}] (got {tuple(value.shape)})")
+        return value.to(device)
+    if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() == 1:
+        idx = [int(i) for i in value.tolist()]
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        idx = list(value)
+    else:
+        raise TypeError(f"`{name}` must be None, a bool [{m}] tensor or a list of block indices (got {type(value).__name__})")
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < m for i in idx):
+        raise ValueError(f"`{name}` must hold block indices in [0, {m}) (got {idx[:8]}); they are block, not token, indices")
+    if idx:
+        out[torch.tensor(idx, dtype=torch.long, device=device)] = True
+    return out

@@ -1,0 +1,713 @@
+"""The claims report of one capture: Markdown + JSON + figures (HTML, and PNG when Chromium is present).
+
+:func:`build_report` reads a capture (``dfsviz.open``) once, step by step and layer by
+layer, and checks the claims of theory.md and the DFSAttn paper on it:
+
+1. **Bounds** - Bounds 2 and 3 never exceed the measured recall, on every
+   (step, layer, head, order, method, budget, query block), and Bound 1 never exceeds the
+   exact row recall on the layers whose Q/K were stored; the count of violations must be
+   0 (a violation is a bug). The tolerance covers float32 storage.
+2. **Hilbert vs raster** - paired changes (same step, layer, head) of W_q and W_k (the
+   paper reports about -20% intra-block variance), and of the gap Delta, the
+   diversities r and J and the effective gap (per method and budget).
+3. **Recall** - at budgets gamma = 0.1 / 0.2 / 0.3 per method and order, the oracle
+   recall R*(k) and the oracle gap R* - R, and the budget needed for recall 0.9 / 0.95.
+4. **Drift** - recall and Jaccard of a mask reused ``interval`` steps later (the
+   schedule's refresh interval), and the DFSAttn schedule replayed on the captured steps
+   (cached masks against refreshing every step).
+
+Large captures are reduced as they are read: violations are counted on every row,
+factor comparisons use per-head means, and scatter figures draw a fixed-seed sample of
+at most ``max_points`` rows. Only :meth:`ClaimsReport.write` touches the file system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfsviz import figures
+from dfsviz.analysis.curves import DEFAULT_BUDGETS, DEFAULT_TARGETS, RecallCurve, oracle_curve, recall_curve
+from dfsviz.analysis.drift import mask_drift, mask_source_step, replay_schedule
+from dfsviz.analysis.factors import (
+    DEFAULT_ATOL,
+    KEY_COLUMNS,
+    FactorTable,
+    as_block_stats,
+    factor_rows,
+    order_change,
+    variance_rows,
+)
+from dfsviz.sparse.schedule import DFSSchedule
+from dfsviz.sparse.select import select_topk, selector_key
+from dfsviz.sparse.stats import row_recall_ref
+from dfsviz.sparse.theory import row_bound
+
+__all__ = ["ReportConfig", "ClaimsReport", "build_report", "chromium_available", "default_schedule", "REPORT_FACTORS"]
+
+log = logging.getLogger(__name__)
+
+#: Block factors compared between orders (per-head means of the per-query-block values).
+REPORT_FACTORS: tuple[str, ...] = ("gap", "r_u", "J_u", "effective_gap")
+_SIGNED_FACTORS = ("gap", "effective_gap")
+_HEAD_MEANS = ("gap", "r_u", "J_u", "effective_gap", "bound2", "bound3", "recall")
+_BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+# The paper's defaults: 12 dense warm-up steps and a refresh every 12 steps of 50.
+_PAPER_STEPS, _PAPER_SKIP, _PAPER_INTERVAL = 50, 12, 12
+
+
+def chromium_available() -> bool:
+    """True when a Chromium/Chrome executable is on PATH (kaleido 1.x needs one for PNG export)."""
+    return any(shutil.which(name) for name in _BROWSERS)
+
+
+def default_schedule(num_steps: int) -> DFSSchedule:
+    """The DFSAttn schedule scaled to ``num_steps``: warm-up and interval 12/50 of the steps, no dense layers."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be a positive integer (got {num_steps!r})")
+    interval = max(1, round(_PAPER_INTERVAL * num_steps / _PAPER_STEPS))
+    skip = min(num_steps, round(_PAPER_SKIP * num_steps / _PAPER_STEPS))
+    return DFSSchedule(num_steps=num_steps, skip_steps=skip, interval=interval, dense_layers=())
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Settings of the claims report.
+
+    Fields:
+        budgets: kept fractions gamma in (0, 1] tabulated and checked (0.1, 0.2, 0.3).
+        targets: recall levels in (0, 1] whose needed budget is reported (0.9, 0.95).
+        atol: tolerance of the violation count, in [0, 1) (1e-5 suits float32 statistics).
+        schedule: the DFSAttn schedule replayed; None = :func:`default_schedule` of the
+            capture's number of steps.
+        method: scoring method of the drift, schedule and mask figures; None = dfs_tile
+            when captured, else the first method.
+        order: order of the drift and schedule analysis; None = hilbert3d when captured,
+            else the first order.
+        max_points: most query-block rows drawn in scatter figures (>= 100).
+        branch: captured branch to analyse ("cond" or "uncond").
+        bound1: check Bound 1 against the exact row recall on the layers whose Q/K the capture
+            stored (one O(N^2) pass per step, layer and order, for ``method`` at the middle budget).
+    """
+
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    targets: tuple[float, ...] = DEFAULT_TARGETS
+    atol: float = DEFAULT_ATOL
+    schedule: DFSSchedule | None = None
+    method: str | None = None
+    order: str | None = None
+    max_points: int = 20000
+    branch: str = "cond"
+    bound1: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("budgets", "targets"):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+                raise ValueError(f"`{name}` must be a non-empty tuple of fractions in (0, 1] (got {values!r})")
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0 for v in values):
+                raise ValueError(f"`{name}` must hold fractions in (0, 1] (got {list(values)})")
+            object.__setattr__(self, name, tuple(sorted(float(v) for v in values)))
+        if isinstance(self.atol, bool) or not isinstance(self.atol, (int, float)) or not 0.0 <= float(self.atol) < 1.0:
+            raise ValueError(f"`atol` must be a tolerance in [0, 1) (got {self.atol!r}); 1e-5 suits float32 statistics")
+        if self.schedule is not None and not isinstance(self.schedule, DFSSchedule):
+            raise TypeError(f"`schedule` must be a DFSSchedule or None (got {type(self.schedule).__name__})")
+        for name in ("method", "order"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"`{name}` must be a str or None (got {type(getattr(self, name)).__name__})")
+        if isinstance(self.max_points, bool) or not isinstance(self.max_points, int) or self.max_points < 100:
+            raise ValueError(f"`max_points` must be an integer >= 100 (got {self.max_points!r})")
+        if self.branch not in ("cond", "uncond"):
+            raise ValueError(f"`branch` must be 'cond' or 'uncond' (got {self.branch!r})")
+        if not isinstance(self.bound1, bool):
+            raise TypeError(f"`bound1` must be a bool (got {type(self.bound1).__name__})")
+
+
+def _json_ready(x: object) -> object:
+    """Python scalars / lists / dicts only; non-finite floats become None (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _json_ready(x.tolist())
+    if isinstance(x, np.ndarray):
+        return _json_ready(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _fmt(x: object, digits: int = 3, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if pct:
+        return f"{100 * float(x):+.1f}%"
+    if x != 0 and abs(float(x)) < 10.0 ** -digits:
+        return f"{float(x):.2g}"  # small values keep two significant digits instead of rounding to 0
+    return f"{float(x):.{digits}f}"
+
+
+@dataclass(frozen=True, eq=False)
+class ClaimsReport:
+    """The result of :func:`build_report`.
+
+    Fields:
+        data: JSON-ready dict of every number (see ``docs/analysis.md`` for the keys).
+        figures: name -> plotly Figure (from :mod:`dfsviz.figures`).
+        notes: caveats met while building (e.g. a replay that skipped steps).
+    """
+
+    data: dict
+    figures: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def violations(self) -> int:
+        """Rows where Bound 2 or Bound 3 (query blocks) or Bound 1 (query rows, when Q/K were stored)
+        exceeds the measured recall (must be 0)."""
+        v = self.data["violations"]
+        b1 = self.data.get("bound1")
+        return int(v["bound2"] + v["bound3"] + (b1["violations"] if b1 else 0))
+
+    def markdown(self, figure_dir: str = "figures") -> str:
+        """The report as Markdown; figures are linked as ``figure_dir/<name>.html``."""
+        d = self.data
+        run = d["run"]
+        lines = [f"# dfsviz claims report: {Path(run['path']).name}", ""]
+        lines += [
+            f"Model `{run['model']}` · grid {run['grid']} (N = {run['num_tokens']}, {run['num_blocks']} blocks of "
+            f"{run['block']}) · steps {run['steps']} · {len(run['layers'])} layers · {len(run['heads'])} heads · "
+            f"orders {', '.join(run['orders'])} · methods {', '.join(run['methods'])} · "
+            f"{'complete' if run['complete'] else 'INCOMPLETE capture'} · branch {run['branch']}",
+            "",
+        ]
+        v = d["violations"]
+        status = "PASS" if self.violations == 0 else "FAIL (a violation is a bug)"
+        lines += [
+            "## 1. Bound violations",
+            "",
+            f"**{v['bound2'] + v['bound3']} violations of Bounds 2 and 3 ({status})** over {v['rows']:,} query-block rows "
+            f"(orders x methods x budgets {d['config']['budgets']} x steps x layers x heads x query blocks), "
+            f"tolerance {v['atol']:g}: Bound 2 > recall in {v['bound2']} rows, Bound 3 > recall in {v['bound3']}, "
+            f"Bound 3 > Bound 2 in {v['bound3_over_bound2']}. Largest bound - recall: {_fmt(v['max_excess'], 6)}.",
+            "",
+        ]
+        b1 = d.get("bound1")
+        if b1 is None:
+            lines += ["Bound 1 (row-wise) not checked: it needs Q/K (capture with --save-qkv) and `bound1` on.", ""]
+        else:
+            lines += [
+                f"Bound 1 (row-wise) on the stored Q/K of layers {b1['layers']}, {b1['method']} at γ = "
+                f"{b1['budget']:g}: **{b1['violations']} violations** over {b1['rows']:,} query rows (every step and "
+                f"order); largest bound - recall: {_fmt(b1['max_excess'], 6)}.",
+                "",
+            ]
+        lines += ["## 2. Hilbert vs raster", ""]
+        cmp_ = d["order_comparison"]
+        if cmp_ is None:
+            lines += ["Not available: the capture needs both the raster and the hilbert3d orders.", ""]
+        else:
+            lines += [
+                f"Paired over steps, layers and heads; factors of the query blocks are per-head means "
+                f"(method {cmp_['method']}, budget {cmp_['budget']}). Negative = hilbert3d lower. "
+                "The paper reports about -20% intra-block variance.",
+                "",
+                "| factor | raster | hilbert3d | difference | relative change | hilbert3d lower in |",
+                "|---|---|---|---|---|---|",
+            ]
+            for row in cmp_["rows"]:
+                # Relative change only for non-negative (ratio-scale) factors; Δ and the effective
+                # gap are signed and often near 0, where a percentage says nothing.
+                rel = "—" if row["factor"] in _SIGNED_FACTORS else _fmt(row["relative_change"], pct=True)
+                lines.append(
+                    f"| {figures.FACTOR_LABELS.get(row['factor'], row['factor'])} | {_fmt(row['base_mean'])} | "
+                    f"{_fmt(row['other_mean'])} | {_fmt(row['difference'])} | {rel} | "
+                    f"{row['other_lower']} of {row['pairs']} pairs |"
+                )
+            lines.append("")
+        lines += ["## 3. Recall at fixed budgets", ""]
+        budgets = d["config"]["budgets"]
+        head = "| method | order | " + " | ".join(f"R @ γ={g:g}" for g in budgets) + " | " + " | ".join(
+            f"oracle gap @ {g:g}" for g in budgets) + " | " + " | ".join(f"γ for R={t:g}" for t in d["config"]["targets"]) + " |"
+        lines += [head, "|" + "---|" * (2 + 2 * len(budgets) + len(d["config"]["targets"]))]
+        for row in d["recall"]:
+            cells = [row["method"], row["order"]]
+            cells += [_fmt(row["recall"][f"{g:g}"]) for g in budgets]
+            cells += [_fmt(row["oracle_gap"][f"{g:g}"]) for g in budgets]
+            cells += [_fmt(row["needed_budget"][f"{t:g}"]) for t in d["config"]["targets"]]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("Oracle recall R*(k) per order: " + "; ".join(
+            f"{o['order']}: " + ", ".join(f"γ={g:g} → {_fmt(o['recall'][f'{g:g}'])}" for g in budgets) for o in d["oracle"]
+        ))
+        lines.append("")
+        dr = d["drift"]
+        lines += ["## 4. Mask drift and the DFSAttn schedule", ""]
+        lines.append(f"Schedule `{dr['schedule']}`; masks of {dr['method']} on {dr['order']} at γ = {dr['gamma']:g}.")
+        lines.append("")
+        lag = dr["at_interval"]
+        if lag is None:
+            lines.append(f"No two captured steps are {dr['interval']} steps (the refresh interval) apart.")
+        else:
+            lines.append(
+                f"A mask reused {lag['lag']} steps later (pairs {lag['pairs']}): recall {_fmt(lag['recall'])} vs "
+                f"{_fmt(lag['fresh_recall'])} fresh ({_fmt(lag['relative_recall'])} of it), Jaccard {_fmt(lag['jaccard'])}."
+            )
+        if dr["nearest"] is not None and (lag is None or dr["nearest"]["lag"] != lag["lag"]):
+            near = dr["nearest"]
+            lines.append(
+                f"Nearest captured lag {near['lag']} steps: recall {_fmt(near['recall'])} vs {_fmt(near['fresh_recall'])} "
+                f"fresh, Jaccard {_fmt(near['jaccard'])}."
+            )
+        lines.append("")
+        rep = dr["replay"]
+        if rep["steps"]:
+            lines += ["| step | mask from step | γ | recall, cached | recall, refreshed every step |", "|---|---|---|---|---|"]
+            for i, s in enumerate(rep["steps"]):
+                src = rep["mask_step"][i]
+                lines.append(
+                    f"| {s} | {'dense' if src is None else src} | {_fmt(rep['gamma'][i], 2)} | "
+                    f"{_fmt(rep['recall_cached'][i])} | {_fmt(rep['recall_fresh'][i])} |"
+                )
+            lines.append("")
+        if rep["skipped"]:
+            lines.append(f"Steps {rep['skipped']} were not replayed: the mask they reuse was refreshed at a step the capture lacks.")
+            lines.append("")
+        if self.figures:
+            lines += ["## Figures", ""]
+            lines += [f"- [{name}]({figure_dir}/{name}.html)" for name in self.figures]
+            lines.append("")
+        if self.notes:
+            lines += ["## Notes", ""] + [f"- {n}" for n in self.notes] + [""]
+        return "\n".join(lines)
+
+    def write(self, out_dir: str | os.PathLike, *, png: bool | None = None) -> dict[str, list[str]]:
+        """Write ``report.md``, ``report.json`` and ``figures/<name>.html`` (+ ``.png``) under ``out_dir``.
+
+        The HTML files share ``figures/plotly.min.js`` (written once), so they open offline.
+
+        ``png``: True forces PNG export (ValueError without Chromium), False skips it, None
+        exports when Chromium is present. PNGs go through one kaleido sync server.
+        Returns {"markdown": [...], "json": [...], "html": [...], "png": [...]} of written paths.
+        """
+        if png is not None and not isinstance(png, bool):
+            raise TypeError(f"`png` must be True, False or None (got {type(png).__name__})")
+        if png and not chromium_available():
+            raise ValueError(
+                "PNG export needs Chromium (kaleido 1.x has no bundled browser): install it, e.g. "
+                "`apt-get install chromium`, or pass --no-png"
+            )
+        do_png = chromium_available() if png is None else png
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"`out_dir` {str(out)!r} exists and is not a directory; pick a folder path")
+        fig_dir = out / "figures"
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        written: dict[str, list[str]] = {"markdown": [], "json": [], "html": [], "png": []}
+        (out / "report.md").write_text(self.markdown("figures"), encoding="utf-8")
+        written["markdown"].append(str(out / "report.md"))
+        (out / "report.json").write_text(json.dumps(_json_ready(self.data), indent=2, allow_nan=False), encoding="utf-8")
+        written["json"].append(str(out / "report.json"))
+        for name, fig in self.figures.items():
+            path = fig_dir / f"{name}.html"
+            # "directory": one local plotly.min.js beside the pages, no network needed to view them.
+            fig.write_html(path, include_plotlyjs="directory", full_html=True)
+            written["html"].append(str(path))
+        if do_png and self.figures:
+            import kaleido
+
+            kaleido.start_sync_server(silence_warnings=True)
+            try:
+                with warnings.catch_warnings():
+                    # plotly warns that its per-call kaleido options are ignored by a running server.
+                    warnings.simplefilter("ignore", UserWarning)
+                    for name, fig in self.figures.items():
+                        path = fig_dir / f"{name}.png"
+                        fig.write_image(path)
+                        written["png"].append(str(path))
+            finally:
+                kaleido.stop_sync_server()
+        return written
+
+
+# --------------------------------------------------------------------------------- building
+def _head_means(table: FactorTable) -> FactorTable:
+    """One row per (batch, head) of a factor_rows table: finite means of the block factors."""
+    cols: dict[str, list] = {name: [] for name in (*KEY_COLUMNS, *_HEAD_MEANS)}
+    for _, sub in table.groups(["batch", "head"]).items():
+        for name in KEY_COLUMNS:
+            cols[name].append(-1 if name == "u" else sub.column(name)[0])
+        for name in _HEAD_MEANS:
+            x = sub.column(name)
+            x = x[np.isfinite(x)]
+            cols[name].append(float(x.mean()) if x.size else float("nan"))
+    out = {}
+    for name, values in cols.items():
+        dtype = object if name in ("order", "method", "selector") else (np.int64 if name in KEY_COLUMNS else np.float64)
+        out[name] = np.asarray(values, dtype=dtype)
+    return FactorTable(out)
+
+
+class _Violations:
+    """Running violation counts over all rows (FactorTable.violations per chunk, summed)."""
+
+    def __init__(self, atol: float) -> None:
+        self.atol = atol
+        self.counts = {"rows": 0, "bound2": 0, "bound3": 0, "bound3_over_bound2": 0}
+        self.max_excess = -math.inf
+        self.worst = None
+
+    def add(self, table: FactorTable) -> None:
+        v = table.violations(self.atol)
+        for key in self.counts:
+            self.counts[key] += v[key]
+        if v["max_excess"] is not None and v["max_excess"] > self.max_excess:
+            self.max_excess, self.worst = v["max_excess"], v["worst"]
+
+    def result(self) -> dict:
+        return {**self.counts, "atol": self.atol, "max_excess": self.max_excess if self.counts["rows"] else None,
+                "worst": self.worst}
+
+
+def _pick(value: str | None, available: list[str], preferred: str, name: str) -> str:
+    if value is None:
+        return preferred if preferred in available else available[0]
+    if value not in available:
+        raise ValueError(f"`{name}` must be one of the capture's {name}s {available} (got {value!r})")
+    return value
+
+
+def build_report(capture, config: ReportConfig | None = None) -> ClaimsReport:
+    """Check the claims of theory.md and the DFSAttn paper on one capture.
+
+    Args:
+        capture: a path to a capture file or an open ``CaptureReader`` (``dfsviz.open``).
+        config: :class:`ReportConfig` (defaults: budgets 0.1/0.2/0.3, targets 0.9/0.95).
+
+    Returns:
+        :class:`ClaimsReport` (numbers in ``.data``, figures in ``.figures``); nothing is written.
+    """
+    from dfsviz.capture.store import CaptureReader, open_capture
+
+    config = ReportConfig() if config is None else config
+    if not isinstance(config, ReportConfig):
+        raise TypeError(f"`config` must be a ReportConfig (got {type(config).__name__})")
+    own = not isinstance(capture, CaptureReader)
+    if own:
+        if not isinstance(capture, (str, os.PathLike)):
+            raise TypeError(f"`capture` must be a file path or a CaptureReader (got {type(capture).__name__})")
+        reader = open_capture(capture)
+    else:
+        reader = capture
+    try:
+        return _build(reader, config)
+    finally:
+        if own:
+            reader.close()
+
+
+def _build(reader, config: ReportConfig) -> ClaimsReport:
+    steps, layers, orders, methods = reader.steps, reader.layers, reader.orders, reader.methods
+    if not methods:
+        raise ValueError("the capture holds no scoring method; capture with --methods meanpool,dfs_tile")
+    if not steps:
+        raise ValueError(f"capture {str(reader.path)!r} holds no completed step; nothing to report")
+    if config.branch not in reader.branches:
+        raise ValueError(f"`branch` must be one of the capture's branches {reader.branches} (got {config.branch!r})")
+    method = _pick(config.method, methods, "dfs_tile", "method")
+    order_d = _pick(config.order, orders, "hilbert3d", "order")
+    num_steps = int(reader.attrs.get("num_steps", max(steps) + 1))
+    schedule = config.schedule or default_schedule(max(num_steps, max(steps) + 1))
+    grid, block = reader.grid, reader.block
+    n = grid.num_tokens
+    mk = -(-n // block)
+    branch = config.branch
+    notes: list[str] = []
+    if not reader.complete:
+        notes.append(f"The capture is incomplete: steps {reader.steps} of {reader.planned_steps} were analysed.")
+
+    heads = reader.heads
+    rows_per_chunk = len(heads) * mk
+    chunks = len(steps) * len(layers) * len(orders) * len(methods) * len(config.budgets)
+    keep_per_chunk = max(1, config.max_points // max(1, chunks))
+    violations = _Violations(config.atol)
+    sampled: list[FactorTable] = []
+    head_tables: list[FactorTable] = []
+    var_tables: list[FactorTable] = []
+    # Sums of (recall, density) curves [Mk] over (step, layer), each already a mean over heads.
+    curve_sum: dict[tuple[str, str], tuple] = {}
+    oracle_sum: dict[str, tuple] = {}
+    curve_count = 0
+    by_step: dict[tuple[str, str, float], dict[int, list[float]]] = {}
+    mask_views: dict[str, tuple] = {}
+    mid_step, mid_layer = steps[len(steps) // 2], layers[len(layers) // 2]
+    mid_gamma = config.budgets[len(config.budgets) // 2]
+    chunk_id = 0
+    for step in steps:
+        for layer in layers:
+            for order in orders:
+                stored = reader.block_stats(step, layer, order, branch=branch)
+                stats = as_block_stats(stored)
+                w_q, w_k = reader.variance_ratios(step, layer, order, branch=branch)
+                var_tables.append(variance_rows(W_q=w_q, W_k=w_k, order=order, step=step, layer=layer))
+                oracle = oracle_curve(stats.m, seq_len=n, block=block)
+                mean = oracle.mean()
+                total = oracle_sum.get(order, (0, 0))
+                oracle_sum[order] = (total[0] + mean.recall, total[1] + mean.density)
+                for meth in methods:
+                    scores = reader.scores(step, layer, order, meth, branch=branch)
+                    curve = recall_curve(stats.m, scores, seq_len=n, block=block)
+                    mean = curve.mean()
+                    total = curve_sum.get((order, meth), (0, 0))
+                    curve_sum[(order, meth)] = (total[0] + mean.recall, total[1] + mean.density)
+                    for gamma in config.budgets:
+                        by_step.setdefault((order, meth, gamma), {}).setdefault(step, []).append(float(curve.at(gamma).mean()))
+                        mask = select_topk(scores, gamma, seq_len=n, block=block)
+                        table = factor_rows(stats, mask, order=order, method=meth, selector=selector_key("topk", gamma),
+                                            step=step, layer=layer)
+                        violations.add(table)
+                        head_tables.append(_head_means(table))
+                        sampled.append(table.subsample(min(keep_per_chunk, rows_per_chunk), seed=chunk_id))
+                        chunk_id += 1
+                        if meth == method and gamma == mid_gamma and step == mid_step and layer == mid_layer:
+                            mask_views[order] = (stats.m[0, 0], mask.to_dense()[0, 0])
+            curve_count += 1
+        log.info("report: step %d read", step)
+
+    bound1 = _bound1_check(reader, steps, orders, method, mid_gamma, branch, config.atol) if config.bound1 else None
+
+    block_table = FactorTable.concat(sampled)
+    head_table = FactorTable.concat(head_tables)
+    var_table = FactorTable.concat(var_tables)
+    data: dict = {
+        "run": {
+            "path": str(reader.path), "model": reader.attrs.get("model_id"), "grid": grid.name, "num_tokens": n,
+            "block": block, "num_blocks": mk, "steps": steps, "layers": layers, "heads": heads, "orders": orders,
+            "methods": methods, "complete": reader.complete, "branch": branch,
+        },
+        "config": {"budgets": list(config.budgets), "targets": list(config.targets), "atol": config.atol,
+                   "method": method, "order": order_d, "max_points": config.max_points, "bound1": config.bound1},
+        "violations": violations.result(),
+        "bound1": bound1,
+    }
+
+    # Hilbert vs raster: W from the head table, block factors as per-head means.
+    if "raster" in orders and "hilbert3d" in orders:
+        selector = selector_key("topk", mid_gamma)
+        rows = [_change(var_table, f, match=("step", "layer", "batch", "head")) for f in ("W_q", "W_k")]
+        sub = head_table.select(method=method, selector=selector)
+        rows += [_change(sub, f) for f in REPORT_FACTORS]
+        every = {}
+        for meth in methods:
+            for gamma in config.budgets:
+                key = f"{meth}/{selector_key('topk', gamma)}"
+                part = head_table.select(method=meth, selector=selector_key("topk", gamma))
+                every[key] = [_change(part, f) for f in REPORT_FACTORS]
+        data["order_comparison"] = {"method": method, "budget": mid_gamma, "rows": rows, "all": every}
+    else:
+        data["order_comparison"] = None
+        notes.append("Hilbert vs raster needs both orders in the capture (--orders raster,hilbert3d).")
+
+    # Recall against budget, oracle, needed budgets.
+    curves: dict[str, RecallCurve] = {}
+    data["recall"], data["oracle"] = [], []
+
+    def averaged(total: tuple, label: str) -> RecallCurve:
+        return RecallCurve(total[0] / curve_count, total[1] / curve_count, n, block, label)
+
+    for (order, meth), total in curve_sum.items():
+        mean = averaged(total, f"{meth} · {order}")
+        curves[mean.label] = mean
+        orc = averaged(oracle_sum[order], f"oracle · {order}")
+        data["recall"].append({
+            "method": meth, "order": order,
+            "recall": {f"{g:g}": float(mean.at(g)) for g in config.budgets},
+            "density": {f"{g:g}": float(mean.density_at(g)) for g in config.budgets},
+            "oracle_gap": {f"{g:g}": float(orc.at(g) - mean.at(g)) for g in config.budgets},
+            "needed_budget": {f"{t:g}": float(mean.needed_budget(t)) for t in config.targets},
+            "by_step": {f"{g:g}": {str(s): float(np.mean(v)) for s, v in by_step[(order, meth, g)].items()}
+                        for g in config.budgets},
+        })
+    oracles = {}
+    for order in orders:
+        orc = averaged(oracle_sum[order], f"oracle · {order}")
+        oracles[orc.label] = orc
+        data["oracle"].append({"order": order, "recall": {f"{g:g}": float(orc.at(g)) for g in config.budgets},
+                               "needed_budget": {f"{t:g}": float(orc.needed_budget(t)) for t in config.targets}})
+
+    # Drift at the refresh interval and the schedule replay, one layer at a time (re-read from
+    # the file so that only one layer's maps of every step are in memory at once).
+    gamma0 = schedule.gamma0
+    replay_steps = [s for s in steps if _replayable(schedule, s, steps)]
+    skipped = [s for s in steps if s not in replay_steps]
+    replay_idx = [steps.index(s) for s in replay_steps]
+    drifts, series, plan_replay = {}, [], None
+    for layer in layers:
+        masses = [reader.block_stats(s, layer, order_d, branch=branch).m for s in steps]
+        scores = [reader.scores(s, layer, order_d, method, branch=branch) for s in steps]
+        masks = [select_topk(sc, gamma0, seq_len=n, block=block) for sc in scores]
+        drifts[layer] = mask_drift(masses, masks, steps, label=f"layer {layer}")
+        if replay_steps:
+            rp = replay_schedule(schedule, replay_steps, [masses[i] for i in replay_idx],
+                                 [scores[i] for i in replay_idx], layer=layer, seq_len=n, block=block)
+            series.append(rp.mean_series())
+            # The plan shown is that of a sparse layer when there is one (dense layers are dense throughout).
+            if plan_replay is None or (plan_replay.layer in schedule.dense_layers and layer not in schedule.dense_layers):
+                plan_replay = rp
+    lags = sorted({t - s for s in steps for t in steps if t > s})
+    interval = schedule.interval
+
+    def lag_mean(lag: int) -> dict | None:
+        per_layer = [d.at_lag(lag) for d in drifts.values()]
+        if per_layer[0] is None:
+            return None
+        out = {k: float(np.mean([p[k] for p in per_layer])) for k in ("recall", "jaccard", "relative_recall", "fresh_recall")}
+        return {"lag": lag, "pairs": per_layer[0]["pairs"], **out}
+
+    nearest = min(lags, key=lambda g: (abs(g - interval), g)) if lags else None
+    replay = {"steps": replay_steps, "skipped": skipped, "mask_step": [], "gamma": [], "recall_cached": [],
+              "recall_fresh": [], "density_cached": [], "density_fresh": []}
+    if plan_replay is not None:
+        # Every sparse layer shares the plan; the series are means over all layers.
+        replay["mask_step"], replay["gamma"] = list(plan_replay.mask_step), list(plan_replay.gamma)
+        for key in ("recall_cached", "recall_fresh", "density_cached", "density_fresh"):
+            replay[key] = np.mean([sr[key] for sr in series], axis=0).tolist()
+    if skipped:
+        notes.append(f"Schedule replay skipped steps {skipped}: they reuse masks refreshed at uncaptured steps.")
+    data["drift"] = {
+        "schedule": schedule.name, "interval": interval, "method": method, "order": order_d, "gamma": gamma0,
+        "at_interval": lag_mean(interval) if interval in lags else None,
+        "nearest": lag_mean(nearest) if nearest is not None else None,
+        "per_layer_recall": {str(l): d.mean_recall().tolist() for l, d in drifts.items()},
+        "per_layer_jaccard": {str(l): d.mean_jaccard().tolist() for l, d in drifts.items()},
+        "replay": replay,
+    }
+    data["factor_summary"] = {
+        "block": head_table.summary(["order", "method", "selector"], list(REPORT_FACTORS) + ["recall", "bound2"]),
+        "head": var_table.summary(["order"], ["W_q", "W_k"]),
+    }
+
+    figs = _figures(reader, data, config, curves, oracles, block_table, var_table, drifts, schedule, replay,
+                    mask_views, method, order_d, mid_step, mid_layer, mid_gamma, branch)
+    return ClaimsReport(data=data, figures=figs, notes=notes)
+
+
+def _bound1_check(reader, steps, orders, method, gamma, branch, atol) -> dict | None:
+    """Bound 1 (row-wise, theory.md) against the exact row recall, on the layers whose Q/K the
+    capture stored (``--save-qkv``): every step and order, ``method``'s mask at budget ``gamma``.
+    Returns None when no Q/K were stored."""
+    layers = list(reader.layout.qkv_layers)
+    if not layers:
+        return None
+    scale = reader.attrs.get("softmax_scale")
+    scale = None if scale is None else float(scale)
+    n, block = reader.grid.num_tokens, reader.block
+    rows = bad = 0
+    worst = -math.inf
+    for step in steps:
+        for layer in layers:
+            q, k, _ = reader.qkv(step, layer, branch=branch)
+            q, k = q.float(), k.float()
+            for order in orders:
+                tok = reader.token_order(order)
+                qo, ko = tok.apply(q), tok.apply(k)
+                mask = select_topk(reader.scores(step, layer, order, method, branch=branch), gamma, seq_len=n, block=block)
+                excess = row_bound(qo, ko, mask, scale) - row_recall_ref(qo, ko, mask, scale)
+                rows += excess.numel()
+                bad += int((excess > atol).sum())
+                worst = max(worst, float(excess.max()))
+    return {"layers": layers, "method": method, "budget": gamma, "rows": rows, "violations": bad, "atol": atol,
+            "max_excess": worst}
+
+
+def _change(table: FactorTable, factor: str, **kw) -> dict:
+    """order_change, or a row of None with the reason when nothing can be compared (e.g. a budget
+    of 1 keeps every block, so every gap is +inf)."""
+    try:
+        return order_change(table, factor, **kw)
+    except ValueError as err:
+        return {"factor": factor, "base": "raster", "other": "hilbert3d", "pairs": 0, "base_mean": None,
+                "other_mean": None, "difference": None, "relative_change": None, "other_lower": 0,
+                "other_lower_share": None, "reason": str(err)}
+
+
+def _replayable(schedule: DFSSchedule, step: int, captured: list[int]) -> bool:
+    """True when ``step`` is dense or the refresh step whose mask it uses was captured."""
+    if step >= schedule.num_steps:
+        return False
+    # Layer 0 of a schedule without dense layers stands for every sparse layer here.
+    source = mask_source_step(dataclasses.replace(schedule, dense_layers=()), step)
+    return source is None or source in captured
+
+
+def _figures(reader, data, config, curves, oracles, block_table, var_table, drifts, schedule, replay,
+             mask_views, method, order_d, mid_step, mid_layer, mid_gamma, branch) -> dict:
+    figs = {}
+    figs["recall_budget"] = figures.recall_budget(curves, oracles, targets=config.targets,
+                                                  title="Recall against budget (mean over steps, layers, heads)")
+    groups = [f"{o} · {m}" for o, m in zip(block_table.column("order"), block_table.column("method"))]
+    figs["bound_vs_measured"] = figures.bound_scatter(block_table.column("bound2"), block_table.column("recall"),
+                                                      groups=groups, atol=config.atol)
+    figs["recall_vs_gap"] = figures.recall_vs_gap(block_table.column("effective_gap"), block_table.column("recall"),
+                                                  block_table.column("gamma"), groups=block_table.column("order"))
+    for factor in ("W_q", "W_k"):
+        figs[f"factor_{factor}"] = figures.factor_distributions(
+            {o: sub.column(factor) for (o,), sub in var_table.groups("order").items()}, factor=factor)
+    sel = block_table.select(method=method, selector=selector_key("topk", mid_gamma))
+    if len(sel):
+        for factor in REPORT_FACTORS:
+            figs[f"factor_{factor}"] = figures.factor_distributions(
+                {o: sub.column(factor) for (o,), sub in sel.groups("order").items()}, factor=factor,
+                title=f"{figures.FACTOR_LABELS[factor]} per order ({method}, γ = {mid_gamma:g})")
+    for order, (m, kept) in mask_views.items():
+        figs[f"mask_{order}"] = figures.mask_heatmap(
+            m, kept, title=f"{order} · step {mid_step} · layer {mid_layer} · head {reader.heads[0]} · {method} γ={mid_gamma:g}")
+    drift = drifts[mid_layer]
+    figs["drift_recall"] = figures.drift_heatmap(drift.steps, drift.mean_recall(), quantity="recall",
+                                                 title=f"Mask drift, layer {mid_layer}: recall of the step-s mask at step t")
+    figs["drift_jaccard"] = figures.drift_heatmap(drift.steps, drift.mean_jaccard(), quantity="jaccard",
+                                                  title=f"Mask drift, layer {mid_layer}: Jaccard of the step-s and step-t masks")
+    plans = [schedule.at_step(s) for s in range(schedule.num_steps)]
+    series = {}
+    if replay["steps"]:
+        for key, name in (("recall_cached", "recall, cached masks"), ("recall_fresh", "recall, refreshed every step"),
+                          ("density_cached", "density, cached masks")):
+            full = np.full(schedule.num_steps, np.nan)
+            full[replay["steps"]] = replay[key]
+            series[name] = full
+    figs["schedule"] = figures.schedule_figure(range(schedule.num_steps), [p.gamma for p in plans],
+                                               [p.refresh for p in plans], series=series,
+                                               title=f"DFSAttn schedule replayed on the capture<br><sup>{schedule.name}, "
+                                                     f"{method} on {order_d}, mean over layers and heads</sup>")
+    if reader.layout.footprints:
+        head = reader.heads[0]
+        blocks, attention = reader.footprints(mid_step, mid_layer, order_d, head, branch=branch)
+        u = int(blocks[0])
+        perm = reader.perm(order_d)
+        scores = reader.scores(mid_step, mid_layer, order_d, method, head=head, branch=branch)
+        n, block = reader.grid.num_tokens, reader.block
+        kept_blocks = select_topk(scores, mid_gamma, seq_len=n, block=block).to_dense()[0, 0, u]
+        ordered_kept = kept_blocks.repeat_interleave(block)[:n]
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[perm[ordered_kept]] = True
+        query = torch.zeros(n, dtype=torch.bool)
+        query[perm[u * block:(u + 1) * block]] = True
+        figs["footprint"] = figures.footprint_frames(
+            attention[0], reader.grid, kept_tokens=kept, query_tokens=query,
+            title=f"Query block {u} ({order_d}), step {mid_step}, layer {mid_layer}, head {head}<br>"
+                  f"<sup>keys kept by {method} at γ = {mid_gamma:g} outlined white, the query block cyan</sup>")
+    return figs

@@ -1,0 +1,644 @@
+"""Pure plotly figure builders shared by the claims report, the notebooks and the dashboard.
+
+Every builder takes arrays (NumPy or torch) and plain Python values and returns a
+``plotly.graph_objects.Figure``; none reads files, logs or prints. Symbols follow
+``theory.md``: block mass m, budget gamma (kept fraction), recall R, the effective gap
+Delta - 2r - J, the intra-block variance ratios W_q and W_k.
+
+Builders:
+
+* :func:`mask_heatmap` - log10 block mass of one head, kept blocks outlined.
+* :func:`recall_budget` - recall against budget per method and order, oracle on top.
+* :func:`bound_scatter` - a recall bound against the measured recall, with y = x.
+* :func:`recall_vs_gap` - measured recall against the effective gap, with Bound 3.
+* :func:`factor_distributions` - one factor per group (order, method, ...): violin/box/histogram.
+* :func:`drift_heatmap` - an s x t matrix of a mask chosen at step s used at step t.
+* :func:`footprint_frames` - per-frame heatmaps of one query block's attention in video space.
+* :func:`schedule_figure` - the DFSAttn budget per step, refreshes, and measured recall/density.
+* :func:`sweep_lines` - a token-model sweep: one line per order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.theory import closed_form_bound
+
+__all__ = [
+    "FACTOR_LABELS",
+    "DISTRIBUTION_KINDS",
+    "bound3_curve",
+    "mask_heatmap",
+    "recall_budget",
+    "bound_scatter",
+    "recall_vs_gap",
+    "factor_distributions",
+    "drift_heatmap",
+    "footprint_frames",
+    "schedule_figure",
+    "sweep_lines",
+    "outline_segments",
+]
+
+#: Axis titles of the quantities of theory.md, keyed by the names used in factor tables.
+FACTOR_LABELS: dict[str, str] = {
+    "gap": "inter-block gap Δ",
+    "r_u": "query-side diversity r",
+    "J_u": "block diversity J",
+    "effective_gap": "effective gap Δ − 2r − J",
+    "delta": "token-model noise δ",
+    "centre_spread": "token-model centre spread s",
+    "W_q": "intra-block variance ratio W_q",
+    "W_k": "intra-block variance ratio W_k",
+    "recall": "recall R",
+    "bound2": "Bound 2 β",
+    "bound3": "Bound 3 (closed form)",
+    "gamma": "budget γ (kept fraction)",
+    "density": "density ρ",
+}
+
+#: Plot kinds accepted by :func:`factor_distributions`.
+DISTRIBUTION_KINDS = ("violin", "box", "histogram")
+
+# Qualitative palette (plotly's default) so a label keeps its colour across figures.
+_PALETTE = (
+    "#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A",
+    "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52",
+)
+_ORACLE_COLOUR = "#111111"
+_OUTLINE_COLOUR = "#FFFFFF"
+_QUERY_COLOUR = "#00E5FF"
+# Outline points above which a WebGL trace replaces the SVG one.
+_WEBGL_POINTS = 30000
+
+
+# --------------------------------------------------------------------------- helpers
+def _array(x: object, name: str, ndim: int | None = None, dtype=np.float64) -> np.ndarray:
+    """NumPy copy of an array-like (torch tensors are detached and moved to the CPU)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x, dtype=dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be an array of numbers (got {type(x).__name__})") from None
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"`{name}` must have {ndim} dimension(s) (got shape {arr.shape})")
+    return arr
+
+
+def _colour(i: int) -> str:
+    return _PALETTE[i % len(_PALETTE)]
+
+
+def _log10(x: np.ndarray, floor: float) -> np.ndarray:
+    """log10 with values below ``floor`` (zeros included) clamped to it, so log colour scales stay finite."""
+    return np.log10(np.maximum(x, floor))
+
+
+def _check_floor(floor: object) -> float:
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 < float(floor) < 1.0:
+        raise ValueError(f"`floor` must be a number in (0, 1), the smallest value drawn on the log scale (got {floor!r})")
+    return float(floor)
+
+
+def outline_segments(kept: object) -> tuple[list[float | None], list[float | None]]:
+    """Boundary of the True cells of a bool [R, C] grid as line segments.
+
+    Cell (row u, column v) covers [v - 0.5, v + 0.5] x [u - 0.5, u + 0.5], the way plotly
+    draws heatmap cells. An edge is drawn wherever a kept cell meets a dropped cell or the
+    border; collinear neighbouring edges are merged into one segment so a kept rectangle
+    costs four segments whatever its size.
+
+    Returns ``(xs, ys)``: coordinate lists for one ``go.Scatter`` trace, each segment two
+    points followed by ``None``.
+    """
+    arr = _array(kept, "kept", ndim=2, dtype=bool)
+    rows, cols = arr.shape
+    padded = np.zeros((rows + 2, cols + 2), dtype=bool)
+    padded[1:-1, 1:-1] = arr
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+
+    def runs(edge: np.ndarray) -> list[tuple[int, int]]:
+        # Start/stop (exclusive) of each run of True in a 1-D bool vector.
+        diff = np.diff(np.concatenate(([0], edge.astype(np.int8), [0])))
+        return list(zip(np.flatnonzero(diff == 1).tolist(), np.flatnonzero(diff == -1).tolist()))
+
+    # Horizontal edges: between padded rows i and i + 1, i.e. at y = i - 0.5 in cell coordinates.
+    horizontal = padded[:-1, 1:-1] != padded[1:, 1:-1]
+    for i in range(horizontal.shape[0]):
+        for start, stop in runs(horizontal[i]):
+            xs += [start - 0.5, stop - 0.5, None]
+            ys += [i - 0.5, i - 0.5, None]
+    # Vertical edges: between padded columns j and j + 1, i.e. at x = j - 0.5.
+    vertical = padded[1:-1, :-1] != padded[1:-1, 1:]
+    for j in range(vertical.shape[1]):
+        for start, stop in runs(vertical[:, j]):
+            xs += [j - 0.5, j - 0.5, None]
+            ys += [start - 0.5, stop - 0.5, None]
+    return xs, ys
+
+
+def bound3_curve(eff_gap: object, gamma: float) -> np.ndarray:
+    """Bound 3 of theory.md in closed form, 1 / (1 + ((1 - gamma) / gamma) * exp(-eff_gap)), as NumPy.
+
+    ``eff_gap``: float array of Delta - 2r - J values; ``gamma`` in (0, 1]. Returns float64 of
+    the same shape (computed by :func:`dfsviz.sparse.theory.closed_form_bound`); at
+    eff_gap = 0 it equals gamma.
+    """
+    x = _array(eff_gap, "eff_gap")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) <= 1.0:
+        raise ValueError(f"`gamma` must be a kept fraction in (0, 1] (got {gamma!r})")
+    return closed_form_bound(float(gamma), torch.from_numpy(x)).numpy()
+
+
+# --------------------------------------------------------------------------- masks
+def mask_heatmap(
+    mass: object,
+    kept: object | None = None,
+    *,
+    title: str = "",
+    floor: float = 1e-6,
+    query_block: int | None = None,
+) -> go.Figure:
+    """Log10 block mass of one head with the kept key blocks outlined.
+
+    Args:
+        mass: float [Mq, Mk], block mass m_uv (rows sum to 1) or any non-negative block score.
+        kept: bool [Mq, Mk] or None; True where key block v is kept for query block u
+            (``BlockMask.to_dense()[b, h]``). Its boundary is drawn in white.
+        title: figure title.
+        floor: smallest value drawn; zeros and smaller values get this colour.
+        query_block: optional query block u to highlight with a horizontal band outline.
+
+    Returns a figure with one ``Heatmap`` trace (z = log10 m, y = query block u from the
+    top, x = key block v) and, when ``kept`` is given, one ``Scatter`` trace named
+    "kept blocks".
+    """
+    m = _array(mass, "mass", ndim=2)
+    floor = _check_floor(floor)
+    if np.isnan(m).any() or (m < 0).any():
+        raise ValueError("`mass` must be non-negative and free of NaN (got negative or NaN entries); pass block mass m or a softmax score")
+    fig = go.Figure(
+        go.Heatmap(
+            z=_log10(m, floor),
+            colorscale="Viridis",
+            colorbar={"title": "log10 m"},
+            hovertemplate="query block %{y}<br>key block %{x}<br>log10 m = %{z:.2f}<extra></extra>",
+            name="log10 block mass",
+        )
+    )
+    if kept is not None:
+        dense = _array(kept, "kept", ndim=2, dtype=bool)
+        if dense.shape != m.shape:
+            raise ValueError(f"`kept` must have the shape of `mass` {m.shape} (got {dense.shape}); pass mask.to_dense()[b, h]")
+        xs, ys = outline_segments(dense)
+        # Scattered masks of Wan-size maps have ~1e5 edges; WebGL draws those where SVG stalls.
+        trace = go.Scattergl if len(xs) > _WEBGL_POINTS else go.Scatter
+        fig.add_trace(
+            trace(x=xs, y=ys, mode="lines", line={"color": _OUTLINE_COLOUR, "width": 1},
+                  name="kept blocks", hoverinfo="skip", showlegend=False)
+        )
+        kept_fraction = float(dense.mean()) if dense.size else 0.0
+        title = f"{title} · kept {kept_fraction:.1%} of blocks" if title else f"kept {kept_fraction:.1%} of blocks"
+    if query_block is not None:
+        if isinstance(query_block, bool) or not isinstance(query_block, int) or not 0 <= query_block < m.shape[0]:
+            raise ValueError(f"`query_block` must be an integer in [0, {m.shape[0]}) (got {query_block!r})")
+        band = np.zeros_like(m, dtype=bool)
+        band[query_block] = True
+        xs, ys = outline_segments(band)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": _QUERY_COLOUR, "width": 2},
+                                 name=f"query block {query_block}", hoverinfo="skip", showlegend=False))
+    fig.update_layout(title=title, xaxis_title="key block v", yaxis_title="query block u",
+                      template="plotly_white", margin={"t": 50})
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(constrain="domain", range=[-0.5, m.shape[1] - 0.5])
+    return fig
+
+
+# --------------------------------------------------------------------------- recall curves
+def _curve_xy(value: object, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """(gamma, recall) of a RecallCurve-like object (``.gamma``, ``.mean_recall()``) or a pair."""
+    if hasattr(value, "gamma") and hasattr(value, "mean_recall"):
+        return _array(value.gamma, f"{label}.gamma", ndim=1), _array(value.mean_recall(), f"{label}.recall", ndim=1)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        x = _array(value[0], f"{label} budgets", ndim=1)
+        y = _array(value[1], f"{label} recall", ndim=1)
+        if x.shape != y.shape:
+            raise ValueError(f"curve {label!r}: budgets and recall must have one length (got {x.shape} and {y.shape})")
+        return x, y
+    raise TypeError(
+        f"curve {label!r} must be a RecallCurve or a (gamma, recall) pair of arrays (got {type(value).__name__})"
+    )
+
+
+def recall_budget(
+    curves: Mapping[str, object],
+    oracle: Mapping[str, object] | None = None,
+    *,
+    targets: Sequence[float] = (0.9, 0.95),
+    title: str = "Recall against budget",
+) -> go.Figure:
+    """Recall against budget gamma: one line per (method, order), oracle curves on top.
+
+    Args:
+        curves: label -> RecallCurve (``dfsviz.analysis.curves``) or (gamma float [K],
+            recall float [K]). Labels like ``"dfs_tile · hilbert3d"``.
+        oracle: label -> oracle curve (same forms), drawn dashed and black-ish, last so on top.
+        targets: recall levels drawn as horizontal dotted lines (e.g. 0.9, 0.95).
+        title: figure title.
+
+    Returns a figure with one ``Scatter`` trace per curve (methods first, then oracles).
+    """
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError("`curves` must be a non-empty mapping label -> curve; compute them with dfsviz.analysis.recall_curve")
+    fig = go.Figure()
+    for i, (label, value) in enumerate(curves.items()):
+        x, y = _curve_xy(value, label)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=str(label), line={"color": _colour(i), "width": 2}))
+    dashes = ("dash", "dot", "dashdot", "longdash")
+    for i, (label, value) in enumerate((oracle or {}).items()):
+        x, y = _curve_xy(value, label)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=str(label),
+                                 line={"color": _ORACLE_COLOUR, "width": 2, "dash": dashes[i % len(dashes)]}))
+    for t in targets:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < float(t) <= 1.0:
+            raise ValueError(f"`targets` must hold recall levels in (0, 1] (got {t!r})")
+        fig.add_hline(y=float(t), line={"dash": "dot", "color": "#888888", "width": 1},
+                      annotation_text=f"R = {float(t):g}", annotation_position="top left")
+    fig.update_layout(title=title, xaxis_title=FACTOR_LABELS["gamma"], yaxis_title=FACTOR_LABELS["recall"],
+                      template="plotly_white", legend={"orientation": "h", "y": -0.2})
+    fig.update_xaxes(range=[0, 1])
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+# --------------------------------------------------------------------------- theory
+def _groups(values: object, n: int, name: str) -> np.ndarray:
+    if values is None:
+        return np.full(n, "all", dtype=object)
+    arr = np.asarray(values, dtype=object)
+    if arr.shape != (n,):
+        raise ValueError(f"`{name}` must hold one label per point ({n}) (got shape {arr.shape})")
+    return arr
+
+
+def bound_scatter(
+    bound: object,
+    measured: object,
+    *,
+    groups: object | None = None,
+    bound_name: str = "bound2",
+    title: str = "",
+    atol: float = 0.0,
+) -> go.Figure:
+    """A recall lower bound against the measured recall, one point per query block, with y = x.
+
+    Args:
+        bound: float [P], the bound (e.g. Bound 2 beta_u).
+        measured: float [P], the measured recall R_u of the same rows.
+        groups: optional label per point (e.g. the order); one trace per label.
+        bound_name: key of ``FACTOR_LABELS`` for the x-axis title.
+        title: figure title; the number of violations (bound > measured + atol) is appended.
+        atol: tolerance of the violation count.
+
+    Every valid point lies on or below y = x in (measured, bound) coordinates, i.e. x
+    (measured) >= y (bound). Returns one ``Scattergl`` per group, a "y = x" line, and a
+    "violations" trace (red crosses) holding exactly the violating points.
+    """
+    b = _array(bound, "bound", ndim=1)
+    r = _array(measured, "measured", ndim=1)
+    if b.shape != r.shape:
+        raise ValueError(f"`bound` and `measured` must have one length (got {b.shape} and {r.shape})")
+    g = _groups(groups, b.size, "groups")
+    fig = go.Figure()
+    for i, label in enumerate(dict.fromkeys(g.tolist())):
+        sel = g == label
+        fig.add_trace(go.Scattergl(x=r[sel], y=b[sel], mode="markers", name=str(label),
+                                   marker={"size": 4, "opacity": 0.5, "color": _colour(i)}))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="y = x",
+                             line={"color": "#444444", "dash": "dash"}))
+    bad = b > r + atol
+    fig.add_trace(go.Scatter(x=r[bad], y=b[bad], mode="markers", name="violations",
+                             marker={"symbol": "x", "size": 9, "color": "red"}))
+    label = FACTOR_LABELS.get(bound_name, bound_name)
+    head = title or f"{label} against measured recall"
+    fig.update_layout(title=f"{head} · {int(bad.sum())} violations of {b.size}",
+                      xaxis_title=FACTOR_LABELS["recall"], yaxis_title=label, template="plotly_white")
+    fig.update_xaxes(range=[0, 1.02])
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def recall_vs_gap(
+    eff_gap: object,
+    measured: object,
+    gamma: object,
+    *,
+    groups: object | None = None,
+    title: str = "Recall against the effective gap",
+    num_points: int = 200,
+) -> go.Figure:
+    """Measured recall against the effective gap Delta - 2r - J, with Bound 3 drawn through it.
+
+    Args:
+        eff_gap: float [P], Delta_u(S) - 2 r_u - J_u per query block.
+        measured: float [P], the measured recall R_u(S).
+        gamma: float [P] (or a scalar), the budget of each point; one closed-form curve
+            1 / (1 + ((1 - gamma)/gamma) e^{-x}) is drawn per distinct gamma.
+        groups: optional label per point (one trace per label).
+        num_points: samples of each closed-form curve.
+
+    Returns one ``Scattergl`` per group, then one ``Scatter`` named ``"Bound 3, γ = g"``
+    per distinct gamma (sorted).
+    """
+    x = _array(eff_gap, "eff_gap", ndim=1)
+    y = _array(measured, "measured", ndim=1)
+    if x.shape != y.shape:
+        raise ValueError(f"`eff_gap` and `measured` must have one length (got {x.shape} and {y.shape})")
+    gam = _array(gamma, "gamma")
+    gam = np.broadcast_to(gam, x.shape) if gam.ndim == 0 else gam
+    if gam.shape != x.shape:
+        raise ValueError(f"`gamma` must be a scalar or one budget per point ({x.size}) (got shape {gam.shape})")
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
+        raise ValueError(f"`num_points` must be an integer >= 2 (got {num_points!r})")
+    g = _groups(groups, x.size, "groups")
+    fig = go.Figure()
+    for i, label in enumerate(dict.fromkeys(g.tolist())):
+        sel = g == label
+        fig.add_trace(go.Scattergl(x=x[sel], y=y[sel], mode="markers", name=str(label),
+                                   marker={"size": 4, "opacity": 0.5, "color": _colour(i)}))
+    finite = x[np.isfinite(x)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-5.0, 5.0)
+    lo, hi = min(lo, -1.0), max(hi, 1.0)
+    grid = np.linspace(lo, hi, num_points)
+    for j, value in enumerate(sorted(set(np.round(gam, 12).tolist()))):
+        fig.add_trace(go.Scatter(x=grid, y=bound3_curve(grid, float(value)), mode="lines",
+                                 name=f"Bound 3, γ = {value:.3g}",
+                                 line={"color": _ORACLE_COLOUR, "dash": ("solid", "dash", "dot", "dashdot")[j % 4], "width": 1.5}))
+    fig.update_layout(title=title, xaxis_title=FACTOR_LABELS["effective_gap"], yaxis_title=FACTOR_LABELS["recall"],
+                      template="plotly_white")
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def factor_distributions(
+    values: Mapping[str, object],
+    *,
+    factor: str,
+    kind: str = "violin",
+    title: str = "",
+) -> go.Figure:
+    """Distribution of one factor per group (e.g. per order), as violins, boxes or histograms.
+
+    Args:
+        values: group label -> float [P_g] samples (e.g. ``{"raster": W_k, "hilbert3d": W_k}``).
+        factor: the factor's name; a key of ``FACTOR_LABELS`` gives the axis title.
+        kind: one of ``DISTRIBUTION_KINDS``.
+        title: figure title.
+
+    Returns one trace per group (``Violin``, ``Box`` or ``Histogram``) holding its finite samples.
+    """
+    if kind not in DISTRIBUTION_KINDS:
+        raise ValueError(f"`kind` must be one of {', '.join(DISTRIBUTION_KINDS)} (got {kind!r})")
+    if not isinstance(values, Mapping) or not values:
+        raise ValueError("`values` must be a non-empty mapping group label -> samples")
+    axis = FACTOR_LABELS.get(factor, factor)
+    fig = go.Figure()
+    for i, (label, samples) in enumerate(values.items()):
+        arr = _array(samples, f"values[{label!r}]").ravel()
+        arr = arr[np.isfinite(arr)]
+        style = {"name": str(label), "marker": {"color": _colour(i)}}
+        if kind == "violin":
+            fig.add_trace(go.Violin(y=arr, box={"visible": True}, meanline={"visible": True}, points=False, **style))
+        elif kind == "box":
+            fig.add_trace(go.Box(y=arr, boxmean=True, **style))
+        else:
+            fig.add_trace(go.Histogram(x=arr, opacity=0.6, histnorm="probability density", **style))
+    if kind == "histogram":
+        fig.update_layout(barmode="overlay", xaxis_title=axis, yaxis_title="density")
+    else:
+        fig.update_layout(yaxis_title=axis)
+    fig.update_layout(title=title or f"{axis} per group", template="plotly_white")
+    return fig
+
+
+# --------------------------------------------------------------------------- drift and schedule
+def drift_heatmap(
+    steps: Sequence[int],
+    matrix: object,
+    *,
+    quantity: str = "recall",
+    title: str = "",
+) -> go.Figure:
+    """An s x t drift matrix: entry [i, j] = quantity of the mask chosen at steps[i] used at steps[j].
+
+    Args:
+        steps: the S captured step indices, ascending.
+        matrix: float [S, S] (recall or Jaccard, in [0, 1]).
+        quantity: "recall" or "jaccard" (colour bar title).
+        title: figure title.
+
+    Returns one ``Heatmap`` (y = mask step s, x = applied step t) with the values as text.
+    """
+    mat = _array(matrix, "matrix", ndim=2)
+    st = [int(s) for s in steps]
+    if mat.shape != (len(st), len(st)):
+        raise ValueError(f"`matrix` must be [S, S] with S = len(steps) = {len(st)} (got {mat.shape})")
+    if quantity not in ("recall", "jaccard"):
+        raise ValueError(f"`quantity` must be 'recall' or 'jaccard' (got {quantity!r})")
+    labels = [str(s) for s in st]
+    fig = go.Figure(go.Heatmap(
+        z=mat, x=labels, y=labels, zmin=0.0, zmax=1.0, colorscale="Magma",
+        text=np.round(mat, 3), texttemplate="%{text}", colorbar={"title": quantity},
+        hovertemplate="mask from step %{y}<br>used at step %{x}<br>" + quantity + " = %{z:.4f}<extra></extra>",
+    ))
+    fig.update_layout(title=title or f"Mask drift: {quantity}", xaxis_title="step t (mask used)",
+                      yaxis_title="step s (mask chosen)", template="plotly_white")
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category", autorange="reversed")
+    return fig
+
+
+def schedule_figure(
+    steps: Sequence[int],
+    gamma: Sequence[float | None],
+    refresh: Sequence[bool],
+    *,
+    series: Mapping[str, object] | None = None,
+    title: str = "DFSAttn schedule",
+) -> go.Figure:
+    """The budget per denoising step with refresh steps marked, plus measured series per step.
+
+    Args:
+        steps: step indices [T].
+        gamma: kept fraction per step, None (or NaN) where the step is dense.
+        refresh: True where the cached mask is recomputed.
+        series: optional name -> float [T] drawn as lines (e.g. "recall, cached",
+            "recall, refreshed every step", "density"); NaN marks a step without a value
+            (the line joins its neighbours).
+        title: figure title.
+
+    Returns a ``Bar`` trace "budget γ" (dense steps drawn at 1 in grey), a ``Scatter``
+    "refresh" of markers, then one ``Scatter`` per series.
+    """
+    st = np.asarray([int(s) for s in steps])
+    gam = np.asarray([np.nan if g is None else float(g) for g in gamma], dtype=np.float64)
+    ref = np.asarray([bool(r) for r in refresh])
+    if not (st.shape == gam.shape == ref.shape):
+        raise ValueError(f"`steps`, `gamma` and `refresh` must have one length (got {st.size}, {gam.size}, {ref.size})")
+    dense = np.isnan(gam)
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=st, y=np.where(dense, 1.0, gam), name="budget γ",
+                         marker={"color": np.where(dense, "#BBBBBB", "#636EFA").tolist()},
+                         hovertext=["dense" if d else f"γ = {g:.3g}" for d, g in zip(dense, gam)]))
+    fig.add_trace(go.Scatter(x=st[ref], y=np.where(dense, 1.0, gam)[ref], mode="markers", name="refresh",
+                             marker={"symbol": "triangle-down", "size": 10, "color": "#EF553B"}))
+    for i, (name, values) in enumerate((series or {}).items()):
+        y = _array(values, f"series[{name!r}]", ndim=1)
+        if y.shape != st.shape:
+            raise ValueError(f"`series[{name!r}]` must have one value per step ({st.size}) (got {y.shape})")
+        # connectgaps: captures hold a few steps; the line joins them across uncaptured (NaN) steps.
+        fig.add_trace(go.Scatter(x=st, y=y, mode="lines+markers", name=str(name), connectgaps=True,
+                                 line={"color": _colour(i + 2), "width": 2}))
+    fig.update_layout(title=title, xaxis_title="denoising step", yaxis_title="fraction",
+                      template="plotly_white", bargap=0.15)
+    fig.update_yaxes(range=[0, 1.05])
+    return fig
+
+
+# --------------------------------------------------------------------------- video space
+def footprint_frames(
+    footprint: object,
+    grid: LatentGrid,
+    *,
+    kept_tokens: object | None = None,
+    query_tokens: object | None = None,
+    frames: Sequence[int] | None = None,
+    max_frames: int = 8,
+    cols: int = 4,
+    floor: float = 1e-8,
+    title: str = "",
+) -> go.Figure:
+    """One query block's attention over the video, one heatmap per latent frame.
+
+    Args:
+        footprint: float [N], attention of the query block (mean over its queries) on every
+            token of the sequence in the ORIGINAL (raster, text in place) order.
+        grid: the latent grid; N must equal ``grid.num_tokens``.
+        kept_tokens: optional bool [N] (original order), True for keys inside the kept key
+            blocks; their boundary is outlined in white on every frame.
+        query_tokens: optional bool [N], the query block's own tokens, outlined in cyan.
+        frames: latent frames to draw; default: up to ``max_frames`` spread evenly.
+        cols: subplot columns.
+        floor: smallest value on the log colour scale.
+        title: figure title; the attention mass on text tokens is appended when the grid has text.
+
+    Returns a figure with one ``Heatmap`` per drawn frame (z = log10 attention, [Hs, Ws],
+    sharing one colour scale) and, per frame, outline ``Scatter`` traces for the given masks.
+    """
+    if not isinstance(grid, LatentGrid):
+        raise TypeError(f"`grid` must be a dfsviz LatentGrid (got {type(grid).__name__}); use LatentGrid.parse('21x45x80')")
+    fp = _array(footprint, "footprint", ndim=1)
+    grid.check_tokens(fp.size, "footprint length")
+    floor = _check_floor(floor)
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
+        raise ValueError(f"`cols` must be a positive integer (got {cols!r})")
+    if frames is None:
+        if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+            raise ValueError(f"`max_frames` must be a positive integer (got {max_frames!r})")
+        count = min(max_frames, grid.frames)
+        frames = sorted(set(np.linspace(0, grid.frames - 1, count).round().astype(int).tolist()))
+    frames = [int(f) for f in frames]
+    bad = [f for f in frames if not 0 <= f < grid.frames]
+    if bad or not frames:
+        raise ValueError(f"`frames` must be a non-empty list of frames in [0, {grid.frames}) (got {frames})")
+
+    def video(x: np.ndarray) -> np.ndarray:
+        return x[grid.video_slice].reshape(grid.frames, grid.height, grid.width)
+
+    vid = video(fp)
+    outlines = []
+    for arg, name, tokens, colour in (("kept_tokens", "kept keys", kept_tokens, _OUTLINE_COLOUR),
+                                      ("query_tokens", "query block", query_tokens, _QUERY_COLOUR)):
+        if tokens is None:
+            continue
+        mask = _array(tokens, arg, ndim=1, dtype=bool)
+        if mask.size != fp.size:
+            raise ValueError(f"`{arg}` must hold one flag per token ({fp.size}) (got {mask.size})")
+        outlines.append((name, video(mask), colour))
+
+    rows = math.ceil(len(frames) / cols)
+    ncols = min(cols, len(frames))
+    fig = make_subplots(rows=rows, cols=ncols, subplot_titles=[f"frame {f}" for f in frames],
+                        horizontal_spacing=0.02, vertical_spacing=0.08)
+    z_all = _log10(vid[frames], floor)
+    zmin, zmax = float(z_all.min()), float(z_all.max())
+    for i, f in enumerate(frames):
+        r, c = i // ncols + 1, i % ncols + 1
+        fig.add_trace(go.Heatmap(z=z_all[i], zmin=zmin, zmax=zmax, coloraxis="coloraxis", name=f"frame {f}",
+                                 hovertemplate=f"frame {f}<br>row %{{y}}, col %{{x}}<br>log10 a = %{{z:.2f}}<extra></extra>"),
+                      row=r, col=c)
+        for name, mask, colour in outlines:
+            xs, ys = outline_segments(mask[f])
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": colour, "width": 1.5},
+                                     name=f"{name}, frame {f}", hoverinfo="skip", showlegend=False), row=r, col=c)
+    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_xaxes(showticklabels=False)
+    for i in range(len(frames)):
+        axis = "" if i == 0 else str(i + 1)
+        fig.update_layout({f"yaxis{axis}": {"scaleanchor": f"x{axis}", "constrain": "domain"}})
+    head = title or "Attention footprint"
+    if grid.text_len:
+        head += f" · text tokens hold {float(fp[grid.text_slice].sum()):.1%}"
+    fig.update_layout(title=head, coloraxis={"colorscale": "Viridis", "colorbar": {"title": "log10 a"}},
+                      template="plotly_white", height=260 * rows + 80)
+    return fig
+
+
+# --------------------------------------------------------------------------- sweeps
+def sweep_lines(
+    x: object,
+    series: Mapping[str, object],
+    *,
+    x_name: str,
+    y_name: str,
+    title: str = "",
+    bands: Mapping[str, tuple[object, object]] | None = None,
+) -> go.Figure:
+    """A token-model sweep: one line per label (e.g. per order) of y against the swept parameter.
+
+    Args:
+        x: float [P], the swept values (e.g. delta).
+        series: label -> float [P] (e.g. mean W_k per order).
+        x_name, y_name: axis names (keys of ``FACTOR_LABELS`` get its titles).
+        bands: optional label -> (low [P], high [P]) drawn as a shaded band around the line.
+        title: figure title.
+
+    Returns, per label, an optional band ``Scatter`` (fill) and one line ``Scatter``.
+    """
+    xs = _array(x, "x", ndim=1)
+    if not isinstance(series, Mapping) or not series:
+        raise ValueError("`series` must be a non-empty mapping label -> values")
+    fig = go.Figure()
+    for i, (label, values) in enumerate(series.items()):
+        y = _array(values, f"series[{label!r}]", ndim=1)
+        if y.shape != xs.shape:
+            raise ValueError(f"`series[{label!r}]` must have one value per x ({xs.size}) (got {y.shape})")
+        if bands and label in bands:
+            lo = _array(bands[label][0], f"bands[{label!r}] low", ndim=1)
+            hi = _array(bands[label][1], f"bands[{label!r}] high", ndim=1)
+            fig.add_trace(go.Scatter(x=np.concatenate([xs, xs[::-1]]), y=np.concatenate([hi, lo[::-1]]),
+                                     fill="toself", line={"width": 0}, fillcolor=_colour(i), opacity=0.2,
+                                     name=f"{label} range", showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=xs, y=y, mode="lines+markers", name=str(label), line={"color": _colour(i), "width": 2}))
+    fig.update_layout(title=title, xaxis_title=FACTOR_LABELS.get(x_name, x_name),
+                      yaxis_title=FACTOR_LABELS.get(y_name, y_name), template="plotly_white")
+    return fig

@@ -1,0 +1,228 @@
+"""The plotly figure builders: traces, shapes and the numbers they carry."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from dfsviz import figures
+from dfsviz.analysis.curves import oracle_curve, recall_curve
+from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.schedule import DFSSchedule
+
+
+def _segments(xs, ys):
+    """[(x0, y0, x1, y1), ...] from None-separated coordinate lists."""
+    out = []
+    for i in range(0, len(xs), 3):
+        assert xs[i + 2] is None and ys[i + 2] is None
+        out.append((xs[i], ys[i], xs[i + 1], ys[i + 1]))
+    return out
+
+
+def test_outline_segments_single_cell_rectangle_and_l_shape():
+    one = np.zeros((3, 4), dtype=bool)
+    one[1, 2] = True
+    assert sorted(_segments(*figures.outline_segments(one))) == sorted([
+        (1.5, 0.5, 2.5, 0.5), (1.5, 1.5, 2.5, 1.5), (1.5, 0.5, 1.5, 1.5), (2.5, 0.5, 2.5, 1.5),
+    ])
+    rect = np.zeros((5, 6), dtype=bool)
+    rect[1:4, 2:6] = True  # touches the right border
+    segs = _segments(*figures.outline_segments(rect))
+    assert sorted(segs) == sorted([
+        (1.5, 0.5, 5.5, 0.5), (1.5, 3.5, 5.5, 3.5), (1.5, 0.5, 1.5, 3.5), (5.5, 0.5, 5.5, 3.5),
+    ])
+    ell = np.array([[1, 0], [1, 1]], dtype=bool)
+    assert len(_segments(*figures.outline_segments(ell))) == 6
+    assert figures.outline_segments(np.zeros((2, 2), dtype=bool)) == ([], [])
+    two = np.zeros((1, 5), dtype=bool)
+    two[0, [0, 3]] = True
+    assert len(_segments(*figures.outline_segments(two))) == 8
+
+
+def test_mask_heatmap(case):
+    m = case.stats.m[0, 1]
+    kept = torch.zeros_like(m, dtype=torch.bool)
+    kept[2, 3] = True
+    fig = figures.mask_heatmap(m, kept, title="raster", floor=1e-4, query_block=2)
+    heat, outline, band = fig.data
+    assert isinstance(heat, go.Heatmap)
+    np.testing.assert_allclose(heat.z, np.log10(np.maximum(m.numpy(), 1e-4)))
+    assert outline.name == "kept blocks" and len(_segments(outline.x, outline.y)) == 4
+    assert band.name == "query block 2"
+    assert f"kept {1 / m.numel():.1%} of blocks" in fig.layout.title.text
+    assert fig.layout.yaxis.autorange == "reversed"
+    assert len(figures.mask_heatmap(m).data) == 1
+    scattered = np.random.default_rng(0).random((200, 200)) < 0.3  # many short boundary runs
+    big = figures.mask_heatmap(np.full((200, 200), 1 / 200), scattered)
+    assert isinstance(big.data[1], go.Scattergl) and len(_segments(big.data[1].x, big.data[1].y)) > 10000
+
+
+def test_recall_budget_puts_oracles_last(case):
+    n, b = case.seq_len, case.block
+    curves = {f"{name} · raster": recall_curve(case.stats.m, case.scores[name], seq_len=n, block=b) for name in ("meanpool", "dfs_tile")}
+    oracle = {"oracle · raster": oracle_curve(case.stats.m, seq_len=n, block=b)}
+    fig = figures.recall_budget(curves, oracle, targets=(0.9, 0.95))
+    assert [t.name for t in fig.data] == ["meanpool · raster", "dfs_tile · raster", "oracle · raster"]
+    np.testing.assert_allclose(fig.data[1].y, curves["dfs_tile · raster"].mean_recall().numpy())
+    np.testing.assert_allclose(fig.data[2].x, np.arange(1, case.stats.num_blocks + 1) / case.stats.num_blocks)
+    assert fig.data[2].line.dash == "dash"
+    assert sorted(s.y0 for s in fig.layout.shapes) == [0.9, 0.95]
+    pair = figures.recall_budget({"a": ([0.1, 0.5, 1.0], [0.2, 0.7, 1.0])}, targets=())
+    assert list(pair.data[0].y) == [0.2, 0.7, 1.0] and not pair.layout.shapes
+
+
+def test_bound_scatter_marks_exactly_the_violations():
+    bound = np.array([0.1, 0.5, 0.9, 0.3])
+    measured = np.array([0.2, 0.4, 0.95, 0.3])
+    fig = figures.bound_scatter(bound, measured, groups=["raster", "raster", "hilbert3d", "hilbert3d"])
+    names = [t.name for t in fig.data]
+    assert names == ["raster", "hilbert3d", "y = x", "violations"]
+    bad = fig.data[-1]
+    assert list(bad.x) == [0.4] and list(bad.y) == [0.5]
+    assert "1 violations of 4" in fig.layout.title.text
+    assert "0 violations" in figures.bound_scatter(bound, measured, atol=0.2).layout.title.text
+
+
+def test_recall_vs_gap_draws_bound3_per_budget():
+    gap = np.array([-2.0, 0.0, 1.0, 3.0])
+    fig = figures.recall_vs_gap(gap, [0.2, 0.3, 0.6, 0.9], [0.1, 0.1, 0.3, 0.3], num_points=50)
+    curves = [t for t in fig.data if t.name.startswith("Bound 3")]
+    assert [t.name for t in curves] == ["Bound 3, γ = 0.1", "Bound 3, γ = 0.3"]
+    x = np.asarray(curves[1].x)
+    assert x.size == 50 and x.min() == -2.0 and x.max() == 3.0
+    expected = 1.0 / (1.0 + (0.7 / 0.3) * np.exp(-x))  # theory.md Bound 3 written out
+    np.testing.assert_allclose(curves[1].y, expected, rtol=1e-12)
+    assert figures.bound3_curve(np.zeros(3), 0.25).tolist() == pytest.approx([0.25] * 3)
+
+
+def test_factor_distributions_kinds():
+    values = {"raster": np.array([0.8, 0.9, np.inf]), "hilbert3d": np.array([0.5, 0.6])}
+    for kind, cls in (("violin", go.Violin), ("box", go.Box), ("histogram", go.Histogram)):
+        fig = figures.factor_distributions(values, factor="W_k", kind=kind)
+        assert [type(t) for t in fig.data] == [cls, cls]
+        data = fig.data[0].x if kind == "histogram" else fig.data[0].y
+        assert list(data) == [0.8, 0.9]  # the infinite sample is left out
+    assert "intra-block variance ratio W_k" in fig.layout.xaxis.title.text
+
+
+def test_drift_heatmap():
+    mat = np.array([[1.0, 0.8], [0.7, 1.0]])
+    fig = figures.drift_heatmap([12, 24], mat, quantity="jaccard")
+    heat = fig.data[0]
+    np.testing.assert_array_equal(heat.z, mat)
+    assert list(heat.x) == ["12", "24"] and heat.zmin == 0 and heat.zmax == 1
+    assert heat.colorbar.title.text == "jaccard" and "jaccard" in fig.layout.title.text
+
+
+def test_schedule_figure_from_dfs_schedule():
+    sched = DFSSchedule(num_steps=10, skip_steps=2, interval=3)
+    plans = [sched.at_step(s) for s in range(10)]
+    fig = figures.schedule_figure(range(10), [p.gamma for p in plans], [p.refresh for p in plans],
+                                  series={"recall": np.linspace(0.5, 1.0, 10)})
+    bar, refresh, line = fig.data
+    assert list(bar.y[:2]) == [1.0, 1.0] and bar.y[2] == pytest.approx(0.3)
+    assert list(refresh.x) == [2, 5, 8]
+    np.testing.assert_allclose(line.y, np.linspace(0.5, 1.0, 10))
+
+
+def test_footprint_frames_in_video_space():
+    grid = LatentGrid(3, 4, 5, text_len=6)
+    n = grid.num_tokens
+    fp = np.full(n, 1.0 / n)
+    fp[grid.text_slice] = 0.0
+    fp[grid.video_index(1, 2, 3)] = 0.5
+    kept = np.zeros(n, dtype=bool)
+    kept[: grid.frame_tokens] = True  # every key of frame 0
+    query = np.zeros(n, dtype=bool)
+    query[grid.video_index(1, 0, 0)] = True
+    fig = figures.footprint_frames(fp, grid, kept_tokens=kept, query_tokens=query, cols=2, floor=1e-6)
+    heats = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    assert [h.name for h in heats] == ["frame 0", "frame 1", "frame 2"]
+    z1 = np.asarray(heats[1].z)
+    assert z1.shape == (4, 5) and z1[2, 3] == pytest.approx(math.log10(0.5))
+    outlines = {t.name: t for t in fig.data if isinstance(t, go.Scatter)}
+    assert len(_segments(outlines["kept keys, frame 0"].x, outlines["kept keys, frame 0"].y)) == 4
+    assert outlines["kept keys, frame 1"].x == ()  # nothing kept on frame 1
+    assert len(_segments(outlines["query block, frame 1"].x, outlines["query block, frame 1"].y)) == 4
+    assert "text tokens hold 0.0%" in fig.layout.title.text
+    picked = figures.footprint_frames(fp, grid, frames=[2])
+    assert len(picked.data) == 1
+
+
+def test_sweep_lines():
+    fig = figures.sweep_lines([0.1, 0.5], {"raster": [0.8, 0.9], "hilbert3d": [0.5, 0.6]}, x_name="delta",
+                              y_name="W_k", bands={"raster": ([0.7, 0.8], [0.9, 1.0])})
+    assert [t.name for t in fig.data] == ["raster range", "raster", "hilbert3d"]
+    assert list(fig.data[0].y) == [0.9, 1.0, 0.8, 0.7]
+    assert fig.layout.xaxis.title.text == "token-model noise δ"
+
+
+def test_errors():
+    m = np.full((3, 3), 1 / 3)
+    with pytest.raises(ValueError, match=r"`mass` must have 2 dimension\(s\)"):
+        figures.mask_heatmap(np.zeros(3))
+    with pytest.raises(TypeError, match="`mass` must be an array of numbers"):
+        figures.mask_heatmap({"a": 1})
+    with pytest.raises(ValueError, match="`mass` must be non-negative"):
+        figures.mask_heatmap(-m)
+    with pytest.raises(ValueError, match=r"`kept` must have the shape of `mass` \(3, 3\)"):
+        figures.mask_heatmap(m, np.zeros((2, 3), dtype=bool))
+    with pytest.raises(ValueError, match=r"`floor` must be a number in \(0, 1\)"):
+        figures.mask_heatmap(m, floor=0)
+    with pytest.raises(ValueError, match=r"`query_block` must be an integer in \[0, 3\)"):
+        figures.mask_heatmap(m, query_block=3)
+    with pytest.raises(ValueError, match="`curves` must be a non-empty mapping"):
+        figures.recall_budget({})
+    with pytest.raises(TypeError, match="curve 'a' must be a RecallCurve or a"):
+        figures.recall_budget({"a": 3})
+    with pytest.raises(ValueError, match="curve 'a': budgets and recall must have one length"):
+        figures.recall_budget({"a": ([0.1, 0.2], [0.3])})
+    with pytest.raises(ValueError, match=r"`targets` must hold recall levels in \(0, 1\]"):
+        figures.recall_budget({"a": ([0.1], [0.3])}, targets=(1.5,))
+    with pytest.raises(ValueError, match="`bound` and `measured` must have one length"):
+        figures.bound_scatter([0.1], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"`groups` must hold one label per point \(1\)"):
+        figures.bound_scatter([0.1], [0.2], groups=["a", "b"])
+    with pytest.raises(ValueError, match="`eff_gap` and `measured` must have one length"):
+        figures.recall_vs_gap([0.1], [0.1, 0.2], 0.2)
+    with pytest.raises(ValueError, match=r"`gamma` must be a scalar or one budget per point \(1\)"):
+        figures.recall_vs_gap([0.1], [0.2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="`num_points` must be an integer >= 2"):
+        figures.recall_vs_gap([0.1], [0.2], 0.1, num_points=1)
+    with pytest.raises(ValueError, match=r"`gamma` must be a kept fraction in \(0, 1\]"):
+        figures.bound3_curve([0.0], 0.0)
+    with pytest.raises(ValueError, match="`kind` must be one of violin, box, histogram"):
+        figures.factor_distributions({"a": [1.0]}, factor="r", kind="strip")
+    with pytest.raises(ValueError, match="`values` must be a non-empty mapping"):
+        figures.factor_distributions({}, factor="r")
+    with pytest.raises(ValueError, match=r"`matrix` must be \[S, S\] with S = len\(steps\) = 3"):
+        figures.drift_heatmap([1, 2, 3], np.eye(2))
+    with pytest.raises(ValueError, match="`quantity` must be 'recall' or 'jaccard'"):
+        figures.drift_heatmap([1, 2], np.eye(2), quantity="iou")
+    with pytest.raises(ValueError, match="`steps`, `gamma` and `refresh` must have one length"):
+        figures.schedule_figure([0, 1], [None], [False, True])
+    with pytest.raises(ValueError, match=r"`series\['r'\]` must have one value per step \(2\)"):
+        figures.schedule_figure([0, 1], [None, 0.3], [False, True], series={"r": [1.0]})
+    grid = LatentGrid(2, 3, 4)
+    fp = np.ones(grid.num_tokens)
+    with pytest.raises(TypeError, match="`grid` must be a dfsviz LatentGrid"):
+        figures.footprint_frames(fp, "2x3x4")
+    with pytest.raises(ValueError, match="`footprint length` = 23 tokens does not match grid 2x3x4"):
+        figures.footprint_frames(fp[:-1], grid)
+    with pytest.raises(ValueError, match=r"`frames` must be a non-empty list of frames in \[0, 2\)"):
+        figures.footprint_frames(fp, grid, frames=[2])
+    with pytest.raises(ValueError, match="`cols` must be a positive integer"):
+        figures.footprint_frames(fp, grid, cols=0)
+    with pytest.raises(ValueError, match="`max_frames` must be a positive integer"):
+        figures.footprint_frames(fp, grid, max_frames=0)
+    with pytest.raises(ValueError, match=r"`kept_tokens` must hold one flag per token \(24\)"):
+        figures.footprint_frames(fp, grid, kept_tokens=np.ones(3, dtype=bool))
+    with pytest.raises(ValueError, match="`series` must be a non-empty mapping"):
+        figures.sweep_lines([1.0], {}, x_name="delta", y_name="W_k")
+    with pytest.raises(ValueError, match=r"`series\['a'\]` must have one value per x \(2\)"):
+        figures.sweep_lines([1.0, 2.0], {"a": [1.0]}, x_name="delta", y_name="W_k")
