@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 BRANCHES = ("cond", "both")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QKV_DTYPES = ("auto", "float16", "float32")
 # what each scoring method's `tile` argument means in a capture (dfs_tile: the pooling tile
 # b; antidiagonal: the stride S); the others take none
 _TILE_FIELD = {"dfs_tile": "tile", "antidiagonal": "stride"}
@@ -114,6 +115,8 @@ class CaptureConfig:
         stride: antidiagonal stride S (power of two in [2, block]).
         footprints: query blocks per head whose exact attention is stored (0 = none).
         save_qkv: layers whose Q/K/V are stored (empty = none).
+        qkv_dtype: storage dtype of saved Q/K/V: "auto" (float16 for float16 models, else
+            float32), "float16" (half the size; values beyond +-65504 are refused) or "float32".
         device: "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
         dtype: model dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "float16", "bfloat16".
         overwrite: replace an existing output file.
@@ -144,6 +147,7 @@ class CaptureConfig:
     stride: int = 8
     footprints: int = 2
     save_qkv: tuple[int, ...] = ()
+    qkv_dtype: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
     overwrite: bool = False
@@ -215,6 +219,8 @@ class CaptureConfig:
             raise ValueError(
                 f"`save_qkv` layers {sorted(set(save_qkv) - set(self.layers))} are not captured (`layers` = {list(self.layers)})"
             )
+        if self.qkv_dtype not in QKV_DTYPES:
+            raise ValueError(f"`qkv_dtype` must be one of {list(QKV_DTYPES)} (got {self.qkv_dtype!r})")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -235,6 +241,13 @@ class CaptureConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def stored_qkv_dtype(self) -> str:
+        """numpy dtype name of stored Q/K/V ("auto" resolved against the model dtype)."""
+        if self.qkv_dtype != "auto":
+            return self.qkv_dtype
+        return "float16" if self.torch_dtype == torch.float16 else "float32"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -620,7 +633,7 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
         footprints=min(config.footprints, num_blocks),
         qkv_layers=tuple(config.save_qkv),
         head_dim=head_dim,
-        qkv_dtype="float16" if config.torch_dtype == torch.float16 else "float32",
+        qkv_dtype=config.stored_qkv_dtype,
     )
     sched = source.scheduler
     attrs = {

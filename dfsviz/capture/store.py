@@ -542,7 +542,13 @@ class CaptureWriter:
         li, bi = self.layout.qkv_layers.index(layer), self.layout.branches.index(branch)
         dtype = np.dtype(self.layout.qkv_dtype)
         for name, x in (("q", q), ("k", k), ("v", v)):
-            arr = x.detach().to("cpu", torch.float32).numpy().astype(dtype)
+            arr = x.detach().to("cpu", torch.float32).numpy()
+            if dtype == np.float16 and np.abs(arr).max(initial=0.0) > np.finfo(np.float16).max:
+                raise ValueError(
+                    f"{name} of layer {layer} exceeds the float16 range (max |x| = {np.abs(arr).max():.4g}); "
+                    "capture again with --qkv-dtype float32"
+                )
+            arr = arr.astype(dtype)
             for h in range(arr.shape[0]):
                 self._pool.submit(self._group[name], (li, bi, h, 0, 0), arr[h])
 

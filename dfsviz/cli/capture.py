@@ -92,6 +92,10 @@ def _size(num_bytes: int) -> str:
 @click.option("--stride", type=int, default=8, show_default=True, help="antidiagonal stride S.")
 @click.option("--footprints", type=int, default=2, show_default=True, help="Query blocks per head with exact attention.")
 @click.option("--save-qkv", default=None, help="Layers whose Q/K/V are stored, e.g. 0,15 (default none).")
+@click.option(
+    "--qkv-dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto", show_default=True,
+    help="Storage dtype of --save-qkv tensors (auto: float16 for float16 models, else float32).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
@@ -141,6 +145,7 @@ def capture_command(**opts) -> None:
         stride=opts["stride"],
         footprints=opts["footprints"],
         save_qkv=parse_int_list(opts["save_qkv"], "--save-qkv") or (),
+        qkv_dtype=opts["qkv_dtype"],
         device=opts["device"],
         dtype=opts["dtype"],
         overwrite=opts["overwrite"],

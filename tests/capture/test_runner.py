@@ -157,9 +157,18 @@ def test_grid_mismatch_is_caught_at_the_first_layer(tmp_path, model_dirs):
         (dict(embeddings="missing.safetensors"), "`embeddings` must be a .safetensors file, 'random' or None"),
         (dict(layers=(1, 1)), "`layers` lists a value twice"),
         (dict(tile=3), r"`tile` must be a power of two in \[4, 128\]"),
+        (dict(qkv_dtype="bfloat16"), r"`qkv_dtype` must be one of \['auto', 'float16', 'float32'\]"),
     ],
 )
 def test_config_validation(kwargs, match):
     base = dict(out="x.h5", model="m")
     with pytest.raises((ValueError, TypeError), match=match):
         CaptureConfig(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("qkv_dtype", "dtype", "stored"),
+    [("auto", "float32", "float32"), ("auto", "float16", "float16"), ("float16", "float32", "float16"), ("float32", "bfloat16", "float32")],
+)
+def test_stored_qkv_dtype(qkv_dtype, dtype, stored):
+    assert CaptureConfig(out="x.h5", model="m", qkv_dtype=qkv_dtype, dtype=dtype).stored_qkv_dtype == stored

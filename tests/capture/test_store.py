@@ -209,3 +209,21 @@ def test_bytes_per_step_counts_every_dataset():
     maps = 2 * 1 * 2 * 2 * 9
     want = 4 * maps * 4 + 2 * maps * 4 + 2 * (2 * 2 * 2 * 8) + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 2 * 43 * 2 + 3 * 2 * 43 * 8 * 4
     assert lay.bytes_per_step() == want
+
+
+def test_float16_qkv_round_trip_and_overflow_refused(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    with _create(tmp_path / "h.h5", _layout(qkv_dtype="float16")) as writer:
+        lay = writer.layout
+        writer.begin_step(0)
+        qkv = [torch.randn(2, lay.num_tokens, 8, generator=gen) for _ in range(3)]
+        writer.write_qkv(7, "cond", *qkv)
+        too_big = qkv[2] * 1e5
+        with pytest.raises(ValueError, match=r"v of layer 7 exceeds the float16 range .* --qkv-dtype float32"):
+            writer.write_qkv(7, "cond", qkv[0], qkv[1], too_big)
+        writer.end_step()
+    with CaptureReader(tmp_path / "h.h5") as reader:
+        q, k, v = reader.qkv(0, 7)
+        for got, want in zip((q, k, v), qkv):
+            assert got.dtype == torch.float16
+            torch.testing.assert_close(got[0].float(), want.half().float(), rtol=0, atol=0)
