@@ -1,0 +1,10 @@
+"""Dashboard pages (Dash Pages). Each module defines NAME, PATH, PREFIX (the prefix of its
+component ids), ``layout(**query)`` and ``register(app)``, which registers the page and
+its callbacks on one app (callbacks are bound per app, never global)."""
+
+from dfsviz.app.pages import drift, live, masks, overview, recall, theory
+
+#: Page modules in navigation order.
+PAGE_MODULES = (overview, masks, recall, theory, drift, live)
+
+__all__ = ["PAGE_MODULES"]

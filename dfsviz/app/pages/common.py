@@ -1,0 +1,382 @@
+"""What every page shares: query-string parsing, the capture picker and its banners, figure
+cards with CSV download, the error guard of callbacks and the URL sync.
+
+Deep links: a page's ``layout(**query)`` reads its selection from the query string (Dash
+Pages passes the parameters), so ``/masks?file=runs/a.h5&step=12&layer=3`` rebuilds that
+view. While the user changes controls, a clientside callback rewrites the query string
+with ``history.replaceState`` (no navigation, no re-render) so the address bar always
+holds a link to the current view. Changing the capture navigates (the controls' choices
+depend on the file).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import functools
+import io
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from dash import MATCH, Input, Output, State, ctx, dcc, html, no_update
+
+from dfsviz.app.data import CaptureError, get_catalog
+
+logger = logging.getLogger(__name__)
+
+#: Budgets offered in the budget pickers (kept fraction gamma); a deep link may add others.
+BUDGETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+PAGES_LOCATION = "_pages_location"
+PAGES_CONTENT = "_pages_content"
+
+
+# --------------------------------------------------------------------------- query strings
+class Query:
+    """Typed access to a page's query parameters; invalid values fall back and leave a note."""
+
+    def __init__(self, params: dict) -> None:
+        self.params = {k: v for k, v in params.items() if isinstance(v, str)}
+        self.notes: list[str] = []
+
+    def _bad(self, key: str, value: str, allowed: str) -> None:
+        self.notes.append(f"ignored {key}={value!r} from the link: {allowed}")
+
+    def choice(self, key: str, allowed: Sequence, default):
+        """One of ``allowed`` (ints are parsed when ``allowed`` holds ints)."""
+        raw = self.params.get(key)
+        if raw is None or raw == "":
+            return default
+        for value in allowed:
+            if str(value) == raw:
+                return value
+        self._bad(key, raw, f"must be one of {list(allowed)[:12]}")
+        return default
+
+    def many(self, key: str, allowed: Sequence, default: Sequence) -> list:
+        """A comma-separated subset of ``allowed`` (order of ``allowed``)."""
+        raw = self.params.get(key)
+        if raw is None:
+            return list(default)
+        wanted = [p for p in raw.split(",") if p]
+        picked = [v for v in allowed if str(v) in wanted]
+        unknown = [p for p in wanted if p not in {str(v) for v in allowed}]
+        if unknown:
+            self._bad(key, ",".join(unknown), f"must be among {list(allowed)}")
+        return picked or list(default)
+
+    def number(self, key: str, low: float, high: float, default: float) -> float:
+        """A float in [low, high]."""
+        raw = self.params.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            self._bad(key, raw, f"must be a number in [{low:g}, {high:g}]")
+            return default
+        return value
+
+    def integer(self, key: str, low: int, high: int, default: int | None) -> int | None:
+        """An int in [low, high]."""
+        raw = self.params.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self._bad(key, raw, "must be an integer")
+            return default
+        if not low <= value <= high:
+            self._bad(key, raw, f"must be an integer in [{low}, {high}]")
+            return default
+        return value
+
+
+# --------------------------------------------------------------------------- components
+def banner(messages: Sequence[str], kind: str = "error", id: str | None = None) -> html.Div:
+    """A banner of one or more messages ("error", "warning" or "info"); empty when no message."""
+    kids = [html.Div(m) for m in messages if m]
+    props = {"id": id} if id else {}
+    if not kids:
+        return html.Div([], **props)
+    return html.Div(kids, className=f"dfs-banner dfs-banner-{kind}", role="alert", **props)
+
+
+def control(label: str, component, cls: str = "dfs-control") -> html.Div:
+    return html.Div([html.Label(label), component], className=cls)
+
+
+def dropdown(id: str, options: Sequence, value, *, multi: bool = False, fmt: Callable | None = None) -> dcc.Dropdown:
+    fmt = fmt or str
+    return dcc.Dropdown(id=id, options=[{"label": fmt(o), "value": o} for o in options], value=value,
+                        clearable=False, multi=multi, searchable=False)
+
+
+def budget_options(value: float) -> list[float]:
+    return sorted(set(BUDGETS) | {float(value)})
+
+
+def figure_card(name: str, height: int = 440, figure=None) -> html.Div:
+    """A graph with a CSV download of the plotted numbers; PNG comes from the mode bar."""
+    graph = dcc.Graph(
+        id={"type": "fig", "name": name},
+        figure=figure if figure is not None else empty_figure(""),
+        style={"height": f"{height}px"},
+        config={"displaylogo": False, "modeBarButtonsToRemove": ["sendDataToCloud"], "toImageButtonOptions": {"format": "png", "filename": f"dfsviz_{name}", "scale": 2}},
+    )
+    bar = html.Div([html.Button("CSV", id={"type": "csv", "name": name}, className="dfs-button",
+                                title="download the numbers of this figure as CSV"),
+                    dcc.Download(id={"type": "csv-dl", "name": name})], className="dfs-card-bar")
+    return html.Div([bar, graph], className="dfs-card", id=f"{name}-card")
+
+
+def fig_output(name: str) -> Output:
+    return Output({"type": "fig", "name": name}, "figure")
+
+
+def empty_figure(message: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.update_layout(template="plotly_white", xaxis={"visible": False}, yaxis={"visible": False},
+                      annotations=[{"text": message, "showarrow": False, "font": {"size": 14}}] if message else [])
+    return fig
+
+
+def table(rows: Sequence[Sequence], header: Sequence[str] | None = None, id: str | None = None) -> html.Table:
+    head = [html.Tr([html.Th(h) for h in header])] if header else []
+    body = [html.Tr([html.Td(_fmt(c)) for c in row]) for row in rows]
+    props = {"id": id} if id else {}
+    return html.Table(head + body, className="dfs-table", **props)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- capture picker
+class PageContext:
+    """The capture a page shows, its reader, the parsed query and the banners to show."""
+
+    def __init__(self, prefix: str, params: dict) -> None:
+        self.prefix = prefix
+        self.query = Query(params)
+        self.catalog = get_catalog()
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.entries = self.catalog.entries()
+        requested = self.query.params.get("file")
+        self.cid: str | None = None
+        if requested:
+            try:
+                entry = self.catalog.entry(requested)
+                if entry.usable:
+                    self.cid = entry.id
+                    if entry.message:
+                        self.warnings.append(entry.message)
+                else:
+                    self.errors.append(entry.message)
+            except CaptureError as exc:
+                self.errors.append(str(exc))
+        if self.cid is None:
+            self.cid = self.catalog.default_id()
+            if self.cid is not None:
+                if requested:
+                    self.errors[-1] += f"; showing {self.cid} instead"
+                entry = self.catalog.entry(self.cid)
+                if entry.message:
+                    self.warnings.append(entry.message)
+        self.reader = self.catalog.reader(self.cid) if self.cid else None
+
+    def header(self) -> html.Div:
+        options = [{"label": e.label, "value": e.id, "disabled": not e.usable} for e in self.entries]
+        picker = dcc.Dropdown(id=f"{self.prefix}-file", options=options, value=self.cid, clearable=False)
+        missing = [] if self.cid else [
+            "no usable capture under the roots " + ", ".join(str(p) for p in self.catalog.roots.values())
+            + "; make one with `dfsviz capture`"]
+        return html.Div([
+            dcc.Store(id=f"{self.prefix}-rendered", data=self.cid),
+            control("capture", picker, "dfs-control dfs-file"),
+            banner(self.errors + missing, "error", id=f"{self.prefix}-file-banner"),
+            banner(self.warnings + self.query.notes, "warning", id=f"{self.prefix}-link-banner"),
+        ])
+
+
+def register_file_navigation(app, prefix: str) -> None:
+    """Choosing another capture reloads the page for it (the controls' choices depend on it)."""
+
+    @app.callback(Output(PAGES_LOCATION, "search", allow_duplicate=True), Input(f"{prefix}-file", "value"),
+                  State(f"{prefix}-rendered", "data"), prevent_initial_call=True)
+    def _navigate(cid, rendered):
+        # the dropdown may report its value on mount: navigate only to another file
+        if not cid or cid == rendered:
+            return no_update
+        return "?" + _encode({"file": cid})
+
+
+def _encode(params: dict) -> str:
+    from urllib.parse import urlencode
+
+    return urlencode({k: v for k, v in params.items() if v is not None and v != ""}, safe="/,")
+
+
+def register_url_sync(app, prefix: str, keys: Sequence[tuple[str, str, str]]) -> None:
+    """Keep the query string equal to the controls: ``keys`` = (query key, component id, prop).
+
+    Runs in the browser and uses ``history.replaceState``: the address bar changes, the page
+    does not navigate or re-render.
+    """
+    names = [k for k, _, _ in keys]
+    app.clientside_callback(
+        """
+        function() {
+            const names = %s;
+            const params = new URLSearchParams();
+            for (let i = 0; i < names.length; i++) {
+                let v = arguments[i];
+                if (v === null || v === undefined || v === '' || (Array.isArray(v) && v.length === 0)) continue;
+                params.set(names[i], Array.isArray(v) ? v.join(',') : String(v));
+            }
+            const search = '?' + params.toString().replace(/%%2F/g, '/').replace(/%%2C/g, ',');
+            if (window.location.search !== search) {
+                window.history.replaceState(window.history.state, '', window.location.pathname + search);
+            }
+            return search;
+        }
+        """ % repr(names).replace("'", '"'),
+        Output(f"{prefix}-url", "data"),
+        [Input(cid, prop) for _, cid, prop in keys],
+    )
+
+
+# --------------------------------------------------------------------------- errors
+def guarded(outputs: int, banner_at: int, figures: Sequence[int] = ()):
+    """Wrap a callback so that no exception reaches the browser.
+
+    A library error (ValueError/TypeError/CaptureError: messages written for users) or any
+    other failure (logged with its traceback on the server) becomes an error banner at
+    position ``banner_at`` and empty figures at the ``figures`` positions.
+    """
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (CaptureError, ValueError, TypeError) as exc:
+                message = str(exc)
+                logger.info("callback %s: %s", fn.__name__, message)
+            except Exception as exc:  # noqa: BLE001 - the browser gets a banner, the log the traceback
+                logger.exception("callback %s failed", fn.__name__)
+                message = f"internal error ({type(exc).__name__}: {exc}); the server log has the details"
+            out = [no_update] * outputs
+            for i in figures:
+                out[i] = empty_figure("no data: see the message above")
+            out[banner_at] = banner([message], "error")
+            return out if outputs > 1 else out[0]
+
+        return wrapper
+
+    return deco
+
+
+def guarded_layout(title: str):
+    """Wrap a page's ``layout(**query)`` so that a failure renders a banner, not a server error."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(**query):
+            try:
+                return fn(**query)
+            except (CaptureError, ValueError, TypeError) as exc:
+                message = str(exc)
+            except Exception as exc:  # noqa: BLE001 - the browser gets a banner, the log the traceback
+                logger.exception("layout of %s failed", title)
+                message = f"internal error ({type(exc).__name__}: {exc}); the server log has the details"
+            return html.Div([html.H2(title), banner([message], "error")])
+
+        return wrapper
+
+    return deco
+
+
+# --------------------------------------------------------------------------- CSV of a figure
+def _decode(value):
+    """Plotly's JSON arrays may be typed-array dicts {"dtype", "bdata", "shape"}: decode them."""
+    if isinstance(value, dict) and "bdata" in value:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        if shape:
+            arr = arr.reshape([int(s) for s in str(shape).split(",")] if isinstance(shape, str) else shape)
+        return arr.tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def figure_csv(figure: dict) -> str:
+    """Long-form CSV of the data traces of a figure: trace, x, y, z (outline traces skipped).
+
+    Heatmaps give one row per cell; line, scatter and bar traces one row per point;
+    box/violin/histogram traces one row per sample.
+    """
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["figure", (figure or {}).get("layout", {}).get("title", {}).get("text", "")
+                     if isinstance((figure or {}).get("layout", {}).get("title"), dict) else ""])
+    writer.writerow(["trace", "x", "y", "z"])
+    for trace in (figure or {}).get("data", []):
+        if trace.get("hoverinfo") == "skip":
+            continue  # outlines and bands: drawn from the data rows, not data themselves
+        name = trace.get("name", trace.get("type", ""))
+        x, y, z = (_decode(trace.get(k)) for k in ("x", "y", "z"))
+        if z is not None:
+            rows = z if isinstance(z, list) else []
+            for i, row in enumerate(rows):
+                for j, value in enumerate(row if isinstance(row, list) else [row]):
+                    xi = x[j] if isinstance(x, list) and j < len(x) else j
+                    yi = y[i] if isinstance(y, list) and i < len(y) else i
+                    writer.writerow([name, xi, yi, value])
+            continue
+        xs = x if isinstance(x, list) else None
+        ys = y if isinstance(y, list) else None
+        n = max(len(xs or []), len(ys or []))
+        for i in range(n):
+            xi = xs[i] if xs is not None and i < len(xs) else ""
+            yi = ys[i] if ys is not None and i < len(ys) else ""
+            if xi is None and yi is None:
+                continue
+            writer.writerow([name, xi, yi, ""])
+    return out.getvalue()
+
+
+def register_shell_callbacks(app, modules: Sequence) -> None:
+    """CSV downloads of every figure card, and navigation links that keep the chosen capture."""
+
+    @app.callback(Output({"type": "csv-dl", "name": MATCH}, "data"), Input({"type": "csv", "name": MATCH}, "n_clicks"),
+                  State({"type": "fig", "name": MATCH}, "figure"), prevent_initial_call=True)
+    def _download_csv(clicks, figure):
+        if not clicks:
+            return no_update
+        name = ctx.triggered_id["name"] if isinstance(ctx.triggered_id, dict) else "figure"
+        return dcc.send_string(figure_csv(figure), filename=f"dfsviz_{name}.csv")
+
+    paths = [m.PATH for m in modules]
+    app.clientside_callback(
+        """
+        function() {
+            const paths = %s;
+            const file = new URLSearchParams(window.location.search).get('file');
+            const q = file ? '?file=' + encodeURIComponent(file).replace(/%%2F/g, '/') : '';
+            return paths.map(p => p + q);
+        }
+        """ % repr(paths).replace("'", '"'),
+        [Output(f"nav-{m.PREFIX}", "href") for m in modules],
+        Input(PAGES_CONTENT, "children"),
+    )

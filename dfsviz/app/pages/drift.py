@@ -1,0 +1,89 @@
+"""Drift: how well a mask chosen at step s still serves step t (DFSAttn reuses masks between
+refreshes). Recall R(S^(s); m^(t)) and the Jaccard index of S^(s) and S^(t), as s x t
+matrices for one layer, order, scoring method and budget, plus their means per lag t - s."""
+
+from __future__ import annotations
+
+import dash
+from dash import Input, Output, dcc, html
+
+from dfsviz.app.data import get_catalog
+from dfsviz.app.pages import common
+
+NAME, PATH, PREFIX = "Drift", "/drift", "dr"
+
+
+@common.guarded_layout("Drift")
+def layout(**query):
+    page = common.PageContext(PREFIX, query)
+    if page.reader is None:
+        return html.Div([html.H2("Drift"), page.header()])
+    r, q = page.reader, page.query
+    methods = list(r.methods) + ([] if "oracle" in r.methods else ["oracle"])
+    layer = q.choice("layer", r.layers, r.layers[len(r.layers) // 2])
+    order = q.choice("order", r.orders, "hilbert3d" if "hilbert3d" in r.orders else r.orders[0])
+    method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
+    budget = q.number("budget", 1e-3, 1.0, 0.2)
+    head = q.choice("head", ["all", *r.heads], "all")
+    controls = html.Div([
+        common.control("layer", common.dropdown(f"{PREFIX}-layer", r.layers, layer)),
+        common.control("head", common.dropdown(f"{PREFIX}-head", ["all", *r.heads], head)),
+        common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order)),
+        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method)),
+        common.control("budget γ", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget)),
+    ], className="dfs-controls")
+    return html.Div([
+        html.H2("Mask drift across steps"),
+        page.header(),
+        controls,
+        dcc.Store(id=f"{PREFIX}-url"),
+        html.Div(id=f"{PREFIX}-banner"),
+        html.Div([common.figure_card(f"{PREFIX}-recall", 480), common.figure_card(f"{PREFIX}-jaccard", 480)],
+                 className="dfs-row"),
+        html.H4("by lag t − s (mean over step pairs)"),
+        html.Div(id=f"{PREFIX}-lags"),
+    ])
+
+
+def drift_matrix(cid: str, layer: int, order: str, method: str, budget: float, head):
+    """DriftMatrix over the captured steps of one layer (top-k masks of ``method`` at ``budget``)."""
+    from dfsviz.analysis.drift import mask_drift
+    from dfsviz.sparse.select import select_topk
+
+    cat = get_catalog()
+    r = cat.reader(cid)
+    h = None if head == "all" else int(head)
+    steps = r.steps
+    masses = [cat.mass(cid, s, layer, order, h) for s in steps]
+    masks = [select_topk(cat.scores(cid, s, layer, order, method, h), budget, seq_len=r.grid.num_tokens, block=r.block)
+             for s in steps]
+    label = f"layer {layer} · {order} · {method} · γ = {budget:g} · head {head}"
+    return mask_drift(masses, masks, steps, label=label)
+
+
+def register(app) -> None:
+    dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=4)
+    common.register_file_navigation(app, PREFIX)
+    ids = ("file", "layer", "head", "order", "method", "budget")
+
+    @app.callback(common.fig_output(f"{PREFIX}-recall"), common.fig_output(f"{PREFIX}-jaccard"),
+                  Output(f"{PREFIX}-lags", "children"), Output(f"{PREFIX}-banner", "children"),
+                  *[Input(f"{PREFIX}-{c}", "value") for c in ids])
+    @common.guarded(4, 3, figures=(0, 1))
+    def _drift(cid, layer, head, order, method, budget):
+        from dfsviz.figures import drift_heatmap
+
+        dm = drift_matrix(cid, int(layer), order, method, float(budget), head)
+        figs = [drift_heatmap(dm.steps, dm.mean_recall(), quantity="recall", title=f"Recall of the reused mask · {dm.label}"),
+                drift_heatmap(dm.steps, dm.mean_jaccard(), quantity="jaccard", title=f"Jaccard with the fresh mask · {dm.label}")]
+        lags = sorted({t - s for s in dm.steps for t in dm.steps if t >= s})
+        rows = []
+        for lag in lags:
+            stat = dm.at_lag(lag)
+            rows.append((lag, len(stat["pairs"]), stat["recall"], stat["fresh_recall"], stat["relative_recall"],
+                         stat["jaccard"]))
+        tab = common.table(rows, ["lag (steps)", "pairs", "recall, reused", "recall, fresh", "reused / fresh", "Jaccard"],
+                           id=f"{PREFIX}-lag-table")
+        return figs[0], figs[1], tab, []
+
+    common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])

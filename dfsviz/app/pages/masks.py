@@ -1,0 +1,307 @@
+"""Masks: one step/layer/head/method/budget in raster and Hilbert order side by side.
+
+Left and right: log10 block mass m with the top-k mask of the chosen scoring method
+outlined, recall R(S) and density rho(S) in the titles. Clicking a query block shows,
+for both orders, its attention footprint in video space (one heatmap per latent frame)
+with the kept key blocks' tokens outlined: the other order shows the block whose tokens
+lie closest (centroid in (frame, row, column)) to the clicked one, so both panels look at
+the same spot of the video. With stored Q/K (``--save-qkv``) any block is computed
+exactly; otherwise the nearest sampled footprint of the capture is shown.
+"""
+
+from __future__ import annotations
+
+import dash
+import numpy as np
+import torch
+from dash import Input, Output, State, dcc, html, no_update
+
+from dfsviz.app.data import CaptureError, exact_footprint, get_catalog
+from dfsviz.app.pages import common
+
+NAME, PATH, PREFIX = "Masks", "/masks", "mk"
+_SIDES = ("left", "right")
+
+
+def order_pair(orders: list[str]) -> tuple[str, str]:
+    """The two orders compared: raster and hilbert3d when captured, else the first two."""
+    if "raster" in orders and "hilbert3d" in orders:
+        return "raster", "hilbert3d"
+    if len(orders) >= 2:
+        return orders[0], orders[1]
+    return orders[0], orders[0]
+
+
+def method_choices(reader) -> list[str]:
+    """Stored scoring methods, plus "oracle" (exact block mass) which every capture can rank by."""
+    return list(reader.methods) + ([] if "oracle" in reader.methods else ["oracle"])
+
+
+@common.guarded_layout("Masks")
+def layout(**query):
+    page = common.PageContext(PREFIX, query)
+    if page.reader is None:
+        return html.Div([html.H2("Masks"), page.header()])
+    r, q = page.reader, page.query
+    methods = method_choices(r)
+    step = q.choice("step", r.steps, r.steps[-1])
+    layer = q.choice("layer", r.layers, r.layers[len(r.layers) // 2])
+    head = q.choice("head", r.heads, r.heads[0])
+    method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
+    budget = q.number("budget", 1e-3, 1.0, 0.2)
+    left, right = order_pair(r.orders)
+    qorder = q.choice("qorder", [left, right], None)
+    qb = q.integer("qb", 0, r.layout.num_blocks - 1, None)
+    controls = html.Div([
+        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step)),
+        common.control("layer", common.dropdown(f"{PREFIX}-layer", r.layers, layer)),
+        common.control("head", common.dropdown(f"{PREFIX}-head", r.heads, head)),
+        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method)),
+        common.control("budget γ (kept fraction)", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget)),
+    ], className="dfs-controls")
+    return html.Div([
+        html.H2("Masks: raster vs Hilbert"),
+        page.header(),
+        controls,
+        dcc.Store(id=f"{PREFIX}-orders", data=[left, right]),
+        dcc.Store(id=f"{PREFIX}-qorder", data=qorder),
+        dcc.Store(id=f"{PREFIX}-qb", data=qb),
+        dcc.Store(id=f"{PREFIX}-url"),
+        html.Div(id=f"{PREFIX}-banner"),
+        html.Div([common.figure_card(f"{PREFIX}-{side}", 520) for side in _SIDES], className="dfs-row"),
+        html.P("Click a query block (a row) in either map to see where its attention lands in the video.",
+               className="dfs-note"),
+        html.Div(id=f"{PREFIX}-fp-banner"),
+        html.Div(id=f"{PREFIX}-fp-note", className="dfs-note"),
+        html.Div([common.figure_card(f"{PREFIX}-fp-{side}", 400) for side in _SIDES], className="dfs-row"),
+    ])
+
+
+# --------------------------------------------------------------------------- computations
+def mask_view(cid: str, step: int, layer: int, head: int, order: str, method: str, budget: float) -> dict:
+    """Block mass, top-k mask, recall and density of one head in one order.
+
+    Returns {"m": float32 [Mq, Mk], "kept": bool [Mq, Mk], "recall": float, "density": float,
+    "row_recall": float64 [Mq]}.
+    """
+    from dfsviz.sparse.select import select_topk
+    from dfsviz.sparse.stats import block_recall, block_recall_per_query
+
+    cat = get_catalog()
+    reader = cat.reader(cid)
+    m = cat.mass(cid, step, layer, order, head)
+    scores = cat.scores(cid, step, layer, order, method, head)
+    mask = select_topk(scores, budget, seq_len=reader.grid.num_tokens, block=reader.block)
+    return {
+        "m": m[0, 0],
+        "kept": mask.to_dense()[0, 0],
+        "recall": float(block_recall(m, mask)[0, 0]),
+        "density": float(mask.density()[0, 0]),
+        "row_recall": block_recall_per_query(m, mask)[0, 0],
+    }
+
+
+#: Largest key-block count drawn with outlined kept blocks; above it the kept blocks are
+#: shaded: at 256 blocks a cell is 1-2 px, an outline per kept cell is invisible, and its
+#: ~100k line vertices would triple the response (about 2.5 MB per map).
+OUTLINE_MAX_BLOCKS = 64
+
+
+def _base_figure(cid: str, step: int, layer: int, head: int, order: str) -> dict:
+    """The block-mass heatmap of ``figures.mask_heatmap`` as a plotly dict (memoised per view:
+    changes of method or budget reuse it). z is sent as float32."""
+    from dfsviz.figures import mask_heatmap
+
+    def build(_reader):
+        m = get_catalog().mass(cid, step, layer, order, head)[0, 0]
+        fig = mask_heatmap(m, None, title="")
+        fig.data[0].z = np.asarray(fig.data[0].z, dtype=np.float32)
+        return fig.to_dict()
+
+    return get_catalog().cached(cid, ("mask_figure", step, layer, order, head), build)
+
+
+def mask_figure(base: dict, view: dict, order: str, method: str, budget: float) -> dict:
+    """The heatmap ``base`` with the kept blocks of ``view["kept"]`` drawn on top and the
+    recall and density in the title.
+
+    Up to ``OUTLINE_MAX_BLOCKS`` key blocks the kept blocks are outlined (the segments of
+    ``figures.outline_segments``, sent as float32 arrays); above, they are shaded white.
+    """
+    import plotly.graph_objects as go
+
+    from dfsviz.figures import outline_segments
+
+    kept = view["kept"].numpy()
+    if kept.shape[1] <= OUTLINE_MAX_BLOCKS:
+        xs, ys = outline_segments(kept)
+        top = go.Scatter(x=np.asarray(xs, dtype=np.float32), y=np.asarray(ys, dtype=np.float32), mode="lines",
+                         line={"color": "#FFFFFF", "width": 1}, name="kept blocks", hoverinfo="skip", showlegend=False)
+    else:
+        top = go.Heatmap(z=kept.astype(np.uint8), zmin=0, zmax=1, showscale=False, name="kept blocks", hoverinfo="skip",
+                         colorscale=[[0.0, "rgba(0,0,0,0)"], [1.0, "rgba(255,255,255,0.6)"]])
+    title = (f"{order} · {method} · γ = {budget:g}<br>recall R = {view['recall']:.3f} · density ρ = {view['density']:.3f}"
+             f" · kept {kept.mean():.1%} of blocks")
+    from _plotly_utils.utils import convert_to_base64  # what Figure.to_dict uses: arrays as base64
+
+    top = top.to_plotly_json()
+    convert_to_base64(top)
+    layout = {**base["layout"], "title": {**base["layout"].get("title", {}), "text": title}}
+    return {"data": [base["data"][0], top], "layout": layout}
+
+
+def _block_tokens(perm: torch.Tensor, u: int, block: int) -> torch.Tensor:
+    """Original token indices of query block u of an order (int64 [<= block])."""
+    return perm[u * block: (u + 1) * block]
+
+
+def _centroid(tokens: torch.Tensor, coords: torch.Tensor, video_start: int, num_video: int) -> np.ndarray:
+    """Mean (frame, row, column) of the block's video tokens (NaN when it holds only text)."""
+    vid = tokens - video_start
+    vid = vid[(vid >= 0) & (vid < num_video)]
+    if vid.numel() == 0:
+        return np.full(3, np.nan)
+    return coords[vid].double().mean(dim=0).numpy()
+
+
+def footprint_views(cid: str, step: int, layer: int, head: int, method: str, budget: float,
+                    orders: list[str], qorder: str | None, qb: int | None) -> tuple[list[dict], list[str]]:
+    """The footprint shown for each order and notes on how the blocks were picked.
+
+    Returns one dict per order: {"order", "block", "attention" float32 [N], "kept" bool [N],
+    "query" bool [N], "row_recall" float, "exact" bool}.
+    """
+    from dfsviz.sparse.select import select_topk
+
+    cat = get_catalog()
+    reader = cat.reader(cid)
+    grid, block, n = reader.grid, reader.block, reader.grid.num_tokens
+    exact = layer in reader.layout.qkv_layers
+    if not exact and not reader.layout.footprints:
+        raise CaptureError("this capture has neither footprints nor Q/K of this layer: capture with --footprints or --save-qkv")
+    coords = cat.coords(cid)
+    notes: list[str] = []
+    candidates: dict[str, list[int]] = {}
+    stored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for order in orders:
+        if exact:
+            candidates[order] = list(range(reader.layout.num_blocks))
+        else:
+            stored[order] = cat.footprints(cid, step, layer, order, head)
+            candidates[order] = stored[order][0].tolist()
+    if qorder not in orders or qb is None:
+        qorder, qb = orders[0], candidates[orders[0]][0]
+    anchor = _centroid(_block_tokens(cat.perm(cid, qorder), qb, block), coords, grid.video_start, grid.num_video)
+    views = []
+    for order in orders:
+        perm = cat.perm(cid, order)
+        if order == qorder and qb in candidates[order]:
+            u = qb
+        else:
+            dist = [np.nansum((_centroid(_block_tokens(perm, c, block), coords, grid.video_start, grid.num_video)
+                               - anchor) ** 2) for c in candidates[order]]
+            u = candidates[order][int(np.argmin(dist))]
+            if order == qorder:
+                notes.append(f"{order}: block {qb} has no stored footprint; showing the nearest sampled block {u}.")
+        if exact:
+            att = exact_footprint(cat, cid, step, layer, order, head, u)
+        else:
+            blocks, rows = stored[order]
+            att = rows[blocks.tolist().index(u)]
+        scores = cat.scores(cid, step, layer, order, method, head)
+        mask = select_topk(scores, budget, seq_len=n, block=block)
+        kept_blocks = torch.nonzero(mask.to_dense()[0, 0, u]).flatten()
+        kept = torch.zeros(n, dtype=torch.bool)
+        for v in kept_blocks.tolist():
+            kept[_block_tokens(perm, v, block)] = True
+        query = torch.zeros(n, dtype=torch.bool)
+        query[_block_tokens(perm, u, block)] = True
+        m = cat.mass(cid, step, layer, order, head)[0, 0, u].double()
+        views.append({"order": order, "block": u, "attention": att, "kept": kept, "query": query,
+                      "row_recall": float(m[kept_blocks].sum()), "exact": exact})
+    source = "computed exactly from the stored Q/K" if exact else "the capture's sampled footprints"
+    notes.insert(0, f"Clicked: {qorder} query block {qb}; footprints: {source}.")
+    notes.append("Cyan: the query block's own tokens; white: tokens of its kept key blocks.")
+    return views, notes
+
+
+def footprint_figure(cid: str, step: int, layer: int, head: int, view: dict, grid) -> dict:
+    """``figures.footprint_frames`` of the query block (memoised per block: a change of method
+    or budget only redraws the kept-key outlines, added here per frame as float32 arrays)."""
+    import plotly.graph_objects as go
+    from _plotly_utils.utils import convert_to_base64
+
+    from dfsviz.figures import footprint_frames, outline_segments
+
+    def build(_reader):
+        fig = footprint_frames(view["attention"], grid, query_tokens=view["query"], cols=4,
+                               title=f"{view['order']} · query block {view['block']}")
+        return fig.to_dict()
+
+    base = get_catalog().cached(cid, ("footprint_figure", step, layer, view["order"], head, view["block"], view["exact"]),
+                                build)
+    kept = view["kept"][grid.video_slice].reshape(grid.frames, grid.height, grid.width).numpy()
+    outlines = []
+    for trace in base["data"]:
+        if trace.get("type") != "heatmap":
+            continue
+        frame = int(str(trace["name"]).split()[-1])
+        xs, ys = outline_segments(kept[frame])
+        line = go.Scatter(x=np.asarray(xs, dtype=np.float32), y=np.asarray(ys, dtype=np.float32), mode="lines",
+                          line={"color": "#FFFFFF", "width": 1.5}, name=f"kept keys, frame {frame}", hoverinfo="skip",
+                          showlegend=False, xaxis=trace.get("xaxis", "x"), yaxis=trace.get("yaxis", "y")).to_plotly_json()
+        convert_to_base64(line)
+        outlines.append(line)
+    title = dict(base["layout"].get("title", {}))
+    title["text"] = f"{title.get('text', '')} · its recall {view['row_recall']:.3f}"
+    return {"data": base["data"] + outlines, "layout": {**base["layout"], "title": title}}
+
+
+# --------------------------------------------------------------------------- callbacks
+def register(app) -> None:
+    dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=1)
+    common.register_file_navigation(app, PREFIX)
+    controls = [Input(f"{PREFIX}-{c}", "value") for c in ("file", "step", "layer", "head", "method", "budget")]
+
+    @app.callback(common.fig_output(f"{PREFIX}-left"), common.fig_output(f"{PREFIX}-right"),
+                  Output(f"{PREFIX}-banner", "children"), *controls, State(f"{PREFIX}-orders", "data"))
+    @common.guarded(3, 2, figures=(0, 1))
+    def _masks(cid, step, layer, head, method, budget, orders):
+        figs = []
+        for order in orders:
+            view = mask_view(cid, step, layer, head, order, method, float(budget))
+            base = _base_figure(cid, step, layer, head, order)
+            figs.append(mask_figure(base, view, order, method, float(budget)))
+        return figs[0], figs[1], []
+
+    @app.callback(Output(f"{PREFIX}-qorder", "data"), Output(f"{PREFIX}-qb", "data"),
+                  Input({"type": "fig", "name": f"{PREFIX}-left"}, "clickData"),
+                  Input({"type": "fig", "name": f"{PREFIX}-right"}, "clickData"),
+                  State(f"{PREFIX}-orders", "data"), prevent_initial_call=True)
+    def _click(left, right, orders):
+        trig = dash.ctx.triggered_id
+        data = left if isinstance(trig, dict) and trig.get("name") == f"{PREFIX}-left" else right
+        if not data or not data.get("points"):
+            return no_update, no_update
+        y = data["points"][0].get("y")
+        if not isinstance(y, (int, float)):
+            return no_update, no_update
+        order = orders[0] if isinstance(trig, dict) and trig.get("name") == f"{PREFIX}-left" else orders[1]
+        return order, int(round(y))
+
+    @app.callback(common.fig_output(f"{PREFIX}-fp-left"), common.fig_output(f"{PREFIX}-fp-right"),
+                  Output(f"{PREFIX}-fp-banner", "children"), Output(f"{PREFIX}-fp-note", "children"),
+                  *controls, Input(f"{PREFIX}-qorder", "data"), Input(f"{PREFIX}-qb", "data"),
+                  State(f"{PREFIX}-orders", "data"))
+    @common.guarded(4, 2, figures=(0, 1))
+    def _footprints(cid, step, layer, head, method, budget, qorder, qb, orders):
+        views, notes = footprint_views(cid, step, layer, head, method, float(budget), orders, qorder, qb)
+        grid = get_catalog().reader(cid).grid
+        figs = [footprint_figure(cid, step, layer, head, view, grid) for view in views]
+        return figs[0], figs[1], [], " ".join(notes)
+
+    common.register_url_sync(app, PREFIX, [
+        ("file", f"{PREFIX}-file", "value"), ("step", f"{PREFIX}-step", "value"), ("layer", f"{PREFIX}-layer", "value"),
+        ("head", f"{PREFIX}-head", "value"), ("method", f"{PREFIX}-method", "value"),
+        ("budget", f"{PREFIX}-budget", "value"), ("qorder", f"{PREFIX}-qorder", "data"), ("qb", f"{PREFIX}-qb", "data"),
+    ])

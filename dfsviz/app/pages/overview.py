@@ -1,0 +1,200 @@
+"""Overview: the captures under the roots, one capture's settings and completeness, the
+DFSAttn schedule replayed on it (budget, refreshes, recall and density per step), and the
+recall of every (layer, step) per scoring method at one budget."""
+
+from __future__ import annotations
+
+import dash
+import numpy as np
+from dash import Input, Output, dcc, html
+
+from dfsviz.app.data import get_catalog
+from dfsviz.app.pages import common
+
+NAME, PATH, PREFIX = "Overview", "/", "ov"
+_DECREMENTS = (0.0, 0.05, 0.1, 0.2)
+
+
+def default_schedule(reader) -> dict:
+    """The paper's schedule (12 of 50 steps dense, refresh every 12, gamma 0.3 - 0.1) scaled to the run's steps."""
+    steps = int(reader.attrs.get("num_steps") or (max(reader.planned_steps) + 1))
+    warm = int(round(steps * 12 / 50))
+    return {"num_steps": steps, "skip": warm, "interval": max(1, warm), "gamma0": 0.3, "decrement": 0.1,
+            "dense_layers": (0,) if reader.attrs.get("adapter") == "wan" else ()}
+
+
+def _summary_rows(reader) -> list[tuple[str, str]]:
+    s = reader.summary()
+    keys = ("model_id", "model_class", "grid", "num_tokens", "block", "num_blocks", "orders", "methods", "layers",
+            "heads", "branches", "prompt", "seed", "scheduler", "dtype", "device", "footprints", "qkv_layers",
+            "dfsviz_version", "created_utc")
+    rows = [(k, s.get(k)) for k in keys if k in s]
+    rows.append(("file size", f"{s['file_bytes'] / 2**20:.1f} MiB"))
+    return rows
+
+
+def _completeness(reader) -> html.Div:
+    done = set(reader.steps)
+    marks = [html.Span(f"{s} {'✓' if s in done else '✗'}", style={"marginRight": "10px",
+                                                                   "color": "#15803d" if s in done else "#b91c1c"})
+             for s in reader.planned_steps]
+    problems = reader.validate()
+    state = "complete" if reader.complete else f"incomplete: {len(done)} of {len(reader.planned_steps)} steps written"
+    return html.Div([
+        html.Div([html.B("completeness: "), state], id=f"{PREFIX}-complete"),
+        html.Div([html.B("planned steps: ")] + marks),
+        common.banner([f"validation: {p}" for p in problems], "error") if problems else html.Div("validation: no problems",
+                                                                                                 className="dfs-note"),
+    ])
+
+
+@common.guarded_layout("Overview")
+def layout(**query):
+    page = common.PageContext(PREFIX, query)
+    files = common.table([(e.id, e.status, f"{e.size / 2**20:.1f} MiB", e.message) for e in page.entries],
+                         ["capture", "status", "size", "message"], id=f"{PREFIX}-files")
+    if page.reader is None:
+        return html.Div([html.H2("Overview"), page.header(), files])
+    r, q = page.reader, page.query
+    methods = list(r.methods)
+    sched = default_schedule(r)
+    n = sched["num_steps"]
+    order = q.choice("order", r.orders, "hilbert3d" if "hilbert3d" in r.orders else r.orders[0])
+    method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
+    budget = q.number("budget", 1e-3, 1.0, 0.2)
+    skip = q.integer("skip", 0, n, sched["skip"])
+    interval = q.integer("interval", 1, max(1, n), sched["interval"])
+    gamma0 = q.number("gamma0", 1e-3, 1.0, sched["gamma0"])
+    decrement = q.number("decrement", 0.0, 1.0, sched["decrement"])
+    controls = html.Div([
+        common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order)),
+        common.control("scoring method (schedule)", common.dropdown(f"{PREFIX}-method", methods, method)),
+        common.control("budget γ (heatmap)", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget)),
+        common.control("dense warm-up steps", common.dropdown(f"{PREFIX}-skip", list(range(n + 1)), skip)),
+        common.control("refresh interval", common.dropdown(f"{PREFIX}-interval", list(range(1, max(1, n) + 1)), interval)),
+        common.control("γ0", common.dropdown(f"{PREFIX}-gamma0", common.budget_options(gamma0), gamma0)),
+        common.control("γ decrement", common.dropdown(f"{PREFIX}-decrement", sorted(set(_DECREMENTS) | {decrement}), decrement)),
+    ], className="dfs-controls")
+    return html.Div([
+        html.H2("Overview"),
+        page.header(),
+        html.Details([html.Summary(f"captures under the roots ({len(page.entries)})"), files], open=True),
+        html.Div([html.Div([html.H4("run settings"), common.table(_summary_rows(r), id=f"{PREFIX}-settings")]),
+                  html.Div([html.H4("file"), _completeness(r)])], className="dfs-row"),
+        controls,
+        dcc.Store(id=f"{PREFIX}-url"),
+        html.Div(id=f"{PREFIX}-banner"),
+        html.Div(id=f"{PREFIX}-note", className="dfs-note"),
+        html.Div([common.figure_card(f"{PREFIX}-schedule", 420)], className="dfs-row"),
+        html.Div([common.figure_card(f"{PREFIX}-recall", 420)], className="dfs-row"),
+    ])
+
+
+# --------------------------------------------------------------------------- computations
+def schedule_series(cid: str, order: str, method: str, schedule) -> tuple[dict, list[str]]:
+    """Replay ``schedule`` on every captured layer; per-step means over layers and heads.
+
+    Returns ({"recall, cached mask": [S], "recall, refreshed every step": [S], "density, cached mask": [S]}
+    or {} when the capture lacks a refresh step, notes).
+    """
+    from dfsviz.analysis.drift import replay_schedule
+
+    cat = get_catalog()
+    r = cat.reader(cid)
+    steps = r.steps
+    series = {"recall, cached mask": [], "recall, refreshed every step": [], "density, cached mask": []}
+    for layer in r.layers:
+        masses = [cat.mass(cid, s, layer, order) for s in steps]
+        scores = [cat.scores(cid, s, layer, order, method) for s in steps]
+        try:
+            rep = replay_schedule(schedule, steps, masses, scores, layer=layer, seq_len=r.grid.num_tokens, block=r.block)
+        except ValueError as exc:
+            return {}, [f"Schedule replay skipped: {exc}; or pick a warm-up and interval whose refresh steps were captured."]
+        mean = rep.mean_series()
+        series["recall, cached mask"].append(mean["recall_cached"])
+        series["recall, refreshed every step"].append(mean["recall_fresh"])
+        series["density, cached mask"].append(mean["density_cached"])
+    return {k: np.mean(np.asarray(v), axis=0) for k, v in series.items()}, []
+
+
+def recall_grid(cid: str, order: str, budget: float) -> tuple[list[int], list[int], dict[str, np.ndarray]]:
+    """Recall of every method's top-k mask at ``budget``, mean over heads: method -> float64 [layers, steps]."""
+    from dfsviz.sparse.select import select_topk
+    from dfsviz.sparse.stats import block_recall
+
+    cat = get_catalog()
+    r = cat.reader(cid)
+    out = {}
+    for method in r.methods:
+        z = np.zeros((len(r.layers), len(r.steps)))
+        for i, layer in enumerate(r.layers):
+            for j, step in enumerate(r.steps):
+                m = cat.mass(cid, step, layer, order)
+                mask = select_topk(cat.scores(cid, step, layer, order, method), budget, seq_len=r.grid.num_tokens,
+                                   block=r.block)
+                z[i, j] = float(block_recall(m, mask).mean())
+        out[method] = z
+    return list(r.layers), list(r.steps), out
+
+
+def _recall_grid_figure(layers, steps, grids: dict, order: str, budget: float):
+    """One heatmap per method: recall per layer (rows) x step (columns). Page-specific builder."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(grids), subplot_titles=list(grids), horizontal_spacing=0.06)
+    for i, (method, z) in enumerate(grids.items()):
+        fig.add_trace(go.Heatmap(z=z, x=[str(s) for s in steps], y=[str(l) for l in layers], zmin=0, zmax=1,
+                                 coloraxis="coloraxis", name=method, text=np.round(z, 3), texttemplate="%{text}",
+                                 hovertemplate=f"{method}<br>step %{{x}}, layer %{{y}}<br>R = %{{z:.4f}}<extra></extra>"),
+                      row=1, col=i + 1)
+        fig.update_xaxes(title_text="step", type="category", row=1, col=i + 1)
+        fig.update_yaxes(type="category", autorange="reversed", row=1, col=i + 1,
+                         title_text="layer" if i == 0 else None)
+    fig.update_layout(title=f"Recall per layer × step · {order} · top-k at γ = {budget:g}", template="plotly_white",
+                      coloraxis={"colorscale": "Viridis", "cmin": 0, "cmax": 1, "colorbar": {"title": "recall R"}})
+    return fig
+
+
+# --------------------------------------------------------------------------- callbacks
+def register(app) -> None:
+    dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=0)
+    common.register_file_navigation(app, PREFIX)
+    ids = ("file", "order", "method", "budget", "skip", "interval", "gamma0", "decrement")
+
+    @app.callback(common.fig_output(f"{PREFIX}-schedule"), Output(f"{PREFIX}-note", "children"),
+                  Output(f"{PREFIX}-banner", "children"),
+                  *[Input(f"{PREFIX}-{c}", "value") for c in ("file", "order", "method", "skip", "interval", "gamma0",
+                                                             "decrement")])
+    @common.guarded(3, 2, figures=(0,))
+    def _schedule(cid, order, method, skip, interval, gamma0, decrement):
+        from dfsviz.figures import schedule_figure
+        from dfsviz.sparse.schedule import DFSSchedule
+
+        r = get_catalog().reader(cid)
+        base = default_schedule(r)
+        schedule = DFSSchedule(num_steps=base["num_steps"], skip_steps=int(skip), interval=int(interval),
+                               gamma0=float(gamma0), decrement=float(decrement), dense_layers=base["dense_layers"])
+        series, notes = schedule_series(cid, order, method, schedule)
+        steps = list(range(schedule.num_steps))
+        plans = [schedule.at_step(s) for s in steps]
+        captured = {s: i for i, s in enumerate(r.steps)}
+        full = {name: [float(v[captured[s]]) if s in captured else float("nan") for s in steps]
+                for name, v in series.items()}
+        fig = schedule_figure(steps, [None if p.dense else p.gamma for p in plans], [p.refresh for p in plans],
+                              series=full, title=f"DFSAttn schedule {schedule.name} · {method} · {order} "
+                                                 f"(lines: captured steps, mean over layers and heads)")
+        notes.append(f"Dense layers: {list(schedule.dense_layers) or 'none'}; captured steps: {r.steps}.")
+        return fig, " ".join(notes), []
+
+    @app.callback(common.fig_output(f"{PREFIX}-recall"), Output(f"{PREFIX}-banner", "children", allow_duplicate=True),
+                  *[Input(f"{PREFIX}-{c}", "value") for c in ("file", "order", "budget")], prevent_initial_call="initial_duplicate")
+    @common.guarded(2, 1, figures=(0,))
+    def _recall(cid, order, budget):
+        layers, steps, grids = recall_grid(cid, order, float(budget))
+        return _recall_grid_figure(layers, steps, grids, order, float(budget)), dash.no_update
+
+    common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])
+
+
+__all__ = ["NAME", "PATH", "PREFIX", "layout", "register", "recall_grid", "schedule_series", "default_schedule"]

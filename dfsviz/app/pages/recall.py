@@ -1,0 +1,99 @@
+"""Recall: recall against budget per scoring method and token order, with the oracle curve
+(the best any mask of that budget can do) on top, and the budget each curve needs to reach
+a chosen recall."""
+
+from __future__ import annotations
+
+import dash
+from dash import Input, Output, dcc, html
+
+from dfsviz.app.data import get_catalog
+from dfsviz.app.pages import common
+
+NAME, PATH, PREFIX = "Recall", "/recall", "rc"
+TARGETS = (0.5, 0.8, 0.9, 0.95, 0.99)
+ALL = "all"
+
+
+@common.guarded_layout("Recall")
+def layout(**query):
+    page = common.PageContext(PREFIX, query)
+    if page.reader is None:
+        return html.Div([html.H2("Recall"), page.header()])
+    r, q = page.reader, page.query
+    methods = list(r.methods)
+    step = q.choice("step", r.steps, r.steps[-1])
+    layer = q.choice("layer", [ALL, *r.layers], ALL)
+    head = q.choice("head", [ALL, *r.heads], ALL)
+    orders = q.many("orders", r.orders, r.orders)
+    chosen = q.many("methods", methods, methods)
+    target = q.number("target", 0.01, 1.0, 0.9)
+    controls = html.Div([
+        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step)),
+        common.control("layer", common.dropdown(f"{PREFIX}-layer", [ALL, *r.layers], layer)),
+        common.control("head", common.dropdown(f"{PREFIX}-head", [ALL, *r.heads], head)),
+        common.control("orders", common.dropdown(f"{PREFIX}-orders", r.orders, orders, multi=True), "dfs-control dfs-file"),
+        common.control("methods", common.dropdown(f"{PREFIX}-methods", methods, chosen, multi=True), "dfs-control dfs-file"),
+        common.control("target recall", common.dropdown(f"{PREFIX}-target", sorted(set(TARGETS) | {target}), target)),
+    ], className="dfs-controls")
+    return html.Div([
+        html.H2("Recall against budget"),
+        page.header(),
+        controls,
+        dcc.Store(id=f"{PREFIX}-url"),
+        html.Div(id=f"{PREFIX}-banner"),
+        html.Div([common.figure_card(f"{PREFIX}-curves", 520)], className="dfs-row"),
+        html.H4("budget needed for the target recall"),
+        html.Div(id=f"{PREFIX}-table"),
+    ])
+
+
+def curves(cid: str, step: int, layer, head, orders: list[str], methods: list[str]):
+    """Recall curves per (method, order) and the oracle per order (averaged over heads and,
+    for layer "all", over layers). Returns (curves dict label -> RecallCurve, oracle dict)."""
+    from dfsviz.analysis.curves import oracle_curve, recall_curve, stack_curves
+
+    cat = get_catalog()
+    r = cat.reader(cid)
+    layers = list(r.layers) if layer == ALL else [int(layer)]
+    h = None if head == ALL else int(head)
+    n, block = r.grid.num_tokens, r.block
+    out, oracle = {}, {}
+    for order in orders:
+        masses = [cat.mass(cid, step, lay, order, h) for lay in layers]
+        for method in methods:
+            label = f"{method} · {order}"
+            per_layer = [recall_curve(m, cat.scores(cid, step, lay, order, method, h), seq_len=n, block=block, label=label)
+                         for lay, m in zip(layers, masses)]
+            out[label] = stack_curves(per_layer) if len(per_layer) > 1 else per_layer[0]
+        per_layer = [oracle_curve(m, seq_len=n, block=block, label=f"oracle · {order}") for m in masses]
+        oracle[f"oracle · {order}"] = stack_curves(per_layer) if len(per_layer) > 1 else per_layer[0]
+    return out, oracle
+
+
+def register(app) -> None:
+    dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=2)
+    common.register_file_navigation(app, PREFIX)
+    ids = ("file", "step", "layer", "head", "orders", "methods", "target")
+
+    @app.callback(common.fig_output(f"{PREFIX}-curves"), Output(f"{PREFIX}-table", "children"),
+                  Output(f"{PREFIX}-banner", "children"), *[Input(f"{PREFIX}-{c}", "value") for c in ids])
+    @common.guarded(3, 2, figures=(0,))
+    def _curves(cid, step, layer, head, orders, methods, target):
+        from dfsviz.figures import recall_budget
+
+        if not orders or not methods:
+            raise ValueError("pick at least one order and one method")
+        found, oracle = curves(cid, step, layer, head, list(orders), list(methods))
+        where = f"step {step} · layer {layer} · head {head}"
+        fig = recall_budget(found, oracle, targets=(float(target),), title=f"Recall against budget · {where}")
+        rows = []
+        for label, c in {**found, **oracle}.items():
+            mean = c.mean()
+            need = float(mean.needed_budget(float(target)))
+            rows.append((label, need, float(mean.density_at(need)), float(mean.at(0.1)), float(mean.at(0.2))))
+        tab = common.table(rows, ["curve", f"budget γ for R ≥ {float(target):g}", "density ρ there", "R at γ = 0.1",
+                                  "R at γ = 0.2"], id=f"{PREFIX}-needed")
+        return fig, tab, []
+
+    common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])

@@ -1,0 +1,125 @@
+"""Theory: the recall bounds of theory.md checked on the capture, and the three factors per order.
+
+* Bound 2 (beta_u) against the measured recall of every query block, with y = x: every
+  point must lie on the recall side (a violation is a bug, counted in red).
+* Measured recall against the effective gap Delta - 2r - J, with Bound 3 in closed form.
+* Distributions per order of the gap Delta, the diversities r and J, and the intra-block
+  variance ratios W_q, W_k.
+"""
+
+from __future__ import annotations
+
+import dash
+from dash import Input, Output, dcc, html
+
+from dfsviz.app.data import block_stats_of, get_catalog
+from dfsviz.app.pages import common
+
+NAME, PATH, PREFIX = "Theory", "/theory", "th"
+ALL = "all"
+#: Points drawn per scatter (a fixed-seed subsample beyond this keeps the browser fast).
+MAX_POINTS = 20000
+_FACTORS = ("gap", "r_u", "J_u")  # factor-table columns: Delta_u, r_u, J_u
+
+
+@common.guarded_layout("Theory")
+def layout(**query):
+    from dfsviz.figures import DISTRIBUTION_KINDS
+
+    page = common.PageContext(PREFIX, query)
+    if page.reader is None:
+        return html.Div([html.H2("Theory"), page.header()])
+    r, q = page.reader, page.query
+    methods = list(r.methods) + ([] if "oracle" in r.methods else ["oracle"])
+    step = q.choice("step", r.steps, r.steps[-1])
+    layer = q.choice("layer", [ALL, *r.layers], r.layers[len(r.layers) // 2])
+    method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
+    budget = q.number("budget", 1e-3, 1.0, 0.2)
+    orders = q.many("orders", r.orders, r.orders)
+    kind = q.choice("kind", list(DISTRIBUTION_KINDS), "violin")
+    controls = html.Div([
+        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step)),
+        common.control("layer", common.dropdown(f"{PREFIX}-layer", [ALL, *r.layers], layer)),
+        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method)),
+        common.control("budget γ", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget)),
+        common.control("orders", common.dropdown(f"{PREFIX}-orders", r.orders, orders, multi=True), "dfs-control dfs-file"),
+        common.control("distribution plot", common.dropdown(f"{PREFIX}-kind", list(DISTRIBUTION_KINDS), kind)),
+    ], className="dfs-controls")
+    return html.Div([
+        html.H2("Theory: bounds and factors"),
+        page.header(),
+        controls,
+        dcc.Store(id=f"{PREFIX}-url"),
+        html.Div(id=f"{PREFIX}-banner"),
+        html.Div(id=f"{PREFIX}-summary", className="dfs-note"),
+        html.Div([common.figure_card(f"{PREFIX}-bound2", 460), common.figure_card(f"{PREFIX}-gap", 460)],
+                 className="dfs-row"),
+        html.Div([common.figure_card(f"{PREFIX}-dist-{name}", 360) for name in ("gap", "r_u", "J_u", "W")],
+                 className="dfs-row"),
+    ])
+
+
+def factor_tables(cid: str, step: int, layer, method: str, budget: float, orders: list[str]):
+    """(block table, head table): factor rows per query block and variance ratios per head."""
+    from dfsviz.analysis.factors import FactorTable, factor_rows, variance_rows
+    from dfsviz.sparse.select import select_topk, selector_key
+
+    cat = get_catalog()
+    r = cat.reader(cid)
+    layers = list(r.layers) if layer == ALL else [int(layer)]
+    selector = selector_key("topk", budget)
+    blocks, heads = [], []
+    for order in orders:
+        for lay in layers:
+            stats = block_stats_of(cat.stats(cid, step, lay, order))
+            mask = select_topk(cat.scores(cid, step, lay, order, method), budget, seq_len=r.grid.num_tokens, block=r.block)
+            blocks.append(factor_rows(stats, mask, order=order, method=method, selector=selector, step=step, layer=lay))
+            w_q, w_k = cat.variance_ratios(cid, step, lay, order)
+            heads.append(variance_rows(W_q=w_q, W_k=w_k, order=order, method=method, step=step, layer=lay))
+    return FactorTable.concat(blocks), FactorTable.concat(heads)
+
+
+def register(app) -> None:
+    dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=3)
+    common.register_file_navigation(app, PREFIX)
+    ids = ("file", "step", "layer", "method", "budget", "orders", "kind")
+    figs = [f"{PREFIX}-bound2", f"{PREFIX}-gap"] + [f"{PREFIX}-dist-{n}" for n in ("gap", "r_u", "J_u", "W")]
+
+    @app.callback(*[common.fig_output(f) for f in figs], Output(f"{PREFIX}-summary", "children"),
+                  Output(f"{PREFIX}-banner", "children"), *[Input(f"{PREFIX}-{c}", "value") for c in ids])
+    @common.guarded(len(figs) + 2, len(figs) + 1, figures=tuple(range(len(figs))))
+    def _theory(cid, step, layer, method, budget, orders, kind):
+        from dfsviz.figures import FACTOR_LABELS, bound_scatter, factor_distributions, recall_vs_gap
+
+        if not orders:
+            raise ValueError("pick at least one order")
+        table, heads = factor_tables(cid, step, layer, method, float(budget), list(orders))
+        check = table.violations()
+        shown = table.subsample(MAX_POINTS)
+        groups = shown.column("order")
+        where = f"step {step} · layer {layer} · {method} · γ = {float(budget):g}"
+        out = [
+            bound_scatter(shown.column("bound2"), shown.column("recall"), groups=groups, title=f"Bound 2 · {where}"),
+            recall_vs_gap(shown.column("effective_gap"), shown.column("recall"), shown.column("gamma"), groups=groups,
+                          title=f"Recall against the effective gap · {where}"),
+        ]
+        for column in _FACTORS:
+            values = {o: sub.column(column) for (o,), sub in table.groups("order").items()}
+            label = FACTOR_LABELS.get(column, column)
+            out.append(factor_distributions(values, factor=column, kind=kind, title=f"{label} per order · {where}"))
+        w_values = {}
+        for (o,), sub in heads.groups("order").items():
+            w_values[f"W_q · {o}"] = sub.column("W_q")
+            w_values[f"W_k · {o}"] = sub.column("W_k")
+        out.append(factor_distributions(w_values, factor="intra-block variance ratio W", kind=kind,
+                                        title=f"intra-block variance ratios W_q, W_k per order · step {step}"))
+        sampled = f" (scatter: {len(shown)} of {len(table)} query blocks)" if len(shown) < len(table) else ""
+        summary = (f"{check['rows']} query blocks{sampled}; Bound 2 violations: {check['bound2']}, Bound 3 violations: "
+                   f"{check['bound3']} (tolerance {check['atol']:g}); largest bound − recall: "
+                   f"{check['max_excess']:.3g}")
+        banner = common.banner([f"bound violated on {check['bound2'] + check['bound3']} rows: this is a bug"], "error") \
+            if check["bound2"] or check["bound3"] else []
+        return (*out, summary, banner)
+
+    common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])
+

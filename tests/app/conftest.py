@@ -1,0 +1,122 @@
+"""Fixtures of the dashboard tests: a small real capture (tiny random-weight Wan model run
+through ``dfsviz.capture.runner.run_capture``), damaged copies of it, and the app served
+over a capture root holding them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny Wan transformer (random weights): 2 heads of dim 32, 2 layers; latent 4x32x32 with
+# 1x2x2 patches gives a 4x16x16 token grid (N = 1024), 16 blocks of 64 tokens.
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+           text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+CAPTURE = dict(embeddings="random", num_steps=4, capture_steps=(0, 2, 3), latent="4x32x32", block=64, tile=16,
+               stride=8, footprints=3, save_qkv=(1,), device="cpu", methods=("meanpool", "dfs_tile", "antidiagonal"))
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "app"
+
+
+def make_capture(out: Path, model_dir: Path, **overrides) -> Path:
+    """Run a real capture of the tiny model into ``out`` and return the path."""
+    from dfsviz.capture.runner import CaptureConfig, run_capture
+
+    cfg = CaptureConfig(out=str(out), model=str(model_dir), **{**CAPTURE, **overrides})
+    run_capture(cfg, progress=False)
+    return out
+
+
+def save_tiny_wan(folder: Path) -> Path:
+    import diffusers
+
+    torch.manual_seed(7)
+    diffusers.WanTransformer3DModel(**WAN).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def capture_root(tmp_path_factory) -> Path:
+    """A root folder with: good.h5 (complete), partial.h5 (interrupted after 2 of 3 steps),
+    damaged.h5 (step 2's block mass overwritten with NaN), broken.h5 (not HDF5), and
+    escape.h5, a symlink to a capture outside the root."""
+    import h5py
+
+    base = tmp_path_factory.mktemp("app")
+    model = save_tiny_wan(base / "model")
+    root = base / "runs"
+    root.mkdir()
+    good = make_capture(root / "good.h5", model)
+    partial = root / "partial.h5"
+    shutil.copy(good, partial)
+    # what a run killed during step 3 leaves: the step's group without its completion marker
+    with h5py.File(partial, "r+") as f:
+        f.attrs["complete"] = False
+        f["steps"]["step_0003"].attrs["complete"] = False
+    damaged = root / "damaged.h5"
+    shutil.copy(good, damaged)
+    with h5py.File(damaged, "r+") as f:
+        f["steps"]["step_0002"]["m"][...] = float("nan")
+    (root / "broken.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4096))
+    outside = base / "secret"
+    outside.mkdir()
+    shutil.copy(good, outside / "secret.h5")
+    (root / "escape.h5").symlink_to(outside / "secret.h5")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def app_url(capture_root):
+    """The dashboard over ``capture_root``, served by a threaded werkzeug server on a free port."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from dfsviz.app import create_app
+
+    app = create_app(capture_root)
+    server = make_server("127.0.0.1", free_port(), app.server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=10)
+    app.server.config["DFSVIZ_CATALOG"].close()
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """pytest-playwright: Debian's Chromium (never a downloaded browser), no network chatter."""
+    return {**browser_type_launch_args, "executable_path": "/usr/bin/chromium",
+            "args": ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync"]}
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args):
+    return {**browser_context_args, "viewport": {"width": 1400, "height": 1000}, "accept_downloads": True}
+
+
+@pytest.fixture
+def console(page):
+    """Browser console errors and uncaught page errors seen during the test."""
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    return errors

@@ -1,0 +1,38 @@
+"""``dfsviz app`` through click's CliRunner (--dry-run: no server is started)."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+import dfsviz.cli.app  # noqa: F401  (registers the command on the group)
+from dfsviz.cli import main
+
+
+def test_dry_run_lists_captures_and_statuses(capture_root):
+    result = CliRunner().invoke(main, ["app", "--root", str(capture_root), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "captures: 4" in result.output
+    assert "runs/good.h5  [ok]" in result.output and "runs/partial.h5  [incomplete]" in result.output
+    assert "runs/broken.h5  [error]" in result.output and "escape.h5" not in result.output
+    assert "would serve http://127.0.0.1:8050/" in result.output
+    assert "warning" not in result.output
+
+
+def test_binding_another_interface_warns(capture_root):
+    result = CliRunner().invoke(main, ["app", "--root", str(capture_root), "--host", "0.0.0.0", "--port", "9000",
+                                       "--dry-run"])
+    assert result.exit_code == 0
+    assert "warning: binding 0.0.0.0 makes the dashboard and these captures reachable" in result.output
+    assert "would serve http://0.0.0.0:9000/" in result.output
+
+
+def test_bad_root_is_one_red_line(tmp_path):
+    result = CliRunner().invoke(main, ["app", "--root", str(tmp_path / "missing"), "--dry-run"])
+    assert result.exit_code == 2
+    assert "Error: capture root" in result.output and "is not a folder" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_shows_an_example():
+    result = CliRunner().invoke(main, ["app", "--help"])
+    assert result.exit_code == 0 and "dfsviz app --root runs/ --port 8060" in result.output

@@ -1,0 +1,166 @@
+"""The dashboard's data module: root confinement, listing, statuses, caching; query parsing
+and the CSV of a figure (no browser)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from dfsviz.app.data import CaptureCatalog, CaptureError, block_stats_of, exact_footprint
+from dfsviz.app.pages.common import Query, figure_csv
+
+
+@pytest.fixture(scope="module")
+def catalog(capture_root):
+    cat = CaptureCatalog([capture_root])
+    yield cat
+    cat.close()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("runs/../secret/secret.h5", "resolves outside the capture root"),
+    ("runs/escape.h5", "resolves outside the capture root"),
+    ("elsewhere/good.h5", "'elsewhere' is not a served root"),
+    ("good.h5", "capture id must look like"),
+    ("runs/", "must be relative to the root"),
+    ("runs/missing.h5", "does not exist"),
+    ("runs/notes.txt", "only .h5, .hdf5 files are served"),
+    (None, "capture id must look like"),
+])
+def test_paths_outside_the_root_or_missing_are_refused(catalog, bad, match):
+    with pytest.raises(CaptureError, match=match):
+        catalog.resolve(bad)
+    with pytest.raises(CaptureError, match=match):
+        catalog.reader(bad)
+
+
+def test_bad_roots_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="must name at least one folder"):
+        CaptureCatalog([])
+    with pytest.raises(ValueError, match="is not a folder"):
+        CaptureCatalog([tmp_path / "nope"])
+    with pytest.raises(ValueError, match="`max_open` must be a positive integer"):
+        CaptureCatalog([tmp_path], max_open=0)
+
+
+def test_listing_and_statuses(catalog):
+    entries = {e.id: e for e in catalog.entries()}
+    # the symlink leaving the root is not listed
+    assert sorted(entries) == ["runs/broken.h5", "runs/damaged.h5", "runs/good.h5", "runs/partial.h5"]
+    assert entries["runs/good.h5"].status == "ok" and entries["runs/good.h5"].message == ""
+    assert entries["runs/partial.h5"].status == "incomplete" and "2 of 3 steps" in entries["runs/partial.h5"].message
+    assert entries["runs/damaged.h5"].status == "damaged" and "step_0002" in entries["runs/damaged.h5"].message
+    assert entries["runs/broken.h5"].status == "error" and not entries["runs/broken.h5"].usable
+    assert catalog.default_id() == "runs/good.h5"
+
+
+def test_two_roots_get_distinct_labels(capture_root, tmp_path):
+    other = tmp_path / "runs"
+    other.mkdir()
+    shutil.copy(capture_root / "good.h5", other / "copy.h5")
+    cat = CaptureCatalog([capture_root, other])
+    try:
+        assert set(cat.roots) == {"runs", "runs2"}
+        assert "runs2/copy.h5" in cat.list_ids()
+        assert cat.entry("runs2/copy.h5").status == "ok"
+    finally:
+        cat.close()
+
+
+def test_reads_match_the_reader_and_are_memoised(catalog, capture_root):
+    from dfsviz.capture.store import CaptureReader
+
+    m = catalog.mass("runs/good.h5", 2, 1, "hilbert3d", 1)
+    assert catalog.mass("runs/good.h5", 2, 1, "hilbert3d", 1) is m  # served from the cache
+    with CaptureReader(capture_root / "good.h5") as reader:
+        assert torch.equal(m, reader.block_stats(2, 1, "hilbert3d", 1).m)
+        assert torch.equal(catalog.scores("runs/good.h5", 2, 1, "raster", "oracle", 0), reader.block_stats(2, 1, "raster", 0).m)
+    assert catalog.cache_info()["maps"]["hits"] >= 1
+
+
+def test_a_rewritten_file_is_not_served_stale(capture_root, tmp_path):
+    import h5py
+
+    root = tmp_path / "r"
+    root.mkdir()
+    path = root / "c.h5"
+    shutil.copy(capture_root / "good.h5", path)
+    cat = CaptureCatalog([root])
+    try:
+        before = cat.mass("r/c.h5", 0, 0, "raster", 0).clone()
+        # a new capture written over the old name (another process): new contents, new mtime
+        new = tmp_path / "new.h5"
+        shutil.copy(capture_root / "good.h5", new)
+        with h5py.File(new, "r+") as f:
+            f["steps"]["step_0000"]["m"][0, 0, 0, 0] = 0.5
+        st = os.stat(path)
+        os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        os.replace(new, path)
+        after = cat.mass("r/c.h5", 0, 0, "raster", 0)
+        assert torch.all(after == 0.5) and not torch.equal(before, after)
+    finally:
+        cat.close()
+
+
+def test_reader_lru_closes_evicted_files(capture_root, tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(3):
+        shutil.copy(capture_root / "good.h5", root / f"c{i}.h5")
+    cat = CaptureCatalog([root], max_open=2)
+    try:
+        first = cat.reader("many/c0.h5")
+        cat.reader("many/c1.h5")
+        cat.reader("many/c2.h5")
+        assert not first._f.id.valid  # evicted and closed
+        assert cat.reader("many/c0.h5") is not first
+    finally:
+        cat.close()
+
+
+def test_block_stats_view_and_exact_footprint(catalog, capture_root):
+    from dfsviz.capture.store import CaptureReader
+    from dfsviz.sparse.theory import recall_bound
+    from dfsviz.sparse.select import select_topk
+
+    stored = catalog.stats("runs/good.h5", 3, 1, "raster")
+    stats = block_stats_of(stored)
+    assert torch.isnan(stats.lse).all() and stats.m is stored.m
+    mask = select_topk(stored.m, 0.25, seq_len=stored.seq_len, block=stored.block)
+    assert bool((recall_bound(stats, mask) <= 1).all())
+    # the stored sampled footprint equals the one recomputed from the stored Q/K
+    with CaptureReader(capture_root / "good.h5") as reader:
+        blocks, att = reader.footprints(3, 1, "hilbert3d", 0)
+    got = exact_footprint(catalog, "runs/good.h5", 3, 1, "hilbert3d", 0, int(blocks[1]))
+    torch.testing.assert_close(got, att[1], atol=2e-3, rtol=2e-3)
+    assert abs(float(got.sum()) - 1.0) < 1e-5
+
+
+def test_query_parsing_falls_back_with_notes():
+    q = Query({"step": "7", "layer": "x", "budget": "1.5", "orders": "raster,bogus", "file": "a/b.h5", "n": "3"})
+    assert q.choice("step", [0, 7], 0) == 7
+    assert q.choice("layer", [0, 1], 1) == 1
+    assert q.number("budget", 0.001, 1.0, 0.2) == 0.2
+    assert q.many("orders", ["raster", "hilbert3d"], ["hilbert3d"]) == ["raster"]
+    assert q.integer("n", 0, 2, 1) == 1
+    assert len(q.notes) == 4 and "layer='x'" in q.notes[0] and "[0.001, 1]" in q.notes[1]
+
+
+def test_figure_csv_holds_heatmap_cells_and_points():
+    z = np.arange(6.0).reshape(2, 3)
+    fig = go.Figure(go.Heatmap(z=z, x=["a", "b", "c"], y=[10, 20], name="hm"))
+    fig.add_trace(go.Scatter(x=[0.1, 0.2], y=[1.0, 2.0], name="line"))
+    fig.add_trace(go.Scatter(x=[0, 1, None], y=[0, 1, None], name="outline", hoverinfo="skip"))
+    rows = list(csv.reader(io.StringIO(figure_csv(fig.to_plotly_json()))))
+    assert rows[1] == ["trace", "x", "y", "z"]
+    cells = {(r[1], r[2]): float(r[3]) for r in rows[2:] if r[0] == "hm"}
+    assert cells == {(x, str(y)): z[i, j] for i, y in enumerate([10, 20]) for j, x in enumerate("abc")}
+    assert [r[1:3] for r in rows if r[0] == "line"] == [["0.1", "1.0"], ["0.2", "2.0"]]
+    assert not any(r[0] == "outline" for r in rows)
