@@ -64,25 +64,3 @@ def check_target(target: object) -> float:
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
         raise ValueError(f"`target` must be a recall level in (0, 1] (got {target!r}); e.g. 0.9 or 0.95")
     return float(target)
-
-
-def block_flags(value: object, name: str, m: int, device: torch.device) -> torch.Tensor:
-    """bool [m] from None (no block), a bool tensor [m], or a sequence / 1-D tensor of block indices."""
-    out = torch.zeros(m, dtype=torch.bool, device=device)
-    if value is None:
-        return out
-    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
-        if value.shape != (m,):
-            raise ValueError(f"`{name}` as a bool tensor must have shape [{m}] (got {tuple(value.shape)})")
-        return value.to(device)
-    if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() == 1:
-        idx = [int(i) for i in value.tolist()]
-    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        idx = list(value)
-    else:
-        raise TypeError(f"`{name}` must be None, a bool [{m}] tensor or a list of block indices (got {type(value).__name__})")
-    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < m for i in idx):
-        raise ValueError(f"`{name}` must hold block indices in [0, {m}) (got {idx[:8]}); they are block, not token, indices")
-    if idx:
-        out[torch.tensor(idx, dtype=torch.long, device=device)] = True
-    return out

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dfsviz.analysis._validate import block_flags, check_block_map, check_seq_block, check_target
-from dfsviz.sparse._validate import block_sizes
+from dfsviz.analysis._validate import check_block_map, check_seq_block, check_target
+from dfsviz.sparse._validate import block_flags, block_sizes
 from dfsviz.sparse.select import topk_count
 
 __all__ = ["RecallCurve", "recall_curve", "oracle_curve", "stack_curves", "DEFAULT_BUDGETS", "DEFAULT_TARGETS"]

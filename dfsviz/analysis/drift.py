@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dfsviz.analysis._validate import block_flags, check_block_map, check_seq_block, check_steps
-from dfsviz.sparse._validate import block_sizes
+from dfsviz.analysis._validate import check_block_map, check_seq_block, check_steps
+from dfsviz.sparse._validate import block_flags, block_sizes
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.schedule import DFSSchedule
 from dfsviz.sparse.select import select_topk

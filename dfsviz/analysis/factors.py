@@ -32,7 +32,6 @@ __all__ = [
     "factor_rows",
     "variance_rows",
     "order_change",
-    "as_block_stats",
 ]
 
 #: Per-query-block quantities (float64), named as in ``theory.factor_summary``.
@@ -233,34 +232,13 @@ def _key_columns(keys: dict[str, object], b: int, h: int, mq: int | None) -> dic
     return cols
 
 
-def as_block_stats(stats: object) -> BlockStats:
-    """A :class:`BlockStats` from block statistics read back from a capture.
-
-    ``stats`` is a BlockStats (returned as is) or any object with ``m, L, r, J`` tensors
-    [B, H, Mq, Mk] and ``block``, ``seq_len`` (``CaptureReader.block_stats``). Captures do
-    not store the per-row log-partition ``lse``; the bounds never read it, so it is NaN in
-    the result rather than a made-up value.
-    """
-    if isinstance(stats, BlockStats):
-        return stats
-    if not all(hasattr(stats, name) for name in ("m", "L", "r", "J", "block", "seq_len")):
-        raise TypeError(
-            f"`stats` must be a BlockStats or stored block statistics with m, L, r, J, block and seq_len "
-            f"(got {type(stats).__name__}); use block_stats_ref or CaptureReader.block_stats"
-        )
-    m = stats.m
-    if not isinstance(m, torch.Tensor) or m.dim() != 4:
-        raise ValueError(f"`stats.m` must be a tensor [B, H, Mq, Mk] (got {getattr(m, 'shape', type(m).__name__)})")
-    lse = torch.full((m.shape[0], m.shape[1], stats.seq_len), float("nan"), dtype=m.dtype, device=m.device)
-    return BlockStats(m=m, L=stats.L, r=stats.r, J=stats.J, lse=lse, block=stats.block, seq_len=stats.seq_len)
-
-
 def factor_rows(stats: BlockStats, mask: BlockMask, **keys: object) -> FactorTable:
     """One row per (batch, head, query block): the three factors, Bounds 2 and 3 and the recall.
 
     Args:
         stats: BlockStats of one attention call (one order's blocks), or the stored
-            statistics of a capture (see :func:`as_block_stats`).
+            statistics of a capture (``CaptureReader.block_stats``, converted by
+            ``StoredStats.to_block_stats``).
         mask: BlockMask chosen for it (any method, any selector).
         **keys: where the rows come from: ``order``, ``method``, ``selector`` (str) and
             ``step``, ``layer`` (int >= 0).
@@ -268,8 +246,17 @@ def factor_rows(stats: BlockStats, mask: BlockMask, **keys: object) -> FactorTab
     Returns:
         FactorTable with ``KEY_COLUMNS`` and ``BLOCK_FACTORS`` columns, B * H * Mq rows.
     """
+    from dfsviz.capture.store import StoredStats
+
     key_values = _key_values(keys)
-    summary = factor_summary(as_block_stats(stats), mask)
+    if isinstance(stats, StoredStats):
+        stats = stats.to_block_stats()
+    elif not isinstance(stats, BlockStats):
+        raise TypeError(
+            f"`stats` must be a BlockStats or stored block statistics (StoredStats) "
+            f"(got {type(stats).__name__}); use block_stats_ref or CaptureReader.block_stats"
+        )
+    summary = factor_summary(stats, mask)
     b, h, mq = summary["recall"].shape
     cols = _key_columns(key_values, b, h, mq)
     for name in BLOCK_FACTORS:

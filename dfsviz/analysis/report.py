@@ -44,7 +44,6 @@ from dfsviz.analysis.factors import (
     DEFAULT_ATOL,
     KEY_COLUMNS,
     FactorTable,
-    as_block_stats,
     factor_rows,
     order_change,
     variance_rows,
@@ -461,7 +460,7 @@ def _build(reader, config: ReportConfig) -> ClaimsReport:
         for layer in layers:
             for order in orders:
                 stored = reader.block_stats(step, layer, order, branch=branch)
-                stats = as_block_stats(stored)
+                stats = stored.to_block_stats()
                 w_q, w_k = reader.variance_ratios(step, layer, order, branch=branch)
                 var_tables.append(variance_rows(W_q=w_q, W_k=w_k, order=order, step=step, layer=layer))
                 oracle = oracle_curve(stats.m, seq_len=n, block=block)

@@ -32,7 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CAPTURE_SUFFIXES", "CaptureCatalog", "CaptureEntry", "CaptureError", "block_stats_of", "exact_footprint", "get_catalog",
+    "CAPTURE_SUFFIXES", "CaptureCatalog", "CaptureEntry", "CaptureError", "exact_footprint", "get_catalog",
 ]
 
 #: File name endings listed as captures.
@@ -314,21 +314,17 @@ class CaptureCatalog:
                            lambda r: r.block_stats(step, layer, order, head, branch))
 
     def mass(self, cid: str, step: int, layer: int, order: str, head: int | None = None, branch: str = "cond") -> torch.Tensor:
-        """Block mass m, float32 [1, Hs, Mq, Mk].
-
-        Reads the m dataset alone (``CaptureReader._maps``, the reader's own per-dataset
-        read): ``block_stats`` would also inflate L, r and J, 4x the work of the Masks page's
-        most frequent read.
-        """
+        """Block mass m, float32 [1, Hs, Mq, Mk] (``CaptureReader.block_mass``: the m dataset
+        alone, the Masks page's most frequent read)."""
         return self.cached(cid, ("m", step, layer, order, head, branch),
-                           lambda r: r._maps("m", step, layer, order, head, branch)[None])
+                           lambda r: r.block_mass(step, layer, order, head, branch))
 
     def scores(self, cid: str, step: int, layer: int, order: str, method: str, head: int | None = None,
                branch: str = "cond") -> torch.Tensor:
         """Block scores of ``method``, float32 [1, Hs, Mq, Mk]; "oracle" gives m when not stored."""
         def read(r):
             if method == "oracle" and "oracle" not in r.methods:
-                return r.block_stats(step, layer, order, head, branch).m
+                return r.block_mass(step, layer, order, head, branch)
             return r.scores(step, layer, order, method, head, branch)
 
         return self.cached(cid, ("scores", step, layer, order, method, head, branch), read)
@@ -367,20 +363,6 @@ class CaptureCatalog:
         """Close every open reader and drop the caches."""
         self._maps.clear()
         self._readers.clear()
-
-
-def block_stats_of(stored) -> "object":
-    """A :class:`dfsviz.sparse.stats.BlockStats` view of stored statistics (for the bounds).
-
-    The capture stores no per-row log-sum-exp; the bounds and factors of
-    :mod:`dfsviz.sparse.theory` never read it, so ``lse`` is filled with NaN to make any
-    use of it visible instead of silently wrong.
-    """
-    from dfsviz.sparse.stats import BlockStats
-
-    b, h = stored.m.shape[:2]
-    lse = torch.full((b, h, stored.seq_len), float("nan"), dtype=torch.float32)
-    return BlockStats(m=stored.m, L=stored.L, r=stored.r, J=stored.J, lse=lse, block=stored.block, seq_len=stored.seq_len)
 
 
 def get_catalog() -> CaptureCatalog:

@@ -33,6 +33,7 @@ the reader lists only groups whose ``complete`` attribute is true. Maps are comp
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -130,6 +131,7 @@ class StoreLayout:
         qkv_layers: layers whose Q/K/V are stored (subset of ``layers``).
         head_dim: D.
         qkv_dtype: numpy dtype name of stored Q/K/V ("float16" or "float32").
+        qkv_steps: steps at which Q/K/V are stored (subset of ``steps``); None = every step.
     """
 
     grid: LatentGrid
@@ -145,6 +147,7 @@ class StoreLayout:
     qkv_layers: tuple[int, ...] = ()
     head_dim: int = 64
     qkv_dtype: str = "float32"
+    qkv_steps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.layer_names):
@@ -154,6 +157,11 @@ class StoreLayout:
             raise ValueError(f"`qkv_layers` {missing} are not captured layers {list(self.layers)}")
         if self.qkv_dtype not in ("float16", "float32"):
             raise ValueError(f"`qkv_dtype` must be 'float16' or 'float32' (got {self.qkv_dtype!r})")
+        if self.qkv_steps is None:
+            object.__setattr__(self, "qkv_steps", tuple(self.steps))
+        extra = sorted(set(self.qkv_steps) - set(self.steps))
+        if extra:
+            raise ValueError(f"`qkv_steps` {extra} are not captured steps {list(self.steps)}")
 
     @property
     def num_tokens(self) -> int:
@@ -180,26 +188,34 @@ class StoreLayout:
         }
         return tuple(sizes[d] for d in DIMS[name])
 
-    def datasets(self) -> list[str]:
-        """Per-step datasets present in a file of this layout."""
+    def has_qkv(self, step: int) -> bool:
+        """Whether Q/K/V are stored at ``step``."""
+        return bool(self.qkv_layers) and step in self.qkv_steps
+
+    def datasets(self, step: int) -> list[str]:
+        """Datasets present in the group of captured step ``step``."""
         names = list(STAT_NAMES) + ["W_q", "W_k"]
         if self.methods:
             names.append("scores")
         if self.footprints:
             names += ["footprint_block", "footprint"]
-        if self.qkv_layers:
+        if self.has_qkv(step):
             names += ["q", "k", "v"]
         return names
 
-    def bytes_per_step(self) -> int:
+    def bytes_per_step(self, step: int) -> int:
         """Uncompressed bytes of one step's datasets (an upper bound of the file growth)."""
         itemsize = {"footprint": 2, "footprint_block": 4, "W_q": 8, "W_k": 8, "q": 0, "k": 0, "v": 0}
         qkv = 2 if self.qkv_dtype == "float16" else 4
         total = 0
-        for name in self.datasets():
+        for name in self.datasets(step):
             size = itemsize.get(name, 4) or qkv
             total += int(np.prod(self.shape(name), dtype=np.int64)) * size
         return total
+
+    def total_bytes(self) -> int:
+        """Uncompressed bytes of all captured steps (an upper bound of the file size)."""
+        return sum(self.bytes_per_step(step) for step in self.steps)
 
     def to_attrs(self) -> dict:
         g = self.grid
@@ -224,6 +240,7 @@ class StoreLayout:
             "qkv_layers": np.asarray(self.qkv_layers, dtype=np.int64),
             "head_dim": self.head_dim,
             "qkv_dtype": self.qkv_dtype,
+            "qkv_steps": np.asarray(self.qkv_steps, dtype=np.int64),
         }
 
     @classmethod
@@ -249,6 +266,8 @@ class StoreLayout:
             qkv_layers=_ints(attrs["qkv_layers"]),
             head_dim=int(attrs["head_dim"]),
             qkv_dtype=str(attrs["qkv_dtype"]),
+            # Files written before `qkv_steps` existed stored Q/K/V at every step.
+            qkv_steps=_ints(attrs["qkv_steps"]) if "qkv_steps" in attrs else None,
         )
 
 
@@ -430,6 +449,11 @@ class CaptureWriter:
         return cls(f, layout, workers)
 
     # -- steps -----------------------------------------------------------------------------
+    @property
+    def open_step(self) -> int | None:
+        """The step between :meth:`begin_step` and :meth:`end_step`, else None."""
+        return self._step
+
     def begin_step(self, step: int, attrs: dict | None = None) -> None:
         """Create the step's group with every dataset (unwritten maps read as NaN) and flush."""
         if self._step is not None:
@@ -460,13 +484,13 @@ class CaptureWriter:
             "qkv_layer": np.asarray(lay.qkv_layers, dtype=np.int64),
             "dim": np.arange(lay.head_dim, dtype=np.int64),
         }
-        used = {d for name in lay.datasets() for d in DIMS[name]}
+        used = {d for name in lay.datasets(step) for d in DIMS[name]}
         scales = {}
         for dim in sorted(used):
             ds = group.create_dataset(dim, data=coords[dim])
             ds.make_scale(dim)
             scales[dim] = ds
-        for name in lay.datasets():
+        for name in lay.datasets(step):
             shape = lay.shape(name)
             dtype, fill = {
                 "footprint": (np.float16, np.nan),
@@ -538,7 +562,11 @@ class CaptureWriter:
             self._pool.submit(self._group["footprint"], (li, bi, oi, h, 0, 0), scaled[h])
 
     def write_qkv(self, layer: int, branch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Queue Q/K/V of a ``qkv_layers`` layer: each [Hs, N, D], original token order."""
+        """Queue Q/K/V of a ``qkv_layers`` layer at a ``qkv_steps`` step: each [Hs, N, D], original token order."""
+        if not self.layout.has_qkv(self._step):
+            raise ValueError(
+                f"Q/K/V are not stored at step {self._step}; `qkv_steps` = {list(self.layout.qkv_steps)}"
+            )
         li, bi = self.layout.qkv_layers.index(layer), self.layout.branches.index(branch)
         dtype = np.dtype(self.layout.qkv_dtype)
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -599,12 +627,35 @@ class CaptureWriter:
         self.close()
 
 
+def _open_error_message(path: Path, exc: OSError) -> str:
+    """The ValueError message for an OSError of ``h5py.File(path, "r")``.
+
+    HDF5 refuses to open a file another process holds open for writing with "unable to lock
+    file, errno = 11" (a BlockingIOError, EAGAIN). Only that text or errno means a running
+    capture: other HDF5 errors, such as "bad superblock version number" (which contains
+    "lock"), mean the file is not readable HDF5.
+    """
+    if "unable to lock file" in str(exc).lower() or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return f"{str(path)!r} is open for writing by a running capture; wait for it or copy the file"
+    return f"{str(path)!r} is not a readable HDF5 file ({exc})"
+
+
 # ----------------------------------------------------------------------------------------
 # reader
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class StoredStats:
-    """Block statistics read back from a capture: m, L, r, J float32 [1, Hs, Mq, Mk]."""
+    """Block statistics read back from a capture (:meth:`CaptureReader.block_stats`).
+
+    Fields:
+        m, L, r, J: float32 [B, Hs, Mq, Mk] (B = 1 from a capture), as in
+            :class:`dfsviz.sparse.stats.BlockStats`.
+        block: tokens per block.
+        seq_len: N.
+        heads: the model's head index of each of the Hs rows.
+
+    A capture keeps no per-row log-partition ``lse``; see :meth:`to_block_stats`.
+    """
 
     m: torch.Tensor
     L: torch.Tensor
@@ -613,6 +664,30 @@ class StoredStats:
     block: int
     seq_len: int
     heads: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        m = self.m
+        if not isinstance(m, torch.Tensor) or m.dim() != 4:
+            raise ValueError(f"`m` must be a tensor [B, H, Mq, Mk] (got {getattr(m, 'shape', type(m).__name__)})")
+        for name in ("L", "r", "J"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.shape != m.shape:
+                raise ValueError(f"`{name}` must be a tensor of the shape of `m` {list(m.shape)} "
+                                 f"(got {getattr(value, 'shape', type(value).__name__)})")
+
+    def to_block_stats(self):
+        """These statistics as a :class:`dfsviz.sparse.stats.BlockStats` (for the bounds and factors).
+
+        The capture does not store the per-row log-partition, so ``lse`` (float [B, Hs, N],
+        dtype and device of ``m``) is NaN: no bound or factor of :mod:`dfsviz.sparse.theory`
+        reads it, and NaN makes any other use visible instead of silently wrong. m, L, r, J
+        are shared, not copied.
+        """
+        from dfsviz.sparse.stats import BlockStats
+
+        b, h = self.m.shape[:2]
+        lse = torch.full((b, h, self.seq_len), float("nan"), dtype=self.m.dtype, device=self.m.device)
+        return BlockStats(m=self.m, L=self.L, r=self.r, J=self.J, lse=lse, block=self.block, seq_len=self.seq_len)
 
 
 class CaptureReader:
@@ -636,11 +711,7 @@ class CaptureReader:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
-            if "lock" in str(exc).lower():
-                raise ValueError(
-                    f"{str(self.path)!r} is open for writing by a running capture; wait for it or copy the file"
-                ) from None
-            raise ValueError(f"{str(self.path)!r} is not a readable HDF5 file ({exc})") from None
+            raise ValueError(_open_error_message(self.path, exc)) from None
         attrs = self._f.attrs
         if attrs.get("format") != FORMAT_NAME:
             self._f.close()
@@ -750,6 +821,13 @@ class CaptureReader:
         values = {n: self._maps(n, step, layer, order, head, branch)[None] for n in STAT_NAMES}
         return StoredStats(**values, block=self.block, seq_len=self.grid.num_tokens, heads=self._heads(head)[1])
 
+    def block_mass(self, step: int, layer: int, order: str, head=None, branch: str = "cond") -> torch.Tensor:
+        """Block mass m of one (step, layer, order): float32 [1, Hs, Mq, Mk] (rows sum to 1).
+
+        Reads the m dataset alone: :meth:`block_stats` also inflates L, r and J, 4x the work.
+        """
+        return self._maps("m", step, layer, order, head, branch)[None]
+
     def scores(self, step: int, layer: int, order: str, method: str, head=None, branch: str = "cond") -> torch.Tensor:
         """Block scores of ``method``: float32 [1, Hs, Mq, Mk]."""
         return self._maps("scores", step, layer, order, head, branch, method)[None]
@@ -789,6 +867,10 @@ class CaptureReader:
         if layer not in self.layout.qkv_layers:
             raise ValueError(
                 f"Q/K/V of layer {layer!r} were not saved; saved layers: {list(self.layout.qkv_layers)} (--save-qkv)"
+            )
+        if step not in self.layout.qkv_steps:
+            raise ValueError(
+                f"Q/K/V were not saved at step {step!r}; saved steps: {list(self.layout.qkv_steps)} (--qkv-steps)"
             )
         g = self._step_group(step)
         li = self.layout.qkv_layers.index(layer)
@@ -873,8 +955,9 @@ class CaptureReader:
             completed_steps=self.steps,
             footprints=lay.footprints,
             qkv_layers=list(lay.qkv_layers),
+            qkv_steps=list(lay.qkv_steps) if lay.qkv_layers else [],
             file_bytes=self.path.stat().st_size,
-            bytes_per_step_uncompressed=lay.bytes_per_step(),
+            planned_bytes_uncompressed=lay.total_bytes(),
         )
         return info
 
@@ -896,7 +979,7 @@ class CaptureReader:
             g = self._f[STEP_GROUP][step_key(step)]
             if step not in lay.steps:
                 problems.append(f"step {step} is not among the planned steps {list(lay.steps)}")
-            for name in lay.datasets():
+            for name in lay.datasets(step):
                 if name not in g:
                     problems.append(f"{step_key(step)}: missing dataset {name!r}")
                 elif g[name].shape != lay.shape(name):

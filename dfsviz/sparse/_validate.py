@@ -3,6 +3,8 @@ what is allowed and how to fix it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,3 +65,38 @@ def block_sizes(n: int, block: int, device: torch.device | str | None = None) ->
     sizes = torch.full((num_blocks(n, block),), block, dtype=torch.int64, device=device)
     sizes[-1] = n - block * (sizes.numel() - 1)
     return sizes
+
+
+def block_flags(value: object, name: str, m: int, device: torch.device) -> torch.Tensor:
+    """bool [m] flags of blocks given as None (no block), a bool tensor [m], or a sequence /
+    1-D integer tensor of block indices (the ``forced_kv`` / ``dense_q`` arguments of the
+    selectors and of ``dfsviz.analysis``), on ``device``."""
+    out = torch.zeros(m, dtype=torch.bool, device=device)
+    if value is None:
+        return out
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        if value.shape != (m,):
+            raise ValueError(f"`{name}` as a bool tensor must have shape [{m}] (got {tuple(value.shape)})")
+        return value.to(device)
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.dim() != 1:
+            raise ValueError(
+                f"`{name}` must be a bool [{m}] tensor or 1-D integer block indices "
+                f"(got {value.dtype}, shape {tuple(value.shape)})"
+            )
+        idx = [int(i) for i in value.tolist()]
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        idx = list(value)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in idx):
+            raise ValueError(f"`{name}` must hold integer block indices (got {value!r})")
+    else:
+        raise TypeError(
+            f"`{name}` must be None, a bool [{m}] tensor or a list of block indices "
+            f"(got {type(value).__name__})"
+        )
+    bad = [i for i in idx if not 0 <= i < m]
+    if bad:
+        raise ValueError(f"`{name}` indices must lie in [0, {m}) (got {bad[:5]}); they are block, not token, indices")
+    if idx:
+        out[torch.tensor(idx, dtype=torch.long, device=device)] = True
+    return out

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from dfsviz.sparse._validate import check_fraction, check_power_of_two, num_blocks
+from dfsviz.sparse._validate import block_flags, check_fraction, check_power_of_two, num_blocks
 from dfsviz.sparse.masks import BlockMask
 
 __all__ = [
@@ -63,39 +63,6 @@ def _check_scores(scores: object, seq_len: int, block: int) -> torch.Tensor:
     return scores
 
 
-def _block_set(value: object, name: str, m: int, device: torch.device) -> torch.Tensor:
-    """bool [m] from None, a bool tensor [m], or a sequence/tensor of block indices."""
-    out = torch.zeros(m, dtype=torch.bool, device=device)
-    if value is None:
-        return out
-    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
-        if value.shape != (m,):
-            raise ValueError(f"`{name}` as a bool tensor must have shape [{m}] (got {tuple(value.shape)})")
-        return value.to(device)
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.dim() != 1:
-            raise ValueError(
-                f"`{name}` must be a bool [{m}] tensor or 1-D integer block indices "
-                f"(got {value.dtype}, shape {tuple(value.shape)})"
-            )
-        idx = [int(i) for i in value.tolist()]
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        idx = list(value)
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in idx):
-            raise ValueError(f"`{name}` must hold integer block indices (got {value!r})")
-    else:
-        raise TypeError(
-            f"`{name}` must be None, a bool [{m}] tensor or a list of block indices "
-            f"(got {type(value).__name__})"
-        )
-    bad = [i for i in idx if not 0 <= i < m]
-    if bad:
-        raise ValueError(f"`{name}` indices must lie in [0, {m}) (got {bad[:5]}); they are block, not token, indices")
-    if idx:
-        out[torch.tensor(idx, dtype=torch.long, device=device)] = True
-    return out
-
-
 def _finish(keep: torch.Tensor, forced: torch.Tensor, dense_q: torch.Tensor, seq_len: int, block: int) -> BlockMask:
     keep = keep | forced
     keep[:, :, dense_q, :] = True
@@ -127,8 +94,8 @@ def select_topk(
     scores = _check_scores(scores, seq_len, block)
     m = scores.shape[3]
     k = topk_count(gamma, m)
-    forced = _block_set(forced_kv, "forced_kv", m, scores.device)
-    dense_rows = _block_set(dense_q, "dense_q", m, scores.device)
+    forced = block_flags(forced_kv, "forced_kv", m, scores.device)
+    dense_rows = block_flags(dense_q, "dense_q", m, scores.device)
     n_forced = int(forced.sum())
     k_free = k - n_forced
     if k_free < 1:
@@ -174,8 +141,8 @@ def select_cumulative(
     if not isinstance(scores_are_logits, bool):
         raise TypeError(f"`scores_are_logits` must be a bool (got {type(scores_are_logits).__name__})")
     m = scores.shape[3]
-    forced = _block_set(forced_kv, "forced_kv", m, scores.device)
-    dense_rows = _block_set(dense_q, "dense_q", m, scores.device)
+    forced = block_flags(forced_kv, "forced_kv", m, scores.device)
+    dense_rows = block_flags(dense_q, "dense_q", m, scores.device)
     s = scores.to(torch.float64)
     if scores_are_logits:
         p = torch.softmax(s, dim=-1)

@@ -135,7 +135,7 @@ def test_errors(case):
         recall_curve(m, s, seq_len=0, block=b)
     with pytest.raises(ValueError, match="`block` must be a power of two"):
         recall_curve(m, s, seq_len=n, block=48)
-    with pytest.raises(ValueError, match=r"`forced_kv` must hold block indices in \[0, 11\)"):
+    with pytest.raises(ValueError, match=r"`forced_kv` indices must lie in \[0, 11\) \(got \[11\]\); they are block, not token, indices"):
         recall_curve(m, s, seq_len=n, block=b, forced_kv=[11])
     with pytest.raises(ValueError, match=r"`dense_q` as a bool tensor must have shape \[11\]"):
         recall_curve(m, s, seq_len=n, block=b, dense_q=torch.ones(3, dtype=torch.bool))

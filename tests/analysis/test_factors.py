@@ -13,11 +13,11 @@ from dfsviz.analysis.factors import (
     BLOCK_FACTORS,
     KEY_COLUMNS,
     FactorTable,
-    as_block_stats,
     factor_rows,
     order_change,
     variance_rows,
 )
+from dfsviz.capture.store import StoredStats
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.orders import make_order
@@ -93,10 +93,9 @@ def test_violation_counting_finds_injected_violations(case):
 def test_stored_statistics_convert_with_nan_lse(case):
     """Capture readers give m, L, r, J without lse: rows equal those of the full BlockStats."""
     s = case.stats
-    stored = SimpleNamespace(m=s.m, L=s.L, r=s.r, J=s.J, block=s.block, seq_len=s.seq_len)
-    converted = as_block_stats(stored)
+    stored = StoredStats(m=s.m, L=s.L, r=s.r, J=s.J, block=s.block, seq_len=s.seq_len)
+    converted = stored.to_block_stats()
     assert bool(torch.isnan(converted.lse).all()) and converted.lse.shape == s.lse.shape
-    assert as_block_stats(s) is s
     mask = select_topk(case.scores["meanpool"], 0.3, seq_len=s.seq_len, block=s.block)
     a, b = factor_rows(stored, mask), factor_rows(s, mask)
     for name in BLOCK_FACTORS:
@@ -167,8 +166,12 @@ def test_errors(case):
         factor_rows(case.stats, mask, step=1.5)
     with pytest.raises(TypeError, match="`stats` must be a BlockStats or stored block statistics"):
         factor_rows(case.stats.m, mask)
-    with pytest.raises(ValueError, match=r"`stats.m` must be a tensor \[B, H, Mq, Mk\]"):
-        as_block_stats(SimpleNamespace(m=case.stats.m[0], L=0, r=0, J=0, block=32, seq_len=330))
+    s = case.stats
+    with pytest.raises(TypeError, match=r"`stats` must be a BlockStats or stored block statistics \(StoredStats\) "
+                                        r"\(got SimpleNamespace\)"):
+        factor_rows(SimpleNamespace(m=s.m, L=s.L, r=s.r, J=s.J, block=s.block, seq_len=s.seq_len), mask)
+    with pytest.raises(ValueError, match=r"`m` must be a tensor \[B, H, Mq, Mk\]"):
+        StoredStats(m=s.m[0], L=s.L[0], r=s.r[0], J=s.J[0], block=32, seq_len=330)
     with pytest.raises(ValueError, match="`columns` must be a non-empty dict"):
         FactorTable({})
     with pytest.raises(ValueError, match="`columns` must all be 1-D arrays of one length"):

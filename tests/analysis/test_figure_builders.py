@@ -16,11 +16,14 @@ from dfsviz.sparse.schedule import DFSSchedule
 
 
 def _segments(xs, ys):
-    """[(x0, y0, x1, y1), ...] from None-separated coordinate lists."""
+    """[(x0, y0, x1, y1), ...] from NaN-separated float coordinate arrays."""
+    xs, ys = np.asarray(xs), np.asarray(ys)
+    assert xs.dtype.kind == "f" and xs.shape == ys.shape and xs.size % 3 == 0
     out = []
     for i in range(0, len(xs), 3):
-        assert xs[i + 2] is None and ys[i + 2] is None
-        out.append((xs[i], ys[i], xs[i + 1], ys[i + 1]))
+        assert math.isnan(xs[i + 2]) and math.isnan(ys[i + 2])
+        assert not np.isnan([xs[i], ys[i], xs[i + 1], ys[i + 1]]).any()
+        out.append((float(xs[i]), float(ys[i]), float(xs[i + 1]), float(ys[i + 1])))
     return out
 
 
@@ -38,7 +41,7 @@ def test_outline_segments_single_cell_rectangle_and_l_shape():
     ])
     ell = np.array([[1, 0], [1, 1]], dtype=bool)
     assert len(_segments(*figures.outline_segments(ell))) == 6
-    assert figures.outline_segments(np.zeros((2, 2), dtype=bool)) == ([], [])
+    assert [a.size for a in figures.outline_segments(np.zeros((2, 2), dtype=bool))] == [0, 0]
     two = np.zeros((1, 5), dtype=bool)
     two[0, [0, 3]] = True
     assert len(_segments(*figures.outline_segments(two))) == 8
@@ -147,7 +150,7 @@ def test_footprint_frames_in_video_space():
     assert z1.shape == (4, 5) and z1[2, 3] == pytest.approx(math.log10(0.5))
     outlines = {t.name: t for t in fig.data if isinstance(t, go.Scatter)}
     assert len(_segments(outlines["kept keys, frame 0"].x, outlines["kept keys, frame 0"].y)) == 4
-    assert outlines["kept keys, frame 1"].x == ()  # nothing kept on frame 1
+    assert len(outlines["kept keys, frame 1"].x) == 0  # nothing kept on frame 1
     assert len(_segments(outlines["query block, frame 1"].x, outlines["query block, frame 1"].y)) == 4
     assert "text tokens hold 0.0%" in fig.layout.title.text
     picked = figures.footprint_frames(fp, grid, frames=[2])
@@ -226,3 +229,99 @@ def test_errors():
         figures.sweep_lines([1.0], {}, x_name="delta", y_name="W_k")
     with pytest.raises(ValueError, match=r"`series\['a'\]` must have one value per x \(2\)"):
         figures.sweep_lines([1.0, 2.0], {"a": [1.0]}, x_name="delta", y_name="W_k")
+
+
+def test_kept_blocks_trace_styles():
+    kept = np.zeros((80, 80), dtype=bool)
+    kept[3, 5:9] = True
+    outline = figures.kept_blocks_trace(kept)
+    assert isinstance(outline, go.Scatter) and outline.name == "kept blocks" and outline.hoverinfo == "skip"
+    assert sorted(_segments(outline.x, outline.y)) == sorted([
+        (4.5, 2.5, 8.5, 2.5), (4.5, 3.5, 8.5, 3.5), (4.5, 2.5, 4.5, 3.5), (8.5, 2.5, 8.5, 3.5),
+    ])
+    shade = figures.kept_blocks_trace(kept, style="shade")
+    assert isinstance(shade, go.Heatmap) and shade.hoverinfo == "skip" and not shade.showscale
+    np.testing.assert_array_equal(shade.z, kept.astype(np.uint8))
+    # "auto" outlines up to OUTLINE_MAX_BLOCKS key blocks and shades above
+    assert isinstance(figures.kept_blocks_trace(kept, style="auto"), go.Heatmap)
+    small = kept[:, : figures.OUTLINE_MAX_BLOCKS]
+    assert isinstance(figures.kept_blocks_trace(small, style="auto"), go.Scatter)
+    m = np.full((80, 80), 1 / 80)
+    fig = figures.mask_heatmap(m, kept, kept_style="auto", title="t")
+    assert isinstance(fig.data[1], go.Heatmap) and fig.layout.title.text == f"t · kept {4 / 6400:.1%} of blocks"
+    assert figures.kept_caption(kept) == f"kept {4 / 6400:.1%} of blocks"
+    assert np.asarray(fig.data[0].z).dtype == np.float32
+    with pytest.raises(ValueError, match="`style` must be one of outline, shade, auto"):
+        figures.kept_blocks_trace(kept, style="fill")
+
+
+def test_footprint_panels_match_make_subplots_and_outlines_sit_on_their_panel():
+    from plotly.subplots import make_subplots
+
+    grid = LatentGrid(21, 3, 4)
+    fp = np.full(grid.num_tokens, 1.0 / grid.num_tokens)
+    frames = list(range(0, 21, 2))  # 11 panels: a last row with one empty cell
+    fig = figures.footprint_frames(fp, grid, frames=frames, cols=4).to_dict()["layout"]
+    ref = make_subplots(rows=3, cols=4, subplot_titles=[f"frame {f}" for f in frames], horizontal_spacing=0.02,
+                        vertical_spacing=0.08).to_dict()["layout"]
+    for i in range(12):
+        suffix = "" if i == 0 else str(i + 1)
+        for axis in ("xaxis", "yaxis"):
+            np.testing.assert_allclose(fig[axis + suffix]["domain"], ref[axis + suffix]["domain"], atol=1e-12)
+            assert fig[axis + suffix]["anchor"] == ref[axis + suffix]["anchor"]
+    assert [(a["text"], round(a["x"], 9), round(a["y"], 9)) for a in fig["annotations"]] == \
+        [(a["text"], round(a["x"], 9), round(a["y"], 9)) for a in ref["annotations"]]
+    kept = np.zeros(grid.num_tokens, dtype=bool)
+    kept[grid.video_index(4, 1, 2)] = True
+    lines = figures.footprint_outlines(kept, grid, frames)
+    assert [t.name for t in lines] == [f"kept keys, frame {f}" for f in frames]
+    assert (lines[2].xaxis, lines[2].yaxis) == ("x3", "y3") and (lines[0].xaxis, lines[0].yaxis) == ("x", "y")
+    assert _segments(lines[2].x, lines[2].y) == [(1.5, 0.5, 2.5, 0.5), (1.5, 1.5, 2.5, 1.5), (1.5, 0.5, 1.5, 1.5),
+                                                 (2.5, 0.5, 2.5, 1.5)]
+    assert all(len(t.x) == 0 for j, t in enumerate(lines) if j != 2)
+    assert figures.footprint_frame_indices(grid) == [0, 3, 6, 9, 11, 14, 17, 20]
+    with pytest.raises(ValueError, match=r"`tokens` must hold one flag per token \(252\) \(got 251\)"):
+        figures.footprint_outlines(kept[:-1], grid, frames)
+
+
+def test_recall_grid_figure():
+    grids = {"meanpool": np.array([[0.5, 0.6, 0.7], [0.8, 0.9, 1.0]]), "dfs_tile": np.full((2, 3), 0.25)}
+    fig = figures.recall_grid_figure([3, 7], [0, 10, 20], grids, title="R")
+    assert [t.name for t in fig.data] == ["meanpool", "dfs_tile"]
+    np.testing.assert_array_equal(fig.data[0].z, grids["meanpool"])
+    assert list(fig.data[0].x) == ["0", "10", "20"] and list(fig.data[0].y) == ["3", "7"]
+    assert (fig.data[1].xaxis, fig.data[1].yaxis) == ("x2", "y2")
+    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax == 1
+    assert fig.layout.yaxis.autorange == "reversed" and fig.layout.yaxis.title.text == "layer"
+    assert [a.text for a in fig.layout.annotations] == ["meanpool", "dfs_tile"] and fig.layout.title.text == "R"
+    with pytest.raises(ValueError, match="`grids` must be a non-empty mapping"):
+        figures.recall_grid_figure([3], [0], {})
+    with pytest.raises(ValueError, match=r"`grids\['a'\]` must be \[layers, steps\] = \[2, 3\] \(got \[3, 2\]\)"):
+        figures.recall_grid_figure([3, 7], [0, 10, 20], {"a": np.zeros((3, 2))})
+
+
+def test_outline_segments_cover_exactly_the_boundary_unit_edges():
+    """Brute force: a unit edge is on the boundary iff exactly one of its two cells is kept."""
+    rng = np.random.default_rng(5)
+    for shape, p in (((7, 9), 0.5), ((16, 16), 0.2), ((1, 12), 0.6), ((13, 1), 0.4)):
+        kept = rng.random(shape) < p
+        rows, cols = shape
+
+        def cell(u, v):
+            return 0 <= u < rows and 0 <= v < cols and bool(kept[u, v])
+
+        want = set()
+        for u in range(-1, rows + 1):
+            for v in range(-1, cols + 1):
+                if cell(u, v) != cell(u + 1, v):  # horizontal edge below cell (u, v)
+                    want.add(("h", u + 0.5, v - 0.5))
+                if cell(u, v) != cell(u, v + 1):  # vertical edge right of cell (u, v)
+                    want.add(("v", v + 0.5, u - 0.5))
+        got = []
+        for x0, y0, x1, y1 in _segments(*figures.outline_segments(kept)):
+            if y0 == y1:
+                got += [("h", y0, x) for x in np.arange(x0, x1)]
+            else:
+                assert x0 == x1
+                got += [("v", x0, y) for y in np.arange(y0, y1)]
+        assert len(got) == len(set(got)) and set(got) == want, shape

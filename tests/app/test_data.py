@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from dfsviz.app.data import CaptureCatalog, CaptureError, block_stats_of, exact_footprint
+from dfsviz.app.data import CaptureCatalog, CaptureError, exact_footprint
 from dfsviz.app.pages.common import Query, figure_csv
 
 
@@ -131,8 +131,9 @@ def test_block_stats_view_and_exact_footprint(catalog, capture_root):
     from dfsviz.sparse.select import select_topk
 
     stored = catalog.stats("runs/good.h5", 3, 1, "raster")
-    stats = block_stats_of(stored)
+    stats = stored.to_block_stats()
     assert torch.isnan(stats.lse).all() and stats.m is stored.m
+    assert torch.equal(catalog.mass("runs/good.h5", 3, 1, "raster"), stored.m)
     mask = select_topk(stored.m, 0.25, seq_len=stored.seq_len, block=stored.block)
     assert bool((recall_bound(stats, mask) <= 1).all())
     # the stored sampled footprint equals the one recomputed from the stored Q/K

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -11,7 +15,9 @@ from dfsviz.capture.store import (
     FORMAT_VERSION,
     CaptureReader,
     CaptureWriter,
+    StoredStats,
     StoreLayout,
+    _open_error_message,
     step_key,
 )
 from dfsviz.sparse.grid import LatentGrid
@@ -80,6 +86,8 @@ def test_round_trip(tmp_path):
                 for name in ("m", "L", "r", "J"):
                     assert torch.equal(getattr(got, name)[0], stats[name])  # float32 stored exactly
                 assert torch.equal(reader.block_stats(step, layer, order, head=2).m[0, 0], stats["m"][1])
+                assert torch.equal(reader.block_mass(step, layer, order)[0], stats["m"])
+                assert torch.equal(reader.block_mass(step, layer, order, head=2)[0, 0], stats["m"][1])
                 for method in ("meanpool", "dfs_tile"):
                     assert torch.equal(reader.scores(step, layer, order, method)[0], scores[method])
                 got_wq, got_wk = reader.variance_ratios(step, layer, order)
@@ -208,7 +216,32 @@ def test_bytes_per_step_counts_every_dataset():
     # 2 layers x 1 branch x 2 orders x 2 heads; 3 x 3 blocks; 2 methods; 2 samples; N = 43; 1 qkv layer, D = 8
     maps = 2 * 1 * 2 * 2 * 9
     want = 4 * maps * 4 + 2 * maps * 4 + 2 * (2 * 2 * 2 * 8) + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 2 * 43 * 2 + 3 * 2 * 43 * 8 * 4
-    assert lay.bytes_per_step() == want
+    assert lay.bytes_per_step(0) == want
+    assert lay.total_bytes() == 2 * want  # steps (0, 5)
+    only_5 = _layout(qkv_steps=(5,))
+    assert only_5.bytes_per_step(0) == want - 3 * 2 * 43 * 8 * 4 and only_5.bytes_per_step(5) == want
+
+
+def test_qkv_stored_only_at_qkv_steps(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    path = tmp_path / "s.h5"
+    with _create(path, _layout(qkv_steps=(5,))) as writer:
+        writer.begin_step(0)
+        with pytest.raises(ValueError, match=r"Q/K/V are not stored at step 0; `qkv_steps` = \[5\]"):
+            writer.write_qkv(7, "cond", *[torch.randn(2, 43, 8, generator=gen) for _ in range(3)])
+        writer.end_step()
+        writer.begin_step(5)
+        qkv = [torch.randn(2, 43, 8, generator=gen) for _ in range(3)]
+        writer.write_qkv(7, "cond", *qkv)
+        writer.end_step()
+    with CaptureReader(path) as reader:
+        assert reader.layout.qkv_steps == (5,)
+        assert "q" not in reader._f["steps"][step_key(0)]
+        torch.testing.assert_close(reader.qkv(5, 7)[2][0], qkv[2], rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"Q/K/V were not saved at step 0; saved steps: \[5\] \(--qkv-steps\)"):
+            reader.qkv(0, 7)
+    with pytest.raises(ValueError, match=r"`qkv_steps` \[3\] are not captured steps \[0, 5\]"):
+        _layout(qkv_steps=(3,))
 
 
 def test_float16_qkv_round_trip_and_overflow_refused(tmp_path):
@@ -227,3 +260,59 @@ def test_float16_qkv_round_trip_and_overflow_refused(tmp_path):
         for got, want in zip((q, k, v), qkv):
             assert got.dtype == torch.float16
             torch.testing.assert_close(got[0].float(), want.half().float(), rtol=0, atol=0)
+
+
+def test_stored_stats_to_block_stats_has_nan_lse(tmp_path):
+    path = tmp_path / "c.h5"
+    with _create(path) as writer:
+        expected = _write_step(writer, 0, torch.Generator().manual_seed(4))
+    with CaptureReader(path) as reader:
+        stored = reader.block_stats(0, 7, "hilbert3d", head=[2])
+    assert stored.heads == (2,)
+    stats = stored.to_block_stats()
+    want = expected[(7, "hilbert3d")][0]
+    for name in ("m", "L", "r", "J"):
+        assert getattr(stats, name) is getattr(stored, name)
+        assert torch.equal(getattr(stats, name)[0, 0], want[name][1])
+    assert stats.lse.shape == (1, 1, GRID.num_tokens) and stats.lse.dtype == torch.float32
+    assert bool(torch.isnan(stats.lse).all())
+    assert (stats.block, stats.seq_len) == (16, GRID.num_tokens) and stats.num_blocks == 3
+    m = torch.rand(1, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"`m` must be a tensor \[B, H, Mq, Mk\] \(got torch.Size\(\[2, 3, 3\]\)\)"):
+        StoredStats(m=m[0], L=m[0], r=m[0], J=m[0], block=16, seq_len=43)
+    with pytest.raises(ValueError, match=r"`J` must be a tensor of the shape of `m` \[1, 2, 3, 3\]"):
+        StoredStats(m=m, L=m, r=m, J=m[0], block=16, seq_len=43)
+
+
+def test_reader_tells_a_locked_file_from_a_damaged_one(tmp_path):
+    # an HDF5 signature followed by superblock version 7: h5py says "bad superblock version
+    # number", which contains "lock" but is not a lock
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n\x07" + bytes(200))
+    with pytest.raises(ValueError, match=r"is not a readable HDF5 file \(.*bad superblock version number"):
+        CaptureReader(bad)
+    # the message mapping itself (also where file locking is off)
+    lock_error = BlockingIOError(11, "Unable to synchronously open file (unable to lock file, errno = 11, error message = "
+                                     "'Resource temporarily unavailable')")
+    assert "open for writing by a running capture" in _open_error_message(bad, lock_error)
+    for text in ("Unable to synchronously open file (bad superblock version number)",
+                 "Unable to synchronously open file (file signature not found)"):
+        message = _open_error_message(bad, OSError(text))
+        assert "is not a readable HDF5 file" in message and text in message and "running capture" not in message
+    path = tmp_path / "c.h5"
+    _create(path).close()
+    # a second process holds the file open for writing, as a running capture does
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); sys.stdin.read()",
+         str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        if os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() in ("FALSE", "0"):
+            pytest.skip("HDF5 file locking is turned off (HDF5_USE_FILE_LOCKING); the mapping is tested above")
+        with pytest.raises(ValueError, match="is open for writing by a running capture; wait for it or copy the file"):
+            CaptureReader(path)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    with CaptureReader(path) as reader:  # readable again once the writer is gone
+        assert reader.steps == []

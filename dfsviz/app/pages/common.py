@@ -120,6 +120,12 @@ def budget_options(value: float) -> list[float]:
     return sorted(set(BUDGETS) | {float(value)})
 
 
+def method_choices(reader) -> list[str]:
+    """Stored scoring methods, plus "oracle" (exact block mass) which every capture can rank by
+    (``CaptureCatalog.scores`` serves it from m when it was not stored)."""
+    return list(reader.methods) + ([] if "oracle" in reader.methods else ["oracle"])
+
+
 def figure_card(name: str, height: int = 440, figure=None) -> html.Div:
     """A graph with a CSV download of the plotted numbers; PNG comes from the mode bar."""
     graph = dcc.Graph(

@@ -19,7 +19,7 @@ def layout(**query):
     if page.reader is None:
         return html.Div([html.H2("Drift"), page.header()])
     r, q = page.reader, page.query
-    methods = list(r.methods) + ([] if "oracle" in r.methods else ["oracle"])
+    methods = common.method_choices(r)
     layer = q.choice("layer", r.layers, r.layers[len(r.layers) // 2])
     order = q.choice("order", r.orders, "hilbert3d" if "hilbert3d" in r.orders else r.orders[0])
     method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])

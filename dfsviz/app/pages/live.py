@@ -51,14 +51,19 @@ def layout(**query):
                          common.banner(["this capture stored no Q/K/V: capture with --save-qkv LAYER to run attention live"],
                                        "warning", id=f"{PREFIX}-banner")])
     methods = list(r.methods)
-    step = q.choice("step", r.steps, r.steps[-1])
+    qkv_steps = [s for s in r.steps if s in r.layout.qkv_steps]
+    if not qkv_steps:
+        return html.Div([html.H2("Live"), page.header(),
+                         common.banner(["no completed step of this capture holds Q/K/V yet (--qkv-steps)"],
+                                       "warning", id=f"{PREFIX}-banner")])
+    step = q.choice("step", qkv_steps, qkv_steps[-1])
     layer = q.choice("layer", qkv_layers, qkv_layers[0])
     order = q.choice("order", r.orders, "hilbert3d" if "hilbert3d" in r.orders else r.orders[0])
     method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
     budget = q.number("budget", 1e-3, 1.0, 0.2)
     device = "cuda (Triton kernels)" if torch.cuda.is_available() else "cpu (PyTorch references)"
     controls = html.Div([
-        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step)),
+        common.control("step (stored Q/K/V)", common.dropdown(f"{PREFIX}-step", qkv_steps, step)),
         common.control("layer (stored Q/K/V)", common.dropdown(f"{PREFIX}-layer", qkv_layers, layer)),
         common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order)),
         common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method)),

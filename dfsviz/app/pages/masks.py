@@ -32,18 +32,13 @@ def order_pair(orders: list[str]) -> tuple[str, str]:
     return orders[0], orders[0]
 
 
-def method_choices(reader) -> list[str]:
-    """Stored scoring methods, plus "oracle" (exact block mass) which every capture can rank by."""
-    return list(reader.methods) + ([] if "oracle" in reader.methods else ["oracle"])
-
-
 @common.guarded_layout("Masks")
 def layout(**query):
     page = common.PageContext(PREFIX, query)
     if page.reader is None:
         return html.Div([html.H2("Masks"), page.header()])
     r, q = page.reader, page.query
-    methods = method_choices(r)
+    methods = common.method_choices(r)
     step = q.choice("step", r.steps, r.steps[-1])
     layer = q.choice("layer", r.layers, r.layers[len(r.layers) // 2])
     head = q.choice("head", r.heads, r.heads[0])
@@ -101,53 +96,37 @@ def mask_view(cid: str, step: int, layer: int, head: int, order: str, method: st
     }
 
 
-#: Largest key-block count drawn with outlined kept blocks; above it the kept blocks are
-#: shaded: at 256 blocks a cell is 1-2 px, an outline per kept cell is invisible, and its
-#: ~100k line vertices would triple the response (about 2.5 MB per map).
-OUTLINE_MAX_BLOCKS = 64
+def _trace_json(trace) -> dict:
+    """A plotly trace as the dict ``Figure.to_dict`` gives (arrays as base64 typed arrays)."""
+    from _plotly_utils.utils import convert_to_base64  # what Figure.to_dict uses
+
+    data = trace.to_plotly_json()
+    convert_to_base64(data)
+    return data
 
 
 def _base_figure(cid: str, step: int, layer: int, head: int, order: str) -> dict:
-    """The block-mass heatmap of ``figures.mask_heatmap`` as a plotly dict (memoised per view:
-    changes of method or budget reuse it). z is sent as float32."""
+    """``figures.mask_heatmap`` of the block mass, without a mask, as a plotly dict (memoised
+    per view: a change of method or budget redraws only the mask over it)."""
     from dfsviz.figures import mask_heatmap
 
     def build(_reader):
-        m = get_catalog().mass(cid, step, layer, order, head)[0, 0]
-        fig = mask_heatmap(m, None, title="")
-        fig.data[0].z = np.asarray(fig.data[0].z, dtype=np.float32)
-        return fig.to_dict()
+        return mask_heatmap(get_catalog().mass(cid, step, layer, order, head)[0, 0]).to_dict()
 
     return get_catalog().cached(cid, ("mask_figure", step, layer, order, head), build)
 
 
 def mask_figure(base: dict, view: dict, order: str, method: str, budget: float) -> dict:
-    """The heatmap ``base`` with the kept blocks of ``view["kept"]`` drawn on top and the
-    recall and density in the title.
-
-    Up to ``OUTLINE_MAX_BLOCKS`` key blocks the kept blocks are outlined (the segments of
-    ``figures.outline_segments``, sent as float32 arrays); above, they are shaded white.
-    """
-    import plotly.graph_objects as go
-
-    from dfsviz.figures import outline_segments
+    """The heatmap ``base`` with the kept blocks of ``view["kept"]`` drawn on top by
+    ``figures.kept_blocks_trace`` (style "auto": outlined up to ``figures.OUTLINE_MAX_BLOCKS``
+    key blocks, shaded above) and the recall and density in the title."""
+    from dfsviz.figures import kept_blocks_trace, kept_caption
 
     kept = view["kept"].numpy()
-    if kept.shape[1] <= OUTLINE_MAX_BLOCKS:
-        xs, ys = outline_segments(kept)
-        top = go.Scatter(x=np.asarray(xs, dtype=np.float32), y=np.asarray(ys, dtype=np.float32), mode="lines",
-                         line={"color": "#FFFFFF", "width": 1}, name="kept blocks", hoverinfo="skip", showlegend=False)
-    else:
-        top = go.Heatmap(z=kept.astype(np.uint8), zmin=0, zmax=1, showscale=False, name="kept blocks", hoverinfo="skip",
-                         colorscale=[[0.0, "rgba(0,0,0,0)"], [1.0, "rgba(255,255,255,0.6)"]])
     title = (f"{order} · {method} · γ = {budget:g}<br>recall R = {view['recall']:.3f} · density ρ = {view['density']:.3f}"
-             f" · kept {kept.mean():.1%} of blocks")
-    from _plotly_utils.utils import convert_to_base64  # what Figure.to_dict uses: arrays as base64
-
-    top = top.to_plotly_json()
-    convert_to_base64(top)
+             f" · {kept_caption(kept)}")
     layout = {**base["layout"], "title": {**base["layout"].get("title", {}), "text": title}}
-    return {"data": [base["data"][0], top], "layout": layout}
+    return {"data": [base["data"][0], _trace_json(kept_blocks_trace(kept, style="auto"))], "layout": layout}
 
 
 def _block_tokens(perm: torch.Tensor, u: int, block: int) -> torch.Tensor:
@@ -176,7 +155,7 @@ def footprint_views(cid: str, step: int, layer: int, head: int, method: str, bud
     cat = get_catalog()
     reader = cat.reader(cid)
     grid, block, n = reader.grid, reader.block, reader.grid.num_tokens
-    exact = layer in reader.layout.qkv_layers
+    exact = layer in reader.layout.qkv_layers and step in reader.layout.qkv_steps
     if not exact and not reader.layout.footprints:
         raise CaptureError("this capture has neither footprints nor Q/K of this layer: capture with --footprints or --save-qkv")
     coords = cat.coords(cid)
@@ -227,11 +206,8 @@ def footprint_views(cid: str, step: int, layer: int, head: int, method: str, bud
 
 def footprint_figure(cid: str, step: int, layer: int, head: int, view: dict, grid) -> dict:
     """``figures.footprint_frames`` of the query block (memoised per block: a change of method
-    or budget only redraws the kept-key outlines, added here per frame as float32 arrays)."""
-    import plotly.graph_objects as go
-    from _plotly_utils.utils import convert_to_base64
-
-    from dfsviz.figures import footprint_frames, outline_segments
+    or budget only redraws the kept-key outlines, ``figures.footprint_outlines``, over it)."""
+    from dfsviz.figures import footprint_frame_indices, footprint_frames, footprint_outlines
 
     def build(_reader):
         fig = footprint_frames(view["attention"], grid, query_tokens=view["query"], cols=4,
@@ -240,18 +216,8 @@ def footprint_figure(cid: str, step: int, layer: int, head: int, view: dict, gri
 
     base = get_catalog().cached(cid, ("footprint_figure", step, layer, view["order"], head, view["block"], view["exact"]),
                                 build)
-    kept = view["kept"][grid.video_slice].reshape(grid.frames, grid.height, grid.width).numpy()
-    outlines = []
-    for trace in base["data"]:
-        if trace.get("type") != "heatmap":
-            continue
-        frame = int(str(trace["name"]).split()[-1])
-        xs, ys = outline_segments(kept[frame])
-        line = go.Scatter(x=np.asarray(xs, dtype=np.float32), y=np.asarray(ys, dtype=np.float32), mode="lines",
-                          line={"color": "#FFFFFF", "width": 1.5}, name=f"kept keys, frame {frame}", hoverinfo="skip",
-                          showlegend=False, xaxis=trace.get("xaxis", "x"), yaxis=trace.get("yaxis", "y")).to_plotly_json()
-        convert_to_base64(line)
-        outlines.append(line)
+    # the frames footprint_frames drew by default
+    outlines = [_trace_json(t) for t in footprint_outlines(view["kept"], grid, footprint_frame_indices(grid))]
     title = dict(base["layout"].get("title", {}))
     title["text"] = f"{title.get('text', '')} · its recall {view['row_recall']:.3f}"
     return {"data": base["data"] + outlines, "layout": {**base["layout"], "title": title}}

@@ -137,25 +137,6 @@ def recall_grid(cid: str, order: str, budget: float) -> tuple[list[int], list[in
     return list(r.layers), list(r.steps), out
 
 
-def _recall_grid_figure(layers, steps, grids: dict, order: str, budget: float):
-    """One heatmap per method: recall per layer (rows) x step (columns). Page-specific builder."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=len(grids), subplot_titles=list(grids), horizontal_spacing=0.06)
-    for i, (method, z) in enumerate(grids.items()):
-        fig.add_trace(go.Heatmap(z=z, x=[str(s) for s in steps], y=[str(l) for l in layers], zmin=0, zmax=1,
-                                 coloraxis="coloraxis", name=method, text=np.round(z, 3), texttemplate="%{text}",
-                                 hovertemplate=f"{method}<br>step %{{x}}, layer %{{y}}<br>R = %{{z:.4f}}<extra></extra>"),
-                      row=1, col=i + 1)
-        fig.update_xaxes(title_text="step", type="category", row=1, col=i + 1)
-        fig.update_yaxes(type="category", autorange="reversed", row=1, col=i + 1,
-                         title_text="layer" if i == 0 else None)
-    fig.update_layout(title=f"Recall per layer × step · {order} · top-k at γ = {budget:g}", template="plotly_white",
-                      coloraxis={"colorscale": "Viridis", "cmin": 0, "cmax": 1, "colorbar": {"title": "recall R"}})
-    return fig
-
-
 # --------------------------------------------------------------------------- callbacks
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=0)
@@ -191,8 +172,11 @@ def register(app) -> None:
                   *[Input(f"{PREFIX}-{c}", "value") for c in ("file", "order", "budget")], prevent_initial_call="initial_duplicate")
     @common.guarded(2, 1, figures=(0,))
     def _recall(cid, order, budget):
+        from dfsviz.figures import recall_grid_figure
+
         layers, steps, grids = recall_grid(cid, order, float(budget))
-        return _recall_grid_figure(layers, steps, grids, order, float(budget)), dash.no_update
+        return recall_grid_figure(layers, steps, grids,
+                                  title=f"Recall per layer × step · {order} · top-k at γ = {float(budget):g}"), dash.no_update
 
     common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])
 

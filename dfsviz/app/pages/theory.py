@@ -12,7 +12,7 @@ from __future__ import annotations
 import dash
 from dash import Input, Output, dcc, html
 
-from dfsviz.app.data import block_stats_of, get_catalog
+from dfsviz.app.data import get_catalog
 from dfsviz.app.pages import common
 
 NAME, PATH, PREFIX = "Theory", "/theory", "th"
@@ -30,7 +30,7 @@ def layout(**query):
     if page.reader is None:
         return html.Div([html.H2("Theory"), page.header()])
     r, q = page.reader, page.query
-    methods = list(r.methods) + ([] if "oracle" in r.methods else ["oracle"])
+    methods = common.method_choices(r)
     step = q.choice("step", r.steps, r.steps[-1])
     layer = q.choice("layer", [ALL, *r.layers], r.layers[len(r.layers) // 2])
     method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
@@ -71,7 +71,7 @@ def factor_tables(cid: str, step: int, layer, method: str, budget: float, orders
     blocks, heads = [], []
     for order in orders:
         for lay in layers:
-            stats = block_stats_of(cat.stats(cid, step, lay, order))
+            stats = cat.stats(cid, step, lay, order).to_block_stats()
             mask = select_topk(cat.scores(cid, step, lay, order, method), budget, seq_len=r.grid.num_tokens, block=r.block)
             blocks.append(factor_rows(stats, mask, order=order, method=method, selector=selector, step=step, layer=lay))
             w_q, w_k = cat.variance_ratios(cid, step, lay, order)
