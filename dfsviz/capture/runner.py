@@ -115,6 +115,7 @@ class CaptureConfig:
         stride: antidiagonal stride S (power of two in [2, block]).
         footprints: query blocks per head whose exact attention is stored (0 = none).
         save_qkv: layers whose Q/K/V are stored (empty = none).
+        qkv_steps: captured steps at which Q/K/V are stored; None = every captured step.
         qkv_dtype: storage dtype of saved Q/K/V: "auto" (float16 for float16 models, else
             float32), "float16" (half the size; values beyond +-65504 are refused) or "float32".
         device: "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
@@ -147,6 +148,7 @@ class CaptureConfig:
     stride: int = 8
     footprints: int = 2
     save_qkv: tuple[int, ...] = ()
+    qkv_steps: tuple[int, ...] | None = None
     qkv_dtype: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
@@ -218,6 +220,14 @@ class CaptureConfig:
         if self.layers is not None and set(save_qkv) - set(self.layers):
             raise ValueError(
                 f"`save_qkv` layers {sorted(set(save_qkv) - set(self.layers))} are not captured (`layers` = {list(self.layers)})"
+            )
+        object.__setattr__(self, "qkv_steps", _int_tuple(self.qkv_steps, "qkv_steps"))
+        if self.qkv_steps is not None and not save_qkv:
+            raise ValueError("`qkv_steps` needs `save_qkv`: name the layers whose Q/K/V to store (--save-qkv)")
+        if self.qkv_steps is not None and self.capture_steps and set(self.qkv_steps) - set(self.capture_steps):
+            raise ValueError(
+                f"`qkv_steps` {sorted(set(self.qkv_steps) - set(self.capture_steps))} are not captured steps "
+                f"(`capture_steps` = {list(self.capture_steps)})"
             )
         if self.qkv_dtype not in QKV_DTYPES:
             raise ValueError(f"`qkv_dtype` must be one of {list(QKV_DTYPES)} (got {self.qkv_dtype!r})")
@@ -538,9 +548,9 @@ class ResolvedCapture:
             "block": lay.block,
             "footprints": lay.footprints,
             "save_qkv": list(lay.qkv_layers),
+            "qkv_steps": list(lay.qkv_steps) if lay.qkv_layers else [],
             "out": self.config.out,
-            "bytes_per_step_uncompressed": lay.bytes_per_step(),
-            "estimated_file_bytes_uncompressed": lay.bytes_per_step() * len(self.capture_steps),
+            "estimated_file_bytes_uncompressed": lay.total_bytes(),
         }
 
 
@@ -632,6 +642,7 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
         steps=tuple(steps),
         footprints=min(config.footprints, num_blocks),
         qkv_layers=tuple(config.save_qkv),
+        qkv_steps=config.qkv_steps,
         head_dim=head_dim,
         qkv_dtype=config.stored_qkv_dtype,
     )
@@ -781,7 +792,7 @@ class _Reducer:
                 blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), cfg.seed * 7919 + rec.layer * 31 + oi)
                 att = block_footprints(q, k, order.perm, blocks, lay.block, scale)
                 self.writer.write_footprints(rec.layer, self.branch, order.name, blocks, att)
-        if rec.layer in lay.qkv_layers:
+        if rec.layer in lay.qkv_layers and lay.has_qkv(self.writer.open_step):
             self.writer.write_qkv(rec.layer, self.branch, q[0], k[0], v[0])
         self.seen.add((rec.layer, self.branch))
         if self.progress is not None:

@@ -92,6 +92,7 @@ def _size(num_bytes: int) -> str:
 @click.option("--stride", type=int, default=8, show_default=True, help="antidiagonal stride S.")
 @click.option("--footprints", type=int, default=2, show_default=True, help="Query blocks per head with exact attention.")
 @click.option("--save-qkv", default=None, help="Layers whose Q/K/V are stored, e.g. 0,15 (default none).")
+@click.option("--qkv-steps", default=None, help="Captured steps at which --save-qkv stores Q/K/V (default all).")
 @click.option(
     "--qkv-dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto", show_default=True,
     help="Storage dtype of --save-qkv tensors (auto: float16 for float16 models, else float32).",
@@ -145,6 +146,7 @@ def capture_command(**opts) -> None:
         stride=opts["stride"],
         footprints=opts["footprints"],
         save_qkv=parse_int_list(opts["save_qkv"], "--save-qkv") or (),
+        qkv_steps=parse_int_list(opts["qkv_steps"], "--qkv-steps"),
         qkv_dtype=opts["qkv_dtype"],
         device=opts["device"],
         dtype=opts["dtype"],
@@ -158,8 +160,8 @@ def capture_command(**opts) -> None:
             info = resolved.describe()
             click.echo(json.dumps(info, indent=1))
             click.echo(
-                f"estimated size: {_size(info['bytes_per_step_uncompressed'])} per step, "
-                f"{_size(info['estimated_file_bytes_uncompressed'])} for {len(info['capture_steps'])} steps "
+                f"estimated size: {_size(info['estimated_file_bytes_uncompressed'])} for "
+                f"{len(info['capture_steps'])} steps "
                 "(uncompressed upper bound; maps compress about 1.2-8x)"
             )
             return

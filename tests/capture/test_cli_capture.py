@@ -35,7 +35,7 @@ def test_dry_run_prints_resolved_config_and_size(tmp_path, model_dirs):
     # per step: 2 layers x 1 branch x 2 orders x 2 heads = 8 maps of 12 x 12
     maps = 8 * 144
     expected = 4 * maps * 4 + 3 * maps * 4 + 2 * 8 * 8 + 8 * 2 * 4 + 8 * 2 * 192 * 2  # 2 footprints
-    assert info["bytes_per_step_uncompressed"] == expected
+    assert info["estimated_file_bytes_uncompressed"] == 5 * expected
     assert "estimated size:" in size_line and "for 5 steps" in size_line
     assert not out.exists()
 

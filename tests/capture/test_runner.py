@@ -157,6 +157,8 @@ def test_grid_mismatch_is_caught_at_the_first_layer(tmp_path, model_dirs):
         (dict(embeddings="missing.safetensors"), "`embeddings` must be a .safetensors file, 'random' or None"),
         (dict(layers=(1, 1)), "`layers` lists a value twice"),
         (dict(tile=3), r"`tile` must be a power of two in \[4, 128\]"),
+        (dict(qkv_steps=(0,)), "`qkv_steps` needs `save_qkv`"),
+        (dict(save_qkv=(0,), capture_steps=(0, 4), qkv_steps=(2,)), r"`qkv_steps` \[2\] are not captured steps"),
         (dict(qkv_dtype="bfloat16"), r"`qkv_dtype` must be one of \['auto', 'float16', 'float32'\]"),
     ],
 )
