@@ -22,9 +22,20 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
 	fi
 
+# The main job: capture the embedded model into runs/embedded.h5 (about a minute on 2 CPU
+# cores; reused when complete, resumed when interrupted), then serve the dashboard on
+# http://127.0.0.1:8050 over it and the shipped sample capture in data/captures/.
+RUN_CAPTURE := runs/embedded.h5
+
 run: $(STAMP)
-	$(BIN)/dfsviz orders --grid 21x45x80 --block 128
-	$(BIN)/dfsviz recall --grid 13x24x40
+	@if $(BIN)/python -c "import sys, dfsviz; sys.exit(0 if dfsviz.open('$(RUN_CAPTURE)').complete else 1)" 2>/dev/null; then \
+		echo "$(RUN_CAPTURE) is complete: reusing it (delete it to capture afresh)"; \
+	elif [ -f $(RUN_CAPTURE) ]; then \
+		$(BIN)/dfsviz capture --out $(RUN_CAPTURE) --resume; \
+	else \
+		$(BIN)/dfsviz capture --out $(RUN_CAPTURE); \
+	fi
+	$(BIN)/dfsviz app
 
 # pytest's exit code 5 means no test was collected: that is a failure, not a pass.
 test: $(STAMP) browser
