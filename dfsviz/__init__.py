@@ -12,9 +12,22 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 if TYPE_CHECKING:
+    from dfsviz.accel import DFSConfig, apply_dfsattn, remove_dfsattn  # noqa: F401
     from dfsviz.capture.store import CaptureReader
 
-__all__ = ["__version__", "open"]
+__all__ = ["DFSConfig", "__version__", "apply_dfsattn", "open", "remove_dfsattn"]
+
+# Names served from subpackages on first use, so `import dfsviz` (and `dfsviz.sparse`)
+# never pulls in Triton, diffusers or h5py.
+_LAZY = {"apply_dfsattn": "dfsviz.accel", "remove_dfsattn": "dfsviz.accel", "DFSConfig": "dfsviz.accel"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dfsviz' has no attribute {name!r}")
 
 
 def open(path: str | os.PathLike) -> "CaptureReader":  # noqa: A001 - `dfsviz.open(path)` is the documented entry point

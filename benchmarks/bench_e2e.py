@@ -1,0 +1,384 @@
+"""End-to-end DFSAttn speed in the Wan2.1 transformer (GPU; baselines in the same process).
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_e2e.py                       # 1.3B/480p and 14B/720p
+    PYTHONPATH=$PWD python3 benchmarks/bench_e2e.py --models 14b-720p --reps 3
+    PYTHONPATH=$PWD python3 benchmarks/bench_e2e.py --models tiny --device cpu   # checks the script on CPU
+
+Models: the diffusers ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B architecture at 480p x 81
+frames (latent 16 x 21 x 60 x 104, 21 x 30 x 52 = 32,760 tokens) and the Wan2.1-14B architecture at
+720p x 81 frames (latent 16 x 21 x 90 x 160, 21 x 45 x 80 = 75,600 tokens); random bf16 weights
+(normal, std 0.02, so activations stay finite through 30-40 layers), one random latent and a
+512-token random text embedding, batch 1 (the diffusers Wan pipeline runs cond and uncond as two
+calls).
+
+Per model it times one transformer call (CUDA events, median of --reps after a warm-up call):
+
+* dense: stock processors, SDPA forced to cuDNN (``sdpa_kernel(CUDNN_ATTENTION)``); also FLASH;
+* DFSAttn (hilbert3d, dfs_tile tile 16, block 128, layer 0 dense) at gamma 0.3 / 0.2 / 0.1, a
+  refresh call (scoring + selection + sparse attention) and a cached call (sparse attention with
+  the layer's cached mask), per-call permutation and permute-once;
+* where the time goes in one call of each kind: attention (block-sparse kernel or SDPA),
+  scoring (block_scores + select_topk), permutation (TokenOrder.apply for scoring, the
+  permute-once hooks) and the rest (projections, norms, FFN, cross-attention, launch gaps);
+* the schedule-weighted time of the default 50-step schedule with CFG (DFSSchedule(
+  calls_per_step=2): 24 dense calls, refresh on the cond call of steps 12/24/36, every other call
+  cached), and the end-to-end transformer speedup over 100 dense calls.
+
+Writes benchmarks/results/e2e_<card>.json (card, versions, shapes, every timing, the speedups).
+The paper reports 1.79x end to end on Wan2.1-14B 720p (whole pipeline); the target here is >= 1.79x
+on the 14B/720p transformer, 2.0x the goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import dfsviz
+from dfsviz.accel import DFSConfig, apply_dfsattn
+from dfsviz.sparse.orders import TokenOrder
+from dfsviz.sparse.schedule import DFSSchedule
+
+processor_module = importlib.import_module("dfsviz.accel.processor")
+log = logging.getLogger("bench_e2e")
+
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+TINY = {**WAN_1_3B, "num_attention_heads": 2, "attention_head_dim": 64, "ffn_dim": 256, "num_layers": 2,
+        "text_dim": 64, "freq_dim": 32}
+# name -> (config, latent [C, F, H, W], text tokens)
+MODELS = {
+    "1.3b-480p": (WAN_1_3B, (16, 21, 60, 104), 512),
+    "14b-720p": (WAN_14B, (16, 21, 90, 160), 512),
+    "tiny": (TINY, (16, 3, 32, 32), 16),  # 768 tokens: runs on CPU with the reference kernels
+}
+GAMMAS = (0.3, 0.2, 0.1)
+PAPER_SPEEDUP_14B = 1.79
+
+
+# --------------------------------------------------------------------------- timing helpers
+class Timer:
+    """Wall time of a region: CUDA events on GPU (read after synchronize), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, start) -> callable:
+        """Returns a thunk giving milliseconds (call it after synchronize)."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            return lambda: start.elapsed_time(end)
+        ms = (time.perf_counter() - start) * 1e3
+        return lambda: ms
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Breakdown:
+    """Wraps the functions DFSAttn and the stock processors call to time each category."""
+
+    CATEGORIES = ("attention", "scoring", "permutation")
+
+    def __init__(self, device: torch.device) -> None:
+        self.timer = Timer(device)
+        self.device = device
+        self.pending: dict[str, list] = {c: [] for c in self.CATEGORIES}
+        self.active = False
+
+    def wrap(self, fn, category: str):
+        def timed(*args, **kwargs):
+            if not self.active:
+                return fn(*args, **kwargs)
+            t = self.timer.start()
+            out = fn(*args, **kwargs)
+            self.pending[category].append(self.timer.stop(t))
+            return out
+
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self):
+        saved = []
+
+        def patch(owner, name, category):
+            orig = getattr(owner, name)
+            saved.append((owner, name, orig))
+            setattr(owner, name, self.wrap(orig, category))
+
+        patch(processor_module, "block_sparse_attention", "attention")
+        patch(processor_module, "block_scores", "scoring")
+        patch(processor_module, "select_topk", "scoring")
+        patch(TokenOrder, "apply", "permutation")
+        patch(F, "scaled_dot_product_attention", "attention")  # dense steps/layers, cross-attention
+        try:
+            yield self
+        finally:
+            for owner, name, orig in reversed(saved):
+                setattr(owner, name, orig)
+
+    def collect(self) -> dict[str, float]:
+        sync(self.device)
+        out = {c: sum(t() for t in self.pending[c]) for c in self.CATEGORIES}
+        self.pending = {c: [] for c in self.CATEGORIES}
+        return out
+
+
+def permute_hook_timing(breakdown: Breakdown):
+    """Time the permute-once hooks as 'permutation' (patched on the class before apply)."""
+    cls = processor_module.DFSHandle
+    saved = (cls._permute, cls._restore)
+
+    def wrap(fn):
+        def hook(self, *args, **kwargs):
+            return breakdown.wrap(lambda: fn(self, *args, **kwargs), "permutation")()
+        return hook
+
+    cls._permute, cls._restore = wrap(saved[0]), wrap(saved[1])
+    return lambda: (setattr(cls, "_permute", saved[0]), setattr(cls, "_restore", saved[1]))
+
+
+# --------------------------------------------------------------------------- model
+def build(name: str, device: torch.device, dtype: torch.dtype, seed: int):
+    from diffusers import WanTransformer3DModel
+
+    cfg, latent, text_len = MODELS[name]
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in bf16 directly (14B fp32 would not fit)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(1, *latent, generator=g).to(device, dtype)
+    text = torch.randn(1, text_len, cfg["text_dim"], generator=g).to(device, dtype)
+    t = torch.tensor([500.0], device=device)
+    return model, dict(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)
+
+
+def time_calls(model, inputs, device, reps: int, before=None) -> list[float]:
+    """Milliseconds of ``reps`` transformer calls after one warm-up call; ``before()`` runs before each."""
+    timer = Timer(device)
+    out = []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            if before is not None:
+                before()
+            sync(device)
+            t = timer.start()
+            y = model(**inputs)[0]
+            stop = timer.stop(t)
+            sync(device)
+            if i > 0:
+                out.append(stop())
+            if not bool(torch.isfinite(y).all()):
+                raise RuntimeError("non-finite transformer output; lower the weight scale")
+    return out
+
+
+def sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "math":
+        return sdpa_kernel(SDPBackend.MATH)
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
+
+
+def run_model(name: str, device: torch.device, reps: int, modes: list[str], backend: str | None, seed: int) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    model, inputs = build(name, device, dtype, seed)
+    log.info("%s built in %.1f s", name, time.perf_counter() - t0)
+    cfg, latent, text_len = MODELS[name]
+    grid = (latent[1], latent[2] // 2, latent[3] // 2)
+    result = {"model": name, "config": cfg, "latent": list(latent), "grid": list(grid),
+              "tokens": grid[0] * grid[1] * grid[2], "text_tokens": text_len, "dtype": str(dtype), "batch": 1,
+              "reps": reps}
+    dense_backends = ["cudnn", "flash"] if device.type == "cuda" else ["math"]
+    breakdown = Breakdown(device)
+
+    # ---- dense baselines
+    dense = {}
+    for b in dense_backends:
+        with sdpa_backend(b):
+            ms = time_calls(model, inputs, device, reps)
+            with breakdown.installed():
+                breakdown.active = True
+                with torch.no_grad():
+                    timer = Timer(device)
+                    t = timer.start()
+                    model(**inputs)
+                    total = timer.stop(t)
+                parts = breakdown.collect()
+                breakdown.active = False
+            parts["total"] = total()
+        dense[b] = {"ms": ms, "median_ms": statistics.median(ms), "breakdown_ms": _with_rest(parts)}
+        log.info("%s dense %s: %.1f ms", name, b, dense[b]["median_ms"])
+    result["dense"] = dense
+    base = dense[dense_backends[0]]["median_ms"]
+
+    # ---- DFSAttn
+    dfs = {}
+    for mode in modes:
+        once = mode == "permute_once"
+        for gamma in GAMMAS:
+            schedule = DFSSchedule(num_steps=2, skip_steps=0, interval=2, gamma0=gamma, decrement=0.0,
+                                   dense_layers=(0,))
+            config = DFSConfig(schedule=schedule, permute_once=once, backend=backend)
+            restore_hooks = permute_hook_timing(breakdown)
+            handle = apply_dfsattn(model, config)
+            try:
+                with sdpa_backend(dense_backends[0]):
+                    def refresh():
+                        handle.state.reset()
+                        handle.state.set_step(0)
+
+                    def cached():
+                        handle.state.set_step(1)
+
+                    t_refresh = time_calls(model, inputs, device, reps, before=refresh)
+                    t_cached = time_calls(model, inputs, device, reps, before=cached)
+                    density = handle.state.records[-1]["density"]
+                    row = {"gamma": gamma, "mode": mode, "refresh_ms": t_refresh, "cached_ms": t_cached,
+                           "refresh_median_ms": statistics.median(t_refresh),
+                           "cached_median_ms": statistics.median(t_cached),
+                           "mask_density": density, "breakdown_ms": {}}
+                    with breakdown.installed():
+                        for kind, before in (("refresh", refresh), ("cached", cached)):
+                            before()
+                            breakdown.active = True
+                            with torch.no_grad():
+                                timer = Timer(device)
+                                t = timer.start()
+                                model(**inputs)
+                                total = timer.stop(t)
+                            parts = breakdown.collect()
+                            breakdown.active = False
+                            parts["total"] = total()
+                            row["breakdown_ms"][kind] = _with_rest(parts)
+            finally:
+                handle.remove()
+                restore_hooks()
+            row["speedup_cached_vs_dense"] = base / row["cached_median_ms"]
+            row["speedup_refresh_vs_dense"] = base / row["refresh_median_ms"]
+            dfs[f"{mode}_g{gamma:.1f}"] = row
+            log.info("%s %s gamma %.1f: refresh %.1f ms, cached %.1f ms (dense %.1f)", name, mode, gamma,
+                     row["refresh_median_ms"], row["cached_median_ms"], base)
+    result["dfsattn"] = dfs
+    result["schedule_weighted"] = {mode: schedule_weighted(dfs, mode, base) for mode in modes}
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _with_rest(parts: dict) -> dict:
+    parts = dict(parts)
+    parts["rest"] = parts["total"] - sum(parts[c] for c in Breakdown.CATEGORIES)
+    return parts
+
+
+def schedule_weighted(dfs: dict, mode: str, dense_ms: float) -> dict:
+    """Transformer time of the default 50-step schedule with CFG as two calls per step."""
+    schedule = DFSSchedule(calls_per_step=2)
+    total = 0.0
+    counts = {"dense": 0, "refresh": 0, "cached": 0}
+    for plan in schedule.plan():
+        if plan.dense:
+            total += dense_ms
+            counts["dense"] += 1
+            continue
+        row = dfs[f"{mode}_g{round(plan.gamma, 1):.1f}"]  # 0.19999999999999998 is the 0.2 row
+        kind = "refresh" if plan.refresh else "cached"
+        total += row[f"{kind}_median_ms"]
+        counts[kind] += 1
+    dense_total = dense_ms * len(schedule.plan())
+    return {"schedule": schedule.name, "calls": counts, "dfsattn_s": total / 1e3, "dense_s": dense_total / 1e3,
+            "speedup": dense_total / total}
+
+
+def card_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    m = re.search(r"(h100|h200|a100|l40s|b200|gh200)", name)
+    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "_", name).strip("_")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="1.3b-480p,14b-720p", help=f"comma list of {list(MODELS)}")
+    ap.add_argument("--reps", type=int, default=2, help="timed calls per measurement (after one warm-up)")
+    ap.add_argument("--modes", default="per_call,permute_once", help="per_call, permute_once or both")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--backend", default=None, choices=[None, "triton", "ref"], help="kernel backend (default auto)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/e2e_<card>.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        ap.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if any(m not in ("per_call", "permute_once") for m in modes):
+        ap.error(f"--modes: choose from per_call, permute_once (got {modes})")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no GPU visible; use --device cpu --models tiny to check the script")
+    import diffusers
+    import triton
+
+    out = args.out or Path(__file__).resolve().parent / "results" / f"e2e_{card_slug(device)}.json"
+    result = {
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__,
+                     "dfsviz": dfsviz.__version__, "cuda": torch.version.cuda,
+                     "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+                     "python": platform.python_version()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "paper_speedup_14b_720p": PAPER_SPEEDUP_14B, "goal_speedup": 2.0, "models": {},
+    }
+    for name in names:
+        result["models"][name] = run_model(name, device, args.reps, modes, args.backend, args.seed)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))  # after each model: a killed run keeps what finished
+    for name, r in result["models"].items():
+        for mode, s in r["schedule_weighted"].items():
+            print(f"{name} {mode}: 50-step CFG schedule {s['dfsattn_s']:.1f} s vs dense {s['dense_s']:.1f} s "
+                  f"-> {s['speedup']:.2f}x")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""DFSAttn in real diffusers pipelines: ``apply_dfsattn(pipe_or_transformer, DFSConfig(...))``
+installs the DFSAttn attention processors (3D Hilbert order, tile scoring at refresh steps,
+per-layer mask cache, block-sparse kernel) and returns a handle whose ``remove()`` restores
+the original processors."""
+
+from dfsviz.accel.config import CFG_MODES, DFSConfig
+from dfsviz.accel.processor import (
+    ACCEL_ARCHS,
+    CogVideoXDFSProcessor,
+    DFSHandle,
+    DFSState,
+    HunyuanVideoDFSProcessor,
+    WanDFSProcessor,
+    apply_dfsattn,
+    remove_dfsattn,
+    text_blocks,
+)
+
+__all__ = [
+    "ACCEL_ARCHS",
+    "CFG_MODES",
+    "CogVideoXDFSProcessor",
+    "DFSConfig",
+    "DFSHandle",
+    "DFSState",
+    "HunyuanVideoDFSProcessor",
+    "WanDFSProcessor",
+    "apply_dfsattn",
+    "remove_dfsattn",
+    "text_blocks",
+]

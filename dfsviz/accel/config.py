@@ -1,0 +1,105 @@
+"""Configuration of DFSAttn inside a diffusers video transformer (``apply_dfsattn``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dfsviz.kernels._dispatch import BACKENDS
+from dfsviz.sparse._validate import check_power_of_two
+from dfsviz.sparse.orders import order_names
+from dfsviz.sparse.schedule import DFSSchedule
+from dfsviz.sparse.scoring import scorer_names
+
+__all__ = ["CFG_MODES", "DFSConfig"]
+
+#: How the branches of classifier-free guidance get their masks.
+CFG_MODES = {
+    "share": "the conditional branch scores and selects; the unconditional branch reuses its mask "
+    "(the reference code: its cache is keyed by layer only)",
+    "separate": "each branch scores and caches its own mask",
+}
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool (got {type(value).__name__} {value!r})")
+    return value
+
+
+@dataclass(frozen=True)
+class DFSConfig:
+    """DFSAttn settings (defaults: the paper's Wan2.1 setup, reference/paper.md section 3).
+
+    Fields:
+        order: token order of the video tokens, a name of ``dfsviz.sparse.orders.ORDERS``
+            ("hilbert3d"); text tokens keep their place.
+        block: tokens per query/key block, a power of two in [16, 256] (128, what the
+            reference kernel hard-codes).
+        tile: tokens per scoring tile, a power of two in [1, block] (16, the paper's B_s).
+        score_method: block scorer, a name of ``dfsviz.sparse.scoring.SCORERS`` ("dfs_tile").
+        schedule: :class:`~dfsviz.sparse.schedule.DFSSchedule`: dense warm-up steps, refresh
+            interval, gamma0, decrement, dense layers, transformer calls per step.
+        cfg: "share" (the unconditional branch of a CFG pair reuses the conditional branch's
+            mask, as the reference) or "separate" (each branch its own mask).
+        cond_index: in a CFG batch (even B), which half holds the conditional branch: 0 (first
+            half) or 1; None takes the architecture's pipeline convention (Wan, HunyuanVideo: 0;
+            CogVideoX pipelines concatenate [uncond, cond]: 1). With separate calls per branch
+            the first call of a step is the conditional one.
+        permute_once: permute hidden states and rotary tables once before the first block and
+            restore the order before the output head, instead of in every attention call.
+        backend: kernel backend, None (Triton on CUDA, else the PyTorch reference), "triton"
+            or "ref" (``dfsviz.kernels.BACKENDS``).
+        measure_recall: also compute the exact block mass of every sparse call and record the
+            recall of its mask (costs a dense attention pass; for quality studies only).
+    """
+
+    order: str = "hilbert3d"
+    block: int = 128
+    tile: int = 16
+    score_method: str = "dfs_tile"
+    schedule: DFSSchedule = field(default_factory=DFSSchedule)
+    cfg: str = "share"
+    cond_index: int | None = None
+    permute_once: bool = False
+    backend: str | None = None
+    measure_recall: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.order, str) or self.order not in order_names():
+            raise ValueError(f"`order` must be one of {order_names()} (got {self.order!r}); DFSAttn uses 'hilbert3d'")
+        check_power_of_two(self.block, "block", 16, 256)
+        check_power_of_two(self.tile, "tile", 1, 256)
+        if self.tile > self.block:
+            raise ValueError(
+                f"`tile` must not exceed `block` = {self.block} (got {self.tile}); DFSAttn uses tile 16 in block 128"
+            )
+        if not isinstance(self.score_method, str) or self.score_method not in scorer_names():
+            raise ValueError(
+                f"`score_method` must be one of {scorer_names()} (got {self.score_method!r}); DFSAttn uses 'dfs_tile'"
+            )
+        if not isinstance(self.schedule, DFSSchedule):
+            raise TypeError(
+                f"`schedule` must be a dfsviz.sparse.schedule.DFSSchedule (got {type(self.schedule).__name__}); "
+                "e.g. DFSSchedule(num_steps=50, skip_steps=12)"
+            )
+        if self.cfg not in CFG_MODES:
+            raise ValueError(f"`cfg` must be one of {sorted(CFG_MODES)} (got {self.cfg!r}); the reference is 'share'")
+        if self.cond_index is not None and (isinstance(self.cond_index, bool) or self.cond_index not in (0, 1)):
+            raise ValueError(
+                f"`cond_index` must be 0, 1 or None for the architecture's convention (got {self.cond_index!r})"
+            )
+        _check_bool(self.permute_once, "permute_once")
+        _check_bool(self.measure_recall, "measure_recall")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(
+                f"`backend` must be one of {sorted(BACKENDS)} or None for automatic (got {self.backend!r})"
+            )
+
+    @property
+    def name(self) -> str:
+        """Self-describing key, e.g. "dfsattn_hilbert3d_dfs_tile_b128_t16_share_dfs_n50_s12_...". """
+        once = "_once" if self.permute_once else ""
+        return (
+            f"dfsattn_{self.order}_{self.score_method}_b{self.block}_t{self.tile}_{self.cfg}{once}_"
+            f"{self.schedule.name}"
+        )
