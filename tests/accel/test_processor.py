@@ -14,7 +14,8 @@ from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import make_order
 from dfsviz.sparse.schedule import DFSSchedule
 
-from accel_models import ARCHS, build, make_inputs
+from accel_models import ARCHS, make_inputs
+from tiny_models import build_tiny
 
 ATOL = 2e-5
 
@@ -245,7 +246,7 @@ def test_error_apply_twice(models):
 def test_error_foreign_processor():
     from diffusers.models.attention_processor import AttnProcessor
 
-    model = build("cogvideox")
+    model = build_tiny("cogvideox")
     model.transformer_blocks[0].attn1.processor = AttnProcessor()
     with pytest.raises(ValueError, match=r"has processor AttnProcessor; DFSAttn replaces only \['CogVideoXAttnProcessor2_0'\]"):
         apply_dfsattn(model, cfg())
@@ -284,7 +285,7 @@ def test_error_set_step(models):
 
 
 def test_error_permute_once_token_replace():
-    model = build("hunyuanvideo", image_condition_type="token_replace")
+    model = build_tiny("hunyuanvideo", image_condition_type="token_replace")
     with pytest.raises(ValueError, match=r"permute_once is not valid for HunyuanVideoTransformer3DModel with "
                                          r"image_condition_type='token_replace'"):
         apply_dfsattn(model, cfg(permute_once=True))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny_models import WAN
 
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import make_order
@@ -88,9 +89,6 @@ def methods() -> tuple[str, ...]:
     return METHODS
 
 
-#: A tiny random-weight Wan transformer (reference/environment.md section 3).
-TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-                text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
 #: Steps captured of a 10-step run (token-model capture): with the scaled DFSAttn schedule
 #: (warm-up 2, refresh every 2) step 0 is dense, 2 and 6 refresh, 3 reuses 2, 9 reuses 6, and 5
 #: reuses the uncaptured 4.
@@ -107,7 +105,7 @@ def tiny_capture(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("analysis_capture")
     torch.manual_seed(0)
-    diffusers.WanTransformer3DModel(**TINY_WAN).eval().save_pretrained(root / "tinywan")
+    diffusers.WanTransformer3DModel(**WAN).eval().save_pretrained(root / "tinywan")
     out = root / "tiny.h5"
     run_capture(
         CaptureConfig(out=str(out), model=str(root / "tinywan"), embeddings="random", num_steps=4,

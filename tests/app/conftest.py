@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import WAN
 
-# Tiny Wan transformer (random weights): 2 heads of dim 32, 2 layers; latent 4x32x32 with
-# 1x2x2 patches gives a 4x16x16 token grid (N = 1024), 16 blocks of 64 tokens.
-WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-           text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+# Tiny Wan transformer (tiny_models.WAN, random weights): latent 4x32x32 with 1x2x2 patches
+# gives a 4x16x16 token grid (N = 1024), 16 blocks of 64 tokens.
 CAPTURE = dict(embeddings="random", num_steps=4, capture_steps=(0, 2, 3), latent="4x32x32", block=64, tile=16,
                stride=8, footprints=3, save_qkv=(1,), device="cpu", methods=("meanpool", "dfs_tile", "antidiagonal"))
 
