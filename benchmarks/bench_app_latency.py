@@ -115,7 +115,7 @@ def _summary(ms: list[float]) -> dict:
 
 def measure(capture: Path, changes: int, seed: int) -> dict:
     from dfsviz.app import create_app
-    from dfsviz.app.pages import masks
+    from dfsviz.app.pages import common, masks
 
     root = capture.parent
     app = create_app(root)
@@ -125,7 +125,7 @@ def measure(capture: Path, changes: int, seed: int) -> dict:
     with app.server.app_context():
         reader = catalog.reader(cid)
         options = {"step": reader.steps, "layer": reader.layers, "head": reader.heads,
-                   "method": masks.method_choices(reader), "budget": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]}
+                   "method": common.method_choices(reader), "budget": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]}
         left, right = masks.order_pair(reader.orders)
         info = {"grid": reader.grid.name, "num_tokens": reader.grid.num_tokens, "block": reader.block,
                 "num_blocks": reader.layout.num_blocks, "steps": len(reader.steps), "layers": len(reader.layers),
