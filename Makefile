@@ -28,6 +28,7 @@ browser:
 RUN_CAPTURE := runs/embedded.h5
 
 run: $(STAMP)
+	@mkdir -p $(dir $(RUN_CAPTURE))
 	@if $(BIN)/python -c "import sys, dfsviz; sys.exit(0 if dfsviz.open('$(RUN_CAPTURE)').complete else 1)" 2>/dev/null; then \
 		echo "$(RUN_CAPTURE) is complete: reusing it (delete it to capture afresh)"; \
 	elif [ -f $(RUN_CAPTURE) ]; then \
