@@ -37,7 +37,7 @@ import triton.language as tl
 
 from dfsviz.kernels._dispatch import interpreting, resolve_backend
 from dfsviz.sparse._validate import check_power_of_two, check_qk, num_blocks
-from dfsviz.sparse.scoring import SCORERS, _resolve_tile, block_scores_ref, scorer_names
+from dfsviz.sparse.scoring import SCORERS, block_scores_ref, scorer_names
 
 __all__ = ["block_scores", "FUSED_METHODS", "SCORE_CONFIGS", "score_config_fits"]
 
@@ -248,7 +248,7 @@ def _block_scores_fwd(q, k, method="dfs_tile", tile=None, block=128, scale=None)
     if method not in SCORERS:
         raise ValueError(f"`method` must be one of {scorer_names()} (got {method!r})")
     check_power_of_two(block, "block", 16, 256)
-    tile = _resolve_tile(SCORERS[method], tile, block)
+    tile = SCORERS[method].resolve_tile(tile, block)
     bsz, heads, n, d = q.shape
     if d not in HEAD_DIMS:
         raise ValueError(f"`q` head dim D must be one of {HEAD_DIMS} for the Triton kernel (got {d}); use backend='ref'")

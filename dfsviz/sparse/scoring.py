@@ -167,6 +167,20 @@ class ScorerSpec:
     min_tile: int | None
     summary: str
 
+    def resolve_tile(self, tile: object, block: int) -> int | None:
+        """The tile (or stride) this scorer uses: ``tile``, or its default when None; None for
+        scorers without one. Raises ValueError unless it is a power of two in [min_tile, block]."""
+        if self.tile_role is None:
+            return None
+        if tile is None:
+            tile = self.default_tile
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < self.min_tile or tile > block or tile & (tile - 1):
+            raise ValueError(
+                f"`tile` ({self.tile_role} of {self.name}) must be a power of two in [{self.min_tile}, block={block}] "
+                f"so that it divides the block (got {tile!r}); the default is {self.default_tile}"
+            )
+        return tile
+
     @property
     def is_logit(self) -> bool:
         """True when scores are logits (cumulative selection must softmax them first)."""
@@ -202,19 +216,6 @@ def _get_spec(method: object) -> ScorerSpec:
     return SCORERS[method]
 
 
-def _resolve_tile(spec: ScorerSpec, tile: object, block: int) -> int | None:
-    if spec.tile_role is None:
-        return None
-    if tile is None:
-        tile = spec.default_tile
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < spec.min_tile or tile > block or tile & (tile - 1):
-        raise ValueError(
-            f"`tile` ({spec.tile_role} of {spec.name}) must be a power of two in [{spec.min_tile}, block={block}] "
-            f"so that it divides the block (got {tile!r}); the default is {spec.default_tile}"
-        )
-    return tile
-
-
 def scorer_key(method: str, tile: int | None = None) -> str:
     """Self-describing scorer name: "meanpool", "dfs_tile_b16", "antidiagonal_s8", "oracle".
 
@@ -223,7 +224,7 @@ def scorer_key(method: str, tile: int | None = None) -> str:
     spec = _get_spec(method)
     if spec.tile_role is None:
         return spec.name
-    tile = _resolve_tile(spec, tile, 256)
+    tile = spec.resolve_tile(tile, 256)
     prefix = "b" if spec.tile_role == "tile" else "s"
     return f"{spec.name}_{prefix}{tile}"
 
@@ -254,7 +255,7 @@ def block_scores_ref(
     check_qk(q, k)
     spec = _get_spec(method)
     check_power_of_two(block, "block", 16, 256)
-    tile = _resolve_tile(spec, tile, block)
+    tile = spec.resolve_tile(tile, block)
     if scale is None:
         scale = q.shape[3] ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
