@@ -18,7 +18,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "ENV_VAR", "interpreting", "resolve_backend", "triton_available"]
+__all__ = ["BACKENDS", "ENV_VAR", "HEAD_DIMS", "KERNEL_DTYPES", "check_kernel_input", "interpreting", "resolve_backend",
+           "triton_available"]
 
 #: Registry of kernel backends: name -> what runs.
 BACKENDS = {
@@ -26,6 +27,9 @@ BACKENDS = {
     "ref": "the PyTorch reference from dfsviz.sparse (any device)",
 }
 ENV_VAR = "DFSVIZ_KERNEL_BACKEND"
+#: Head dims and dtypes the Triton kernels are built for; the references take any.
+HEAD_DIMS = (64, 128)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Triton reads TRITON_INTERPRET when a @triton.jit function is decorated, i.e. when the
 # kernel modules are imported (they import this module first), so read it once here too.
@@ -77,3 +81,18 @@ def resolve_backend(backend: object, *tensors: torch.Tensor) -> str:
             "importable triton; move the tensors with .cuda() or use backend='ref'"
         )
     return backend
+
+
+def check_kernel_input(q: torch.Tensor) -> None:
+    """Raise ValueError unless ``q`` [B, H, N, D] has a head dim and dtype the Triton kernels take."""
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(
+            f"`q` head dim D must be one of {HEAD_DIMS} for the Triton kernel (got {d}); "
+            "use backend='ref' for other head dims"
+        )
+    if q.dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"`q` dtype must be float16, bfloat16 or float32 for the Triton kernel (got {q.dtype}); "
+            "cast with .to(torch.bfloat16) or use backend='ref'"
+        )

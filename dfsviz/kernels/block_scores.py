@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dfsviz.kernels._dispatch import interpreting, resolve_backend
+from dfsviz.kernels._dispatch import check_kernel_input, interpreting, resolve_backend
 from dfsviz.sparse._validate import check_power_of_two, check_qk, num_blocks
 from dfsviz.sparse.scoring import SCORERS, block_scores_ref, scorer_names
 
@@ -44,7 +44,6 @@ __all__ = ["block_scores", "FUSED_METHODS", "SCORE_CONFIGS", "score_config_fits"
 _LOG2E = 1.4426950408889634
 #: Methods with a Triton kernel; other registered scorers run their PyTorch reference.
 FUSED_METHODS = ("dfs_tile", "meanpool")
-HEAD_DIMS = (64, 128)
 
 
 @triton.jit
@@ -249,13 +248,8 @@ def _block_scores_fwd(q, k, method="dfs_tile", tile=None, block=128, scale=None)
         raise ValueError(f"`method` must be one of {scorer_names()} (got {method!r})")
     check_power_of_two(block, "block", 16, 256)
     tile = SCORERS[method].resolve_tile(tile, block)
+    check_kernel_input(q)
     bsz, heads, n, d = q.shape
-    if d not in HEAD_DIMS:
-        raise ValueError(f"`q` head dim D must be one of {HEAD_DIMS} for the Triton kernel (got {d}); use backend='ref'")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(
-            f"`q` dtype must be float16, bfloat16 or float32 for the Triton kernel (got {q.dtype}); use backend='ref'"
-        )
     if scale is None:
         scale = d**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dfsviz.kernels._dispatch import interpreting, resolve_backend
+from dfsviz.kernels._dispatch import check_kernel_input, interpreting, resolve_backend
 from dfsviz.sparse.attention import (
     block_sparse_attention_ref,
     check_attention_inputs,
@@ -27,7 +27,6 @@ from dfsviz.sparse.masks import BlockMask
 __all__ = ["block_sparse_attention", "ATTENTION_CONFIGS", "attention_config_fits"]
 
 _LOG2E = 1.4426950408889634
-HEAD_DIMS = (64, 128)
 # Row offsets inside one head are int32 in the kernel (batch/head offsets are int64).
 _MAX_HEAD_SPAN = 2**31
 
@@ -211,17 +210,8 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 
 def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_lse=False):
     check_attention_inputs(q, k, v, mask)
+    check_kernel_input(q)
     bsz, heads, n, d = q.shape
-    if d not in HEAD_DIMS:
-        raise ValueError(
-            f"`q` head dim D must be one of {HEAD_DIMS} for the Triton kernel (got {d}); "
-            "use backend='ref' for other head dims"
-        )
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(
-            f"`q` dtype must be float16, bfloat16 or float32 for the Triton kernel (got {q.dtype}); "
-            "cast with .to(torch.bfloat16) or use backend='ref'"
-        )
     scale = resolve_scale(scale, d)
     q, k, v = _row_major(q), _row_major(k), _row_major(v)
     if max(x.stride(2) for x in (q, k, v)) * n >= _MAX_HEAD_SPAN:

@@ -26,14 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from dfsviz.kernels._dispatch import interpreting, resolve_backend
+from dfsviz.kernels._dispatch import check_kernel_input, interpreting, resolve_backend
 from dfsviz.sparse._validate import check_power_of_two, check_qk, num_blocks
 from dfsviz.sparse.stats import BlockStats, block_stats_ref
 
 __all__ = ["block_stats", "STATS_CONFIGS", "stats_config_fits", "SCRATCH_BYTES"]
 
 _LOG2E = 1.4426950408889634
-HEAD_DIMS = (64, 128)
 #: Most scratch bytes (lse_iv of the heads in flight) one launch may allocate.
 SCRATCH_BYTES = 2 * 2**30
 
@@ -180,13 +179,8 @@ def _check_scale(scale: object, head_dim: int) -> float:
 def _block_stats_fwd(q, k, block=128, scale=None):
     check_qk(q, k)
     check_power_of_two(block, "block", 16, 256)
+    check_kernel_input(q)
     bsz, heads, n, d = q.shape
-    if d not in HEAD_DIMS:
-        raise ValueError(f"`q` head dim D must be one of {HEAD_DIMS} for the Triton kernel (got {d}); use backend='ref'")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(
-            f"`q` dtype must be float16, bfloat16 or float32 for the Triton kernel (got {q.dtype}); use backend='ref'"
-        )
     scale = _check_scale(scale, d)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
