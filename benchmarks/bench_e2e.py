@@ -232,16 +232,8 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
         with sdpa_backend(b):
             ms = time_calls(model, inputs, device, reps)
             with breakdown.installed():
-                breakdown.active = True
-                with torch.no_grad():
-                    timer = Timer(device)
-                    t = timer.start()
-                    model(**inputs)
-                    total = timer.stop(t)
-                parts = breakdown.collect()
-                breakdown.active = False
-            parts["total"] = total()
-        dense[b] = {"ms": ms, "median_ms": statistics.median(ms), "breakdown_ms": _with_rest(parts)}
+                parts = timed_breakdown(model, inputs, device, breakdown)
+        dense[b] = {"ms": ms, "median_ms": statistics.median(ms), "breakdown_ms": parts}
         log.info("%s dense %s: %.1f ms", name, b, dense[b]["median_ms"])
     result["dense"] = dense
     base = dense[dense_backends[0]]["median_ms"]
@@ -275,16 +267,7 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
                     with breakdown.installed():
                         for kind, before in (("refresh", refresh), ("cached", cached)):
                             before()
-                            breakdown.active = True
-                            with torch.no_grad():
-                                timer = Timer(device)
-                                t = timer.start()
-                                model(**inputs)
-                                total = timer.stop(t)
-                            parts = breakdown.collect()
-                            breakdown.active = False
-                            parts["total"] = total()
-                            row["breakdown_ms"][kind] = _with_rest(parts)
+                            row["breakdown_ms"][kind] = timed_breakdown(model, inputs, device, breakdown)
             finally:
                 handle.remove()
                 restore_hooks()
@@ -299,6 +282,20 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def timed_breakdown(model, inputs, device: torch.device, breakdown: Breakdown) -> dict:
+    """One model call with the breakdown timers active: ms per part, plus total and rest."""
+    breakdown.active = True
+    with torch.no_grad():
+        timer = Timer(device)
+        t = timer.start()
+        model(**inputs)
+        total = timer.stop(t)
+    parts = breakdown.collect()
+    breakdown.active = False
+    parts["total"] = total()
+    return _with_rest(parts)
 
 
 def _with_rest(parts: dict) -> dict:
