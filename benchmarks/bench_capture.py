@@ -6,9 +6,14 @@ step with CFG (conditional + unconditional pass, as Wan's pipeline runs it):
 * uncaptured: the plain step (diffusers' default attention backend), median of 3 after warm-up;
 * captured: ``run_capture`` on the same model, every one of the 30 layers, orders raster +
   hilbert3d, methods meanpool + dfs_tile, 2 footprints per head (the default), HDF5 written
-  and flushed; also without footprints and with 4.
+  and flushed; also without footprints and with 4;
+* breakdown: one more captured run (default settings) with timers around
+  ``_Reducer.__call__`` (reduction GPU work and queueing to the writer; CUDA synchronised at
+  entry and exit) and ``CaptureWriter.end_step`` (draining the compression backlog). The
+  synchronisation perturbs the timing, so the ratio comes from the runs without timers.
 
-Reports the ratio (target <= 4), the peak GPU memory of each, and the file size per step.
+Reports the ratio (target <= 4), the peak GPU memory of each, the file size per step and
+the time breakdown.
 Run on a GPU machine:
 
     python benchmarks/bench_capture.py --out benchmarks/results/capture_wan13b.json
@@ -17,6 +22,7 @@ Run on a GPU machine:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -125,6 +131,40 @@ def captured_step(source, out: Path, layers=None, footprints: int = 2, backend: 
     }
 
 
+def breakdown_step(source, out: Path, backend: str | None = None) -> dict:
+    """Seconds of one captured step inside ``_Reducer.__call__``, inside ``CaptureWriter.end_step``
+    and elsewhere (the model's forwards, hooks, scheduler), from a run with timers that
+    synchronise CUDA at their entry and exit."""
+    from dfsviz.capture.runner import _Reducer
+    from dfsviz.capture.store import CaptureWriter
+
+    spent = {"reducer": 0.0, "end_step_drain": 0.0}
+
+    def timed(key, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            _sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync()
+                spent[key] += time.perf_counter() - t0
+
+        return wrapper
+
+    originals = {(_Reducer, "__call__"): "reducer", (CaptureWriter, "end_step"): "end_step_drain"}
+    saved = {target: getattr(*target) for target in originals}
+    for (cls, name), key in originals.items():
+        setattr(cls, name, timed(key, saved[(cls, name)]))
+    try:
+        res = captured_step(source, out, backend=backend)
+    finally:
+        for (cls, name), fn in saved.items():
+            setattr(cls, name, fn)
+    return {**spent, "other": res["step_seconds"] - sum(spent.values()), "step": res["step_seconds"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/capture_wan13b.json")
@@ -164,6 +204,8 @@ def main() -> None:
     print(f"captured step without footprints: {nofp['step_seconds']:.3f} s", flush=True)
     fp4 = captured_step(source, tmp / "fp4.h5", footprints=4, backend=backend)
     print(f"captured step with 4 footprints: {fp4['step_seconds']:.3f} s", flush=True)
+    breakdown = breakdown_step(source, tmp / "breakdown.h5", backend=backend)
+    print("breakdown (timed run, synchronised): " + ", ".join(f"{k} {v:.3f} s" for k, v in breakdown.items()), flush=True)
     best = min(runs, key=lambda r: r["step_seconds"])
     result = {
         "benchmark": "capture overhead, one denoising step with CFG, all 30 layers captured (cond pass)",
@@ -198,6 +240,8 @@ def main() -> None:
         "captured_step_seconds_with_4_footprints": fp4["step_seconds"],
         "file_bytes_per_step_with_4_footprints": fp4["file_bytes"],
         "warmup_capture_one_layer_seconds": warm["step_seconds"],
+        "breakdown_seconds": {k: breakdown[k] for k in ("reducer", "end_step_drain", "other")},
+        "breakdown_step_seconds": breakdown["step"],
         "cpu_count": os.cpu_count(),
     }
     out = Path(args.out if not args.smoke else tmp / "smoke.json")
@@ -205,7 +249,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("device", "uncaptured_step_seconds", "captured_step_seconds",
                                              "ratio_captured_over_uncaptured", "file_bytes_per_step",
-                                             "captured_peak_gpu_bytes")}, indent=1))
+                                             "captured_peak_gpu_bytes", "breakdown_seconds")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """End-to-end DFSAttn speed in the Wan2.1 transformer (GPU; baselines in the same process).
 
     PYTHONPATH=$PWD python3 benchmarks/bench_e2e.py                       # 1.3B/480p and 14B/720p
-    PYTHONPATH=$PWD python3 benchmarks/bench_e2e.py --models 14b-720p --reps 3
+    PYTHONPATH=$PWD python3 benchmarks/bench_e2e.py --models 14b-720p --reps 3 --dense cudnn
     PYTHONPATH=$PWD python3 benchmarks/bench_e2e.py --models tiny --device cpu   # checks the script on CPU
 
 Models: the diffusers ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B architecture at 480p x 81
@@ -13,13 +13,15 @@ calls).
 
 Per model it times one transformer call (CUDA events, median of --reps after a warm-up call):
 
-* dense: stock processors, SDPA forced to cuDNN (``sdpa_kernel(CUDNN_ATTENTION)``); also FLASH;
+* dense: stock processors, SDPA forced to cuDNN (``sdpa_kernel(CUDNN_ATTENTION)``); also FLASH (``--dense``);
 * DFSAttn (hilbert3d, dfs_tile tile 16, block 128, layer 0 dense) at gamma 0.3 / 0.2 / 0.1, a
   refresh call (scoring + selection + sparse attention) and a cached call (sparse attention with
   the layer's cached mask), per-call permutation and permute-once;
 * where the time goes in one call of each kind: attention (block-sparse kernel or SDPA),
   scoring (block_scores + select_topk), permutation (TokenOrder.apply for scoring, the
   permute-once hooks) and the rest (projections, norms, FFN, cross-attention, launch gaps);
+* for the models in ``--quality`` (default 1.3b-480p): per gamma, one refresh call's output error
+  against the dense output (relative L2) and the recall of each sparse layer's mask;
 * the schedule-weighted time of the default 50-step schedule with CFG (DFSSchedule(
   calls_per_step=2): 24 dense calls, refresh on the cond call of steps 12/24/36, every other call
   cached), and the end-to-end transformer speedup over 100 dense calls.
@@ -213,7 +215,8 @@ def sdpa_backend(name: str):
     return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
 
 
-def run_model(name: str, device: torch.device, reps: int, modes: list[str], backend: str | None, seed: int) -> dict:
+def run_model(name: str, device: torch.device, reps: int, modes: list[str], backend: str | None, seed: int,
+              dense_backends: list[str], quality: bool) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     model, inputs = build(name, device, dtype, seed)
@@ -223,7 +226,7 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
     result = {"model": name, "config": cfg, "latent": list(latent), "grid": list(grid),
               "tokens": grid[0] * grid[1] * grid[2], "text_tokens": text_len, "dtype": str(dtype), "batch": 1,
               "reps": reps}
-    dense_backends = ["cudnn", "flash"] if device.type == "cuda" else ["math"]
+    dense_backends = dense_backends if device.type == "cuda" else ["math"]
     breakdown = Breakdown(device)
 
     # ---- dense baselines
@@ -237,6 +240,12 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
         log.info("%s dense %s: %.1f ms", name, b, dense[b]["median_ms"])
     result["dense"] = dense
     base = dense[dense_backends[0]]["median_ms"]
+    if quality:
+        with torch.no_grad(), sdpa_backend(dense_backends[0]):
+            y_dense = model(**inputs)[0]
+        result["quality"] = {f"g{g:.1f}": output_quality(model, inputs, y_dense, g, backend, dense_backends[0])
+                             for g in GAMMAS}
+        del y_dense
 
     # ---- DFSAttn
     dfs = {}
@@ -282,6 +291,26 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def output_quality(model, inputs, y_dense: torch.Tensor, gamma: float, backend: str | None, sdpa: str) -> dict:
+    """One refresh call at ``gamma`` with recall measured: the transformer output's relative L2
+    error against the dense output, and the mean recall (and oracle recall) of each sparse layer."""
+    schedule = DFSSchedule(num_steps=1, skip_steps=0, interval=1, gamma0=gamma, decrement=0.0, dense_layers=(0,))
+    handle = apply_dfsattn(model, DFSConfig(schedule=schedule, backend=backend, measure_recall=True))
+    try:
+        handle.state.set_step(0)
+        with torch.no_grad(), sdpa_backend(sdpa):
+            y = model(**inputs)[0]
+        records = handle.state.records
+    finally:
+        handle.remove()
+    err = float((y.double() - y_dense.double()).norm() / y_dense.double().norm())
+    recall = {r["layer"]: float(r["recall"].mean()) for r in records}
+    oracle = {r["layer"]: float(r["oracle_recall"].mean()) for r in records}
+    return {"gamma": gamma, "rel_l2_vs_dense": err, "recall_per_layer": recall, "oracle_recall_per_layer": oracle,
+            "recall_mean": sum(recall.values()) / len(recall), "oracle_recall_mean": sum(oracle.values()) / len(oracle),
+            "mask_density_mean": sum(float(r["density"]) for r in records) / len(records)}
 
 
 def timed_breakdown(model, inputs, device: torch.device, breakdown: Breakdown) -> dict:
@@ -336,6 +365,10 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="1.3b-480p,14b-720p", help=f"comma list of {list(MODELS)}")
     ap.add_argument("--reps", type=int, default=2, help="timed calls per measurement (after one warm-up)")
     ap.add_argument("--modes", default="per_call,permute_once", help="per_call, permute_once or both")
+    ap.add_argument("--dense", default="cudnn,flash",
+                    help="dense SDPA backends timed on GPU (cudnn, flash); the first is the speedup baseline")
+    ap.add_argument("--quality", default="1.3b-480p,tiny",
+                    help="models whose output error and per-layer recall are measured (one extra call per gamma)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default=None, choices=[None, "triton", "ref"], help="kernel backend (default auto)")
     ap.add_argument("--seed", type=int, default=0)
@@ -349,6 +382,9 @@ def main(argv=None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in ("per_call", "permute_once") for m in modes):
         ap.error(f"--modes: choose from per_call, permute_once (got {modes})")
+    dense = [b.strip() for b in args.dense.split(",") if b.strip()]
+    if not dense or any(b not in ("cudnn", "flash") for b in dense):
+        ap.error(f"--dense: choose from cudnn, flash (got {dense})")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU visible; use --device cpu --models tiny to check the script")
@@ -366,7 +402,8 @@ def main(argv=None) -> int:
         "paper_speedup_14b_720p": PAPER_SPEEDUP_14B, "goal_speedup": 2.0, "models": {},
     }
     for name in names:
-        result["models"][name] = run_model(name, device, args.reps, modes, args.backend, args.seed)
+        result["models"][name] = run_model(name, device, args.reps, modes, args.backend, args.seed, dense,
+                                           name in args.quality.split(","))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))  # after each model: a killed run keeps what finished
     for name, r in result["models"].items():

@@ -697,6 +697,11 @@ def sample_query_blocks(num_blocks: int, count: int, heads: int, seed: int) -> t
     return torch.stack([torch.randperm(num_blocks, generator=gen)[:count].sort().values for _ in range(heads)])
 
 
+# float32 logits per group of heads in block_footprints (2^25: 128 MiB, as much again for
+# their softmax): 4 heads of a Wan 480p sequence, few enough launches to keep the host ahead
+_FOOTPRINT_CHUNK = 1 << 25
+
+
 def block_footprints(
     q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, blocks: torch.Tensor, block: int, scale: float
 ) -> torch.Tensor:
@@ -704,7 +709,8 @@ def block_footprints(
 
     Args:
         q, k: [1, H, N, D] in original token order.
-        perm: int64 [N] the order's permutation (ordered[p] = original[perm[p]]).
+        perm: int64 [N] the order's permutation (ordered[p] = original[perm[p]]); pass it on
+            q's device to spare an upload per call.
         blocks: int64 [H, K] query block indices of the ordered sequence, per head.
         block: tokens per block (the last block may be short).
         scale: softmax scale.
@@ -712,22 +718,28 @@ def block_footprints(
     Returns:
         float32 [H, K, N]: row s of head h is (1/|U_u|) sum_{i in U_u} softmax(q_i . k * scale)
         for u = blocks[h, s], over keys in original order (each row sums to 1).
+
+    Logits are float32 (q and k upcast), computed for the K * block sampled query rows
+    only, a group of heads at a time (float32 logits of at most ``_FOOTPRINT_CHUNK``
+    elements), so no float32 copy of all of k is made. The host tensors go to the device
+    with non-blocking copies: nothing here waits for the GPU.
     """
     _, h, n, d = q.shape
     device = q.device
-    kf = k[0].float()
-    out = torch.empty(h, blocks.shape[1], n, device=device, dtype=torch.float32)
-    offs = torch.arange(block)
-    perm = perm.cpu()
-    for s in range(blocks.shape[1]):
-        pos = blocks[:, s, None] * block + offs[None]  # [H, block] ordered positions
-        valid = pos < n
-        rows = perm[pos.clamp(max=n - 1)].to(device)  # original token positions
-        qr = torch.gather(q[0], 1, rows[..., None].expand(-1, -1, d)).float()
-        att = torch.softmax(torch.matmul(qr, kf.transpose(1, 2)) * scale, dim=-1)
-        w = valid.float().to(device)
-        w = w / w.sum(dim=1, keepdim=True)
-        out[:, s] = torch.einsum("hb,hbn->hn", w, att)
+    count = blocks.shape[1]
+    perm = perm.to(device, non_blocking=True)
+    pos = blocks.to(device, non_blocking=True)[..., None] * block + torch.arange(block, device=device)
+    valid = pos < n  # [H, K, block]: ordered positions inside the sequence
+    weight = valid.float() / valid.sum(dim=-1, keepdim=True)  # mean over the block's tokens
+    rows = perm[pos.clamp(max=n - 1)].reshape(h, count * block, 1)  # original token positions
+    out = torch.empty(h, count, n, device=device, dtype=torch.float32)
+    group = max(1, _FOOTPRINT_CHUNK // (count * block * n))
+    for h0 in range(0, h, group):
+        heads = slice(h0, h0 + group)
+        qr = torch.gather(q[0, heads], 1, rows[heads].expand(-1, -1, d)).float()  # [G, K * block, D]
+        logits = torch.matmul(qr, k[0, heads].float().transpose(1, 2)).mul_(scale)  # [G, K * block, N]
+        att = torch.softmax(logits, dim=-1).view(-1, count, block, n)
+        out[heads] = torch.einsum("gsb,gsbn->gsn", weight[heads], att)
     return out
 
 
@@ -746,6 +758,14 @@ class _Reducer:
         self.heads = torch.tensor(rc.heads, dtype=torch.int64)
         self.scale: float | None = None
         self.seen: set[tuple[int, str]] = set()
+        self._uploads: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _on(self, device: torch.device, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` on ``device``, uploaded once: a blocking upload per call would stall the GPU queue."""
+        key = (name, device)
+        if key not in self._uploads:
+            self._uploads[key] = value.to(device)
+        return self._uploads[key]
 
     def __call__(self, rec: AttentionRecord) -> None:
         if not rec.is_self_attention:
@@ -766,7 +786,7 @@ class _Reducer:
                 f"layer {rec.name} attends over {q.shape[2]} tokens but the grid {grid.name} has {grid.num_tokens}; "
                 "check --height/--width/--frames/--latent against the model's patching"
             )
-        heads = self.heads.to(q.device)
+        heads = self._on(q.device, "heads", self.heads)
         q, k, v = (x.index_select(1, heads) for x in (q, k, v))
         scale = rec.softmax_scale
         self.scale = scale
@@ -790,7 +810,8 @@ class _Reducer:
             if lay.footprints:
                 # the same blocks at every step and branch, so footprints compare across steps
                 blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), cfg.seed * 7919 + rec.layer * 31 + oi)
-                att = block_footprints(q, k, order.perm, blocks, lay.block, scale)
+                perm = self._on(q.device, f"perm:{order.name}", order.perm)
+                att = block_footprints(q, k, perm, blocks, lay.block, scale)
                 self.writer.write_footprints(rec.layer, self.branch, order.name, blocks, att)
         if rec.layer in lay.qkv_layers and lay.has_qkv(self.writer.open_step):
             self.writer.write_qkv(rec.layer, self.branch, q[0], k[0], v[0])

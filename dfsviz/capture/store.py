@@ -27,8 +27,11 @@ map is written, and ``complete`` is set (and flushed) only after the step's last
 Between those two flushes the writer only adds chunks to datasets of the new group, so
 a process killed at any moment (SIGKILL included) leaves the earlier steps untouched;
 the reader lists only groups whose ``complete`` attribute is true. Maps are compressed
-(byte shuffle + deflate, the standard HDF5 filters) by a thread pool and written with
-``write_direct_chunk``, so compression runs in parallel with the GPU.
+(byte shuffle + Huffman-only deflate, read by the standard HDF5 shuffle and gzip filters)
+by a thread pool and written with ``write_direct_chunk``, so compression runs in parallel
+with the GPU. Maps on a CUDA device reach the pool through one non-blocking copy per
+(layer, branch, order) into pinned host memory, and the small datasets (W_q, W_k,
+footprint_block) are copied at ``end_step``: queueing a map never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -66,8 +69,11 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "dfsviz-capture"
 FORMAT_VERSION = 1
 STEP_GROUP = "steps"
-# deflate level of the maps: level 1 keeps ~95% of level 4's ratio on attention maps at
-# twice the speed (reference/environment.md section 6)
+# Maps are deflated Huffman-only (Z_HUFFMAN_ONLY: no LZ77 match search): on shuffled float32
+# maps of a few hundred blocks a side it takes 2.4x less CPU than level 1 for ~2% larger
+# files (small maps gain less). The stream is standard zlib, so HDF5's gzip filter decodes
+# it; GZIP_LEVEL is only the level the filter declares (the chunks are written
+# precompressed, the filter never compresses).
 GZIP_LEVEL = 1
 STAT_NAMES = ("m", "L", "r", "J")
 
@@ -295,6 +301,26 @@ def _attr_value(value):
 # ----------------------------------------------------------------------------------------
 # writer
 # ----------------------------------------------------------------------------------------
+def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[np.ndarray], torch.cuda.Event | None]:
+    """``tensors`` (one shape) as host arrays of ``dtype``, and the event after which they hold data.
+
+    CPU tensors convert synchronously (event None). CUDA tensors are stacked and converted on
+    the GPU, then copied with one non-blocking copy into pinned memory (PyTorch's caching host
+    allocator) and an event is recorded after the copy, so the caller does not wait for the
+    GPU: read the arrays only after ``event.synchronize()``. The arrays keep the pinned buffer
+    alive (numpy views of the tensor).
+    """
+    if tensors[0].device.type != "cuda":
+        return [t.detach().to(dtype).numpy() for t in tensors], None
+    stacked = torch.stack([t.detach().to(dtype) for t in tensors])
+    host = torch.empty(stacked.shape, dtype=dtype, pin_memory=True)
+    host.copy_(stacked, non_blocking=True)
+    # blocking: a worker waiting for the copy sleeps instead of spinning on a core the others compress on
+    ready = torch.cuda.Event(blocking=True)
+    ready.record(torch.cuda.current_stream(stacked.device))
+    return list(host.numpy()), ready
+
+
 class _ChunkPool:
     """Compress maps on worker threads (zlib releases the GIL) and write them as raw chunks."""
 
@@ -306,22 +332,29 @@ class _ChunkPool:
 
     @staticmethod
     def encode(array: np.ndarray) -> bytes:
-        """HDF5 shuffle filter, then deflate: the byte planes of the elements, zlib-compressed."""
+        """HDF5 shuffle filter, then deflate: the byte planes of the elements, zlib-compressed
+        Huffman-only (see GZIP_LEVEL)."""
         flat = np.ascontiguousarray(array).reshape(-1)
-        planes = flat.view(np.uint8).reshape(flat.size, flat.itemsize).T
-        return zlib.compress(np.ascontiguousarray(planes).tobytes(), GZIP_LEVEL)
+        planes = np.ascontiguousarray(flat.view(np.uint8).reshape(flat.size, flat.itemsize).T)
+        deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+        return deflate.compress(planes) + deflate.flush()
 
-    def _job(self, dset, offset, array):
+    def _job(self, dset, offset, array, ready):
         try:
+            if ready is not None:
+                ready.synchronize()  # the GPU -> host copy behind `array` has landed
             data = self.encode(array)
             with self._lock:
                 dset.id.write_direct_chunk(offset, data)
         finally:
             self._slots.release()
 
-    def submit(self, dset, offset: tuple[int, ...], array: np.ndarray) -> None:
+    def submit(
+        self, dset, offset: tuple[int, ...], array: np.ndarray, ready: torch.cuda.Event | None = None
+    ) -> None:
+        """Queue ``array`` as the chunk at ``offset``; with ``ready``, read it only after that event."""
         self._slots.acquire()
-        self._futures.append(self._pool.submit(self._job, dset, offset, array))
+        self._futures.append(self._pool.submit(self._job, dset, offset, array, ready))
 
     def drain(self) -> None:
         """Wait for every pending chunk; re-raise the first worker error."""
@@ -352,6 +385,8 @@ class CaptureWriter:
         self._group = None
         self._step: int | None = None
         self._small: dict[str, np.ndarray] = {}
+        # CUDA values of the small datasets: copied to `_small` at end_step, not per call
+        self._deferred: dict[str, list[tuple[tuple[int, int, int], torch.Tensor]]] = {}
         self.completed: set[int] = {
             int(g.attrs["step"]) for g in f[STEP_GROUP].values() if bool(g.attrs.get("complete", False))
         }
@@ -517,6 +552,7 @@ class CaptureWriter:
         }
         if lay.footprints:
             self._small["footprint_block"] = np.full(lay.shape("footprint_block"), -1, dtype=np.int32)
+        self._deferred = {}
         self._f.flush()
         self._group = group
         self._step = step
@@ -524,6 +560,14 @@ class CaptureWriter:
     def _index(self, layer: int, branch: str, order: str) -> tuple[int, int, int]:
         lay = self.layout
         return lay.layers.index(layer), lay.branches.index(branch), lay.orders.index(order)
+
+    def _set_small(self, name: str, index: tuple[int, int, int], value: torch.Tensor, dtype: torch.dtype) -> None:
+        """Set ``name[index]`` of the step's small datasets; a CUDA value waits for :meth:`end_step`."""
+        value = value.detach().to(dtype)
+        if value.device.type == "cuda":
+            self._deferred.setdefault(name, []).append((index, value))
+        else:
+            self._small[name][index] = value.numpy()
 
     def write_maps(
         self,
@@ -536,30 +580,31 @@ class CaptureWriter:
         w_k: torch.Tensor,
     ) -> None:
         """Queue one (layer, branch, order): ``stats`` m/L/r/J and ``scores`` per method, each
-        float [Hs, Mq, Mk]; ``w_q``, ``w_k`` float64 [Hs]. Tensors may live on the GPU."""
+        float [Hs, Mq, Mk]; ``w_q``, ``w_k`` float64 [Hs]. Tensors may live on the GPU (one
+        device); the call then returns without waiting for it."""
         li, bi, oi = self._index(layer, branch, order)
         g = self._group
-        for name in STAT_NAMES:
-            maps = stats[name].detach().to("cpu", torch.float32).numpy()
-            for h in range(maps.shape[0]):
-                self._pool.submit(g[name], (li, bi, oi, h, 0, 0), maps[h])
-        for mi, method in enumerate(self.layout.methods):
-            maps = scores[method].detach().to("cpu", torch.float32).numpy()
-            for h in range(maps.shape[0]):
-                self._pool.submit(g["scores"], (li, bi, oi, mi, h, 0, 0), maps[h])
-        self._small["W_q"][li, bi, oi] = w_q.detach().double().cpu().numpy()
-        self._small["W_k"][li, bi, oi] = w_k.detach().double().cpu().numpy()
+        targets = [(g[name], (li, bi, oi)) for name in STAT_NAMES]
+        targets += [(g["scores"], (li, bi, oi, mi)) for mi in range(len(self.layout.methods))]
+        maps, ready = _to_host([stats[n] for n in STAT_NAMES] + [scores[m] for m in self.layout.methods], torch.float32)
+        for (dset, lead), array in zip(targets, maps):
+            for h in range(array.shape[0]):
+                self._pool.submit(dset, (*lead, h, 0, 0), array[h], ready)
+        self._set_small("W_q", (li, bi, oi), w_q, torch.float64)
+        self._set_small("W_k", (li, bi, oi), w_k, torch.float64)
 
     def write_footprints(self, layer: int, branch: str, order: str, blocks: torch.Tensor, attention: torch.Tensor) -> None:
         """Queue footprints: ``blocks`` int [Hs, K] query block indices, ``attention`` float
         [Hs, K, N] mean attention of each block's queries over all N keys (original order)."""
         li, bi, oi = self._index(layer, branch, order)
-        self._small["footprint_block"][li, bi, oi] = blocks.cpu().numpy().astype(np.int32)
+        self._set_small("footprint_block", (li, bi, oi), blocks, torch.int32)
         # stored as N x probability in float16: uniform attention is 1, so the float16
-        # range and precision sit where the values are
-        scaled = (attention.detach().float() * self.layout.num_tokens).to("cpu").numpy().astype(np.float16)
-        for h in range(scaled.shape[0]):
-            self._pool.submit(self._group["footprint"], (li, bi, oi, h, 0, 0), scaled[h])
+        # range and precision sit where the values are (rounded to nearest on the tensor's
+        # device; above 65504 saturates to inf, as numpy's float16 cast does)
+        scaled = (attention.detach().float() * self.layout.num_tokens).half()
+        (maps,), ready = _to_host([scaled], torch.float16)
+        for h in range(maps.shape[0]):
+            self._pool.submit(self._group["footprint"], (li, bi, oi, h, 0, 0), maps[h], ready)
 
     def write_qkv(self, layer: int, branch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Queue Q/K/V of a ``qkv_layers`` layer at a ``qkv_steps`` step: each [Hs, N, D], original token order."""
@@ -585,6 +630,11 @@ class CaptureWriter:
         if self._step is None:
             raise RuntimeError("no step is open")
         self._pool.drain()
+        for name, entries in self._deferred.items():
+            values = torch.stack([v for _, v in entries]).cpu().numpy()  # one GPU -> host copy per dataset
+            for (index, _), value in zip(entries, values):
+                self._small[name][index] = value
+        self._deferred = {}
         for name, value in self._small.items():
             self._group[name][...] = value
         self._f.flush()  # every map on disk before the marker

@@ -18,15 +18,23 @@ of the row, but the block sums need it before rows may be added up. Two options:
 
 Option 2 computes each tile logit once; its scratch is O(T x Mk) floats (T = N / tile
 tiles), 1/tile of the O(N x Mk) the statistics pass may use, and never T x T.
-Pooling is a separate memory-bound kernel: every query tile needs all key tiles.
+Pooling is a separate memory-bound kernel (q and k in one launch): every query tile
+needs all key tiles. Four launches in all (zeroing one flag, pool, partials, block sums)
+and no host sync: the call is asynchronous and can be captured in a CUDA graph.
 
 Precision: tiles are pooled in float32 like the reference. Each mean x is then split into
 float16 parts hi = fp16(x), lo = fp16(x - hi) (22 significant bits together) and the tile
 logits are hi.hi + hi.lo + lo.hi on fp16 tensor cores with float32 accumulation: float32-
 level logits at three fp16 matrix products, about half the cost of 3xTF32 and without
-its per-iteration operand splitting. Means that overflow float16 (|x| >= 65504, never for
-float16 inputs; checked with one flag read otherwise) fall back to float32 tiles with
-3xTF32 products. The interpreter computes the same products exactly in float32.
+its per-iteration operand splitting. A tile whose mean reaches float16's largest value
+(max |x| >= 65504, from bfloat16 or float32 inputs) is split as x 2^-e instead, the power
+of two chosen on the device per tile: e = ceil(log2(max |x| / 2^14)), so |hi| <= 2^14.
+The partials kernel multiplies the logits back by the query tile's 2^e (on the row,
+folded into the softmax scale) and the key tile's (on the column), exactly; the column
+multiply runs only if the pool kernel flagged a scaled key tile (a flag read on the
+device). All other tiles keep e = 0, the unscaled parts: where no mean overflows, the
+scores are those of the unscaled split bit for bit. The interpreter computes the same
+products exactly in float32.
 """
 
 from __future__ import annotations
@@ -48,28 +56,33 @@ FUSED_METHODS = ("dfs_tile", "meanpool")
 
 @triton.jit
 def _tile_pool_kernel(
-    X, OUT, OUT_LO, FLAG, stride_xb, stride_xh, stride_xn, H, N, T,
+    Q, K, OUT, OUT_LO, UNSCALE, K_SCALED, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, H, N, T,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     TRUE_COUNT: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """OUT[bh, t] = mean of the TILE tokens of tile t; tokens >= N count as zeros.
+    """OUT[x, bh, t] = mean of the TILE tokens of tile t of x = q (axis 2 = 0) or k (1); tokens
+    >= N count as zeros.
 
-    SPLIT: the float32 mean x is stored as float16 hi = fp16(x) in OUT and lo = fp16(x - hi)
-    in OUT_LO (22 significant bits together); FLAG is raised if |x| overflows float16.
-    Otherwise OUT is float32."""
+    SPLIT: the float32 mean row x is stored as float16 hi = fp16(x 2^-e) in OUT and
+    lo = fp16(x 2^-e - hi) in OUT_LO (22 significant bits together), UNSCALE[x, bh, t] = 2^e:
+    e = 0 while max|x| < 65504 (fits float16), else e = ceil(log2(max|x| / 2^14)), so that
+    |hi| <= 2^14; K_SCALED (zeroed by the caller) becomes max e over k's tiles. Otherwise OUT
+    is float32."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    which = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    base = tl.where(which == 0, Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh)
+    stride_n = tl.where(which == 0, stride_qn, stride_kn)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, SUB)
     offs_d = tl.arange(0, HEAD_DIM)
-    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
     acc = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
     # SUB consecutive rows per tile per step: whole 16-row runs are contiguous loads.
     for r0 in range(0, TILE, SUB):
         rows = offs_t[:, None] * TILE + r0 + offs_s[None, :]  # [BLOCK_T, SUB]
-        x = tl.load(base + rows[:, :, None] * stride_xn + offs_d[None, None, :],
+        x = tl.load(base + rows[:, :, None] * stride_n + offs_d[None, None, :],
                     mask=(rows < N)[:, :, None], other=0.0)
         acc += tl.sum(x.to(tl.float32), 1)
     if TRUE_COUNT:
@@ -77,67 +90,119 @@ def _tile_pool_kernel(
         acc = acc / count[:, None]
     else:
         acc = acc / TILE  # the reference pools pad zeros into the mean
-    offs_out = pid_bh.to(tl.int64) * T * HEAD_DIM + offs_t[:, None] * HEAD_DIM + offs_d[None, :]
+    row = which * tl.num_programs(1) + pid_bh  # (x, bh) of the [2, B * H] outputs
+    t_ok = offs_t < T
+    offs_out = row.to(tl.int64) * T * HEAD_DIM + offs_t[:, None] * HEAD_DIM + offs_d[None, :]
     if SPLIT:
+        amax = tl.max(tl.abs(acc), 1)
+        # The exponent of the largest float below max|x| is ceil(log2(max|x|)) - 1.
+        below = amax.to(tl.int32, bitcast=True) - 1
+        e = tl.where(amax < 65504.0, 0, (below >> 23) - (127 + 13))
+        acc = acc * ((127 - e) << 23).to(tl.float32, bitcast=True)[:, None]  # x 2^-e, exact
         hi = acc.to(tl.float16)
         lo = (acc - hi.to(tl.float32)).to(tl.float16)
-        tl.store(OUT + offs_out, hi, mask=(offs_t < T)[:, None])
-        tl.store(OUT_LO + offs_out, lo, mask=(offs_t < T)[:, None])
-        too_big = tl.max(tl.max(tl.abs(acc), 1), 0) >= 65504.0
-        tl.atomic_max(FLAG, too_big.to(tl.int32))
+        tl.store(OUT + offs_out, hi, mask=t_ok[:, None])
+        tl.store(OUT_LO + offs_out, lo, mask=t_ok[:, None])
+        tl.store(UNSCALE + row.to(tl.int64) * T + offs_t, ((127 + e) << 23).to(tl.float32, bitcast=True), mask=t_ok)
+        e_max = tl.max(e, 0)
+        tl.atomic_max(K_SCALED, e_max, mask=(e_max > 0) & (which == 1))  # only for scaled key tiles
     else:
-        tl.store(OUT + offs_out, acc, mask=(offs_t < T)[:, None])
+        tl.store(OUT + offs_out, acc, mask=t_ok[:, None])
+
+
+@triton.jit
+def _partials_slice(
+    q, q_lo, row_scale, m_i, l_i, c, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK,
+    HEAD_DIM: tl.constexpr, TPB: tl.constexpr, BLOCK_TQ: tl.constexpr, BLOCK_TK: tl.constexpr,
+    PRECISION: tl.constexpr, MASKED: tl.constexpr, COL_SCALE: tl.constexpr,
+):
+    """Slice c (BLOCK_TK key tiles) of _tile_partials_kernel: returns the new (m_i, l_i).
+    MASKED: the last slice, which may cross T; the others need no masks. COL_SCALE: some
+    key tile is scaled, so each logit column is multiplied by its tile's 2^e."""
+    VPC: tl.constexpr = BLOCK_TK // TPB  # key blocks per slice
+    offs_k = c * BLOCK_TK + tl.arange(0, BLOCK_TK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = (head + offs_k[:, None]) * HEAD_DIM + offs_d[None, :]
+    offs_v = c * VPC + tl.arange(0, VPC)
+    lp_ptrs = LP + (head + offs_q[:, None]) * MK + offs_v[None, :]
+    if MASKED:
+        k_ok = offs_k < T
+        k = tl.load(KT + k_ptrs, mask=k_ok[:, None], other=0.0)
+        k_lo = tl.load(KT_LO + k_ptrs, mask=k_ok[:, None], other=0.0)
+    else:
+        k = tl.load(KT + k_ptrs)
+        k_lo = tl.load(KT_LO + k_ptrs)
+    # fp16 hi/lo products: hi.hi + hi.lo + lo.hi on tensor cores, float32-level logits
+    # (the dropped lo.lo term is ~2^-22 of the product); small terms first.
+    if PRECISION == "ieee":  # the interpreter: exact float32 products of the fp16 parts
+        s = tl.dot(q_lo.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        s = tl.dot(q.to(tl.float32), tl.trans(k_lo.to(tl.float32)), s, input_precision="ieee")
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), s, input_precision="ieee")
+    else:
+        s = tl.dot(q_lo, tl.trans(k))
+        s = tl.dot(q, tl.trans(k_lo), s)
+        s = tl.dot(q, tl.trans(k), s)
+    if COL_SCALE:  # the key tiles' 2^e; the query tiles' is in row_scale
+        s = s * tl.load(K_UNSCALE + head + offs_k, mask=offs_k < T, other=1.0)[None, :]
+    if MASKED:
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+    p = tl.math.exp2(s * row_scale[:, None] - m_new[:, None])
+    l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
+    # Each key block's partial sum, stored as m + log2(part): the running max travels
+    # inside the value (log2 units).
+    lp = m_new[:, None] + tl.math.log2(tl.sum(tl.reshape(p, [BLOCK_TQ, VPC, TPB]), 2))
+    if MASKED:
+        tl.store(lp_ptrs, lp, mask=q_ok[:, None] & (offs_v < MK)[None, :])
+    else:
+        tl.store(lp_ptrs, lp, mask=q_ok[:, None])
+    return m_new, l_i
+
+
+@triton.jit
+def _partials_row(
+    q, q_lo, row_scale, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK,
+    HEAD_DIM: tl.constexpr, TPB: tl.constexpr, BLOCK_TQ: tl.constexpr, BLOCK_TK: tl.constexpr,
+    PRECISION: tl.constexpr, COL_SCALE: tl.constexpr,
+):
+    """All key slices of _tile_partials_kernel for one program's query tiles: final (m_i, l_i)."""
+    m_i = tl.full([BLOCK_TQ], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_TQ], dtype=tl.float32)
+    full = T // BLOCK_TK
+    for c in range(0, full):
+        m_i, l_i = _partials_slice(q, q_lo, row_scale, m_i, l_i, c, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok,
+                                   T, MK, HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, False, COL_SCALE)
+    if full * BLOCK_TK < T:
+        m_i, l_i = _partials_slice(q, q_lo, row_scale, m_i, l_i, full, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok,
+                                   T, MK, HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, True, COL_SCALE)
+    return m_i, l_i
 
 
 @triton.jit
 def _tile_partials_kernel(
-    QT, KT, QT_LO, KT_LO, LP, MF, LF, T, MK, qk_scale,
+    QT, KT, QT_LO, KT_LO, Q_UNSCALE, K_UNSCALE, K_SCALED, LP, MF, LF, T, MK, qk_scale,
     HEAD_DIM: tl.constexpr, TPB: tl.constexpr, BLOCK_TQ: tl.constexpr, BLOCK_TK: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Level one: online softmax over key tiles; per slice, each key block's partial sum as a log."""
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    VPC: tl.constexpr = BLOCK_TK // TPB  # key blocks per slice
     offs_q = pid_q * BLOCK_TQ + tl.arange(0, BLOCK_TQ)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ok = offs_q < T
     head = pid_bh.to(tl.int64) * T
     q_ptrs = (head + offs_q[:, None]) * HEAD_DIM + offs_d[None, :]
     q = tl.load(QT + q_ptrs, mask=q_ok[:, None], other=0.0)
-    if SPLIT:
-        q_lo = tl.load(QT_LO + q_ptrs, mask=q_ok[:, None], other=0.0)
-    m_i = tl.full([BLOCK_TQ], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_TQ], dtype=tl.float32)
-    for c in range(0, tl.cdiv(T, BLOCK_TK)):
-        offs_k = c * BLOCK_TK + tl.arange(0, BLOCK_TK)
-        k_ok = offs_k < T
-        k_ptrs = (head + offs_k[:, None]) * HEAD_DIM + offs_d[None, :]
-        k = tl.load(KT + k_ptrs, mask=k_ok[:, None], other=0.0)
-        if SPLIT:
-            # fp16 hi/lo products: hi.hi + hi.lo + lo.hi on tensor cores, float32-level logits
-            # (the dropped lo.lo term is ~2^-22 of the product); small terms first.
-            k_lo = tl.load(KT_LO + k_ptrs, mask=k_ok[:, None], other=0.0)
-            if PRECISION == "ieee":  # the interpreter: exact float32 products of the fp16 parts
-                s = tl.dot(q_lo.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-                s = tl.dot(q.to(tl.float32), tl.trans(k_lo.to(tl.float32)), s, input_precision="ieee")
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), s, input_precision="ieee")
-            else:
-                s = tl.dot(q_lo, tl.trans(k))
-                s = tl.dot(q, tl.trans(k_lo), s)
-                s = tl.dot(q, tl.trans(k), s)
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
-        m_i = m_new
-        part = tl.sum(tl.reshape(p, [BLOCK_TQ, VPC, TPB]), 2)  # [BLOCK_TQ, VPC] per key block
-        # Stored as m + log2(part): the running max travels inside the value (log2 units).
-        offs_v = c * VPC + tl.arange(0, VPC)
-        tl.store(LP + (head + offs_q[:, None]) * MK + offs_v[None, :], m_new[:, None] + tl.math.log2(part),
-                 mask=q_ok[:, None] & (offs_v < MK)[None, :])
+    q_lo = tl.load(QT_LO + q_ptrs, mask=q_ok[:, None], other=0.0)
+    # The parts hold x 2^-e per tile (e = 0 unless a mean overflows float16): the logits are
+    # multiplied back by the query tile's 2^e on the row, the key tile's on the column, exactly.
+    row_scale = tl.load(Q_UNSCALE + head + offs_q, mask=q_ok, other=1.0) * qk_scale
+    if tl.load(K_SCALED) == 0:  # no key tile scaled (the usual case): no per-column multiply
+        m_i, l_i = _partials_row(q, q_lo, row_scale, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK,
+                                 HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, False)
+    else:
+        m_i, l_i = _partials_row(q, q_lo, row_scale, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK,
+                                 HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, True)
     tl.store(MF + head + offs_q, m_i, mask=q_ok)
     tl.store(LF + head + offs_q, l_i, mask=q_ok)
 
@@ -187,11 +252,13 @@ def _pooled_logits_kernel(
 
 #: Launch space, as data: one entry per kernel stage (tile sizes, warps, pipeline stages).
 SCORE_CONFIGS = [
-    dict(stage="pool", BLOCK_T=4, num_warps=4, num_stages=1),
+    dict(stage="pool", BLOCK_T=4, num_warps=2, num_stages=1),
     dict(stage="partials", BLOCK_TQ=128, BLOCK_TK=64, num_warps=8, num_stages=2),
     dict(stage="partials", BLOCK_TQ=128, BLOCK_TK=64, num_warps=4, num_stages=2),
     dict(stage="partials", BLOCK_TQ=64, BLOCK_TK=128, num_warps=4, num_stages=2),
     dict(stage="partials", BLOCK_TQ=64, BLOCK_TK=64, num_warps=4, num_stages=3),
+    dict(stage="partials", BLOCK_TQ=64, BLOCK_TK=32, num_warps=4, num_stages=3),
+    dict(stage="partials", BLOCK_TQ=32, BLOCK_TK=64, num_warps=4, num_stages=2),
     dict(stage="partials", BLOCK_TQ=64, BLOCK_TK=64, num_warps=4, num_stages=2),
     dict(stage="block_sum", BLOCK_V=64, num_warps=4, num_stages=1),
     dict(stage="logits", BLOCK_U=64, BLOCK_V=64, num_warps=4, num_stages=1),
@@ -214,7 +281,7 @@ _TUNED_PARTIALS = triton.autotune(
                       num_stages=c["num_stages"])
         for c in SCORE_CONFIGS if c["stage"] == "partials"
     ],
-    key=["T", "HEAD_DIM", "TPB", "SPLIT"],
+    key=["T", "HEAD_DIM", "TPB"],
     prune_configs_by={"early_config_prune": _prune_partials},
 )(_tile_partials_kernel)
 
@@ -225,21 +292,24 @@ def _config(stage: str, tiles_per_block: int = 1) -> dict:
     return fits[-1] if interpreting() else fits[0]
 
 
-def _pool(x: torch.Tensor, tile: int, num_tiles: int, true_count: bool, split: bool = False):
-    """Tile means [B, H, T, D]: float32, or (hi, lo, overflow flag) float16 parts when ``split``."""
-    bsz, heads, n, d = x.shape
-    shape = (bsz, heads, num_tiles, d)
-    out = torch.empty(shape, dtype=torch.float16 if split else torch.float32, device=x.device)
-    out_lo = torch.empty(shape, dtype=torch.float16, device=x.device) if split else out
-    flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+def _pool(q: torch.Tensor, k: torch.Tensor, tile: int, num_tiles: int, true_count: bool, split: bool = False):
+    """Tile means of q and k, one launch: float32 [2, B, H, T, D] (q's, k's), or when ``split``
+    float16 parts (hi, lo) of x 2^-e, the power-of-two unscales 2^e (float32 [2, B, H, T]) and
+    the largest e of k's tiles (int32 [1])."""
+    bsz, heads, n, d = q.shape
+    shape = (2, bsz, heads, num_tiles, d)
+    out = torch.empty(shape, dtype=torch.float16 if split else torch.float32, device=q.device)
+    out_lo = torch.empty(shape, dtype=torch.float16, device=q.device) if split else out
+    unscale = torch.empty(shape[:-1], dtype=torch.float32, device=q.device) if split else out
+    k_scaled = torch.zeros(1, dtype=torch.int32, device=q.device) if split else out
     cfg = _config("pool")
-    grid = (triton.cdiv(num_tiles, cfg["BLOCK_T"]), bsz * heads)
+    grid = (triton.cdiv(num_tiles, cfg["BLOCK_T"]), bsz * heads, 2)
     _tile_pool_kernel[grid](
-        x, out, out_lo, flag, x.stride(0), x.stride(1), x.stride(2), heads, n, num_tiles,
+        q, k, out, out_lo, unscale, k_scaled, *q.stride()[:3], *k.stride()[:3], heads, n, num_tiles,
         HEAD_DIM=d, TILE=tile, SUB=min(tile, 16), BLOCK_T=cfg["BLOCK_T"], TRUE_COUNT=true_count, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return (out, out_lo, flag) if split else out
+    return (out, out_lo, unscale, k_scaled) if split else out
 
 
 def _block_scores_fwd(q, k, method="dfs_tile", tile=None, block=128, scale=None):
@@ -261,7 +331,7 @@ def _block_scores_fwd(q, k, method="dfs_tile", tile=None, block=128, scale=None)
     out = torch.empty((bsz, heads, m, m), dtype=torch.float32, device=q.device)
 
     if method == "meanpool":
-        qb, kb = _pool(q, block, m, True), _pool(k, block, m, True)  # Mq x Mk logits: float32 is cheap
+        qb, kb = _pool(q, k, block, m, True)  # Mq x Mk logits: float32 is cheap
         cfg = _config("logits")
         grid = (triton.cdiv(m, cfg["BLOCK_U"]), triton.cdiv(m, cfg["BLOCK_V"]), bsz * heads)
         _pooled_logits_kernel[grid](
@@ -270,22 +340,15 @@ def _block_scores_fwd(q, k, method="dfs_tile", tile=None, block=128, scale=None)
         )
         return out
 
+    # Four launches (zeroing, pool, partials, block sums), no host sync: the scales stay on the device.
     tpb = block // tile
     num_tiles = m * tpb  # tiles of the sequence zero-padded to m * block tokens
-    qt, qt_lo, q_flag = _pool(q, tile, num_tiles, False, split=True)
-    kt, kt_lo, k_flag = _pool(k, tile, num_tiles, False, split=True)
-    # fp16 means of fp16 inputs cannot overflow; for others one flag read (a sync) checks it.
-    if q.dtype != torch.float16 and bool((q_flag + k_flag).item()):
-        qt = qt_lo = _pool(q, tile, num_tiles, False)
-        kt = kt_lo = _pool(k, tile, num_tiles, False)
-        split = False
-    else:
-        split = True
+    hi, lo, unscale, k_scaled = _pool(q, k, tile, num_tiles, False, split=True)
     log_partials = torch.empty((bsz, heads, num_tiles, m), dtype=torch.float32, device=q.device)
     m_fin = torch.empty((bsz, heads, num_tiles), dtype=torch.float32, device=q.device)
     l_fin = torch.empty_like(m_fin)
-    args = (qt, kt, qt_lo, kt_lo, log_partials, m_fin, l_fin, num_tiles, m)
-    meta = dict(HEAD_DIM=d, TPB=tpb, SPLIT=split, PRECISION=precision)
+    args = (hi[0], hi[1], lo[0], lo[1], unscale[0], unscale[1], k_scaled, log_partials, m_fin, l_fin, num_tiles, m)
+    meta = dict(HEAD_DIM=d, TPB=tpb, PRECISION=precision)
     if interpreting():
         cfg = _config("partials", tpb)
         grid = (triton.cdiv(num_tiles, cfg["BLOCK_TQ"]), bsz * heads)

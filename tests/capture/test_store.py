@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zlib
 
 import h5py
 import numpy as np
@@ -17,6 +18,7 @@ from dfsviz.capture.store import (
     CaptureWriter,
     StoredStats,
     StoreLayout,
+    _ChunkPool,
     _open_error_message,
     step_key,
 )
@@ -47,7 +49,8 @@ def _random_maps(gen, heads=2, mb=3):
     return maps
 
 
-def _write_step(writer, step, gen):
+def _write_step(writer, step, gen, device="cpu"):
+    """Write a random step from tensors on ``device``; returns the written values (CPU)."""
     lay = writer.layout
     expected = {}
     writer.begin_step(step, {"timestep": 900.0})
@@ -56,10 +59,11 @@ def _write_step(writer, step, gen):
             stats = _random_maps(gen)
             scores = {m: torch.randn(2, 3, 3, generator=gen) for m in lay.methods}
             wq, wk = torch.rand(2, generator=gen, dtype=torch.float64), torch.rand(2, generator=gen, dtype=torch.float64)
-            writer.write_maps(layer, "cond", order, stats, scores, wq, wk)
+            writer.write_maps(layer, "cond", order, {n: x.to(device) for n, x in stats.items()},
+                              {n: x.to(device) for n, x in scores.items()}, wq.to(device), wk.to(device))
             blocks = torch.tensor([[0, 2], [1, 2]])
             att = torch.softmax(torch.randn(2, 2, lay.num_tokens, generator=gen), dim=-1)
-            writer.write_footprints(layer, "cond", order, blocks, att)
+            writer.write_footprints(layer, "cond", order, blocks.to(device), att.to(device))
             expected[(layer, order)] = (stats, scores, wq, wk, blocks, att)
     qkv = [torch.randn(2, lay.num_tokens, 8, generator=gen) for _ in range(3)]
     writer.write_qkv(7, "cond", *qkv)
@@ -68,11 +72,12 @@ def _write_step(writer, step, gen):
     return expected
 
 
-def test_round_trip(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_round_trip(tmp_path, device):
     gen = torch.Generator().manual_seed(0)
     path = tmp_path / "c.h5"
     with _create(path) as writer:
-        expected = {s: _write_step(writer, s, gen) for s in (0, 5)}
+        expected = {s: _write_step(writer, s, gen, device) for s in (0, 5)}
         writer.finish()
     with CaptureReader(path) as reader:
         assert reader.complete and reader.steps == [0, 5] and reader.validate() == []
@@ -116,6 +121,43 @@ def test_files_are_plain_hdf5_with_named_dims(tmp_path):
         assert list(m.dims[0][0][...]) == [3, 7]  # the layer coordinate
         assert m.chunks == (1, 1, 1, 1, 3, 3) and m.compression == "gzip" and m.shuffle
         assert np.isfinite(m[...]).all()
+
+
+def test_chunks_are_shuffled_huffman_only_deflate(tmp_path):
+    path = tmp_path / "c.h5"
+    with _create(path) as writer:
+        expected = _write_step(writer, 0, torch.Generator().manual_seed(5))
+    want = expected[(7, "hilbert3d")][0]["m"][1].numpy()  # layer 7, order hilbert3d, head 2: chunk (1, 0, 1, 1)
+    with h5py.File(path, "r") as f:
+        m = f["steps"][step_key(0)]["m"]
+        assert np.array_equal(m[1, 0, 1, 1], want)  # decoded by HDF5's own shuffle + gzip filters
+        filter_mask, chunk = m.id.read_direct_chunk((1, 0, 1, 1, 0, 0))
+    assert filter_mask == 0 and zlib.decompress(chunk) == want.reshape(-1).view(np.uint8).reshape(-1, 4).T.tobytes()
+    # Huffman-only: no LZ77 matches, so a periodic map stays >= 1 bit per byte, where level 1 shrinks it ~100x
+    periodic = np.tile(np.arange(4, dtype=np.float32), 4096)
+    shuffled = periodic.view(np.uint8).reshape(-1, 4).T.tobytes()
+    encoded = _ChunkPool.encode(periodic)
+    assert zlib.decompress(encoded) == shuffled
+    assert len(encoded) >= periodic.nbytes // 8 > 20 * len(zlib.compress(shuffled, 1))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_footprints_round_to_float16_as_numpy_does(tmp_path, device):
+    # N x attention beyond float16: 65504 is the largest finite value, from 65520 on it is inf
+    n = GRID.num_tokens
+    values = torch.tensor([0.0, 6e-8, 1.0, 1 / 3, 65504.0, 65519.0, 65520.0, 1e6, float("nan")])
+    att = torch.cat([values, torch.rand(n - values.numel(), generator=torch.Generator().manual_seed(6))]) / n
+    att = att.expand(2, 2, n).contiguous()
+    with _create(tmp_path / "f.h5", _layout(qkv_layers=())) as writer:
+        writer.begin_step(0)
+        writer.write_footprints(3, "cond", "raster", torch.tensor([[0, 1], [1, 2]]).to(device), att.to(device))
+        writer.end_step()
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        stored = f["steps"][step_key(0)]["footprint"][0, 0, 0, 0]  # head 0: [sample, token]
+        assert list(f["steps"][step_key(0)]["footprint_block"][0, 0, 0, 1]) == [1, 2]
+    with np.errstate(over="ignore"):
+        want = (att[0].numpy() * np.float32(n)).astype(np.float16)
+    assert np.array_equal(stored, want, equal_nan=True) and np.isinf(stored[0, 6]) and stored[0, 5] == 65504
 
 
 def test_interrupted_step_is_invisible_and_resume_drops_it(tmp_path):

@@ -4,10 +4,13 @@ The kernel's error against the float64 reference may be at most 2x the reference
 error in the test dtype plus a small floor (dfsviz.kernels._check).
 """
 
+from unittest import mock
+
 import pytest
 import torch
 
 from dfsviz.kernels._check import compare_to_golden
+from dfsviz.kernels._dispatch import interpreting
 from dfsviz.kernels.block_scores import block_scores
 from dfsviz.sparse.scoring import block_scores_ref
 
@@ -23,6 +26,8 @@ CASES = [
     ("meanpool", 129, 128, torch.float16, 64, None),
     ("meanpool", 257, 64, torch.float32, 32, None),
     ("dfs_tile", 129, 64, torch.bfloat16, 64, 16),
+    ("dfs_tile", 1100, 64, torch.float32, 128, 16),  # 72 tiles: full key slices, then a short one
+    ("dfs_tile", 1024, 64, torch.bfloat16, 64, 16),  # 64 tiles: full key slices only
 ]
 
 
@@ -81,8 +86,8 @@ def test_errors():
         block_scores(q, q, block=64, scale=0.0, backend="triton")
 
 
-def test_dfs_tile_means_beyond_float16_fall_back_to_float32_tiles():
-    """Tile means of 1e5 overflow the fp16 hi/lo split; the kernel must notice and stay exact."""
+def test_dfs_tile_means_beyond_float16_are_scaled():
+    """Tile means of 1e5 overflow the fp16 hi/lo split; the power-of-two scaling keeps them exact."""
     gen = torch.Generator().manual_seed(6)
     q = torch.randn(1, 2, 100, 64, generator=gen) * 1e-3
     q[:, :, :16] += 1e5  # the first tile's mean is ~1e5 in every coordinate
@@ -91,5 +96,85 @@ def test_dfs_tile_means_beyond_float16_fall_back_to_float32_tiles():
     gold = block_scores_ref(q.double(), k.double(), method="dfs_tile", tile=16, block=32)
     ref = block_scores_ref(q, k, method="dfs_tile", tile=16, block=32)
     assert torch.isfinite(out).all()
-    check = compare_to_golden("dfs_tile fallback", out, ref, gold, floor=1e-6)
+    check = compare_to_golden("dfs_tile scaled", out, ref, gold, floor=1e-6)
     assert check.ok, str(check)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda t: str(t).split(".")[-1])
+def test_dfs_tile_queries_of_1e6_match_float64(dtype):
+    """Every query tile mean (~1e6) overflows float16, keys are normal. The scale is
+    D**-0.5 / 1e6, so the logits are O(1) and the scores depend on the low bits of the
+    scaled hi/lo parts. (With the default scale the logits reach ~1e7, where float32-level
+    logits on the GPU, this kernel's and the old 3xTF32 fallback's alike, miss the float64
+    scores by up to 1 while the float32 reference happens to match them.)"""
+    gen = torch.Generator().manual_seed(7)
+    shared = torch.randn(128, generator=gen)
+    q = ((torch.randn(2, 2, 200, 128, generator=gen) + 0.7 * shared) * 1e6).to(dtype)
+    k = (torch.randn(2, 2, 200, 128, generator=gen) + 0.7 * shared).to(dtype)
+    kw = dict(method="dfs_tile", tile=16, block=64, scale=128**-0.5 * 1e-6)
+    out = block_scores(q, k, backend="triton", **kw)
+    ref = block_scores_ref(q, k, **kw)
+    gold = block_scores_ref(q.double(), k.double(), **kw)
+    check = compare_to_golden("dfs_tile q x 1e6", out, ref, gold, floor=1e-6)
+    assert check.ok, str(check)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda t: str(t).split(".")[-1])
+def test_dfs_tile_overflow_scaling_is_exact(dtype):
+    """Power-of-two scales are exact: q x 2^10 and k x 2^7 (tile means ~1.3e7 and ~1.6e6,
+    beyond float16) with scale x 2^-17 give bit-identical scores to the unscaled inputs,
+    whose tile means (max 12288 per tile) need no scaling."""
+    gen = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(1, 2, 1088, 64, generator=gen) for _ in range(2))  # 68 tiles, no pad tiles
+    q[..., 0] = 12288.0  # max |mean| of every tile in (2^13, 2^14]: scaled back to the same parts
+    k[..., 1] = 12288.0
+    q, k = q.to(dtype), k.to(dtype)
+    kw = dict(method="dfs_tile", tile=16, block=64, backend="triton")
+    out = block_scores(q, k, scale=1e-4, **kw)
+    scaled = block_scores(q * 2.0**10, k * 2.0**7, scale=1e-4 * 2.0**-17, **kw)
+    assert torch.isfinite(out).all() and out.amax(-1).min() < 2  # logits O(1): not one-hot rows
+    assert torch.equal(scaled, out)
+
+
+def test_dfs_tile_reads_nothing_back_to_the_host():
+    """Structural check for the missing host sync: no tensor value is read by Python (.item(),
+    bool(tensor), ...) in a call whose means overflow float16. The interpreter itself copies
+    tensors to the host, so this cannot see every sync; the CUDA test below can."""
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("block_scores read a tensor value on the host")
+
+    gen = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(1, 1, 64, 64, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    q[:, :, :16] += 1e6
+    with mock.patch.multiple(torch.Tensor, item=host_read, tolist=host_read, __bool__=host_read,
+                             __int__=host_read, __float__=host_read):
+        out = block_scores(q, k, method="dfs_tile", tile=16, block=32, backend="triton")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(interpreting(), reason="the interpreter copies tensors to the host; run with TRITON_INTERPRET=0")
+def test_dfs_tile_is_asynchronous_and_graph_capturable():
+    """No synchronising call (torch's sync debug mode raises on one) and a CUDA graph of the
+    call replays to the eager result, with tile means beyond float16."""
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    q, k = (torch.randn(1, 2, 1000, 128, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q[:, :, :16] += 1e6
+
+    def call():
+        return block_scores(q, k, method="dfs_tile", tile=16, block=128, backend="triton")
+
+    eager = call()  # compiles and autotunes (which synchronises) outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(again, eager) and torch.equal(captured, eager)
