@@ -7,7 +7,8 @@ Checks, each against the float64 golden reference and the reference in the test 
 block-sparse attention (ragged N, D 64/128, fp16/bf16, B 1/2, with and without a token
 order, LSE), agreement with FlexAttention on ``mask.to_flex_block_mask()``, NaN in one
 query row staying in that row, the ValueErrors at the boundary, fused block scoring
-(dfs_tile, meanpool) and the streaming block statistics. Exits 1 on any failure.
+(dfs_tile, meanpool), the streaming block statistics and Wan's fused QK-RMSNorm + RoPE
+(also within one rounding step of today's torch path). Exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import time
 
 import torch
 
-from dfsviz.kernels._check import compare_to_golden
+from dfsviz.kernels._check import compare_to_golden, rotated_pair_steps
 from dfsviz.kernels.block_scores import block_scores
 from dfsviz.kernels.block_sparse_attention import block_sparse_attention
 from dfsviz.kernels.block_stats import block_stats
+from dfsviz.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from dfsviz.sparse.attention import block_sparse_attention_ref
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.masks import BlockMask
@@ -137,8 +139,31 @@ def check_scores_and_stats(results):
                             "where": c.where, "ok": c.ok})
 
 
+def check_qk_norm_rope(results):
+    """Wan-like rows: C = 12 x 128 (two rows per program) and 40 x 128 (14B, one row per program),
+    float32 tables permuted along N as permute-once passes them."""
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    for bsz, n, heads, d, dtype in ((2, 4097, 12, 128, torch.bfloat16), (1, 3000, 40, 128, torch.float16)):
+        c = heads * d
+        x = (3.0 * torch.randn(bsz, n, c, generator=gen, device=DEV)).to(dtype)
+        w = (0.5 + torch.rand(c, generator=gen, device=DEV)).to(dtype)
+        ang = (6.0 * torch.rand(n, d // 2, generator=gen, device=DEV, dtype=torch.float64)).repeat_interleave(2, 1)
+        perm = torch.randperm(n, generator=gen, device=DEV)
+        cos, sin = (f(ang)[perm].float()[None, :, None, :] for f in (torch.cos, torch.sin))
+        out = qk_norm_rope(x, w, 1e-6, cos, sin, backend="triton")
+        ref = qk_norm_rope_ref(x, w, 1e-6, cos, sin)
+        gold = qk_norm_rope_ref(x.double(), w.double(), 1e-6, cos.double(), sin.double())
+        label = f"qk_norm_rope B{bsz} N{n} H{heads} D{d} {str(dtype)[6:]}"
+        c_ = compare_to_golden(label, out, ref, gold, floor=1e-5)
+        results.append({"check": c_.name, "kernel_err": c_.kernel_err, "ref_err": c_.ref_err, "bound": c_.bound,
+                        "where": c_.where, "ok": c_.ok})
+        steps = rotated_pair_steps(out, ref)  # <= 2: within one rounding step of the torch path
+        results.append({"check": f"{label} within one rounding step of the torch path",
+                        "message": f"{steps:.2f} steps (eps x |pair| units, bound 2)", "ok": steps <= 2.0})
+
+
 STEPS = {"attention": check_attention, "nan": check_nan_row, "errors": check_errors,
-         "scores_stats": check_scores_and_stats}
+         "scores_stats": check_scores_and_stats, "qk_norm_rope": check_qk_norm_rope}
 
 
 def main() -> int:

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from dfsviz.accel.config import DFSConfig
 from dfsviz.capture.adapters import ModelAdapter, adapter_for
 from dfsviz.kernels import block_scores, block_sparse_attention, block_stats
+from dfsviz.kernels._dispatch import KERNEL_DTYPES
+from dfsviz.kernels.qk_norm_rope import qk_norm_rope, wan_rope
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.orders import TokenOrder, make_order
@@ -320,14 +322,21 @@ class _DFSProcessorBase:
         return entry.expanded[bsz]
 
 
-def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved RoPE on x [B, N, H, D] with tables [1, N, 1, D] (as WanAttnProcessor)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+def _fused_qk_norm_rope(attn, query: torch.Tensor, rotary_emb) -> bool:
+    """True when Wan's q/k norm + RoPE can run as one ``qk_norm_rope`` pass: torch.nn.RMSNorm
+    with an elementwise weight (in q's dtype) over the whole inner dim, and float32 tables
+    [1, N, 1, D] of the head dim. Anything else (e.g. diffusers' RMSNorm, which rounds twice)
+    keeps the unfused path."""
+    if rotary_emb is None or query.dtype not in KERNEL_DTYPES:
+        return False
+    inner = query.shape[-1]
+    for norm in (attn.norm_q, attn.norm_k):
+        if not (isinstance(norm, torch.nn.RMSNorm) and norm.weight is not None
+                and tuple(norm.normalized_shape) == (inner,) and norm.weight.dtype == query.dtype):
+            return False
+    cos, sin = rotary_emb
+    return all(t.dim() == 4 and t.dtype == torch.float32 and t.shape[1] == query.shape[1] and t.shape[2] == 1
+               and t.shape[0] in (1, query.shape[0]) and t.shape[-1] * attn.heads == inner for t in (cos, sin))
 
 
 class WanDFSProcessor(_DFSProcessorBase):
@@ -342,10 +351,17 @@ class WanDFSProcessor(_DFSProcessorBase):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _wan_rope(query, *rotary_emb), _wan_rope(key, *rotary_emb)
+        if _fused_qk_norm_rope(attn, query, rotary_emb):
+            # One pass per tensor (Triton on CUDA): RMSNorm over the inner dim, then Wan's RoPE.
+            backend = self.config.backend
+            query = qk_norm_rope(query, attn.norm_q.weight, attn.norm_q.eps, *rotary_emb, backend=backend)
+            key = qk_norm_rope(key, attn.norm_k.weight, attn.norm_k.eps, *rotary_emb, backend=backend)
+            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        else:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+            if rotary_emb is not None:
+                query, key = wan_rope(query, *rotary_emb), wan_rope(key, *rotary_emb)
         out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GoldenCheck", "compare_to_golden"]
+__all__ = ["GoldenCheck", "compare_to_golden", "rotated_pair_steps"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,19 @@ def compare_to_golden(
     ref_err = float(r_err.max()) if r_err.numel() else 0.0
     where = tuple(int(i) for i in torch.unravel_index(k_err.argmax(), k_err.shape)) if k_err.numel() else ()
     return GoldenCheck(name, kernel_err, ref_err, factor * ref_err + floor, where, nan_mismatch)
+
+
+def rotated_pair_steps(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |out - ref| in units of eps(dtype) x |pair| for outputs of a rotation of
+    (even, odd) channel pairs (RoPE), |pair| = the pair's norm in ``ref`` (a rotation keeps it).
+
+    Rounding an input pair to the dtype (one step, <= eps |pair| per channel) and rounding
+    the output (<= eps |pair|) move an output by at most 2 such units, so a kernel within
+    one rounding step of the reference scores <= 2; a zero pair must match exactly.
+    """
+    eps = torch.finfo(ref.dtype).eps
+    r = ref.detach().double().cpu()
+    diff = (out.detach().double().cpu() - r).abs()
+    pair = r.unflatten(-1, (-1, 2)).norm(dim=-1).repeat_interleave(2, dim=-1)
+    units = torch.where(pair > 0, diff / (eps * pair), torch.where(diff > 0, float("inf"), 0.0))
+    return float(units.nan_to_num(float("inf")).max()) if units.numel() else 0.0
