@@ -62,9 +62,9 @@ def num_blocks(n: int, block: int) -> int:
 
 def block_sizes(n: int, block: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Token count of each block, int64 [ceil(n / block)]; every block holds ``block`` but the last."""
-    sizes = torch.full((num_blocks(n, block),), block, dtype=torch.int64, device=device)
-    sizes[-1] = n - block * (sizes.numel() - 1)
-    return sizes
+    m = num_blocks(n, block)
+    sizes = [block] * (m - 1) + [n - block * (m - 1)] if m else []
+    return torch.tensor(sizes, dtype=torch.int64, device=device)  # one host-to-device copy, no sync
 
 
 def block_flags(value: object, name: str, m: int, device: torch.device) -> torch.Tensor:
