@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from dfsviz.kernels._dispatch import check_kernel_input, interpreting, resolve_backend
-from dfsviz.sparse._validate import check_power_of_two, check_qk, num_blocks
+from dfsviz.sparse._validate import check_power_of_two, check_qk, num_blocks, resolve_scale
 from dfsviz.sparse.scoring import SCORERS, block_scores_ref, scorer_names
 
 __all__ = ["block_scores", "FUSED_METHODS", "SCORE_CONFIGS", "score_config_fits"]
@@ -320,10 +320,7 @@ def _block_scores_fwd(q, k, method="dfs_tile", tile=None, block=128, scale=None)
     tile = SCORERS[method].resolve_tile(tile, block)
     check_kernel_input(q)
     bsz, heads, n, d = q.shape
-    if scale is None:
-        scale = d**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
-        raise ValueError(f"`scale` must be a positive finite number or None for D ** -0.5 (got {scale!r})")
+    scale = resolve_scale(scale, d)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     m = num_blocks(n, block)

@@ -16,12 +16,8 @@ import triton
 import triton.language as tl
 
 from dfsviz.kernels._dispatch import check_kernel_input, interpreting, resolve_backend
-from dfsviz.sparse.attention import (
-    block_sparse_attention_ref,
-    check_attention_inputs,
-    check_order_for,
-    resolve_scale,
-)
+from dfsviz.sparse._validate import resolve_scale
+from dfsviz.sparse.attention import block_sparse_attention_ref, check_attention_inputs, check_order_for
 from dfsviz.sparse.masks import BlockMask
 
 __all__ = ["block_sparse_attention", "ATTENTION_CONFIGS", "attention_config_fits"]

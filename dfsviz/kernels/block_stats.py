@@ -20,14 +20,12 @@ the scratch stays under :data:`SCRATCH_BYTES`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from dfsviz.kernels._dispatch import check_kernel_input, interpreting, resolve_backend
-from dfsviz.sparse._validate import check_power_of_two, check_qk, num_blocks
+from dfsviz.sparse._validate import check_power_of_two, check_qk, num_blocks, resolve_scale
 from dfsviz.sparse.stats import BlockStats, block_stats_ref
 
 __all__ = ["block_stats", "STATS_CONFIGS", "stats_config_fits", "SCRATCH_BYTES"]
@@ -168,20 +166,12 @@ _TUNED_KERNEL = triton.autotune(
 )(_block_stats_kernel)
 
 
-def _check_scale(scale: object, head_dim: int) -> float:
-    if scale is None:
-        return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"`scale` must be a positive finite number or None for D ** -0.5 (got {scale!r})")
-    return float(scale)
-
-
 def _block_stats_fwd(q, k, block=128, scale=None):
     check_qk(q, k)
     check_power_of_two(block, "block", 16, 256)
     check_kernel_input(q)
     bsz, heads, n, d = q.shape
-    scale = _check_scale(scale, d)
+    scale = resolve_scale(scale, d)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     mb = num_blocks(n, block)

@@ -3,6 +3,7 @@ what is allowed and how to fix it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,15 @@ def check_power_of_two(value: object, name: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or value > high or value & (value - 1):
         raise ValueError(f"`{name}` must be a power of two in [{low}, {high}] (got {value!r})")
     return value
+
+
+def resolve_scale(scale: object, head_dim: int) -> float:
+    """The softmax scale: ``scale`` if given (a positive finite number), else ``head_dim ** -0.5``."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"`scale` must be a positive finite number or None for D ** -0.5 (got {scale!r})")
+    return float(scale)
 
 
 def check_fraction(value: object, name: str) -> float:

@@ -12,23 +12,12 @@ B x H x block x (max kept blocks x block) logits, never N x N.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from dfsviz.sparse._validate import check_bhnd
+from dfsviz.sparse._validate import check_bhnd, resolve_scale
 from dfsviz.sparse.masks import BlockMask, check_mask_for
 
-__all__ = ["block_sparse_attention_ref", "check_attention_inputs", "check_order_for", "resolve_scale"]
-
-
-def resolve_scale(scale: object, head_dim: int) -> float:
-    """The softmax scale: ``scale`` if given (a positive finite number), else ``head_dim ** -0.5``."""
-    if scale is None:
-        return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"`scale` must be a positive finite number or None for D**-0.5 (got {scale!r})")
-    return float(scale)
+__all__ = ["block_sparse_attention_ref", "check_attention_inputs", "check_order_for"]
 
 
 def check_attention_inputs(q: object, k: object, v: object, mask: object) -> None:

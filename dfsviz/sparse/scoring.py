@@ -40,14 +40,13 @@ Methods:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from dfsviz.sparse._validate import block_sizes, check_power_of_two, check_qk, num_blocks
+from dfsviz.sparse._validate import block_sizes, check_power_of_two, check_qk, num_blocks, resolve_scale
 
 __all__ = ["SCORERS", "ScorerSpec", "block_scores_ref", "scorer_key", "scorer_names"]
 
@@ -256,8 +255,5 @@ def block_scores_ref(
     spec = _get_spec(method)
     check_power_of_two(block, "block", 16, 256)
     tile = spec.resolve_tile(tile, block)
-    if scale is None:
-        scale = q.shape[3] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"`scale` must be a positive finite number or None for D ** -0.5 (got {scale!r})")
-    return spec(q, k, tile=tile, block=block, scale=float(scale)).to(torch.float32)
+    scale = resolve_scale(scale, q.shape[3])
+    return spec(q, k, tile=tile, block=block, scale=scale).to(torch.float32)

@@ -27,14 +27,13 @@ Recall of a mask comes from m alone (``block_recall``), without touching Q/K aga
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dfsviz.sparse._validate import block_sizes, check_bhnd, check_power_of_two, check_qk, num_blocks
+from dfsviz.sparse._validate import block_sizes, check_bhnd, check_power_of_two, check_qk, num_blocks, resolve_scale
 from dfsviz.sparse.masks import BlockMask, check_mask_for
 
 __all__ = [
@@ -67,14 +66,6 @@ def _check_block(block: object) -> int:
         return check_power_of_two(block, "block", 16, 256)
     except ValueError as err:
         raise ValueError(f"{err}; DFSAttn uses 128") from None
-
-
-def _check_scale(scale: object, head_dim: int) -> float:
-    if scale is None:
-        return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"`scale` must be a positive finite number or None for D ** -0.5 (got {scale!r})")
-    return float(scale)
 
 
 def _check_chunk(max_chunk_elements: object) -> int:
@@ -277,7 +268,7 @@ def block_stats_ref(
     check_qk(q, k)
     block = _check_block(block)
     b, h, n, d = q.shape
-    scale = _check_scale(scale, d)
+    scale = resolve_scale(scale, d)
     chunk = _check_chunk(max_chunk_elements)
     cdt = _compute_dtype(q)
     mb = num_blocks(n, block)
@@ -523,7 +514,7 @@ def row_attention_ref(
         [B, H, R, N] softmax rows, float32 (float64 for float64 inputs); memory B*H*R*N.
     """
     check_qk(q, k)
-    scale = _check_scale(scale, q.shape[3])
+    scale = resolve_scale(scale, q.shape[3])
     idx = _check_rows(rows, q.shape[2], q.device)
     cdt = _compute_dtype(q)
     logits = torch.matmul(q.index_select(2, idx).to(cdt), k.to(cdt).transpose(-1, -2)) * scale
@@ -551,7 +542,7 @@ def row_recall_ref(
     """
     check_qk(q, k)
     check_mask_for(mask, q)
-    scale = _check_scale(scale, q.shape[3])
+    scale = resolve_scale(scale, q.shape[3])
     chunk = _check_chunk(max_chunk_elements)
     b, h, n, _ = q.shape
     dense = mask.to_dense().reshape(1, b * h, *mask.shape[2:])

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from dfsviz.sparse._validate import block_sizes, check_qk
+from dfsviz.sparse._validate import block_sizes, check_qk, resolve_scale
 from dfsviz.sparse.masks import BlockMask, check_mask_for
 from dfsviz.sparse.stats import (
     BlockStats,
     _check_chunk,
-    _check_scale,
     _iter_row_chunks,
     block_recall_per_query,
 )
@@ -101,7 +100,7 @@ def row_bound(
     """
     check_qk(q, k)
     check_mask_for(mask, q)
-    scale = _check_scale(scale, q.shape[3])
+    scale = resolve_scale(scale, q.shape[3])
     chunk = _check_chunk(max_chunk_elements)
     b, h, n, _ = q.shape
     dense = mask.to_dense().reshape(1, b * h, *mask.shape[2:])
