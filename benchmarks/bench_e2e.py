@@ -41,6 +41,7 @@ import logging
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,9 @@ import dfsviz
 from dfsviz.accel import DFSConfig, apply_dfsattn
 from dfsviz.sparse.orders import TokenOrder
 from dfsviz.sparse.schedule import DFSSchedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_embedded import rel_l2  # noqa: E402
 
 processor_module = importlib.import_module("dfsviz.accel.processor")
 log = logging.getLogger("bench_e2e")
@@ -305,7 +309,7 @@ def output_quality(model, inputs, y_dense: torch.Tensor, gamma: float, backend: 
         records = handle.state.records
     finally:
         handle.remove()
-    err = float((y.double() - y_dense.double()).norm() / y_dense.double().norm())
+    err = rel_l2(y, y_dense)
     recall = {r["layer"]: float(r["recall"].mean()) for r in records}
     oracle = {r["layer"]: float(r["oracle_recall"].mean()) for r in records}
     return {"gamma": gamma, "rel_l2_vs_dense": err, "recall_per_layer": recall, "oracle_recall_per_layer": oracle,

@@ -18,8 +18,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "ENV_VAR", "HEAD_DIMS", "KERNEL_DTYPES", "check_kernel_input", "interpreting", "resolve_backend",
-           "triton_available"]
+__all__ = ["BACKENDS", "ENV_VAR", "HEAD_DIMS", "KERNEL_DTYPES", "check_kernel_dtype", "check_kernel_input",
+           "interpreting", "resolve_backend", "triton_available"]
 
 #: Registry of kernel backends: name -> what runs.
 BACKENDS = {
@@ -83,6 +83,15 @@ def resolve_backend(backend: object, *tensors: torch.Tensor) -> str:
     return backend
 
 
+def check_kernel_dtype(x: torch.Tensor, name: str) -> None:
+    """Raise ValueError unless tensor ``name`` has a dtype the Triton kernels take."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"`{name}` dtype must be float16, bfloat16 or float32 for the Triton kernel (got {x.dtype}); "
+            "cast with .to(torch.bfloat16) or use backend='ref'"
+        )
+
+
 def check_kernel_input(q: torch.Tensor) -> None:
     """Raise ValueError unless ``q`` [B, H, N, D] has a head dim and dtype the Triton kernels take."""
     d = q.shape[-1]
@@ -91,8 +100,4 @@ def check_kernel_input(q: torch.Tensor) -> None:
             f"`q` head dim D must be one of {HEAD_DIMS} for the Triton kernel (got {d}); "
             "use backend='ref' for other head dims"
         )
-    if q.dtype not in KERNEL_DTYPES:
-        raise ValueError(
-            f"`q` dtype must be float16, bfloat16 or float32 for the Triton kernel (got {q.dtype}); "
-            "cast with .to(torch.bfloat16) or use backend='ref'"
-        )
+    check_kernel_dtype(q, "q")

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dfsviz.kernels._dispatch import KERNEL_DTYPES, interpreting, resolve_backend
+from dfsviz.kernels._dispatch import check_kernel_dtype, interpreting, resolve_backend
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_ref", "wan_rope"]
 
@@ -74,9 +74,7 @@ def _check_inputs(x, weight, cos, sin) -> None:
 
 
 def _check_kernel_dtypes(x, cos, sin) -> None:
-    if x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"`x` dtype must be float16, bfloat16 or float32 for the Triton kernel (got {x.dtype}); "
-                         "cast with .to(torch.bfloat16) or use backend='ref'")
+    check_kernel_dtype(x, "x")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise ValueError(f"`cos` and `sin` must be float32 for the Triton kernel (got {cos.dtype}, {sin.dtype}), "
                          "as Wan's rope module keeps them; cast with .float() or use backend='ref'")
