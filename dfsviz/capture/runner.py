@@ -758,14 +758,6 @@ class _Reducer:
         self.heads = torch.tensor(rc.heads, dtype=torch.int64)
         self.scale: float | None = None
         self.seen: set[tuple[int, str]] = set()
-        self._uploads: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-    def _on(self, device: torch.device, name: str, value: torch.Tensor) -> torch.Tensor:
-        """``value`` on ``device``, uploaded once: a blocking upload per call would stall the GPU queue."""
-        key = (name, device)
-        if key not in self._uploads:
-            self._uploads[key] = value.to(device)
-        return self._uploads[key]
 
     def __call__(self, rec: AttentionRecord) -> None:
         if not rec.is_self_attention:
@@ -786,8 +778,9 @@ class _Reducer:
                 f"layer {rec.name} attends over {q.shape[2]} tokens but the grid {grid.name} has {grid.num_tokens}; "
                 "check --height/--width/--frames/--latent against the model's patching"
             )
-        heads = self._on(q.device, "heads", self.heads)
-        q, k, v = (x.index_select(1, heads) for x in (q, k, v))
+        if self.heads.device != q.device:  # uploaded once: a blocking upload per call would stall the GPU
+            self.heads = self.heads.to(q.device)
+        q, k, v = (x.index_select(1, self.heads) for x in (q, k, v))
         scale = rec.softmax_scale
         self.scale = scale
         backend = {"backend": cfg.kernel_backend} if self.triton else {}
@@ -810,8 +803,7 @@ class _Reducer:
             if lay.footprints:
                 # the same blocks at every step and branch, so footprints compare across steps
                 blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), cfg.seed * 7919 + rec.layer * 31 + oi)
-                perm = self._on(q.device, f"perm:{order.name}", order.perm)
-                att = block_footprints(q, k, perm, blocks, lay.block, scale)
+                att = block_footprints(q, k, order.perm_on(q.device), blocks, lay.block, scale)
                 self.writer.write_footprints(rec.layer, self.branch, order.name, blocks, att)
         if rec.layer in lay.qkv_layers and lay.has_qkv(self.writer.open_step):
             self.writer.write_qkv(rec.layer, self.branch, q[0], k[0], v[0])

@@ -456,6 +456,10 @@ class TokenOrder:
             self._on_device[key] = getattr(self, which).to(device)
         return self._on_device[key]
 
+    def perm_on(self, device: torch.device | str) -> torch.Tensor:
+        """``perm`` on ``device``, uploaded once per device (shared: never modify it in place)."""
+        return self._index("perm", torch.device(device))
+
     def _gather(self, x: torch.Tensor, dim: int, which: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"`x` must be a torch.Tensor (got {type(x).__name__})")

@@ -98,6 +98,13 @@ def test_make_order_is_cached_and_keyed():
     assert warm < 0.01, f"cached make_order took {warm:.4f} s"
 
 
+def test_perm_on_returns_the_permutation_on_the_device():
+    order = make_order("hilbert3d", LatentGrid(3, 4, 5))
+    on = order.perm_on("cpu")
+    assert on.device == torch.device("cpu") and on.dtype == torch.int64
+    assert torch.equal(on, order.perm)
+
+
 def test_apply_reuses_the_index_per_device():
     order = make_order("tiled", LatentGrid(2, 4, 4))
     x = torch.randn(1, 1, 32, 2)
