@@ -69,9 +69,9 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "dfsviz-capture"
 FORMAT_VERSION = 1
 STEP_GROUP = "steps"
-# Maps are deflated Huffman-only (Z_HUFFMAN_ONLY: no LZ77 match search): on shuffled float32
-# maps of a few hundred blocks a side it takes 2.4x less CPU than level 1 for ~2% larger
-# files (small maps gain less). The stream is standard zlib, so HDF5's gzip filter decodes
+# Maps are deflated Huffman-only (Z_HUFFMAN_ONLY: no LZ77 match search): on shuffled float
+# maps, whose mantissa bytes match search cannot shorten, it costs a fraction of level 1's
+# CPU for files a few percent larger. The stream is standard zlib, so HDF5's gzip filter decodes
 # it; GZIP_LEVEL is only the level the filter declares (the chunks are written
 # precompressed, the filter never compresses).
 GZIP_LEVEL = 1
