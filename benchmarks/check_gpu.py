@@ -8,7 +8,8 @@ block-sparse attention (ragged N, D 64/128, fp16/bf16, B 1/2, with and without a
 order, LSE), agreement with FlexAttention on ``mask.to_flex_block_mask()``, NaN in one
 query row staying in that row, the ValueErrors at the boundary, fused block scoring
 (dfs_tile, meanpool), the streaming block statistics and Wan's fused QK-RMSNorm + RoPE
-(also within one rounding step of today's torch path). Exits 1 on any failure.
+(also within one rounding step of today's torch path), and Wan's fused adaLN norms and gated
+residuals (the residual also bit-identical to today's torch path). Exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from dfsviz.kernels._check import compare_to_golden, rotated_pair_steps
+from dfsviz.kernels.adaln import gated_residual, gated_residual_ref, modulated_layer_norm, modulated_layer_norm_ref
 from dfsviz.kernels.block_scores import block_scores
 from dfsviz.kernels.block_sparse_attention import block_sparse_attention
 from dfsviz.kernels.block_stats import block_stats
@@ -162,8 +165,44 @@ def check_qk_norm_rope(results):
                         "message": f"{steps:.2f} steps (eps x |pair| units, bound 2)", "ok": steps <= 2.0})
 
 
+def check_adaln(results):
+    """Wan rows: C = 1536 (1.3B, two rows per program), 5120 (14B, one row per 8192-wide block)
+    and 20480 (beyond _MAX_BLOCK_C: the chunked path), float32 modulation chunks of a
+    [B, 6, C] table (strided views), norm1/3 (modulated) and norm2 (affine) forms."""
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    for bsz, n, c, dtype in ((2, 4097, 1536, torch.bfloat16), (1, 3000, 5120, torch.bfloat16),
+                             (1, 3000, 5120, torch.float16), (2, 1000, 5120, torch.float32),
+                             (1, 257, 20480, torch.bfloat16)):
+        x = (3.0 * torch.randn(bsz, n, c, generator=gen, device=DEV) + 0.5).to(dtype)
+        shift, scale, gate = (0.5 * torch.randn(bsz, 6, c, generator=gen, device=DEV)).chunk(6, dim=1)[:3]
+        w = (0.5 + torch.rand(c, generator=gen, device=DEV)).to(dtype)
+        b = 0.3 * torch.randn(c, generator=gen, device=DEV)
+        label = f"B{bsz} N{n} C{c} {str(dtype)[6:]}"
+        for kind, kw in (("modulated", dict(scale=scale, shift=shift)), ("affine", dict(weight=w, bias=b))):
+            out = modulated_layer_norm(x, 1e-6, **kw, backend="triton")
+            ref = modulated_layer_norm_ref(x, 1e-6, **kw)
+            wd, bd = (kw[k].double() if k in kw else None for k in ("weight", "bias"))
+            gold = F.layer_norm(x.double(), (c,), wd, bd, 1e-6)
+            if "scale" in kw:
+                gold = gold * (1 + scale.double()) + shift.double()
+            c_ = compare_to_golden(f"modulated_layer_norm {kind} {label}", out, ref, gold, floor=1e-5)
+            results.append({"check": c_.name, "kernel_err": c_.kernel_err, "ref_err": c_.ref_err, "bound": c_.bound,
+                            "where": c_.where, "ok": c_.ok})
+        y = torch.randn(bsz, n, c, generator=gen, device=DEV).to(dtype)
+        out = gated_residual(x, y, gate, backend="triton")
+        ref = gated_residual_ref(x, y, gate)
+        gold = x.double() + y.double() * gate.double()
+        c_ = compare_to_golden(f"gated_residual {label}", out, ref, gold, floor=1e-6)
+        results.append({"check": c_.name, "kernel_err": c_.kernel_err, "ref_err": c_.ref_err, "bound": c_.bound,
+                        "where": c_.where, "ok": c_.ok})
+        # Launched without FMA contraction, the kernel rounds as torch's mul and add kernels do.
+        differ = int((out != ref).sum())
+        results.append({"check": f"gated_residual {label} bit-identical to the torch path",
+                        "message": f"{differ} elements differ (0 expected)", "ok": differ == 0})
+
+
 STEPS = {"attention": check_attention, "nan": check_nan_row, "errors": check_errors,
-         "scores_stats": check_scores_and_stats, "qk_norm_rope": check_qk_norm_rope}
+         "scores_stats": check_scores_and_stats, "qk_norm_rope": check_qk_norm_rope, "adaln": check_adaln}
 
 
 def main() -> int:

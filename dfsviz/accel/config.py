@@ -47,6 +47,13 @@ class DFSConfig:
             the first call of a step is the conditional one.
         permute_once: permute hidden states and rotary tables once before the first block and
             restore the order before the output head, instead of in every attention call.
+        fused_ops: Wan only: in every call (dense warm-up steps too) run the self-attention's
+            QK-RMSNorm + RoPE as one ``dfsviz.kernels.qk_norm_rope`` pass per q and k, and each
+            block's AdaLN norms and gated residuals as ``dfsviz.kernels.adaln`` passes: the same
+            arithmetic to one rounding step (the PyTorch references, which CPU runs use, are the
+            stock expressions), several float32 passes over [B, N, C] fewer. The reference code
+            recommends fused QK-norm/RoPE kernels for its end-to-end speedups. False keeps the
+            stock code outside the sparse attention itself.
         backend: kernel backend, None (Triton on CUDA, else the PyTorch reference), "triton"
             or "ref" (``dfsviz.kernels.BACKENDS``).
         measure_recall: also compute the exact block mass of every sparse call and record the
@@ -61,6 +68,7 @@ class DFSConfig:
     cfg: str = "share"
     cond_index: int | None = None
     permute_once: bool = False
+    fused_ops: bool = True
     backend: str | None = None
     measure_recall: bool = False
 
@@ -89,6 +97,7 @@ class DFSConfig:
                 f"`cond_index` must be 0, 1 or None for the architecture's convention (got {self.cond_index!r})"
             )
         _check_bool(self.permute_once, "permute_once")
+        _check_bool(self.fused_ops, "fused_ops")
         _check_bool(self.measure_recall, "measure_recall")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(

@@ -11,7 +11,8 @@ token grid, through the adapter), advances the :class:`DFSState` and fixes the
 :class:`~dfsviz.sparse.schedule.StepPlan`. Per sparse self-attention call the processor
 computes q, k, v exactly as the stock processor does and then:
 
-* dense plan (warm-up step): calls the original processor (stock SDPA);
+* dense plan (warm-up step): calls the original processor (stock SDPA; Wan with
+  ``fused_ops`` fuses the q/k norm + RoPE first);
 * refresh (or no valid cached mask): scores the ordered q, k with
   ``dfsviz.kernels.block_scores``, selects top-k blocks with ``select_topk`` and caches
   the mask for this layer; otherwise reuses the layer's cached mask;
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from dfsviz.accel.config import DFSConfig
+from dfsviz.accel.wan_block import fused_block_forward
 from dfsviz.capture.adapters import ModelAdapter, adapter_for
 from dfsviz.kernels import block_scores, block_sparse_attention, block_stats
 from dfsviz.kernels._dispatch import KERNEL_DTYPES
@@ -322,36 +324,43 @@ class _DFSProcessorBase:
         return entry.expanded[bsz]
 
 
-def _fused_qk_norm_rope(attn, query: torch.Tensor, rotary_emb) -> bool:
-    """True when Wan's q/k norm + RoPE can run as one ``qk_norm_rope`` pass: torch.nn.RMSNorm
-    with an elementwise weight (in q's dtype) over the whole inner dim, and float32 tables
-    [1, N, 1, D] of the head dim. Anything else (e.g. diffusers' RMSNorm, which rounds twice)
-    keeps the unfused path."""
-    if rotary_emb is None or query.dtype not in KERNEL_DTYPES:
+def _fused_qk_norm_rope(attn, x: torch.Tensor, rotary_emb) -> bool:
+    """True when Wan's q/k norm + RoPE of the hidden states x [B, N, C] can run as one
+    ``qk_norm_rope`` pass: torch.nn.RMSNorm with an elementwise weight (in x's dtype) over the
+    whole inner dim, and float32 tables [1, N, 1, D] of the head dim. Anything else (e.g.
+    diffusers' RMSNorm, which rounds twice) keeps the unfused path."""
+    if rotary_emb is None or x.dtype not in KERNEL_DTYPES:
         return False
-    inner = query.shape[-1]
-    for norm in (attn.norm_q, attn.norm_k):
-        if not (isinstance(norm, torch.nn.RMSNorm) and norm.weight is not None
-                and tuple(norm.normalized_shape) == (inner,) and norm.weight.dtype == query.dtype):
-            return False
+    norms = (attn.norm_q, attn.norm_k)
+    if not all(isinstance(norm, torch.nn.RMSNorm) and norm.weight is not None and norm.weight.dtype == x.dtype
+               and len(norm.normalized_shape) == 1 for norm in norms):
+        return False
+    inner = attn.norm_q.normalized_shape[0]
     cos, sin = rotary_emb
-    return all(t.dim() == 4 and t.dtype == torch.float32 and t.shape[1] == query.shape[1] and t.shape[2] == 1
-               and t.shape[0] in (1, query.shape[0]) and t.shape[-1] * attn.heads == inner for t in (cos, sin))
+    return attn.norm_k.normalized_shape[0] == inner and all(
+        t.dim() == 4 and t.dtype == torch.float32 and t.shape[1] == x.shape[1] and t.shape[2] == 1
+        and t.shape[0] in (1, x.shape[0]) and t.shape[-1] * attn.heads == inner for t in (cos, sin))
 
 
 class WanDFSProcessor(_DFSProcessorBase):
-    """DFSAttn for ``WanAttention`` self-attention (``blocks.N.attn1``)."""
+    """DFSAttn for ``WanAttention`` self-attention (``blocks.N.attn1``).
+
+    Dense calls (warm-up steps) keep the stock processor unless ``config.fused_ops`` fuses the
+    q/k norm + RoPE; their attention is then diffusers' ``dispatch_attention_fn`` with the stock
+    processor's backend, as in the stock processor."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         ctx = self._sparse_ctx()
-        if ctx is None or encoder_hidden_states is not None:
+        fused = self.config.fused_ops and _fused_qk_norm_rope(attn, hidden_states, rotary_emb)
+        if encoder_hidden_states is not None or (ctx is None and not fused):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        self._check_no_mask(attention_mask)
+        if ctx is not None:
+            self._check_no_mask(attention_mask)
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if _fused_qk_norm_rope(attn, query, rotary_emb):
+        if fused:
             # One pass per tensor (Triton on CUDA): RMSNorm over the inner dim, then Wan's RoPE.
             backend = self.config.backend
             query = qk_norm_rope(query, attn.norm_q.weight, attn.norm_q.eps, *rotary_emb, backend=backend)
@@ -362,8 +371,15 @@ class WanDFSProcessor(_DFSProcessorBase):
             query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
             if rotary_emb is not None:
                 query, key = wan_rope(query, *rotary_emb), wan_rope(key, *rotary_emb)
-        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        if ctx is None:
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                        backend=self.original._attention_backend,
+                                        parallel_config=self.original._parallel_config)
+        else:
+            out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx).transpose(1, 2)
+        out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -457,6 +473,8 @@ class _ArchSpec:
         token_args: other block arguments with a per-token dim to permute: name -> (dim, ndim that has it).
         refuse: config values under which the blocks are not token-wise between attention calls
             (permute-once refuses them): config attribute -> value.
+        fused_block: ``(block, backend) -> forward or None``: the block forward with fused ops
+            (``DFSConfig.fused_ops``), None for a block it does not know.
     """
 
     processor: type
@@ -468,11 +486,13 @@ class _ArchSpec:
     rotary: tuple[tuple[str, ...], int]
     token_args: dict = field(default_factory=dict)
     refuse: dict = field(default_factory=dict)
+    fused_block: object = None
 
 
 ACCEL_ARCHS: dict[str, _ArchSpec] = {
     "wan": _ArchSpec(WanDFSProcessor, ("WanAttnProcessor",), False, 0, ("blocks",), "norm_out", (("rotary_emb",), 1),
-                     token_args={"temb": (1, 4)}),  # Wan 2.2 TI2V: per-token modulation [B, N, 6, C]
+                     token_args={"temb": (1, 4)},  # Wan 2.2 TI2V: per-token modulation [B, N, 6, C]
+                     fused_block=fused_block_forward),
     "hunyuanvideo": _ArchSpec(HunyuanVideoDFSProcessor, ("HunyuanVideoAttnProcessor2_0",), True, 0,
                               ("transformer_blocks", "single_transformer_blocks"), "norm_out",
                               (("freqs_cis", "image_rotary_emb"), 0),
@@ -497,6 +517,7 @@ class DFSHandle:
         state: the :class:`DFSState` (schedule position, cache, records; set steps here).
         layers: qualified name -> layer index of every self-attention layer the adapter selects.
         sparse_layers: names of the layers whose processors were replaced.
+        fused_blocks: the blocks running their fused forward (``DFSConfig.fused_ops``).
     """
 
     def __init__(self, transformer, config: DFSConfig, adapter: ModelAdapter, spec: _ArchSpec) -> None:
@@ -507,6 +528,7 @@ class DFSHandle:
         self.state = DFSState(config.schedule)
         self.layers = adapter.select_layers(transformer)
         self.sparse_layers: list[str] = []
+        self.fused_blocks: list[torch.nn.Module] = []
         self._originals: dict[str, object] = {}
         self._hooks: list = []
         self.active = False
@@ -545,6 +567,12 @@ class DFSHandle:
             self._originals[name] = module.processor
             module.processor = spec.processor(module.processor, layer, self.state, cfg, cond)
             self.sparse_layers.append(name)
+        if cfg.fused_ops and spec.fused_block is not None:
+            for block in self._blocks():
+                forward = spec.fused_block(block, cfg.backend)
+                if forward is not None:
+                    block.forward = forward  # an instance attribute; remove() deletes it
+                    self.fused_blocks.append(block)
         self._hooks.append(model.register_forward_pre_hook(self._begin_call, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._end_call))
         if cfg.permute_once:
@@ -607,7 +635,7 @@ class DFSHandle:
 
     def _permute(self, module, args, kwargs):
         ctx = self.state.current
-        if ctx is None:
+        if ctx is None or ctx.plan.dense:  # dense attention gains nothing from the order
             return None
         bound = _bind(module, args, kwargs)
         if not ctx.ordered:  # first block of this call: order the hidden states once
@@ -665,6 +693,9 @@ class DFSHandle:
         for name, proc in self._originals.items():
             modules[name].processor = proc
         self._originals.clear()
+        for block in self.fused_blocks:
+            del block.forward
+        self.fused_blocks.clear()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

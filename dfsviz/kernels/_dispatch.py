@@ -101,3 +101,4 @@ def check_kernel_input(q: torch.Tensor) -> None:
             "use backend='ref' for other head dims"
         )
     check_kernel_dtype(q, "q")
+

@@ -14,6 +14,7 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dfsviz.kernels._dispatch import check_kernel_input, interpreting, resolve_backend
 from dfsviz.sparse._validate import resolve_scale
@@ -28,25 +29,9 @@ _MAX_HEAD_SPAN = 2**31
 
 
 @triton.jit
-def _attention_step(
-    acc, l_i, m_i, q, k_base, v_base, perm_ptr, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
-    HAS_ORDER: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One BLOCK_N slice of keys: logits, online-softmax update, P @ V accumulation."""
-    col_ok = offs_n < N
-    if HAS_ORDER:
-        if MASKED:
-            rows_n = tl.load(perm_ptr + offs_n, mask=col_ok, other=0)
-        else:
-            rows_n = tl.load(perm_ptr + offs_n)
-    else:
-        rows_n = offs_n
-    k_ptrs = k_base + rows_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + rows_n[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
+def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok,
+                  MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One BLOCK_N slice of keys k, v [BLOCK_N, D]: logits, online-softmax update, P @ V accumulation."""
     # The interpreter's bf16 dot is wrong: it runs fp32 operands instead (exact for bf16/fp16 values).
     if UPCAST:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
@@ -60,15 +45,51 @@ def _attention_step(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASKED:
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs)
     if UPCAST:
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _attention_step(
+    acc, l_i, m_i, q, k_base, v_base, perm_ptr, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
+    HAS_ORDER: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One BLOCK_N slice of keys loaded through pointers (gathered through ``perm`` with an order)."""
+    col_ok = offs_n < N
+    if HAS_ORDER:
+        if MASKED:
+            rows_n = tl.load(perm_ptr + offs_n, mask=col_ok, other=0)
+        else:
+            rows_n = tl.load(perm_ptr + offs_n)
+    else:
+        rows_n = offs_n
+    k_ptrs = k_base + rows_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + rows_n[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, MASKED, UPCAST, DOT_PRECISION)
+
+
+@triton.jit
+def _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N: tl.constexpr):
+    """Query block u's kept key blocks: (count, pointer to their ascending indices, count of
+    full blocks). Kept blocks ascend, so the one short block (the last, Mk - 1) can only be
+    the last entry: every other block runs without load masks or -inf fills."""
+    mask_row = pid_bh.to(tl.int64) * NUM_Q_BLOCKS + u
+    num_kv = tl.load(KV_NUM + mask_row)
+    idx_ptr = KV_IDX + mask_row * NUM_KV_BLOCKS
+    n_full = num_kv
+    if not EVEN_N:
+        last = tl.load(idx_ptr + tl.maximum(num_kv - 1, 0))
+        n_full = tl.where((num_kv > 0) & (last == NUM_KV_BLOCKS - 1), num_kv - 1, num_kv)
+    return num_kv, idx_ptr, n_full
 
 
 @triton.jit
@@ -101,17 +122,8 @@ def _block_sparse_attention_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     q = tl.load(q_base + rows_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-    mask_row = pid_bh.to(tl.int64) * NUM_Q_BLOCKS + u
-    num_kv = tl.load(KV_NUM + mask_row)
-    idx_ptr = KV_IDX + mask_row * NUM_KV_BLOCKS
+    num_kv, idx_ptr, n_full = _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N)
     CHUNKS: tl.constexpr = BLOCK // BLOCK_N
-
-    # Kept blocks ascend, so the one short block (the last, Mk - 1) can only be the last
-    # entry: every other block runs without load masks or -inf fills.
-    n_full = num_kv
-    if not EVEN_N:
-        last = tl.load(idx_ptr + tl.maximum(num_kv - 1, 0))
-        n_full = tl.where((num_kv > 0) & (last == NUM_KV_BLOCKS - 1), num_kv - 1, num_kv)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -146,6 +158,54 @@ def _block_sparse_attention_kernel(
         tl.store(LSE + pid_bh.to(tl.int64) * N + rows_m, lse, mask=row_ok)
 
 
+@triton.jit
+def _block_sparse_attention_tma_kernel(
+    desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX,
+    H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The kernel above without a token order, with q, k, v and out tiles moved by tensor
+    descriptors ([B, H, N, D] of any 16-byte strides; the copy engine on Hopper): rows past N
+    load as zeros and are not stored, so only the short last key block needs a -inf fill."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    u = (pid_m * BLOCK_M) // BLOCK
+    q = desc_q.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    num_kv, idx_ptr, n_full = _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N)
+    CHUNKS: tl.constexpr = BLOCK // BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    all_ok = tl.full([BLOCK_N], True, tl.int1)
+    for it in range(0, n_full * CHUNKS):
+        start = tl.load(idx_ptr + it // CHUNKS) * BLOCK + (it % CHUNKS) * BLOCK_N
+        k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_ok, False, UPCAST, DOT_PRECISION)
+    if not EVEN_N:
+        if n_full < num_kv:
+            tail_start = (NUM_KV_BLOCKS - 1) * BLOCK
+            for c in range(0, tl.cdiv(N - tail_start, BLOCK_N)):
+                start = tail_start + c * BLOCK_N
+                k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+                v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+                col_ok = start + tl.arange(0, BLOCK_N) < N
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, UPCAST,
+                                              DOT_PRECISION)
+
+    l_safe = tl.where(num_kv > 0, l_i, 1.0)
+    out = (acc / l_safe[:, None]).to(desc_o.dtype)
+    desc_o.store([b, h, pid_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    if RETURN_LSE:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+
+
 #: Autotune space, as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper.
 ATTENTION_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
@@ -175,15 +235,28 @@ def _prune(configs, named_args, **kwargs):
     return fits
 
 
-_TUNED_KERNEL = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                      num_stages=c["num_stages"])
-        for c in ATTENTION_CONFIGS
-    ],
-    key=["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_block_sparse_attention_kernel)
+def _set_tile_shapes(nargs: dict) -> None:
+    """Tensor descriptors move [1, 1, rows, D] tiles: BLOCK_M rows of q / out, BLOCK_N of k / v."""
+    d = nargs["HEAD_DIM"]
+    for name, rows in (("desc_q", "BLOCK_M"), ("desc_o", "BLOCK_M"), ("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N")):
+        nargs[name].block_shape = [1, 1, nargs[rows], d]
+
+
+def _tuned(kernel, key: list[str], pre_hook=None):
+    return triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                          num_stages=c["num_stages"], pre_hook=pre_hook)
+            for c in ATTENTION_CONFIGS
+        ],
+        key=key,
+        prune_configs_by={"early_config_prune": _prune},
+    )(kernel)
+
+
+_TUNED_KERNEL = _tuned(_block_sparse_attention_kernel, ["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N"])
+_TUNED_TMA_KERNEL = _tuned(_block_sparse_attention_tma_kernel, ["N", "HEAD_DIM", "BLOCK", "RETURN_LSE", "EVEN_N"],
+                           pre_hook=_set_tile_shapes)
 
 # Device copies of order permutations as int32, keyed by the perm tensor (weakly), so a
 # cached TokenOrder costs no host-to-device copy per call.
@@ -205,6 +278,25 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _describable(x: torch.Tensor) -> bool:
+    """A tensor descriptor needs a 16-byte aligned base and 16-byte multiples for every stride but the last."""
+    size = x.element_size()
+    return x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
+
+
+def _launch(kernel, tuned, args, meta: dict, n: int, programs_bh: int, block: int, d: int, pre_hook=None) -> None:
+    if interpreting():
+        # The interpreter pays per program, so take the largest tile that fits instead of tuning.
+        cfg = next(c for c in ATTENTION_CONFIGS if attention_config_fits(c, block, d))
+        tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        if pre_hook is not None:
+            pre_hook(dict(zip(kernel.arg_names, args)) | meta | tiles)
+        kernel[(triton.cdiv(n, cfg["BLOCK_M"]), programs_bh)](*args, **meta, **tiles)
+    else:
+        grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), programs_bh)  # noqa: E731
+        tuned[grid](*args, **meta)
+
+
 def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_lse=False):
     check_attention_inputs(q, k, v, mask)
     check_kernel_input(q)
@@ -222,29 +314,34 @@ def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_ls
     counts = mask.kv_num_blocks.contiguous()
     indices = mask.kv_indices.contiguous()
 
-    out = torch.empty((bsz, heads, n, d), dtype=q.dtype, device=q.device)
+    # Same layout as q when q is dense (diffusers' [B, N, H, D] memory: the caller's transpose
+    # back to [B, N, H * D] is then a view), else [B, H, N, D]-contiguous.
+    out = torch.empty_like(q, memory_format=torch.preserve_format)
     lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device) if return_lse else out
-    args = (
-        q, k, v, out, lse, counts, indices, perm if perm is not None else counts,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, n, mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E,
-    )
+    qk_scale = scale * _LOG2E
     meta = dict(
-        HEAD_DIM=d, BLOCK=mask.block, HAS_ORDER=perm is not None, RETURN_LSE=return_lse,
-        EVEN_N=n % mask.block == 0, UPCAST=interpreting() and q.dtype != torch.float32,
+        HEAD_DIM=d, BLOCK=mask.block, RETURN_LSE=return_lse, EVEN_N=n % mask.block == 0,
+        UPCAST=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreting() else "tf32",
     )
-    if interpreting():
-        # The interpreter pays per program, so take the largest tile that fits instead of tuning.
-        cfg = next(c for c in ATTENTION_CONFIGS if attention_config_fits(c, mask.block, d))
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]), bsz * heads)
-        _block_sparse_attention_kernel[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    if perm is None and all(_describable(x) for x in (q, k, v, out)):
+        # Contiguous key blocks: whole tiles through tensor descriptors (placeholder tile
+        # shapes; _set_tile_shapes sets the launched config's).
+        descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, d]) for x in (q, k, v, out)]
+        args = (*descs, lse, counts, indices, heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
+        _launch(_block_sparse_attention_tma_kernel, _TUNED_TMA_KERNEL, args, meta, n, bsz * heads, mask.block, d,
+                pre_hook=_set_tile_shapes)
     else:
-        grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), bsz * heads)  # noqa: E731
-        _TUNED_KERNEL[grid](*args, **meta)
+        args = (
+            q, k, v, out, lse, counts, indices, perm if perm is not None else counts,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale,
+        )
+        _launch(_block_sparse_attention_kernel, _TUNED_KERNEL, args, {**meta, "HAS_ORDER": perm is not None}, n,
+                bsz * heads, mask.block, d)
     return (out, lse) if return_lse else out
 
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from dfsviz.kernels._dispatch import check_kernel_dtype, interpreting, resolve_backend
+from dfsviz.kernels._rows import rounded, row_launch_shape, token_rows
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_ref", "wan_rope"]
 
@@ -81,18 +82,6 @@ def _check_kernel_dtypes(x, cos, sin) -> None:
 
 
 @triton.jit
-def _rounded(v, DTYPE: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """v (float32) rounded to DTYPE, as float32. The interpreter's float32 -> bfloat16 cast
-    truncates, so there (RTNE_BF16) bfloat16 rounds to nearest even on the bits instead."""
-    if RTNE_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-    else:
-        return v.to(DTYPE).to(tl.float32)
-
-
-@triton.jit
 def _qk_norm_rope_kernel(
     X, W, COS, SIN, OUT,
     stride_xb, stride_xn, stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
@@ -100,11 +89,7 @@ def _qk_norm_rope_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """BLOCK_R token rows (of B * N) x BLOCK_P >= C / 2 (even, odd) channel pairs."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < ROWS
-    rows = tl.where(row_ok, rows, 0).to(tl.int64)
-    b = rows // N
-    t = rows % N
+    rows, row_ok, b, t = token_rows(ROWS, N, BLOCK_R)
     ev = tl.arange(0, BLOCK_P) * 2  # even channel of each pair; its odd partner is ev + 1
     ok = row_ok[:, None] & (ev < C)[None, :]
     x_ptrs = X + (b * stride_xb + t * stride_xn)[:, None] + ev[None, :]
@@ -118,14 +103,14 @@ def _qk_norm_rope_kernel(
     w2 = tl.load(W + ev + 1, mask=ev < C, other=0.0).to(tl.float32)[None, :]
     # torch.nn.RMSNorm rounds (x * rstd * w) once, to x's dtype; today's path rotates that.
     dtype = OUT.dtype.element_ty
-    y1 = _rounded(x1 * rstd * w1, dtype, RTNE_BF16)
-    y2 = _rounded(x2 * rstd * w2, dtype, RTNE_BF16)
+    y1 = rounded(x1 * rstd * w1, dtype, RTNE_BF16)
+    y2 = rounded(x2 * rstd * w2, dtype, RTNE_BF16)
     d = (ev % HEAD_DIM)[None, :]
     cos = tl.load(COS + (b * stride_cb + t * stride_cn)[:, None] + d * stride_cd, mask=ok, other=0.0)
     sin = tl.load(SIN + (b * stride_sb + t * stride_sn)[:, None] + (d + 1) * stride_sd, mask=ok, other=0.0)
     o_ptrs = OUT + (rows * C)[:, None] + ev[None, :]
-    tl.store(o_ptrs, _rounded(y1 * cos - y2 * sin, dtype, RTNE_BF16).to(dtype), mask=ok)
-    tl.store(o_ptrs + 1, _rounded(y1 * sin + y2 * cos, dtype, RTNE_BF16).to(dtype), mask=ok)
+    tl.store(o_ptrs, rounded(y1 * cos - y2 * sin, dtype, RTNE_BF16).to(dtype), mask=ok)
+    tl.store(o_ptrs + 1, rounded(y1 * sin + y2 * cos, dtype, RTNE_BF16).to(dtype), mask=ok)
 
 
 #: Launch shape, as data: elements (pairs) per program and pairs per warp on the GPU; the
@@ -133,14 +118,6 @@ def _qk_norm_rope_kernel(
 _PAIRS_PER_PROGRAM = 2048
 _PAIRS_PER_PROGRAM_INTERPRETED = 16384
 _PAIRS_PER_WARP = 256
-
-
-def _launch_shape(rows: int, block_p: int) -> tuple[int, int]:
-    """(rows per program, warps): whole rows per program, several short rows together."""
-    per_program = _PAIRS_PER_PROGRAM_INTERPRETED if interpreting() else _PAIRS_PER_PROGRAM
-    block_r = min(max(1, per_program // block_p), triton.next_power_of_2(rows))
-    warps = 1 if interpreting() else max(1, min(16, block_r * block_p // _PAIRS_PER_WARP))
-    return block_r, warps
 
 
 def _qk_norm_rope_fwd(x, weight, eps, cos, sin):
@@ -157,7 +134,8 @@ def _qk_norm_rope_fwd(x, weight, eps, cos, sin):
     stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0
     stride_sb = sin.stride(0) if sin.shape[0] > 1 else 0
     block_p = triton.next_power_of_2(c // 2)
-    block_r, warps = _launch_shape(bsz * n, block_p)
+    per_program = _PAIRS_PER_PROGRAM_INTERPRETED if interpreting() else _PAIRS_PER_PROGRAM
+    block_r, warps = row_launch_shape(bsz * n, block_p, per_program, _PAIRS_PER_WARP)
     _qk_norm_rope_kernel[(triton.cdiv(bsz * n, block_r),)](
         x, weight, cos, sin, out,
         x.stride(0), x.stride(1), stride_cb, cos.stride(1), cos.stride(3), stride_sb, sin.stride(1), sin.stride(3),

@@ -72,9 +72,9 @@ def num_blocks(n: int, block: int) -> int:
 
 def block_sizes(n: int, block: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Token count of each block, int64 [ceil(n / block)]; every block holds ``block`` but the last."""
-    m = num_blocks(n, block)
-    sizes = [block] * (m - 1) + [n - block * (m - 1)] if m else []
-    return torch.tensor(sizes, dtype=torch.int64, device=device)  # one host-to-device copy, no sync
+    starts = torch.arange(num_blocks(n, block), dtype=torch.int64, device=device) * block
+    # Made on the device: a host list copied to a GPU would wait for the stream (pageable copy).
+    return (n - starts).clamp_(max=block)
 
 
 def block_flags(value: object, name: str, m: int, device: torch.device) -> torch.Tensor:

@@ -4,6 +4,7 @@ The kernel's error against a float64 golden run of the reference may be at most 
 the reference's own error in the test dtype plus a small floor (dfsviz.kernels._check).
 """
 
+import importlib
 import math
 
 import pytest
@@ -16,6 +17,8 @@ from dfsviz.sparse.attention import block_sparse_attention_ref
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.orders import make_order
+
+bsa_module = importlib.import_module("dfsviz.kernels.block_sparse_attention")
 
 # Grids (with a text token where needed) whose token counts are the awkward lengths.
 GRIDS = {
@@ -136,6 +139,27 @@ def test_strided_input_from_bnhd_layout():
     out = block_sparse_attention(q, k, v, mask, backend="triton")
     ref = block_sparse_attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), mask)
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    assert out.transpose(1, 2).is_contiguous(), "the output keeps the [B, N, H, D] memory of q"
+
+
+def test_descriptor_and_pointer_paths_agree(monkeypatch):
+    """Without an order, 16-byte aligned tensors take the tensor-descriptor kernel and others
+    the pointer kernel; both give the same output (the unaligned q starts 4 bytes into its buffer)."""
+    launched = []
+    launch = bsa_module._launch
+    monkeypatch.setattr(bsa_module, "_launch",
+                        lambda kernel, *a, **kw: (launched.append(kernel), launch(kernel, *a, **kw)))
+    n, d = 211, 64
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, n, d, generator=gen) for _ in range(3))
+    mask = _random_mask(2, 2, n, 64, gen)
+    aligned, aligned_lse = block_sparse_attention(q, k, v, mask, return_lse=True, backend="triton")
+    shifted = torch.empty(q.numel() + 1)[1:].view_as(q).copy_(q)
+    assert shifted.data_ptr() % 16 != 0
+    unaligned, unaligned_lse = block_sparse_attention(shifted, k, v, mask, return_lse=True, backend="triton")
+    assert launched == [bsa_module._block_sparse_attention_tma_kernel, bsa_module._block_sparse_attention_kernel]
+    torch.testing.assert_close(aligned, unaligned, rtol=0, atol=1e-6)
+    torch.testing.assert_close(aligned_lse, unaligned_lse, rtol=0, atol=1e-6)
 
 
 def _inputs(n=64, d=64, dtype=torch.float32, block=32):

@@ -6,6 +6,7 @@ The kernel must match the reference in the test dtype within one rounding step
 the float64 golden result its error may be at most 2x the reference's own plus a small floor.
 """
 
+import dataclasses
 import importlib
 
 import pytest
@@ -148,10 +149,8 @@ def _wan_call(model, inputs, config, monkeypatch, fused=True, force=None):
         return real(*args, backend=force or backend)
 
     monkeypatch.setattr(accel_processor, "qk_norm_rope", spy)
-    if not fused:
-        monkeypatch.setattr(accel_processor, "_fused_qk_norm_rope", lambda *a: False)
     try:
-        with apply_dfsattn(model, config), torch.no_grad():
+        with apply_dfsattn(model, dataclasses.replace(config, fused_ops=fused)), torch.no_grad():
             out = model(**inputs)[0]
     finally:
         monkeypatch.undo()
@@ -183,6 +182,20 @@ def test_wan_processor_fused_equals_unfused(dtype, once, monkeypatch):
     fused_kernel, _ = _wan_call(model, inputs, config, monkeypatch, force="triton")
     tol = dict(atol=2e-5, rtol=0) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
     torch.testing.assert_close(fused_kernel, unfused, **tol)
+
+
+def test_wan_processor_dense_calls_fuse_too(monkeypatch):
+    """Dense warm-up calls with fused_ops: the fused q/k path, then the stock attention dispatch;
+    on the reference backend bit-identical to the untouched model."""
+    model, inputs, _ = _wan(torch.float32, batch=1)
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+    dense = DFSSchedule(num_steps=4, skip_steps=4, dense_layers=())
+    out, calls = _wan_call(model, inputs, DFSConfig(block=16, tile=4, schedule=dense, backend="ref"), monkeypatch)
+    assert calls == ["ref"] * 4
+    assert torch.equal(out, stock)
+    out, calls = _wan_call(model, inputs, DFSConfig(block=16, tile=4, schedule=dense), monkeypatch, fused=False)
+    assert calls == [] and torch.equal(out, stock)
 
 
 def test_wan_processor_unfusable_keeps_torch_path(monkeypatch):
