@@ -9,8 +9,6 @@ token order the program loads q, k and v rows through ``perm`` and stores output
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
@@ -258,21 +256,6 @@ _TUNED_KERNEL = _tuned(_block_sparse_attention_kernel, ["N", "HEAD_DIM", "BLOCK"
 _TUNED_TMA_KERNEL = _tuned(_block_sparse_attention_tma_kernel, ["N", "HEAD_DIM", "BLOCK", "RETURN_LSE", "EVEN_N"],
                            pre_hook=_set_tile_shapes)
 
-# Device copies of order permutations as int32, keyed by the perm tensor (weakly), so a
-# cached TokenOrder costs no host-to-device copy per call.
-_PERM_CACHE: dict = {}
-
-
-def _perm_on(perm: torch.Tensor, device: torch.device) -> torch.Tensor:
-    key = (id(perm), str(device))
-    hit = _PERM_CACHE.get(key)
-    if hit is not None and hit[0]() is perm:
-        return hit[1]
-    dev = perm.to(device=device, dtype=torch.int32)
-    _PERM_CACHE[key] = (weakref.ref(perm, lambda _, key=key: _PERM_CACHE.pop(key, None)), dev)
-    return dev
-
-
 def _row_major(x: torch.Tensor) -> torch.Tensor:
     """The kernel needs unit stride along D; any B, H, N strides are fine."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -310,7 +293,8 @@ def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_ls
         )
     perm = None
     if order is not None:
-        perm = _perm_on(check_order_for(order, n), q.device)
+        check_order_for(order, n)
+        perm = order.perm_on(q.device, torch.int32)
     counts = mask.kv_num_blocks.contiguous()
     indices = mask.kv_indices.contiguous()
 

@@ -449,16 +449,17 @@ class TokenOrder:
         """The permutation of the video tokens alone, int64 [F*Hs*Ws] (raster video indices)."""
         return self.perm[self.grid.video_slice] - self.grid.video_start
 
-    def _index(self, which: str, device: torch.device) -> torch.Tensor:
-        # one copy per device, so GPU callers do not re-upload the index every layer
-        key = (which, device)
+    def _index(self, which: str, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        # one copy per device and dtype, so GPU callers do not re-upload the index every layer
+        key = (which, device, dtype)
         if key not in self._on_device:
-            self._on_device[key] = getattr(self, which).to(device)
+            self._on_device[key] = getattr(self, which).to(device=device, dtype=dtype)
         return self._on_device[key]
 
-    def perm_on(self, device: torch.device | str) -> torch.Tensor:
-        """``perm`` on ``device``, uploaded once per device (shared: never modify it in place)."""
-        return self._index("perm", torch.device(device))
+    def perm_on(self, device: torch.device | str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """``perm`` on ``device`` as ``dtype`` (the kernels take int32), uploaded once per device and
+        dtype (shared: never modify it in place)."""
+        return self._index("perm", torch.device(device), dtype)
 
     def _gather(self, x: torch.Tensor, dim: int, which: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -103,15 +103,18 @@ def test_perm_on_returns_the_permutation_on_the_device():
     on = order.perm_on("cpu")
     assert on.device == torch.device("cpu") and on.dtype == torch.int64
     assert torch.equal(on, order.perm)
+    small = order.perm_on("cpu", torch.int32)  # the kernels' index dtype, cached apart
+    assert small.dtype == torch.int32 and torch.equal(small.long(), order.perm)
+    assert order.perm_on("cpu", torch.int32) is small and order.perm_on("cpu") is on
 
 
 def test_apply_reuses_the_index_per_device():
     order = make_order("tiled", LatentGrid(2, 4, 4))
     x = torch.randn(1, 1, 32, 2)
     order.apply(x)
-    cached = order._on_device[("perm", x.device)]
+    cached = order._on_device[("perm", x.device, torch.int64)]
     order.apply(x)
-    assert order._on_device[("perm", x.device)] is cached
+    assert order._on_device[("perm", x.device, torch.int64)] is cached
 
 
 # --- the generalized Hilbert curves ----------------------------------------------------
