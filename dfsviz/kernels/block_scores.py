@@ -16,6 +16,12 @@ of the row, but the block sums need it before rows may be added up. Two options:
    running max it used travels with it. A second, tiny kernel turns each entry into
    exp(entry - m_i'(final)) / l_i' and adds the rows of each query block.
 
+Because each entry carries its own max, the key tiles of a row can be shared out: when the
+heads and query tiles alone leave the GPU short of programs (Wan2.1-1.3B: 384 programs on
+132 multiprocessors), SPLITS programs each walk a contiguous share of the key slices and
+store their own (m, l); the block-sum kernel combines them (m = max, l = sum l_s 2^(m_s - m))
+before rescaling. The entries and their sums are the same whatever SPLITS is.
+
 Option 2 computes each tile logit once; its scratch is O(T x Mk) floats (T = N / tile
 tiles), 1/tile of the O(N x Mk) the statistics pass may use, and never T x T.
 Pooling is a separate memory-bound kernel (q and k in one launch): every query tile
@@ -38,6 +44,8 @@ products exactly in float32.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -161,18 +169,25 @@ def _partials_slice(
 
 @triton.jit
 def _partials_row(
-    q, q_lo, row_scale, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK,
+    q, q_lo, row_scale, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK, c0, c1,
     HEAD_DIM: tl.constexpr, TPB: tl.constexpr, BLOCK_TQ: tl.constexpr, BLOCK_TK: tl.constexpr,
-    PRECISION: tl.constexpr, COL_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr, COL_SCALE: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """All key slices of _tile_partials_kernel for one program's query tiles: final (m_i, l_i)."""
+    """Key slices [c0, c1) of _tile_partials_kernel for one program's query tiles: their (m_i, l_i).
+    Without SPLIT the program walks them all (c0 = 0, c1 = the slice count)."""
     m_i = tl.full([BLOCK_TQ], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_TQ], dtype=tl.float32)
-    full = T // BLOCK_TK
-    for c in range(0, full):
+    full = T // BLOCK_TK  # slices that lie wholly inside T
+    stop = full
+    if SPLIT:
+        stop = tl.minimum(c1, full)
+    for c in range(c0, stop):
         m_i, l_i = _partials_slice(q, q_lo, row_scale, m_i, l_i, c, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok,
                                    T, MK, HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, False, COL_SCALE)
-    if full * BLOCK_TK < T:
+    last = full * BLOCK_TK < T  # a short last slice exists
+    if SPLIT:
+        last = last & (c0 <= full) & (full < c1)  # ... and is this program's
+    if last:
         m_i, l_i = _partials_slice(q, q_lo, row_scale, m_i, l_i, full, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok,
                                    T, MK, HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, True, COL_SCALE)
     return m_i, l_i
@@ -182,11 +197,20 @@ def _partials_row(
 def _tile_partials_kernel(
     QT, KT, QT_LO, KT_LO, Q_UNSCALE, K_UNSCALE, K_SCALED, LP, MF, LF, T, MK, qk_scale,
     HEAD_DIM: tl.constexpr, TPB: tl.constexpr, BLOCK_TQ: tl.constexpr, BLOCK_TK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """Level one: online softmax over key tiles; per slice, each key block's partial sum as a log."""
+    """Level one: online softmax over this program's share of the key tiles (split ``program_id(2)``
+    of SPLITS); per slice, each key block's partial sum as a log; the split's (m_i, l_i)."""
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    c0 = 0  # without splits one program walks every key slice (c0, c1 unused)
+    c1 = 0
+    if SPLITS > 1:
+        slices = tl.cdiv(T, BLOCK_TK)
+        per_split = tl.cdiv(slices, SPLITS)
+        c0 = split * per_split
+        c1 = tl.minimum(c0 + per_split, slices)
     offs_q = pid_q * BLOCK_TQ + tl.arange(0, BLOCK_TQ)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ok = offs_q < T
@@ -198,21 +222,25 @@ def _tile_partials_kernel(
     # multiplied back by the query tile's 2^e on the row, the key tile's on the column, exactly.
     row_scale = tl.load(Q_UNSCALE + head + offs_q, mask=q_ok, other=1.0) * qk_scale
     if tl.load(K_SCALED) == 0:  # no key tile scaled (the usual case): no per-column multiply
-        m_i, l_i = _partials_row(q, q_lo, row_scale, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK,
-                                 HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, False)
+        m_i, l_i = _partials_row(q, q_lo, row_scale, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK, c0, c1,
+                                 HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, False, SPLITS > 1)
     else:
-        m_i, l_i = _partials_row(q, q_lo, row_scale, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK,
-                                 HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, True)
+        m_i, l_i = _partials_row(q, q_lo, row_scale, KT, KT_LO, K_UNSCALE, LP, head, offs_q, q_ok, T, MK, c0, c1,
+                                 HEAD_DIM, TPB, BLOCK_TQ, BLOCK_TK, PRECISION, True, SPLITS > 1)
+    # A split with no slices (more splits than slices) stores m = -inf, l = 0: it adds nothing.
+    if SPLITS > 1:
+        head = (split * tl.num_programs(1) + pid_bh).to(tl.int64) * T
     tl.store(MF + head + offs_q, m_i, mask=q_ok)
     tl.store(LF + head + offs_q, l_i, mask=q_ok)
 
 
 @triton.jit
 def _tile_block_sum_kernel(
-    LP, MF, LF, OUT, T, MQ, MK,
-    TPB: tl.constexpr, BLOCK_V: tl.constexpr,
+    LP, MF, LF, OUT, T, MQ, MK, BH,
+    TPB: tl.constexpr, BLOCK_V: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """Level two: rescale each partial to the final max, normalise, add the rows of a query block."""
+    """Level two: combine the splits' (m, l), rescale each partial to the final max, normalise,
+    add the rows of a query block."""
     pid_v = tl.program_id(0)
     pid_bh = tl.program_id(1)
     u = tl.program_id(2)
@@ -222,8 +250,15 @@ def _tile_block_sum_kernel(
     v_ok = offs_v < MK
     log_part = tl.load(LP + (head + offs_i[:, None]) * MK + offs_v[None, :], mask=v_ok[None, :],
                        other=float("-inf"))
-    m_fin = tl.load(MF + head + offs_i)
+    m_fin = tl.load(MF + head + offs_i)  # split 0 always holds key tiles: m_fin is finite
     l_fin = tl.load(LF + head + offs_i)
+    if SPLITS > 1:
+        for s in tl.static_range(1, SPLITS):
+            m_fin = tl.maximum(m_fin, tl.load(MF + (s * BH + pid_bh).to(tl.int64) * T + offs_i))
+        l_fin = l_fin * tl.math.exp2(tl.load(MF + head + offs_i) - m_fin)
+        for s in tl.static_range(1, SPLITS):
+            split_head = (s * BH + pid_bh).to(tl.int64) * T
+            l_fin += tl.load(LF + split_head + offs_i) * tl.math.exp2(tl.load(MF + split_head + offs_i) - m_fin)
     w = tl.math.exp2(log_part - m_fin[:, None]) / l_fin[:, None]
     out_ptrs = OUT + (pid_bh.to(tl.int64) * MQ + u) * MK + offs_v
     tl.store(out_ptrs, tl.sum(w, 0), mask=v_ok)
@@ -281,9 +316,29 @@ _TUNED_PARTIALS = triton.autotune(
                       num_stages=c["num_stages"])
         for c in SCORE_CONFIGS if c["stage"] == "partials"
     ],
-    key=["T", "HEAD_DIM", "TPB"],
+    key=["T", "HEAD_DIM", "TPB", "SPLITS"],
     prune_configs_by={"early_config_prune": _prune_partials},
 )(_tile_partials_kernel)
+
+
+#: Key-tile splits: enough partials programs for about this many per multiprocessor (counted
+#: at 64 query tiles a program), at most _MAX_KEY_SPLITS; the interpreter assumes a few SMs.
+_PROGRAMS_PER_SM = 8
+_MAX_KEY_SPLITS = 8
+_INTERPRETED_SMS = 2
+
+
+def _key_splits(num_tiles: int, heads: int, device: torch.device) -> int:
+    """How many programs share one query-tile row's key tiles: 1 when the heads and query tiles
+    alone fill the GPU (Wan2.1-14B), more for short sequences and few heads (Wan2.1-1.3B)."""
+    sms = _INTERPRETED_SMS if interpreting() else _multiprocessors(device)
+    programs = triton.cdiv(num_tiles, 64) * heads
+    return max(1, min(_MAX_KEY_SPLITS, triton.cdiv(_PROGRAMS_PER_SM * sms, programs)))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _config(stage: str, tiles_per_block: int = 1) -> dict:
@@ -342,24 +397,25 @@ def _block_scores_fwd(q, k, method="dfs_tile", tile=None, block=128, scale=None)
     num_tiles = m * tpb  # tiles of the sequence zero-padded to m * block tokens
     hi, lo, unscale, k_scaled = _pool(q, k, tile, num_tiles, False, split=True)
     log_partials = torch.empty((bsz, heads, num_tiles, m), dtype=torch.float32, device=q.device)
-    m_fin = torch.empty((bsz, heads, num_tiles), dtype=torch.float32, device=q.device)
-    l_fin = torch.empty_like(m_fin)
-    args = (hi[0], hi[1], lo[0], lo[1], unscale[0], unscale[1], k_scaled, log_partials, m_fin, l_fin, num_tiles, m)
-    meta = dict(HEAD_DIM=d, TPB=tpb, PRECISION=precision)
+    splits = _key_splits(num_tiles, bsz * heads, q.device)
+    m_split = torch.empty((splits, bsz, heads, num_tiles), dtype=torch.float32, device=q.device)
+    l_split = torch.empty_like(m_split)
+    args = (hi[0], hi[1], lo[0], lo[1], unscale[0], unscale[1], k_scaled, log_partials, m_split, l_split, num_tiles, m)
+    meta = dict(HEAD_DIM=d, TPB=tpb, PRECISION=precision, SPLITS=splits)
     if interpreting():
         cfg = _config("partials", tpb)
-        grid = (triton.cdiv(num_tiles, cfg["BLOCK_TQ"]), bsz * heads)
+        grid = (triton.cdiv(num_tiles, cfg["BLOCK_TQ"]), bsz * heads, splits)
         _tile_partials_kernel[grid](*args, float(scale) * _LOG2E, **meta, BLOCK_TQ=cfg["BLOCK_TQ"],
                                     BLOCK_TK=cfg["BLOCK_TK"], num_warps=cfg["num_warps"],
                                     num_stages=cfg["num_stages"])
     else:
-        grid = lambda META: (triton.cdiv(num_tiles, META["BLOCK_TQ"]), bsz * heads)  # noqa: E731
+        grid = lambda META: (triton.cdiv(num_tiles, META["BLOCK_TQ"]), bsz * heads, splits)  # noqa: E731
         _TUNED_PARTIALS[grid](*args, float(scale) * _LOG2E, **meta)
     cfg2 = _config("block_sum")
     grid = (triton.cdiv(m, cfg2["BLOCK_V"]), bsz * heads, m)
     _tile_block_sum_kernel[grid](
-        log_partials, m_fin, l_fin, out, num_tiles, m, m,
-        TPB=tpb, BLOCK_V=cfg2["BLOCK_V"], num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"],
+        log_partials, m_split, l_split, out, num_tiles, m, m, bsz * heads,
+        TPB=tpb, BLOCK_V=cfg2["BLOCK_V"], SPLITS=splits, num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"],
     )
     return out
 

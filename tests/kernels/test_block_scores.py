@@ -4,6 +4,7 @@ The kernel's error against the float64 reference may be at most 2x the reference
 error in the test dtype plus a small floor (dfsviz.kernels._check).
 """
 
+import importlib
 from unittest import mock
 
 import pytest
@@ -13,6 +14,8 @@ from dfsviz.kernels._check import compare_to_golden
 from dfsviz.kernels._dispatch import interpreting
 from dfsviz.kernels.block_scores import block_scores
 from dfsviz.sparse.scoring import block_scores_ref
+
+block_scores_module = importlib.import_module("dfsviz.kernels.block_scores")  # the package exports the function
 
 # (method, N, D, dtype, block, tile); B = 2, H = 2 throughout.
 CASES = [
@@ -51,6 +54,28 @@ def test_kernel_matches_reference(case):
     assert out.dtype == torch.float32 and out.shape == (2, 2, m, m)
     check = compare_to_golden(method, out, ref, gold, floor=1e-6)
     assert check.ok, str(check)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8], ids=lambda s: f"splits{s}")
+def test_key_splits_give_the_same_scores(splits, monkeypatch):
+    """Programs that share a row's key tiles (split 0 .. splits - 1; one holds the short last
+    slice, and from 3 splits on some hold none) combine to the unsplit scores."""
+    n = 1100  # 72 tiles of 16: in the interpreter's 64-tile slices, a full slice and a short one
+    gen = torch.Generator().manual_seed(21)
+    q, k = (torch.randn(1, 2, n, 64, generator=gen) * 2 for _ in range(2))
+    monkeypatch.setattr(block_scores_module, "_key_splits", lambda *a: 1)
+    whole = block_scores(q, k, method="dfs_tile", tile=16, block=128, backend="triton")
+    monkeypatch.setattr(block_scores_module, "_key_splits", lambda *a: splits)
+    split = block_scores(q, k, method="dfs_tile", tile=16, block=128, backend="triton")
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_key_splits_fill_the_gpu_only_where_needed(monkeypatch):
+    monkeypatch.setattr(block_scores_module, "interpreting", lambda: False)
+    monkeypatch.setattr(block_scores_module, "_multiprocessors", lambda device: 132)
+    assert block_scores_module._key_splits(2048, 12, "cuda") == 3  # Wan2.1-1.3B 480p, B = 1: 384 programs
+    assert block_scores_module._key_splits(4728, 40, "cuda") == 1  # Wan2.1-14B 720p: 2,960 programs
+    assert block_scores_module._key_splits(8, 1, "cuda") == block_scores_module._MAX_KEY_SPLITS
 
 
 def test_dfs_tile_rows_sum_to_tiles_per_block():
