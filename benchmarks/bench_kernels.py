@@ -112,7 +112,7 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts=("attention", "scores
             g = {"gamma": gamma, "density": density}
             g["flex_ms"] = bench(lambda: flex(q, k, v, block_mask=fmask))
             g["sparse_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask))
-            g["sparse_config"] = str(bsa_module._TUNED_TMA_KERNEL.best_config)  # no order: descriptor kernel
+            g["sparse_config"] = str(bsa_module._TUNED_DESC_KERNEL.best_config)  # no order: descriptor kernel
             g["sparse_order_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask, order=order))
             g["sparse_order_config"] = str(bsa_module._TUNED_KERNEL.best_config)
             g["sparse_lse_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask, return_lse=True))

@@ -47,8 +47,9 @@ class DFSConfig:
             the first call of a step is the conditional one.
         permute_once: permute hidden states and rotary tables once before the first block and
             restore the order before the output head, instead of in every attention call.
-        fused_ops: Wan only: in every call (dense warm-up steps too) run the self-attention's
-            QK-RMSNorm + RoPE as one ``dfsviz.kernels.qk_norm_rope`` pass per q and k, and each
+        fused_ops: Wan only: in every call (dense warm-up steps too) run the QK-RMSNorm + RoPE
+            of each DFSAttn self-attention layer (not of ``schedule.dense_layers``, which keep
+            the stock processor) as one ``dfsviz.kernels.qk_norm_rope`` pass per q and k, and each
             block's AdaLN norms and gated residuals as ``dfsviz.kernels.adaln`` passes: the same
             arithmetic to one rounding step (the PyTorch references, which CPU runs use, are the
             stock expressions), several float32 passes over [B, N, C] fewer. The reference code
@@ -108,7 +109,8 @@ class DFSConfig:
     def name(self) -> str:
         """Self-describing key, e.g. "dfsattn_hilbert3d_dfs_tile_b128_t16_share_dfs_n50_s12_...". """
         once = "_once" if self.permute_once else ""
+        unfused = "" if self.fused_ops else "_unfused"
         return (
-            f"dfsattn_{self.order}_{self.score_method}_b{self.block}_t{self.tile}_{self.cfg}{once}_"
+            f"dfsattn_{self.order}_{self.score_method}_b{self.block}_t{self.tile}_{self.cfg}{once}{unfused}_"
             f"{self.schedule.name}"
         )

@@ -329,7 +329,8 @@ def _fused_qk_norm_rope(attn, x: torch.Tensor, rotary_emb) -> bool:
     ``qk_norm_rope`` pass: torch.nn.RMSNorm with an elementwise weight (in x's dtype) over the
     whole inner dim, and float32 tables [1, N, 1, D] of the head dim. Anything else (e.g.
     diffusers' RMSNorm, which rounds twice) keeps the unfused path."""
-    if rotary_emb is None or x.dtype not in KERNEL_DTYPES:
+    projection = attn.to_qkv if attn.fused_projections else attn.to_q
+    if rotary_emb is None or x.dtype not in KERNEL_DTYPES or projection.weight.dtype != x.dtype:
         return False
     norms = (attn.norm_q, attn.norm_k)
     if not all(isinstance(norm, torch.nn.RMSNorm) and norm.weight is not None and norm.weight.dtype == x.dtype
@@ -340,6 +341,18 @@ def _fused_qk_norm_rope(attn, x: torch.Tensor, rotary_emb) -> bool:
     return attn.norm_k.normalized_shape[0] == inner and all(
         t.dim() == 4 and t.dtype == torch.float32 and t.shape[1] == x.shape[1] and t.shape[2] == 1
         and t.shape[0] in (1, x.shape[0]) and t.shape[-1] * attn.heads == inner for t in (cos, sin))
+
+
+def _stock_attention(stock, query, key, value, attention_mask) -> torch.Tensor:
+    """Dense attention as the stock Wan processor ``stock`` runs it: diffusers' dispatcher with the
+    processor's backend (and context-parallel config, on diffusers versions that have one)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    extra = {}
+    if "parallel_config" in inspect.signature(dispatch_attention_fn).parameters:
+        extra["parallel_config"] = getattr(stock, "_parallel_config", None)
+    return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                 backend=getattr(stock, "_attention_backend", None), **extra)
 
 
 class WanDFSProcessor(_DFSProcessorBase):
@@ -372,11 +385,7 @@ class WanDFSProcessor(_DFSProcessorBase):
             if rotary_emb is not None:
                 query, key = wan_rope(query, *rotary_emb), wan_rope(key, *rotary_emb)
         if ctx is None:
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                        backend=self.original._attention_backend,
-                                        parallel_config=self.original._parallel_config)
+            out = _stock_attention(self.original, query, key, value, attention_mask)
         else:
             out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx).transpose(1, 2)
         out = out.flatten(2, 3).type_as(query)
@@ -517,7 +526,8 @@ class DFSHandle:
         state: the :class:`DFSState` (schedule position, cache, records; set steps here).
         layers: qualified name -> layer index of every self-attention layer the adapter selects.
         sparse_layers: names of the layers whose processors were replaced.
-        fused_blocks: the blocks running their fused forward (``DFSConfig.fused_ops``).
+        fused_blocks: (block, fused forward) of each block running its fused forward
+            (``DFSConfig.fused_ops``).
     """
 
     def __init__(self, transformer, config: DFSConfig, adapter: ModelAdapter, spec: _ArchSpec) -> None:
@@ -528,7 +538,7 @@ class DFSHandle:
         self.state = DFSState(config.schedule)
         self.layers = adapter.select_layers(transformer)
         self.sparse_layers: list[str] = []
-        self.fused_blocks: list[torch.nn.Module] = []
+        self.fused_blocks: list[tuple[torch.nn.Module, object]] = []
         self._originals: dict[str, object] = {}
         self._hooks: list = []
         self.active = False
@@ -569,10 +579,12 @@ class DFSHandle:
             self.sparse_layers.append(name)
         if cfg.fused_ops and spec.fused_block is not None:
             for block in self._blocks():
-                forward = spec.fused_block(block, cfg.backend)
+                # A forward already set on the instance (diffusers or accelerate hooks: offloading,
+                # block caches) stays in charge of its block: that block keeps its stock forward.
+                forward = None if "forward" in vars(block) else spec.fused_block(block, cfg.backend)
                 if forward is not None:
                     block.forward = forward  # an instance attribute; remove() deletes it
-                    self.fused_blocks.append(block)
+                    self.fused_blocks.append((block, forward))
         self._hooks.append(model.register_forward_pre_hook(self._begin_call, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._end_call))
         if cfg.permute_once:
@@ -693,8 +705,9 @@ class DFSHandle:
         for name, proc in self._originals.items():
             modules[name].processor = proc
         self._originals.clear()
-        for block in self.fused_blocks:
-            del block.forward
+        for block, forward in self.fused_blocks:
+            if vars(block).get("forward") is forward:  # a hook installed later keeps its wrapper
+                del block.forward
         self.fused_blocks.clear()
         for h in self._hooks:
             h.remove()

@@ -101,4 +101,3 @@ def check_kernel_input(q: torch.Tensor) -> None:
             "use backend='ref' for other head dims"
         )
     check_kernel_dtype(q, "q")
-

@@ -37,6 +37,7 @@ def row_launch_shape(rows: int, width: int, per_program: int, per_warp: int) -> 
     """(rows per program, warps) of the row-wise kernels: whole rows of ``width`` elements, several
     short rows to a program up to about ``per_program`` elements, one warp per ``per_warp``
     elements (at most 16; one in the interpreter)."""
-    block_r = min(max(1, per_program // width), triton.next_power_of_2(rows))
+    fit = max(1, per_program // width)
+    block_r = min(1 << (fit.bit_length() - 1), triton.next_power_of_2(rows))  # a power of two (tl.arange)
     warps = 1 if interpreting() else max(1, min(16, block_r * width // per_warp))
     return block_r, warps

@@ -328,11 +328,11 @@ _MAX_KEY_SPLITS = 8
 _INTERPRETED_SMS = 2
 
 
-def _key_splits(num_tiles: int, heads: int, device: torch.device) -> int:
-    """How many programs share one query-tile row's key tiles: 1 when the heads and query tiles
-    alone fill the GPU (Wan2.1-14B), more for short sequences and few heads (Wan2.1-1.3B)."""
+def _key_splits(num_tiles: int, batch_heads: int, device: torch.device) -> int:
+    """How many programs share one query-tile row's key tiles: 1 when the B x H heads and their
+    query tiles alone fill the GPU (Wan2.1-14B), more for short sequences and few heads (Wan2.1-1.3B)."""
     sms = _INTERPRETED_SMS if interpreting() else _multiprocessors(device)
-    programs = triton.cdiv(num_tiles, 64) * heads
+    programs = triton.cdiv(num_tiles, 64) * batch_heads
     return max(1, min(_MAX_KEY_SPLITS, triton.cdiv(_PROGRAMS_PER_SM * sms, programs)))
 
 

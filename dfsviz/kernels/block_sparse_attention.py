@@ -5,9 +5,13 @@ online softmax over the kept key blocks of its query block only, read straight f
 the BlockMask's ``kv_num_blocks`` / ``kv_indices`` (FlexAttention's layout). With a
 token order the program loads q, k and v rows through ``perm`` and stores output rows
 (and LSE) at their original positions, so no gather or scatter pass runs outside.
+Without an order, on Hopper-class GPUs and 16-byte aligned tensors, a second kernel moves
+whole tiles with tensor descriptors (the bulk copy engine); the two share the softmax step.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -157,7 +161,7 @@ def _block_sparse_attention_kernel(
 
 
 @triton.jit
-def _block_sparse_attention_tma_kernel(
+def _block_sparse_attention_desc_kernel(
     desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX,
     H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -253,18 +257,28 @@ def _tuned(kernel, key: list[str], pre_hook=None):
 
 
 _TUNED_KERNEL = _tuned(_block_sparse_attention_kernel, ["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N"])
-_TUNED_TMA_KERNEL = _tuned(_block_sparse_attention_tma_kernel, ["N", "HEAD_DIM", "BLOCK", "RETURN_LSE", "EVEN_N"],
-                           pre_hook=_set_tile_shapes)
+# Descriptors carry no dtype into the autotune key: DOT_PRECISION separates float32 from 16-bit inputs.
+_TUNED_DESC_KERNEL = _tuned(_block_sparse_attention_desc_kernel,
+                            ["N", "HEAD_DIM", "BLOCK", "RETURN_LSE", "EVEN_N", "DOT_PRECISION"],
+                            pre_hook=_set_tile_shapes)
+
 
 def _row_major(x: torch.Tensor) -> torch.Tensor:
     """The kernel needs unit stride along D; any B, H, N strides are fine."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _copy_engine(device: torch.device) -> bool:
+    """Tensor descriptors run on Hopper-class GPUs (compute capability 9+) and in the interpreter."""
+    return interpreting() or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _describable(x: torch.Tensor) -> bool:
-    """A tensor descriptor needs a 16-byte aligned base and 16-byte multiples for every stride but the last."""
+    """A tensor descriptor needs a 16-byte aligned base and non-zero 16-byte multiples for
+    every stride but the last."""
     size = x.element_size()
-    return x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
+    return x.data_ptr() % 16 == 0 and all(s > 0 and s * size % 16 == 0 for s in x.stride()[:-1])
 
 
 def _launch(kernel, tuned, args, meta: dict, n: int, programs_bh: int, block: int, d: int, pre_hook=None) -> None:
@@ -308,12 +322,12 @@ def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_ls
         UPCAST=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreting() else "tf32",
     )
-    if perm is None and all(_describable(x) for x in (q, k, v, out)):
+    if perm is None and _copy_engine(q.device) and all(_describable(x) for x in (q, k, v, out)):
         # Contiguous key blocks: whole tiles through tensor descriptors (placeholder tile
         # shapes; _set_tile_shapes sets the launched config's).
         descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, d]) for x in (q, k, v, out)]
         args = (*descs, lse, counts, indices, heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
-        _launch(_block_sparse_attention_tma_kernel, _TUNED_TMA_KERNEL, args, meta, n, bsz * heads, mask.block, d,
+        _launch(_block_sparse_attention_desc_kernel, _TUNED_DESC_KERNEL, args, meta, n, bsz * heads, mask.block, d,
                 pre_hook=_set_tile_shapes)
     else:
         args = (
@@ -355,7 +369,8 @@ def block_sparse_attention(
             "triton" or "ref".
 
     Returns:
-        out [B, H, N, D] in the input dtype, or (out, lse).
+        out [B, H, N, D] in the input dtype (in q's memory layout when q is dense, e.g. a
+        transposed [B, N, H, D] buffer), or (out, lse).
     """
     which = resolve_backend(backend, q, k, v) if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) \
         and isinstance(v, torch.Tensor) else "ref"

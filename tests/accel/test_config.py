@@ -15,6 +15,7 @@ def test_defaults_are_the_paper_settings():
     assert c.schedule == DFSSchedule()
     assert c.name == "dfsattn_hilbert3d_dfs_tile_b128_t16_share_dfs_n50_s12_i12_g0.30_d0.10_c1_L0"
     assert DFSConfig(permute_once=True, cfg="separate").name.startswith("dfsattn_hilbert3d_dfs_tile_b128_t16_separate_once_")
+    assert c.fused_ops and DFSConfig(fused_ops=False).name.startswith("dfsattn_hilbert3d_dfs_tile_b128_t16_share_unfused_")
 
 
 @pytest.mark.parametrize(
@@ -31,6 +32,7 @@ def test_defaults_are_the_paper_settings():
         (dict(cond_index=True), ValueError, r"`cond_index` must be 0, 1 or None"),
         (dict(permute_once="yes"), TypeError, r"`permute_once` must be a bool \(got str 'yes'\)"),
         (dict(measure_recall=1), TypeError, r"`measure_recall` must be a bool \(got int 1\)"),
+        (dict(fused_ops=None), TypeError, r"`fused_ops` must be a bool \(got NoneType None\)"),
         (dict(backend="cuda"), ValueError, r"`backend` must be one of \['ref', 'triton'\] or None"),
     ],
 )

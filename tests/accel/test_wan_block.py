@@ -29,7 +29,7 @@ def _steps(model, inputs, config, steps=(0, 1)):
         for step in steps:
             handle.state.set_step(step)
             outs.append(model(**inputs)[0])
-        fused = list(handle.fused_blocks)
+        fused = [block for block, _ in handle.fused_blocks]
     return outs, fused, handle
 
 
@@ -65,6 +65,28 @@ def test_fused_ops_run_where_the_block_calls_them(monkeypatch):
     _steps(model, make_inputs("wan"), _config(backend="ref"), steps=(0,))
     assert calls == ["modulated_layer_norm", "gated_residual", "modulated_layer_norm", "modulated_layer_norm",
                      "gated_residual"] * len(model.blocks)
+
+
+def test_blocks_with_a_forward_hook_keep_it():
+    """A forward set on the instance (diffusers' hook registry, accelerate's offload hooks) stays
+    in charge: that block is not fused, its hook runs under DFSAttn and after remove()."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    model = build_tiny("wan")
+    HookRegistry.check_if_exists_or_initialize(model.blocks[0]).register_hook(Count(), "count")
+    inputs = make_inputs("wan")
+    _, fused, _ = _steps(model, inputs, _config(backend="ref"))
+    assert fused == list(model.blocks)[1:] and Count.calls == 2
+    with torch.no_grad():
+        model(**inputs)
+    assert Count.calls == 3 and "forward" in vars(model.blocks[0]) and "forward" not in vars(model.blocks[1])
 
 
 def test_per_token_modulation_runs_the_stock_forward():

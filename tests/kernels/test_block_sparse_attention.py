@@ -142,24 +142,31 @@ def test_strided_input_from_bnhd_layout():
     assert out.transpose(1, 2).is_contiguous(), "the output keeps the [B, N, H, D] memory of q"
 
 
-def test_descriptor_and_pointer_paths_agree(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_descriptor_and_pointer_paths_agree(dtype, monkeypatch):
     """Without an order, 16-byte aligned tensors take the tensor-descriptor kernel and others
-    the pointer kernel; both give the same output (the unaligned q starts 4 bytes into its buffer)."""
+    the pointer kernel; both give the same output on a ragged N (the unaligned q starts one
+    element into its buffer; an expanded k, stride 0, has no descriptor either)."""
     launched = []
     launch = bsa_module._launch
     monkeypatch.setattr(bsa_module, "_launch",
                         lambda kernel, *a, **kw: (launched.append(kernel), launch(kernel, *a, **kw)))
     n, d = 211, 64
     gen = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(2, 2, n, d, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, n, d, generator=gen).to(dtype) for _ in range(3))
     mask = _random_mask(2, 2, n, 64, gen)
     aligned, aligned_lse = block_sparse_attention(q, k, v, mask, return_lse=True, backend="triton")
-    shifted = torch.empty(q.numel() + 1)[1:].view_as(q).copy_(q)
+    shifted = torch.empty(q.numel() + 1, dtype=dtype)[1:].view_as(q).copy_(q)
     assert shifted.data_ptr() % 16 != 0
     unaligned, unaligned_lse = block_sparse_attention(shifted, k, v, mask, return_lse=True, backend="triton")
-    assert launched == [bsa_module._block_sparse_attention_tma_kernel, bsa_module._block_sparse_attention_kernel]
+    shared_k = k[:1].expand(2, -1, -1, -1)
+    expanded = block_sparse_attention(q, shared_k, v, mask, backend="triton")
+    assert launched == [bsa_module._block_sparse_attention_desc_kernel] + [bsa_module._block_sparse_attention_kernel] * 2
     torch.testing.assert_close(aligned, unaligned, rtol=0, atol=1e-6)
     torch.testing.assert_close(aligned_lse, unaligned_lse, rtol=0, atol=1e-6)
+    ref = block_sparse_attention_ref(q, shared_k.contiguous(), v, mask)
+    torch.testing.assert_close(expanded, ref, **(dict(rtol=0, atol=2e-6) if dtype == torch.float32 else
+                                                 dict(rtol=0.02, atol=0.02)))
 
 
 def _inputs(n=64, d=64, dtype=torch.float32, block=32):
