@@ -42,6 +42,7 @@ first), and the later calls reuse the first call's mask under "share".
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -343,14 +344,19 @@ def _fused_qk_norm_rope(attn, x: torch.Tensor, rotary_emb) -> bool:
         and t.shape[0] in (1, x.shape[0]) and t.shape[-1] * attn.heads == inner for t in (cos, sin))
 
 
+@functools.cache
+def _dispatcher() -> tuple:
+    """diffusers' ``dispatch_attention_fn`` and whether it takes ``parallel_config`` (diffusers > 0.35)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn, "parallel_config" in inspect.signature(dispatch_attention_fn).parameters
+
+
 def _stock_attention(stock, query, key, value, attention_mask) -> torch.Tensor:
     """Dense attention as the stock Wan processor ``stock`` runs it: diffusers' dispatcher with the
     processor's backend (and context-parallel config, on diffusers versions that have one)."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    extra = {}
-    if "parallel_config" in inspect.signature(dispatch_attention_fn).parameters:
-        extra["parallel_config"] = getattr(stock, "_parallel_config", None)
+    dispatch_attention_fn, parallel = _dispatcher()
+    extra = {"parallel_config": getattr(stock, "_parallel_config", None)} if parallel else {}
     return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                  backend=getattr(stock, "_attention_backend", None), **extra)
 

@@ -19,7 +19,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "ENV_VAR", "HEAD_DIMS", "KERNEL_DTYPES", "check_kernel_dtype", "check_kernel_input",
-           "interpreting", "resolve_backend", "triton_available"]
+           "cuda_properties", "interpreting", "resolve_backend", "triton_available"]
 
 #: Registry of kernel backends: name -> what runs.
 BACKENDS = {
@@ -50,6 +50,12 @@ def triton_available() -> bool:
         logger.info("Triton unavailable, kernels fall back to the PyTorch reference: %s", exc)
         return False
     return True
+
+
+@functools.cache
+def cuda_properties(device: torch.device):
+    """``torch.cuda.get_device_properties(device)``, read once per device (the kernels' launch choices)."""
+    return torch.cuda.get_device_properties(device)
 
 
 def _check_name(backend: object, source: str) -> str:

@@ -45,13 +45,11 @@ products exactly in float32.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from dfsviz.kernels._dispatch import check_kernel_input, interpreting, resolve_backend
+from dfsviz.kernels._dispatch import check_kernel_input, cuda_properties, interpreting, resolve_backend
 from dfsviz.sparse._validate import check_power_of_two, check_qk, num_blocks, resolve_scale
 from dfsviz.sparse.scoring import SCORERS, block_scores_ref, scorer_names
 
@@ -331,14 +329,9 @@ _INTERPRETED_SMS = 2
 def _key_splits(num_tiles: int, batch_heads: int, device: torch.device) -> int:
     """How many programs share one query-tile row's key tiles: 1 when the B x H heads and their
     query tiles alone fill the GPU (Wan2.1-14B), more for short sequences and few heads (Wan2.1-1.3B)."""
-    sms = _INTERPRETED_SMS if interpreting() else _multiprocessors(device)
+    sms = _INTERPRETED_SMS if interpreting() else cuda_properties(device).multi_processor_count
     programs = triton.cdiv(num_tiles, 64) * batch_heads
     return max(1, min(_MAX_KEY_SPLITS, triton.cdiv(_PROGRAMS_PER_SM * sms, programs)))
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _config(stage: str, tiles_per_block: int = 1) -> dict:

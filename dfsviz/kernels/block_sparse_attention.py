@@ -11,14 +11,12 @@ whole tiles with tensor descriptors (the bulk copy engine); the two share the so
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dfsviz.kernels._dispatch import check_kernel_input, interpreting, resolve_backend
+from dfsviz.kernels._dispatch import check_kernel_input, cuda_properties, interpreting, resolve_backend
 from dfsviz.sparse._validate import resolve_scale
 from dfsviz.sparse.attention import block_sparse_attention_ref, check_attention_inputs, check_order_for
 from dfsviz.sparse.masks import BlockMask
@@ -268,10 +266,9 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
 def _copy_engine(device: torch.device) -> bool:
     """Tensor descriptors run on Hopper-class GPUs (compute capability 9+) and in the interpreter."""
-    return interpreting() or torch.cuda.get_device_capability(device)[0] >= 9
+    return interpreting() or cuda_properties(device).major >= 9
 
 
 def _describable(x: torch.Tensor) -> bool:

@@ -41,8 +41,8 @@ def check_attention_inputs(q: object, k: object, v: object, mask: object) -> Non
     check_mask_for(mask, q)
 
 
-def check_order_for(order: object, n: int) -> torch.Tensor:
-    """Return ``order.perm`` (int64 [N]) after checking that ``order`` is a TokenOrder over N tokens."""
+def check_order_for(order: object, n: int) -> None:
+    """Raise unless ``order`` is a TokenOrder over N tokens (callers then take ``order.perm_on``)."""
     from dfsviz.sparse.orders import TokenOrder
 
     if not isinstance(order, TokenOrder):
@@ -56,7 +56,6 @@ def check_order_for(order: object, n: int) -> torch.Tensor:
             f"`order` must permute N = q.shape[2] = {n} tokens (got {order.key!r} over {perm.numel()}); "
             "build the order for the grid whose token count is N"
         )
-    return perm
 
 
 def block_sparse_attention_ref(
@@ -93,7 +92,8 @@ def block_sparse_attention_ref(
     bsz, heads, n, d = q.shape
     scale = resolve_scale(scale, d)
     if order is not None:
-        perm = check_order_for(order, n).to(q.device)
+        check_order_for(order, n)
+        perm = order.perm_on(q.device)
         q, k, v = (x.index_select(2, perm) for x in (q, k, v))
 
     block = mask.block

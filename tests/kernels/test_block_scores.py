@@ -5,6 +5,7 @@ error in the test dtype plus a small floor (dfsviz.kernels._check).
 """
 
 import importlib
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -72,7 +73,8 @@ def test_key_splits_give_the_same_scores(splits, monkeypatch):
 
 def test_key_splits_fill_the_gpu_only_where_needed(monkeypatch):
     monkeypatch.setattr(block_scores_module, "interpreting", lambda: False)
-    monkeypatch.setattr(block_scores_module, "_multiprocessors", lambda device: 132)
+    h200 = SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(block_scores_module, "cuda_properties", lambda device: h200)
     assert block_scores_module._key_splits(2048, 12, "cuda") == 3  # Wan2.1-1.3B 480p, B = 1: 384 programs
     assert block_scores_module._key_splits(4728, 40, "cuda") == 1  # Wan2.1-14B 720p: 2,960 programs
     assert block_scores_module._key_splits(8, 1, "cuda") == block_scores_module._MAX_KEY_SPLITS
