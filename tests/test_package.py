@@ -3,14 +3,15 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
 def test_import_dfsviz_loads_no_heavy_dependency():
     code = (
-        "import sys, json, dfsviz; "
-        "print(json.dumps(sorted(m for m in ('dash', 'diffusers', 'triton', 'h5py') if m in sys.modules)))"
+        "import sys, json, dfsviz; dfsviz.sample_capture(); "
+        "print(json.dumps(sorted(m for m in ('dash', 'diffusers', 'triton', 'h5py', 'torch') if m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
@@ -22,6 +23,26 @@ def test_public_names_resolve():
     from dfsviz.capture.store import open_capture  # noqa: F401
 
     assert (dfsviz.apply_dfsattn, dfsviz.remove_dfsattn, dfsviz.DFSConfig) == (apply_dfsattn, remove_dfsattn, DFSConfig)
-    assert sorted(dfsviz.__all__) == ["DFSConfig", "__version__", "apply_dfsattn", "open", "remove_dfsattn"]
+    assert sorted(dfsviz.__all__) == ["DFSConfig", "__version__", "apply_dfsattn", "open", "remove_dfsattn",
+                                      "sample_capture"]
     with pytest.raises(AttributeError, match="module 'dfsviz' has no attribute 'nothing'"):
         dfsviz.nothing  # noqa: B018
+
+
+def test_sample_capture_is_shipped_inside_the_package():
+    import dfsviz
+
+    path = dfsviz.sample_capture()
+    assert isinstance(path, Path) and path.is_file()
+    assert path == Path(dfsviz.__file__).resolve().parent / "data" / "captures" / "tiny-wan-sample.h5"
+    with dfsviz.open(path) as run:
+        assert run.complete
+
+
+def test_a_missing_sample_capture_names_the_path(monkeypatch, tmp_path):
+    import dfsviz
+    import dfsviz._package_data as package_data
+
+    monkeypatch.setattr(package_data, "DATA_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"sample capture .*captures/tiny-wan-sample\.h5.* is missing"):
+        dfsviz.sample_capture()

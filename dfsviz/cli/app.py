@@ -6,27 +6,26 @@ from pathlib import Path
 
 import click
 
+from dfsviz._package_data import DATA_DIR
 from dfsviz.cli import fail_cleanly, main
 
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def default_roots() -> list[Path]:
-    """The shipped sample folder ``data/`` of the source tree and ``runs/`` in the working
+    """The package's shipped captures (``dfsviz/data/captures``) and ``runs/`` in the working
     directory, those that exist."""
-    import dfsviz
-
-    candidates = [Path(dfsviz.__file__).resolve().parents[1] / "data", Path.cwd() / "runs"]
+    candidates = [DATA_DIR / "captures", Path.cwd() / "runs"]
     return [p for p in candidates if p.is_dir()]
 
 
 @main.command(
     "app",
-    epilog="\b\nExamples:\n  dfsviz app                       # data/ and runs/, http://127.0.0.1:8050\n"
+    epilog="\b\nExamples:\n  dfsviz app                       # shipped sample + ./runs/, http://127.0.0.1:8050\n"
     "  dfsviz app --root runs/ --port 8060\n  dfsviz app --root /data/captures --host 0.0.0.0   # reachable by others: warns",
 )
 @click.option("--root", "roots", multiple=True, type=click.Path(file_okay=False),
-              help="Folder of capture files (repeatable). Default: the shipped data/ and ./runs/.")
+              help="Folder of capture files (repeatable). Default: the shipped sample captures and ./runs/.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind. Anything but localhost exposes the captures to the network.")
 @click.option("--port", default=8050, show_default=True, type=click.IntRange(1, 65535), help="TCP port.")
@@ -42,7 +41,7 @@ def app_command(roots: tuple[str, ...], host: str, port: int, dry_run: bool) -> 
 
     paths = [Path(r) for r in roots] or default_roots()
     if not paths:
-        raise ValueError("no capture root: pass --root DIR (the default data/ and ./runs/ do not exist here)")
+        raise ValueError("no capture root: pass --root DIR (neither the shipped sample captures nor ./runs/ exist here)")
     catalog = CaptureCatalog(paths)
     entries = catalog.entries()
     click.echo("roots: " + ", ".join(f"{label}={path}" for label, path in catalog.roots.items()))

@@ -1,7 +1,7 @@
 """The embedded tiny video DiT: procedural training clips, config, training and sampling.
 
 A small ``diffusers.WanTransformer3DModel`` trained by flow matching on procedural
-videos (``videos``), shipped in ``data/models/tiny-wan`` and loaded with
+videos (``videos``), shipped in ``dfsviz/data/models/tiny-wan`` and loaded with
 ``load_embedded_model``; ``sample_videos`` runs the denoising loop with per-step hooks.
 Training lives in ``dfsviz.models.train`` (``python -m dfsviz.models.train``).
 diffusers is imported only when a model is built or loaded.

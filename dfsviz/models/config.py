@@ -29,7 +29,7 @@ class EmbeddedModelConfig:
     """Shapes of the embedded ``WanTransformer3DModel`` and of its procedural training clips.
 
     Fields:
-        name: model name, the folder under ``data/models/`` (letters, digits, '-', '_').
+        name: model name, the folder under ``dfsviz/data/models/`` (letters, digits, '-', '_').
         frames: F, clip length in frames (>= 1); also the token grid's frames (patch depth 1).
         height: clip height in pixels, even, >= 8; token rows Hs = height / 2.
         width: clip width in pixels, even, >= 8; token columns Ws = width / 2.

@@ -1,6 +1,6 @@
 """Save, load and sample the embedded tiny video DiT.
 
-A model folder (``data/models/tiny-wan``) holds what ``save_pretrained`` writes
+A model folder (``dfsviz/data/models/tiny-wan``) holds what ``save_pretrained`` writes
 (``config.json``, ``diffusion_pytorch_model.safetensors``), the learned class
 embeddings (``class_embeddings.safetensors``, float32 [C + 1, text_len, text_dim],
 the last row is the null class used for classifier-free guidance) and a model card
@@ -15,7 +15,7 @@ capture observe each step (see ``DenoiseStep``).
 Example::
 
     from dfsviz.models.sampler import load_embedded_model, sample_videos
-    model = load_embedded_model()                      # data/models/tiny-wan, CPU, float32
+    model = load_embedded_model()                      # dfsviz/data/models/tiny-wan, CPU, float32
     clips = sample_videos(model, ["red_disc_translate"], num_steps=20, seed=0,
                           callback_on_step_begin=lambda s: print(s.index, s.timestep))
 """
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from dfsviz._package_data import DATA_DIR
 from dfsviz.models.config import EmbeddedModelConfig
 from dfsviz.models.videos import class_names, class_table, make_videos
 
@@ -65,8 +66,8 @@ _EMBEDDINGS_KEY = "class_embeddings"
 
 
 def default_model_dir() -> Path:
-    """``data/models/tiny-wan`` of the source tree this package runs from (editable installs)."""
-    return Path(__file__).resolve().parents[2] / "data" / "models" / "tiny-wan"
+    """The embedded model shipped inside the package: ``dfsviz/data/models/tiny-wan``."""
+    return DATA_DIR / "models" / "tiny-wan"
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def load_embedded_model(path: str | Path | None = None, *, device: str | torch.d
     """Load a model folder written by ``save_embedded_model`` (safetensors only), in float32.
 
     Args:
-        path: the folder; None means ``default_model_dir()`` (``data/models/tiny-wan``).
+        path: the folder; None means ``default_model_dir()`` (``dfsviz/data/models/tiny-wan``).
         device: where to put the model.
 
     Returns:
@@ -375,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m dfsviz.models.sampler``: write per-class frame strips of a model."""
     parser = argparse.ArgumentParser(
         description="Write one frame-strip PNG per class (top row: a procedural training clip; below: samples).",
-        epilog="example: python -m dfsviz.models.sampler --model data/models/tiny-wan --out-dir docs/img")
-    parser.add_argument("--model", default=None, help="model folder (default data/models/tiny-wan)")
+        epilog="example: python -m dfsviz.models.sampler --model dfsviz/data/models/tiny-wan --out-dir docs/img")
+    parser.add_argument("--model", default=None, help="model folder (default dfsviz/data/models/tiny-wan)")
     parser.add_argument("--out-dir", required=True, help="folder for embedded_<class>.png")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one generated row per seed")

@@ -1,6 +1,6 @@
 """Train the embedded tiny video DiT by flow matching on procedural clips.
 
-``python -m dfsviz.models.train --out data/models/tiny-wan --minutes 8`` trains a
+``python -m dfsviz.models.train --out dfsviz/data/models/tiny-wan --minutes 8`` trains a
 ``diffusers.WanTransformer3DModel`` (config from ``dfsviz.models.config``) on clips
 from ``dfsviz.models.videos``: a clip x0 and Gaussian noise n give
 x_sigma = (1 - sigma) x0 + sigma n, and the model, conditioned on the timestep
@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
         description="Train the embedded tiny Wan video DiT by flow matching on procedural clips.",
-        epilog="example: python -m dfsviz.models.train --out data/models/tiny-wan --minutes 8 "
+        epilog="example: python -m dfsviz.models.train --out dfsviz/data/models/tiny-wan --minutes 8 "
                "--results benchmarks/results/embedded_model.json")
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--preset", default=defaults.preset, help="tiny-wan (shipped) or smoke (CPU test size)")

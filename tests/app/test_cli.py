@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from click.testing import CliRunner
 
-import dfsviz.cli.app  # noqa: F401  (registers the command on the group)
 from dfsviz.cli import main
+from dfsviz.cli.app import default_roots
 
 
 def test_dry_run_lists_captures_and_statuses(capture_root):
@@ -36,3 +38,28 @@ def test_bad_root_is_one_red_line(tmp_path):
 def test_help_shows_an_example():
     result = CliRunner().invoke(main, ["app", "--help"])
     assert result.exit_code == 0 and "dfsviz app --root runs/ --port 8060" in result.output
+
+
+def test_default_roots_are_the_shipped_captures_and_runs_that_exist(tmp_path, monkeypatch):
+    import dfsviz
+
+    shipped = Path(dfsviz.__file__).resolve().parent / "data" / "captures"
+    monkeypatch.chdir(tmp_path)
+    assert default_roots() == [shipped]
+    (tmp_path / "runs").mkdir()
+    assert default_roots() == [shipped, tmp_path / "runs"]
+
+
+def test_dry_run_without_roots_lists_the_shipped_sample(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["app", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "captures/tiny-wan-sample.h5  [ok]" in result.output
+
+
+def test_no_default_root_is_one_red_line(tmp_path, monkeypatch):
+    monkeypatch.setattr("dfsviz.cli.app.DATA_DIR", tmp_path / "not-installed")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["app", "--dry-run"])
+    assert result.exit_code == 2
+    assert "Error: no capture root: pass --root DIR" in result.output and "Traceback" not in result.output

@@ -1,5 +1,5 @@
-"""The sample capture shipped in data/captures opens, validates, has the current format and
-holds what data/README.md says; its statistics agree with its own stored Q/K."""
+"""The sample capture shipped in dfsviz/data/captures opens, validates, has the current format and
+holds what dfsviz/data/README.md says; its statistics agree with its own stored Q/K."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import dfsviz
 from dfsviz.capture.store import FORMAT_VERSION
 from dfsviz.sparse.stats import block_stats_ref
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "captures" / "tiny-wan-sample.h5"
+SAMPLE = Path(__file__).resolve().parents[2] / "dfsviz" / "data" / "captures" / "tiny-wan-sample.h5"
 
 
 def test_sample_capture_is_complete_valid_current_and_small():
