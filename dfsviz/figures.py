@@ -2,7 +2,7 @@
 
 Every builder takes arrays (NumPy or torch) and plain Python values and returns a
 ``plotly.graph_objects.Figure``; none reads files, logs or prints. Symbols follow
-``theory.md``: block mass m, budget gamma (kept fraction), recall R, the effective gap
+``docs/theory.md``: block mass m, budget gamma (kept fraction), recall R, the effective gap
 Delta - 2r - J, the intra-block variance ratios W_q and W_k.
 
 Builders:
@@ -56,7 +56,7 @@ __all__ = [
     "outline_segments",
 ]
 
-#: Axis titles of the quantities of theory.md, keyed by the names used in factor tables.
+#: Axis titles of the quantities of docs/theory.md, keyed by the names used in factor tables.
 FACTOR_LABELS: dict[str, str] = {
     "gap": "inter-block gap Δ",
     "r_u": "query-side diversity r",
@@ -179,7 +179,7 @@ def _outline_trace(kept: np.ndarray, *, name: str, colour: str, width: float, **
 
 
 def bound3_curve(eff_gap: object, gamma: float) -> np.ndarray:
-    """Bound 3 of theory.md in closed form, 1 / (1 + ((1 - gamma) / gamma) * exp(-eff_gap)), as NumPy.
+    """Bound 3 of docs/theory.md in closed form, 1 / (1 + ((1 - gamma) / gamma) * exp(-eff_gap)), as NumPy.
 
     ``eff_gap``: float array of Delta - 2r - J values; ``gamma`` in (0, 1]. Returns float64 of
     the same shape (computed by :func:`dfsviz.sparse.theory.closed_form_bound`); at

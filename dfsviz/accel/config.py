@@ -28,7 +28,7 @@ def _check_bool(value: object, name: str) -> bool:
 
 @dataclass(frozen=True)
 class DFSConfig:
-    """DFSAttn settings (defaults: the paper's Wan2.1 setup, reference/paper.md section 3).
+    """DFSAttn settings (defaults: the paper's Wan2.1 setup; see "The DFSAttn method" in docs/theory.md).
 
     Fields:
         order: token order of the video tokens, a name of ``dfsviz.sparse.orders.ORDERS``

@@ -20,11 +20,11 @@ computes q, k, v exactly as the stock processor does and then:
   through the token order and scatters the output back, unless permute-once already
   ordered the tokens).
 
-Architectures (sequence layouts of reference/environment.md section 3):
+Architectures (the self-attention sequence layouts of diffusers' transformers):
 
 * Wan: ``blocks.N.attn1`` (video only); cross-attention ``attn2`` keeps its processor.
 * HunyuanVideo: joint [video, text] attention in dual- and single-stream blocks, the text
-  padded and masked by a boolean key mask. As the reference code (paper.md section 3.4):
+  padded and masked by a boolean key mask. As DFSAttn's reference code does:
   key blocks from ``Nv // block`` on (the boundary block and the text) are forced inside
   the budget and those query blocks are dense. Padded text is cut off before the sparse
   kernel (it is masked out as keys anyway); padded query rows attend densely to the real

@@ -1,13 +1,13 @@
 """Recall against budget: the top-k mask of a scoring method at every budget, and the oracle.
 
-For block mass m [B, H, Mq, Mk] (theory.md) and any block scores of the same shape, the
+For block mass m [B, H, Mq, Mk] (docs/theory.md) and any block scores of the same shape, the
 top-k mask of a query block u keeps its k best-scoring key blocks, and its recall is the
 sum of m_uv over them. Sorting each row once by score and taking a cumulative sum of m
 in that order gives the recall of *every* k = 1..Mk in one pass, exactly (float64):
 
     R(k) = sum_u (|U_u| / N) sum_{first k of row u in score order} m_uv
 
-The oracle curve sorts by m itself, so it is R*(k) of theory.md, the best recall any mask
+The oracle curve sorts by m itself, so it is R*(k) of docs/theory.md, the best recall any mask
 keeping k blocks per row can have; every method's curve lies below it at every k. The
 density of the same masks (token pairs kept, short last block counted exactly) comes out
 of the same pass. Budgets follow DFSAttn's rule k = max(1, int(gamma * Mk))
@@ -187,7 +187,7 @@ def oracle_curve(
     dense_q: torch.Tensor | Sequence[int] | None = None,
     label: str = "oracle",
 ) -> RecallCurve:
-    """R*(k) of theory.md for every k: each row keeps its k largest block masses.
+    """R*(k) of docs/theory.md for every k: each row keeps its k largest block masses.
 
     ``m``: float [B, H, Mq, Mk]. ``dense_q`` as in :func:`recall_curve` (give the same rows
     the methods treat as dense, so the oracle stays an upper bound for them). Returns a

@@ -2,7 +2,7 @@
 
 DFSAttn chooses a block mask at a refresh step s and reuses it until the next refresh.
 How much attention does the stale mask still cover at a later step t? With the block
-mass m^(t) of step t (theory.md), the mask S^(s) chosen at step s keeps
+mass m^(t) of step t (docs/theory.md), the mask S^(s) chosen at step s keeps
 
     R(S^(s); m^(t)) = sum_u (|U_u| / N) sum_{v in S^(s)_u} m^(t)_uv
 

@@ -1,4 +1,4 @@
-"""Factor summaries: the three factors of theory.md and the recall bounds, as long-form tables.
+"""Factor summaries: the three factors of docs/theory.md and the recall bounds, as long-form tables.
 
 :func:`factor_rows` turns one (block statistics, mask) pair into one table row per
 (batch, head, query block) with the per-query-block quantities of
@@ -8,7 +8,7 @@ Bound 2, Bound 3, the measured recall) plus key columns naming where the row cam
 the intra-block variance ratios W_q and W_k. Tables concatenate, filter, group and
 summarise, so distributions per order, method, step, layer or head are one call away,
 and :meth:`FactorTable.violations` counts the rows where a bound exceeds the measured
-recall (theory.md: a violation is a bug).
+recall (docs/theory.md: a violation is a bug).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Token-model sweeps: set the factors, measure recall, for every token order.
 
-The token model of theory.md (:mod:`dfsviz.sparse.tokenmodel`) draws Q/K whose noise
+The token model of docs/theory.md (:mod:`dfsviz.sparse.tokenmodel`) draws Q/K whose noise
 ``delta`` sets the diversities r and J and whose ``centre_spread`` sets the gap. A sweep
 varies one of them over a list of values (and seeds), and for every token order and
 scoring method measures, per head: the intra-block variance ratios W_q, W_k, the mean
