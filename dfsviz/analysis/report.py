@@ -1,7 +1,7 @@
 """The claims report of one capture: Markdown + JSON + figures (HTML, and PNG when Chromium is present).
 
 :func:`build_report` reads a capture (``dfsviz.open``) once, step by step and layer by
-layer, and checks the claims of theory.md and the DFSAttn paper on it:
+layer, and checks the claims of docs/theory.md and the DFSAttn paper on it:
 
 1. **Bounds** - Bounds 2 and 3 never exceed the measured recall, on every
    (step, layer, head, order, method, budget, query block), and Bound 1 never exceeds the
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 REPORT_FACTORS: tuple[str, ...] = ("gap", "r_u", "J_u", "effective_gap")
 _SIGNED_FACTORS = ("gap", "effective_gap")
 _HEAD_MEANS = ("gap", "r_u", "J_u", "effective_gap", "bound2", "bound3", "recall")
+_SHOWN_PROBLEMS = 3  # validation problems named in the error; `dfsviz inspect` lists them all
 _BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 # The paper's defaults: 12 dense warm-up steps and a refresh every 12 steps of 50.
 _PAPER_STEPS, _PAPER_SKIP, _PAPER_INTERVAL = 50, 12, 12
@@ -207,11 +208,12 @@ class ClaimsReport:
         ]
         b1 = d.get("bound1")
         if b1 is None:
-            lines += ["Bound 1 (row-wise) not checked: it needs Q/K (capture with --save-qkv) and `bound1` on.", ""]
+            lines += ["Bound 1 (row-wise) not checked: it needs Q/K at a completed step (capture with --save-qkv) "
+                      "and `bound1` on.", ""]
         else:
             lines += [
-                f"Bound 1 (row-wise) on the stored Q/K of layers {b1['layers']}, {b1['method']} at γ = "
-                f"{b1['budget']:g}: **{b1['violations']} violations** over {b1['rows']:,} query rows (every step and "
+                f"Bound 1 (row-wise) on the stored Q/K of layers {b1['layers']} at steps {b1['steps']}, {b1['method']} "
+                f"at γ = {b1['budget']:g}: **{b1['violations']} violations** over {b1['rows']:,} query rows (every "
                 f"order); largest bound - recall: {_fmt(b1['max_excess'], 6)}.",
                 "",
             ]
@@ -391,7 +393,7 @@ def _pick(value: str | None, available: list[str], preferred: str, name: str) ->
 
 
 def build_report(capture, config: ReportConfig | None = None) -> ClaimsReport:
-    """Check the claims of theory.md and the DFSAttn paper on one capture.
+    """Check the claims of docs/theory.md and the DFSAttn paper on one capture.
 
     Args:
         capture: a path to a capture file or an open ``CaptureReader`` (``dfsviz.open``).
@@ -399,6 +401,9 @@ def build_report(capture, config: ReportConfig | None = None) -> ClaimsReport:
 
     Returns:
         :class:`ClaimsReport` (numbers in ``.data``, figures in ``.figures``); nothing is written.
+
+    Raises ValueError when the file fails ``CaptureReader.validate()`` (a report of damaged
+    maps would be wrong): the message names the first problems.
     """
     from dfsviz.capture.store import CaptureReader, open_capture
 
@@ -419,7 +424,19 @@ def build_report(capture, config: ReportConfig | None = None) -> ClaimsReport:
             reader.close()
 
 
+def _require_valid(reader) -> None:
+    """ValueError naming the first problems when ``reader.validate()`` finds any."""
+    problems = reader.validate()
+    if problems:
+        more = f" (and {len(problems) - _SHOWN_PROBLEMS} more)" if len(problems) > _SHOWN_PROBLEMS else ""
+        raise ValueError(
+            f"capture {str(reader.path)!r} fails validation: {'; '.join(problems[:_SHOWN_PROBLEMS])}{more}; "
+            f"no report is built from it. `dfsviz inspect {reader.path}` lists every problem; capture the run again"
+        )
+
+
 def _build(reader, config: ReportConfig) -> ClaimsReport:
+    _require_valid(reader)
     steps, layers, orders, methods = reader.steps, reader.layers, reader.orders, reader.methods
     if not methods:
         raise ValueError("the capture holds no scoring method; capture with --methods meanpool,dfs_tile")
@@ -606,18 +623,19 @@ def _build(reader, config: ReportConfig) -> ClaimsReport:
 
 
 def _bound1_check(reader, steps, orders, method, gamma, branch, atol) -> dict | None:
-    """Bound 1 (row-wise, theory.md) against the exact row recall, on the layers whose Q/K the
-    capture stored (``--save-qkv``): every step and order, ``method``'s mask at budget ``gamma``.
-    Returns None when no Q/K were stored."""
+    """Bound 1 (row-wise) against the exact row recall, on the layers and steps whose Q/K the
+    capture stored (``--save-qkv``, ``--qkv-steps``): every such step and order, ``method``'s
+    mask at budget ``gamma``. Returns None when no completed step holds Q/K."""
     layers = list(reader.layout.qkv_layers)
-    if not layers:
+    qkv_steps = [s for s in steps if reader.layout.has_qkv(s)]
+    if not qkv_steps:
         return None
     scale = reader.attrs.get("softmax_scale")
     scale = None if scale is None else float(scale)
     n, block = reader.grid.num_tokens, reader.block
     rows = bad = 0
     worst = -math.inf
-    for step in steps:
+    for step in qkv_steps:
         for layer in layers:
             q, k, _ = reader.qkv(step, layer, branch=branch)
             q, k = q.float(), k.float()
@@ -629,8 +647,8 @@ def _bound1_check(reader, steps, orders, method, gamma, branch, atol) -> dict | 
                 rows += excess.numel()
                 bad += int((excess > atol).sum())
                 worst = max(worst, float(excess.max()))
-    return {"layers": layers, "method": method, "budget": gamma, "rows": rows, "violations": bad, "atol": atol,
-            "max_excess": worst}
+    return {"layers": layers, "steps": qkv_steps, "method": method, "budget": gamma, "rows": rows, "violations": bad,
+            "atol": atol, "max_excess": worst}
 
 
 def _change(table: FactorTable, factor: str, **kw) -> dict:

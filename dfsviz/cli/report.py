@@ -35,12 +35,13 @@ def _fractions(spec: str, option: str) -> tuple[float, ...]:
               help="Check Bound 1 on layers stored with --save-qkv (an exact O(N^2) pass per step and order).")
 @fail_cleanly
 def report_command(file, out_dir, png, budgets, targets, method, order, branch, atol, bound1):
-    """Check the claims of theory.md and the DFSAttn paper on one capture FILE.
+    """Check the claims of docs/theory.md and the DFSAttn paper on one capture FILE.
 
     Writes OUT/report.md, OUT/report.json and OUT/figures/*.html (and *.png): bound
     violations (must be 0), Hilbert vs raster factors, recall at fixed budgets with the
     oracle gap, and mask drift at the schedule's refresh interval. Exit code 1 when a
-    bound is violated.
+    bound is violated; exit code 2, before anything is written, when FILE fails
+    validation (see `dfsviz inspect`).
     """
     from dfsviz.analysis.report import ReportConfig, build_report
 
@@ -54,6 +55,10 @@ def report_command(file, out_dir, png, budgets, targets, method, order, branch, 
     click.echo(f"figures: {len(written['html'])} HTML, {len(written['png'])} PNG in {out_dir}/figures")
     status = "PASS" if report.violations == 0 else "FAIL"
     click.echo(f"bound violations: {report.violations} of {v['rows']} rows ({status})")
+    b1 = report.data["bound1"]
+    if b1 is not None:
+        click.echo(f"bound 1: {b1['violations']} violations over {b1['rows']} query rows "
+                   f"(Q/K of layers {b1['layers']} at steps {b1['steps']})")
     comparison = report.data["order_comparison"]
     if comparison is not None:
         for row in comparison["rows"][:2]:
