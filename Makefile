@@ -16,16 +16,24 @@ $(STAMP): pyproject.toml ci-constraints.txt
 install: $(STAMP)
 
 # Debian Chromium and ChromeDriver for the browser tests and PNG export; never a downloaded browser.
+# Nothing to do when both are on PATH; installing them needs root.
 browser:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-		echo "installing Debian chromium + chromium-driver"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
-	fi
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+		echo "the browser tests need Debian's chromium and chromium-driver; install them with: sudo apt-get install -y chromium chromium-driver" >&2; \
+		exit 1; \
+	fi; \
+	echo "installing Debian chromium + chromium-driver"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
 
 # The main job: capture the embedded model into runs/embedded.h5 (about a minute on 2 CPU
 # cores; reused when complete, resumed when interrupted), then serve the dashboard on
-# http://127.0.0.1:8050 over it and the shipped sample capture in data/captures/.
+# http://$(HOST):$(PORT) over ./runs and the sample capture shipped in dfsviz/data/captures/.
+# Another port or interface: `make run PORT=8060` (HOST=0.0.0.0 exposes it to the network);
+# set on make's command line only, so a HOST or PORT in the environment changes nothing.
 RUN_CAPTURE := runs/embedded.h5
+HOST := 127.0.0.1
+PORT := 8050
 
 run: $(STAMP)
 	@mkdir -p $(dir $(RUN_CAPTURE))
@@ -36,7 +44,7 @@ run: $(STAMP)
 	else \
 		$(BIN)/dfsviz capture --out $(RUN_CAPTURE); \
 	fi
-	$(BIN)/dfsviz app
+	$(BIN)/dfsviz app --host $(HOST) --port $(PORT)
 
 # pytest's exit code 5 means no test was collected: that is a failure, not a pass.
 test: $(STAMP) browser

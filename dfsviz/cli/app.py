@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 
 import click
@@ -17,6 +19,26 @@ def default_roots() -> list[Path]:
     directory, those that exist."""
     candidates = [DATA_DIR / "captures", Path.cwd() / "runs"]
     return [p for p in candidates if p.is_dir()]
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise ValueError unless a server can listen on ``host``:``port`` now.
+
+    Probes the way the dashboard's server binds (werkzeug: IPv6 when the host has a colon,
+    SO_REUSEADDR), so a port left in TIME_WAIT counts as free and a listening one does not.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                other = port + 1 if port < 65535 else port - 1
+                raise ValueError(f"port {port} on {host} is in use; pass --port N (e.g. --port {other})") from None
+            reason = exc.strerror or str(exc)
+            raise ValueError(f"cannot listen on {host} port {port} ({reason}); pass --host with an address of "
+                             "this machine (127.0.0.1 by default) or another --port") from None
 
 
 @main.command(
@@ -41,7 +63,8 @@ def app_command(roots: tuple[str, ...], host: str, port: int, dry_run: bool) -> 
 
     paths = [Path(r) for r in roots] or default_roots()
     if not paths:
-        raise ValueError("no capture root: pass --root DIR (neither the shipped sample captures nor ./runs/ exist here)")
+        raise ValueError("no capture root: pass --root DIR (neither the shipped sample captures nor ./runs/ "
+                         "exist here)")
     catalog = CaptureCatalog(paths)
     entries = catalog.entries()
     click.echo("roots: " + ", ".join(f"{label}={path}" for label, path in catalog.roots.items()))
@@ -54,6 +77,7 @@ def app_command(roots: tuple[str, ...], host: str, port: int, dry_run: bool) -> 
     if dry_run:
         click.echo(f"would serve http://{host}:{port}/")
         return
+    ensure_port_free(host, port)
     import torch
 
     from dfsviz.app import create_app

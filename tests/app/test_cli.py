@@ -1,13 +1,15 @@
-"""``dfsviz app`` through click's CliRunner (--dry-run: no server is started)."""
+"""``dfsviz app`` through click's CliRunner (--dry-run or a refused port: no server is started)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from dfsviz.cli import main
-from dfsviz.cli.app import default_roots
+from dfsviz.cli.app import default_roots, ensure_port_free
 
 
 def test_dry_run_lists_captures_and_statuses(capture_root):
@@ -63,3 +65,24 @@ def test_no_default_root_is_one_red_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["app", "--dry-run"])
     assert result.exit_code == 2
     assert "Error: no capture root: pass --root DIR" in result.output and "Traceback" not in result.output
+
+
+def test_a_taken_port_is_one_red_line_before_serving(capture_root):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = CliRunner().invoke(main, ["app", "--root", str(capture_root), "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"Error: port {port} on 127.0.0.1 is in use; pass --port N (e.g. --port {port + 1})" in result.output
+    assert "serving" not in result.output and "Traceback" not in result.output
+
+
+def test_port_check_passes_a_free_port_and_names_other_bind_errors():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    ensure_port_free("127.0.0.1", free)
+    # 203.0.113.0/24 is reserved for documentation: no interface of this machine has it.
+    with pytest.raises(ValueError, match=r"cannot listen on 203\.0\.113\.7 port 8050 \(.+\); pass --host"):
+        ensure_port_free("203.0.113.7", 8050)
