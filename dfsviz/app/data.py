@@ -3,7 +3,9 @@
 A :class:`CaptureCatalog` serves the capture files under one or more root folders:
 
 * it lists every ``*.h5`` / ``*.hdf5`` file under the roots (symlinks that resolve outside
-  a root are skipped) and tells, per file, whether it is sound, incomplete or unreadable;
+  a root are skipped) and tells, per file, whether it is sound, incomplete, invalid or
+  unreadable; ``CaptureReader.validate()`` runs once per file version (path, size, mtime),
+  however many requests ask at once, and a file that fails it is never read for a view;
 * it refuses any path that does not resolve (symlinks followed) to a file inside a root,
   so a crafted URL (``?file=../../etc/passwd``) reads nothing;
 * it opens files read-only through :class:`dfsviz.capture.store.CaptureReader`, keeps an
@@ -13,7 +15,8 @@ A :class:`CaptureCatalog` serves the capture files under one or more root folder
   datasets) into a :class:`CaptureError` whose message is meant for a banner.
 
 Captures are named by an id ``"<root label>/<path inside the root>"`` (the root label is
-the root folder's name, made unique), which is what the URL query string carries.
+the root folder's name, made unique), which is what the URL query string carries. Messages
+name files by that id, never by their absolute path on the server (:meth:`CaptureCatalog.hide_paths`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
 CAPTURE_SUFFIXES = (".h5", ".hdf5")
 #: Flask config key under which :func:`dfsviz.app.create_app` stores the catalog.
 CONFIG_KEY = "DFSVIZ_CATALOG"
+_SHOWN_PROBLEMS = 3  # validation problems named in a banner; `dfsviz inspect` lists them all
 
 
 class CaptureError(ValueError):
@@ -53,7 +57,8 @@ class CaptureEntry:
         id: ``"<root label>/<relative path>"``, the URL key.
         path: resolved absolute path.
         status: "ok", "incomplete" (an interrupted run: its completed steps are usable),
-            "damaged" (structural problems; sound parts stay usable) or "error" (unreadable).
+            "invalid" (fails ``CaptureReader.validate()``: never drawn) or "error" (unreadable,
+            or no completed step).
         message: banner text; "" when status is "ok".
         size: file size in bytes.
     """
@@ -66,11 +71,12 @@ class CaptureEntry:
 
     @property
     def usable(self) -> bool:
-        return self.status != "error"
+        """Whether views may read the file (sound or incomplete)."""
+        return self.status in ("ok", "incomplete")
 
     @property
     def label(self) -> str:
-        mark = {"ok": "", "incomplete": " (incomplete)", "damaged": " (damaged)", "error": " (unreadable)"}[self.status]
+        mark = {"ok": "", "incomplete": " (incomplete)", "invalid": " (invalid)", "error": " (unreadable)"}[self.status]
         return f"{self.id}{mark}"
 
 
@@ -181,8 +187,18 @@ class CaptureCatalog:
             raise ValueError(f"`max_open` must be a positive integer (got {max_open!r})")
         self._readers = _LRU(max_open, 1 << 62, on_evict=_close_reader)
         self._maps = _LRU(1 << 20, int(cache_bytes))
-        self._status: dict = {}
+        # capture id -> (file stamp, entry) of the latest version checked, and one lock per id
+        # so that concurrent requests wait for one validation instead of each running it
+        self._status: dict[str, tuple[tuple, CaptureEntry]] = {}
+        self._status_locks: dict[str, threading.Lock] = {}
         self._status_lock = threading.Lock()
+
+    def hide_paths(self, text: str) -> str:
+        """``text`` with each root's absolute path replaced by its label, so a message shown
+        in the browser names captures by their ids, never by where they live on the server."""
+        for label, root in sorted(self.roots.items(), key=lambda item: -len(str(item[1]))):
+            text = text.replace(str(root), label)
+        return text
 
     # -- paths -----------------------------------------------------------------------------
     def resolve(self, capture_id: object) -> Path:
@@ -228,57 +244,75 @@ class CaptureCatalog:
         return (str(path), st.st_size, st.st_mtime_ns)
 
     # -- readers ---------------------------------------------------------------------------
-    def reader(self, capture_id: str):
-        """The cached open :class:`~dfsviz.capture.store.CaptureReader` of ``capture_id``.
-
-        Raises CaptureError for an id that is refused or a file that cannot be opened.
-        """
+    def _open(self, capture_id: str, path: Path, stamp: tuple):
+        """The cached open reader of one file version; CaptureError when it cannot be opened."""
         from dfsviz.capture.store import CaptureReader
-
-        path = self.resolve(capture_id)
-        stamp = self._stamp(path)
 
         def open_reader():
             try:
                 return CaptureReader(path)
             except (ValueError, OSError, KeyError) as exc:
-                raise CaptureError(f"cannot open {capture_id!r}: {exc}") from None
+                raise CaptureError(self.hide_paths(f"cannot open {capture_id!r}: {exc}")) from None
 
         return self._readers.get_or_compute(stamp, open_reader)
 
-    def entry(self, capture_id: str) -> CaptureEntry:
-        """Status of one capture (memoised per file stamp). CaptureError when the id is refused."""
+    def _usable(self, capture_id: str) -> tuple[tuple, object]:
+        """(file stamp, open reader) of a capture that views may read; CaptureError otherwise."""
         path = self.resolve(capture_id)
         stamp = self._stamp(path)
+        entry = self._entry(capture_id, path, stamp)
+        if not entry.usable:
+            raise CaptureError(entry.message)
+        return stamp, self._open(capture_id, path, stamp)
+
+    def reader(self, capture_id: str):
+        """The cached open :class:`~dfsviz.capture.store.CaptureReader` of ``capture_id``.
+
+        Raises CaptureError for an id that is refused, a file that cannot be opened and a
+        file that is not usable (see :meth:`entry`).
+        """
+        return self._usable(capture_id)[1]
+
+    def entry(self, capture_id: str) -> CaptureEntry:
+        """Status of one capture, validated once per file version. CaptureError when the id is refused."""
+        path = self.resolve(capture_id)
+        return self._entry(capture_id, path, self._stamp(path))
+
+    def _entry(self, capture_id: str, path: Path, stamp: tuple) -> CaptureEntry:
         with self._status_lock:
-            if stamp in self._status:
-                return self._status[stamp]
+            lock = self._status_locks.setdefault(capture_id, threading.Lock())
+        with lock:
+            known = self._status.get(capture_id)
+            if known is not None and known[0] == stamp:
+                return known[1]
+            status, message = self._check(capture_id, path, stamp)
+            entry = CaptureEntry(capture_id, path, status, message, stamp[1])
+            self._status[capture_id] = (stamp, entry)
+        return entry
+
+    def _check(self, capture_id: str, path: Path, stamp: tuple) -> tuple[str, str]:
+        """(status, message) of one file version: opens it and runs ``CaptureReader.validate()``."""
         try:
-            reader = self.reader(capture_id)
-            problems = reader.validate()
+            reader = self._open(capture_id, path, stamp)
             if not reader.steps:
-                status = "error"
-                message = f"{capture_id}: no completed step (the capture stopped before its first step)"
-            elif problems:
-                # a damaged step stays listed: views of sound steps work, the others show the error
-                status = "damaged"
-                message = f"{capture_id}: damaged file: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
-            elif not reader.complete:
+                return "error", f"{capture_id}: no completed step (the capture stopped before its first step)"
+            problems = reader.validate()
+            if problems:
+                shown = problems[:_SHOWN_PROBLEMS]
+                more = f" (and {len(problems) - len(shown)} more)" if len(problems) > len(shown) else ""
+                return "invalid", self.hide_paths(
+                    f"{capture_id}: invalid capture, not drawn: {'; '.join(shown)}{more}; "
+                    "`dfsviz inspect` on the file lists every problem")
+            if not reader.complete:
                 done, planned = len(reader.steps), len(reader.planned_steps)
-                status = "incomplete"
-                message = (f"{capture_id}: incomplete capture, {done} of {planned} steps written "
-                           f"(steps {reader.steps}); pages show the completed steps")
-            else:
-                status, message = "ok", ""
+                return "incomplete", (f"{capture_id}: incomplete capture, {done} of {planned} steps written "
+                                      f"(steps {reader.steps}); pages show the completed steps")
+            return "ok", ""
         except CaptureError as exc:
-            status, message = "error", str(exc)
+            return "error", str(exc)
         except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
             logger.warning("capture %s failed validation", capture_id, exc_info=True)
-            status, message = "error", f"{capture_id}: unreadable ({type(exc).__name__}: {exc})"
-        entry = CaptureEntry(capture_id, path, status, message, stamp[1])
-        with self._status_lock:
-            self._status[stamp] = entry
-        return entry
+            return "error", self.hide_paths(f"{capture_id}: unreadable ({type(exc).__name__}: {exc})")
 
     def entries(self) -> list[CaptureEntry]:
         """Every capture under the roots with its status."""
@@ -287,7 +321,7 @@ class CaptureCatalog:
     def default_id(self) -> str | None:
         """The first usable capture (sound ones first), or None when the roots hold none."""
         entries = self.entries()
-        for wanted in ("ok", "incomplete", "damaged"):
+        for wanted in ("ok", "incomplete"):
             for e in entries:
                 if e.status == wanted:
                     return e.id
@@ -295,16 +329,16 @@ class CaptureCatalog:
 
     # -- memoised reads ----------------------------------------------------------------------
     def cached(self, capture_id: str, key: tuple, compute: Callable[[object], object]):
-        """``compute(reader)`` memoised under (file stamp, key); errors of h5py become CaptureError."""
-        path = self.resolve(capture_id)
-        stamp = self._stamp(path)
-        reader = self.reader(capture_id)
+        """``compute(reader)`` memoised under (file stamp, key); errors of h5py become CaptureError.
+        CaptureError too when the file is not usable (see :meth:`entry`)."""
+        stamp, reader = self._usable(capture_id)
 
         def run():
             try:
                 return compute(reader)
             except (OSError, KeyError, RuntimeError) as exc:
-                raise CaptureError(f"{capture_id}: cannot read {key[0]} ({type(exc).__name__}: {exc})") from None
+                raise CaptureError(self.hide_paths(
+                    f"{capture_id}: cannot read {key[0]} ({type(exc).__name__}: {exc})")) from None
 
         return self._maps.get_or_compute((stamp, *key), run)
 
@@ -363,6 +397,12 @@ class CaptureCatalog:
         """Close every open reader and drop the caches."""
         self._maps.clear()
         self._readers.clear()
+
+    def __enter__(self) -> "CaptureCatalog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def get_catalog() -> CaptureCatalog:

@@ -1,10 +1,14 @@
 """The dashboard in a real headless browser (Playwright on Debian's /usr/bin/chromium).
 
 Every page loads with no console error; each Masks control changes what is drawn; a
-deep link restores the view; clicking a query block updates both footprints; damaged,
-incomplete and out-of-root files give banners while the rest stays usable; CSV downloads
-hold the plotted numbers; the Live page runs attention in the background.
+deep link restores the view; clicking a query block updates both footprints; invalid,
+unreadable, incomplete and out-of-root files give banners while the rest stays usable; CSV
+downloads hold the plotted numbers; the Live page runs attention in the background.
 Screenshots go to test-artifacts/app/.
+
+Every wait is on the condition the test then checks: Playwright's auto-retrying ``expect``
+or ``wait_for_function`` on the drawn figure, never a sleep and never "network idle"
+followed by a count (callbacks of a busy server may still be on their way then).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("playwright")
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
+from playwright.sync_api import expect  # noqa: E402
 
 PAGES = {"overview": ("/", 2), "masks": ("/masks", 4), "recall": ("/recall", 1), "theory": ("/theory", 6),
          "drift": ("/drift", 2), "live": ("/live", 1)}
@@ -27,10 +33,6 @@ def figure_json(page, name: str) -> str:
     return page.evaluate(
         "n => { const g = document.querySelector('#' + n + '-card .js-plotly-plot');"
         " return g && g.data ? JSON.stringify([g.data, g.layout.title]) : ''; }", name)
-
-
-def title(page, name: str) -> str:
-    return page.locator(f"#{name}-card .gtitle").first.text_content()
 
 
 def wait_drawn(page, name: str, timeout: float = 20000) -> None:
@@ -44,6 +46,19 @@ def wait_changed(page, name: str, before: str, timeout: float = 20000) -> None:
         "([n, b]) => { const g = document.querySelector('#' + n + '-card .js-plotly-plot');"
         " return g && g.data && g.data.length > 0 && JSON.stringify([g.data, g.layout.title]) !== b; }",
         arg=[name, before], timeout=timeout)
+
+
+def wait_equal(page, name: str, expected: str, timeout: float = 20000) -> None:
+    """Wait until figure ``name`` shows exactly ``expected`` (a :func:`figure_json`)."""
+    page.wait_for_function(
+        "([n, e]) => { const g = document.querySelector('#' + n + '-card .js-plotly-plot');"
+        " return g && g.data && JSON.stringify([g.data, g.layout.title]) === e; }",
+        arg=[name, expected], timeout=timeout)
+
+
+def title_of(page, name: str):
+    """The title of figure ``name`` (a locator: ``expect`` retries it until it matches)."""
+    return page.locator(f"#{name}-card .gtitle").first
 
 
 def choose(page, control_id: str, label: str) -> None:
@@ -61,28 +76,28 @@ def no_traceback(page) -> None:
 def test_every_page_loads_without_console_errors(page, app_url, console, artifacts, name):
     path, figures = PAGES[name]
     page.goto(app_url + path)
-    page.wait_for_load_state("networkidle")
     if name == "live":
         page.locator("#lv-run").click()
-        page.locator("#lv-table").wait_for(timeout=60000)
+        expect(page.locator("#lv-table")).to_be_visible(timeout=60000)
     cards = page.locator(".dfs-card")
-    assert cards.count() == figures
+    expect(cards).to_have_count(figures)
     for i in range(figures):
         card_id = cards.nth(i).get_attribute("id")
         wait_drawn(page, card_id.removesuffix("-card"))
-    assert page.locator(".dfs-banner-error").count() == 0, page.locator(".dfs-banner-error").all_inner_texts()
+    expect(page.locator(".dfs-banner-error")).to_have_count(0)
     no_traceback(page)
+    # the address bar holds the whole selection: capture and every control of the page
+    selection = r"[?&]file=runs/good\.h5(&[^&=]+=[^&]*)*$" if name == "live" else r"[?&]file=runs/good\.h5(&[^&=]+=[^&]*){3,}$"
+    expect(page).to_have_url(re.compile(selection))
     page.screenshot(path=str(artifacts / f"{name}.png"), full_page=True)
     assert console == []
-    # the address bar holds the whole selection: capture and every control of the page
-    assert "file=runs/good.h5" in page.url and (name == "live" or page.url.count("=") >= 4)
 
 
 def test_masks_controls_change_the_drawing_and_the_url(page, app_url, console):
     page.goto(app_url + "/masks")
-    wait_drawn(page, "mk-left")
-    wait_drawn(page, "mk-fp-left")
     maps, both = ("mk-left", "mk-right"), ("mk-left", "mk-right", "mk-fp-left", "mk-fp-right")
+    for n in both:
+        wait_drawn(page, n)
     # the footprint's attention does not depend on the scoring method, and its kept blocks may
     # coincide for two methods; every other control changes all four figures
     for control, label, key, changed in (("mk-step", "2", "step=2", both), ("mk-layer", "0", "layer=0", both),
@@ -92,89 +107,96 @@ def test_masks_controls_change_the_drawing_and_the_url(page, app_url, console):
         choose(page, control, label)
         for n in changed:
             wait_changed(page, n, before[n])
-        page.wait_for_function("k => window.location.search.includes(k)", arg=key)
-    assert "meanpool" in title(page, "mk-left") and "γ = 0.5" in title(page, "mk-left")
+        expect(page).to_have_url(re.compile(re.escape(key)))
+    expect(title_of(page, "mk-left")).to_contain_text("meanpool")
+    expect(title_of(page, "mk-left")).to_contain_text("γ = 0.5")
     assert console == []
 
 
 def test_deep_link_restores_the_view(page, app_url, console, context):
     link = "/masks?file=runs/good.h5&step=2&layer=0&head=1&method=meanpool&budget=0.3&qorder=hilbert3d&qb=5"
     page.goto(app_url + link)
-    wait_drawn(page, "mk-fp-right")
-    page.wait_for_function("() => document.querySelector('#mk-fp-right-card .gtitle') !== null")
-    assert [page.locator(f"#mk-{c}").inner_text() for c in ("step", "layer", "head", "method", "budget")] == \
-        ["2", "0", "1", "meanpool", "0.3"]
-    assert "hilbert3d · query block 5" in title(page, "mk-fp-right")
-    assert "γ = 0.3" in title(page, "mk-right")
+    for c, value in zip(("step", "layer", "head", "method", "budget"), ("2", "0", "1", "meanpool", "0.3")):
+        expect(page.locator(f"#mk-{c}")).to_have_text(value)
+    expect(title_of(page, "mk-fp-right")).to_contain_text("hilbert3d · query block 5")
+    expect(title_of(page, "mk-right")).to_contain_text("γ = 0.3")
     # a view reached by clicking reproduces exactly from its URL in a fresh tab
     names = ("mk-left", "mk-right", "mk-fp-left", "mk-fp-right")
+    for n in names:
+        wait_drawn(page, n)
     before = {n: figure_json(page, n) for n in names}
     choose(page, "mk-layer", "1")
-    page.wait_for_function("() => window.location.search.includes('layer=1')")
+    expect(page).to_have_url(re.compile("layer=1"))
+    # one change of layer redraws each figure once (no other input of theirs changes)
     for n in names:
         wait_changed(page, n, before[n])
-    page.wait_for_load_state("networkidle")
     shown = {n: figure_json(page, n) for n in names}
     fresh = context.new_page()
     fresh.goto(page.url)
-    for n in shown:
-        wait_drawn(fresh, n)
-    fresh.wait_for_load_state("networkidle")
+    try:
+        for n, expected in shown.items():
+            wait_equal(fresh, n, expected)
+    except PlaywrightTimeout:
+        pass  # the assertion below shows what differs
     assert {n: figure_json(fresh, n) for n in shown} == shown
     assert console == []
 
 
 def test_clicking_a_query_block_updates_both_footprints(page, app_url, console):
     page.goto(app_url + "/masks?file=runs/good.h5&step=3&layer=1&head=0")
-    wait_drawn(page, "mk-fp-left")
-    page.wait_for_load_state("networkidle")
-    assert "raster · query block 0" in title(page, "mk-fp-left")
+    wait_drawn(page, "mk-left")
+    expect(title_of(page, "mk-fp-left")).to_contain_text("raster · query block 0")
+    expect(title_of(page, "mk-fp-right")).to_contain_text("hilbert3d · query block")
     before = figure_json(page, "mk-fp-right")
     x, y = page.evaluate(
         "() => { const g = document.querySelector('#mk-left-card .js-plotly-plot'); const f = g._fullLayout;"
         " const r = g.getBoundingClientRect();"
         " return [r.left + f.xaxis._offset + f.xaxis.l2p(3), r.top + f.yaxis._offset + f.yaxis.l2p(7)]; }")
     page.mouse.click(x, y)
-    page.wait_for_function("() => window.location.search.includes('qb=7')")
-    page.wait_for_function(
-        "() => { const t = document.querySelector('#mk-fp-left-card .gtitle'); return t && t.textContent.includes('query block 7'); }")
+    expect(page).to_have_url(re.compile(r"qorder=raster.*qb=7"))
+    expect(title_of(page, "mk-fp-left")).to_contain_text("raster · query block 7")
+    # the other order shows the block nearest to the clicked one
     wait_changed(page, "mk-fp-right", before)
-    assert "qorder=raster" in page.url
-    assert "query block 7" not in title(page, "mk-fp-right") or "hilbert3d" in title(page, "mk-fp-right")
+    expect(title_of(page, "mk-fp-right")).to_contain_text("hilbert3d · query block")
     assert console == []
 
 
-def test_bad_files_give_banners_and_the_rest_stays_usable(page, app_url, console):
-    # not HDF5: error banner, the default capture is shown instead
+def test_bad_files_give_banners_and_the_rest_stays_usable(page, app_url, capture_root, console):
+    server_paths = str(capture_root.parent)  # the folder holding the root and the file outside it
+    # not HDF5: error banner naming the file by its id, the default capture is shown instead
     page.goto(app_url + "/?file=runs/broken.h5")
+    banner = page.locator("#ov-file-banner")
+    expect(banner).to_contain_text("runs/broken.h5")
+    expect(banner).to_contain_text("showing runs/good.h5 instead")
+    expect(page.locator("#ov-files")).to_contain_text("error")
     wait_drawn(page, "ov-recall")
-    assert "broken.h5" in page.locator("#ov-file-banner").inner_text()
-    assert "showing runs/good.h5 instead" in page.locator("#ov-file-banner").inner_text()
-    assert "error" in page.locator("#ov-files").inner_text()
+    assert server_paths not in banner.inner_text() + page.locator("#ov-files").inner_text()
     # paths outside the root: refused, nothing of them is read
     for bad in ("runs/escape.h5", "runs/../secret/secret.h5", "/etc/passwd", "runs/%2e%2e/secret/secret.h5"):
         page.goto(app_url + "/masks?file=" + bad)
+        expect(page.locator("#mk-file-banner")).to_contain_text(re.compile("refused|not a served root"))
+        expect(page.locator("#mk-file")).to_have_text("runs/good.h5")
         wait_drawn(page, "mk-left")
-        text = page.locator("#mk-file-banner").inner_text()
-        assert "refused" in text or "not a served root" in text, text
-        assert page.locator("#mk-file").inner_text() == "runs/good.h5"
     # an interrupted capture: warning, only its completed steps are offered
     page.goto(app_url + "/masks?file=runs/partial.h5")
+    expect(page.locator("#mk-link-banner")).to_contain_text("incomplete")
     wait_drawn(page, "mk-left")
-    assert "incomplete" in page.locator("#mk-link-banner").inner_text()
     page.locator("#mk-step").click()
-    assert page.locator("[role=listbox] [role=option]").all_inner_texts() == ["0", "2"]
+    expect(page.locator("[role=listbox] [role=option]")).to_have_text(["0", "2"])
     page.keyboard.press("Escape")
-    # a step whose maps are NaN: the callback's error becomes a banner; other steps still draw
-    page.goto(app_url + "/masks?file=runs/damaged.h5&step=2")
-    page.locator("#mk-banner .dfs-banner-error").wait_for(timeout=20000)
-    assert "NaN" in page.locator("#mk-banner").inner_text()
-    assert "damaged" in page.locator("#mk-link-banner").inner_text()
-    choose(page, "mk-step", "3")
-    page.wait_for_function("() => document.querySelectorAll('#mk-banner .dfs-banner-error').length === 0")
+    # a file that fails validation (step 2's block mass is NaN): refused with its problems,
+    # none of it drawn (not even its sound steps), the default capture shown instead
+    page.goto(app_url + "/masks?file=runs/damaged.h5&step=3")
+    banner = page.locator("#mk-file-banner")
+    expect(banner).to_contain_text("runs/damaged.h5: invalid capture, not drawn: step_0002/m")
+    expect(banner).to_contain_text("showing runs/good.h5 instead")
+    expect(page.locator("#mk-file")).to_have_text("runs/good.h5")
     wait_drawn(page, "mk-left")
-    assert "R = " in title(page, "mk-left")
+    expect(page.locator("#mk-banner .dfs-banner-error")).to_have_count(0)
+    page.goto(app_url + "/")
+    expect(page.locator("#ov-files")).to_contain_text(re.compile(r"runs/damaged\.h5\s*invalid"))
     no_traceback(page)
+    assert server_paths not in page.locator("#ov-files").inner_text()
     assert console == []
 
 
@@ -200,11 +222,10 @@ def test_csv_download_holds_the_plotted_block_mass(page, app_url, capture_root, 
 def test_live_run_reports_time_error_and_recall(page, app_url, console):
     page.goto(app_url + "/live?file=runs/good.h5&step=3&layer=1&order=hilbert3d&method=dfs_tile&budget=1.0")
     page.locator("#lv-run").click()
-    page.locator("#lv-table").wait_for(timeout=60000)
+    expect(page.locator("#lv-status")).to_contain_text("done", timeout=60000)
     text = page.locator("#lv-table").inner_text()
     recall = float(re.search(r"recall R / density ρ\s+([0-9.]+) / ([0-9.]+)", text).group(1))
     error = float(re.search(r"relative L2 / max abs\)\s+([0-9.e+-]+)", text).group(1))
     # budget 1 keeps every block: DFSAttn is dense attention, recall 1 and float32-level error
     assert math.isclose(recall, 1.0, abs_tol=1e-5) and error < 1e-5
-    assert "done" in page.locator("#lv-status").inner_text()
     assert console == []

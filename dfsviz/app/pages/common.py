@@ -204,7 +204,7 @@ class PageContext:
         options = [{"label": e.label, "value": e.id, "disabled": not e.usable} for e in self.entries]
         picker = dcc.Dropdown(id=f"{self.prefix}-file", options=options, value=self.cid, clearable=False)
         missing = [] if self.cid else [
-            "no usable capture under the roots " + ", ".join(str(p) for p in self.catalog.roots.values())
+            "no usable capture under the roots " + ", ".join(self.catalog.roots)
             + "; make one with `dfsviz capture`"]
         return html.Div([
             dcc.Store(id=f"{self.prefix}-rendered", data=self.cid),
@@ -262,12 +262,27 @@ def register_url_sync(app, prefix: str, keys: Sequence[tuple[str, str, str]]) ->
 
 
 # --------------------------------------------------------------------------- errors
+def error_text(exc: BaseException) -> str:
+    """What the browser is told of a failure.
+
+    A library error (ValueError/TypeError/CaptureError: messages written for users) keeps its
+    text, with the served roots' absolute paths replaced by their labels; any other failure
+    says only its type, since its text may hold server paths (the traceback goes to the log).
+    """
+    if not isinstance(exc, (ValueError, TypeError)):
+        return f"internal error ({type(exc).__name__}); the server log has the details"
+    try:
+        return get_catalog().hide_paths(str(exc))
+    except RuntimeError:  # no app serving (a page function called outside a request): no server paths to hide
+        return str(exc)
+
+
 def guarded(outputs: int, banner_at: int, figures: Sequence[int] = ()):
     """Wrap a callback so that no exception reaches the browser.
 
     A library error (ValueError/TypeError/CaptureError: messages written for users) or any
-    other failure (logged with its traceback on the server) becomes an error banner at
-    position ``banner_at`` and empty figures at the ``figures`` positions.
+    other failure (logged with its traceback on the server) becomes an error banner of
+    :func:`error_text` at position ``banner_at`` and empty figures at the ``figures`` positions.
     """
 
     def deco(fn):
@@ -276,11 +291,11 @@ def guarded(outputs: int, banner_at: int, figures: Sequence[int] = ()):
             try:
                 return fn(*args, **kwargs)
             except (CaptureError, ValueError, TypeError) as exc:
-                message = str(exc)
+                message = error_text(exc)
                 logger.info("callback %s: %s", fn.__name__, message)
             except Exception as exc:  # noqa: BLE001 - the browser gets a banner, the log the traceback
                 logger.exception("callback %s failed", fn.__name__)
-                message = f"internal error ({type(exc).__name__}: {exc}); the server log has the details"
+                message = error_text(exc)
             out = [no_update] * outputs
             for i in figures:
                 out[i] = empty_figure("no data: see the message above")
@@ -301,10 +316,10 @@ def guarded_layout(title: str):
             try:
                 return fn(**query)
             except (CaptureError, ValueError, TypeError) as exc:
-                message = str(exc)
+                message = error_text(exc)
             except Exception as exc:  # noqa: BLE001 - the browser gets a banner, the log the traceback
                 logger.exception("layout of %s failed", title)
-                message = f"internal error ({type(exc).__name__}: {exc}); the server log has the details"
+                message = error_text(exc)
             return html.Div([html.H2(title), banner([message], "error")])
 
         return wrapper

@@ -209,7 +209,7 @@ def register(app) -> None:
             with _LOCK:
                 _JOBS.pop(job, None)
             if isinstance(exc, (ValueError, TypeError)):
-                return no_update, no_update, True, "failed", False, common.banner([str(exc)], "error")
+                return no_update, no_update, True, "failed", False, common.banner([common.error_text(exc)], "error")
             raise
         rows = [
             ("device / backend", f"{res['device']} / {res['backend']} ({res['dtype']})"),

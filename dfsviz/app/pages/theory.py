@@ -1,4 +1,4 @@
-"""Theory: the recall bounds of theory.md checked on the capture, and the three factors per order.
+"""Theory: the recall bounds of docs/theory.md checked on the capture, and the three factors per order.
 
 * Bound 2 (beta_u) against the measured recall of every query block, with y = x: every
   point must lie on the recall side (a violation is a bug, counted in red).
