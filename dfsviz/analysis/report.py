@@ -24,6 +24,7 @@ at most ``max_points`` rows. Only :meth:`ClaimsReport.write` touches the file sy
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -53,7 +54,8 @@ from dfsviz.sparse.select import select_topk, selector_key
 from dfsviz.sparse.stats import row_recall_ref
 from dfsviz.sparse.theory import row_bound
 
-__all__ = ["ReportConfig", "ClaimsReport", "build_report", "chromium_available", "default_schedule", "REPORT_FACTORS"]
+__all__ = ["ReportConfig", "ClaimsReport", "build_report", "chromium_available", "png_export_available", "default_schedule",
+           "REPORT_FACTORS"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,16 @@ _PAPER_STEPS, _PAPER_SKIP, _PAPER_INTERVAL = 50, 12, 12
 def chromium_available() -> bool:
     """True when a Chromium/Chrome executable is on PATH (kaleido 1.x needs one for PNG export)."""
     return any(shutil.which(name) for name in _BROWSERS)
+
+
+def _kaleido_installed() -> bool:
+    return importlib.util.find_spec("kaleido") is not None
+
+
+def png_export_available() -> bool:
+    """True when PNG figures can be written: kaleido is installed (``pip install 'dfsviz[png]'``)
+    and a Chromium/Chrome executable is on PATH."""
+    return _kaleido_installed() and chromium_available()
 
 
 def default_schedule(num_steps: int) -> DFSSchedule:
@@ -301,18 +313,21 @@ class ClaimsReport:
 
         The HTML files share ``figures/plotly.min.js`` (written once), so they open offline.
 
-        ``png``: True forces PNG export (ValueError without Chromium), False skips it, None
-        exports when Chromium is present. PNGs go through one kaleido sync server.
+        ``png``: True forces PNG export (ValueError without kaleido or Chromium), False skips
+        it, None exports when both are present (:func:`png_export_available`). PNGs go through
+        one kaleido sync server.
         Returns {"markdown": [...], "json": [...], "html": [...], "png": [...]} of written paths.
         """
         if png is not None and not isinstance(png, bool):
             raise TypeError(f"`png` must be True, False or None (got {type(png).__name__})")
+        if png and not _kaleido_installed():
+            raise ValueError("PNG export needs kaleido: install it with `pip install 'dfsviz[png]'`, or pass --no-png")
         if png and not chromium_available():
             raise ValueError(
                 "PNG export needs Chromium (kaleido 1.x has no bundled browser): install it, e.g. "
                 "`apt-get install chromium`, or pass --no-png"
             )
-        do_png = chromium_available() if png is None else png
+        do_png = png_export_available() if png is None else png
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"`out_dir` {str(out)!r} exists and is not a directory; pick a folder path")

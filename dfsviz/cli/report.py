@@ -24,7 +24,7 @@ def _fractions(spec: str, option: str) -> tuple[float, ...]:
 )
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (created).")
-@click.option("--png/--no-png", default=None, help="Also write PNG figures (needs Chromium). Default: when Chromium is found.")
+@click.option("--png/--no-png", default=None, help="Also write PNG figures (needs kaleido, the png extra, and Chromium). Default: when both are found.")
 @click.option("--budgets", default="0.1,0.2,0.3", show_default=True, help="Budgets gamma (kept fraction) to tabulate.")
 @click.option("--targets", default="0.9,0.95", show_default=True, help="Recall levels whose needed budget is reported.")
 @click.option("--method", default=None, help="Method of the drift/schedule analysis (default dfs_tile when captured).")

@@ -177,6 +177,11 @@ def test_write_files(tmp_path, built, monkeypatch):
     assert len(written["html"]) == len(built.figures) and written["png"] == []
     assert (out / "figures" / "plotly.min.js").exists()
     assert "plotly.min.js" in (out / "figures" / "schedule.html").read_text()
+    with monkeypatch.context() as no_kaleido:
+        no_kaleido.setattr(report_mod, "_kaleido_installed", lambda: False)
+        with pytest.raises(ValueError, match=r"PNG export needs kaleido: install it with `pip install 'dfsviz\[png\]'`"):
+            built.write(tmp_path / "png", png=True)
+        assert built.write(tmp_path / "auto")["png"] == []  # auto: no kaleido, no PNG
     monkeypatch.setattr(report_mod, "chromium_available", lambda: False)
     with pytest.raises(ValueError, match="PNG export needs Chromium"):
         built.write(tmp_path / "png", png=True)
@@ -188,7 +193,7 @@ def test_write_files(tmp_path, built, monkeypatch):
         built.write(tmp_path / "file", png=False)
 
 
-@pytest.mark.skipif(not report_mod.chromium_available(), reason="PNG export needs Chromium")
+@pytest.mark.skipif(not report_mod.png_export_available(), reason="PNG export needs kaleido and Chromium")
 def test_png_export(tmp_path, built):
     small = ClaimsReport(data=built.data, figures={"schedule": built.figures["schedule"]})
     written = small.write(tmp_path, png=True)
@@ -227,7 +232,7 @@ def run_dfsviz(*args: str) -> subprocess.CompletedProcess:
 def test_cli_end_to_end_on_the_shipped_sample(tmp_path):
     """`dfsviz report` on the shipped sample, whose Q/K/V are stored at one step only: exit 0,
     Bound 1 checked at that step, Markdown, strict JSON and one HTML page per figure (and a PNG
-    per figure when Chromium is found, the command's default)."""
+    per figure when kaleido and Chromium are found, the command's default)."""
     sample = dfsviz.sample_capture()
     out = tmp_path / "report"
     result = run_dfsviz("report", str(sample), "--out", str(out))
@@ -249,7 +254,7 @@ def test_cli_end_to_end_on_the_shipped_sample(tmp_path):
     assert {"recall_budget", "bound_vs_measured", "mask_raster", "mask_hilbert3d", "schedule", "footprint"} <= set(html)
     assert all(f"(figures/{name}.html)" in md for name in html)
     pngs = sorted((out / "figures").glob("*.png"))
-    if report_mod.chromium_available():
+    if report_mod.png_export_available():
         assert [p.stem for p in pngs] == html
         assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     else:
