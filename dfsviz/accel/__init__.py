@@ -1,9 +1,11 @@
 """DFSAttn in real diffusers pipelines: ``apply_dfsattn(pipe_or_transformer, DFSConfig(...))``
 installs the DFSAttn attention processors (3D Hilbert order, tile scoring at refresh steps,
 per-layer mask cache, block-sparse kernel) and returns a handle whose ``remove()`` restores
-the original processors."""
+the original processors. ``apply_dfsattn(pipe, "dfsattn.json")`` applies a calibrated config
+(``dfsviz calibrate``; :class:`CalibratedPlan`, per-head budgets)."""
 
 from dfsviz.accel.config import CFG_MODES, DFSConfig
+from dfsviz.accel.plan import CalibratedPlan, LayerBudget, ModelIdentity, select_topk_heads
 from dfsviz.accel.processor import (
     ACCEL_ARCHS,
     CogVideoXDFSProcessor,
@@ -19,13 +21,17 @@ from dfsviz.accel.processor import (
 __all__ = [
     "ACCEL_ARCHS",
     "CFG_MODES",
+    "CalibratedPlan",
     "CogVideoXDFSProcessor",
     "DFSConfig",
     "DFSHandle",
     "DFSState",
     "HunyuanVideoDFSProcessor",
+    "LayerBudget",
+    "ModelIdentity",
     "WanDFSProcessor",
     "apply_dfsattn",
     "remove_dfsattn",
+    "select_topk_heads",
     "text_blocks",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+from dfsviz.accel.plan import CalibratedPlan
 from dfsviz.kernels._dispatch import BACKENDS
 from dfsviz.sparse._validate import check_power_of_two
 from dfsviz.sparse.orders import order_names
@@ -59,6 +61,10 @@ class DFSConfig:
             or "ref" (``dfsviz.kernels.BACKENDS``).
         measure_recall: also compute the exact block mass of every sparse call and record the
             recall of its mask (costs a dense attention pass; for quality studies only).
+        calibration: a :class:`~dfsviz.accel.plan.CalibratedPlan` (``dfsviz calibrate``), or None.
+            It gives each (layer, head) its own kept fraction (layers it leaves dense, or lacks,
+            keep the stock processor) and fixes order, block, tile, score_method and the schedule
+            (only ``calls_per_step`` may differ); build such configs with :meth:`load`.
     """
 
     order: str = "hilbert3d"
@@ -72,6 +78,7 @@ class DFSConfig:
     fused_ops: bool = True
     backend: str | None = None
     measure_recall: bool = False
+    calibration: CalibratedPlan | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.order, str) or self.order not in order_names():
@@ -104,13 +111,60 @@ class DFSConfig:
             raise ValueError(
                 f"`backend` must be one of {sorted(BACKENDS)} or None for automatic (got {self.backend!r})"
             )
+        if self.calibration is not None:
+            self._check_calibration(self.calibration)
+
+    def _check_calibration(self, plan: object) -> None:
+        if not isinstance(plan, CalibratedPlan):
+            raise TypeError(
+                f"`calibration` must be a dfsviz.accel.plan.CalibratedPlan or None (got {type(plan).__name__}); "
+                "read a calibrated config with DFSConfig.load(path)"
+            )
+        fixed = {"order": plan.order, "block": plan.block, "score_method": plan.method}
+        if plan.tile is not None:
+            fixed["tile"] = plan.tile
+        for name, value in fixed.items():
+            if getattr(self, name) != value:
+                raise ValueError(
+                    f"`{name}` must be {value!r}, the value `calibration` was calibrated with (got "
+                    f"{getattr(self, name)!r}); calibrate again to change it"
+                )
+        want = plan.schedule(self.schedule.calls_per_step)
+        if self.schedule != want:
+            raise ValueError(
+                f"`schedule` must be the calibrated schedule {want.name} (got {self.schedule.name}); only "
+                "calls_per_step may differ: calibrate again to change warm-up, interval or dense layers"
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, calls_per_step: int = 1, **options) -> "DFSConfig":
+        """The DFSConfig of a calibrated config file (``dfsviz calibrate --out dfsattn.json``).
+
+        Args:
+            path: the JSON file (docs/calibration.md).
+            calls_per_step: transformer calls per diffusion step when steps are counted (2 for
+                diffusers' WanPipeline with CFG), as ``DFSSchedule.calls_per_step``.
+            options: other DFSConfig fields (cfg, cond_index, permute_once, fused_ops, backend,
+                measure_recall); the file fixes order, block, tile, score_method and schedule.
+        """
+        fixed = sorted(set(options) & {"order", "block", "tile", "score_method", "schedule", "calibration"})
+        if fixed:
+            raise ValueError(
+                f"{fixed} come from the calibrated config {str(path)!r} and cannot be overridden; calibrate again "
+                "to change them"
+            )
+        plan = CalibratedPlan.load(path)
+        tile = cls.tile if plan.tile is None else plan.tile
+        return cls(order=plan.order, block=plan.block, tile=tile, score_method=plan.method,
+                   schedule=plan.schedule(calls_per_step), calibration=plan, **options)
 
     @property
     def name(self) -> str:
         """Self-describing key, e.g. "dfsattn_hilbert3d_dfs_tile_b128_t16_share_dfs_n50_s12_...". """
         once = "_once" if self.permute_once else ""
         unfused = "" if self.fused_ops else "_unfused"
+        calibrated = "" if self.calibration is None else "_calibrated"
         return (
             f"dfsattn_{self.order}_{self.score_method}_b{self.block}_t{self.tile}_{self.cfg}{once}{unfused}_"
-            f"{self.schedule.name}"
+            f"{self.schedule.name}{calibrated}"
         )

@@ -14,8 +14,9 @@ computes q, k, v exactly as the stock processor does and then:
 * dense plan (warm-up step): calls the original processor (stock SDPA; Wan with
   ``fused_ops`` fuses the q/k norm + RoPE first);
 * refresh (or no valid cached mask): scores the ordered q, k with
-  ``dfsviz.kernels.block_scores``, selects top-k blocks with ``select_topk`` and caches
-  the mask for this layer; otherwise reuses the layer's cached mask;
+  ``dfsviz.kernels.block_scores``, selects top-k blocks with ``select_topk`` (per-head
+  budgets of a calibrated plan: ``select_topk_heads``) and caches the mask for this layer;
+  otherwise reuses the layer's cached mask;
 * attends with ``dfsviz.kernels.block_sparse_attention`` (the kernel gathers rows
   through the token order and scatters the output back, unless permute-once already
   ordered the tokens).
@@ -45,12 +46,14 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from dfsviz.accel.config import DFSConfig
+from dfsviz.accel.plan import select_topk_heads, text_blocks
 from dfsviz.accel.wan_block import fused_block_forward
 from dfsviz.capture.adapters import ModelAdapter, adapter_for
 from dfsviz.kernels import block_scores, block_sparse_attention, block_stats
@@ -112,7 +115,8 @@ class DFSState:
         calls: transformer calls seen.
         step: the explicit step, or None when calls are counted.
         scorer_calls: masks computed (one per refreshed layer and branch).
-        records: one dict per sparse attention call: call, step, branch, layer, gamma,
+        records: one dict per sparse attention call: call, step, branch, layer, gamma (the
+            schedule's, or the tuple of per-head budgets of a calibrated plan, None = dense head),
             refresh (this call computed the mask), density (mean rho of the mask), and
             recall and oracle_recall (float64 [B, H] on the CPU: the mask's recall, and the best
             recall of any mask with the same kept count per query block) when
@@ -171,23 +175,6 @@ class DFSState:
         raise ValueError(f"step {step} is dense under {self.schedule.name}; no mask serves it")
 
 
-# --------------------------------------------------------------------------- text blocks
-def text_blocks(grid: LatentGrid, seq_len: int, block: int) -> list[int]:
-    """Key blocks forced into every budget and query blocks kept dense, for a joint sequence.
-
-    Text last (HunyuanVideo): blocks ``Nv // block`` .. end, the reference's
-    ``dense_start_block`` rule (the boundary block with the last video tokens included).
-    Text first (CogVideoX): blocks 0 .. ceil(T / block) - 1 (the boundary block included).
-    No text: [].
-    """
-    m = -(-seq_len // block)
-    if grid.text_len == 0:
-        return []
-    if grid.text_first:
-        return list(range(0, min(m, -(-grid.text_len // block))))
-    return list(range(grid.num_video // block, m))
-
-
 # --------------------------------------------------------------------------- processors
 class _DFSProcessorBase:
     """Shared sparse attention of the DFSAttn processors (per-arch q/k/v in subclasses)."""
@@ -198,6 +185,8 @@ class _DFSProcessorBase:
         self.state = state
         self.config = config
         self.cond_index = cond_index
+        # A calibrated plan gives every head its own budget; else the schedule's gamma serves all heads.
+        self.gammas = None if config.calibration is None else config.calibration.gammas(layer)
 
     def _sparse_ctx(self) -> _CallContext | None:
         ctx = self.state.current
@@ -265,7 +254,8 @@ class _DFSProcessorBase:
         mask, refreshed, entry = self._mask(q, k, ctx, grid, order)
         record = {
             "call": ctx.call, "step": ctx.step, "branch": ctx.branch, "layer": self.layer,
-            "gamma": ctx.plan.gamma, "refresh": refreshed, "density": entry.density, "seq_len": n,
+            "gamma": ctx.plan.gamma if self.gammas is None else self.gammas, "refresh": refreshed,
+            "density": entry.density, "seq_len": n,
         }
         if cfg.measure_recall:
             qo, ko = (q, k) if order is None else (order.apply(q), order.apply(k))
@@ -302,8 +292,12 @@ class _DFSProcessorBase:
             scores = block_scores(qs, ks, method=cfg.score_method, tile=cfg.tile, block=cfg.block,
                                   backend=cfg.backend)
             forced = text_blocks(grid, n, cfg.block)
-            mask = select_topk(scores, ctx.plan.gamma, seq_len=n, block=cfg.block,
-                               forced_kv=forced or None, dense_q=forced or None)
+            if self.gammas is None:
+                mask = select_topk(scores, ctx.plan.gamma, seq_len=n, block=cfg.block,
+                                   forced_kv=forced or None, dense_q=forced or None)
+            else:
+                mask = select_topk_heads(scores, self.gammas, seq_len=n, block=cfg.block,
+                                         forced_kv=forced or None, dense_q=forced or None)
             entry = _CacheEntry(epoch, mask, float(mask.density().mean()))
             state.masks[key] = entry
             state.scorer_calls += 1
@@ -576,8 +570,11 @@ class DFSHandle:
         cond = spec.cond_index if cfg.cond_index is None else cfg.cond_index
         if cfg.permute_once:
             self._check_permute_once(modules)
+        plan = cfg.calibration
+        if plan is not None:
+            self._check_plan(plan, modules)
         for name, layer in self.layers.items():
-            if cfg.schedule.layer_is_dense(layer):
+            if cfg.schedule.layer_is_dense(layer) or (plan is not None and plan.gammas(layer) is None):
                 continue
             module = modules[name]
             self._originals[name] = module.processor
@@ -600,6 +597,27 @@ class DFSHandle:
                 self._hooks.append(block.register_forward_pre_hook(self._permute, with_kwargs=True))
             self._hooks.append(modules[spec.restore].register_forward_pre_hook(self._restore, with_kwargs=True))
         self.active = True
+
+    def _check_plan(self, plan, modules: dict) -> None:
+        """Refuse a calibrated plan made for another model, or whose layers or heads this model lacks."""
+        why = plan.model.mismatch(self.transformer)
+        if why is not None:
+            raise ValueError(f"DFSAttn config {why}; calibrate on a capture of this model")
+        names = {layer: name for name, layer in self.layers.items()}
+        for lb in plan.layers:
+            name = names.get(lb.layer)
+            if name is None:
+                raise ValueError(
+                    f"DFSAttn config layer {lb.layer} ({lb.name}) is not a self-attention layer of "
+                    f"{type(self.transformer).__name__} (layers 0..{len(self.layers) - 1}); calibrate on a capture of "
+                    "this model"
+                )
+            heads = getattr(modules[name], "heads", len(lb.gamma))
+            if heads != len(lb.gamma):
+                raise ValueError(
+                    f"DFSAttn config layer {lb.layer} has budgets for {len(lb.gamma)} heads; {name} has {heads} "
+                    "heads: calibrate on a capture of all heads of this model"
+                )
 
     def _blocks(self) -> list[torch.nn.Module]:
         blocks = [b for attr in self.spec.blocks for b in (getattr(self.transformer, attr, None) or ())]
@@ -638,6 +656,10 @@ class DFSHandle:
             text = bound.get("encoder_hidden_states")
             text_len = int(text.shape[1]) if isinstance(text, torch.Tensor) else 0
         grid = self.adapter.token_grid(module.config, latent, text_len)
+        plan = self.config.calibration
+        why = None if plan is None else plan.grid_mismatch(grid)
+        if why is not None:
+            raise ValueError(f"DFSAttn config {why}")
         self.state._begin(grid)
         return None
 
@@ -744,14 +766,16 @@ def _transformer_of(obj) -> torch.nn.Module:
     )
 
 
-def apply_dfsattn(pipe_or_transformer, config: DFSConfig | None = None) -> DFSHandle:
+def apply_dfsattn(pipe_or_transformer, config: DFSConfig | str | os.PathLike | None = None) -> DFSHandle:
     """Run DFSAttn in the self-attention of a diffusers Wan, HunyuanVideo or CogVideoX transformer.
 
     Args:
         pipe_or_transformer: the transformer, or a pipeline whose ``.transformer`` it is.
-        config: :class:`DFSConfig` (default: the paper's settings). Set
+        config: :class:`DFSConfig` (default: the paper's settings), or the path of a calibrated
+            config file (``dfsviz calibrate``; read with :meth:`DFSConfig.load`). Set
             ``schedule.calls_per_step = 2`` for pipelines that run the CFG branches as two
-            transformer calls per step (diffusers' WanPipeline) when steps are counted.
+            transformer calls per step (diffusers' WanPipeline) when steps are counted
+            (``DFSConfig.load(path, calls_per_step=2)``), or drive steps with ``handle.step_callback``.
 
     Returns:
         A :class:`DFSHandle`: ``.remove()`` restores the original processors (also as a
@@ -759,11 +783,16 @@ def apply_dfsattn(pipe_or_transformer, config: DFSConfig | None = None) -> DFSHa
 
     Raises:
         TypeError / ValueError: unsupported object or architecture, processors that are not
-        the stock ones, DFSAttn already applied, dense layers out of range.
+        the stock ones, DFSAttn already applied, dense layers out of range, a calibrated config
+        made for another model (or, at the first call, another latent grid).
     """
     config = DFSConfig() if config is None else config
+    if isinstance(config, (str, os.PathLike)):
+        config = DFSConfig.load(config)
     if not isinstance(config, DFSConfig):
-        raise TypeError(f"`config` must be a DFSConfig (got {type(config).__name__})")
+        raise TypeError(
+            f"`config` must be a DFSConfig or the path of a calibrated config file (got {type(config).__name__})"
+        )
     model = _transformer_of(pipe_or_transformer)
     adapter = adapter_for(model)
     if adapter.name not in ACCEL_ARCHS:

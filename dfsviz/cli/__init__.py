@@ -42,7 +42,7 @@ def main() -> None:
 
 
 # Subcommand modules register themselves on `main` when imported.
-_COMMAND_MODULES = ("orders", "recall", "capture", "inspect", "report", "app")
+_COMMAND_MODULES = ("orders", "recall", "capture", "inspect", "report", "calibrate", "app")
 
 
 def _register() -> None:

@@ -258,7 +258,7 @@ def test_error_dense_layers_out_of_range(models):
 
 
 def test_error_types(models):
-    with pytest.raises(TypeError, match=r"`config` must be a DFSConfig \(got dict\)"):
+    with pytest.raises(TypeError, match=r"`config` must be a DFSConfig or the path of a calibrated config file \(got dict\)"):
         apply_dfsattn(models["wan"], {"block": 16})
     with pytest.raises(TypeError, match=r"`pipe_or_transformer` must be a diffusers video transformer .*got int"):
         apply_dfsattn(3, cfg())

@@ -1,0 +1,89 @@
+"""``dfsviz calibrate``: the config file and summary on the shipped sample, --help, and one red line
+with exit code 2 for each error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import dfsviz
+from dfsviz.accel.plan import CalibratedPlan
+from dfsviz.analysis.sweeps import write_token_model_capture
+from dfsviz.cli import main
+from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.tokenmodel import TokenModelConfig
+
+
+def _token(path, steps=(0, 3, 6, 9), grid=LatentGrid(2, 8, 16)):
+    return write_token_model_capture(path, TokenModelConfig(grid, heads=2, head_dim=16), num_steps=10, steps=steps,
+                                     layers=2, orders=("hilbert3d",), methods=("dfs_tile",), block=32, footprints=0)
+
+
+def test_calibrates_the_sample(tmp_path):
+    out = tmp_path / "dfsattn.json"
+    result = CliRunner().invoke(main, ["calibrate", str(dfsviz.sample_capture()), "--target-recall", "0.9",
+                                       "--method", "dfs_tile", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = CalibratedPlan.load(out)
+    assert plan.method == "dfs_tile" and plan.order == "hilbert3d" and plan.model.id == "dfsviz-embedded:tiny-wan"
+    lines = result.stdout.splitlines()  # the progress bar goes to stderr
+    assert lines[0].startswith(f"wrote {out}: dfsviz-embedded:tiny-wan (WanTransformer3DModel), grid f9h18w32")
+    assert lines[1] == "goal: every head's recall >= 0.9; order hilbert3d, method dfs_tile (tile 16)"
+    assert lines[2].startswith(f"schedule: {plan.warmup_steps} dense warm-up step(s) of 20, refresh every "
+                               f"{plan.interval} step(s)")
+    table = lines.index("layer  mean gamma  recall  density  dense heads  recall range across captures")
+    rows = lines[table + 1: table + 9]
+    for lb, row in zip(plan.layers, rows):
+        cells = row.split()
+        assert int(cells[0]) == lb.layer
+        assert float(cells[2]) == pytest.approx(sum(lb.predicted_recall) / len(lb.gamma), abs=6e-4)
+        assert cells[4] == f"{sum(g is None for g in lb.gamma)}/3"
+        assert "n/a (1 capture)" in row
+    assert lines[-1].startswith("method dfs_tile (chosen): warm-up")
+
+
+def test_pooled_captures_show_their_range(tmp_path):
+    a, b = _token(tmp_path / "a.h5"), _token(tmp_path / "b.h5")
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(main, ["calibrate", a, b, "--max-density", "0.6", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "goal: attention work <= 0.6 of dense" in result.output
+    lines = result.stdout.splitlines()
+    table = lines.index("layer  mean gamma  recall  density  dense heads  recall range across captures")
+    assert [row.split()[-1] for row in lines[table + 1: table + 3]] == ["0.000", "0.000"]  # identical clips
+    data = json.loads(out.read_text())
+    assert data["provenance"]["max_density"] == 0.6 and len(data["provenance"]["captures"]) == 2
+    assert data["predicted"]["attention_work"] <= 0.6 + 1e-9
+
+
+def test_help_shows_an_example():
+    result = CliRunner().invoke(main, ["calibrate", "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output and "dfsviz calibrate run.h5 --target-recall 0.9 --out dfsattn.json" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{a}", "--out", "{o}"], "pass exactly one of `target_recall`"),
+        (["{a}", "--target-recall", "0.9", "--max-density", "0.3", "--out", "{o}"], "pass exactly one of"),
+        (["{one}", "--target-recall", "0.9", "--out", "{o}"],
+         "calibration needs at least two captured steps for drift"),
+        (["{a}", "{other}", "--target-recall", "0.9", "--out", "{o}"], "captures of different models cannot be pooled"),
+        (["{a}", "--target-recall", "1.0", "--out", "{o}"], "target recall 1 cannot be met by any sparse budget"),
+        (["{a}", "--max-density", "0.01", "--out", "{o}"], "max density 0.01 cannot be met"),
+        (["{d}/missing.h5", "--target-recall", "0.9", "--out", "{o}"], "does not exist"),
+        (["{a}", "--target-recall", "2", "--out", "{o}"], "`target_recall` must be a fraction in (0, 1] (got 2.0)"),
+    ],
+)
+def test_errors_are_one_red_line(tmp_path, args, message):
+    paths = {"a": _token(tmp_path / "a.h5"), "one": _token(tmp_path / "one.h5", steps=(4,)),
+             "other": _token(tmp_path / "other.h5", grid=LatentGrid(2, 8, 8)), "o": str(tmp_path / "x.json"),
+             "d": str(tmp_path)}
+    result = CliRunner().invoke(main, ["calibrate", *(a.format(**paths) for a in args)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error:")]) == 1
+    assert not (tmp_path / "x.json").exists()
