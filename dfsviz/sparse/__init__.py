@@ -1,5 +1,5 @@
 """Pure-PyTorch sparse-attention core: grids, token orders, block masks, scoring,
-selection, the DFSAttn schedule, block statistics, the recall bounds of theory.md,
+selection, the DFSAttn schedule, block statistics, the recall bounds of docs/theory.md,
 the token model, and the block-sparse attention reference.
 
 Imports without dash, diffusers or triton (a test proves it).

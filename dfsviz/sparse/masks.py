@@ -6,7 +6,7 @@ blocks in the layout of FlexAttention's ``kv_num_blocks`` / ``kv_indices``: row
 listed in ascending order; the entries after them are 0. Queries and keys share
 one sequence of ``seq_len`` tokens cut into blocks of ``block`` tokens; the last
 block may be short (``seq_len % block`` tokens) and densities count only real
-token pairs (theory.md, rho(S)).
+token pairs (docs/theory.md, rho(S)).
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class BlockMask:
         return self.kv_num_blocks.to(torch.float64) / self.num_kv_blocks
 
     def density(self) -> torch.Tensor:
-        """float64 [B, H]: rho(S) = sum_u sum_{v in S_u} |U_u| n_v / N^2 (theory.md).
+        """float64 [B, H]: rho(S) = sum_u sum_{v in S_u} |U_u| n_v / N^2 (docs/theory.md).
 
         Only real token pairs count, so a kept short last block weighs ``seq_len % block``
         tokens, not ``block``. ``1 - density`` is the sparsity of result tables.

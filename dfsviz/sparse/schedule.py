@@ -1,6 +1,6 @@
 """DFSAttn's sparse-mask caching schedule with an adaptive budget.
 
-Reproduces the reference ``_compute_cache_schedule`` (paper.md section 3.3). For a
+Reproduces ``_compute_cache_schedule`` of the DFSAttn reference code. For a
 transformer call index c, warm-up S0 and interval I (both in calls):
 
 - c < S0: dense attention.

@@ -316,7 +316,8 @@ def test_raster_locality_on_wan_matches_brute_force_and_the_reference_table():
     expected = _brute_locality(grid, torch.arange(grid.num_video), 128)
     for key in ("bbox_volume", "sq_spread", "frames_per_block"):
         assert report[key] == pytest.approx(expected[key], rel=1e-12), key
-    # reference/paper.md [DERIVED] table: 591 blocks, bbox 404.9, 1.03 frames, spread 528.7, jump 124
+    # the locality table of the DFSAttn analysis for raster blocks on Wan: 591 blocks, bbox 404.9,
+    # 1.03 frames, spread 528.7, jump 124
     assert report["blocks"] == 591
     assert report["bbox_volume"] == pytest.approx(404.9, abs=0.05)
     assert report["sq_spread"] == pytest.approx(528.7, abs=0.05)
@@ -329,14 +330,14 @@ def test_hilbert3d_locality_targets_on_wan():
     grid = LatentGrid(21, 45, 80)
     reports = {name: locality_report(make_order(name, grid), block=128) for name in NAMES}
     spread = {name: r["sq_spread"] for name, r in reports.items()}
-    # the reference code's Skilling-Hilbert order reaches 9.69 here (reference/paper.md)
+    # the reference code's Skilling-Hilbert order reaches 9.69 here
     assert spread["hilbert3d"] <= 9.7
     assert spread["hilbert3d"] == min(spread.values())
     for other in ("raster", "hilbert2d", "tiled", "morton3d"):
         assert spread["hilbert3d"] < spread[other]
         assert reports["hilbert3d"]["bbox_volume"] < reports[other]["bbox_volume"]
     assert reports["hilbert3d"]["max_jump"] == 1
-    # the other orders reproduce the reference code's numbers (reference/paper.md table)
+    # the other orders reproduce the reference code's numbers
     assert spread["hilbert2d"] == pytest.approx(59.4, abs=0.05)
     assert reports["hilbert2d"]["bbox_volume"] == pytest.approx(228.7, abs=0.05)
     assert spread["tiled"] == pytest.approx(83.0, abs=0.05)

@@ -1,10 +1,10 @@
-"""DFSSchedule against the per-step table of paper.md section 3.3, written out literally."""
+"""DFSSchedule against the per-step table of the DFSAttn reference code's schedule, written out literally."""
 
 import pytest
 
 from dfsviz.sparse.schedule import DFSSchedule, StepPlan
 
-# paper.md 3.3: "12-23 sparse 0.3", "24-35 sparse 0.19999999999999998",
+# The reference schedule, step by step: "12-23 sparse 0.3", "24-35 sparse 0.19999999999999998",
 # "36-49 sparse 0.09999999999999998"; refresh at steps 12, 24, 36 only.
 PAPER_GAMMA = {**{s: 0.3 for s in range(12, 24)}, **{s: 0.19999999999999998 for s in range(24, 36)},
                **{s: 0.09999999999999998 for s in range(36, 50)}}

@@ -1,4 +1,4 @@
-"""Block scorers against literal re-derivations of their definitions (paper.md 3.2, XAttention)."""
+"""Block scorers against literal re-derivations of their definitions (the DFSAttn reference code, XAttention)."""
 
 import math
 
@@ -41,7 +41,7 @@ def _meanpool_literal(q, k, block, scale):
 
 
 def _dfs_tile_literal(q, k, tile, block, scale):
-    """The reference's tile scoring as paper.md 3.2 describes it, written out step by step:
+    """The reference's tile scoring as the DFSAttn reference code computes it, written out step by step:
     zero-pad to ceil(N/B)*B, mean over tiles of `tile` tokens (zeros included), softmax over
     all key tiles of the padded sequence, sum the tile scores of each block pair."""
     b, h, n, d = q.shape

@@ -1,4 +1,4 @@
-"""Bounds 1-3 of theory.md: brute-force formulas, validity on thousands of draws, tightness."""
+"""Bounds 1-3 of docs/theory.md: brute-force formulas, validity on thousands of draws, tightness."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _check_all_bounds(q: torch.Tensor, k: torch.Tensor, masks: list[BlockMask], 
         assert (b1 <= rows + SLACK).all(), f"Bound 1 above the row recall by {float((b1 - rows).max()):.3g}"
         assert (b2 <= per_block + SLACK).all(), f"Bound 2 above the recall by {float((b2 - per_block).max()):.3g}"
         assert (b3 <= b2 + SLACK).all(), f"Bound 3 above Bound 2 by {float((b3 - b2).max()):.3g}"
-        # Bound 2 also lower-bounds every row's Bound 1 in its block (theory.md's derivation).
+        # Bound 2 also lower-bounds every row's Bound 1 in its block (docs/theory.md's derivation).
         for u, s in enumerate(_blocks(q.shape[2], block)):
             assert (b2[..., u, None] <= b1[..., s] + SLACK).all()
         for value in (b1, b2, b3):
@@ -123,7 +123,7 @@ def test_bounds_match_bruteforce_formulas():
     blocks = _blocks(n, block)
     sizes = torch.tensor([s.stop - s.start for s in blocks], dtype=torch.float64)
     logits = q @ k.transpose(-1, -2) / 4.0
-    # Bound 1 directly as the ratio of theory.md (logits are small: no overflow here).
+    # Bound 1 directly as the ratio of docs/theory.md (logits are small: no overflow here).
     lbar = torch.stack([logits[..., s].mean(dim=-1) for s in blocks], dim=-1)  # [B, H, N, Mk]
     jrow = torch.stack(
         [torch.log(torch.exp(logits[..., s] - lbar[..., v, None]).mean(dim=-1)) for v, s in enumerate(blocks)], dim=-1
