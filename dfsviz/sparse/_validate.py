@@ -34,8 +34,46 @@ def check_fraction(value: object, name: str) -> float:
     return float(value)
 
 
+#: How to mend non-finite attention inputs; shared by every function that takes Q/K (or V).
+NON_FINITE_QKV_FIX = (
+    "attention of non-finite inputs is undefined; find where the NaN/inf first appears upstream "
+    "(a float16 overflow is common: run the model in bfloat16 or float32)"
+)
+
+
+def first_true_index(flags: torch.Tensor) -> list[int]:
+    """Index of the first True of a bool tensor, in row-major order (for error messages; an
+    argmax, so no list of every True entry is built)."""
+    flat = int(flags.reshape(-1).to(torch.uint8).argmax())
+    return [int(i) for i in torch.unravel_index(torch.tensor(flat), flags.shape)]
+
+
+def check_finite(x: torch.Tensor, name: str, fix: str, *, allow_neg_inf: bool = False) -> None:
+    """Raise ValueError if ``x`` holds NaN or +-inf (NaN or +inf when ``allow_neg_inf``), naming
+    how many entries are bad, the first one's index and value, and ``fix``.
+
+    One reduction over ``x`` on the happy path; counting and locating run only on failure. On
+    a CUDA tensor the test reads one value back (a host sync): keep it off per-layer hot paths.
+    """
+    # The sum is NaN or inf whenever an entry is, and it reads x once without writing a bool
+    # tensor (7-50x cheaper than isfinite().all() on the CPU). Only a sum that overflowed on
+    # finite entries, or allowed -inf entries, fall through to the exact elementwise test.
+    if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
+        return
+    ok = x < math.inf if allow_neg_inf else torch.isfinite(x)
+    if bool(ok.all()):
+        return
+    bad = ~ok
+    count = int(bad.sum())
+    where = first_true_index(bad)
+    plural = "" if count == 1 else "s"
+    what = f"NaN or +inf value{plural}" if allow_neg_inf else f"non-finite value{plural} (NaN/inf)"
+    raise ValueError(f"`{name}` has {count} {what}, first at {where} ({float(x[tuple(where)])}); {fix}")
+
+
 def check_bhnd(x: object, name: str) -> torch.Tensor:
-    """Check one [B, H, N, D] floating-point tensor."""
+    """Check one [B, H, N, D] floating-point tensor's type, shape and dtype (not its values:
+    :func:`check_finite` reads them)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, H, N, D] (got {type(x).__name__})")
     if x.dim() != 4:
@@ -47,11 +85,18 @@ def check_bhnd(x: object, name: str) -> torch.Tensor:
         raise ValueError(f"`{name}` must be float16, bfloat16, float32 or float64 (got {x.dtype})")
     if x.shape[2] < 1:
         raise ValueError(f"`{name}` must hold at least one token (got N = {x.shape[2]})")
+    if min(x.shape[0], x.shape[1], x.shape[3]) < 1:
+        raise ValueError(
+            f"`{name}` must have at least one batch element, head and channel: [B, H, N, D] with B, H, D >= 1 "
+            f"(got {tuple(x.shape)}); pass the attention's real q, k, v"
+        )
     return x
 
 
-def check_qk(q: object, k: object) -> None:
-    """Check a query/key pair: both [B, H, N, D], same shape, dtype and device."""
+def check_qk(q: object, k: object, *, values: bool = True) -> None:
+    """Check a query/key pair: both [B, H, N, D] with B, H, N, D >= 1, same shape, dtype and
+    device, and (``values``) finite. The Triton launchers pass ``values=False``: reading the
+    values back would sync the host on every call."""
     check_bhnd(q, "q")
     check_bhnd(k, "k")
     if q.shape != k.shape:
@@ -63,6 +108,49 @@ def check_qk(q: object, k: object) -> None:
         raise ValueError(f"`q` and `k` must share a dtype (got {q.dtype} and {k.dtype}); cast one of them")
     if q.device != k.device:
         raise ValueError(f"`q` and `k` must be on one device (got {q.device} and {k.device}); move one of them")
+    if values:
+        check_finite(q, "q", NON_FINITE_QKV_FIX)
+        check_finite(k, "k", NON_FINITE_QKV_FIX)
+
+
+# Largest |row sum - 1| accepted for block mass. A valid float32 m is within ~1e-6 of 1; a mass
+# stored in float16 moves each entry by at most 2^-11 of itself (so the row sum by <= 2^-11,
+# ~4.9e-4, plus subnormal steps of 2^-25 per block), bfloat16 by 2^-8 (~3.9e-3). 1e-2 accepts
+# both with room and still refuses what is not a mass: scores (dfs_tile rows sum to
+# block / tile), masses not divided by |U_u|, or rows missing blocks.
+MASS_ROW_SUM_TOLERANCE = 1e-2
+
+_MASS_FIX = (
+    "pass m of block_stats_ref (BlockStats.m) or of a capture, not block scores; each row is the "
+    "distribution of one query block's attention over the key blocks"
+)
+
+
+def check_block_mass(m: torch.Tensor, name: str = "m") -> None:
+    """Raise ValueError unless block mass ``m`` [..., Mk] is finite, non-negative, and every
+    row (last axis) sums to 1 within :data:`MASS_ROW_SUM_TOLERANCE`.
+
+    Three reductions and one host read on the happy path (amin and amax propagate NaN, +inf
+    makes its row sum inf); the diagnosis of what is wrong runs only on failure.
+    """
+    if m.numel() == 0:
+        return
+    sums = m.sum(dim=-1, dtype=torch.float64)
+    if bool((m.amin() >= 0) & ((sums - 1).abs().amax() <= MASS_ROW_SUM_TOLERANCE)):
+        return
+    check_finite(m, name, _MASS_FIX)
+    negative = m < 0
+    if bool(negative.any()):
+        where = first_true_index(negative)
+        raise ValueError(
+            f"`{name}` must be non-negative block mass (got {float(m[tuple(where)]):.4g} at {where}); {_MASS_FIX}"
+        )
+    off = (sums - 1).abs() > MASS_ROW_SUM_TOLERANCE
+    where = first_true_index(off)
+    raise ValueError(
+        f"`{name}` rows must each sum to 1 within {MASS_ROW_SUM_TOLERANCE} (row {where} sums to "
+        f"{float(sums[tuple(where)]):.4g}); {_MASS_FIX}"
+    )
 
 
 def num_blocks(n: int, block: int) -> int:

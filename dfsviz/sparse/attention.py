@@ -1,7 +1,7 @@
 """Block-sparse attention, the PyTorch reference of ``dfsviz.kernels.block_sparse_attention``.
 
 Attention is computed on the *ordered* sequence (blocks are cut after the token
-order is applied, theory.md): with a :class:`~dfsviz.sparse.orders.TokenOrder`
+order is applied, docs/theory.md): with a :class:`~dfsviz.sparse.orders.TokenOrder`
 the inputs arrive in the model's original order, are permuted, attended with the
 block mask, and the output (and LSE) is put back in the original order.
 
@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from dfsviz.sparse._validate import check_bhnd, resolve_scale
+from dfsviz.sparse._validate import NON_FINITE_QKV_FIX, check_bhnd, check_finite, resolve_scale
 from dfsviz.sparse.masks import BlockMask, check_mask_for
 
 __all__ = ["block_sparse_attention_ref", "check_attention_inputs", "check_order_for"]
 
 
-def check_attention_inputs(q: object, k: object, v: object, mask: object) -> None:
-    """Check q, k, v [B, H, N, D] (same shape, dtype, device) against a BlockMask; raise ValueError/TypeError."""
+def check_attention_inputs(q: object, k: object, v: object, mask: object, *, values: bool = True) -> None:
+    """Check q, k, v [B, H, N, D] (same shape, dtype, device; B, H, N, D >= 1) against a BlockMask
+    and (``values``) that they are finite; raise ValueError/TypeError. The Triton launcher passes
+    ``values=False``: reading the values back would sync the host in every layer."""
     check_bhnd(q, "q")
     check_bhnd(k, "k")
     check_bhnd(v, "v")
@@ -39,6 +41,9 @@ def check_attention_inputs(q: object, k: object, v: object, mask: object) -> Non
             f"`q`, `k` and `v` must be on one device (got {q.device}, {k.device}, {v.device}); move them to one"
         )
     check_mask_for(mask, q)
+    if values:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_finite(x, name, NON_FINITE_QKV_FIX)
 
 
 def check_order_for(order: object, n: int) -> None:
@@ -82,6 +87,8 @@ def block_sparse_attention_ref(
     Returns:
         out [B, H, N, D] in the input dtype, or (out, lse) with lse float32 [B, H, N]
         (natural log; -inf for a query block that keeps no key block, whose output is 0).
+
+    Raises ValueError for NaN or inf in q, k or v (naming the first), or an empty B, H or D.
 
     Precision mirrors a flash kernel: logits and P @ V are matrix products in the input
     dtype (float accumulation), the softmax runs in float32 (float64 for float64 inputs).

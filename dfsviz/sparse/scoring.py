@@ -9,16 +9,16 @@ probability masses (``kind="mass"``, normalise by the row sum) or logits
 
 Methods:
 
-- ``meanpool``: pooled logit L_uv = qbar_u . kbar_v * scale (theory.md), block means
+- ``meanpool``: pooled logit L_uv = qbar_u . kbar_v * scale (docs/theory.md), block means
   over the true token count of each block (the short last block is not diluted).
-- ``dfs_tile``: DFSAttn's hierarchical scoring, reproducing the reference code's
-  ``_compute_tile_score`` plus block aggregation (paper.md section 3.2 and section 6
-  item 10): q and k are zero-padded to ceil(N / block) * block tokens, mean-pooled over
-  tiles of ``tile`` tokens (pad zeros included in the means), tile logits
-  qbar_i' . kbar_j' * scale go through a softmax over ALL key tiles of the padded
-  sequence (whole pad tiles have logit 0 and take some mass), and the tile scores are
-  summed over the (block / tile)^2 tile pairs of each block pair. Each query block's row
-  therefore sums to block / tile. Difference from the reference: it computes in the
+- ``dfs_tile``: DFSAttn's hierarchical scoring, reproducing the DFSAttn reference code's
+  ``_compute_tile_score`` plus its block aggregation (the paper leaves the softmax scope
+  and precision unstated; the code fixes them): q and k are zero-padded to
+  ceil(N / block) * block tokens, mean-pooled over tiles of ``tile`` tokens (pad zeros
+  included in the means), tile logits qbar_i' . kbar_j' * scale go through a softmax over
+  ALL key tiles of the padded sequence (whole pad tiles have logit 0 and take some mass),
+  and the tile scores are summed over the (block / tile)^2 tile pairs of each block pair.
+  Each query block's row therefore sums to block / tile. Difference from the reference: it computes in the
   input dtype (bf16 in both pipelines); this computes in float32 (float64 for float64
   inputs), so scores on bf16 inputs differ by bf16 rounding and near-ties may rank
   differently.
@@ -34,7 +34,7 @@ Methods:
   (block / S)^2 sub-squares of each block pair; full rows sum to block / S.
   XAttention pads to its chunk size (a multiple of the block, 2048+ tokens); we pad only
   to the block multiple, so for ragged N fewer pad keys share the softmax than there.
-- ``oracle``: the exact block mass m_uv of theory.md from
+- ``oracle``: the exact block mass m_uv of docs/theory.md from
   ``dfsviz.sparse.stats.block_stats_ref`` (dense attention, for upper-bound curves).
 """
 
@@ -137,9 +137,10 @@ def _antidiagonal(q: torch.Tensor, k: torch.Tensor, *, tile: int, block: int, sc
 def _oracle(q: torch.Tensor, k: torch.Tensor, *, tile: int | None, block: int, scale: float) -> torch.Tensor:
     del tile  # exact masses need no tile size
     # Imported here so that scoring stays importable without stats and no import cycle can form.
-    from dfsviz.sparse.stats import block_stats_ref
+    from dfsviz.sparse.stats import DEFAULT_CHUNK_ELEMENTS, _block_stats
 
-    return block_stats_ref(q, k, block=block, scale=scale).m
+    # block_scores_ref has checked q, k (values included): no second pass over them.
+    return _block_stats(q, k, block, scale, DEFAULT_CHUNK_ELEMENTS).m
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,8 @@ def block_scores_ref(
     Returns:
         float32 [B, H, Mq, Mk], Mq = Mk = ceil(N / block). Computed in float32 (float64 for
         float64 inputs). See the module docstring for each method's exact definition.
+
+    Raises ValueError for NaN or inf in q or k (naming the first), or an empty B, H or D.
     """
     check_qk(q, k)
     spec = _get_spec(method)

@@ -9,9 +9,14 @@
   normalised by the row sum; logit scores (``meanpool``) by a softmax over the row.
 
 Both accept ``forced_kv``, key blocks every non-dense row keeps (HunyuanVideo's text
-blocks, paper.md section 3.4), and ``dense_q``, query blocks whose rows keep every key
-block (HunyuanVideo's rows from ``dense_start_block`` on). Forced blocks count inside
+blocks in the DFSAttn reference code), and ``dense_q``, query blocks whose rows keep every
+key block (HunyuanVideo's rows from ``dense_start_block`` on). Forced blocks count inside
 the budget: top-k picks only k - n_forced further blocks.
+
+Scores must not hold NaN or +inf (ValueError naming the first): a NaN makes the ranking
+meaningless, and +inf is no score (use ``forced_kv`` to keep a block always). -inf is
+allowed and means "leave this block out": top-k takes such blocks last, only when a row has
+fewer finite scores than its budget; as a logit it gets no mass in the cumulative softmax.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from dfsviz.sparse._validate import block_flags, check_fraction, check_power_of_two, num_blocks
+from dfsviz.sparse._validate import (
+    block_flags,
+    check_finite,
+    check_fraction,
+    check_power_of_two,
+    first_true_index,
+    num_blocks,
+)
 from dfsviz.sparse.masks import BlockMask
 
 __all__ = [
@@ -44,6 +56,12 @@ def topk_count(gamma: float, num_kv_blocks: int) -> int:
     return max(1, int(gamma * num_kv_blocks))
 
 
+_NON_FINITE_SCORES_FIX = (
+    "check q and k for NaN/inf (the Triton scorer does not check them); to keep a block always "
+    "pass it in `forced_kv`, to leave it out score it -inf"
+)
+
+
 def _check_scores(scores: object, seq_len: int, block: int) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"`scores` must be a torch.Tensor [B, H, Mq, Mk] (got {type(scores).__name__})")
@@ -58,8 +76,7 @@ def _check_scores(scores: object, seq_len: int, block: int) -> torch.Tensor:
             f"`scores` must have shape [B, H, {m}, {m}] for seq_len={seq_len}, block={block} "
             f"(got {tuple(scores.shape)}); score with the same block size"
         )
-    if bool(torch.isnan(scores).any()):
-        raise ValueError("`scores` must not contain NaN (got at least one); check q and k for NaN/inf")
+    check_finite(scores, "scores", _NON_FINITE_SCORES_FIX, allow_neg_inf=True)
     return scores
 
 
@@ -81,7 +98,8 @@ def select_topk(
     """Keep the k = max(1, int(gamma * Mk)) best key blocks of every query block.
 
     Args:
-        scores: float [B, H, Mq, Mk], higher = more important (any scorer's output).
+        scores: float [B, H, Mq, Mk], higher = more important (any scorer's output); no NaN
+            or +inf; -inf blocks are taken last (only when a row has too few finite scores).
         gamma: kept fraction in (0, 1] (DFSAttn's "sparsity").
         seq_len: N, tokens; block: tokens per block (Mq = Mk = ceil(N / block)).
         forced_kv: key blocks every row keeps, inside the budget (bool [Mk] or indices);
@@ -131,7 +149,10 @@ def select_cumulative(
     With tau = 1 rounding can keep blocks of zero mass.
 
     Args:
-        scores: float [B, H, Mq, Mk]; tau: target mass in (0, 1]; others as :func:`select_topk`.
+        scores: float [B, H, Mq, Mk], no NaN or +inf; -inf logits get no mass (a row of only
+            -inf logits is refused unless ``dense_q`` keeps it whole), -inf masses are refused
+            as negative.
+        tau: target mass in (0, 1]; others as :func:`select_topk`.
 
     Returns:
         BlockMask [B, H, Mq, Mk].
@@ -145,6 +166,13 @@ def select_cumulative(
     dense_rows = block_flags(dense_q, "dense_q", m, scores.device)
     s = scores.to(torch.float64)
     if scores_are_logits:
+        # Rows kept whole by dense_q need no distribution; any other row of only -inf has none.
+        empty = torch.isneginf(s).all(dim=-1) & ~dense_rows
+        if bool(empty.any()):
+            raise ValueError(
+                f"row {first_true_index(empty)} of `scores` is all -inf: its softmax is undefined; give every "
+                "row at least one finite logit, or list the query block in `dense_q`"
+            )
         p = torch.softmax(s, dim=-1)
     else:
         if bool((s < 0).any()):

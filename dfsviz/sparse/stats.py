@@ -1,7 +1,7 @@
-"""Block statistics of exact attention and the recall of block masks (theory.md).
+"""Block statistics of exact attention and the recall of block masks (docs/theory.md).
 
 One streaming pass over the keys gives, for every (batch, head, query block u, key
-block v), the four block statistics of theory.md:
+block v), the four block statistics of docs/theory.md:
 
 - ``m``  block mass m_uv = (1/|U_u|) sum_{i in U_u} sum_{j in V_v} A_ij (rows sum to 1),
 - ``L``  pooled logit L_uv = mean_{i in U_u} Lbar_iv = qbar_u . kbar_v * scale,
@@ -23,6 +23,10 @@ sum is >= 1 and cannot underflow, and it cannot overflow while
 (row, block) pairs above that fall back to an exact max-shifted logsumexp.
 
 Recall of a mask comes from m alone (``block_recall``), without touching Q/K again.
+
+Inputs are checked at the boundary: Q/K (and x of ``variance_ratio``) must be finite with
+B, H, D >= 1, and a block mass given to the recall functions must be a distribution per row
+(finite, non-negative, rows summing to 1 within ``_validate.MASS_ROW_SUM_TOLERANCE``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfsviz.sparse._validate import block_sizes, check_bhnd, check_power_of_two, check_qk, num_blocks, resolve_scale
+from dfsviz.sparse._validate import (
+    NON_FINITE_QKV_FIX,
+    block_sizes,
+    check_bhnd,
+    check_block_mass,
+    check_finite,
+    check_power_of_two,
+    check_qk,
+    num_blocks,
+    resolve_scale,
+)
 from dfsviz.sparse.masks import BlockMask, check_mask_for
 
 __all__ = [
@@ -81,7 +95,7 @@ def _check_chunk(max_chunk_elements: object) -> int:
 
 @dataclass(frozen=True, eq=False)
 class BlockStats:
-    """Block statistics of one attention call (theory.md), from :func:`block_stats_ref`.
+    """Block statistics of one attention call (docs/theory.md), from :func:`block_stats_ref`.
 
     Fields (float32, or float64 when computed from float64 inputs):
         m: [B, H, Mq, Mk] block mass m_uv; each row sums to 1.
@@ -264,12 +278,18 @@ def block_stats_ref(
     Returns:
         :class:`BlockStats` with m, L, r, J [B, H, Mq, Mk] and lse [B, H, N], in float32
         (float64 for float64 inputs; half inputs are upcast to float32).
+
+    Raises ValueError for NaN or inf in q or k (naming the first), or an empty B, H or D.
     """
     check_qk(q, k)
     block = _check_block(block)
+    scale = resolve_scale(scale, q.shape[3])
+    return _block_stats(q, k, block, scale, _check_chunk(max_chunk_elements))
+
+
+def _block_stats(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, chunk: int) -> BlockStats:
+    """:func:`block_stats_ref` on checked arguments (the oracle scorer has checked them already)."""
     b, h, n, d = q.shape
-    scale = resolve_scale(scale, d)
-    chunk = _check_chunk(max_chunk_elements)
     cdt = _compute_dtype(q)
     mb = num_blocks(n, block)
     sizes_c = block_sizes(n, block, device=q.device).to(cdt)
@@ -314,7 +334,8 @@ def _check_mask(mask: object) -> BlockMask:
 
 
 def _mass_and_mask(m: object, mask: object) -> tuple[torch.Tensor, BlockMask]:
-    """Validate a block-mass tensor (or BlockStats) against a mask; return m as float64."""
+    """Validate a block-mass tensor (or BlockStats) against a mask, and its values
+    (``check_block_mass``); return m as float64."""
     mask = _check_mask(mask)
     if isinstance(m, BlockStats):
         if (m.seq_len, m.block) != (mask.seq_len, mask.block):
@@ -335,6 +356,7 @@ def _mass_and_mask(m: object, mask: object) -> tuple[torch.Tensor, BlockMask]:
         raise ValueError(f"`m` must be a floating-point block mass (got {m.dtype})")
     if m.device != mask.device:
         raise ValueError(f"`m` and `mask` must be on one device (got {m.device} and {mask.device}); use mask.to(m.device)")
+    check_block_mass(m)
     return m.to(torch.float64), mask
 
 
@@ -344,34 +366,40 @@ def _query_weights(seq_len: int, block: int, device: torch.device) -> torch.Tens
 
 
 def block_recall_per_query(m: torch.Tensor | BlockStats, mask: BlockMask) -> torch.Tensor:
-    """Recall of each query block, R_u(S) = sum_{v in S_u} m_uv (theory.md).
+    """Recall of each query block, R_u(S) = sum_{v in S_u} m_uv (docs/theory.md).
 
     Args:
-        m: float [B, H, Mq, Mk] block mass (or a :class:`BlockStats`).
+        m: float [B, H, Mq, Mk] block mass (or a :class:`BlockStats`): finite, non-negative,
+            each row summing to 1 within 1e-2 (so float16 / bfloat16-stored masses pass),
+            else ValueError.
         mask: :class:`BlockMask` of the same shape.
 
     Returns:
-        float64 [B, H, Mq], each in [0, 1] (up to the rounding of m).
+        float64 [B, H, Mq] in [0, 1]: a row sum the rounding of m put above 1 is clipped to 1.
     """
     mass, mask = _mass_and_mask(m, mask)
-    return torch.where(mask.to_dense(), mass, torch.zeros((), dtype=torch.float64, device=mass.device)).sum(dim=-1)
+    kept = torch.where(mask.to_dense(), mass, torch.zeros((), dtype=torch.float64, device=mass.device)).sum(dim=-1)
+    # m's rounding (up to the row-sum tolerance) may lift a kept sum past 1: recall stays in [0, 1].
+    return kept.clamp_(max=1.0)
 
 
 def block_recall(m: torch.Tensor | BlockStats, mask: BlockMask) -> torch.Tensor:
-    """Recall R(S) = sum_u (|U_u| / N) sum_{v in S_u} m_uv of a mask (theory.md).
+    """Recall R(S) = sum_u (|U_u| / N) sum_{v in S_u} m_uv of a mask (docs/theory.md).
 
     The share of all attention probability (averaged over the N query rows) that the
     mask keeps; a short last query block weighs its true row count.
 
     Args:
-        m: float [B, H, Mq, Mk] block mass (or a :class:`BlockStats`).
+        m: float [B, H, Mq, Mk] block mass (or a :class:`BlockStats`), checked as in
+            :func:`block_recall_per_query`.
         mask: :class:`BlockMask` of the same shape; its seq_len and block give |U_u|.
 
     Returns:
-        float64 [B, H].
+        float64 [B, H] in [0, 1].
     """
     per_query = block_recall_per_query(m, mask)
-    return (per_query * _query_weights(mask.seq_len, mask.block, per_query.device)).sum(dim=-1)
+    # Weights summing to 1 only up to float64 rounding could lift an all-kept recall past 1.
+    return (per_query * _query_weights(mask.seq_len, mask.block, per_query.device)).sum(dim=-1).clamp_(max=1.0)
 
 
 def oracle_recall(
@@ -387,13 +415,14 @@ def oracle_recall(
 
     Args:
         m: a :class:`BlockStats`, or a float [B, H, Mq, Mk] block mass together with
-            ``seq_len`` and ``block`` (needed for the row weights |U_u| / N).
+            ``seq_len`` and ``block`` (needed for the row weights |U_u| / N); its values are
+            checked as in :func:`block_recall_per_query`.
         k: kept key blocks per query block: an int in [0, Mk], or an integer tensor
             broadcastable to [B, H, Mq] with values in [0, Mk].
         seq_len, block: N and the block size, only when ``m`` is a tensor.
 
     Returns:
-        float64 [B, H].
+        float64 [B, H] in [0, 1] (a row sum the rounding of m put above 1 counts as 1).
     """
     if isinstance(m, BlockStats):
         if seq_len is not None or block is not None:
@@ -418,6 +447,7 @@ def oracle_recall(
         if not m.is_floating_point():
             raise ValueError(f"`m` must be a floating-point block mass (got {m.dtype})")
         mass = m
+    check_block_mass(mass)
     b, h, mq, mk = mass.shape
     if isinstance(k, torch.Tensor):
         if k.dtype.is_floating_point or k.dtype == torch.bool or k.is_complex():
@@ -440,7 +470,8 @@ def oracle_recall(
     top = torch.sort(mass.to(torch.float64), dim=-1, descending=True).values.cumsum(dim=-1)
     top = torch.cat([torch.zeros((b, h, mq, 1), dtype=torch.float64, device=mass.device), top], dim=-1)
     per_query = torch.gather(top, -1, kk.unsqueeze(-1)).squeeze(-1)
-    return (per_query * _query_weights(seq_len, block, mass.device)).sum(dim=-1)
+    # m's rounding (up to the row-sum tolerance) may lift a top-k sum past 1: recall stays in [0, 1].
+    return (per_query * _query_weights(seq_len, block, mass.device)).sum(dim=-1).clamp_(max=1.0)
 
 
 def mask_density(mask: BlockMask) -> torch.Tensor:
@@ -449,14 +480,15 @@ def mask_density(mask: BlockMask) -> torch.Tensor:
 
 
 def variance_ratio(x: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Intra-block variance ratio W (theory.md): the share of variance that stays in blocks.
+    """Intra-block variance ratio W (docs/theory.md): the share of variance that stays in blocks.
 
     W = sum_v sum_{j in V_v} ||x_j - xbar_v||^2 / sum_j ||x_j - xbar||^2, computed in
     float64. W_q for queries, W_k for keys; lower means more compact blocks. A head with
     zero total variance (all tokens equal) has W = 0: no variance to keep inside blocks.
 
     Args:
-        x: [B, H, N, D] queries or keys, in the token order whose blocks are studied.
+        x: [B, H, N, D] queries or keys, in the token order whose blocks are studied; finite,
+            B, H, D >= 1, else ValueError.
         block: tokens per block (power of two in [16, 256]); the last block may be short.
 
     Returns:
@@ -464,6 +496,7 @@ def variance_ratio(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     """
     check_bhnd(x, "x")
     block = _check_block(block)
+    check_finite(x, "x", NON_FINITE_QKV_FIX)
     b, h, n, d = x.shape
     mb = num_blocks(n, block)
     padded = mb * block
@@ -512,6 +545,8 @@ def row_attention_ref(
 
     Returns:
         [B, H, R, N] softmax rows, float32 (float64 for float64 inputs); memory B*H*R*N.
+
+    Raises ValueError for NaN or inf in q or k (naming the first), or an empty B, H or D.
     """
     check_qk(q, k)
     scale = resolve_scale(scale, q.shape[3])
@@ -539,6 +574,8 @@ def row_recall_ref(
 
     Returns:
         float64 [B, H, N]; its mean over the rows is ``block_recall`` of the mask.
+
+    Raises ValueError for NaN or inf in q or k (naming the first), or an empty B, H or D.
     """
     check_qk(q, k)
     check_mask_for(mask, q)

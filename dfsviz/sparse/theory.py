@@ -1,4 +1,4 @@
-"""The recall lower bounds of theory.md: Bound 1 (row-wise), Bound 2 (block-level) and
+"""The recall lower bounds of docs/theory.md: Bound 1 (row-wise), Bound 2 (block-level) and
 Bound 3 (closed form in the three factors: budget, similarity gap, diversity).
 
 Every bound is a lower bound on the measured recall of the same mask, for every
@@ -81,7 +81,7 @@ def row_bound(
     *,
     max_chunk_elements: int | None = None,
 ) -> torch.Tensor:
-    """Bound 1 (row-wise) of theory.md for every query row, streaming over the keys.
+    """Bound 1 (row-wise) of docs/theory.md for every query row, streaming over the keys.
 
     R_i(S) >= sum_{v in S_u} n_v e^{Lbar_iv}
               / (sum_{v in S_u} n_v e^{Lbar_iv} + sum_{w not in S_u} n_w e^{Lbar_iw + J_iw}),
@@ -97,6 +97,8 @@ def row_bound(
 
     Returns:
         float64 [B, H, N] lower bounds, each <= the row's recall (``row_recall_ref``).
+
+    Raises ValueError for NaN or inf in q or k (naming the first), or an empty B, H or D.
     """
     check_qk(q, k)
     check_mask_for(mask, q)
@@ -116,7 +118,7 @@ def row_bound(
 
 
 def recall_bound(stats: BlockStats, mask: BlockMask) -> torch.Tensor:
-    """Bound 2 (block level) of theory.md: beta_u(S) <= R_u(S) = sum_{v in S_u} m_uv.
+    """Bound 2 (block level) of docs/theory.md: beta_u(S) <= R_u(S) = sum_{v in S_u} m_uv.
 
     beta_u = sum_{v in S_u} n_v e^{L_uv - r_uv}
              / (sum_{v in S_u} n_v e^{L_uv - r_uv} + sum_{w not in S_u} n_w e^{L_uw + r_uw + J_uw}).
@@ -183,7 +185,7 @@ def _diversities(stats: BlockStats, dense: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def effective_gap(stats: BlockStats, mask: BlockMask) -> torch.Tensor:
-    """Effective gap Delta_u(S) - 2 r_u - J_u (theory.md, Bound 3).
+    """Effective gap Delta_u(S) - 2 r_u - J_u (docs/theory.md, Bound 3).
 
     r_u = max_v r_uv over all key blocks, J_u = max_{w not in S_u} J_uw. Conventions of
     :func:`similarity_gap`: +inf when nothing is dropped, -inf when nothing is kept.
@@ -197,12 +199,12 @@ def effective_gap(stats: BlockStats, mask: BlockMask) -> torch.Tensor:
 
 
 def closed_form_bound(gamma: float | torch.Tensor, effective_gap: float | torch.Tensor) -> torch.Tensor:
-    """Bound 3 of theory.md: 1 / (1 + ((1 - gamma) / gamma) * exp(-effective_gap)).
+    """Bound 3 of docs/theory.md: 1 / (1 + ((1 - gamma) / gamma) * exp(-effective_gap)).
 
     Evaluated as sigmoid(effective_gap + log gamma - log(1 - gamma)), so gamma = 1 or an
     infinite gap gives 1 and gamma = 0 or a gap of -inf gives 0. For masks with a short
     last block pass the key-token fraction gamma = sum_{v in S} n_v / N, which turns
-    (1 - gamma) / gamma into sum_{w not in S} n_w / sum_{v in S} n_v (theory.md).
+    (1 - gamma) / gamma into sum_{w not in S} n_w / sum_{v in S} n_v (docs/theory.md).
 
     Args:
         gamma: kept fraction in [0, 1], a float or a tensor.
@@ -235,7 +237,7 @@ def _kept_token_fraction(mask: BlockMask, dense: torch.Tensor) -> torch.Tensor:
 
 
 def bound3(stats: BlockStats, mask: BlockMask) -> torch.Tensor:
-    """Bound 3 (closed form) per query block with the short-block variant of theory.md.
+    """Bound 3 (closed form) per query block with the short-block variant of docs/theory.md.
 
     1 / (1 + (sum_{w not in S_u} n_w / sum_{v in S_u} n_v) * exp(-(Delta_u - 2 r_u - J_u))),
     which is <= Bound 2 (``recall_bound``) <= the measured recall.

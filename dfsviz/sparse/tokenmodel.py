@@ -1,4 +1,4 @@
-"""The token model of theory.md: synthetic queries and keys whose factors are set, not measured.
+"""The token model of docs/theory.md: synthetic queries and keys whose factors are set, not measured.
 
 Tokens sit on a (frames, rows, cols) latent grid and belong to semantic classes:
 
@@ -195,7 +195,8 @@ def sample_qk(
 
     Returns:
         (q, k), each [1, H, N, D] in ``config.dtype``, N = config.grid.num_tokens, tokens in
-        raster order (apply a ``TokenOrder`` to study another order).
+        raster order (apply a ``TokenOrder`` to study another order). A draw that
+        ``config.dtype`` cannot hold (float16 past 65504) raises ValueError.
     """
     if not isinstance(config, TokenModelConfig):
         raise TypeError(f"`config` must be a TokenModelConfig (got {type(config).__name__})")
@@ -232,6 +233,13 @@ def sample_qk(
         noise_q = config.delta * torch.randn(n, d, generator=gen, dtype=torch.float64)
         ks.append(c_k[classes] + a * phi + noise_k)
         qs.append(c_q[classes] + a * phi + noise_q)
-    q = torch.stack(qs).unsqueeze(0).to(device=device, dtype=config.dtype)
-    k = torch.stack(ks).unsqueeze(0).to(device=device, dtype=config.dtype)
-    return q, k
+    q64, k64 = torch.stack(qs).unsqueeze(0), torch.stack(ks).unsqueeze(0)
+    # A cast past the dtype's range would hand inf to every statistic downstream.
+    largest = max(float(q64.abs().max()), float(k64.abs().max()))
+    limit = torch.finfo(config.dtype).max
+    if largest > limit:
+        raise ValueError(
+            f"`dtype` {config.dtype} cannot hold the drawn q and k (largest |value| {largest:.4g} > {limit:.4g}); "
+            "lower `centre_spread`, `locality` or `delta`, or use torch.float32"
+        )
+    return q64.to(device=device, dtype=config.dtype), k64.to(device=device, dtype=config.dtype)

@@ -6,7 +6,6 @@ error in the test dtype plus a small floor (dfsviz.kernels._check).
 
 import importlib
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 import torch
@@ -163,21 +162,39 @@ def test_dfs_tile_overflow_scaling_is_exact(dtype):
     assert torch.equal(scaled, out)
 
 
-def test_dfs_tile_reads_nothing_back_to_the_host():
+def test_dfs_tile_reads_nothing_back_to_the_host(no_host_reads):
     """Structural check for the missing host sync: no tensor value is read by Python (.item(),
     bool(tensor), ...) in a call whose means overflow float16. The interpreter itself copies
     tensors to the host, so this cannot see every sync; the CUDA test below can."""
-
-    def host_read(*args, **kwargs):
-        raise AssertionError("block_scores read a tensor value on the host")
-
     gen = torch.Generator().manual_seed(9)
     q, k = (torch.randn(1, 1, 64, 64, generator=gen, dtype=torch.bfloat16) for _ in range(2))
     q[:, :, :16] += 1e6
-    with mock.patch.multiple(torch.Tensor, item=host_read, tolist=host_read, __bool__=host_read,
-                             __int__=host_read, __float__=host_read):
+    with no_host_reads():
         out = block_scores(q, k, method="dfs_tile", tile=16, block=32, backend="triton")
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", ["dfs_tile", "meanpool"])
+def test_non_finite_inputs_are_refused_by_the_reference_only(method, no_host_reads):
+    """The reference backend checks values; the Triton backend must not (a check would sync
+    the host on every call), so the NaN reaches the scores, where select_topk refuses it."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 2, 64, 64, generator=gen) for _ in range(2))
+    k[0, 0, 9, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"`k` has 1 non-finite value \(NaN/inf\), first at \[0, 0, 9, 1\] \(inf\)"):
+        block_scores(q, k, method=method, block=32, backend="ref")
+    with no_host_reads():
+        out = block_scores(q, k, method=method, block=32, backend="triton")
+    assert not torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1]).all()
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("method", ["dfs_tile", "meanpool"])
+@pytest.mark.parametrize("shape", [(1, 0, 64, 64), (0, 2, 64, 64), (1, 2, 64, 0)], ids=["H0", "B0", "D0"])
+def test_empty_axes_are_refused_on_both_backends(backend, method, shape):
+    q = torch.randn(shape)
+    with pytest.raises(ValueError, match=r"`q` must have at least one batch element, head and channel"):
+        block_scores(q, q, method=method, block=32, backend=backend)
 
 
 @pytest.mark.cuda

@@ -130,6 +130,29 @@ def test_nan_in_one_query_row_stays_in_that_row():
     assert torch.equal(bad, expected)
 
 
+def test_non_finite_inputs_are_refused_by_the_reference_only(no_host_reads):
+    """The reference backend checks values; the Triton backend must not: apply_dfsattn calls
+    it in every layer and a check would sync the host each time."""
+    n, d = 129, 64
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, n, d, generator=gen) for _ in range(3))
+    v[0, 0, 100, 7] = float("-inf")
+    mask = BlockMask.full(1, 2, n, 64)
+    with pytest.raises(ValueError, match=r"`v` has 1 non-finite value \(NaN/inf\), first at \[0, 0, 100, 7\] \(-inf\)"):
+        block_sparse_attention(q, k, v, mask, backend="ref")
+    with no_host_reads():
+        out = block_sparse_attention(q, k, v, mask, backend="triton")
+    assert not torch.isfinite(out[0, 0, :, 7]).any() and torch.isfinite(out[0, 1]).all()
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("shape", [(1, 2, 64, 0), (1, 0, 64, 64)], ids=["D0", "H0"])
+def test_empty_axes_are_refused_on_both_backends(backend, shape):
+    q = torch.randn(shape)
+    with pytest.raises(ValueError, match=r"`q` must have at least one batch element, head and channel"):
+        block_sparse_attention(q, q, q, BlockMask.full(1, 2, 64, 32), backend=backend)
+
+
 def test_strided_input_from_bnhd_layout():
     """diffusers hands [B, N, H, D]; its transpose(1, 2) view runs without a copy."""
     n, d = 97, 64

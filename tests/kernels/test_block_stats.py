@@ -74,3 +74,24 @@ def test_errors():
         block_stats(q, q[:, :, :32], block=32, backend="triton")
     with pytest.raises(ValueError, match=r"`q` and `k` must be on one device"):
         block_stats(q, q.to("meta"), block=32, backend="triton")
+
+
+def test_non_finite_inputs_are_refused_by_the_reference_only(no_host_reads):
+    """The reference backend checks values; the Triton backend must not (a check would sync
+    the host on every call), so NaN flows through it as through dense attention."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 2, 64, 64, generator=gen) for _ in range(2))
+    q[0, 1, 40, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`q` has 1 non-finite value \(NaN/inf\), first at \[0, 1, 40, 3\] \(nan\)"):
+        block_stats(q, k, block=32, backend="ref")
+    with no_host_reads():
+        out = block_stats(q, k, block=32, backend="triton")
+    assert torch.isnan(out.m[0, 1]).any() and torch.isfinite(out.m[0, 0]).all()
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("shape", [(1, 0, 64, 64), (0, 2, 64, 64), (1, 2, 64, 0)], ids=["H0", "B0", "D0"])
+def test_empty_axes_are_refused_on_both_backends(backend, shape):
+    q = torch.randn(shape)
+    with pytest.raises(ValueError, match=r"`q` must have at least one batch element, head and channel"):
+        block_stats(q, q, block=32, backend=backend)

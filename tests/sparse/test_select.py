@@ -22,7 +22,7 @@ def _scores(b, h, m, seed=0):
     return torch.rand(b, h, m, m, generator=gen)
 
 
-# Literal budgets from paper.md 3.3: Wan has 591 key blocks, HunyuanVideo 931 (3 of them text).
+# Literal budgets of the DFSAttn reference schedule: Wan has 591 key blocks, HunyuanVideo 931 (3 of them text).
 @pytest.mark.parametrize(
     "gamma,mk,k",
     [
@@ -77,7 +77,7 @@ def test_hunyuan_text_blocks_inside_budget(gamma, k, video_k, density):
     assert torch.equal(mask.kv_num_blocks[:, :, 928:], torch.full((1, 2, 3), m, dtype=torch.int32))
     assert bool(dense[:, :, :, 928:].all())
     assert torch.equal(dense[:, :, :928, :928].sum(-1), torch.full((1, 2, 928), video_k))
-    # paper.md 4.4 gives these block densities (kept fraction averaged over rows, 4 decimals).
+    # The DFSAttn paper's HunyuanVideo setting gives these densities (kept fraction over rows, 4 decimals).
     assert round(mask.budget().mean().item(), 4) == density
 
 
@@ -194,6 +194,50 @@ def test_registry_and_keys():
     assert SELECTORS["cumulative"].param == "tau"
 
 
+# ------------------------------------------------------------------- non-finite scores
+@pytest.mark.parametrize("select", [select_topk, select_cumulative], ids=["topk", "cumulative"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_and_plus_inf_scores_are_refused(select, bad):
+    s = _scores(1, 2, 4)
+    s[0, 1, 2, 3] = bad
+    s[0, 1, 3, 0] = bad
+    with pytest.raises(ValueError, match=rf"`scores` has 2 NaN or \+inf values, first at \[0, 1, 2, 3\] \({bad}\); "
+                                         r".*check q and k"):
+        select(s, 0.5, seq_len=64, block=16)
+
+
+def test_topk_keeps_minus_inf_blocks_last():
+    """-inf marks a key block to leave out: top-k keeps it only when the finite blocks run out."""
+    s = _scores(1, 1, 4)
+    s[0, 0, :, 1] = float("-inf")
+    keep = select_topk(s, 0.75, seq_len=64, block=16).to_dense()
+    assert not keep[..., 1].any() and torch.equal(keep.sum(-1), torch.full((1, 1, 4), 3))
+    s[0, 0, 2, :] = float("-inf")  # a row with no finite score still gets its k blocks
+    assert int(select_topk(s, 0.75, seq_len=64, block=16).to_dense()[0, 0, 2].sum()) == 3
+
+
+def test_cumulative_logits_give_minus_inf_blocks_no_mass():
+    logits = torch.tensor([[[[2.0, float("-inf"), 1.0, 0.0]] * 4]])
+    keep = select_cumulative(logits, 0.99, seq_len=64, block=16, scores_are_logits=True).to_dense()
+    assert torch.equal(keep[0, 0, 0], torch.tensor([True, False, True, True]))
+
+
+def test_cumulative_refuses_a_row_of_minus_inf_logits():
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 1, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"row \[0, 1, 2\] of `scores` is all -inf: its softmax is undefined"):
+        select_cumulative(logits, 0.5, seq_len=64, block=16, scores_are_logits=True)
+    kept = select_cumulative(logits, 0.5, seq_len=64, block=16, scores_are_logits=True, dense_q=[2]).to_dense()
+    assert kept[0, 1, 2].all()  # a dense row needs no distribution
+
+
+def test_cumulative_refuses_minus_inf_masses():
+    s = _scores(1, 1, 4)
+    s[0, 0, 0, 0] = float("-inf")
+    with pytest.raises(ValueError, match=r"must be non-negative masses when scores_are_logits=False \(min -inf\)"):
+        select_cumulative(s, 0.5, seq_len=64, block=16)
+
+
 # ------------------------------------------------------------------------------ errors
 def test_errors():
     s = _scores(1, 1, 4)
@@ -210,7 +254,7 @@ def test_errors():
         select_topk(s, 0.5, seq_len=64, block=24)
     nan = s.clone()
     nan[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"`scores` must not contain NaN"):
+    with pytest.raises(ValueError, match=r"`scores` has 1 NaN or \+inf value, first at \[0, 0, 0, 0\] \(nan\)"):
         select_topk(nan, 0.5, **kw)
     with pytest.raises(ValueError, match=r"`gamma` must be a fraction in \(0, 1\] \(got 0\)"):
         select_topk(s, 0, **kw)

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.stats import (
@@ -36,7 +38,7 @@ def _blocks(n: int, block: int) -> list[slice]:
 
 
 def _dense(q: torch.Tensor, k: torch.Tensor, block: int, scale: float | None = None) -> dict:
-    """Everything of theory.md by brute force: dense float64 logits, loops over block pairs."""
+    """Everything of docs/theory.md by brute force: dense float64 logits, loops over block pairs."""
     q, k = q.double(), k.double()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = q @ k.transpose(-1, -2) * scale
@@ -251,6 +253,90 @@ def test_oracle_beats_every_mask_of_the_same_size():
         mask = _random_mask(stats.shape, 257, 16, seed=seed, p=0.3)
         best = oracle_recall(stats, mask.kv_num_blocks.long())
         assert (block_recall(stats, mask) <= best + 1e-12).all()
+
+
+# ------------------------------------------------------------------ invalid block mass
+# Masses that are not a distribution per row used to give recalls such as -0.27 or 1.33.
+RECALLS = {
+    "block_recall": lambda m, mask: block_recall(m, mask),
+    "block_recall_per_query": lambda m, mask: block_recall_per_query(m, mask),
+    "oracle_recall": lambda m, mask: oracle_recall(m, 2, seq_len=mask.seq_len, block=mask.block),
+}
+
+
+def _valid_mass() -> torch.Tensor:
+    return _stats().m.clone()  # [1, 2, 3, 3], rows sum to 1
+
+
+@pytest.mark.parametrize("recall", RECALLS.values(), ids=RECALLS.keys())
+def test_negative_mass_is_refused(recall):
+    m = _valid_mass()
+    m[0, 1, 2] = torch.tensor([-0.27, 0.77, 0.5], dtype=m.dtype)  # still sums to 1
+    with pytest.raises(ValueError, match=r"`m` must be non-negative block mass \(got -0.27 at \[0, 1, 2, 0\]\); "
+                                         r"pass m of block_stats_ref"):
+        recall(m, BlockMask.full(1, 2, 40, 16))
+
+
+@pytest.mark.parametrize("recall", RECALLS.values(), ids=RECALLS.keys())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_mass_is_refused(recall, bad):
+    m = _valid_mass()
+    m[0, 0, 1, 2] = bad
+    with pytest.raises(ValueError, match=rf"`m` has 1 non-finite value \(NaN/inf\), first at \[0, 0, 1, 2\] \({bad}\)"):
+        recall(m, BlockMask.full(1, 2, 40, 16))
+
+
+@pytest.mark.parametrize("recall", RECALLS.values(), ids=RECALLS.keys())
+def test_rows_that_do_not_sum_to_one_are_refused(recall):
+    m = _valid_mass()
+    m[0, 1, 1] *= 1.33
+    with pytest.raises(ValueError, match=r"`m` rows must each sum to 1 within 0.01 \(row \[0, 1, 1\] sums to 1.33\); "
+                                         r".*not block scores"):
+        recall(m, BlockMask.full(1, 2, 40, 16))
+
+
+def test_block_stats_with_invalid_mass_are_refused():
+    s = _stats()
+    bad = BlockStats(m=s.m * 2, L=s.L, r=s.r, J=s.J, lse=s.lse, block=16, seq_len=40)
+    with pytest.raises(ValueError, match=r"`m` rows must each sum to 1 within 0.01 \(row \[0, 0, 0\] sums to 2\)"):
+        block_recall(bad, BlockMask.full(1, 2, 40, 16))
+    with pytest.raises(ValueError, match=r"`m` rows must each sum to 1"):
+        oracle_recall(bad, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_stored_mass_passes_and_recall_stays_in_unit_interval(dtype):
+    """A capture may keep m in float16 or bfloat16: rounding moves each row sum by up to
+    2^-11 or 2^-8 (relative), inside the tolerance; recall is clipped to [0, 1]."""
+    q, k = _qk(257, 64, b=1, h=2, seed=21, spread=3.0)
+    stats = block_stats_ref(q, k, block=16)
+    stored = stats.m.to(dtype)
+    full = BlockMask.full(1, 2, 257, 16)
+    for mask in (full, _random_mask(stats.shape, 257, 16, seed=4)):
+        exact = block_recall(stats.m, mask)
+        rounded = block_recall(stored, mask)
+        assert ((rounded >= 0) & (rounded <= 1)).all()
+        torch.testing.assert_close(rounded, exact, rtol=0, atol=4 * torch.finfo(dtype).eps)
+        per_query = block_recall_per_query(stored, mask)
+        assert ((per_query >= 0) & (per_query <= 1)).all()
+    oracle = oracle_recall(stored, stats.num_blocks, seq_len=257, block=16)
+    assert (oracle <= 1).all() and (oracle >= 1 - 4 * torch.finfo(dtype).eps).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mk=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+    sharp=st.floats(0.0, 30.0),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
+def test_recall_of_valid_mass_lies_in_unit_interval(mk, seed, sharp, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    n = 16 * mk
+    m = torch.softmax(sharp * torch.randn(1, 2, mk, mk, generator=gen, dtype=torch.float64), dim=-1).to(dtype)
+    mask = _random_mask((1, 2, mk, mk), n, 16, seed=seed, p=0.6)
+    for value in (block_recall(m, mask), block_recall_per_query(m, mask), oracle_recall(m, mk, seq_len=n, block=16)):
+        assert ((value >= 0) & (value <= 1)).all(), value
 
 
 def test_mask_density_is_the_mask_density():

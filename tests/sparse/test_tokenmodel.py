@@ -150,3 +150,15 @@ def test_type_errors():
         sample_qk(config, labels=torch.zeros(10, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"`labels` must be >= 0 \(got minimum -1\)"):
         sample_qk(config, labels=torch.full((GRID.num_tokens,), -1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_draws_beyond_the_dtype_range_are_refused(dtype):
+    """A scale that overflows the requested dtype would hand inf to every statistic downstream."""
+    big = 2.0 * torch.finfo(dtype).max
+    config = TokenModelConfig(GRID, heads=1, head_dim=8, centre_spread=big, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"`dtype` {dtype} cannot hold the drawn q and k \(largest \|value\| "
+                                         r"[0-9.e+]+ > [0-9.e+]+\); lower `centre_spread`, `locality` or `delta`"):
+        sample_qk(config)
+    q, k = sample_qk(TokenModelConfig(GRID, heads=1, head_dim=8, centre_spread=5e3, dtype=torch.float16))
+    assert torch.isfinite(q).all() and torch.isfinite(k).all()
