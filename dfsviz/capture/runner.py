@@ -38,7 +38,9 @@ from dfsviz.capture.adapters import (
     supported_architectures,
 )
 from dfsviz.capture.hooks import AttentionCapture, AttentionRecord
-from dfsviz.capture.store import CaptureWriter, StoreLayout
+from dfsviz.capture.file_safety import CaptureLock
+from dfsviz.capture.schema import MAX_INDEX
+from dfsviz.capture.store import CaptureReader, CaptureWriter, StoreLayout
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = [
@@ -50,6 +52,8 @@ __all__ = [
     "resolve_capture",
     "run_capture",
     "default_capture_steps",
+    "run_identity",
+    "weights_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,8 @@ logger = logging.getLogger(__name__)
 BRANCHES = ("cond", "both")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QKV_DTYPES = ("auto", "float16", "float32")
+# seeds round-trip through HDF5 int64 attributes
+MAX_SEED = (1 << 63) - 1
 # what each scoring method's `tile` argument means in a capture (dfs_tile: the pooling tile
 # b; antidiagonal: the stride S); the others take none
 _TILE_FIELD = {"dfs_tile": "tile", "antidiagonal": "stride"}
@@ -68,17 +74,25 @@ def _int_tuple(value, name: str, low: int = 0) -> tuple[int, ...] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
     if not isinstance(value, (tuple, list)) or not value or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value
+        isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_INDEX for v in value
     ):
-        raise ValueError(f"`{name}` must be a non-empty list of integers >= {low} or None for all (got {value!r})")
+        raise ValueError(
+            f"`{name}` must be a non-empty list of integers in [{low}, {MAX_INDEX}] or None for all (got {_short(value)})"
+        )
     if len(set(value)) != len(value):
         raise ValueError(f"`{name}` lists a value twice (got {list(value)})")
     return tuple(sorted(value))
 
 
-def _check_int(value, name: str, low: int, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low} (got {value!r}){hint}")
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_int(value, name: str, low: int, hint: str = "", high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ValueError(f"`{name}` must be {allowed} (got {_short(value)}){hint}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +190,7 @@ class CaptureConfig:
                     "the file does not exist"
                 )
         if self.num_steps is not None:
-            _check_int(self.num_steps, "num_steps", 1, "; 50 is the usual schedule")
+            _check_int(self.num_steps, "num_steps", 1, "; 50 is the usual schedule", high=MAX_INDEX)
         object.__setattr__(self, "capture_steps", _int_tuple(self.capture_steps, "capture_steps"))
         if self.num_steps is not None and self.capture_steps and max(self.capture_steps) >= self.num_steps:
             raise ValueError(
@@ -186,10 +200,10 @@ class CaptureConfig:
         object.__setattr__(self, "heads", _int_tuple(self.heads, "heads"))
         for name in ("height", "width", "frames"):
             if getattr(self, name) is not None:
-                _check_int(getattr(self, name), name, 1, " pixels/frames")
+                _check_int(getattr(self, name), name, 1, " pixels/frames", high=MAX_INDEX)
         if self.latent is not None:
             LatentGrid.parse(self.latent)  # raises with the expected format
-        _check_int(self.seed, "seed", 0)
+        _check_int(self.seed, "seed", 0, "; seeds are stored as 64-bit signed integers", high=MAX_SEED)
         if self.guidance_scale is not None and (
             isinstance(self.guidance_scale, bool)
             or not isinstance(self.guidance_scale, (int, float))
@@ -762,6 +776,12 @@ class _Reducer:
     def __call__(self, rec: AttentionRecord) -> None:
         if not rec.is_self_attention:
             return
+        try:
+            self._reduce(rec)
+        except ValueError as exc:
+            raise ValueError(f"step {self.writer.open_step}, layer {rec.layer} ({rec.name}): {exc}") from None
+
+    def _reduce(self, rec: AttentionRecord) -> None:
         if rec.call > 0:
             raise ValueError(
                 f"layer {rec.name} called SDPA {rec.call + 1} times in one forward (per-sample loops are not supported)"
@@ -802,7 +822,8 @@ class _Reducer:
             del qo, ko, st, scores
             if lay.footprints:
                 # the same blocks at every step and branch, so footprints compare across steps
-                blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), cfg.seed * 7919 + rec.layer * 31 + oi)
+                seed = (cfg.seed * 7919 + rec.layer * 31 + oi) % (1 << 63)  # within torch's seed range for any seed
+                blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), seed)
                 att = block_footprints(q, k, order.perm_on(q.device), blocks, lay.block, scale)
                 self.writer.write_footprints(rec.layer, self.branch, order.name, blocks, att)
         if rec.layer in lay.qkv_layers and lay.has_qkv(self.writer.open_step):
@@ -875,19 +896,28 @@ def run_capture(
     """
     start = time.perf_counter()
     out = Path(config.out)
-    if out.exists() and not (config.overwrite or config.resume):
-        raise ValueError(f"output {config.out!r} exists; pass --overwrite to replace it or --resume to continue it")
-    rc = resolve_capture(config, source=source)
+    if not out.parent.is_dir():
+        raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it first")
+    lock = CaptureLock(out)  # before anything loads or is created: a second writer of `out` stops here
+    try:
+        if out.exists() and not (config.overwrite or config.resume):
+            raise ValueError(f"output {config.out!r} exists; pass --overwrite to replace it or --resume to continue it")
+        rc = resolve_capture(config, source=source)
+        identity = run_identity(rc, weights_fingerprint(rc.source.transformer))
+        if config.resume:
+            writer = CaptureWriter.resume(out, rc.layout, identity, lock=lock)
+        else:
+            from dfsviz.sparse.orders import make_order
+
+            perms = {name: make_order(name, rc.grid).perm for name in rc.layout.orders}
+            attrs = {**rc.attrs, "run_identity": identity}
+            writer = CaptureWriter.create(out, rc.layout, attrs, perms, overwrite=config.overwrite, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
     device = config.torch_device
     model = rc.source.transformer
     adapter = rc.source.adapter
-    from dfsviz.sparse.orders import make_order
-
-    if config.resume:
-        writer = CaptureWriter.resume(out, rc.layout, config.to_json())
-    else:
-        perms = {name: make_order(name, rc.grid).perm for name in rc.layout.orders}
-        writer = CaptureWriter.create(out, rc.layout, rc.attrs, perms, overwrite=config.overwrite)
     skipped = sorted(writer.completed)
     todo = [s for s in rc.capture_steps if s not in writer.completed]
     bar = None
@@ -966,6 +996,10 @@ def run_capture(
         if bar is not None:
             bar.close()
         writer.close()
+    with CaptureReader(out) as reader:  # success only for a file that opens and holds what was written
+        missing = sorted(set(written) - set(reader.steps))
+        if missing or reader.complete != complete:
+            raise ValueError(f"{config.out!r} does not hold the steps {missing} this run wrote; capture it again")
     return CaptureResult(
         path=str(out),
         steps=written,
@@ -975,3 +1009,51 @@ def run_capture(
         step_seconds=step_seconds,
         file_bytes=out.stat().st_size,
     )
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights: every state-dict tensor's name, dtype, shape and bytes.
+
+    ``--resume`` compares it, so a run is never continued with other weights. CPU tensors
+    are hashed in place; GPU tensors are copied to the host one at a time. About 1-2 s per
+    GB of weights (the embedded model: milliseconds).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def run_identity(rc: ResolvedCapture, fingerprint: str) -> dict:
+    """What makes two runs the same run (``--resume`` refuses any difference).
+
+    The capture settings as resolved, not as typed: "auto" device and dtype, the default
+    kernel backend, the default steps, layers and heads are replaced by what they resolve
+    to, so ``--device cpu`` and the default on a CPU machine are one run. How the run was
+    started (``out``, ``overwrite``, ``resume``) does not count; the weights do.
+    """
+    from dfsviz.kernels._dispatch import resolve_backend
+
+    cfg = rc.config
+    device = cfg.torch_device
+    identity = {k: v for k, v in cfg.to_json().items() if k not in ("out", "overwrite", "resume")}
+    identity.update(
+        device=device.type,
+        dtype=str(cfg.torch_dtype).replace("torch.", ""),
+        kernel_backend=resolve_backend(cfg.kernel_backend, torch.empty(0, device=device)),
+        qkv_dtype=cfg.stored_qkv_dtype,
+        num_steps=rc.num_steps,
+        guidance_scale=rc.guidance_scale,
+        capture_steps=list(rc.capture_steps),
+        layers=list(rc.layout.layers),
+        heads=list(rc.layout.heads),
+        prompt=rc.attrs["prompt"],
+        footprints=rc.layout.footprints,
+        weights_sha256=fingerprint,
+    )
+    return identity

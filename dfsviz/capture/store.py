@@ -1,7 +1,9 @@
-"""The capture HDF5 store: schema (format version 1), writer and reader.
+"""The capture HDF5 store: writer and reader (format version 1).
 
-This module is the only place that knows the on-disk layout; ``docs/format.md``
-documents it for people. Layout (dims in brackets, "map" = one chunk):
+The layout is written down once, in :mod:`dfsviz.capture.schema` (``docs/format.md`` for
+people); :mod:`dfsviz.capture.validation` checks files against it and
+:mod:`dfsviz.capture.file_safety` keeps them whole. Layout (dims in brackets, "map" = one
+chunk):
 
     /                         root attributes: format, format_version, dfsviz_version,
                               complete, model, grid, blocks, orders, methods, steps,
@@ -22,25 +24,41 @@ documents it for people. Layout (dims in brackets, "map" = one chunk):
                               (N x attention probability, original token order)
         q, k, v               [qkv_layer, branch, head, token, dim] (original token order)
 
-Crash safety: a step's group and all its datasets are created and flushed before any
-map is written, and ``complete`` is set (and flushed) only after the step's last map.
-Between those two flushes the writer only adds chunks to datasets of the new group, so
-a process killed at any moment (SIGKILL included) leaves the earlier steps untouched;
-the reader lists only groups whose ``complete`` attribute is true. Maps are compressed
-(byte shuffle + Huffman-only deflate, read by the standard HDF5 shuffle and gzip filters)
-by a thread pool and written with ``write_direct_chunk``, so compression runs in parallel
-with the GPU. Maps on a CUDA device reach the pool through one non-blocking copy per
-(layer, branch, order) into pinned host memory, and the small datasets (W_q, W_k,
+Nothing lost:
+
+* One writer per path: the writer holds a :class:`~dfsviz.capture.file_safety.CaptureLock`
+  from before anything is created until it closes. A new file is built under a temporary
+  name and renamed into place once its header is written, so ``overwrite`` replaces an old
+  file only with a readable new one.
+* A step's group and all its datasets are created and flushed before any map is written,
+  and ``complete`` is set (and flushed) only after the step's last map; the reader lists
+  only complete groups. An interruption the process survives (an exception, Ctrl+C) deletes
+  the open step's group before closing; a process killed at any moment (SIGKILL included)
+  leaves the earlier steps readable.
+* Each step starts only when the disk has room for it; a write that fails anyway (the disk
+  filled up) ends the run with one line, and :meth:`CaptureWriter.resume` repairs the file by
+  copying its completed steps into a fresh one (a crash mid-write can leave HDF5's own
+  bookkeeping half-updated, which deleting the broken group in place cannot mend).
+* Every map is checked before it is written (:func:`~dfsviz.capture.validation.map_problem`):
+  a model that produces NaN stops the run instead of filling the file with it.
+
+Maps are compressed (byte shuffle + Huffman-only deflate, read by the standard HDF5 shuffle
+and gzip filters) by a thread pool and written with ``write_direct_chunk``, so compression
+runs in parallel with the GPU. Maps on a CUDA device reach the pool through one non-blocking
+copy per (layer, branch, order) into pinned host memory, and the small datasets (W_q, W_k,
 footprint_block) are copied at ``end_step``: queueing a map never waits for the GPU.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
+import sys
 import threading
+import traceback
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +68,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dfsviz.capture.file_safety import (
+    SPACE_MARGIN,
+    CaptureLock,
+    SpaceReservation,
+    pad_truncated,
+    require_free_space,
+    temporary_path,
+    write_failure_reason,
+)
+from dfsviz.capture.schema import (
+    _RootAttrs,
+    DIMS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GZIP_LEVEL,
+    STAT_NAMES,
+    STEP_GROUP,
+    UNITS,
+    StoreLayout,
+    dataset_dtype,
+    dimension_values,
+    read_json_attr,
+    step_key,
+)
+from dfsviz.capture.validation import check_structure, completed_step_groups, content_problems, map_problem
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = [
@@ -60,229 +103,21 @@ __all__ = [
     "CaptureWriter",
     "CaptureReader",
     "StoredStats",
+    "abandoned_files",
     "open_capture",
     "step_key",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "dfsviz-capture"
-FORMAT_VERSION = 1
-STEP_GROUP = "steps"
-# Maps are deflated Huffman-only (Z_HUFFMAN_ONLY: no LZ77 match search): on shuffled float
-# maps, whose mantissa bytes match search cannot shorten, it costs a fraction of level 1's
-# CPU for files a few percent larger. The stream is standard zlib, so HDF5's gzip filter decodes
-# it; GZIP_LEVEL is only the level the filter declares (the chunks are written
-# precompressed, the filter never compresses).
-GZIP_LEVEL = 1
-STAT_NAMES = ("m", "L", "r", "J")
-
-# dims of every per-step dataset (the schema); docs/format.md mirrors this table
-DIMS: dict[str, tuple[str, ...]] = {
-    "m": ("layer", "branch", "order", "head", "q_block", "k_block"),
-    "L": ("layer", "branch", "order", "head", "q_block", "k_block"),
-    "r": ("layer", "branch", "order", "head", "q_block", "k_block"),
-    "J": ("layer", "branch", "order", "head", "q_block", "k_block"),
-    "scores": ("layer", "branch", "order", "method", "head", "q_block", "k_block"),
-    "W_q": ("layer", "branch", "order", "head"),
-    "W_k": ("layer", "branch", "order", "head"),
-    "footprint_block": ("layer", "branch", "order", "head", "sample"),
-    "footprint": ("layer", "branch", "order", "head", "sample", "token"),
-    "q": ("qkv_layer", "branch", "head", "token", "dim"),
-    "k": ("qkv_layer", "branch", "head", "token", "dim"),
-    "v": ("qkv_layer", "branch", "head", "token", "dim"),
-}
-UNITS = {
-    "m": "fraction of the query block's attention (rows sum to 1 over k_block)",
-    "L": "logit (q . k * scale)",
-    "r": "logit",
-    "J": "logit (nats)",
-    "scores": "method-specific (meanpool: logit; dfs_tile/antidiagonal/oracle: mass)",
-    "W_q": "fraction of variance (0..1)",
-    "W_k": "fraction of variance (0..1)",
-    "footprint_block": "query block index in the order's block sequence",
-    "footprint": "N x attention probability (1 = uniform over the N keys)",
-    "q": "model units, post-norm post-RoPE",
-    "k": "model units, post-norm post-RoPE",
-    "v": "model units",
-}
-
-
-def step_key(step: int) -> str:
-    """Group name of a captured step, e.g. ``step_0007``."""
-    return f"step_{step:04d}"
+# root attributes that say how a run was started, not what it is: a resume may differ in them
+_RUN_OPTIONS = {"resume", "overwrite", "out"}
 
 
 def _h5py():
     import h5py
 
     return h5py
-
-
-@dataclass(frozen=True)
-class StoreLayout:
-    """Everything that fixes the shapes of a capture file.
-
-    Fields:
-        grid: token grid of the self-attention sequence (N = grid.num_tokens, padding dropped).
-        block: tokens per block (Mq = Mk = ceil(N / block)).
-        orders: token order names, e.g. ("raster", "hilbert3d").
-        methods: scoring method names.
-        layers: captured layer indices (the adapter's integer numbering).
-        layer_names: qualified module names, same length as ``layers``.
-        heads: captured head indices of the model.
-        branches: ("cond",) or ("cond", "uncond").
-        steps: captured denoising step indices (0-based).
-        footprints: sampled query blocks per head (0 = none).
-        qkv_layers: layers whose Q/K/V are stored (subset of ``layers``).
-        head_dim: D.
-        qkv_dtype: numpy dtype name of stored Q/K/V ("float16" or "float32").
-        qkv_steps: steps at which Q/K/V are stored (subset of ``steps``); None = every step.
-    """
-
-    grid: LatentGrid
-    block: int
-    orders: tuple[str, ...]
-    methods: tuple[str, ...]
-    layers: tuple[int, ...]
-    layer_names: tuple[str, ...]
-    heads: tuple[int, ...]
-    branches: tuple[str, ...]
-    steps: tuple[int, ...]
-    footprints: int
-    qkv_layers: tuple[int, ...] = ()
-    head_dim: int = 64
-    qkv_dtype: str = "float32"
-    qkv_steps: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.layers) != len(self.layer_names):
-            raise ValueError("`layer_names` must name every captured layer")
-        missing = sorted(set(self.qkv_layers) - set(self.layers))
-        if missing:
-            raise ValueError(f"`qkv_layers` {missing} are not captured layers {list(self.layers)}")
-        if self.qkv_dtype not in ("float16", "float32"):
-            raise ValueError(f"`qkv_dtype` must be 'float16' or 'float32' (got {self.qkv_dtype!r})")
-        if self.qkv_steps is None:
-            object.__setattr__(self, "qkv_steps", tuple(self.steps))
-        extra = sorted(set(self.qkv_steps) - set(self.steps))
-        if extra:
-            raise ValueError(f"`qkv_steps` {extra} are not captured steps {list(self.steps)}")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid.num_tokens
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.grid.num_tokens // self.block)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Shape of a per-step dataset (see ``DIMS``)."""
-        sizes = {
-            "layer": len(self.layers),
-            "branch": len(self.branches),
-            "order": len(self.orders),
-            "method": len(self.methods),
-            "head": len(self.heads),
-            "q_block": self.num_blocks,
-            "k_block": self.num_blocks,
-            "sample": self.footprints,
-            "token": self.num_tokens,
-            "qkv_layer": len(self.qkv_layers),
-            "dim": self.head_dim,
-        }
-        return tuple(sizes[d] for d in DIMS[name])
-
-    def has_qkv(self, step: int) -> bool:
-        """Whether Q/K/V are stored at ``step``."""
-        return bool(self.qkv_layers) and step in self.qkv_steps
-
-    def datasets(self, step: int) -> list[str]:
-        """Datasets present in the group of captured step ``step``."""
-        names = list(STAT_NAMES) + ["W_q", "W_k"]
-        if self.methods:
-            names.append("scores")
-        if self.footprints:
-            names += ["footprint_block", "footprint"]
-        if self.has_qkv(step):
-            names += ["q", "k", "v"]
-        return names
-
-    def bytes_per_step(self, step: int) -> int:
-        """Uncompressed bytes of one step's datasets (an upper bound of the file growth)."""
-        itemsize = {"footprint": 2, "footprint_block": 4, "W_q": 8, "W_k": 8, "q": 0, "k": 0, "v": 0}
-        qkv = 2 if self.qkv_dtype == "float16" else 4
-        total = 0
-        for name in self.datasets(step):
-            size = itemsize.get(name, 4) or qkv
-            total += int(np.prod(self.shape(name), dtype=np.int64)) * size
-        return total
-
-    def total_bytes(self) -> int:
-        """Uncompressed bytes of all captured steps (an upper bound of the file size)."""
-        return sum(self.bytes_per_step(step) for step in self.steps)
-
-    def to_attrs(self) -> dict:
-        g = self.grid
-        return {
-            "grid": g.name,
-            "grid_frames": g.frames,
-            "grid_height": g.height,
-            "grid_width": g.width,
-            "text_len": g.text_len,
-            "text_first": g.text_first,
-            "num_tokens": g.num_tokens,
-            "block": self.block,
-            "num_blocks": self.num_blocks,
-            "orders": list(self.orders),
-            "methods": list(self.methods),
-            "layers": np.asarray(self.layers, dtype=np.int64),
-            "layer_names": list(self.layer_names),
-            "heads": np.asarray(self.heads, dtype=np.int64),
-            "branches": list(self.branches),
-            "steps": np.asarray(self.steps, dtype=np.int64),
-            "footprints": self.footprints,
-            "qkv_layers": np.asarray(self.qkv_layers, dtype=np.int64),
-            "head_dim": self.head_dim,
-            "qkv_dtype": self.qkv_dtype,
-            "qkv_steps": np.asarray(self.qkv_steps, dtype=np.int64),
-        }
-
-    @classmethod
-    def from_attrs(cls, attrs) -> "StoreLayout":
-        grid = LatentGrid(
-            int(attrs["grid_frames"]),
-            int(attrs["grid_height"]),
-            int(attrs["grid_width"]),
-            text_len=int(attrs["text_len"]),
-            text_first=bool(attrs["text_first"]),
-        )
-        return cls(
-            grid=grid,
-            block=int(attrs["block"]),
-            orders=_strs(attrs["orders"]),
-            methods=_strs(attrs["methods"]),
-            layers=_ints(attrs["layers"]),
-            layer_names=_strs(attrs["layer_names"]),
-            heads=_ints(attrs["heads"]),
-            branches=_strs(attrs["branches"]),
-            steps=_ints(attrs["steps"]),
-            footprints=int(attrs["footprints"]),
-            qkv_layers=_ints(attrs["qkv_layers"]),
-            head_dim=int(attrs["head_dim"]),
-            qkv_dtype=str(attrs["qkv_dtype"]),
-            # Files written before `qkv_steps` existed stored Q/K/V at every step.
-            qkv_steps=_ints(attrs["qkv_steps"]) if "qkv_steps" in attrs else None,
-        )
-
-
-def _strs(value) -> tuple[str, ...]:
-    return tuple(v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(value))
-
-
-def _ints(value) -> tuple[int, ...]:
-    return tuple(int(v) for v in np.atleast_1d(value))
 
 
 def _attr_value(value):
@@ -321,14 +156,20 @@ def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[np.n
     return list(host.numpy()), ready
 
 
-class _ChunkPool:
-    """Compress maps on worker threads (zlib releases the GIL) and write them as raw chunks."""
+class _WriteFailed(Exception):
+    """An HDF5 write failed (a full disk, a quota, an I/O error); ``__cause__`` says why."""
 
-    def __init__(self, workers: int, max_pending: int = 256) -> None:
+
+class _ChunkPool:
+    """Check maps, compress them on worker threads (zlib releases the GIL), write them as raw chunks."""
+
+    def __init__(self, workers: int, num_blocks: int, describe, max_pending: int = 256) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dfsviz-h5")
         self._slots = threading.BoundedSemaphore(max_pending)
         self._lock = threading.Lock()
         self._futures: list[Future] = []
+        self._num_blocks = num_blocks
+        self._describe = describe  # (dataset name, chunk offset) -> "step 3, layer 1, ..." for errors
 
     @staticmethod
     def encode(array: np.ndarray) -> bytes:
@@ -339,28 +180,40 @@ class _ChunkPool:
         deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
         return deflate.compress(planes) + deflate.flush()
 
-    def _job(self, dset, offset, array, ready):
+    def _job(self, dset, name, offset, array, ready):
         try:
             if ready is not None:
                 ready.synchronize()  # the GPU -> host copy behind `array` has landed
+            problem = map_problem(name, array, self._num_blocks)
+            if problem is not None:
+                raise ValueError(
+                    f"{self._describe(name, offset)}: {name} has {problem}; nothing of this step was kept. The model "
+                    "produced it: non-finite Q/K usually mean a float16 overflow (try --dtype bfloat16 or float32)"
+                )
             data = self.encode(array)
             with self._lock:
-                dset.id.write_direct_chunk(offset, data)
+                try:
+                    dset.id.write_direct_chunk(offset, data)
+                except (OSError, RuntimeError) as exc:
+                    raise _WriteFailed() from exc
         finally:
             self._slots.release()
 
     def submit(
-        self, dset, offset: tuple[int, ...], array: np.ndarray, ready: torch.cuda.Event | None = None
+        self, dset, name: str, offset: tuple[int, ...], array: np.ndarray, ready: torch.cuda.Event | None = None
     ) -> None:
-        """Queue ``array`` as the chunk at ``offset``; with ``ready``, read it only after that event."""
+        """Queue ``array`` as the chunk at ``offset`` of dataset ``name``; with ``ready``, read it
+        only after that event."""
         self._slots.acquire()
-        self._futures.append(self._pool.submit(self._job, dset, offset, array, ready))
+        self._futures.append(self._pool.submit(self._job, dset, name, offset, array, ready))
 
     def drain(self) -> None:
         """Wait for every pending chunk; re-raise the first worker error."""
         futures, self._futures = self._futures, []
-        for fut in futures:
-            fut.result()
+        errors = [fut.exception() for fut in futures]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
     def close(self) -> None:
         try:
@@ -375,21 +228,31 @@ class CaptureWriter:
     Use :meth:`create` for a new file or :meth:`resume` to continue an interrupted one.
     Per step: :meth:`begin_step`, then ``write_*`` for every (layer, branch, order), then
     :meth:`end_step`; :meth:`finish` marks the file complete. ``close`` without ``finish``
-    leaves a valid file marked incomplete.
+    leaves a valid file marked incomplete, without the step that was open.
+
+    A failed write (full disk) raises ValueError with one line and leaves the file's
+    completed steps for :meth:`resume`. The writer holds the path's
+    :class:`~dfsviz.capture.file_safety.CaptureLock` until it closes.
     """
 
-    def __init__(self, f, layout: StoreLayout, workers: int | None) -> None:
+    def __init__(self, f, path: Path, layout: StoreLayout, workers: int | None, lock: CaptureLock) -> None:
         self._f = f
+        self.path = path
         self.layout = layout
-        self._pool = _ChunkPool(workers or min(16, os.cpu_count() or 1))
+        self._lock = lock
+        self._pool = _ChunkPool(workers or min(16, os.cpu_count() or 1), layout.num_blocks, self._describe)
         self._group = None
         self._step: int | None = None
         self._small: dict[str, np.ndarray] = {}
         # CUDA values of the small datasets: copied to `_small` at end_step, not per call
         self._deferred: dict[str, list[tuple[tuple[int, int, int], torch.Tensor]]] = {}
-        self.completed: set[int] = {
-            int(g.attrs["step"]) for g in f[STEP_GROUP].values() if bool(g.attrs.get("complete", False))
-        }
+        self.completed: set[int] = set(completed_step_groups(f))
+        # compressed bytes on disk per uncompressed byte, from the steps this writer wrote: sizes
+        # the free-space check of the next step (1 until a step has been measured)
+        self._ratio = 1.0
+        self._size_before = 0
+        self._space = SpaceReservation(f.id.get_vfd_handle(), path)
+        _log_hdf5_release_failures()
 
     # -- open ------------------------------------------------------------------------------
     @classmethod
@@ -402,86 +265,203 @@ class CaptureWriter:
         *,
         overwrite: bool = False,
         workers: int | None = None,
+        lock: CaptureLock | None = None,
     ) -> "CaptureWriter":
         """Create ``path`` with the root attributes, coordinates and order permutations.
+
+        The file is built under a temporary name beside ``path`` and renamed into place once
+        its header is on disk, so ``overwrite`` never leaves ``path`` without a readable file.
 
         Args:
             layout: the file's shapes.
             attrs: descriptive root attributes (model, prompt, seed, scheduler, capture_config ...).
             orders: order name -> int64 [N] permutation of the whole sequence.
             overwrite: replace an existing file; otherwise an existing ``path`` raises ValueError.
+            lock: the path's lock when the caller took it already (it then passes to the writer).
         """
         from dfsviz import __version__
 
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise ValueError(f"output {str(path)!r} exists; pass --overwrite to replace it or --resume to continue it")
-        if path.parent and not path.parent.exists():
+        if not path.parent.is_dir():
             raise ValueError(f"output directory {str(path.parent)!r} does not exist; create it first")
-        h5py = _h5py()
-        f = h5py.File(path, "w")
+        lock = lock or CaptureLock(path)
+        tmp = temporary_path(path)
+        f = None
         try:
-            root = f.attrs
-            root["format"] = FORMAT_NAME
-            root["format_version"] = FORMAT_VERSION
-            root["dfsviz_version"] = __version__
-            root["created_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            root["complete"] = False
-            for key, value in {**attrs, **layout.to_attrs()}.items():
-                root[key] = _attr_value(value)
-            coords = f.create_dataset("coords", data=layout.grid.video_coords().numpy().astype(np.int32))
-            coords.attrs["dims"] = np.array(["video_token", "axis"], dtype=h5py.string_dtype())
-            coords.attrs["axis"] = np.array(["frame", "row", "column"], dtype=h5py.string_dtype())
-            og = f.create_group("orders")
-            for name in layout.orders:
-                perm = orders[name].cpu().numpy().astype(np.int64)
-                if perm.shape != (layout.num_tokens,):
-                    raise ValueError(f"order {name!r} permutation has shape {perm.shape}, expected ({layout.num_tokens},)")
-                ds = og.create_dataset(name, data=perm)
-                ds.attrs["dims"] = np.array(["token"], dtype=h5py.string_dtype())
-                ds.attrs["key"] = f"{name}_{layout.grid.name}"
-            f.create_group(STEP_GROUP)
-            f.flush()
+            if path.exists() and not overwrite:
+                raise ValueError(f"output {str(path)!r} exists; pass --overwrite to replace it or --resume to continue it")
+            require_free_space(path, SPACE_MARGIN + layout.bytes_per_step(layout.steps[0]), "a new capture",
+                               "free space or capture fewer layers/heads/steps")
+            h5py = _h5py()
+            # the header is built in memory and written with plain file I/O: a full disk then
+            # fails one write() cleanly instead of HDF5 halfway through its metadata
+            with h5py.File(f"{tmp}.in-memory", "w", driver="core", backing_store=False) as mem:
+                cls._write_header(mem, layout, {**attrs, "dfsviz_version": __version__}, orders)
+                mem.flush()
+                image = mem.id.get_file_image()
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(image)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                raise ValueError(f"could not create {str(path)!r} ({write_failure_reason(exc)}); nothing was written") from None
+            f = h5py.File(tmp, "r+")  # opened before the rename: no reader can come between
+            os.replace(tmp, path)
         except BaseException:
-            f.close()
+            if f is not None:
+                f.close()
+            tmp.unlink(missing_ok=True)
+            lock.release()
             raise
-        return cls(f, layout, workers)
+        return cls(f, path, layout, workers, lock)
+
+    @staticmethod
+    def _write_header(f, layout: StoreLayout, attrs: dict, orders: dict[str, torch.Tensor]) -> None:
+        h5py = _h5py()
+        root = f.attrs
+        root["format"] = FORMAT_NAME
+        root["format_version"] = FORMAT_VERSION
+        root["created_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        root["complete"] = False
+        for key, value in {**attrs, **layout.to_attrs()}.items():
+            root[key] = _attr_value(value)
+        coords = f.create_dataset("coords", data=layout.grid.video_coords().numpy().astype(np.int32))
+        coords.attrs["dims"] = np.array(["video_token", "axis"], dtype=h5py.string_dtype())
+        coords.attrs["axis"] = np.array(["frame", "row", "column"], dtype=h5py.string_dtype())
+        og = f.create_group("orders")
+        for name in layout.orders:
+            perm = orders[name].cpu().numpy().astype(np.int64)
+            if perm.shape != (layout.num_tokens,):
+                raise ValueError(f"order {name!r} permutation has shape {perm.shape}, expected ({layout.num_tokens},)")
+            ds = og.create_dataset(name, data=perm)
+            ds.attrs["dims"] = np.array(["token"], dtype=h5py.string_dtype())
+            ds.attrs["key"] = f"{name}_{layout.grid.name}"
+        f.create_group(STEP_GROUP)
 
     @classmethod
     def resume(
-        cls, path: str | os.PathLike, layout: StoreLayout, capture_config: dict, *, workers: int | None = None
+        cls,
+        path: str | os.PathLike,
+        layout: StoreLayout,
+        run: dict,
+        *,
+        workers: int | None = None,
+        lock: CaptureLock | None = None,
     ) -> "CaptureWriter":
-        """Reopen an interrupted capture; drop its incomplete step groups.
+        """Reopen an interrupted capture of the same run; its completed steps are kept.
 
-        Raises ValueError when the file is not a capture of this format version or was made
-        with another capture configuration (the comparison ignores resume/overwrite/progress).
+        ``run`` describes the run: the file's ``run_identity`` attribute (what
+        :func:`dfsviz.capture.runner.run_capture` stores: resolved settings and a fingerprint of
+        the model weights) must equal it, except for the options in ``_RUN_OPTIONS``. Files
+        without one are compared on their ``capture_config``.
+
+        A file a crash left with a half-written step (SIGKILL, a full disk) is repaired first:
+        its completed steps are copied into a fresh file that replaces it (this needs as
+        much free space as the file). A clean interruption left no half-written step, and the
+        file is reopened as it is.
+
+        Raises ValueError when the file is not a capture of this format version, was made by
+        another run, or is open in another program.
         """
         path = Path(path)
         if not path.exists():
             raise ValueError(f"--resume: {str(path)!r} does not exist; drop --resume to start a new capture")
-        reader = CaptureReader(path)  # validates the format version
+        lock = lock or CaptureLock(path)
         try:
-            stored = json.loads(reader.attrs["capture_config"])
-            stored_layout = reader.layout
-        finally:
-            reader.close()
-        ignore = {"resume", "overwrite", "out"}
-        diff = sorted(
-            k for k in set(stored) | set(capture_config) if k not in ignore and stored.get(k) != capture_config.get(k)
-        )
-        if diff or stored_layout != layout:
+            padded = False
+            try:
+                reader = CaptureReader(path)
+            except ValueError as exc:
+                padded = pad_truncated(path, str(exc))
+                if not padded:
+                    raise
+                reader = CaptureReader(path)
+            try:
+                cls._check_same_run(path, reader, layout, run)
+                broken = padded or any(n not in {step_key(s) for s in reader.steps} for n in reader._f[STEP_GROUP])
+                if broken:
+                    require_free_space(path, path.stat().st_size + SPACE_MARGIN, "the repair of the interrupted capture",
+                                       "it copies the completed steps into a fresh file: free space, then resume again")
+                    cls._repair(reader, path, layout, workers, lock)
+            finally:
+                reader.close()
+            try:
+                f = _h5py().File(path, "r+")
+            except OSError as exc:
+                if "unable to lock file" in str(exc).lower() or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise ValueError(
+                        f"--resume: {str(path)!r} is open in another program (a dashboard or notebook?); close it, then resume"
+                    ) from None
+                raise
+            f.attrs["complete"] = False
+            f.flush()
+        except BaseException:
+            lock.release()
+            raise
+        return cls(f, path, layout, workers, lock)
+
+    @staticmethod
+    def _check_same_run(path: Path, reader: "CaptureReader", layout: StoreLayout, run: dict) -> None:
+        attrs = reader._f.attrs
+        stored = read_json_attr(attrs, "run_identity" if "run_identity" in attrs else "capture_config")
+        diff = sorted(k for k in set(stored) | set(run) if k not in _RUN_OPTIONS and stored.get(k) != run.get(k))
+        if diff == ["weights_sha256"]:  # other settings (a dtype) change the weights' bytes too: name those first
             raise ValueError(
-                f"--resume: {str(path)!r} was captured with other settings (differs in {diff or ['layout']}); "
+                f"--resume: the model weights differ from those of the interrupted run in {str(path)!r} (sha256 "
+                f"{str(stored.get('weights_sha256'))[:12]}... in the file, {str(run.get('weights_sha256'))[:12]}... now); "
+                "resume with the same weights or pass --overwrite"
+            )
+        if diff or reader.layout != layout:
+            raise ValueError(
+                f"--resume: {str(path)!r} was captured with other settings (differs in "
+                f"{[k for k in diff if k != 'weights_sha256'] or ['layout']}); "
                 "resume with the same options or pass --overwrite"
             )
-        f = _h5py().File(path, "r+")
-        for name in list(f[STEP_GROUP]):
-            if not bool(f[STEP_GROUP][name].attrs.get("complete", False)):
-                logger.info("resume: dropping incomplete %s", name)
-                del f[STEP_GROUP][name]
-        f.attrs["complete"] = False
-        f.flush()
-        return cls(f, layout, workers)
+
+    @classmethod
+    def _repair(cls, reader: "CaptureReader", path: Path, layout: StoreLayout, workers: int | None, lock: CaptureLock) -> None:
+        """Replace ``path`` by a fresh file holding the header and the completed steps of ``reader``."""
+        h5py = _h5py()
+        src = reader._f
+        logger.warning("repairing %s: copying its completed steps %s into a fresh file", path, reader.steps)
+        tmp = temporary_path(path)
+        f = h5py.File(tmp, "w")
+        try:
+            for key, value in src.attrs.items():
+                f.attrs[key] = value
+            for name in ("coords", "orders"):
+                src.copy(src[name], f, name=name)
+            f.create_group(STEP_GROUP)
+            writer = cls(f, tmp, layout, workers, lock)
+            for step in reader.steps:
+                group = src[STEP_GROUP][step_key(step)]
+                writer.begin_step(step)
+                for name in layout.datasets(step):
+                    source, target = group[name], writer._group[name]
+                    if source.chunks is None or name in writer._small:
+                        target[...] = source[...]
+                        writer._small.pop(name, None)  # copied whole: end_step must not write its NaN fill
+                        continue
+                    for i in range(source.id.get_num_chunks()):
+                        offset = source.id.get_chunk_info(i).chunk_offset
+                        mask, data = source.id.read_direct_chunk(offset)
+                        target.id.write_direct_chunk(offset, data, mask)
+                writer.end_step()
+                for key, value in group.attrs.items():  # the original timestamps and step attributes
+                    f[STEP_GROUP][step_key(step)].attrs[key] = value
+            writer._pool.close()
+            f.flush()
+        except (OSError, RuntimeError) as exc:
+            reason = write_failure_reason(exc)
+        else:
+            reason = None
+            f.close()
+            os.replace(tmp, path)
+        if reason is not None:  # as in _abandon: a file whose writes fail is left open, not closed
+            _abandon_file(f)
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"could not repair {str(path)!r} ({reason}); the file is unchanged: free space, then resume again")
 
     # -- steps -----------------------------------------------------------------------------
     @property
@@ -489,50 +469,105 @@ class CaptureWriter:
         """The step between :meth:`begin_step` and :meth:`end_step`, else None."""
         return self._step
 
+    def _describe(self, name: str, offset: tuple[int, ...]) -> str:
+        lay = self.layout
+        parts = [f"step {self._step}"]
+        values = {"layer": lay.layers, "branch": lay.branches, "order": lay.orders, "method": lay.methods,
+                  "head": lay.heads, "qkv_layer": lay.qkv_layers}
+        for dim, i in zip(DIMS[name], offset):
+            if dim in values:
+                parts.append(f"{dim} {values[dim][i]}")
+        return ", ".join(parts)
+
+    def _failed(self, reason: str) -> ValueError:
+        """Abandon the file after a failed write; the ValueError to raise.
+
+        Call it outside the ``except`` block that caught the failure: the traceback of the
+        failed write holds HDF5 objects, which must be freed before the file is closed.
+        """
+        step = self._step
+        self._abandon()
+        done = sorted(self.completed)
+        return ValueError(
+            f"could not write step {step} of {str(self.path)!r} ({reason}): the completed steps "
+            f"{done} are kept; free space, then rerun with --resume (it repairs the file)"
+        )
+
+    def _abandon(self) -> None:
+        """Stop using the file after a failed write, without closing it.
+
+        HDF5 cannot close a file whose writes fail (its close flushes again, and the library
+        may crash at exit over the half-closed file), so the file is left open and parked in
+        :data:`_ABANDONED`; the disk already holds every completed step. The CLI ends the
+        process at once after such an error (:func:`abandoned_files`); a Python session
+        should be restarted before it resumes the capture.
+        """
+        self._group, self._step, self._small, self._deferred = None, None, {}, {}
+        try:
+            self._pool.close()
+        except BaseException:  # noqa: BLE001 - the write already failed; nothing more to report
+            pass
+        if self._f is not None:
+            _abandon_file(self._f)
+            self._f = None
+        self._lock.release()
+
     def begin_step(self, step: int, attrs: dict | None = None) -> None:
-        """Create the step's group with every dataset (unwritten maps read as NaN) and flush."""
+        """Create the step's group with every dataset (unwritten maps read as NaN) and flush.
+
+        Raises ValueError first when the disk holding the file lacks room for the step.
+        """
         if self._step is not None:
             raise RuntimeError(f"step {self._step} is still open; call end_step first")
         if step not in self.layout.steps:
             raise ValueError(f"`step` {step} is not a captured step {list(self.layout.steps)}")
         if step in self.completed:
             raise ValueError(f"step {step} is already complete in this file")
+        lay = self.layout
+        estimate = lay.bytes_per_step(step)
+        self._space.reserve(
+            SPACE_MARGIN + int(estimate * min(1.0, 1.25 * self._ratio)), f"step {step}",
+            f"the completed steps {sorted(self.completed)} are kept in {str(self.path)!r}; free space, then rerun "
+            "with --resume",
+        )
+        self._size_before = self.path.stat().st_size
+        reason = None
+        try:
+            self._group = self._create_step_group(step, attrs or {})
+            self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            reason = write_failure_reason(exc)
+        if reason is not None:
+            self._step = step
+            raise self._failed(reason)
+        self._small = {
+            "W_q": np.full(lay.shape("W_q"), np.nan),
+            "W_k": np.full(lay.shape("W_k"), np.nan),
+        }
+        if lay.footprints:
+            self._small["footprint_block"] = np.full(lay.shape("footprint_block"), -1, dtype=np.int32)
+        self._deferred = {}
+        self._step = step
+
+    def _create_step_group(self, step: int, attrs: dict):
         h5py = _h5py()
         lay = self.layout
         group = self._f[STEP_GROUP].create_group(step_key(step))
         group.attrs["step"] = step
         group.attrs["complete"] = False
         group.attrs["started_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for key, value in (attrs or {}).items():
+        for key, value in attrs.items():
             group.attrs[key] = _attr_value(value)
         strs = h5py.string_dtype()
-        coords = {
-            "layer": np.asarray(lay.layers, dtype=np.int64),
-            "branch": np.array(lay.branches, dtype=strs),
-            "order": np.array(lay.orders, dtype=strs),
-            "method": np.array(lay.methods, dtype=strs),
-            "head": np.asarray(lay.heads, dtype=np.int64),
-            "q_block": np.arange(lay.num_blocks, dtype=np.int64),
-            "k_block": np.arange(lay.num_blocks, dtype=np.int64),
-            "sample": np.arange(lay.footprints, dtype=np.int64),
-            "token": np.arange(lay.num_tokens, dtype=np.int64),
-            "qkv_layer": np.asarray(lay.qkv_layers, dtype=np.int64),
-            "dim": np.arange(lay.head_dim, dtype=np.int64),
-        }
         used = {d for name in lay.datasets(step) for d in DIMS[name]}
         scales = {}
         for dim in sorted(used):
-            ds = group.create_dataset(dim, data=coords[dim])
+            ds = group.create_dataset(dim, data=dimension_values(lay, dim))
             ds.make_scale(dim)
             scales[dim] = ds
         for name in lay.datasets(step):
             shape = lay.shape(name)
-            dtype, fill = {
-                "footprint": (np.float16, np.nan),
-                "footprint_block": (np.int32, -1),
-                "W_q": (np.float64, np.nan),
-                "W_k": (np.float64, np.nan),
-            }.get(name, (np.dtype(lay.qkv_dtype) if name in ("q", "k", "v") else np.float32, np.nan))
+            dtype, fill = dataset_dtype(name, lay.qkv_dtype)
             if name in ("W_q", "W_k", "footprint_block"):
                 ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill)
             else:
@@ -546,16 +581,7 @@ class CaptureWriter:
             for i, dim in enumerate(DIMS[name]):
                 ds.dims[i].label = dim
                 ds.dims[i].attach_scale(scales[dim])
-        self._small = {
-            "W_q": np.full(lay.shape("W_q"), np.nan),
-            "W_k": np.full(lay.shape("W_k"), np.nan),
-        }
-        if lay.footprints:
-            self._small["footprint_block"] = np.full(lay.shape("footprint_block"), -1, dtype=np.int32)
-        self._deferred = {}
-        self._f.flush()
-        self._group = group
-        self._step = step
+        return group
 
     def _index(self, layer: int, branch: str, order: str) -> tuple[int, int, int]:
         lay = self.layout
@@ -584,12 +610,12 @@ class CaptureWriter:
         device); the call then returns without waiting for it."""
         li, bi, oi = self._index(layer, branch, order)
         g = self._group
-        targets = [(g[name], (li, bi, oi)) for name in STAT_NAMES]
-        targets += [(g["scores"], (li, bi, oi, mi)) for mi in range(len(self.layout.methods))]
+        targets = [(name, (li, bi, oi)) for name in STAT_NAMES]
+        targets += [("scores", (li, bi, oi, mi)) for mi in range(len(self.layout.methods))]
         maps, ready = _to_host([stats[n] for n in STAT_NAMES] + [scores[m] for m in self.layout.methods], torch.float32)
-        for (dset, lead), array in zip(targets, maps):
+        for (name, lead), array in zip(targets, maps):
             for h in range(array.shape[0]):
-                self._pool.submit(dset, (*lead, h, 0, 0), array[h], ready)
+                self._pool.submit(g[name], name, (*lead, h, 0, 0), array[h], ready)
         self._set_small("W_q", (li, bi, oi), w_q, torch.float64)
         self._set_small("W_k", (li, bi, oi), w_k, torch.float64)
 
@@ -604,7 +630,7 @@ class CaptureWriter:
         scaled = (attention.detach().float() * self.layout.num_tokens).half()
         (maps,), ready = _to_host([scaled], torch.float16)
         for h in range(maps.shape[0]):
-            self._pool.submit(self._group["footprint"], (li, bi, oi, h, 0, 0), maps[h], ready)
+            self._pool.submit(self._group["footprint"], "footprint", (li, bi, oi, h, 0, 0), maps[h], ready)
 
     def write_qkv(self, layer: int, branch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Queue Q/K/V of a ``qkv_layers`` layer at a ``qkv_steps`` step: each [Hs, N, D], original token order."""
@@ -623,24 +649,47 @@ class CaptureWriter:
                 )
             arr = arr.astype(dtype)
             for h in range(arr.shape[0]):
-                self._pool.submit(self._group[name], (li, bi, h, 0, 0), arr[h])
+                self._pool.submit(self._group[name], name, (li, bi, h, 0, 0), arr[h])
+
+    def _drain(self) -> None:
+        reason = None
+        try:
+            self._pool.drain()
+        except _WriteFailed as exc:
+            reason = write_failure_reason(exc.__cause__)
+        if reason is not None:
+            raise self._failed(reason)
 
     def end_step(self) -> None:
         """Wait for the step's maps, write the small datasets, mark the step complete, flush."""
         if self._step is None:
             raise RuntimeError("no step is open")
-        self._pool.drain()
         for name, entries in self._deferred.items():
             values = torch.stack([v for _, v in entries]).cpu().numpy()  # one GPU -> host copy per dataset
             for (index, _), value in zip(entries, values):
                 self._small[name][index] = value
         self._deferred = {}
         for name, value in self._small.items():
-            self._group[name][...] = value
-        self._f.flush()  # every map on disk before the marker
-        self._group.attrs["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self._group.attrs["complete"] = True
-        self._f.flush()
+            for index in np.ndindex(*value.shape[:3]):  # the small datasets are checked like the maps
+                problem = map_problem(name, value[index], self.layout.num_blocks)
+                if problem is not None:
+                    raise ValueError(f"{self._describe(name, index)}: {name} has {problem}; nothing of this step was kept")
+        self._drain()
+        reason = None
+        try:
+            for name, value in self._small.items():
+                self._group[name][...] = value
+            self._f.flush()  # every map on disk before the marker
+            self._group.attrs["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self._group.attrs["complete"] = True
+            self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            reason = write_failure_reason(exc)
+        if reason is not None:
+            raise self._failed(reason)
+        self._space.release()
+        grown = self.path.stat().st_size - self._size_before
+        self._ratio = max(grown / max(1, self.layout.bytes_per_step(self._step)), 0.01)
         self.completed.add(self._step)
         self._step, self._group = None, None
 
@@ -649,8 +698,7 @@ class CaptureWriter:
         missing = sorted(set(self.layout.steps) - self.completed)
         if missing:
             raise RuntimeError(f"cannot finish: steps {missing} were not written")
-        self._f.attrs["complete"] = True
-        self._f.flush()
+        self.set_attr("complete", True)
 
     def has_attr(self, key: str) -> bool:
         """True when the file has root attribute ``key``."""
@@ -660,21 +708,100 @@ class CaptureWriter:
         """Set a root attribute (only between steps, so a crash cannot tear it)."""
         if self._step is not None:
             raise RuntimeError("root attributes change only between steps")
-        self._f.attrs[key] = _attr_value(value)
-        self._f.flush()
+        reason = None
+        try:
+            self._f.attrs[key] = _attr_value(value)
+            self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            reason = write_failure_reason(exc)
+        if reason is not None:
+            raise self._failed(reason)
+
+    @property
+    def closed(self) -> bool:
+        return self._f is None
 
     def close(self) -> None:
+        """Finish pending writes and close. A step still open is deleted first (the run was
+        interrupted while the process lived on: the file keeps exactly its completed steps)."""
+        if self._f is None:
+            return
+        reason = None
         try:
             self._pool.close()
-        finally:
-            if self._f.id.valid:
-                self._f.close()
+        except _WriteFailed as exc:
+            reason = write_failure_reason(exc.__cause__)
+        except ValueError:
+            pass  # a refused map: its step is dropped below, the error was raised where it was found
+        if reason is not None:
+            self._failed(reason)  # closes the file; the run is already ending with an error
+            return
+        reason = None
+        try:
+            if self._step is not None:
+                del self._f[STEP_GROUP][step_key(self._step)]
+                self._step, self._group = None, None
+            self._space.release()
+            self._f.close()
+        except (OSError, RuntimeError, KeyError) as exc:
+            reason = write_failure_reason(exc)
+        if reason is not None:
+            logger.warning("closing %s failed (%s); --resume repairs it", self.path, reason)
+            self._abandon()
+            return
+        self._f = None
+        self._lock.release()
 
     def __enter__(self) -> "CaptureWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: HDF5 files whose writes failed, kept open for the life of the process (see ``_abandon``)
+_ABANDONED: list = []
+
+
+def _abandon_file(f) -> None:
+    """Park ``f`` for the life of the process (see ``CaptureWriter._abandon``)."""
+    _ABANDONED.append(f)
+
+
+@functools.cache
+def _log_hdf5_release_failures() -> None:
+    """Log, rather than print, h5py's failures to release objects of a file whose writes fail.
+
+    When a write fails (a full disk), each HDF5 object Python frees afterwards tries to
+    flush its metadata, fails again, and h5py's ``__dealloc__`` prints the error twice
+    (through ``sys.excepthook`` and ``sys.unraisablehook``), where no code can catch it; the
+    failure itself is reported once, by the writer. Installed with the first writer; any
+    other error reaches the previous hooks unchanged.
+    """
+
+    def release_failure(value, tb) -> bool:
+        frames = traceback.extract_tb(tb) if tb is not None else []
+        if frames and all("h5py" in frame.filename for frame in frames) and "write failed" in str(value):
+            logger.debug("HDF5 could not release an object after a failed write: %s", str(value).splitlines()[0])
+            return True
+        return False
+
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable_hook(unraisable) -> None:
+        if not release_failure(unraisable.exc_value, unraisable.exc_traceback):
+            previous_unraisable(unraisable)
+
+    def except_hook(kind, value, tb) -> None:
+        if not release_failure(value, tb):
+            previous_except(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+
+def abandoned_files() -> list[str]:
+    """Paths of capture files this process stopped writing after a failed write."""
+    return [f.filename for f in _ABANDONED]
 
 
 def _open_error_message(path: Path, exc: OSError) -> str:
@@ -762,32 +889,38 @@ class CaptureReader:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
             raise ValueError(_open_error_message(self.path, exc)) from None
-        attrs = self._f.attrs
-        if attrs.get("format") != FORMAT_NAME:
+        try:
+            attrs = self._f.attrs
+            if attrs.get("format") != FORMAT_NAME:
+                raise ValueError(f"{str(self.path)!r} is not a dfsviz capture (no format={FORMAT_NAME!r} attribute)")
+            version = attrs.get("format_version", -1)
+            if version != FORMAT_VERSION:
+                writer = attrs.get("dfsviz_version", "unknown")
+                raise ValueError(
+                    f"{str(self.path)!r} has capture format version {version}, written by dfsviz {writer}; this dfsviz "
+                    f"{__version__} reads format version {FORMAT_VERSION}: open it with dfsviz {writer}"
+                )
+            self.layout = StoreLayout.from_attrs(attrs)
+            self._complete = _RootAttrs(attrs).bool("complete")
+            self._config = read_json_attr(attrs, "capture_config")
+            check_structure(self._f, self.path, self.layout)
+            self._steps = sorted(completed_step_groups(self._f))
+        except ValueError as exc:
             self._f.close()
-            raise ValueError(f"{str(self.path)!r} is not a dfsviz capture (no format={FORMAT_NAME!r} attribute)")
-        version = int(attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            writer = attrs.get("dfsviz_version", "unknown")
-            self._f.close()
-            raise ValueError(
-                f"{str(self.path)!r} has capture format version {version}, written by dfsviz {writer}; this dfsviz "
-                f"{__version__} reads format version {FORMAT_VERSION}: open it with dfsviz {writer}"
-            )
+            text = str(exc)
+            raise ValueError(text if text.startswith(repr(str(self.path))) else f"{str(self.path)!r}: {text}") from None
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-        self.layout = StoreLayout.from_attrs(attrs)
 
     # -- listing ---------------------------------------------------------------------------
     @property
     def complete(self) -> bool:
         """True when the capture ran to its end."""
-        return bool(self._f.attrs["complete"])
+        return self._complete
 
     @property
     def steps(self) -> list[int]:
         """Completed steps, ascending (an interrupted run lists the steps it finished)."""
-        out = [int(g.attrs["step"]) for g in self._f[STEP_GROUP].values() if bool(g.attrs.get("complete", False))]
-        return sorted(out)
+        return list(self._steps)
 
     @property
     def planned_steps(self) -> list[int]:
@@ -828,7 +961,7 @@ class CaptureReader:
     @property
     def config(self) -> dict:
         """The capture configuration the run used."""
-        return json.loads(self.attrs["capture_config"])
+        return dict(self._config)
 
     # -- index helpers ---------------------------------------------------------------------
     def _step_group(self, step: int):
@@ -1012,36 +1145,16 @@ class CaptureReader:
         return info
 
     def validate(self) -> list[str]:
-        """Structural checks; returns a list of problems (empty when the file is sound)."""
-        problems = []
-        lay = self.layout
-        n = lay.num_tokens
-        for order in lay.orders:
-            if order not in self._f["orders"]:
-                problems.append(f"missing permutation of order {order!r}")
-                continue
-            perm = self._f["orders"][order][...]
-            if perm.shape != (n,) or not np.array_equal(np.sort(perm), np.arange(n)):
-                problems.append(f"order {order!r}: stored permutation is not a bijection of 0..{n - 1}")
-        if self._f["coords"].shape != (lay.grid.num_video, 3):
-            problems.append(f"coords has shape {self._f['coords'].shape}, expected ({lay.grid.num_video}, 3)")
-        for step in self.steps:
-            g = self._f[STEP_GROUP][step_key(step)]
-            if step not in lay.steps:
-                problems.append(f"step {step} is not among the planned steps {list(lay.steps)}")
-            for name in lay.datasets(step):
-                if name not in g:
-                    problems.append(f"{step_key(step)}: missing dataset {name!r}")
-                elif g[name].shape != lay.shape(name):
-                    problems.append(f"{step_key(step)}/{name}: shape {g[name].shape}, expected {lay.shape(name)}")
-            if "m" in g and g["m"].shape == lay.shape("m"):
-                # one map per step suffices to catch unwritten (NaN) or non-normalised data cheaply
-                first = g["m"][0, 0, 0, 0]
-                rows = first.sum(axis=-1)
-                if not np.all(np.isfinite(first)) or not np.allclose(rows, 1.0, atol=1e-3):
-                    problems.append(f"{step_key(step)}/m: first map is unwritten or its rows do not sum to 1")
-        if self.complete and sorted(self.steps) != sorted(lay.steps):
-            problems.append(f"marked complete but steps {sorted(set(lay.steps) - set(self.steps))} are missing")
+        """Check every stored value; returns a list of problems (empty when the file is sound).
+
+        The structure (datasets, shapes, dtypes, links) was checked when the file was opened;
+        this reads every map of every completed step once (rows of m sum to 1, finite values,
+        non-negative diversities, footprints in range ...), the permutations, the coordinates
+        and the dimension scales. Cost: one pass over the file's data.
+        """
+        problems = content_problems(self._f, self.layout, self.steps)
+        if self.complete and self.steps != list(self.layout.steps):
+            problems.append(f"marked complete but steps {sorted(set(self.layout.steps) - set(self.steps))} are missing")
         return problems
 
     def close(self) -> None:

@@ -8,6 +8,8 @@ a config, calls one library function and prints the result. Library errors
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import click
 
@@ -21,13 +23,25 @@ def fail_cleanly(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        abandoned = len(_abandoned_captures())
         try:
             return func(*args, **kwargs)
         except (ValueError, TypeError) as exc:
             click.secho(f"Error: {exc}", fg="red", err=True)
+            if len(_abandoned_captures()) > abandoned:
+                # a capture write failed: HDF5 cannot close that file, and Python's exit would
+                # make it try (and may crash). The disk holds every completed step: end here.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def _abandoned_captures() -> list[str]:
+    store = sys.modules.get("dfsviz.capture.store")  # never imported just to ask
+    return store.abandoned_files() if store is not None else []
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

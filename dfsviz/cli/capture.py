@@ -7,6 +7,8 @@ import re
 
 import click
 
+from dfsviz.capture.file_safety import format_bytes
+from dfsviz.capture.schema import MAX_INDEX
 from dfsviz.cli import fail_cleanly, main
 from dfsviz.sparse.orders import order_names
 from dfsviz.sparse.scoring import scorer_names
@@ -27,6 +29,8 @@ def parse_int_list(spec: str | None, option: str) -> tuple[int, ...] | None:
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
             raise ValueError(f"`{option}`: range {part.strip()!r} runs backwards; write {hi}-{lo}")
+        if hi > MAX_INDEX:  # before expanding the range: 0-99999999999 would fill the memory
+            raise ValueError(f"`{option}` values must lie in [0, {MAX_INDEX}] (got {part.strip()})")
         values.extend(range(lo, hi + 1))
     return tuple(sorted(set(values)))
 
@@ -37,14 +41,6 @@ def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
     if not names or bad:
         raise ValueError(f"`{option}` must be a comma-separated subset of {','.join(allowed)} (got {spec!r})")
     return names
-
-
-def _size(num_bytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if num_bytes < 1024 or unit == "TiB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return ""
 
 
 @main.command(
@@ -108,7 +104,9 @@ def _size(num_bytes: int) -> str:
 )
 @click.option("--out", required=True, help="Output HDF5 file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted capture in --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted capture in --out: same settings and weights, checked; a file a crash "
+                   "left half-written is repaired first.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings and estimated size; capture nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @fail_cleanly
@@ -160,7 +158,7 @@ def capture_command(**opts) -> None:
             info = resolved.describe()
             click.echo(json.dumps(info, indent=1))
             click.echo(
-                f"estimated size: {_size(info['estimated_file_bytes_uncompressed'])} for "
+                f"estimated size: {format_bytes(info['estimated_file_bytes_uncompressed'])} for "
                 f"{len(info['capture_steps'])} steps "
                 "(uncompressed upper bound; maps compress about 1.2-8x)"
             )
@@ -172,5 +170,5 @@ def capture_command(**opts) -> None:
     click.echo(
         f"wrote {result.path} ({state}): steps {result.steps}"
         + (f", {len(result.skipped)} already there" if result.skipped else "")
-        + f", {_size(result.file_bytes)}, {result.seconds:.1f} s"
+        + f", {format_bytes(result.file_bytes)}, {result.seconds:.1f} s"
     )

@@ -23,10 +23,11 @@ def _plain(value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @fail_cleanly
 def inspect_command(path: str, as_json: bool) -> None:
-    """Print a capture's settings, completeness and sizes, and validate its structure.
+    """Print a capture's settings, completeness and sizes, and validate every stored map.
 
-    Exit code 2 when the file cannot be read (unknown format version, not a capture)
-    or fails validation.
+    Exit code 2 when the file cannot be read (unknown format version, not a capture, a
+    damaged or crafted structure) or a value fails validation (block-mass rows that do not
+    sum to 1, non-finite statistics, ...); each problem is one line.
     """
     from dfsviz.capture.store import CaptureReader
 

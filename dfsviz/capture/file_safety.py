@@ -1,0 +1,235 @@
+"""What keeps a capture file whole: one writer at a time, room on the disk, repair after a crash.
+
+* :class:`CaptureLock`: an exclusive lock on a capture path, taken before anything is
+  created or truncated, held until the writer closes. It is a ``flock`` on a hidden lock
+  file beside the capture (``.NAME.lock``), so the kernel releases it when the process dies.
+* :func:`require_free_space` and :class:`SpaceReservation`: a step starts only when the disk
+  has room for it, and that room is reserved (``fallocate``) before HDF5 writes into it, so
+  another process filling the disk cannot make a write fail halfway through the step.
+* :func:`write_failure_reason` / :func:`pad_truncated`: what a failed HDF5 write means, and
+  the one mend a file cut short by a full disk needs before its completed steps can be read.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+__all__ = [
+    "CaptureLock",
+    "SpaceReservation",
+    "format_bytes",
+    "pad_truncated",
+    "require_free_space",
+    "temporary_path",
+    "write_failure_reason",
+]
+
+logger = logging.getLogger(__name__)
+
+# room kept beyond a step's estimate: HDF5 metadata of the step (object headers, chunk
+# indexes, dimension scales) and the file's own bookkeeping
+SPACE_MARGIN = 4 << 20
+
+
+def format_bytes(num_bytes: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``; whole bytes below 1 KiB (``"1000 B"``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if num_bytes < 1024 or unit == "TiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _lock_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
+def temporary_path(path: Path) -> Path:
+    """Where a new capture is created before it is renamed to ``path`` (same folder, so the
+    rename is atomic)."""
+    return path.parent / f".{path.name}.{os.getpid()}.tmp"
+
+
+class CaptureLock:
+    """Exclusive right to write the capture at ``path`` (a context manager).
+
+    Raises ValueError when another process (or another writer in this one) holds it, naming
+    the holder's pid. Acquiring removes temporary files that a killed creation left behind.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import fcntl
+
+        self.path = Path(path)
+        lock = _lock_path(self.path)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    os.close(fd)
+                    raise
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise ValueError(
+                    f"{str(self.path)!r} is being written by another dfsviz capture (pid {holder}); wait for it to "
+                    "finish or write to another --out"
+                ) from None
+            # a holder that released between our open and flock unlinked the file we locked:
+            # lock the file that is on disk now instead
+            try:
+                on_disk = os.stat(lock)
+            except FileNotFoundError:
+                on_disk = None
+            held = os.fstat(fd)
+            if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+        for stale in self.path.parent.glob(f".{glob_escape(self.path.name)}.*.tmp"):
+            logger.info("removing %s, left by a capture killed while creating its file", stale)
+            stale.unlink(missing_ok=True)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the lock up (idempotent); the lock file goes with it."""
+        if self._fd is None:
+            return
+        try:
+            _lock_path(self.path).unlink(missing_ok=True)  # while still holding it: see __init__
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "CaptureLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters escaped."""
+    return re.sub(r"([*?\[\]])", r"[\1]", name)
+
+
+def _no_space(path: Path, needed: int, free: int, what: str, hint: str) -> ValueError:
+    return ValueError(
+        f"not enough free space for {what}: it needs up to {format_bytes(needed)}, {format_bytes(free)} free on "
+        f"{str(path.parent.resolve())!r}; {hint}"
+    )
+
+
+def require_free_space(path: Path, needed: int, what: str, hint: str) -> None:
+    """Raise ValueError when the disk holding ``path`` has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise _no_space(path, needed, free, what, hint)
+
+
+_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02  # fallocate(2) mode flags (linux/falloc.h)
+
+
+@functools.cache
+def _fallocate():
+    """libc's fallocate(2), or None where there is none (macOS)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class SpaceReservation:
+    """Disk blocks reserved past the end of an open file, without changing its size.
+
+    HDF5 appends a step's chunks and metadata at the end of the file; blocks reserved
+    there with ``fallocate(FALLOC_FL_KEEP_SIZE)`` are the blocks those writes land in, so no
+    write of the step can fail for want of space. Where the filesystem cannot reserve
+    (no fallocate), the free-space check alone guards the step.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd, self.path = fd, path
+        self._end = 0
+
+    def reserve(self, needed: int, what: str, hint: str) -> None:
+        """Reserve ``needed`` bytes after the current end of the file (ValueError without room)."""
+        require_free_space(self.path, needed, what, hint)
+        fn = _fallocate()
+        start = os.fstat(self.fd).st_size
+        if fn is None or fn(self.fd, _KEEP_SIZE, start, needed) == 0:
+            self._end = start + needed if fn is not None else 0
+            return
+        err = _ctypes_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(self.path, needed, shutil.disk_usage(self.path.parent).free, what, hint)
+        logger.info("cannot reserve space in %s (%s): relying on the free-space check", self.path, os.strerror(err))
+
+    def release(self) -> None:
+        """Give back what the step did not use (the blocks past the file's end)."""
+        fn = _fallocate()
+        if fn is None or not self._end:
+            return
+        end = os.fstat(self.fd).st_size
+        if self._end > end:
+            fn(self.fd, _KEEP_SIZE | _PUNCH_HOLE, end, self._end - end)
+        self._end = 0
+
+
+def _ctypes_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
+_HDF5_ERRNO = re.compile(r"errno = (\d+), error message = '([^']*)'")
+
+
+def write_failure_reason(exc: BaseException) -> str:
+    """A short reason for an HDF5 write error ("No space left on device")."""
+    number = getattr(exc, "errno", None)
+    if isinstance(number, int) and number > 0:
+        return os.strerror(number)
+    match = _HDF5_ERRNO.search(str(exc))
+    if match:
+        return match.group(2) or os.strerror(int(match.group(1)))
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+_TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
+
+
+def pad_truncated(path: Path, message: str) -> bool:
+    """Extend a file that a failed write left shorter than its own superblock says.
+
+    HDF5 records the file's end before the data behind it is written; when a full disk stops
+    those writes, the file is shorter than recorded and HDF5 refuses to open it. The missing
+    tail belongs to the step that was being written, which resume drops, so zero bytes are
+    as good as any. Returns True when the file was extended.
+    """
+    match = _TRUNCATED.search(message)
+    if match is None:
+        return False
+    size, stored = int(match.group(1)), int(match.group(2))
+    if size != path.stat().st_size or stored <= size:
+        return False
+    logger.warning("%s ends at byte %d but records %d: padding the lost tail with zeros", path, size, stored)
+    os.truncate(path, stored)
+    return True

@@ -1,0 +1,400 @@
+"""The capture file's schema (format version 1): names, dims, dtypes, root attributes.
+
+This module alone says what a capture file holds; ``docs/format.md`` documents it for
+people. The writer (:mod:`dfsviz.capture.store`) builds files from it and the reader checks
+files against it (:mod:`dfsviz.capture.validation`), so a file that does not match is refused
+with one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from dfsviz.sparse.grid import LatentGrid
+
+__all__ = [
+    "BRANCHES",
+    "DIMS",
+    "FILTERS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "STAT_NAMES",
+    "STEP_GROUP",
+    "UNITS",
+    "StoreLayout",
+    "dataset_dtype",
+    "dimension_values",
+    "read_json_attr",
+    "root_datasets",
+    "step_key",
+]
+
+FORMAT_NAME = "dfsviz-capture"
+FORMAT_VERSION = 1
+STEP_GROUP = "steps"
+# Maps are deflated Huffman-only (Z_HUFFMAN_ONLY: no LZ77 match search): on shuffled float
+# maps, whose mantissa bytes match search cannot shorten, it costs a fraction of level 1's
+# CPU for files a few percent larger. The stream is standard zlib, so HDF5's gzip filter decodes
+# it; GZIP_LEVEL is only the level the filter declares (the chunks are written
+# precompressed, the filter never compresses).
+GZIP_LEVEL = 1
+STAT_NAMES = ("m", "L", "r", "J")
+BRANCHES = ("cond", "uncond")
+QKV_DTYPES = ("float16", "float32")
+# Bounds a crafted file cannot exceed: reading more tokens than any video DiT has, or indices
+# beyond what an int64 attribute round-trips, would only allocate memory for an attack.
+MAX_TOKENS = 1 << 24
+MAX_INDEX = 100_000
+# HDF5 filters dfsviz writes (id -> name): shuffle and deflate; any other filter in a file is
+# refused, so a crafted file cannot make HDF5 load a filter plugin
+FILTERS = {1: "gzip", 2: "shuffle"}
+
+# dims of every per-step dataset (the schema); docs/format.md mirrors this table
+DIMS: dict[str, tuple[str, ...]] = {
+    "m": ("layer", "branch", "order", "head", "q_block", "k_block"),
+    "L": ("layer", "branch", "order", "head", "q_block", "k_block"),
+    "r": ("layer", "branch", "order", "head", "q_block", "k_block"),
+    "J": ("layer", "branch", "order", "head", "q_block", "k_block"),
+    "scores": ("layer", "branch", "order", "method", "head", "q_block", "k_block"),
+    "W_q": ("layer", "branch", "order", "head"),
+    "W_k": ("layer", "branch", "order", "head"),
+    "footprint_block": ("layer", "branch", "order", "head", "sample"),
+    "footprint": ("layer", "branch", "order", "head", "sample", "token"),
+    "q": ("qkv_layer", "branch", "head", "token", "dim"),
+    "k": ("qkv_layer", "branch", "head", "token", "dim"),
+    "v": ("qkv_layer", "branch", "head", "token", "dim"),
+}
+UNITS = {
+    "m": "fraction of the query block's attention (rows sum to 1 over k_block)",
+    "L": "logit (q . k * scale)",
+    "r": "logit",
+    "J": "logit (nats)",
+    "scores": "method-specific (meanpool: logit; dfs_tile/antidiagonal/oracle: mass)",
+    "W_q": "fraction of variance (0..1)",
+    "W_k": "fraction of variance (0..1)",
+    "footprint_block": "query block index in the order's block sequence",
+    "footprint": "N x attention probability (1 = uniform over the N keys)",
+    "q": "model units, post-norm post-RoPE",
+    "k": "model units, post-norm post-RoPE",
+    "v": "model units",
+}
+
+
+def step_key(step: int) -> str:
+    """Group name of a captured step, e.g. ``step_0007``."""
+    return f"step_{step:04d}"
+
+
+# the dtype and fill value of each per-step dataset (maps default to float32, NaN = unwritten)
+_DTYPES = {"footprint": ("float16", np.nan), "footprint_block": ("int32", -1), "W_q": ("float64", np.nan),
+           "W_k": ("float64", np.nan)}
+
+
+def dataset_dtype(name: str, qkv_dtype: str) -> tuple[np.dtype, float | int]:
+    """(dtype, fill value) of per-step dataset ``name``; Q/K/V are stored as ``qkv_dtype``."""
+    if name in ("q", "k", "v"):
+        return np.dtype(qkv_dtype), np.nan
+    dtype, fill = _DTYPES.get(name, ("float32", np.nan))
+    return np.dtype(dtype), fill
+
+
+def dimension_values(layout: "StoreLayout", dim: str) -> np.ndarray:
+    """The coordinate (dimension scale) of ``dim`` in every step group: model layer and head
+    indices, names of branches, orders and methods, or 0..size-1."""
+    names = {"branch": layout.branches, "order": layout.orders, "method": layout.methods}
+    if dim in names:
+        import h5py
+
+        return np.array(names[dim], dtype=h5py.string_dtype())
+    indices = {"layer": layout.layers, "head": layout.heads, "qkv_layer": layout.qkv_layers}
+    if dim in indices:
+        return np.asarray(indices[dim], dtype=np.int64)
+    return np.arange(layout.dim_size(dim), dtype=np.int64)
+
+
+#: the root datasets and groups besides the step groups: name -> (dtype, shape from the layout)
+def root_datasets(layout: "StoreLayout") -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """``coords`` and every ``orders/<name>``: their dtypes and shapes."""
+    out = {"coords": (np.dtype("int32"), (layout.grid.num_video, 3))}
+    out.update({f"orders/{name}": (np.dtype("int64"), (layout.num_tokens,)) for name in layout.orders})
+    return out
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Everything that fixes the shapes of a capture file.
+
+    Fields:
+        grid: token grid of the self-attention sequence (N = grid.num_tokens, padding dropped).
+        block: tokens per block (Mq = Mk = ceil(N / block)).
+        orders: token order names, e.g. ("raster", "hilbert3d").
+        methods: scoring method names.
+        layers: captured layer indices (the adapter's integer numbering).
+        layer_names: qualified module names, same length as ``layers``.
+        heads: captured head indices of the model.
+        branches: ("cond",) or ("cond", "uncond").
+        steps: captured denoising step indices (0-based).
+        footprints: sampled query blocks per head (0 = none).
+        qkv_layers: layers whose Q/K/V are stored (subset of ``layers``).
+        head_dim: D.
+        qkv_dtype: numpy dtype name of stored Q/K/V ("float16" or "float32").
+        qkv_steps: steps at which Q/K/V are stored (subset of ``steps``); None = every step.
+    """
+
+    grid: LatentGrid
+    block: int
+    orders: tuple[str, ...]
+    methods: tuple[str, ...]
+    layers: tuple[int, ...]
+    layer_names: tuple[str, ...]
+    heads: tuple[int, ...]
+    branches: tuple[str, ...]
+    steps: tuple[int, ...]
+    footprints: int
+    qkv_layers: tuple[int, ...] = ()
+    head_dim: int = 64
+    qkv_dtype: str = "float32"
+    qkv_steps: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.layers) != len(self.layer_names):
+            raise ValueError("`layer_names` must name every captured layer")
+        missing = sorted(set(self.qkv_layers) - set(self.layers))
+        if missing:
+            raise ValueError(f"`qkv_layers` {missing} are not captured layers {list(self.layers)}")
+        if self.qkv_dtype not in ("float16", "float32"):
+            raise ValueError(f"`qkv_dtype` must be 'float16' or 'float32' (got {self.qkv_dtype!r})")
+        if self.qkv_steps is None:
+            object.__setattr__(self, "qkv_steps", tuple(self.steps))
+        extra = sorted(set(self.qkv_steps) - set(self.steps))
+        if extra:
+            raise ValueError(f"`qkv_steps` {extra} are not captured steps {list(self.steps)}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid.num_tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.grid.num_tokens // self.block)
+
+    def dim_size(self, dim: str) -> int:
+        """Length of dimension ``dim`` (a name used in ``DIMS``)."""
+        sizes = {
+            "layer": len(self.layers),
+            "branch": len(self.branches),
+            "order": len(self.orders),
+            "method": len(self.methods),
+            "head": len(self.heads),
+            "q_block": self.num_blocks,
+            "k_block": self.num_blocks,
+            "sample": self.footprints,
+            "token": self.num_tokens,
+            "qkv_layer": len(self.qkv_layers),
+            "dim": self.head_dim,
+        }
+        return sizes[dim]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of a per-step dataset (see ``DIMS``)."""
+        return tuple(self.dim_size(d) for d in DIMS[name])
+
+    def has_qkv(self, step: int) -> bool:
+        """Whether Q/K/V are stored at ``step``."""
+        return bool(self.qkv_layers) and step in self.qkv_steps
+
+    def datasets(self, step: int) -> list[str]:
+        """Datasets present in the group of captured step ``step``."""
+        names = list(STAT_NAMES) + ["W_q", "W_k"]
+        if self.methods:
+            names.append("scores")
+        if self.footprints:
+            names += ["footprint_block", "footprint"]
+        if self.has_qkv(step):
+            names += ["q", "k", "v"]
+        return names
+
+    def bytes_per_step(self, step: int) -> int:
+        """Uncompressed bytes of one step's datasets (an upper bound of the file growth)."""
+        itemsize = {"footprint": 2, "footprint_block": 4, "W_q": 8, "W_k": 8, "q": 0, "k": 0, "v": 0}
+        qkv = 2 if self.qkv_dtype == "float16" else 4
+        total = 0
+        for name in self.datasets(step):
+            size = itemsize.get(name, 4) or qkv
+            total += int(np.prod(self.shape(name), dtype=np.int64)) * size
+        return total
+
+    def total_bytes(self) -> int:
+        """Uncompressed bytes of all captured steps (an upper bound of the file size)."""
+        return sum(self.bytes_per_step(step) for step in self.steps)
+
+    def to_attrs(self) -> dict:
+        g = self.grid
+        return {
+            "grid": g.name,
+            "grid_frames": g.frames,
+            "grid_height": g.height,
+            "grid_width": g.width,
+            "text_len": g.text_len,
+            "text_first": g.text_first,
+            "num_tokens": g.num_tokens,
+            "block": self.block,
+            "num_blocks": self.num_blocks,
+            "orders": list(self.orders),
+            "methods": list(self.methods),
+            "layers": np.asarray(self.layers, dtype=np.int64),
+            "layer_names": list(self.layer_names),
+            "heads": np.asarray(self.heads, dtype=np.int64),
+            "branches": list(self.branches),
+            "steps": np.asarray(self.steps, dtype=np.int64),
+            "footprints": self.footprints,
+            "qkv_layers": np.asarray(self.qkv_layers, dtype=np.int64),
+            "head_dim": self.head_dim,
+            "qkv_dtype": self.qkv_dtype,
+            "qkv_steps": np.asarray(self.qkv_steps, dtype=np.int64),
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "StoreLayout":
+        """The layout a file's root attributes describe.
+
+        Raises ValueError naming the first attribute that is missing, of the wrong type or out
+        of range, as a crafted or damaged file may have them.
+        """
+        from dfsviz.sparse._validate import check_power_of_two
+        from dfsviz.sparse.orders import order_names
+        from dfsviz.sparse.scoring import scorer_names
+
+        read = _RootAttrs(attrs)
+        grid = LatentGrid(
+            read.int("grid_frames", 1),
+            read.int("grid_height", 1),
+            read.int("grid_width", 1),
+            text_len=read.int("text_len", 0),
+            text_first=read.bool("text_first"),
+        )
+        if grid.num_tokens > MAX_TOKENS:
+            raise ValueError(f"root attributes describe {grid.num_tokens} tokens, more than dfsviz reads ({MAX_TOKENS})")
+        block = read.int("block", 1)
+        try:
+            check_power_of_two(block, "block", 16, 256)
+        except ValueError as exc:
+            raise ValueError(f"root attribute {str(exc).replace('`block`', repr('block'), 1)}") from None
+        qkv_steps = read.ints("qkv_steps", ascending=True) if "qkv_steps" in attrs else None
+        try:
+            return cls(
+                grid=grid,
+                block=block,
+                orders=read.names("orders", order_names(), "order"),
+                methods=read.names("methods", scorer_names(), "method", allow_empty=True),
+                layers=read.ints("layers"),
+                layer_names=read.strs("layer_names"),
+                heads=read.ints("heads"),
+                branches=read.names("branches", list(BRANCHES), "branch"),
+                steps=read.ints("steps", ascending=True),
+                footprints=read.int("footprints", 0),
+                qkv_layers=read.ints("qkv_layers", allow_empty=True),
+                head_dim=read.int("head_dim", 1),
+                qkv_dtype=read.choice("qkv_dtype", QKV_DTYPES),
+                # Files written before `qkv_steps` existed stored Q/K/V at every step.
+                qkv_steps=qkv_steps,
+            )
+        except ValueError as exc:
+            raise ValueError(f"root attributes do not describe a capture: {exc}") from None
+
+
+class _RootAttrs:
+    """Typed, checked reads of root attributes (h5py hands back numpy scalars and arrays)."""
+
+    def __init__(self, attrs) -> None:
+        self.attrs = attrs
+
+    def get(self, name: str):
+        if name not in self.attrs:
+            raise ValueError(f"root attribute {name!r} is missing")
+        return self.attrs[name]
+
+    def int(self, name: str, low: int) -> int:
+        value = self.get(name)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"root attribute {name!r} must be an integer (got {_show(value)})")
+        if value < low:
+            raise ValueError(f"root attribute {name!r} must be an integer >= {low} (got {int(value)})")
+        return int(value)
+
+    def bool(self, name: str) -> bool:
+        value = self.get(name)
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"root attribute {name!r} must be a bool (got {_show(value)})")
+        return bool(value)
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> str:
+        value = _text(self.get(name))
+        if value not in allowed:
+            raise ValueError(f"root attribute {name!r} must be one of {list(allowed)} (got {_show(value)})")
+        return value
+
+    def _list(self, name: str):
+        value = np.asarray(self.get(name))
+        if value.ndim > 1:
+            raise ValueError(f"root attribute {name!r} must be a list (got an array of shape {value.shape})")
+        return np.atleast_1d(value)
+
+    def ints(self, name: str, *, ascending: bool = False, allow_empty: bool = False) -> tuple[int, ...]:
+        value = self._list(name)
+        if not np.issubdtype(value.dtype, np.integer) and not (allow_empty and value.size == 0):
+            raise ValueError(f"root attribute {name!r} must be a list of integers (got {_show(value)})")
+        out = tuple(int(v) for v in value)
+        if not out and not allow_empty:
+            raise ValueError(f"root attribute {name!r} must not be empty")
+        if any(v < 0 or v > MAX_INDEX for v in out):
+            raise ValueError(f"root attribute {name!r} must hold integers in [0, {MAX_INDEX}] (got {list(out)})")
+        if len(set(out)) != len(out):
+            raise ValueError(f"root attribute {name!r} lists a value twice (got {list(out)})")
+        if ascending and list(out) != sorted(out):
+            raise ValueError(f"root attribute {name!r} must be ascending (got {list(out)})")
+        return out
+
+    def strs(self, name: str) -> tuple[str, ...]:
+        value = self._list(name)
+        out = tuple(_text(v) for v in value)
+        if not all(isinstance(v, str) for v in out):
+            raise ValueError(f"root attribute {name!r} must be a list of strings (got {_show(value)})")
+        return out
+
+    def names(self, name: str, allowed: list[str], what: str, *, allow_empty: bool = False) -> tuple[str, ...]:
+        value = self._list(name)
+        out = tuple(_text(v) for v in value) if value.size else ()
+        if not out and not allow_empty:
+            raise ValueError(f"root attribute {name!r} must not be empty")
+        for v in out:
+            # names become HDF5 paths (orders/<name>): only registry names are safe
+            if v not in allowed:
+                raise ValueError(f"root attribute {name!r} has unknown {what} {_show(v)}; known: {allowed}")
+        if len(set(out)) != len(out):
+            raise ValueError(f"root attribute {name!r} lists a value twice (got {list(out)})")
+        return out
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _show(value) -> str:
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_json_attr(attrs, name: str) -> dict:
+    """A root attribute holding a JSON object (``capture_config``), checked."""
+    value = _RootAttrs(attrs).get(name)
+    try:
+        parsed = json.loads(_text(value))
+    except (TypeError, ValueError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"root attribute {name!r} is not a JSON object (got {_show(value)})")
+    return parsed

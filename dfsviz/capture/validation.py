@@ -1,0 +1,276 @@
+"""Checks of a capture file against its schema: structure when it is opened, content on demand.
+
+* :func:`check_structure` (every :class:`~dfsviz.capture.store.CaptureReader`, metadata only):
+  only hard links; no external raw storage; virtual datasets only over files in the capture's
+  own directory; only the filters dfsviz writes; every dataset of every completed step, the
+  coordinates and the permutations present with the layout's shape, dtype and dims. Raises
+  ValueError with one line naming the first problem.
+* :func:`map_problem` (the writer before it writes a map, and :func:`content_problems`): the
+  values of one map are what its quantity allows (block mass rows sum to 1, finite logits,
+  non-negative diversities ...).
+* :func:`content_problems` (``CaptureReader.validate``, ``dfsviz inspect``): every map of every
+  completed step, the permutations, the coordinates and the dimension scales.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dfsviz.capture.schema import (
+    DIMS,
+    FILTERS,
+    STEP_GROUP,
+    StoreLayout,
+    dataset_dtype,
+    dimension_values,
+    root_datasets,
+    step_key,
+)
+
+__all__ = ["check_structure", "content_problems", "map_problem"]
+
+# Block-mass rows are float32 sums of up to Mk probabilities: 1e-3 is far above their rounding
+# and far below any real damage (a scaled or truncated map)
+ROW_SUM_TOL = 1e-3
+# r and J are >= 0 by definition; float32 streaming leaves them at worst a few ulps below
+NEGATIVE_TOL = -1e-3
+
+
+# ----------------------------------------------------------------------------------------
+# structure
+# ----------------------------------------------------------------------------------------
+def _check_links(group, directory: Path, skip: set[str]) -> None:
+    """Every member of ``group`` (recursively) is a hard link to a safe object."""
+    import h5py
+
+    for name in group:
+        path = f"{group.name.rstrip('/')}/{name}"
+        link = group.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            raise ValueError(f"{path!r} is an external link to {link.filename!r}: dfsviz captures hold no external links (refused)")
+        if isinstance(link, h5py.SoftLink):
+            raise ValueError(f"{path!r} is a soft link to {link.path!r}: dfsviz captures hold only hard links (refused)")
+        if path in skip:
+            continue
+        obj = group[name]
+        if isinstance(obj, h5py.Group):
+            _check_links(obj, directory, skip)
+        else:
+            _check_storage(obj, directory)
+
+
+def _check_storage(dset, directory: Path) -> None:
+    """Data of ``dset`` lies in this file, or in plain datasets of files beside it."""
+    import h5py
+
+    if dset.external:
+        raise ValueError(
+            f"{dset.name!r} stores its data in an external file ({dset.external[0][0]!r}): dfsviz captures keep their "
+            "data inside the file (refused)"
+        )
+    _check_filters(dset)
+    if not dset.is_virtual:
+        return
+    root = directory.resolve()
+    for source in dset.virtual_sources():
+        if source.file_name == ".":
+            continue
+        target = (root / source.file_name).resolve()
+        if not target.is_relative_to(root):
+            raise ValueError(
+                f"{dset.name!r} is a virtual dataset reading {source.file_name!r}, outside the capture's directory "
+                f"{str(root)!r} (refused)"
+            )
+        if not target.is_file():
+            raise ValueError(f"{dset.name!r} is a virtual dataset reading {source.file_name!r}, which does not exist")
+        # the source dataset itself must be plain: no links out, no storage elsewhere, no further indirection
+        with h5py.File(target, "r") as src:
+            parts = [p for p in source.dset_name.split("/") if p]
+            node = src
+            for i, part in enumerate(parts):
+                link = node.get(part, getlink=True)
+                if not isinstance(link, h5py.HardLink):
+                    raise ValueError(f"{dset.name!r} reads {source.file_name}:{source.dset_name}, which is not a plain dataset (refused)")
+                node = node[part]
+            if not isinstance(node, h5py.Dataset) or node.is_virtual or node.external:
+                raise ValueError(f"{dset.name!r} reads {source.file_name}:{source.dset_name}, which is not a plain dataset (refused)")
+            _check_filters(node)
+
+
+def _check_filters(dset) -> None:
+    plist = dset.id.get_create_plist()
+    for i in range(plist.get_nfilters()):
+        code, _, _, name = plist.get_filter(i)
+        if code not in FILTERS:
+            label = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+            raise ValueError(
+                f"{dset.name!r} uses HDF5 filter {code} ({label}); dfsviz writes only shuffle and gzip (refused)"
+            )
+
+
+def _check_dataset(f, path: str, dtype: np.dtype, shape: tuple[int, ...], dims: tuple[str, ...] | None = None) -> None:
+    import h5py
+
+    if path.lstrip("/") not in f:
+        raise ValueError(f"'/{path.lstrip('/')}' is missing")
+    dset = f[path]
+    where = f"'/{path.lstrip('/')}'"
+    if not isinstance(dset, h5py.Dataset):
+        raise ValueError(f"{where} must be a dataset (got a group)")
+    if dset.dtype != dtype:
+        raise ValueError(f"{where} has dtype {dset.dtype}, expected {dtype}")
+    if dset.shape != shape:
+        raise ValueError(f"{where} has shape {dset.shape}, expected {shape}")
+    if dims is not None:
+        stored = [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(dset.attrs.get("dims", []))]
+        if stored != list(dims):
+            raise ValueError(f"{where} has dims {stored}, expected {list(dims)}")
+
+
+def completed_step_groups(f) -> dict[int, object]:
+    """step -> group of every step marked complete; anything else under /steps is refused,
+    except half-written groups of a step that never completed (ignored: resume drops them)."""
+    import h5py
+
+    if STEP_GROUP not in f or not isinstance(f[STEP_GROUP], h5py.Group):
+        raise ValueError(f"'/{STEP_GROUP}' is missing")
+    out = {}
+    for name in f[STEP_GROUP]:
+        where = f"'/{STEP_GROUP}/{name}'"
+        if not name.startswith("step_") or not name[5:].isdigit():
+            raise ValueError(f"{where} is not a step group (step_NNNN)")
+        try:
+            group = f[STEP_GROUP][name]
+            complete = bool(group.attrs.get("complete", False))
+        except (KeyError, OSError, RuntimeError):
+            continue  # a step cut short by a crash: never complete, never read
+        if not complete:
+            continue
+        step = group.attrs.get("step")
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step_key(int(step)) != name:
+            shown = int(step) if isinstance(step, np.integer) else repr(step)
+            raise ValueError(f"{where} has attribute step = {shown}, which does not match its name")
+        out[int(step)] = group
+    return out
+
+
+def check_structure(f, path: Path, layout: StoreLayout) -> None:
+    """Raise ValueError naming the first way the open file ``f`` departs from the schema
+    (metadata only: no map is read)."""
+    incomplete = set()
+    if STEP_GROUP in f:
+        done = {step_key(s) for s in completed_step_groups(f)}
+        incomplete = {f"/{STEP_GROUP}/{name}" for name in f[STEP_GROUP] if name not in done}
+    _check_links(f, path.parent, skip=incomplete)
+    if "orders" not in f:
+        raise ValueError("'/orders' is missing")
+    for name, (dtype, shape) in root_datasets(layout).items():
+        _check_dataset(f, name, dtype, shape)
+    for step, group in completed_step_groups(f).items():
+        if step not in layout.steps:
+            raise ValueError(f"'/{STEP_GROUP}/{step_key(step)}' is not among the planned steps {list(layout.steps)}")
+        prefix = f"{STEP_GROUP}/{step_key(step)}"
+        names = layout.datasets(step)
+        for name in names:
+            dtype, _ = dataset_dtype(name, layout.qkv_dtype)
+            _check_dataset(f, f"{prefix}/{name}", dtype, layout.shape(name), DIMS[name])
+            dset = group[name]
+            if dset.chunks is not None:  # maps: one chunk each, every one written before `complete`
+                maps = int(np.prod(dset.shape, dtype=np.int64)) // int(np.prod(dset.chunks, dtype=np.int64))
+                written = dset.id.get_num_chunks()
+                if written != maps:
+                    raise ValueError(f"'/{prefix}/{name}' has {written} of its {maps} maps written, yet the step is marked complete")
+        for dim in sorted({d for name in names for d in DIMS[name]}):
+            size = layout.dim_size(dim)
+            if dim not in group:
+                raise ValueError(f"'/{prefix}/{dim}' is missing")
+            if group[dim].shape != (size,):
+                raise ValueError(f"'/{prefix}/{dim}' has shape {group[dim].shape}, expected ({size},)")
+
+
+# ----------------------------------------------------------------------------------------
+# content
+# ----------------------------------------------------------------------------------------
+def _nonfinite(array: np.ndarray) -> str | None:
+    bad = ~np.isfinite(array)
+    count = int(bad.sum())
+    if count:
+        return f"{count} non-finite value{'s' if count > 1 else ''} (NaN/inf)"
+    return None
+
+
+def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
+    """What is wrong with one map of dataset ``name`` (one head), or None.
+
+    ``array`` is what the writer stores: float [Mq, Mk] for m, L, r, J and scores, float16
+    [K, N] for footprint, int32 [K] for footprint_block, [N, D] for q, k, v, a float for W.
+    """
+    if name == "footprint_block":
+        bad = array[(array < 0) | (array >= num_blocks)]
+        return f"query block {int(bad[0])} outside [0, {num_blocks})" if bad.size else None
+    if name == "footprint":
+        # N x probability in float16 saturates to inf (documented); NaN or negative is damage
+        if np.isnan(array).any():
+            return f"{int(np.isnan(array).sum())} NaN values"
+        return "negative attention" if (array < 0).any() else None
+    problem = _nonfinite(array)
+    if problem is not None:
+        return problem
+    if name in ("W_q", "W_k"):
+        return "outside [0, 1]" if ((array < NEGATIVE_TOL) | (array > 1 - NEGATIVE_TOL)).any() else None
+    if name in ("m", "r", "J") and (array < NEGATIVE_TOL).any():
+        return f"negative values (min {float(array.min()):.4g})"
+    if name == "m":
+        rows = array.sum(axis=-1, dtype=np.float64)
+        worst = int(np.abs(rows - 1.0).argmax())
+        if abs(rows[worst] - 1.0) > ROW_SUM_TOL:
+            return f"rows do not sum to 1 (query block {worst}: {rows[worst]:.6g})"
+    return None
+
+
+def _label(layout: StoreLayout, name: str, index: tuple[int, ...]) -> str:
+    values = {
+        "layer": layout.layers, "branch": layout.branches, "order": layout.orders, "method": layout.methods,
+        "head": layout.heads, "qkv_layer": layout.qkv_layers,
+    }
+    parts = [f"{dim} {values[dim][i]}" for dim, i in zip(DIMS[name], index)]
+    return ", ".join(parts)
+
+
+def _values(array: np.ndarray) -> list:
+    """A coordinate as a plain list (h5py reads strings back as bytes)."""
+    return [v.decode() if isinstance(v, bytes) else v for v in array.tolist()]
+
+
+def content_problems(f, layout: StoreLayout, steps) -> list[str]:
+    """Problems in the values of the permutations, coordinates, dimension scales and every map
+    of the completed ``steps`` (reads every map once, one (layer, branch, order) at a time)."""
+    problems = []
+    n = layout.num_tokens
+    for order in layout.orders:
+        perm = f["orders"][order][...]
+        if not np.array_equal(np.sort(perm), np.arange(n)):
+            problems.append(f"order {order!r}: stored permutation is not a bijection of 0..{n - 1}")
+    if not np.array_equal(f["coords"][...], layout.grid.video_coords().numpy()):
+        problems.append(f"coords do not match the grid {layout.grid.name}")
+    for step in steps:
+        group = f[STEP_GROUP][step_key(step)]
+        where = step_key(step)
+        names = layout.datasets(step)
+        for dim in sorted({d for name in names for d in DIMS[name]}):
+            got, want = _values(group[dim][...]), _values(dimension_values(layout, dim))
+            if got != want:
+                problems.append(f"{where}/{dim}: coordinate values {got[:8]} ... expected {want[:8]}")
+        for name in names:
+            dset = group[name]
+            lead = dset.shape[: DIMS[name].index("head")]
+            for index in np.ndindex(*lead):
+                maps = dset[index]  # [heads, ...]: one read per (layer, branch, order[, method])
+                for h in range(maps.shape[0]):
+                    problem = map_problem(name, maps[h], layout.num_blocks)
+                    if problem is not None:
+                        problems.append(f"{where}/{name}[{_label(layout, name, (*index, h))}]: {problem}")
+                        break
+    return problems
