@@ -7,7 +7,7 @@ step s measured with the block mass of step t, for every k = 1..Mk at once
 the fresh recall curve, s < t the recall of a mask cached for t - s steps. From these:
 
 * fresh curve F(k): the mean over clips and captured steps t >= W (the sparse part of the
-  schedule) of the fresh recall; density rho(k) likewise (theory.md: short last block and
+  schedule) of the fresh recall; density rho(k) likewise (docs/theory.md: short last block and
   text rows counted exactly);
 * reuse factor rho_d(k): the mean over clips and captured pairs W <= s < t with t - s = d of
   recall(s -> t) / recall(t -> t), linear between captured lags (1 at lag 0), capped at 1;

@@ -5,7 +5,7 @@ picks the self-attention modules and numbers them, drives one forward pass of th
 transformer with precomputed conditioning, and says which tokens of a captured
 SDPA call are real (HunyuanVideo pads its text and masks the padding).
 
-Token layouts (reference/environment.md section 3):
+Token layouts (as measured on tiny random-weight models of diffusers 0.42):
 * Wan: self-attention ``blocks.N.attn1`` sees video tokens only (text is cross-attention).
 * HunyuanVideo: ``transformer_blocks.N.attn`` (dual stream) and
   ``single_transformer_blocks.N.attn`` see [video, text]; the text is padded and a

@@ -1,6 +1,6 @@
 """Record the post-RoPE Q, K (and V) of self-attention layers at the SDPA call.
 
-diffusers computes attention in two ways (reference/environment.md section 3): some
+diffusers computes attention in two ways (diffusers 0.42): some
 processors call ``torch.nn.functional.scaled_dot_product_attention`` directly
 (CogVideoX), the others go through ``dispatch_attention_fn`` whose ``native``
 backend calls the same function. Both reach SDPA with Q and K already normed and

@@ -147,7 +147,7 @@ def recall_command(
 ) -> None:
     """Recall of top-k block masks against the budget, per token order and scoring method.
 
-    Draws Q/K from the token model of theory.md (moving regions on the grid), reorders
+    Draws Q/K from the token model of docs/theory.md (moving regions on the grid), reorders
     them, and for every budget gamma prints per method the recall R (exact, from the
     block mass m), the Bound 2 lower bound (bnd2, mean over query blocks) and the
     density rho of the top-k mask, averaged over heads; the oracle row is the best any

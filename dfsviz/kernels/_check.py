@@ -1,4 +1,4 @@
-"""Accuracy rule shared by the kernel tests and ``benchmarks/check_gpu.py`` (STYLE.md, Tests).
+"""Accuracy rule shared by the kernel tests and ``benchmarks/check_gpu.py`` (the house rule for kernel tests).
 
 A kernel passes when its largest error against a float64 golden result is at most
 ``factor`` times the largest error of the PyTorch reference run in the test dtype

@@ -99,7 +99,6 @@ def test_a_file_with_a_scaled_first_map_is_invalid(capture_root, tmp_path):
             cat.scores("scaled/first.h5", 3, 0, "raster", "meanpool")
 
 
-@pytest.mark.xfail(strict=True, reason="needs CaptureReader.validate() of every map")
 def test_a_file_with_a_scaled_later_map_is_invalid(capture_root, tmp_path):
     root = tmp_path / "scaled"
     root.mkdir()

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 import dfsviz
 from dfsviz.cli import main
 
-COMMANDS = ("orders", "recall", "capture", "inspect", "report", "app")
+COMMANDS = ("orders", "recall", "capture", "inspect", "report", "app", "calibrate")
 
 
 def test_version_is_the_package_version():
