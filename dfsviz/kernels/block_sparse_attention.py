@@ -94,7 +94,7 @@ def _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N:
 
 @triton.jit
 def _block_sparse_attention_kernel(
-    Q, K, V, O, LSE, KV_NUM, KV_IDX, PERM,
+    Q, K, V, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -105,7 +105,7 @@ def _block_sparse_attention_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.load(BH_ORDER + tl.program_id(1))  # heads with the most kept blocks run first
     b = pid_bh // H
     h = pid_bh % H
     u = (pid_m * BLOCK_M) // BLOCK  # the mask's query block holding these rows
@@ -160,7 +160,7 @@ def _block_sparse_attention_kernel(
 
 @triton.jit
 def _block_sparse_attention_desc_kernel(
-    desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX,
+    desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER,
     H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -169,7 +169,7 @@ def _block_sparse_attention_desc_kernel(
     descriptors ([B, H, N, D] of any 16-byte strides; the copy engine on Hopper): rows past N
     load as zeros and are not stored, so only the short last key block needs a -inf fill."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.load(BH_ORDER + tl.program_id(1))
     b = pid_bh // H
     h = pid_bh % H
     u = (pid_m * BLOCK_M) // BLOCK
@@ -308,6 +308,12 @@ def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_ls
         perm = order.perm_on(q.device, torch.int32)
     counts = mask.kv_num_blocks.contiguous()
     indices = mask.kv_indices.contiguous()
+    # Programs start in grid order, a head's query rows together. Per-head budgets (a
+    # calibrated config, dense heads) make some heads many times longer than others:
+    # starting the longest first keeps them from forming a tail after the short ones
+    # (longest-processing-time-first). Device ops on a [B * H] vector: no host sync.
+    work = counts.view(bsz * heads, -1).sum(dim=-1)
+    bh_order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
 
     # Same layout as q when q is dense (diffusers' [B, N, H, D] memory: the caller's transpose
     # back to [B, N, H * D] is then a view), else [B, H, N, D]-contiguous.
@@ -323,12 +329,12 @@ def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_ls
         # Contiguous key blocks: whole tiles through tensor descriptors (placeholder tile
         # shapes; _set_tile_shapes sets the launched config's).
         descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, d]) for x in (q, k, v, out)]
-        args = (*descs, lse, counts, indices, heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
+        args = (*descs, lse, counts, indices, bh_order, heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
         _launch(_block_sparse_attention_desc_kernel, _TUNED_DESC_KERNEL, args, meta, n, bsz * heads, mask.block, d,
                 pre_hook=_set_tile_shapes)
     else:
         args = (
-            q, k, v, out, lse, counts, indices, perm if perm is not None else counts,
+            q, k, v, out, lse, counts, indices, perm if perm is not None else counts, bh_order,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
