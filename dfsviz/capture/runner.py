@@ -815,7 +815,10 @@ class _Reducer:
                     scores[method] = self.block_scores(
                         qo, ko, method=method, tile=cfg.tile_for(method), block=lay.block, scale=scale, **backend
                     )[0]
-            wq, wk = variance_ratio(qo, lay.block)[0], variance_ratio(ko, lay.block)[0]
+            # the writer checks every W (and every map) it writes: no value check here, which
+            # would wait for the GPU twice per order and layer
+            wq = variance_ratio(qo, lay.block, check_values=False)[0]
+            wk = variance_ratio(ko, lay.block, check_values=False)[0]
             self.writer.write_maps(
                 rec.layer, self.branch, order.name, {"m": st.m[0], "L": st.L[0], "r": st.r[0], "J": st.J[0]}, scores, wq, wk
             )

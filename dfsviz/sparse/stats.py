@@ -479,7 +479,7 @@ def mask_density(mask: BlockMask) -> torch.Tensor:
     return _check_mask(mask).density()
 
 
-def variance_ratio(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+def variance_ratio(x: torch.Tensor, block: int = 128, *, check_values: bool = True) -> torch.Tensor:
     """Intra-block variance ratio W (docs/theory.md): the share of variance that stays in blocks.
 
     W = sum_v sum_{j in V_v} ||x_j - xbar_v||^2 / sum_j ||x_j - xbar||^2, computed in
@@ -490,13 +490,17 @@ def variance_ratio(x: torch.Tensor, block: int = 128) -> torch.Tensor:
         x: [B, H, N, D] queries or keys, in the token order whose blocks are studied; finite,
             B, H, D >= 1, else ValueError.
         block: tokens per block (power of two in [16, 256]); the last block may be short.
+        check_values: refuse non-finite ``x`` (one pass; on a GPU it waits for the device).
+            False is for callers that check the result instead (the capture checks every W
+            it writes), so that nothing here waits for the GPU; a non-finite ``x`` then gives NaN.
 
     Returns:
         float64 [B, H] in [0, 1].
     """
     check_bhnd(x, "x")
     block = _check_block(block)
-    check_finite(x, "x", NON_FINITE_QKV_FIX)
+    if check_values:
+        check_finite(x, "x", NON_FINITE_QKV_FIX)
     b, h, n, d = x.shape
     mb = num_blocks(n, block)
     padded = mb * block
@@ -510,8 +514,9 @@ def variance_ratio(x: torch.Tensor, block: int = 128) -> torch.Tensor:
         means = blocks.sum(dim=1, keepdim=True) / sizes[:, None, None]
         within = ((blocks - means) ** 2).sum(dim=-1).view(padded)[:n].sum()
         total = ((xd - xd.mean(dim=0)) ** 2).sum()
-        # no host sync: where() instead of testing `total` in Python (one per head on a GPU)
-        out[g] = torch.where(total > 0, within / total, torch.zeros_like(total))
+        # no host sync: where() instead of testing `total` in Python (one per head on a GPU);
+        # only a zero total means "no variance": a NaN total (unchecked input) stays NaN
+        out[g] = torch.where(total == 0, torch.zeros_like(total), within / total)
     return out.view(b, h)
 
 

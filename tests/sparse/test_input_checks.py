@@ -92,6 +92,10 @@ def test_variance_ratio_refuses_non_finite_and_empty_inputs():
         variance_ratio(x, block=BLOCK)
     with pytest.raises(ValueError, match=r"`x` must have at least one batch element, head and channel"):
         variance_ratio(torch.zeros(1, 1, N, 0), block=BLOCK)
+    # a caller that checks the result instead (the capture's writer) skips the pass: NaN out
+    x[0, 0, 5, 5] = float("nan")
+    w = variance_ratio(x, block=BLOCK, check_values=False)
+    assert torch.isnan(w[0, 0]) and torch.isfinite(w[0, 1:]).all()
 
 
 def test_finite_extremes_still_pass():
