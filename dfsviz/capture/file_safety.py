@@ -24,6 +24,7 @@ __all__ = [
     "CaptureLock",
     "SpaceReservation",
     "format_bytes",
+    "glob_escape",
     "pad_truncated",
     "require_free_space",
     "temporary_path",

@@ -21,6 +21,7 @@ __all__ = [
     "FILTERS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "RootAttrs",
     "STAT_NAMES",
     "STEP_GROUP",
     "UNITS",
@@ -268,7 +269,7 @@ class StoreLayout:
         from dfsviz.sparse.orders import order_names
         from dfsviz.sparse.scoring import scorer_names
 
-        read = _RootAttrs(attrs)
+        read = RootAttrs(attrs)
         grid = LatentGrid(
             read.int("grid_frames", 1),
             read.int("grid_height", 1),
@@ -306,7 +307,7 @@ class StoreLayout:
             raise ValueError(f"root attributes do not describe a capture: {exc}") from None
 
 
-class _RootAttrs:
+class RootAttrs:
     """Typed, checked reads of root attributes (h5py hands back numpy scalars and arrays)."""
 
     def __init__(self, attrs) -> None:
@@ -390,7 +391,7 @@ def _show(value) -> str:
 
 def read_json_attr(attrs, name: str) -> dict:
     """A root attribute holding a JSON object (``capture_config``), checked."""
-    value = _RootAttrs(attrs).get(name)
+    value = RootAttrs(attrs).get(name)
     try:
         parsed = json.loads(_text(value))
     except (TypeError, ValueError):

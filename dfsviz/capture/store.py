@@ -78,7 +78,6 @@ from dfsviz.capture.file_safety import (
     write_failure_reason,
 )
 from dfsviz.capture.schema import (
-    _RootAttrs,
     DIMS,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -86,6 +85,7 @@ from dfsviz.capture.schema import (
     STAT_NAMES,
     STEP_GROUP,
     UNITS,
+    RootAttrs,
     StoreLayout,
     dataset_dtype,
     dimension_values,
@@ -901,7 +901,7 @@ class CaptureReader:
                     f"{__version__} reads format version {FORMAT_VERSION}: open it with dfsviz {writer}"
                 )
             self.layout = StoreLayout.from_attrs(attrs)
-            self._complete = _RootAttrs(attrs).bool("complete")
+            self._complete = RootAttrs(attrs).bool("complete")
             self._config = read_json_attr(attrs, "capture_config")
             check_structure(self._f, self.path, self.layout)
             self._steps = sorted(completed_step_groups(self._f))
