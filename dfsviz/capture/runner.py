@@ -304,10 +304,16 @@ class ModelSource:
         model_id: label stored in the file.
         vae_spatial, vae_temporal: pixels per latent cell.
         default_size: (frames, height, width) pixels when the config gives none.
-        cond, uncond: conditioning of the two branches (None: from ``embeddings``).
+        encode_prompt: the conditioning of a prompt, ``prompt -> (cond, uncond, prompt
+            encoded)``, for a model that encodes prompts itself (the embedded model: a class
+            name, "" for its first class); None when the conditioning comes from ``cond`` or
+            from the config's ``embeddings``. One loaded source serves every prompt of a run set.
+        cond, uncond: fixed conditioning of the two branches, whatever the prompt (a source
+            built around a transformer and its embeddings); None: from ``encode_prompt`` or
+            the config's ``embeddings``.
         num_steps, guidance_scale: the model's defaults.
-        prompt: the prompt the conditioning encodes when the source chose it (embedded model:
-            the class name used), else None.
+        weights_sha256: :func:`weights_fingerprint` of ``transformer`` when already computed
+            (a run set hashes the weights once for all its clips); None = hashed by each capture.
     """
 
     transformer: torch.nn.Module
@@ -317,11 +323,12 @@ class ModelSource:
     vae_spatial: int = 8
     vae_temporal: int = 4
     default_size: tuple[int, int, int] = (81, 480, 832)
+    encode_prompt: Callable[[str], tuple[Conditioning, Conditioning | None, str]] | None = None
     cond: Conditioning | None = None
     uncond: Conditioning | None = None
     num_steps: int = 50
     guidance_scale: float = 5.0
-    prompt: str | None = None
+    weights_sha256: str | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -372,7 +379,7 @@ def _transformer_class(name: str):
     return cls, adapters[0]
 
 
-def _embedded_source(config: CaptureConfig, device) -> ModelSource:
+def _embedded_source(device) -> ModelSource:
     import diffusers
 
     try:
@@ -382,9 +389,13 @@ def _embedded_source(config: CaptureConfig, device) -> ModelSource:
             f"the embedded model is not available in this dfsviz ({exc}); pass --model <hub id or diffusers directory>"
         ) from None
     model = load_embedded_model(device=device)
-    prompt = config.prompt or model.classes[0]
-    cond = Conditioning(encode_labels(model, [prompt]))
     uncond = Conditioning(model.class_embeddings[model.null_label][None])
+
+    def encode_prompt(prompt: str) -> tuple[Conditioning, Conditioning, str]:
+        """A class name's embedding; "" is the first class."""
+        prompt = prompt or model.classes[0]
+        return Conditioning(encode_labels(model, [prompt])), uncond, prompt
+
     cfg = model.config
     return ModelSource(
         transformer=model.transformer,
@@ -394,11 +405,9 @@ def _embedded_source(config: CaptureConfig, device) -> ModelSource:
         vae_spatial=1,  # the embedded model denoises pixels
         vae_temporal=1,
         default_size=(cfg.frames, cfg.height, cfg.width),
-        cond=cond,
-        uncond=uncond,
+        encode_prompt=encode_prompt,
         num_steps=20,
         guidance_scale=1.0,
-        prompt=prompt,
     )
 
 
@@ -416,7 +425,7 @@ def load_model_source(config: CaptureConfig, *, load_weights: bool = True) -> Mo
     """
     device, dtype = config.torch_device, config.torch_dtype
     if config.model is None:
-        return _embedded_source(config, device)
+        return _embedded_source(device)
     import diffusers
 
     path = Path(config.model).expanduser()
@@ -591,12 +600,15 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
         raise ValueError(f"`capture_steps` must lie in [0, {num_steps - 1}] for {num_steps} steps (got {list(steps)})")
 
     # conditioning
+    prompt = config.prompt
     if config.embeddings == "random":
         gen = torch.Generator().manual_seed(config.seed + 1)
         cond = adapter.random_conditioning(mcfg, gen)
         uncond = adapter.random_conditioning(mcfg, gen)
     elif config.embeddings is not None:
         cond, uncond = _load_embeddings(config.embeddings, adapter)
+    elif source.encode_prompt is not None:
+        cond, uncond, prompt = source.encode_prompt(config.prompt)
     elif source.cond is not None:
         cond, uncond = source.cond, source.uncond
     else:
@@ -666,7 +678,7 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
         "model_class": type(model).__name__,
         "adapter": adapter.name,
         "model_config": {k: v for k, v in dict(mcfg).items()},
-        "prompt": source.prompt if source.prompt is not None and config.embeddings is None else config.prompt,
+        "prompt": prompt,
         "negative_prompt": config.negative_prompt,
         "seed": config.seed,
         "guidance_scale": guidance,
@@ -680,7 +692,7 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
         "capture_config": config.to_json(),
         "dtype": str(config.torch_dtype).replace("torch.", ""),
         "device": str(config.torch_device),
-        "embeddings": config.embeddings or ("model" if source.cond is not None else ""),
+        "embeddings": config.embeddings or "model",
     }
     return ResolvedCapture(
         config, source, grid, latent, num_steps, guidance, tuple(steps), layer_map, tuple(heads), layout, cond, uncond, attrs
@@ -906,7 +918,7 @@ def run_capture(
         if out.exists() and not (config.overwrite or config.resume):
             raise ValueError(f"output {config.out!r} exists; pass --overwrite to replace it or --resume to continue it")
         rc = resolve_capture(config, source=source)
-        identity = run_identity(rc, weights_fingerprint(rc.source.transformer))
+        identity = run_identity(rc, rc.source.weights_sha256 or weights_fingerprint(rc.source.transformer))
         if config.resume:
             writer = CaptureWriter.resume(out, rc.layout, identity, lock=lock)
         else:
