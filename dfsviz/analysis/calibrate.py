@@ -608,22 +608,26 @@ def _drift_at_budgets(readers: list, order: str, method: str, branch: str, best:
             "samples": [len(by_lag[d]) for d in lags], "interval": best.interval}
 
 
-def _open(captures) -> tuple[list, list]:
+def _open(captures, allow_incomplete: bool) -> tuple[list, list]:
+    from dfsviz.capture.runset import open_run_set
     from dfsviz.capture.store import CaptureReader, open_capture
 
     if isinstance(captures, (str, os.PathLike, CaptureReader)):
         captures = [captures]
     if not isinstance(captures, Sequence) or not captures:
-        raise ValueError("`captures` must be one or more capture files (paths or dfsviz.open readers)")
+        raise ValueError("`captures` must be one or more capture files or run-set directories (paths or dfsviz.open "
+                         "readers)")
     readers, owned = [], []
     try:
         for c in captures:
             if isinstance(c, CaptureReader):
                 readers.append(c)
             elif isinstance(c, (str, os.PathLike)):
-                r = open_capture(c)
-                readers.append(r)
-                owned.append(r)
+                paths = open_run_set(c).capture_files(allow_incomplete=allow_incomplete) if Path(c).is_dir() else [c]
+                for path in paths:
+                    r = open_capture(path)
+                    readers.append(r)
+                    owned.append(r)
             else:
                 raise TypeError(f"`captures` must hold file paths or CaptureReader objects (got {type(c).__name__})")
     except Exception:
@@ -633,13 +637,17 @@ def _open(captures) -> tuple[list, list]:
     return readers, owned
 
 
-def calibrate(captures, config: CalibrationConfig, *, progress: bool = False) -> Calibration:
+def calibrate(captures, config: CalibrationConfig, *, progress: bool = False,
+              allow_incomplete: bool = False) -> Calibration:
     """Calibrate DFSAttn from captures of one model at one grid (several prompts/seeds pool).
 
     Args:
-        captures: a capture path or reader, or a sequence of them (``dfsviz.open``).
+        captures: a capture path or reader, or a run-set directory (``dfsviz capture --seeds``
+            / ``--prompts``: its clip files, in clip order), or a sequence of them.
         config: :class:`CalibrationConfig` (target recall or work budget, order, method, ...).
         progress: show a tqdm bar over the (capture, layer) reads.
+        allow_incomplete: pool the complete clips of a run set whose other clips are not
+            complete; otherwise such a run set is refused.
 
     Returns:
         :class:`Calibration`; ``result.save("dfsattn.json")`` writes the plan that
@@ -648,14 +656,15 @@ def calibrate(captures, config: CalibrationConfig, *, progress: bool = False) ->
     Raises:
         ValueError: captures that cannot be pooled (different models, grids, blocks, layers, heads
         or step counts), missing statistics (one captured step, no scores, an order or method not
-        captured), or a target that no sparse budget meets.
+        captured), a target that no sparse budget meets, a directory that is not a run set or a
+        run set with incomplete clips (without ``allow_incomplete``).
     """
     from dfsviz import __version__
 
     if not isinstance(config, CalibrationConfig):
         raise TypeError(f"`config` must be a CalibrationConfig (got {type(config).__name__})")
     start = time.perf_counter()
-    readers, owned = _open(captures)
+    readers, owned = _open(captures, allow_incomplete)
     try:
         _check_pool(readers, config)
         first = readers[0]

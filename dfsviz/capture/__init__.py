@@ -3,6 +3,8 @@
 * :class:`AttentionCapture` (hooks): record post-RoPE Q/K/V of self-attention at SDPA.
 * adapters: Wan, HunyuanVideo, CogVideoX, generic (grid, layers, forward, padding).
 * :func:`run_capture` / :class:`CaptureConfig` (runner): the ``dfsviz capture`` engine.
+* :func:`capture_run_set` / :class:`RunSetConfig` / :func:`open_run_set` (runset): several
+  clips (prompts x seeds) in one command, one capture file each, in a run-set directory.
 * :class:`CaptureWriter` / :class:`CaptureReader` / :func:`open_capture` (store): the file
   format, version :data:`FORMAT_VERSION` (``docs/format.md``).
 """
@@ -32,6 +34,16 @@ from dfsviz.capture.runner import (
     resolve_capture,
     run_capture,
 )
+from dfsviz.capture.runset import (
+    RunSet,
+    RunSetClip,
+    RunSetConfig,
+    RunSetResult,
+    capture_run_set,
+    describe_run_set,
+    open_run_set,
+    read_prompts,
+)
 from dfsviz.capture.store import (
     FORMAT_VERSION,
     CaptureReader,
@@ -57,16 +69,24 @@ __all__ = [
     "ModelAdapter",
     "ModelSource",
     "ResolvedCapture",
+    "RunSet",
+    "RunSetClip",
+    "RunSetConfig",
+    "RunSetResult",
     "StoreLayout",
     "StoredStats",
     "WanAdapter",
     "adapter_for",
     "adapter_names",
     "block_footprints",
+    "capture_run_set",
     "default_capture_steps",
+    "describe_run_set",
     "get_adapter",
     "load_model_source",
     "open_capture",
+    "open_run_set",
+    "read_prompts",
     "resolve_capture",
     "run_capture",
     "supported_architectures",

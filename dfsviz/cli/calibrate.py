@@ -17,12 +17,13 @@ def _fmt(x: float | None, digits: int = 3) -> str:
         "\b\nExamples:\n"
         "  dfsviz calibrate run.h5 --target-recall 0.9 --out dfsattn.json\n"
         "  dfsviz calibrate seed0.h5 seed1.h5 --max-density 0.4 --out dfsattn.json\n"
+        "  dfsviz calibrate runs/classes --target-recall 0.9 --out dfsattn.json   # a run set: all its clips\n"
         "  dfsviz calibrate wan.h5 --target-recall 0.95 --method dfs_tile --warmup 12 --out wan-dfsattn.json\n"
         "\b\nThen, in Python:\n"
         '  apply_dfsattn(pipe, "dfsattn.json")'
     ),
 )
-@click.argument("captures", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("captures", nargs=-1, required=True, type=click.Path())
 @click.option("--target-recall", type=float, default=None,
               help="Recall every sparse (layer, head) keeps, e.g. 0.9; the plan with the least attention work wins.")
 @click.option("--max-density", type=float, default=None,
@@ -38,10 +39,15 @@ def _fmt(x: float | None, digits: int = 3) -> str:
               help="Heads needing a larger kept fraction run dense (default 0.85, the kernel's break-even).")
 @click.option("--refresh-cost", type=float, default=None,
               help="Work of one mask refresh, in dense attention calls of the layer (default 0.05).")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Calibrate on the complete clips of a run set whose other clips are not complete.")
 @fail_cleanly
 def calibrate_command(captures, target_recall, max_density, out, order, method, branch, warmup_steps, interval,
-                      dense_above, refresh_cost):
+                      dense_above, refresh_cost, allow_incomplete):
     """Calibrate DFSAttn from one or more CAPTURES of one model at one resolution.
+
+    A CAPTURE is a capture file or a run-set directory (``dfsviz capture --seeds/--prompts``),
+    which stands for its clips' files.
 
     Decides a kept fraction gamma per (layer, head) (or dense), the dense warm-up steps, the
     refresh interval and the scoring method from the stored block mass, scores and their drift
@@ -54,13 +60,13 @@ def calibrate_command(captures, target_recall, max_density, out, order, method, 
     tuning = {k: v for k, v in (("dense_above", dense_above), ("refresh_cost", refresh_cost)) if v is not None}
     config = CalibrationConfig(target_recall=target_recall, max_density=max_density, order=order, method=method,
                                branch=branch, warmup_steps=warmup_steps, interval=interval, **tuning)
-    result = calibrate(list(captures), config, progress=True)
+    result = calibrate(list(captures), config, progress=True, allow_incomplete=allow_incomplete)
     path = result.save(out)
     plan, p = result.plan, result.plan.predicted
     goal = (f"every head's recall >= {target_recall:g}" if target_recall is not None
             else f"attention work <= {max_density:g} of dense")
     click.echo(f"wrote {path}: {plan.model.id} ({plan.model.cls}), grid {plan.grid.name}, block {plan.block}; "
-               f"{len(captures)} capture(s) in {result.seconds:.1f} s")
+               f"{len(plan.provenance['captures'])} capture(s) in {result.seconds:.1f} s")
     click.echo(f"goal: {goal}; order {plan.order}, method {plan.method}"
                + ("" if plan.tile is None else f" (tile {plan.tile})"))
     click.echo(f"schedule: {plan.warmup_steps} dense warm-up step(s) of {plan.num_steps}, refresh every "

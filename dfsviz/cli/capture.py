@@ -1,7 +1,9 @@
-"""``dfsviz capture``: record attention statistics of a video DiT into one HDF5 file."""
+"""``dfsviz capture``: record attention statistics of a video DiT into one HDF5 file, or of several
+clips (prompts x seeds) into a run set, one file per clip."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -16,23 +18,39 @@ from dfsviz.sparse.scoring import scorer_names
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
-def parse_int_list(spec: str | None, option: str) -> tuple[int, ...] | None:
-    """"all"/None -> None; "0,3,5-7" -> (0, 3, 5, 6, 7)."""
-    if spec is None or spec.strip().lower() == "all":
-        return None
-    values: list[int] = []
+def _ranges(spec: str, option: str, high: int, form: str):
+    """(lo, hi) of each comma-separated "N" or "N-M" of ``spec``, checked against [0, ``high``]."""
     for part in spec.split(","):
         match = _RANGE.match(part.strip())
         if match is None:
-            raise ValueError(f"`{option}` must be 'all' or integers and ranges like 0,3,5-7 (got {spec!r})")
+            raise ValueError(f"`{option}` must be {form} (got {spec!r})")
         lo = int(match.group(1))
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
             raise ValueError(f"`{option}`: range {part.strip()!r} runs backwards; write {hi}-{lo}")
-        if hi > MAX_INDEX:  # before expanding the range: 0-99999999999 would fill the memory
-            raise ValueError(f"`{option}` values must lie in [0, {MAX_INDEX}] (got {part.strip()})")
-        values.extend(range(lo, hi + 1))
-    return tuple(sorted(set(values)))
+        if hi > high:  # before expanding the range: 0-99999999999 would fill the memory
+            raise ValueError(f"`{option}` values must lie in [0, {high}] (got {part.strip()})")
+        yield lo, hi
+
+
+def parse_int_list(spec: str | None, option: str) -> tuple[int, ...] | None:
+    """"all"/None -> None; "0,3,5-7" -> (0, 3, 5, 6, 7)."""
+    if spec is None or spec.strip().lower() == "all":
+        return None
+    spans = _ranges(spec, option, MAX_INDEX, "'all' or integers and ranges like 0,3,5-7")
+    return tuple(sorted({v for lo, hi in spans for v in range(lo, hi + 1)}))
+
+
+def parse_seeds(spec: str) -> tuple[int, ...]:
+    """"0-3" -> (0, 1, 2, 3); "0,5" -> (0, 5): the seeds of a run set, in the order given."""
+    from dfsviz.capture.runner import MAX_SEED
+    from dfsviz.capture.runset import MAX_CLIPS
+
+    spans = list(_ranges(spec, "--seeds", MAX_SEED, "integers and ranges like 0-3 or 0,5"))
+    count = sum(hi - lo + 1 for lo, hi in spans)
+    if count > MAX_CLIPS:
+        raise ValueError(f"`--seeds` lists {count} seeds; a run set has at most {MAX_CLIPS} clips")
+    return tuple(v for lo, hi in spans for v in range(lo, hi + 1))
 
 
 def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
@@ -50,11 +68,18 @@ def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
         "  dfsviz capture --out tiny.h5                       # the embedded model, CPU friendly\n"
         "  dfsviz capture --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --embeddings prompt.safetensors \\\n"
         "      --capture-steps 0,10,25,49 --layers 0-29 --out wan.h5\n"
-        "  dfsviz capture --model ./wan-dir --embeddings random --dry-run --out x.h5"
+        "  dfsviz capture --model ./wan-dir --embeddings random --dry-run --out x.h5\n"
+        "  dfsviz capture --prompts all --seeds 0-3 --out runs/classes    # a run set: 32 clips, one file each\n"
+        "  dfsviz capture --model ./wan-dir --embeddings random --seeds 0-7 --out runs/wan-seeds"
     ),
 )
 @click.option("--model", default=None, help="Hub id or local diffusers directory; default: the embedded model.")
-@click.option("--prompt", default="", help="Prompt (embedded model: a class name).")
+@click.option("--prompt", default=None, help="Prompt (embedded model: a class name).")
+@click.option(
+    "--prompts", "prompts_spec", default=None,
+    help="Several clips: a text file with one prompt per line (blank lines and # comments skipped), or 'all' for "
+         "every class of the embedded model. With --seeds, every prompt with every seed.",
+)
 @click.option("--negative-prompt", default="", help="Unconditional prompt (recorded in the file).")
 @click.option(
     "--embeddings",
@@ -69,7 +94,8 @@ def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
 @click.option("--width", type=int, default=None, help="Video width in pixels (default: the model's).")
 @click.option("--frames", type=int, default=None, help="Video frames (default: the model's).")
 @click.option("--latent", default=None, help="Latent size FxHxW in latent cells (overrides height/width/frames).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of noise, random embeddings, footprints.")
+@click.option("--seed", type=int, default=None, help="Seed of noise, random embeddings, footprints (default 0).")
+@click.option("--seeds", "seeds_spec", default=None, help="Several clips: seeds like 0-3 or 0,5 (one clip each).")
 @click.option("--guidance-scale", type=float, default=None, help="CFG weight (1 = no unconditional pass).")
 @click.option(
     "--branches", type=click.Choice(["cond", "both"]), default="cond", show_default=True,
@@ -102,11 +128,12 @@ def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
     "--kernel-backend", type=click.Choice(["triton", "ref"]), default=None,
     help="Force the statistics kernels (default: Triton on CUDA, reference on CPU).",
 )
-@click.option("--out", required=True, help="Output HDF5 file.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--out", required=True,
+              help="Output HDF5 file; with several clips a directory (the run set: one file per clip and runset.json).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file or run set.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted capture in --out: same settings and weights, checked; a file a crash "
-                   "left half-written is repaired first.")
+                   "left half-written is repaired first. A run set skips its complete clips.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings and estimated size; capture nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @fail_cleanly
@@ -117,13 +144,21 @@ def capture_command(**opts) -> None:
     diversities r and J, block scores of every method, variance ratios W_q and W_k,
     footprints of sampled query blocks and optionally Q/K/V. Open the file with
     ``dfsviz.open(path)`` or ``dfsviz inspect FILE``.
-    """
-    from dfsviz.capture.runner import CaptureConfig, resolve_capture, run_capture
 
+    With --prompts or --seeds naming several clips, --out is a directory, a run set: one
+    capture file per clip and runset.json, the model loaded once (``dfsviz calibrate DIR``
+    pools its clips).
+    """
+    from dfsviz.capture.runner import CaptureConfig
+
+    if opts["seed"] is not None and opts["seeds_spec"] is not None:
+        raise ValueError("pass --seed or --seeds, not both")
+    if opts["prompt"] is not None and opts["prompts_spec"] is not None:
+        raise ValueError("pass --prompt or --prompts, not both")
     config = CaptureConfig(
         out=opts["out"],
         model=opts["model"],
-        prompt=opts["prompt"],
+        prompt=opts["prompt"] or "",
         negative_prompt=opts["negative_prompt"],
         embeddings=opts["embeddings"],
         num_steps=opts["num_steps"],
@@ -134,7 +169,7 @@ def capture_command(**opts) -> None:
         width=opts["width"],
         frames=opts["frames"],
         latent=opts["latent"],
-        seed=opts["seed"],
+        seed=opts["seed"] or 0,
         guidance_scale=opts["guidance_scale"],
         branches=opts["branches"],
         orders=_names(opts["orders_spec"], "--orders", order_names()),
@@ -153,22 +188,56 @@ def capture_command(**opts) -> None:
         kernel_backend=opts["kernel_backend"],
     )
     try:
-        if opts["dry_run"]:
-            resolved = resolve_capture(config, load_weights=False)
-            info = resolved.describe()
-            click.echo(json.dumps(info, indent=1))
-            click.echo(
-                f"estimated size: {format_bytes(info['estimated_file_bytes_uncompressed'])} for "
-                f"{len(info['capture_steps'])} steps "
-                "(uncompressed upper bound; maps compress about 1.2-8x)"
-            )
+        if opts["prompts_spec"] is None and opts["seeds_spec"] is None:
+            _capture_one(config, opts)
             return
-        result = run_capture(config, progress=not opts["quiet"])
+        from dfsviz.capture.runset import RunSetConfig, read_prompts
+
+        spec = opts["prompts_spec"]
+        prompts = None if spec is None else "all" if spec.strip().lower() == "all" else read_prompts(spec)
+        seeds = None if opts["seeds_spec"] is None else parse_seeds(opts["seeds_spec"])
+        run_set = RunSetConfig(config, prompts=prompts, seeds=seeds)
+        if len(run_set.clips) == 1:  # one clip: --out is its file, as without --prompts/--seeds
+            (clip,) = run_set.clips
+            _capture_one(dataclasses.replace(config, prompt=clip.prompt, seed=clip.seed), opts)
+        else:
+            _capture_set(run_set, opts)
     except OSError as exc:  # unreadable weights, full disk: one line, exit 2
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _echo_dry_run(info: dict, total_bytes: int, what: str) -> None:
+    """The resolved settings as JSON, then the estimated size of ``what``."""
+    click.echo(json.dumps(info, indent=1))
+    click.echo(f"estimated size: {format_bytes(total_bytes)} for {what} "
+               "(uncompressed upper bound; maps compress about 1.2-8x)")
+
+
+def _capture_one(config, opts: dict) -> None:
+    from dfsviz.capture.runner import resolve_capture, run_capture
+
+    if opts["dry_run"]:
+        info = resolve_capture(config, load_weights=False).describe()
+        _echo_dry_run(info, info["estimated_file_bytes_uncompressed"], f"{len(info['capture_steps'])} steps")
+        return
+    result = run_capture(config, progress=not opts["quiet"])
     state = "complete" if result.complete else "incomplete"
     click.echo(
         f"wrote {result.path} ({state}): steps {result.steps}"
         + (f", {len(result.skipped)} already there" if result.skipped else "")
         + f", {format_bytes(result.file_bytes)}, {result.seconds:.1f} s"
     )
+
+
+def _capture_set(run_set, opts: dict) -> None:
+    from dfsviz.capture.runset import capture_run_set, describe_run_set
+
+    if opts["dry_run"]:
+        info = describe_run_set(run_set)
+        _echo_dry_run(info, info["estimated_total_bytes_uncompressed"],
+                      f"{len(info['clips'])} clips of {len(info['capture_steps'])} steps")
+        return
+    result = capture_run_set(run_set, progress=not opts["quiet"])
+    state = "complete" if result.complete else "incomplete"
+    click.echo(f"wrote run set {result.path} ({state}): {result.clips} clips, {len(result.captured)} captured, "
+               f"{len(result.skipped)} already there, {format_bytes(result.file_bytes)}, {result.seconds:.1f} s")

@@ -87,3 +87,75 @@ def test_errors_are_one_red_line(tmp_path, args, message):
     assert message in result.output and "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("Error:")]) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------ run sets
+RUN_SET_ARGS = ["--max-density", "0.7"]
+
+
+@pytest.fixture(scope="module")
+def run_set(tmp_path_factory):
+    """A run set of three seeds of a tiny random-weight Wan, three captured steps each."""
+    from tiny_models import build_tiny
+
+    from dfsviz.capture import CaptureConfig, RunSetConfig, capture_run_set
+
+    root = tmp_path_factory.mktemp("cal_run_set")
+    build_tiny("wan").save_pretrained(root / "wan")
+    capture = CaptureConfig(out=str(root / "set"), model=str(root / "wan"), embeddings="random", num_steps=3,
+                            capture_steps=(0, 1, 2), latent="3x16x16", block=16, tile=4, orders=("hilbert3d",),
+                            methods=("dfs_tile",), footprints=0, device="cpu")
+    capture_run_set(RunSetConfig(capture, seeds=(0, 1, 2)), progress=False)
+    return root / "set"
+
+
+def _plan(path) -> dict:
+    """A written config without what differs between two runs of one calibration (time, date)."""
+    data = json.loads(path.read_text())
+    data.pop("created_utc")
+    data["provenance"].pop("seconds")
+    return data
+
+
+def test_a_run_set_directory_calibrates_as_the_list_of_its_clips(tmp_path, run_set):
+    files = sorted(str(p) for p in run_set.glob("*.h5"))
+    assert len(files) == 3
+    by_dir = CliRunner().invoke(main, ["calibrate", str(run_set), *RUN_SET_ARGS, "--out", str(tmp_path / "d.json")])
+    assert by_dir.exit_code == 0, by_dir.output
+    assert "3 capture(s)" in by_dir.stdout.splitlines()[0]
+    by_files = CliRunner().invoke(main, ["calibrate", *files, *RUN_SET_ARGS, "--out", str(tmp_path / "f.json")])
+    assert by_files.exit_code == 0, by_files.output
+    plan = _plan(tmp_path / "d.json")
+    assert plan == _plan(tmp_path / "f.json")
+    assert [c["path"] for c in plan["provenance"]["captures"]] == files
+
+
+def test_an_incomplete_run_set_needs_allow_incomplete(tmp_path, run_set):
+    import shutil
+
+    # what a run set killed between its second and third clip leaves: the third clip not marked, its file absent
+    cut = tmp_path / "cut"
+    shutil.copytree(run_set, cut)
+    manifest = json.loads((cut / "runset.json").read_text())
+    manifest["clips"][2]["complete"] = manifest["complete"] = False
+    (cut / "runset.json").write_text(json.dumps(manifest))
+    (cut / manifest["clips"][2]["file"]).unlink()
+    out = tmp_path / "c.json"
+    refused = CliRunner().invoke(main, ["calibrate", str(cut), *RUN_SET_ARGS, "--out", str(out)])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert (f"run set {str(cut)!r} has 2 of 3 clips complete (missing: clip 2); finish it with "
+            f"`dfsviz capture --resume --out {cut}` or pass --allow-incomplete to use the complete clips") in refused.output
+    assert not out.exists()
+    allowed = CliRunner().invoke(main, ["calibrate", str(cut), *RUN_SET_ARGS, "--allow-incomplete", "--out", str(out)])
+    assert allowed.exit_code == 0, allowed.output
+    pair = [str(cut / c["file"]) for c in manifest["clips"][:2]]
+    assert CliRunner().invoke(main, ["calibrate", *pair, *RUN_SET_ARGS, "--out", str(tmp_path / "p.json")]).exit_code == 0
+    assert _plan(out) == _plan(tmp_path / "p.json")
+
+
+def test_a_folder_that_is_not_a_run_set_is_one_red_line(tmp_path):
+    _token(tmp_path / "a.h5")
+    result = CliRunner().invoke(main, ["calibrate", str(tmp_path), "--target-recall", "0.9", "--out",
+                                       str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert f"{str(tmp_path)!r} is not a run set: it holds no runset.json" in result.output
