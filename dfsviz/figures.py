@@ -19,6 +19,10 @@ Builders:
   (:func:`footprint_outlines` draws a token set's outlines alone, on the same panels).
 * :func:`schedule_figure` - the DFSAttn budget per step, refreshes, and measured recall/density.
 * :func:`sweep_lines` - a token-model sweep: one line per order.
+* :func:`calibration_heatmap` - a calibrated plan's γ, predicted recall or density per (layer, head).
+* :func:`cached_mask_decay` - the recall a cached mask keeps against steps since its refresh.
+* :func:`method_comparison` - each scoring method's best calibrated plan: work, recall, density.
+* :func:`schedule_candidates` - every (warm-up, interval) a calibration weighed.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ __all__ = [
     "schedule_figure",
     "sweep_lines",
     "outline_segments",
+    "CALIBRATION_QUANTITIES",
+    "calibration_heatmap",
+    "cached_mask_decay",
+    "method_comparison",
+    "method_label",
+    "schedule_candidates",
 ]
 
 #: Axis titles of the quantities of docs/theory.md, keyed by the names used in factor tables.
@@ -607,6 +617,291 @@ def schedule_figure(
                       template="plotly_white", bargap=0.15)
     fig.update_yaxes(range=[0, 1.05])
     return fig
+
+
+# --------------------------------------------------------------------------- calibration
+#: Quantities of :func:`calibration_heatmap`: colour-bar title and the hover line of one head
+#: (``{v}`` the value; the kept-block count is appended for "gamma").
+CALIBRATION_QUANTITIES: dict[str, tuple[str, str]] = {
+    "gamma": ("kept fraction γ", "kept fraction γ = {v:.3g}"),
+    "recall": ("predicted recall R", "predicted recall R = {v:.3f}: {v:.1%} of the head's attention mass inside "
+                                     "the kept blocks"),
+    "density": ("density ρ", "density ρ = {v:.3f}: {v:.1%} of the dense attention (token pairs) computed"),
+}
+_DENSE_COLOUR = "#D1D5DB"
+
+
+def _plural(n: int, word: str, plural: str = "") -> str:
+    """"1 step", "3 steps" ("2 refreshes" with ``plural``)."""
+    return f"{n} {word}" if n == 1 else f"{n} {plural or word + 's'}"
+
+
+def calibration_heatmap(
+    values: object,
+    dense: object,
+    *,
+    quantity: str,
+    layers: Sequence[object] | None = None,
+    kept_blocks: object | None = None,
+    num_kv_blocks: int | None = None,
+    title: str = "",
+) -> go.Figure:
+    """One cell per (layer, head) of a calibrated DFSAttn plan, dense heads marked.
+
+    Args:
+        values: float [L, H]: the kept fraction γ, the predicted recall R or the density ρ of
+            each head (``LayerBudget.gamma`` / ``.predicted_recall`` / ``.density`` of the
+            layers of a ``CalibratedPlan``); ignored (may be NaN) where ``dense``.
+        dense: bool [L, H], True where the head keeps every key block (γ is None).
+        quantity: one of ``CALIBRATION_QUANTITIES``: "gamma", "recall" or "density".
+        layers: the L layer indices (row labels "layer 3"; a layer whose every head is dense
+            reads "layer 3 (dense)"); default 0 .. L - 1.
+        kept_blocks: optional int [L, H], the kept key blocks k per query block, named in the
+            hover of "gamma" as "k of Mk key blocks per query block" (needs ``num_kv_blocks``).
+        num_kv_blocks: Mk, the key blocks per query block of the calibrated grid.
+        title: figure title.
+
+    Returns a ``Heatmap`` "sparse heads" (z = the values, NaN at dense heads, text = the
+    value) and a grey ``Heatmap`` "dense heads" (z = 1 at dense heads, text "dense"); both
+    hover a sentence with units (``customdata``). Rows are layers (top to bottom), columns heads.
+    """
+    if quantity not in CALIBRATION_QUANTITIES:
+        raise ValueError(f"`quantity` must be one of {', '.join(CALIBRATION_QUANTITIES)} (got {quantity!r})")
+    z = _array(values, "values", ndim=2)
+    flags = _array(dense, "dense", ndim=2, dtype=bool)
+    if flags.shape != z.shape:
+        raise ValueError(f"`dense` must have the shape of `values` {z.shape} (got {flags.shape})")
+    rows, heads = z.shape
+    layer_ids = list(range(rows)) if layers is None else list(layers)
+    if len(layer_ids) != rows:
+        raise ValueError(f"`layers` must hold one label per row ({rows}) (got {len(layer_ids)})")
+    z = np.where(flags, np.nan, z)
+    sparse = z[~flags]
+    if np.isnan(sparse).any() or ((sparse < 0) | (sparse > 1)).any():
+        bad = sparse[np.isnan(sparse) | (sparse < 0) | (sparse > 1)][0]
+        raise ValueError(f"`values` must be in [0, 1] at the sparse heads (got {bad:g})")
+    kept = None
+    if kept_blocks is not None:
+        if num_kv_blocks is None:
+            raise ValueError("`kept_blocks` needs `num_kv_blocks` (Mk) to say 'k of Mk key blocks'")
+        kept = _array(kept_blocks, "kept_blocks", ndim=2, dtype=np.int64)
+        if kept.shape != z.shape:
+            raise ValueError(f"`kept_blocks` must have the shape of `values` {z.shape} (got {kept.shape})")
+    label, line = CALIBRATION_QUANTITIES[quantity]
+    hover, text, dense_hover = [], [], []
+    for i in range(rows):
+        hover.append([]), text.append([]), dense_hover.append([])
+        for h in range(heads):
+            where = f"layer {layer_ids[i]} · head {h}"
+            if flags[i, h]:
+                hover[i].append("")
+                text[i].append("")
+                dense_hover[i].append(f"{where}<br>dense: keeps every key block (recall 1, density 1)")
+                continue
+            sentence = line.format(v=float(z[i, h]))
+            if kept is not None and quantity == "gamma":
+                sentence += f": {int(kept[i, h])} of {int(num_kv_blocks)} key blocks per query block"
+            hover[i].append(f"{where}<br>{sentence}")
+            text[i].append(f"{z[i, h]:.2f}")
+            dense_hover[i].append("")
+    names = [f"layer {lay}" + (" (dense)" if flags[i].all() else "") for i, lay in enumerate(layer_ids)]
+    columns = [f"head {h}" for h in range(heads)]
+    low = 0.0
+    if quantity == "recall" and sparse.size:
+        low = min(0.5, math.floor(float(sparse.min()) * 20) / 20)  # spread the recalls near the target
+    traces = [
+        go.Heatmap(z=z, x=columns, y=names, zmin=low, zmax=1.0, colorscale="Viridis", colorbar={"title": label},
+                   text=text, texttemplate="%{text}", customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+                   name="sparse heads"),
+        go.Heatmap(z=np.where(flags, 1.0, np.nan), x=columns, y=names, zmin=0.0, zmax=1.0, showscale=False,
+                   colorscale=[[0.0, _DENSE_COLOUR], [1.0, _DENSE_COLOUR]], text=[["dense" if f else "" for f in row]
+                                                                               for row in flags.tolist()],
+                   texttemplate="%{text}", customdata=dense_hover, hovertemplate="%{customdata}<extra></extra>",
+                   name="dense heads"),
+    ]
+    layout = {"title": title, "template": "plotly_white", "xaxis": {"title": "head", "type": "category"},
+              "yaxis": {"title": "layer", "type": "category", "autorange": "reversed"}}
+    return go.Figure(data=traces, layout=layout)
+
+
+def cached_mask_decay(
+    lags: Sequence[int],
+    relative_recall: object,
+    *,
+    interval: int,
+    samples: Sequence[int] | None = None,
+    reuse_factor: float | None = None,
+    title: str = "",
+) -> go.Figure:
+    """The recall a cached mask keeps against the steps since its refresh, the interval marked.
+
+    Args:
+        lags: steps d since the mask was computed (0 = fresh), ascending.
+        relative_recall: float [len(lags)], recall of a mask cached d steps over the recall of
+            a fresh mask at the same step (``predicted["drift"]["relative_recall"]`` of a plan).
+        interval: the refresh interval I: a cached mask serves ages 0 .. I - 1, then is recomputed.
+        samples: optional count of (step pair, head) values averaged at each lag.
+        reuse_factor: optional predicted share at the oldest cached mask (age I - 1), drawn
+            as one marker (``predicted["reuse_factor"]``).
+        title: figure title.
+
+    Returns a ``Scatter`` of the measured lags (a sentence per point as hover text), the
+    optional reuse-factor marker, a shaded band over ages 0 .. I - 1 and a dashed line at
+    lag I ("refresh every I steps").
+    """
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"`interval` must be an integer >= 1 (got {interval!r})")
+    x = [int(d) for d in lags]
+    y = _array(relative_recall, "relative_recall", ndim=1)
+    if len(x) != y.size:
+        raise ValueError(f"`lags` and `relative_recall` must have one length (got {len(x)} and {y.size})")
+    counts = None if samples is None else [int(n) for n in samples]
+    if counts is not None and len(counts) != len(x):
+        raise ValueError(f"`samples` must hold one count per lag ({len(x)}) (got {len(counts)})")
+    hover = [f"a mask cached {_plural(d, 'step')} keeps {r:.1%} of a fresh mask's recall"
+             + ("" if counts is None else f" ({_plural(counts[i], 'sample')})") for i, (d, r) in enumerate(zip(x, y))]
+    traces = [go.Scatter(x=x, y=y, mode="lines+markers", name="measured: cached / fresh recall", hovertext=hover,
+                         hoverinfo="text", line={"color": _colour(0), "width": 2})]
+    oldest = interval - 1
+    shown = list(y)
+    if reuse_factor is not None:
+        traces.append(go.Scatter(
+            x=[oldest], y=[float(reuse_factor)], mode="markers", name="predicted at the oldest cached mask",
+            marker={"symbol": "diamond", "size": 11, "color": _colour(1)}, hoverinfo="text",
+            hovertext=[f"oldest cached mask ({_plural(oldest, 'step')}): the prediction keeps "
+                       f"{float(reuse_factor):.1%} of a fresh mask's recall (reuse factor, mean over sparse heads)"]))
+        shown.append(float(reuse_factor))
+    low = max(0.0, min(shown) - 0.02) if shown else 0.0
+    shapes = [
+        {"type": "rect", "x0": 0, "x1": oldest, "xref": "x", "y0": 0, "y1": 1, "yref": "paper",
+         "fillcolor": _colour(0), "opacity": 0.1, "line": {"width": 0}, "layer": "below"},
+        {"type": "line", "x0": interval, "x1": interval, "xref": "x", "y0": 0, "y1": 1, "yref": "paper",
+         "line": {"color": _colour(1), "dash": "dash", "width": 2}},
+    ]
+    annotations = [{"x": interval, "y": 1, "xref": "x", "yref": "paper", "yanchor": "bottom", "showarrow": False,
+                    "text": f"refresh every {_plural(interval, 'step')}"}]
+    if not x:
+        annotations.append({"x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "showarrow": False,
+                            "text": "no sparse head: no drift to draw"})
+    layout = {"title": title or "Recall of a cached mask against steps since its refresh", "template": "plotly_white",
+              "shapes": shapes, "annotations": annotations, "legend": {"orientation": "h", "y": -0.2},
+              "xaxis": {"title": "steps since the mask's refresh", "range": [-0.5, max(x + [interval]) + 0.5]},
+              "yaxis": {"title": "recall kept: cached mask / fresh mask", "range": [low, 1.005]}}
+    return go.Figure(data=traces, layout=layout)
+
+
+def method_label(method: str, tile: int | None) -> str:
+    """"dfs_tile (tile 16)", "antidiagonal (stride 8)", "meanpool": a scoring method with its tile or stride."""
+    if tile is None:
+        return str(method)
+    return f"{method} ({'stride' if method == 'antidiagonal' else 'tile'} {tile})"
+
+
+# Bars of :func:`method_comparison`: summary key, trace name, hover sentence.
+_METHOD_BARS = (
+    ("attention_work", "attention work", "attention work {v:.3f} of dense attention (whole run, refreshes included)"),
+    ("mean_recall", "predicted recall (sparse steps)", "predicted recall {v:.3f} ({v:.1%} of the attention mass)"),
+    ("mean_density", "density (sparse steps)", "density {v:.3f}: {v:.1%} of the dense attention on the sparse steps"),
+)
+
+
+def method_comparison(methods: Mapping[str, Mapping | None], *, chosen: str, title: str = "") -> go.Figure:
+    """Each scoring method's best calibrated plan side by side: attention work, recall, density.
+
+    Args:
+        methods: method -> its best plan's summary (``predicted["methods"]`` of a plan: keys
+            ``tile``, ``warmup_steps``, ``interval``, ``attention_work``, ``mean_recall``,
+            ``mean_density``), or None when no warm-up and interval fit it.
+        chosen: the method the plan uses (its bar label ends in "· chosen").
+        title: figure title.
+
+    Returns one ``Bar`` trace per quantity (attention work, predicted recall and density of
+    the sparse steps) over the methods; a method without a plan gets NaN bars and the label
+    "<method>: no plan fits".
+    """
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError("`methods` must be a non-empty mapping method -> summary (predicted['methods'] of a plan)")
+    if chosen not in methods:
+        raise ValueError(f"`chosen` must be one of the methods {list(methods)} (got {chosen!r})")
+    labels = []
+    for name, s in methods.items():
+        if s is None:
+            labels.append(f"{name}: no plan fits")
+            continue
+        labels.append(method_label(name, s.get("tile")) + (" · chosen" if name == chosen else ""))
+    traces = []
+    for i, (key, trace_name, sentence) in enumerate(_METHOD_BARS):
+        y, hover = [], []
+        for name, s in methods.items():
+            if s is None:
+                y.append(math.nan)
+                hover.append(f"{name}: no warm-up and interval fit the goal")
+                continue
+            v = float(s[key])
+            y.append(v)
+            hover.append(f"{name}: {sentence.format(v=v)}<br>warm-up {s['warmup_steps']}, refresh every "
+                         f"{_plural(int(s['interval']), 'step')}")
+        traces.append(go.Bar(x=labels, y=y, name=trace_name, hovertext=hover, hoverinfo="text",
+                             marker={"color": _colour(i)}))
+    layout = {"title": title or "Scoring methods: each one's best plan", "template": "plotly_white",
+              "barmode": "group", "yaxis": {"title": "fraction", "range": [0, 1.05]},
+              "legend": {"orientation": "h", "y": -0.2}}
+    return go.Figure(data=traces, layout=layout)
+
+
+def schedule_candidates(
+    candidates: Sequence[Mapping],
+    *,
+    chosen: tuple[int, int],
+    mode: str,
+    title: str = "",
+) -> go.Figure:
+    """Every (warm-up, interval) a calibration weighed: its objective against the interval.
+
+    Args:
+        candidates: summaries of the feasible schedules (``Calibration.candidates``: keys
+            ``warmup_steps``, ``interval``, ``refreshes``, ``attention_work``,
+            ``mean_recall``, ``run_recall``).
+        chosen: (warm-up, interval) of the plan.
+        mode: "target_recall" (the objective is the attention work, least wins) or
+            "max_density" (the predicted recall of the run, best wins).
+        title: figure title.
+
+    Returns one ``Scatter`` line per warm-up (x = interval) and a star "chosen" last.
+    """
+    keys = {"target_recall": ("attention_work", "attention work (fraction of dense)"),
+            "max_density": ("run_recall", "predicted recall of the run")}
+    if mode not in keys:
+        raise ValueError(f"`mode` must be 'target_recall' or 'max_density' (got {mode!r})")
+    if not candidates:
+        raise ValueError("`candidates` must be a non-empty sequence of schedule summaries (Calibration.candidates)")
+    key, axis = keys[mode]
+    by_warmup: dict[int, list[Mapping]] = {}
+    for c in candidates:
+        by_warmup.setdefault(int(c["warmup_steps"]), []).append(c)
+    picked = [c for c in candidates if (int(c["warmup_steps"]), int(c["interval"])) == tuple(chosen)]
+    if not picked:
+        raise ValueError(f"`chosen` {tuple(chosen)} is not among the candidates (warm-up, interval)")
+
+    def sentence(c: Mapping) -> str:
+        return (f"warm-up {c['warmup_steps']}, refresh every {_plural(int(c['interval']), 'step')}: attention work "
+                f"{c['attention_work']:.3f} of dense, recall {c['mean_recall']:.3f} on the sparse steps "
+                f"({c['run_recall']:.3f} over the run), {_plural(int(c['refreshes']), 'refresh', 'refreshes')}")
+
+    traces = []
+    for i, (w, rows) in enumerate(sorted(by_warmup.items())):
+        rows = sorted(rows, key=lambda c: int(c["interval"]))
+        traces.append(go.Scatter(x=[int(c["interval"]) for c in rows], y=[float(c[key]) for c in rows],
+                                 mode="lines+markers", name=f"warm-up {w}", hovertext=[sentence(c) for c in rows],
+                                 hoverinfo="text", line={"color": _colour(i), "width": 2}))
+    best = picked[0]
+    traces.append(go.Scatter(x=[int(best["interval"])], y=[float(best[key])], mode="markers", name="chosen",
+                             marker={"symbol": "star", "size": 16, "color": "#111111"}, hovertext=[sentence(best)],
+                             hoverinfo="text"))
+    layout = {"title": title or "Schedules weighed: warm-up and refresh interval", "template": "plotly_white",
+              "xaxis": {"title": "refresh interval (steps)", "dtick": 1}, "yaxis": {"title": axis},
+              "legend": {"orientation": "h", "y": -0.2}}
+    return go.Figure(data=traces, layout=layout)
 
 
 # --------------------------------------------------------------------------- video space
