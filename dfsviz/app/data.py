@@ -11,6 +11,7 @@ A :class:`CaptureCatalog` serves the capture files under one or more root folder
 * it opens files read-only through :class:`dfsviz.capture.store.CaptureReader`, keeps an
   LRU of open readers, and memoises map reads (an LRU bounded in bytes) keyed by the file's
   path, size and mtime, so a rewritten file is never served stale;
+* it memoises calibrations (:meth:`CaptureCatalog.calibration`) per file version and settings;
 * it turns every failure of a file (not HDF5, truncated, unknown format version, missing
   datasets) into a :class:`CaptureError` whose message is meant for a banner.
 
@@ -28,9 +29,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from dfsviz.analysis.calibrate import Calibration, CalibrationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +392,35 @@ class CaptureCatalog:
     def coords(self, cid: str) -> torch.Tensor:
         """int64 [Nv, 3] (frame, row, column) of the video tokens, raster order."""
         return self.cached(cid, ("coords",), lambda r: r.coords())
+
+    def calibration(self, cid: str, config: CalibrationConfig) -> Calibration:
+        """:func:`dfsviz.analysis.calibrate.calibrate` of one capture, memoised per file version and settings.
+
+        Args:
+            cid: the capture id.
+            config: a :class:`~dfsviz.analysis.calibrate.CalibrationConfig` (frozen: equal
+                settings share one result).
+
+        Returns the :class:`~dfsviz.analysis.calibrate.Calibration`, its plan naming the capture
+        by its id in ``provenance.captures[].path`` (the path ``dfsviz calibrate`` records when
+        run in the folder above the root), never by its path on the server. A refusal (one
+        captured step, a goal no plan meets, ...) raises calibrate's ValueError; it is not memoised.
+        """
+        from dataclasses import replace
+
+        from dfsviz.analysis.calibrate import CalibrationConfig, calibrate
+
+        if not isinstance(config, CalibrationConfig):
+            raise TypeError(f"`config` must be a CalibrationConfig (got {type(config).__name__})")
+
+        def compute(reader):
+            result = calibrate(reader, config)
+            plan = result.plan
+            captures = [{**c, "path": cid} for c in plan.provenance["captures"]]
+            plan = replace(plan, provenance={**plan.provenance, "captures": captures})
+            return replace(result, plan=plan, notes=[self.hide_paths(n) for n in result.notes])
+
+        return self.cached(cid, ("calibration", config), compute)
 
     def cache_info(self) -> dict:
         """Hit/miss counts of the reader and map caches (for the latency benchmark)."""
