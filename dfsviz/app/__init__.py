@@ -1,4 +1,4 @@
-"""The dfsviz dashboard (Dash Pages): raster vs Hilbert masks, recall, theory, drift, live runs.
+"""The dfsviz dashboard (Dash Pages): raster vs Hilbert masks, recall, theory, drift, calibration, live runs.
 
 Four layers, one way: this shell (:func:`create_app`), the pages (``dfsviz.app.pages``,
 one ``dash.register_page`` each, every selection in the URL query string), the data
@@ -20,7 +20,7 @@ __all__ = ["create_app", "PAGES"]
 logger = logging.getLogger(__name__)
 
 #: Page modules of ``dfsviz.app.pages``, in navigation order.
-PAGES = ("overview", "masks", "recall", "theory", "drift", "live")
+PAGES = ("overview", "masks", "recall", "theory", "drift", "calibrate", "live")
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0; color: #222; }
@@ -44,6 +44,9 @@ body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0;
 .dfs-table { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
 .dfs-table td, .dfs-table th { border: 1px solid #e5e7eb; padding: 3px 8px; text-align: left; }
 .dfs-note { font-size: 13px; color: #555; }
+.dfs-help { font-size: 11px; color: #666; max-width: 230px; margin-top: 2px; line-height: 1.25; }
+.dfs-controls-help { align-items: flex-start; }
+.dfs-command { font-family: ui-monospace, monospace; font-size: 12px; background: #f3f4f6; padding: 4px 8px; border-radius: 4px; }
 """
 
 

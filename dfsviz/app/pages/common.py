@@ -106,8 +106,12 @@ def banner(messages: Sequence[str], kind: str = "error", id: str | None = None) 
     return html.Div(kids, className=f"dfs-banner dfs-banner-{kind}", role="alert", **props)
 
 
-def control(label: str, component, cls: str = "dfs-control") -> html.Div:
-    return html.Div([html.Label(label), component], className=cls)
+def control(label: str, component, cls: str = "dfs-control", help: str = "") -> html.Div:
+    """A labelled control; ``help`` is a short line under it saying what the setting means."""
+    kids = [html.Label(label), component]
+    if help:
+        kids.append(html.Div(help, className="dfs-help"))
+    return html.Div(kids, className=cls)
 
 
 def dropdown(id: str, options: Sequence, value, *, multi: bool = False, fmt: Callable | None = None) -> dcc.Dropdown:
@@ -277,12 +281,14 @@ def error_text(exc: BaseException) -> str:
         return str(exc)
 
 
-def guarded(outputs: int, banner_at: int, figures: Sequence[int] = ()):
+def guarded(outputs: int, banner_at: int, figures: Sequence[int] = (), on_error: dict[int, object] | None = None):
     """Wrap a callback so that no exception reaches the browser.
 
     A library error (ValueError/TypeError/CaptureError: messages written for users) or any
     other failure (logged with its traceback on the server) becomes an error banner of
-    :func:`error_text` at position ``banner_at`` and empty figures at the ``figures`` positions.
+    :func:`error_text` at position ``banner_at``, empty figures at the ``figures`` positions
+    and ``on_error[i]`` at position i (e.g. a disabled download button); the other outputs keep
+    what they show.
     """
 
     def deco(fn):
@@ -299,6 +305,8 @@ def guarded(outputs: int, banner_at: int, figures: Sequence[int] = ()):
             out = [no_update] * outputs
             for i in figures:
                 out[i] = empty_figure("no data: see the message above")
+            for i, value in (on_error or {}).items():
+                out[i] = value
             out[banner_at] = banner([message], "error")
             return out if outputs > 1 else out[0]
 
