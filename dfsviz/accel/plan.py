@@ -417,10 +417,14 @@ class CalibratedPlan:
         return plan
 
     # -- files ---------------------------------------------------------------------------------
+    def dumps(self) -> str:
+        """The config file's text: indented strict JSON (no NaN)."""
+        return json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n"
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as indented strict JSON (no NaN) and return the path."""
+        """Write :meth:`dumps` to ``path`` and return the path."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+        path.write_text(self.dumps())
         return path
 
     @classmethod

@@ -8,7 +8,7 @@ recall and density, the dense layers, the recall a cached mask keeps against the
 since its refresh with the chosen interval marked, each scoring method's best plan, every
 (warm-up, interval) weighed, and the chosen schedule with its predicted recall and attention
 work. The download button gives the config file that ``dfsviz calibrate`` writes for the
-same settings (written by the same ``CalibratedPlan.save``; the capture is named by its id).
+same settings (the text of ``CalibratedPlan.dumps``; the capture is named by its id).
 Calibrations are memoised by the data layer per file version and settings
 (``CaptureCatalog.calibration``); a refusal (one captured step, a goal no plan meets) is a
 red banner. docs/calibration.md explains every number.
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 import shlex
-import tempfile
-from pathlib import Path
 
 import dash
 from dash import Input, Output, State, dcc, html, no_update
@@ -161,9 +159,8 @@ def settings(goal, target, density, order, method, branch, warmup, interval, den
 
 
 def config_bytes(plan) -> bytes:
-    """The config file of ``plan``, as ``CalibratedPlan.save`` (the writer of ``dfsviz calibrate``) writes it."""
-    with tempfile.TemporaryDirectory(prefix="dfsviz-config-") as folder:
-        return plan.save(Path(folder) / CONFIG_NAME).read_bytes()
+    """The config file of ``plan``: ``CalibratedPlan.dumps``, what ``dfsviz calibrate`` writes."""
+    return plan.dumps().encode()
 
 
 def command_line(cid: str, config: CalibrationConfig) -> str:
