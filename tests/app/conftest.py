@@ -4,6 +4,8 @@ over a capture root holding them."""
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import shutil
 import socket
@@ -80,23 +82,38 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-@pytest.fixture(scope="session")
-def app_url(capture_root):
-    """The dashboard over ``capture_root``, served by a threaded werkzeug server on a free port."""
+@contextlib.contextmanager
+def served(roots):
+    """The dashboard over ``roots``, served by a threaded werkzeug server on a free port: its URL."""
     import threading
 
     from werkzeug.serving import make_server
 
     from dfsviz.app import create_app
 
-    app = create_app(capture_root)
+    app = create_app(roots)
     server = make_server("127.0.0.1", free_port(), app.server, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(timeout=10)
-    app.server.config["DFSVIZ_CATALOG"].close()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        app.server.config["DFSVIZ_CATALOG"].close()
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """``served``, for test modules that serve their own roots."""
+    return served
+
+
+@pytest.fixture(scope="session")
+def app_url(capture_root):
+    """The dashboard over ``capture_root``."""
+    with served(capture_root) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import json
 import math
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -43,20 +42,10 @@ def refusals(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(refusals):
-    """The dashboard over the sample's folder and ``refusals``, served by a threaded werkzeug server."""
-    from werkzeug.serving import make_server
-
-    from dfsviz.app import create_app
-
-    app = create_app([dfsviz.sample_capture().parent, refusals])
-    server = make_server("127.0.0.1", 0, app.server, threaded=True)  # port 0: a free one
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(timeout=10)
-    app.server.config["DFSVIZ_CATALOG"].close()
+def url(refusals, serve):
+    """The dashboard over the sample's folder and ``refusals``."""
+    with serve([dfsviz.sample_capture().parent, refusals]) as address:
+        yield address
 
 
 def heatmap_values(page, name: str) -> list[list[float]]:
