@@ -26,6 +26,7 @@ __all__ = [
     "format_bytes",
     "glob_escape",
     "pad_truncated",
+    "run_difference",
     "require_free_space",
     "temporary_path",
     "write_failure_reason",
@@ -234,3 +235,17 @@ def pad_truncated(path: Path, message: str) -> bool:
     logger.warning("%s ends at byte %d but records %d: padding the lost tail with zeros", path, size, stored)
     os.truncate(path, stored)
     return True
+
+
+def run_difference(stored: dict, run: dict, ignore=frozenset()) -> tuple[str, list[str]] | None:
+    """How the run ``run`` differs from the ``stored`` one a resume would continue, or None.
+
+    ``("settings", keys)``: settings other than the weights differ (named first: another dtype
+    changes the weights' bytes too); ``("weights", [])``: only ``weights_sha256`` differs, the same
+    settings with other weights. Keys in ``ignore`` (how a run was started) never count.
+    """
+    diff = sorted(k for k in set(stored) | set(run) if k not in ignore and stored.get(k) != run.get(k))
+    if diff == ["weights_sha256"]:
+        return "weights", []
+    settings = [k for k in diff if k != "weights_sha256"]
+    return ("settings", settings) if settings else None

@@ -25,7 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from dfsviz.capture.file_safety import CaptureLock, glob_escape, temporary_path
+from dfsviz.capture.file_safety import CaptureLock, glob_escape, run_difference, temporary_path
 from dfsviz.capture.runner import (
     MAX_SEED,
     CaptureConfig,
@@ -449,13 +449,13 @@ def _check_output(config: RunSetConfig, folder: Path) -> dict | None:
 
 
 def _check_same_settings(folder: Path, stored: dict, settings: dict) -> None:
-    diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-    if diff == ["weights_sha256"]:  # other settings (a dtype) change the weights' bytes too: name those first
+    kind, keys = run_difference(stored, settings) or (None, [])
+    if kind == "weights":
         raise ValueError(f"--resume: the model weights differ from those of the run set {str(folder)!r}; resume with "
                          "the same weights or pass --overwrite")
-    if diff:
+    if keys:
         raise ValueError(f"--resume: run set {str(folder)!r} was captured with other settings (differs in "
-                         f"{[k for k in diff if k != 'weights_sha256']}); resume with the same options or pass --overwrite")
+                         f"{keys}); resume with the same options or pass --overwrite")
 
 
 def _remove_old_clips(folder: Path, previous: dict) -> None:

@@ -74,6 +74,7 @@ from dfsviz.capture.file_safety import (
     SpaceReservation,
     pad_truncated,
     require_free_space,
+    run_difference,
     temporary_path,
     write_failure_reason,
 )
@@ -405,17 +406,16 @@ class CaptureWriter:
     def _check_same_run(path: Path, reader: "CaptureReader", layout: StoreLayout, run: dict) -> None:
         attrs = reader._f.attrs
         stored = read_json_attr(attrs, "run_identity" if "run_identity" in attrs else "capture_config")
-        diff = sorted(k for k in set(stored) | set(run) if k not in _RUN_OPTIONS and stored.get(k) != run.get(k))
-        if diff == ["weights_sha256"]:  # other settings (a dtype) change the weights' bytes too: name those first
+        kind, keys = run_difference(stored, run, _RUN_OPTIONS) or (None, [])
+        if kind == "weights":
             raise ValueError(
                 f"--resume: the model weights differ from those of the interrupted run in {str(path)!r} (sha256 "
                 f"{str(stored.get('weights_sha256'))[:12]}... in the file, {str(run.get('weights_sha256'))[:12]}... now); "
                 "resume with the same weights or pass --overwrite"
             )
-        if diff or reader.layout != layout:
+        if keys or reader.layout != layout:
             raise ValueError(
-                f"--resume: {str(path)!r} was captured with other settings (differs in "
-                f"{[k for k in diff if k != 'weights_sha256'] or ['layout']}); "
+                f"--resume: {str(path)!r} was captured with other settings (differs in {keys or ['layout']}); "
                 "resume with the same options or pass --overwrite"
             )
 
