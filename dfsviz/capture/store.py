@@ -380,7 +380,8 @@ class CaptureWriter:
                 reader = CaptureReader(path)
             try:
                 cls._check_same_run(path, reader, layout, run)
-                broken = padded or any(n not in {step_key(s) for s in reader.steps} for n in reader._f[STEP_GROUP])
+                done = {step_key(s) for s in reader.steps}
+                broken = padded or any(name not in done for name in reader._f[STEP_GROUP])  # a half-written step
                 if broken:
                     require_free_space(path, path.stat().st_size + SPACE_MARGIN, "the repair of the interrupted capture",
                                        "it copies the completed steps into a fresh file: free space, then resume again")
