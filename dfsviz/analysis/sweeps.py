@@ -267,7 +267,7 @@ def write_token_model_capture(
     Returns:
         ``path`` as a str; open it with ``dfsviz.open``.
     """
-    from dfsviz.capture.runner import block_footprints, sample_query_blocks
+    from dfsviz.sparse.footprints import block_footprints, sample_query_blocks
     from dfsviz.capture.store import CaptureWriter, StoreLayout
 
     if not isinstance(base, TokenModelConfig):

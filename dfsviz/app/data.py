@@ -455,10 +455,10 @@ def exact_footprint(catalog: CaptureCatalog, cid: str, step: int, layer: int, or
 
     Needs a layer captured with ``--save-qkv``. ``block_index`` is the query block u of
     ``order``'s block sequence. Returns float32 [N] in original token order (sums to 1),
-    computed by :func:`dfsviz.capture.runner.block_footprints`, the function the capture
+    computed by :func:`dfsviz.sparse.footprints.block_footprints`, the function the capture
     uses for its sampled footprints.
     """
-    from dfsviz.capture.runner import block_footprints
+    from dfsviz.sparse.footprints import block_footprints
 
     def compute(reader):
         q, k, _ = reader.qkv(step, layer, head, branch)

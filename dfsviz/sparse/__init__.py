@@ -1,11 +1,12 @@
 """Pure-PyTorch sparse-attention core: grids, token orders, block masks, scoring,
 selection, the DFSAttn schedule, block statistics, the recall bounds of docs/theory.md,
-the token model, and the block-sparse attention reference.
+the token model, token-level footprints, and the block-sparse attention reference.
 
 Imports without dash, diffusers or triton (a test proves it).
 """
 
 from dfsviz.sparse.attention import block_sparse_attention_ref
+from dfsviz.sparse.footprints import block_footprints, sample_query_blocks
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.masks import BlockMask, check_mask_for
 from dfsviz.sparse.orders import (
@@ -65,6 +66,7 @@ __all__ = [
     "StepPlan",
     "TokenModelConfig",
     "TokenOrder",
+    "block_footprints",
     "block_recall",
     "block_recall_per_query",
     "block_scores_ref",
@@ -88,6 +90,7 @@ __all__ = [
     "row_attention_ref",
     "row_bound",
     "row_recall_ref",
+    "sample_query_blocks",
     "sample_qk",
     "scorer_key",
     "scorer_names",
