@@ -1,5 +1,7 @@
 """The dfsviz dashboard (Dash Pages): raster vs Hilbert masks, recall, theory, drift, calibration, live runs.
 
+``PAGES`` names the page modules in navigation order (``dfsviz.app.pages.PAGE_MODULES``).
+
 Four layers, one way: this shell (:func:`create_app`), the pages (``dfsviz.app.pages``,
 one ``dash.register_page`` each, every selection in the URL query string), the data
 module :mod:`dfsviz.app.data` (the only one that opens HDF5: read-only, cached, confined
@@ -19,8 +21,16 @@ __all__ = ["create_app", "PAGES"]
 
 logger = logging.getLogger(__name__)
 
-#: Page modules of ``dfsviz.app.pages``, in navigation order.
-PAGES = ("overview", "masks", "recall", "theory", "drift", "calibrate", "live")
+
+def __getattr__(name: str):
+    # PAGES follows the page registry (dfsviz.app.pages.PAGE_MODULES), read when asked so
+    # that importing dfsviz.app does not import dash
+    if name == "PAGES":
+        from dfsviz.app import pages
+
+        return tuple(module.__name__.rpartition(".")[2] for module in pages.PAGE_MODULES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0; color: #222; }
