@@ -8,7 +8,7 @@ step with CFG (conditional + unconditional pass, as Wan's pipeline runs it):
   hilbert3d, methods meanpool + dfs_tile, 2 footprints per head (the default), HDF5 written
   and flushed; also without footprints and with 4;
 * breakdown: one more captured run (default settings) with timers around
-  ``_Reducer.__call__`` (reduction GPU work and queueing to the writer; CUDA synchronised at
+  ``AttentionReducer.__call__`` (reduction GPU work and queueing to the writer; CUDA synchronised at
   entry and exit) and ``CaptureWriter.end_step`` (draining the compression backlog). The
   synchronisation perturbs the timing, so the ratio comes from the runs without timers.
 
@@ -64,7 +64,7 @@ def build_source(seed: int = 0):
     import diffusers
 
     from dfsviz.capture.adapters import Conditioning, get_adapter
-    from dfsviz.capture.runner import ModelSource
+    from dfsviz.capture.sources import ModelSource
 
     torch.manual_seed(seed)
     with torch.device(DEVICE):
@@ -114,7 +114,7 @@ def plain_step_seconds(source, repeats: int = 3) -> tuple[float, list[float], in
 
 
 def captured_step(source, out: Path, layers=None, footprints: int = 2, backend: str | None = None) -> dict:
-    from dfsviz.capture.runner import CaptureConfig, run_capture
+    from dfsviz.capture import CaptureConfig, run_capture
 
     cfg = CaptureConfig(
         out=str(out), num_steps=50, capture_steps=(0,), layers=layers, latent="x".join(map(str, LATENT)),
@@ -132,10 +132,10 @@ def captured_step(source, out: Path, layers=None, footprints: int = 2, backend: 
 
 
 def breakdown_step(source, out: Path, backend: str | None = None) -> dict:
-    """Seconds of one captured step inside ``_Reducer.__call__``, inside ``CaptureWriter.end_step``
+    """Seconds of one captured step inside ``AttentionReducer.__call__``, inside ``CaptureWriter.end_step``
     and elsewhere (the model's forwards, hooks, scheduler), from a run with timers that
     synchronise CUDA at their entry and exit."""
-    from dfsviz.capture.runner import _Reducer
+    from dfsviz.capture.reduce import AttentionReducer
     from dfsviz.capture.store import CaptureWriter
 
     spent = {"reducer": 0.0, "end_step_drain": 0.0}
@@ -153,7 +153,7 @@ def breakdown_step(source, out: Path, backend: str | None = None) -> dict:
 
         return wrapper
 
-    originals = {(_Reducer, "__call__"): "reducer", (CaptureWriter, "end_step"): "end_step_drain"}
+    originals = {(AttentionReducer, "__call__"): "reducer", (CaptureWriter, "end_step"): "end_step_drain"}
     saved = {target: getattr(*target) for target in originals}
     for (cls, name), key in originals.items():
         setattr(cls, name, timed(key, saved[(cls, name)]))
@@ -177,7 +177,7 @@ def main() -> None:
     import diffusers
     import triton
 
-    from dfsviz.capture.runner import _kernels
+    from dfsviz.capture.reduce import _kernels
 
     source = build_source()
     base_median, base_times, base_peak = plain_step_seconds(source)

@@ -2,7 +2,9 @@
 
 * :class:`AttentionCapture` (hooks): record post-RoPE Q/K/V of self-attention at SDPA.
 * adapters: Wan, HunyuanVideo, CogVideoX, generic (grid, layers, forward, padding).
-* :func:`run_capture` / :class:`CaptureConfig` (runner): the ``dfsviz capture`` engine.
+* :class:`CaptureConfig` (config), :func:`load_model_source` (sources), :func:`resolve_capture`
+  (resolve), the per-call reduction (reduce) and :func:`run_capture` (runner, the denoising
+  loop): the ``dfsviz capture`` engine.
 * :func:`capture_run_set` / :class:`RunSetConfig` / :func:`open_run_set` (runset): several
   clips (prompts x seeds) in one command, one capture file each, in a run-set directory.
 * :class:`CaptureWriter` / :class:`CaptureReader` / :func:`open_capture` (store): the file
@@ -23,16 +25,10 @@ from dfsviz.capture.adapters import (
     supported_architectures,
 )
 from dfsviz.capture.hooks import AttentionCapture, AttentionRecord
-from dfsviz.capture.runner import (
-    CaptureConfig,
-    CaptureResult,
-    ModelSource,
-    ResolvedCapture,
-    default_capture_steps,
-    load_model_source,
-    resolve_capture,
-    run_capture,
-)
+from dfsviz.capture.config import CaptureConfig, default_capture_steps
+from dfsviz.capture.resolve import ResolvedCapture, resolve_capture
+from dfsviz.capture.runner import CaptureResult, run_capture
+from dfsviz.capture.sources import ModelSource, load_model_source
 from dfsviz.capture.runset import (
     RunSet,
     RunSetClip,

@@ -26,17 +26,10 @@ from pathlib import Path
 from typing import Callable
 
 from dfsviz.capture.file_safety import CaptureLock, glob_escape, run_difference, temporary_path
-from dfsviz.capture.runner import (
-    MAX_SEED,
-    CaptureConfig,
-    ModelSource,
-    ResolvedCapture,
-    load_model_source,
-    resolve_capture,
-    run_capture,
-    run_identity,
-    weights_fingerprint,
-)
+from dfsviz.capture.config import MAX_SEED, CaptureConfig
+from dfsviz.capture.resolve import ResolvedCapture, resolve_capture, run_identity, weights_fingerprint
+from dfsviz.capture.runner import run_capture
+from dfsviz.capture.sources import ModelSource, load_model_source
 
 __all__ = [
     "MANIFEST_NAME",
@@ -149,7 +142,7 @@ class RunSetConfig:
     on construction).
 
     Fields:
-        capture: the settings every clip shares (:class:`~dfsviz.capture.runner.CaptureConfig`).
+        capture: the settings every clip shares (:class:`~dfsviz.capture.config.CaptureConfig`).
             Its ``out`` is the run-set directory (created if missing; its parent must exist);
             its ``overwrite`` and ``resume`` apply to the whole set; each clip replaces its
             ``prompt`` and ``seed``.
@@ -404,7 +397,7 @@ def _resolve_clips(config: RunSetConfig, source: ModelSource) -> dict[str, Resol
 def describe_run_set(config: RunSetConfig) -> dict:
     """The resolved settings, the clips and the estimated size, JSON-ready (``--dry-run``).
 
-    The first clip's :meth:`~dfsviz.capture.runner.ResolvedCapture.describe`, with ``out`` the
+    The first clip's :meth:`~dfsviz.capture.resolve.ResolvedCapture.describe`, with ``out`` the
     run-set directory, ``clips`` (index, prompt, seed, file and its uncompressed size bound)
     and ``estimated_total_bytes_uncompressed``. The model is built without its weights
     (shapes only), except the embedded model, which is small.

@@ -43,7 +43,7 @@ def parse_int_list(spec: str | None, option: str) -> tuple[int, ...] | None:
 
 def parse_seeds(spec: str) -> tuple[int, ...]:
     """"0-3" -> (0, 1, 2, 3); "0,5" -> (0, 5): the seeds of a run set, in the order given."""
-    from dfsviz.capture.runner import MAX_SEED
+    from dfsviz.capture.config import MAX_SEED
     from dfsviz.capture.runset import MAX_CLIPS
 
     spans = list(_ranges(spec, "--seeds", MAX_SEED, "integers and ranges like 0-3 or 0,5"))
@@ -149,7 +149,7 @@ def capture_command(**opts) -> None:
     capture file per clip and runset.json, the model loaded once (``dfsviz calibrate DIR``
     pools its clips).
     """
-    from dfsviz.capture.runner import CaptureConfig
+    from dfsviz.capture.config import CaptureConfig
 
     if opts["seed"] is not None and opts["seeds_spec"] is not None:
         raise ValueError("pass --seed or --seeds, not both")
@@ -214,7 +214,8 @@ def _echo_dry_run(info: dict, total_bytes: int, what: str) -> None:
 
 
 def _capture_one(config, opts: dict) -> None:
-    from dfsviz.capture.runner import resolve_capture, run_capture
+    from dfsviz.capture.resolve import resolve_capture
+    from dfsviz.capture.runner import run_capture
 
     if opts["dry_run"]:
         info = resolve_capture(config, load_weights=False).describe()

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import dfsviz.cli.inspect  # noqa: F401  (registers the command)
-from dfsviz.capture.runner import CaptureConfig, run_capture
+from dfsviz.capture import CaptureConfig, run_capture
 from dfsviz.capture.store import CaptureReader
 from dfsviz.cli import main
 

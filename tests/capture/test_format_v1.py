@@ -43,7 +43,7 @@ def _regenerate() -> None:  # pragma: no cover - run by hand for a new format ve
 
     import diffusers
 
-    from dfsviz.capture.runner import CaptureConfig, run_capture
+    from dfsviz.capture import CaptureConfig, run_capture
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(100)

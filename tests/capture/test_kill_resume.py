@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import dfsviz.cli.capture  # noqa: F401  (registers the command on the group)
-from dfsviz.capture.runner import CaptureConfig, run_capture
+from dfsviz.capture import CaptureConfig, run_capture
 from dfsviz.capture.store import CaptureReader
 from dfsviz.cli import main
 
@@ -31,7 +31,7 @@ def test_sigkill_then_resume(tmp_path, model_dirs):
     script = textwrap.dedent(
         f"""
         import sys
-        from dfsviz.capture.runner import CaptureConfig, run_capture
+        from dfsviz.capture import CaptureConfig, run_capture
         cfg = CaptureConfig(out={str(out)!r}, model={str(model_dirs['wan'])!r}, **{SETTINGS!r})
         run_capture(cfg, progress=False, on_step=lambda s: print(f"STEP {{s}}", flush=True))
         print("DONE", flush=True)

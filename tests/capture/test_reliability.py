@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 import dfsviz.cli.capture  # noqa: F401  (registers the commands on the group)
 import dfsviz.cli.inspect  # noqa: F401
-from dfsviz.capture.runner import CaptureConfig, run_capture
+from dfsviz.capture import CaptureConfig, run_capture
 from dfsviz.capture.store import CaptureReader
 from dfsviz.cli import main
 
@@ -58,7 +58,7 @@ def _held_capture(model_dir, out, *, overwrite=False):
     script = textwrap.dedent(
         f"""
         import sys
-        from dfsviz.capture.runner import CaptureConfig, run_capture
+        from dfsviz.capture import CaptureConfig, run_capture
         cfg = CaptureConfig(out={str(out)!r}, model={str(model_dir)!r}, overwrite={overwrite!r}, **{SETTINGS!r})
         def on_step(s):
             print(f"STEP {{s}}", flush=True)
@@ -142,7 +142,7 @@ def test_a_failed_creation_leaves_no_file_and_keeps_the_old_one(tmp_path, model_
     script = textwrap.dedent(
         f"""
         import resource, signal, sys
-        from dfsviz.capture.runner import CaptureConfig, run_capture
+        from dfsviz.capture import CaptureConfig, run_capture
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         cfg = CaptureConfig(out={str(out)!r}, model={str(model_dirs["wan"])!r}, overwrite=True, **{SETTINGS!r})
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
@@ -326,7 +326,7 @@ def test_largest_seed_captures(tmp_path, model_dirs):
 
 
 def test_non_finite_attention_inputs_stop_the_capture_with_one_line(tmp_path, model_dirs):
-    from dfsviz.capture.runner import load_model_source
+    from dfsviz.capture import load_model_source
 
     cfg = _config(model_dirs["wan"], tmp_path / "nan.h5", capture_steps=(0, 1))
     source = load_model_source(cfg)

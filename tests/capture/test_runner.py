@@ -7,7 +7,7 @@ import torch
 from brute import dense_block_stats, dense_footprint, dense_variance_ratio
 
 from dfsviz.capture.adapters import WanAdapter
-from dfsviz.capture.runner import CaptureConfig, default_capture_steps, load_model_source, run_capture
+from dfsviz.capture import CaptureConfig, default_capture_steps, load_model_source, run_capture
 from dfsviz.capture.store import CaptureReader
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.scoring import block_scores_ref

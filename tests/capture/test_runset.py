@@ -25,7 +25,7 @@ from click.testing import CliRunner
 import dfsviz.cli.capture  # noqa: F401  (registers the command on the group)
 from dfsviz.capture import runset as runset_module
 from dfsviz.capture.file_safety import CaptureLock
-from dfsviz.capture.runner import CaptureConfig, run_capture
+from dfsviz.capture import CaptureConfig, run_capture
 from dfsviz.capture.runset import (
     MAX_CLIPS,
     RunSetConfig,
@@ -238,7 +238,7 @@ def test_sigkill_during_clip_2_then_resume_equals_an_uninterrupted_run_set(tmp_p
     settings = {**SETTINGS, "capture_steps": (0, 1, 2)}
     script = textwrap.dedent(
         f"""
-        from dfsviz.capture.runner import CaptureConfig
+        from dfsviz.capture import CaptureConfig
         from dfsviz.capture.runset import RunSetConfig, capture_run_set
         cfg = RunSetConfig(CaptureConfig(out={str(folder)!r}, model={str(model_dirs['wan'])!r}, **{settings!r}),
                            seeds=(0, 1, 2))

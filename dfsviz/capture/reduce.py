@@ -1,0 +1,115 @@
+"""Per-call reduction: each captured SDPA call becomes block statistics, block scores,
+variance ratios, footprints and (optionally) Q/K/V, queued to the HDF5 writer.
+
+Statistics use the Triton kernels of ``dfsviz.kernels`` (on CUDA) and their PyTorch
+references otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dfsviz.capture.hooks import AttentionRecord
+from dfsviz.capture.resolve import ResolvedCapture
+from dfsviz.capture.store import CaptureWriter
+from dfsviz.sparse.footprints import block_footprints, sample_query_blocks
+
+__all__ = ["AttentionReducer"]
+
+logger = logging.getLogger(__name__)
+
+
+def _kernels():
+    """(block_stats, block_scores): the Triton dispatchers when importable, else the references."""
+    try:
+        from dfsviz.kernels.block_scores import block_scores
+        from dfsviz.kernels.block_stats import block_stats
+
+        return block_stats, block_scores, True
+    except ImportError:
+        from dfsviz.sparse.scoring import block_scores_ref
+        from dfsviz.sparse.stats import block_stats_ref
+
+        logger.info("dfsviz.kernels has no block_stats/block_scores: using the PyTorch references")
+        return block_stats_ref, block_scores_ref, False
+
+
+class AttentionReducer:
+    """Turns each captured SDPA call into statistics and queues them to the writer."""
+
+    def __init__(self, rc: ResolvedCapture, writer: CaptureWriter, progress) -> None:
+        from dfsviz.sparse.orders import make_order
+
+        self.rc = rc
+        self.writer = writer
+        self.progress = progress
+        self.branch = "cond"
+        self.orders = [make_order(name, rc.grid) for name in rc.layout.orders]
+        self.block_stats, self.block_scores, self.triton = _kernels()
+        self.heads = torch.tensor(rc.heads, dtype=torch.int64)
+        self.scale: float | None = None
+        self.seen: set[tuple[int, str]] = set()
+
+    def __call__(self, rec: AttentionRecord) -> None:
+        if not rec.is_self_attention:
+            return
+        try:
+            self._reduce(rec)
+        except ValueError as exc:
+            raise ValueError(f"step {self.writer.open_step}, layer {rec.layer} ({rec.name}): {exc}") from None
+
+    def _reduce(self, rec: AttentionRecord) -> None:
+        if rec.call > 0:
+            raise ValueError(
+                f"layer {rec.name} called SDPA {rec.call + 1} times in one forward (per-sample loops are not supported)"
+            )
+        from dfsviz.sparse.stats import variance_ratio
+
+        cfg, lay, grid = self.rc.config, self.rc.layout, self.rc.grid
+        q, k, v = rec.q[:1], rec.k[:1], rec.v[:1]  # the runner sends one sample per call
+        valid = self.rc.source.adapter.valid_tokens(rec.attn_mask, q.shape[2], 0)
+        if valid is not None:
+            q, k, v = (x.index_select(2, valid) for x in (q, k, v))
+        if q.shape[2] != grid.num_tokens:
+            raise ValueError(
+                f"layer {rec.name} attends over {q.shape[2]} tokens but the grid {grid.name} has {grid.num_tokens}; "
+                "check --height/--width/--frames/--latent against the model's patching"
+            )
+        if self.heads.device != q.device:  # uploaded once: a blocking upload per call would stall the GPU
+            self.heads = self.heads.to(q.device)
+        q, k, v = (x.index_select(1, self.heads) for x in (q, k, v))
+        scale = rec.softmax_scale
+        self.scale = scale
+        backend = {"backend": cfg.kernel_backend} if self.triton else {}
+        for oi, order in enumerate(self.orders):
+            qo, ko = order.apply(q), order.apply(k)
+            st = self.block_stats(qo, ko, block=lay.block, scale=scale, **backend)
+            scores = {}
+            for method in lay.methods:
+                if method == "oracle":
+                    scores[method] = st.m[0]
+                else:
+                    scores[method] = self.block_scores(
+                        qo, ko, method=method, tile=cfg.tile_for(method), block=lay.block, scale=scale, **backend
+                    )[0]
+            # the writer checks every W (and every map) it writes: no value check here, which
+            # would wait for the GPU twice per order and layer
+            wq = variance_ratio(qo, lay.block, check_values=False)[0]
+            wk = variance_ratio(ko, lay.block, check_values=False)[0]
+            self.writer.write_maps(
+                rec.layer, self.branch, order.name, {"m": st.m[0], "L": st.L[0], "r": st.r[0], "J": st.J[0]}, scores, wq, wk
+            )
+            del qo, ko, st, scores
+            if lay.footprints:
+                # the same blocks at every step and branch, so footprints compare across steps
+                seed = (cfg.seed * 7919 + rec.layer * 31 + oi) % (1 << 63)  # within torch's seed range for any seed
+                blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), seed)
+                att = block_footprints(q, k, order.perm_on(q.device), blocks, lay.block, scale)
+                self.writer.write_footprints(rec.layer, self.branch, order.name, blocks, att)
+        if rec.layer in lay.qkv_layers and lay.has_qkv(self.writer.open_step):
+            self.writer.write_qkv(rec.layer, self.branch, q[0], k[0], v[0])
+        self.seen.add((rec.layer, self.branch))
+        if self.progress is not None:
+            self.progress.update(1)

@@ -1,0 +1,236 @@
+"""A capture's settings made concrete: :func:`resolve_capture` turns a :class:`CaptureConfig`
+and its model into the grid, steps, layers, heads, conditioning and file layout
+(:class:`ResolvedCapture`); :func:`run_identity` is what ``--resume`` compares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dfsviz.capture.adapters import Conditioning
+from dfsviz.capture.config import CaptureConfig, default_capture_steps
+from dfsviz.capture.schema import StoreLayout
+from dfsviz.capture.sources import ModelSource, load_embeddings, load_model_source
+from dfsviz.sparse.grid import LatentGrid
+
+__all__ = ["ResolvedCapture", "resolve_capture", "run_identity", "weights_fingerprint"]
+
+
+@dataclass
+class ResolvedCapture:
+    """A config turned into concrete settings: model, grid, steps, layers and file layout."""
+
+    config: CaptureConfig
+    source: ModelSource
+    grid: LatentGrid
+    latent: tuple[int, int, int]
+    num_steps: int
+    guidance_scale: float
+    capture_steps: tuple[int, ...]
+    layer_map: dict[str, int]  # captured module name -> layer index
+    heads: tuple[int, ...]
+    layout: StoreLayout
+    cond: Conditioning
+    uncond: Conditioning | None
+    attrs: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """The resolved settings, JSON-ready (``--dry-run`` prints it)."""
+        lay = self.layout
+        return {
+            "model": self.source.model_id,
+            "architecture": type(self.source.transformer).__name__,
+            "adapter": self.source.adapter.name,
+            "device": str(self.config.torch_device),
+            "dtype": str(self.config.torch_dtype).replace("torch.", ""),
+            "latent": "x".join(map(str, self.latent)),
+            "grid": self.grid.name,
+            "tokens": self.grid.num_tokens,
+            "blocks": lay.num_blocks,
+            "num_steps": self.num_steps,
+            "capture_steps": list(self.capture_steps),
+            "guidance_scale": self.guidance_scale,
+            "branches": list(lay.branches),
+            "layers": list(lay.layers),
+            "heads": list(lay.heads),
+            "orders": list(lay.orders),
+            "methods": list(lay.methods),
+            "block": lay.block,
+            "footprints": lay.footprints,
+            "save_qkv": list(lay.qkv_layers),
+            "qkv_steps": list(lay.qkv_steps) if lay.qkv_layers else [],
+            "out": self.config.out,
+            "estimated_file_bytes_uncompressed": lay.total_bytes(),
+        }
+
+
+def _num_heads(config) -> int:
+    return int(config.num_attention_heads)
+
+
+def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None, load_weights: bool = True) -> ResolvedCapture:
+    """Load (or take) the model and derive the grid, steps, layers and file layout.
+
+    Raises ValueError for settings that do not fit the model (grid mismatch, unknown layer
+    or head, missing embeddings) with the fix in the message.
+    """
+    if source is None:
+        source = load_model_source(config, load_weights=load_weights)
+    adapter, model = source.adapter, source.transformer
+    mcfg = model.config
+    num_steps = config.num_steps or source.num_steps
+    guidance = float(config.guidance_scale if config.guidance_scale is not None else source.guidance_scale)
+    if config.branches == "both" and guidance == 1:
+        raise ValueError("`branches`='both' needs an unconditional pass: pass --guidance-scale > 1")
+    steps = config.capture_steps or default_capture_steps(num_steps)
+    if max(steps) >= num_steps:
+        raise ValueError(f"`capture_steps` must lie in [0, {num_steps - 1}] for {num_steps} steps (got {list(steps)})")
+
+    # conditioning
+    prompt = config.prompt
+    if config.embeddings == "random":
+        gen = torch.Generator().manual_seed(config.seed + 1)
+        cond = adapter.random_conditioning(mcfg, gen)
+        uncond = adapter.random_conditioning(mcfg, gen)
+    elif config.embeddings is not None:
+        cond, uncond = load_embeddings(config.embeddings, adapter)
+    elif source.encode_prompt is not None:
+        cond, uncond, prompt = source.encode_prompt(config.prompt)
+    elif source.cond is not None:
+        cond, uncond = source.cond, source.uncond
+    else:
+        raise ValueError(
+            f"model {source.model_id!r} needs text embeddings: pass --embeddings FILE.safetensors (prompt_embeds, "
+            "negative_prompt_embeds, ... from the pipeline's encode_prompt) or --embeddings random"
+        )
+    if guidance > 1 and uncond is None:
+        raise ValueError(
+            "guidance_scale > 1 needs unconditional embeddings: add 'negative_prompt_embeds' to the embeddings file "
+            "or pass --guidance-scale 1"
+        )
+    text_len = adapter.text_len(cond)
+    if config.branches == "both" and adapter.text_len(uncond) != text_len:
+        raise ValueError(
+            f"conditional and unconditional prompts have {text_len} and {adapter.text_len(uncond)} real text tokens; "
+            "--branches both needs equal sequence lengths (use --branches cond)"
+        )
+
+    # grid
+    if config.latent is not None:
+        lg = LatentGrid.parse(config.latent)
+        latent = (lg.frames, lg.height, lg.width)
+    else:
+        f, h, w = source.default_size
+        latent = adapter.latent_shape(
+            config.frames or f, config.height or h, config.width or w, source.vae_spatial, source.vae_temporal
+        )
+    grid = adapter.token_grid(mcfg, latent, text_len)
+
+    # layers and heads
+    all_layers = adapter.select_layers(model)
+    by_index = {i: n for n, i in all_layers.items()}
+    wanted = config.layers if config.layers is not None else tuple(sorted(by_index))
+    bad = [i for i in wanted if i not in by_index]
+    if bad:
+        raise ValueError(f"`layers` {bad} do not exist; this model has layers 0..{len(by_index) - 1}")
+    qkv_bad = [i for i in config.save_qkv if i not in wanted]
+    if qkv_bad:
+        raise ValueError(f"`save_qkv` layers {qkv_bad} are not captured layers")
+    layer_map = {by_index[i]: i for i in wanted}
+    num_heads = _num_heads(mcfg)
+    heads = config.heads if config.heads is not None else tuple(range(num_heads))
+    if max(heads) >= num_heads:
+        raise ValueError(f"`heads` {[h for h in heads if h >= num_heads]} do not exist; this model has heads 0..{num_heads - 1}")
+    head_dim = int(mcfg.attention_head_dim)
+    num_blocks = -(-grid.num_tokens // config.block)
+    layout = StoreLayout(
+        grid=grid,
+        block=config.block,
+        orders=config.orders,
+        methods=config.methods,
+        layers=tuple(wanted),
+        layer_names=tuple(by_index[i] for i in wanted),
+        heads=tuple(heads),
+        branches=("cond", "uncond") if config.branches == "both" else ("cond",),
+        steps=tuple(steps),
+        footprints=min(config.footprints, num_blocks),
+        qkv_layers=tuple(config.save_qkv),
+        qkv_steps=config.qkv_steps,
+        head_dim=head_dim,
+        qkv_dtype=config.stored_qkv_dtype,
+    )
+    sched = source.scheduler
+    attrs = {
+        "model_id": source.model_id,
+        "model_class": type(model).__name__,
+        "adapter": adapter.name,
+        "model_config": {k: v for k, v in dict(mcfg).items()},
+        "prompt": prompt,
+        "negative_prompt": config.negative_prompt,
+        "seed": config.seed,
+        "guidance_scale": guidance,
+        "num_steps": num_steps,
+        "scheduler": type(sched).__name__,
+        "scheduler_config": dict(getattr(sched, "config", {})),
+        "latent": "x".join(map(str, latent)),
+        "tile": config.tile,
+        "stride": config.stride,
+        "method_tiles": {m: config.tile_for(m) for m in config.methods},
+        "capture_config": config.to_json(),
+        "dtype": str(config.torch_dtype).replace("torch.", ""),
+        "device": str(config.torch_device),
+        "embeddings": config.embeddings or "model",
+    }
+    return ResolvedCapture(
+        config, source, grid, latent, num_steps, guidance, tuple(steps), layer_map, tuple(heads), layout, cond, uncond, attrs
+    )
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights: every state-dict tensor's name, dtype, shape and bytes.
+
+    ``--resume`` compares it, so a run is never continued with other weights. CPU tensors
+    are hashed in place; GPU tensors are copied to the host one at a time. About 1-2 s per
+    GB of weights (the embedded model: milliseconds).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def run_identity(rc: ResolvedCapture, fingerprint: str) -> dict:
+    """What makes two runs the same run (``--resume`` refuses any difference).
+
+    The capture settings as resolved, not as typed: "auto" device and dtype, the default
+    kernel backend, the default steps, layers and heads are replaced by what they resolve
+    to, so ``--device cpu`` and the default on a CPU machine are one run. How the run was
+    started (``out``, ``overwrite``, ``resume``) does not count; the weights do.
+    """
+    from dfsviz.kernels._dispatch import resolve_backend
+
+    cfg = rc.config
+    device = cfg.torch_device
+    identity = {k: v for k, v in cfg.to_json().items() if k not in ("out", "overwrite", "resume")}
+    identity.update(
+        device=device.type,
+        dtype=str(cfg.torch_dtype).replace("torch.", ""),
+        kernel_backend=resolve_backend(cfg.kernel_backend, torch.empty(0, device=device)),
+        qkv_dtype=cfg.stored_qkv_dtype,
+        num_steps=rc.num_steps,
+        guidance_scale=rc.guidance_scale,
+        capture_steps=list(rc.capture_steps),
+        layers=list(rc.layout.layers),
+        heads=list(rc.layout.heads),
+        prompt=rc.attrs["prompt"],
+        footprints=rc.layout.footprints,
+        weights_sha256=fingerprint,
+    )
+    return identity

@@ -1,0 +1,254 @@
+"""Models a capture runs: :class:`ModelSource` and :func:`load_model_source`.
+
+A source is a diffusers transformer with its adapter, scheduler, VAE compression and the
+conditioning it takes (a prompt encoder for the embedded model, or fixed embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dfsviz.capture.adapters import ADAPTERS, Conditioning, ModelAdapter, get_adapter, supported_architectures
+from dfsviz.capture.config import CaptureConfig
+
+__all__ = ["ModelSource", "load_model_source", "load_embeddings"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSource:
+    """A model ready to denoise: what :func:`load_model_source` returns.
+
+    Pass one to :func:`run_capture` (``source=``) to capture a transformer already in
+    memory. Fields:
+        transformer: the diffusers transformer, on its device, eval mode.
+        adapter: its :class:`ModelAdapter`.
+        scheduler: a diffusers scheduler (``set_timesteps`` / ``step``).
+        model_id: label stored in the file.
+        vae_spatial, vae_temporal: pixels per latent cell.
+        default_size: (frames, height, width) pixels when the config gives none.
+        encode_prompt: the conditioning of a prompt, ``prompt -> (cond, uncond, prompt
+            encoded)``, for a model that encodes prompts itself (the embedded model: a class
+            name, "" for its first class); None when the conditioning comes from ``cond`` or
+            from the config's ``embeddings``. One loaded source serves every prompt of a run set.
+        cond, uncond: fixed conditioning of the two branches, whatever the prompt (a source
+            built around a transformer and its embeddings); None: from ``encode_prompt`` or
+            the config's ``embeddings``.
+        num_steps, guidance_scale: the model's defaults.
+        weights_sha256: :func:`weights_fingerprint` of ``transformer`` when already computed
+            (a run set hashes the weights once for all its clips); None = hashed by each capture.
+    """
+
+    transformer: torch.nn.Module
+    adapter: ModelAdapter
+    scheduler: object
+    model_id: str
+    vae_spatial: int = 8
+    vae_temporal: int = 4
+    default_size: tuple[int, int, int] = (81, 480, 832)
+    encode_prompt: Callable[[str], tuple[Conditioning, Conditioning | None, str]] | None = None
+    cond: Conditioning | None = None
+    uncond: Conditioning | None = None
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    weights_sha256: str | None = None
+
+
+_DEFAULTS = {  # per adapter: (default size (frames, height, width), flow shift or None)
+    "wan": ((81, 480, 832), 5.0),
+    "hunyuanvideo": ((129, 720, 1280), 7.0),
+    "cogvideox": ((49, 480, 720), None),
+    "generic": ((1, 8, 8), None),
+}
+
+
+def _default_scheduler(adapter: ModelAdapter):
+    import diffusers
+
+    shift = _DEFAULTS[adapter.name][1]
+    if adapter.name == "cogvideox":
+        # CogVideoX-2b's scheduler settings (v-prediction, zero-terminal-SNR, trailing spacing)
+        return diffusers.CogVideoXDDIMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+            rescale_betas_zero_snr=True, timestep_spacing="trailing", snr_shift_scale=3.0, clip_sample=False,
+            set_alpha_to_one=True, steps_offset=0,
+        )
+    return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift or 1.0)
+
+
+def _read_json(path: Path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _vae_factors(cfg: dict, adapter: ModelAdapter) -> tuple[int, int]:
+    spatial = cfg.get("scale_factor_spatial") or cfg.get("spatial_compression_ratio")
+    if spatial is None and cfg.get("block_out_channels"):
+        spatial = 2 ** (len(cfg["block_out_channels"]) - 1)
+    temporal = cfg.get("scale_factor_temporal") or cfg.get("temporal_compression_ratio")
+    return int(spatial or adapter.vae_spatial), int(temporal or adapter.vae_temporal)
+
+
+def _transformer_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    adapters = [a for a in ADAPTERS.values() if name in a.classes]
+    if cls is None or not adapters:
+        raise ValueError(f"unsupported architecture {name}; supported: {supported_architectures()}")
+    return cls, adapters[0]
+
+
+def _embedded_source(device) -> ModelSource:
+    import diffusers
+
+    try:
+        from dfsviz.models import encode_labels, load_embedded_model
+    except ImportError as exc:
+        raise ValueError(
+            f"the embedded model is not available in this dfsviz ({exc}); pass --model <hub id or diffusers directory>"
+        ) from None
+    model = load_embedded_model(device=device)
+    uncond = Conditioning(model.class_embeddings[model.null_label][None])
+
+    def encode_prompt(prompt: str) -> tuple[Conditioning, Conditioning, str]:
+        """A class name's embedding; "" is the first class."""
+        prompt = prompt or model.classes[0]
+        return Conditioning(encode_labels(model, [prompt])), uncond, prompt
+
+    cfg = model.config
+    return ModelSource(
+        transformer=model.transformer,
+        adapter=get_adapter("wan"),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(cfg.shift)),
+        model_id=f"dfsviz-embedded:{cfg.name}",
+        vae_spatial=1,  # the embedded model denoises pixels
+        vae_temporal=1,
+        default_size=(cfg.frames, cfg.height, cfg.width),
+        encode_prompt=encode_prompt,
+        num_steps=20,
+        guidance_scale=1.0,
+    )
+
+
+def load_model_source(config: CaptureConfig, *, load_weights: bool = True) -> ModelSource:
+    """Load the transformer and scheduler named by ``config.model``.
+
+    ``config.model`` may be a local folder holding a diffusers pipeline (``model_index.json``;
+    its ``transformer``, ``scheduler`` and ``vae`` configs are used), a transformer folder
+    (``config.json`` with ``_class_name``), a hub id of either kind, or None for the
+    embedded model. With ``load_weights=False`` the transformer is built on the meta device
+    (for ``--dry-run``: shapes only, no memory).
+
+    Raises ValueError for an unknown model or an unsupported architecture (listing the
+    supported ones).
+    """
+    device, dtype = config.torch_device, config.torch_dtype
+    if config.model is None:
+        return _embedded_source(device)
+    import diffusers
+
+    path = Path(config.model).expanduser()
+    local = path.is_dir()
+    if not local and (path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", config.model)):
+        raise ValueError(
+            f"unknown model {config.model!r}: not a local diffusers directory nor a hub id (org/name); "
+            f"supported architectures: {supported_architectures()}"
+        )
+
+    def load_config(subfolder: str | None) -> dict | None:
+        """A config dict of the folder/repo (``subfolder`` None = its root), or None when absent."""
+        name = "scheduler_config.json" if subfolder == "scheduler" else "config.json"
+        if local:
+            file = (path / subfolder / name) if subfolder else path / name
+            return _read_json(file) if file.is_file() else None
+        try:
+            loader = diffusers.SchedulerMixin if subfolder == "scheduler" else diffusers.ModelMixin
+            return dict(loader.load_config(config.model, subfolder=subfolder))
+        except Exception as exc:  # network, missing repo or file
+            logger.info("no %s config in %s: %s", subfolder or "root", config.model, exc)
+            return None
+
+    if local:
+        is_pipeline = (path / "model_index.json").is_file()
+        tcfg = load_config("transformer" if is_pipeline else None)
+    else:
+        tcfg = load_config("transformer")
+        is_pipeline = tcfg is not None
+        if tcfg is None:
+            tcfg = load_config(None)
+            if tcfg is None:
+                raise ValueError(
+                    f"cannot load model {config.model!r}: no local directory of that name and the hub did not "
+                    f"answer (offline?); supported architectures: {supported_architectures()}"
+                )
+    sub = "transformer" if is_pipeline else None
+    if tcfg is None or "_class_name" not in tcfg:
+        raise ValueError(
+            f"{config.model!r} holds no diffusers transformer config (config.json with _class_name); "
+            f"supported architectures: {supported_architectures()}"
+        )
+    cls, adapter = _transformer_class(tcfg["_class_name"])
+    if load_weights:
+        kwargs = {"torch_dtype": dtype}
+        if sub:
+            kwargs["subfolder"] = sub
+        transformer = cls.from_pretrained(str(path) if local else config.model, **kwargs).to(device).eval()
+    else:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            transformer = cls.from_config(tcfg)
+    scheduler = None
+    vae = None
+    if is_pipeline:
+        scfg = load_config("scheduler")
+        if scfg is not None and hasattr(diffusers, scfg.get("_class_name", "")):
+            scheduler = getattr(diffusers, scfg["_class_name"]).from_config(scfg)
+        vae = load_config("vae")
+    spatial, temporal = _vae_factors(vae or {}, adapter)
+    return ModelSource(
+        transformer=transformer,
+        adapter=adapter,
+        scheduler=scheduler or _default_scheduler(adapter),
+        model_id=config.model,
+        vae_spatial=spatial,
+        vae_temporal=temporal,
+        default_size=_DEFAULTS[adapter.name][0],
+    )
+
+
+def load_embeddings(file: str, adapter: ModelAdapter) -> tuple[Conditioning, Conditioning | None]:
+    from safetensors.torch import load_file
+
+    data = load_file(file)
+
+    def branch(prefix: str) -> Conditioning | None:
+        key = f"{prefix}prompt_embeds"
+        if key not in data:
+            return None
+        embeds = data[key]
+        embeds = embeds[None] if embeds.dim() == 2 else embeds
+        mask = data.get(f"{prefix}prompt_attention_mask")
+        pooled = data.get(f"{prefix}pooled_prompt_embeds")
+        if mask is not None and mask.dim() == 1:
+            mask = mask[None]
+        if pooled is not None and pooled.dim() == 1:
+            pooled = pooled[None]
+        return Conditioning(embeds[:1].float(), None if mask is None else mask[:1], None if pooled is None else pooled[:1].float())
+
+    cond = branch("")
+    if cond is None:
+        raise ValueError(
+            f"embeddings file {file!r} has no 'prompt_embeds' tensor (keys: {sorted(data)}); save the pipeline's "
+            "encode_prompt outputs under diffusers' names"
+        )
+    return cond, branch("negative_")
