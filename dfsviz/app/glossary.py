@@ -112,7 +112,7 @@ _TERMS: dict[str, Term] = {
     "branch": Term("CFG branch", "With classifier-free guidance the model runs twice per step: 'cond' with the "
                    "prompt and 'uncond' without it. Each branch has its own attention maps.", "", _METHOD),
     "latent_grid": Term("latent grid F × Hs × Ws", "The video as the transformer sees it: F latent frames of Hs × Ws "
-                        "patches, one token each. One latent frame stands for several video frames.",
+                        "patches, one token each. One latent frame stands for one or more video frames.",
                         "N = F · Hs · Ws video tokens (+ text tokens)", _SETTING),
     "logit": Term("logit l_ij", "How strongly query i matches key j before the softmax.",
                   "l_ij = q_i · k_j · scale, scale = 1/√d unless the model sets its own", _SETTING),
