@@ -105,6 +105,9 @@ def _registry_terms(registry, described: dict[str, tuple[str, str, str]], kind: 
 
 _TERMS: dict[str, Term] = {
     # ------------------------------------------------------------------ the setting
+    "capture": Term("capture", "A file `dfsviz capture` wrote while a model generated one clip: the attention maps "
+                    "of the chosen steps, layers, heads and token orders. Every page shows one capture.", "",
+                    _SETTING),
     "step": Term("denoising step", "The 0-based diffusion step of the run at which the maps were captured; "
                  "attention gets more concentrated as denoising proceeds.", "", _METHOD),
     "layer": Term("layer", "A self-attention layer (transformer block) of the model, counted from 0.", "", _SETTING),
@@ -126,6 +129,9 @@ _TERMS: dict[str, Term] = {
                         "U_u = ordered positions u · block … min(N, (u + 1) · block) − 1", _SETTING),
     "key_block": Term("key block v", "A block of keys V_v: one column of a block map (the horizontal axis).",
                       "V_v = ordered positions v · block … min(N, (v + 1) · block) − 1", _SETTING),
+    "qkv": Term("stored Q/K/V", "The queries, keys and values of the layers captured with --save-qkv. With them "
+                "the Live page runs attention anew and footprints are computed exactly for any query block.", "",
+                _FOOTPRINTS),
     "text_tokens": Term("text tokens", "Prompt tokens that share the self-attention sequence (HunyuanVideo, "
                         "CogVideoX). They keep their place in every order and count like any other token.",
                         "", _COUNTING),
