@@ -38,9 +38,9 @@ from dfsviz.sparse.orders import make_order
 from dfsviz.sparse.select import select_topk
 from dfsviz.sparse.tokenmodel import TokenModelConfig, sample_qk
 
-# The package re-exports functions under the module names, so take the modules themselves.
-bsa_module = importlib.import_module("dfsviz.kernels.block_sparse_attention")
-stats_module = importlib.import_module("dfsviz.kernels.block_stats")
+# The Triton side of the kernels (autotuners and their chosen configs).
+jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
+jit_stats = importlib.import_module("dfsviz.kernels._jit.stats")
 log = logging.getLogger("bench_kernels")
 
 SHAPES = {
@@ -102,7 +102,7 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts=("attention", "scores
             row["scores_vs_cudnn"] = row["scores_ms"] / row["cudnn_ms"]
         if "stats" in parts:
             row["stats_ms"] = bench(lambda: block_stats(q, k, block=BLOCK), rep_ms=100)
-            row["stats_config"] = str(stats_module._TUNED_KERNEL.best_config)
+            row["stats_config"] = str(jit_stats._TUNED_KERNEL.best_config)
             row["stats_vs_cudnn"] = row["stats_ms"] / row["cudnn_ms"]
         row["gammas"] = []
         for gamma in gammas if "attention" in parts else ():
@@ -112,9 +112,9 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts=("attention", "scores
             g = {"gamma": gamma, "density": density}
             g["flex_ms"] = bench(lambda: flex(q, k, v, block_mask=fmask))
             g["sparse_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask))
-            g["sparse_config"] = str(bsa_module._TUNED_DESC_KERNEL.best_config)  # no order: descriptor kernel
+            g["sparse_config"] = str(jit_attention._TUNED_DESC_KERNEL.best_config)  # no order: descriptor kernel
             g["sparse_order_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask, order=order))
-            g["sparse_order_config"] = str(bsa_module._TUNED_KERNEL.best_config)
+            g["sparse_order_config"] = str(jit_attention._TUNED_KERNEL.best_config)
             g["sparse_lse_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask, return_lse=True))
             g["sparse_eff_tflops"] = dense_flops * density / g["sparse_ms"] * 1e-9
             g["flex_eff_tflops"] = dense_flops * density / g["flex_ms"] * 1e-9

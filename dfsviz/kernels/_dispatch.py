@@ -16,10 +16,12 @@ import os
 
 import torch
 
+from dfsviz.sparse._validate import check_power_of_two, check_qk, resolve_scale
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "ENV_VAR", "HEAD_DIMS", "KERNEL_DTYPES", "check_kernel_dtype", "check_kernel_input",
-           "cuda_properties", "interpreting", "resolve_backend", "triton_available"]
+           "cuda_properties", "interpreting", "kernel_qk", "resolve_backend", "triton_available", "unit_stride_d"]
 
 #: Registry of kernel backends: name -> what runs.
 BACKENDS = {
@@ -32,7 +34,7 @@ HEAD_DIMS = (64, 128)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Triton reads TRITON_INTERPRET when a @triton.jit function is decorated, i.e. when the
-# kernel modules are imported (they import this module first), so read it once here too.
+# dispatchers first import a dfsviz.kernels._jit module, so read it once, at import, here too.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -107,3 +109,19 @@ def check_kernel_input(q: torch.Tensor) -> None:
             "use backend='ref' for other head dims"
         )
     check_kernel_dtype(q, "q")
+
+
+def unit_stride_d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if its last axis has unit stride (the kernels need that; any other strides
+    are fine), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def kernel_qk(q: object, k: object, block: object, scale: object) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The launcher preamble of ``block_scores`` and ``block_stats``: validate a query/key pair
+    once for the Triton kernels (shapes, dtype, head dim, block; not values, which would sync
+    the host) and return (q, k with unit stride along D, the resolved softmax scale)."""
+    check_qk(q, k, values=False)
+    check_power_of_two(block, "block", 16, 256)
+    check_kernel_input(q)
+    return unit_stride_d(q), unit_stride_d(k), resolve_scale(scale, q.shape[-1])

@@ -26,11 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from dfsviz.kernels._dispatch import KERNEL_DTYPES, check_kernel_dtype, interpreting, resolve_backend
-from dfsviz.kernels._rows import rounded, row_launch_shape, token_rows
+from dfsviz.kernels._dispatch import check_kernel_dtype, resolve_backend
 
 __all__ = ["gated_residual", "gated_residual_ref", "modulated_layer_norm", "modulated_layer_norm_ref"]
 
@@ -127,181 +124,6 @@ def _check_float32(name: str, t: torch.Tensor) -> None:
                          "table is; cast with .float() or use backend='ref'")
 
 
-@triton.jit
-def _normalise_store(d, rstd, cols, ok, col_ok, W, BIAS, SCALE, SHIFT, s_row, h_row, o_row,
-                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
-                     RTNE_BF16: tl.constexpr):
-    """Store (d * rstd [* w] [+ b]) [* (1 + scale) + shift] for deviations d [BLOCK_R, BLOCK_C]."""
-    y = d * rstd[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_MOD:
-        scale = tl.load(SCALE + s_row[:, None] + cols[None, :], mask=ok, other=0.0)
-        shift = tl.load(SHIFT + h_row[:, None] + cols[None, :], mask=ok, other=0.0)
-        # torch rounds (1 + scale) to float32 first, then the product, then the sum.
-        y = y * (1.0 + scale) + shift
-    dtype = o_row.dtype.element_ty
-    tl.store(o_row[:, None] + cols[None, :], rounded(y, dtype, RTNE_BF16).to(dtype), mask=ok)
-
-
-@triton.jit
-def _modulated_layer_norm_kernel(
-    X, W, BIAS, SCALE, SHIFT, OUT,
-    stride_xb, stride_xn, stride_sb, stride_sn, stride_hb, stride_hn,
-    ROWS, N, C, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, RTNE_BF16: tl.constexpr,
-):
-    """BLOCK_R token rows (of B * N) x C channels, in NUM_CHUNKS chunks of BLOCK_C."""
-    rows, row_ok, b, t = token_rows(ROWS, N, BLOCK_R)
-    x_row = X + b * stride_xb + t * stride_xn
-    s_row = b * stride_sb + t * stride_sn  # stride 0 along a broadcast dim of scale / shift
-    h_row = b * stride_hb + t * stride_hn
-    o_row = OUT + rows * C
-    # IEEE-rounded division and sqrt (torch's CPU and CUDA layer_norm round each step).
-    count = tl.zeros([BLOCK_R], tl.float32) + C
-    if NUM_CHUNKS == 1:
-        # The whole row stays in registers: one read of x. Upcast right after the load (the
-        # interpreter has no bf16 arithmetic).
-        cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        mean = tl.div_rn(tl.sum(x, 1), count)
-        d = tl.where(ok, x - mean[:, None], 0.0)
-        var = tl.div_rn(tl.sum(d * d, 1), count)
-        rstd = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.sqrt_rn(var + eps))
-        _normalise_store(d, rstd, cols, ok, col_ok, W, BIAS, SCALE, SHIFT, s_row, h_row, o_row,
-                         HAS_WEIGHT, HAS_BIAS, HAS_MOD, RTNE_BF16)
-    else:
-        # Rows too long for registers: three passes over chunks (sum, squared deviations, store).
-        acc = tl.zeros([BLOCK_R], tl.float32)
-        for i in range(NUM_CHUNKS):
-            cols = i * BLOCK_C + tl.arange(0, BLOCK_C)
-            ok = row_ok[:, None] & (cols < C)[None, :]
-            acc += tl.sum(tl.load(x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32), 1)
-        mean = tl.div_rn(acc, count)
-        acc = tl.zeros([BLOCK_R], tl.float32)
-        for i in range(NUM_CHUNKS):
-            cols = i * BLOCK_C + tl.arange(0, BLOCK_C)
-            ok = row_ok[:, None] & (cols < C)[None, :]
-            x = tl.load(x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            d = tl.where(ok, x - mean[:, None], 0.0)
-            acc += tl.sum(d * d, 1)
-        rstd = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.sqrt_rn(tl.div_rn(acc, count) + eps))
-        for i in range(NUM_CHUNKS):
-            cols = i * BLOCK_C + tl.arange(0, BLOCK_C)
-            col_ok = cols < C
-            ok = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            _normalise_store(x - mean[:, None], rstd, cols, ok, col_ok, W, BIAS, SCALE, SHIFT, s_row, h_row,
-                             o_row, HAS_WEIGHT, HAS_BIAS, HAS_MOD, RTNE_BF16)
-
-
-@triton.jit
-def _gated_residual_kernel(
-    X, Y, G, OUT,
-    stride_xb, stride_xn, stride_yb, stride_yn, stride_gb, stride_gn,
-    ROWS, N, C,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RTNE_BF16: tl.constexpr,
-):
-    """A BLOCK_R x BLOCK_C tile of token rows (of B * N) x channels."""
-    rows, row_ok, b, t = token_rows(ROWS, N, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = row_ok[:, None] & (cols < C)[None, :]
-    x = tl.load(X + (b * stride_xb + t * stride_xn)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    y = tl.load(Y + (b * stride_yb + t * stride_yn)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(G + (b * stride_gb + t * stride_gn)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    dtype = OUT.dtype.element_ty
-    out = rounded(x + y * g, dtype, RTNE_BF16).to(dtype)
-    tl.store(OUT + (rows * C)[:, None] + cols[None, :], out, mask=ok)
-
-
-#: Launch shape, as data: elements per program and per warp on the GPU (the interpreter pays
-#: per program, so it takes more rows per program); rows longer than _MAX_BLOCK_C channels are
-#: normalised in chunks of that size; the residual's tiles are at most _RESIDUAL_BLOCK_C wide.
-_ELEMENTS_PER_PROGRAM = 4096
-_ELEMENTS_PER_PROGRAM_INTERPRETED = 65536
-_ELEMENTS_PER_WARP = 512
-_MAX_BLOCK_C = 16384
-_RESIDUAL_BLOCK_C = 2048
-
-
-def _launch_shape(rows: int, block_c: int) -> tuple[int, int]:
-    per_program = _ELEMENTS_PER_PROGRAM_INTERPRETED if interpreting() else _ELEMENTS_PER_PROGRAM
-    return row_launch_shape(rows, block_c, per_program, _ELEMENTS_PER_WARP)
-
-
-def _row_strides(t: torch.Tensor) -> tuple[int, int]:
-    """(batch, token) strides of a [B or 1, N or 1, C] operand; 0 along a broadcast dim."""
-    return (t.stride(0) if t.shape[0] > 1 else 0), (t.stride(1) if t.shape[1] > 1 else 0)
-
-
-def _unit_c(t: torch.Tensor) -> torch.Tensor:
-    """t with unit stride along C (any other strides kept)."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def _affine(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """The LayerNorm weight / bias as the kernel loads it: contiguous, a kernel dtype (other
-    float dtypes are cast to float32 here, as FP32LayerNorm does)."""
-    if t is None:
-        return x  # a dummy pointer; the HAS_* flag keeps the kernel from reading it
-    return (t if t.dtype in KERNEL_DTYPES else t.float()).contiguous()
-
-
-def _modulated_layer_norm_fwd(x, eps, weight, bias, scale, shift):
-    check_kernel_dtype(x, "x")
-    has_mod = scale is not None
-    if has_mod:
-        _check_float32("scale", scale)
-        _check_float32("shift", shift)
-        scale, shift = _unit_c(scale), _unit_c(shift)
-    x = _unit_c(x)
-    bsz, n, c = x.shape
-    out = torch.empty((bsz, n, c), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
-    block_r, warps = _launch_shape(bsz * n, block_c)
-    stride_s = _row_strides(scale) if has_mod else (0, 0)
-    stride_h = _row_strides(shift) if has_mod else (0, 0)
-    _modulated_layer_norm_kernel[(triton.cdiv(bsz * n, block_r),)](
-        x, _affine(weight, x), _affine(bias, x), scale if has_mod else x, shift if has_mod else x, out,
-        x.stride(0), x.stride(1), *stride_s, *stride_h,
-        bsz * n, n, c, float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD=has_mod,
-        BLOCK_R=block_r, BLOCK_C=block_c, NUM_CHUNKS=triton.cdiv(c, block_c),
-        RTNE_BF16=interpreting() and x.dtype == torch.bfloat16,
-        num_warps=warps, enable_fp_fusion=False,
-    )
-    return out
-
-
-def _gated_residual_fwd(x, y, gate):
-    check_kernel_dtype(x, "x")
-    check_kernel_dtype(y, "y")
-    # y * gate promotes a float16 / bfloat16 gate to float32 exactly, so any kernel dtype is the torch result.
-    check_kernel_dtype(gate, "gate")
-    x, y, gate = _unit_c(x), _unit_c(y), _unit_c(gate)
-    bsz, n, c = x.shape
-    out = torch.empty((bsz, n, c), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    block_c = min(triton.next_power_of_2(c), _RESIDUAL_BLOCK_C)
-    block_r, warps = _launch_shape(bsz * n, block_c)
-    _gated_residual_kernel[(triton.cdiv(bsz * n, block_r), triton.cdiv(c, block_c))](
-        x, y, gate, out,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), *_row_strides(gate),
-        bsz * n, n, c,
-        BLOCK_R=block_r, BLOCK_C=block_c, RTNE_BF16=interpreting() and x.dtype == torch.bfloat16,
-        num_warps=warps, enable_fp_fusion=False,
-    )
-    return out
-
-
 def modulated_layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                          shift: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
@@ -329,7 +151,13 @@ def modulated_layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | Non
     tensors = [t for t in (x, weight, bias, scale, shift) if t is not None]
     if resolve_backend(backend, *tensors) == "ref":
         return modulated_layer_norm_ref(x, eps, weight, bias, scale, shift)
-    return _modulated_layer_norm_fwd(x, eps, weight, bias, scale, shift)
+    check_kernel_dtype(x, "x")
+    if scale is not None:
+        _check_float32("scale", scale)
+        _check_float32("shift", shift)
+    from dfsviz.kernels._jit.adaln import modulated_layer_norm_fwd
+
+    return modulated_layer_norm_fwd(x, eps, weight, bias, scale, shift)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, backend: str | None = None) -> torch.Tensor:
@@ -350,4 +178,10 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, backend
     _check_residual_inputs(x, y, gate)
     if resolve_backend(backend, x, y, gate) == "ref":
         return gated_residual_ref(x, y, gate)
-    return _gated_residual_fwd(x, y, gate)
+    check_kernel_dtype(x, "x")
+    check_kernel_dtype(y, "y")
+    # y * gate promotes a float16 / bfloat16 gate to float32 exactly, so any kernel dtype is the torch result.
+    check_kernel_dtype(gate, "gate")
+    from dfsviz.kernels._jit.adaln import gated_residual_fwd
+
+    return gated_residual_fwd(x, y, gate)

@@ -7,296 +7,33 @@ token order the program loads q, k and v rows through ``perm`` and stores output
 (and LSE) at their original positions, so no gather or scatter pass runs outside.
 Without an order, on Hopper-class GPUs and 16-byte aligned tensors, a second kernel moves
 whole tiles with tensor descriptors (the bulk copy engine); the two share the softmax step.
+The kernels and their launcher live in ``dfsviz.kernels._jit.attention``, imported only when
+Triton runs; this module validates once and dispatches.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dfsviz.kernels._dispatch import check_kernel_input, cuda_properties, interpreting, resolve_backend
+from dfsviz.kernels._dispatch import check_kernel_input, resolve_backend, unit_stride_d
 from dfsviz.sparse._validate import resolve_scale
 from dfsviz.sparse.attention import block_sparse_attention_ref, check_attention_inputs, check_order_for
 from dfsviz.sparse.masks import BlockMask
 
-__all__ = ["block_sparse_attention", "ATTENTION_CONFIGS", "attention_config_fits"]
+__all__ = ["block_sparse_attention"]
 
-_LOG2E = 1.4426950408889634
 # Row offsets inside one head are int32 in the kernel (batch/head offsets are int64).
 _MAX_HEAD_SPAN = 2**31
 
 
-@triton.jit
-def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok,
-                  MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One BLOCK_N slice of keys k, v [BLOCK_N, D]: logits, online-softmax update, P @ V accumulation."""
-    # The interpreter's bf16 dot is wrong: it runs fp32 operands instead (exact for bf16/fp16 values).
-    if UPCAST:
-        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
-    else:
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-    # Scale and log2(e) are folded into one multiply so the softmax uses exp2.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if UPCAST:
-        acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _attention_step(
-    acc, l_i, m_i, q, k_base, v_base, perm_ptr, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
-    HAS_ORDER: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One BLOCK_N slice of keys loaded through pointers (gathered through ``perm`` with an order)."""
-    col_ok = offs_n < N
-    if HAS_ORDER:
-        if MASKED:
-            rows_n = tl.load(perm_ptr + offs_n, mask=col_ok, other=0)
-        else:
-            rows_n = tl.load(perm_ptr + offs_n)
-    else:
-        rows_n = offs_n
-    k_ptrs = k_base + rows_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + rows_n[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    return _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, MASKED, UPCAST, DOT_PRECISION)
-
-
-@triton.jit
-def _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N: tl.constexpr):
-    """Query block u's kept key blocks: (count, pointer to their ascending indices, count of
-    full blocks). Kept blocks ascend, so the one short block (the last, Mk - 1) can only be
-    the last entry: every other block runs without load masks or -inf fills."""
-    mask_row = pid_bh.to(tl.int64) * NUM_Q_BLOCKS + u
-    num_kv = tl.load(KV_NUM + mask_row)
-    idx_ptr = KV_IDX + mask_row * NUM_KV_BLOCKS
-    n_full = num_kv
-    if not EVEN_N:
-        last = tl.load(idx_ptr + tl.maximum(num_kv - 1, 0))
-        n_full = tl.where((num_kv > 0) & (last == NUM_KV_BLOCKS - 1), num_kv - 1, num_kv)
-    return num_kv, idx_ptr, n_full
-
-
-@triton.jit
-def _block_sparse_attention_kernel(
-    Q, K, V, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ORDER: tl.constexpr, RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.load(BH_ORDER + tl.program_id(1))  # heads with the most kept blocks run first
-    b = pid_bh // H
-    h = pid_bh % H
-    u = (pid_m * BLOCK_M) // BLOCK  # the mask's query block holding these rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in the ordered sequence
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N
-    if HAS_ORDER:
-        rows_m = tl.load(PERM + offs_m, mask=row_ok, other=0)  # original rows of these positions
-    else:
-        rows_m = offs_m
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    q = tl.load(q_base + rows_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-
-    num_kv, idx_ptr, n_full = _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N)
-    CHUNKS: tl.constexpr = BLOCK // BLOCK_N
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for it in range(0, n_full * CHUNKS):
-        kv_block = tl.load(idx_ptr + it // CHUNKS)
-        offs_n = kv_block * BLOCK + (it % CHUNKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc, l_i, m_i = _attention_step(
-            acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
-            HAS_ORDER, False, UPCAST, DOT_PRECISION,
-        )
-    if not EVEN_N:
-        if n_full < num_kv:
-            tail_start = (NUM_KV_BLOCKS - 1) * BLOCK
-            # Only slices that start before N hold a real key; the first always does.
-            for c in range(0, tl.cdiv(N - tail_start, BLOCK_N)):
-                offs_n = tail_start + c * BLOCK_N + tl.arange(0, BLOCK_N)
-                acc, l_i, m_i = _attention_step(
-                    acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, N,
-                    qk_scale, HAS_ORDER, True, UPCAST, DOT_PRECISION,
-                )
-
-    # A query block with no kept key block has l = 0 and acc = 0: divide by 1 to output 0;
-    # a NaN row keeps l = NaN and stays NaN, as dense attention would.
-    l_safe = tl.where(num_kv > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + rows_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    if RETURN_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 domain back to natural log
-        tl.store(LSE + pid_bh.to(tl.int64) * N + rows_m, lse, mask=row_ok)
-
-
-@triton.jit
-def _block_sparse_attention_desc_kernel(
-    desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER,
-    H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """The kernel above without a token order, with q, k, v and out tiles moved by tensor
-    descriptors ([B, H, N, D] of any 16-byte strides; the copy engine on Hopper): rows past N
-    load as zeros and are not stored, so only the short last key block needs a -inf fill."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.load(BH_ORDER + tl.program_id(1))
-    b = pid_bh // H
-    h = pid_bh % H
-    u = (pid_m * BLOCK_M) // BLOCK
-    q = desc_q.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
-    num_kv, idx_ptr, n_full = _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N)
-    CHUNKS: tl.constexpr = BLOCK // BLOCK_N
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    all_ok = tl.full([BLOCK_N], True, tl.int1)
-    for it in range(0, n_full * CHUNKS):
-        start = tl.load(idx_ptr + it // CHUNKS) * BLOCK + (it % CHUNKS) * BLOCK_N
-        k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_ok, False, UPCAST, DOT_PRECISION)
-    if not EVEN_N:
-        if n_full < num_kv:
-            tail_start = (NUM_KV_BLOCKS - 1) * BLOCK
-            for c in range(0, tl.cdiv(N - tail_start, BLOCK_N)):
-                start = tail_start + c * BLOCK_N
-                k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                col_ok = start + tl.arange(0, BLOCK_N) < N
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, UPCAST,
-                                              DOT_PRECISION)
-
-    l_safe = tl.where(num_kv > 0, l_i, 1.0)
-    out = (acc / l_safe[:, None]).to(desc_o.dtype)
-    desc_o.store([b, h, pid_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
-    if RETURN_LSE:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
-
-
-#: Autotune space, as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper.
-ATTENTION_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2),
-]
-
-
-def attention_config_fits(config: dict, block: int, head_dim: int) -> bool:
-    """Pruning predicate: a program's query rows and its key slice must lie inside one mask
-    block (rows of one program share one mask row; a slice never straddles two key blocks)."""
-    del head_dim  # every config compiles for D in {64, 128}
-    return config["BLOCK_M"] <= block and config["BLOCK_N"] <= block
-
-
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
-    block, head_dim = args["BLOCK"], args["HEAD_DIM"]
-    fits = [c for c in configs if attention_config_fits(c.all_kwargs(), block, head_dim)]
-    return fits
-
-
-def _set_tile_shapes(nargs: dict) -> None:
-    """Tensor descriptors move [1, 1, rows, D] tiles: BLOCK_M rows of q / out, BLOCK_N of k / v."""
-    d = nargs["HEAD_DIM"]
-    for name, rows in (("desc_q", "BLOCK_M"), ("desc_o", "BLOCK_M"), ("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N")):
-        nargs[name].block_shape = [1, 1, nargs[rows], d]
-
-
-def _tuned(kernel, key: list[str], pre_hook=None):
-    return triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                          num_stages=c["num_stages"], pre_hook=pre_hook)
-            for c in ATTENTION_CONFIGS
-        ],
-        key=key,
-        prune_configs_by={"early_config_prune": _prune},
-    )(kernel)
-
-
-_TUNED_KERNEL = _tuned(_block_sparse_attention_kernel, ["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N"])
-# Descriptors carry no dtype into the autotune key: DOT_PRECISION separates float32 from 16-bit inputs.
-_TUNED_DESC_KERNEL = _tuned(_block_sparse_attention_desc_kernel,
-                            ["N", "HEAD_DIM", "BLOCK", "RETURN_LSE", "EVEN_N", "DOT_PRECISION"],
-                            pre_hook=_set_tile_shapes)
-
-
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    """The kernel needs unit stride along D; any B, H, N strides are fine."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _copy_engine(device: torch.device) -> bool:
-    """Tensor descriptors run on Hopper-class GPUs (compute capability 9+) and in the interpreter."""
-    return interpreting() or cuda_properties(device).major >= 9
-
-
-def _describable(x: torch.Tensor) -> bool:
-    """A tensor descriptor needs a 16-byte aligned base and non-zero 16-byte multiples for
-    every stride but the last."""
-    size = x.element_size()
-    return x.data_ptr() % 16 == 0 and all(s > 0 and s * size % 16 == 0 for s in x.stride()[:-1])
-
-
-def _launch(kernel, tuned, args, meta: dict, n: int, programs_bh: int, block: int, d: int, pre_hook=None) -> None:
-    if interpreting():
-        # The interpreter pays per program, so take the largest tile that fits instead of tuning.
-        cfg = next(c for c in ATTENTION_CONFIGS if attention_config_fits(c, block, d))
-        tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-        if pre_hook is not None:
-            pre_hook(dict(zip(kernel.arg_names, args)) | meta | tiles)
-        kernel[(triton.cdiv(n, cfg["BLOCK_M"]), programs_bh)](*args, **meta, **tiles)
-    else:
-        grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), programs_bh)  # noqa: E731
-        tuned[grid](*args, **meta)
-
-
-def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_lse=False):
-    check_attention_inputs(q, k, v, mask, values=False)  # shapes only: a value check would sync the host
+def _kernel_inputs(q, k, v, mask, order, scale):
+    """Validate once for the Triton backend (shapes, not values: reading values back would sync
+    the host in every layer) and return (q, k, v with unit stride along D, perm int32 or None, scale)."""
+    check_attention_inputs(q, k, v, mask, values=False)
     check_kernel_input(q)
-    bsz, heads, n, d = q.shape
+    n, d = q.shape[2], q.shape[3]
     scale = resolve_scale(scale, d)
-    q, k, v = _row_major(q), _row_major(k), _row_major(v)
+    q, k, v = (unit_stride_d(x) for x in (q, k, v))
     if max(x.stride(2) for x in (q, k, v)) * n >= _MAX_HEAD_SPAN:
         raise ValueError(
             f"one head of q, k or v spans more than 2**31 elements (N = {n}, row strides "
@@ -306,44 +43,7 @@ def _block_sparse_attention_fwd(q, k, v, mask, order=None, scale=None, return_ls
     if order is not None:
         check_order_for(order, n)
         perm = order.perm_on(q.device, torch.int32)
-    counts = mask.kv_num_blocks.contiguous()
-    indices = mask.kv_indices.contiguous()
-    # Programs start in grid order, a head's query rows together. Per-head budgets (a
-    # calibrated config, dense heads) make some heads many times longer than others:
-    # starting the longest first keeps them from forming a tail after the short ones
-    # (longest-processing-time-first). Device ops on a [B * H] vector: no host sync.
-    work = counts.view(bsz * heads, -1).sum(dim=-1)
-    bh_order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
-
-    # Same layout as q when q is dense (diffusers' [B, N, H, D] memory: the caller's transpose
-    # back to [B, N, H * D] is then a view), else [B, H, N, D]-contiguous.
-    out = torch.empty_like(q, memory_format=torch.preserve_format)
-    lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device) if return_lse else out
-    qk_scale = scale * _LOG2E
-    meta = dict(
-        HEAD_DIM=d, BLOCK=mask.block, RETURN_LSE=return_lse, EVEN_N=n % mask.block == 0,
-        UPCAST=interpreting() and q.dtype != torch.float32,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreting() else "tf32",
-    )
-    if perm is None and _copy_engine(q.device) and all(_describable(x) for x in (q, k, v, out)):
-        # Contiguous key blocks: whole tiles through tensor descriptors (placeholder tile
-        # shapes; _set_tile_shapes sets the launched config's).
-        descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, d]) for x in (q, k, v, out)]
-        args = (*descs, lse, counts, indices, bh_order, heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
-        _launch(_block_sparse_attention_desc_kernel, _TUNED_DESC_KERNEL, args, meta, n, bsz * heads, mask.block, d,
-                pre_hook=_set_tile_shapes)
-    else:
-        args = (
-            q, k, v, out, lse, counts, indices, perm if perm is not None else counts, bh_order,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale,
-        )
-        _launch(_block_sparse_attention_kernel, _TUNED_KERNEL, args, {**meta, "HAS_ORDER": perm is not None}, n,
-                bsz * heads, mask.block, d)
-    return (out, lse) if return_lse else out
+    return q, k, v, perm, scale
 
 
 def block_sparse_attention(
@@ -382,4 +82,9 @@ def block_sparse_attention(
         and isinstance(v, torch.Tensor) else "ref"
     if which == "ref":
         return block_sparse_attention_ref(q, k, v, mask, order=order, scale=scale, return_lse=return_lse)
-    return _block_sparse_attention_fwd(q, k, v, mask, order=order, scale=scale, return_lse=return_lse)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"`return_lse` must be a bool (got {type(return_lse).__name__})")
+    q, k, v, perm, scale = _kernel_inputs(q, k, v, mask, order, scale)
+    from dfsviz.kernels._jit.attention import block_sparse_attention_fwd
+
+    return block_sparse_attention_fwd(q, k, v, mask, perm, scale, return_lse)

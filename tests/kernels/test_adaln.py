@@ -19,7 +19,7 @@ from dfsviz.kernels import gated_residual, modulated_layer_norm
 from dfsviz.kernels._check import compare_to_golden
 from dfsviz.kernels.adaln import gated_residual_ref, modulated_layer_norm_ref
 
-adaln = importlib.import_module("dfsviz.kernels.adaln")  # the package exports the functions
+jit_adaln = importlib.import_module("dfsviz.kernels._jit.adaln")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-6
@@ -202,8 +202,8 @@ def test_norm_kernel_tiny_shapes(b, n):
 def test_norm_launch_shapes(per_program, max_block_c, c, monkeypatch):
     """The GPU's launch shapes (one or a few rows per program) and the chunked path of rows
     longer than _MAX_BLOCK_C, in the interpreter."""
-    monkeypatch.setattr(adaln, "_ELEMENTS_PER_PROGRAM_INTERPRETED", per_program)
-    monkeypatch.setattr(adaln, "_MAX_BLOCK_C", max_block_c)
+    monkeypatch.setattr(jit_adaln, "_ELEMENTS_PER_PROGRAM_INTERPRETED", per_program)
+    monkeypatch.setattr(jit_adaln, "_MAX_BLOCK_C", max_block_c)
     gen = torch.Generator().manual_seed(per_program + c)
     for kind in ("plain", "affine_modulated"):
         x, kwargs = _norm_case(kind, 2, 7, c, torch.bfloat16, gen)
@@ -268,8 +268,8 @@ def test_residual_kernel_equals_reference(x_dtype, y_dtype, gate_kind):
 def test_residual_tiles_and_strides(per_program, block_c, c, monkeypatch):
     """Column tiles (ragged last tile), one row per program, strided x and y (chunks of wider
     tensors) and B > 1."""
-    monkeypatch.setattr(adaln, "_ELEMENTS_PER_PROGRAM_INTERPRETED", per_program)
-    monkeypatch.setattr(adaln, "_RESIDUAL_BLOCK_C", block_c)
+    monkeypatch.setattr(jit_adaln, "_ELEMENTS_PER_PROGRAM_INTERPRETED", per_program)
+    monkeypatch.setattr(jit_adaln, "_RESIDUAL_BLOCK_C", block_c)
     gen = torch.Generator().manual_seed(c)
     x = torch.randn(3, 5, 2 * c, generator=gen).to(torch.bfloat16)[..., :c]
     y = torch.randn(5, 3, c, generator=gen).to(torch.bfloat16).transpose(0, 1)

@@ -15,7 +15,7 @@ from dfsviz.kernels._dispatch import interpreting
 from dfsviz.kernels.block_scores import block_scores
 from dfsviz.sparse.scoring import block_scores_ref
 
-block_scores_module = importlib.import_module("dfsviz.kernels.block_scores")  # the package exports the function
+jit_scores = importlib.import_module("dfsviz.kernels._jit.scores")
 
 # (method, N, D, dtype, block, tile); B = 2, H = 2 throughout.
 CASES = [
@@ -63,20 +63,20 @@ def test_key_splits_give_the_same_scores(splits, monkeypatch):
     n = 1100  # 72 tiles of 16: in the interpreter's 64-tile slices, a full slice and a short one
     gen = torch.Generator().manual_seed(21)
     q, k = (torch.randn(1, 2, n, 64, generator=gen) * 2 for _ in range(2))
-    monkeypatch.setattr(block_scores_module, "_key_splits", lambda *a: 1)
+    monkeypatch.setattr(jit_scores, "_key_splits", lambda *a: 1)
     whole = block_scores(q, k, method="dfs_tile", tile=16, block=128, backend="triton")
-    monkeypatch.setattr(block_scores_module, "_key_splits", lambda *a: splits)
+    monkeypatch.setattr(jit_scores, "_key_splits", lambda *a: splits)
     split = block_scores(q, k, method="dfs_tile", tile=16, block=128, backend="triton")
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_key_splits_fill_the_gpu_only_where_needed(monkeypatch):
-    monkeypatch.setattr(block_scores_module, "interpreting", lambda: False)
+    monkeypatch.setattr(jit_scores, "interpreting", lambda: False)
     h200 = SimpleNamespace(multi_processor_count=132)
-    monkeypatch.setattr(block_scores_module, "cuda_properties", lambda device: h200)
-    assert block_scores_module._key_splits(2048, 12, "cuda") == 3  # Wan2.1-1.3B 480p, B = 1: 384 programs
-    assert block_scores_module._key_splits(4728, 40, "cuda") == 1  # Wan2.1-14B 720p: 2,960 programs
-    assert block_scores_module._key_splits(8, 1, "cuda") == block_scores_module._MAX_KEY_SPLITS
+    monkeypatch.setattr(jit_scores, "cuda_properties", lambda device: h200)
+    assert jit_scores._key_splits(2048, 12, "cuda") == 3  # Wan2.1-1.3B 480p, B = 1: 384 programs
+    assert jit_scores._key_splits(4728, 40, "cuda") == 1  # Wan2.1-14B 720p: 2,960 programs
+    assert jit_scores._key_splits(8, 1, "cuda") == jit_scores._MAX_KEY_SPLITS
 
 
 def test_dfs_tile_rows_sum_to_tiles_per_block():

@@ -21,7 +21,7 @@ from dfsviz.sparse.schedule import DFSSchedule
 
 from tiny_models import build_tiny
 
-qk_norm_rope_module = importlib.import_module("dfsviz.kernels.qk_norm_rope")  # the package exports the function
+jit_qk_norm_rope = importlib.import_module("dfsviz.kernels._jit.qk_norm_rope")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -71,7 +71,7 @@ def test_kernel_matches_reference(dtype, d, n, h, permuted):
 @pytest.mark.parametrize("pairs", [1, 192], ids=["one_row_per_program", "two_rows_per_program"])
 def test_rows_per_program(pairs, monkeypatch):
     """The GPU's launch shapes (one long row, or a few short rows, per program) in the interpreter."""
-    monkeypatch.setattr(qk_norm_rope_module, "_PAIRS_PER_PROGRAM_INTERPRETED", pairs)
+    monkeypatch.setattr(jit_qk_norm_rope, "_PAIRS_PER_PROGRAM_INTERPRETED", pairs)
     gen = torch.Generator().manual_seed(pairs)
     x, w, cos, sin = _inputs(2, 7, 3, 64, torch.bfloat16, gen, permuted=True)
     out = qk_norm_rope(x, w, 1e-6, cos, sin, backend="triton")
