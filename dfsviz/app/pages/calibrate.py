@@ -247,7 +247,6 @@ def figures_of(result) -> list:
 # --------------------------------------------------------------------------- callbacks
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=5)
-    common.register_file_navigation(app, PREFIX)
     inputs = [Input(f"{PREFIX}-file", "value")] + [Input(f"{PREFIX}-{c}", "value") for _, c in _SETTINGS]
     outputs = len(_FIGURES) + 5
     banner_at = len(_FIGURES) + 3

@@ -6,7 +6,7 @@ Pages passes the parameters), so ``/masks?file=runs/a.h5&step=12&layer=3`` rebui
 view. While the user changes controls, a clientside callback rewrites the query string
 with ``history.replaceState`` (no navigation, no re-render) so the address bar always
 holds a link to the current view. Changing the capture navigates (the controls' choices
-depend on the file).
+depend on the file). One callback per page (:func:`register_url_sync`) owns the address.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 #: Budgets offered in the budget pickers (kept fraction gamma); a deep link may add others.
 BUDGETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
-PAGES_LOCATION = "_pages_location"
 PAGES_CONTENT = "_pages_content"
 
 
@@ -218,42 +217,43 @@ class PageContext:
         ])
 
 
-def register_file_navigation(app, prefix: str) -> None:
-    """Choosing another capture reloads the page for it (the controls' choices depend on it)."""
-
-    @app.callback(Output(PAGES_LOCATION, "search", allow_duplicate=True), Input(f"{prefix}-file", "value"),
-                  State(f"{prefix}-rendered", "data"), prevent_initial_call=True)
-    def _navigate(cid, rendered):
-        # the dropdown may report its value on mount: navigate only to another file
-        if not cid or cid == rendered:
-            return no_update
-        return "?" + _encode({"file": cid})
-
-
-def _encode(params: dict) -> str:
-    from urllib.parse import urlencode
-
-    return urlencode({k: v for k, v in params.items() if v is not None and v != ""}, safe="/,")
-
-
 def register_url_sync(app, prefix: str, keys: Sequence[tuple[str, str, str]]) -> None:
-    """Keep the query string equal to the controls: ``keys`` = (query key, component id, prop).
+    """The page's one owner of the address: ``keys`` = (query key, component id, prop), the
+    capture picker ("file") among them.
 
-    Runs in the browser and uses ``history.replaceState``: the address bar changes, the page
-    does not navigate or re-render.
+    Runs in the browser. A change of any control but the capture rewrites the query string
+    with ``history.replaceState`` (no navigation, no re-render), so the address bar always
+    links to the view on screen. Choosing another capture navigates instead (a new history
+    entry, the page rendered for that file, whose steps, layers and heads differ) the way
+    ``dcc.Link`` does, so Dash's location component learns the new address from the browser
+    and never restores the one the page was opened with (``replaceState`` does not tell it).
     """
     names = [k for k, _, _ in keys]
+    if "file" not in names:
+        raise ValueError(f"`keys` must include the capture picker ('file', '{prefix}-file', 'value') (got {names})")
     app.clientside_callback(
         """
         function() {
             const names = %s;
+            const rendered = arguments[names.length];
+            const noUpdate = window.dash_clientside.no_update;
+            const clean = s => s.replace(/%%2F/g, '/').replace(/%%2C/g, ',');
+            const file = arguments[names.indexOf('file')];
+            if (file && rendered && file !== rendered) {
+                // what dcc.Link does: a new history entry, then Dash's location component
+                // reads it and the router renders the page for that file
+                const q = new URLSearchParams({file: file});
+                window.history.pushState({}, '', window.location.pathname + '?' + clean(q.toString()));
+                window.dispatchEvent(new CustomEvent('_dashprivate_pushstate'));
+                return noUpdate;
+            }
             const params = new URLSearchParams();
             for (let i = 0; i < names.length; i++) {
                 let v = arguments[i];
                 if (v === null || v === undefined || v === '' || (Array.isArray(v) && v.length === 0)) continue;
                 params.set(names[i], Array.isArray(v) ? v.join(',') : String(v));
             }
-            const search = '?' + params.toString().replace(/%%2F/g, '/').replace(/%%2C/g, ',');
+            const search = '?' + clean(params.toString());
             if (window.location.search !== search) {
                 window.history.replaceState(window.history.state, '', window.location.pathname + search);
             }
@@ -262,6 +262,7 @@ def register_url_sync(app, prefix: str, keys: Sequence[tuple[str, str, str]]) ->
         """ % repr(names).replace("'", '"'),
         Output(f"{prefix}-url", "data"),
         [Input(cid, prop) for _, cid, prop in keys],
+        State(f"{prefix}-rendered", "data"),
     )
 
 

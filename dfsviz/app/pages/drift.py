@@ -63,7 +63,6 @@ def drift_matrix(cid: str, layer: int, order: str, method: str, budget: float, h
 
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=4)
-    common.register_file_navigation(app, PREFIX)
     ids = ("file", "layer", "head", "order", "method", "budget")
 
     @app.callback(common.fig_output(f"{PREFIX}-recall"), common.fig_output(f"{PREFIX}-jaccard"),

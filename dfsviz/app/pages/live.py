@@ -174,7 +174,6 @@ def _times_figure(res: dict):
 
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=5)
-    common.register_file_navigation(app, PREFIX)
     ids = ("file", "step", "layer", "order", "method", "budget")
 
     @app.callback(Output(f"{PREFIX}-job", "data"), Output(f"{PREFIX}-poll", "disabled"),

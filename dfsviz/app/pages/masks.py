@@ -226,7 +226,6 @@ def footprint_figure(cid: str, step: int, layer: int, head: int, view: dict, gri
 # --------------------------------------------------------------------------- callbacks
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=1)
-    common.register_file_navigation(app, PREFIX)
     controls = [Input(f"{PREFIX}-{c}", "value") for c in ("file", "step", "layer", "head", "method", "budget")]
 
     @app.callback(common.fig_output(f"{PREFIX}-left"), common.fig_output(f"{PREFIX}-right"),

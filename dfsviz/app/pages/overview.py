@@ -139,7 +139,6 @@ def recall_grid(cid: str, order: str, budget: float) -> tuple[list[int], list[in
 # --------------------------------------------------------------------------- callbacks
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=0)
-    common.register_file_navigation(app, PREFIX)
     ids = ("file", "order", "method", "budget", "skip", "interval", "gamma0", "decrement")
 
     @app.callback(common.fig_output(f"{PREFIX}-schedule"), Output(f"{PREFIX}-note", "children"),

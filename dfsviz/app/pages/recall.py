@@ -73,7 +73,6 @@ def curves(cid: str, step: int, layer, head, orders: list[str], methods: list[st
 
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=2)
-    common.register_file_navigation(app, PREFIX)
     ids = ("file", "step", "layer", "head", "orders", "methods", "target")
 
     @app.callback(common.fig_output(f"{PREFIX}-curves"), Output(f"{PREFIX}-table", "children"),

@@ -81,7 +81,6 @@ def factor_tables(cid: str, step: int, layer, method: str, budget: float, orders
 
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=3)
-    common.register_file_navigation(app, PREFIX)
     ids = ("file", "step", "layer", "method", "budget", "orders", "kind")
     figs = [f"{PREFIX}-bound2", f"{PREFIX}-gap"] + [f"{PREFIX}-dist-{n}" for n in ("gap", "r_u", "J_u", "W")]
 
