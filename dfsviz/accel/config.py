@@ -12,13 +12,23 @@ from dfsviz.sparse.orders import order_names
 from dfsviz.sparse.schedule import DFSSchedule
 from dfsviz.sparse.scoring import scorer_names
 
-__all__ = ["CFG_MODES", "DFSConfig"]
+__all__ = ["CFG_MODES", "DFSConfig", "PRECISION_MODES"]
 
 #: How the branches of classifier-free guidance get their masks.
 CFG_MODES = {
     "share": "the conditional branch scores and selects; the unconditional branch reuses its mask "
     "(the reference code: its cache is keyed by layer only)",
     "separate": "each branch scores and caches its own mask",
+}
+
+
+#: Which attention calls run in FP8 (``dfsviz.kernels.block_sparse_attention(precision=...)``).
+PRECISION_MODES = {
+    "native": "every attention call in the model's dtype",
+    "fp8": "the sparse calls with FP8 Q and K (precision='fp8'; GPUs of compute capability >= 8.9); "
+    "dense warm-up calls stock",
+    "fp8_dense": "the sparse calls and DFSAttn's dense warm-up calls (the FP8 kernel with every block "
+    "kept) with FP8 Q and K",
 }
 
 
@@ -59,6 +69,9 @@ class DFSConfig:
             stock code outside the sparse attention itself.
         backend: kernel backend, None (Triton on CUDA, else the PyTorch reference), "triton"
             or "ref" (``dfsviz.kernels.BACKENDS``).
+        precision: "native", "fp8" or "fp8_dense" (:data:`PRECISION_MODES`): "fp8" runs the
+            sparse attention with Q and K in float8 e4m3 (per-block scales, K smoothed by its
+            token mean; docs/kernels.md "FP8"), "fp8_dense" also DFSAttn's dense warm-up calls.
         measure_recall: also compute the exact block mass of every sparse call and record the
             recall of its mask (costs a dense attention pass; for quality studies only).
         calibration: a :class:`~dfsviz.accel.plan.CalibratedPlan` (``dfsviz calibrate``), or None.
@@ -77,6 +90,7 @@ class DFSConfig:
     permute_once: bool = False
     fused_ops: bool = True
     backend: str | None = None
+    precision: str = "native"
     measure_recall: bool = False
     calibration: CalibratedPlan | None = None
 
@@ -110,6 +124,11 @@ class DFSConfig:
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(
                 f"`backend` must be one of {sorted(BACKENDS)} or None for automatic (got {self.backend!r})"
+            )
+        if not isinstance(self.precision, str) or self.precision not in PRECISION_MODES:
+            raise ValueError(
+                f"`precision` must be one of {sorted(PRECISION_MODES)} (got {self.precision!r}); 'fp8' runs the "
+                "sparse attention with FP8 Q and K, 'fp8_dense' its dense warm-up calls too"
             )
         if self.calibration is not None:
             self._check_calibration(self.calibration)
@@ -145,7 +164,7 @@ class DFSConfig:
             calls_per_step: transformer calls per diffusion step when steps are counted (2 for
                 diffusers' WanPipeline with CFG), as ``DFSSchedule.calls_per_step``.
             options: other DFSConfig fields (cfg, cond_index, permute_once, fused_ops, backend,
-                measure_recall); the file fixes order, block, tile, score_method and schedule.
+                precision, measure_recall); the file fixes order, block, tile, score_method and schedule.
         """
         fixed = sorted(set(options) & {"order", "block", "tile", "score_method", "schedule", "calibration"})
         if fixed:
@@ -164,7 +183,8 @@ class DFSConfig:
         once = "_once" if self.permute_once else ""
         unfused = "" if self.fused_ops else "_unfused"
         calibrated = "" if self.calibration is None else "_calibrated"
+        precision = "" if self.precision == "native" else f"_{self.precision}"
         return (
-            f"dfsattn_{self.order}_{self.score_method}_b{self.block}_t{self.tile}_{self.cfg}{once}{unfused}_"
-            f"{self.schedule.name}{calibrated}"
+            f"dfsattn_{self.order}_{self.score_method}_b{self.block}_t{self.tile}_{self.cfg}{once}{unfused}"
+            f"{precision}_{self.schedule.name}{calibrated}"
         )

@@ -21,7 +21,8 @@ from dfsviz.sparse._validate import check_power_of_two, check_qk, resolve_scale
 logger = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "ENV_VAR", "HEAD_DIMS", "KERNEL_DTYPES", "check_kernel_dtype", "check_kernel_input",
-           "cuda_properties", "interpreting", "kernel_qk", "resolve_backend", "triton_available", "unit_stride_d"]
+           "FP8_CAPABILITY", "PRECISIONS", "check_fp8_capability", "check_precision", "cuda_properties", "interpreting",
+           "kernel_qk", "resolve_backend", "triton_available", "unit_stride_d"]
 
 #: Registry of kernel backends: name -> what runs.
 BACKENDS = {
@@ -29,6 +30,14 @@ BACKENDS = {
     "ref": "the PyTorch reference from dfsviz.sparse (any device)",
 }
 ENV_VAR = "DFSVIZ_KERNEL_BACKEND"
+#: Registry of attention precisions: name -> what runs in it.
+PRECISIONS = {
+    "native": "Q . K^T and P . V in the inputs' dtype, float32 accumulation",
+    "fp8": "Q and smoothed K in float8 e4m3 with one power-of-two scale per block (GPUs of compute "
+           "capability >= 8.9; the 'ref' backend simulates it anywhere), P . V in the inputs' dtype",
+}
+#: Compute capability from which GPUs multiply float8 e4m3 matrices (Ada, Hopper and later).
+FP8_CAPABILITY = (8, 9)
 #: Head dims and dtypes the Triton kernels are built for; the references take any.
 HEAD_DIMS = (64, 128)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -125,3 +134,24 @@ def kernel_qk(q: object, k: object, block: object, scale: object) -> tuple[torch
     check_power_of_two(block, "block", 16, 256)
     check_kernel_input(q)
     return unit_stride_d(q), unit_stride_d(k), resolve_scale(scale, q.shape[-1])
+
+
+def check_precision(precision: object) -> str:
+    """Return ``precision`` if it names an entry of :data:`PRECISIONS`, else raise ValueError."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(
+            f"`precision` must be one of {sorted(PRECISIONS)} (got {precision!r}); 'native' computes in the "
+            "inputs' dtype, 'fp8' quantizes Q and K to float8 e4m3"
+        )
+    return precision
+
+
+def check_fp8_capability(props) -> None:
+    """Raise ValueError unless a GPU with these ``torch.cuda.get_device_properties`` multiplies
+    float8 e4m3 matrices (compute capability >= 8.9)."""
+    if (props.major, props.minor) < FP8_CAPABILITY:
+        raise ValueError(
+            f"precision='fp8' needs a GPU with FP8 tensor cores, compute capability >= "
+            f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} (Ada, Hopper or later); {props.name} has "
+            f"{props.major}.{props.minor}: use precision='native', or backend='ref' to simulate FP8"
+        )

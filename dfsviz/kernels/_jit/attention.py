@@ -11,9 +11,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dfsviz.kernels._dispatch import cuda_properties, interpreting
+from dfsviz.kernels.fp8 import Fp8QK
 from dfsviz.sparse.masks import BlockMask
 
-__all__ = ["ATTENTION_CONFIGS", "attention_config_fits", "block_sparse_attention_fwd", "head_order"]
+__all__ = ["ATTENTION_CONFIGS", "attention_config_fits", "block_sparse_attention_fp8_fwd", "block_sparse_attention_fwd",
+           "head_order"]
 
 _LOG2E = 1.4426950408889634
 
@@ -45,9 +47,11 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok,
 @triton.jit
 def _attention_step(
     acc, l_i, m_i, q, k_base, v_base, perm_ptr, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
-    HAS_ORDER: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ORDER: tl.constexpr, FP8: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One BLOCK_N slice of keys loaded through pointers (gathered through ``perm`` with an order)."""
+    """One BLOCK_N slice of keys loaded through pointers: v (and k, unless FP8's k is already
+    ordered) gathered through ``perm`` with an order."""
     col_ok = offs_n < N
     if HAS_ORDER:
         if MASKED:
@@ -56,7 +60,10 @@ def _attention_step(
             rows_n = tl.load(perm_ptr + offs_n)
     else:
         rows_n = offs_n
-    k_ptrs = k_base + rows_n[:, None] * stride_kn + offs_d[None, :]
+    if FP8:
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    else:
+        k_ptrs = k_base + rows_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_base + rows_n[:, None] * stride_vn + offs_d[None, :]
     if MASKED:
         k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
@@ -84,7 +91,7 @@ def _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N:
 
 @triton.jit
 def _block_sparse_attention_kernel(
-    Q, K, V, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER,
+    Q, K, V, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER, Q_SCALE, K_SCALE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -92,8 +99,12 @@ def _block_sparse_attention_kernel(
     H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ORDER: tl.constexpr, RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
+    """Pointer kernel. FP8 (dfsviz.kernels.fp8): q and k are e4m3 copies already in the ordered
+    sequence with one power-of-two scale per block (Q_SCALE [B, H, Mq], K_SCALE [B, H, Mk]);
+    the logits are their product (float32 accumulation) times both blocks' scales, folded into
+    the softmax scale. v, out and LSE stay in the original order (through ``perm``)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.load(BH_ORDER + tl.program_id(1))  # heads with the most kept blocks run first
     b = pid_bh // H
@@ -110,7 +121,13 @@ def _block_sparse_attention_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    q = tl.load(q_base + rows_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    row_scale = qk_scale
+    if FP8:
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        row_scale = qk_scale * tl.load(Q_SCALE + pid_bh.to(tl.int64) * NUM_Q_BLOCKS + u)
+    else:
+        q = tl.load(q_base + rows_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_scales = K_SCALE + pid_bh.to(tl.int64) * NUM_KV_BLOCKS
 
     num_kv, idx_ptr, n_full = _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N)
     CHUNKS: tl.constexpr = BLOCK // BLOCK_N
@@ -121,19 +138,25 @@ def _block_sparse_attention_kernel(
     for it in range(0, n_full * CHUNKS):
         kv_block = tl.load(idx_ptr + it // CHUNKS)
         offs_n = kv_block * BLOCK + (it % CHUNKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        step_scale = row_scale
+        if FP8:
+            step_scale = row_scale * tl.load(k_scales + kv_block)
         acc, l_i, m_i = _attention_step(
-            acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
-            HAS_ORDER, False, UPCAST, DOT_PRECISION,
+            acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, N, step_scale,
+            HAS_ORDER, FP8, False, UPCAST, DOT_PRECISION,
         )
     if not EVEN_N:
         if n_full < num_kv:
             tail_start = (NUM_KV_BLOCKS - 1) * BLOCK
+            step_scale = row_scale
+            if FP8:
+                step_scale = row_scale * tl.load(k_scales + NUM_KV_BLOCKS - 1)
             # Only slices that start before N hold a real key; the first always does.
             for c in range(0, tl.cdiv(N - tail_start, BLOCK_N)):
                 offs_n = tail_start + c * BLOCK_N + tl.arange(0, BLOCK_N)
                 acc, l_i, m_i = _attention_step(
                     acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, N,
-                    qk_scale, HAS_ORDER, True, UPCAST, DOT_PRECISION,
+                    step_scale, HAS_ORDER, FP8, True, UPCAST, DOT_PRECISION,
                 )
 
     # A query block with no kept key block has l = 0 and acc = 0: divide by 1 to output 0;
@@ -211,18 +234,19 @@ ATTENTION_CONFIGS = [
 ]
 
 
-def attention_config_fits(config: dict, block: int, head_dim: int) -> bool:
+def attention_config_fits(config: dict, block: int, head_dim: int, fp8: bool = False) -> bool:
     """Pruning predicate: a program's query rows and its key slice must lie inside one mask
-    block (rows of one program share one mask row; a slice never straddles two key blocks)."""
+    block (rows of one program share one mask row; a slice never straddles two key blocks);
+    FP8 products need tiles of at least 64 rows and 32 keys (Hopper's FP8 matrix instructions)."""
     del head_dim  # every config compiles for D in {64, 128}
-    return config["BLOCK_M"] <= block and config["BLOCK_N"] <= block
+    fits = config["BLOCK_M"] <= block and config["BLOCK_N"] <= block
+    return fits and (not fp8 or (config["BLOCK_M"] >= 64 and config["BLOCK_N"] >= 32))
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
-    block, head_dim = args["BLOCK"], args["HEAD_DIM"]
-    fits = [c for c in configs if attention_config_fits(c.all_kwargs(), block, head_dim)]
-    return fits
+    return [c for c in configs
+            if attention_config_fits(c.all_kwargs(), args["BLOCK"], args["HEAD_DIM"], args.get("FP8", False))]
 
 
 def _set_tile_shapes(nargs: dict) -> None:
@@ -244,7 +268,8 @@ def _tuned(kernel, key: list[str], pre_hook=None):
     )(kernel)
 
 
-_TUNED_KERNEL = _tuned(_block_sparse_attention_kernel, ["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N"])
+_TUNED_KERNEL = _tuned(_block_sparse_attention_kernel,
+                       ["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N", "FP8"])
 # Descriptors carry no dtype into the autotune key: DOT_PRECISION separates float32 from 16-bit inputs.
 _TUNED_DESC_KERNEL = _tuned(_block_sparse_attention_desc_kernel,
                             ["N", "HEAD_DIM", "BLOCK", "RETURN_LSE", "EVEN_N", "DOT_PRECISION"],
@@ -301,13 +326,7 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
     """Launch on validated inputs: q, k, v [B, H, N, D] with unit stride along D and heads
     spanning < 2**31 elements, ``perm`` int32 [N] on their device or None, ``scale`` resolved."""
     bsz, heads, n, d = q.shape
-    counts = mask.kv_num_blocks.contiguous()
-    indices = mask.kv_indices.contiguous()
-    bh_order = head_order(mask)
-    # Same layout as q when q is dense (diffusers' [B, N, H, D] memory: the caller's transpose
-    # back to [B, N, H * D] is then a view), else [B, H, N, D]-contiguous.
-    out = torch.empty_like(q, memory_format=torch.preserve_format)
-    lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device) if return_lse else out
+    out, lse = _outputs(q, return_lse)
     qk_scale = scale * _LOG2E
     meta = dict(
         HEAD_DIM=d, BLOCK=mask.block, RETURN_LSE=return_lse, EVEN_N=n % mask.block == 0,
@@ -318,18 +337,51 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
         # Contiguous key blocks: whole tiles through tensor descriptors (placeholder tile
         # shapes; _set_tile_shapes sets the launched config's).
         descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, d]) for x in (q, k, v, out)]
-        args = (*descs, lse, counts, indices, bh_order, heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
+        args = (*descs, lse, mask.kv_num_blocks.contiguous(), mask.kv_indices.contiguous(), head_order(mask), heads, n,
+                mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
         _launch(_block_sparse_attention_desc_kernel, _TUNED_DESC_KERNEL, args, meta, n, bsz * heads, mask.block, d,
                 pre_hook=_set_tile_shapes)
     else:
-        args = (
-            q, k, v, out, lse, counts, indices, perm if perm is not None else counts, bh_order,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale,
-        )
-        _launch(_block_sparse_attention_kernel, _TUNED_KERNEL, args, {**meta, "HAS_ORDER": perm is not None}, n,
-                bsz * heads, mask.block, d)
+        no_scales = (mask.kv_num_blocks, mask.kv_num_blocks)  # placeholders: FP8 is off, nothing reads them
+        _launch_pointer_kernel(q, k, v, out, lse, mask, perm, no_scales, qk_scale,
+                               {**meta, "HAS_ORDER": perm is not None, "FP8": False})
+    return (out, lse) if return_lse else out
+
+
+def _outputs(like: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out in ``like``'s layout when it is dense (diffusers' [B, N, H, D] memory: the
+    caller's transpose back to [B, N, H * D] is then a view), else [B, H, N, D]-contiguous; lse
+    float32 [B, H, N], or ``out`` as a placeholder without ``return_lse``."""
+    out = torch.empty_like(like, memory_format=torch.preserve_format)
+    lse = torch.empty(like.shape[:3], dtype=torch.float32, device=like.device) if return_lse else out
+    return out, lse
+
+
+def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_scale: float, meta: dict) -> None:
+    counts = mask.kv_num_blocks.contiguous()
+    args = (
+        q, k, v, out, lse, counts, mask.kv_indices.contiguous(), perm if perm is not None else counts,
+        head_order(mask), *scales,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        q.shape[1], q.shape[2], mask.num_q_blocks, mask.num_kv_blocks, qk_scale,
+    )
+    _launch(_block_sparse_attention_kernel, _TUNED_KERNEL, args, meta, q.shape[2], q.shape[0] * q.shape[1],
+            mask.block, q.shape[3])
+
+
+def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale: float, return_lse: bool):
+    """Launch the pointer kernel with FP8 q and k on validated inputs: ``quant`` from
+    ``quantize_qk_fp8`` (ordered, contiguous), v [B, H, N, D] float16 / bfloat16 with unit stride
+    along D (original order), ``perm`` int32 [N] or None. The LSE comes back without the
+    smoothing shift (the caller adds ``quant.lse_shift``)."""
+    n, d = v.shape[2], v.shape[3]
+    out, lse = _outputs(v, return_lse)
+    meta = dict(HEAD_DIM=d, BLOCK=mask.block, HAS_ORDER=perm is not None, RETURN_LSE=return_lse,
+                EVEN_N=n % mask.block == 0, UPCAST=interpreting(), DOT_PRECISION="ieee" if interpreting() else "tf32",
+                FP8=True)
+    _launch_pointer_kernel(quant.q8, quant.k8, v, out, lse, mask, perm, (quant.q_scale, quant.k_scale),
+                           scale * _LOG2E, meta)
     return (out, lse) if return_lse else out

@@ -1,0 +1,194 @@
+"""FP8 attention: the block quantization, its PyTorch simulation against the float64 golden,
+and the Triton FP8 kernel (interpreter on CPU) against the simulation's arithmetic."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dfsviz.accel import DFSConfig
+from dfsviz.kernels import _dispatch
+from dfsviz.kernels._check import compare_to_golden
+from dfsviz.kernels.block_sparse_attention import block_sparse_attention
+from dfsviz.kernels.fp8 import (
+    FP8_MAX,
+    block_sparse_attention_fp8_ref,
+    dequantize_fp8_blocks,
+    quantize_fp8_blocks,
+    quantize_qk_fp8,
+)
+from dfsviz.sparse.attention import block_sparse_attention_ref
+from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.masks import BlockMask
+from dfsviz.sparse.orders import make_order
+
+GRID_217 = LatentGrid(6, 6, 6, text_len=1)
+
+
+def _inputs(n, d, dtype, gen, key_offset=3.0, heads=2, bsz=1):
+    """Unit-variance q, v and keys that share an offset (as the keys of video models do)."""
+    q, k, v = (torch.randn(bsz, heads, n, d, generator=gen) for _ in range(3))
+    k = k + key_offset * torch.randn(d, generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _mask(bsz, heads, n, block, gen):
+    m = -(-n // block)
+    dense = torch.rand(bsz, heads, m, m, generator=gen) < 0.6
+    dense[..., 0, :] = False  # one query block keeps nothing: output 0, LSE -inf
+    dense[..., -1, -1] = True  # the short last key block is kept somewhere
+    return BlockMask.from_dense(dense, n, block)
+
+
+def test_block_scales_are_the_smallest_powers_of_two_that_fit():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 70, 16, generator=gen) * torch.logspace(-8, 6, 70)[None, None, :, None]
+    x[0, 0, :32] = 0.0  # an all-zero block
+    x8, scales = quantize_fp8_blocks(x, 32)
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == x.shape and scales.shape == (2, 3, 3)
+    for b in range(2):
+        for h in range(3):
+            for u in range(3):
+                amax = float(x[b, h, 32 * u:32 * (u + 1)].abs().max())
+                expected = 1.0 if amax == 0 else 2.0 ** math.ceil(math.log2(amax / FP8_MAX))
+                assert float(scales[b, h, u]) == expected, (b, h, u, amax)
+    assert float(x8.float().abs().max()) <= FP8_MAX
+
+
+def test_dequantization_is_within_half_an_fp8_step():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 100, 64, generator=gen) * 5
+    x8, scales = quantize_fp8_blocks(x, 32)
+    back = dequantize_fp8_blocks(x8, scales, 32)
+    per_token = scales.repeat_interleave(32, dim=2)[:, :, :100, None]
+    # e4m3: 3 mantissa bits (relative step 2^-3, rounding error <= 2^-4 of |x|); subnormals
+    # below 2^-6 have the absolute step 2^-9 (error <= 2^-10), times the block's scale.
+    bound = torch.maximum(x.abs() * 2.0**-4, per_token * 2.0**-10)
+    assert bool(((back - x).abs() <= bound).all())
+    assert torch.equal(dequantize_fp8_blocks(*quantize_fp8_blocks(back, 32), 32), back)  # fp8 values round-trip
+
+
+def test_smoothing_keeps_the_softmax_and_saves_the_accuracy():
+    """A shared key offset changes no softmax; smoothed, it costs FP8 nothing, unsmoothed a lot."""
+    n, d = 217, 64
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _inputs(n, d, torch.float32, gen, key_offset=0.0)
+    mask = _mask(1, 2, n, 64, gen)
+    shifted = k + 40.0 * torch.randn(d, generator=gen)
+    gold = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask)
+    sim = block_sparse_attention_fp8_ref(q, shifted, v, mask)
+    quant = quantize_qk_fp8(q, shifted - shifted.mean(dim=2, keepdim=True), 64)
+    assert float(quant.k_mean.abs().max()) < 1e-5, "the helper sees keys already centred"
+    q8, qs = quantize_fp8_blocks(q, 64)
+    k8, ks = quantize_fp8_blocks(shifted, 64)  # no smoothing
+    unsmoothed = block_sparse_attention_ref(dequantize_fp8_blocks(q8, qs, 64), dequantize_fp8_blocks(k8, ks, 64),
+                                            v, mask)
+    err_smoothed = float((sim.double() - gold).abs().max())
+    err_unsmoothed = float((unsmoothed.double() - gold).abs().max())
+    assert err_smoothed < 0.1 and err_unsmoothed > 5 * err_smoothed, (err_smoothed, err_unsmoothed)
+
+
+@pytest.mark.parametrize("order_name", [None, "hilbert3d"], ids=lambda o: o or "noorder")
+@pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_simulation_error_against_the_float64_golden(dtype, d, order_name):
+    """The documented error of FP8 attention: for unit-variance q, v and keys with a shared
+    offset, out within 0.1 (max) and 0.01 (mean) of float64 attention of the unquantized
+    inputs; the LSE within 0.1."""
+    n = 217
+    gen = torch.Generator().manual_seed(d + (order_name is None))
+    q, k, v = _inputs(n, d, dtype, gen)
+    mask = _mask(1, 2, n, 64, gen)
+    order = make_order(order_name, GRID_217) if order_name else None
+    out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8", backend="ref")
+    gold, gold_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask, order=order,
+                                                return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    err = (out.double() - gold).abs()
+    finite = torch.isfinite(gold_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    lse_err = float((lse.double() - gold_lse)[finite].abs().max())
+    assert float(err.max()) < 0.1 and float(err.mean()) < 0.01 and lse_err < 0.1, (float(err.max()),
+                                                                                   float(err.mean()), lse_err)
+
+
+def _dequantized(q, k, block, order):
+    """The kernel's exact inputs: dequantized q and smoothed k in the ordered sequence."""
+    perm = order.perm if order is not None else None
+    quant = quantize_qk_fp8(q, k, block, perm)
+    qd = dequantize_fp8_blocks(quant.q8, quant.q_scale, block)
+    kd = dequantize_fp8_blocks(quant.k8, quant.k_scale, block)
+    return qd, kd, quant
+
+
+@pytest.mark.parametrize("block", [32, 128], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("order_name", [None, "hilbert3d"], ids=lambda o: o or "noorder")
+@pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_kernel_matches_the_quantized_golden(dtype, d, order_name, block):
+    """The FP8 kernel against float64 attention of its own (dequantized, exact) inputs: at most
+    2x the error of the reference run on those inputs in the test dtype, plus a floor."""
+    n = 217
+    gen = torch.Generator().manual_seed(7 * d + block)
+    q, k, v = _inputs(n, d, dtype, gen)
+    mask = _mask(1, 2, n, block, gen)
+    order = make_order(order_name, GRID_217) if order_name else None
+    out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8",
+                                      backend="triton")
+    qd, kd, quant = _dequantized(q, k, block, order)
+    vo = order.apply(v) if order is not None else v
+    gold, gold_lse = block_sparse_attention_ref(qd.double(), kd.double(), vo.double(), mask, return_lse=True)
+    ref, ref_lse = block_sparse_attention_ref(qd.to(dtype), kd.to(dtype), vo, mask, return_lse=True)
+    if order is not None:
+        gold, gold_lse, ref, ref_lse = (order.restore(x.unsqueeze(-1)).squeeze(-1) if x.dim() == 3 else
+                                        order.restore(x) for x in (gold, gold_lse, ref, ref_lse))
+    shift = quant.lse_shift(q, d**-0.5).double()
+    failures = [str(c) for c in (compare_to_golden("out", out, ref, gold, floor=1e-5),
+                                 compare_to_golden("lse", lse, ref_lse + shift, gold_lse + shift, floor=1e-4))
+                if not c.ok]
+    assert not failures, "\n".join(failures)
+
+
+def test_fp8_kernel_agrees_with_the_simulation():
+    n, d = 217, 64
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _inputs(n, d, torch.bfloat16, gen, bsz=2)
+    mask = _mask(2, 2, n, 64, gen)
+    order = make_order("hilbert3d", GRID_217)
+    kernel = block_sparse_attention(q, k, v, mask, order=order, precision="fp8", backend="triton")
+    sim = block_sparse_attention(q, k, v, mask, order=order, precision="fp8", backend="ref")
+    # the same logits up to float32 summation order; P . V in bfloat16 against float32
+    torch.testing.assert_close(kernel.float(), sim.float(), rtol=0, atol=2**-7)
+
+
+def test_errors():
+    q, k, v = (torch.randn(1, 2, 64, 64) for _ in range(3))
+    mask = BlockMask.full(1, 2, 64, 32)
+    with pytest.raises(ValueError, match=r"`precision` must be one of \['fp8', 'native'\] \(got 'fp16'\)"):
+        block_sparse_attention(q, k, v, mask, precision="fp16")
+    with pytest.raises(ValueError, match=r"precision='fp8' takes float16 or bfloat16 q, k, v \(got torch.float32\)"):
+        block_sparse_attention(q, k, v, mask, precision="fp8", backend="triton")
+    a100 = SimpleNamespace(major=8, minor=0, name="NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match=r"compute capability >= 8.9 .*NVIDIA A100-SXM4-80GB has 8.0: use "
+                                         r"precision='native', or backend='ref'"):
+        _dispatch.check_fp8_capability(a100)
+    _dispatch.check_fp8_capability(SimpleNamespace(major=9, minor=0, name="H200"))  # no error
+    _dispatch.check_fp8_capability(SimpleNamespace(major=8, minor=9, name="L40S"))
+
+
+def test_fp8_on_cpu_without_the_interpreter_names_the_simulation(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_INTERPRET", False)
+    q, k, v = (torch.randn(1, 2, 64, 64, dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run on tensors on \['cpu'\].*backend='ref'"):
+        block_sparse_attention(q, k, v, BlockMask.full(1, 2, 64, 32), precision="fp8", backend="triton")
+    out = block_sparse_attention(q, k, v, BlockMask.full(1, 2, 64, 32), precision="fp8")  # auto: the simulation
+    assert torch.equal(out, block_sparse_attention_fp8_ref(q, k, v, BlockMask.full(1, 2, 64, 32)))
+
+
+def test_config_precision():
+    assert DFSConfig(precision="fp8").name.count("_fp8_") == 1
+    assert "_fp8" not in DFSConfig().name
+    with pytest.raises(ValueError, match=r"`precision` must be one of \['fp8', 'fp8_dense', 'native'\] "
+                                         r"\(got 'int8'\)"):
+        DFSConfig(precision="int8")
