@@ -8,7 +8,8 @@ Delta - 2r - J, the intra-block variance ratios W_q and W_k.
 Builders:
 
 * :func:`mask_heatmap` - log10 block mass of one head, kept blocks outlined or shaded
-  (:func:`kept_blocks_trace` draws the mask alone, to redraw it over a heatmap built once).
+  (:func:`kept_blocks_trace` draws the mask alone, to redraw it over a heatmap built once;
+  :func:`query_row_shape` marks one query block's row as a layout shape).
 * :func:`recall_budget` - recall against budget per method and order, oracle on top.
 * :func:`bound_scatter` - a recall bound against the measured recall, with y = x.
 * :func:`recall_vs_gap` - measured recall against the effective gap, with Bound 3.
@@ -46,6 +47,7 @@ __all__ = [
     "mask_heatmap",
     "kept_blocks_trace",
     "kept_caption",
+    "query_row_shape",
     "recall_budget",
     "bound_scatter",
     "recall_vs_gap",
@@ -225,6 +227,25 @@ def kept_blocks_trace(kept: object, *, style: str = "outline") -> go.Scatter | g
         return go.Heatmap(z=dense.astype(np.uint8), zmin=0, zmax=1, showscale=False, name="kept blocks",
                           hoverinfo="skip", colorscale=[[0.0, "rgba(0,0,0,0)"], [1.0, "rgba(255,255,255,0.6)"]])
     return _outline_trace(dense, name="kept blocks", colour=_OUTLINE_COLOUR, width=1)
+
+
+def query_row_shape(query_block: int, num_kv_blocks: int) -> dict:
+    """A layout shape outlining query block u's row of a block map (:func:`mask_heatmap`) in cyan.
+
+    Args:
+        query_block: the row u, an integer >= 0.
+        num_kv_blocks: Mk, the map's key blocks (the row's length), >= 1.
+
+    Returns a plotly shape dict for ``layout.shapes``: a marker that a page can move by
+    updating the layout alone, without sending the map again (the dashboard marks the row
+    whose footprint it shows).
+    """
+    for name, value, low in (("query_block", query_block, 0), ("num_kv_blocks", num_kv_blocks, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low} (got {value!r})")
+    return {"type": "rect", "xref": "x", "yref": "y", "x0": -0.5, "x1": int(num_kv_blocks) - 0.5,
+            "y0": int(query_block) - 0.5, "y1": int(query_block) + 0.5, "line": {"color": _QUERY_COLOUR, "width": 2},
+            "fillcolor": "rgba(0,0,0,0)", "name": f"query block {int(query_block)}"}
 
 
 def kept_caption(kept: object) -> str:

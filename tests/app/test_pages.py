@@ -11,7 +11,7 @@ import pytest
 from dfsviz.app import create_app
 
 MASKS = {"mk-file": "runs/good.h5", "mk-step": 3, "mk-layer": 1, "mk-head": 0, "mk-method": "meanpool",
-         "mk-budget": 0.2, "mk-orders": ["raster", "hilbert3d"]}
+         "mk-budget": 0.2, "mk-orders": ["raster", "hilbert3d"], "mk-rows": None, "mk-drawn": None}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def app(capture_root):
 
 def masks_callback(app, values: dict) -> dict:
     """POST the Masks page's maps callback (left, right, banner) with ``values``; the response's outputs."""
-    key = next(k for k in app.callback_map if k.endswith("mk-banner.children..") and "mk-left" in k)
+    key = next(k for k in app.callback_map if "mk-banner.children" in k and "mk-left" in k)
     spec = app.callback_map[key]
     outputs = [{"id": json.loads(o.component_id_str()) if o.component_id_str().startswith("{") else o.component_id,
                 "property": o.component_property} for o in spec["output"]]

@@ -11,10 +11,12 @@ exactly; otherwise the nearest sampled footprint of the capture is shown.
 
 from __future__ import annotations
 
+import math
+
 import dash
 import numpy as np
 import torch
-from dash import Input, Output, State, dcc, html, no_update
+from dash import Input, Output, Patch, State, dcc, html, no_update
 
 from dfsviz.app.data import CaptureError, exact_footprint, get_catalog
 from dfsviz.app.pages import common
@@ -61,6 +63,8 @@ def layout(**query):
         dcc.Store(id=f"{PREFIX}-orders", data=[left, right]),
         dcc.Store(id=f"{PREFIX}-qorder", data=qorder),
         dcc.Store(id=f"{PREFIX}-qb", data=qb),
+        dcc.Store(id=f"{PREFIX}-rows"),  # the query block whose footprint is shown, per order
+        dcc.Store(id=f"{PREFIX}-drawn"),  # the view the maps on screen show
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
         html.Div([common.figure_card(f"{PREFIX}-{side}", 520) for side in _SIDES], className="dfs-row"),
@@ -68,13 +72,15 @@ def layout(**query):
                className="dfs-note"),
         html.Div(id=f"{PREFIX}-fp-banner"),
         html.Div(id=f"{PREFIX}-fp-note", className="dfs-note"),
-        html.Div([common.figure_card(f"{PREFIX}-fp-{side}", 400) for side in _SIDES], className="dfs-row"),
+        html.Div([common.figure_card(f"{PREFIX}-fp-{side}", footprint_grid(r.grid)[1]) for side in _SIDES],
+                 className="dfs-row"),
     ])
 
 
 # --------------------------------------------------------------------------- computations
 def mask_view(cid: str, step: int, layer: int, head: int, order: str, method: str, budget: float) -> dict:
-    """Block mass, top-k mask, recall and density of one head in one order.
+    """Block mass, top-k mask, recall and density of one head in one order (memoised per view:
+    the maps and the footprints of a change share one selection).
 
     Returns {"m": float32 [Mq, Mk], "kept": bool [Mq, Mk], "recall": float, "density": float,
     "row_recall": float64 [Mq]}.
@@ -83,17 +89,20 @@ def mask_view(cid: str, step: int, layer: int, head: int, order: str, method: st
     from dfsviz.sparse.stats import block_recall, block_recall_per_query
 
     cat = get_catalog()
-    reader = cat.reader(cid)
-    m = cat.mass(cid, step, layer, order, head)
-    scores = cat.scores(cid, step, layer, order, method, head)
-    mask = select_topk(scores, budget, seq_len=reader.grid.num_tokens, block=reader.block)
-    return {
-        "m": m[0, 0],
-        "kept": mask.to_dense()[0, 0],
-        "recall": float(block_recall(m, mask)[0, 0]),
-        "density": float(mask.density()[0, 0]),
-        "row_recall": block_recall_per_query(m, mask)[0, 0],
-    }
+
+    def compute(reader):
+        m = cat.mass(cid, step, layer, order, head)
+        scores = cat.scores(cid, step, layer, order, method, head)
+        mask = select_topk(scores, budget, seq_len=reader.grid.num_tokens, block=reader.block)
+        return {
+            "m": m[0, 0],
+            "kept": mask.to_dense()[0, 0],
+            "recall": float(block_recall(m, mask)[0, 0]),
+            "density": float(mask.density()[0, 0]),
+            "row_recall": block_recall_per_query(m, mask)[0, 0],
+        }
+
+    return cat.cached(cid, ("mask_view", step, layer, head, order, method, budget), compute)
 
 
 def _trace_json(trace) -> dict:
@@ -129,6 +138,20 @@ def mask_figure(base: dict, view: dict, order: str, method: str, budget: float) 
     return {"data": [base["data"][0], _trace_json(kept_blocks_trace(kept, style="auto"))], "layout": layout}
 
 
+#: Plot width of a footprint card at a 1400 px wide window (two cards side by side), px.
+_CARD_WIDTH = 620
+
+
+def footprint_grid(grid) -> tuple[int, int]:
+    """(columns, figure height in px) of the footprint figure: every latent frame drawn, in a
+    grid about as wide as it is tall (in panels of the frame's aspect), sized to its card."""
+    frames = grid.frames
+    cols = max(1, min(frames, math.ceil(math.sqrt(frames * 1.6 * grid.height / grid.width))))
+    rows = math.ceil(frames / cols)
+    panel = _CARD_WIDTH * 0.9 / cols * grid.height / grid.width
+    return cols, int(rows * (panel + 28) + 90)
+
+
 def _block_tokens(perm: torch.Tensor, u: int, block: int) -> torch.Tensor:
     """Original token indices of query block u of an order (int64 [<= block])."""
     return perm[u * block: (u + 1) * block]
@@ -147,11 +170,12 @@ def footprint_views(cid: str, step: int, layer: int, head: int, method: str, bud
                     orders: list[str], qorder: str | None, qb: int | None) -> tuple[list[dict], list[str]]:
     """The footprint shown for each order and notes on how the blocks were picked.
 
+    ``qorder``/``qb``: the clicked order and query block, or None before a click (the first
+    candidate block of the first order is shown, and the notes say so).
+
     Returns one dict per order: {"order", "block", "attention" float32 [N], "kept" bool [N],
     "query" bool [N], "row_recall" float, "exact" bool}.
     """
-    from dfsviz.sparse.select import select_topk
-
     cat = get_catalog()
     reader = cat.reader(cid)
     grid, block, n = reader.grid, reader.block, reader.grid.num_tokens
@@ -168,7 +192,8 @@ def footprint_views(cid: str, step: int, layer: int, head: int, method: str, bud
         else:
             stored[order] = cat.footprints(cid, step, layer, order, head)
             candidates[order] = stored[order][0].tolist()
-    if qorder not in orders or qb is None:
+    clicked = qorder in orders and qb is not None
+    if not clicked:
         qorder, qb = orders[0], candidates[orders[0]][0]
     anchor = _centroid(_block_tokens(cat.perm(cid, qorder), qb, block), coords, grid.video_start, grid.num_video)
     views = []
@@ -187,9 +212,7 @@ def footprint_views(cid: str, step: int, layer: int, head: int, method: str, bud
         else:
             blocks, rows = stored[order]
             att = rows[blocks.tolist().index(u)]
-        scores = cat.scores(cid, step, layer, order, method, head)
-        mask = select_topk(scores, budget, seq_len=n, block=block)
-        kept_blocks = torch.nonzero(mask.to_dense()[0, 0, u]).flatten()
+        kept_blocks = torch.nonzero(mask_view(cid, step, layer, head, order, method, budget)["kept"][u]).flatten()
         kept = torch.zeros(n, dtype=torch.bool)
         for v in kept_blocks.tolist():
             kept[_block_tokens(perm, v, block)] = True
@@ -199,25 +222,31 @@ def footprint_views(cid: str, step: int, layer: int, head: int, method: str, bud
         views.append({"order": order, "block": u, "attention": att, "kept": kept, "query": query,
                       "row_recall": float(m[kept_blocks].sum()), "exact": exact})
     source = "computed exactly from the stored Q/K" if exact else "the capture's sampled footprints"
-    notes.insert(0, f"Clicked: {qorder} query block {qb}; footprints: {source}.")
+    shown = (f"Clicked: {qorder} query block {qb}" if clicked
+             else f"Showing {qorder} query block {qb}; click a row of either map to choose another")
+    notes.insert(0, f"{shown}; footprints: {source}.")
     notes.append("Cyan: the query block's own tokens; white: tokens of its kept key blocks.")
     return views, notes
 
 
 def footprint_figure(cid: str, step: int, layer: int, head: int, view: dict, grid) -> dict:
-    """``figures.footprint_frames`` of the query block (memoised per block: a change of method
-    or budget only redraws the kept-key outlines, ``figures.footprint_outlines``, over it)."""
-    from dfsviz.figures import footprint_frame_indices, footprint_frames, footprint_outlines
+    """``figures.footprint_frames`` of the query block, every latent frame in the grid of
+    :func:`footprint_grid` (memoised per block: a change of method or budget only redraws the
+    kept-key outlines, ``figures.footprint_outlines``, over it)."""
+    from dfsviz.figures import footprint_frames, footprint_outlines
+
+    frames = list(range(grid.frames))
+    cols, height = footprint_grid(grid)
 
     def build(_reader):
-        fig = footprint_frames(view["attention"], grid, query_tokens=view["query"], cols=4,
+        fig = footprint_frames(view["attention"], grid, query_tokens=view["query"], frames=frames, cols=cols,
                                title=f"{view['order']} · query block {view['block']}")
+        fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 60, "b": 10})
         return fig.to_dict()
 
     base = get_catalog().cached(cid, ("footprint_figure", step, layer, view["order"], head, view["block"], view["exact"]),
                                 build)
-    # the frames footprint_frames drew by default
-    outlines = [_trace_json(t) for t in footprint_outlines(view["kept"], grid, footprint_frame_indices(grid))]
+    outlines = [_trace_json(t) for t in footprint_outlines(view["kept"], grid, frames)]
     title = dict(base["layout"].get("title", {}))
     title["text"] = f"{title.get('text', '')} · its recall {view['row_recall']:.3f}"
     return {"data": base["data"] + outlines, "layout": {**base["layout"], "title": title}}
@@ -229,15 +258,33 @@ def register(app) -> None:
     controls = [Input(f"{PREFIX}-{c}", "value") for c in ("file", "step", "layer", "head", "method", "budget")]
 
     @app.callback(common.fig_output(f"{PREFIX}-left"), common.fig_output(f"{PREFIX}-right"),
-                  Output(f"{PREFIX}-banner", "children"), *controls, State(f"{PREFIX}-orders", "data"))
-    @common.guarded(3, 2, figures=(0, 1))
-    def _masks(cid, step, layer, head, method, budget, orders):
+                  Output(f"{PREFIX}-banner", "children"), Output(f"{PREFIX}-drawn", "data"),
+                  *controls, Input(f"{PREFIX}-rows", "data"),
+                  State(f"{PREFIX}-orders", "data"), State(f"{PREFIX}-drawn", "data"))
+    @common.guarded(4, 2, figures=(0, 1), on_error={3: None})
+    def _masks(cid, step, layer, head, method, budget, rows, orders, drawn):
+        from dfsviz.figures import query_row_shape
+
+        rows = rows or {}
+        mk = get_catalog().reader(cid).layout.num_blocks
+        shapes = [[query_row_shape(rows[order], mk)] if order in rows else [] for order in orders]
+        view_key = [cid, step, layer, head, method, budget]
+        if drawn == view_key:
+            # the maps on screen show this view; only the footprints' rows moved (a click)
+            patches = []
+            for marks in shapes:
+                patch = Patch()
+                patch["layout"]["shapes"] = marks
+                patches.append(patch)
+            return patches[0], patches[1], no_update, no_update
         figs = []
-        for order in orders:
+        for order, marks in zip(orders, shapes):
             view = mask_view(cid, step, layer, head, order, method, float(budget))
             base = _base_figure(cid, step, layer, head, order)
-            figs.append(mask_figure(base, view, order, method, float(budget)))
-        return figs[0], figs[1], []
+            fig = mask_figure(base, view, order, method, float(budget))
+            fig["layout"]["shapes"] = marks
+            figs.append(fig)
+        return figs[0], figs[1], [], view_key
 
     @app.callback(Output(f"{PREFIX}-qorder", "data"), Output(f"{PREFIX}-qb", "data"),
                   Input({"type": "fig", "name": f"{PREFIX}-left"}, "clickData"),
@@ -256,14 +303,15 @@ def register(app) -> None:
 
     @app.callback(common.fig_output(f"{PREFIX}-fp-left"), common.fig_output(f"{PREFIX}-fp-right"),
                   Output(f"{PREFIX}-fp-banner", "children"), Output(f"{PREFIX}-fp-note", "children"),
+                  Output(f"{PREFIX}-rows", "data"),
                   *controls, Input(f"{PREFIX}-qorder", "data"), Input(f"{PREFIX}-qb", "data"),
                   State(f"{PREFIX}-orders", "data"))
-    @common.guarded(4, 2, figures=(0, 1))
+    @common.guarded(5, 2, figures=(0, 1), on_error={4: {}})
     def _footprints(cid, step, layer, head, method, budget, qorder, qb, orders):
         views, notes = footprint_views(cid, step, layer, head, method, float(budget), orders, qorder, qb)
         grid = get_catalog().reader(cid).grid
         figs = [footprint_figure(cid, step, layer, head, view, grid) for view in views]
-        return figs[0], figs[1], [], " ".join(notes)
+        return figs[0], figs[1], [], " ".join(notes), {view["order"]: view["block"] for view in views}
 
     common.register_url_sync(app, PREFIX, [
         ("file", f"{PREFIX}-file", "value"), ("step", f"{PREFIX}-step", "value"), ("layer", f"{PREFIX}-layer", "value"),

@@ -1,0 +1,89 @@
+"""The Masks page's footprints on the shipped sample (9 latent frames of 18 x 32 tokens), in a
+real browser: every frame drawn, the figure inside its card, the row whose footprint is shown
+marked on both maps, and no claim of a click before one. Waits are on the checked condition."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import dfsviz
+
+pytest.importorskip("playwright")
+from playwright.sync_api import expect  # noqa: E402
+from test_browser import title_of, wait_drawn  # noqa: E402
+
+SAMPLE = "captures/" + dfsviz.sample_capture().name
+
+
+@pytest.fixture(scope="module")
+def url(serve):
+    with serve([dfsviz.sample_capture().parent]) as address:
+        yield address
+
+
+def heat_frames(page, name: str) -> list[str]:
+    return page.evaluate(
+        "n => document.querySelector('#' + n + '-card .js-plotly-plot').data"
+        ".filter(t => t.type === 'heatmap').map(t => t.name)", name)
+
+
+def marked_rows(page, name: str) -> list[float]:
+    """The rows marked by shapes on map ``name`` (shape centres)."""
+    return page.evaluate(
+        "n => ((document.querySelector('#' + n + '-card .js-plotly-plot').layout.shapes) || [])"
+        ".map(s => (s.y0 + s.y1) / 2)", name)
+
+
+def shown_block(page, name: str) -> int:
+    return int(re.search(r"query block (\d+)", title_of(page, name).text_content()).group(1))
+
+
+def wait_marked(page, name: str, row: int) -> None:
+    page.wait_for_function(
+        "([n, r]) => { const g = document.querySelector('#' + n + '-card .js-plotly-plot');"
+        " const s = g && g.layout && g.layout.shapes; return !!s && s.length === 1 && (s[0].y0 + s[0].y1) / 2 === r; }",
+        arg=[name, row], timeout=30000)
+
+
+def test_footprints_draw_every_frame_inside_their_card_and_mark_their_rows(page, url, console):
+    with dfsviz.open(dfsviz.sample_capture()) as reader:
+        frames = reader.grid.frames
+    page.goto(f"{url}/masks?file={SAMPLE}&step=13&layer=1&head=1")
+    for n in ("mk-fp-left", "mk-fp-right"):
+        wait_drawn(page, n)
+        assert heat_frames(page, n) == [f"frame {f}" for f in range(frames)]
+        card = page.locator(f"#{n}-card").bounding_box()
+        plot = page.locator(f"#{n}-card .main-svg").first.bounding_box()
+        assert plot["y"] + plot["height"] <= card["y"] + card["height"] + 1, (plot, card)
+        assert plot["x"] + plot["width"] <= card["x"] + card["width"] + 1, (plot, card)
+    # before a click: what is shown, and no claim of a click
+    note = page.locator("#mk-fp-note")
+    expect(note).to_contain_text("click a row of either map")
+    expect(note).not_to_contain_text("Clicked")
+    for side in ("left", "right"):
+        wait_marked(page, f"mk-{side}", shown_block(page, f"mk-fp-{side}"))
+    # a click on row 7 of the raster map moves both markers to the rows the footprints show
+    x, y = page.evaluate(
+        "() => { const g = document.querySelector('#mk-left-card .js-plotly-plot'); const f = g._fullLayout;"
+        " const r = g.getBoundingClientRect();"
+        " return [r.left + f.xaxis._offset + f.xaxis.l2p(3), r.top + f.yaxis._offset + f.yaxis.l2p(7)]; }")
+    page.mouse.click(x, y)
+    expect(note).to_contain_text("Clicked: raster query block 7")
+    expect(title_of(page, "mk-fp-left")).to_contain_text("raster · query block 7")
+    wait_marked(page, "mk-left", 7)
+    wait_marked(page, "mk-right", shown_block(page, "mk-fp-right"))
+    assert marked_rows(page, "mk-left") == [7]
+    assert console == []
+
+
+def test_query_row_shape_outlines_one_row_and_names_bad_arguments():
+    from dfsviz.figures import query_row_shape
+
+    shape = query_row_shape(3, 10)
+    assert (shape["x0"], shape["x1"], shape["y0"], shape["y1"]) == (-0.5, 9.5, 2.5, 3.5)
+    with pytest.raises(ValueError, match=r"`query_block` must be an integer >= 0 \(got -1\)"):
+        query_row_shape(-1, 10)
+    with pytest.raises(ValueError, match=r"`num_kv_blocks` must be an integer >= 1 \(got 0\)"):
+        query_row_shape(0, 0)
