@@ -32,14 +32,23 @@ Per model it times one transformer call (CUDA events, median of --reps after a w
   what the sparse attention alone gives.
 
 Writes benchmarks/results/e2e_<card>.json (card, versions, shapes, every timing, the speedups).
-The paper reports 1.79x end to end on Wan2.1-14B 720p (whole pipeline); the target here is >= 1.79x
-on the 14B/720p transformer, 2.0x the goal.
+Also HunyuanVideo 720p x 129 frames (13B architecture, latent 16 x 33 x 90 x 160: 118,800 video and
+256 text tokens). ``--precisions native,fp8`` times every DFSAttn run also with FP8 Q and K
+(``block_sparse_attention(precision="fp8")``). ``--quick`` times 2 and 3 repeating units of each
+model (Wan: blocks; HunyuanVideo: one dual-stream and two single-stream blocks) and composes every
+call time at full depth from the per-unit difference (units past the first are identical sparse
+layers; the measured calls stay in the JSON).
+
+The paper reports 1.79x end to end on Wan2.1-14B 720p and 2.1x on HunyuanVideo 720p (whole
+pipeline); issue 18's targets on the transformer: Wan-14B 720p >= 2.0x in bf16 and >= 2.5x with
+FP8, HunyuanVideo 720p >= 2.1x in bf16 (recorded as "targets" beside the results).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -61,7 +70,8 @@ from dfsviz.sparse.schedule import DFSSchedule
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_embedded import rel_l2  # noqa: E402
 
-processor_module = importlib.import_module("dfsviz.accel.processor")
+processors_module = importlib.import_module("dfsviz.accel.processors")
+handle_module = importlib.import_module("dfsviz.accel.handle")
 wan_block_module = importlib.import_module("dfsviz.accel.wan_block")
 log = logging.getLogger("bench_e2e")
 
@@ -71,17 +81,30 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
 WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
 TINY = {**WAN_1_3B, "num_attention_heads": 2, "attention_head_dim": 64, "ffn_dim": 256, "num_layers": 2,
         "text_dim": 64, "freq_dim": 32}
-# name -> (config, latent [C, F, H, W], text tokens)
+# HunyuanVideo 13B (diffusers' defaults: 20 dual-stream and 40 single-stream blocks, 24 heads x 128).
+HUNYUAN = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+               num_single_layers=40, num_refiner_layers=2, patch_size=2, patch_size_t=1, text_embed_dim=4096,
+               pooled_projection_dim=768, rope_axes_dim=(16, 56, 56))
+# name -> (family, config, latent [C, F, H, W], text tokens)
 MODELS = {
-    "1.3b-480p": (WAN_1_3B, (16, 21, 60, 104), 512),
-    "14b-720p": (WAN_14B, (16, 21, 90, 160), 512),
-    "tiny": (TINY, (16, 3, 32, 32), 16),  # 768 tokens: runs on CPU with the reference kernels
+    "1.3b-480p": ("wan", WAN_1_3B, (16, 21, 60, 104), 512),
+    "14b-720p": ("wan", WAN_14B, (16, 21, 90, 160), 512),
+    "hunyuan-720p": ("hunyuan", HUNYUAN, (16, 33, 90, 160), 256),  # 720p x 129 frames: 118,800 + 256 tokens
+    "tiny": ("wan", TINY, (16, 3, 32, 32), 16),  # 768 tokens: runs on CPU with the reference kernels
 }
+# The depth of each family, as repeating units: Wan one block, HunyuanVideo one dual-stream and
+# two single-stream blocks (20 units = 20 + 40 blocks). --quick times 2 and 3 units and composes
+# every call time at full depth linearly (units past the first, whose layer 0 DFSAttn keeps
+# dense, are identical sparse layers).
+QUICK_UNITS = (2, 3)
+UNIT_KEYS = {"wan": {"num_layers": 1}, "hunyuan": {"num_layers": 1, "num_single_layers": 2}}
+FULL_UNITS = {"wan": "num_layers", "hunyuan": "num_layers"}
+#: What the paper reports and what issue 18 asks, per model (end-to-end speedup over dense).
+TARGETS = {"14b-720p": {"paper": 1.79, "bf16": 2.0, "fp8": 2.5}, "hunyuan-720p": {"paper": 2.1, "bf16": 2.1}}
 GAMMAS = (0.3, 0.2, 0.1)
 # DFSConfig.fused_ops' kernels, where the processor and the fused block forward call them: one category.
-FUSED_OPS = ((processor_module, "qk_norm_rope"), (wan_block_module, "modulated_layer_norm"),
+FUSED_OPS = ((processors_module, "qk_norm_rope"), (wan_block_module, "modulated_layer_norm"),
              (wan_block_module, "gated_residual"))
-PAPER_SPEEDUP_14B = 1.79
 
 
 # --------------------------------------------------------------------------- timing helpers
@@ -144,9 +167,9 @@ class Breakdown:
             saved.append((owner, name, orig))
             setattr(owner, name, self.wrap(orig, category))
 
-        patch(processor_module, "block_sparse_attention", "attention")
-        patch(processor_module, "block_scores", "scoring")
-        patch(processor_module, "select_topk", "scoring")
+        patch(processors_module, "block_sparse_attention", "attention")
+        patch(processors_module, "block_scores", "scoring")
+        patch(processors_module, "select_topk", "scoring")
         patch(TokenOrder, "apply", "permutation")
         for owner, name in FUSED_OPS:
             patch(owner, name, "fused_ops")
@@ -166,7 +189,7 @@ class Breakdown:
 
 def permute_hook_timing(breakdown: Breakdown):
     """Time the permute-once hooks as 'permutation' (patched on the class before apply)."""
-    cls = processor_module.DFSHandle
+    cls = handle_module.DFSHandle
     saved = (cls._permute, cls._restore)
 
     def wrap(fn):
@@ -179,16 +202,20 @@ def permute_hook_timing(breakdown: Breakdown):
 
 
 # --------------------------------------------------------------------------- model
-def build(name: str, device: torch.device, dtype: torch.dtype, seed: int):
-    from diffusers import WanTransformer3DModel
+def build(name: str, device: torch.device, dtype: torch.dtype, seed: int, units: int | None = None):
+    """The model with random weights (``units`` repeating units instead of the full depth) and its inputs."""
+    import diffusers
 
-    cfg, latent, text_len = MODELS[name]
+    family, cfg, latent, text_len = MODELS[name]
+    if units is not None:
+        cfg = {**cfg, **{key: per_unit * units for key, per_unit in UNIT_KEYS[family].items()}}
+    cls = diffusers.WanTransformer3DModel if family == "wan" else diffusers.HunyuanVideoTransformer3DModel
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in bf16 directly (14B fp32 would not fit)
     try:
         with torch.device(device):
-            model = WanTransformer3DModel(**cfg).eval()
+            model = cls(**cfg).eval()
     finally:
         torch.set_default_dtype(default)
     with torch.no_grad():
@@ -197,9 +224,15 @@ def build(name: str, device: torch.device, dtype: torch.dtype, seed: int):
                 p.normal_(0.0, 0.02)
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.randn(1, *latent, generator=g).to(device, dtype)
-    text = torch.randn(1, text_len, cfg["text_dim"], generator=g).to(device, dtype)
+    text_dim = cfg["text_dim"] if family == "wan" else cfg["text_embed_dim"]
+    text = torch.randn(1, text_len, text_dim, generator=g).to(device, dtype)
     t = torch.tensor([500.0], device=device)
-    return model, dict(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)
+    inputs = dict(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)
+    if family == "hunyuan":
+        inputs.update(encoder_attention_mask=torch.ones(1, text_len, dtype=torch.bool, device=device),
+                      pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(device, dtype),
+                      guidance=torch.tensor([6000.0], device=device, dtype=dtype))
+    return model, inputs
 
 
 def time_calls(model, inputs, device, reps: int, before=None) -> list[float]:
@@ -230,15 +263,32 @@ def sdpa_backend(name: str):
     return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
 
 
+@contextlib.contextmanager
+def attention_precision(precision: str):
+    """The processors' sparse attention calls with ``precision`` ("native" leaves them alone).
+    DFSConfig.precision names the same choice; patching the processors' call measures it
+    whether or not the processors pass the field through."""
+    if precision == "native":
+        yield
+        return
+    orig = processors_module.block_sparse_attention
+    processors_module.block_sparse_attention = functools.partial(orig, precision=precision)
+    try:
+        yield
+    finally:
+        processors_module.block_sparse_attention = orig
+
+
 def run_model(name: str, device: torch.device, reps: int, modes: list[str], backend: str | None, seed: int,
-              dense_backends: list[str], quality: bool) -> dict:
+              dense_backends: list[str], quality: bool, precisions: list[str] = ("native",),
+              units: int | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    model, inputs = build(name, device, dtype, seed)
+    model, inputs = build(name, device, dtype, seed, units)
     log.info("%s built in %.1f s", name, time.perf_counter() - t0)
-    cfg, latent, text_len = MODELS[name]
+    family, cfg, latent, text_len = MODELS[name]
     grid = (latent[1], latent[2] // 2, latent[3] // 2)
-    result = {"model": name, "config": cfg, "latent": list(latent), "grid": list(grid),
+    result = {"model": name, "config": cfg, "units": units, "latent": list(latent), "grid": list(grid),
               "tokens": grid[0] * grid[1] * grid[2], "text_tokens": text_len, "dtype": str(dtype), "batch": 1,
               "reps": reps}
     dense_backends = dense_backends if device.type == "cuda" else ["math"]
@@ -279,7 +329,7 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
 
     # ---- DFSAttn
     dfs = {}
-    for mode in modes:
+    for mode, precision in ((m, p) for m in modes for p in precisions):
         once = mode == "permute_once"
         for gamma in GAMMAS:
             schedule = DFSSchedule(num_steps=2, skip_steps=0, interval=2, gamma0=gamma, decrement=0.0,
@@ -288,7 +338,7 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
             restore_hooks = permute_hook_timing(breakdown)
             handle = apply_dfsattn(model, config)
             try:
-                with sdpa_backend(dense_backends[0]):
+                with sdpa_backend(dense_backends[0]), attention_precision(precision):
                     def refresh():
                         handle.state.reset()
                         handle.state.set_step(0)
@@ -299,7 +349,8 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
                     t_refresh = time_calls(model, inputs, device, reps, before=refresh)
                     t_cached = time_calls(model, inputs, device, reps, before=cached)
                     density = handle.state.records[-1]["density"]
-                    row = {"gamma": gamma, "mode": mode, "refresh_ms": t_refresh, "cached_ms": t_cached,
+                    row = {"gamma": gamma, "mode": mode, "precision": precision, "refresh_ms": t_refresh,
+                           "cached_ms": t_cached,
                            "refresh_median_ms": statistics.median(t_refresh),
                            "cached_median_ms": statistics.median(t_cached),
                            "mask_density": density, "breakdown_ms": {}}
@@ -312,15 +363,55 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
                 restore_hooks()
             row["speedup_cached_vs_dense"] = base / row["cached_median_ms"]
             row["speedup_refresh_vs_dense"] = base / row["refresh_median_ms"]
-            dfs[f"{mode}_g{gamma:.1f}"] = row
-            log.info("%s %s gamma %.1f: refresh %.1f ms, cached %.1f ms (dense %.1f)", name, mode, gamma,
-                     row["refresh_median_ms"], row["cached_median_ms"], base)
+            dfs[f"{run_key(mode, precision)}_g{gamma:.1f}"] = row
+            log.info("%s %s %s gamma %.1f: refresh %.1f ms, cached %.1f ms (dense %.1f)", name, mode, precision,
+                     gamma, row["refresh_median_ms"], row["cached_median_ms"], base)
     result["dfsattn"] = dfs
-    result["schedule_weighted"] = {mode: schedule_weighted(dfs, mode, base, fused_dense) for mode in modes}
+    result["schedule_weighted"] = {run_key(m, p): schedule_weighted(dfs, run_key(m, p), base, fused_dense)
+                                   for m in modes for p in precisions}
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def run_key(mode: str, precision: str) -> str:
+    """Row key prefix of one DFSAttn run: the mode, and the precision unless native."""
+    return mode if precision == "native" else f"{mode}_{precision}"
+
+
+def compose_depth(shallow: dict, deep: dict, units: tuple[int, int], full_units: int) -> dict:
+    """Every median of ``deep`` (at units[1]) carried to ``full_units`` with the per-unit time
+    (deep - shallow) / (units[1] - units[0]); the schedule recomputed from those medians."""
+    u1, u2 = units
+
+    def carry(a, b):
+        if isinstance(b, dict):
+            return {key: carry(a[key], value) for key, value in b.items()}
+        return b + (b - a) / (u2 - u1) * (full_units - u2)
+
+    out = {key: deep[key] for key in ("model", "config", "latent", "grid", "tokens", "text_tokens", "dtype", "batch",
+                                      "reps")}
+    out["composed_from_units"] = list(units)
+    out["full_units"] = full_units
+    out["dense"] = {b: {"median_ms": carry(shallow["dense"][b]["median_ms"], row["median_ms"])}
+                    for b, row in deep["dense"].items()}
+    out["dfsattn_dense"] = {"median_ms": carry(shallow["dfsattn_dense"]["median_ms"],
+                                               deep["dfsattn_dense"]["median_ms"])}
+    out["dfsattn"] = {key: {**row, **{kind: carry(shallow["dfsattn"][key][kind], row[kind])
+                                      for kind in ("refresh_median_ms", "cached_median_ms")}}
+                      for key, row in deep["dfsattn"].items()}
+    base = next(iter(out["dense"].values()))["median_ms"]
+    for row in out["dfsattn"].values():
+        for kind in ("refresh", "cached"):
+            row.pop(f"{kind}_ms", None)  # the measured calls stay under "measured"
+            row[f"speedup_{kind}_vs_dense"] = base / row[f"{kind}_median_ms"]
+        row.pop("breakdown_ms", None)
+    out["dfsattn_dense"]["speedup_vs_dense"] = base / out["dfsattn_dense"]["median_ms"]
+    out["schedule_weighted"] = {key: schedule_weighted(out["dfsattn"], key, base, out["dfsattn_dense"]["median_ms"])
+                                for key in deep["schedule_weighted"]}
+    out["measured"] = {"shallow": shallow, "deep": deep}
+    return out
 
 
 def output_quality(model, inputs, y_dense: torch.Tensor, gamma: float, backend: str | None, sdpa: str) -> dict:
@@ -407,9 +498,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default=None, choices=[None, "triton", "ref"], help="kernel backend (default auto)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precisions", default="native", help="sparse attention precisions: native, fp8 or both")
+    ap.add_argument("--quick", action="store_true",
+                    help="time 2 and 3 repeating units of each model (one timed call each, permute-once, cuDNN "
+                         "dense, no quality) and compose every call at full depth: 14B/720p and HunyuanVideo "
+                         "720p in bf16 and FP8 in about 4 minutes on one H200")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/e2e_<card>.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.quick:
+        args.reps, args.modes, args.dense, args.quality = 1, "permute_once", "cudnn", ""
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     bad = [n for n in names if n not in MODELS]
     if bad:
@@ -420,6 +518,9 @@ def main(argv=None) -> int:
     dense = [b.strip() for b in args.dense.split(",") if b.strip()]
     if not dense or any(b not in ("cudnn", "flash") for b in dense):
         ap.error(f"--dense: choose from cudnn, flash (got {dense})")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or any(p not in ("native", "fp8") for p in precisions):
+        ap.error(f"--precisions: choose from native, fp8 (got {precisions})")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU visible; use --device cpu --models tiny to check the script")
@@ -434,11 +535,18 @@ def main(argv=None) -> int:
                      "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
                      "python": platform.python_version()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "paper_speedup_14b_720p": PAPER_SPEEDUP_14B, "goal_speedup": 2.0, "models": {},
+        "targets": TARGETS, "quick": args.quick, "precisions": precisions, "models": {},
     }
     for name in names:
-        result["models"][name] = run_model(name, device, args.reps, modes, args.backend, args.seed, dense,
-                                           name in args.quality.split(","))
+        run = functools.partial(run_model, name, device, args.reps, modes, args.backend, args.seed, dense,
+                                name in args.quality.split(","), precisions)
+        if args.quick:
+            family, cfg = MODELS[name][:2]
+            result["models"][name] = compose_depth(run(units=QUICK_UNITS[0]), run(units=QUICK_UNITS[1]), QUICK_UNITS,
+                                                   cfg[FULL_UNITS[family]])
+        else:
+            result["models"][name] = run()
+        result["models"][name]["targets"] = TARGETS.get(name, {})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))  # after each model: a killed run keeps what finished
     for name, r in result["models"].items():

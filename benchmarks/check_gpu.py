@@ -6,7 +6,10 @@ Checks, each against the float64 golden reference and the reference in the test 
 (the kernel's error must be at most 2x the reference's own plus a small floor):
 block-sparse attention (ragged N, D 64/128, fp16/bf16, B 1/2, with and without a token
 order, LSE), agreement with FlexAttention on ``mask.to_flex_block_mask()``, NaN in one
-query row staying in that row, the ValueErrors at the boundary, fused block scoring
+query row staying in that row, the ValueErrors at the boundary, FP8 attention (against float64
+of its dequantized inputs, the simulation and the unquantized inputs), each persistent /
+warp-specialized autotune candidate on its own, the GPU-only pytest cases (``-m cuda``: no host
+sync, CUDA-graph replay of scoring and attention), fused block scoring
 (dfs_tile, meanpool), the streaming block statistics and Wan's fused QK-RMSNorm + RoPE
 (also within one rounding step of today's torch path), and Wan's fused adaLN norms and gated
 residuals (the residual also bit-identical to today's torch path). Exits 1 on any failure.
@@ -201,7 +204,106 @@ def check_adaln(results):
                         "message": f"{differ} elements differ (0 expected)", "ok": differ == 0})
 
 
-STEPS = {"attention": check_attention, "nan": check_nan_row, "errors": check_errors,
+def check_fp8(results):
+    """FP8 attention against float64 attention of its own dequantized inputs (the 2x rule), and
+    the simulation's error against float64 attention of the unquantized inputs."""
+    from dfsviz.kernels.fp8 import dequantize_fp8_blocks, quantize_qk_fp8
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        results.append({"check": "fp8", "message": "skipped: compute capability < 8.9", "ok": True})
+        return
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    for grid, d, dtype, bsz, heads, order_name, keep in ATTENTION_CASES[:4]:
+        n = grid.num_tokens
+        q, v = (torch.randn(bsz, heads, n, d, generator=gen, device=DEV).to(dtype) for _ in range(2))
+        k = (torch.randn(bsz, heads, n, d, generator=gen, device=DEV) + 3 * torch.randn(d, generator=gen, device=DEV)
+             ).to(dtype)
+        mask = _mask(bsz, heads, n, 128, keep, gen)
+        order = make_order(order_name, grid) if order_name else None
+        label = f"fp8 attention {grid.name} D{d} {str(dtype)[6:]} B{bsz} H{heads} {order_name or 'no order'}"
+        out = block_sparse_attention(q, k, v, mask, order=order, precision="fp8", backend="triton")
+        quant = quantize_qk_fp8(q, k, 128, order.perm_on(DEV) if order else None)
+        qd = dequantize_fp8_blocks(quant.q8, quant.q_scale, 128)
+        kd = dequantize_fp8_blocks(quant.k8, quant.k_scale, 128)
+        vo = order.apply(v) if order else v
+        gold = block_sparse_attention_ref(qd.double(), kd.double(), vo.double(), mask)
+        ref = block_sparse_attention_ref(qd.to(dtype), kd.to(dtype), vo, mask)
+        if order:
+            gold, ref = order.restore(gold), order.restore(ref)
+        c = compare_to_golden(f"{label} vs its dequantized inputs", out, ref, gold, floor=1e-4)
+        results.append({"check": c.name, "kernel_err": c.kernel_err, "ref_err": c.ref_err, "bound": c.bound,
+                        "where": c.where, "ok": c.ok})
+        sim = block_sparse_attention(q, k, v, mask, order=order, precision="fp8", backend="ref")
+        full = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask, order=order)
+        diff = float((out.float() - sim.float()).abs().max())
+        err = float((out.double() - full).abs().max())
+        results.append({"check": f"{label} |kernel - simulation|", "message": f"{diff:.3e} (bound 2^-7)",
+                        "ok": diff <= 2**-7})
+        results.append({"check": f"{label} error vs float64 unquantized", "message": f"{err:.3e} (documented <= 0.1)",
+                        "ok": err <= 0.1})
+
+
+def check_cuda_tests(results):
+    """The GPU-only tests of tests/kernels (pytest marker ``cuda``): graph capture and no host sync."""
+    import os
+    import subprocess
+
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        results.append({"check": "pytest -m cuda tests/kernels", "message": "pytest is not installed", "ok": False})
+        return
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+                          "tests/kernels"], capture_output=True, text=True, env=env)
+    tail = (run.stdout + run.stderr).strip().splitlines()[-1:] or ["(no output)"]
+    results.append({"check": "pytest -m cuda tests/kernels", "message": tail[0], "ok": run.returncode == 0,
+                    "output": (run.stdout + run.stderr)[-6000:]})
+
+
+def check_autotune_candidates(results):
+    """Each Hopper candidate of the descriptor kernel (persistent grid, warp-specialized loops),
+    launched on its own (no tuning) against the float64 reference."""
+    import importlib
+
+    import triton
+
+    jit = importlib.import_module("dfsviz.kernels._jit.attention")
+    if torch.cuda.get_device_capability()[0] < 9:
+        results.append({"check": "descriptor candidates", "message": "skipped: not Hopper", "ok": True})
+        return
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    grid = LatentGrid(4, 32, 32, text_len=1)
+    n = grid.num_tokens
+    q, k, v = (torch.randn(2, 3, n, 128, generator=gen, device=DEV).to(torch.bfloat16) for _ in range(3))
+    mask = _mask(2, 3, n, 128, 0.3, gen)
+    gold = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask)
+    ref = block_sparse_attention_ref(q, k, v, mask)
+    for cfg in jit.ATTENTION_CONFIGS:
+        if not (cfg.get("PERSISTENT") or cfg.get("WARP_SPECIALIZE")):
+            continue
+        label = f"descriptor candidate {cfg}"
+        one = triton.Config({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                             "PERSISTENT": cfg.get("PERSISTENT", False),
+                             "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False)},
+                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], pre_hook=jit._set_tile_shapes)
+        saved = jit._TUNED_DESC_KERNEL.configs
+        jit._TUNED_DESC_KERNEL.configs = [one]
+        jit._TUNED_DESC_KERNEL.cache.clear()
+        try:
+            out = block_sparse_attention(q, k, v, mask, backend="triton")
+            c = compare_to_golden(label, out, ref, gold, floor=1e-4)
+            results.append({"check": c.name, "kernel_err": c.kernel_err, "ref_err": c.ref_err, "bound": c.bound,
+                            "where": c.where, "ok": c.ok})
+        except Exception as exc:  # a candidate this Triton cannot compile: the autotuner must not pick it
+            results.append({"check": label, "message": f"{type(exc).__name__}: {str(exc)[:300]}", "ok": False})
+        finally:
+            jit._TUNED_DESC_KERNEL.configs = saved
+            jit._TUNED_DESC_KERNEL.cache.clear()
+
+
+STEPS = {"attention": check_attention, "fp8": check_fp8, "candidates": check_autotune_candidates,
+         "cuda_tests": check_cuda_tests, "nan": check_nan_row, "errors": check_errors,
          "scores_stats": check_scores_and_stats, "qk_norm_rope": check_qk_norm_rope, "adaln": check_adaln}
 
 

@@ -59,7 +59,7 @@ def quantize_fp8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     m = num_blocks(n, block)
     xf = x.float()
     padded = torch.nn.functional.pad(xf, (0, 0, 0, m * block - n))
-    amax = padded.view(bsz, heads, m, block * d).abs().amax(dim=-1)
+    amax = padded.reshape(bsz, heads, m, block * d).abs().amax(dim=-1)
     # The smallest 2^e >= amax / 448: frexp gives amax / 448 = f 2^p with f in [0.5, 1), so
     # 2^p suffices and 2^(p - 1) too when f is exactly 0.5. Zero blocks keep scale 1.
     frac, exp = torch.frexp(amax / FP8_MAX)

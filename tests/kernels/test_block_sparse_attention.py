@@ -296,3 +296,61 @@ def test_golden_check_fails_on_large_error_and_nan():
     assert compare_to_golden("nan", with_nan, ref, gold).nan_mismatch == 1
     with pytest.raises(ValueError, match=r"must share a shape"):
         compare_to_golden("shape", gold[:5], ref, gold)
+
+
+@pytest.mark.parametrize("flags", [dict(PERSISTENT=True, WARP_SPECIALIZE=False),
+                                   dict(PERSISTENT=True, WARP_SPECIALIZE=True),
+                                   dict(PERSISTENT=False, WARP_SPECIALIZE=True)],
+                         ids=["persistent", "persistent-ws", "ws"])
+def test_persistent_and_warp_specialized_descriptor_kernel(flags, monkeypatch):
+    """The Hopper autotune candidates: a persistent grid of fewer programs than work items
+    (each walks several, heads in LPT order) and warp-specialized key loops give the result
+    of one work item per program."""
+    monkeypatch.setattr(jit_attention, "_INTERPRETED_DESC_FLAGS", flags)
+    n, block = 217, 32
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 3, n, 64, generator=gen).to(torch.bfloat16) for _ in range(3))
+    mask = _random_mask(2, 3, n, block, gen)
+    programs = []
+    launch = jit_attention._launch
+    monkeypatch.setattr(jit_attention, "_launch", lambda kernel, *a, **kw: (programs.append(kernel), launch(kernel, *a, **kw)))
+    _check_against_golden(q, k, v, mask, None)
+    assert programs == [jit_attention._block_sparse_attention_desc_kernel]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_dispatch.interpreting(), reason="the interpreter copies tensors to the host; run with TRITON_INTERPRET=0")
+@pytest.mark.parametrize("precision", ["native", "fp8"])
+@pytest.mark.parametrize("order_name", [None, "hilbert3d"], ids=lambda o: o or "noorder")
+def test_attention_is_asynchronous_and_graph_capturable(order_name, precision):
+    """The cached path (attention on a kept mask): no synchronising call, and a CUDA graph of
+    the call replays to the eager result on new inputs copied into the captured buffers."""
+    if precision == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability >= 8.9")
+    grid = LatentGrid(4, 15, 16, text_len=46)  # N = 1006, as issue 18's small case
+    n = grid.num_tokens
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(2, 4, n, 128, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    m = -(-n // 128)
+    mask = BlockMask.from_dense(torch.rand(2, 4, m, m, generator=gen, device="cuda") < 0.4, n, 128)
+    order = make_order(order_name, grid) if order_name else None
+
+    def call():
+        return block_sparse_attention(q, k, v, mask, order=order, precision=precision, backend="triton")
+
+    call()  # compiles, autotunes and uploads the order outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    for x in (q, k, v):
+        x.copy_(torch.randn(x.shape, generator=gen, device="cuda", dtype=x.dtype))
+    eager = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

@@ -192,3 +192,16 @@ def test_config_precision():
     with pytest.raises(ValueError, match=r"`precision` must be one of \['fp8', 'fp8_dense', 'native'\] "
                                          r"\(got 'int8'\)"):
         DFSConfig(precision="int8")
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_diffusers_layout(backend):
+    """diffusers hands [B, N, H, D]; its transpose(1, 2) view quantizes and attends like a copy."""
+    n, d = 97, 64
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, n, 3, d, generator=gen).to(torch.bfloat16).transpose(1, 2) for _ in range(3))
+    mask = _mask(2, 3, n, 32, gen)
+    out = block_sparse_attention(q, k, v, mask, precision="fp8", backend=backend)
+    dense = block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, precision="fp8",
+                                   backend=backend)
+    assert torch.equal(out, dense)

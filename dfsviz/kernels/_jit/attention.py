@@ -172,17 +172,17 @@ def _block_sparse_attention_kernel(
 
 
 @triton.jit
-def _block_sparse_attention_desc_kernel(
-    desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER,
+def _desc_tile(
+    desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER, tile, num_m,
     H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """The kernel above without a token order, with q, k, v and out tiles moved by tensor
-    descriptors ([B, H, N, D] of any 16-byte strides; the copy engine on Hopper): rows past N
-    load as zeros and are not stored, so only the short last key block needs a -inf fill."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.load(BH_ORDER + tl.program_id(1))
+    """Work item ``tile`` of the descriptor kernel: query rows [pid_m BLOCK_M, + BLOCK_M) of the
+    (batch, head) BH_ORDER[tile // num_m], pid_m = tile % num_m."""
+    pid_m = tile % num_m
+    pid_bh = tl.load(BH_ORDER + tile // num_m)
     b = pid_bh // H
     h = pid_bh % H
     u = (pid_m * BLOCK_M) // BLOCK
@@ -194,7 +194,9 @@ def _block_sparse_attention_desc_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     all_ok = tl.full([BLOCK_N], True, tl.int1)
-    for it in range(0, n_full * CHUNKS):
+    # Warp specialization (an autotune candidate on Hopper) lets some warps issue the tile
+    # copies while the others run the products and the softmax.
+    for it in tl.range(0, n_full * CHUNKS, warp_specialize=WARP_SPECIALIZE):
         start = tl.load(idx_ptr + it // CHUNKS) * BLOCK + (it % CHUNKS) * BLOCK_N
         k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
         v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
@@ -219,7 +221,36 @@ def _block_sparse_attention_desc_kernel(
         tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
 
-#: Autotune space, as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper.
+@triton.jit
+def _block_sparse_attention_desc_kernel(
+    desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER,
+    H, BH, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PERSISTENT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """The kernel above without a token order, with q, k, v and out tiles moved by tensor
+    descriptors ([B, H, N, D] of any 16-byte strides; the copy engine on Hopper): rows past N
+    load as zeros and are not stored, so only the short last key block needs a -inf fill.
+
+    Grid (query tiles, B * H), one work item per program; or PERSISTENT (an autotune candidate):
+    a fixed number of programs, each walking the work items program_id, + programs, ...: items
+    run heads in LPT order, so the ragged block lists are dealt out as programs finish."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), num_m * BH, tl.num_programs(0)):
+            _desc_tile(desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER, tile, num_m, H, N,
+                       NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N, RETURN_LSE, EVEN_N,
+                       UPCAST, DOT_PRECISION, WARP_SPECIALIZE)
+    else:
+        _desc_tile(desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER,
+                   tl.program_id(1) * num_m + tl.program_id(0), num_m, H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
+                   HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N, RETURN_LSE, EVEN_N, UPCAST, DOT_PRECISION, WARP_SPECIALIZE)
+
+
+#: Autotune space, as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper;
+#: the descriptor kernel also tries a persistent grid and warp-specialized key loops (Hopper
+#: only, where it runs), so the autotuner picks what this Triton compiles best.
 ATTENTION_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -231,22 +262,32 @@ ATTENTION_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, PERSISTENT=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, WARP_SPECIALIZE=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, PERSISTENT=True, WARP_SPECIALIZE=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, WARP_SPECIALIZE=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, WARP_SPECIALIZE=True),
 ]
+#: Programs per multiprocessor of the persistent grid.
+_PERSISTENT_PROGRAMS_PER_SM = 2
 
 
-def attention_config_fits(config: dict, block: int, head_dim: int, fp8: bool = False) -> bool:
+def attention_config_fits(config: dict, block: int, head_dim: int, fp8: bool = False, descriptors: bool = False) -> bool:
     """Pruning predicate: a program's query rows and its key slice must lie inside one mask
     block (rows of one program share one mask row; a slice never straddles two key blocks);
-    FP8 products need tiles of at least 64 rows and 32 keys (Hopper's FP8 matrix instructions)."""
+    FP8 products need tiles of at least 64 rows and 32 keys (Hopper's FP8 matrix instructions);
+    persistent and warp-specialized candidates are for the descriptor (Hopper) kernel only."""
     del head_dim  # every config compiles for D in {64, 128}
     fits = config["BLOCK_M"] <= block and config["BLOCK_N"] <= block
-    return fits and (not fp8 or (config["BLOCK_M"] >= 64 and config["BLOCK_N"] >= 32))
+    hopper_only = config.get("PERSISTENT", False) or config.get("WARP_SPECIALIZE", False)
+    return (fits and (not fp8 or (config["BLOCK_M"] >= 64 and config["BLOCK_N"] >= 32))
+            and (descriptors or not hopper_only))
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
-    return [c for c in configs
-            if attention_config_fits(c.all_kwargs(), args["BLOCK"], args["HEAD_DIM"], args.get("FP8", False))]
+    return [c for c in configs if attention_config_fits(c.all_kwargs(), args["BLOCK"], args["HEAD_DIM"],
+                                                        args.get("FP8", False), "desc_q" in args)]
 
 
 def _set_tile_shapes(nargs: dict) -> None:
@@ -256,13 +297,14 @@ def _set_tile_shapes(nargs: dict) -> None:
         nargs[name].block_shape = [1, 1, nargs[rows], d]
 
 
-def _tuned(kernel, key: list[str], pre_hook=None):
+def _tuned(kernel, key: list[str], descriptors: bool = False, pre_hook=None):
+    def tiles(c: dict) -> dict:
+        flags = dict(PERSISTENT=c.get("PERSISTENT", False), WARP_SPECIALIZE=c.get("WARP_SPECIALIZE", False))
+        return dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **(flags if descriptors else {}))
+
     return triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                          num_stages=c["num_stages"], pre_hook=pre_hook)
-            for c in ATTENTION_CONFIGS
-        ],
+        configs=[triton.Config(tiles(c), num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=pre_hook)
+                 for c in ATTENTION_CONFIGS if descriptors or not (c.get("PERSISTENT") or c.get("WARP_SPECIALIZE"))],
         key=key,
         prune_configs_by={"early_config_prune": _prune},
     )(kernel)
@@ -273,7 +315,7 @@ _TUNED_KERNEL = _tuned(_block_sparse_attention_kernel,
 # Descriptors carry no dtype into the autotune key: DOT_PRECISION separates float32 from 16-bit inputs.
 _TUNED_DESC_KERNEL = _tuned(_block_sparse_attention_desc_kernel,
                             ["N", "HEAD_DIM", "BLOCK", "RETURN_LSE", "EVEN_N", "DOT_PRECISION"],
-                            pre_hook=_set_tile_shapes)
+                            descriptors=True, pre_hook=_set_tile_shapes)
 
 
 def _copy_engine(device: torch.device) -> bool:
@@ -288,17 +330,32 @@ def _describable(x: torch.Tensor) -> bool:
     return x.data_ptr() % 16 == 0 and all(s > 0 and s * size % 16 == 0 for s in x.stride()[:-1])
 
 
-def _launch(kernel, tuned, args, meta: dict, n: int, programs_bh: int, block: int, d: int, pre_hook=None) -> None:
-    if interpreting():
-        # The interpreter pays per program, so take the largest tile that fits instead of tuning.
-        cfg = next(c for c in ATTENTION_CONFIGS if attention_config_fits(c, block, d))
-        tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-        if pre_hook is not None:
-            pre_hook(dict(zip(kernel.arg_names, args)) | meta | tiles)
-        kernel[(triton.cdiv(n, cfg["BLOCK_M"]), programs_bh)](*args, **meta, **tiles)
-    else:
-        grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), programs_bh)  # noqa: E731
+#: The descriptor kernel's grid and loop flags in the interpreter (which does not tune), and the
+#: multiprocessors it assumes for a persistent grid.
+_INTERPRETED_DESC_FLAGS = dict(PERSISTENT=False, WARP_SPECIALIZE=False)
+_INTERPRETED_SMS = 2
+
+
+def _launch(kernel, tuned, args, meta: dict, n: int, programs_bh: int, block: int, d: int, device: torch.device,
+            pre_hook=None) -> None:
+    descriptors = kernel is _block_sparse_attention_desc_kernel
+    sms = _INTERPRETED_SMS if interpreting() else cuda_properties(device).multi_processor_count
+
+    def grid(META):
+        tiles = triton.cdiv(n, META["BLOCK_M"])
+        if META.get("PERSISTENT", False):
+            return (min(tiles * programs_bh, sms * _PERSISTENT_PROGRAMS_PER_SM), 1)
+        return (tiles, programs_bh)
+
+    if not interpreting():
         tuned[grid](*args, **meta)
+        return
+    # The interpreter pays per program, so take the largest tile that fits instead of tuning.
+    cfg = next(c for c in ATTENTION_CONFIGS if attention_config_fits(c, block, d))
+    tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **(_INTERPRETED_DESC_FLAGS if descriptors else {}))
+    if pre_hook is not None:
+        pre_hook(dict(zip(kernel.arg_names, args)) | meta | tiles)
+    kernel[grid(tiles)](*args, **meta, **tiles)
 
 
 # The LPT head order of a mask, computed once per BlockMask object: a cached mask (the
@@ -337,10 +394,10 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
         # Contiguous key blocks: whole tiles through tensor descriptors (placeholder tile
         # shapes; _set_tile_shapes sets the launched config's).
         descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, d]) for x in (q, k, v, out)]
-        args = (*descs, lse, mask.kv_num_blocks.contiguous(), mask.kv_indices.contiguous(), head_order(mask), heads, n,
-                mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
+        args = (*descs, lse, mask.kv_num_blocks.contiguous(), mask.kv_indices.contiguous(), head_order(mask), heads,
+                bsz * heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
         _launch(_block_sparse_attention_desc_kernel, _TUNED_DESC_KERNEL, args, meta, n, bsz * heads, mask.block, d,
-                pre_hook=_set_tile_shapes)
+                q.device, pre_hook=_set_tile_shapes)
     else:
         no_scales = (mask.kv_num_blocks, mask.kv_num_blocks)  # placeholders: FP8 is off, nothing reads them
         _launch_pointer_kernel(q, k, v, out, lse, mask, perm, no_scales, qk_scale,
@@ -369,7 +426,7 @@ def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_
         q.shape[1], q.shape[2], mask.num_q_blocks, mask.num_kv_blocks, qk_scale,
     )
     _launch(_block_sparse_attention_kernel, _TUNED_KERNEL, args, meta, q.shape[2], q.shape[0] * q.shape[1],
-            mask.block, q.shape[3])
+            mask.block, q.shape[3], q.device)
 
 
 def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale: float, return_lse: bool):
