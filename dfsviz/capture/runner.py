@@ -13,6 +13,11 @@
 
 and queued to the HDF5 writer, which compresses on worker threads. Statistics use the
 Triton kernels of ``dfsviz.kernels`` (on CUDA) and their PyTorch references otherwise.
+
+A model that denoises pixels (VAE factors 1: the embedded model) runs its schedule to the
+end and stores the clip it made (``video`` in the file), so the dashboard shows the video
+the attention belongs to; other models stop after the last captured step, since the loop
+loads no VAE to decode their latents.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from dfsviz.capture.store import CaptureReader, CaptureWriter
 __all__ = ["CaptureResult", "run_capture"]
 
 logger = logging.getLogger(__name__)
+
+# The embedded model's procedural clips have no native frame rate: 8 fps shows its 9 frames
+# in about a second, slow enough to follow an object from frame to frame.
+PIXEL_MODEL_FPS = 8.0
 
 
 @dataclass
@@ -72,6 +81,19 @@ def _scheduler_step(scheduler, pred, t, latents, state: dict):
         state["t_prev"] = t
         return out
     return scheduler.step(pred, t, latents, return_dict=False)[0]
+
+
+def _write_pixel_clip(writer: CaptureWriter, latents: torch.Tensor, adapter, model_config, grid) -> None:
+    """Store the denoised pixels of a pixel model (latents [1, 3, F, H, W] in [-1, 1]): one video
+    frame per latent frame, frame f in grid frame f // pt."""
+    import numpy as np
+
+    from dfsviz.models.sampler import video_to_uint8
+
+    frames = video_to_uint8(latents[0])
+    pt = adapter.patch(model_config)[0]
+    latent_frame = np.minimum(np.arange(frames.shape[0]) // pt, grid.frames - 1)
+    writer.write_video(frames, latent_frame, PIXEL_MODEL_FPS)
 
 
 def run_capture(
@@ -143,7 +165,9 @@ def run_capture(
         latents = adapter.make_latents(rc.latent, model.config, gen, device, dtype) * float(
             getattr(scheduler, "init_noise_sigma", 1.0)
         )
-        last = max(todo) if todo else -1
+        # a pixel model's clip needs the whole schedule; anything else stops at the last captured step
+        pixels = rc.source.vae_spatial == 1 and rc.source.vae_temporal == 1 and bool(todo)
+        last = len(timesteps) - 1 if pixels else max(todo) if todo else -1
         sched_state: dict = {}
         sigmas = getattr(scheduler, "sigmas", None)
         with torch.no_grad(), capture:
@@ -187,6 +211,8 @@ def run_capture(
                     logger.info("captured step %d in %.2f s", i, step_seconds[i])
                     if on_step is not None:
                         on_step(i)
+        if pixels:
+            _write_pixel_clip(writer, latents, adapter, model.config, rc.grid)
         complete = set(rc.capture_steps) <= writer.completed
         if complete:
             writer.finish()

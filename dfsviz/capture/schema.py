@@ -25,6 +25,9 @@ __all__ = [
     "STAT_NAMES",
     "STEP_GROUP",
     "UNITS",
+    "VIDEO_GROUP",
+    "VIDEO_MAX_FRAMES",
+    "VIDEO_MAX_SIDE",
     "StoreLayout",
     "dataset_dtype",
     "dimension_values",
@@ -52,6 +55,16 @@ MAX_INDEX = 100_000
 # HDF5 filters dfsviz writes (id -> name): shuffle and deflate; any other filter in a file is
 # refused, so a crafted file cannot make HDF5 load a filter plugin
 FILTERS = {1: "gzip", 2: "shuffle"}
+
+# The decoded clip (optional root group `video`): frames uint8 [T, H, W, 3] and the latent grid
+# frame of each, group attributes `fps` and `complete` (written last, as a step's). Clips are
+# stored small: the longest side is scaled down to VIDEO_MAX_SIDE pixels (area average) and
+# longer clips keep every k-th frame, k = ceil(T / VIDEO_MAX_FRAMES), with fps / k; enough for
+# the dashboard to show which pixels a token covers, a few MB at most.
+VIDEO_GROUP = "video"
+VIDEO_MAX_SIDE = 256
+VIDEO_MAX_FRAMES = 128
+VIDEO_DIMS = {"frames": ("video_frame", "row", "column", "channel"), "latent_frame": ("video_frame",)}
 
 # dims of every per-step dataset (the schema); docs/format.md mirrors this table
 DIMS: dict[str, tuple[str, ...]] = {

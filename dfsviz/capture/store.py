@@ -23,6 +23,9 @@ chunk):
         footprint             float16 [layer, branch, order, head, sample, token]
                               (N x attention probability, original token order)
         q, k, v               [qkv_layer, branch, head, token, dim] (original token order)
+    /video/                   optional: the decoded clip (attributes fps, complete)
+        frames                uint8 [video_frame, row, column, channel] RGB, downscaled
+        latent_frame          int64 [video_frame]: the latent grid frame of each video frame
 
 Nothing lost:
 
@@ -86,6 +89,10 @@ from dfsviz.capture.schema import (
     STAT_NAMES,
     STEP_GROUP,
     UNITS,
+    VIDEO_DIMS,
+    VIDEO_GROUP,
+    VIDEO_MAX_FRAMES,
+    VIDEO_MAX_SIDE,
     RootAttrs,
     StoreLayout,
     dataset_dtype,
@@ -93,7 +100,14 @@ from dfsviz.capture.schema import (
     read_json_attr,
     step_key,
 )
-from dfsviz.capture.validation import check_structure, completed_step_groups, content_problems, map_problem
+from dfsviz.capture.validation import (
+    check_structure,
+    completed_step_groups,
+    completed_video,
+    content_problems,
+    map_problem,
+    video_problem,
+)
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = [
@@ -103,6 +117,7 @@ __all__ = [
     "StoreLayout",
     "CaptureWriter",
     "CaptureReader",
+    "CaptureVideo",
     "StoredStats",
     "abandoned_files",
     "open_capture",
@@ -433,6 +448,8 @@ class CaptureWriter:
                 f.attrs[key] = value
             for name in ("coords", "orders"):
                 src.copy(src[name], f, name=name)
+            if completed_video(src) is not None:
+                src.copy(src[VIDEO_GROUP], f, name=VIDEO_GROUP)
             f.create_group(STEP_GROUP)
             writer = cls(f, tmp, layout, workers, lock)
             for step in reader.steps:
@@ -694,6 +711,48 @@ class CaptureWriter:
         self.completed.add(self._step)
         self._step, self._group = None, None
 
+    def write_video(self, frames, latent_frame, fps: float) -> None:
+        """Store the run's decoded clip (root group ``video``), replacing any earlier one.
+
+        Args:
+            frames: uint8 [T, H, W, 3] RGB frames (numpy or a tensor on any device).
+            latent_frame: int [T], the latent grid frame in [0, F - 1] each video frame belongs
+                to, non-decreasing.
+            fps: frames per second of ``frames`` (finite, > 0).
+
+        The clip is stored small (``docs/format.md``): the longest side scaled down to
+        ``VIDEO_MAX_SIDE`` pixels by area averaging, and of a clip longer than
+        ``VIDEO_MAX_FRAMES`` every k-th frame, k = ceil(T / VIDEO_MAX_FRAMES), at fps / k. Only
+        between steps; ``complete`` is set last, so a crash leaves no clip rather than half of one.
+        """
+        if self._step is not None:
+            raise RuntimeError("the clip is written only between steps (call end_step first)")
+        frames, latent_frame, fps = _checked_video(frames, latent_frame, fps, self.layout.grid.frames)
+        stride = -(-frames.shape[0] // VIDEO_MAX_FRAMES)
+        small = _downscale(frames[::stride])
+        h5py = _h5py()
+        strs = h5py.string_dtype()
+        reason = None
+        try:
+            if VIDEO_GROUP in self._f:
+                del self._f[VIDEO_GROUP]
+            group = self._f.create_group(VIDEO_GROUP)
+            group.attrs["complete"] = False
+            for name, data in (("frames", small), ("latent_frame", latent_frame[::stride])):
+                chunks = (1, *data.shape[1:]) if name == "frames" else None
+                ds = group.create_dataset(name, data=data, chunks=chunks, compression="gzip" if chunks else None)
+                ds.attrs["dims"] = np.array(VIDEO_DIMS[name], dtype=strs)
+            group.attrs["fps"] = fps / stride
+            group.attrs["frame_stride"] = stride
+            group.attrs["source_shape"] = np.asarray(frames.shape[:3], dtype=np.int64)
+            self._f.flush()  # the frames on disk before the marker
+            group.attrs["complete"] = True
+            self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            reason = write_failure_reason(exc)
+        if reason is not None:
+            raise self._failed(reason)
+
     def finish(self) -> None:
         """Mark the whole run complete (every step of the layout written)."""
         missing = sorted(set(self.layout.steps) - self.completed)
@@ -758,6 +817,44 @@ class CaptureWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _checked_video(frames, latent_frame, fps, grid_frames: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The arguments of :meth:`CaptureWriter.write_video` as (uint8 [T, H, W, 3], int64 [T],
+    float), or TypeError/ValueError naming the argument."""
+    frames = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise TypeError(f"`frames` must be uint8 [T, H, W, 3] RGB (got {frames.dtype}); convert floats in [-1, 1] with "
+                        "dfsviz.models.sampler.video_to_uint8")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"`frames` must be uint8 [T, H, W, 3] RGB (got {list(frames.shape)})")
+    if 0 in frames.shape:
+        raise ValueError(f"`frames` must hold at least one frame of at least 1 x 1 pixels (got {list(frames.shape)})")
+    lf = latent_frame.detach().cpu().numpy() if isinstance(latent_frame, torch.Tensor) else np.asarray(latent_frame)
+    if not np.issubdtype(lf.dtype, np.integer):
+        raise TypeError(f"`latent_frame` must hold integers (got {lf.dtype})")
+    if lf.shape != frames.shape[:1]:
+        raise ValueError(f"`latent_frame` must hold one integer per frame ({frames.shape[0]}) (got {list(lf.shape)})")
+    problem = video_problem(lf, grid_frames)
+    if problem is not None:
+        raise ValueError(f"`latent_frame` {problem}")
+    if isinstance(fps, (bool, np.bool_)) or not isinstance(fps, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`fps` must be a finite number > 0 (got {fps!r})")
+    if not (np.isfinite(fps) and fps > 0):
+        raise ValueError(f"`fps` must be a finite number > 0 (got {float(fps)!r})")
+    return np.ascontiguousarray(frames), lf.astype(np.int64), float(fps)
+
+
+def _downscale(frames: np.ndarray) -> np.ndarray:
+    """uint8 [T, H, W, 3] with the longest side scaled to at most VIDEO_MAX_SIDE (area average, rounded)."""
+    t, h, w, _ = frames.shape
+    scale = VIDEO_MAX_SIDE / max(h, w)
+    if scale >= 1:
+        return frames
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=size, mode="area")
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 #: HDF5 files whose writes failed, kept open for the life of the process (see ``_abandon``)
@@ -866,6 +963,21 @@ class StoredStats:
         b, h = self.m.shape[:2]
         lse = torch.full((b, h, self.seq_len), float("nan"), dtype=self.m.dtype, device=self.m.device)
         return BlockStats(m=self.m, L=self.L, r=self.r, J=self.J, lse=lse, block=self.block, seq_len=self.seq_len)
+
+
+@dataclass(frozen=True, eq=False)
+class CaptureVideo:
+    """The decoded clip of a capture (:meth:`CaptureReader.video`).
+
+    Fields:
+        frames: uint8 [T, H, W, 3] RGB, downscaled as ``docs/format.md`` says.
+        latent_frame: int64 [T], the latent grid frame in [0, F - 1] each video frame belongs to.
+        fps: frames per second of ``frames``.
+    """
+
+    frames: np.ndarray
+    latent_frame: np.ndarray
+    fps: float
 
 
 class CaptureReader:
@@ -1061,6 +1173,21 @@ class CaptureReader:
         bi = self._pos(branch, self.branches, "branch")
         hsel, _ = self._heads(head)
         return tuple(torch.from_numpy(np.asarray(g[n][li, bi][hsel]))[None] for n in ("q", "k", "v"))
+
+    def video(self) -> CaptureVideo | None:
+        """The run's decoded clip, or None for a capture without one (older files, a run
+        interrupted before its end, a model whose output dfsviz did not decode).
+
+        Raises ValueError when the stored latent frames do not fit the grid.
+        """
+        group = completed_video(self._f)
+        if group is None:
+            return None
+        latent_frame = group["latent_frame"][...]
+        problem = video_problem(latent_frame, self.grid.frames)
+        if problem is not None:
+            raise ValueError(f"{str(self.path)!r}: '/{VIDEO_GROUP}/latent_frame' {problem}")
+        return CaptureVideo(group["frames"][...], latent_frame, float(group.attrs["fps"]))
 
     def perm(self, order: str) -> torch.Tensor:
         """int64 [N] permutation of ``order`` (ordered[p] = original[perm[p]])."""

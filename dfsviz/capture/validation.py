@@ -3,13 +3,17 @@
 * :func:`check_structure` (every :class:`~dfsviz.capture.store.CaptureReader`, metadata only):
   only hard links; no external raw storage; virtual datasets only over files in the capture's
   own directory; only the filters dfsviz writes; every dataset of every completed step, the
-  coordinates and the permutations present with the layout's shape, dtype and dims. Raises
-  ValueError with one line naming the first problem.
+  coordinates and the permutations present with the layout's shape, dtype and dims; a clip
+  (``/video``) of bounded shape with its ``fps``. Raises ValueError with one line naming the
+  first problem.
 * :func:`map_problem` (the writer before it writes a map, and :func:`content_problems`): the
   values of one map are what its quantity allows (block mass rows sum to 1, finite logits,
   non-negative diversities ...).
+* :func:`video_problem` (the writer before it stores a clip, the reader when it reads one, and
+  :func:`content_problems`): each video frame names a latent frame of the grid, in order.
 * :func:`content_problems` (``CaptureReader.validate``, ``dfsviz inspect``): every map of every
-  completed step, the permutations, the coordinates and the dimension scales.
+  completed step, the permutations, the coordinates, the dimension scales and the clip's
+  latent frames.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from dfsviz.capture.schema import (
     DIMS,
     FILTERS,
     STEP_GROUP,
+    VIDEO_DIMS,
+    VIDEO_GROUP,
+    VIDEO_MAX_FRAMES,
+    VIDEO_MAX_SIDE,
     StoreLayout,
     dataset_dtype,
     dimension_values,
@@ -29,7 +37,7 @@ from dfsviz.capture.schema import (
     step_key,
 )
 
-__all__ = ["check_structure", "content_problems", "map_problem"]
+__all__ = ["check_structure", "completed_video", "content_problems", "map_problem", "video_problem"]
 
 # Block-mass rows are float32 sums of up to Mk probabilities: 1e-3 is far above their rounding
 # and far below any real damage (a scaled or truncated map)
@@ -156,6 +164,60 @@ def completed_step_groups(f) -> dict[int, object]:
     return out
 
 
+def completed_video(f):
+    """The ``/video`` group when the file holds a whole clip, else None (no clip, or one a crash
+    cut short: ``complete`` is written last). Anything but a group there is refused."""
+    import h5py
+
+    if VIDEO_GROUP not in f:
+        return None
+    group = f[VIDEO_GROUP]
+    if not isinstance(group, h5py.Group):
+        raise ValueError(f"'/{VIDEO_GROUP}' must be a group (got a dataset)")
+    try:
+        complete = group.attrs.get("complete", False)
+    except (KeyError, OSError, RuntimeError):
+        return None
+    return group if isinstance(complete, (bool, np.bool_)) and complete else None
+
+
+def _check_video(f) -> None:
+    group = completed_video(f)
+    if group is None:
+        return
+    import h5py
+
+    frames = group.get("frames")
+    # the shape is checked against the bounds below, not a layout: a missing dataset or a group fails here
+    shape = frames.shape if isinstance(frames, h5py.Dataset) else ()
+    _check_dataset(f, f"{VIDEO_GROUP}/frames", np.dtype("uint8"), shape, VIDEO_DIMS["frames"])
+    if len(shape) != 4 or shape[-1] != 3 or 0 in shape:
+        raise ValueError(f"'/{VIDEO_GROUP}/frames' must be [T, H, W, 3] RGB frames (got shape {shape})")
+    if shape[0] > VIDEO_MAX_FRAMES or max(shape[1:3]) > VIDEO_MAX_SIDE:
+        raise ValueError(
+            f"'/{VIDEO_GROUP}/frames' has shape {shape}; a capture's clip holds at most {VIDEO_MAX_FRAMES} frames of at "
+            f"most {VIDEO_MAX_SIDE} x {VIDEO_MAX_SIDE} pixels (refused)"
+        )
+    _check_dataset(f, f"{VIDEO_GROUP}/latent_frame", np.dtype("int64"), shape[:1], VIDEO_DIMS["latent_frame"])
+    if "fps" not in group.attrs:
+        raise ValueError(f"'/{VIDEO_GROUP}' attribute 'fps' is missing")
+    fps = group.attrs["fps"]
+    if isinstance(fps, (bool, np.bool_)) or not isinstance(fps, (int, float, np.integer, np.floating)) or not (
+        np.isfinite(fps) and fps > 0
+    ):
+        raise ValueError(f"'/{VIDEO_GROUP}' attribute 'fps' must be a finite number > 0 (got {fps!r})")
+
+
+def video_problem(latent_frame: np.ndarray, grid_frames: int) -> str | None:
+    """What is wrong with a clip's latent frames (int [T]) on a grid of ``grid_frames`` frames,
+    or None: each must be a frame index in [0, F - 1], non-decreasing along the clip."""
+    lf = np.asarray(latent_frame)
+    if lf.size and (lf.min() < 0 or lf.max() >= grid_frames or (np.diff(lf) < 0).any()):
+        shown = lf.tolist() if lf.size <= 12 else lf[:12].tolist() + ["..."]
+        return f"must be non-decreasing latent frame indices in [0, {grid_frames - 1}] (got {shown})"
+    return None
+
+
 def check_structure(f, path: Path, layout: StoreLayout) -> None:
     """Raise ValueError naming the first way the open file ``f`` departs from the schema
     (metadata only: no map is read)."""
@@ -163,7 +225,10 @@ def check_structure(f, path: Path, layout: StoreLayout) -> None:
     if STEP_GROUP in f:
         done = {step_key(s) for s in completed_step_groups(f)}
         incomplete = {f"/{STEP_GROUP}/{name}" for name in f[STEP_GROUP] if name not in done}
+    if VIDEO_GROUP in f and completed_video(f) is None:
+        incomplete.add(f"/{VIDEO_GROUP}")
     _check_links(f, path.parent, skip=incomplete)
+    _check_video(f)
     if "orders" not in f:
         raise ValueError("'/orders' is missing")
     for name, (dtype, shape) in root_datasets(layout).items():
@@ -255,6 +320,11 @@ def content_problems(f, layout: StoreLayout, steps) -> list[str]:
             problems.append(f"order {order!r}: stored permutation is not a bijection of 0..{n - 1}")
     if not np.array_equal(f["coords"][...], layout.grid.video_coords().numpy()):
         problems.append(f"coords do not match the grid {layout.grid.name}")
+    video = completed_video(f)
+    if video is not None:
+        problem = video_problem(video["latent_frame"][...], layout.grid.frames)
+        if problem is not None:
+            problems.append(f"'/{VIDEO_GROUP}/latent_frame' {problem}")
     for step in steps:
         group = f[STEP_GROUP][step_key(step)]
         where = step_key(step)
