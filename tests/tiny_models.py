@@ -1,6 +1,10 @@
-"""Tiny random-weight video transformers shared by the test packages: the configs of
-reference/environment.md section 3 for real diffusers classes (Wan, HunyuanVideo, CogVideoX).
-`tests/` is on sys.path (rootdir conftest), so any test module can `import tiny_models`."""
+"""Tiny random-weight video transformers shared by the test packages: real diffusers classes of
+every family the architecture registry describes (reference/environment.md section 3 for Wan,
+HunyuanVideo and CogVideoX). `tests/` is on sys.path (rootdir conftest), so any test module can
+`import tiny_models`.
+
+Every model takes the latent 3 x 16 x 16 (LTX-Video: 3 x 8 x 8, its patch is 1) and makes
+192 video tokens, 3 x 8 x 8, from it; text embeddings are 16 wide."""
 
 from __future__ import annotations
 
@@ -14,15 +18,47 @@ HUNYUAN = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_h
 COGVIDEOX = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=16,
                  text_embed_dim=16, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
                  temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True)
-#: adapter name -> (diffusers class name, config)
+CONSISID = {**COGVIDEOX, "cross_attn_interval": 1}
+LTX = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
+           num_layers=2, caption_channels=16)
+MOCHI = dict(patch_size=2, num_attention_heads=2, attention_head_dim=32, num_layers=2, pooled_projection_dim=16,
+             in_channels=4, text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu", max_sequence_length=8)
+ALLEGRO = dict(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=32, in_channels=4,
+               out_channels=4, num_layers=2, cross_attention_dim=64, caption_channels=16, sample_height=16,
+               sample_width=16, sample_frames=3)
+EASYANIMATE = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=16,
+                   text_embed_dim=16, num_layers=2, mmdit_layers=2, sample_width=16, sample_height=16, patch_size=2)
+# concat_padding_mask=False: with True, diffusers resizes the padding mask with torchvision
+COSMOS = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2, mlp_ratio=2,
+              text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2),
+              concat_padding_mask=False)
+
+#: diffusers class name -> tiny config, one per class of the architecture registry
+MODELS = {
+    "WanTransformer3DModel": WAN, "SkyReelsV2Transformer3DModel": WAN, "ChronoEditTransformer3DModel": WAN,
+    "HunyuanVideoTransformer3DModel": HUNYUAN, "CogVideoXTransformer3DModel": COGVIDEOX,
+    "ConsisIDTransformer3DModel": CONSISID, "LTXVideoTransformer3DModel": LTX, "MochiTransformer3DModel": MOCHI,
+    "AllegroTransformer3DModel": ALLEGRO, "EasyAnimateTransformer3DModel": EASYANIMATE,
+    "CosmosTransformer3DModel": COSMOS,
+}
+#: adapter name -> (diffusers class name, config): the three families with hand-written DFSAttn processors
 CONFIGS = {"wan": ("WanTransformer3DModel", WAN), "hunyuanvideo": ("HunyuanVideoTransformer3DModel", HUNYUAN),
            "cogvideox": ("CogVideoXTransformer3DModel", COGVIDEOX)}
 
 
-def build_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A seeded random-weight tiny transformer of ``arch`` in eval mode."""
+def latent_of(cls_name: str) -> tuple[int, int, int]:
+    """The latent (F, H, W) of the tiny model of ``cls_name``: 192 video tokens."""
+    return (3, 8, 8) if cls_name == "LTXVideoTransformer3DModel" else (3, 16, 16)
+
+
+def build_class(cls_name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A seeded random-weight tiny transformer of the diffusers class ``cls_name`` in eval mode."""
     import diffusers
 
-    cls_name, cfg = CONFIGS[arch]
     torch.manual_seed(seed)
-    return getattr(diffusers, cls_name)(**{**cfg, **overrides}).eval()
+    return getattr(diffusers, cls_name)(**{**MODELS[cls_name], **overrides}).eval()
+
+
+def build_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A seeded random-weight tiny transformer of the family ``arch`` (a CONFIGS key) in eval mode."""
+    return build_class(CONFIGS[arch][0], seed, **overrides)

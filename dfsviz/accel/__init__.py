@@ -1,25 +1,18 @@
 """DFSAttn in real diffusers pipelines: ``apply_dfsattn(pipe_or_transformer, DFSConfig(...))``
-installs the DFSAttn attention processors (3D Hilbert order, tile scoring at refresh steps,
+installs the DFSAttn attention processors in any transformer of the architecture registry
+(:mod:`dfsviz.architectures`) (3D Hilbert order, tile scoring at refresh steps,
 per-layer mask cache, block-sparse kernel) and returns a handle whose ``remove()`` restores
 the original processors. ``apply_dfsattn(pipe, "dfsattn.json")`` applies a calibrated config
 (``dfsviz calibrate``; :class:`CalibratedPlan`, per-head budgets)."""
 
 from dfsviz.accel.config import CFG_MODES, DFSConfig
 from dfsviz.accel.plan import CalibratedPlan, LayerBudget, ModelIdentity, select_topk_heads
-from dfsviz.accel.processor import (
-    ACCEL_ARCHS,
-    CogVideoXDFSProcessor,
-    DFSHandle,
-    DFSState,
-    HunyuanVideoDFSProcessor,
-    WanDFSProcessor,
-    apply_dfsattn,
-    remove_dfsattn,
-    text_blocks,
-)
+from dfsviz.accel.handle import DFSHandle, apply_dfsattn, remove_dfsattn
+from dfsviz.accel.plan import text_blocks
+from dfsviz.accel.processors import CogVideoXDFSProcessor, HunyuanVideoDFSProcessor, SDPADFSProcessor, WanDFSProcessor
+from dfsviz.accel.state import DFSState
 
 __all__ = [
-    "ACCEL_ARCHS",
     "CFG_MODES",
     "CalibratedPlan",
     "CogVideoXDFSProcessor",
@@ -29,6 +22,7 @@ __all__ = [
     "HunyuanVideoDFSProcessor",
     "LayerBudget",
     "ModelIdentity",
+    "SDPADFSProcessor",
     "WanDFSProcessor",
     "apply_dfsattn",
     "remove_dfsattn",

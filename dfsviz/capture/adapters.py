@@ -1,27 +1,29 @@
-"""Model adapters: what dfsviz must know about each diffusers video transformer.
+"""Model adapters: the capture loop's view of a video transformer, built on the architecture
+registry (:mod:`dfsviz.architectures`).
 
 An adapter maps pipeline settings to the token grid of the self-attention sequence,
 picks the self-attention modules and numbers them, drives one forward pass of the
 transformer with precomputed conditioning, and says which tokens of a captured
-SDPA call are real (HunyuanVideo pads its text and masks the padding).
-
-Token layouts (as measured on tiny random-weight models of diffusers 0.42):
-* Wan: self-attention ``blocks.N.attn1`` sees video tokens only (text is cross-attention).
-* HunyuanVideo: ``transformer_blocks.N.attn`` (dual stream) and
-  ``single_transformer_blocks.N.attn`` see [video, text]; the text is padded and a
-  boolean key mask [B, 1, 1, N] marks the real tokens; the token refiner's text-only
-  attention is not a video self-attention and is excluded.
-* CogVideoX: ``transformer_blocks.N.attn1`` sees [text, video]; no mask.
-* generic: any transformer whose attention reaches SDPA; the grid is given.
+SDPA call are real (HunyuanVideo pads its text and masks the padding). One adapter per
+registry entry (``ADAPTERS``), plus :class:`GenericAdapter` for a class the registry does not
+describe, given its token grid (``--grid``, ``--text-len``, ``--text-first``).
 """
 
 from __future__ import annotations
 
-import re
+import inspect
 from dataclasses import dataclass
 
 import torch
 
+from dfsviz.architectures import (
+    ARCHITECTURES,
+    Architecture,
+    architecture_for,
+    get_architecture,
+    input_dtype,
+    supported_classes,
+)
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = [
@@ -77,122 +79,81 @@ class Conditioning:
         return int(self.embeds.shape[1] if self.mask is None else self.mask.sum().item())
 
 
-def input_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype a transformer expects its inputs in: that of its patch embedding.
-
-    Not ``next(model.parameters())``: Wan keeps some modules in float32
-    (``_keep_in_fp32_modules``) whatever the model dtype.
-    """
-    for name in ("patch_embedding", "x_embedder", "patch_embed"):
-        module = getattr(model, name, None)
-        for p in (module.parameters() if module is not None else ()):
-            if p.is_floating_point():
-                return p.dtype
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
-
-
-def _int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer (got {value!r})")
-    return value
-
-
 class ModelAdapter:
-    """Base class. Subclasses set ``name``, ``classes`` and the model-specific methods.
+    """The capture loop's methods over one registry entry (:class:`~dfsviz.architectures.Architecture`).
 
     Attributes:
+        arch: the entry.
         name: registry key ("wan", ...).
         classes: diffusers transformer class names this adapter drives.
-        layer_pattern: regex over qualified module names selecting the self-attention modules.
-        vae_spatial, vae_temporal: the VAE compression of the model family's usual pipeline
+        vae_spatial, vae_temporal: the VAE compression of the family's usual pipeline
             (pixels per latent cell); a loaded pipeline's VAE config overrides them.
-        channels_first: latent layout [B, C, F, H, W] (True) or [B, F, C, H, W] (CogVideoX).
     """
 
-    name = ""
-    classes: tuple[str, ...] = ()
-    layer_pattern = ""
-    vae_spatial = 8
-    vae_temporal = 4
-    channels_first = True
-    text_first = False
+    def __init__(self, arch: Architecture) -> None:
+        self.arch = arch
+        self.name = arch.name
+        self.classes = arch.classes
+        self.vae_spatial = arch.vae_spatial
+        self.vae_temporal = arch.vae_temporal
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
 
     # -- layers ---------------------------------------------------------------------------
     def select_layers(self, model: torch.nn.Module) -> dict[str, int]:
         """Qualified module name -> integer layer index of every captured self-attention."""
-        pattern = re.compile(self.layer_pattern)
-        names = [n for n, m in model.named_modules() if hasattr(m, "processor") and pattern.fullmatch(n)]
-        if not names:
-            raise ValueError(
-                f"adapter {self.name!r} found no self-attention module matching {self.layer_pattern!r} in "
-                f"{type(model).__name__}; pick the adapter of this architecture ({', '.join(adapter_names())})"
-            )
-        return {n: i for i, n in enumerate(sorted(names, key=self._layer_sort_key))}
-
-    def _layer_sort_key(self, name: str):
-        return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+        return self.arch.select_layers(model)
 
     # -- geometry -------------------------------------------------------------------------
     def patch(self, config) -> tuple[int, int, int]:
         """(pt, ph, pw) latent cells per token."""
-        raise NotImplementedError
+        return self.arch.patch(config)
 
     def latent_shape(self, frames: int, height: int, width: int, vae_spatial: int, vae_temporal: int) -> tuple[int, int, int]:
-        """Latent (F, H, W) of a video of ``frames`` x ``height`` x ``width`` pixels.
-
-        Frames follow the causal-VAE rule of these models: (frames - 1) / temporal + 1.
-        """
-        _int(frames, "frames"), _int(height, "height"), _int(width, "width")
-        if (frames - 1) % vae_temporal:
-            raise ValueError(
-                f"`frames` = {frames} must be 1 + a multiple of the VAE's temporal compression {vae_temporal} "
-                f"(e.g. {((frames - 1) // vae_temporal) * vae_temporal + 1})"
-            )
-        for value, arg in ((height, "height"), (width, "width")):
-            if value % vae_spatial:
-                raise ValueError(
-                    f"`{arg}` = {value} must be a multiple of the VAE's spatial compression {vae_spatial}"
-                )
-        return (frames - 1) // vae_temporal + 1, height // vae_spatial, width // vae_spatial
+        """Latent (F, H, W) of a video of ``frames`` x ``height`` x ``width`` pixels."""
+        return self.arch.latent_shape(frames, height, width, vae_spatial, vae_temporal)
 
     def token_grid(self, config, latent: tuple[int, int, int], text_len: int = 0) -> LatentGrid:
         """The self-attention token grid of a latent (F, H, W) with ``text_len`` real text tokens."""
-        pt, ph, pw = self.patch(config)
-        f, h, w = latent
-        for value, p, arg in ((f, pt, "latent frames"), (h, ph, "latent height"), (w, pw, "latent width")):
-            if value % p:
-                raise ValueError(
-                    f"{arg} = {value} must be a multiple of the patch size {p} of this {self.name} model; "
-                    "change --frames/--height/--width"
-                )
-        return LatentGrid(f // pt, h // ph, w // pw, text_len=text_len, text_first=self.text_first and text_len > 0)
+        return self.arch.token_grid(config, latent, text_len)
 
     def latent_channels(self, config) -> int:
         return int(config.in_channels)
 
     def make_latents(self, latent: tuple[int, int, int], config, generator, device, dtype) -> torch.Tensor:
         """Gaussian latents in the model's layout, float32 (the loop keeps latents in float32)."""
-        f, h, w = latent
-        c = self.latent_channels(config)
-        shape = (1, c, f, h, w) if self.channels_first else (1, f, c, h, w)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        return self.arch.make_latents(latent, config, generator, device)
 
     # -- conditioning ---------------------------------------------------------------------
     def text_dim(self, config) -> int:
-        raise NotImplementedError
+        return self.arch.text_dim(config)
 
     def random_conditioning(self, config, generator, text_len: int = 16) -> Conditioning:
-        """Seeded Gaussian embeddings (for random-weight models, tests and benchmarks)."""
-        return Conditioning(torch.randn(1, text_len, self.text_dim(config), generator=generator))
+        """Seeded Gaussian embeddings (for random-weight models, tests and benchmarks).
+
+        Families that mask padded text get 3/4 real tokens, so that the mask is exercised."""
+        arch = self.arch
+        if arch.fixed_text_len is not None:
+            text_len = arch.fixed_text_len(config)
+        embeds = torch.randn(1, text_len, self.text_dim(config), generator=generator)
+        mask = None
+        if arch.text_tokens == "real":
+            mask = torch.zeros(1, text_len, dtype=torch.int64)
+            mask[:, : max(1, (3 * text_len) // 4)] = 1
+        pooled = None if arch.pooled_dim is None else torch.randn(1, arch.pooled_dim(config), generator=generator)
+        return Conditioning(embeds, mask, pooled)
 
     def text_len(self, cond: Conditioning) -> int:
         """Text tokens this model puts into its self-attention sequence."""
-        return 0
+        if self.arch.text == "none":
+            return 0
+        return cond.valid_text if self.arch.text_tokens == "real" else int(cond.embeds.shape[1])
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, model, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, *, guidance: float, grid: LatentGrid) -> torch.Tensor:
         """One transformer call; returns the prediction in the latents' layout."""
-        raise NotImplementedError
+        return self.arch.forward(model, latents, timestep, cond, guidance=guidance, grid=grid)
 
     def valid_tokens(self, mask: torch.Tensor | None, n: int, batch: int) -> torch.Tensor | None:
         """Sequence positions that are real tokens of batch element ``batch`` (int64), or None for all.
@@ -215,180 +176,136 @@ class ModelAdapter:
 
 
 class WanAdapter(ModelAdapter):
-    name = "wan"
-    classes = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
-    layer_pattern = r"blocks\.\d+\.attn1"
+    """Wan 2.1 / 2.2, SkyReels-V2, ChronoEdit (registry entry "wan")."""
 
-    def patch(self, config):
-        return tuple(int(p) for p in config.patch_size)
-
-    def text_dim(self, config):
-        return int(config.text_dim)
-
-    def forward(self, model, latents, timestep, cond, *, guidance, grid):
-        dtype = input_dtype(model)
-        return model(
-            hidden_states=latents.to(dtype),
-            timestep=timestep.expand(latents.shape[0]),
-            encoder_hidden_states=cond.embeds,
-            return_dict=False,
-        )[0]
+    def __init__(self) -> None:
+        super().__init__(get_architecture("wan"))
 
 
 class HunyuanVideoAdapter(ModelAdapter):
-    name = "hunyuanvideo"
-    classes = ("HunyuanVideoTransformer3DModel",)
-    # dual-stream then single-stream blocks; `context_embedder.token_refiner...attn` is text-only
-    layer_pattern = r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn"
+    """HunyuanVideo (registry entry "hunyuanvideo")."""
 
-    def _layer_sort_key(self, name):
-        kind, index = name.split(".")[:2]
-        return (0 if kind == "transformer_blocks" else 1, int(index))
-
-    def patch(self, config):
-        return int(config.patch_size_t), int(config.patch_size), int(config.patch_size)
-
-    def text_dim(self, config):
-        return int(config.text_embed_dim)
-
-    def random_conditioning(self, config, generator, text_len=16):
-        # real prompts are shorter than the padded length: keep 3/4 real to exercise the mask
-        mask = torch.zeros(1, text_len, dtype=torch.int64)
-        mask[:, : max(1, (3 * text_len) // 4)] = 1
-        return Conditioning(
-            torch.randn(1, text_len, self.text_dim(config), generator=generator),
-            mask,
-            torch.randn(1, int(config.pooled_projection_dim), generator=generator),
-        )
-
-    def text_len(self, cond):
-        return cond.valid_text
-
-    def forward(self, model, latents, timestep, cond, *, guidance, grid):
-        if cond.pooled is None:
-            raise ValueError("HunyuanVideo needs pooled text embeddings (`pooled_prompt_embeds`)")
-        dtype = input_dtype(model)
-        mask = cond.mask if cond.mask is not None else torch.ones(cond.embeds.shape[:2], dtype=torch.int64, device=latents.device)
-        extra = {}
-        if getattr(model.config, "guidance_embeds", False):
-            # guidance-distilled checkpoints take the scale x 1000 as an embedding input
-            extra["guidance"] = torch.full((latents.shape[0],), guidance * 1000.0, device=latents.device, dtype=dtype)
-        return model(
-            hidden_states=latents.to(dtype),
-            timestep=timestep.expand(latents.shape[0]).to(dtype),
-            encoder_hidden_states=cond.embeds,
-            encoder_attention_mask=mask,
-            pooled_projections=cond.pooled,
-            return_dict=False,
-            **extra,
-        )[0]
-
-
-def _crop_region(src: tuple[int, int], tgt_width: int, tgt_height: int):
-    """Resize-crop region of the CogVideoX 1.0 RoPE grid (same arithmetic as its pipeline)."""
-    h, w = src
-    if h / w > tgt_height / tgt_width:
-        rh, rw = tgt_height, int(round(tgt_height / h * w))
-    else:
-        rw, rh = tgt_width, int(round(tgt_width / w * h))
-    top, left = int(round((tgt_height - rh) / 2.0)), int(round((tgt_width - rw) / 2.0))
-    return (top, left), (top + rh, left + rw)
+    def __init__(self) -> None:
+        super().__init__(get_architecture("hunyuanvideo"))
 
 
 class CogVideoXAdapter(ModelAdapter):
-    name = "cogvideox"
-    classes = ("CogVideoXTransformer3DModel",)
-    layer_pattern = r"transformer_blocks\.\d+\.attn1"
-    channels_first = False
-    text_first = True
+    """CogVideoX 1.0 / 1.5, ConsisID (registry entry "cogvideox")."""
 
-    def patch(self, config):
-        return int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size)
+    def __init__(self) -> None:
+        super().__init__(get_architecture("cogvideox"))
 
-    def text_dim(self, config):
-        return int(config.text_embed_dim)
 
-    def random_conditioning(self, config, generator, text_len=16):
-        return Conditioning(torch.randn(1, int(config.max_text_seq_length), self.text_dim(config), generator=generator))
-
-    def text_len(self, cond):
-        return int(cond.embeds.shape[1])  # CogVideoX attends to every (padded) text token
-
-    def _rotary(self, model, grid: LatentGrid, device):
-        from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-        cfg = model.config
-        p = int(cfg.patch_size)
-        base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
-        if cfg.patch_size_t is None:
-            return get_3d_rotary_pos_embed(
-                embed_dim=cfg.attention_head_dim,
-                crops_coords=_crop_region((grid.height, grid.width), base_w, base_h),
-                grid_size=(grid.height, grid.width),
-                temporal_size=grid.frames,
-                device=device,
-            )
-        return get_3d_rotary_pos_embed(
-            embed_dim=cfg.attention_head_dim,
-            crops_coords=None,
-            grid_size=(grid.height, grid.width),
-            temporal_size=grid.frames,
-            grid_type="slice",
-            max_size=(base_h, base_w),
-            device=device,
-        )
-
-    def forward(self, model, latents, timestep, cond, *, guidance, grid):
-        dtype = input_dtype(model)
-        rotary = self._rotary(model, grid, latents.device) if model.config.use_rotary_positional_embeddings else None
-        ofs = None if model.config.ofs_embed_dim is None else latents.new_full((latents.shape[0],), 2.0)
-        return model(
-            hidden_states=latents.to(dtype),
-            encoder_hidden_states=cond.embeds,
-            timestep=timestep.expand(latents.shape[0]),
-            ofs=ofs,
-            image_rotary_emb=rotary,
-            return_dict=False,
-        )[0]
+_TEXT_DIM_FIELDS = ("text_dim", "text_embed_dim", "caption_channels", "cross_attention_dim", "joint_attention_dim")
 
 
 class GenericAdapter(ModelAdapter):
-    """Any transformer whose attention reaches SDPA; the caller gives the grid.
+    """Any transformer whose attention reaches SDPA, given its token grid.
 
     It selects every attention module (``processor`` attribute) except those flagged
-    ``is_cross_attention`` and cannot drive a denoising loop (the forward signature is
-    unknown): use :class:`dfsviz.capture.AttentionCapture` inside your own pipeline.
+    ``is_cross_attention`` (and text refiners), and drives a loop through the common diffusers
+    call ``model(hidden_states=[B, C, F, H, W], timestep=, encoder_hidden_states=)`` when the
+    class takes those arguments; otherwise it refuses in one line (wrap your own pipeline call
+    in :class:`dfsviz.capture.AttentionCapture`).
+
+    Args:
+        grid: the token grid "FxHxW" after patching (``--grid``), or None when only the layer
+            selection is used (``AttentionCapture`` in your own pipeline).
+        text_len: text tokens in the self-attention sequence (``--text-len``; 0 = none).
+        text_first: the text precedes the video (``--text-first``).
+        patch: (pt, ph, pw) latent cells per token of the model (:meth:`patch_of` its config).
     """
 
-    name = "generic"
-    classes = ()
-    layer_pattern = r".*"
+    def __init__(self, grid: str | None = None, text_len: int = 0, text_first: bool = False,
+                 patch: tuple[int, int, int] = (1, 1, 1)) -> None:
+        self.name = "generic"
+        self.classes = ()
+        self.vae_spatial = 8
+        self.vae_temporal = 4
+        self.grid = None if grid is None else LatentGrid.parse(grid, text_len, text_first and text_len > 0)
+        self.patch_size = patch
+        self.arch = None
+
+    def __repr__(self) -> str:
+        return f"GenericAdapter({None if self.grid is None else self.grid.name!r})"
+
+    def _grid(self, model_name: str = "this model") -> LatentGrid:
+        if self.grid is None:
+            raise ValueError(
+                f"the generic entry needs the token grid of {model_name}: pass --grid FxHxW (tokens after patching), "
+                "with --text-len N [--text-first] when text shares the self-attention sequence"
+            )
+        return self.grid
 
     def select_layers(self, model):
         names = [
-            n
-            for n, m in model.named_modules()
+            n for n, m in model.named_modules()
             if hasattr(m, "processor") and not getattr(m, "is_cross_attention", False) and "refiner" not in n
         ]
         if not names:
             raise ValueError(f"no attention module with a `processor` found in {type(model).__name__}")
         return {n: i for i, n in enumerate(names)}
 
-    def patch(self, config):
-        p = getattr(config, "patch_size", 1)
+    @staticmethod
+    def patch_of(config) -> tuple[int, int, int]:
+        """(pt, ph, pw) from the usual diffusers config fields ``patch_size`` (int or triple) and ``patch_size_t``."""
+        p = getattr(config, "patch_size", 1) or 1
         if isinstance(p, (tuple, list)):
             return tuple(int(x) for x in p)
         return int(getattr(config, "patch_size_t", 1) or 1), int(p), int(p)
 
-    def forward(self, model, latents, timestep, cond, *, guidance, grid):
+    def patch(self, config):
+        return self.patch_of(config)
+
+    def latent_shape(self, frames, height, width, vae_spatial, vae_temporal):
+        """The latent of the given grid: grid x patch (pixel sizes do not apply, the grid is given)."""
+        grid = self._grid()
+        return grid.frames * self.patch_size[0], grid.height * self.patch_size[1], grid.width * self.patch_size[2]
+
+    def token_grid(self, config, latent, text_len=0):
+        return self._grid()
+
+    def make_latents(self, latent, config, generator, device, dtype):
+        f, h, w = latent
+        return torch.randn((1, int(config.in_channels), f, h, w), generator=generator, dtype=torch.float32).to(device)
+
+    def text_dim(self, config):
+        for name in _TEXT_DIM_FIELDS:
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
         raise ValueError(
-            f"the generic adapter cannot run a denoising loop for {type(model).__name__}; supported "
-            f"architectures: {supported_architectures()}; or wrap your own pipeline call in AttentionCapture"
+            f"the generic entry found no text width in the model config (none of {list(_TEXT_DIM_FIELDS)}); "
+            "pass --embeddings FILE.safetensors"
         )
+
+    def random_conditioning(self, config, generator, text_len=16):
+        return Conditioning(torch.randn(1, text_len, self.text_dim(config), generator=generator))
+
+    def text_len(self, cond):
+        return self.grid.text_len if self.grid is not None else 0
+
+    def forward(self, model, latents, timestep, cond, *, guidance, grid):
+        params = inspect.signature(model.forward).parameters
+        needed = ("hidden_states", "timestep", "encoder_hidden_states")
+        missing = [p for p in needed if p not in params]
+        required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in needed
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if missing or required:
+            raise ValueError(
+                f"the generic entry cannot run a denoising loop for {type(model).__name__}: its forward "
+                f"{'lacks ' + str(missing) if missing else 'also requires ' + str(required)}; supported "
+                f"architectures: {supported_architectures()}; or wrap your own pipeline call in AttentionCapture"
+            )
+        out = model(hidden_states=latents.to(input_dtype(model)), timestep=timestep.expand(latents.shape[0]),
+                    encoder_hidden_states=cond.embeds, return_dict=False)
+        return out[0]
 
 
 ADAPTERS: dict[str, ModelAdapter] = {
-    a.name: a for a in (WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter(), GenericAdapter())
+    **{a.name: a for a in (WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter())},
+    **{arch.name: ModelAdapter(arch) for arch in ARCHITECTURES if arch.name not in ("wan", "hunyuanvideo", "cogvideox")},
+    "generic": GenericAdapter(),
 }
 
 
@@ -399,7 +316,7 @@ def adapter_names() -> list[str]:
 
 def supported_architectures() -> str:
     """Comma-separated transformer classes a capture run can drive."""
-    return ", ".join(c for a in ADAPTERS.values() for c in a.classes)
+    return ", ".join(supported_classes())
 
 
 def get_adapter(name: str) -> ModelAdapter:
@@ -409,12 +326,9 @@ def get_adapter(name: str) -> ModelAdapter:
     return ADAPTERS[name]
 
 
-def adapter_for(model: torch.nn.Module) -> ModelAdapter:
-    """The adapter of ``model``'s class (subclasses match their diffusers base)."""
-    for cls in type(model).__mro__:
-        for adapter in ADAPTERS.values():
-            if cls.__name__ in adapter.classes:
-                return adapter
-    raise ValueError(
-        f"unsupported architecture {type(model).__name__}; supported: {supported_architectures()}"
-    )
+def adapter_for(model_or_class) -> ModelAdapter:
+    """The adapter of a transformer (or class name); subclasses match their diffusers base.
+
+    Raises ValueError for a class the registry does not drive (naming why, for a video
+    transformer dfsviz refuses)."""
+    return ADAPTERS[architecture_for(model_or_class).name]

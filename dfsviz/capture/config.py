@@ -75,6 +75,10 @@ class CaptureConfig:
         height, width, frames: video size in pixels; None = the model's default.
         latent: "FxHxW" latent size in latent cells (before patching); overrides the
             pixel size (use it for transformer-only folders with an unknown VAE).
+        grid: "FxHxW" token grid after patching, for a transformer class the architecture
+            registry does not describe (the generic entry); None for the registry's classes.
+        text_len: with ``grid``: text tokens in the self-attention sequence (None = 0).
+        text_first: with ``grid``: the text precedes the video (None = it follows it).
         seed: seed of the initial noise, random embeddings and footprint sampling (>= 0).
         guidance_scale: classifier-free guidance weight (>= 1; 1 = no unconditional pass);
             None = the model's default.
@@ -109,6 +113,9 @@ class CaptureConfig:
     width: int | None = None
     frames: int | None = None
     latent: str | None = None
+    grid: str | None = None
+    text_len: int | None = None
+    text_first: bool | None = None
     seed: int = 0
     guidance_scale: float | None = None
     branches: str = "cond"
@@ -160,6 +167,7 @@ class CaptureConfig:
                 _check_int(getattr(self, name), name, 1, " pixels/frames", high=MAX_INDEX)
         if self.latent is not None:
             LatentGrid.parse(self.latent)  # raises with the expected format
+        self._check_generic_grid()
         _check_int(self.seed, "seed", 0, "; seeds are stored as 64-bit signed integers", high=MAX_SEED)
         if self.guidance_scale is not None and (
             isinstance(self.guidance_scale, bool)
@@ -213,9 +221,33 @@ class CaptureConfig:
         if self.kernel_backend not in (None, "triton", "ref"):
             raise ValueError(f"`kernel_backend` must be None, 'triton' or 'ref' (got {self.kernel_backend!r})")
 
+    def _check_generic_grid(self) -> None:
+        if self.grid is None:
+            if self.text_len is not None or self.text_first is not None:
+                raise ValueError("`text_len` and `text_first` describe a `grid`: pass --grid FxHxW with them")
+            return
+        LatentGrid.parse(self.grid)  # raises with the expected format
+        if self.latent is not None or any(getattr(self, n) is not None for n in ("height", "width", "frames")):
+            raise ValueError(
+                "`grid` gives the token grid itself: drop --latent/--height/--width/--frames (they size a latent "
+                "the registry turns into a grid)"
+            )
+        if self.text_len is not None:
+            _check_int(self.text_len, "text_len", 0, "; text tokens in the self-attention sequence", high=MAX_INDEX)
+        if self.text_first is not None and not isinstance(self.text_first, bool):
+            raise TypeError(f"`text_first` must be a bool or None (got {type(self.text_first).__name__})")
+        if self.text_first and not self.text_len:
+            raise ValueError("`text_first` needs text: pass --text-len N (> 0) with --text-first")
+
     def to_json(self) -> dict:
-        """JSON-ready dict (the ``capture_config`` root attribute)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        """JSON-ready dict (the ``capture_config`` root attribute).
+
+        The generic entry's ``grid``, ``text_len`` and ``text_first`` appear only when set, so the
+        settings of a registry model's capture read as they did before these fields existed
+        (``--resume`` of such a file compares equal)."""
+        generic = ("grid", "text_len", "text_first")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+                if not (k in generic and v is None)}
 
     @property
     def torch_device(self) -> torch.device:

@@ -10,12 +10,13 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from dfsviz.capture.adapters import ADAPTERS, Conditioning, ModelAdapter, get_adapter, supported_architectures
+from dfsviz.capture.adapters import Conditioning, GenericAdapter, ModelAdapter, adapter_for, get_adapter, supported_architectures
 from dfsviz.capture.config import CaptureConfig
 
 __all__ = ["ModelSource", "load_model_source", "load_embeddings"]
@@ -62,18 +63,9 @@ class ModelSource:
     weights_sha256: str | None = None
 
 
-_DEFAULTS = {  # per adapter: (default size (frames, height, width), flow shift or None)
-    "wan": ((81, 480, 832), 5.0),
-    "hunyuanvideo": ((129, 720, 1280), 7.0),
-    "cogvideox": ((49, 480, 720), None),
-    "generic": ((1, 8, 8), None),
-}
-
-
 def _default_scheduler(adapter: ModelAdapter):
     import diffusers
 
-    shift = _DEFAULTS[adapter.name][1]
     if adapter.name == "cogvideox":
         # CogVideoX-2b's scheduler settings (v-prediction, zero-terminal-SNR, trailing spacing)
         return diffusers.CogVideoXDDIMScheduler(
@@ -81,6 +73,7 @@ def _default_scheduler(adapter: ModelAdapter):
             rescale_betas_zero_snr=True, timestep_spacing="trailing", snr_shift_scale=3.0, clip_sample=False,
             set_alpha_to_one=True, steps_offset=0,
         )
+    shift = adapter.arch.flow_shift if adapter.arch is not None else None
     return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift or 1.0)
 
 
@@ -97,14 +90,25 @@ def _vae_factors(cfg: dict, adapter: ModelAdapter) -> tuple[int, int]:
     return int(spatial or adapter.vae_spatial), int(temporal or adapter.vae_temporal)
 
 
-def _transformer_class(name: str):
+def _transformer_class(name: str, config: CaptureConfig, patch: tuple[int, int, int]):
+    """The diffusers class named ``name`` and its adapter: the registry's entry, or the generic
+    entry bound to ``--grid`` for a class the registry does not describe."""
     import diffusers
 
     cls = getattr(diffusers, name, None)
-    adapters = [a for a in ADAPTERS.values() if name in a.classes]
-    if cls is None or not adapters:
-        raise ValueError(f"unsupported architecture {name}; supported: {supported_architectures()}")
-    return cls, adapters[0]
+    try:
+        adapter = adapter_for(name)
+    except ValueError as exc:
+        if config.grid is None or cls is None:
+            hint = "" if cls is None else "; or pass --grid FxHxW (with --text-len/--text-first) to capture it with the generic entry"
+            raise ValueError(f"{exc}{hint}") from None
+        return cls, GenericAdapter(config.grid, config.text_len or 0, bool(config.text_first), patch=patch)
+    if config.grid is not None:
+        raise ValueError(
+            f"`grid` is for classes the registry does not describe; the grid of {name} ({adapter.arch.title}) follows "
+            "from --frames/--height/--width or --latent: drop --grid"
+        )
+    return cls, adapter
 
 
 def _embedded_source(device) -> ModelSource:
@@ -196,7 +200,7 @@ def load_model_source(config: CaptureConfig, *, load_weights: bool = True) -> Mo
             f"{config.model!r} holds no diffusers transformer config (config.json with _class_name); "
             f"supported architectures: {supported_architectures()}"
         )
-    cls, adapter = _transformer_class(tcfg["_class_name"])
+    cls, adapter = _transformer_class(tcfg["_class_name"], config, GenericAdapter.patch_of(SimpleNamespace(**tcfg)))
     if load_weights:
         kwargs = {"torch_dtype": dtype}
         if sub:
@@ -222,7 +226,8 @@ def load_model_source(config: CaptureConfig, *, load_weights: bool = True) -> Mo
         model_id=config.model,
         vae_spatial=spatial,
         vae_temporal=temporal,
-        default_size=_DEFAULTS[adapter.name][0],
+        # the generic entry's grid is given (--grid), so it needs no default video size
+        **({"default_size": adapter.arch.default_size} if adapter.arch is not None else {}),
     )
 
 

@@ -70,7 +70,8 @@ def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
         "      --capture-steps 0,10,25,49 --layers 0-29 --out wan.h5\n"
         "  dfsviz capture --model ./wan-dir --embeddings random --dry-run --out x.h5\n"
         "  dfsviz capture --prompts all --seeds 0-3 --out runs/classes    # a run set: 32 clips, one file each\n"
-        "  dfsviz capture --model ./wan-dir --embeddings random --seeds 0-7 --out runs/wan-seeds"
+        "  dfsviz capture --model ./wan-dir --embeddings random --seeds 0-7 --out runs/wan-seeds\n"
+        "  dfsviz capture --model ./other-dit --embeddings random --grid 3x8x8 --out x.h5   # a class not in the registry"
     ),
 )
 @click.option("--model", default=None, help="Hub id or local diffusers directory; default: the embedded model.")
@@ -94,6 +95,11 @@ def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
 @click.option("--width", type=int, default=None, help="Video width in pixels (default: the model's).")
 @click.option("--frames", type=int, default=None, help="Video frames (default: the model's).")
 @click.option("--latent", default=None, help="Latent size FxHxW in latent cells (overrides height/width/frames).")
+@click.option("--grid", default=None,
+              help="Token grid FxHxW after patching, for a transformer class the registry does not describe "
+                   "(the generic entry; docs/models.md lists the described ones).")
+@click.option("--text-len", type=int, default=None, help="With --grid: text tokens in the self-attention sequence.")
+@click.option("--text-first", is_flag=True, default=None, help="With --grid: the text precedes the video (default: after).")
 @click.option("--seed", type=int, default=None, help="Seed of noise, random embeddings, footprints (default 0).")
 @click.option("--seeds", "seeds_spec", default=None, help="Several clips: seeds like 0-3 or 0,5 (one clip each).")
 @click.option("--guidance-scale", type=float, default=None, help="CFG weight (1 = no unconditional pass).")
@@ -169,6 +175,9 @@ def capture_command(**opts) -> None:
         width=opts["width"],
         frames=opts["frames"],
         latent=opts["latent"],
+        grid=opts["grid"],
+        text_len=opts["text_len"],
+        text_first=opts["text_first"] or None,
         seed=opts["seed"] or 0,
         guidance_scale=opts["guidance_scale"],
         branches=opts["branches"],

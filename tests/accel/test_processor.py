@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfsviz.accel.config import DFSConfig
-from dfsviz.accel.processor import DFSState, apply_dfsattn, remove_dfsattn, text_blocks
+from dfsviz.accel import DFSConfig, DFSState, apply_dfsattn, remove_dfsattn, text_blocks
 from dfsviz.capture.hooks import AttentionCapture
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import make_order
@@ -271,11 +270,14 @@ def test_error_types(models):
 def test_error_unsupported_architecture():
     import diffusers
 
-    model = diffusers.LTXVideoTransformer3DModel(num_layers=1, num_attention_heads=2, attention_head_dim=8,
-                                                 in_channels=4, out_channels=4, cross_attention_dim=16,
-                                                 caption_channels=8)
-    with pytest.raises(ValueError, match=r"unsupported architecture LTXVideoTransformer3DModel"):
+    from tiny_models import WAN
+
+    model = diffusers.HeliosTransformer3DModel(**{k: v for k, v in WAN.items() if k != "rope_max_seq_len"},
+                                               rope_dim=(8, 12, 12))
+    with pytest.raises(ValueError, match=r"unsupported architecture HeliosTransformer3DModel: denoises chunk by chunk"):
         apply_dfsattn(model, cfg())
+    with pytest.raises(TypeError, match=r"`pipe_or_transformer` must be a diffusers video transformer or a pipeline"):
+        apply_dfsattn(object(), cfg())
 
 
 def test_error_set_step(models):
@@ -364,19 +366,20 @@ def test_error_dense_step_has_no_mask():
         DFSState(sched()).epoch(0)
 
 
-def test_error_arch_spec_problems(models, monkeypatch):
+def test_error_registry_entry_problems(models, monkeypatch):
     import dataclasses
 
-    from dfsviz.accel import processor
+    from dfsviz import architectures
 
-    monkeypatch.delitem(processor.ACCEL_ARCHS, "cogvideox")
-    with pytest.raises(ValueError, match=r"DFSAttn supports \['hunyuanvideo', 'wan'\] transformers \(got adapter 'cogvideox'"):
+    by_class = architectures._BY_CLASS
+    cog, wan = by_class["CogVideoXTransformer3DModel"], by_class["WanTransformer3DModel"]
+    monkeypatch.setitem(by_class, "CogVideoXTransformer3DModel", dataclasses.replace(cog, dfsattn="its blocks say no"))
+    with pytest.raises(ValueError, match=r"DFSAttn does not run in CogVideoXTransformer3DModel: its blocks say no"):
         apply_dfsattn(models["cogvideox"], cfg())
-    spec = processor.ACCEL_ARCHS["wan"]
-    monkeypatch.setitem(processor.ACCEL_ARCHS, "wan", dataclasses.replace(spec, restore="head"))
+    monkeypatch.setitem(by_class, "WanTransformer3DModel", dataclasses.replace(wan, restore="head"))
     with pytest.raises(ValueError, match=r"permute_once needs the module 'head' after the block stack of WanTransformer3DModel"):
         apply_dfsattn(models["wan"], cfg(permute_once=True))
-    monkeypatch.setitem(processor.ACCEL_ARCHS, "wan", dataclasses.replace(spec, blocks=("layers",)))
+    monkeypatch.setitem(by_class, "WanTransformer3DModel", dataclasses.replace(wan, blocks=("layers",)))
     with pytest.raises(ValueError, match=r"WanTransformer3DModel has no transformer blocks in \('layers',\)"):
         apply_dfsattn(models["wan"], cfg(permute_once=True))
     assert all(type(m.processor).__name__ == "WanAttnProcessor" for n, m in models["wan"].named_modules()

@@ -60,7 +60,8 @@ def test_latent_shape_errors():
 
 
 def test_registry_and_lookup(loaded_models):
-    assert adapter_names() == list(ADAPTERS) == ["wan", "hunyuanvideo", "cogvideox", "generic"]
+    assert adapter_names() == list(ADAPTERS) == ["wan", "hunyuanvideo", "cogvideox", "consisid", "ltx",
+                                                 "mochi", "allegro", "easyanimate", "cosmos", "generic"]
     for name, model in loaded_models.items():
         assert adapter_for(model).name == name
     with pytest.raises(ValueError, match="unknown adapter 'flux'"):
@@ -83,9 +84,10 @@ def test_layer_selection(loaded_models):
         get_adapter("wan").select_layers(loaded_models["cogvideox"])
 
 
-def test_generic_cannot_drive_a_loop(loaded_models):
-    with pytest.raises(ValueError, match="generic adapter cannot run a denoising loop"):
-        get_adapter("generic").forward(loaded_models["wan"], None, None, None, guidance=1.0, grid=None)
+def test_generic_refuses_a_forward_it_cannot_call(loaded_models):
+    with pytest.raises(ValueError, match=r"the generic entry cannot run a denoising loop for HunyuanVideoTransformer3DModel: "
+                                         r"its forward also requires \['encoder_attention_mask', 'pooled_projections'\]"):
+        get_adapter("generic").forward(loaded_models["hunyuanvideo"], None, None, None, guidance=1.0, grid=None)
 
 
 def test_valid_tokens_rejects_non_key_masks():

@@ -1,0 +1,116 @@
+"""Schedule position, mask cache and per-call records of one :func:`~dfsviz.accel.apply_dfsattn`.
+
+Masks are cached per (layer, branch, sequence length) together with the refresh step they
+belong to: a mask is reused until the schedule's next refresh step. CFG: a batch with an
+even number of elements is [cond, uncond] halves (``DFSConfig.cond_index`` says which is
+cond); with ``cfg="share"`` only the cond half is scored and both halves use its mask;
+branches run as separate transformer calls are the calls of one step in order (cond
+first), and the later calls reuse the first call's mask under "share".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.masks import BlockMask
+from dfsviz.sparse.orders import TokenOrder
+from dfsviz.sparse.schedule import DFSSchedule, StepPlan
+
+__all__ = ["DFSState"]
+
+
+@dataclass
+class _CacheEntry:
+    epoch: int  # the refresh step this mask belongs to
+    mask: BlockMask  # as scored (batch of the scored elements)
+    density: float  # mean rho(S) over batch and heads
+    expanded: dict = field(default_factory=dict)  # call batch size -> BlockMask for that batch
+
+
+@dataclass
+class _CallContext:
+    call: int  # transformer calls before this one (since the state was created or reset)
+    step: int
+    branch: int  # index of this call within its step (0 = cond)
+    plan: StepPlan
+    grid: LatentGrid
+    ordered: bool = False  # permute-once: tokens are in the DFS order right now
+    order: TokenOrder | None = None
+    permuted: dict = field(default_factory=dict)  # permute-once: id(original table) -> permuted table
+    key_masks: dict = field(default_factory=dict)  # id(key mask) -> (mask, real length), checked once per call
+
+
+class DFSState:
+    """Schedule position, mask cache and per-call records of one :func:`apply_dfsattn`.
+
+    The schedule position comes from either
+
+    * counting transformer calls (default): call c of a video is step
+      ``c // schedule.calls_per_step``, branch ``c % calls_per_step``; the counter wraps
+      after ``num_steps * calls_per_step`` calls (a new video) and then drops the cache; or
+    * an explicit step: ``state.set_step(i)`` before the transformer calls of step i (e.g.
+      from a pipeline's ``callback_on_step_end``); the calls after it are branches 0, 1, ...
+
+    Attributes:
+        calls: transformer calls seen.
+        step: the explicit step, or None when calls are counted.
+        scorer_calls: masks computed (one per refreshed layer and branch).
+        records: one dict per sparse attention call: call, step, branch, layer, gamma (the
+            schedule's, or the tuple of per-head budgets of a calibrated plan, None = dense head),
+            refresh (this call computed the mask), density (mean rho of the mask), and
+            recall and oracle_recall (float64 [B, H] on the CPU: the mask's recall, and the best
+            recall of any mask with the same kept count per query block) when
+            ``DFSConfig.measure_recall``.
+    """
+
+    def __init__(self, schedule: DFSSchedule) -> None:
+        if not isinstance(schedule, DFSSchedule):
+            raise TypeError(f"`schedule` must be a DFSSchedule (got {type(schedule).__name__})")
+        self.schedule = schedule
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the position, the cached masks and the records (start of a new video)."""
+        self.calls = 0
+        self.step: int | None = None
+        self._step_calls = 0
+        self.scorer_calls = 0
+        self.records: list[dict] = []
+        self.masks: dict[tuple[int, int, int], _CacheEntry] = {}
+        self.current: _CallContext | None = None
+
+    def set_step(self, step: int) -> None:
+        """Run the next transformer calls as diffusion step ``step`` in [0, num_steps)."""
+        n = self.schedule.num_steps
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < n:
+            raise ValueError(f"`step` must be an integer in [0, num_steps = {n}) (got {step!r})")
+        self.step = step
+        self._step_calls = 0
+
+    def use_call_count(self) -> None:
+        """Go back to counting transformer calls (drops the explicit step)."""
+        self.step = None
+
+    def _begin(self, grid: LatentGrid) -> _CallContext:
+        sched = self.schedule
+        if self.step is None:
+            total = sched.num_steps * sched.calls_per_step
+            c = self.calls % total
+            if c == 0 and self.calls > 0:
+                self.masks.clear()  # a new video: masks of the last one are stale
+            step, branch = c // sched.calls_per_step, c % sched.calls_per_step
+        else:
+            step, branch = self.step, self._step_calls
+            self._step_calls += 1
+        ctx = _CallContext(self.calls, step, branch, sched.at_step(step), grid)
+        self.calls += 1
+        self.current = ctx
+        return ctx
+
+    def epoch(self, step: int) -> int:
+        """The refresh step whose mask serves ``step``: the latest s <= step with a refresh."""
+        for s in range(step, -1, -1):
+            if self.schedule.at_step(s).refresh:
+                return s
+        raise ValueError(f"step {step} is dense under {self.schedule.name}; no mask serves it")

@@ -1,0 +1,94 @@
+"""The architecture registry: one entry per family of diffusers video transformers.
+
+``architecture_for(model)`` (or a class name) gives the :class:`Architecture` that capture
+(``dfsviz.capture.adapters``), ``apply_dfsattn`` and the CLI use; a video transformer class
+dfsviz refuses raises a ValueError naming the reason (:data:`UNSUPPORTED`). ``support_rows()``
+is the table of ``docs/models.md``. This package imports only torch and ``dfsviz.sparse``;
+diffusers is imported lazily, inside the forwards.
+"""
+
+from __future__ import annotations
+
+from dfsviz.architectures.entries import ARCHITECTURES, UNSUPPORTED, input_dtype
+from dfsviz.architectures.spec import CONTEXT_PARALLEL_REASON, Architecture, Unsupported
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "CONTEXT_PARALLEL_REASON",
+    "UNSUPPORTED",
+    "Unsupported",
+    "architecture_for",
+    "get_architecture",
+    "input_dtype",
+    "models_markdown",
+    "supported_classes",
+    "support_rows",
+]
+
+_BY_NAME = {a.name: a for a in ARCHITECTURES}
+_BY_CLASS = {cls: a for a in ARCHITECTURES for cls in a.classes}
+_REFUSED = {u.cls: u for u in UNSUPPORTED}
+
+
+def supported_classes() -> list[str]:
+    """Every diffusers transformer class an entry describes, in registry order."""
+    return [cls for a in ARCHITECTURES for cls in a.classes]
+
+
+def get_architecture(name: str) -> Architecture:
+    """The entry registered as ``name``."""
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {list(_BY_NAME)}")
+    return _BY_NAME[name]
+
+
+def architecture_for(model_or_class) -> Architecture:
+    """The entry of a transformer (or of a class name); subclasses match their diffusers base.
+
+    Raises ValueError naming the reason for a video transformer class dfsviz refuses, and
+    listing the supported classes for any other class.
+    """
+    names = [model_or_class] if isinstance(model_or_class, str) else [c.__name__ for c in type(model_or_class).__mro__]
+    for name in names:
+        if name in _BY_CLASS:
+            return _BY_CLASS[name]
+        if name in _REFUSED:
+            raise ValueError(f"unsupported architecture {name}: {_REFUSED[name].reason}")
+    raise ValueError(f"unsupported architecture {names[0]}; supported: {', '.join(supported_classes())}")
+
+
+def support_rows() -> list[dict]:
+    """One row per video transformer class: what capture, DFSAttn, permute-once and context
+    parallelism do with it ("yes" or the reason it is refused), for ``docs/models.md``."""
+    rows = []
+    for a in ARCHITECTURES:
+        for cls in a.classes:
+            rows.append({
+                "class": cls, "family": a.title, "entry": a.name,
+                "self_attention": f"`{a.layer_pattern}`", "skipped": a.skipped, "text": a.text,
+                "capture": a.capture or "yes", "dfsattn": a.dfsattn or "yes",
+                "permute_once": "yes" if a.permute_once is None else a.permute_once,
+                "context_parallel": CONTEXT_PARALLEL_REASON,
+            })
+    for u in UNSUPPORTED:
+        rows.append({"class": u.cls, "family": u.title, "entry": "-", "self_attention": "-", "skipped": "-",
+                     "text": "-", "capture": u.reason, "dfsattn": u.reason, "permute_once": u.reason,
+                     "context_parallel": CONTEXT_PARALLEL_REASON})
+    return rows
+
+
+_COLUMNS = (("class", "class"), ("family", "family"), ("entry", "entry"), ("self_attention", "self-attention layers"),
+            ("skipped", "not captured"), ("text", "text in the sequence"), ("capture", "capture (CLI)"),
+            ("dfsattn", "apply_dfsattn"), ("permute_once", "permute-once"))
+
+
+def models_markdown() -> str:
+    """The support table of ``docs/models.md`` (one row per class of :func:`support_rows`; the
+    context-parallel column is the same for every class and stated once below the table)."""
+    lines = ["| " + " | ".join(title for _, title in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    for row in support_rows():
+        cells = [f"`{row[key]}`" if key == "class" else str(row[key]).replace("|", "\\|") for key, _ in _COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Context parallelism, every class: {CONTEXT_PARALLEL_REASON}."]
+    return "\n".join(lines)
