@@ -4,6 +4,7 @@ accessors (select_topk + block_recall per step and layer), the files, the CLI an
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -372,3 +373,40 @@ def test_full_budget_leaves_the_gap_undefined(token_capture):
     assert all(r["recall"]["1"] == pytest.approx(1.0, abs=1e-5) for r in data["recall"])
     assert "| inter-block gap Δ | n/a | n/a | n/a | — | 0 of 0 pairs |" in build_report(
         token_capture, ReportConfig(budgets=(1.0,), bound1=False)).markdown()
+
+
+# The report module as it was before issue 16 split its building and rendering by claim. Its
+# output on the same captures is the reference that the refactored module must reproduce.
+_REFERENCE_COMMIT = "f863311d718e807267dbe5725cd9cbe8b9cddf48"
+
+
+@pytest.fixture(scope="module")
+def reference_module():
+    root = Path(__file__).resolve().parents[2]
+    shown = subprocess.run(["git", "show", f"{_REFERENCE_COMMIT}:dfsviz/analysis/report.py"], cwd=root,
+                           capture_output=True, text=True)
+    if shown.returncode:
+        pytest.skip(f"the reference report module needs the git history of the repository: {shown.stderr.strip()}")
+    name = "dfsviz_report_reference"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    try:
+        exec(compile(shown.stdout, f"{_REFERENCE_COMMIT[:7]}:dfsviz/analysis/report.py", "exec"), module.__dict__)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+@pytest.mark.parametrize("capture", ["sample", "token"])
+def test_output_equals_the_pre_refactor_report(reference_module, token_capture, capture):
+    """JSON, Markdown, notes and every figure of the report equal those of the pre-refactor module."""
+    path = str(dfsviz.sample_capture()) if capture == "sample" else token_capture
+    expected = reference_module.build_report(path)
+    got = build_report(path)
+    assert json.dumps(report_mod._json_ready(got.data), indent=2) == json.dumps(
+        reference_module._json_ready(expected.data), indent=2)
+    assert got.markdown() == expected.markdown()
+    assert got.notes == expected.notes
+    assert list(got.figures) == list(expected.figures)
+    for name, fig in expected.figures.items():
+        assert got.figures[name].to_json() == fig.to_json(), name
