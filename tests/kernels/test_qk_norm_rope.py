@@ -12,9 +12,9 @@ import importlib
 import pytest
 import torch
 
-from dfsviz.accel import processor as accel_processor
+from dfsviz.accel import processors as accel_processor
 from dfsviz.accel.config import DFSConfig
-from dfsviz.accel.processor import apply_dfsattn
+from dfsviz.accel import apply_dfsattn
 from dfsviz.kernels._check import compare_to_golden, rotated_pair_steps
 from dfsviz.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, wan_rope
 from dfsviz.sparse.schedule import DFSSchedule
