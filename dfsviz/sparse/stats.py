@@ -509,7 +509,10 @@ def variance_ratio(x: torch.Tensor, block: int = 128, *, check_values: bool = Tr
     out = torch.empty(b * h, dtype=torch.float64, device=x.device)
     # One head at a time: a float64 copy of all heads of a 720p capture would take gigabytes.
     for g in range(b * h):
+        # Variance does not move with a shift; shifted by its first token, a head of equal tokens
+        # is exactly 0, so its total is exactly 0 (the mean of equal numbers may round off them).
         xd = flat[g].to(torch.float64)
+        xd = xd - xd[0]
         blocks = F.pad(xd, (0, 0, 0, padded - n)).view(mb, block, d)
         means = blocks.sum(dim=1, keepdim=True) / sizes[:, None, None]
         within = ((blocks - means) ** 2).sum(dim=-1).view(padded)[:n].sum()

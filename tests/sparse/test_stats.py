@@ -371,6 +371,17 @@ def test_variance_ratio_extremes():
     assert abs(variance_ratio(pattern, 16).item() - 1.0) < 1e-9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [113, 217, 333])
+def test_variance_ratio_of_identical_tokens_is_zero(n, dtype):
+    """Every token the same vector: no variance at all, so W is exactly 0 (rounding of the mean of
+    equal numbers must not turn 0 / 0 into a ratio)."""
+    vectors = torch.cat([torch.full((2, 8), 0.3, dtype=dtype), torch.full((1, 8), 7.7, dtype=dtype),
+                         torch.randn(2, 8, generator=torch.Generator().manual_seed(n), dtype=dtype)])
+    x = vectors[None, :, None, :].expand(1, 5, n, 8).contiguous()
+    assert torch.equal(variance_ratio(x, 16), torch.zeros(1, 5, dtype=torch.float64))
+
+
 def test_row_attention_matches_dense_softmax():
     q, k = _qk(129, 64, b=2, h=2, seed=8)
     ref = _dense(q, k, 16)["attn"]
