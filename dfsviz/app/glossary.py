@@ -228,9 +228,9 @@ _TERMS: dict[str, Term] = {
     "kept_key_blocks": Term("kept key blocks", "The tokens of the key blocks the selected query block keeps under "
                             "the chosen method and budget, outlined on the frames: where its sparse attention looks.",
                             "tokens of V_v for v ∈ S_u", _FOOTPRINTS),
-    "latent_frame": Term("latent frame", "A frame of the latent grid. The VAE decodes each latent frame into one "
-                         "or more video frames (Wan: the first into 1, every later one into 4), so a video frame shows "
-                         "the maps of the latent frame it belongs to.", "", _FOOTPRINTS),
+    "latent_frame": Term("latent frame", "A frame of the latent grid. It stands for one or more video frames (one "
+                         "for the embedded model, 4 for Wan's VAE), so a video frame shows the maps of the latent "
+                         "frame it belongs to.", "", _FOOTPRINTS),
     # ------------------------------------------------------------------ the schedule
     "schedule": Term("DFSAttn schedule", "Dense attention for the first steps, then a mask computed at each refresh "
                      "step and reused until the next, with a budget that shrinks at each refresh.",

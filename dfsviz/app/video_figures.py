@@ -174,6 +174,7 @@ def video_footprint_figure(
     start: int = 0,
     title: str = "",
     height: int = 460,
+    buttons: bool = True,
 ) -> go.Figure:
     """The decoded clip, frame by frame, with a query block's footprint and kept key blocks per panel.
 
@@ -185,12 +186,15 @@ def video_footprint_figure(
         start: the video frame shown first, in [0, T).
         title: figure title.
         height: figure height in pixels.
+        buttons: plotly's own play / pause buttons. Pausing them leaves plotly's promise of the
+            interrupted animation rejected and uncaught (an error in the browser console), so a
+            page that plays the animation itself (catching it) passes False.
 
     Returns a figure whose traces are, per panel, an ``Image`` of the frame, a ``Heatmap`` of
     log10 a on that frame's latent frame (one colour axis from log10(1/N), uniform attention, to
     the largest value of any panel and frame), the query block's outline and the kept keys'
-    outline; one animation frame per video frame (named by its index), a slider over them and
-    play / pause buttons playing at ``fps``.
+    outline; one animation frame per video frame (named by its index), a slider over them,
+    ``layout.meta.fps`` and, with ``buttons``, play / pause buttons playing at ``fps``.
     """
     frames, lf, fps = check_video(frames, latent_frame, fps, grid)
     if isinstance(panels, FootprintPanel) or not isinstance(panels, Sequence) or not panels:
@@ -198,6 +202,8 @@ def video_footprint_figure(
     num = frames.shape[0]
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < num:
         raise ValueError(f"`start` must be a video frame index in [0, {num}) (got {start!r})")
+    if not isinstance(buttons, bool):
+        raise TypeError(f"`buttons` must be a bool (got {type(buttons).__name__})")
     arrays = [_panel_arrays(p, grid, i) for i, p in enumerate(panels)]
     heat, query, kept = ([a[j] for a in arrays] for j in range(3))
     low = math.log10(1.0 / grid.num_tokens)
@@ -223,18 +229,21 @@ def video_footprint_figure(
         layout["annotations"].append({"text": panel.title, "showarrow": False, "x": x0 + width / 2, "y": 1.0,
                                       "xref": "paper", "yref": "paper", "yanchor": "bottom", "font": {"size": 14}})
     still = {"frame": {"duration": 0, "redraw": True}, "mode": "immediate", "transition": {"duration": 0}}
+    left = 0.16 if buttons else 0.0
     layout["sliders"] = [{
-        "active": start, "pad": {"t": 10}, "len": 0.9, "x": 0.1, "currentvalue": {"prefix": "video frame "},
+        "active": start, "pad": {"t": 10}, "len": 1.0 - left, "x": left, "currentvalue": {"prefix": "video frame "},
         "steps": [{"label": str(t), "method": "animate", "args": [[str(t)], still]} for t in range(num)],
     }]
-    play = {"frame": {"duration": 1000.0 / fps, "redraw": True}, "fromcurrent": True, "mode": "immediate",
-            "transition": {"duration": 0}}
-    layout["updatemenus"] = [{
-        "type": "buttons", "direction": "left", "showactive": False, "x": 0.0, "y": 0.0, "xanchor": "left",
-        "yanchor": "top", "pad": {"t": 20, "r": 10},
-        "buttons": [{"label": "▶ play", "method": "animate", "args": [None, play]},
-                    {"label": "❚❚ pause", "method": "animate", "args": [[None], still]}],
-    }]
+    layout["meta"] = {"fps": fps}
+    if buttons:
+        play = {"frame": {"duration": 1000.0 / fps, "redraw": True}, "fromcurrent": True, "mode": "immediate",
+                "transition": {"duration": 0}}
+        layout["updatemenus"] = [{
+            "type": "buttons", "direction": "left", "showactive": False, "x": 0.0, "y": 0.0, "xanchor": "left",
+            "yanchor": "top", "pad": {"t": 20, "r": 10},
+            "buttons": [{"label": "▶ play", "method": "animate", "args": [None, play]},
+                        {"label": "❚❚ pause", "method": "animate", "args": [[None], still]}],
+        }]
     animation = [go.Frame(name=str(t), data=per_frame[t], traces=list(range(_TRACES_PER_PANEL * n)))
                  for t in range(num)]
     return go.Figure(data=per_frame[start], layout=layout, frames=animation)

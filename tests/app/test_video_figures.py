@@ -73,6 +73,14 @@ def test_start_frame_and_play_speed():
     np.testing.assert_allclose(z_of(fig.data[1]), np.log10(panel("raster").footprint.reshape(3, 4, 6)[2]), rtol=1e-6)
     play = fig.layout.updatemenus[0].buttons[0]
     assert play.args[1]["frame"]["duration"] == 250.0  # 4 frames per second
+    assert fig.layout.meta["fps"] == 4.0
+
+
+def test_without_buttons_the_slider_takes_the_whole_width():
+    fig = video_footprint_figure(clip(), LATENT, 4.0, GRID, [panel("raster")], buttons=False)
+    assert fig.layout.updatemenus == ()
+    assert (fig.layout.sliders[0].x, fig.layout.sliders[0].len) == (0.0, 1.0)
+    assert fig.layout.meta["fps"] == 4.0
 
 
 def test_cells_cover_their_pixels_and_outlines_follow_the_tokens():
@@ -152,3 +160,5 @@ def test_bad_grid_panels_and_start_are_refused():
         video_footprint_figure(clip(), LATENT, 4.0, GRID, [FootprintPanel("r", bad, p.query_tokens, p.kept_tokens)])
     with pytest.raises(ValueError, match=r"`start` must be a video frame index in \[0, 5\) \(got 5\)"):
         video_footprint_figure(clip(), LATENT, 4.0, GRID, [p], start=5)
+    with pytest.raises(TypeError, match=r"`buttons` must be a bool \(got str\)"):
+        video_footprint_figure(clip(), LATENT, 4.0, GRID, [p], buttons="no")
