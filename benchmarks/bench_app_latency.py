@@ -80,9 +80,10 @@ class Driver:
         self.client = app.server.test_client()
         self.client.get("/masks")  # the first request registers the pages router
 
-    def key_for(self, output_id: str) -> str:
+    def key_for(self, output_id: str, *also: str) -> str:
+        """The callback writing ``output_id`` (and every one of ``also``)."""
         for key in self.app.callback_map:
-            if output_id in key:
+            if output_id in key and all(a in key for a in also):
                 return key
         raise KeyError(output_id)
 
@@ -132,11 +133,13 @@ def measure(capture: Path, changes: int, seed: int) -> dict:
                 "heads": len(reader.heads), "orders": reader.orders, "methods": reader.methods}
     state = {"file": cid, "step": reader.steps[-1], "layer": reader.layers[len(reader.layers) // 2],
              "head": reader.heads[0], "method": "dfs_tile", "budget": 0.2}
-    keys = {"maps": driver.key_for('"mk-left"'), "footprints": driver.key_for('"mk-fp-left"')}
+    # the callbacks that draw (the row markers' callback writes the maps too)
+    keys = {"maps": driver.key_for('"mk-left"', "mk-banner"), "footprints": driver.key_for('"mk-fp-left"')}
 
     def values():
         v = {(f"mk-{k}", "value"): state[k] for k in ("file", "step", "layer", "head", "method", "budget")}
         v[("mk-orders", "data")] = [left, right]
+        v[("mk-scale", "value")] = "shared"
         v[("mk-qorder", "data")] = None
         v[("mk-qb", "data")] = None
         return v

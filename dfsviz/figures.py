@@ -18,6 +18,8 @@ Builders:
 * :func:`recall_grid_figure` - recall per layer x step, one panel per scoring method.
 * :func:`footprint_frames` - per-frame heatmaps of one query block's attention in video space
   (:func:`footprint_outlines` draws a token set's outlines alone, on the same panels).
+* :func:`footprint_mosaic` - the same, every frame tiled in one heatmap (one plot for the
+  browser to draw; :func:`footprint_mosaic_outline` redraws an outline alone).
 * :func:`schedule_figure` - the DFSAttn budget per step, refreshes, and measured recall/density.
 * :func:`sweep_lines` - a token-model sweep: one line per order.
 * :func:`calibration_heatmap` - a calibrated plan's γ, predicted recall or density per (layer, head).
@@ -56,6 +58,8 @@ __all__ = [
     "footprint_frames",
     "footprint_frame_indices",
     "footprint_outlines",
+    "footprint_mosaic",
+    "footprint_mosaic_outline",
     "recall_grid_figure",
     "schedule_figure",
     "sweep_lines",
@@ -1072,6 +1076,113 @@ def footprint_frames(
     # one Figure built from one layout dict: make_subplots and every update_layout or
     # update_*axes call re-validate the layout (and copy the template), ~5 ms each at 21 panels
     return go.Figure(data=heatmaps + outlines, layout=layout)
+
+
+def _mosaic_place(grid: LatentGrid, cols: int) -> tuple[int, int, int]:
+    """(rows, mosaic height, mosaic width) of :func:`footprint_mosaic`'s tiling: frames of
+    Hs x Ws cells, row-major, ``cols`` per row, one empty cell between them."""
+    rows = math.ceil(grid.frames / cols)
+    return rows, rows * (grid.height + 1) - 1, cols * (grid.width + 1) - 1
+
+
+def _mosaic(values: np.ndarray, grid: LatentGrid, cols: int, fill) -> np.ndarray:
+    """A per-token array [N] (original order) tiled as :func:`footprint_mosaic` draws it."""
+    _, height, width = _mosaic_place(grid, cols)
+    out = np.full((height, width), fill, dtype=values.dtype)
+    video = _video(values, grid)
+    for f in range(grid.frames):
+        r, c = divmod(f, cols)
+        y, x = r * (grid.height + 1), c * (grid.width + 1)
+        out[y:y + grid.height, x:x + grid.width] = video[f]
+    return out
+
+
+def footprint_mosaic_outline(tokens: object, grid: LatentGrid, *, cols: int, name: str = "kept keys",
+                             colour: str = _OUTLINE_COLOUR, arg: str = "tokens") -> go.Scatter | go.Scattergl:
+    """The outline of a token set on :func:`footprint_mosaic` (one line trace for every frame).
+
+    Args:
+        tokens: bool [N] in the original order, e.g. the keys of a query block's kept key blocks.
+        grid: the latent grid (N = ``grid.num_tokens``).
+        cols: the mosaic's frames per row (as given to :func:`footprint_mosaic`).
+        name, colour: the trace's name and line colour; ``arg``: the argument named in errors.
+
+    Use it to redraw only the outline over a mosaic built once (the dashboard does).
+    """
+    mask = _array(tokens, arg, ndim=1, dtype=bool)
+    if mask.size != grid.num_tokens:
+        raise ValueError(f"`{arg}` must hold one flag per token ({grid.num_tokens}) (got {mask.size})")
+    return _outline_trace(_mosaic(mask, grid, cols, False), name=name, colour=colour, width=1.5)
+
+
+def footprint_mosaic(
+    footprint: object,
+    grid: LatentGrid,
+    *,
+    kept_tokens: object | None = None,
+    query_tokens: object | None = None,
+    cols: int = 4,
+    floor: float = 1e-8,
+    title: str = "",
+) -> go.Figure:
+    """One query block's attention over the video: every latent frame, tiled in one image.
+
+    What :func:`footprint_frames` shows, drawn as a single heatmap (frames left to right and
+    top to bottom, ``cols`` per row, one empty cell between them, each labelled "frame f"),
+    so a browser draws one plot instead of one per frame: the dashboard's footprints.
+
+    Args:
+        footprint: float [N], attention of the query block (mean over its queries) on every
+            token in the ORIGINAL (raster, text in place) order.
+        grid: the latent grid; N must equal ``grid.num_tokens``.
+        kept_tokens: optional bool [N], keys inside the kept key blocks, outlined in white.
+        query_tokens: optional bool [N], the query block's own tokens, outlined in cyan.
+        cols: frames per row, >= 1.
+        floor: smallest value on the log colour scale.
+        title: figure title; the attention mass on text tokens is appended when the grid has text.
+
+    Returns a figure with one ``Heatmap`` (z = log10 attention as float32, NaN between frames;
+    hover names the frame, row and column), then the query-block outline and the kept-key
+    outline of :func:`footprint_mosaic_outline` when given.
+    """
+    if not isinstance(grid, LatentGrid):
+        raise TypeError(f"`grid` must be a dfsviz LatentGrid (got {type(grid).__name__}); use LatentGrid.parse('21x45x80')")
+    fp = _array(footprint, "footprint", ndim=1)
+    grid.check_tokens(fp.size, "footprint length")
+    floor = _check_floor(floor)
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
+        raise ValueError(f"`cols` must be a positive integer (got {cols!r})")
+    cols = min(cols, grid.frames)
+    rows, height, width = _mosaic_place(grid, cols)
+    z = _mosaic(_log10(fp, floor).astype(np.float32), grid, cols, np.float32(np.nan))
+    # (frame, row, column) of every cell for the hover; -1 between frames
+    where = np.stack([_mosaic(_tokens_axis(grid, axis), grid, cols, -1) for axis in (0, 1, 2)], axis=-1)
+    traces = [go.Heatmap(z=z, customdata=where.astype(np.int16), coloraxis="coloraxis", name="attention",
+                         hovertemplate="frame %{customdata[0]}<br>row %{customdata[1]}, col %{customdata[2]}"
+                                       "<br>log10 a = %{z:.2f}<extra></extra>", hoverongaps=False)]
+    for arg, name, tokens, colour in (("query_tokens", "query block", query_tokens, _QUERY_COLOUR),
+                                      ("kept_tokens", "kept keys", kept_tokens, _OUTLINE_COLOUR)):
+        if tokens is not None:
+            traces.append(footprint_mosaic_outline(tokens, grid, cols=cols, name=name, colour=colour, arg=arg))
+    head = title or "Attention footprint"
+    if grid.text_len:
+        head += f" · text tokens hold {float(fp[grid.text_slice].sum()):.1%}"
+    labels = [{"text": f"frame {f}", "x": (f % cols) * (grid.width + 1) - 0.5, "y": (f // cols) * (grid.height + 1) - 0.5,
+               "xref": "x", "yref": "y", "xanchor": "left", "yanchor": "bottom", "showarrow": False,
+               "font": {"size": 11}} for f in range(grid.frames)]
+    layout = {"title": head, "template": "plotly_white", "annotations": labels,
+              "xaxis": {"visible": False, "range": [-0.5, width - 0.5], "constrain": "domain"},
+              "yaxis": {"visible": False, "range": [height - 0.5, -1.5], "scaleanchor": "x", "constrain": "domain"},
+              "coloraxis": {"colorscale": "Viridis", "colorbar": {"title": "log10 a"}}}
+    return go.Figure(data=traces, layout=layout)
+
+
+def _tokens_axis(grid: LatentGrid, axis: int) -> np.ndarray:
+    """int [N]: the frame (axis 0), row (1) or column (2) of each token in the original order (-1 for text)."""
+    out = np.full(grid.num_tokens, -1, dtype=np.int64)
+    shape = (grid.frames, grid.height, grid.width)
+    out[grid.video_slice] = np.indices(shape)[axis].ravel()
+    return out
 
 
 # --------------------------------------------------------------------------- sweeps

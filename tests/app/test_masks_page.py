@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 import dfsviz
@@ -23,10 +24,13 @@ def url(serve):
         yield address
 
 
-def heat_frames(page, name: str) -> list[str]:
+def drawn_frames(page, name: str) -> tuple[list[str], int]:
+    """(frame labels, finite cells of the attention heatmap) of footprint figure ``name``."""
     return page.evaluate(
-        "n => document.querySelector('#' + n + '-card .js-plotly-plot').data"
-        ".filter(t => t.type === 'heatmap').map(t => t.name)", name)
+        "n => { const g = document.querySelector('#' + n + '-card .js-plotly-plot');"
+        " const z = g._fullData.find(t => t.type === 'heatmap').z;"
+        " let cells = 0; for (const row of z) for (const v of row) if (v !== null && Number.isFinite(v)) cells++;"
+        " return [g.layout.annotations.map(a => a.text), cells]; }", name)
 
 
 def marked_rows(page, name: str) -> list[float]:
@@ -49,11 +53,11 @@ def wait_marked(page, name: str, row: int) -> None:
 
 def test_footprints_draw_every_frame_inside_their_card_and_mark_their_rows(page, url, console):
     with dfsviz.open(dfsviz.sample_capture()) as reader:
-        frames = reader.grid.frames
+        grid = reader.grid
     page.goto(f"{url}/masks?file={SAMPLE}&step=13&layer=1&head=1")
     for n in ("mk-fp-left", "mk-fp-right"):
         wait_drawn(page, n)
-        assert heat_frames(page, n) == [f"frame {f}" for f in range(frames)]
+        assert drawn_frames(page, n) == [[f"frame {f}" for f in range(grid.frames)], grid.num_video]
         card = page.locator(f"#{n}-card").bounding_box()
         plot = page.locator(f"#{n}-card .main-svg").first.bounding_box()
         assert plot["y"] + plot["height"] <= card["y"] + card["height"] + 1, (plot, card)
@@ -87,3 +91,44 @@ def test_query_row_shape_outlines_one_row_and_names_bad_arguments():
         query_row_shape(-1, 10)
     with pytest.raises(ValueError, match=r"`num_kv_blocks` must be an integer >= 1 \(got 0\)"):
         query_row_shape(0, 0)
+
+
+def colour_ranges(page) -> dict:
+    """(zmin, zmax) of each map's heatmap and (cmin, cmax) of each footprint's colour axis, as drawn."""
+    return page.evaluate(
+        "() => { const g = n => document.querySelector('#' + n + '-card .js-plotly-plot');"
+        " const out = {};"
+        " for (const n of ['mk-left', 'mk-right']) { const t = g(n)._fullData[0]; out[n] = [t.zmin, t.zmax]; }"
+        " for (const n of ['mk-fp-left', 'mk-fp-right']) { const a = g(n)._fullLayout.coloraxis; out[n] = [a.cmin, a.cmax]; }"
+        " return out; }")
+
+
+def test_side_by_side_figures_share_one_colour_range_by_default(page, url, console):
+    from test_browser import choose, figure_json, wait_changed
+
+
+    page.goto(f"{url}/masks?file={SAMPLE}&step=13&layer=1&head=1")
+    names = ("mk-left", "mk-right", "mk-fp-left", "mk-fp-right")
+    for n in names:
+        wait_drawn(page, n)
+    with dfsviz.open(dfsviz.sample_capture()) as reader:
+        logs = [np.log10(np.maximum(reader.block_stats(13, 1, o, 1).m[0, 0].double().numpy(), 1e-6))
+                for o in ("raster", "hilbert3d")]
+    shared = colour_ranges(page)
+    assert shared["mk-left"] == shared["mk-right"] == pytest.approx([min(x.min() for x in logs),
+                                                                     max(x.max() for x in logs)], abs=1e-6)
+    assert shared["mk-fp-left"] == shared["mk-fp-right"]
+    before = {n: figure_json(page, n) for n in names[:2]}
+    choose(page, "mk-scale", "per map")
+    for n in names[:2]:
+        wait_changed(page, n, before[n])
+    for n in names[2:]:  # the footprints' own ranges: the colour axis without bounds
+        page.wait_for_function(
+            "n => { const g = document.querySelector('#' + n + '-card .js-plotly-plot');"
+            " return g.layout.coloraxis && g.layout.coloraxis.cmin === undefined; }", arg=n, timeout=30000)
+    expect(page).to_have_url(re.compile("scale=per"))
+    own = colour_ranges(page)
+    for n, log in zip(("mk-left", "mk-right"), logs):
+        assert own[n] == pytest.approx([log.min(), log.max()], abs=1e-4)
+    assert own["mk-left"] != own["mk-right"]
+    assert console == []

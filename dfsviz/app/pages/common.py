@@ -17,6 +17,7 @@ import functools
 import io
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 #: Budgets offered in the budget pickers (kept fraction gamma); a deep link may add others.
 BUDGETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 PAGES_CONTENT = "_pages_content"
+# an absolute POSIX path of two or more parts (a capture id, "runs/a.h5", has no leading slash)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w./~-])/(?:[\w.~-]+/)+[\w.~-]*")
 
 
 # --------------------------------------------------------------------------- query strings
@@ -105,9 +108,20 @@ def banner(messages: Sequence[str], kind: str = "error", id: str | None = None) 
     return html.Div(kids, className=f"dfs-banner dfs-banner-{kind}", role="alert", **props)
 
 
-def control(label: str, component, cls: str = "dfs-control", help: str = "") -> html.Div:
-    """A labelled control; ``help`` is a short line under it saying what the setting means."""
-    kids = [html.Label(label), component]
+def info(terms: Sequence[str]) -> html.A:
+    """An info icon: hovering shows the glossary's definition of each of ``terms``
+    (``dfsviz.app.glossary.help_text``), a click opens the first on the Glossary page."""
+    from dfsviz.app.glossary import help_text
+    from dfsviz.app.pages.glossary import term_href
+
+    return html.A("ⓘ", href=term_href(terms[0]), target="_blank", className="dfs-info",
+                  title="\n\n".join(help_text(t) for t in terms))
+
+
+def control(label: str, component, cls: str = "dfs-control", help: str = "", term: str | None = None) -> html.Div:
+    """A labelled control; ``term`` puts the glossary's definition beside the label (:func:`info`),
+    ``help`` a short line under it saying what the setting means."""
+    kids = [html.Label([label, " ", info([term])] if term else label), component]
     if help:
         kids.append(html.Div(help, className="dfs-help"))
     return html.Div(kids, className=cls)
@@ -129,22 +143,30 @@ def method_choices(reader) -> list[str]:
     return list(reader.methods) + ([] if "oracle" in reader.methods else ["oracle"])
 
 
-def figure_card(name: str, height: int = 440, figure=None) -> html.Div:
-    """A graph with a CSV download of the plotted numbers; PNG comes from the mode bar."""
+def figure_card(name: str, height: int = 440, figure=None, terms: Sequence[str] = ()) -> html.Div:
+    """A graph with a CSV download of the plotted numbers (PNG comes from the mode bar), a
+    loading indicator while its callback runs and, for ``terms`` (glossary keys of what its
+    axes and colours show), an info icon with their definitions (:func:`info`)."""
     graph = dcc.Graph(
         id={"type": "fig", "name": name},
         figure=figure if figure is not None else empty_figure(""),
         style={"height": f"{height}px"},
         config={"displaylogo": False, "modeBarButtonsToRemove": ["sendDataToCloud"], "toImageButtonOptions": {"format": "png", "filename": f"dfsviz_{name}", "scale": 2}},
     )
-    bar = html.Div([html.Button("CSV", id={"type": "csv", "name": name}, className="dfs-button",
+    bar = html.Div([*([info(terms)] if terms else []),
+                    html.Button("CSV", id={"type": "csv", "name": name}, className="dfs-button",
                                 title="download the numbers of this figure as CSV"),
                     dcc.Download(id={"type": "csv-dl", "name": name})], className="dfs-card-bar")
-    return html.Div([bar, graph], className="dfs-card", id=f"{name}-card")
+    # a spinner over the figure while its callback runs (not before 150 ms: no flicker on quick
+    # changes); the figure stays visible, dimmed, until the new one is drawn
+    loading = dcc.Loading(graph, type="circle", delay_show=150, overlay_style={"visibility": "visible", "opacity": 0.5},
+                          parent_className="dfs-loading")
+    return html.Div([bar, loading], className="dfs-card", id=f"{name}-card")
 
 
-def fig_output(name: str) -> Output:
-    return Output({"type": "fig", "name": name}, "figure")
+def fig_output(name: str, duplicate: bool = False) -> Output:
+    """The figure of card ``name`` as a callback output (``duplicate``: a second callback writes it too)."""
+    return Output({"type": "fig", "name": name}, "figure", allow_duplicate=duplicate)
 
 
 def empty_figure(message: str):
@@ -211,7 +233,7 @@ class PageContext:
             + "; make one with `dfsviz capture`"]
         return html.Div([
             dcc.Store(id=f"{self.prefix}-rendered", data=self.cid),
-            control("capture", picker, "dfs-control dfs-file"),
+            control("capture", picker, "dfs-control dfs-file", term="capture"),
             banner(self.errors + missing, "error", id=f"{self.prefix}-file-banner"),
             banner(self.warnings + self.query.notes, "warning", id=f"{self.prefix}-link-banner"),
         ])
@@ -271,15 +293,19 @@ def error_text(exc: BaseException) -> str:
     """What the browser is told of a failure.
 
     A library error (ValueError/TypeError/CaptureError: messages written for users) keeps its
-    text, with the served roots' absolute paths replaced by their labels; any other failure
-    says only its type, since its text may hold server paths (the traceback goes to the log).
+    text, with the served roots' absolute paths replaced by their labels and any other absolute
+    path by "<server path>"; any other failure says only its type, since its text may hold
+    server paths (the traceback goes to the log).
     """
     if not isinstance(exc, (ValueError, TypeError)):
         return f"internal error ({type(exc).__name__}); the server log has the details"
+    text = str(exc)
     try:
-        return get_catalog().hide_paths(str(exc))
-    except RuntimeError:  # no app serving (a page function called outside a request): no server paths to hide
-        return str(exc)
+        text = get_catalog().hide_paths(text)
+    except RuntimeError:  # no app serving (a page function called outside a request): no roots to name
+        pass
+    # any other absolute path (a library's message may name one) says where files live on the server
+    return _ABSOLUTE_PATH.sub("<server path>", text)
 
 
 def guarded(outputs: int, banner_at: int, figures: Sequence[int] = (), on_error: dict[int, object] | None = None):
@@ -350,17 +376,39 @@ def _decode(value):
     return value
 
 
+def cell_flags(flags) -> dict:
+    """A bool [R, C] grid (e.g. a block mask's kept blocks) packed for a trace's ``meta``, where
+    :func:`figure_csv` finds it: {"flags": {"name": "kept", "shape": [R, C], "bits": base64}}."""
+    arr = np.asarray(flags, dtype=bool)
+    return {"flags": {"name": "kept", "shape": list(arr.shape),
+                      "bits": base64.b64encode(np.packbits(arr, axis=None).tobytes()).decode()}}
+
+
+def _flags(figure: dict) -> tuple[str, np.ndarray] | None:
+    """(name, bool [R, C]) of the :func:`cell_flags` a trace of ``figure`` carries, or None."""
+    for trace in (figure or {}).get("data", []):
+        packed = (trace.get("meta") or {}).get("flags") if isinstance(trace.get("meta"), dict) else None
+        if packed:
+            shape = [int(n) for n in packed["shape"]]
+            bits = np.unpackbits(np.frombuffer(base64.b64decode(packed["bits"]), dtype=np.uint8))
+            return packed["name"], bits[:int(np.prod(shape))].reshape(shape).astype(bool)
+    return None
+
+
 def figure_csv(figure: dict) -> str:
     """Long-form CSV of the data traces of a figure: trace, x, y, z (outline traces skipped).
 
     Heatmaps give one row per cell; line, scatter and bar traces one row per point;
-    box/violin/histogram traces one row per sample.
+    box/violin/histogram traces one row per sample. A figure whose overlay carries
+    :func:`cell_flags` (the Masks page's kept blocks) gets one more column, 1 where the
+    heatmap's cell is flagged (kept) and 0 elsewhere.
     """
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["figure", (figure or {}).get("layout", {}).get("title", {}).get("text", "")
                      if isinstance((figure or {}).get("layout", {}).get("title"), dict) else ""])
-    writer.writerow(["trace", "x", "y", "z"])
+    flags = _flags(figure)
+    writer.writerow(["trace", "x", "y", "z"] + ([flags[0]] if flags else []))
     for trace in (figure or {}).get("data", []):
         if trace.get("hoverinfo") == "skip":
             continue  # outlines and bands: drawn from the data rows, not data themselves
@@ -368,11 +416,12 @@ def figure_csv(figure: dict) -> str:
         x, y, z = (_decode(trace.get(k)) for k in ("x", "y", "z"))
         if z is not None:
             rows = z if isinstance(z, list) else []
+            flagged = flags[1] if flags and flags[1].shape == (len(rows), len(rows[0]) if rows else 0) else None
             for i, row in enumerate(rows):
                 for j, value in enumerate(row if isinstance(row, list) else [row]):
                     xi = x[j] if isinstance(x, list) and j < len(x) else j
                     yi = y[i] if isinstance(y, list) and i < len(y) else i
-                    writer.writerow([name, xi, yi, value])
+                    writer.writerow([name, xi, yi, value] + ([int(flagged[i, j])] if flagged is not None else []))
             continue
         xs = x if isinstance(x, list) else None
         ys = y if isinstance(y, list) else None

@@ -1,12 +1,18 @@
 """Masks: one step/layer/head/method/budget in raster and Hilbert order side by side.
 
 Left and right: log10 block mass m with the top-k mask of the chosen scoring method
-outlined, recall R(S) and density rho(S) in the titles. Clicking a query block shows,
-for both orders, its attention footprint in video space (one heatmap per latent frame)
-with the kept key blocks' tokens outlined: the other order shows the block whose tokens
-lie closest (centroid in (frame, row, column)) to the clicked one, so both panels look at
-the same spot of the video. With stored Q/K (``--save-qkv``) any block is computed
-exactly; otherwise the nearest sampled footprint of the capture is shown.
+outlined, recall R(S) and density rho(S) in the titles, one colour range for both unless
+"per map" is chosen. Below, for both orders, one query block's attention footprint in video
+space (every latent frame tiled in one image, ``figures.footprint_mosaic``) with the kept key
+blocks' tokens outlined; its row is marked on each map. Clicking a query block chooses it;
+the other order shows the block whose tokens lie closest (centroid in (frame, row, column))
+to the clicked one, so both panels look at the same spot of the video. With stored Q/K
+(``--save-qkv``) any block is computed exactly; otherwise the nearest sampled footprint of
+the capture is shown.
+
+Maps and footprints are two callbacks that run side by side; each keeps the key of the view
+on screen, so a change that leaves the heatmaps alone (method, budget) sends only the
+overlay as a Patch, and a click moves the row markers without sending the maps.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ from dfsviz.app.pages import common
 
 NAME, PATH, PREFIX = "Masks", "/masks", "mk"
 _SIDES = ("left", "right")
+#: Colour ranges of the side-by-side figures: one shared by both orders (comparable colours), or each its own.
+SCALES = ("shared", "per map")
+# the glossary terms of what the maps' and the footprints' axes and colours show (their info icons)
+_MAP_TERMS = ("block_mass", "query_block", "key_block", "mask", "recall", "density")
+_FOOTPRINT_TERMS = ("footprint", "latent_frame", "kept_key_blocks")
+_MASS_FLOOR, _ATTENTION_FLOOR = 1e-6, 1e-8  # the floors of figures.mask_heatmap and figures.footprint_mosaic
 
 
 def order_pair(orders: list[str]) -> tuple[str, str]:
@@ -46,15 +58,17 @@ def layout(**query):
     head = q.choice("head", r.heads, r.heads[0])
     method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
     budget = q.number("budget", 1e-3, 1.0, 0.2)
+    scale = q.choice("scale", SCALES, SCALES[0])
     left, right = order_pair(r.orders)
     qorder = q.choice("qorder", [left, right], None)
     qb = q.integer("qb", 0, r.layout.num_blocks - 1, None)
     controls = html.Div([
-        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step)),
-        common.control("layer", common.dropdown(f"{PREFIX}-layer", r.layers, layer)),
-        common.control("head", common.dropdown(f"{PREFIX}-head", r.heads, head)),
-        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method)),
-        common.control("budget γ (kept fraction)", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget)),
+        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step), term="step"),
+        common.control("layer", common.dropdown(f"{PREFIX}-layer", r.layers, layer), term="layer"),
+        common.control("head", common.dropdown(f"{PREFIX}-head", r.heads, head), term="head"),
+        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method), term="method"),
+        common.control("budget γ (kept fraction)", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget), term="gamma"),
+        common.control("colour range", common.dropdown(f"{PREFIX}-scale", SCALES, scale)),
     ], className="dfs-controls")
     return html.Div([
         html.H2("Masks: raster vs Hilbert"),
@@ -63,16 +77,17 @@ def layout(**query):
         dcc.Store(id=f"{PREFIX}-orders", data=[left, right]),
         dcc.Store(id=f"{PREFIX}-qorder", data=qorder),
         dcc.Store(id=f"{PREFIX}-qb", data=qb),
-        dcc.Store(id=f"{PREFIX}-rows"),  # the query block whose footprint is shown, per order
+        dcc.Store(id=f"{PREFIX}-rows"),  # the query blocks whose footprints are shown, per order
         dcc.Store(id=f"{PREFIX}-drawn"),  # the view the maps on screen show
+        dcc.Store(id=f"{PREFIX}-fp-drawn"),  # the view the footprints on screen show
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
-        html.Div([common.figure_card(f"{PREFIX}-{side}", 520) for side in _SIDES], className="dfs-row"),
+        html.Div([common.figure_card(f"{PREFIX}-{side}", 520, terms=_MAP_TERMS) for side in _SIDES], className="dfs-row"),
         html.P("Click a query block (a row) in either map to see where its attention lands in the video.",
                className="dfs-note"),
         html.Div(id=f"{PREFIX}-fp-banner"),
         html.Div(id=f"{PREFIX}-fp-note", className="dfs-note"),
-        html.Div([common.figure_card(f"{PREFIX}-fp-{side}", footprint_grid(r.grid)[1]) for side in _SIDES],
+        html.Div([common.figure_card(f"{PREFIX}-fp-{side}", footprint_grid(r.grid)[1], terms=_FOOTPRINT_TERMS) for side in _SIDES],
                  className="dfs-row"),
     ])
 
@@ -125,17 +140,19 @@ def _base_figure(cid: str, step: int, layer: int, head: int, order: str) -> dict
     return get_catalog().cached(cid, ("mask_figure", step, layer, order, head), build)
 
 
-def mask_figure(base: dict, view: dict, order: str, method: str, budget: float) -> dict:
-    """The heatmap ``base`` with the kept blocks of ``view["kept"]`` drawn on top by
-    ``figures.kept_blocks_trace`` (style "auto": outlined up to ``figures.OUTLINE_MAX_BLOCKS``
-    key blocks, shaded above) and the recall and density in the title."""
+def mask_overlay(view: dict, order: str, method: str, budget: float) -> tuple[dict, str]:
+    """(trace, title) drawn over the cached block-mass heatmap: the kept blocks of
+    ``view["kept"]`` by ``figures.kept_blocks_trace`` (style "auto": outlined up to
+    ``figures.OUTLINE_MAX_BLOCKS`` key blocks, shaded above), and the title with the recall
+    and density. A change of method or budget sends only these."""
     from dfsviz.figures import kept_blocks_trace, kept_caption
 
     kept = view["kept"].numpy()
     title = (f"{order} · {method} · γ = {budget:g}<br>recall R = {view['recall']:.3f} · density ρ = {view['density']:.3f}"
              f" · {kept_caption(kept)}")
-    layout = {**base["layout"], "title": {**base["layout"].get("title", {}), "text": title}}
-    return {"data": [base["data"][0], _trace_json(kept_blocks_trace(kept, style="auto"))], "layout": layout}
+    trace = _trace_json(kept_blocks_trace(kept, style="auto"))
+    trace["meta"] = common.cell_flags(kept)  # the mask itself, for the CSV (plotly does not draw meta)
+    return trace, title
 
 
 #: Plot width of a footprint card at a 1400 px wide window (two cards side by side), px.
@@ -229,62 +246,104 @@ def footprint_views(cid: str, step: int, layer: int, head: int, method: str, bud
     return views, notes
 
 
-def footprint_figure(cid: str, step: int, layer: int, head: int, view: dict, grid) -> dict:
-    """``figures.footprint_frames`` of the query block, every latent frame in the grid of
-    :func:`footprint_grid` (memoised per block: a change of method or budget only redraws the
-    kept-key outlines, ``figures.footprint_outlines``, over it)."""
-    from dfsviz.figures import footprint_frames, footprint_outlines
+def footprint_base(cid: str, step: int, layer: int, head: int, view: dict, grid) -> dict:
+    """``figures.footprint_mosaic`` of the query block without its kept keys: every latent
+    frame in one image, :func:`footprint_grid`'s columns, sized to its card (memoised per block)."""
+    from dfsviz.figures import footprint_mosaic
 
-    frames = list(range(grid.frames))
     cols, height = footprint_grid(grid)
 
     def build(_reader):
-        fig = footprint_frames(view["attention"], grid, query_tokens=view["query"], frames=frames, cols=cols,
+        fig = footprint_mosaic(view["attention"], grid, query_tokens=view["query"], cols=cols,
                                title=f"{view['order']} · query block {view['block']}")
         fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 60, "b": 10})
         return fig.to_dict()
 
-    base = get_catalog().cached(cid, ("footprint_figure", step, layer, view["order"], head, view["block"], view["exact"]),
+    return get_catalog().cached(cid, ("footprint_mosaic", step, layer, view["order"], head, view["block"], view["exact"]),
                                 build)
-    outlines = [_trace_json(t) for t in footprint_outlines(view["kept"], grid, frames)]
-    title = dict(base["layout"].get("title", {}))
-    title["text"] = f"{title.get('text', '')} · its recall {view['row_recall']:.3f}"
-    return {"data": base["data"] + outlines, "layout": {**base["layout"], "title": title}}
+
+
+def footprint_overlay(base: dict, view: dict, grid) -> tuple[dict, str]:
+    """(trace, title) drawn over :func:`footprint_base`: the outline of the kept keys
+    (``figures.footprint_mosaic_outline``) and the title with the block's recall. A change
+    of method or budget sends only these."""
+    from dfsviz.figures import footprint_mosaic_outline
+
+    outline = footprint_mosaic_outline(view["kept"], grid, cols=footprint_grid(grid)[0])
+    return _trace_json(outline), f"{base['layout']['title']['text']} · its recall {view['row_recall']:.3f}"
+
+
+def shared_range(values: list, floor: float, low: str, high: str) -> dict:
+    """{low: min, high: max} of log10(max(x, floor)) over all ``values`` (tensors): one colour
+    range for figures drawn side by side, named as the trace or colour axis wants it."""
+    logs = [torch.log10(torch.clamp(v.double(), min=floor)) for v in values]
+    return {low: float(min(x.min() for x in logs)), high: float(max(x.max() for x in logs))}
+
+
+def _with_overlay(base: dict, trace: dict, title: str, shapes: list | None = None) -> dict:
+    """The cached figure ``base`` with ``trace`` drawn last and ``title`` (and ``shapes``)."""
+    layout = {**base["layout"], "title": {**base["layout"].get("title", {}), "text": title}}
+    if shapes is not None:
+        layout["shapes"] = shapes
+    return {"data": [*base["data"], trace], "layout": layout}
+
+
+def _overlay_patch(index: int, trace: dict, title: str, shapes: list | None = None) -> Patch:
+    """What :func:`_with_overlay` changes, as a Patch of the figure on screen (its other traces
+    are not sent again, and plotly does not redraw them)."""
+    patch = Patch()
+    if trace is not None:
+        patch["data"][index] = trace
+        patch["layout"]["title"]["text"] = title
+    if shapes is not None:
+        patch["layout"]["shapes"] = shapes
+    return patch
 
 
 # --------------------------------------------------------------------------- callbacks
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=1)
-    controls = [Input(f"{PREFIX}-{c}", "value") for c in ("file", "step", "layer", "head", "method", "budget")]
+    controls = [Input(f"{PREFIX}-{c}", "value") for c in ("file", "step", "layer", "head", "scale", "method", "budget")]
 
+    # Each figure callback keeps the key of the view on screen (a Store): a change that leaves
+    # the heatmap under the overlay alone (method, budget) sends a Patch of the overlay, so the
+    # browser does not redraw the heatmap.
     @app.callback(common.fig_output(f"{PREFIX}-left"), common.fig_output(f"{PREFIX}-right"),
                   Output(f"{PREFIX}-banner", "children"), Output(f"{PREFIX}-drawn", "data"),
-                  *controls, Input(f"{PREFIX}-rows", "data"),
-                  State(f"{PREFIX}-orders", "data"), State(f"{PREFIX}-drawn", "data"))
+                  *controls, State(f"{PREFIX}-orders", "data"), State(f"{PREFIX}-drawn", "data"))
     @common.guarded(4, 2, figures=(0, 1), on_error={3: None})
-    def _masks(cid, step, layer, head, method, budget, rows, orders, drawn):
+    def _masks(cid, step, layer, head, scale, method, budget, orders, drawn):
+        key = [cid, step, layer, head, scale, method, budget]
+        same_base = drawn is not None and drawn[:5] == key[:5]
+        if not same_base:
+            bases = [_base_figure(cid, step, layer, head, order) for order in orders]
+            masses = [get_catalog().mass(cid, step, layer, order, head) for order in orders]
+            heat = [shared_range(masses, _MASS_FLOOR, "zmin", "zmax")] * 2 if scale == "shared" else [{}, {}]
+        figs = []
+        for i, order in enumerate(orders):
+            trace, title = mask_overlay(mask_view(cid, step, layer, head, order, method, float(budget)), order, method,
+                                        float(budget))
+            if same_base:
+                figs.append(_overlay_patch(1, trace, title))
+            else:
+                base = {**bases[i], "data": [{**bases[i]["data"][0], **heat[i]}, *bases[i]["data"][1:]]}
+                figs.append(_with_overlay(base, trace, title))
+        return figs[0], figs[1], [], key
+
+    # The maps and the footprints are computed side by side; once both are drawn, the row whose
+    # footprint is shown is marked on each map (a layout shape: the maps are not sent again).
+    @app.callback(common.fig_output(f"{PREFIX}-left", duplicate=True),
+                  common.fig_output(f"{PREFIX}-right", duplicate=True),
+                  Input(f"{PREFIX}-rows", "data"), Input(f"{PREFIX}-drawn", "data"), State(f"{PREFIX}-orders", "data"),
+                  prevent_initial_call=True)
+    def _mark_rows(rows, drawn, orders):
         from dfsviz.figures import query_row_shape
 
-        rows = rows or {}
-        mk = get_catalog().reader(cid).layout.num_blocks
-        shapes = [[query_row_shape(rows[order], mk)] if order in rows else [] for order in orders]
-        view_key = [cid, step, layer, head, method, budget]
-        if drawn == view_key:
-            # the maps on screen show this view; only the footprints' rows moved (a click)
-            patches = []
-            for marks in shapes:
-                patch = Patch()
-                patch["layout"]["shapes"] = marks
-                patches.append(patch)
-            return patches[0], patches[1], no_update, no_update
-        figs = []
-        for order, marks in zip(orders, shapes):
-            view = mask_view(cid, step, layer, head, order, method, float(budget))
-            base = _base_figure(cid, step, layer, head, order)
-            fig = mask_figure(base, view, order, method, float(budget))
-            fig["layout"]["shapes"] = marks
-            figs.append(fig)
-        return figs[0], figs[1], [], view_key
+        if not drawn or rows is None:
+            return no_update, no_update
+        blocks = rows.get("blocks", {})
+        return tuple(_overlay_patch(1, None, "", [query_row_shape(blocks[order], rows["num_kv_blocks"])]
+                                    if order in blocks else []) for order in orders)
 
     @app.callback(Output(f"{PREFIX}-qorder", "data"), Output(f"{PREFIX}-qb", "data"),
                   Input({"type": "fig", "name": f"{PREFIX}-left"}, "clickData"),
@@ -303,18 +362,32 @@ def register(app) -> None:
 
     @app.callback(common.fig_output(f"{PREFIX}-fp-left"), common.fig_output(f"{PREFIX}-fp-right"),
                   Output(f"{PREFIX}-fp-banner", "children"), Output(f"{PREFIX}-fp-note", "children"),
-                  Output(f"{PREFIX}-rows", "data"),
+                  Output(f"{PREFIX}-rows", "data"), Output(f"{PREFIX}-fp-drawn", "data"),
                   *controls, Input(f"{PREFIX}-qorder", "data"), Input(f"{PREFIX}-qb", "data"),
-                  State(f"{PREFIX}-orders", "data"))
-    @common.guarded(5, 2, figures=(0, 1), on_error={4: {}})
-    def _footprints(cid, step, layer, head, method, budget, qorder, qb, orders):
+                  State(f"{PREFIX}-orders", "data"), State(f"{PREFIX}-fp-drawn", "data"))
+    @common.guarded(6, 2, figures=(0, 1), on_error={4: {}, 5: None})
+    def _footprints(cid, step, layer, head, scale, method, budget, qorder, qb, orders, drawn):
         views, notes = footprint_views(cid, step, layer, head, method, float(budget), orders, qorder, qb)
         grid = get_catalog().reader(cid).grid
-        figs = [footprint_figure(cid, step, layer, head, view, grid) for view in views]
-        return figs[0], figs[1], [], " ".join(notes), {view["order"]: view["block"] for view in views}
+        rows = {"blocks": {view["order"]: view["block"] for view in views},
+                "num_kv_blocks": get_catalog().reader(cid).layout.num_blocks}
+        key = [cid, step, layer, head, scale, rows["blocks"]]
+        video = grid.video_slice
+        colour = (shared_range([v["attention"][video] for v in views], _ATTENTION_FLOOR, "cmin", "cmax")
+                  if scale == "shared" else {})
+        figs = []
+        for view in views:
+            base = footprint_base(cid, step, layer, head, view, grid)
+            trace, title = footprint_overlay(base, view, grid)
+            if drawn == key:
+                figs.append(_overlay_patch(len(base["data"]), trace, title))
+            else:
+                axis = {**base["layout"]["coloraxis"], **colour}
+                figs.append(_with_overlay({**base, "layout": {**base["layout"], "coloraxis": axis}}, trace, title))
+        return figs[0], figs[1], [], " ".join(notes), rows, key
 
     common.register_url_sync(app, PREFIX, [
         ("file", f"{PREFIX}-file", "value"), ("step", f"{PREFIX}-step", "value"), ("layer", f"{PREFIX}-layer", "value"),
         ("head", f"{PREFIX}-head", "value"), ("method", f"{PREFIX}-method", "value"),
-        ("budget", f"{PREFIX}-budget", "value"), ("qorder", f"{PREFIX}-qorder", "data"), ("qb", f"{PREFIX}-qb", "data"),
+        ("budget", f"{PREFIX}-budget", "value"), ("scale", f"{PREFIX}-scale", "value"), ("qorder", f"{PREFIX}-qorder", "data"), ("qb", f"{PREFIX}-qb", "data"),
     ])

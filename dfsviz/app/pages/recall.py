@@ -29,12 +29,12 @@ def layout(**query):
     chosen = q.many("methods", methods, methods)
     target = q.number("target", 0.01, 1.0, 0.9)
     controls = html.Div([
-        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step)),
-        common.control("layer", common.dropdown(f"{PREFIX}-layer", [ALL, *r.layers], layer)),
-        common.control("head", common.dropdown(f"{PREFIX}-head", [ALL, *r.heads], head)),
-        common.control("orders", common.dropdown(f"{PREFIX}-orders", r.orders, orders, multi=True), "dfs-control dfs-file"),
-        common.control("methods", common.dropdown(f"{PREFIX}-methods", methods, chosen, multi=True), "dfs-control dfs-file"),
-        common.control("target recall", common.dropdown(f"{PREFIX}-target", sorted(set(TARGETS) | {target}), target)),
+        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step), term="step"),
+        common.control("layer", common.dropdown(f"{PREFIX}-layer", [ALL, *r.layers], layer), term="layer"),
+        common.control("head", common.dropdown(f"{PREFIX}-head", [ALL, *r.heads], head), term="head"),
+        common.control("orders", common.dropdown(f"{PREFIX}-orders", r.orders, orders, multi=True), "dfs-control dfs-file", term="order"),
+        common.control("methods", common.dropdown(f"{PREFIX}-methods", methods, chosen, multi=True), "dfs-control dfs-file", term="method"),
+        common.control("target recall", common.dropdown(f"{PREFIX}-target", sorted(set(TARGETS) | {target}), target), term="target_recall"),
     ], className="dfs-controls")
     return html.Div([
         html.H2("Recall against budget"),
@@ -42,7 +42,7 @@ def layout(**query):
         controls,
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
-        html.Div([common.figure_card(f"{PREFIX}-curves", 520)], className="dfs-row"),
+        html.Div([common.figure_card(f"{PREFIX}-curves", 520, terms=("gamma", "recall", "oracle_recall"))], className="dfs-row"),
         html.H4("budget needed for the target recall"),
         html.Div(id=f"{PREFIX}-table"),
     ])
@@ -50,7 +50,9 @@ def layout(**query):
 
 def curves(cid: str, step: int, layer, head, orders: list[str], methods: list[str]):
     """Recall curves per (method, order) and the oracle per order (averaged over heads and,
-    for layer "all", over layers). Returns (curves dict label -> RecallCurve, oracle dict)."""
+    for layer "all", over layers). Returns (curves dict label -> RecallCurve, oracle dict).
+    Each layer's curve is memoised (``CaptureCatalog.cached``): a change of target, methods or
+    orders, and a return to a view, recompute nothing."""
     from dfsviz.analysis.curves import oracle_curve, recall_curve, stack_curves
 
     cat = get_catalog()
@@ -58,16 +60,24 @@ def curves(cid: str, step: int, layer, head, orders: list[str], methods: list[st
     layers = list(r.layers) if layer == ALL else [int(layer)]
     h = None if head == ALL else int(head)
     n, block = r.grid.num_tokens, r.block
-    out, oracle = {}, {}
-    for order in orders:
-        masses = [cat.mass(cid, step, lay, order, h) for lay in layers]
-        for method in methods:
-            label = f"{method} · {order}"
-            per_layer = [recall_curve(m, cat.scores(cid, step, lay, order, method, h), seq_len=n, block=block, label=label)
-                         for lay, m in zip(layers, masses)]
-            out[label] = stack_curves(per_layer) if len(per_layer) > 1 else per_layer[0]
-        per_layer = [oracle_curve(m, seq_len=n, block=block, label=f"oracle · {order}") for m in masses]
-        oracle[f"oracle · {order}"] = stack_curves(per_layer) if len(per_layer) > 1 else per_layer[0]
+
+    def one(lay: int, order: str, method: str | None):
+        label = f"oracle · {order}" if method is None else f"{method} · {order}"
+
+        def compute(_reader):
+            m = cat.mass(cid, step, lay, order, h)
+            if method is None:
+                return oracle_curve(m, seq_len=n, block=block, label=label)
+            return recall_curve(m, cat.scores(cid, step, lay, order, method, h), seq_len=n, block=block, label=label)
+
+        return cat.cached(cid, ("recall_curve", step, lay, h, order, method), compute)
+
+    def stacked(order: str, method: str | None):
+        per_layer = [one(lay, order, method) for lay in layers]
+        return stack_curves(per_layer) if len(per_layer) > 1 else per_layer[0]
+
+    out = {f"{method} · {order}": stacked(order, method) for order in orders for method in methods}
+    oracle = {f"oracle · {order}": stacked(order, None) for order in orders}
     return out, oracle
 
 
