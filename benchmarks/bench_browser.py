@@ -26,13 +26,14 @@ import os
 import platform
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from importlib.metadata import version
 from pathlib import Path
+
+from bench_app_latency import _summary  # one way to summarise latencies (run from benchmarks/ or with it on the path)
 
 log = logging.getLogger("bench_browser")
 
@@ -104,16 +105,6 @@ def serve(roots: list[Path]) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)  # polling a server that is starting: not a measurement
     proc.kill()
     raise RuntimeError("dfsviz app did not answer within 120 s")
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
-
-
-def _summary(ms: list[float]) -> dict:
-    return {"n": len(ms), "p50_ms": round(_pct(ms, 0.5), 1), "p95_ms": round(_pct(ms, 0.95), 1),
-            "max_ms": round(max(ms), 1), "mean_ms": round(statistics.fmean(ms), 1)} if ms else {"n": 0}
 
 
 def _busy(spans: list[list[float]]) -> float:

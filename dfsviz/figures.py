@@ -978,6 +978,17 @@ def _panel_grid(rows: int, cols: int, titles: Sequence[str], *, hspace: float, v
     return layout
 
 
+def _check_footprint(footprint: object, grid: object, floor: object, cols: object) -> tuple[np.ndarray, float]:
+    """(footprint float64 [N], floor) after the checks every footprint builder makes."""
+    if not isinstance(grid, LatentGrid):
+        raise TypeError(f"`grid` must be a dfsviz LatentGrid (got {type(grid).__name__}); use LatentGrid.parse('21x45x80')")
+    fp = _array(footprint, "footprint", ndim=1)
+    grid.check_tokens(fp.size, "footprint length")
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
+        raise ValueError(f"`cols` must be a positive integer (got {cols!r})")
+    return fp, _check_floor(floor)
+
+
 def footprint_outlines(
     tokens: object,
     grid: LatentGrid,
@@ -1038,13 +1049,7 @@ def footprint_frames(
     [Hs, Ws], sharing one colour scale), then the query-block outlines and the kept-key
     outlines of :func:`footprint_outlines` (one ``Scatter`` per frame each).
     """
-    if not isinstance(grid, LatentGrid):
-        raise TypeError(f"`grid` must be a dfsviz LatentGrid (got {type(grid).__name__}); use LatentGrid.parse('21x45x80')")
-    fp = _array(footprint, "footprint", ndim=1)
-    grid.check_tokens(fp.size, "footprint length")
-    floor = _check_floor(floor)
-    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
-        raise ValueError(f"`cols` must be a positive integer (got {cols!r})")
+    fp, floor = _check_footprint(footprint, grid, floor, cols)
     frames = footprint_frame_indices(grid, frames, max_frames)
     outlines = []
     for arg, name, tokens, colour in (("query_tokens", "query block", query_tokens, _QUERY_COLOUR),
@@ -1145,13 +1150,7 @@ def footprint_mosaic(
     hover names the frame, row and column), then the query-block outline and the kept-key
     outline of :func:`footprint_mosaic_outline` when given.
     """
-    if not isinstance(grid, LatentGrid):
-        raise TypeError(f"`grid` must be a dfsviz LatentGrid (got {type(grid).__name__}); use LatentGrid.parse('21x45x80')")
-    fp = _array(footprint, "footprint", ndim=1)
-    grid.check_tokens(fp.size, "footprint length")
-    floor = _check_floor(floor)
-    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
-        raise ValueError(f"`cols` must be a positive integer (got {cols!r})")
+    fp, floor = _check_footprint(footprint, grid, floor, cols)
     cols = min(cols, grid.frames)
     rows, height, width = _mosaic_place(grid, cols)
     z = _mosaic(_log10(fp, floor).astype(np.float32), grid, cols, np.float32(np.nan))
