@@ -49,7 +49,7 @@ def ensure_port_free(host: str, port: int) -> None:
 @click.option("--root", "roots", multiple=True, type=click.Path(file_okay=False),
               help="Folder of capture files (repeatable). Default: the shipped sample captures and ./runs/.")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to bind. Anything but localhost exposes the captures to the network.")
+              help="Interface to bind. Anything but localhost exposes the captures to the network, without a login.")
 @click.option("--port", default=8050, show_default=True, type=click.IntRange(1, 65535), help="TCP port.")
 @click.option("--dry-run", is_flag=True, help="List the roots and their captures, then exit without serving.")
 @fail_cleanly
@@ -72,7 +72,8 @@ def app_command(roots: tuple[str, ...], host: str, port: int, dry_run: bool) -> 
     for e in entries:
         click.echo(f"  {e.id}  [{e.status}]" + (f"  {e.message}" if e.message and e.status != "ok" else ""))
     if host not in _LOCAL_HOSTS:
-        click.secho(f"warning: binding {host} makes the dashboard and these captures reachable from other machines",
+        click.secho(f"warning: binding {host} makes the dashboard and these captures reachable from other machines; "
+                    "it has no login: anyone who can reach the port can read the captures and run Live jobs",
                     fg="yellow", err=True)
     if dry_run:
         click.echo(f"would serve http://{host}:{port}/")

@@ -202,8 +202,9 @@ def test_bad_files_give_banners_and_the_rest_stays_usable(page, app_url, capture
     assert console == []
 
 
-def test_csv_download_holds_the_plotted_block_mass(page, app_url, capture_root, console):
+def test_csv_download_holds_the_plotted_block_mass_and_the_mask(page, app_url, capture_root, console):
     from dfsviz.capture.store import CaptureReader
+    from dfsviz.sparse.select import select_topk
 
     page.goto(app_url + "/masks?file=runs/good.h5&step=3&layer=1&head=1&method=dfs_tile&budget=0.2")
     wait_drawn(page, "mk-left")
@@ -211,13 +212,19 @@ def test_csv_download_holds_the_plotted_block_mass(page, app_url, capture_root, 
         page.locator("#mk-left-card .dfs-button").click()
     text = open(info.value.path(), encoding="utf-8").read()
     rows = list(csv.reader(io.StringIO(text)))
-    assert rows[1] == ["trace", "x", "y", "z"]
+    assert rows[1] == ["trace", "x", "y", "z", "kept"]
     cells = {(int(r[1]), int(r[2])): float(r[3]) for r in rows[2:] if r[0] == "log10 block mass"}
+    kept = {(int(r[1]), int(r[2])): r[4] for r in rows[2:] if r[0] == "log10 block mass"}
     with CaptureReader(capture_root / "good.h5") as reader:
         m = reader.block_stats(3, 1, "raster", 1).m[0, 0].double().numpy()
+        scores = reader.scores(3, 1, "raster", "dfs_tile", 1)
+        mask = select_topk(scores, 0.2, seq_len=reader.grid.num_tokens, block=reader.block).to_dense()[0, 0].numpy()
     assert len(cells) == m.size
     got = np.array([[cells[(v, u)] for v in range(m.shape[1])] for u in range(m.shape[0])])
     np.testing.assert_allclose(got, np.log10(np.maximum(m, 1e-6)), atol=1e-6)
+    # the mask drawn over the map: 1 where the top-k mask keeps the block
+    assert [[kept[(v, u)] for v in range(m.shape[1])] for u in range(m.shape[0])] == \
+        [["1" if k else "0" for k in row] for row in mask]
     assert console == []
 
 
@@ -230,4 +237,7 @@ def test_live_run_reports_time_error_and_recall(page, app_url, console):
     error = float(re.search(r"relative L2 / max abs\)\s+([0-9.e+-]+)", text).group(1))
     # budget 1 keeps every block: DFSAttn is dense attention, recall 1 and float32-level error
     assert math.isclose(recall, 1.0, abs_tol=1e-5) and error < 1e-5
+    # the result names the settings that produced it
+    assert re.search(r"capture\s+runs/good\.h5", text) and re.search(r"step · layer · order\s+3 · 1 · hilbert3d", text)
+    assert re.search(r"scoring method · budget γ\s+dfs_tile · 1\b", text)
     assert console == []

@@ -11,11 +11,15 @@ The run happens in a worker thread of the server (one at a time): the Run callba
 at once with a job id, and a ``dcc.Interval`` polls the job, so the page stays responsive.
 Dash's own background callbacks would need ``diskcache`` or Celery, which dfsviz does not
 depend on; a thread suffices because the work is PyTorch (it releases the GIL).
+
+A served dashboard may be reachable by others (``dfsviz app --host``): job ids are random
+(``secrets.token_urlsafe``), so one client cannot read or guess another's run, and each
+client (its address) may have at most ``MAX_PENDING_PER_CLIENT`` runs waiting or running.
 """
 
 from __future__ import annotations
 
-import itertools
+import secrets
 import statistics
 import threading
 import time
@@ -31,12 +35,15 @@ from dfsviz.app.pages import common
 NAME, PATH, PREFIX = "Live", "/live", "lv"
 #: Timed repetitions per measurement (after one warm-up run); the median is reported.
 REPEATS = 3
-_MAX_JOBS = 32
+#: Runs one client may have waiting or running at once; Run is refused beyond it.
+MAX_PENDING_PER_CLIENT = 2
+#: Runs waiting or running on the server, all clients together.
+MAX_PENDING = 8
+_MAX_JOBS = 32  # finished runs kept for their pages to fetch (oldest dropped first)
 
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfsviz-live")
-_JOBS: dict[str, tuple[float, Future]] = {}
+_JOBS: dict[str, tuple[str, float, Future]] = {}  # job id -> (client, start, future)
 _LOCK = threading.Lock()
-_IDS = itertools.count()
 
 
 @common.guarded_layout("Live")
@@ -63,11 +70,11 @@ def layout(**query):
     budget = q.number("budget", 1e-3, 1.0, 0.2)
     device = "cuda (Triton kernels)" if torch.cuda.is_available() else "cpu (PyTorch references)"
     controls = html.Div([
-        common.control("step (stored Q/K/V)", common.dropdown(f"{PREFIX}-step", qkv_steps, step)),
-        common.control("layer (stored Q/K/V)", common.dropdown(f"{PREFIX}-layer", qkv_layers, layer)),
-        common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order)),
-        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method)),
-        common.control("budget γ", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget)),
+        common.control("step (stored Q/K/V)", common.dropdown(f"{PREFIX}-step", qkv_steps, step), term="step"),
+        common.control("layer (stored Q/K/V)", common.dropdown(f"{PREFIX}-layer", qkv_layers, layer), term="layer"),
+        common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order), term="order"),
+        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method), term="method"),
+        common.control("budget γ", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget), term="gamma"),
         html.Button("Run", id=f"{PREFIX}-run", className="dfs-button", n_clicks=0),
     ], className="dfs-controls")
     return html.Div([
@@ -81,7 +88,7 @@ def layout(**query):
         html.Div(id=f"{PREFIX}-banner"),
         html.Div("press Run", id=f"{PREFIX}-status", className="dfs-note"),
         html.Div(id=f"{PREFIX}-result"),
-        html.Div([common.figure_card(f"{PREFIX}-times", 420)], className="dfs-row"),
+        html.Div([common.figure_card(f"{PREFIX}-times", 420, terms=("attention", "scores", "mask"))], className="dfs-row"),
     ])
 
 
@@ -107,7 +114,8 @@ def run_live(catalog, cid: str, step: int, layer: int, order: str, method: str, 
 
     Returns seconds per stage (median of ``repeats``), speedup, relative L2 and max abs error
     of the sparse output against dense, recall (stored block mass) and density of the mask,
-    the backend and device. Q/K/V: [1, H, N, D]; float16 on CUDA, float32 on CPU.
+    the backend and device, and the settings that produced them (capture, step, layer, order,
+    method, budget). Q/K/V: [1, H, N, D]; float16 on CUDA, float32 on CPU.
     """
     from dfsviz.kernels import block_scores, block_sparse_attention, resolve_backend
     from dfsviz.sparse.select import select_topk
@@ -137,7 +145,8 @@ def run_live(catalog, cid: str, step: int, layer: int, order: str, method: str, 
     t_sparse = t_score + t_select + t_attn
     return {
         "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "backend": resolve_backend(None, q, k, v),
-        "heads": q.shape[1], "tokens": n, "head_dim": q.shape[-1], "budget": budget, "method": method, "order": order,
+        "heads": q.shape[1], "tokens": n, "head_dim": q.shape[-1], "capture": cid, "step": step, "layer": layer,
+        "budget": budget, "method": method, "order": order,
         "dense_s": t_dense, "score_s": t_score, "select_s": t_select, "attention_s": t_attn, "sparse_s": t_sparse,
         "speedup": t_dense / t_sparse if t_sparse > 0 else float("nan"),
         "speedup_attention_only": t_dense / t_attn if t_attn > 0 else float("nan"),
@@ -148,13 +157,34 @@ def run_live(catalog, cid: str, step: int, layer: int, order: str, method: str, 
     }
 
 
-def _submit(catalog, *args) -> str:
-    job = f"job{next(_IDS)}"
+def _submit(catalog, client: str, *args) -> str:
+    """Queue ``run_live(catalog, *args)`` for ``client``; its job id (random, unguessable).
+
+    Raises ValueError when ``client`` already has ``MAX_PENDING_PER_CLIENT`` runs waiting or
+    running, or the server ``MAX_PENDING``.
+    """
     with _LOCK:
-        _JOBS[job] = (time.perf_counter(), _POOL.submit(run_live, catalog, *args))
-        for old in list(_JOBS)[:-_MAX_JOBS]:
+        waiting = [owner for owner, _, future in _JOBS.values() if not future.done()]
+        if len(waiting) >= MAX_PENDING:
+            raise ValueError(f"the server has {len(waiting)} runs waiting or running (at most {MAX_PENDING}); "
+                             "press Run again in a minute")
+        pending = waiting.count(client)
+        if pending >= MAX_PENDING_PER_CLIENT:
+            raise ValueError(f"{pending} runs of yours are waiting or running (at most {MAX_PENDING_PER_CLIENT}); "
+                             "wait for one to finish, then press Run again")
+        job = secrets.token_urlsafe(16)
+        _JOBS[job] = (client, time.perf_counter(), _POOL.submit(run_live, catalog, *args))
+        done = [j for j, (_, _, future) in _JOBS.items() if future.done()]
+        for old in done[:max(0, len(_JOBS) - _MAX_JOBS)]:
             _JOBS.pop(old, None)
     return job
+
+
+def _client() -> str:
+    """Who asks: the address of the request's client (the unit of the per-client bound)."""
+    import flask
+
+    return flask.request.remote_addr or "unknown"
 
 
 def _times_figure(res: dict):
@@ -185,7 +215,7 @@ def register(app) -> None:
     def _start(clicks, cid, step, layer, order, method, budget):
         catalog = get_catalog()
         catalog.reader(cid)  # refuse a bad id before a thread sees it
-        job = _submit(catalog, cid, int(step), int(layer), order, method, float(budget))
+        job = _submit(catalog, _client(), cid, int(step), int(layer), order, method, float(budget))
         return job, False, "running…", True, []
 
     @app.callback(Output(f"{PREFIX}-result", "children"), common.fig_output(f"{PREFIX}-times"),
@@ -197,7 +227,7 @@ def register(app) -> None:
     @common.guarded(6, 5)
     def _poll(_, job):
         with _LOCK:
-            started, future = _JOBS.get(job, (None, None))
+            _, started, future = _JOBS.get(job, (None, None, None))
         if future is None:
             return no_update, no_update, True, "no run in progress", False, []
         if not future.done():
@@ -211,6 +241,9 @@ def register(app) -> None:
                 return no_update, no_update, True, "failed", False, common.banner([common.error_text(exc)], "error")
             raise
         rows = [
+            ("capture", res["capture"]),
+            ("step · layer · order", f"{res['step']} · {res['layer']} · {res['order']}"),
+            ("scoring method · budget γ", f"{res['method']} · {res['budget']:g}"),
             ("device / backend", f"{res['device']} / {res['backend']} ({res['dtype']})"),
             ("dense SDPA", f"{res['dense_s'] * 1e3:.2f} ms"),
             ("DFSAttn total (score + select + attention)", f"{res['sparse_s'] * 1e3:.2f} ms"),
