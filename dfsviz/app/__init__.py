@@ -32,42 +32,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_CSS = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0; color: #222; }
-.dfs-nav { display: flex; gap: 18px; align-items: center; padding: 10px 18px; background: #1f2937; }
-.dfs-nav a { color: #e5e7eb; text-decoration: none; font-weight: 500; }
-.dfs-nav a:hover { color: #fff; text-decoration: underline; }
-.dfs-brand { color: #fff; font-weight: 700; margin-right: 12px; }
-.dfs-page { padding: 12px 18px; }
-.dfs-controls { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-end; margin: 8px 0 12px; }
-.dfs-control { min-width: 130px; }
-.dfs-control label { display: block; font-size: 12px; color: #555; margin-bottom: 2px; }
-.dfs-file { min-width: 320px; }
-.dfs-banner { padding: 8px 12px; border-radius: 6px; margin: 6px 0; font-size: 14px; }
-.dfs-banner-error { background: #fee2e2; border: 1px solid #f87171; }
-.dfs-banner-warning { background: #fef3c7; border: 1px solid #f59e0b; }
-.dfs-banner-info { background: #e0f2fe; border: 1px solid #38bdf8; }
-.dfs-row { display: flex; flex-wrap: wrap; gap: 12px; }
-.dfs-card { flex: 1 1 480px; min-width: 420px; border: 1px solid #e5e7eb; border-radius: 6px; padding: 6px; }
-.dfs-card-bar { display: flex; justify-content: flex-end; }
-.dfs-card-bar button, .dfs-button { font-size: 12px; padding: 3px 10px; cursor: pointer; }
-.dfs-table { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
-.dfs-table td, .dfs-table th { border: 1px solid #e5e7eb; padding: 3px 8px; text-align: left; }
-.dfs-note { font-size: 13px; color: #555; }
-.dfs-help { font-size: 11px; color: #666; max-width: 230px; margin-top: 2px; line-height: 1.25; }
-.dfs-controls-help { align-items: flex-start; }
-.dfs-command { font-family: ui-monospace, monospace; font-size: 12px; background: #f3f4f6; padding: 4px 8px; border-radius: 4px; }
-"""
-
-
-def _index_string() -> str:
-    return (
-        "<!DOCTYPE html><html><head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}"
-        f"<style>{_CSS}</style></head><body>{{%app_entry%}}<footer>{{%config%}}{{%scripts%}}{{%renderer%}}</footer>"
-        "</body></html>"
-    )
-
-
 def create_app(
     root: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -83,6 +47,8 @@ def create_app(
         max_open: capture files kept open (LRU).
         cache_bytes: memory for memoised maps (LRU), bytes.
         title: browser tab title.
+
+    The page style is ``dfsviz/app/assets/dfsviz.css`` (Dash serves the package's ``assets/``).
 
     Returns:
         a ``dash.Dash`` app (``app.server`` is the Flask server); ``app.run(host=..., port=...)``
@@ -104,7 +70,6 @@ def create_app(
         suppress_callback_exceptions=True,
         update_title=None,
     )
-    app.index_string = _index_string()
     app.server.config[data.CONFIG_KEY] = catalog
     # the registry of Dash Pages is process-global: rebuild it for this app
     dash.page_registry.clear()

@@ -44,6 +44,10 @@ _SETTINGS = (("goal", "goal"), ("target_recall", "target"), ("max_density", "den
              ("dense_above", "dense-above"), ("refresh_cost", "refresh-cost"))
 _FIGURES = ("gamma", "recall", "density", "drift", "methods", "candidates")
 _HEATMAPS = ("gamma", "recall", "density")
+# the glossary terms of what each figure's axes and colours show (its info icon)
+_FIGURE_TERMS = {"gamma": ("gamma", "layer", "head"), "recall": ("predicted_recall", "layer", "head"),
+                 "density": ("density", "layer", "head"), "drift": ("reuse_factor", "refresh_interval"),
+                 "methods": ("method", "density", "predicted_recall"), "candidates": ("warmup", "refresh_interval")}
 # What each setting means, in the words of docs/calibration.md.
 HELP = {
     "goal": "Target recall: the least attention work that keeps every head's recall. Max density: the best "
@@ -106,19 +110,19 @@ def layout(**query):
     controls = html.Div([
         common.control("goal", radio, help=HELP["goal"]),
         common.control("target recall", picker("target", _options(TARGETS, target), target, not by_target),
-                       help=HELP["target"]),
+                       help=HELP["target"], term="target_recall"),
         common.control("max density", picker("density", _options(DENSITIES, density), density, by_target),
-                       help=HELP["density"]),
-        common.control("order", picker("order", r.orders, order), help=HELP["order"]),
-        common.control("scoring method", picker("method", [BEST, *methods], method), help=HELP["method"]),
-        common.control("branch", picker("branch", r.branches, branch), help=HELP["branch"]),
-        common.control("dense warm-up steps", picker("warmup", [AUTO, *range(steps)], warmup), help=HELP["warmup"]),
+                       help=HELP["density"], term="max_density"),
+        common.control("order", picker("order", r.orders, order), help=HELP["order"], term="order"),
+        common.control("scoring method", picker("method", [BEST, *methods], method), help=HELP["method"], term="method"),
+        common.control("branch", picker("branch", r.branches, branch), help=HELP["branch"], term="branch"),
+        common.control("dense warm-up steps", picker("warmup", [AUTO, *range(steps)], warmup), help=HELP["warmup"], term="warmup"),
         common.control("refresh interval", picker("interval", [AUTO, *range(1, steps + 1)], interval),
-                       help=HELP["interval"]),
+                       help=HELP["interval"], term="refresh_interval"),
         common.control("dense above γ", picker("dense-above", _options(DENSE_ABOVE, dense_above), dense_above,
-                                                not by_target), help=HELP["dense-above"]),
+                                                not by_target), help=HELP["dense-above"], term="dense_above"),
         common.control("refresh cost", picker("refresh-cost", _options(REFRESH_COSTS, refresh_cost), refresh_cost),
-                       help=HELP["refresh-cost"]),
+                       help=HELP["refresh-cost"], term="refresh_cost"),
     ], className="dfs-controls dfs-controls-help")
     download = html.Div([
         html.Button(f"Download config ({CONFIG_NAME})", id=f"{PREFIX}-download-button", className="dfs-button",
@@ -129,7 +133,8 @@ def layout(**query):
     ])
     # one heatmap row per layer: about 24 px each (Wan2.1's 30 layers get 900 px)
     heat = max(440, 24 * len(r.layers) + 180)
-    cards = [common.figure_card(f"{PREFIX}-{name}", heat if name in _HEATMAPS else 440) for name in _FIGURES]
+    cards = [common.figure_card(f"{PREFIX}-{name}", heat if name in _HEATMAPS else 440, terms=_FIGURE_TERMS[name])
+             for name in _FIGURES]
     return html.Div([
         html.H2("Calibrate: per-head DFSAttn budgets from the capture"),
         page.header(),

@@ -26,11 +26,11 @@ def layout(**query):
     budget = q.number("budget", 1e-3, 1.0, 0.2)
     head = q.choice("head", ["all", *r.heads], "all")
     controls = html.Div([
-        common.control("layer", common.dropdown(f"{PREFIX}-layer", r.layers, layer)),
-        common.control("head", common.dropdown(f"{PREFIX}-head", ["all", *r.heads], head)),
-        common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order)),
-        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method)),
-        common.control("budget γ", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget)),
+        common.control("layer", common.dropdown(f"{PREFIX}-layer", r.layers, layer), term="layer"),
+        common.control("head", common.dropdown(f"{PREFIX}-head", ["all", *r.heads], head), term="head"),
+        common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order), term="order"),
+        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method), term="method"),
+        common.control("budget γ", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget), term="gamma"),
     ], className="dfs-controls")
     return html.Div([
         html.H2("Mask drift across steps"),
@@ -38,7 +38,8 @@ def layout(**query):
         controls,
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
-        html.Div([common.figure_card(f"{PREFIX}-recall", 480), common.figure_card(f"{PREFIX}-jaccard", 480)],
+        html.Div([common.figure_card(f"{PREFIX}-recall", 480, terms=("reused_recall", "step")),
+                  common.figure_card(f"{PREFIX}-jaccard", 480, terms=("jaccard", "step"))],
                  className="dfs-row"),
         html.H4("by lag t − s (mean over step pairs)"),
         html.Div(id=f"{PREFIX}-lags"),

@@ -95,13 +95,13 @@ def layout(**query):
     gamma0 = q.number("gamma0", 1e-3, 1.0, sched["gamma0"])
     decrement = q.number("decrement", 0.0, 1.0, sched["decrement"])
     controls = html.Div([
-        common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order)),
-        common.control("scoring method (schedule)", common.dropdown(f"{PREFIX}-method", methods, method)),
-        common.control("budget γ (heatmap)", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget)),
-        common.control("dense warm-up steps", common.dropdown(f"{PREFIX}-skip", list(range(n + 1)), skip)),
-        common.control("refresh interval", common.dropdown(f"{PREFIX}-interval", list(range(1, max(1, n) + 1)), interval)),
-        common.control("γ0", common.dropdown(f"{PREFIX}-gamma0", common.budget_options(gamma0), gamma0)),
-        common.control("γ decrement", common.dropdown(f"{PREFIX}-decrement", sorted(set(_DECREMENTS) | {decrement}), decrement)),
+        common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order), term="order"),
+        common.control("scoring method (schedule)", common.dropdown(f"{PREFIX}-method", methods, method), term="method"),
+        common.control("budget γ (heatmap)", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget), term="gamma"),
+        common.control("dense warm-up steps", common.dropdown(f"{PREFIX}-skip", list(range(n + 1)), skip), term="warmup"),
+        common.control("refresh interval", common.dropdown(f"{PREFIX}-interval", list(range(1, max(1, n) + 1)), interval), term="refresh_interval"),
+        common.control("γ0", common.dropdown(f"{PREFIX}-gamma0", common.budget_options(gamma0), gamma0), term="gamma0"),
+        common.control("γ decrement", common.dropdown(f"{PREFIX}-decrement", sorted(set(_DECREMENTS) | {decrement}), decrement), term="gamma_decrement"),
     ], className="dfs-controls")
     return html.Div([
         html.H2("Overview"),
@@ -113,8 +113,8 @@ def layout(**query):
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
         html.Div(id=f"{PREFIX}-note", className="dfs-note"),
-        html.Div([common.figure_card(f"{PREFIX}-schedule", 420)], className="dfs-row"),
-        html.Div([common.figure_card(f"{PREFIX}-recall", 420)], className="dfs-row"),
+        html.Div([common.figure_card(f"{PREFIX}-schedule", 420, terms=("schedule", "recall", "density"))], className="dfs-row"),
+        html.Div([common.figure_card(f"{PREFIX}-recall", 420, terms=("recall", "layer", "step"))], className="dfs-row"),
     ])
 
 

@@ -20,6 +20,8 @@ ALL = "all"
 #: Points drawn per scatter (a fixed-seed subsample beyond this keeps the browser fast).
 MAX_POINTS = 20000
 _FACTORS = ("gap", "r_u", "J_u")  # factor-table columns: Delta_u, r_u, J_u
+# the distribution figures and the glossary terms of what they show (their info icons)
+_DISTRIBUTION_TERMS = {"gap": ("gap",), "r_u": ("r",), "J_u": ("J",), "W": ("W_q", "W_k")}
 
 
 @common.guarded_layout("Theory")
@@ -38,11 +40,11 @@ def layout(**query):
     orders = q.many("orders", r.orders, r.orders)
     kind = q.choice("kind", list(DISTRIBUTION_KINDS), "violin")
     controls = html.Div([
-        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step)),
-        common.control("layer", common.dropdown(f"{PREFIX}-layer", [ALL, *r.layers], layer)),
-        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method)),
-        common.control("budget γ", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget)),
-        common.control("orders", common.dropdown(f"{PREFIX}-orders", r.orders, orders, multi=True), "dfs-control dfs-file"),
+        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step), term="step"),
+        common.control("layer", common.dropdown(f"{PREFIX}-layer", [ALL, *r.layers], layer), term="layer"),
+        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method), term="method"),
+        common.control("budget γ", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget), term="gamma"),
+        common.control("orders", common.dropdown(f"{PREFIX}-orders", r.orders, orders, multi=True), "dfs-control dfs-file", term="order"),
         common.control("distribution plot", common.dropdown(f"{PREFIX}-kind", list(DISTRIBUTION_KINDS), kind)),
     ], className="dfs-controls")
     return html.Div([
@@ -52,9 +54,11 @@ def layout(**query):
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
         html.Div(id=f"{PREFIX}-summary", className="dfs-note"),
-        html.Div([common.figure_card(f"{PREFIX}-bound2", 460), common.figure_card(f"{PREFIX}-gap", 460)],
+        html.Div([common.figure_card(f"{PREFIX}-bound2", 460, terms=("bound2", "query_block_recall")),
+                  common.figure_card(f"{PREFIX}-gap", 460, terms=("effective_gap", "bound3", "query_block_recall"))],
                  className="dfs-row"),
-        html.Div([common.figure_card(f"{PREFIX}-dist-{name}", 360) for name in ("gap", "r_u", "J_u", "W")],
+        html.Div([common.figure_card(f"{PREFIX}-dist-{name}", 360, terms=terms)
+                  for name, terms in _DISTRIBUTION_TERMS.items()],
                  className="dfs-row"),
     ])
 
