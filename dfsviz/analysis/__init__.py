@@ -1,5 +1,6 @@
 """Analysis of block-sparse attention: recall against budget, mask drift and the DFSAttn
-schedule, factor summaries and the recall bounds, token-model sweeps, and the claims report.
+schedule, factor summaries and the recall bounds, token-model sweeps, and the claims report;
+:func:`measure_topk` is the one recall pipeline they all use.
 
 Everything here works on tensors (block statistics, scores, masks) or on a capture opened
 with ``dfsviz.open``; figures come from :mod:`dfsviz.figures`.
@@ -23,6 +24,7 @@ from dfsviz.analysis.factors import (
     order_change,
     variance_rows,
 )
+from dfsviz.analysis.measures import ORACLE, OrderMeasures, TopkMeasure, measure_orders, measure_topk
 from dfsviz.analysis.report import ClaimsReport, ReportConfig, build_report, default_schedule
 from dfsviz.analysis.sweeps import (
     SWEEP_PARAMETERS,
@@ -43,6 +45,8 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "DEFAULT_TARGETS",
     "HEAD_FACTORS",
+    "ORACLE",
+    "OrderMeasures",
     "SWEEP_PARAMETERS",
     "SWEEP_QUANTITIES",
     "DriftMatrix",
@@ -51,10 +55,13 @@ __all__ = [
     "ScheduleReplay",
     "SweepConfig",
     "SweepResult",
+    "TopkMeasure",
     "factor_rows",
     "mask_drift",
     "mask_jaccard",
     "mask_source_step",
+    "measure_orders",
+    "measure_topk",
     "oracle_curve",
     "order_change",
     "recall_curve",

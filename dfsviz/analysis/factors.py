@@ -248,7 +248,6 @@ def factor_rows(stats: BlockStats, mask: BlockMask, **keys: object) -> FactorTab
     """
     from dfsviz.capture.store import StoredStats
 
-    key_values = _key_values(keys)
     if isinstance(stats, StoredStats):
         stats = stats.to_block_stats()
     elif not isinstance(stats, BlockStats):
@@ -256,7 +255,12 @@ def factor_rows(stats: BlockStats, mask: BlockMask, **keys: object) -> FactorTab
             f"`stats` must be a BlockStats or stored block statistics (StoredStats) "
             f"(got {type(stats).__name__}); use block_stats_ref or CaptureReader.block_stats"
         )
-    summary = factor_summary(stats, mask)
+    return _summary_rows(factor_summary(stats, mask), keys)
+
+
+def _summary_rows(summary: Mapping[str, torch.Tensor], keys: Mapping[str, object]) -> FactorTable:
+    """The table of :func:`factor_rows` from a ``factor_summary`` dict and the key columns' values."""
+    key_values = _key_values(keys)
     b, h, mq = summary["recall"].shape
     cols = _key_columns(key_values, b, h, mq)
     for name in BLOCK_FACTORS:

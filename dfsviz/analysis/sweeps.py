@@ -28,12 +28,11 @@ import numpy as np
 import torch
 
 from dfsviz.analysis.factors import DEFAULT_ATOL, FactorTable
+from dfsviz.analysis.measures import measure_orders
 from dfsviz.sparse._validate import check_fraction, check_power_of_two
 from dfsviz.sparse.orders import make_order, order_names
 from dfsviz.sparse.scoring import block_scores_ref, scorer_names
-from dfsviz.sparse.select import select_topk, topk_count
-from dfsviz.sparse.stats import block_recall, block_stats_ref, oracle_recall, variance_ratio
-from dfsviz.sparse.theory import factor_summary
+from dfsviz.sparse.stats import block_stats_ref, variance_ratio
 from dfsviz.sparse.tokenmodel import TokenModelConfig, sample_qk
 
 __all__ = [
@@ -189,29 +188,20 @@ def sweep_token_model(config: SweepConfig, *, atol: float = DEFAULT_ATOL) -> Swe
         for seed in config.seeds:
             model = dataclasses.replace(config.base, **{config.parameter: value, "seed": seed})
             q, k = sample_qk(model)
-            for order_name in config.orders:
-                order = make_order(order_name, grid)
-                qo, ko = order.apply(q), order.apply(k)
-                stats = block_stats_ref(qo, ko, block=config.block)
-                w_q = variance_ratio(qo, config.block)[0]
-                w_k = variance_ratio(ko, config.block)[0]
-                k_keep = topk_count(config.gamma, stats.num_blocks)
-                oracle = oracle_recall(stats, k_keep)[0]
-                for method in config.methods:
-                    scores = block_scores_ref(qo, ko, method=method, tile=config.tile, block=config.block)
-                    mask = select_topk(scores, config.gamma, seq_len=stats.seq_len, block=config.block)
-                    fs = factor_summary(stats, mask)
-                    recall = block_recall(stats.m, mask)[0]
+            for measured in measure_orders(q, k, grid, config.orders, config.methods, (config.gamma,),
+                                           block=config.block, tile=config.tile):
+                for method, (topk,) in measured.topk.items():
+                    fs = topk.factors
                     bad = ((fs["bound2"] > fs["recall"] + atol) | (fs["bound3"] > fs["recall"] + atol)).sum(dim=-1)[0]
                     per_head = {
-                        "W_q": w_q, "W_k": w_k,
+                        "W_q": measured.W_q[0], "W_k": measured.W_k[0],
                         **{name: _finite_mean(fs[name])[0] for name in ("gap", "r_u", "J_u", "effective_gap", "bound2", "bound3")},
-                        "recall": recall, "oracle": oracle, "violations": bad.to(torch.float64),
+                        "recall": topk.recall[0], "oracle": topk.oracle_recall[0], "violations": bad.to(torch.float64),
                     }
                     for h in range(model.heads):
                         cols["value"].append(value)
                         cols["seed"].append(seed)
-                        cols["order"].append(order_name)
+                        cols["order"].append(measured.order)
                         cols["method"].append(method)
                         cols["head"].append(h)
                         for name in SWEEP_QUANTITIES:

@@ -8,19 +8,13 @@ import time
 
 import click
 
+from dfsviz.analysis.measures import ORACLE, measure_orders
 from dfsviz.cli import fail_cleanly, main
 from dfsviz.sparse._validate import check_fraction, check_power_of_two
 from dfsviz.sparse.grid import LatentGrid
-from dfsviz.sparse.orders import ORDERS, make_order, order_names
-from dfsviz.sparse.scoring import SCORERS, block_scores_ref, scorer_key, scorer_names
-from dfsviz.sparse.select import select_topk, topk_count
-from dfsviz.sparse.stats import block_recall, block_stats_ref, oracle_recall, variance_ratio
-from dfsviz.sparse.theory import factor_summary
+from dfsviz.sparse.orders import ORDERS, order_names
+from dfsviz.sparse.scoring import SCORERS, scorer_key, scorer_names
 from dfsviz.sparse.tokenmodel import TokenModelConfig, sample_qk
-
-# The oracle row is the exact block mass m ranked by itself: it comes from the statistics
-# pass, never from a second dense pass through the scorer registry.
-_ORACLE = "oracle"
 
 
 def _parse_names(spec: str, option: str, allowed: list[str]) -> list[str]:
@@ -46,40 +40,25 @@ def _parse_gammas(spec: str) -> list[float]:
 def _sweep(
     config: TokenModelConfig, orders: list[str], methods: list[str], gammas: list[float], block: int, tile: int | None
 ) -> dict:
-    """Recall, Bound 2 and density of top-k masks for every order x method x budget."""
-    grid = config.grid
-    n = grid.num_tokens
-    q, k = sample_qk(config)
+    """Recall, Bound 2 and density of top-k masks for every order x method x budget; the oracle row last."""
+    ranked = [m for m in methods if m != ORACLE] + [ORACLE]
     result: dict = {"orders": {}}
-    for name in orders:
-        order = make_order(name, grid)
-        qo, ko = order.apply(q), order.apply(k)
-        stats = block_stats_ref(qo, ko, block=block)
-        entry = {
-            "W_q": float(variance_ratio(qo, block).mean()),
-            "W_k": float(variance_ratio(ko, block).mean()),
-            "rows": {},
-        }
-        for method in [m for m in methods if m != _ORACLE] + [_ORACLE]:
-            scores = stats.m if method == _ORACLE else block_scores_ref(qo, ko, method, tile=tile, block=block)
+    for measured in measure_orders(*sample_qk(config), config.grid, orders, ranked, gammas, block=block, tile=tile):
+        rows = {}
+        for method, per_budget in measured.topk.items():
             row: dict[str, list[float]] = {"recall": [], "bound2": [], "bound3": [], "density": [], "effective_gap": []}
-            for gamma in gammas:
-                mask = select_topk(scores, gamma, seq_len=n, block=block)
-                if method == _ORACLE:
-                    recall = oracle_recall(stats, topk_count(gamma, mask.num_kv_blocks))
-                else:
-                    recall = block_recall(stats.m, mask)
-                factors = factor_summary(stats, mask)
-                row["recall"].append(float(recall.mean()))
+            for topk in per_budget:
+                factors = topk.factors
+                row["recall"].append(float((topk.oracle_recall if method == ORACLE else topk.recall).mean()))
                 row["bound2"].append(float(factors["bound2"].mean()))
                 row["bound3"].append(float(factors["bound3"].mean()))
-                row["density"].append(float(mask.density().mean()))
+                row["density"].append(float(topk.density.mean()))
                 # +/-inf (all kept / none kept) is not JSON: report it as null.
                 gap = float(factors["effective_gap"].median())
                 row["effective_gap"].append(gap if math.isfinite(gap) else None)
-            label = _ORACLE if method == _ORACLE else scorer_key(method, tile)
-            entry["rows"][label] = row
-        result["orders"][name] = entry
+            rows[ORACLE if method == ORACLE else scorer_key(method, tile)] = row
+        result["orders"][measured.order] = {"W_q": float(measured.W_q.mean()), "W_k": float(measured.W_k.mean()),
+                                            "rows": rows}
     return result
 
 
