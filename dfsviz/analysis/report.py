@@ -19,6 +19,10 @@ layer, and checks the claims of docs/theory.md and the DFSAttn paper on it:
 Large captures are reduced as they are read: violations are counted on every row,
 factor comparisons use per-head means, and scatter figures draw a fixed-seed sample of
 at most ``max_points`` rows. Only :meth:`ClaimsReport.write` touches the file system.
+
+Each claim is one class (:class:`_Claim`) in :data:`_CLAIMS`: it sees every (step, layer,
+order) the single read of the capture yields, then gives its numbers, its Markdown (from the
+numbers alone) and its figures. A new claim is a new class in that tuple.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,17 +45,11 @@ import torch
 from dfsviz import figures
 from dfsviz.analysis.curves import DEFAULT_BUDGETS, DEFAULT_TARGETS, RecallCurve, oracle_curve, recall_curve
 from dfsviz.analysis.drift import mask_drift, mask_source_step, replay_schedule
-from dfsviz.analysis.factors import (
-    DEFAULT_ATOL,
-    KEY_COLUMNS,
-    FactorTable,
-    factor_rows,
-    order_change,
-    variance_rows,
-)
+from dfsviz.analysis.factors import DEFAULT_ATOL, KEY_COLUMNS, FactorTable, order_change, variance_rows
+from dfsviz.analysis.measures import TopkMeasure, measure_topk
 from dfsviz.sparse.schedule import DFSSchedule
 from dfsviz.sparse.select import select_topk, selector_key
-from dfsviz.sparse.stats import row_recall_ref
+from dfsviz.sparse.stats import BlockStats, row_recall_ref
 from dfsviz.sparse.theory import row_bound
 
 __all__ = ["ReportConfig", "ClaimsReport", "build_report", "chromium_available", "png_export_available", "default_schedule",
@@ -173,6 +171,13 @@ def _fmt(x: object, digits: int = 3, pct: bool = False) -> str:
     return f"{float(x):.{digits}f}"
 
 
+def _violation_count(data: dict) -> int:
+    """Rows where Bound 2 or 3 (query blocks) or Bound 1 (query rows) exceeds the measured recall."""
+    v = data["violations"]
+    b1 = data.get("bound1")
+    return int(v["bound2"] + v["bound3"] + (b1["violations"] if b1 else 0))
+
+
 @dataclass(frozen=True, eq=False)
 class ClaimsReport:
     """The result of :func:`build_report`.
@@ -191,85 +196,531 @@ class ClaimsReport:
     def violations(self) -> int:
         """Rows where Bound 2 or Bound 3 (query blocks) or Bound 1 (query rows, when Q/K were stored)
         exceeds the measured recall (must be 0)."""
-        v = self.data["violations"]
-        b1 = self.data.get("bound1")
-        return int(v["bound2"] + v["bound3"] + (b1["violations"] if b1 else 0))
+        return _violation_count(self.data)
 
     def markdown(self, figure_dir: str = "figures") -> str:
         """The report as Markdown; figures are linked as ``figure_dir/<name>.html``."""
-        d = self.data
-        run = d["run"]
-        lines = [f"# dfsviz claims report: {Path(run['path']).name}", ""]
-        lines += [
-            f"Model `{run['model']}` · grid {run['grid']} (N = {run['num_tokens']}, {run['num_blocks']} blocks of "
-            f"{run['block']}) · steps {run['steps']} · {len(run['layers'])} layers · {len(run['heads'])} heads · "
-            f"orders {', '.join(run['orders'])} · methods {', '.join(run['methods'])} · "
-            f"{'complete' if run['complete'] else 'INCOMPLETE capture'} · branch {run['branch']}",
-            "",
-        ]
-        v = d["violations"]
-        status = "PASS" if self.violations == 0 else "FAIL (a violation is a bug)"
-        lines += [
+        lines = _render_run(self.data["run"])
+        for claim in _CLAIMS:
+            lines += claim.render(self.data)
+        if self.figures:
+            lines += ["## Figures", ""]
+            lines += [f"- [{name}]({figure_dir}/{name}.html)" for name in self.figures]
+            lines.append("")
+        if self.notes:
+            lines += ["## Notes", ""] + [f"- {n}" for n in self.notes] + [""]
+        return "\n".join(lines)
+
+    def write(self, out_dir: str | os.PathLike, *, png: bool | None = None) -> dict[str, list[str]]:
+        """Write ``report.md``, ``report.json`` and ``figures/<name>.html`` (+ ``.png``) under ``out_dir``.
+
+        The HTML files share ``figures/plotly.min.js`` (written once), so they open offline.
+
+        ``png``: True forces PNG export (ValueError without kaleido or Chromium), False skips
+        it, None exports when both are present (:func:`png_export_available`). PNGs go through
+        one kaleido sync server.
+        Returns {"markdown": [...], "json": [...], "html": [...], "png": [...]} of written paths.
+        """
+        if png is not None and not isinstance(png, bool):
+            raise TypeError(f"`png` must be True, False or None (got {type(png).__name__})")
+        if png and not _kaleido_installed():
+            raise ValueError("PNG export needs kaleido: install it with `pip install 'dfsviz[png]'`, or pass --no-png")
+        if png and not chromium_available():
+            raise ValueError(
+                "PNG export needs Chromium (kaleido 1.x has no bundled browser): install it, e.g. "
+                "`apt-get install chromium`, or pass --no-png"
+            )
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"`out_dir` {str(out)!r} exists and is not a directory; pick a folder path")
+        fig_dir = out / "figures"
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(self.markdown("figures"), encoding="utf-8")
+        (out / "report.json").write_text(json.dumps(_json_ready(self.data), indent=2, allow_nan=False), encoding="utf-8")
+        html, pngs = _export_figures(self.figures, fig_dir, png_export_available() if png is None else png)
+        return {"markdown": [str(out / "report.md")], "json": [str(out / "report.json")], "html": html, "png": pngs}
+
+
+def _export_figures(figs: dict, fig_dir: Path, png: bool) -> tuple[list[str], list[str]]:
+    """Write every figure as ``fig_dir/<name>.html`` and, when ``png``, ``<name>.png``; return both path lists."""
+    html, pngs = [], []
+    for name, fig in figs.items():
+        path = fig_dir / f"{name}.html"
+        # "directory": one local plotly.min.js beside the pages, no network needed to view them.
+        fig.write_html(path, include_plotlyjs="directory", full_html=True)
+        html.append(str(path))
+    if png and figs:
+        import kaleido
+
+        kaleido.start_sync_server(silence_warnings=True)
+        try:
+            with warnings.catch_warnings():
+                # plotly warns that its per-call kaleido options are ignored by a running server.
+                warnings.simplefilter("ignore", UserWarning)
+                for name, fig in figs.items():
+                    path = fig_dir / f"{name}.png"
+                    fig.write_image(path)
+                    pngs.append(str(path))
+        finally:
+            kaleido.stop_sync_server()
+    return html, pngs
+
+
+def _render_run(run: dict) -> list[str]:
+    """The title and the line that names the capture."""
+    return [
+        f"# dfsviz claims report: {Path(run['path']).name}",
+        "",
+        f"Model `{run['model']}` · grid {run['grid']} (N = {run['num_tokens']}, {run['num_blocks']} blocks of "
+        f"{run['block']}) · steps {run['steps']} · {len(run['layers'])} layers · {len(run['heads'])} heads · "
+        f"orders {', '.join(run['orders'])} · methods {', '.join(run['methods'])} · "
+        f"{'complete' if run['complete'] else 'INCOMPLETE capture'} · branch {run['branch']}",
+        "",
+    ]
+
+
+# --------------------------------------------------------------------------------- reading
+@dataclass(frozen=True, eq=False)
+class _Budget:
+    """One method's top-k mask at one budget, and its factor rows (all, per-head means, a sample)."""
+
+    gamma: float
+    topk: TopkMeasure
+    rows: FactorTable
+    head_means: FactorTable
+    sample: FactorTable
+
+
+@dataclass(frozen=True, eq=False)
+class _Method:
+    """One scoring method of a cell: its recall curve [B, H, Mk] and its masks at the report's budgets."""
+
+    name: str
+    curve: RecallCurve
+    budgets: list[_Budget]
+
+
+@dataclass(frozen=True, eq=False)
+class _Cell:
+    """What the report reads of one (step, layer, order)."""
+
+    step: int
+    layer: int
+    order: str
+    stats: BlockStats
+    variance: FactorTable
+    oracle: RecallCurve
+    methods: list[_Method]
+
+
+@dataclass(frozen=True, eq=False)
+class _Context:
+    """The capture and the choices every claim shares."""
+
+    reader: object
+    config: ReportConfig
+    method: str
+    order: str
+    schedule: DFSSchedule
+    branch: str
+    notes: list[str]
+
+    @property
+    def n(self) -> int:
+        return self.reader.grid.num_tokens
+
+    @property
+    def block(self) -> int:
+        return self.reader.block
+
+    @property
+    def mid_step(self) -> int:
+        return self.reader.steps[len(self.reader.steps) // 2]
+
+    @property
+    def mid_layer(self) -> int:
+        return self.reader.layers[len(self.reader.layers) // 2]
+
+    @property
+    def mid_gamma(self) -> float:
+        return self.config.budgets[len(self.config.budgets) // 2]
+
+
+def _read(ctx: _Context) -> Iterator[_Cell]:
+    """Every (step, layer, order) of the capture, once: statistics, variance ratios, recall curves,
+    and every method's top-k masks at every budget with their factor rows."""
+    reader, config = ctx.reader, ctx.config
+    n, block = ctx.n, ctx.block
+    rows_per_chunk = len(reader.heads) * -(-n // block)
+    chunks = len(reader.steps) * len(reader.layers) * len(reader.orders) * len(reader.methods) * len(config.budgets)
+    keep_per_chunk = max(1, config.max_points // max(1, chunks))
+    chunk_id = 0
+    for step in reader.steps:
+        for layer in reader.layers:
+            for order in reader.orders:
+                stats = reader.block_stats(step, layer, order, branch=ctx.branch).to_block_stats()
+                w_q, w_k = reader.variance_ratios(step, layer, order, branch=ctx.branch)
+                methods = []
+                for meth in reader.methods:
+                    scores = reader.scores(step, layer, order, meth, branch=ctx.branch)
+                    budgets = []
+                    for gamma in config.budgets:
+                        topk = measure_topk(stats, scores, gamma)
+                        rows = topk.rows(order=order, method=meth, selector=selector_key("topk", gamma), step=step,
+                                         layer=layer)
+                        budgets.append(_Budget(gamma, topk, rows, _head_means(rows),
+                                               rows.subsample(min(keep_per_chunk, rows_per_chunk), seed=chunk_id)))
+                        chunk_id += 1
+                    methods.append(_Method(meth, recall_curve(stats.m, scores, seq_len=n, block=block), budgets))
+                yield _Cell(step, layer, order, stats,
+                            variance_rows(W_q=w_q, W_k=w_k, order=order, step=step, layer=layer),
+                            oracle_curve(stats.m, seq_len=n, block=block), methods)
+        log.info("report: step %d read", step)
+
+
+def _head_means(table: FactorTable) -> FactorTable:
+    """One row per (batch, head) of a factor_rows table: finite means of the block factors."""
+    cols: dict[str, list] = {name: [] for name in (*KEY_COLUMNS, *_HEAD_MEANS)}
+    for _, sub in table.groups(["batch", "head"]).items():
+        for name in KEY_COLUMNS:
+            cols[name].append(-1 if name == "u" else sub.column(name)[0])
+        for name in _HEAD_MEANS:
+            x = sub.column(name)
+            x = x[np.isfinite(x)]
+            cols[name].append(float(x.mean()) if x.size else float("nan"))
+    out = {}
+    for name, values in cols.items():
+        dtype = object if name in ("order", "method", "selector") else (np.int64 if name in KEY_COLUMNS else np.float64)
+        out[name] = np.asarray(values, dtype=dtype)
+    return FactorTable(out)
+
+
+# --------------------------------------------------------------------------------- claims
+class _Claim:
+    """One claim of the report: what it gathers from each cell of the single read (:meth:`add`),
+    its numbers (:meth:`data`, keys of ``ClaimsReport.data``), its Markdown from those numbers
+    alone (:meth:`render`) and its figures (:meth:`figures`, called after :meth:`data`)."""
+
+    #: The report's headline figure comes first in the figure list.
+    headline = False
+
+    def __init__(self, ctx: _Context) -> None:
+        self.ctx = ctx
+
+    def add(self, cell: _Cell) -> None:
+        """Take what the claim needs of one (step, layer, order)."""
+
+    def data(self) -> dict:
+        return {}
+
+    @staticmethod
+    def render(data: dict) -> list[str]:
+        return []
+
+    def figures(self) -> dict:
+        return {}
+
+
+class _Bounds(_Claim):
+    """1. Bounds 2 and 3 never exceed the measured recall; Bound 1 neither, on stored Q/K."""
+
+    def __init__(self, ctx: _Context) -> None:
+        super().__init__(ctx)
+        self.atol = ctx.config.atol
+        self.counts = {"rows": 0, "bound2": 0, "bound3": 0, "bound3_over_bound2": 0}
+        self.max_excess = -math.inf
+        self.worst = None
+        self.samples: list[FactorTable] = []
+
+    def add(self, cell: _Cell) -> None:
+        for method in cell.methods:
+            for budget in method.budgets:
+                v = budget.rows.violations(self.atol)
+                for key in self.counts:
+                    self.counts[key] += v[key]
+                if v["max_excess"] is not None and v["max_excess"] > self.max_excess:
+                    self.max_excess, self.worst = v["max_excess"], v["worst"]
+                self.samples.append(budget.sample)
+
+    def data(self) -> dict:
+        ctx = self.ctx
+        violations = {**self.counts, "atol": self.atol, "max_excess": self.max_excess if self.counts["rows"] else None,
+                      "worst": self.worst}
+        bound1 = (_bound1_check(ctx.reader, ctx.reader.steps, ctx.reader.orders, ctx.method, ctx.mid_gamma, ctx.branch,
+                                self.atol) if ctx.config.bound1 else None)
+        return {"violations": violations, "bound1": bound1}
+
+    @staticmethod
+    def render(data: dict) -> list[str]:
+        v = data["violations"]
+        status = "PASS" if _violation_count(data) == 0 else "FAIL (a violation is a bug)"
+        lines = [
             "## 1. Bound violations",
             "",
             f"**{v['bound2'] + v['bound3']} violations of Bounds 2 and 3 ({status})** over {v['rows']:,} query-block rows "
-            f"(orders x methods x budgets {d['config']['budgets']} x steps x layers x heads x query blocks), "
+            f"(orders x methods x budgets {data['config']['budgets']} x steps x layers x heads x query blocks), "
             f"tolerance {v['atol']:g}: Bound 2 > recall in {v['bound2']} rows, Bound 3 > recall in {v['bound3']}, "
             f"Bound 3 > Bound 2 in {v['bound3_over_bound2']}. Largest bound - recall: {_fmt(v['max_excess'], 6)}.",
             "",
         ]
-        b1 = d.get("bound1")
+        b1 = data.get("bound1")
         if b1 is None:
-            lines += ["Bound 1 (row-wise) not checked: it needs Q/K at a completed step (capture with --save-qkv) "
-                      "and `bound1` on.", ""]
-        else:
-            lines += [
-                f"Bound 1 (row-wise) on the stored Q/K of layers {b1['layers']} at steps {b1['steps']}, {b1['method']} "
-                f"at γ = {b1['budget']:g}: **{b1['violations']} violations** over {b1['rows']:,} query rows (every "
-                f"order); largest bound - recall: {_fmt(b1['max_excess'], 6)}.",
-                "",
-            ]
-        lines += ["## 2. Hilbert vs raster", ""]
-        cmp_ = d["order_comparison"]
+            return lines + ["Bound 1 (row-wise) not checked: it needs Q/K at a completed step (capture with --save-qkv) "
+                            "and `bound1` on.", ""]
+        return lines + [
+            f"Bound 1 (row-wise) on the stored Q/K of layers {b1['layers']} at steps {b1['steps']}, {b1['method']} "
+            f"at γ = {b1['budget']:g}: **{b1['violations']} violations** over {b1['rows']:,} query rows (every "
+            f"order); largest bound - recall: {_fmt(b1['max_excess'], 6)}.",
+            "",
+        ]
+
+    def figures(self) -> dict:
+        table = FactorTable.concat(self.samples)
+        groups = [f"{o} · {m}" for o, m in zip(table.column("order"), table.column("method"))]
+        return {
+            "bound_vs_measured": figures.bound_scatter(table.column("bound2"), table.column("recall"), groups=groups,
+                                                       atol=self.atol),
+            "recall_vs_gap": figures.recall_vs_gap(table.column("effective_gap"), table.column("recall"),
+                                                   table.column("gamma"), groups=table.column("order")),
+        }
+
+
+class _OrderComparison(_Claim):
+    """2. Hilbert vs raster: paired changes of W_q, W_k and the block factors; the factor
+    distributions and the masks of both orders."""
+
+    def __init__(self, ctx: _Context) -> None:
+        super().__init__(ctx)
+        self.variance: list[FactorTable] = []
+        self.head_means: list[FactorTable] = []
+        self.samples: list[FactorTable] = []
+        self.mask_views: dict[str, tuple] = {}
+
+    def add(self, cell: _Cell) -> None:
+        ctx = self.ctx
+        self.variance.append(cell.variance)
+        for method in cell.methods:
+            for budget in method.budgets:
+                self.head_means.append(budget.head_means)
+                self.samples.append(budget.sample)
+                if (method.name, budget.gamma, cell.step, cell.layer) == (ctx.method, ctx.mid_gamma, ctx.mid_step,
+                                                                          ctx.mid_layer):
+                    self.mask_views[cell.order] = (cell.stats.m[0, 0], budget.topk.mask.to_dense()[0, 0])
+
+    def data(self) -> dict:
+        ctx = self.ctx
+        head_table, var_table = FactorTable.concat(self.head_means), FactorTable.concat(self.variance)
+        summary = {
+            "block": head_table.summary(["order", "method", "selector"], list(REPORT_FACTORS) + ["recall", "bound2"]),
+            "head": var_table.summary(["order"], ["W_q", "W_k"]),
+        }
+        if not ("raster" in ctx.reader.orders and "hilbert3d" in ctx.reader.orders):
+            ctx.notes.append("Hilbert vs raster needs both orders in the capture (--orders raster,hilbert3d).")
+            return {"order_comparison": None, "factor_summary": summary}
+        # W from the head table, block factors as per-head means.
+        rows = [_change(var_table, f, match=("step", "layer", "batch", "head")) for f in ("W_q", "W_k")]
+        sub = head_table.select(method=ctx.method, selector=selector_key("topk", ctx.mid_gamma))
+        rows += [_change(sub, f) for f in REPORT_FACTORS]
+        every = {}
+        for meth in ctx.reader.methods:
+            for gamma in ctx.config.budgets:
+                part = head_table.select(method=meth, selector=selector_key("topk", gamma))
+                every[f"{meth}/{selector_key('topk', gamma)}"] = [_change(part, f) for f in REPORT_FACTORS]
+        return {"order_comparison": {"method": ctx.method, "budget": ctx.mid_gamma, "rows": rows, "all": every},
+                "factor_summary": summary}
+
+    @staticmethod
+    def render(data: dict) -> list[str]:
+        lines = ["## 2. Hilbert vs raster", ""]
+        cmp_ = data["order_comparison"]
         if cmp_ is None:
-            lines += ["Not available: the capture needs both the raster and the hilbert3d orders.", ""]
-        else:
-            lines += [
-                f"Paired over steps, layers and heads; factors of the query blocks are per-head means "
-                f"(method {cmp_['method']}, budget {cmp_['budget']}). Negative = hilbert3d lower. "
-                "The paper reports about -20% intra-block variance.",
-                "",
-                "| factor | raster | hilbert3d | difference | relative change | hilbert3d lower in |",
-                "|---|---|---|---|---|---|",
-            ]
-            for row in cmp_["rows"]:
-                # Relative change only for non-negative (ratio-scale) factors; Δ and the effective
-                # gap are signed and often near 0, where a percentage says nothing.
-                rel = "—" if row["factor"] in _SIGNED_FACTORS else _fmt(row["relative_change"], pct=True)
-                lines.append(
-                    f"| {figures.FACTOR_LABELS.get(row['factor'], row['factor'])} | {_fmt(row['base_mean'])} | "
-                    f"{_fmt(row['other_mean'])} | {_fmt(row['difference'])} | {rel} | "
-                    f"{row['other_lower']} of {row['pairs']} pairs |"
-                )
-            lines.append("")
-        lines += ["## 3. Recall at fixed budgets", ""]
-        budgets = d["config"]["budgets"]
+            return lines + ["Not available: the capture needs both the raster and the hilbert3d orders.", ""]
+        lines += [
+            f"Paired over steps, layers and heads; factors of the query blocks are per-head means "
+            f"(method {cmp_['method']}, budget {cmp_['budget']}). Negative = hilbert3d lower. "
+            "The paper reports about -20% intra-block variance.",
+            "",
+            "| factor | raster | hilbert3d | difference | relative change | hilbert3d lower in |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in cmp_["rows"]:
+            # Relative change only for non-negative (ratio-scale) factors; Δ and the effective
+            # gap are signed and often near 0, where a percentage says nothing.
+            rel = "—" if row["factor"] in _SIGNED_FACTORS else _fmt(row["relative_change"], pct=True)
+            lines.append(
+                f"| {figures.FACTOR_LABELS.get(row['factor'], row['factor'])} | {_fmt(row['base_mean'])} | "
+                f"{_fmt(row['other_mean'])} | {_fmt(row['difference'])} | {rel} | "
+                f"{row['other_lower']} of {row['pairs']} pairs |"
+            )
+        return lines + [""]
+
+    def figures(self) -> dict:
+        ctx = self.ctx
+        figs = {}
+        var_table = FactorTable.concat(self.variance)
+        for factor in ("W_q", "W_k"):
+            figs[f"factor_{factor}"] = figures.factor_distributions(
+                {o: sub.column(factor) for (o,), sub in var_table.groups("order").items()}, factor=factor)
+        sel = FactorTable.concat(self.samples).select(method=ctx.method, selector=selector_key("topk", ctx.mid_gamma))
+        if len(sel):
+            for factor in REPORT_FACTORS:
+                figs[f"factor_{factor}"] = figures.factor_distributions(
+                    {o: sub.column(factor) for (o,), sub in sel.groups("order").items()}, factor=factor,
+                    title=f"{figures.FACTOR_LABELS[factor]} per order ({ctx.method}, γ = {ctx.mid_gamma:g})")
+        for order, (m, kept) in self.mask_views.items():
+            figs[f"mask_{order}"] = figures.mask_heatmap(
+                m, kept, title=f"{order} · step {ctx.mid_step} · layer {ctx.mid_layer} · head {ctx.reader.heads[0]} · "
+                               f"{ctx.method} γ={ctx.mid_gamma:g}")
+        return figs
+
+
+class _Recall(_Claim):
+    """3. Recall at fixed budgets per method and order, the oracle recall and gap, the budget needed
+    for each recall target; curves are means over steps, layers and heads."""
+
+    headline = True
+
+    def __init__(self, ctx: _Context) -> None:
+        super().__init__(ctx)
+        # Sums of (recall, density) curves [Mk] over (step, layer), each already a mean over heads.
+        self.curve_sum: dict[tuple[str, str], tuple] = {}
+        self.oracle_sum: dict[str, tuple] = {}
+        self.count: dict[str, int] = {}
+        self.by_step: dict[tuple[str, str, float], dict[int, list[float]]] = {}
+        self.curves: dict[str, RecallCurve] = {}
+        self.oracles: dict[str, RecallCurve] = {}
+
+    def add(self, cell: _Cell) -> None:
+        _add_curve(self.oracle_sum, cell.order, cell.oracle)
+        self.count[cell.order] = self.count.get(cell.order, 0) + 1
+        for method in cell.methods:
+            _add_curve(self.curve_sum, (cell.order, method.name), method.curve)
+            for budget in method.budgets:
+                self.by_step.setdefault((cell.order, method.name, budget.gamma), {}).setdefault(cell.step, []).append(
+                    float(method.curve.at(budget.gamma).mean()))
+
+    def _averaged(self, total: tuple, order: str, label: str) -> RecallCurve:
+        ctx = self.ctx
+        return RecallCurve(total[0] / self.count[order], total[1] / self.count[order], ctx.n, ctx.block, label)
+
+    def data(self) -> dict:
+        budgets, targets = self.ctx.config.budgets, self.ctx.config.targets
+        recall, oracle = [], []
+        for (order, meth), total in self.curve_sum.items():
+            mean = self._averaged(total, order, f"{meth} · {order}")
+            self.curves[mean.label] = mean
+            orc = self._averaged(self.oracle_sum[order], order, f"oracle · {order}")
+            recall.append({
+                "method": meth, "order": order,
+                "recall": {f"{g:g}": float(mean.at(g)) for g in budgets},
+                "density": {f"{g:g}": float(mean.density_at(g)) for g in budgets},
+                "oracle_gap": {f"{g:g}": float(orc.at(g) - mean.at(g)) for g in budgets},
+                "needed_budget": {f"{t:g}": float(mean.needed_budget(t)) for t in targets},
+                "by_step": {f"{g:g}": {str(s): float(np.mean(v)) for s, v in self.by_step[(order, meth, g)].items()}
+                            for g in budgets},
+            })
+        for order, total in self.oracle_sum.items():
+            orc = self._averaged(total, order, f"oracle · {order}")
+            self.oracles[orc.label] = orc
+            oracle.append({"order": order, "recall": {f"{g:g}": float(orc.at(g)) for g in budgets},
+                           "needed_budget": {f"{t:g}": float(orc.needed_budget(t)) for t in targets}})
+        return {"recall": recall, "oracle": oracle}
+
+    @staticmethod
+    def render(data: dict) -> list[str]:
+        budgets, targets = data["config"]["budgets"], data["config"]["targets"]
         head = "| method | order | " + " | ".join(f"R @ γ={g:g}" for g in budgets) + " | " + " | ".join(
-            f"oracle gap @ {g:g}" for g in budgets) + " | " + " | ".join(f"γ for R={t:g}" for t in d["config"]["targets"]) + " |"
-        lines += [head, "|" + "---|" * (2 + 2 * len(budgets) + len(d["config"]["targets"]))]
-        for row in d["recall"]:
+            f"oracle gap @ {g:g}" for g in budgets) + " | " + " | ".join(f"γ for R={t:g}" for t in targets) + " |"
+        lines = ["## 3. Recall at fixed budgets", "", head, "|" + "---|" * (2 + 2 * len(budgets) + len(targets))]
+        for row in data["recall"]:
             cells = [row["method"], row["order"]]
             cells += [_fmt(row["recall"][f"{g:g}"]) for g in budgets]
             cells += [_fmt(row["oracle_gap"][f"{g:g}"]) for g in budgets]
-            cells += [_fmt(row["needed_budget"][f"{t:g}"]) for t in d["config"]["targets"]]
+            cells += [_fmt(row["needed_budget"][f"{t:g}"]) for t in targets]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("Oracle recall R*(k) per order: " + "; ".join(
-            f"{o['order']}: " + ", ".join(f"γ={g:g} → {_fmt(o['recall'][f'{g:g}'])}" for g in budgets) for o in d["oracle"]
+            f"{o['order']}: " + ", ".join(f"γ={g:g} → {_fmt(o['recall'][f'{g:g}'])}" for g in budgets)
+            for o in data["oracle"]
         ))
-        lines.append("")
-        dr = d["drift"]
-        lines += ["## 4. Mask drift and the DFSAttn schedule", ""]
+        return lines + [""]
+
+    def figures(self) -> dict:
+        return {"recall_budget": figures.recall_budget(self.curves, self.oracles, targets=self.ctx.config.targets,
+                                                       title="Recall against budget (mean over steps, layers, heads)")}
+
+
+def _add_curve(sums: dict, key: object, curve: RecallCurve) -> None:
+    """Add the head mean of ``curve`` to the (recall, density) sums under ``key``."""
+    mean = curve.mean()
+    total = sums.get(key, (0, 0))
+    sums[key] = (total[0] + mean.recall, total[1] + mean.density)
+
+
+class _Drift(_Claim):
+    """4. Recall and Jaccard of a mask reused ``interval`` steps later, and the DFSAttn schedule
+    replayed on the captured steps (cached masks against refreshing every step)."""
+
+    def __init__(self, ctx: _Context) -> None:
+        super().__init__(ctx)
+        self.drifts: dict = {}
+        self.replay: dict = {}
+
+    def data(self) -> dict:
+        # One layer at a time, re-read from the file, so that only one layer's maps of every step
+        # are in memory at once.
+        ctx = self.ctx
+        reader, schedule, steps, n, block = ctx.reader, ctx.schedule, ctx.reader.steps, ctx.n, ctx.block
+        gamma0 = schedule.gamma0
+        replay_steps = [s for s in steps if _replayable(schedule, s, steps)]
+        skipped = [s for s in steps if s not in replay_steps]
+        replay_idx = [steps.index(s) for s in replay_steps]
+        series, plan_replay = [], None
+        for layer in reader.layers:
+            masses = [reader.block_stats(s, layer, ctx.order, branch=ctx.branch).m for s in steps]
+            scores = [reader.scores(s, layer, ctx.order, ctx.method, branch=ctx.branch) for s in steps]
+            masks = [select_topk(sc, gamma0, seq_len=n, block=block) for sc in scores]
+            self.drifts[layer] = mask_drift(masses, masks, steps, label=f"layer {layer}")
+            if replay_steps:
+                rp = replay_schedule(schedule, replay_steps, [masses[i] for i in replay_idx],
+                                     [scores[i] for i in replay_idx], layer=layer, seq_len=n, block=block)
+                series.append(rp.mean_series())
+                # The plan shown is that of a sparse layer when there is one (dense layers are dense throughout).
+                if plan_replay is None or (plan_replay.layer in schedule.dense_layers and layer not in schedule.dense_layers):
+                    plan_replay = rp
+        lags = sorted({t - s for s in steps for t in steps if t > s})
+        interval = schedule.interval
+        nearest = min(lags, key=lambda g: (abs(g - interval), g)) if lags else None
+        replay = {"steps": replay_steps, "skipped": skipped, "mask_step": [], "gamma": [], "recall_cached": [],
+                  "recall_fresh": [], "density_cached": [], "density_fresh": []}
+        if plan_replay is not None:
+            # Every sparse layer shares the plan; the series are means over all layers.
+            replay["mask_step"], replay["gamma"] = list(plan_replay.mask_step), list(plan_replay.gamma)
+            for key in ("recall_cached", "recall_fresh", "density_cached", "density_fresh"):
+                replay[key] = np.mean([sr[key] for sr in series], axis=0).tolist()
+        if skipped:
+            ctx.notes.append(f"Schedule replay skipped steps {skipped}: they reuse masks refreshed at uncaptured steps.")
+        self.replay = replay
+        return {"drift": {
+            "schedule": schedule.name, "interval": interval, "method": ctx.method, "order": ctx.order, "gamma": gamma0,
+            "at_interval": self._lag_mean(interval) if interval in lags else None,
+            "nearest": self._lag_mean(nearest) if nearest is not None else None,
+            "per_layer_recall": {str(l): d.mean_recall().tolist() for l, d in self.drifts.items()},
+            "per_layer_jaccard": {str(l): d.mean_jaccard().tolist() for l, d in self.drifts.items()},
+            "replay": replay,
+        }}
+
+    def _lag_mean(self, lag: int) -> dict | None:
+        per_layer = [d.at_lag(lag) for d in self.drifts.values()]
+        if per_layer[0] is None:
+            return None
+        out = {k: float(np.mean([p[k] for p in per_layer])) for k in ("recall", "jaccard", "relative_recall", "fresh_recall")}
+        return {"lag": lag, "pairs": per_layer[0]["pairs"], **out}
+
+    @staticmethod
+    def render(data: dict) -> list[str]:
+        dr = data["drift"]
+        lines = ["## 4. Mask drift and the DFSAttn schedule", ""]
         lines.append(f"Schedule `{dr['schedule']}`; masks of {dr['method']} on {dr['order']} at γ = {dr['gamma']:g}.")
         lines.append("")
         lag = dr["at_interval"]
@@ -300,105 +751,64 @@ class ClaimsReport:
         if rep["skipped"]:
             lines.append(f"Steps {rep['skipped']} were not replayed: the mask they reuse was refreshed at a step the capture lacks.")
             lines.append("")
-        if self.figures:
-            lines += ["## Figures", ""]
-            lines += [f"- [{name}]({figure_dir}/{name}.html)" for name in self.figures]
-            lines.append("")
-        if self.notes:
-            lines += ["## Notes", ""] + [f"- {n}" for n in self.notes] + [""]
-        return "\n".join(lines)
+        return lines
 
-    def write(self, out_dir: str | os.PathLike, *, png: bool | None = None) -> dict[str, list[str]]:
-        """Write ``report.md``, ``report.json`` and ``figures/<name>.html`` (+ ``.png``) under ``out_dir``.
+    def figures(self) -> dict:
+        ctx = self.ctx
+        schedule, replay = ctx.schedule, self.replay
+        drift = self.drifts[ctx.mid_layer]
+        figs = {
+            "drift_recall": figures.drift_heatmap(drift.steps, drift.mean_recall(), quantity="recall",
+                                                  title=f"Mask drift, layer {ctx.mid_layer}: recall of the step-s mask at step t"),
+            "drift_jaccard": figures.drift_heatmap(drift.steps, drift.mean_jaccard(), quantity="jaccard",
+                                                   title=f"Mask drift, layer {ctx.mid_layer}: Jaccard of the step-s and step-t masks"),
+        }
+        plans = [schedule.at_step(s) for s in range(schedule.num_steps)]
+        series = {}
+        if replay["steps"]:
+            for key, name in (("recall_cached", "recall, cached masks"), ("recall_fresh", "recall, refreshed every step"),
+                              ("density_cached", "density, cached masks")):
+                full = np.full(schedule.num_steps, np.nan)
+                full[replay["steps"]] = replay[key]
+                series[name] = full
+        figs["schedule"] = figures.schedule_figure(range(schedule.num_steps), [p.gamma for p in plans],
+                                                   [p.refresh for p in plans], series=series,
+                                                   title=f"DFSAttn schedule replayed on the capture<br><sup>{schedule.name}, "
+                                                         f"{ctx.method} on {ctx.order}, mean over layers and heads</sup>")
+        return figs
 
-        The HTML files share ``figures/plotly.min.js`` (written once), so they open offline.
 
-        ``png``: True forces PNG export (ValueError without kaleido or Chromium), False skips
-        it, None exports when both are present (:func:`png_export_available`). PNGs go through
-        one kaleido sync server.
-        Returns {"markdown": [...], "json": [...], "html": [...], "png": [...]} of written paths.
-        """
-        if png is not None and not isinstance(png, bool):
-            raise TypeError(f"`png` must be True, False or None (got {type(png).__name__})")
-        if png and not _kaleido_installed():
-            raise ValueError("PNG export needs kaleido: install it with `pip install 'dfsviz[png]'`, or pass --no-png")
-        if png and not chromium_available():
-            raise ValueError(
-                "PNG export needs Chromium (kaleido 1.x has no bundled browser): install it, e.g. "
-                "`apt-get install chromium`, or pass --no-png"
-            )
-        do_png = png_export_available() if png is None else png
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"`out_dir` {str(out)!r} exists and is not a directory; pick a folder path")
-        fig_dir = out / "figures"
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        written: dict[str, list[str]] = {"markdown": [], "json": [], "html": [], "png": []}
-        (out / "report.md").write_text(self.markdown("figures"), encoding="utf-8")
-        written["markdown"].append(str(out / "report.md"))
-        (out / "report.json").write_text(json.dumps(_json_ready(self.data), indent=2, allow_nan=False), encoding="utf-8")
-        written["json"].append(str(out / "report.json"))
-        for name, fig in self.figures.items():
-            path = fig_dir / f"{name}.html"
-            # "directory": one local plotly.min.js beside the pages, no network needed to view them.
-            fig.write_html(path, include_plotlyjs="directory", full_html=True)
-            written["html"].append(str(path))
-        if do_png and self.figures:
-            import kaleido
+class _Footprint(_Claim):
+    """A figure only: where one query block's attention lands in the video, with the kept keys."""
 
-            kaleido.start_sync_server(silence_warnings=True)
-            try:
-                with warnings.catch_warnings():
-                    # plotly warns that its per-call kaleido options are ignored by a running server.
-                    warnings.simplefilter("ignore", UserWarning)
-                    for name, fig in self.figures.items():
-                        path = fig_dir / f"{name}.png"
-                        fig.write_image(path)
-                        written["png"].append(str(path))
-            finally:
-                kaleido.stop_sync_server()
-        return written
+    def figures(self) -> dict:
+        ctx = self.ctx
+        reader = ctx.reader
+        if not reader.layout.footprints:
+            return {}
+        head, step, layer, order, gamma = reader.heads[0], ctx.mid_step, ctx.mid_layer, ctx.order, ctx.mid_gamma
+        blocks, attention = reader.footprints(step, layer, order, head, branch=ctx.branch)
+        u = int(blocks[0])
+        perm = reader.perm(order)
+        scores = reader.scores(step, layer, order, ctx.method, head=head, branch=ctx.branch)
+        n, block = ctx.n, ctx.block
+        kept_blocks = select_topk(scores, gamma, seq_len=n, block=block).to_dense()[0, 0, u]
+        ordered_kept = kept_blocks.repeat_interleave(block)[:n]
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[perm[ordered_kept]] = True
+        query = torch.zeros(n, dtype=torch.bool)
+        query[perm[u * block:(u + 1) * block]] = True
+        return {"footprint": figures.footprint_frames(
+            attention[0], reader.grid, kept_tokens=kept, query_tokens=query,
+            title=f"Query block {u} ({order}), step {step}, layer {layer}, head {head}<br>"
+                  f"<sup>keys kept by {ctx.method} at γ = {gamma:g} outlined white, the query block cyan</sup>")}
+
+
+#: The claims in the order of the report's sections.
+_CLAIMS: tuple[type[_Claim], ...] = (_Bounds, _OrderComparison, _Recall, _Drift, _Footprint)
 
 
 # --------------------------------------------------------------------------------- building
-def _head_means(table: FactorTable) -> FactorTable:
-    """One row per (batch, head) of a factor_rows table: finite means of the block factors."""
-    cols: dict[str, list] = {name: [] for name in (*KEY_COLUMNS, *_HEAD_MEANS)}
-    for _, sub in table.groups(["batch", "head"]).items():
-        for name in KEY_COLUMNS:
-            cols[name].append(-1 if name == "u" else sub.column(name)[0])
-        for name in _HEAD_MEANS:
-            x = sub.column(name)
-            x = x[np.isfinite(x)]
-            cols[name].append(float(x.mean()) if x.size else float("nan"))
-    out = {}
-    for name, values in cols.items():
-        dtype = object if name in ("order", "method", "selector") else (np.int64 if name in KEY_COLUMNS else np.float64)
-        out[name] = np.asarray(values, dtype=dtype)
-    return FactorTable(out)
-
-
-class _Violations:
-    """Running violation counts over all rows (FactorTable.violations per chunk, summed)."""
-
-    def __init__(self, atol: float) -> None:
-        self.atol = atol
-        self.counts = {"rows": 0, "bound2": 0, "bound3": 0, "bound3_over_bound2": 0}
-        self.max_excess = -math.inf
-        self.worst = None
-
-    def add(self, table: FactorTable) -> None:
-        v = table.violations(self.atol)
-        for key in self.counts:
-            self.counts[key] += v[key]
-        if v["max_excess"] is not None and v["max_excess"] > self.max_excess:
-            self.max_excess, self.worst = v["max_excess"], v["worst"]
-
-    def result(self) -> dict:
-        return {**self.counts, "atol": self.atol, "max_excess": self.max_excess if self.counts["rows"] else None,
-                "worst": self.worst}
-
-
 def _pick(value: str | None, available: list[str], preferred: str, name: str) -> str:
     if value is None:
         return preferred if preferred in available else available[0]
@@ -450,9 +860,10 @@ def _require_valid(reader) -> None:
         )
 
 
-def _build(reader, config: ReportConfig) -> ClaimsReport:
+def _context(reader, config: ReportConfig) -> _Context:
+    """Check that the capture can be reported on and make the choices every claim shares."""
     _require_valid(reader)
-    steps, layers, orders, methods = reader.steps, reader.layers, reader.orders, reader.methods
+    steps, methods = reader.steps, reader.methods
     if not methods:
         raise ValueError("the capture holds no scoring method; capture with --methods meanpool,dfs_tile")
     if not steps:
@@ -460,181 +871,38 @@ def _build(reader, config: ReportConfig) -> ClaimsReport:
     if config.branch not in reader.branches:
         raise ValueError(f"`branch` must be one of the capture's branches {reader.branches} (got {config.branch!r})")
     method = _pick(config.method, methods, "dfs_tile", "method")
-    order_d = _pick(config.order, orders, "hilbert3d", "order")
+    order = _pick(config.order, reader.orders, "hilbert3d", "order")
     num_steps = int(reader.attrs.get("num_steps", max(steps) + 1))
     schedule = config.schedule or default_schedule(max(num_steps, max(steps) + 1))
-    grid, block = reader.grid, reader.block
-    n = grid.num_tokens
-    mk = -(-n // block)
-    branch = config.branch
     notes: list[str] = []
     if not reader.complete:
         notes.append(f"The capture is incomplete: steps {reader.steps} of {reader.planned_steps} were analysed.")
+    return _Context(reader, config, method, order, schedule, config.branch, notes)
 
-    heads = reader.heads
-    rows_per_chunk = len(heads) * mk
-    chunks = len(steps) * len(layers) * len(orders) * len(methods) * len(config.budgets)
-    keep_per_chunk = max(1, config.max_points // max(1, chunks))
-    violations = _Violations(config.atol)
-    sampled: list[FactorTable] = []
-    head_tables: list[FactorTable] = []
-    var_tables: list[FactorTable] = []
-    # Sums of (recall, density) curves [Mk] over (step, layer), each already a mean over heads.
-    curve_sum: dict[tuple[str, str], tuple] = {}
-    oracle_sum: dict[str, tuple] = {}
-    curve_count = 0
-    by_step: dict[tuple[str, str, float], dict[int, list[float]]] = {}
-    mask_views: dict[str, tuple] = {}
-    mid_step, mid_layer = steps[len(steps) // 2], layers[len(layers) // 2]
-    mid_gamma = config.budgets[len(config.budgets) // 2]
-    chunk_id = 0
-    for step in steps:
-        for layer in layers:
-            for order in orders:
-                stored = reader.block_stats(step, layer, order, branch=branch)
-                stats = stored.to_block_stats()
-                w_q, w_k = reader.variance_ratios(step, layer, order, branch=branch)
-                var_tables.append(variance_rows(W_q=w_q, W_k=w_k, order=order, step=step, layer=layer))
-                oracle = oracle_curve(stats.m, seq_len=n, block=block)
-                mean = oracle.mean()
-                total = oracle_sum.get(order, (0, 0))
-                oracle_sum[order] = (total[0] + mean.recall, total[1] + mean.density)
-                for meth in methods:
-                    scores = reader.scores(step, layer, order, meth, branch=branch)
-                    curve = recall_curve(stats.m, scores, seq_len=n, block=block)
-                    mean = curve.mean()
-                    total = curve_sum.get((order, meth), (0, 0))
-                    curve_sum[(order, meth)] = (total[0] + mean.recall, total[1] + mean.density)
-                    for gamma in config.budgets:
-                        by_step.setdefault((order, meth, gamma), {}).setdefault(step, []).append(float(curve.at(gamma).mean()))
-                        mask = select_topk(scores, gamma, seq_len=n, block=block)
-                        table = factor_rows(stats, mask, order=order, method=meth, selector=selector_key("topk", gamma),
-                                            step=step, layer=layer)
-                        violations.add(table)
-                        head_tables.append(_head_means(table))
-                        sampled.append(table.subsample(min(keep_per_chunk, rows_per_chunk), seed=chunk_id))
-                        chunk_id += 1
-                        if meth == method and gamma == mid_gamma and step == mid_step and layer == mid_layer:
-                            mask_views[order] = (stats.m[0, 0], mask.to_dense()[0, 0])
-            curve_count += 1
-        log.info("report: step %d read", step)
 
-    bound1 = _bound1_check(reader, steps, orders, method, mid_gamma, branch, config.atol) if config.bound1 else None
-
-    block_table = FactorTable.concat(sampled)
-    head_table = FactorTable.concat(head_tables)
-    var_table = FactorTable.concat(var_tables)
+def _build(reader, config: ReportConfig) -> ClaimsReport:
+    ctx = _context(reader, config)
+    claims = [claim(ctx) for claim in _CLAIMS]
+    for cell in _read(ctx):
+        for claim in claims:
+            claim.add(cell)
+    grid, block = reader.grid, reader.block
     data: dict = {
         "run": {
-            "path": str(reader.path), "model": reader.attrs.get("model_id"), "grid": grid.name, "num_tokens": n,
-            "block": block, "num_blocks": mk, "steps": steps, "layers": layers, "heads": heads, "orders": orders,
-            "methods": methods, "complete": reader.complete, "branch": branch,
+            "path": str(reader.path), "model": reader.attrs.get("model_id"), "grid": grid.name, "num_tokens": ctx.n,
+            "block": block, "num_blocks": -(-ctx.n // block), "steps": reader.steps, "layers": reader.layers,
+            "heads": reader.heads, "orders": reader.orders, "methods": reader.methods, "complete": reader.complete,
+            "branch": ctx.branch,
         },
         "config": {"budgets": list(config.budgets), "targets": list(config.targets), "atol": config.atol,
-                   "method": method, "order": order_d, "max_points": config.max_points, "bound1": config.bound1},
-        "violations": violations.result(),
-        "bound1": bound1,
+                   "method": ctx.method, "order": ctx.order, "max_points": config.max_points, "bound1": config.bound1},
     }
-
-    # Hilbert vs raster: W from the head table, block factors as per-head means.
-    if "raster" in orders and "hilbert3d" in orders:
-        selector = selector_key("topk", mid_gamma)
-        rows = [_change(var_table, f, match=("step", "layer", "batch", "head")) for f in ("W_q", "W_k")]
-        sub = head_table.select(method=method, selector=selector)
-        rows += [_change(sub, f) for f in REPORT_FACTORS]
-        every = {}
-        for meth in methods:
-            for gamma in config.budgets:
-                key = f"{meth}/{selector_key('topk', gamma)}"
-                part = head_table.select(method=meth, selector=selector_key("topk", gamma))
-                every[key] = [_change(part, f) for f in REPORT_FACTORS]
-        data["order_comparison"] = {"method": method, "budget": mid_gamma, "rows": rows, "all": every}
-    else:
-        data["order_comparison"] = None
-        notes.append("Hilbert vs raster needs both orders in the capture (--orders raster,hilbert3d).")
-
-    # Recall against budget, oracle, needed budgets.
-    curves: dict[str, RecallCurve] = {}
-    data["recall"], data["oracle"] = [], []
-
-    def averaged(total: tuple, label: str) -> RecallCurve:
-        return RecallCurve(total[0] / curve_count, total[1] / curve_count, n, block, label)
-
-    for (order, meth), total in curve_sum.items():
-        mean = averaged(total, f"{meth} · {order}")
-        curves[mean.label] = mean
-        orc = averaged(oracle_sum[order], f"oracle · {order}")
-        data["recall"].append({
-            "method": meth, "order": order,
-            "recall": {f"{g:g}": float(mean.at(g)) for g in config.budgets},
-            "density": {f"{g:g}": float(mean.density_at(g)) for g in config.budgets},
-            "oracle_gap": {f"{g:g}": float(orc.at(g) - mean.at(g)) for g in config.budgets},
-            "needed_budget": {f"{t:g}": float(mean.needed_budget(t)) for t in config.targets},
-            "by_step": {f"{g:g}": {str(s): float(np.mean(v)) for s, v in by_step[(order, meth, g)].items()}
-                        for g in config.budgets},
-        })
-    oracles = {}
-    for order in orders:
-        orc = averaged(oracle_sum[order], f"oracle · {order}")
-        oracles[orc.label] = orc
-        data["oracle"].append({"order": order, "recall": {f"{g:g}": float(orc.at(g)) for g in config.budgets},
-                               "needed_budget": {f"{t:g}": float(orc.needed_budget(t)) for t in config.targets}})
-
-    # Drift at the refresh interval and the schedule replay, one layer at a time (re-read from
-    # the file so that only one layer's maps of every step are in memory at once).
-    gamma0 = schedule.gamma0
-    replay_steps = [s for s in steps if _replayable(schedule, s, steps)]
-    skipped = [s for s in steps if s not in replay_steps]
-    replay_idx = [steps.index(s) for s in replay_steps]
-    drifts, series, plan_replay = {}, [], None
-    for layer in layers:
-        masses = [reader.block_stats(s, layer, order_d, branch=branch).m for s in steps]
-        scores = [reader.scores(s, layer, order_d, method, branch=branch) for s in steps]
-        masks = [select_topk(sc, gamma0, seq_len=n, block=block) for sc in scores]
-        drifts[layer] = mask_drift(masses, masks, steps, label=f"layer {layer}")
-        if replay_steps:
-            rp = replay_schedule(schedule, replay_steps, [masses[i] for i in replay_idx],
-                                 [scores[i] for i in replay_idx], layer=layer, seq_len=n, block=block)
-            series.append(rp.mean_series())
-            # The plan shown is that of a sparse layer when there is one (dense layers are dense throughout).
-            if plan_replay is None or (plan_replay.layer in schedule.dense_layers and layer not in schedule.dense_layers):
-                plan_replay = rp
-    lags = sorted({t - s for s in steps for t in steps if t > s})
-    interval = schedule.interval
-
-    def lag_mean(lag: int) -> dict | None:
-        per_layer = [d.at_lag(lag) for d in drifts.values()]
-        if per_layer[0] is None:
-            return None
-        out = {k: float(np.mean([p[k] for p in per_layer])) for k in ("recall", "jaccard", "relative_recall", "fresh_recall")}
-        return {"lag": lag, "pairs": per_layer[0]["pairs"], **out}
-
-    nearest = min(lags, key=lambda g: (abs(g - interval), g)) if lags else None
-    replay = {"steps": replay_steps, "skipped": skipped, "mask_step": [], "gamma": [], "recall_cached": [],
-              "recall_fresh": [], "density_cached": [], "density_fresh": []}
-    if plan_replay is not None:
-        # Every sparse layer shares the plan; the series are means over all layers.
-        replay["mask_step"], replay["gamma"] = list(plan_replay.mask_step), list(plan_replay.gamma)
-        for key in ("recall_cached", "recall_fresh", "density_cached", "density_fresh"):
-            replay[key] = np.mean([sr[key] for sr in series], axis=0).tolist()
-    if skipped:
-        notes.append(f"Schedule replay skipped steps {skipped}: they reuse masks refreshed at uncaptured steps.")
-    data["drift"] = {
-        "schedule": schedule.name, "interval": interval, "method": method, "order": order_d, "gamma": gamma0,
-        "at_interval": lag_mean(interval) if interval in lags else None,
-        "nearest": lag_mean(nearest) if nearest is not None else None,
-        "per_layer_recall": {str(l): d.mean_recall().tolist() for l, d in drifts.items()},
-        "per_layer_jaccard": {str(l): d.mean_jaccard().tolist() for l, d in drifts.items()},
-        "replay": replay,
-    }
-    data["factor_summary"] = {
-        "block": head_table.summary(["order", "method", "selector"], list(REPORT_FACTORS) + ["recall", "bound2"]),
-        "head": var_table.summary(["order"], ["W_q", "W_k"]),
-    }
-
-    figs = _figures(reader, data, config, curves, oracles, block_table, var_table, drifts, schedule, replay,
-                    mask_views, method, order_d, mid_step, mid_layer, mid_gamma, branch)
-    return ClaimsReport(data=data, figures=figs, notes=notes)
+    for claim in claims:
+        data.update(claim.data())
+    figs: dict = {}
+    for claim in sorted(claims, key=lambda c: not c.headline):
+        figs.update(claim.figures())
+    return ClaimsReport(data=data, figures=figs, notes=ctx.notes)
 
 
 def _bound1_check(reader, steps, orders, method, gamma, branch, atol) -> dict | None:
@@ -684,62 +952,3 @@ def _replayable(schedule: DFSSchedule, step: int, captured: list[int]) -> bool:
     # Layer 0 of a schedule without dense layers stands for every sparse layer here.
     source = mask_source_step(dataclasses.replace(schedule, dense_layers=()), step)
     return source is None or source in captured
-
-
-def _figures(reader, data, config, curves, oracles, block_table, var_table, drifts, schedule, replay,
-             mask_views, method, order_d, mid_step, mid_layer, mid_gamma, branch) -> dict:
-    figs = {}
-    figs["recall_budget"] = figures.recall_budget(curves, oracles, targets=config.targets,
-                                                  title="Recall against budget (mean over steps, layers, heads)")
-    groups = [f"{o} · {m}" for o, m in zip(block_table.column("order"), block_table.column("method"))]
-    figs["bound_vs_measured"] = figures.bound_scatter(block_table.column("bound2"), block_table.column("recall"),
-                                                      groups=groups, atol=config.atol)
-    figs["recall_vs_gap"] = figures.recall_vs_gap(block_table.column("effective_gap"), block_table.column("recall"),
-                                                  block_table.column("gamma"), groups=block_table.column("order"))
-    for factor in ("W_q", "W_k"):
-        figs[f"factor_{factor}"] = figures.factor_distributions(
-            {o: sub.column(factor) for (o,), sub in var_table.groups("order").items()}, factor=factor)
-    sel = block_table.select(method=method, selector=selector_key("topk", mid_gamma))
-    if len(sel):
-        for factor in REPORT_FACTORS:
-            figs[f"factor_{factor}"] = figures.factor_distributions(
-                {o: sub.column(factor) for (o,), sub in sel.groups("order").items()}, factor=factor,
-                title=f"{figures.FACTOR_LABELS[factor]} per order ({method}, γ = {mid_gamma:g})")
-    for order, (m, kept) in mask_views.items():
-        figs[f"mask_{order}"] = figures.mask_heatmap(
-            m, kept, title=f"{order} · step {mid_step} · layer {mid_layer} · head {reader.heads[0]} · {method} γ={mid_gamma:g}")
-    drift = drifts[mid_layer]
-    figs["drift_recall"] = figures.drift_heatmap(drift.steps, drift.mean_recall(), quantity="recall",
-                                                 title=f"Mask drift, layer {mid_layer}: recall of the step-s mask at step t")
-    figs["drift_jaccard"] = figures.drift_heatmap(drift.steps, drift.mean_jaccard(), quantity="jaccard",
-                                                  title=f"Mask drift, layer {mid_layer}: Jaccard of the step-s and step-t masks")
-    plans = [schedule.at_step(s) for s in range(schedule.num_steps)]
-    series = {}
-    if replay["steps"]:
-        for key, name in (("recall_cached", "recall, cached masks"), ("recall_fresh", "recall, refreshed every step"),
-                          ("density_cached", "density, cached masks")):
-            full = np.full(schedule.num_steps, np.nan)
-            full[replay["steps"]] = replay[key]
-            series[name] = full
-    figs["schedule"] = figures.schedule_figure(range(schedule.num_steps), [p.gamma for p in plans],
-                                               [p.refresh for p in plans], series=series,
-                                               title=f"DFSAttn schedule replayed on the capture<br><sup>{schedule.name}, "
-                                                     f"{method} on {order_d}, mean over layers and heads</sup>")
-    if reader.layout.footprints:
-        head = reader.heads[0]
-        blocks, attention = reader.footprints(mid_step, mid_layer, order_d, head, branch=branch)
-        u = int(blocks[0])
-        perm = reader.perm(order_d)
-        scores = reader.scores(mid_step, mid_layer, order_d, method, head=head, branch=branch)
-        n, block = reader.grid.num_tokens, reader.block
-        kept_blocks = select_topk(scores, mid_gamma, seq_len=n, block=block).to_dense()[0, 0, u]
-        ordered_kept = kept_blocks.repeat_interleave(block)[:n]
-        kept = torch.zeros(n, dtype=torch.bool)
-        kept[perm[ordered_kept]] = True
-        query = torch.zeros(n, dtype=torch.bool)
-        query[perm[u * block:(u + 1) * block]] = True
-        figs["footprint"] = figures.footprint_frames(
-            attention[0], reader.grid, kept_tokens=kept, query_tokens=query,
-            title=f"Query block {u} ({order_d}), step {mid_step}, layer {mid_layer}, head {head}<br>"
-                  f"<sup>keys kept by {method} at γ = {mid_gamma:g} outlined white, the query block cyan</sup>")
-    return figs
