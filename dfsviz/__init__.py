@@ -14,15 +14,18 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 if TYPE_CHECKING:
     from dfsviz._package_data import sample_capture  # noqa: F401
     from dfsviz.accel import DFSConfig, apply_dfsattn, remove_dfsattn  # noqa: F401
+    from dfsviz.capture.record import record  # noqa: F401
     from dfsviz.capture.runset import open_run_set  # noqa: F401
     from dfsviz.capture.store import CaptureReader
 
-__all__ = ["DFSConfig", "__version__", "apply_dfsattn", "open", "open_run_set", "remove_dfsattn", "sample_capture"]
+__all__ = ["DFSConfig", "__version__", "apply_dfsattn", "open", "open_run_set", "record", "remove_dfsattn",
+           "sample_capture"]
 
 # Names served from subpackages on first use, so `import dfsviz` (and `dfsviz.sparse`)
 # never pulls in Triton, diffusers or h5py.
 _LAZY = {"apply_dfsattn": "dfsviz.accel", "remove_dfsattn": "dfsviz.accel", "DFSConfig": "dfsviz.accel",
-         "sample_capture": "dfsviz._package_data", "open_run_set": "dfsviz.capture.runset"}
+         "sample_capture": "dfsviz._package_data", "open_run_set": "dfsviz.capture.runset",
+         "record": "dfsviz.capture.record"}
 
 
 def __getattr__(name: str):

@@ -45,7 +45,9 @@ class AttentionReducer:
         self.rc = rc
         self.writer = writer
         self.progress = progress
-        self.branch = "cond"
+        # (batch element, branch) of each sample the next SDPA calls carry: one per call when
+        # the branches run as separate calls, both halves of a CFG batch of 2 otherwise
+        self.targets: list[tuple[int, str]] = [(0, "cond")]
         self.orders = [make_order(name, rc.grid) for name in rc.layout.orders]
         self.block_stats, self.block_scores, self.triton = _kernels()
         self.heads = torch.tensor(rc.heads, dtype=torch.int64)
@@ -65,11 +67,15 @@ class AttentionReducer:
             raise ValueError(
                 f"layer {rec.name} called SDPA {rec.call + 1} times in one forward (per-sample loops are not supported)"
             )
+        for sample, branch in self.targets:
+            self._reduce_sample(rec, sample, branch)
+
+    def _reduce_sample(self, rec: AttentionRecord, sample: int, branch: str) -> None:
         from dfsviz.sparse.stats import variance_ratio
 
         cfg, lay, grid = self.rc.config, self.rc.layout, self.rc.grid
-        q, k, v = rec.q[:1], rec.k[:1], rec.v[:1]  # the runner sends one sample per call
-        valid = self.rc.source.adapter.valid_tokens(rec.attn_mask, q.shape[2], 0)
+        q, k, v = (x[sample : sample + 1] for x in (rec.q, rec.k, rec.v))
+        valid = self.rc.source.adapter.valid_tokens(rec.attn_mask, q.shape[2], sample)
         if valid is not None:
             q, k, v = (x.index_select(2, valid) for x in (q, k, v))
         if q.shape[2] != grid.num_tokens:
@@ -99,7 +105,7 @@ class AttentionReducer:
             wq = variance_ratio(qo, lay.block, check_values=False)[0]
             wk = variance_ratio(ko, lay.block, check_values=False)[0]
             self.writer.write_maps(
-                rec.layer, self.branch, order.name, {"m": st.m[0], "L": st.L[0], "r": st.r[0], "J": st.J[0]}, scores, wq, wk
+                rec.layer, branch, order.name, {"m": st.m[0], "L": st.L[0], "r": st.r[0], "J": st.J[0]}, scores, wq, wk
             )
             del qo, ko, st, scores
             if lay.footprints:
@@ -107,9 +113,9 @@ class AttentionReducer:
                 seed = (cfg.seed * 7919 + rec.layer * 31 + oi) % (1 << 63)  # within torch's seed range for any seed
                 blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), seed)
                 att = block_footprints(q, k, order.perm_on(q.device), blocks, lay.block, scale)
-                self.writer.write_footprints(rec.layer, self.branch, order.name, blocks, att)
+                self.writer.write_footprints(rec.layer, branch, order.name, blocks, att)
         if rec.layer in lay.qkv_layers and lay.has_qkv(self.writer.open_step):
-            self.writer.write_qkv(rec.layer, self.branch, q[0], k[0], v[0])
-        self.seen.add((rec.layer, self.branch))
+            self.writer.write_qkv(rec.layer, branch, q[0], k[0], v[0])
+        self.seen.add((rec.layer, branch))
         if self.progress is not None:
             self.progress.update(1)

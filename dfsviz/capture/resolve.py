@@ -15,7 +15,8 @@ from dfsviz.capture.schema import StoreLayout
 from dfsviz.capture.sources import ModelSource, load_embeddings, load_model_source
 from dfsviz.sparse.grid import LatentGrid
 
-__all__ = ["ResolvedCapture", "resolve_capture", "run_identity", "weights_fingerprint"]
+__all__ = ["ResolvedCapture", "check_capture_steps", "resolve_capture", "resolve_layout", "run_attrs", "run_identity",
+           "weights_fingerprint"]
 
 
 @dataclass
@@ -85,8 +86,7 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
     if config.branches == "both" and guidance == 1:
         raise ValueError("`branches`='both' needs an unconditional pass: pass --guidance-scale > 1")
     steps = config.capture_steps or default_capture_steps(num_steps)
-    if max(steps) >= num_steps:
-        raise ValueError(f"`capture_steps` must lie in [0, {num_steps - 1}] for {num_steps} steps (got {list(steps)})")
+    check_capture_steps(steps, num_steps)
 
     # conditioning
     prompt = config.prompt
@@ -128,7 +128,55 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
         )
     grid = adapter.token_grid(mcfg, latent, text_len)
 
-    # layers and heads
+    layer_map, heads, layout = resolve_layout(config, adapter, model, grid, tuple(steps))
+    attrs = {**run_attrs(config, source, latent, num_steps, guidance, prompt, config.negative_prompt),
+             "embeddings": config.embeddings or "model"}
+    return ResolvedCapture(
+        config, source, grid, latent, num_steps, guidance, tuple(steps), layer_map, heads, layout, cond, uncond, attrs
+    )
+
+
+def run_attrs(config: CaptureConfig, source: ModelSource, latent: tuple[int, int, int], num_steps: int,
+              guidance: float, prompt: str, negative_prompt: str) -> dict:
+    """The root attributes that describe a run: model, prompts, schedule, latent size and the
+    capture settings (a capture and a recording add their own)."""
+    model, sched = source.transformer, source.scheduler
+    return {
+        "model_id": source.model_id,
+        "model_class": type(model).__name__,
+        "adapter": source.adapter.name,
+        "model_config": dict(model.config),
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": config.seed,
+        "guidance_scale": guidance,
+        "num_steps": num_steps,
+        "scheduler": type(sched).__name__,
+        "scheduler_config": dict(getattr(sched, "config", {})),
+        "latent": "x".join(map(str, latent)),
+        "tile": config.tile,
+        "stride": config.stride,
+        "method_tiles": {m: config.tile_for(m) for m in config.methods},
+        "capture_config": config.to_json(),
+        "dtype": str(config.torch_dtype).replace("torch.", ""),
+        "device": str(config.torch_device),
+    }
+
+
+def check_capture_steps(steps, num_steps: int, schedule: str = "") -> None:
+    """ValueError unless every captured step lies in the ``num_steps`` steps of the schedule
+    (``schedule`` says whose, e.g. " of this pipeline call")."""
+    if max(steps) >= num_steps:
+        raise ValueError(
+            f"`capture_steps` must lie in [0, {num_steps - 1}] for the {num_steps} steps{schedule} (got {list(steps)})"
+        )
+
+
+def resolve_layout(config: CaptureConfig, adapter, model: torch.nn.Module, grid: LatentGrid,
+                   steps: tuple[int, ...]) -> tuple[dict[str, int], tuple[int, ...], StoreLayout]:
+    """The captured layers (module name -> layer index), heads and file layout of ``config`` on
+    ``model`` with token grid ``grid``; ValueError naming an unknown layer or head."""
+    mcfg = model.config
     all_layers = adapter.select_layers(model)
     by_index = {i: n for n, i in all_layers.items()}
     wanted = config.layers if config.layers is not None else tuple(sorted(by_index))
@@ -143,7 +191,6 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
     heads = config.heads if config.heads is not None else tuple(range(num_heads))
     if max(heads) >= num_heads:
         raise ValueError(f"`heads` {[h for h in heads if h >= num_heads]} do not exist; this model has heads 0..{num_heads - 1}")
-    head_dim = int(mcfg.attention_head_dim)
     num_blocks = -(-grid.num_tokens // config.block)
     layout = StoreLayout(
         grid=grid,
@@ -158,34 +205,10 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
         footprints=min(config.footprints, num_blocks),
         qkv_layers=tuple(config.save_qkv),
         qkv_steps=config.qkv_steps,
-        head_dim=head_dim,
+        head_dim=int(mcfg.attention_head_dim),
         qkv_dtype=config.stored_qkv_dtype,
     )
-    sched = source.scheduler
-    attrs = {
-        "model_id": source.model_id,
-        "model_class": type(model).__name__,
-        "adapter": adapter.name,
-        "model_config": {k: v for k, v in dict(mcfg).items()},
-        "prompt": prompt,
-        "negative_prompt": config.negative_prompt,
-        "seed": config.seed,
-        "guidance_scale": guidance,
-        "num_steps": num_steps,
-        "scheduler": type(sched).__name__,
-        "scheduler_config": dict(getattr(sched, "config", {})),
-        "latent": "x".join(map(str, latent)),
-        "tile": config.tile,
-        "stride": config.stride,
-        "method_tiles": {m: config.tile_for(m) for m in config.methods},
-        "capture_config": config.to_json(),
-        "dtype": str(config.torch_dtype).replace("torch.", ""),
-        "device": str(config.torch_device),
-        "embeddings": config.embeddings or "model",
-    }
-    return ResolvedCapture(
-        config, source, grid, latent, num_steps, guidance, tuple(steps), layer_map, tuple(heads), layout, cond, uncond, attrs
-    )
+    return layer_map, tuple(heads), layout
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

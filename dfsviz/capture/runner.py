@@ -185,11 +185,11 @@ def run_capture(
                     if bar is not None:
                         bar.set_description(f"capture step {i}")
                 x_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-                reducer.branch = "cond"
+                reducer.targets = [(0, "cond")]
                 capture.enabled = captured
                 pred = adapter.forward(model, x_in, t, cond, guidance=rc.guidance_scale, grid=rc.grid).float()
                 if uncond is not None:
-                    reducer.branch = "uncond"
+                    reducer.targets = [(0, "uncond")]
                     capture.enabled = captured and "uncond" in rc.layout.branches
                     pred_u = adapter.forward(model, x_in, t, uncond, guidance=rc.guidance_scale, grid=rc.grid).float()
                     pred = pred_u + rc.guidance_scale * (pred - pred_u)

@@ -1,0 +1,526 @@
+"""Record the user's own pipeline call: ``with dfsviz.record(pipe, "run.h5") as rec: pipe(...)``.
+
+The statistics, file format, crash safety and reader are those of ``dfsviz capture``
+(:mod:`dfsviz.capture.runner`); only the denoising loop is the pipeline's own. While the
+``with`` block is open:
+
+* the pipeline's class is swapped for a subclass whose ``__call__`` reads the call's
+  arguments (prompt, size, frames, steps, guidance ...) and then runs the original call;
+* ``scheduler.step`` is wrapped: the n-th call ends denoising step n, so steps are counted
+  by the pipeline itself, whatever its scheduler;
+* a forward pre-hook on the transformer reads each call's input: the first call gives the
+  token grid (the latent's shape, the adapter's patch sizes and the real text tokens of
+  ``encoder_hidden_states`` and its mask), which sizes the file; each call says which branch
+  it carries (a CFG batch of 2: the family's ``cond_index`` half is the conditional one; two
+  calls per step: the first is the conditional one);
+* :class:`~dfsviz.capture.hooks.AttentionCapture` hands the self-attention SDPA inputs of the
+  captured steps to the same :class:`~dfsviz.capture.reduce.AttentionReducer` as a capture;
+* ``vae.decode`` is wrapped: its output, the decoded clip, is stored (``video``).
+
+Everything is restored on exit; the pipeline's output is bit-identical with and without the
+recording (the wrappers pass their arguments and results through unchanged). The attention
+hooks force diffusers' ``native`` backend (torch SDPA) while recording: on a GPU a pipeline
+set to another backend (flash, sage ...) then runs on SDPA's own kernels, whose rounding differs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfsviz.capture.adapters import Conditioning, adapter_for
+from dfsviz.capture.config import CaptureConfig
+from dfsviz.capture.file_safety import CaptureLock
+from dfsviz.capture.hooks import AttentionCapture
+from dfsviz.capture.reduce import AttentionReducer
+from dfsviz.capture.resolve import (
+    ResolvedCapture,
+    check_capture_steps,
+    resolve_layout,
+    run_attrs,
+    run_identity,
+    weights_fingerprint,
+)
+from dfsviz.capture.runner import CaptureResult
+from dfsviz.capture.sources import ModelSource
+from dfsviz.capture.store import CaptureReader, CaptureWriter
+from dfsviz.sparse.grid import LatentGrid
+
+__all__ = ["Recording", "record"]
+
+logger = logging.getLogger(__name__)
+
+# CaptureConfig fields a recording takes from the caller; the others (model, prompt, steps,
+# size, guidance, device, dtype, embeddings) are decided by the pipeline call
+SETTINGS = ("capture_steps", "layers", "heads", "orders", "methods", "block", "tile", "stride", "footprints",
+            "branches", "save_qkv", "qkv_steps", "qkv_dtype", "kernel_backend", "seed", "overwrite", "resume")
+# pipeline call arguments that change how the call reports, not what it denoises: a resume may differ in them
+_CALL_REPORTING = ("callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type", "return_dict")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def record(pipe, out: str | Path, *, fps: float = 16.0, progress: bool = False, **settings) -> "Recording":
+    """Record the attention statistics of the pipeline calls made inside a ``with`` block.
+
+    Example::
+
+        with dfsviz.record(pipe, "run.h5", capture_steps=[0, 10, 25, 49]) as rec:
+            video = pipe(prompt="a cat playing piano", num_frames=81).frames
+        rec.result.steps   # [0, 10, 25, 49]
+
+    Args:
+        pipe: a diffusers video pipeline whose ``transformer`` is a supported architecture
+            (``dfsviz.capture.supported_architectures()``), with ``scheduler`` and usually
+            ``vae``; LoRA-loaded and image-to-video pipelines alike. One pipeline call per block.
+        out: the capture file to write (its directory must exist).
+        fps: frame rate stored with the decoded clip (> 0; the pipelines' own examples export
+            Wan at 16, HunyuanVideo at 15, CogVideoX at 8 frames per second).
+        progress: show a tqdm bar over the captured steps.
+        **settings: what to capture, as :class:`~dfsviz.capture.CaptureConfig` names it:
+            ``capture_steps`` (None = 5 spread over the call's steps), ``layers``, ``heads``,
+            ``orders``, ``methods``, ``block``, ``tile``, ``stride``, ``footprints``,
+            ``branches`` ("cond" or "both"), ``save_qkv``, ``qkv_steps``, ``qkv_dtype``,
+            ``kernel_backend``, ``seed`` (of the footprint sampling), ``overwrite``, ``resume``
+            (continue an interrupted recording of the same call: the call runs whole again,
+            only the missing steps are reduced).
+
+    Returns:
+        A :class:`Recording` (a context manager); after the block, ``rec.result`` is the
+        :class:`~dfsviz.capture.CaptureResult`.
+
+    Raises:
+        TypeError or ValueError, before anything is written: not a pipeline of a supported
+        transformer, an unknown setting, ``apply_dfsattn`` active, ``out`` existing without
+        ``overwrite``/``resume`` or written by another process. Inside the call: steps
+        outside the call's schedule, a batch of several videos, a grid that does not fit.
+    """
+    return Recording(pipe, out, fps=fps, progress=progress, settings=settings)
+
+
+class Recording:
+    """The context manager of :func:`record`; ``result`` holds the outcome after the block."""
+
+    def __init__(self, pipe, out, *, fps: float, progress: bool, settings: dict) -> None:
+        transformer = getattr(pipe, "transformer", None)
+        if not isinstance(transformer, torch.nn.Module) or not hasattr(pipe, "scheduler"):
+            raise TypeError(
+                f"`pipe` must be a diffusers video pipeline with a `transformer` and a `scheduler` (got "
+                f"{type(pipe).__name__}); for a transformer in your own loop use dfsviz.capture.AttentionCapture"
+            )
+        try:
+            self.adapter = adapter_for(transformer)
+        except ValueError as exc:
+            raise ValueError(f"`pipe` {type(pipe).__name__}: {exc}") from None
+        _refuse_dfsattn(transformer)
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise TypeError(
+                f"record() got settings it does not take: {unknown}; it takes {list(SETTINGS)} (the size, frames, "
+                "steps, guidance and prompt come from the pipeline call)"
+            )
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not np.isfinite(fps) or fps <= 0:
+            raise ValueError(f"`fps` must be a finite number > 0 (got {fps!r})")
+        param = next((p for p in transformer.parameters() if p.is_floating_point()), None)
+        device = "cpu" if param is None or param.device.type == "cpu" else str(param.device)
+        self.config = CaptureConfig(out=str(out), device=device, dtype=_DTYPE_NAMES.get(getattr(param, "dtype", None), "auto"),
+                                    **settings)
+        self.pipe, self.transformer, self.fps, self.progress = pipe, transformer, float(fps), progress
+        self.pipe_class = type(pipe)
+        # resolved before the call, so a bad layer or head is refused before any compute
+        self.layer_map, _, _ = resolve_layout(self.config, self.adapter, transformer, _ANY_GRID, (0,))
+        self.result: CaptureResult | None = None
+        self._lock: CaptureLock | None = None
+        self._restore: list = []
+
+    # -- the block -----------------------------------------------------------------------------
+    def __enter__(self) -> "Recording":
+        out = Path(self.config.out)
+        if not out.parent.is_dir():
+            raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it first")
+        lock = CaptureLock(out)  # a second writer of `out` stops here, before the pipeline runs
+        if out.exists() and not (self.config.overwrite or self.config.resume):
+            lock.release()
+            raise ValueError(f"output {str(out)!r} exists; pass overwrite=True to replace it or resume=True to continue it")
+        self._lock = lock
+        self._start = time.perf_counter()
+        self._calls = 0  # pipeline calls
+        self._call: dict = {}
+        self.rc: ResolvedCapture | None = None
+        self.writer: CaptureWriter | None = None
+        self._step = 0  # scheduler.step calls so far in this pipeline call: the running step
+        self._step_calls = (-1, 0)  # (step, transformer calls in it)
+        self._todo: set[int] = set()
+        self._written: list[int] = []
+        self._step_seconds: dict[int, float] = {}
+        self._step_start = 0.0
+        self._bar = None
+        try:
+            self._capture = AttentionCapture(self.transformer, self.layer_map, self._on_record, force_native=True)
+            self._capture.__enter__()
+            self._restore.append(self._capture.__exit__)
+            self._capture.enabled = False
+            self._wrap_call()
+            self._wrap_method(self.pipe.scheduler, "step", self._after_scheduler_step)
+            vae = getattr(self.pipe, "vae", None)
+            if vae is not None and hasattr(vae, "decode"):
+                self._wrap_method(vae, "decode", self._after_decode)
+            pre = self.transformer.register_forward_pre_hook(self._before_transformer, with_kwargs=True)
+            post = self.transformer.register_forward_hook(self._after_transformer, always_call=True)
+            self._restore += [pre.remove, post.remove]
+        except BaseException:
+            self._undo()
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._undo()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            writer, self.writer = self.writer, None
+            if writer is None:
+                self._release()
+                if exc_type is None:
+                    raise ValueError("no pipeline call ran inside the `with dfsviz.record(...)` block: nothing was recorded")
+                return
+            complete = False
+            try:
+                if exc_type is None and writer.open_step is not None:
+                    self._end_step(writer)  # a transformer-only loop: the last step ends with the block
+                complete = exc_type is None and set(self.rc.capture_steps) <= writer.completed
+                if complete:
+                    writer.finish()
+            finally:
+                writer.close()  # an open step is deleted: the file keeps exactly its completed steps
+        if exc_type is not None:
+            return
+        out = Path(self.config.out)
+        with CaptureReader(out) as reader:  # success only for a file that opens and holds what was written
+            missing = sorted(set(self._written) - set(reader.steps))
+            if missing or reader.complete != complete:
+                raise ValueError(f"{str(out)!r} does not hold the steps {missing} this recording wrote; record it again")
+        if not complete:
+            logger.warning("%s: steps %s were not reached by the pipeline call", out,
+                           sorted(set(self.rc.capture_steps) - set(reader.steps)))
+        self.result = CaptureResult(
+            path=str(out), steps=list(self._written), skipped=sorted(set(self.rc.capture_steps) - set(self._todo)),
+            complete=complete, seconds=time.perf_counter() - self._start, step_seconds=dict(self._step_seconds),
+            file_bytes=out.stat().st_size,
+        )
+
+    def _undo(self) -> None:
+        while self._restore:
+            undo = self._restore.pop()
+            try:
+                undo()
+            except Exception:  # noqa: BLE001 - restore the rest; the first failure is logged
+                logger.exception("restoring the pipeline after recording failed")
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- wrappers ------------------------------------------------------------------------------
+    def _wrap_call(self) -> None:
+        """Swap the pipeline's class for a subclass whose ``__call__`` reads the arguments first."""
+        pipe, original = self.pipe, self.pipe_class
+        recording = self
+
+        def __call__(self, *args, **kwargs):
+            recording._before_call(original, self, args, kwargs)
+            return original.__call__(self, *args, **kwargs)
+
+        recorded = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__})
+        pipe.__class__ = recorded
+
+        def restore() -> None:
+            pipe.__class__ = original
+
+        self._restore.append(restore)
+
+    def _wrap_method(self, owner, name: str, after) -> None:
+        """``owner.name`` calls the original, then ``after(result)``, and returns the result unchanged."""
+        original = getattr(owner, name)
+        had_own = name in vars(owner)
+
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            after(result)
+            return result
+
+        setattr(owner, name, wrapper)
+
+        def restore() -> None:
+            if had_own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+
+        self._restore.append(restore)
+
+    # -- the pipeline call ---------------------------------------------------------------------
+    def _before_call(self, cls, pipe, args, kwargs) -> None:
+        self._calls += 1
+        if self._calls > 1:
+            raise ValueError(
+                "dfsviz.record records one pipeline call per `with` block (this is the second); open a new block, "
+                "with another `out`, for each call"
+            )
+        bound = inspect.signature(cls.__call__).bind(pipe, *args, **kwargs)
+        bound.apply_defaults()
+        self._call = {k: v for k, v in bound.arguments.items() if k != "self"}
+
+    def _before_transformer(self, module, args, kwargs) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if self.rc is None:
+            self._begin(hidden, kwargs)
+        step = self._step
+        calls = self._step_calls[1] + 1 if self._step_calls[0] == step else 0
+        self._step_calls = (step, calls)
+        captured = step in self._todo
+        if captured and self.writer.open_step is None:
+            timestep = kwargs.get("timestep")
+            attrs = {"timestep": float(timestep.flatten()[0])} if isinstance(timestep, torch.Tensor) else {}
+            sigmas = getattr(self.pipe.scheduler, "sigmas", None)
+            if isinstance(sigmas, torch.Tensor) and step < len(sigmas):
+                attrs["sigma"] = float(sigmas[step])
+            self._step_start = time.perf_counter()
+            self.writer.begin_step(step, attrs)
+        targets = self._targets(hidden.shape[0], calls, kwargs) if captured else []
+        self._reducer.targets = targets
+        self._capture.enabled = bool(targets)
+
+    def _after_transformer(self, module, args, kwargs_or_output, *rest) -> None:
+        self._capture.enabled = False
+
+    def _after_scheduler_step(self, result) -> None:
+        writer = self.writer
+        if writer is not None and writer.open_step == self._step:
+            self._end_step(writer)
+        self._step += 1
+
+    def _after_decode(self, result) -> None:
+        if self.writer is None:
+            return
+        decoded = result[0] if isinstance(result, tuple) else getattr(result, "sample", result)
+        if not isinstance(decoded, torch.Tensor) or decoded.dim() != 5 or decoded.shape[1] != 3:
+            logger.warning("vae.decode returned %s, not RGB video [B, 3, T, H, W]: no clip stored",
+                           getattr(decoded, "shape", type(decoded).__name__))
+            return
+        from dfsviz.models.sampler import video_to_uint8
+
+        frames = video_to_uint8(decoded[0])  # [T, H, W, 3]; the pipeline keeps its own tensor
+        self.writer.write_video(frames, self._latent_frames(frames.shape[0]), self.fps)
+
+    # -- first transformer call: grid, layout, file ----------------------------------------------
+    def _begin(self, hidden, kwargs) -> None:
+        cfg, pipe, adapter, model = self.config, self.pipe, self.adapter, self.transformer
+        if not isinstance(hidden, torch.Tensor):
+            raise ValueError(f"the transformer was called without `hidden_states` (got {type(hidden).__name__})")
+        latent = tuple(int(v) for v in adapter.arch.latent_of_call(hidden, kwargs))
+        timesteps = getattr(pipe.scheduler, "timesteps", None)
+        if timesteps is None:
+            raise ValueError(f"{type(pipe).__name__}'s scheduler has no timesteps: record a pipeline call")
+        num_steps = len(timesteps)
+        steps = cfg.capture_steps or _default_steps(num_steps)
+        check_capture_steps(steps, num_steps, " of this pipeline call")
+        videos = _videos_of_call(self._call)
+        if videos != 1:
+            raise ValueError(
+                f"the call makes {videos} videos; dfsviz.record captures one video per call (one prompt, "
+                "num_videos_per_prompt=1)"
+            )
+        guidance = float(self._call.get("guidance_scale") or 1.0)
+        self._cfg = bool(getattr(pipe, "do_classifier_free_guidance", guidance > 1))
+        if cfg.branches == "both" and not self._cfg:
+            raise ValueError("`branches`='both' needs an unconditional pass: call the pipeline with guidance_scale > 1")
+        cond = self._conditioning(kwargs, self._cond_sample(hidden.shape[0]))
+        grid = adapter.token_grid(model.config, latent, adapter.text_len(cond))
+        layer_map, heads, layout = resolve_layout(cfg, adapter, model, grid, tuple(steps))
+        source = ModelSource(
+            transformer=model, adapter=adapter, scheduler=pipe.scheduler, model_id=_model_id(pipe, model, self.pipe_class),
+            vae_spatial=int(getattr(pipe, "vae_scale_factor_spatial", adapter.vae_spatial)),
+            vae_temporal=int(getattr(pipe, "vae_scale_factor_temporal", adapter.vae_temporal)),
+            num_steps=num_steps, guidance_scale=guidance,
+        )
+        attrs = self._attrs(source, latent, num_steps, guidance)
+        self.rc = ResolvedCapture(cfg, source, grid, latent, num_steps, guidance, tuple(steps), layer_map, heads,
+                                  layout, cond, None, attrs)
+        call = {k: v for k, v in attrs["pipeline_call"].items() if k not in _CALL_REPORTING}
+        identity = {**run_identity(self.rc, weights_fingerprint(model)), "pipeline_call": call}
+        out = Path(cfg.out)
+        if cfg.resume:
+            self.writer = CaptureWriter.resume(out, layout, identity, lock=self._lock)
+        else:
+            from dfsviz.sparse.orders import make_order
+
+            perms = {name: make_order(name, grid).perm for name in layout.orders}
+            self.writer = CaptureWriter.create(out, layout, {**attrs, "run_identity": identity}, perms,
+                                               overwrite=cfg.overwrite, lock=self._lock)
+        self._lock = None  # the writer holds it now
+        self._todo = set(steps) - self.writer.completed
+        self._reducer = AttentionReducer(self.rc, self.writer, None)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=len(self._todo), unit="step", desc="record")
+
+    def _attrs(self, source: ModelSource, latent, num_steps: int, guidance: float) -> dict:
+        call, pipe = self._call, self.pipe
+        prompt, negative = call.get("prompt"), call.get("negative_prompt")
+        image = any(call.get(k) is not None for k in ("image", "image_embeds", "last_image"))
+        lora = []
+        if hasattr(pipe, "get_active_adapters"):
+            try:
+                lora = list(pipe.get_active_adapters())
+            except (ValueError, ImportError):  # no PEFT adapter loaded / PEFT not installed
+                lora = []
+        attrs = run_attrs(self.config, source, latent, num_steps, guidance, prompt if isinstance(prompt, str) else "",
+                          negative if isinstance(negative, str) else "")
+        return {
+            **attrs,
+            "pipeline_class": self.pipe_class.__name__,
+            "pipeline_call": {k: _describe(v) for k, v in call.items()},
+            "conditioning": "image+text" if image else "text",
+            "lora_adapters": lora,
+            "vae_scale_factors": [source.vae_temporal, source.vae_spatial],
+            "embeddings": "pipeline",
+        }
+
+    # -- branches ------------------------------------------------------------------------------
+    def _cond_sample(self, batch: int) -> int:
+        """The batch element of the conditional branch in a call of ``batch`` samples."""
+        if batch == 1:
+            return 0
+        if batch == 2 and self._cfg:
+            return int(self.adapter.arch.cond_index)
+        raise ValueError(
+            f"the transformer got a batch of {batch} videos; dfsviz.record captures one video per call (one prompt, "
+            "num_videos_per_prompt=1)"
+        )
+
+    def _targets(self, batch: int, calls: int, kwargs) -> list[tuple[int, str]]:
+        """(batch element, branch) pairs this transformer call carries that the file keeps."""
+        wanted = self.rc.layout.branches
+        if batch == 2:
+            ci = self._cond_sample(batch)
+            pairs = [(ci, "cond"), (1 - ci, "uncond")]
+        elif calls == 0:
+            pairs = [(0, "cond")]
+        elif calls == 1 and self._cfg:
+            pairs = [(0, "uncond")]
+            if "uncond" in wanted:
+                text = self.adapter.text_len(self._conditioning(kwargs, 0))
+                if text != self.rc.grid.text_len:
+                    raise ValueError(
+                        f"conditional and unconditional prompts have {self.rc.grid.text_len} and {text} real text "
+                        "tokens; branches='both' needs equal sequence lengths (record with branches='cond')"
+                    )
+        else:
+            raise ValueError(
+                f"the transformer ran {calls + 1} times in step {self._step}; dfsviz.record knows one call per branch "
+                "(a second transformer, as Wan 2.2's, is not supported)"
+            )
+        return [(s, b) for s, b in pairs if b in wanted]
+
+    @staticmethod
+    def _conditioning(kwargs, sample: int) -> Conditioning:
+        embeds = kwargs.get("encoder_hidden_states")
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
+            raise ValueError("the transformer was called without `encoder_hidden_states` [B, T, C]: its text length is unknown")
+        mask = kwargs.get("encoder_attention_mask")
+        mask = mask[sample : sample + 1] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        return Conditioning(embeds[sample : sample + 1], mask)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _on_record(self, rec) -> None:
+        self._reducer(rec)
+
+    def _end_step(self, writer: CaptureWriter) -> None:
+        step, rc = writer.open_step, self.rc
+        missing = {(l, b) for l in rc.layer_map.values() for b in rc.layout.branches} - self._reducer.seen
+        if missing:
+            raise ValueError(
+                f"step {step}: no self-attention call reached SDPA for (layer, branch) {sorted(missing)[:4]}; the "
+                "pipeline ran no such pass (branches='both' without guidance?) or its attention bypasses torch SDPA"
+            )
+        self._reducer.seen.clear()
+        writer.end_step()
+        if self._reducer.scale is not None and not writer.has_attr("softmax_scale"):
+            writer.set_attr("softmax_scale", self._reducer.scale)
+        self._step_seconds[step] = time.perf_counter() - self._step_start
+        self._written.append(step)
+        logger.info("recorded step %d in %.2f s", step, self._step_seconds[step])
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _latent_frames(self, frames: int) -> np.ndarray:
+        """The grid frame of each of ``frames`` decoded frames: a causal VAE of temporal factor k
+        decodes latent frame 0 to frame 0 and latent frame f to frames k(f-1)+1 .. kf."""
+        latent_frames = self.rc.latent[0]
+        t = np.arange(frames)
+        if latent_frames > 1 and (frames - 1) % (latent_frames - 1) == 0:
+            latent = -(-t // ((frames - 1) // (latent_frames - 1)))
+        else:
+            latent = t * latent_frames // frames
+        pt = self.adapter.patch(self.transformer.config)[0]
+        return np.minimum(latent // pt, self.rc.grid.frames - 1)
+
+
+# a grid for resolving layers and heads before the call (only the footprint count depends on it)
+_ANY_GRID = LatentGrid(1, 1, 1)
+
+
+def _default_steps(num_steps: int) -> tuple[int, ...]:
+    from dfsviz.capture.config import default_capture_steps
+
+    return default_capture_steps(num_steps)
+
+
+def _videos_of_call(call: dict) -> int:
+    """Videos a pipeline call makes: prompts (a list, or the batch of ``prompt_embeds``) times
+    ``num_videos_per_prompt``."""
+    prompt, embeds = call.get("prompt"), call.get("prompt_embeds")
+    prompts = len(prompt) if isinstance(prompt, (list, tuple)) else embeds.shape[0] if isinstance(embeds, torch.Tensor) else 1
+    return prompts * int(call.get("num_videos_per_prompt") or 1)
+
+
+def _model_id(pipe, model, pipe_class: type) -> str:
+    for owner in (pipe, model):
+        name = getattr(getattr(owner, "config", None), "_name_or_path", None) or getattr(owner, "name_or_path", None)
+        if name:
+            return str(name)
+    return pipe_class.__name__
+
+
+def _describe(value):
+    """A pipeline call argument as an attribute value: plain values as they are, tensors and
+    images by their shape or type."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return f"tensor {list(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
+        return list(value)
+    return type(value).__name__
+
+
+def _refuse_dfsattn(transformer: torch.nn.Module) -> None:
+    """ValueError when ``apply_dfsattn`` replaced attention processors of ``transformer``."""
+    for name, module in transformer.named_modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and type(processor).__module__.startswith("dfsviz.accel"):
+            raise ValueError(
+                f"apply_dfsattn is active on this transformer ({name} runs {type(processor).__name__}); its sparse "
+                "attention bypasses torch SDPA, so the masks it used cannot be recorded yet: remove it first "
+                "(dfsviz.remove_dfsattn(handle), with the handle apply_dfsattn returned) and record the dense run"
+            )

@@ -1,0 +1,258 @@
+"""dfsviz.record around real diffusers pipelines built from tiny random-weight components (a tiny
+VAE, a tiny transformer, the scheduler; prompt embeddings passed in place of a text encoder):
+the recorded file validates and equals a `dfsviz capture` of the same run map for map, the
+pipeline's output is bit-identical with and without recording, the decoded clip is stored, an
+interrupted recording keeps its completed steps and resumes, and bad input stops with one line
+before anything is written."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import dfsviz
+from dfsviz.capture import CaptureConfig, Conditioning, ModelSource, get_adapter, run_capture
+from dfsviz.capture.file_safety import CaptureLock
+from tiny_models import build_tiny
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers", reason="the pipelines need the `pipelines` extra (transformers)")
+
+STEPS = 3
+SETTINGS = dict(block=16, footprints=2, seed=1)
+
+
+def _embeds(seed, text_len=6, dim=16):
+    return torch.randn(1, text_len, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def wan_pipeline(transformer=None, in_channels=4):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                     latents_std=[1.0] * 4).eval()
+    transformer = transformer or build_tiny("wan", in_channels=in_channels)
+    return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+# 9 frames of 64 x 64 pixels: latent 3 x 8 x 8, token grid 3 x 4 x 4 (48 tokens, 3 blocks of 16)
+WAN_CALL = dict(prompt_embeds=_embeds(10), negative_prompt_embeds=_embeds(11), height=64, width=64, num_frames=9,
+                num_inference_steps=STEPS, guidance_scale=4.0, output_type="np")
+
+
+def _maps(path):
+    """Every dataset of every completed step, and the clip, as numpy arrays."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        for step, group in f["steps"].items():
+            for name, dset in group.items():
+                out[f"{step}/{name}"] = dset[...]
+    return out
+
+
+def _assert_same_maps(recorded, captured, exact=True):
+    a, b = _maps(recorded), _maps(captured)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if exact or a[key].dtype.kind not in "f":
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-4, err_msg=key)
+
+
+def test_recorded_wan_call_equals_a_capture_of_the_same_run(tmp_path):
+    pipe = wan_pipeline()
+    plain = pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL).frames
+    out = tmp_path / "recorded.h5"
+    with dfsviz.record(pipe, out, capture_steps=(0, 2), branches="both", **SETTINGS) as rec:
+        recorded = pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL).frames
+    np.testing.assert_array_equal(recorded, plain)  # the output is untouched, bit for bit
+    assert type(pipe) is diffusers.WanPipeline and "step" not in vars(pipe.scheduler)  # restored
+    assert rec.result.steps == [0, 2] and rec.result.complete
+
+    # the same run through dfsviz's own loop: the same transformer, scheduler, embeddings and seed
+    source = ModelSource(pipe.transformer, get_adapter("wan"), diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                         "tiny-wan", cond=Conditioning(WAN_CALL["prompt_embeds"]),
+                         uncond=Conditioning(WAN_CALL["negative_prompt_embeds"]))
+    captured = tmp_path / "captured.h5"
+    run_capture(CaptureConfig(out=str(captured), latent="3x8x8", num_steps=STEPS, capture_steps=(0, 2),
+                              guidance_scale=4.0, branches="both", device="cpu", **SETTINGS), progress=False, source=source)
+    _assert_same_maps(out, captured)
+
+    with dfsviz.open(out) as run:
+        assert run.validate() == [] and run.complete and run.branches == ["cond", "uncond"]
+        assert run.grid.name == "f3h4w4"
+        attrs = run.attrs
+        assert attrs["pipeline_class"] == "WanPipeline" and int(attrs["num_steps"]) == STEPS
+        assert float(attrs["guidance_scale"]) == 4.0 and attrs["latent"] == "3x8x8" and attrs["conditioning"] == "text"
+        assert attrs["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+        call = run.attrs["pipeline_call"]
+        assert '"num_frames": 9' in call and '"height": 64' in call
+        video = run.video()
+    # the decoded clip, as the pipeline returned it ([0, 1] floats) in uint8
+    np.testing.assert_allclose(video.frames.astype(float), plain[0] * 255, atol=1.0)
+    np.testing.assert_array_equal(video.latent_frame, [0, 1, 1, 1, 1, 2, 2, 2, 2])  # causal VAE, temporal factor 4
+    assert video.fps == 16.0
+
+
+def test_interrupted_recording_keeps_its_steps_and_resumes(tmp_path):
+    pipe = wan_pipeline()
+    full = tmp_path / "full.h5"
+    with dfsviz.record(pipe, full, capture_steps=(0, 1, 2), **SETTINGS):
+        pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
+
+    def stop_after_step_1(pipe, i, t, kwargs):
+        if i == 1:
+            raise KeyboardInterrupt
+        return kwargs
+
+    out = tmp_path / "cut.h5"
+    with pytest.raises(KeyboardInterrupt):
+        with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), **SETTINGS):
+            pipe(generator=torch.Generator().manual_seed(1), callback_on_step_end=stop_after_step_1, **WAN_CALL)
+    assert type(pipe) is diffusers.WanPipeline  # restored
+    with dfsviz.open(out) as run:
+        assert run.steps == [0, 1] and not run.complete and run.video() is None and run.validate() == []
+
+    with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), resume=True, **SETTINGS) as rec:
+        pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
+    assert rec.result.steps == [2] and rec.result.skipped == [0, 1] and rec.result.complete
+    _assert_same_maps(out, full)
+
+    with pytest.raises(ValueError, match=r"--resume: .* was captured with other settings"):
+        with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), resume=True, **SETTINGS):
+            pipe(generator=torch.Generator().manual_seed(1), **{**WAN_CALL, "guidance_scale": 2.0})
+
+
+def test_cogvideox_batch_of_two_picks_the_conditional_half(tmp_path):
+    """CogVideoX runs CFG as one batch [uncond, cond]: each half goes to its branch."""
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+                                           norm_num_groups=2, temporal_compression_ratio=4).eval()
+    transformer = build_tiny("cogvideox")
+    scheduler_config = dict(timestep_spacing="trailing", prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                       scheduler=diffusers.CogVideoXDDIMScheduler(**scheduler_config))
+    # 9 frames of 128 x 128 pixels: latent 3 x 16 x 16, token grid 3 x 8 x 8 after 8 text tokens
+    call = dict(prompt_embeds=_embeds(20, 8), negative_prompt_embeds=_embeds(21, 8), height=128, width=128,
+                num_frames=9, num_inference_steps=2, guidance_scale=5.0, output_type="np")
+    plain = pipe(generator=torch.Generator().manual_seed(1), **call).frames
+    out = tmp_path / "cog.h5"
+    with dfsviz.record(pipe, out, capture_steps=(1,), branches="both", layers=(1,), **SETTINGS):
+        recorded = pipe(generator=torch.Generator().manual_seed(1), **call).frames
+    np.testing.assert_array_equal(recorded, plain)
+
+    source = ModelSource(transformer, get_adapter("cogvideox"), diffusers.CogVideoXDDIMScheduler(**scheduler_config),
+                         "tiny-cog", cond=Conditioning(call["prompt_embeds"]), uncond=Conditioning(call["negative_prompt_embeds"]))
+    captured = tmp_path / "captured.h5"
+    run_capture(CaptureConfig(out=str(captured), latent="3x16x16", num_steps=2, capture_steps=(1,), guidance_scale=5.0,
+                              branches="both", layers=(1,), device="cpu", **SETTINGS), progress=False, source=source)
+    # the pipeline runs both branches in one batch, the capture one at a time: equal up to rounding
+    _assert_same_maps(out, captured, exact=False)
+    with dfsviz.open(out) as run:
+        assert run.validate() == [] and run.grid.name == "f3h8w8T8"
+        # the halves differ: the conditional one is not the unconditional one stored twice
+        assert not torch.equal(run.block_mass(1, 1, "raster", branch="cond"), run.block_mass(1, 1, "raster", branch="uncond"))
+        assert run.video().frames.shape == (9, 128, 128, 3)
+
+
+def test_lora_and_image_to_video_pipelines(tmp_path):
+    from peft import LoraConfig
+
+    # Wan image-to-video without an image encoder (as Wan 2.2's): the image latents enter as channels
+    torch.manual_seed(0)
+    pipe = wan_pipeline(in_channels=12)
+    i2v = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=pipe.vae, transformer=pipe.transformer,
+                                            scheduler=pipe.scheduler, image_processor=None, image_encoder=None)
+    i2v.transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k"], init_lora_weights=False), "style")
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    call = {**WAN_CALL, "image": image}
+    plain = i2v(generator=torch.Generator().manual_seed(1), **call).frames
+    out = tmp_path / "i2v.h5"
+    with dfsviz.record(i2v, out, capture_steps=(0,), **SETTINGS):
+        recorded = i2v(generator=torch.Generator().manual_seed(1), **call).frames
+    np.testing.assert_array_equal(recorded, plain)
+    with dfsviz.open(out) as run:
+        assert run.validate() == [] and run.grid.name == "f3h4w4"
+        assert run.attrs["conditioning"] == "image+text" and list(run.attrs["lora_adapters"]) == ["style"]
+        assert run.attrs["pipeline_class"] == "WanImageToVideoPipeline"
+    # the LoRA is part of the recorded attention: without it the maps differ
+    i2v.transformer.disable_adapters()
+    bare = tmp_path / "bare.h5"
+    with dfsviz.record(i2v, bare, capture_steps=(0,), **SETTINGS):
+        i2v(generator=torch.Generator().manual_seed(1), **call)
+    assert not np.array_equal(_maps(out)["step_0000/m"], _maps(bare)["step_0000/m"])
+
+
+def test_bad_input_stops_before_anything_is_written(tmp_path):
+    pipe = wan_pipeline()
+    out = tmp_path / "run.h5"
+    with pytest.raises(TypeError, match=r"`pipe` must be a diffusers video pipeline with a `transformer`.*got Linear"):
+        dfsviz.record(torch.nn.Linear(2, 2), out)
+
+    class OtherPipeline:
+        transformer = torch.nn.Linear(2, 2)
+        scheduler = None
+
+    with pytest.raises(ValueError, match=r"`pipe` OtherPipeline: unsupported architecture Linear; supported: .*Wan"):
+        dfsviz.record(OtherPipeline(), out)
+    with pytest.raises(TypeError, match=r"record\(\) got settings it does not take: \['num_steps'\]"):
+        dfsviz.record(pipe, out, num_steps=3)
+    with pytest.raises(ValueError, match=r"`fps` must be a finite number > 0 \(got 0\)"):
+        dfsviz.record(pipe, out, fps=0)
+    with pytest.raises(ValueError, match=r"`layers` \[7\] do not exist; this model has layers 0..1"):
+        dfsviz.record(pipe, out, layers=(7,))
+    # steps outside the call's schedule: one line, no file
+    with pytest.raises(ValueError, match=r"`capture_steps` must lie in \[0, 2\] for the 3 steps of this pipeline call \(got \[0, 5\]\)"):
+        with dfsviz.record(pipe, out, capture_steps=(0, 5), **SETTINGS):
+            pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
+    assert not out.exists() and type(pipe) is diffusers.WanPipeline
+    with pytest.raises(ValueError, match=r"the call makes 2 videos; dfsviz.record captures one video per call"):
+        with dfsviz.record(pipe, out, **SETTINGS):
+            pipe(generator=torch.Generator().manual_seed(1), num_videos_per_prompt=2, **WAN_CALL)
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"no pipeline call ran inside the `with dfsviz.record\(...\)` block"):
+        with dfsviz.record(pipe, out, **SETTINGS):
+            pass
+
+    # a file being written by another capture: refused at once, the file untouched
+    out.write_bytes(b"being written")
+    with CaptureLock(out):
+        with pytest.raises(ValueError, match=r"is being written by another dfsviz capture \(pid \d+\)"):
+            with dfsviz.record(pipe, out, overwrite=True, **SETTINGS):
+                pipe(**WAN_CALL)
+    assert out.read_bytes() == b"being written"
+    with pytest.raises(ValueError, match=r"output .* exists; pass overwrite=True to replace it or resume=True"):
+        dfsviz.record(pipe, out, **SETTINGS).__enter__()
+
+
+def test_one_call_per_block(tmp_path):
+    pipe = wan_pipeline()
+    with pytest.raises(ValueError, match=r"records one pipeline call per `with` block \(this is the second\)"):
+        with dfsviz.record(pipe, tmp_path / "two.h5", capture_steps=(0,), **SETTINGS):
+            pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
+            pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
+    with dfsviz.open(tmp_path / "two.h5") as run:  # the first call's steps are kept
+        assert run.steps == [0]
+
+
+def test_apply_dfsattn_active_is_refused(tmp_path):
+    pipe = wan_pipeline()
+    handle = dfsviz.apply_dfsattn(pipe.transformer, dfsviz.DFSConfig())
+    try:
+        with pytest.raises(ValueError, match=r"apply_dfsattn is active on this transformer \(blocks.1.attn1 runs .*remove_dfsattn\(handle\)"):
+            dfsviz.record(pipe, tmp_path / "x.h5")
+    finally:
+        dfsviz.remove_dfsattn(handle)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_record_is_a_public_name():
+    from dfsviz.capture.record import record
+
+    assert dfsviz.record is record and "record" in dfsviz.__all__
