@@ -165,19 +165,6 @@ def graphed(fn):
     return graph.replay
 
 
-def select_into(scores: torch.Tensor, gamma: float, mask: BlockMask) -> None:
-    """Top-k selection written into ``mask``'s tensors with device ops only (no checks, no host
-    read), the stand-in for select_topk inside a CUDA graph: the same k = max(1, int(gamma Mk))
-    and the same ascending kv layout as BlockMask.from_dense."""
-    m = scores.shape[-1]
-    top = torch.topk(scores, max(1, int(gamma * m)), dim=-1).indices
-    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-    mask.kv_num_blocks.copy_(keep.sum(dim=-1, dtype=torch.int32))
-    idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    valid = torch.arange(m, device=scores.device) < mask.kv_num_blocks.unsqueeze(-1)
-    mask.kv_indices.copy_(torch.where(valid, idx, 0))
-
-
 def run_small(flex, gamma=0.3):
     """Eager vs CUDA-graph-replayed vs FlexAttention at small N: the cached path (attention on a
     kept mask, with the hilbert3d order) and the refresh path (scoring, selection, attention)."""
@@ -197,7 +184,8 @@ def run_small(flex, gamma=0.3):
 
         def refresh():
             qo, ko = order.apply(q), order.apply(k)
-            select_into(block_scores(qo, ko, method="dfs_tile", tile=16, block=BLOCK), gamma, mask)
+            select_topk(block_scores(qo, ko, method="dfs_tile", tile=16, block=BLOCK), gamma, seq_len=n, block=BLOCK,
+                        out=mask)
             return block_sparse_attention(q, k, v, mask, order=order)
 
         qo, ko, vo = order.apply(q), order.apply(k), order.apply(v)

@@ -49,6 +49,17 @@ def _check_int_tensor(x: object, name: str, dims: int, layout: str) -> torch.Ten
     return x
 
 
+def _kv_layout(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_num_blocks int32 [B, H, Mq], kv_indices int32 [B, H, Mq, Mk]) of a bool block mask, by
+    device ops only."""
+    m = dense.shape[-1]
+    counts = dense.sum(dim=-1, dtype=torch.int32)
+    # A stable sort of "not kept" puts the kept block indices first, already ascending.
+    idx = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    valid = torch.arange(m, device=dense.device) < counts.unsqueeze(-1)
+    return counts, torch.where(valid, idx, torch.zeros((), dtype=torch.int32, device=dense.device))
+
+
 @dataclass(frozen=True, eq=False)
 class BlockMask:
     """Per-head block-sparse mask in FlexAttention's kv layout.
@@ -132,11 +143,7 @@ class BlockMask:
                 f"`dense` must have shape [B, H, {m}, {m}] for seq_len={seq_len}, block={block} "
                 f"(got {tuple(dense.shape)}); Mq = Mk = ceil(seq_len / block)"
             )
-        counts = dense.sum(dim=-1, dtype=torch.int32)
-        # A stable sort of "not kept" puts the kept block indices first, already ascending.
-        idx = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        valid = torch.arange(m, device=dense.device) < counts.unsqueeze(-1)
-        idx = torch.where(valid, idx, torch.zeros((), dtype=torch.int32, device=dense.device))
+        counts, idx = _kv_layout(dense)
         return cls(counts.contiguous(), idx.contiguous(), seq_len, block)
 
     @classmethod
@@ -153,6 +160,28 @@ class BlockMask:
         counts = torch.full((batch, heads, m), m, dtype=torch.int32, device=device)
         idx = torch.arange(m, dtype=torch.int32, device=device).expand(batch, heads, m, m).contiguous()
         return cls(counts, idx, seq_len, block)
+
+    # ----------------------------------------------------------------- in place
+    def copy_dense_(self, dense: torch.Tensor) -> "BlockMask":
+        """Overwrite this mask in place with a bool [B, H, Mq, Mk] block mask of its shape and device.
+
+        Device ops only, no host read: the refresh of a cached mask can be captured in a CUDA
+        graph (the kernels read the same ``kv_num_blocks`` / ``kv_indices`` tensors on replay).
+        Only the type, dtype, shape and device of ``dense`` are checked. Returns ``self``.
+        """
+        if not isinstance(dense, torch.Tensor):
+            raise TypeError(f"`dense` must be a torch.Tensor of shape {self.shape} (got {type(dense).__name__})")
+        if dense.dtype != torch.bool:
+            raise ValueError(f"`dense` must have dtype torch.bool (got {dense.dtype}); use `scores > threshold`")
+        if tuple(dense.shape) != self.shape or dense.device != self.device:
+            raise ValueError(
+                f"`dense` must have the mask's shape {self.shape} on its device {self.device} "
+                f"(got {tuple(dense.shape)} on {dense.device}); build a new mask with BlockMask.from_dense"
+            )
+        counts, idx = _kv_layout(dense)
+        self.kv_num_blocks.copy_(counts)
+        self.kv_indices.copy_(idx)
+        return self
 
     # ----------------------------------------------------------------- properties
     @property

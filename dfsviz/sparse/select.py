@@ -63,6 +63,14 @@ _NON_FINITE_SCORES_FIX = (
 
 
 def _check_scores(scores: object, seq_len: int, block: int) -> torch.Tensor:
+    """Scores [B, H, Mq, Mk] of the blocks of (seq_len, block), without NaN or +inf."""
+    _check_scores_layout(scores, seq_len, block)
+    check_finite(scores, "scores", _NON_FINITE_SCORES_FIX, allow_neg_inf=True)
+    return scores
+
+
+def _check_scores_layout(scores: object, seq_len: int, block: int) -> None:
+    """Type, dtype and shape of the scores (no read of their values, so no host sync)."""
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"`scores` must be a torch.Tensor [B, H, Mq, Mk] (got {type(scores).__name__})")
     if not scores.is_floating_point():
@@ -76,8 +84,6 @@ def _check_scores(scores: object, seq_len: int, block: int) -> torch.Tensor:
             f"`scores` must have shape [B, H, {m}, {m}] for seq_len={seq_len}, block={block} "
             f"(got {tuple(scores.shape)}); score with the same block size"
         )
-    check_finite(scores, "scores", _NON_FINITE_SCORES_FIX, allow_neg_inf=True)
-    return scores
 
 
 def _finish(keep: torch.Tensor, forced: torch.Tensor, dense_q: torch.Tensor, seq_len: int, block: int) -> BlockMask:
@@ -94,6 +100,7 @@ def select_topk(
     block: int,
     forced_kv: torch.Tensor | Sequence[int] | None = None,
     dense_q: torch.Tensor | Sequence[int] | None = None,
+    out: BlockMask | None = None,
 ) -> BlockMask:
     """Keep the k = max(1, int(gamma * Mk)) best key blocks of every query block.
 
@@ -105,10 +112,17 @@ def select_topk(
         forced_kv: key blocks every row keeps, inside the budget (bool [Mk] or indices);
             the remaining k - n_forced blocks are the best of the others.
         dense_q: query blocks whose rows keep all Mk key blocks (bool [Mq] or indices).
+        out: a mask of the scores' shape, device, seq_len and block to fill in place
+            (:meth:`BlockMask.copy_dense_`) by device ops only: the scores' values are trusted
+            (not checked for NaN or +inf) and nothing is read back to the host, so the refresh
+            of a cached mask can be captured in a CUDA graph. Takes no ``forced_kv`` or ``dense_q``.
 
     Returns:
-        BlockMask [B, H, Mq, Mk]. Ties are broken by ``torch.topk``.
+        BlockMask [B, H, Mq, Mk] (``out`` when given). Ties are broken by ``torch.topk``.
     """
+    if out is not None:
+        _check_out(out, scores, seq_len, block, forced_kv, dense_q)
+        return out.copy_dense_(_keep_topk(scores, topk_count(gamma, out.num_kv_blocks)))
     scores = _check_scores(scores, seq_len, block)
     m = scores.shape[3]
     k = topk_count(gamma, m)
@@ -122,10 +136,30 @@ def select_topk(
             f"{n_forced} `forced_kv` blocks (must be >= 1); raise gamma or force fewer blocks"
         )
     # Forced blocks are taken out of the race so that top-k fills the rest of the budget.
-    race = scores.masked_fill(forced, float("-inf"))
-    top = torch.topk(race, k_free, dim=-1).indices
-    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
-    return _finish(keep, forced, dense_rows, seq_len, block)
+    return _finish(_keep_topk(scores.masked_fill(forced, float("-inf")), k_free), forced, dense_rows, seq_len, block)
+
+
+def _keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool [B, H, Mq, Mk]: the k highest scores of every row (device ops only)."""
+    top = torch.topk(scores, k, dim=-1).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
+
+
+def _check_out(out: object, scores: object, seq_len: int, block: int, forced_kv: object, dense_q: object) -> None:
+    """The in-place path of :func:`select_topk`: ``out`` fits the scores; no argument it cannot honour."""
+    if not isinstance(out, BlockMask):
+        raise TypeError(f"`out` must be a dfsviz BlockMask to fill in place (got {type(out).__name__})")
+    if forced_kv is not None or dense_q is not None:
+        raise ValueError(
+            "`out` takes no `forced_kv` or `dense_q` (their flags need host work); select into a new mask "
+            "without `out`"
+        )
+    _check_scores_layout(scores, seq_len, block)
+    if (seq_len, block) != (out.seq_len, out.block) or tuple(scores.shape) != out.shape or scores.device != out.device:
+        raise ValueError(
+            f"`out` must match the scores: shape {tuple(scores.shape)} on {scores.device}, seq_len={seq_len}, "
+            f"block={block} (got {out!r}); build it once with select_topk and pass it back"
+        )
 
 
 def select_cumulative(

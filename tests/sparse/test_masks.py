@@ -238,3 +238,26 @@ def test_check_mask_for_errors():
         check_mask_for(mask, torch.zeros(2, 40, 8))
     with pytest.raises(TypeError, match=r"`mask` must be a dfsviz BlockMask \(got Tensor\)"):
         check_mask_for(torch.zeros(1), torch.zeros(1, 2, 40, 8))
+
+
+@pytest.mark.parametrize("seq_len,block", [(100, 16), (256, 32), (1006, 128)])
+def test_copy_dense_fills_in_place_as_from_dense(seq_len, block):
+    m = -(-seq_len // block)
+    gen = torch.Generator().manual_seed(seq_len)
+    mask = BlockMask.from_dense(torch.rand(2, 3, m, m, generator=gen) < 0.5, seq_len, block)
+    counts, indices = mask.kv_num_blocks, mask.kv_indices
+    dense = torch.rand(2, 3, m, m, generator=gen) < 0.3
+    dense[0, 0, 0] = False  # an empty row
+    assert mask.copy_dense_(dense) is mask and mask.kv_num_blocks is counts and mask.kv_indices is indices
+    fresh = BlockMask.from_dense(dense, seq_len, block)
+    assert torch.equal(mask.kv_num_blocks, fresh.kv_num_blocks) and torch.equal(mask.kv_indices, fresh.kv_indices)
+
+
+def test_copy_dense_errors():
+    mask = BlockMask.full(1, 2, 64, 16)
+    with pytest.raises(TypeError, match="`dense` must be a torch.Tensor of shape"):
+        mask.copy_dense_([[True]])
+    with pytest.raises(ValueError, match="`dense` must have dtype torch.bool"):
+        mask.copy_dense_(torch.ones(1, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"`dense` must have the mask's shape \(1, 2, 4, 4\)"):
+        mask.copy_dense_(torch.ones(1, 1, 4, 4, dtype=torch.bool))

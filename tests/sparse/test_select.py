@@ -286,3 +286,71 @@ def test_errors():
         selector_key("cumulative", 2)
     with pytest.raises(ValueError, match=r"`num_kv_blocks` must be a positive integer Mk \(got 0\)"):
         topk_count(0.5, 0)
+
+
+@pytest.mark.parametrize("gamma", [0.05, 0.3, 0.97, 1.0])
+@pytest.mark.parametrize("seq_len,block", [(16 * 7, 16), (1006, 128), (113, 32)])
+def test_select_topk_into_an_existing_mask_equals_the_checked_path(seq_len, block, gamma):
+    m = -(-seq_len // block)
+    out = select_topk(_scores(2, 3, m, seed=1), 0.5, seq_len=seq_len, block=block)
+    counts, indices = out.kv_num_blocks, out.kv_indices
+    scores = _scores(2, 3, m, seed=2)
+    scores[0, 0, 0, :2] = float("-inf")  # taken last, as in the checked path
+    filled = select_topk(scores, gamma, seq_len=seq_len, block=block, out=out)
+    checked = select_topk(scores, gamma, seq_len=seq_len, block=block)
+    assert filled is out and out.kv_num_blocks is counts and out.kv_indices is indices
+    assert torch.equal(out.kv_num_blocks, checked.kv_num_blocks) and torch.equal(out.kv_indices, checked.kv_indices)
+
+
+def test_select_topk_into_reads_no_value(monkeypatch):
+    """The in-place path runs no value check (each would read the device back to the host)."""
+    import dfsviz.sparse.select as select_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the in-place selection checked the scores' values")
+
+    out = select_topk(_scores(1, 2, 5), 0.4, seq_len=80, block=16)
+    monkeypatch.setattr(select_module, "check_finite", refuse)
+    select_topk(_scores(1, 2, 5, seed=3), 0.4, seq_len=80, block=16, out=out)
+    with pytest.raises(AssertionError, match="checked the scores"):
+        select_topk(_scores(1, 2, 5, seed=3), 0.4, seq_len=80, block=16)
+
+
+def test_select_topk_into_errors():
+    scores = _scores(1, 2, 5)
+    out = select_topk(scores, 0.4, seq_len=80, block=16)
+    with pytest.raises(TypeError, match="`out` must be a dfsviz BlockMask"):
+        select_topk(scores, 0.4, seq_len=80, block=16, out=out.to_dense())
+    with pytest.raises(ValueError, match="`out` takes no `forced_kv` or `dense_q`"):
+        select_topk(scores, 0.4, seq_len=80, block=16, out=out, forced_kv=[0])
+    with pytest.raises(ValueError, match="`out` takes no `forced_kv` or `dense_q`"):
+        select_topk(scores, 0.4, seq_len=80, block=16, out=out, dense_q=[1])
+    with pytest.raises(ValueError, match=r"`out` must match the scores: shape \(1, 1, 5, 5\)"):
+        select_topk(scores[:, :1], 0.4, seq_len=80, block=16, out=out)
+    with pytest.raises(ValueError, match="`out` must match the scores: .* seq_len=79"):
+        select_topk(scores, 0.4, seq_len=79, block=16, out=out)
+    with pytest.raises(ValueError, match=r"`scores` must have shape \[B, H, 3, 3\]"):
+        select_topk(scores, 0.4, seq_len=80, block=32, out=out)
+
+
+@pytest.mark.cuda
+def test_select_topk_into_is_asynchronous_and_graph_capturable():
+    """The refresh of a cached mask: no synchronising call, and a CUDA graph of it replays to the
+    checked selection of new scores copied into the captured buffer."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    scores = torch.rand(2, 4, 8, 8, generator=gen, device="cuda")
+    out = select_topk(scores, 0.3, seq_len=1006, block=128)
+    select_topk(scores, 0.3, seq_len=1006, block=128, out=out)  # warm-up outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        select_topk(scores, 0.3, seq_len=1006, block=128, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        select_topk(scores, 0.3, seq_len=1006, block=128, out=out)
+    scores.copy_(torch.rand(scores.shape, generator=gen, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.to_dense(), select_topk(scores, 0.3, seq_len=1006, block=128).to_dense())
