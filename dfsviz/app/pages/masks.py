@@ -280,23 +280,18 @@ def shared_range(values: list, floor: float, low: str, high: str) -> dict:
     return {low: float(min(x.min() for x in logs)), high: float(max(x.max() for x in logs))}
 
 
-def _with_overlay(base: dict, trace: dict, title: str, shapes: list | None = None) -> dict:
-    """The cached figure ``base`` with ``trace`` drawn last and ``title`` (and ``shapes``)."""
+def _with_overlay(base: dict, trace: dict, title: str) -> dict:
+    """The cached figure ``base`` with ``trace`` drawn last and ``title``."""
     layout = {**base["layout"], "title": {**base["layout"].get("title", {}), "text": title}}
-    if shapes is not None:
-        layout["shapes"] = shapes
     return {"data": [*base["data"], trace], "layout": layout}
 
 
-def _overlay_patch(index: int, trace: dict, title: str, shapes: list | None = None) -> Patch:
+def _overlay_patch(index: int, trace: dict, title: str) -> Patch:
     """What :func:`_with_overlay` changes, as a Patch of the figure on screen (its other traces
     are not sent again, and plotly does not redraw them)."""
     patch = Patch()
-    if trace is not None:
-        patch["data"][index] = trace
-        patch["layout"]["title"]["text"] = title
-    if shapes is not None:
-        patch["layout"]["shapes"] = shapes
+    patch["data"][index] = trace
+    patch["layout"]["title"]["text"] = title
     return patch
 
 
@@ -331,19 +326,22 @@ def register(app) -> None:
         return figs[0], figs[1], [], key
 
     # The maps and the footprints are computed side by side; once both are drawn, the row whose
-    # footprint is shown is marked on each map (a layout shape: the maps are not sent again).
-    @app.callback(common.fig_output(f"{PREFIX}-left", duplicate=True),
-                  common.fig_output(f"{PREFIX}-right", duplicate=True),
-                  Input(f"{PREFIX}-rows", "data"), Input(f"{PREFIX}-drawn", "data"), State(f"{PREFIX}-orders", "data"),
-                  prevent_initial_call=True)
-    def _mark_rows(rows, drawn, orders):
-        from dfsviz.figures import query_row_shape
-
-        if not drawn or rows is None:
-            return no_update, no_update
-        blocks = rows.get("blocks", {})
-        return tuple(_overlay_patch(1, None, "", [query_row_shape(blocks[order], rows["num_kv_blocks"])]
-                                    if order in blocks else []) for order in orders)
+    # footprint is shown is marked on each map: in the browser, a Patch of the maps' layout
+    # shapes (figures.query_row_shape, made by the footprints callback), no server round trip.
+    app.clientside_callback(
+        """
+        function(rows, drawn, orders) {
+            const noUpdate = window.dash_clientside.no_update;
+            if (!drawn || !rows) return [noUpdate, noUpdate];
+            const shapes = rows.shapes || {};
+            return orders.map(o => new window.dash_clientside.Patch()
+                .assign(['layout', 'shapes'], o in shapes ? [shapes[o]] : []).build());
+        }
+        """,
+        common.fig_output(f"{PREFIX}-left", duplicate=True), common.fig_output(f"{PREFIX}-right", duplicate=True),
+        Input(f"{PREFIX}-rows", "data"), Input(f"{PREFIX}-drawn", "data"), State(f"{PREFIX}-orders", "data"),
+        prevent_initial_call=True,
+    )
 
     @app.callback(Output(f"{PREFIX}-qorder", "data"), Output(f"{PREFIX}-qb", "data"),
                   Input({"type": "fig", "name": f"{PREFIX}-left"}, "clickData"),
@@ -367,10 +365,13 @@ def register(app) -> None:
                   State(f"{PREFIX}-orders", "data"), State(f"{PREFIX}-fp-drawn", "data"))
     @common.guarded(6, 2, figures=(0, 1), on_error={4: {}, 5: None})
     def _footprints(cid, step, layer, head, scale, method, budget, qorder, qb, orders, drawn):
+        from dfsviz.figures import query_row_shape
+
         views, notes = footprint_views(cid, step, layer, head, method, float(budget), orders, qorder, qb)
         grid = get_catalog().reader(cid).grid
+        mk = get_catalog().reader(cid).layout.num_blocks
         rows = {"blocks": {view["order"]: view["block"] for view in views},
-                "num_kv_blocks": get_catalog().reader(cid).layout.num_blocks}
+                "shapes": {view["order"]: query_row_shape(view["block"], mk) for view in views}}
         key = [cid, step, layer, head, scale, rows["blocks"]]
         video = grid.video_slice
         colour = (shared_range([v["attention"][video] for v in views], _ATTENTION_FLOOR, "cmin", "cmax")
