@@ -253,7 +253,8 @@ def check_cuda_tests(results):
     except ImportError:
         results.append({"check": "pytest -m cuda tests/kernels", "message": "pytest is not installed", "ok": False})
         return
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    # only our plugins: a pytest plugin of the GPU image may not load under this pytest
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
                           "tests/kernels"], capture_output=True, text=True, env=env)
     tail = (run.stdout + run.stderr).strip().splitlines()[-1:] or ["(no output)"]

@@ -262,9 +262,9 @@ ATTENTION_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, PERSISTENT=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, PERSISTENT=True),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, WARP_SPECIALIZE=True),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, PERSISTENT=True, WARP_SPECIALIZE=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, PERSISTENT=True, WARP_SPECIALIZE=True),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, WARP_SPECIALIZE=True),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, WARP_SPECIALIZE=True),
 ]
