@@ -52,7 +52,7 @@ from dfsviz.capture.sources import ModelSource
 from dfsviz.capture.store import CaptureReader, CaptureWriter
 from dfsviz.sparse.grid import LatentGrid
 
-__all__ = ["Recording", "record"]
+__all__ = ["Recording", "capture_pipeline", "is_pipeline", "record"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,60 @@ def record(pipe, out: str | Path, *, fps: float = 16.0, progress: bool = False, 
         outside the call's schedule, a batch of several videos, a grid that does not fit.
     """
     return Recording(pipe, out, fps=fps, progress=progress, settings=settings)
+
+
+def is_pipeline(model: str) -> bool:
+    """True when ``model`` (a local directory or a hub id) is a whole diffusers pipeline
+    (``model_index.json``), not a transformer folder."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return (path / "model_index.json").is_file()
+    import diffusers
+
+    try:
+        return "_class_name" in diffusers.DiffusionPipeline.load_config(model)
+    except Exception:  # noqa: BLE001 - offline, no such repo, a transformer repo: the loop's loader says why
+        return False
+
+
+def capture_pipeline(config: CaptureConfig, progress: bool = True) -> CaptureResult:
+    """``dfsviz capture --model <pipeline> --prompt ...``: build the whole pipeline (text encoders,
+    transformer, VAE) and capture one call of it through :func:`record`.
+
+    The call gets ``config.prompt``, ``negative_prompt``, ``num_steps``, ``guidance_scale``,
+    ``height``, ``width`` and ``frames`` where set (the pipeline's defaults otherwise) and a CPU
+    generator seeded with ``config.seed``. Raises ValueError when the ``pipelines`` extra is
+    missing or a setting of dfsviz's own loop (``latent``, ``grid``) is given.
+    """
+    try:
+        import transformers  # noqa: F401 - the text encoders of every video pipeline
+    except ImportError:
+        raise ValueError(
+            f"{config.model!r} is a whole pipeline: its text encoders need the `pipelines` extra: "
+            'pip install "dfsviz[pipelines]" (or pass --embeddings FILE.safetensors)'
+        ) from None
+    if config.latent is not None or config.grid is not None:
+        raise ValueError(
+            "--latent and --grid size dfsviz's own loop; a pipeline call takes --height, --width and --frames "
+            "(or pass --embeddings to run the transformer in dfsviz's loop)"
+        )
+    if not config.prompt:
+        raise ValueError(f"{config.model!r} is a whole pipeline: pass --prompt \"...\" (or --embeddings FILE.safetensors)")
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(config.model, torch_dtype=config.torch_dtype)
+    pipe = pipe.to(config.torch_device)
+    pipe.set_progress_bar_config(disable=not progress)
+    call = {"prompt": config.prompt, "negative_prompt": config.negative_prompt or None,
+            "generator": torch.Generator().manual_seed(config.seed), "output_type": "np"}
+    for option, argument in (("num_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
+                             ("height", "height"), ("width", "width"), ("frames", "num_frames")):
+        if getattr(config, option) is not None:
+            call[argument] = getattr(config, option)
+    settings = {name: getattr(config, name) for name in SETTINGS}
+    with record(pipe, config.out, **settings) as rec:
+        pipe(**call)
+    return rec.result
 
 
 class Recording:

@@ -103,7 +103,8 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
     else:
         raise ValueError(
             f"model {source.model_id!r} needs text embeddings: pass --embeddings FILE.safetensors (prompt_embeds, "
-            "negative_prompt_embeds, ... from the pipeline's encode_prompt) or --embeddings random"
+            "negative_prompt_embeds, ... from the pipeline's encode_prompt) or --embeddings random; a whole pipeline "
+            "folder or repo also captures one clip from --prompt, through its own text encoders (not with --dry-run)"
         )
     if guidance > 1 and uncond is None:
         raise ValueError(

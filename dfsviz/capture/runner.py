@@ -114,11 +114,20 @@ def run_capture(
     Returns:
         A :class:`CaptureResult`.
 
+    A whole diffusers pipeline (``model_index.json``) without ``embeddings`` is built with its
+    text encoders and captured through :func:`dfsviz.record` instead
+    (:func:`~dfsviz.capture.record.capture_pipeline`); ``on_step`` is then not called.
+
     Raises:
         ValueError: bad settings, unknown model, unsupported architecture, grid mismatch,
             existing output without ``overwrite``, out of GPU memory. An interrupted run
             leaves its file marked incomplete; ``resume=True`` continues it.
     """
+    if source is None and config.model is not None and config.embeddings is None:
+        from dfsviz.capture.record import capture_pipeline, is_pipeline
+
+        if is_pipeline(config.model):  # prompts through the pipeline's own text encoders
+            return capture_pipeline(config, progress)
     start = time.perf_counter()
     out = Path(config.out)
     if not out.parent.is_dir():

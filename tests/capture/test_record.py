@@ -159,6 +159,33 @@ def test_cogvideox_batch_of_two_picks_the_conditional_half(tmp_path):
         assert run.video().frames.shape == (9, 128, 128, 3)
 
 
+def test_hunyuanvideo_padded_text_counts_its_real_tokens(tmp_path):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                              norm_num_groups=2, mid_block_add_attention=False).eval()
+    transformer = build_tiny("hunyuanvideo")
+    pipe = diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                          text_encoder_2=None, tokenizer_2=None)
+    cond = Conditioning(_embeds(30, 8), torch.tensor([[1] * 5 + [0] * 3]), torch.randn(1, 8, generator=torch.Generator().manual_seed(31)))
+    call = dict(prompt_embeds=cond.embeds, prompt_attention_mask=cond.mask, pooled_prompt_embeds=cond.pooled, height=64,
+                width=64, num_frames=9, num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    plain = pipe(generator=torch.Generator().manual_seed(1), **call).frames
+    out = tmp_path / "hunyuan.h5"
+    with dfsviz.record(pipe, out, capture_steps=(0,), **SETTINGS):
+        recorded = pipe(generator=torch.Generator().manual_seed(1), **call).frames
+    np.testing.assert_array_equal(recorded, plain)
+    # step 0 only: the pipeline passes its own linear sigmas, dfsviz's loop the scheduler's default ones
+    source = ModelSource(transformer, get_adapter("hunyuanvideo"), diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+                         "tiny-hunyuan", cond=cond)
+    captured = tmp_path / "captured.h5"
+    run_capture(CaptureConfig(out=str(captured), latent="3x8x8", num_steps=2, capture_steps=(0,), guidance_scale=1.0,
+                              device="cpu", **SETTINGS), progress=False, source=source)
+    _assert_same_maps(out, captured)
+    with dfsviz.open(out) as run:
+        assert run.validate() == [] and run.grid.name == "f3h4w4t5"  # 48 video tokens, then the 5 real text tokens
+
+
 def test_lora_and_image_to_video_pipelines(tmp_path):
     from peft import LoraConfig
 
@@ -256,3 +283,74 @@ def test_record_is_a_public_name():
     from dfsviz.capture.record import record
 
     assert dfsviz.record is record and "record" in dfsviz.__all__
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A whole tiny WanPipeline saved with save_pretrained: a random UMT5 text encoder and a
+    word-level tokenizer built here (no download), the tiny VAE and transformer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "playing", "piano", "blurry"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                          relative_attention_num_buckets=8)).eval()
+    pipe = wan_pipeline()
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=encoder)
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny-wan-pipeline"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_cli_prompt_on_a_pipeline_equals_the_capture_of_its_embeddings(tmp_path, pipeline_dir):
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from dfsviz.cli import main
+
+    # docs/capture.md's five lines, on the local pipeline
+    pipe = diffusers.WanPipeline.from_pretrained(pipeline_dir, transformer=None, vae=None)
+    with torch.no_grad():  # as the pipeline's call encodes (autograd changes the last bits)
+        cond, uncond = pipe.encode_prompt("a cat playing piano", negative_prompt="blurry", max_sequence_length=512,
+                                          device="cpu")
+    save_file({"prompt_embeds": cond.contiguous(), "negative_prompt_embeds": uncond.contiguous()}, tmp_path / "p.safetensors")
+
+    common = ["--model", str(pipeline_dir), "--num-steps", "2", "--capture-steps", "0,1", "--height", "64", "--width", "64",
+              "--frames", "9", "--guidance-scale", "3", "--block", "16", "--seed", "4", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(main, ["capture", *common, "--prompt", "a cat playing piano", "--negative-prompt", "blurry",
+                                       "--out", str(tmp_path / "prompt.h5")])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "(complete)" in result.output
+    result = CliRunner().invoke(main, ["capture", *common, "--embeddings", str(tmp_path / "p.safetensors"),
+                                       "--out", str(tmp_path / "embeddings.h5")])
+    assert result.exit_code == 0, result.output
+    _assert_same_maps(tmp_path / "prompt.h5", tmp_path / "embeddings.h5")
+    with dfsviz.open(tmp_path / "prompt.h5") as run:
+        assert run.validate() == [] and run.attrs["prompt"] == "a cat playing piano"
+        assert run.attrs["pipeline_class"] == "WanPipeline" and run.video().frames.shape == (9, 64, 64, 3)
+
+
+def test_cli_pipeline_without_the_extra_says_which_to_install(tmp_path, pipeline_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    from dfsviz.cli import main
+
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as if not installed
+    result = CliRunner().invoke(main, ["capture", "--model", str(pipeline_dir), "--prompt", "a cat", "--device", "cpu",
+                                       "--out", str(tmp_path / "x.h5")])
+    assert result.exit_code == 2
+    assert 'its text encoders need the `pipelines` extra: pip install "dfsviz[pipelines]"' in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.h5").exists()
+
+
+def test_settings_of_dfsviz_own_loop_are_refused_for_a_pipeline(tmp_path, pipeline_dir):
+    base = dict(model=str(pipeline_dir), device="cpu")
+    with pytest.raises(ValueError, match=r"--latent and --grid size dfsviz's own loop; a pipeline call takes --height"):
+        run_capture(CaptureConfig(out=str(tmp_path / "a.h5"), prompt="a cat", latent="3x8x8", **base), progress=False)
+    with pytest.raises(ValueError, match=r"is a whole pipeline: pass --prompt"):
+        run_capture(CaptureConfig(out=str(tmp_path / "b.h5"), **base), progress=False)
+    assert not list(tmp_path.glob("*.h5"))
