@@ -7,33 +7,21 @@ from collections.abc import Sequence
 
 import torch
 
-from dfsviz.sparse._validate import check_power_of_two, num_blocks
+from dfsviz.sparse._validate import check_block, check_block_map_shape, check_seq_len
 
 
 def check_seq_block(seq_len: object, block: object) -> tuple[int, int]:
     """Validate N (>= 1) and the block size (power of two in [16, 256])."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"`seq_len` must be a positive integer, the number of tokens N (got {seq_len!r})")
-    check_power_of_two(block, "block", 16, 256)
-    return seq_len, block
+    return check_seq_len(seq_len), check_block(block)
 
 
 def check_block_map(x: object, name: str, seq_len: int, block: int, *, nonneg: bool = False) -> torch.Tensor:
-    """Check a per-block-pair map [B, H, Mq, Mk] (block mass m or block scores) for (N, block).
+    """Check a per-block-pair map [B, H, Mq, Mk] (block mass m or block scores) for (N, block):
+    its type, dtype and shape (``check_block_map_shape``), no NaN and (``nonneg``) no negative entry.
 
-    Returns ``x`` unchanged. Raises TypeError for non-tensors, ValueError for a wrong shape,
-    a non-floating dtype, NaN, or (``nonneg``) negative entries.
+    Returns ``x`` unchanged. Raises TypeError for non-tensors, ValueError otherwise.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, H, Mq, Mk] (got {type(x).__name__})")
-    if not x.is_floating_point():
-        raise ValueError(f"`{name}` must be a floating-point tensor (got {x.dtype})")
-    m = num_blocks(seq_len, block)
-    if x.dim() != 4 or x.shape[2] != m or x.shape[3] != m or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(
-            f"`{name}` must have shape [B, H, {m}, {m}] for seq_len={seq_len}, block={block} "
-            f"(got {tuple(x.shape)}); compute it with the same block size"
-        )
+    check_block_map_shape(x, name, seq_len, block)
     if bool(torch.isnan(x).any()):
         raise ValueError(f"`{name}` must not contain NaN (got at least one); check the captured q and k")
     if nonneg and bool((x < 0).any()):

@@ -29,7 +29,7 @@ import torch
 
 from dfsviz.analysis.factors import DEFAULT_ATOL, FactorTable
 from dfsviz.analysis.measures import measure_orders
-from dfsviz.sparse._validate import check_fraction, check_power_of_two
+from dfsviz.sparse._validate import check_block, check_fraction, check_power_of_two
 from dfsviz.sparse.orders import make_order, order_names
 from dfsviz.sparse.scoring import block_scores_ref, scorer_names
 from dfsviz.sparse.stats import block_stats_ref, variance_ratio
@@ -104,7 +104,7 @@ class SweepConfig:
         object.__setattr__(self, "orders", _check_names(orders, "orders", order_names()))
         object.__setattr__(self, "methods", _check_names(self.methods, "methods", scorer_names()))
         check_fraction(self.gamma, "gamma")
-        check_power_of_two(self.block, "block", 16, 256)
+        check_block(self.block)
         check_power_of_two(self.tile, "tile", 1, self.block)
         if isinstance(self.seeds, (str, int)) or not isinstance(self.seeds, (tuple, list)) or not self.seeds:
             raise ValueError(f"`seeds` must be a non-empty tuple of integers >= 0 (got {self.seeds!r})")
@@ -276,7 +276,7 @@ def write_token_model_capture(
         dataclasses.replace(base, delta=d)  # the token model validates each noise level
     _check_names(tuple(orders), "orders", order_names())
     _check_names(tuple(methods), "methods", scorer_names())
-    check_power_of_two(block, "block", 16, 256)
+    check_block(block)
     if isinstance(qkv_layers, (str, bytes)) or not isinstance(qkv_layers, (tuple, list)) or any(
         isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layers for i in qkv_layers
     ):

@@ -10,7 +10,7 @@ import click
 
 from dfsviz.analysis.measures import ORACLE, measure_orders
 from dfsviz.cli import fail_cleanly, main
-from dfsviz.sparse._validate import check_fraction, check_power_of_two
+from dfsviz.sparse._validate import check_block, check_fraction
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import ORDERS, order_names
 from dfsviz.sparse.scoring import SCORERS, scorer_key, scorer_names
@@ -143,7 +143,7 @@ def recall_command(
         speed=speed,
         seed=seed,
     )
-    check_power_of_two(block, "block", 16, 256)
+    check_block(block)
     orders = _parse_names(orders_spec, "--orders", list(ORDERS))
     methods = _parse_names(methods_spec, "--methods", list(SCORERS))
     gammas = _parse_gammas(gammas_spec)

@@ -10,12 +10,62 @@ import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+#: Tokens per block: a power of two in [BLOCK_MIN, BLOCK_MAX].
+BLOCK_MIN, BLOCK_MAX = 16, 256
+
 
 def check_power_of_two(value: object, name: str, low: int, high: int) -> int:
     """Return ``value`` if it is a power of two in [low, high], else raise ValueError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low or value > high or value & (value - 1):
         raise ValueError(f"`{name}` must be a power of two in [{low}, {high}] (got {value!r})")
     return value
+
+
+def check_block(block: object) -> int:
+    """Return ``block`` if it is a block size, a power of two in [16, 256], else raise ValueError."""
+    try:
+        return check_power_of_two(block, "block", BLOCK_MIN, BLOCK_MAX)
+    except ValueError as err:
+        raise ValueError(f"{err}; DFSAttn uses 128") from None
+
+
+def check_int(value: object, name: str, low: int, hint: str = "") -> int:
+    """Return ``value`` if it is an integer >= ``low`` (a bool is not), else raise ValueError
+    ending in ``hint`` (what the value means, e.g. "dense warm-up steps, e.g. 12")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low} (got {value!r})" + (f"; {hint}" if hint else ""))
+    return value
+
+
+def check_seq_len(seq_len: object) -> int:
+    """Return ``seq_len`` if it is a token count N >= 1, else raise ValueError."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(
+            f"`seq_len` must be a positive integer, the number of tokens N (got {seq_len!r}); pass q.shape[2]"
+        )
+    return seq_len
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the references compute in: float64 for float64 inputs, float32 for the others."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_block_map_shape(x: object, name: str, seq_len: object, block: object) -> torch.Tensor:
+    """Check the type, dtype and shape of a per-block-pair map [B, H, Mq, Mk] (block mass m or
+    block scores) for (N, block), and those two; not its values (no host read). Returns ``x``."""
+    seq_len, block = check_seq_len(seq_len), check_block(block)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, H, Mq, Mk] (got {type(x).__name__})")
+    if not x.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor (got {x.dtype})")
+    m = num_blocks(seq_len, block)
+    if x.dim() != 4 or x.shape[2] != m or x.shape[3] != m or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(
+            f"`{name}` must have shape [B, H, {m}, {m}] for seq_len={seq_len}, block={block} "
+            f"(got {tuple(x.shape)}); compute it with the same block size"
+        )
+    return x
 
 
 def resolve_scale(scale: object, head_dim: int) -> float:

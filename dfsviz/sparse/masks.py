@@ -15,29 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dfsviz.sparse._validate import block_sizes, check_power_of_two, num_blocks
+from dfsviz.sparse._validate import block_sizes, check_block, check_int, check_seq_len, num_blocks
 
 __all__ = ["BlockMask", "check_mask_for"]
-
-BLOCK_MIN = 16
-BLOCK_MAX = 256
-
-
-def _check_seq_len(seq_len: object) -> int:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(
-            f"`seq_len` must be a positive integer, the number of tokens N (got {seq_len!r}); "
-            "pass q.shape[2]"
-        )
-    return seq_len
-
-
-def _check_block(block: object) -> int:
-    try:
-        return check_power_of_two(block, "block", BLOCK_MIN, BLOCK_MAX)
-    except ValueError as err:
-        raise ValueError(f"{err}; DFSAttn uses 128") from None
-
 
 def _check_int_tensor(x: object, name: str, dims: int, layout: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
@@ -82,8 +62,8 @@ class BlockMask:
     block: int
 
     def __post_init__(self) -> None:
-        seq_len = _check_seq_len(self.seq_len)
-        block = _check_block(self.block)
+        seq_len = check_seq_len(self.seq_len)
+        block = check_block(self.block)
         m = num_blocks(seq_len, block)
         counts = _check_int_tensor(self.kv_num_blocks, "kv_num_blocks", 3, "[B, H, Mq]")
         idx = _check_int_tensor(self.kv_indices, "kv_indices", 4, "[B, H, Mq, Mk]")
@@ -131,8 +111,8 @@ class BlockMask:
     @classmethod
     def from_dense(cls, dense: torch.Tensor, seq_len: int, block: int) -> "BlockMask":
         """Build from a bool [B, H, Mq, Mk] block mask (True = key block kept)."""
-        seq_len = _check_seq_len(seq_len)
-        block = _check_block(block)
+        seq_len = check_seq_len(seq_len)
+        block = check_block(block)
         if not isinstance(dense, torch.Tensor):
             raise TypeError(f"`dense` must be a torch.Tensor of shape [B, H, Mq, Mk] (got {type(dense).__name__})")
         if dense.dtype != torch.bool:
@@ -151,11 +131,10 @@ class BlockMask:
         cls, batch: int, heads: int, seq_len: int, block: int, device: torch.device | str | None = None
     ) -> "BlockMask":
         """The dense mask: every query block keeps every key block (density 1)."""
-        for name, value in (("batch", batch), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer (got {value!r})")
-        seq_len = _check_seq_len(seq_len)
-        block = _check_block(block)
+        check_int(batch, "batch", 1)
+        check_int(heads, "heads", 1)
+        seq_len = check_seq_len(seq_len)
+        block = check_block(block)
         m = num_blocks(seq_len, block)
         counts = torch.full((batch, heads, m), m, dtype=torch.int32, device=device)
         idx = torch.arange(m, dtype=torch.int32, device=device).expand(batch, heads, m, m).contiguous()

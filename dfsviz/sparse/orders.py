@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dfsviz.sparse._validate import check_power_of_two
+from dfsviz.sparse._validate import check_block
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = [
@@ -519,7 +519,7 @@ def locality_report(order: TokenOrder, block: int = 128) -> dict:
     """
     if not isinstance(order, TokenOrder):
         raise TypeError(f"`order` must be a TokenOrder (got {type(order).__name__}); use make_order(name, grid)")
-    check_power_of_two(block, "block", 16, 256)
+    check_block(block)
     grid = order.grid
     vp = order.video_perm.numpy()
     coords = np.stack([vp // grid.frame_tokens, vp % grid.frame_tokens // grid.width, vp % grid.width], 1)

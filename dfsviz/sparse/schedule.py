@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dfsviz.sparse._validate import check_int
 from dfsviz.sparse.select import topk_count
 
 __all__ = ["DFSSchedule", "StepPlan"]
@@ -56,12 +57,6 @@ class StepPlan:
         return topk_count(self.gamma, num_kv_blocks)
 
 
-def _check_int(value: object, name: str, low: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low} (got {value!r}); {hint}")
-    return value
-
-
 @dataclass(frozen=True)
 class DFSSchedule:
     """DFSAttn mask-caching schedule (defaults: the paper's Wan/HunyuanVideo settings).
@@ -89,15 +84,15 @@ class DFSSchedule:
     calls_per_step: int = 1
 
     def __post_init__(self) -> None:
-        _check_int(self.num_steps, "num_steps", 1, "the sampler's number of inference steps, e.g. 50")
-        _check_int(self.skip_steps, "skip_steps", 0, "dense warm-up steps, e.g. 12")
+        check_int(self.num_steps, "num_steps", 1, "the sampler's number of inference steps, e.g. 50")
+        check_int(self.skip_steps, "skip_steps", 0, "dense warm-up steps, e.g. 12")
         if self.skip_steps > self.num_steps:
             raise ValueError(
                 f"`skip_steps` must be in [0, num_steps={self.num_steps}] (got {self.skip_steps}); "
                 "use skip_steps = num_steps for an all-dense run"
             )
-        _check_int(self.interval, "interval", 1, "steps between mask refreshes, e.g. 12")
-        _check_int(self.calls_per_step, "calls_per_step", 1, "1 without CFG batching, 2 for Wan's CFG")
+        check_int(self.interval, "interval", 1, "steps between mask refreshes, e.g. 12")
+        check_int(self.calls_per_step, "calls_per_step", 1, "1 without CFG batching, 2 for Wan's CFG")
         g = self.gamma0
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 < g <= 1.0:
             raise ValueError(f"`gamma0` must be a kept fraction in (0, 1] (got {g!r}); DFSAttn uses 0.3")
@@ -171,7 +166,7 @@ class DFSSchedule:
 
     def layer_is_dense(self, layer: int) -> bool:
         """True when self-attention layer ``layer`` (>= 0) always runs dense."""
-        _check_int(layer, "layer", 0, "transformer block index")
+        check_int(layer, "layer", 0, "transformer block index")
         return layer in self.dense_layers
 
     def topk_for(self, gamma: float, num_kv_blocks: int) -> int:

@@ -46,17 +46,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dfsviz.sparse._validate import block_sizes, check_power_of_two, check_qk, num_blocks, resolve_scale
+from dfsviz.sparse._validate import block_sizes, check_block, check_qk, compute_dtype, num_blocks, resolve_scale
 
 __all__ = ["SCORERS", "ScorerSpec", "block_scores_ref", "scorer_key", "scorer_names"]
 
 # Largest tile-logit slab held at once; bigger problems loop over heads and chunks of
 # query blocks so a Wan-size head (4,728^2 tiles) never needs its whole matrix in memory.
 _SCORE_CHUNK_BYTES = 256 * 2**20
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _pad_to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -100,8 +96,8 @@ def _meanpool(q: torch.Tensor, k: torch.Tensor, *, tile: int | None, block: int,
     del tile  # block means need no tile size
     n = q.shape[2]
     m = num_blocks(n, block)
-    counts = block_sizes(n, block, device=q.device).to(_compute_dtype(q))
-    dt = _compute_dtype(q)
+    counts = block_sizes(n, block, device=q.device).to(compute_dtype(q))
+    dt = compute_dtype(q)
     # Pad zeros add nothing to the sums; dividing by the true counts gives real means.
     qbar = _pad_to_blocks(q.to(dt), block).view(*q.shape[:2], m, block, q.shape[3]).sum(3) / counts[:, None]
     kbar = _pad_to_blocks(k.to(dt), block).view(*k.shape[:2], m, block, k.shape[3]).sum(3) / counts[:, None]
@@ -109,7 +105,7 @@ def _meanpool(q: torch.Tensor, k: torch.Tensor, *, tile: int | None, block: int,
 
 
 def _dfs_tile(q: torch.Tensor, k: torch.Tensor, *, tile: int, block: int, scale: float) -> torch.Tensor:
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q)
     qp, kp = _pad_to_blocks(q.to(dt), block), _pad_to_blocks(k.to(dt), block)
     b, h, npad, d = qp.shape
     # Mean over `tile` tokens including pad zeros, exactly as the reference pools.
@@ -121,7 +117,7 @@ def _dfs_tile(q: torch.Tensor, k: torch.Tensor, *, tile: int, block: int, scale:
 def _antidiagonal(q: torch.Tensor, k: torch.Tensor, *, tile: int, block: int, scale: float) -> torch.Tensor:
     stride = tile
     n = q.shape[2]
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q)
     qp, kp = _pad_to_blocks(q.to(dt), block), _pad_to_blocks(k.to(dt), block)
     b, h, npad, d = qp.shape
     ns = npad // stride
@@ -256,7 +252,7 @@ def block_scores_ref(
     """
     check_qk(q, k)
     spec = _get_spec(method)
-    check_power_of_two(block, "block", 16, 256)
+    check_block(block)
     tile = spec.resolve_tile(tile, block)
     scale = resolve_scale(scale, q.shape[3])
     return spec(q, k, tile=tile, block=block, scale=scale).to(torch.float32)

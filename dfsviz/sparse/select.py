@@ -29,11 +29,10 @@ import torch
 
 from dfsviz.sparse._validate import (
     block_flags,
+    check_block_map_shape,
     check_finite,
     check_fraction,
-    check_power_of_two,
     first_true_index,
-    num_blocks,
 )
 from dfsviz.sparse.masks import BlockMask
 
@@ -64,26 +63,9 @@ _NON_FINITE_SCORES_FIX = (
 
 def _check_scores(scores: object, seq_len: int, block: int) -> torch.Tensor:
     """Scores [B, H, Mq, Mk] of the blocks of (seq_len, block), without NaN or +inf."""
-    _check_scores_layout(scores, seq_len, block)
+    check_block_map_shape(scores, "scores", seq_len, block)
     check_finite(scores, "scores", _NON_FINITE_SCORES_FIX, allow_neg_inf=True)
     return scores
-
-
-def _check_scores_layout(scores: object, seq_len: int, block: int) -> None:
-    """Type, dtype and shape of the scores (no read of their values, so no host sync)."""
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"`scores` must be a torch.Tensor [B, H, Mq, Mk] (got {type(scores).__name__})")
-    if not scores.is_floating_point():
-        raise ValueError(f"`scores` must be a floating-point tensor (got {scores.dtype}); use block_scores_ref")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"`seq_len` must be a positive integer N (got {seq_len!r}); pass q.shape[2]")
-    check_power_of_two(block, "block", 16, 256)
-    m = num_blocks(seq_len, block)
-    if scores.dim() != 4 or scores.shape[2] != m or scores.shape[3] != m:
-        raise ValueError(
-            f"`scores` must have shape [B, H, {m}, {m}] for seq_len={seq_len}, block={block} "
-            f"(got {tuple(scores.shape)}); score with the same block size"
-        )
 
 
 def _finish(keep: torch.Tensor, forced: torch.Tensor, dense_q: torch.Tensor, seq_len: int, block: int) -> BlockMask:
@@ -154,7 +136,7 @@ def _check_out(out: object, scores: object, seq_len: int, block: int, forced_kv:
             "`out` takes no `forced_kv` or `dense_q` (their flags need host work); select into a new mask "
             "without `out`"
         )
-    _check_scores_layout(scores, seq_len, block)
+    check_block_map_shape(scores, "scores", seq_len, block)
     if (seq_len, block) != (out.seq_len, out.block) or tuple(scores.shape) != out.shape or scores.device != out.device:
         raise ValueError(
             f"`out` must match the scores: shape {tuple(scores.shape)} on {scores.device}, seq_len={seq_len}, "

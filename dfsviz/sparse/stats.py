@@ -41,10 +41,12 @@ from dfsviz.sparse._validate import (
     NON_FINITE_QKV_FIX,
     block_sizes,
     check_bhnd,
+    check_block,
     check_block_mass,
     check_finite,
-    check_power_of_two,
     check_qk,
+    check_seq_len,
+    compute_dtype,
     num_blocks,
     resolve_scale,
 )
@@ -69,17 +71,6 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 # Largest |l_ij - Lbar_iv| bound for which exp() of every deviation of a block, summed over
 # up to 256 tokens, stays finite: e^80 * 256 < 3.4e38 (float32), e^700 * 256 < 1.8e308 (float64).
 _SAFE_SHIFT = {torch.float32: 80.0, torch.float64: 700.0}
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _check_block(block: object) -> int:
-    try:
-        return check_power_of_two(block, "block", 16, 256)
-    except ValueError as err:
-        raise ValueError(f"{err}; DFSAttn uses 128") from None
 
 
 def _check_chunk(max_chunk_elements: object) -> int:
@@ -119,9 +110,8 @@ class BlockStats:
     seq_len: int
 
     def __post_init__(self) -> None:
-        block = _check_block(self.block)
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
-            raise ValueError(f"`seq_len` must be a positive integer, the number of tokens N (got {self.seq_len!r})")
+        block = check_block(self.block)
+        check_seq_len(self.seq_len)
         mb = num_blocks(self.seq_len, block)
         for name in ("m", "L", "r", "J", "lse"):
             if not isinstance(getattr(self, name), torch.Tensor):
@@ -200,7 +190,7 @@ def _iter_group_chunks(
 ) -> Iterator[_RowChunk]:
     """The streaming pass of the module docstring for q, k [1, G, N, D] (one head group)."""
     b, h, n, d = q.shape
-    cdt = _compute_dtype(q)
+    cdt = compute_dtype(q)
     mb = num_blocks(n, block)
     padded = mb * block
     sizes_c = block_sizes(n, block, device=q.device).to(cdt)
@@ -282,7 +272,7 @@ def block_stats_ref(
     Raises ValueError for NaN or inf in q or k (naming the first), or an empty B, H or D.
     """
     check_qk(q, k)
-    block = _check_block(block)
+    block = check_block(block)
     scale = resolve_scale(scale, q.shape[3])
     return _block_stats(q, k, block, scale, _check_chunk(max_chunk_elements))
 
@@ -290,7 +280,7 @@ def block_stats_ref(
 def _block_stats(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, chunk: int) -> BlockStats:
     """:func:`block_stats_ref` on checked arguments (the oracle scorer has checked them already)."""
     b, h, n, d = q.shape
-    cdt = _compute_dtype(q)
+    cdt = compute_dtype(q)
     mb = num_blocks(n, block)
     sizes_c = block_sizes(n, block, device=q.device).to(cdt)
     # Outputs live on the flattened [1, B*H, ...] head axis that the chunks index.
@@ -436,9 +426,8 @@ def oracle_recall(
                 "`seq_len` and `block` are required when `m` is a tensor (got "
                 f"seq_len={seq_len!r}, block={block!r}); pass them or pass the BlockStats itself"
             )
-        block = _check_block(block)
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"`seq_len` must be a positive integer, the number of tokens N (got {seq_len!r})")
+        block = check_block(block)
+        check_seq_len(seq_len)
         mb = num_blocks(seq_len, block)
         if m.dim() != 4 or tuple(m.shape[2:]) != (mb, mb):
             raise ValueError(
@@ -498,7 +487,7 @@ def variance_ratio(x: torch.Tensor, block: int = 128, *, check_values: bool = Tr
         float64 [B, H] in [0, 1].
     """
     check_bhnd(x, "x")
-    block = _check_block(block)
+    block = check_block(block)
     if check_values:
         check_finite(x, "x", NON_FINITE_QKV_FIX)
     b, h, n, d = x.shape
@@ -559,7 +548,7 @@ def row_attention_ref(
     check_qk(q, k)
     scale = resolve_scale(scale, q.shape[3])
     idx = _check_rows(rows, q.shape[2], q.device)
-    cdt = _compute_dtype(q)
+    cdt = compute_dtype(q)
     logits = torch.matmul(q.index_select(2, idx).to(cdt), k.to(cdt).transpose(-1, -2)) * scale
     return torch.softmax(logits, dim=-1)
 

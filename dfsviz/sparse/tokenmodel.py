@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dfsviz.sparse._validate import check_int
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = ["TokenModelConfig", "sample_qk", "token_classes"]
@@ -45,11 +46,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Region rectangles span this fraction range of the frame height / width: large enough to
 # fill several 128-token blocks on Wan-size grids, small enough that several fit in a frame.
 _REGION_FRACTION = (0.2, 0.5)
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low} (got {value!r})")
 
 
 def _check_real(name: str, value: object, low: float, high: float = math.inf, strict_low: bool = False) -> None:
@@ -98,10 +94,10 @@ class TokenModelConfig:
             raise TypeError(
                 f"`grid` must be a LatentGrid (got {type(self.grid).__name__}); use LatentGrid.parse('13x24x40')"
             )
-        _check_int("heads", self.heads, 1)
-        _check_int("head_dim", self.head_dim, 1)
-        _check_int("num_regions", self.num_regions, 0)
-        _check_int("seed", self.seed, 0)
+        check_int(self.heads, "heads", 1)
+        check_int(self.head_dim, "head_dim", 1)
+        check_int(self.num_regions, "num_regions", 0)
+        check_int(self.seed, "seed", 0)
         _check_real("delta", self.delta, 0.0)
         _check_real("centre_spread", self.centre_spread, 0.0)
         _check_real("locality", self.locality, 0.0)

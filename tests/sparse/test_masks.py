@@ -222,7 +222,7 @@ def test_from_dense_errors():
 
 
 def test_full_errors():
-    with pytest.raises(ValueError, match=r"`heads` must be a positive integer \(got 0\)"):
+    with pytest.raises(ValueError, match=r"`heads` must be an integer >= 1 \(got 0\)"):
         BlockMask.full(1, 0, 40, 16)
 
 

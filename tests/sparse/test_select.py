@@ -242,13 +242,13 @@ def test_cumulative_refuses_minus_inf_masses():
 def test_errors():
     s = _scores(1, 1, 4)
     kw = dict(seq_len=64, block=16)
-    with pytest.raises(TypeError, match=r"`scores` must be a torch.Tensor \[B, H, Mq, Mk\] \(got list\)"):
+    with pytest.raises(TypeError, match=r"`scores` must be a torch.Tensor of shape \[B, H, Mq, Mk\] \(got list\)"):
         select_topk([1.0], 0.5, **kw)
     with pytest.raises(ValueError, match=r"`scores` must be a floating-point tensor \(got torch.int64\)"):
         select_topk(s.long(), 0.5, **kw)
     with pytest.raises(ValueError, match=r"`scores` must have shape \[B, H, 5, 5\] for seq_len=65, block=16 \(got \(1, 1, 4, 4\)\)"):
         select_topk(s, 0.5, seq_len=65, block=16)
-    with pytest.raises(ValueError, match=r"`seq_len` must be a positive integer N \(got 0\)"):
+    with pytest.raises(ValueError, match=r"`seq_len` must be a positive integer, the number of tokens N \(got 0\); pass q.shape\[2\]"):
         select_topk(s, 0.5, seq_len=0, block=16)
     with pytest.raises(ValueError, match=r"`block` must be a power of two in \[16, 256\] \(got 24\)"):
         select_topk(s, 0.5, seq_len=64, block=24)
