@@ -1166,12 +1166,13 @@ def footprint_mosaic(
     head = title or "Attention footprint"
     if grid.text_len:
         head += f" · text tokens hold {float(fp[grid.text_slice].sum()):.1%}"
+    # each frame's label in its top left corner, on a light box so it reads over any colour
     labels = [{"text": f"frame {f}", "x": (f % cols) * (grid.width + 1) - 0.5, "y": (f // cols) * (grid.height + 1) - 0.5,
-               "xref": "x", "yref": "y", "xanchor": "left", "yanchor": "bottom", "showarrow": False,
-               "font": {"size": 11}} for f in range(grid.frames)]
+               "xref": "x", "yref": "y", "xanchor": "left", "yanchor": "top", "showarrow": False,
+               "font": {"size": 10}, "bgcolor": "rgba(255,255,255,0.7)", "borderpad": 1} for f in range(grid.frames)]
     layout = {"title": head, "template": "plotly_white", "annotations": labels,
               "xaxis": {"visible": False, "range": [-0.5, width - 0.5], "constrain": "domain"},
-              "yaxis": {"visible": False, "range": [height - 0.5, -1.5], "scaleanchor": "x", "constrain": "domain"},
+              "yaxis": {"visible": False, "range": [height - 0.5, -0.5], "scaleanchor": "x", "constrain": "domain"},
               "coloraxis": {"colorscale": "Viridis", "colorbar": {"title": "log10 a"}}}
     return go.Figure(data=traces, layout=layout)
 

@@ -114,7 +114,7 @@ def info(terms: Sequence[str]) -> html.A:
     from dfsviz.app.glossary import help_text
     from dfsviz.app.pages.glossary import term_href
 
-    return html.A("ⓘ", href=term_href(terms[0]), target="_blank", className="dfs-info",
+    return html.A("i", href=term_href(terms[0]), target="_blank", className="dfs-info",
                   title="\n\n".join(help_text(t) for t in terms))
 
 
