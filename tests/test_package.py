@@ -20,13 +20,15 @@ def test_import_dfsviz_loads_no_heavy_dependency():
 def test_public_names_resolve():
     import dfsviz
     from dfsviz.accel import DFSConfig, apply_dfsattn, remove_dfsattn
+    from dfsviz.capture.record import record
     from dfsviz.capture.runset import open_run_set
     from dfsviz.capture.store import open_capture  # noqa: F401
 
     assert (dfsviz.apply_dfsattn, dfsviz.remove_dfsattn, dfsviz.DFSConfig) == (apply_dfsattn, remove_dfsattn, DFSConfig)
     assert dfsviz.open_run_set is open_run_set
+    assert dfsviz.record is record
     assert sorted(dfsviz.__all__) == ["DFSConfig", "__version__", "apply_dfsattn", "open", "open_run_set",
-                                      "remove_dfsattn", "sample_capture"]
+                                      "record", "remove_dfsattn", "sample_capture"]
     with pytest.raises(AttributeError, match="module 'dfsviz' has no attribute 'nothing'"):
         dfsviz.nothing  # noqa: B018
 

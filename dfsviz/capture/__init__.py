@@ -5,6 +5,8 @@
 * :class:`CaptureConfig` (config), :func:`load_model_source` (sources), :func:`resolve_capture`
   (resolve), the per-call reduction (reduce) and :func:`run_capture` (runner, the denoising
   loop): the ``dfsviz capture`` engine.
+* :func:`record` / :class:`Recording` (record): capture the user's own pipeline call
+  (``with dfsviz.record(pipe, "run.h5"): pipe(...)``).
 * :func:`capture_run_set` / :class:`RunSetConfig` / :func:`open_run_set` (runset): several
   clips (prompts x seeds) in one command, one capture file each, in a run-set directory.
 * :class:`CaptureWriter` / :class:`CaptureReader` / :func:`open_capture` (store): the file
@@ -25,6 +27,7 @@ from dfsviz.capture.adapters import (
     supported_architectures,
 )
 from dfsviz.capture.hooks import AttentionCapture, AttentionRecord
+from dfsviz.capture.record import Recording, record
 from dfsviz.capture.config import CaptureConfig, default_capture_steps
 from dfsviz.capture.resolve import ResolvedCapture, resolve_capture
 from dfsviz.capture.runner import CaptureResult, run_capture
@@ -63,6 +66,7 @@ __all__ = [
     "HunyuanVideoAdapter",
     "ModelAdapter",
     "ModelSource",
+    "Recording",
     "ResolvedCapture",
     "RunSet",
     "RunSetClip",
@@ -81,6 +85,7 @@ __all__ = [
     "open_capture",
     "open_run_set",
     "read_prompts",
+    "record",
     "resolve_capture",
     "run_capture",
     "supported_architectures",

@@ -66,6 +66,7 @@ def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
     epilog=(
         "\b\nExamples:\n"
         "  dfsviz capture --out tiny.h5                       # the embedded model, CPU friendly\n"
+        "  dfsviz capture --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt \"a cat playing piano\" --out wan.h5\n"
         "  dfsviz capture --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --embeddings prompt.safetensors \\\n"
         "      --capture-steps 0,10,25,49 --layers 0-29 --out wan.h5\n"
         "  dfsviz capture --model ./wan-dir --embeddings random --dry-run --out x.h5\n"
@@ -75,7 +76,11 @@ def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
     ),
 )
 @click.option("--model", default=None, help="Hub id or local diffusers directory; default: the embedded model.")
-@click.option("--prompt", default=None, help="Prompt (embedded model: a class name).")
+@click.option(
+    "--prompt", default=None,
+    help="Prompt: a class name of the embedded model, or the text of a whole pipeline's call (--model <pipeline "
+         "folder or hub id>; needs pip install \"dfsviz[pipelines]\").",
+)
 @click.option(
     "--prompts", "prompts_spec", default=None,
     help="Several clips: a text file with one prompt per line (blank lines and # comments skipped), or 'all' for "
