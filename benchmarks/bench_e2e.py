@@ -34,7 +34,7 @@ Per model it times one transformer call (CUDA events, median of --reps after a w
 Writes benchmarks/results/e2e_<card>.json (card, versions, shapes, every timing, the speedups).
 Also HunyuanVideo 720p x 129 frames (13B architecture, latent 16 x 33 x 90 x 160: 118,800 video and
 256 text tokens). ``--precisions native,fp8`` times every DFSAttn run also with FP8 Q and K
-(``block_sparse_attention(precision="fp8")``). ``--quick`` times 2 and 3 repeating units of each
+(``DFSConfig(precision="fp8")``: the sparse calls; the warm-up calls stay stock). ``--quick`` times 2 and 3 repeating units of each
 model (Wan: blocks; HunyuanVideo: one dual-stream and two single-stream blocks) and composes every
 call time at full depth from the per-unit difference (units past the first are identical sparse
 layers; the measured calls stay in the JSON).
@@ -263,22 +263,6 @@ def sdpa_backend(name: str):
     return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
 
 
-@contextlib.contextmanager
-def attention_precision(precision: str):
-    """The processors' sparse attention calls with ``precision`` ("native" leaves them alone).
-    DFSConfig.precision names the same choice; patching the processors' call measures it
-    whether or not the processors pass the field through."""
-    if precision == "native":
-        yield
-        return
-    orig = processors_module.block_sparse_attention
-    processors_module.block_sparse_attention = functools.partial(orig, precision=precision)
-    try:
-        yield
-    finally:
-        processors_module.block_sparse_attention = orig
-
-
 def run_model(name: str, device: torch.device, reps: int, modes: list[str], backend: str | None, seed: int,
               dense_backends: list[str], quality: bool, precisions: list[str] = ("native",),
               units: int | None = None) -> dict:
@@ -334,11 +318,11 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
         for gamma in GAMMAS:
             schedule = DFSSchedule(num_steps=2, skip_steps=0, interval=2, gamma0=gamma, decrement=0.0,
                                    dense_layers=(0,))
-            config = DFSConfig(schedule=schedule, permute_once=once, backend=backend)
+            config = DFSConfig(schedule=schedule, permute_once=once, backend=backend, precision=precision)
             restore_hooks = permute_hook_timing(breakdown)
             handle = apply_dfsattn(model, config)
             try:
-                with sdpa_backend(dense_backends[0]), attention_precision(precision):
+                with sdpa_backend(dense_backends[0]):
                     def refresh():
                         handle.state.reset()
                         handle.state.set_step(0)

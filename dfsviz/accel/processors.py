@@ -4,14 +4,15 @@ Per sparse self-attention call a processor computes q, k, v exactly as the stock
 does and then:
 
 * dense plan (warm-up step): calls the original processor (stock SDPA; Wan with
-  ``fused_ops`` fuses the q/k norm + RoPE first);
+  ``fused_ops`` fuses the q/k norm + RoPE first); under ``precision="fp8_dense"`` it attends
+  with the FP8 kernel and every block kept instead (no order, nothing scored or cached);
 * refresh (or no valid cached mask): scores the ordered q, k with
   ``dfsviz.kernels.block_scores``, selects top-k blocks with ``select_topk`` (per-head
   budgets of a calibrated plan: ``select_topk_heads``) and caches the mask for this layer;
   otherwise reuses the layer's cached mask;
 * attends with ``dfsviz.kernels.block_sparse_attention`` (the kernel gathers rows
   through the token order and scatters the output back, unless permute-once already
-  ordered the tokens).
+  ordered the tokens), with FP8 Q and K under ``precision="fp8"`` or ``"fp8_dense"``.
 
 Processors (which one serves a layer: the registry entry's ``tuned`` map, by stock processor):
 
@@ -73,10 +74,13 @@ class _DFSProcessorBase:
         self.cond_index = cond_index
         # A calibrated plan gives every head its own budget; else the schedule's gamma serves all heads.
         self.gammas = None if config.calibration is None else config.calibration.gammas(layer)
+        self.precision = "native" if config.precision == "native" else "fp8"
 
-    def _sparse_ctx(self) -> _CallContext | None:
+    def _dfs_ctx(self) -> _CallContext | None:
+        """The call's context when DFSAttn computes this attention (a sparse step; under
+        ``precision="fp8_dense"`` a dense step too), else None: the stock attention serves."""
         ctx = self.state.current
-        if ctx is None or ctx.plan.dense:
+        if ctx is None or (ctx.plan.dense and self.config.precision != "fp8_dense"):
             return None
         return ctx
 
@@ -138,6 +142,9 @@ class _DFSProcessorBase:
     def _attend_prefix(self, q, k, v, ctx: _CallContext, grid: LatentGrid, scale: float | None) -> torch.Tensor:
         cfg = self.config
         n = q.shape[2]
+        if ctx.plan.dense:  # fp8_dense warm-up: every block kept; nothing scored, cached or recorded
+            full = BlockMask.full(q.shape[0], q.shape[1], n, cfg.block, device=q.device)
+            return block_sparse_attention(q, k, v, full, scale=scale, precision="fp8", backend=cfg.backend)
         # Permute-once ordered the whole sequence with the full grid's order; text keeps its
         # place in every order, so the real prefix of the ordered sequence is ordered too.
         order = None if ctx.ordered else make_order(cfg.order, grid)
@@ -154,7 +161,8 @@ class _DFSProcessorBase:
             # The best any mask with the same kept count per query block could do (scorer quality).
             record["oracle_recall"] = oracle_recall(stats, mask.kv_num_blocks.to(stats.m.device)).cpu()
         self.state.records.append(record)
-        return block_sparse_attention(q, k, v, mask, order=order, scale=scale, backend=cfg.backend)
+        return block_sparse_attention(q, k, v, mask, order=order, scale=scale, precision=self.precision,
+                                      backend=cfg.backend)
 
     def _mask(self, q, k, ctx: _CallContext, grid: LatentGrid, order: TokenOrder | None, scale: float | None):
         cfg, state = self.config, self.state
@@ -250,10 +258,10 @@ class WanDFSProcessor(_DFSProcessorBase):
 
     Dense calls (warm-up steps) keep the stock processor unless ``config.fused_ops`` fuses the
     q/k norm + RoPE; their attention is then diffusers' ``dispatch_attention_fn`` with the stock
-    processor's backend, as in the stock processor."""
+    processor's backend, as in the stock processor (the FP8 kernel under ``fp8_dense``)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        ctx = self._sparse_ctx()
+        ctx = self._dfs_ctx()
         fused = self.config.fused_ops and _fused_qk_norm_rope(attn, hidden_states, rotary_emb)
         if encoder_hidden_states is not None or (ctx is None and not fused):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
@@ -286,7 +294,7 @@ class HunyuanVideoDFSProcessor(_DFSProcessorBase):
     """DFSAttn for HunyuanVideo joint attention ([video, text]; dual- and single-stream blocks)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        ctx = self._sparse_ctx()
+        ctx = self._dfs_ctx()
         if ctx is None or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.embeddings import apply_rotary_emb
@@ -331,7 +339,7 @@ class CogVideoXDFSProcessor(_DFSProcessorBase):
     """DFSAttn for CogVideoX joint attention ([text, video])."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
-        ctx = self._sparse_ctx()
+        ctx = self._dfs_ctx()
         if ctx is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.embeddings import apply_rotary_emb
@@ -375,7 +383,7 @@ class SDPADFSProcessor(_DFSProcessorBase):
         self.__call__ = functools.update_wrapper(functools.partial(type(self).__call__, self), original.__call__)
 
     def __call__(self, attn, *args, **kwargs):
-        ctx = self._sparse_ctx()
+        ctx = self._dfs_ctx()
         if ctx is None:
             return self.original(attn, *args, **kwargs)
         calls = []

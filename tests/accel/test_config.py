@@ -16,6 +16,9 @@ def test_defaults_are_the_paper_settings():
     assert c.name == "dfsattn_hilbert3d_dfs_tile_b128_t16_share_dfs_n50_s12_i12_g0.30_d0.10_c1_L0"
     assert DFSConfig(permute_once=True, cfg="separate").name.startswith("dfsattn_hilbert3d_dfs_tile_b128_t16_separate_once_")
     assert c.fused_ops and DFSConfig(fused_ops=False).name.startswith("dfsattn_hilbert3d_dfs_tile_b128_t16_share_unfused_")
+    assert c.precision == "native" and "_fp8" not in c.name
+    assert DFSConfig(precision="fp8").name.startswith("dfsattn_hilbert3d_dfs_tile_b128_t16_share_fp8_dfs_n50_")
+    assert DFSConfig(precision="fp8_dense").name.startswith("dfsattn_hilbert3d_dfs_tile_b128_t16_share_fp8_dense_dfs_")
 
 
 @pytest.mark.parametrize(
@@ -34,6 +37,8 @@ def test_defaults_are_the_paper_settings():
         (dict(measure_recall=1), TypeError, r"`measure_recall` must be a bool \(got int 1\)"),
         (dict(fused_ops=None), TypeError, r"`fused_ops` must be a bool \(got NoneType None\)"),
         (dict(backend="cuda"), ValueError, r"`backend` must be one of \['ref', 'triton'\] or None"),
+        (dict(precision="int8"), ValueError, r"`precision` must be one of \['fp8', 'fp8_dense', 'native'\] "
+                                              r"\(got 'int8'\)"),
     ],
 )
 def test_invalid_config(kwargs, exc, match):

@@ -132,6 +132,19 @@ def test_dfsattn_at_full_budget_equals_dense(tiny, name):
 
 
 @pytest.mark.parametrize("name", CLASSES)
+def test_fp8_dense_runs_every_call_in_fp8(tiny, name):
+    """precision="fp8_dense" reaches every processor: the warm-up and the full-budget call move
+    off dense attention, within FP8's documented error (docs/kernels.md: 0.048 max)."""
+    model = tiny[name]
+    _, run, _ = _call(model)
+    dense = run()
+    with apply_dfsattn(model, DFSConfig(**{**_config().__dict__, "precision": "fp8_dense", "backend": "ref"})):
+        warm, sparse = run(), run()
+    for out in (warm, sparse):
+        assert 0 < (out - dense).abs().max().item() < 0.048
+
+
+@pytest.mark.parametrize("name", CLASSES)
 def test_permute_once_equals_per_call_at_a_real_budget_or_refuses(tiny, name):
     model = tiny[name]
     _, run, _ = _call(model)

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dfsviz.accel import DFSConfig
 from dfsviz.kernels import _dispatch
 from dfsviz.kernels._check import compare_to_golden
 from dfsviz.kernels.block_sparse_attention import block_sparse_attention
@@ -184,14 +183,6 @@ def test_fp8_on_cpu_without_the_interpreter_names_the_simulation(monkeypatch):
         block_sparse_attention(q, k, v, BlockMask.full(1, 2, 64, 32), precision="fp8", backend="triton")
     out = block_sparse_attention(q, k, v, BlockMask.full(1, 2, 64, 32), precision="fp8")  # auto: the simulation
     assert torch.equal(out, block_sparse_attention_fp8_ref(q, k, v, BlockMask.full(1, 2, 64, 32)))
-
-
-def test_config_precision():
-    assert DFSConfig(precision="fp8").name.count("_fp8_") == 1
-    assert "_fp8" not in DFSConfig().name
-    with pytest.raises(ValueError, match=r"`precision` must be one of \['fp8', 'fp8_dense', 'native'\] "
-                                         r"\(got 'int8'\)"):
-        DFSConfig(precision="int8")
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
