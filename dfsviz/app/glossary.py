@@ -32,8 +32,8 @@ class Term:
         short: one or two plain sentences saying what it is and how to read it.
         formula: how it is computed, in the symbols of docs/theory.md ("" when it is a name,
             not a number).
-        doc_anchor: the section that explains more, as "<file in docs/>#<heading anchor>"
-            ("theory.md#quantities").
+        doc_anchor: the section that explains more, as "<page>#<heading anchor>", the page
+            named relative to the docs folder.
     """
 
     name: str

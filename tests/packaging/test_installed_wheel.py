@@ -74,6 +74,8 @@ def test_sdist_and_wheel_carry_the_embedded_model_and_the_sample(release):
         in_wheel = set(whl.namelist())
     assert shipped <= in_sdist, sorted(shipped - in_sdist)
     assert shipped <= in_wheel, sorted(shipped - in_wheel)
+    # the dashboard's stylesheet: without it an installed dashboard is served unstyled
+    assert "dfsviz/app/assets/dfsviz.css" in in_wheel
 
 
 def test_installed_package_runs_outside_the_checkout(release):
