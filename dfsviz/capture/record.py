@@ -13,6 +13,10 @@ The statistics, file format, crash safety and reader are those of ``dfsviz captu
   ``encoder_hidden_states`` and its mask), which sizes the file; each call says which branch
   it carries (a CFG batch of 2: the family's ``cond_index`` half is the conditional one; two
   calls per step: the first is the conditional one);
+* a pipeline with two transformers (Wan 2.2 A14B: ``transformer`` for the high-noise steps,
+  ``transformer_2`` after ``boundary_ratio``) has both hooked; each step records which one ran
+  it (the step attribute ``transformer``), and layer i is the i-th self-attention layer of that
+  transformer (both must have the same layer count, heads and head width);
 * :class:`~dfsviz.capture.hooks.AttentionCapture` hands the self-attention SDPA inputs of the
   captured steps to the same :class:`~dfsviz.capture.reduce.AttentionReducer` as a capture;
 * ``vae.decode`` is wrapped: its output, the decoded clip, is stored (``video``).
@@ -25,8 +29,8 @@ set to another backend (flash, sage ...) then runs on SDPA's own kernels, whose 
 
 from __future__ import annotations
 
+import functools
 import inspect
-import json
 import logging
 import time
 from pathlib import Path
@@ -63,6 +67,8 @@ SETTINGS = ("capture_steps", "layers", "heads", "orders", "methods", "block", "t
 # pipeline call arguments that change how the call reports, not what it denoises: a resume may differ in them
 _CALL_REPORTING = ("callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type", "return_dict")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# the pipeline components that can hold a denoising transformer (Wan 2.2 A14B: both)
+TRANSFORMERS = ("transformer", "transformer_2")
 
 
 def record(pipe, out: str | Path, *, fps: float = 16.0, progress: bool = False, **settings) -> "Recording":
@@ -77,7 +83,9 @@ def record(pipe, out: str | Path, *, fps: float = 16.0, progress: bool = False, 
     Args:
         pipe: a diffusers video pipeline whose ``transformer`` is a supported architecture
             (``dfsviz.capture.supported_architectures()``), with ``scheduler`` and usually
-            ``vae``; LoRA-loaded and image-to-video pipelines alike. One pipeline call per block.
+            ``vae``; LoRA-loaded and image-to-video pipelines alike, and Wan 2.2 A14B's two
+            transformers (``transformer_2``: each step records which one ran it). One
+            pipeline call per block.
         out: the capture file to write (its directory must exist).
         fps: frame rate stored with the decoded clip (> 0; the pipelines' own examples export
             Wan at 16, HunyuanVideo at 15, CogVideoX at 8 frames per second).
@@ -96,8 +104,9 @@ def record(pipe, out: str | Path, *, fps: float = 16.0, progress: bool = False, 
 
     Raises:
         TypeError or ValueError, before anything is written: not a pipeline of a supported
-        transformer, an unknown setting, ``apply_dfsattn`` active, ``out`` existing without
-        ``overwrite``/``resume`` or written by another process. Inside the call: steps
+        transformer, two transformers of different layer counts or heads, an unknown setting,
+        ``apply_dfsattn`` active, ``out`` existing without ``overwrite``/``resume`` or written
+        by another process. Inside the call: steps
         outside the call's schedule, a batch of several videos, a grid that does not fit.
     """
     return Recording(pipe, out, fps=fps, progress=progress, settings=settings)
@@ -161,17 +170,22 @@ class Recording:
     """The context manager of :func:`record`; ``result`` holds the outcome after the block."""
 
     def __init__(self, pipe, out, *, fps: float, progress: bool, settings: dict) -> None:
-        transformer = getattr(pipe, "transformer", None)
-        if not isinstance(transformer, torch.nn.Module) or not hasattr(pipe, "scheduler"):
+        transformers = {name: getattr(pipe, name, None) for name in TRANSFORMERS}
+        transformers = {name: model for name, model in transformers.items() if isinstance(model, torch.nn.Module)}
+        if not transformers or not hasattr(pipe, "scheduler"):
             raise TypeError(
                 f"`pipe` must be a diffusers video pipeline with a `transformer` and a `scheduler` (got "
                 f"{type(pipe).__name__}); for a transformer in your own loop use dfsviz.capture.AttentionCapture"
             )
         try:
-            self.adapter = adapter_for(transformer)
+            adapters = {name: adapter_for(model) for name, model in transformers.items()}
         except ValueError as exc:
             raise ValueError(f"`pipe` {type(pipe).__name__}: {exc}") from None
-        _refuse_dfsattn(transformer)
+        transformer = next(iter(transformers.values()))
+        self.adapter = next(iter(adapters.values()))
+        _check_same_layout(transformers, adapters)
+        for model in transformers.values():
+            _refuse_dfsattn(model)
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise TypeError(
@@ -185,6 +199,7 @@ class Recording:
         self.config = CaptureConfig(out=str(out), device=device, dtype=_DTYPE_NAMES.get(getattr(param, "dtype", None), "auto"),
                                     **settings)
         self.pipe, self.transformer, self.fps, self.progress = pipe, transformer, float(fps), progress
+        self.transformers = transformers
         self.pipe_class = type(pipe)
         # resolved before the call, so a bad layer or head is refused before any compute
         self.layer_map, _, _ = resolve_layout(self.config, self.adapter, transformer, _ANY_GRID, (0,))
@@ -214,19 +229,23 @@ class Recording:
         self._step_seconds: dict[int, float] = {}
         self._step_start = 0.0
         self._bar = None
+        self._captures: dict[str, AttentionCapture] = {}
         try:
-            self._capture = AttentionCapture(self.transformer, self.layer_map, self._on_record, force_native=True)
-            self._capture.__enter__()
-            self._restore.append(self._capture.__exit__)
-            self._capture.enabled = False
+            for name, model in self.transformers.items():
+                capture = AttentionCapture(model, self.layer_map, self._on_record, force_native=True)
+                capture.__enter__()
+                self._restore.append(capture.__exit__)
+                capture.enabled = False
+                self._captures[name] = capture
+                pre = model.register_forward_pre_hook(functools.partial(self._before_transformer, name),
+                                                      with_kwargs=True)
+                post = model.register_forward_hook(self._after_transformer, always_call=True)
+                self._restore += [pre.remove, post.remove]
             self._wrap_call()
             self._wrap_method(self.pipe.scheduler, "step", self._after_scheduler_step)
             vae = getattr(self.pipe, "vae", None)
             if vae is not None and hasattr(vae, "decode"):
                 self._wrap_method(vae, "decode", self._after_decode)
-            pre = self.transformer.register_forward_pre_hook(self._before_transformer, with_kwargs=True)
-            post = self.transformer.register_forward_hook(self._after_transformer, always_call=True)
-            self._restore += [pre.remove, post.remove]
         except BaseException:
             self._undo()
             self._release()
@@ -333,28 +352,37 @@ class Recording:
         bound.apply_defaults()
         self._call = {k: v for k, v in bound.arguments.items() if k != "self"}
 
-    def _before_transformer(self, module, args, kwargs) -> None:
+    def _before_transformer(self, name: str, module, args, kwargs) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if self.rc is None:
-            self._begin(hidden, kwargs)
+            self._begin(module, hidden, kwargs)
         step = self._step
         calls = self._step_calls[1] + 1 if self._step_calls[0] == step else 0
         self._step_calls = (step, calls)
         captured = step in self._todo
         if captured and self.writer.open_step is None:
-            timestep = kwargs.get("timestep")
-            attrs = {"timestep": float(timestep.flatten()[0])} if isinstance(timestep, torch.Tensor) else {}
-            sigmas = getattr(self.pipe.scheduler, "sigmas", None)
-            if isinstance(sigmas, torch.Tensor) and step < len(sigmas):
-                attrs["sigma"] = float(sigmas[step])
             self._step_start = time.perf_counter()
-            self.writer.begin_step(step, attrs)
+            self.writer.begin_step(step, {**self._step_attrs(step, kwargs), "transformer": name})
         targets = self._targets(hidden.shape[0], calls, kwargs) if captured else []
         self._reducer.targets = targets
-        self._capture.enabled = bool(targets)
+        self._captures[name].enabled = bool(targets)
+
+    def _step_attrs(self, step: int, kwargs) -> dict:
+        """The scheduler's timestep (and sigma) of ``step``; the transformer's own ``timestep``
+        input where the scheduler lists none (it is per token with ``expand_timesteps``)."""
+        scheduler, attrs = self.pipe.scheduler, {}
+        timesteps = getattr(scheduler, "timesteps", None)
+        timestep = timesteps[step] if isinstance(timesteps, torch.Tensor) and step < len(timesteps) else kwargs.get("timestep")
+        if isinstance(timestep, torch.Tensor):
+            attrs["timestep"] = float(timestep.flatten()[0])
+        sigmas = getattr(scheduler, "sigmas", None)
+        if isinstance(sigmas, torch.Tensor) and step < len(sigmas):
+            attrs["sigma"] = float(sigmas[step])
+        return attrs
 
     def _after_transformer(self, module, args, kwargs_or_output, *rest) -> None:
-        self._capture.enabled = False
+        for capture in self._captures.values():
+            capture.enabled = False
 
     def _after_scheduler_step(self, result) -> None:
         writer = self.writer
@@ -376,8 +404,8 @@ class Recording:
         self.writer.write_video(frames, self._latent_frames(frames.shape[0]), self.fps)
 
     # -- first transformer call: grid, layout, file ----------------------------------------------
-    def _begin(self, hidden, kwargs) -> None:
-        cfg, pipe, adapter, model = self.config, self.pipe, self.adapter, self.transformer
+    def _begin(self, model: torch.nn.Module, hidden, kwargs) -> None:
+        cfg, pipe, adapter = self.config, self.pipe, self.adapter
         if not isinstance(hidden, torch.Tensor):
             raise ValueError(f"the transformer was called without `hidden_states` (got {type(hidden).__name__})")
         latent = tuple(int(v) for v in adapter.arch.latent_of_call(hidden, kwargs))
@@ -410,7 +438,9 @@ class Recording:
         self.rc = ResolvedCapture(cfg, source, grid, latent, num_steps, guidance, tuple(steps), layer_map, heads,
                                   layout, cond, None, attrs)
         call = {k: v for k, v in attrs["pipeline_call"].items() if k not in _CALL_REPORTING}
-        identity = {**run_identity(self.rc, weights_fingerprint(model)), "pipeline_call": call}
+        models = self.transformers
+        weights = weights_fingerprint(model if len(models) == 1 else torch.nn.ModuleDict(models))
+        identity = {**run_identity(self.rc, weights), "pipeline_call": call}
         out = Path(cfg.out)
         if cfg.resume:
             self.writer = CaptureWriter.resume(out, layout, identity, lock=self._lock)
@@ -440,8 +470,11 @@ class Recording:
                 lora = []
         attrs = run_attrs(self.config, source, latent, num_steps, guidance, prompt if isinstance(prompt, str) else "",
                           negative if isinstance(negative, str) else "")
+        boundary = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
         return {
             **attrs,
+            "transformers": list(self.transformers),
+            **({"boundary_ratio": float(boundary)} if boundary is not None and len(self.transformers) > 1 else {}),
             "pipeline_class": self.pipe_class.__name__,
             "pipeline_call": {k: _describe(v) for k, v in call.items()},
             "conditioning": "image+text" if image else "text",
@@ -481,8 +514,7 @@ class Recording:
                     )
         else:
             raise ValueError(
-                f"the transformer ran {calls + 1} times in step {self._step}; dfsviz.record knows one call per branch "
-                "(a second transformer, as Wan 2.2's, is not supported)"
+                f"the transformer ran {calls + 1} times in step {self._step}; dfsviz.record knows one call per branch"
             )
         return [(s, b) for s, b in pairs if b in wanted]
 
@@ -566,6 +598,23 @@ def _describe(value):
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
         return list(value)
     return type(value).__name__
+
+
+def _check_same_layout(transformers: dict, adapters: dict) -> None:
+    """ValueError unless the pipeline's transformers (Wan 2.2 A14B: two) are of one family with
+    the same self-attention layer count, heads and head width: their steps share one file, by layer."""
+    if len(transformers) < 2:
+        return
+    shapes = {name: (len(adapters[name].select_layers(model)), int(model.config.num_attention_heads),
+                     int(model.config.attention_head_dim)) for name, model in transformers.items()}
+    families = {adapter.name for adapter in adapters.values()}
+    if len(set(shapes.values())) > 1 or len(families) > 1:
+        (a, (la, ha, da)), (b, (lb, hb, db)) = shapes.items()
+        raise ValueError(
+            f"`pipe`'s {a} and {b} differ ({la} and {lb} self-attention layers, {ha} and {hb} heads of width {da} and "
+            f"{db}); dfsviz.record stores both in one file, layer by layer, so they need the same layer count, heads "
+            "and head width (Wan 2.2 A14B's do)"
+        )
 
 
 def _refuse_dfsattn(transformer: torch.nn.Module) -> None:

@@ -187,7 +187,7 @@ def run_capture(
                 t0 = time.perf_counter()
                 captured = i in todo
                 if captured:
-                    step_attrs = {"timestep": float(t)}
+                    step_attrs = {"timestep": float(t), "transformer": "transformer"}
                     if sigmas is not None and i < len(sigmas):
                         step_attrs["sigma"] = float(sigmas[i])
                     writer.begin_step(i, step_attrs)

@@ -1077,6 +1077,15 @@ class CaptureReader:
         return dict(self._config)
 
     # -- index helpers ---------------------------------------------------------------------
+    def step_attrs(self, step: int) -> dict:
+        """The attributes of a completed step: ``timestep``, ``sigma`` (flow-matching schedulers),
+        ``transformer`` (the pipeline component that ran the step: ``transformer``, or
+        ``transformer_2`` after Wan 2.2 A14B's boundary), ``started_utc``, ``finished_utc``;
+        files of older dfsviz lack ``transformer``."""
+        group = self._step_group(step)
+        return {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
+                for k, v in group.attrs.items() if k not in ("step", "complete")}
+
     def _step_group(self, step: int):
         if step not in self.steps:
             raise ValueError(

@@ -81,6 +81,11 @@ def test_recorded_wan_call_equals_a_capture_of_the_same_run(tmp_path):
     run_capture(CaptureConfig(out=str(captured), latent="3x8x8", num_steps=STEPS, capture_steps=(0, 2),
                               guidance_scale=4.0, branches="both", device="cpu", **SETTINGS), progress=False, source=source)
     _assert_same_maps(out, captured)
+    with dfsviz.open(out) as run, dfsviz.open(captured) as cap:  # the same schedule, run by the same transformer
+        for step in (0, 2):
+            assert run.step_attrs(step)["timestep"] == cap.step_attrs(step)["timestep"]
+            assert run.step_attrs(step)["sigma"] == cap.step_attrs(step)["sigma"]
+            assert run.step_attrs(step)["transformer"] == cap.step_attrs(step)["transformer"] == "transformer"
 
     with dfsviz.open(out) as run:
         assert run.validate() == [] and run.complete and run.branches == ["cond", "uncond"]
@@ -96,6 +101,64 @@ def test_recorded_wan_call_equals_a_capture_of_the_same_run(tmp_path):
     np.testing.assert_allclose(video.frames.astype(float), plain[0] * 255, atol=1.0)
     np.testing.assert_array_equal(video.latent_frame, [0, 1, 1, 1, 1, 2, 2, 2, 2])  # causal VAE, temporal factor 4
     assert video.fps == 16.0
+
+
+def wan22_pipeline(transformer_2, **call_config):
+    """Wan 2.2 A14B's layout: `transformer` denoises the high-noise steps (t >= boundary_ratio x 1000),
+    `transformer_2` the others; A14B's configs keep expand_timesteps False (TI2V-5B sets it)."""
+    pipe = wan_pipeline()
+    return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=pipe.vae, transformer=pipe.transformer,
+                                 transformer_2=transformer_2, scheduler=pipe.scheduler, boundary_ratio=0.875,
+                                 expand_timesteps=False)
+
+
+def test_wan22_records_both_transformers_and_labels_each_step(tmp_path):
+    import copy
+
+    steps = (0, 1, 2)
+    # 3 steps of FlowMatchEuler(shift 3): t = 1000, 750, 3; the boundary 0.875 x 1000 splits them 1 | 2
+    pipe = wan22_pipeline(build_tiny("wan", seed=7))
+    plain = pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL).frames
+    out = tmp_path / "a14b.h5"
+    with dfsviz.record(pipe, out, capture_steps=steps, branches="both", **SETTINGS) as rec:
+        recorded = pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL).frames
+    np.testing.assert_array_equal(recorded, plain)  # the output is untouched, bit for bit
+    assert rec.result.steps == list(steps) and rec.result.complete
+    boundary = 0.875 * pipe.scheduler.config.num_train_timesteps
+    with dfsviz.open(out) as run:
+        assert run.validate() == [] and run.complete and run.layers == [0, 1]
+        ran = {s: run.step_attrs(s)["transformer"] for s in run.steps}
+        assert ran == {0: "transformer", 1: "transformer_2", 2: "transformer_2"}
+        for s in run.steps:  # each step is labelled with the side of the boundary its timestep lies on
+            assert (run.step_attrs(s)["timestep"] >= boundary) == (ran[s] == "transformer")
+        assert list(run.attrs["transformers"]) == ["transformer", "transformer_2"]
+        assert float(run.attrs["boundary_ratio"]) == 0.875
+
+    # transformer_2 = a copy of transformer: the run and its maps are those of one transformer (layer i
+    # of transformer_2 stored as layer i), only the labels differ
+    single = wan_pipeline()
+    twin = wan22_pipeline(copy.deepcopy(single.transformer))
+    twin_out, single_out = tmp_path / "twin.h5", tmp_path / "single.h5"
+    for p, path in ((twin, twin_out), (single, single_out)):
+        with dfsviz.record(p, path, capture_steps=steps, branches="both", **SETTINGS):
+            p(generator=torch.Generator().manual_seed(1), **WAN_CALL)
+    _assert_same_maps(twin_out, single_out)
+    with dfsviz.open(single_out) as run:
+        assert [run.step_attrs(s)["transformer"] for s in run.steps] == ["transformer"] * 3
+        assert list(run.attrs["transformers"]) == ["transformer"] and "boundary_ratio" not in run.attrs
+    # step 1 enters both A14B runs with the same latents (step 0 ran the same `transformer`): its maps
+    # differ only because transformer_2's weights made them
+    a14b, twin_maps = _maps(out), _maps(twin_out)
+    np.testing.assert_array_equal(a14b["step_0000/m"], twin_maps["step_0000/m"])
+    assert not np.array_equal(a14b["step_0001/m"], twin_maps["step_0001/m"])
+
+
+def test_wan22_transformers_of_other_shapes_are_refused(tmp_path):
+    pipe = wan22_pipeline(build_tiny("wan", seed=7, num_layers=3))
+    with pytest.raises(ValueError, match=r"`pipe`'s transformer and transformer_2 differ \(2 and 3 self-attention layers, "
+                                         r"2 and 2 heads of width 32 and 32\); dfsviz.record stores both"):
+        dfsviz.record(pipe, tmp_path / "x.h5")
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_interrupted_recording_keeps_its_steps_and_resumes(tmp_path):
