@@ -137,6 +137,19 @@ def budget_options(value: float) -> list[float]:
     return sorted(set(BUDGETS) | {float(value)})
 
 
+def head_selection(reader, query: Query) -> tuple[list[str], int, int, int, str, float]:
+    """The one-head view of the Masks and Video pages from the query string: (methods, step,
+    layer, head, method, budget), defaulting to the last step, the middle layer, the first head,
+    dfs_tile (when stored) and gamma 0.2."""
+    methods = method_choices(reader)
+    step = query.choice("step", reader.steps, reader.steps[-1])
+    layer = query.choice("layer", reader.layers, reader.layers[len(reader.layers) // 2])
+    head = query.choice("head", reader.heads, reader.heads[0])
+    method = query.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
+    budget = query.number("budget", 1e-3, 1.0, 0.2)
+    return methods, step, layer, head, method, budget
+
+
 def method_choices(reader) -> list[str]:
     """Stored scoring methods, plus "oracle" (exact block mass) which every capture can rank by
     (``CaptureCatalog.scores`` serves it from m when it was not stored)."""

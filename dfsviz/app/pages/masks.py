@@ -52,12 +52,7 @@ def layout(**query):
     if page.reader is None:
         return html.Div([html.H2("Masks"), page.header()])
     r, q = page.reader, page.query
-    methods = common.method_choices(r)
-    step = q.choice("step", r.steps, r.steps[-1])
-    layer = q.choice("layer", r.layers, r.layers[len(r.layers) // 2])
-    head = q.choice("head", r.heads, r.heads[0])
-    method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
-    budget = q.number("budget", 1e-3, 1.0, 0.2)
+    methods, step, layer, head, method, budget = common.head_selection(r, q)
     scale = q.choice("scale", SCALES, SCALES[0])
     left, right = order_pair(r.orders)
     qorder = q.choice("qorder", [left, right], None)
@@ -100,21 +95,19 @@ def mask_view(cid: str, step: int, layer: int, head: int, order: str, method: st
     Returns {"m": float32 [Mq, Mk], "kept": bool [Mq, Mk], "recall": float, "density": float,
     "row_recall": float64 [Mq]}.
     """
-    from dfsviz.sparse.select import select_topk
-    from dfsviz.sparse.stats import block_recall, block_recall_per_query
+    from dfsviz.analysis.measures import measure_topk
 
     cat = get_catalog()
 
     def compute(reader):
-        m = cat.mass(cid, step, layer, order, head)
-        scores = cat.scores(cid, step, layer, order, method, head)
-        mask = select_topk(scores, budget, seq_len=reader.grid.num_tokens, block=reader.block)
+        measured = measure_topk(cat.mass(cid, step, layer, order, head), cat.scores(cid, step, layer, order, method, head),
+                                budget, seq_len=reader.grid.num_tokens, block=reader.block)
         return {
-            "m": m[0, 0],
-            "kept": mask.to_dense()[0, 0],
-            "recall": float(block_recall(m, mask)[0, 0]),
-            "density": float(mask.density()[0, 0]),
-            "row_recall": block_recall_per_query(m, mask)[0, 0],
+            "m": measured.m[0, 0],
+            "kept": measured.mask.to_dense()[0, 0],
+            "recall": float(measured.recall[0, 0]),
+            "density": float(measured.density[0, 0]),
+            "row_recall": measured.recall_per_query[0, 0],
         }
 
     return cat.cached(cid, ("mask_view", step, layer, head, order, method, budget), compute)
@@ -122,11 +115,9 @@ def mask_view(cid: str, step: int, layer: int, head: int, order: str, method: st
 
 def _trace_json(trace) -> dict:
     """A plotly trace as the dict ``Figure.to_dict`` gives (arrays as base64 typed arrays)."""
-    from _plotly_utils.utils import convert_to_base64  # what Figure.to_dict uses
+    import plotly.graph_objects as go
 
-    data = trace.to_plotly_json()
-    convert_to_base64(data)
-    return data
+    return go.Figure(data=[trace]).to_dict()["data"][0]
 
 
 def _base_figure(cid: str, step: int, layer: int, head: int, order: str) -> dict:

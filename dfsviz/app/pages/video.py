@@ -59,12 +59,7 @@ def layout(**query):
     if capture_clip(page.cid) is None:
         return html.Div([html.H2("Video"), page.header(), common.banner([NO_VIDEO], "info", id=f"{PREFIX}-no-video")])
     r, q = page.reader, page.query
-    methods = common.method_choices(r)
-    step = q.choice("step", r.steps, r.steps[-1])
-    layer = q.choice("layer", r.layers, r.layers[len(r.layers) // 2])
-    head = q.choice("head", r.heads, r.heads[0])
-    method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
-    budget = q.number("budget", 1e-3, 1.0, 0.2)
+    methods, step, layer, head, method, budget = common.head_selection(r, q)
     left, right = order_pair(r.orders)
     blocks = query_blocks(page.cid, step, layer, head, left)
     qb = q.choice("qb", blocks, blocks[0] if blocks else None)
