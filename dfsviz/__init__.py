@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-try:
-    __version__ = version("dfsviz")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+from dfsviz._version import __version__
 
 if TYPE_CHECKING:
     from dfsviz._package_data import sample_capture  # noqa: F401
