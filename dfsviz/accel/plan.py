@@ -364,7 +364,7 @@ class CalibratedPlan:
     @classmethod
     def from_json(cls, data: object, source: str = "<dict>") -> "CalibratedPlan":
         """Read and validate a plan from JSON values; errors name ``source`` and the field."""
-        from dfsviz import __version__
+        from dfsviz._version import __version__
 
         def fail(what: str) -> ValueError:
             return ValueError(f"DFSAttn config {source}: {what}")
