@@ -276,7 +276,7 @@ def _plain_name(name: object) -> bool:
 
 def _read_manifest(folder: Path) -> dict:
     """The manifest of ``folder``, checked (ValueError naming the first problem)."""
-    from dfsviz import __version__
+    from dfsviz._version import __version__
 
     if not folder.is_dir():
         reason = "no such directory" if not folder.exists() else "not a directory"
@@ -519,7 +519,7 @@ def capture_run_set(
         folder.mkdir(exist_ok=True)
         for stale in folder.glob(f".{glob_escape(MANIFEST_NAME)}.*.tmp"):  # left by a run killed while writing it
             stale.unlink(missing_ok=True)
-        from dfsviz import __version__
+        from dfsviz._version import __version__
 
         manifest = {
             "format": RUNSET_FORMAT,
