@@ -295,7 +295,7 @@ class CaptureWriter:
             overwrite: replace an existing file; otherwise an existing ``path`` raises ValueError.
             lock: the path's lock when the caller took it already (it then passes to the writer).
         """
-        from dfsviz import __version__
+        from dfsviz._version import __version__
 
         path = Path(path)
         if not path.parent.is_dir():
@@ -992,7 +992,7 @@ class CaptureReader:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from dfsviz import __version__
+        from dfsviz._version import __version__
 
         h5py = _h5py()
         self.path = Path(path)
