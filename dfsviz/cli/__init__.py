@@ -18,6 +18,19 @@ from dfsviz import __version__
 __all__ = ["main", "fail_cleanly"]
 
 
+def parse_names(spec: str, option: str, allowed) -> tuple[str, ...]:
+    """"raster,hilbert3d" -> ("raster", "hilbert3d"): a comma-separated list of distinct names
+    from ``allowed`` (a registry's names), in the order given; ValueError naming the option and
+    the choices otherwise."""
+    allowed = list(allowed)
+    names = tuple(name.strip() for name in spec.split(",") if name.strip())
+    if not names or len(set(names)) != len(names) or any(name not in allowed for name in names):
+        raise ValueError(
+            f"`{option}` must be a comma-separated list of distinct names from {','.join(allowed)} (got {spec!r})"
+        )
+    return names
+
+
 def fail_cleanly(func):
     """Turn a library ValueError/TypeError into one red line and exit code 2, never a traceback."""
 

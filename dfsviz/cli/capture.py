@@ -11,7 +11,7 @@ import click
 
 from dfsviz.capture.file_safety import format_bytes
 from dfsviz.capture.schema import MAX_INDEX
-from dfsviz.cli import fail_cleanly, main
+from dfsviz.cli import fail_cleanly, main, parse_names
 from dfsviz.sparse.orders import order_names
 from dfsviz.sparse.scoring import scorer_names
 
@@ -51,14 +51,6 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
     if count > MAX_CLIPS:
         raise ValueError(f"`--seeds` lists {count} seeds; a run set has at most {MAX_CLIPS} clips")
     return tuple(v for lo, hi in spans for v in range(lo, hi + 1))
-
-
-def _names(spec: str, option: str, allowed: list[str]) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in spec.split(",") if n.strip())
-    bad = [n for n in names if n not in allowed]
-    if not names or bad:
-        raise ValueError(f"`{option}` must be a comma-separated subset of {','.join(allowed)} (got {spec!r})")
-    return names
 
 
 @main.command(
@@ -186,8 +178,8 @@ def capture_command(**opts) -> None:
         seed=opts["seed"] or 0,
         guidance_scale=opts["guidance_scale"],
         branches=opts["branches"],
-        orders=_names(opts["orders_spec"], "--orders", order_names()),
-        methods=_names(opts["methods_spec"], "--methods", scorer_names()),
+        orders=parse_names(opts["orders_spec"], "--orders", order_names()),
+        methods=parse_names(opts["methods_spec"], "--methods", scorer_names()),
         block=opts["block"],
         tile=opts["tile"],
         stride=opts["stride"],

@@ -9,22 +9,12 @@ import time
 import click
 
 from dfsviz.analysis.measures import ORACLE, measure_orders
-from dfsviz.cli import fail_cleanly, main
+from dfsviz.cli import fail_cleanly, main, parse_names
 from dfsviz.sparse._validate import check_block, check_fraction
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import ORDERS, order_names
 from dfsviz.sparse.scoring import SCORERS, scorer_key, scorer_names
 from dfsviz.sparse.tokenmodel import TokenModelConfig, sample_qk
-
-
-def _parse_names(spec: str, option: str, allowed: list[str]) -> list[str]:
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in allowed]
-    if unknown or not names or len(set(names)) != len(names):
-        raise ValueError(
-            f"`{option}` must be a comma-separated list of distinct names from {','.join(allowed)} (got {spec!r})"
-        )
-    return names
 
 
 def _parse_gammas(spec: str) -> list[float]:
@@ -144,8 +134,8 @@ def recall_command(
         seed=seed,
     )
     check_block(block)
-    orders = _parse_names(orders_spec, "--orders", list(ORDERS))
-    methods = _parse_names(methods_spec, "--methods", list(SCORERS))
+    orders = parse_names(orders_spec, "--orders", list(ORDERS))
+    methods = parse_names(methods_spec, "--methods", list(SCORERS))
     gammas = _parse_gammas(gammas_spec)
     start = time.perf_counter()
     result = _sweep(config, orders, methods, gammas, block, tile)
