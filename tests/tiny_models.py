@@ -62,3 +62,20 @@ def build_class(cls_name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 def build_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A seeded random-weight tiny transformer of the family ``arch`` (a CONFIGS key) in eval mode."""
     return build_class(CONFIGS[arch][0], seed, **overrides)
+
+
+def wan_pipeline(transformer: torch.nn.Module, transformer_2: torch.nn.Module | None = None,
+                 boundary_ratio: float | None = None, shift: float = 3.0):
+    """A tiny real WanPipeline (no text encoder: pass prompt_embeds) around tiny transformers: a
+    4-channel Wan VAE (8x spatial, 4x temporal: 9 frames of 64 x 64 pixels are a 3 x 8 x 8 latent)
+    and a flow-matching scheduler. With ``transformer_2`` and ``boundary_ratio`` it is Wan 2.2
+    A14B's two-expert pipeline (``expand_timesteps`` False, as in its diffusers config)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                     latents_std=[1.0] * 4).eval()
+    return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                 transformer_2=transformer_2, boundary_ratio=boundary_ratio, expand_timesteps=False,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=shift))

@@ -6,6 +6,10 @@ the layers and numbers them) with a DFSAttn processor and returns a :class:`DFSH
 ``handle.remove()`` (or leaving ``with apply_dfsattn(...)``) puts the original processor
 objects back, so outputs are bit-identical to a model that was never touched.
 
+A pipeline with two transformers (Wan 2.2 A14B: ``transformer`` above the boundary timestep,
+``transformer_2`` below) gets both replaced under one handle and one state, so the schedule
+counts the steps of the whole run.
+
 Per transformer call a forward pre-hook on the transformer reads the latent shape (the
 token grid, through the registry entry), advances the :class:`~dfsviz.accel.state.DFSState`
 and fixes the :class:`~dfsviz.sparse.schedule.StepPlan`. Permute-once orders the hidden
@@ -24,7 +28,7 @@ import torch
 from dfsviz.accel.config import DFSConfig
 from dfsviz.accel.processors import PROCESSORS, SDPADFSProcessor, _DFSProcessorBase
 from dfsviz.accel.state import DFSState
-from dfsviz.architectures import CONTEXT_PARALLEL_REASON, Architecture, architecture_for
+from dfsviz.architectures import CONTEXT_PARALLEL_REASON, Architecture, architecture_for, pipeline_transformers
 from dfsviz.sparse.orders import make_order
 
 logger = logging.getLogger(__name__)
@@ -48,13 +52,20 @@ class DFSHandle:
         sparse_layers: names of the layers whose processors were replaced.
         fused_blocks: (block, fused forward) of each block running its fused forward
             (``DFSConfig.fused_ops``).
+        index: which of the pipeline's transformers this is (0: ``transformer``, 1:
+            ``transformer_2``), as the records name it.
+        transformer_2: the handle of the pipeline's ``transformer_2`` (same config and state;
+            ``remove()`` undoes it too), or None.
     """
 
-    def __init__(self, transformer, config: DFSConfig, arch: Architecture) -> None:
+    def __init__(self, transformer, config: DFSConfig, arch: Architecture, state: DFSState | None = None,
+                 index: int = 0) -> None:
         self.transformer = transformer
         self.config = config
         self.arch = arch
-        self.state = DFSState(config.schedule)
+        self.state = DFSState(config.schedule) if state is None else state
+        self.index = index
+        self.transformer_2: DFSHandle | None = None
         self.layers = arch.select_layers(transformer)
         self.sparse_layers: list[str] = []
         self.fused_blocks: list[tuple[torch.nn.Module, object]] = []
@@ -192,7 +203,7 @@ class DFSHandle:
         why = None if plan is None else plan.grid_mismatch(grid)
         if why is not None:
             raise ValueError(f"DFSAttn config {why}")
-        self.state._begin(grid)
+        self.state._begin(grid, self.index)
         return None
 
     def _end_call(self, module, args, output):
@@ -260,7 +271,10 @@ class DFSHandle:
 
     # -- undo ---------------------------------------------------------------------------
     def remove(self) -> None:
-        """Put every original processor object back and remove the hooks (safe to call twice)."""
+        """Put every original processor object back and remove the hooks, in this transformer and
+        ``transformer_2`` (safe to call twice)."""
+        if self.transformer_2 is not None:
+            self.transformer_2.remove()
         modules = dict(self.transformer.named_modules())
         for name, proc in self._originals.items():
             modules[name].processor = proc
@@ -282,20 +296,22 @@ class DFSHandle:
         self.remove()
 
     def __repr__(self) -> str:
+        second = "" if self.transformer_2 is None else f", transformer_2: {len(self.transformer_2.sparse_layers)} sparse"
         return (f"DFSHandle({type(self.transformer).__name__}, {len(self.sparse_layers)}/{len(self.layers)} sparse "
-                f"layers, {self.config.name}, active={self.active})")
+                f"layers{second}, {self.config.name}, active={self.active})")
 
 
-def _transformer_of(obj) -> torch.nn.Module:
-    if isinstance(obj, torch.nn.Module) and hasattr(obj, "config"):
-        return obj
-    inner = getattr(obj, "transformer", None)
-    if isinstance(inner, torch.nn.Module):
-        return inner
-    raise TypeError(
-        f"`pipe_or_transformer` must be a diffusers video transformer or a pipeline with a `.transformer` "
-        f"(got {type(obj).__name__})"
-    )
+def _install(model, config: DFSConfig, arch: Architecture, state: DFSState | None, index: int) -> DFSHandle:
+    """A handle on one transformer, installed; a refused install leaves the model as it was."""
+    handle = DFSHandle(model, config, arch, state, index)
+    try:
+        handle._install()
+    except Exception:
+        handle.remove()
+        raise
+    logger.info("DFSAttn on %s: %d sparse of %d self-attention layers (%s)", type(model).__name__,
+                len(handle.sparse_layers), len(handle.layers), config.name)
+    return handle
 
 
 def apply_dfsattn(pipe_or_transformer, config: DFSConfig | str | os.PathLike | None = None) -> DFSHandle:
@@ -303,7 +319,8 @@ def apply_dfsattn(pipe_or_transformer, config: DFSConfig | str | os.PathLike | N
     registry (``docs/models.md`` lists the classes: Wan, HunyuanVideo, CogVideoX, LTX-Video, ...).
 
     Args:
-        pipe_or_transformer: the transformer, or a pipeline whose ``.transformer`` it is.
+        pipe_or_transformer: the transformer, or a pipeline whose ``.transformer`` it is; a
+            Wan 2.2 A14B pipeline's ``transformer_2`` is accelerated too, under the same handle.
         config: :class:`DFSConfig` (default: the paper's settings), or the path of a calibrated
             config file (``dfsviz calibrate``; read with :meth:`DFSConfig.load`). Set
             ``schedule.calls_per_step = 2`` for pipelines that run the CFG branches as two
@@ -327,20 +344,32 @@ def apply_dfsattn(pipe_or_transformer, config: DFSConfig | str | os.PathLike | N
         raise TypeError(
             f"`config` must be a DFSConfig or the path of a calibrated config file (got {type(config).__name__})"
         )
-    model = _transformer_of(pipe_or_transformer)
-    arch = architecture_for(model)
-    if arch.dfsattn is not None:
-        raise ValueError(f"DFSAttn does not run in {type(model).__name__}: {arch.dfsattn}")
-    if getattr(model, "_parallel_config", None) is not None:
-        raise ValueError(f"DFSAttn under context parallelism ({type(model).__name__}): {CONTEXT_PARALLEL_REASON}")
-    handle = DFSHandle(model, config, arch)
+    if isinstance(pipe_or_transformer, torch.nn.Module) and hasattr(pipe_or_transformer, "config"):
+        models = {"transformer": pipe_or_transformer}
+    else:
+        models = pipeline_transformers(pipe_or_transformer)
+    arch = architecture_for(next(iter(models.values())))
+    for model in models.values():
+        if arch.dfsattn is not None:
+            raise ValueError(f"DFSAttn does not run in {type(model).__name__}: {arch.dfsattn}")
+        if getattr(model, "_parallel_config", None) is not None:
+            raise ValueError(f"DFSAttn under context parallelism ({type(model).__name__}): {CONTEXT_PARALLEL_REASON}")
+    if config.calibration is not None and len(models) > 1:
+        raise ValueError(
+            f"a calibrated config holds the budgets of one transformer; {type(pipe_or_transformer).__name__} has "
+            f"{len(models)} ({', '.join(models)}): apply it to one of them, e.g. apply_dfsattn(pipe.transformer, path)"
+        )
+    handles: list[DFSHandle] = []
     try:
-        handle._install()
+        for name, model in models.items():
+            state = handles[0].state if handles else None  # one schedule position over the whole run
+            handles.append(_install(model, config, arch, state, arch.pipeline_transformers.index(name)))
     except Exception:
-        handle.remove()  # leave the model as it was
+        for handle in handles:
+            handle.remove()
         raise
-    logger.info("DFSAttn on %s: %d sparse of %d self-attention layers (%s)", type(model).__name__,
-                len(handle.sparse_layers), len(handle.layers), config.name)
+    handle, *second = handles
+    handle.transformer_2 = second[0] if second else None
     return handle
 
 

@@ -150,7 +150,7 @@ class _DFSProcessorBase:
         order = None if ctx.ordered else make_order(cfg.order, grid)
         mask, refreshed, entry = self._mask(q, k, ctx, grid, order, scale)
         record = {
-            "call": ctx.call, "step": ctx.step, "branch": ctx.branch, "layer": self.layer,
+            "call": ctx.call, "step": ctx.step, "branch": ctx.branch, "transformer": ctx.transformer, "layer": self.layer,
             "gamma": ctx.plan.gamma if self.gammas is None else self.gammas, "refresh": refreshed,
             "density": entry.density, "seq_len": n,
         }

@@ -5,11 +5,15 @@ belong to: a mask is reused until the schedule's next refresh step. CFG: a batch
 even number of elements is [cond, uncond] halves (``DFSConfig.cond_index`` says which is
 cond); with ``cfg="share"`` only the cond half is scored and both halves use its mask;
 branches run as separate transformer calls are the calls of one step in order (cond
-first), and the later calls reuse the first call's mask under "share".
+first), and the later calls reuse the first call's mask under "share". A pipeline with two
+transformers (Wan 2.2 A14B) shares one state: steps count the calls of both, and a switch to
+the other transformer drops the cache (its masks do not serve the other weights), so its
+first sparse call scores its own.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from dfsviz.sparse.grid import LatentGrid
@@ -18,6 +22,8 @@ from dfsviz.sparse.orders import TokenOrder
 from dfsviz.sparse.schedule import DFSSchedule, StepPlan
 
 __all__ = ["DFSState"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +41,7 @@ class _CallContext:
     branch: int  # index of this call within its step (0 = cond)
     plan: StepPlan
     grid: LatentGrid
+    transformer: int = 0  # which of the pipeline's transformers (0: `transformer`, 1: `transformer_2`)
     ordered: bool = False  # permute-once: tokens are in the DFS order right now
     order: TokenOrder | None = None
     permuted: dict = field(default_factory=dict)  # permute-once: id(original table) -> permuted table
@@ -56,7 +63,8 @@ class DFSState:
         calls: transformer calls seen.
         step: the explicit step, or None when calls are counted.
         scorer_calls: masks computed (one per refreshed layer and branch).
-        records: one dict per sparse attention call: call, step, branch, layer, gamma (the
+        records: one dict per sparse attention call: call, step, branch, transformer (0, or 1
+            for a pipeline's ``transformer_2``), layer, gamma (the
             schedule's, or the tuple of per-head budgets of a calibrated plan, None = dense head),
             refresh (this call computed the mask), density (mean rho of the mask), and
             recall and oracle_recall (float64 [B, H] on the CPU: the mask's recall, and the best
@@ -79,6 +87,7 @@ class DFSState:
         self.records: list[dict] = []
         self.masks: dict[tuple[int, int, int], _CacheEntry] = {}
         self.current: _CallContext | None = None
+        self._transformer: int | None = None  # the transformer whose masks are cached
 
     def set_step(self, step: int) -> None:
         """Run the next transformer calls as diffusion step ``step`` in [0, num_steps)."""
@@ -92,7 +101,7 @@ class DFSState:
         """Go back to counting transformer calls (drops the explicit step)."""
         self.step = None
 
-    def _begin(self, grid: LatentGrid) -> _CallContext:
+    def _begin(self, grid: LatentGrid, transformer: int = 0) -> _CallContext:
         sched = self.schedule
         if self.step is None:
             total = sched.num_steps * sched.calls_per_step
@@ -103,7 +112,13 @@ class DFSState:
         else:
             step, branch = self.step, self._step_calls
             self._step_calls += 1
-        ctx = _CallContext(self.calls, step, branch, sched.at_step(step), grid)
+        if transformer != self._transformer:
+            if self.masks:
+                logger.info("DFSAttn: step %d runs transformer %d; the masks of transformer %s are dropped",
+                            step, transformer, self._transformer)
+            self.masks.clear()
+            self._transformer = transformer
+        ctx = _CallContext(self.calls, step, branch, sched.at_step(step), grid, transformer)
         self.calls += 1
         self.current = ctx
         return ctx

@@ -9,6 +9,8 @@ diffusers is imported lazily, inside the forwards.
 
 from __future__ import annotations
 
+import torch
+
 from dfsviz.architectures.entries import ARCHITECTURES, UNSUPPORTED, input_dtype
 from dfsviz.architectures.spec import CONTEXT_PARALLEL_REASON, Architecture, Unsupported
 
@@ -22,6 +24,7 @@ __all__ = [
     "get_architecture",
     "input_dtype",
     "models_markdown",
+    "pipeline_transformers",
     "supported_classes",
     "support_rows",
 ]
@@ -58,6 +61,33 @@ def architecture_for(model_or_class) -> Architecture:
     raise ValueError(f"unsupported architecture {names[0]}; supported: {', '.join(supported_classes())}")
 
 
+def pipeline_transformers(pipe) -> dict[str, torch.nn.Module]:
+    """Attribute -> transformer of every transformer a diffusers pipeline holds for its family
+    (:attr:`Architecture.pipeline_transformers`: ``transformer``, and Wan 2.2 A14B's
+    ``transformer_2``), in the order a denoising run uses them; absent ones (None) left out.
+
+    Raises TypeError when ``pipe`` holds none, ValueError when they are not of one family or one
+    sits in an attribute its family's pipelines do not use.
+    """
+    names = dict.fromkeys(name for a in ARCHITECTURES for name in a.pipeline_transformers)
+    found = {name: getattr(pipe, name, None) for name in names}
+    found = {name: m for name, m in found.items() if isinstance(m, torch.nn.Module)}
+    if not found:
+        raise TypeError(
+            f"`pipe_or_transformer` must be a diffusers video transformer or a pipeline with a "
+            f"{' or '.join(f'`.{n}`' for n in names)} (got {type(pipe).__name__})"
+        )
+    archs = {name: architecture_for(m) for name, m in found.items()}
+    first = next(iter(archs.values()))
+    for name, arch in archs.items():
+        if arch is not first or name not in first.pipeline_transformers:
+            raise ValueError(
+                f"{type(pipe).__name__}.{name} is a {type(found[name]).__name__} ({arch.title}); a {first.title} pipeline "
+                f"holds its transformers in {list(first.pipeline_transformers)}"
+            )
+    return found
+
+
 def support_rows() -> list[dict]:
     """One row per video transformer class: what capture, DFSAttn, permute-once and context
     parallelism do with it ("yes" or the reason it is refused), for ``docs/models.md``."""
@@ -67,19 +97,21 @@ def support_rows() -> list[dict]:
             rows.append({
                 "class": cls, "family": a.title, "entry": a.name,
                 "self_attention": f"`{a.layer_pattern}`", "skipped": a.skipped, "text": a.text,
+                "pipeline": ", ".join(f"`{name}`" for name in a.pipeline_transformers),
                 "capture": a.capture or "yes", "dfsattn": a.dfsattn or "yes",
                 "permute_once": "yes" if a.permute_once is None else a.permute_once,
                 "context_parallel": CONTEXT_PARALLEL_REASON,
             })
     for u in UNSUPPORTED:
         rows.append({"class": u.cls, "family": u.title, "entry": "-", "self_attention": "-", "skipped": "-",
-                     "text": "-", "capture": u.reason, "dfsattn": u.reason, "permute_once": u.reason,
+                     "text": "-", "pipeline": "-", "capture": u.reason, "dfsattn": u.reason, "permute_once": u.reason,
                      "context_parallel": CONTEXT_PARALLEL_REASON})
     return rows
 
 
 _COLUMNS = (("class", "class"), ("family", "family"), ("entry", "entry"), ("self_attention", "self-attention layers"),
-            ("skipped", "not captured"), ("text", "text in the sequence"), ("capture", "capture (CLI)"),
+            ("skipped", "not captured"), ("text", "text in the sequence"), ("pipeline", "pipeline transformers"),
+            ("capture", "capture (CLI)"),
             ("dfsattn", "apply_dfsattn"), ("permute_once", "permute-once"))
 
 

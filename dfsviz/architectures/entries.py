@@ -156,6 +156,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         latent_layout="BCFHW", patch=_patch_3d, text="none", text_mask="text only in cross-attention",
         text_dim=lambda c: int(c.text_dim), forward=_wan_forward, default_size=(81, 480, 832), flow_shift=5.0,
         stock=("WanAttnProcessor", "SkyReelsV2AttnProcessor"), tuned={"WanAttnProcessor": "wan"},
+        pipeline_transformers=("transformer", "transformer_2"),  # Wan 2.2 A14B: high-, then low-noise expert
         blocks=("blocks",), restore="norm_out", rotary=(("rotary_emb",), 1),
         token_args={"temb": (1, 4)},  # Wan 2.2 TI2V: per-token modulation [B, N, 6, C]
     ),

@@ -71,6 +71,10 @@ class Architecture:
             q/k/v of itself ("wan", "hunyuanvideo", "cogvideox"); any other stock processor gets
             the SDPA-level DFSAttn processor (same q/k/v as stock, attention replaced at SDPA).
         cond_index: batch half of the conditional branch in the family's pipelines.
+        pipeline_transformers: attributes of the family's diffusers pipelines that hold a
+            transformer of it, in the order a denoising run uses them (Wan 2.2 A14B: the
+            high-noise ``transformer``, then ``transformer_2`` below the pipeline's boundary
+            timestep, ``boundary_ratio``); ``apply_dfsattn(pipe)`` accelerates each one present.
         blocks: attribute names of the block lists, in the order the model runs them.
         restore: the module right after the block stack (its first input: the video tokens).
         rotary: (block argument names of the RoPE tables, their sequence dim).
@@ -104,6 +108,7 @@ class Architecture:
     stock: tuple[str, ...] = ()
     tuned: dict = field(default_factory=dict)
     cond_index: int = 0
+    pipeline_transformers: tuple[str, ...] = ("transformer",)
     blocks: tuple[str, ...] = ("transformer_blocks",)
     restore: str = "norm_out"
     rotary: tuple[tuple[str, ...], int] = ((), 1)

@@ -214,6 +214,16 @@ def test_per_head_budgets_reach_the_kernel(wan, tmp_path):
         assert h.sparse_layers == ["blocks.1.attn1"]
 
 
+def test_a_calibrated_config_is_for_one_transformer(wan):
+    from tiny_models import wan_pipeline
+
+    pipe = wan_pipeline(wan, build_tiny("wan", seed=1), boundary_ratio=0.875)
+    with pytest.raises(ValueError, match=r"a calibrated config holds the budgets of one transformer; WanPipeline has 2 "
+                                         r"\(transformer, transformer_2\): apply it to one of them"):
+        apply_dfsattn(pipe, _config(make_plan(wan, {0: (0.5, 0.5)})))
+    apply_dfsattn(pipe.transformer, _config(make_plan(wan, {0: (0.5, 0.5)}))).remove()
+
+
 def test_refuses_another_model_or_grid(wan):
     hunyuan = build_tiny("hunyuanvideo")
     other = make_plan(hunyuan, {0: (0.5, 0.5)})
