@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dfsviz.sparse._validate import check_int
+
 __all__ = [
     "COLOURS",
     "MOTIONS",
@@ -103,16 +105,10 @@ def class_table() -> list[dict[str, object]]:
     ]
 
 
-def _check_int(value: object, name: str, low: int, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low} (got {value!r}); {fix}")
-    return value
-
-
 def sample_labels(batch: int, seed: int) -> torch.Tensor:
     """Uniform class labels, int64 [batch], reproducible for ``seed``."""
-    _check_int(batch, "batch", 1, "ask for at least one clip")
-    _check_int(seed, "seed", 0, "use a non-negative seed")
+    check_int(batch, "batch", 1, "ask for at least one clip")
+    check_int(seed, "seed", 0, "use a non-negative seed")
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(len(VIDEO_CLASSES), (batch,), generator=gen)
 
@@ -223,12 +219,12 @@ def make_videos(labels: torch.Tensor | list[int], *, frames: int, height: int, w
     if int(labels.min()) < 0 or int(labels.max()) >= len(VIDEO_CLASSES):
         raise ValueError(f"`labels` must lie in [0, {len(VIDEO_CLASSES) - 1}] (got min {int(labels.min())}, "
                          f"max {int(labels.max())}); class_names() lists the classes")
-    _check_int(frames, "frames", 1, "ask for at least one frame")
-    _check_int(height, "height", 8, "frames smaller than 8 pixels cannot hold an object")
-    _check_int(width, "width", 8, "frames smaller than 8 pixels cannot hold an object")
-    _check_int(seed, "seed", 0, "use a non-negative seed")
-    _check_int(min_objects, "min_objects", 1, "a clip needs at least one object")
-    _check_int(max_objects, "max_objects", min_objects, "max_objects must be >= min_objects")
+    check_int(frames, "frames", 1, "ask for at least one frame")
+    check_int(height, "height", 8, "frames smaller than 8 pixels cannot hold an object")
+    check_int(width, "width", 8, "frames smaller than 8 pixels cannot hold an object")
+    check_int(seed, "seed", 0, "use a non-negative seed")
+    check_int(min_objects, "min_objects", 1, "a clip needs at least one object")
+    check_int(max_objects, "max_objects", min_objects, "max_objects must be >= min_objects")
     if max_objects > 8:
         raise ValueError(f"`max_objects` must be <= 8 (got {max_objects}); more objects cover the background")
 
