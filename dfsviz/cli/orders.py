@@ -8,7 +8,7 @@ import time
 import click
 
 from dfsviz.cli import fail_cleanly, main
-from dfsviz.sparse._validate import check_power_of_two
+from dfsviz.sparse._validate import check_block
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import ORDERS, locality_report, make_order, order_names
 
@@ -77,7 +77,7 @@ def orders_command(
     only) and the time to build the permutation.
     """
     grid = LatentGrid.parse(grid_spec, text_len=text_len, text_first=text_first)
-    check_power_of_two(block, "block", 16, 256)
+    check_block(block)
     names = _parse_orders(orders_spec)
     rows = []
     for name in names:

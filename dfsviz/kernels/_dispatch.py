@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from dfsviz.sparse._validate import check_power_of_two, check_qk, resolve_scale
+from dfsviz.sparse._validate import check_block, check_qk, resolve_scale
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def kernel_qk(q: object, k: object, block: object, scale: object) -> tuple[torch
     once for the Triton kernels (shapes, dtype, head dim, block; not values, which would sync
     the host) and return (q, k with unit stride along D, the resolved softmax scale)."""
     check_qk(q, k, values=False)
-    check_power_of_two(block, "block", 16, 256)
+    check_block(block)
     check_kernel_input(q)
     return unit_stride_d(q), unit_stride_d(k), resolve_scale(scale, q.shape[-1])
 

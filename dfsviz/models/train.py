@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from dfsviz.models.config import EmbeddedModelConfig, get_preset
 from dfsviz.models.sampler import load_embedded_model, save_embedded_model
 from dfsviz.models.videos import make_videos, sample_labels
-from dfsviz.sparse._validate import check_power_of_two
+from dfsviz.sparse._validate import check_block
 from dfsviz.sparse.stats import block_stats_ref, oracle_recall
 
 __all__ = [
@@ -129,7 +129,7 @@ class TrainConfig:
                              f"(got {self.recall_sigmas!r})")
         if not self.gammas or not all(0 < g <= 1 for g in self.gammas):
             raise ValueError(f"`gammas` must be a non-empty tuple of budgets in (0, 1] (got {self.gammas!r})")
-        check_power_of_two(self.block, "block", 16, 256)
+        check_block(self.block)
 
 
 def build_transformer(config: EmbeddedModelConfig, seed: int) -> torch.nn.Module:
@@ -245,7 +245,7 @@ def attention_recall(transformer: torch.nn.Module, class_embeddings: torch.Tenso
         for each budget g, averaged over heads, clips (and noise levels where not split),
         plus "num_tokens", "key_blocks" and "k" (kept blocks per budget).
     """
-    check_power_of_two(block, "block", 16, 256)
+    check_block(block)
     per: dict[float, dict[float, list[torch.Tensor]]] = {g: {s: [] for s in sigmas} for g in gammas}
     n = None
     for s in sigmas:

@@ -68,7 +68,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"float16, bfloat16 or float32 for the Triton kernel"):
         block_stats(q, q, block=32, backend="triton")
     q = torch.randn(1, 1, 64, 64)
-    with pytest.raises(ValueError, match=r"`block` must be a power of two in \[16, 256\]"):
+    with pytest.raises(ValueError, match=r"`block` must be a power of two in \[16, 256\] \(got 48\); DFSAttn uses 128"):
         block_stats(q, q, block=48, backend="triton")
     with pytest.raises(ValueError, match=r"`q` and `k` must have the same shape"):
         block_stats(q, q[:, :, :32], block=32, backend="triton")

@@ -20,6 +20,7 @@ from dfsviz.models.sampler import (
 )
 from dfsviz.models.train import (
     TrainConfig,
+    attention_recall,
     build_transformer,
     capture_self_attention,
     train,
@@ -270,12 +271,17 @@ def test_train_smoke_run_writes_a_loadable_model(tmp_path):
         (dict(recall_clips=100), r"`recall_clips` must be <= eval_clips=64"),
         (dict(recall_sigmas=(1.0,)), r"`recall_sigmas` must be a non-empty tuple"),
         (dict(gammas=()), r"`gammas` must be a non-empty tuple"),
-        (dict(block=100), r"`block` must be a power of two in \[16, 256\]"),
+        (dict(block=100), r"`block` must be a power of two in \[16, 256\] \(got 100\); DFSAttn uses 128"),
     ],
 )
 def test_train_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_attention_recall_refuses_a_block_size_before_running_the_model():
+    with pytest.raises(ValueError, match=r"`block` must be a power of two in \[16, 256\] \(got 100\); DFSAttn uses 128"):
+        attention_recall(torch.nn.Identity(), torch.zeros(1), {}, clips=1, sigmas=(0.5,), gammas=(0.1,), block=100)
 
 
 def test_strip_cli_writes_one_png_per_class(smoke_model, tmp_path, capsys):
