@@ -659,7 +659,7 @@ def calibrate(captures, config: CalibrationConfig, *, progress: bool = False,
         captured), a target that no sparse budget meets, a directory that is not a run set or a
         run set with incomplete clips (without ``allow_incomplete``).
     """
-    from dfsviz import __version__
+    from dfsviz._version import __version__
 
     if not isinstance(config, CalibrationConfig):
         raise TypeError(f"`config` must be a CalibrationConfig (got {type(config).__name__})")

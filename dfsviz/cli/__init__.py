@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from dfsviz import __version__
+from dfsviz._version import __version__
 
 __all__ = ["main", "fail_cleanly"]
 

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from dfsviz.cli import fail_cleanly, main
+from dfsviz.cli import fail_cleanly, main, parse_names
 from dfsviz.sparse._validate import check_block
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import ORDERS, locality_report, make_order, order_names
@@ -22,18 +22,6 @@ _COLUMNS = (
     ("max_jump", "max_jump", "{}"),
     ("build_ms", "build_ms", "{:.1f}"),
 )
-
-
-def _parse_orders(spec: str | None) -> list[str]:
-    if spec is None:
-        return order_names()
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ORDERS]
-    if unknown or not names:
-        raise ValueError(
-            f"`--orders` must be a comma-separated subset of {','.join(order_names())} (got {spec!r})"
-        )
-    return names
 
 
 def _table(rows: list[dict], header: str) -> str:
@@ -78,7 +66,7 @@ def orders_command(
     """
     grid = LatentGrid.parse(grid_spec, text_len=text_len, text_first=text_first)
     check_block(block)
-    names = _parse_orders(orders_spec)
+    names = order_names() if orders_spec is None else list(parse_names(orders_spec, "--orders", order_names()))
     rows = []
     for name in names:
         start = time.perf_counter()
