@@ -81,6 +81,7 @@ class CaptureConfig:
         text_first: with ``grid``: the text precedes the video (None = it follows it).
         seed: seed of the initial noise, random embeddings and footprint sampling (>= 0).
         guidance_scale: classifier-free guidance weight (>= 1; 1 = no unconditional pass);
+            HunyuanVideo: embedded guidance, as its pipeline sends it (no unconditional pass);
             None = the model's default.
         branches: "cond" captures the conditional pass, "both" also the unconditional one.
         orders: token orders (``dfsviz.sparse.orders.order_names()``).

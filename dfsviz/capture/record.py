@@ -46,6 +46,7 @@ from dfsviz.capture.reduce import AttentionReducer
 from dfsviz.capture.resolve import (
     ResolvedCapture,
     check_capture_steps,
+    pipeline_rules,
     resolve_layout,
     run_attrs,
     run_identity,
@@ -422,9 +423,10 @@ class Recording:
                 "num_videos_per_prompt=1)"
             )
         guidance = float(self._call.get("guidance_scale") or 1.0)
-        self._cfg = bool(getattr(pipe, "do_classifier_free_guidance", guidance > 1))
+        rules = pipeline_rules(adapter)
+        self._cfg = rules.call_runs_cfg(pipe, self._call)
         if cfg.branches == "both" and not self._cfg:
-            raise ValueError("`branches`='both' needs an unconditional pass: call the pipeline with guidance_scale > 1")
+            raise ValueError(f"`branches`='both' needs an unconditional pass: {rules.no_uncond_hint()}")
         cond = self._conditioning(kwargs, self._cond_sample(hidden.shape[0]))
         grid = adapter.token_grid(model.config, latent, adapter.text_len(cond))
         layer_map, heads, layout = resolve_layout(cfg, adapter, model, grid, tuple(steps))

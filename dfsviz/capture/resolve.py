@@ -1,12 +1,22 @@
 """A capture's settings made concrete: :func:`resolve_capture` turns a :class:`CaptureConfig`
 and its model into the grid, steps, layers, heads, conditioning and file layout
 (:class:`ResolvedCapture`); :func:`run_identity` is what ``--resume`` compares.
+
+:func:`pipeline_rules` says what a family's diffusers pipeline does around its transformer that
+a capture must do alike: the sigmas it hands the scheduler, and whether ``guidance_scale``
+means classifier-free guidance (an unconditional pass per step) or a transformer input
+(embedded guidance). ``dfsviz capture``'s loop follows them, so that it reproduces a pipeline
+call step for step, and :func:`dfsviz.record` reads from them which branches a call runs. They
+are read from diffusers 0.42's pipelines; a family without an entry runs as ``WanPipeline`` and
+``CogVideoXPipeline`` do: the scheduler's own timesteps, CFG when ``guidance_scale`` > 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dfsviz.capture.adapters import Conditioning
@@ -15,8 +25,68 @@ from dfsviz.capture.schema import StoreLayout
 from dfsviz.capture.sources import ModelSource, load_embeddings, load_model_source
 from dfsviz.sparse.grid import LatentGrid
 
-__all__ = ["ResolvedCapture", "check_capture_steps", "resolve_capture", "resolve_layout", "run_attrs", "run_identity",
-           "weights_fingerprint"]
+__all__ = ["PipelineRules", "ResolvedCapture", "check_capture_steps", "pipeline_rules", "resolve_capture", "resolve_layout",
+           "run_attrs", "run_identity", "weights_fingerprint"]
+
+
+@dataclass(frozen=True)
+class PipelineRules:
+    """How one family's pipeline drives its transformer.
+
+    Fields:
+        title: the family's pipeline, for messages ("HunyuanVideoPipeline").
+        sigmas: ``num_steps -> sigmas`` the pipeline passes to ``scheduler.set_timesteps``, or
+            None when it takes the scheduler's own timesteps.
+        embedded_guidance: ``guidance_scale`` is a transformer input (x 1000, for
+            guidance-distilled checkpoints) and runs no unconditional pass; the pipeline's
+            separate ``true_cfg_scale`` > 1 with a negative prompt runs one.
+    """
+
+    title: str = "the pipeline"
+    sigmas: Callable[[int], np.ndarray] | None = None
+    embedded_guidance: bool = False
+
+    def set_timesteps(self, scheduler, num_steps: int, device) -> None:
+        """Set ``scheduler``'s timesteps for ``num_steps`` steps as the pipeline does."""
+        if self.sigmas is None:
+            scheduler.set_timesteps(num_steps, device=device)
+        else:  # as diffusers' retrieve_timesteps passes custom sigmas
+            scheduler.set_timesteps(sigmas=self.sigmas(num_steps), device=device)
+
+    def runs_cfg(self, guidance_scale: float) -> bool:
+        """True when dfsviz's loop runs an unconditional pass for ``guidance_scale``."""
+        return guidance_scale > 1 and not self.embedded_guidance
+
+    def call_runs_cfg(self, pipe, call: dict) -> bool:
+        """True when the pipeline call ``call`` (its bound arguments) runs an unconditional pass."""
+        if self.embedded_guidance:  # HunyuanVideoPipeline's do_true_cfg
+            negative = call.get("negative_prompt") is not None or (
+                call.get("negative_prompt_embeds") is not None and call.get("negative_pooled_prompt_embeds") is not None)
+            return float(call.get("true_cfg_scale") or 1.0) > 1 and negative
+        guidance = float(call.get("guidance_scale") or 1.0)
+        return bool(getattr(pipe, "do_classifier_free_guidance", guidance > 1))
+
+    def no_uncond_hint(self) -> str:
+        """How to get an unconditional pass, for a refusal of ``branches='both'``."""
+        if self.embedded_guidance:
+            return f"call {self.title} with true_cfg_scale > 1 and a negative prompt"
+        return "call the pipeline with guidance_scale > 1"
+
+
+def _linear_sigmas(num_steps: int) -> np.ndarray:
+    return np.linspace(1.0, 0.0, num_steps + 1)[:-1]
+
+
+_RULES = {
+    "hunyuanvideo": PipelineRules(title="HunyuanVideoPipeline", sigmas=_linear_sigmas, embedded_guidance=True),
+}
+_DEFAULT = PipelineRules()
+
+
+def pipeline_rules(adapter) -> PipelineRules:
+    """The rules of the family of ``adapter`` (a capture adapter; the defaults for a family
+    without an entry and for the generic entry)."""
+    return _RULES.get(getattr(adapter, "name", None), _DEFAULT)
 
 
 @dataclass
@@ -36,6 +106,12 @@ class ResolvedCapture:
     cond: Conditioning
     uncond: Conditioning | None
     attrs: dict = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> bool:
+        """The loop runs an unconditional pass per step (classifier-free guidance), as the
+        family's pipeline does for ``guidance_scale`` (:func:`pipeline_rules`)."""
+        return pipeline_rules(self.source.adapter).runs_cfg(self.guidance_scale)
 
     def describe(self) -> dict:
         """The resolved settings, JSON-ready (``--dry-run`` prints it)."""
@@ -83,7 +159,14 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
     mcfg = model.config
     num_steps = config.num_steps or source.num_steps
     guidance = float(config.guidance_scale if config.guidance_scale is not None else source.guidance_scale)
-    if config.branches == "both" and guidance == 1:
+    rules = pipeline_rules(adapter)
+    if config.branches == "both" and rules.embedded_guidance:
+        raise ValueError(
+            f"`branches`='both' needs an unconditional pass; {rules.title} sends guidance_scale as embedded guidance "
+            "and runs none, and dfsviz capture follows it: use --branches cond, or record a pipeline call with "
+            "true_cfg_scale > 1 and a negative prompt through dfsviz.record"
+        )
+    if config.branches == "both" and not rules.runs_cfg(guidance):
         raise ValueError("`branches`='both' needs an unconditional pass: pass --guidance-scale > 1")
     steps = config.capture_steps or default_capture_steps(num_steps)
     check_capture_steps(steps, num_steps)
@@ -106,7 +189,7 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
             "negative_prompt_embeds, ... from the pipeline's encode_prompt) or --embeddings random; a whole pipeline "
             "folder or repo also captures one clip from --prompt, through its own text encoders (not with --dry-run)"
         )
-    if guidance > 1 and uncond is None:
+    if rules.runs_cfg(guidance) and uncond is None:
         raise ValueError(
             "guidance_scale > 1 needs unconditional embeddings: add 'negative_prompt_embeds' to the embeddings file "
             "or pass --guidance-scale 1"

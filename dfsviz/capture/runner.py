@@ -35,7 +35,7 @@ from dfsviz.capture.config import CaptureConfig
 from dfsviz.capture.file_safety import CaptureLock
 from dfsviz.capture.hooks import AttentionCapture
 from dfsviz.capture.reduce import AttentionReducer
-from dfsviz.capture.resolve import resolve_capture, run_identity, weights_fingerprint
+from dfsviz.capture.resolve import pipeline_rules, resolve_capture, run_identity, weights_fingerprint
 from dfsviz.capture.sources import ModelSource
 from dfsviz.capture.store import CaptureReader, CaptureWriter
 
@@ -165,11 +165,11 @@ def run_capture(
     written: list[int] = []
     try:
         scheduler = rc.source.scheduler
-        scheduler.set_timesteps(rc.num_steps, device=device)
+        pipeline_rules(adapter).set_timesteps(scheduler, rc.num_steps, device)
         timesteps = scheduler.timesteps
         dtype = input_dtype(model)
         cond = rc.cond.to(device, dtype)
-        uncond = rc.uncond.to(device, dtype) if rc.uncond is not None and rc.guidance_scale > 1 else None
+        uncond = rc.uncond.to(device, dtype) if rc.uncond is not None and rc.cfg else None
         gen = torch.Generator().manual_seed(config.seed)
         latents = adapter.make_latents(rc.latent, model.config, gen, device, dtype) * float(
             getattr(scheduler, "init_noise_sigma", 1.0)

@@ -67,22 +67,23 @@ def test_recorded_wan_call_equals_a_capture_of_the_same_run(tmp_path):
     pipe = wan_pipeline()
     plain = pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL).frames
     out = tmp_path / "recorded.h5"
-    with dfsviz.record(pipe, out, capture_steps=(0, 2), branches="both", **SETTINGS) as rec:
+    with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), branches="both", **SETTINGS) as rec:
         recorded = pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL).frames
     np.testing.assert_array_equal(recorded, plain)  # the output is untouched, bit for bit
     assert type(pipe) is diffusers.WanPipeline and "step" not in vars(pipe.scheduler)  # restored
-    assert rec.result.steps == [0, 2] and rec.result.complete
+    assert rec.result.steps == [0, 1, 2] and rec.result.complete
 
-    # the same run through dfsviz's own loop: the same transformer, scheduler, embeddings and seed
+    # the same run through dfsviz's own loop: the same transformer, scheduler, embeddings and seed; every
+    # step equal, so the loop denoises as the pipeline does (its schedule, CFG and latents)
     source = ModelSource(pipe.transformer, get_adapter("wan"), diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
                          "tiny-wan", cond=Conditioning(WAN_CALL["prompt_embeds"]),
                          uncond=Conditioning(WAN_CALL["negative_prompt_embeds"]))
     captured = tmp_path / "captured.h5"
-    run_capture(CaptureConfig(out=str(captured), latent="3x8x8", num_steps=STEPS, capture_steps=(0, 2),
+    run_capture(CaptureConfig(out=str(captured), latent="3x8x8", num_steps=STEPS, capture_steps=(0, 1, 2),
                               guidance_scale=4.0, branches="both", device="cpu", **SETTINGS), progress=False, source=source)
     _assert_same_maps(out, captured)
     with dfsviz.open(out) as run, dfsviz.open(captured) as cap:  # the same schedule, run by the same transformer
-        for step in (0, 2):
+        for step in (0, 1, 2):
             assert run.step_attrs(step)["timestep"] == cap.step_attrs(step)["timestep"]
             assert run.step_attrs(step)["sigma"] == cap.step_attrs(step)["sigma"]
             assert run.step_attrs(step)["transformer"] == cap.step_attrs(step)["transformer"] == "transformer"
@@ -204,16 +205,16 @@ def test_cogvideox_batch_of_two_picks_the_conditional_half(tmp_path):
                 num_frames=9, num_inference_steps=2, guidance_scale=5.0, output_type="np")
     plain = pipe(generator=torch.Generator().manual_seed(1), **call).frames
     out = tmp_path / "cog.h5"
-    with dfsviz.record(pipe, out, capture_steps=(1,), branches="both", layers=(1,), **SETTINGS):
+    with dfsviz.record(pipe, out, capture_steps=(0, 1), branches="both", layers=(1,), **SETTINGS):
         recorded = pipe(generator=torch.Generator().manual_seed(1), **call).frames
     np.testing.assert_array_equal(recorded, plain)
 
     source = ModelSource(transformer, get_adapter("cogvideox"), diffusers.CogVideoXDDIMScheduler(**scheduler_config),
                          "tiny-cog", cond=Conditioning(call["prompt_embeds"]), uncond=Conditioning(call["negative_prompt_embeds"]))
     captured = tmp_path / "captured.h5"
-    run_capture(CaptureConfig(out=str(captured), latent="3x16x16", num_steps=2, capture_steps=(1,), guidance_scale=5.0,
+    run_capture(CaptureConfig(out=str(captured), latent="3x16x16", num_steps=2, capture_steps=(0, 1), guidance_scale=5.0,
                               branches="both", layers=(1,), device="cpu", **SETTINGS), progress=False, source=source)
-    # the pipeline runs both branches in one batch, the capture one at a time: equal up to rounding
+    # every step: the pipeline runs both branches in one batch, the capture one at a time: equal up to rounding
     _assert_same_maps(out, captured, exact=False)
     with dfsviz.open(out) as run:
         assert run.validate() == [] and run.grid.name == "f3h8w8T8"
@@ -222,31 +223,80 @@ def test_cogvideox_batch_of_two_picks_the_conditional_half(tmp_path):
         assert run.video().frames.shape == (9, 128, 128, 3)
 
 
-def test_hunyuanvideo_padded_text_counts_its_real_tokens(tmp_path):
+def hunyuan_pipeline():
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                                               norm_num_groups=2, mid_block_add_attention=False).eval()
-    transformer = build_tiny("hunyuanvideo")
-    pipe = diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+    return diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=build_tiny("hunyuanvideo"),
+                                          vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
                                           text_encoder_2=None, tokenizer_2=None)
-    cond = Conditioning(_embeds(30, 8), torch.tensor([[1] * 5 + [0] * 3]), torch.randn(1, 8, generator=torch.Generator().manual_seed(31)))
+
+
+def _hunyuan_text(seed, real=5):
+    """Padded text as HunyuanVideo's encoders give it: 8 tokens, the first `real` of them real."""
+    return Conditioning(_embeds(seed, 8), torch.tensor([[1] * real + [0] * (8 - real)]),
+                        torch.randn(1, 8, generator=torch.Generator().manual_seed(seed + 1)))
+
+
+def test_hunyuanvideo_capture_follows_the_pipeline_at_every_step(tmp_path):
+    """HunyuanVideoPipeline hands the scheduler its own linear sigmas and sends guidance_scale x 1000
+    as embedded guidance, with no unconditional pass: dfsviz capture's loop does the same, so every
+    captured step equals the pipeline's."""
+    pipe = hunyuan_pipeline()
+    cond, negative = _hunyuan_text(30), _hunyuan_text(40, real=3)
     call = dict(prompt_embeds=cond.embeds, prompt_attention_mask=cond.mask, pooled_prompt_embeds=cond.pooled, height=64,
-                width=64, num_frames=9, num_inference_steps=2, guidance_scale=1.0, output_type="np")
+                width=64, num_frames=9, num_inference_steps=3, guidance_scale=6.0, output_type="np")
     plain = pipe(generator=torch.Generator().manual_seed(1), **call).frames
     out = tmp_path / "hunyuan.h5"
-    with dfsviz.record(pipe, out, capture_steps=(0,), **SETTINGS):
+    with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), **SETTINGS):
         recorded = pipe(generator=torch.Generator().manual_seed(1), **call).frames
     np.testing.assert_array_equal(recorded, plain)
-    # step 0 only: the pipeline passes its own linear sigmas, dfsviz's loop the scheduler's default ones
-    source = ModelSource(transformer, get_adapter("hunyuanvideo"), diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
-                         "tiny-hunyuan", cond=cond)
+    # the negative text is there, as in an embeddings file: the loop must not run it as CFG
+    source = ModelSource(pipe.transformer, get_adapter("hunyuanvideo"), diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+                         "tiny-hunyuan", cond=cond, uncond=negative)
     captured = tmp_path / "captured.h5"
-    run_capture(CaptureConfig(out=str(captured), latent="3x8x8", num_steps=2, capture_steps=(0,), guidance_scale=1.0,
+    run_capture(CaptureConfig(out=str(captured), latent="3x8x8", num_steps=3, capture_steps=(0, 1, 2), guidance_scale=6.0,
                               device="cpu", **SETTINGS), progress=False, source=source)
     _assert_same_maps(out, captured)
-    with dfsviz.open(out) as run:
+    with dfsviz.open(out) as run, dfsviz.open(captured) as cap:
         assert run.validate() == [] and run.grid.name == "f3h4w4t5"  # 48 video tokens, then the 5 real text tokens
+        # the pipeline's sigmas: linspace(1, 0, 4)[:-1] shifted by 7 (s' = 7s / (1 + 6s))
+        linear = np.array([1.0, 2 / 3, 1 / 3])
+        np.testing.assert_allclose([run.step_attrs(s)["sigma"] for s in (0, 1, 2)], 7 * linear / (1 + 6 * linear), rtol=1e-6)
+        for s in (0, 1, 2):
+            assert run.step_attrs(s)["sigma"] == cap.step_attrs(s)["sigma"]
+            assert run.step_attrs(s)["timestep"] == cap.step_attrs(s)["timestep"]
+
+    with pytest.raises(ValueError, match=r"`branches`='both' needs an unconditional pass; HunyuanVideoPipeline sends "
+                                         r"guidance_scale as embedded guidance and runs none"):
+        run_capture(CaptureConfig(out=str(tmp_path / "both.h5"), latent="3x8x8", num_steps=3, guidance_scale=6.0,
+                                  branches="both", device="cpu", **SETTINGS), progress=False, source=source)
+    assert not (tmp_path / "both.h5").exists()
+
+
+def test_hunyuanvideo_true_cfg_is_recorded_as_two_branches(tmp_path):
+    """HunyuanVideoPipeline runs an unconditional pass only for true_cfg_scale > 1 with a negative
+    prompt (its guidance_scale is embedded): record takes the branches from that."""
+    pipe = hunyuan_pipeline()
+    cond, negative = _hunyuan_text(30), _hunyuan_text(40)  # equal real lengths: branches="both" needs them
+    call = dict(prompt_embeds=cond.embeds, prompt_attention_mask=cond.mask, pooled_prompt_embeds=cond.pooled, height=64,
+                width=64, num_frames=9, num_inference_steps=2, guidance_scale=1.0, output_type="np",
+                negative_prompt_embeds=negative.embeds, negative_prompt_attention_mask=negative.mask,
+                negative_pooled_prompt_embeds=negative.pooled)
+    plain = pipe(generator=torch.Generator().manual_seed(1), true_cfg_scale=4.0, **call).frames
+    out = tmp_path / "true_cfg.h5"
+    with dfsviz.record(pipe, out, capture_steps=(0, 1), branches="both", **SETTINGS):
+        recorded = pipe(generator=torch.Generator().manual_seed(1), true_cfg_scale=4.0, **call).frames
+    np.testing.assert_array_equal(recorded, plain)
+    with dfsviz.open(out) as run:
+        assert run.validate() == [] and run.complete and run.branches == ["cond", "uncond"]
+        assert not torch.equal(run.block_mass(1, 0, "raster", branch="cond"), run.block_mass(1, 0, "raster", branch="uncond"))
+    # guidance_scale alone (embedded) runs no unconditional pass: one line, nothing written
+    with pytest.raises(ValueError, match=r"`branches`='both' needs an unconditional pass: call HunyuanVideoPipeline with "
+                                         r"true_cfg_scale > 1 and a negative prompt"):
+        with dfsviz.record(pipe, tmp_path / "embedded.h5", branches="both", **SETTINGS):
+            pipe(generator=torch.Generator().manual_seed(1), **{**call, "guidance_scale": 6.0})
+    assert not (tmp_path / "embedded.h5").exists()
 
 
 def test_lora_and_image_to_video_pipelines(tmp_path):
