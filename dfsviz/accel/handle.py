@@ -234,13 +234,17 @@ class DFSHandle:
             return ctx.permuted[id(t)][1]
 
         rot_names, rot_dim = self.arch.rotary
+        part = self.arch.rotary_part
         for rot_name in rot_names:
             rot = bound.arguments.get(rot_name)
-            if rot is not None:
+            if rot is not None and part is None:
                 bound.arguments[rot_name] = tuple(permuted(t, rot_dim) for t in rot)
+            elif rot is not None:
+                per_token = tuple(permuted(t, rot_dim) for t in rot[part])
+                bound.arguments[rot_name] = (*rot[:part], per_token, *rot[part + 1:])
         for name, (dim, ndim) in self.arch.token_args.items():
             value = bound.arguments.get(name)
-            if isinstance(value, torch.Tensor) and value.dim() == ndim:
+            if isinstance(value, torch.Tensor) and value.dim() == ndim and value.shape[dim] == perm.numel():
                 bound.arguments[name] = permuted(value, dim)
         return bound.args, bound.kwargs
 

@@ -112,10 +112,30 @@ def _mochi_forward(model, latents, timestep, cond, *, guidance, grid):
                  return_dict=False)[0]
 
 
-def _text_video_forward(model, latents, timestep, cond, *, guidance, grid):
-    """Allegro and EasyAnimate: latents, text embeddings and the timestep, nothing else."""
+def _easyanimate_forward(model, latents, timestep, cond, *, guidance, grid):
     return model(hidden_states=latents.to(input_dtype(model)), encoder_hidden_states=cond.embeds,
                  timestep=timestep.expand(latents.shape[0]), return_dict=False)[0]
+
+
+def _allegro_rotary(model, grid, frames: int, device):
+    """Allegro's RoPE as its pipeline builds it: (per-axis (cos, sin) tables, per-token t/h/w
+    positions [1, N] each)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    cfg = model.config
+    freqs_t, freqs_h, freqs_w, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
+        embed_dim=cfg.attention_head_dim, crops_coords=((0, 0), (grid.height, grid.width)),
+        grid_size=(grid.height, grid.width), temporal_size=frames,
+        interpolation_scale=(cfg.interpolation_scale_t, cfg.interpolation_scale_h, cfg.interpolation_scale_w),
+        device=device)
+    pos = torch.cartesian_prod(grid_t.long(), grid_h.long(), grid_w.long())
+    return (freqs_t, freqs_h, freqs_w), tuple(pos.transpose(0, 1).reshape(3, 1, -1).contiguous())
+
+
+def _allegro_forward(model, latents, timestep, cond, *, guidance, grid):
+    rotary = _allegro_rotary(model, grid, latents.shape[2], latents.device)
+    return model(hidden_states=latents.to(input_dtype(model)), encoder_hidden_states=cond.embeds,
+                 timestep=timestep.expand(latents.shape[0]), image_rotary_emb=rotary, return_dict=False)[0]
 
 
 def _cosmos_forward(model, latents, timestep, cond, *, guidance, grid):
@@ -132,11 +152,6 @@ def _cosmos_forward(model, latents, timestep, cond, *, guidance, grid):
     return model(hidden_states=latents.to(input_dtype(model)), timestep=timestep.expand(latents.shape[0]),
                  encoder_hidden_states=cond.embeds, return_dict=False, **extra)[0]
 
-
-_NOT_PERMUTED = (
-    "refused: the RoPE tables and modulation inputs of its blocks are not described for permute-once yet; "
-    "use permute_once=False (per-call ordering, same masks)"
-)
 
 _COGVIDEOX = Architecture(
     name="cogvideox", title="CogVideoX 1.0 / 1.5", classes=("CogVideoXTransformer3DModel",),
@@ -189,7 +204,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         layer_pattern=r"transformer_blocks\.\d+\.attn1", skipped="attn2 (cross-attention to the text)",
         latent_layout="BNC", patch=_patch_t_and_square, text="none", text_mask="text only in cross-attention",
         text_dim=lambda c: int(c.caption_channels), forward=_ltx_forward, vae_spatial=32, vae_temporal=8,
-        default_size=(161, 512, 704), stock=("LTXVideoAttnProcessor",), permute_once=_NOT_PERMUTED,
+        default_size=(161, 512, 704), stock=("LTXVideoAttnProcessor",), rotary=(("image_rotary_emb",), 1),
+        token_args={"temb": (1, 3)},  # per-token timesteps (conditioned frames): [B, N, 6C]
     ),
     Architecture(
         name="mochi", title="Mochi 1", classes=("MochiTransformer3DModel",),
@@ -197,28 +213,33 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         latent_layout="BCFHW", patch=lambda c: (1, int(c.patch_size), int(c.patch_size)), text="after",
         text_mask="padded text dropped per sample (one SDPA call per batch element)", text_tokens="real",
         text_dim=lambda c: int(c.text_embed_dim), forward=_mochi_forward, vae_spatial=8, vae_temporal=6,
-        default_size=(163, 480, 848), stock=("MochiAttnProcessor2_0",), permute_once=_NOT_PERMUTED,
+        default_size=(163, 480, 848), stock=("MochiAttnProcessor2_0",), rotary=(("image_rotary_emb",), 0),
     ),
     Architecture(
         name="allegro", title="Allegro", classes=("AllegroTransformer3DModel",),
         layer_pattern=r"transformer_blocks\.\d+\.attn1", skipped="attn2 (cross-attention to the text)",
         latent_layout="BCFHW", patch=_patch_t_and_square, text="none", text_mask="text only in cross-attention",
-        text_dim=lambda c: int(c.caption_channels), forward=_text_video_forward, default_size=(89, 720, 1280),
-        stock=("AllegroAttnProcessor2_0",), permute_once=_NOT_PERMUTED,
+        text_dim=lambda c: int(c.caption_channels), forward=_allegro_forward, default_size=(89, 720, 1280),
+        stock=("AllegroAttnProcessor2_0",), rotary=(("image_rotary_emb",), 1), rotary_part=1,
     ),
     Architecture(
         name="easyanimate", title="EasyAnimate", classes=("EasyAnimateTransformer3DModel",),
         layer_pattern=r"transformer_blocks\.\d+\.attn1", skipped="none",
         latent_layout="BCFHW", patch=lambda c: (1, int(c.patch_size), int(c.patch_size)), text="before",
-        text_mask="none", text_dim=lambda c: int(c.text_embed_dim), forward=_text_video_forward,
-        default_size=(49, 512, 512), stock=("EasyAnimateAttnProcessor2_0",), permute_once=_NOT_PERMUTED,
+        text_mask="none", text_dim=lambda c: int(c.text_embed_dim), forward=_easyanimate_forward,
+        default_size=(49, 512, 512), stock=("EasyAnimateAttnProcessor2_0",), rotary=(("image_rotary_emb",), 0),
+        restore="norm_final",
     ),
     Architecture(
         name="cosmos", title="Cosmos 1.0 / 2.0 (Predict)", classes=("CosmosTransformer3DModel",),
         layer_pattern=r"transformer_blocks\.\d+\.attn1", skipped="attn2 (cross-attention to the text)",
         latent_layout="BCFHW", patch=_patch_3d, text="none", text_mask="text only in cross-attention",
         text_dim=lambda c: int(c.text_embed_dim), forward=_cosmos_forward, vae_temporal=8,
-        default_size=(121, 704, 1280), stock=("CosmosAttnProcessor2_0",), permute_once=_NOT_PERMUTED,
+        default_size=(121, 704, 1280), stock=("CosmosAttnProcessor2_0",), rotary=(("image_rotary_emb",), 0),
+        # per-frame timesteps (Video2World) expand to [B, N, C]; the learnable position embedding
+        # and a ControlNet's residual are [B, N, C] too
+        token_args={"temb": (1, 3), "embedded_timestep": (1, 3), "extra_pos_emb": (1, 3),
+                    "controlnet_residual": (1, 3)},
     ),
 )
 

@@ -78,7 +78,12 @@ class Architecture:
         blocks: attribute names of the block lists, in the order the model runs them.
         restore: the module right after the block stack (its first input: the video tokens).
         rotary: (block argument names of the RoPE tables, their sequence dim).
-        token_args: other block arguments with a per-token dim: name -> (dim, ndim that has it).
+        rotary_part: None when every element of a RoPE argument is a per-token table; else the
+            index of its element that holds the per-token tensors (Allegro: (per-axis tables,
+            per-token positions) -> 1; the per-axis tables stay as they are).
+        token_args: other block arguments that may carry a per-token dim: name -> (dim, ndim);
+            a tensor of that ndim whose ``dim`` has one entry per video token is reordered
+            (per-token modulation or timesteps; a per-sample one is left alone).
         permute_once: None when permute-once is supported, else why it is refused.
         permute_refuse: config values under which the blocks are not token-wise between
             attention calls: config attribute -> value (permute-once refuses them).
@@ -112,6 +117,7 @@ class Architecture:
     blocks: tuple[str, ...] = ("transformer_blocks",)
     restore: str = "norm_out"
     rotary: tuple[tuple[str, ...], int] = ((), 1)
+    rotary_part: int | None = None
     token_args: dict = field(default_factory=dict)
     permute_once: str | None = None
     permute_refuse: dict = field(default_factory=dict)

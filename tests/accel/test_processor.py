@@ -379,6 +379,9 @@ def test_error_registry_entry_problems(models, monkeypatch):
     monkeypatch.setitem(by_class, "WanTransformer3DModel", dataclasses.replace(wan, restore="head"))
     with pytest.raises(ValueError, match=r"permute_once needs the module 'head' after the block stack of WanTransformer3DModel"):
         apply_dfsattn(models["wan"], cfg(permute_once=True))
+    monkeypatch.setitem(by_class, "WanTransformer3DModel", dataclasses.replace(wan, permute_once="its convs mix tokens"))
+    with pytest.raises(ValueError, match=r"permute_once for WanTransformer3DModel: its convs mix tokens"):
+        apply_dfsattn(models["wan"], cfg(permute_once=True))
     monkeypatch.setitem(by_class, "WanTransformer3DModel", dataclasses.replace(wan, blocks=("layers",)))
     with pytest.raises(ValueError, match=r"WanTransformer3DModel has no transformer blocks in \('layers',\)"):
         apply_dfsattn(models["wan"], cfg(permute_once=True))

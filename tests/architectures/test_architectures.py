@@ -164,6 +164,30 @@ def test_permute_once_equals_per_call_at_a_real_budget_or_refuses(tiny, name):
     assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
 
 
+def _per_token_timestep_inputs(name: str) -> dict:
+    """A call whose timestep differs across tokens: LTX-Video's conditioned frames (a timestep per
+    token, temb [B, N, 6C]) and Cosmos Video2World (a timestep per frame, expanded to [B, N, C])."""
+    gen = torch.Generator().manual_seed(2)
+    text = torch.randn(1, 8, 16, generator=gen)
+    if name == "LTXVideoTransformer3DModel":
+        return dict(hidden_states=torch.randn(1, 192, 8, generator=gen), encoder_hidden_states=text,
+                    timestep=torch.rand(1, 192, generator=gen) * 1000, encoder_attention_mask=torch.ones(1, 8),
+                    num_frames=3, height=8, width=8, return_dict=False)
+    return dict(hidden_states=torch.randn(1, 4, 3, 16, 16, generator=gen), encoder_hidden_states=text,
+                timestep=torch.rand(1, 1, 3, 1, 1, generator=gen) * 1000, return_dict=False)
+
+
+@pytest.mark.parametrize("name", ["LTXVideoTransformer3DModel", "CosmosTransformer3DModel"])
+def test_permute_once_reorders_per_token_timesteps(tiny, name):
+    model, inputs = tiny[name], _per_token_timestep_inputs(name)
+    outs = []
+    for once in (False, True):
+        with apply_dfsattn(model, DFSConfig(**{**_config(skip_steps=0, gamma0=0.3).__dict__, "permute_once": once})):
+            with torch.no_grad():
+                outs.append(model(**inputs)[0])
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=0)
+
+
 def test_context_parallelism_is_refused_with_the_reason(tiny):
     import diffusers
 
