@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dfsviz.architectures import pipeline_transformers
 from dfsviz.capture.adapters import Conditioning, adapter_for
 from dfsviz.capture.config import CaptureConfig
 from dfsviz.capture.file_safety import CaptureLock
@@ -68,8 +69,6 @@ SETTINGS = ("capture_steps", "layers", "heads", "orders", "methods", "block", "t
 # pipeline call arguments that change how the call reports, not what it denoises: a resume may differ in them
 _CALL_REPORTING = ("callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type", "return_dict")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-# the pipeline components that can hold a denoising transformer (Wan 2.2 A14B: both)
-TRANSFORMERS = ("transformer", "transformer_2")
 
 
 def record(pipe, out: str | Path, *, fps: float = 16.0, progress: bool = False, **settings) -> "Recording":
@@ -171,20 +170,21 @@ class Recording:
     """The context manager of :func:`record`; ``result`` holds the outcome after the block."""
 
     def __init__(self, pipe, out, *, fps: float, progress: bool, settings: dict) -> None:
-        transformers = {name: getattr(pipe, name, None) for name in TRANSFORMERS}
-        transformers = {name: model for name, model in transformers.items() if isinstance(model, torch.nn.Module)}
-        if not transformers or not hasattr(pipe, "scheduler"):
-            raise TypeError(
-                f"`pipe` must be a diffusers video pipeline with a `transformer` and a `scheduler` (got "
-                f"{type(pipe).__name__}); for a transformer in your own loop use dfsviz.capture.AttentionCapture"
-            )
+        not_a_pipeline = TypeError(
+            f"`pipe` must be a diffusers video pipeline with a `transformer` and a `scheduler` (got "
+            f"{type(pipe).__name__}); for a transformer in your own loop use dfsviz.capture.AttentionCapture"
+        )
+        if not hasattr(pipe, "scheduler"):
+            raise not_a_pipeline
         try:
-            adapters = {name: adapter_for(model) for name, model in transformers.items()}
+            transformers = pipeline_transformers(pipe)  # `transformer`, and Wan 2.2 A14B's `transformer_2`
+        except TypeError:
+            raise not_a_pipeline from None
         except ValueError as exc:
             raise ValueError(f"`pipe` {type(pipe).__name__}: {exc}") from None
         transformer = next(iter(transformers.values()))
-        self.adapter = next(iter(adapters.values()))
-        _check_same_layout(transformers, adapters)
+        self.adapter = adapter_for(transformer)
+        _check_same_layout(transformers, self.adapter)
         for model in transformers.values():
             _refuse_dfsattn(model)
         unknown = sorted(set(settings) - set(SETTINGS))
@@ -602,15 +602,14 @@ def _describe(value):
     return type(value).__name__
 
 
-def _check_same_layout(transformers: dict, adapters: dict) -> None:
-    """ValueError unless the pipeline's transformers (Wan 2.2 A14B: two) are of one family with
-    the same self-attention layer count, heads and head width: their steps share one file, by layer."""
+def _check_same_layout(transformers: dict, adapter) -> None:
+    """ValueError unless the pipeline's transformers (Wan 2.2 A14B: two, of one family) have the
+    same self-attention layer count, heads and head width: their steps share one file, by layer."""
     if len(transformers) < 2:
         return
-    shapes = {name: (len(adapters[name].select_layers(model)), int(model.config.num_attention_heads),
+    shapes = {name: (len(adapter.select_layers(model)), int(model.config.num_attention_heads),
                      int(model.config.attention_head_dim)) for name, model in transformers.items()}
-    families = {adapter.name for adapter in adapters.values()}
-    if len(set(shapes.values())) > 1 or len(families) > 1:
+    if len(set(shapes.values())) > 1:
         (a, (la, ha, da)), (b, (lb, hb, db)) = shapes.items()
         raise ValueError(
             f"`pipe`'s {a} and {b} differ ({la} and {lb} self-attention layers, {ha} and {hb} heads of width {da} and "
