@@ -177,7 +177,7 @@ def main() -> None:
     import diffusers
     import triton
 
-    from dfsviz.capture.reduce import _kernels
+    from dfsviz.kernels._dispatch import triton_available
 
     source = build_source()
     base_median, base_times, base_peak = plain_step_seconds(source)
@@ -213,7 +213,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "diffusers": diffusers.__version__,
-        "statistics_backend": "reference" if backend == "ref" or not _kernels()[2] else "triton",
+        "statistics_backend": "reference" if backend == "ref" or not triton_available() else "triton",
         "triton_error": triton_error,
         "model": "WanTransformer3DModel, Wan2.1-1.3B config, random bf16 weights",
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in WAN_13B.items()},

@@ -7,33 +7,16 @@ references otherwise.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from dfsviz.capture.hooks import AttentionRecord
 from dfsviz.capture.resolve import ResolvedCapture
 from dfsviz.capture.store import CaptureWriter
+from dfsviz.kernels.block_scores import block_scores
+from dfsviz.kernels.block_stats import block_stats
 from dfsviz.sparse.footprints import block_footprints, sample_query_blocks
 
 __all__ = ["AttentionReducer"]
-
-logger = logging.getLogger(__name__)
-
-
-def _kernels():
-    """(block_stats, block_scores): the Triton dispatchers when importable, else the references."""
-    try:
-        from dfsviz.kernels.block_scores import block_scores
-        from dfsviz.kernels.block_stats import block_stats
-
-        return block_stats, block_scores, True
-    except ImportError:
-        from dfsviz.sparse.scoring import block_scores_ref
-        from dfsviz.sparse.stats import block_stats_ref
-
-        logger.info("dfsviz.kernels has no block_stats/block_scores: using the PyTorch references")
-        return block_stats_ref, block_scores_ref, False
 
 
 class AttentionReducer:
@@ -49,7 +32,6 @@ class AttentionReducer:
         # the branches run as separate calls, both halves of a CFG batch of 2 otherwise
         self.targets: list[tuple[int, str]] = [(0, "cond")]
         self.orders = [make_order(name, rc.grid) for name in rc.layout.orders]
-        self.block_stats, self.block_scores, self.triton = _kernels()
         self.heads = torch.tensor(rc.heads, dtype=torch.int64)
         self.scale: float | None = None
         self.seen: set[tuple[int, str]] = set()
@@ -88,17 +70,16 @@ class AttentionReducer:
         q, k, v = (x.index_select(1, self.heads) for x in (q, k, v))
         scale = rec.softmax_scale
         self.scale = scale
-        backend = {"backend": cfg.kernel_backend} if self.triton else {}
         for oi, order in enumerate(self.orders):
             qo, ko = order.apply(q), order.apply(k)
-            st = self.block_stats(qo, ko, block=lay.block, scale=scale, **backend)
+            st = block_stats(qo, ko, block=lay.block, scale=scale, backend=cfg.kernel_backend)
             scores = {}
             for method in lay.methods:
                 if method == "oracle":
                     scores[method] = st.m[0]
                 else:
-                    scores[method] = self.block_scores(
-                        qo, ko, method=method, tile=cfg.tile_for(method), block=lay.block, scale=scale, **backend
+                    scores[method] = block_scores(
+                        qo, ko, method=method, tile=cfg.tile_for(method), block=lay.block, scale=scale, backend=cfg.kernel_backend
                     )[0]
             # the writer checks every W (and every map) it writes: no value check here, which
             # would wait for the GPU twice per order and layer
