@@ -108,6 +108,10 @@ _TERMS: dict[str, Term] = {
     "capture": Term("capture", "A file `dfsviz capture` wrote while a model generated one clip: the attention maps "
                     "of the chosen steps, layers, heads and token orders. Every page shows one capture.", "",
                     _SETTING),
+    "compare": Term("compare with", "A second capture drawn beside the first with the same controls (two models, "
+                    "two prompts, uniform vs calibrated): maps under the first run's on Masks, both runs' curves in "
+                    "one figure on Recall, the run in the legend. A selection the second capture lacks is said in "
+                    "one line and the first run still shows.", "", "dashboard.md#compare-two-runs"),
     "step": Term("denoising step", "The 0-based diffusion step of the run at which the maps were captured; "
                  "attention gets more concentrated as denoising proceeds.", "", _METHOD),
     "layer": Term("layer", "A self-attention layer (transformer block) of the model, counted from 0.", "", _SETTING),

@@ -206,28 +206,23 @@ def _fmt(value) -> str:
 
 # --------------------------------------------------------------------------- capture picker
 class PageContext:
-    """The capture a page shows, its reader, the parsed query and the banners to show."""
+    """The capture a page shows, its reader, the parsed query and the banners to show.
 
-    def __init__(self, prefix: str, params: dict) -> None:
+    ``compare``: the page can draw a second capture beside the first (``compare=<id>`` in the
+    query, validated like ``file=``; an id that cannot be served gives the file banner and no
+    comparison). ``compare_id`` is that capture, or None.
+    """
+
+    def __init__(self, prefix: str, params: dict, compare: bool = False) -> None:
         self.prefix = prefix
         self.query = Query(params)
         self.catalog = get_catalog()
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.entries = self.catalog.entries()
+        self.offers_compare = compare
         requested = self.query.params.get("file")
-        self.cid: str | None = None
-        if requested:
-            try:
-                entry = self.catalog.entry(requested)
-                if entry.usable:
-                    self.cid = entry.id
-                    if entry.message:
-                        self.warnings.append(entry.message)
-                else:
-                    self.errors.append(entry.message)
-            except CaptureError as exc:
-                self.errors.append(str(exc))
+        self.cid = self._usable(requested) if requested else None
         if self.cid is None:
             self.cid = self.catalog.default_id()
             if self.cid is not None:
@@ -237,24 +232,57 @@ class PageContext:
                 if entry.message:
                     self.warnings.append(entry.message)
         self.reader = self.catalog.reader(self.cid) if self.cid else None
+        wanted = self.query.params.get("compare") if compare else None
+        self.compare_id = self._usable(wanted) if wanted else None
+        if wanted and self.compare_id is None:
+            self.errors[-1] += "; no comparison shown"
+
+    def _usable(self, requested: str) -> str | None:
+        """The id of capture ``requested`` when it can be drawn (its status noted as a warning),
+        else None with the reason in the errors."""
+        try:
+            entry = self.catalog.entry(requested)
+        except CaptureError as exc:
+            self.errors.append(str(exc))
+            return None
+        if not entry.usable:
+            self.errors.append(entry.message)
+            return None
+        if entry.message:
+            self.warnings.append(entry.message)
+        return entry.id
 
     def header(self) -> html.Div:
         options = [{"label": e.label, "value": e.id, "disabled": not e.usable} for e in self.entries]
         picker = dcc.Dropdown(id=f"{self.prefix}-file", options=options, value=self.cid, clearable=False)
+        pickers = [control("capture", picker, "dfs-control dfs-file", term="capture")]
+        if self.offers_compare:
+            second = dcc.Dropdown(id=f"{self.prefix}-compare", options=options, value=self.compare_id, clearable=True,
+                                  placeholder="none")
+            pickers.append(control("compare with", second, "dfs-control dfs-file", term="compare"))
         missing = [] if self.cid else [
             "no usable capture under the roots " + ", ".join(self.catalog.roots)
             + "; make one with `dfsviz capture`"]
         return html.Div([
             dcc.Store(id=f"{self.prefix}-rendered", data=self.cid),
-            control("capture", picker, "dfs-control dfs-file", term="capture"),
+            html.Div(pickers, className="dfs-controls"),
             banner(self.errors + missing, "error", id=f"{self.prefix}-file-banner"),
             banner(self.warnings + self.query.notes, "warning", id=f"{self.prefix}-link-banner"),
         ])
 
 
+def lacking(cid: str, selection: Sequence[tuple[str, object, Sequence]], drawn: str = "nothing drawn for it here") -> str:
+    """One line saying which of ``selection`` ((name, value chosen, values capture ``cid``
+    holds), ...) the capture lacks and what is drawn for it, e.g. "runs/b.h5 has no step 3
+    (steps [0, 2]): nothing drawn for it here"; "" when it lacks none."""
+    missing = [f"{name} {value} ({name}s {list(held)})" for name, value, held in selection if value not in held]
+    return f"{cid} has no {'; no '.join(missing)}: {drawn}" if missing else ""
+
+
 def register_url_sync(app, prefix: str, keys: Sequence[tuple[str, str, str]]) -> None:
     """The page's one owner of the address: ``keys`` = (query key, component id, prop), the
-    capture picker ("file") among them.
+    capture picker ("file") among them, and the second capture's ("compare") on a page that
+    compares two runs.
 
     Runs in the browser. A change of any control but the capture rewrites the query string
     with ``history.replaceState`` (no navigation, no re-render), so the address bar always
@@ -262,6 +290,8 @@ def register_url_sync(app, prefix: str, keys: Sequence[tuple[str, str, str]]) ->
     entry, the page rendered for that file, whose steps, layers and heads differ) the way
     ``dcc.Link`` does, so Dash's location component learns the new address from the browser
     and never restores the one the page was opened with (``replaceState`` does not tell it).
+    A second capture ("compare") is kept across that navigation; choosing or clearing it
+    only rewrites the address (the page's controls follow the first capture).
     """
     names = [k for k, _, _ in keys]
     if "file" not in names:
@@ -277,7 +307,10 @@ def register_url_sync(app, prefix: str, keys: Sequence[tuple[str, str, str]]) ->
             if (file && rendered && file !== rendered) {
                 // what dcc.Link does: a new history entry, then Dash's location component
                 // reads it and the router renders the page for that file
+                // a second capture being compared stays chosen
                 const q = new URLSearchParams({file: file});
+                const compare = names.indexOf('compare') >= 0 ? arguments[names.indexOf('compare')] : null;
+                if (compare) q.set('compare', compare);
                 window.history.pushState({}, '', window.location.pathname + '?' + clean(q.toString()));
                 window.dispatchEvent(new CustomEvent('_dashprivate_pushstate'));
                 return noUpdate;
@@ -449,7 +482,8 @@ def figure_csv(figure: dict) -> str:
 
 
 def register_shell_callbacks(app, modules: Sequence) -> None:
-    """CSV downloads of every figure card, and navigation links that keep the chosen capture."""
+    """CSV downloads of every figure card, and navigation links that keep the chosen capture
+    (and the one compared with it)."""
 
     @app.callback(Output({"type": "csv-dl", "name": MATCH}, "data"), Input({"type": "csv", "name": MATCH}, "n_clicks"),
                   State({"type": "fig", "name": MATCH}, "figure"), prevent_initial_call=True)
@@ -464,8 +498,11 @@ def register_shell_callbacks(app, modules: Sequence) -> None:
         """
         function() {
             const paths = %s;
-            const file = new URLSearchParams(window.location.search).get('file');
-            const q = file ? '?file=' + encodeURIComponent(file).replace(/%%2F/g, '/') : '';
+            // the capture and the one compared with it (pages that compare nothing ignore it)
+            const here = new URLSearchParams(window.location.search);
+            const kept = new URLSearchParams();
+            for (const key of ['file', 'compare']) if (here.get(key)) kept.set(key, here.get(key));
+            const q = kept.toString() ? '?' + kept.toString().replace(/%%2F/g, '/') : '';
             return paths.map(p => p + q);
         }
         """ % repr(paths).replace("'", '"'),

@@ -10,6 +10,11 @@ to the clicked one, so both panels look at the same spot of the video. With stor
 (``--save-qkv``) any block is computed exactly; otherwise the nearest sampled footprint of
 the capture is shown.
 
+With a second capture chosen ("compare with"), its two maps are drawn under the first run's
+with the same controls (step, layer, head, method, budget, colour range; its own pair of
+orders); a selection it lacks is said in one line and the first run still shows. Footprints
+and clicks stay with the first run.
+
 Maps and footprints are two callbacks that run side by side; each keeps the key of the view
 on screen, so a change that leaves the heatmaps alone (method, budget) sends only the
 overlay as a Patch, and a click moves the row markers without sending the maps.
@@ -34,6 +39,7 @@ SCALES = ("shared", "per map")
 # the glossary terms of what the maps' and the footprints' axes and colours show (their info icons)
 _MAP_TERMS = ("block_mass", "query_block", "key_block", "mask", "recall", "density")
 _FOOTPRINT_TERMS = ("footprint", "latent_frame", "kept_key_blocks")
+_HIDDEN = {"display": "none"}
 _MASS_FLOOR, _ATTENTION_FLOOR = 1e-6, 1e-8  # the floors of figures.mask_heatmap and figures.footprint_mosaic
 
 
@@ -48,7 +54,7 @@ def order_pair(orders: list[str]) -> tuple[str, str]:
 
 @common.guarded_layout("Masks")
 def layout(**query):
-    page = common.PageContext(PREFIX, query)
+    page = common.PageContext(PREFIX, query, compare=True)
     if page.reader is None:
         return html.Div([html.H2("Masks"), page.header()])
     r, q = page.reader, page.query
@@ -78,6 +84,12 @@ def layout(**query):
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
         html.Div([common.figure_card(f"{PREFIX}-{side}", 520, terms=_MAP_TERMS) for side in _SIDES], className="dfs-row"),
+        html.Div([
+            html.H4(id=f"{PREFIX}-compare-heading"),
+            html.Div(id=f"{PREFIX}-compare-note"),
+            html.Div([common.figure_card(f"{PREFIX}-cmp-{side}", 520, terms=_MAP_TERMS) for side in _SIDES],
+                     className="dfs-row", id=f"{PREFIX}-compare-maps"),
+        ], id=f"{PREFIX}-compare-section", style=None if page.compare_id else _HIDDEN),
         html.P("Click a query block (a row) in either map to see where its attention lands in the video.",
                className="dfs-note"),
         html.Div(id=f"{PREFIX}-fp-banner"),
@@ -277,6 +289,22 @@ def _with_overlay(base: dict, trace: dict, title: str) -> dict:
     return {"data": [*base["data"], trace], "layout": layout}
 
 
+def map_figures(cid: str, step: int, layer: int, head: int, scale: str, method: str, budget: float,
+                orders: list[str], run: str = "") -> list[dict]:
+    """The two maps of one run, whole: the cached block-mass heatmaps (one colour range for
+    both when ``scale`` is "shared") with the mask overlay of :func:`mask_overlay`; ``run``
+    (the capture compared, "" for the first) heads their titles."""
+    bases = [_base_figure(cid, step, layer, head, order) for order in orders]
+    masses = [get_catalog().mass(cid, step, layer, order, head) for order in orders]
+    heat = shared_range(masses, _MASS_FLOOR, "zmin", "zmax") if scale == "shared" else {}
+    figs = []
+    for base, order in zip(bases, orders):
+        trace, title = mask_overlay(mask_view(cid, step, layer, head, order, method, budget), order, method, budget)
+        base = {**base, "data": [{**base["data"][0], **heat}, *base["data"][1:]]}
+        figs.append(_with_overlay(base, trace, f"{run} · {title}" if run else title))
+    return figs
+
+
 def _overlay_patch(index: int, trace: dict, title: str) -> Patch:
     """What :func:`_with_overlay` changes, as a Patch of the figure on screen (its other traces
     are not sent again, and plotly does not redraw them)."""
@@ -300,21 +328,32 @@ def register(app) -> None:
     @common.guarded(4, 2, figures=(0, 1), on_error={3: None})
     def _masks(cid, step, layer, head, scale, method, budget, orders, drawn):
         key = [cid, step, layer, head, scale, method, budget]
-        same_base = drawn is not None and drawn[:5] == key[:5]
-        if not same_base:
-            bases = [_base_figure(cid, step, layer, head, order) for order in orders]
-            masses = [get_catalog().mass(cid, step, layer, order, head) for order in orders]
-            heat = [shared_range(masses, _MASS_FLOOR, "zmin", "zmax")] * 2 if scale == "shared" else [{}, {}]
-        figs = []
-        for i, order in enumerate(orders):
-            trace, title = mask_overlay(mask_view(cid, step, layer, head, order, method, float(budget)), order, method,
-                                        float(budget))
-            if same_base:
-                figs.append(_overlay_patch(1, trace, title))
-            else:
-                base = {**bases[i], "data": [{**bases[i]["data"][0], **heat[i]}, *bases[i]["data"][1:]]}
-                figs.append(_with_overlay(base, trace, title))
-        return figs[0], figs[1], [], key
+        if drawn is None or drawn[:5] != key[:5]:
+            return (*map_figures(cid, step, layer, head, scale, method, float(budget), orders), [], key)
+        patches = [_overlay_patch(1, *mask_overlay(mask_view(cid, step, layer, head, order, method, float(budget)),
+                                                   order, method, float(budget))) for order in orders]
+        return patches[0], patches[1], [], key
+
+    # The second run's maps, under the first's, with the same controls (whole figures: a
+    # comparison is looked at, not tuned, so no Patch path).
+    @app.callback(common.fig_output(f"{PREFIX}-cmp-left"), common.fig_output(f"{PREFIX}-cmp-right"),
+                  Output(f"{PREFIX}-compare-note", "children"), Output(f"{PREFIX}-compare-section", "style"),
+                  Output(f"{PREFIX}-compare-maps", "style"), Output(f"{PREFIX}-compare-heading", "children"),
+                  Input(f"{PREFIX}-compare", "value"), *controls[1:])
+    @common.guarded(6, 2, figures=(0, 1), on_error={3: None, 4: _HIDDEN})
+    def _compare(compare, step, layer, head, scale, method, budget):
+        if not compare:
+            return no_update, no_update, [], _HIDDEN, _HIDDEN, ""
+        reader = get_catalog().reader(compare)
+        heading = f"compared with {compare}"
+        missing = common.lacking(compare, [("step", step, reader.steps), ("layer", layer, reader.layers),
+                                           ("head", head, reader.heads),
+                                           ("method", method, common.method_choices(reader))])
+        if missing:
+            return no_update, no_update, common.banner([missing], "info"), None, _HIDDEN, heading
+        left, right = map_figures(compare, step, layer, head, scale, method, float(budget),
+                                  list(order_pair(reader.orders)), run=compare)
+        return left, right, [], None, None, heading
 
     # The maps and the footprints are computed side by side; once both are drawn, the row whose
     # footprint is shown is marked on each map: in the browser, a Patch of the maps' layout
@@ -380,6 +419,6 @@ def register(app) -> None:
 
     common.register_url_sync(app, PREFIX, [
         ("file", f"{PREFIX}-file", "value"), ("step", f"{PREFIX}-step", "value"), ("layer", f"{PREFIX}-layer", "value"),
-        ("head", f"{PREFIX}-head", "value"), ("method", f"{PREFIX}-method", "value"),
+        ("compare", f"{PREFIX}-compare", "value"), ("head", f"{PREFIX}-head", "value"), ("method", f"{PREFIX}-method", "value"),
         ("budget", f"{PREFIX}-budget", "value"), ("scale", f"{PREFIX}-scale", "value"), ("qorder", f"{PREFIX}-qorder", "data"), ("qb", f"{PREFIX}-qb", "data"),
     ])

@@ -1,6 +1,10 @@
 """Recall: recall against budget per scoring method and token order, with the oracle curve
 (the best any mask of that budget can do) on top, and the budget each curve needs to reach
-a chosen recall."""
+a chosen recall.
+
+With a second capture chosen ("compare with"), both runs' curves share the figure and the
+table, each label headed by its run; what the second run lacks of the selection (step, layer,
+head, orders, methods) is said in one line and the first run's curves still show."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ ALL = "all"
 
 @common.guarded_layout("Recall")
 def layout(**query):
-    page = common.PageContext(PREFIX, query)
+    page = common.PageContext(PREFIX, query, compare=True)
     if page.reader is None:
         return html.Div([html.H2("Recall"), page.header()])
     r, q = page.reader, page.query
@@ -42,6 +46,7 @@ def layout(**query):
         controls,
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
+        html.Div(id=f"{PREFIX}-compare-note"),
         html.Div([common.figure_card(f"{PREFIX}-curves", 520, terms=("gamma", "recall", "oracle_recall"))], className="dfs-row"),
         html.H4("budget needed for the target recall"),
         html.Div(id=f"{PREFIX}-table"),
@@ -81,19 +86,48 @@ def curves(cid: str, step: int, layer, head, orders: list[str], methods: list[st
     return out, oracle
 
 
+def _with_compared(cid: str, compare: str, found: dict, oracle: dict, step: int, layer, head, orders, methods):
+    """The first run's curves and the second run's, each label headed by its run, and the line
+    saying what of the selection the second run lacks ("" when nothing): (curves, oracle, note).
+    The second run draws the orders and methods it holds; nothing when it lacks the step, the
+    layer or the head, or holds none of the orders or methods."""
+    reader = get_catalog().reader(compare)
+    where = [("step", step, reader.steps)]
+    where += [] if layer == ALL else [("layer", int(layer), reader.layers)]
+    where += [] if head == ALL else [("head", int(head), reader.heads)]
+    which = [("order", o, reader.orders) for o in orders] + [("method", m, reader.methods) for m in methods]
+    held_orders = [o for o in orders if o in reader.orders]
+    held_methods = [m for m in methods if m in reader.methods]
+    if common.lacking(compare, where) or not held_orders or not held_methods:
+        second, second_oracle, note = {}, {}, common.lacking(compare, where + which)
+    else:
+        second, second_oracle = curves(compare, step, layer, head, held_orders, held_methods)
+        note = common.lacking(compare, which, drawn="its other curves are drawn")
+
+    def runs(first: dict, other: dict) -> dict:
+        return {**{f"{cid} · {k}": v for k, v in first.items()}, **{f"{compare} · {k}": v for k, v in other.items()}}
+
+    return runs(found, second), runs(oracle, second_oracle), note
+
+
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=2)
-    ids = ("file", "step", "layer", "head", "orders", "methods", "target")
+    ids = ("file", "compare", "step", "layer", "head", "orders", "methods", "target")
 
     @app.callback(common.fig_output(f"{PREFIX}-curves"), Output(f"{PREFIX}-table", "children"),
-                  Output(f"{PREFIX}-banner", "children"), *[Input(f"{PREFIX}-{c}", "value") for c in ids])
-    @common.guarded(3, 2, figures=(0,))
-    def _curves(cid, step, layer, head, orders, methods, target):
+                  Output(f"{PREFIX}-banner", "children"), Output(f"{PREFIX}-compare-note", "children"),
+                  *[Input(f"{PREFIX}-{c}", "value") for c in ids])
+    @common.guarded(4, 2, figures=(0,), on_error={3: []})
+    def _curves(cid, compare, step, layer, head, orders, methods, target):
         from dfsviz.figures import recall_budget
 
         if not orders or not methods:
             raise ValueError("pick at least one order and one method")
         found, oracle = curves(cid, step, layer, head, list(orders), list(methods))
+        note = []
+        if compare:
+            found, oracle, missing = _with_compared(cid, compare, found, oracle, step, layer, head, orders, methods)
+            note = common.banner([missing], "info") if missing else []
         where = f"step {step} · layer {layer} · head {head}"
         fig = recall_budget(found, oracle, targets=(float(target),), title=f"Recall against budget · {where}")
         rows = []
@@ -103,6 +137,6 @@ def register(app) -> None:
             rows.append((label, need, float(mean.density_at(need)), float(mean.at(0.1)), float(mean.at(0.2))))
         tab = common.table(rows, ["curve", f"budget γ for R ≥ {float(target):g}", "density ρ there", "R at γ = 0.1",
                                   "R at γ = 0.2"], id=f"{PREFIX}-needed")
-        return fig, tab, []
+        return fig, tab, [], note
 
     common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])
