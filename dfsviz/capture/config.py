@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dfsviz.capture.schema import MAX_INDEX
+from dfsviz.sparse._validate import check_block, check_int, check_power_of_two
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = ["CaptureConfig", "default_capture_steps", "BRANCHES", "MAX_SEED"]
@@ -44,12 +45,6 @@ def _int_tuple(value, name: str, low: int = 0) -> tuple[int, ...] | None:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _check_int(value, name: str, low: int, hint: str = "", high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise ValueError(f"`{name}` must be {allowed} (got {_short(value)}){hint}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +131,6 @@ class CaptureConfig:
     kernel_backend: str | None = None
 
     def __post_init__(self) -> None:
-        from dfsviz.sparse._validate import check_power_of_two
         from dfsviz.sparse.orders import order_names
         from dfsviz.sparse.scoring import scorer_names
 
@@ -155,7 +149,7 @@ class CaptureConfig:
                     "the file does not exist"
                 )
         if self.num_steps is not None:
-            _check_int(self.num_steps, "num_steps", 1, "; 50 is the usual schedule", high=MAX_INDEX)
+            check_int(self.num_steps, "num_steps", 1, "50 is the usual schedule", high=MAX_INDEX)
         object.__setattr__(self, "capture_steps", _int_tuple(self.capture_steps, "capture_steps"))
         if self.num_steps is not None and self.capture_steps and max(self.capture_steps) >= self.num_steps:
             raise ValueError(
@@ -165,11 +159,11 @@ class CaptureConfig:
         object.__setattr__(self, "heads", _int_tuple(self.heads, "heads"))
         for name in ("height", "width", "frames"):
             if getattr(self, name) is not None:
-                _check_int(getattr(self, name), name, 1, " pixels/frames", high=MAX_INDEX)
+                check_int(getattr(self, name), name, 1, "a video size in pixels or frames", high=MAX_INDEX)
         if self.latent is not None:
             LatentGrid.parse(self.latent)  # raises with the expected format
         self._check_generic_grid()
-        _check_int(self.seed, "seed", 0, "; seeds are stored as 64-bit signed integers", high=MAX_SEED)
+        check_int(self.seed, "seed", 0, "seeds are stored as 64-bit signed integers", high=MAX_SEED)
         if self.guidance_scale is not None and (
             isinstance(self.guidance_scale, bool)
             or not isinstance(self.guidance_scale, (int, float))
@@ -191,10 +185,10 @@ class CaptureConfig:
             if bad:
                 raise ValueError(f"`{name}` has unknown entries {bad}; choose from {allowed}")
             object.__setattr__(self, name, tuple(value))
-        check_power_of_two(self.block, "block", 16, 256)
+        check_block(self.block)
         check_power_of_two(self.tile, "tile", 4, self.block)
         check_power_of_two(self.stride, "stride", 2, self.block)
-        _check_int(self.footprints, "footprints", 0, "; query blocks per head, 0 = none")
+        check_int(self.footprints, "footprints", 0, "query blocks per head, 0 = none")
         save_qkv = () if not self.save_qkv else _int_tuple(self.save_qkv, "save_qkv")
         object.__setattr__(self, "save_qkv", save_qkv)
         if self.layers is not None and set(save_qkv) - set(self.layers):
@@ -234,7 +228,7 @@ class CaptureConfig:
                 "the registry turns into a grid)"
             )
         if self.text_len is not None:
-            _check_int(self.text_len, "text_len", 0, "; text tokens in the self-attention sequence", high=MAX_INDEX)
+            check_int(self.text_len, "text_len", 0, "text tokens in the self-attention sequence", high=MAX_INDEX)
         if self.text_first is not None and not isinstance(self.text_first, bool):
             raise TypeError(f"`text_first` must be a bool or None (got {type(self.text_first).__name__})")
         if self.text_first and not self.text_len:

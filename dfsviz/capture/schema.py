@@ -278,7 +278,7 @@ class StoreLayout:
         Raises ValueError naming the first attribute that is missing, of the wrong type or out
         of range, as a crafted or damaged file may have them.
         """
-        from dfsviz.sparse._validate import check_power_of_two
+        from dfsviz.sparse._validate import check_block
         from dfsviz.sparse.orders import order_names
         from dfsviz.sparse.scoring import scorer_names
 
@@ -294,7 +294,7 @@ class StoreLayout:
             raise ValueError(f"root attributes describe {grid.num_tokens} tokens, more than dfsviz reads ({MAX_TOKENS})")
         block = read.int("block", 1)
         try:
-            check_power_of_two(block, "block", 16, 256)
+            check_block(block)
         except ValueError as exc:
             raise ValueError(f"root attribute {str(exc).replace('`block`', repr('block'), 1)}") from None
         qkv_steps = read.ints("qkv_steps", ascending=True) if "qkv_steps" in attrs else None

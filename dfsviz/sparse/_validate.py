@@ -29,11 +29,14 @@ def check_block(block: object) -> int:
         raise ValueError(f"{err}; DFSAttn uses 128") from None
 
 
-def check_int(value: object, name: str, low: int, hint: str = "") -> int:
-    """Return ``value`` if it is an integer >= ``low`` (a bool is not), else raise ValueError
-    ending in ``hint`` (what the value means, e.g. "dense warm-up steps, e.g. 12")."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low} (got {value!r})" + (f"; {hint}" if hint else ""))
+def check_int(value: object, name: str, low: int, hint: str = "", high: int | None = None) -> int:
+    """Return ``value`` if it is an integer in [``low``, ``high``] (a bool is not; no ``high``:
+    no upper bound), else raise ValueError ending in ``hint`` (what the value means, e.g.
+    "dense warm-up steps, e.g. 12")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ValueError(f"`{name}` must be {allowed} (got {shown})" + (f"; {hint}" if hint else ""))
     return value
 
 
