@@ -1,5 +1,5 @@
 """Fixtures of the dashboard tests: a small real capture (tiny random-weight Wan model run
-through ``dfsviz.capture.runner.run_capture``), damaged copies of it, and the app served
+through ``dfsviz.capture.run_capture``), damaged copies of it, and the app served
 over a capture root holding them."""
 
 from __future__ import annotations
@@ -22,10 +22,18 @@ CAPTURE = dict(embeddings="random", num_steps=4, capture_steps=(0, 2, 3), latent
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "app"
 
+# Browser assertions wait for their condition; on a loaded 2-core machine a page whose callbacks
+# compute (Calibrate, Recall with every layer) can take longer than Playwright's 5 s default to
+# show it, so every `expect` waits up to 60 s (it returns as soon as the condition holds).
+with contextlib.suppress(ImportError):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)
+
 
 def make_capture(out: Path, model_dir: Path, **overrides) -> Path:
     """Run a real capture of the tiny model into ``out`` and return the path."""
-    from dfsviz.capture.runner import CaptureConfig, run_capture
+    from dfsviz.capture import CaptureConfig, run_capture
 
     cfg = CaptureConfig(out=str(out), model=str(model_dir), **{**CAPTURE, **overrides})
     run_capture(cfg, progress=False)
