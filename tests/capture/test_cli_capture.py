@@ -124,3 +124,32 @@ def test_dry_run_defaults_to_the_embedded_model(tmp_path):
     assert info["model"].startswith("dfsviz-embedded:") and info["architecture"] == "WanTransformer3DModel"
     f, h, w = json.loads((default_model_dir() / "dfsviz_model.json").read_text())["token_grid"]
     assert info["grid"] == f"f{f}h{h}w{w}" and info["tokens"] == f * h * w and info["blocks"] == -(-f * h * w // 128)
+
+
+def test_every_capture_setting_has_an_option_with_its_default():
+    """The options of `dfsviz capture` are checked against CaptureConfig's fields: a setting added
+    to the config without an option (or with another default) fails here."""
+    import dataclasses
+
+    from dfsviz.capture.config import CaptureConfig
+
+    import click
+
+    command = main.commands["capture"]
+    context = click.Context(command)
+    params = {p.name: p for p in command.params}
+    # the options that parse a spec into the field's value ("0,3,5-7", "raster,hilbert3d")
+    spec_of = {"orders": "orders_spec", "methods": "methods_spec"}
+    for field in dataclasses.fields(CaptureConfig):
+        param = params.get(spec_of.get(field.name, field.name))
+        assert param is not None, f"CaptureConfig.{field.name} has no `dfsviz capture` option"
+        default = param.get_default(context)
+        if field.name in spec_of:
+            default = tuple(default.split(","))
+        elif field.name in ("capture_steps", "layers", "heads", "qkv_steps"):
+            default = parse_int_list(default, field.name)
+        elif field.name == "save_qkv":
+            default = parse_int_list(default, field.name) or ()
+        if field.default is dataclasses.MISSING or field.name in ("prompt", "seed", "text_first"):
+            continue  # required (--out), or None on the command line for "not given"
+        assert default == field.default, (field.name, default, field.default)
