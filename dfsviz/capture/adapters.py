@@ -4,9 +4,9 @@ registry (:mod:`dfsviz.architectures`).
 An adapter maps pipeline settings to the token grid of the self-attention sequence,
 picks the self-attention modules and numbers them, drives one forward pass of the
 transformer with precomputed conditioning, and says which tokens of a captured
-SDPA call are real (HunyuanVideo pads its text and masks the padding). One adapter per
-registry entry (``ADAPTERS``), plus :class:`GenericAdapter` for a class the registry does not
-describe, given its token grid (``--grid``, ``--text-len``, ``--text-first``).
+SDPA call are real (HunyuanVideo pads its text and masks the padding). One
+:class:`ModelAdapter` per registry entry (``ADAPTERS``), plus :class:`GenericAdapter` for a class
+the registry does not describe, given its token grid (``--grid``, ``--text-len``, ``--text-first``).
 """
 
 from __future__ import annotations
@@ -85,7 +85,6 @@ class ModelAdapter:
     Attributes:
         arch: the entry.
         name: registry key ("wan", ...).
-        classes: diffusers transformer class names this adapter drives.
         vae_spatial, vae_temporal: the VAE compression of the family's usual pipeline
             (pixels per latent cell); a loaded pipeline's VAE config overrides them.
     """
@@ -93,7 +92,6 @@ class ModelAdapter:
     def __init__(self, arch: Architecture) -> None:
         self.arch = arch
         self.name = arch.name
-        self.classes = arch.classes
         self.vae_spatial = arch.vae_spatial
         self.vae_temporal = arch.vae_temporal
 
@@ -117,9 +115,6 @@ class ModelAdapter:
     def token_grid(self, config, latent: tuple[int, int, int], text_len: int = 0) -> LatentGrid:
         """The self-attention token grid of a latent (F, H, W) with ``text_len`` real text tokens."""
         return self.arch.token_grid(config, latent, text_len)
-
-    def latent_channels(self, config) -> int:
-        return int(config.in_channels)
 
     def make_latents(self, latent: tuple[int, int, int], config, generator, device, dtype) -> torch.Tensor:
         """Gaussian latents in the model's layout, float32 (the loop keeps latents in float32)."""
@@ -175,6 +170,8 @@ class ModelAdapter:
         return row.nonzero().squeeze(1)
 
 
+# Named adapters of three entries, for code that subclasses one (``ADAPTERS`` holds plain
+# ModelAdapters of every entry).
 class WanAdapter(ModelAdapter):
     """Wan 2.1 / 2.2, SkyReels-V2, ChronoEdit (registry entry "wan")."""
 
@@ -219,9 +216,6 @@ class GenericAdapter(ModelAdapter):
     def __init__(self, grid: str | None = None, text_len: int = 0, text_first: bool = False,
                  patch: tuple[int, int, int] = (1, 1, 1)) -> None:
         self.name = "generic"
-        self.classes = ()
-        self.vae_spatial = 8
-        self.vae_temporal = 4
         self.grid = None if grid is None else LatentGrid.parse(grid, text_len, text_first and text_len > 0)
         self.patch_size = patch
         self.arch = None
@@ -302,11 +296,8 @@ class GenericAdapter(ModelAdapter):
         return out[0]
 
 
-ADAPTERS: dict[str, ModelAdapter] = {
-    **{a.name: a for a in (WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter())},
-    **{arch.name: ModelAdapter(arch) for arch in ARCHITECTURES if arch.name not in ("wan", "hunyuanvideo", "cogvideox")},
-    "generic": GenericAdapter(),
-}
+ADAPTERS: dict[str, ModelAdapter] = {**{arch.name: ModelAdapter(arch) for arch in ARCHITECTURES},
+                                     "generic": GenericAdapter()}
 
 
 def adapter_names() -> list[str]:

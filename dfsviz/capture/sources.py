@@ -82,12 +82,16 @@ def _read_json(path: Path) -> dict:
         return json.load(fh)
 
 
-def _vae_factors(cfg: dict, adapter: ModelAdapter) -> tuple[int, int]:
+def _vae_factors(cfg: dict, adapter: ModelAdapter) -> dict[str, int]:
+    """``vae_spatial`` / ``vae_temporal`` of a pipeline folder's VAE config, else of the adapter's
+    family; the generic entry (its grid is given) has none, so ModelSource's defaults stay."""
     spatial = cfg.get("scale_factor_spatial") or cfg.get("spatial_compression_ratio")
     if spatial is None and cfg.get("block_out_channels"):
         spatial = 2 ** (len(cfg["block_out_channels"]) - 1)
     temporal = cfg.get("scale_factor_temporal") or cfg.get("temporal_compression_ratio")
-    return int(spatial or adapter.vae_spatial), int(temporal or adapter.vae_temporal)
+    if adapter.arch is not None:
+        spatial, temporal = spatial or adapter.vae_spatial, temporal or adapter.vae_temporal
+    return {name: int(value) for name, value in (("vae_spatial", spatial), ("vae_temporal", temporal)) if value}
 
 
 def _transformer_class(name: str, config: CaptureConfig, patch: tuple[int, int, int]):
@@ -218,14 +222,12 @@ def load_model_source(config: CaptureConfig, *, load_weights: bool = True) -> Mo
         if scfg is not None and hasattr(diffusers, scfg.get("_class_name", "")):
             scheduler = getattr(diffusers, scfg["_class_name"]).from_config(scfg)
         vae = load_config("vae")
-    spatial, temporal = _vae_factors(vae or {}, adapter)
     return ModelSource(
         transformer=transformer,
         adapter=adapter,
         scheduler=scheduler or _default_scheduler(adapter),
         model_id=config.model,
-        vae_spatial=spatial,
-        vae_temporal=temporal,
+        **_vae_factors(vae or {}, adapter),
         # the generic entry's grid is given (--grid), so it needs no default video size
         **({"default_size": adapter.arch.default_size} if adapter.arch is not None else {}),
     )
