@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from dfsviz.accel.plan import CalibratedPlan
 from dfsviz.kernels._dispatch import BACKENDS
-from dfsviz.sparse._validate import check_power_of_two
+from dfsviz.sparse._validate import check_block, check_power_of_two
 from dfsviz.sparse.orders import order_names
 from dfsviz.sparse.schedule import DFSSchedule
 from dfsviz.sparse.scoring import scorer_names
@@ -97,7 +97,7 @@ class DFSConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.order, str) or self.order not in order_names():
             raise ValueError(f"`order` must be one of {order_names()} (got {self.order!r}); DFSAttn uses 'hilbert3d'")
-        check_power_of_two(self.block, "block", 16, 256)
+        check_block(self.block)
         check_power_of_two(self.tile, "tile", 1, 256)
         if self.tile > self.block:
             raise ValueError(

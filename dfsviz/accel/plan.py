@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dfsviz.sparse._validate import check_power_of_two
+from dfsviz.sparse._validate import check_block, check_power_of_two
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.orders import order_names
@@ -268,7 +268,7 @@ class CalibratedPlan:
             raise TypeError(f"`model` must be a ModelIdentity (got {type(self.model).__name__})")
         if not isinstance(self.grid, LatentGrid):
             raise TypeError(f"`grid` must be a LatentGrid (got {type(self.grid).__name__})")
-        check_power_of_two(self.block, "block", 16, 256)
+        check_block(self.block)
         if self.order not in order_names():
             raise ValueError(f"`order` must be one of {order_names()} (got {self.order!r})")
         if self.method not in scorer_names():
