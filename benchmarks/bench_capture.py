@@ -136,7 +136,7 @@ def breakdown_step(source, out: Path, backend: str | None = None) -> dict:
     and elsewhere (the model's forwards, hooks, scheduler), from a run with timers that
     synchronise CUDA at their entry and exit."""
     from dfsviz.capture.reduce import AttentionReducer
-    from dfsviz.capture.store import CaptureWriter
+    from dfsviz.capture.writer import CaptureWriter
 
     spent = {"reducer": 0.0, "end_step_drain": 0.0}
 

@@ -76,7 +76,7 @@ from dfsviz.accel.plan import CalibratedPlan, gamma_for_count
 from dfsviz.analysis.calibrate import DEFAULT_REFRESH_COST, Calibration, CalibrationConfig, calibrate
 from dfsviz.analysis.curves import recall_curve
 from dfsviz.capture import CaptureConfig, load_model_source, run_capture
-from dfsviz.capture.store import open_capture
+from dfsviz.capture.reader import open_capture
 from dfsviz.kernels._dispatch import resolve_backend
 from dfsviz.models.sampler import load_embedded_model, sample_videos
 from dfsviz.sparse.schedule import DFSSchedule

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from dfsviz.accel import DFSConfig, apply_dfsattn, remove_dfsattn  # noqa: F401
     from dfsviz.capture.record import record  # noqa: F401
     from dfsviz.capture.runset import open_run_set  # noqa: F401
-    from dfsviz.capture.store import CaptureReader
+    from dfsviz.analysis.measured_capture import MeasuredCapture
 
 __all__ = ["DFSConfig", "__version__", "apply_dfsattn", "open", "open_run_set", "record", "remove_dfsattn",
            "sample_capture"]
@@ -32,13 +32,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dfsviz' has no attribute {name!r}")
 
 
-def open(path: str | os.PathLike) -> "CaptureReader":  # noqa: A001 - `dfsviz.open(path)` is the documented entry point
-    """Open a capture file read-only: ``dfsviz.open("run.h5")`` -> CaptureReader.
+def open(path: str | os.PathLike) -> "MeasuredCapture":  # noqa: A001 - `dfsviz.open(path)` is the documented entry point
+    """Open a capture file read-only: ``dfsviz.open("run.h5")`` -> MeasuredCapture.
 
-    The reader gives block statistics, scores, footprints and Q/K/V by (step, layer,
-    order, head), and masks, recall and density at any budget; see docs/format.md.
+    It gives block statistics, scores, footprints and Q/K/V by (step, layer, order, head)
+    (the capture's reader), and masks, recall and density at any budget; see docs/format.md.
     Imported lazily so ``import dfsviz`` stays light.
     """
-    from dfsviz.capture.store import open_capture
+    from dfsviz.analysis.measured_capture import MeasuredCapture
 
-    return open_capture(path)
+    return MeasuredCapture(path)

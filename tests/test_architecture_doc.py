@@ -146,7 +146,7 @@ def test_the_checkers_see_what_is_there_and_what_is_not():
     assert layer_of("dfsviz.kernels._jit.attention", table) == 3
     assert layer_of("dfsviz.kernels.fp8", table) == 2
     assert layer_of("dfsviz", table) == 5
-    assert layer_of("dfsviz.capture.store", table) is None
+    assert layer_of("dfsviz.capture.reader", table) is None
 
 
 def test_imports_in_reads_every_kind_of_import():
@@ -156,12 +156,12 @@ def test_imports_in_reads_every_kind_of_import():
         "from dfsviz import __version__\n"
         "def f():\n    import dfsviz.kernels._dispatch\n"
         "from typing import TYPE_CHECKING\n"
-        "if TYPE_CHECKING:\n    from dfsviz.capture.store import CaptureReader\n"
+        "if TYPE_CHECKING:\n    from dfsviz.capture.reader import CaptureReader\n"
         "from .orders import ORDERS\n"
         "from . import grid\n"
     )
     assert imports_in(source, "dfsviz.sparse.masks") == {
-        "dfsviz.figures", "dfsviz", "dfsviz.kernels._dispatch", "dfsviz.capture.store",
+        "dfsviz.figures", "dfsviz", "dfsviz.kernels._dispatch", "dfsviz.capture.reader",
         "dfsviz.sparse.orders", "dfsviz.sparse.grid",
     }
     assert imports_in("from .scoring import SCORERS\n", "dfsviz.sparse", is_package=True) == {"dfsviz.sparse.scoring"}

@@ -22,7 +22,7 @@ def test_public_names_resolve():
     from dfsviz.accel import DFSConfig, apply_dfsattn, remove_dfsattn
     from dfsviz.capture.record import record
     from dfsviz.capture.runset import open_run_set
-    from dfsviz.capture.store import open_capture  # noqa: F401
+    from dfsviz.capture.reader import open_capture  # noqa: F401
 
     assert (dfsviz.apply_dfsattn, dfsviz.remove_dfsattn, dfsviz.DFSConfig) == (apply_dfsattn, remove_dfsattn, DFSConfig)
     assert dfsviz.open_run_set is open_run_set

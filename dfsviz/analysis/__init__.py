@@ -3,7 +3,8 @@ schedule, factor summaries and the recall bounds, token-model sweeps, and the cl
 :func:`measure_topk` is the one recall pipeline they all use.
 
 Everything here works on tensors (block statistics, scores, masks) or on a capture opened
-with ``dfsviz.open``; figures come from :mod:`dfsviz.figures`.
+with ``dfsviz.open`` (a :class:`MeasuredCapture`: the capture's reader plus masks, recall and
+density); figures come from :mod:`dfsviz.figures`.
 """
 
 from dfsviz.analysis.curves import DEFAULT_BUDGETS, DEFAULT_TARGETS, RecallCurve, oracle_curve, recall_curve, stack_curves
@@ -24,6 +25,7 @@ from dfsviz.analysis.factors import (
     order_change,
     variance_rows,
 )
+from dfsviz.analysis.measured_capture import MeasuredCapture
 from dfsviz.analysis.measures import ORACLE, OrderMeasures, TopkMeasure, measure_orders, measure_topk
 from dfsviz.analysis.report import ClaimsReport, ReportConfig, build_report, default_schedule
 from dfsviz.analysis.sweeps import (
@@ -45,6 +47,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "DEFAULT_TARGETS",
     "HEAD_FACTORS",
+    "MeasuredCapture",
     "ORACLE",
     "OrderMeasures",
     "SWEEP_PARAMETERS",

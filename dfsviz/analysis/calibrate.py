@@ -610,7 +610,7 @@ def _drift_at_budgets(readers: list, order: str, method: str, branch: str, best:
 
 def _open(captures, allow_incomplete: bool) -> tuple[list, list]:
     from dfsviz.capture.runset import open_run_set
-    from dfsviz.capture.store import CaptureReader, open_capture
+    from dfsviz.capture.reader import CaptureReader, open_capture
 
     if isinstance(captures, (str, os.PathLike, CaptureReader)):
         captures = [captures]

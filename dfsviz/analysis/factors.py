@@ -246,7 +246,7 @@ def factor_rows(stats: BlockStats, mask: BlockMask, **keys: object) -> FactorTab
     Returns:
         FactorTable with ``KEY_COLUMNS`` and ``BLOCK_FACTORS`` columns, B * H * Mq rows.
     """
-    from dfsviz.capture.store import StoredStats
+    from dfsviz.capture.reader import StoredStats
 
     if isinstance(stats, StoredStats):
         stats = stats.to_block_stats()

@@ -830,7 +830,7 @@ def build_report(capture, config: ReportConfig | None = None) -> ClaimsReport:
     Raises ValueError when the file fails ``CaptureReader.validate()`` (a report of damaged
     maps would be wrong): the message names the first problems.
     """
-    from dfsviz.capture.store import CaptureReader, open_capture
+    from dfsviz.capture.reader import CaptureReader, open_capture
 
     config = ReportConfig() if config is None else config
     if not isinstance(config, ReportConfig):

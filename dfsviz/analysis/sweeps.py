@@ -241,7 +241,7 @@ def write_token_model_capture(
     delta[0] + (delta[1] - delta[0]) * t / (num_steps - 1), so the block masses sharpen over
     the steps while the layout and the class centres stay fixed (masks drift smoothly).
     Statistics, scores, variance ratios and footprints are computed with the PyTorch
-    references and written with :class:`dfsviz.capture.store.CaptureWriter`.
+    references and written with :class:`dfsviz.capture.writer.CaptureWriter`.
 
     Args:
         path: output .h5 file.
@@ -258,7 +258,8 @@ def write_token_model_capture(
         ``path`` as a str; open it with ``dfsviz.open``.
     """
     from dfsviz.sparse.footprints import block_footprints, sample_query_blocks
-    from dfsviz.capture.store import CaptureWriter, StoreLayout
+    from dfsviz.capture.schema import StoreLayout
+    from dfsviz.capture.writer import CaptureWriter
 
     if not isinstance(base, TokenModelConfig):
         raise TypeError(f"`base` must be a TokenModelConfig (got {type(base).__name__})")

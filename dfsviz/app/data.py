@@ -8,7 +8,7 @@ A :class:`CaptureCatalog` serves the capture files under one or more root folder
   however many requests ask at once, and a file that fails it is never read for a view;
 * it refuses any path that does not resolve (symlinks followed) to a file inside a root,
   so a crafted URL (``?file=../../etc/passwd``) reads nothing;
-* it opens files read-only through :class:`dfsviz.capture.store.CaptureReader`, keeps an
+* it opens files read-only through :class:`dfsviz.capture.reader.CaptureReader`, keeps an
   LRU of open readers, and memoises map reads (an LRU bounded in bytes) keyed by the file's
   path, size and mtime, so a rewritten file is never served stale;
 * it memoises calibrations (:meth:`CaptureCatalog.calibration`) per file version and settings;
@@ -251,7 +251,7 @@ class CaptureCatalog:
     # -- readers ---------------------------------------------------------------------------
     def _open(self, capture_id: str, path: Path, stamp: tuple):
         """The cached open reader of one file version; CaptureError when it cannot be opened."""
-        from dfsviz.capture.store import CaptureReader
+        from dfsviz.capture.reader import CaptureReader
 
         def open_reader():
             try:
@@ -271,7 +271,7 @@ class CaptureCatalog:
         return stamp, self._open(capture_id, path, stamp)
 
     def reader(self, capture_id: str):
-        """The cached open :class:`~dfsviz.capture.store.CaptureReader` of ``capture_id``.
+        """The cached open :class:`~dfsviz.capture.reader.CaptureReader` of ``capture_id``.
 
         Raises CaptureError for an id that is refused, a file that cannot be opened and a
         file that is not usable (see :meth:`entry`).

@@ -9,8 +9,8 @@
   (``with dfsviz.record(pipe, "run.h5"): pipe(...)``).
 * :func:`capture_run_set` / :class:`RunSetConfig` / :func:`open_run_set` (runset): several
   clips (prompts x seeds) in one command, one capture file each, in a run-set directory.
-* :class:`CaptureWriter` / :class:`CaptureReader` / :func:`open_capture` (store): the file
-  format, version :data:`FORMAT_VERSION` (``docs/format.md``).
+* :class:`CaptureWriter` (writer) / :class:`CaptureReader`, :func:`open_capture` (reader): the
+  file format, version :data:`FORMAT_VERSION` (schema, ``docs/format.md``).
 """
 
 from dfsviz.capture.adapters import (
@@ -42,14 +42,9 @@ from dfsviz.capture.runset import (
     open_run_set,
     read_prompts,
 )
-from dfsviz.capture.store import (
-    FORMAT_VERSION,
-    CaptureReader,
-    CaptureWriter,
-    StoredStats,
-    StoreLayout,
-    open_capture,
-)
+from dfsviz.capture.reader import CaptureReader, StoredStats, open_capture
+from dfsviz.capture.schema import FORMAT_VERSION, StoreLayout
+from dfsviz.capture.writer import CaptureWriter
 
 __all__ = [
     "ADAPTERS",

@@ -43,6 +43,7 @@ from dfsviz.capture.adapters import Conditioning, adapter_for
 from dfsviz.capture.config import CaptureConfig
 from dfsviz.capture.file_safety import CaptureLock
 from dfsviz.capture.hooks import AttentionCapture
+from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.reduce import AttentionReducer
 from dfsviz.capture.resolve import (
     ResolvedCapture,
@@ -55,7 +56,7 @@ from dfsviz.capture.resolve import (
 )
 from dfsviz.capture.runner import CaptureResult
 from dfsviz.capture.sources import ModelSource
-from dfsviz.capture.store import CaptureReader, CaptureWriter
+from dfsviz.capture.writer import CaptureWriter
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = ["Recording", "capture_pipeline", "is_pipeline", "record"]

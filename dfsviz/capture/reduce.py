@@ -11,7 +11,7 @@ import torch
 
 from dfsviz.capture.hooks import AttentionRecord
 from dfsviz.capture.resolve import ResolvedCapture
-from dfsviz.capture.store import CaptureWriter
+from dfsviz.capture.writer import CaptureWriter
 from dfsviz.kernels.block_scores import block_scores
 from dfsviz.kernels.block_stats import block_stats
 from dfsviz.sparse.footprints import block_footprints, sample_query_blocks

@@ -34,10 +34,11 @@ from dfsviz.capture.adapters import input_dtype
 from dfsviz.capture.config import CaptureConfig
 from dfsviz.capture.file_safety import CaptureLock
 from dfsviz.capture.hooks import AttentionCapture
+from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.reduce import AttentionReducer
 from dfsviz.capture.resolve import pipeline_rules, resolve_capture, run_identity, weights_fingerprint
 from dfsviz.capture.sources import ModelSource
-from dfsviz.capture.store import CaptureReader, CaptureWriter
+from dfsviz.capture.writer import CaptureWriter
 
 __all__ = ["CaptureResult", "run_capture"]
 

@@ -1,7 +1,7 @@
 """The capture file's schema (format version 1): names, dims, dtypes, root attributes.
 
 This module alone says what a capture file holds; ``docs/format.md`` documents it for
-people. The writer (:mod:`dfsviz.capture.store`) builds files from it and the reader checks
+people. The writer (:mod:`dfsviz.capture.writer`) builds files from it and the reader checks
 files against it (:mod:`dfsviz.capture.validation`), so a file that does not match is refused
 with one line naming what is wrong.
 """

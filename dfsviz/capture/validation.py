@@ -1,6 +1,6 @@
 """Checks of a capture file against its schema: structure when it is opened, content on demand.
 
-* :func:`check_structure` (every :class:`~dfsviz.capture.store.CaptureReader`, metadata only):
+* :func:`check_structure` (every :class:`~dfsviz.capture.reader.CaptureReader`, metadata only):
   only hard links; no external raw storage; virtual datasets only over files in the capture's
   own directory; only the filters dfsviz writes; every dataset of every completed step, the
   coordinates and the permutations present with the layout's shape, dtype and dims; a clip

@@ -53,8 +53,8 @@ def fail_cleanly(func):
 
 
 def _abandoned_captures() -> list[str]:
-    store = sys.modules.get("dfsviz.capture.store")  # never imported just to ask
-    return store.abandoned_files() if store is not None else []
+    writer = sys.modules.get("dfsviz.capture.writer")  # never imported just to ask
+    return writer.abandoned_files() if writer is not None else []
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

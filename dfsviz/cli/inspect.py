@@ -29,7 +29,7 @@ def inspect_command(path: str, as_json: bool) -> None:
     damaged or crafted structure) or a value fails validation (block-mass rows that do not
     sum to 1, non-finite statistics, ...); each problem is one line.
     """
-    from dfsviz.capture.store import CaptureReader
+    from dfsviz.capture.reader import CaptureReader
 
     with CaptureReader(path) as reader:
         info = {k: _plain(v) for k, v in reader.summary().items()}

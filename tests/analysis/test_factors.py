@@ -17,7 +17,7 @@ from dfsviz.analysis.factors import (
     order_change,
     variance_rows,
 )
-from dfsviz.capture.store import StoredStats
+from dfsviz.capture.reader import StoredStats
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.orders import make_order

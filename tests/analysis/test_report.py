@@ -22,7 +22,7 @@ from dfsviz.analysis.report import ClaimsReport, ReportConfig, build_report, def
 import dfsviz
 from dfsviz.analysis.sweeps import write_token_model_capture
 from dfsviz.capture import CaptureWriter, open_capture
-from dfsviz.capture.store import step_key
+from dfsviz.capture.schema import step_key
 from dfsviz.cli import main
 from dfsviz.figures import FACTOR_LABELS
 from dfsviz.sparse.grid import LatentGrid
@@ -64,7 +64,7 @@ def test_report_on_a_real_model_capture(tiny_capture):
     """The capture runner's file of a (random-weight) diffusers Wan model: every claim computes."""
     report = build_report(tiny_capture)
     data = report.data
-    with open_capture(tiny_capture) as r:
+    with dfsviz.open(tiny_capture) as r:
         rows = len(r.orders) * len(r.methods) * 3 * len(r.steps) * len(r.layers) * len(r.heads) * r.layout.num_blocks
         assert data["violations"]["rows"] == rows and report.violations == 0
         assert data["bound1"]["violations"] == 0 and data["bound1"]["layers"] == [1]
@@ -78,7 +78,7 @@ def test_report_on_a_real_model_capture(tiny_capture):
 
 def test_recall_table_matches_the_reader(token_capture, built):
     """Recall, density and oracle gap per (method, order, budget) from select_topk + block_recall."""
-    with open_capture(token_capture) as r:
+    with dfsviz.open(token_capture) as r:
         n, b, mk = r.grid.num_tokens, r.block, r.layout.num_blocks
         cells = [(s, l) for s in r.steps for l in r.layers]
         for row in built.data["recall"]:
@@ -391,7 +391,9 @@ def reference_module():
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     try:
-        exec(compile(shown.stdout, f"{_REFERENCE_COMMIT[:7]}:dfsviz/analysis/report.py", "exec"), module.__dict__)
+        # the reference opened captures through dfsviz.capture.store, since split into writer and reader
+        source = shown.stdout.replace("from dfsviz.capture.store import", "from dfsviz.capture.reader import")
+        exec(compile(source, f"{_REFERENCE_COMMIT[:7]}:dfsviz/analysis/report.py", "exec"), module.__dict__)
     finally:
         del sys.modules[name]
     return module

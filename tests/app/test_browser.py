@@ -203,7 +203,7 @@ def test_bad_files_give_banners_and_the_rest_stays_usable(page, app_url, capture
 
 
 def test_csv_download_holds_the_plotted_block_mass_and_the_mask(page, app_url, capture_root, console):
-    from dfsviz.capture.store import CaptureReader
+    from dfsviz.capture.reader import CaptureReader
     from dfsviz.sparse.select import select_topk
 
     page.goto(app_url + "/masks?file=runs/good.h5&step=3&layer=1&head=1&method=dfs_tile&budget=0.2")

@@ -109,7 +109,7 @@ def test_a_file_with_a_scaled_later_map_is_invalid(capture_root, tmp_path):
 
 def test_validation_runs_once_per_file_version(capture_root, tmp_path, monkeypatch):
     """However many requests ask at once; a rewritten file (new size or mtime) is validated again."""
-    from dfsviz.capture.store import CaptureReader
+    from dfsviz.capture.reader import CaptureReader
 
     calls = []
     real = CaptureReader.validate
@@ -159,7 +159,7 @@ def test_two_roots_get_distinct_labels(capture_root, tmp_path):
 
 
 def test_reads_match_the_reader_and_are_memoised(catalog, capture_root):
-    from dfsviz.capture.store import CaptureReader
+    from dfsviz.capture.reader import CaptureReader
 
     m = catalog.mass("runs/good.h5", 2, 1, "hilbert3d", 1)
     assert catalog.mass("runs/good.h5", 2, 1, "hilbert3d", 1) is m  # served from the cache
@@ -211,7 +211,7 @@ def test_reader_lru_closes_evicted_files(capture_root, tmp_path):
 
 
 def test_block_stats_view_and_exact_footprint(catalog, capture_root):
-    from dfsviz.capture.store import CaptureReader
+    from dfsviz.capture.reader import CaptureReader
     from dfsviz.sparse.theory import recall_bound
     from dfsviz.sparse.select import select_topk
 

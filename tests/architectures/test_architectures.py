@@ -24,6 +24,7 @@ from dfsviz.architectures import (
     support_rows,
     supported_classes,
 )
+from dfsviz.analysis.measured_capture import MeasuredCapture
 from dfsviz.capture import CaptureReader
 from dfsviz.capture.adapters import adapter_for
 from dfsviz.capture.hooks import AttentionCapture
@@ -105,7 +106,7 @@ def test_cli_capture_writes_a_valid_file(tmp_path, name):
         "--num-steps", "2", "--capture-steps", "1", "--guidance-scale", "1", "--orders", "raster,hilbert3d",
         "--methods", "dfs_tile", "--block", "16", "--tile", "4", "--footprints", "1", "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
-    with CaptureReader(out) as reader:
+    with MeasuredCapture(out) as reader:
         assert reader.complete and reader.steps == [1]
         arch = architecture_for(name)
         assert reader.attrs["adapter"] == arch.name and reader.grid.num_video == 192

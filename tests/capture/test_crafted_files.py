@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import dfsviz.cli.inspect  # noqa: F401  (registers the command)
 from dfsviz.capture import CaptureConfig, run_capture
-from dfsviz.capture.store import CaptureReader
+from dfsviz.capture.reader import CaptureReader
 from dfsviz.cli import main
 
 SETTINGS = dict(embeddings="random", num_steps=3, capture_steps=(0, 2), latent="3x16x16", block=16, tile=4, stride=4,

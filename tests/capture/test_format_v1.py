@@ -16,10 +16,10 @@ FIXTURE = Path(__file__).resolve().parents[1] / "data" / "format_v1.h5"
 def test_fixture_reads_and_means_what_it_meant():
     from brute import dense_block_stats
 
-    from dfsviz.capture.store import CaptureReader
+    from dfsviz.analysis.measured_capture import MeasuredCapture
 
     assert FIXTURE.stat().st_size < 200_000
-    with CaptureReader(FIXTURE) as reader:
+    with MeasuredCapture(FIXTURE) as reader:
         assert int(reader.attrs["format_version"]) == 1
         assert reader.complete and reader.validate() == []
         assert reader.grid.name == "f3h8w8" and reader.block == 16

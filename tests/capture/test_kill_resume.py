@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import dfsviz.cli.capture  # noqa: F401  (registers the command on the group)
 from dfsviz.capture import CaptureConfig, run_capture
-from dfsviz.capture.store import CaptureReader
+from dfsviz.capture.reader import CaptureReader
 from dfsviz.cli import main
 
 STEPS = 4

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 import dfsviz.cli.capture  # noqa: F401  (registers the commands on the group)
 import dfsviz.cli.inspect  # noqa: F401
 from dfsviz.capture import CaptureConfig, run_capture
-from dfsviz.capture.store import CaptureReader
+from dfsviz.capture.reader import CaptureReader
 from dfsviz.cli import main
 
 STEPS = 4
@@ -197,7 +197,7 @@ def test_free_space_is_checked_before_each_step(tmp_path, model_dirs, monkeypatc
 # instead of ENOSPC), in the middle of step 2, after its space was checked and reserved
 _FILLING_SCRIPT = """
 import os, resource, signal, sys
-from dfsviz.capture.store import CaptureWriter
+from dfsviz.capture.writer import CaptureWriter
 from dfsviz.cli import main
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 end_step = CaptureWriter.end_step

@@ -6,9 +6,10 @@ import pytest
 import torch
 from brute import dense_block_stats, dense_footprint, dense_variance_ratio
 
+from dfsviz.analysis.measured_capture import MeasuredCapture
 from dfsviz.capture.adapters import WanAdapter
 from dfsviz.capture import CaptureConfig, default_capture_steps, load_model_source, run_capture
-from dfsviz.capture.store import CaptureReader
+from dfsviz.capture.reader import CaptureReader
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.scoring import block_scores_ref
 
@@ -68,7 +69,7 @@ def test_wan_capture_matches_brute_force_and_true_attention_inputs(tmp_path, mod
     finally:
         handle.remove()
     assert result.complete and result.steps == [0, 2]
-    with CaptureReader(result.path) as reader:
+    with MeasuredCapture(result.path) as reader:
         assert reader.steps == [0, 2] and reader.complete and reader.validate() == []
         assert reader.attrs["scheduler"] == "FlowMatchEulerDiscreteScheduler"
         assert reader.grid.name == "f3h8w8" and reader.branches == ["cond", "uncond"]
@@ -80,7 +81,7 @@ def test_wan_capture_matches_brute_force_and_true_attention_inputs(tmp_path, mod
             att = torch.softmax(q @ k.transpose(-1, -2) * 32**-0.5, dim=-1) @ v
             rebuilt = module.to_out[0](att.transpose(1, 2).flatten(2).float())
             torch.testing.assert_close(rebuilt, outputs[call], atol=2e-5, rtol=1e-4)
-        # analysis helpers: full budget keeps everything, recall 1 and density 1
+        # the measures dfsviz.open adds: full budget keeps everything, recall 1 and density 1
         torch.testing.assert_close(reader.recall(2, 1, "raster", "dfs_tile", gamma=1.0), torch.ones(1, 2, dtype=torch.float64))
         torch.testing.assert_close(reader.density(2, 1, "hilbert3d", "meanpool", gamma=1.0), torch.ones(1, 2, dtype=torch.float64))
         low = reader.recall(2, 1, "hilbert3d", "meanpool", gamma=0.25)

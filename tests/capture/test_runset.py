@@ -33,7 +33,7 @@ from dfsviz.capture.runset import (
     open_run_set,
     read_prompts,
 )
-from dfsviz.capture.store import CaptureReader
+from dfsviz.capture.reader import CaptureReader
 from dfsviz.cli import main
 
 STEPS = 3

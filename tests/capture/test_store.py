@@ -12,16 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from dfsviz.capture.store import (
-    FORMAT_VERSION,
-    CaptureReader,
-    CaptureWriter,
-    StoredStats,
-    StoreLayout,
-    _ChunkPool,
-    _open_error_message,
-    step_key,
-)
+from dfsviz.capture.reader import CaptureReader, StoredStats, _open_error_message
+from dfsviz.capture.schema import FORMAT_VERSION, StoreLayout, step_key
+from dfsviz.capture.writer import CaptureWriter, _ChunkPool
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import make_order
 
@@ -255,8 +248,6 @@ def test_writer_and_reader_errors(tmp_path):
             r.perm("morton3d")
         with pytest.raises(ValueError, match="`method` must be one of"):
             r.scores(0, 3, "raster", "oracle")
-        with pytest.raises(ValueError, match="pass exactly one of `gamma`"):
-            r.mask(0, 3, "raster", "meanpool")
         with pytest.raises(ValueError, match=r"Q/K/V of layer 3 were not saved; saved layers: \[7\]"):
             r.qkv(0, 3)
         with pytest.raises(ValueError, match="`branch` must be one of"):

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import dfsviz
-from dfsviz.capture.store import CaptureReader, CaptureWriter, StoreLayout
+from dfsviz.capture.reader import CaptureReader
+from dfsviz.capture.schema import StoreLayout
+from dfsviz.capture.writer import CaptureWriter
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import make_order
 

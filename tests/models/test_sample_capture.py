@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import dfsviz
-from dfsviz.capture.store import FORMAT_VERSION
+from dfsviz.capture.schema import FORMAT_VERSION
 from dfsviz.sparse.stats import block_stats_ref
 
 SAMPLE = Path(__file__).resolve().parents[2] / "dfsviz" / "data" / "captures" / "tiny-wan-sample.h5"

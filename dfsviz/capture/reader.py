@@ -1,0 +1,415 @@
+"""The capture HDF5 reader (format version 1): :class:`CaptureReader` and :func:`open_capture`.
+
+The layout is written down in :mod:`dfsviz.capture.schema` (``docs/format.md`` for people) and
+written by :class:`dfsviz.capture.writer.CaptureWriter`. The reader lists only completed steps,
+checks a file's structure against the schema when it opens it and its values on
+:meth:`CaptureReader.validate` (:mod:`dfsviz.capture.validation`). It reads what is stored and
+selects nothing: masks, recall and density of a capture come from
+:class:`dfsviz.analysis.measured_capture.MeasuredCapture` (what ``dfsviz.open`` returns).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfsviz.capture.schema import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    STAT_NAMES,
+    STEP_GROUP,
+    VIDEO_GROUP,
+    RootAttrs,
+    StoreLayout,
+    read_json_attr,
+    step_key,
+)
+from dfsviz.capture.validation import (
+    check_structure,
+    completed_step_groups,
+    completed_video,
+    content_problems,
+    video_problem,
+)
+from dfsviz.sparse.grid import LatentGrid
+
+__all__ = ["CaptureReader", "CaptureVideo", "StoredStats", "open_capture"]
+
+
+def _open_error_message(path: Path, exc: OSError) -> str:
+    """The ValueError message for an OSError of ``h5py.File(path, "r")``.
+
+    HDF5 refuses to open a file another process holds open for writing with "unable to lock
+    file, errno = 11" (a BlockingIOError, EAGAIN). Only that text or errno means a running
+    capture: other HDF5 errors, such as "bad superblock version number" (which contains
+    "lock"), mean the file is not readable HDF5.
+    """
+    if "unable to lock file" in str(exc).lower() or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return f"{str(path)!r} is open for writing by a running capture; wait for it or copy the file"
+    return f"{str(path)!r} is not a readable HDF5 file ({exc})"
+
+
+@dataclass(frozen=True, eq=False)
+class StoredStats:
+    """Block statistics read back from a capture (:meth:`CaptureReader.block_stats`).
+
+    Fields:
+        m, L, r, J: float32 [B, Hs, Mq, Mk] (B = 1 from a capture), as in
+            :class:`dfsviz.sparse.stats.BlockStats`.
+        block: tokens per block.
+        seq_len: N.
+        heads: the model's head index of each of the Hs rows.
+
+    A capture keeps no per-row log-partition ``lse``; see :meth:`to_block_stats`.
+    """
+
+    m: torch.Tensor
+    L: torch.Tensor
+    r: torch.Tensor
+    J: torch.Tensor
+    block: int
+    seq_len: int
+    heads: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        m = self.m
+        if not isinstance(m, torch.Tensor) or m.dim() != 4:
+            raise ValueError(f"`m` must be a tensor [B, H, Mq, Mk] (got {getattr(m, 'shape', type(m).__name__)})")
+        for name in ("L", "r", "J"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.shape != m.shape:
+                raise ValueError(f"`{name}` must be a tensor of the shape of `m` {list(m.shape)} "
+                                 f"(got {getattr(value, 'shape', type(value).__name__)})")
+
+    def to_block_stats(self):
+        """These statistics as a :class:`dfsviz.sparse.stats.BlockStats` (for the bounds and factors).
+
+        The capture does not store the per-row log-partition, so ``lse`` (float [B, Hs, N],
+        dtype and device of ``m``) is NaN: no bound or factor of :mod:`dfsviz.sparse.theory`
+        reads it, and NaN makes any other use visible instead of silently wrong. m, L, r, J
+        are shared, not copied.
+        """
+        from dfsviz.sparse.stats import BlockStats
+
+        b, h = self.m.shape[:2]
+        lse = torch.full((b, h, self.seq_len), float("nan"), dtype=self.m.dtype, device=self.m.device)
+        return BlockStats(m=self.m, L=self.L, r=self.r, J=self.J, lse=lse, block=self.block, seq_len=self.seq_len)
+
+
+@dataclass(frozen=True, eq=False)
+class CaptureVideo:
+    """The decoded clip of a capture (:meth:`CaptureReader.video`).
+
+    Fields:
+        frames: uint8 [T, H, W, 3] RGB, downscaled as ``docs/format.md`` says.
+        latent_frame: int64 [T], the latent grid frame in [0, F - 1] each video frame belongs to.
+        fps: frames per second of ``frames``.
+    """
+
+    frames: np.ndarray
+    latent_frame: np.ndarray
+    fps: float
+
+
+class CaptureReader:
+    """Read-only access to a capture file: what it stores, as stored.
+
+    ``dfsviz.open`` returns the subclass :class:`dfsviz.analysis.measured_capture.MeasuredCapture`,
+    which adds masks, recall and density. Accessors take the model's step, layer and head indices and an order/method name;
+    ``head=None`` means every captured head. Tensors come back on the CPU in the sparse
+    core's layout [B=1, H, ...] so they plug into ``dfsviz.sparse`` functions directly.
+
+    Raises ValueError for a file that is not a dfsviz capture, a format version this
+    dfsviz cannot read (naming the dfsviz version that wrote it), or a locked file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import h5py
+
+        from dfsviz._version import __version__
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ValueError(f"capture file {str(self.path)!r} does not exist")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise ValueError(_open_error_message(self.path, exc)) from None
+        try:
+            attrs = self._f.attrs
+            if attrs.get("format") != FORMAT_NAME:
+                raise ValueError(f"{str(self.path)!r} is not a dfsviz capture (no format={FORMAT_NAME!r} attribute)")
+            version = attrs.get("format_version", -1)
+            if version != FORMAT_VERSION:
+                writer = attrs.get("dfsviz_version", "unknown")
+                raise ValueError(
+                    f"{str(self.path)!r} has capture format version {version}, written by dfsviz {writer}; this dfsviz "
+                    f"{__version__} reads format version {FORMAT_VERSION}: open it with dfsviz {writer}"
+                )
+            self.layout = StoreLayout.from_attrs(attrs)
+            self._complete = RootAttrs(attrs).bool("complete")
+            self._config = read_json_attr(attrs, "capture_config")
+            check_structure(self._f, self.path, self.layout)
+            self._steps = sorted(completed_step_groups(self._f))
+        except ValueError as exc:
+            self._f.close()
+            text = str(exc)
+            raise ValueError(text if text.startswith(repr(str(self.path))) else f"{str(self.path)!r}: {text}") from None
+        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+
+    # -- listing ---------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        """True when the capture ran to its end."""
+        return self._complete
+
+    @property
+    def steps(self) -> list[int]:
+        """Completed steps, ascending (an interrupted run lists the steps it finished)."""
+        return list(self._steps)
+
+    @property
+    def planned_steps(self) -> list[int]:
+        return list(self.layout.steps)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.layout.layers)
+
+    @property
+    def layer_names(self) -> dict[int, str]:
+        return dict(zip(self.layout.layers, self.layout.layer_names))
+
+    @property
+    def heads(self) -> list[int]:
+        return list(self.layout.heads)
+
+    @property
+    def orders(self) -> list[str]:
+        return list(self.layout.orders)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.layout.methods)
+
+    @property
+    def branches(self) -> list[str]:
+        return list(self.layout.branches)
+
+    @property
+    def grid(self) -> LatentGrid:
+        return self.layout.grid
+
+    @property
+    def block(self) -> int:
+        return self.layout.block
+
+    @property
+    def config(self) -> dict:
+        """The capture configuration the run used."""
+        return dict(self._config)
+
+    # -- index helpers ---------------------------------------------------------------------
+    def step_attrs(self, step: int) -> dict:
+        """The attributes of a completed step: ``timestep``, ``sigma`` (flow-matching schedulers),
+        ``transformer`` (the pipeline component that ran the step: ``transformer``, or
+        ``transformer_2`` after Wan 2.2 A14B's boundary), ``started_utc``, ``finished_utc``;
+        files of older dfsviz lack ``transformer``."""
+        group = self._step_group(step)
+        return {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
+                for k, v in group.attrs.items() if k not in ("step", "complete")}
+
+    def _step_group(self, step: int):
+        if step not in self.steps:
+            raise ValueError(
+                f"`step` {step!r} is not a completed step of this capture; completed steps: {self.steps}"
+                + ("" if self.complete else " (the run was interrupted: resume it with --resume)")
+            )
+        return self._f[STEP_GROUP][step_key(step)]
+
+    @staticmethod
+    def _pos(value, allowed: list, name: str) -> int:
+        if value not in allowed:
+            raise ValueError(f"`{name}` must be one of {allowed} (got {value!r})")
+        return allowed.index(value)
+
+    def _heads(self, head) -> tuple[list[int] | slice, tuple[int, ...]]:
+        if head is None:
+            return slice(None), tuple(self.layout.heads)
+        heads = [head] if isinstance(head, int) else list(head)
+        pos = [self._pos(h, self.heads, "head") for h in heads]
+        return pos, tuple(heads)
+
+    def _maps(self, name: str, step: int, layer: int, order: str, head, branch: str, method: str | None = None):
+        g = self._step_group(step)
+        li = self._pos(layer, self.layers, "layer")
+        oi = self._pos(order, self.orders, "order")
+        bi = self._pos(branch, self.branches, "branch")
+        hsel, _ = self._heads(head)
+        if method is None:
+            data = g[name][li, bi, oi][hsel]
+        else:
+            mi = self._pos(method, self.methods, "method")
+            data = g[name][li, bi, oi, mi][hsel]
+        return torch.from_numpy(np.asarray(data))
+
+    # -- typed accessors ---------------------------------------------------------------------
+    def block_stats(self, step: int, layer: int, order: str, head=None, branch: str = "cond") -> StoredStats:
+        """m, L, r, J of one (step, layer, order): float32 [1, Hs, Mq, Mk]."""
+        values = {n: self._maps(n, step, layer, order, head, branch)[None] for n in STAT_NAMES}
+        return StoredStats(**values, block=self.block, seq_len=self.grid.num_tokens, heads=self._heads(head)[1])
+
+    def block_mass(self, step: int, layer: int, order: str, head=None, branch: str = "cond") -> torch.Tensor:
+        """Block mass m of one (step, layer, order): float32 [1, Hs, Mq, Mk] (rows sum to 1).
+
+        Reads the m dataset alone: :meth:`block_stats` also inflates L, r and J, 4x the work.
+        """
+        return self._maps("m", step, layer, order, head, branch)[None]
+
+    def scores(self, step: int, layer: int, order: str, method: str, head=None, branch: str = "cond") -> torch.Tensor:
+        """Block scores of ``method``: float32 [1, Hs, Mq, Mk]."""
+        return self._maps("scores", step, layer, order, head, branch, method)[None]
+
+    def variance_ratios(self, step: int, layer: int, order: str, branch: str = "cond") -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_q, W_k), float64 [1, H] over the captured heads."""
+        g = self._step_group(step)
+        li = self._pos(layer, self.layers, "layer")
+        oi = self._pos(order, self.orders, "order")
+        bi = self._pos(branch, self.branches, "branch")
+        return (torch.from_numpy(g["W_q"][li, bi, oi])[None], torch.from_numpy(g["W_k"][li, bi, oi])[None])
+
+    def footprints(self, step: int, layer: int, order: str, head: int, branch: str = "cond") -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled query blocks and their attention.
+
+        Returns:
+            blocks: int64 [K] query block indices in the order's block sequence (block u holds
+                the original tokens ``perm(order)[u*block:(u+1)*block]``).
+            attention: float32 [K, N], the block's mean attention probability over all N keys,
+                in original token order (rows sum to 1 up to float16 rounding).
+        """
+        if not self.layout.footprints:
+            raise ValueError("this capture has no footprints (captured with --footprints 0)")
+        if not isinstance(head, int):
+            raise TypeError(f"`head` must be one int for footprints (got {head!r})")
+        g = self._step_group(step)
+        li = self._pos(layer, self.layers, "layer")
+        oi = self._pos(order, self.orders, "order")
+        bi = self._pos(branch, self.branches, "branch")
+        hi = self._pos(head, self.heads, "head")
+        blocks = torch.from_numpy(g["footprint_block"][li, bi, oi, hi].astype(np.int64))
+        att = torch.from_numpy(g["footprint"][li, bi, oi, hi].astype(np.float32)) / self.grid.num_tokens
+        return blocks, att
+
+    def qkv(self, step: int, layer: int, head=None, branch: str = "cond") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stored Q, K, V of a ``--save-qkv`` layer: each [1, Hs, N, D] in original token order."""
+        if layer not in self.layout.qkv_layers:
+            raise ValueError(
+                f"Q/K/V of layer {layer!r} were not saved; saved layers: {list(self.layout.qkv_layers)} (--save-qkv)"
+            )
+        if step not in self.layout.qkv_steps:
+            raise ValueError(
+                f"Q/K/V were not saved at step {step!r}; saved steps: {list(self.layout.qkv_steps)} (--qkv-steps)"
+            )
+        g = self._step_group(step)
+        li = self.layout.qkv_layers.index(layer)
+        bi = self._pos(branch, self.branches, "branch")
+        hsel, _ = self._heads(head)
+        return tuple(torch.from_numpy(np.asarray(g[n][li, bi][hsel]))[None] for n in ("q", "k", "v"))
+
+    def video(self) -> CaptureVideo | None:
+        """The run's decoded clip, or None for a capture without one (older files, a run
+        interrupted before its end, a model whose output dfsviz did not decode).
+
+        Raises ValueError when the stored latent frames do not fit the grid.
+        """
+        group = completed_video(self._f)
+        if group is None:
+            return None
+        latent_frame = group["latent_frame"][...]
+        problem = video_problem(latent_frame, self.grid.frames)
+        if problem is not None:
+            raise ValueError(f"{str(self.path)!r}: '/{VIDEO_GROUP}/latent_frame' {problem}")
+        return CaptureVideo(group["frames"][...], latent_frame, float(group.attrs["fps"]))
+
+    def perm(self, order: str) -> torch.Tensor:
+        """int64 [N] permutation of ``order`` (ordered[p] = original[perm[p]])."""
+        self._pos(order, self.orders, "order")
+        return torch.from_numpy(self._f["orders"][order][...])
+
+    def token_order(self, order: str):
+        """The order as a :class:`dfsviz.sparse.orders.TokenOrder` built from the stored permutation."""
+        from dfsviz.sparse.orders import TokenOrder
+
+        perm = self.perm(order)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        return TokenOrder(order, self.grid, perm, inv)
+
+    def coords(self) -> torch.Tensor:
+        """int64 [Nv, 3] (frame, row, column) of the video tokens in raster order."""
+        return torch.from_numpy(self._f["coords"][...].astype(np.int64))
+
+    # -- inspection ------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """Settings, completeness and sizes (what ``dfsviz inspect`` prints)."""
+        keys = ("model_id", "model_class", "adapter", "prompt", "seed", "scheduler", "dtype", "device", "dfsviz_version", "created_utc")
+        info = {k: self.attrs.get(k) for k in keys}
+        lay = self.layout
+        info.update(
+            format_version=FORMAT_VERSION,
+            complete=self.complete,
+            grid=lay.grid.name,
+            num_tokens=lay.num_tokens,
+            block=lay.block,
+            num_blocks=lay.num_blocks,
+            orders=list(lay.orders),
+            methods=list(lay.methods),
+            layers=len(lay.layers),
+            heads=len(lay.heads),
+            branches=list(lay.branches),
+            planned_steps=list(lay.steps),
+            completed_steps=self.steps,
+            footprints=lay.footprints,
+            qkv_layers=list(lay.qkv_layers),
+            qkv_steps=list(lay.qkv_steps) if lay.qkv_layers else [],
+            file_bytes=self.path.stat().st_size,
+            planned_bytes_uncompressed=lay.total_bytes(),
+        )
+        return info
+
+    def validate(self) -> list[str]:
+        """Check every stored value; returns a list of problems (empty when the file is sound).
+
+        The structure (datasets, shapes, dtypes, links) was checked when the file was opened;
+        this reads every map of every completed step once (rows of m sum to 1, finite values,
+        non-negative diversities, footprints in range ...), the permutations, the coordinates
+        and the dimension scales. Cost: one pass over the file's data.
+        """
+        problems = content_problems(self._f, self.layout, self.steps)
+        if self.complete and self.steps != list(self.layout.steps):
+            problems.append(f"marked complete but steps {sorted(set(self.layout.steps) - set(self.steps))} are missing")
+        return problems
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> "CaptureReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else f"incomplete ({len(self.steps)}/{len(self.layout.steps)} steps)"
+        return f"{type(self).__name__}({str(self.path)!r}, {self.grid.name}, {state})"
+
+
+def open_capture(path: str | os.PathLike) -> CaptureReader:
+    """Open a capture file read-only. See :class:`CaptureReader`; ``dfsviz.open`` adds the measures."""
+    return CaptureReader(path)
