@@ -25,6 +25,7 @@ __all__ = [
     "SpaceReservation",
     "format_bytes",
     "glob_escape",
+    "held_by_another_process",
     "pad_truncated",
     "run_difference",
     "require_free_space",
@@ -33,6 +34,16 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def held_by_another_process(exc: OSError) -> bool:
+    """True when ``h5py.File`` failed because another process holds the file open for writing.
+
+    HDF5 refuses with "unable to lock file, errno = 11" (a BlockingIOError, EAGAIN). Only that
+    text or errno means so: other HDF5 errors, such as "bad superblock version number" (which
+    contains "lock"), mean the file is not readable HDF5.
+    """
+    return "unable to lock file" in str(exc).lower() or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
 
 # room kept beyond a step's estimate: HDF5 metadata of the step (object headers, chunk
 # indexes, dimension scales) and the file's own bookkeeping

@@ -10,7 +10,6 @@ selects nothing: masks, recall and density of a capture come from
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dfsviz.capture.file_safety import held_by_another_process
 from dfsviz.capture.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -42,14 +42,9 @@ __all__ = ["CaptureReader", "CaptureVideo", "StoredStats", "open_capture"]
 
 
 def _open_error_message(path: Path, exc: OSError) -> str:
-    """The ValueError message for an OSError of ``h5py.File(path, "r")``.
-
-    HDF5 refuses to open a file another process holds open for writing with "unable to lock
-    file, errno = 11" (a BlockingIOError, EAGAIN). Only that text or errno means a running
-    capture: other HDF5 errors, such as "bad superblock version number" (which contains
-    "lock"), mean the file is not readable HDF5.
-    """
-    if "unable to lock file" in str(exc).lower() or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+    """The ValueError message for an OSError of ``h5py.File(path, "r")``: a running capture
+    holds the file (:func:`held_by_another_process`), or it is not readable HDF5."""
+    if held_by_another_process(exc):
         return f"{str(path)!r} is open for writing by a running capture; wait for it or copy the file"
     return f"{str(path)!r} is not a readable HDF5 file ({exc})"
 

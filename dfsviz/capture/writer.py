@@ -54,7 +54,6 @@ footprint_block) are copied at ``end_step``: queueing a map never waits for the 
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
@@ -74,6 +73,7 @@ from dfsviz.capture.file_safety import (
     SPACE_MARGIN,
     CaptureLock,
     SpaceReservation,
+    held_by_another_process,
     pad_truncated,
     require_free_space,
     run_difference,
@@ -382,7 +382,7 @@ class CaptureWriter:
             try:
                 f = _h5py().File(path, "r+")
             except OSError as exc:
-                if "unable to lock file" in str(exc).lower() or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                if held_by_another_process(exc):
                     raise ValueError(
                         f"--resume: {str(path)!r} is open in another program (a dashboard or notebook?); close it, then resume"
                     ) from None
