@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from dfsviz.accel.config import DFSConfig
 from dfsviz.accel.plan import select_topk_heads, text_blocks
-from dfsviz.accel.state import DFSState, _CacheEntry, _CallContext
+from dfsviz.accel.state import DFSState, SparseCall, _CacheEntry, _CallContext
 from dfsviz.kernels import block_scores, block_sparse_attention, block_stats
 from dfsviz.kernels._dispatch import KERNEL_DTYPES
 from dfsviz.kernels.qk_norm_rope import qk_norm_rope, wan_rope
@@ -144,11 +144,13 @@ class _DFSProcessorBase:
         n = q.shape[2]
         if ctx.plan.dense:  # fp8_dense warm-up: every block kept; nothing scored, cached or recorded
             full = BlockMask.full(q.shape[0], q.shape[1], n, cfg.block, device=q.device)
+            self._observe(q, k, v, scale, full, None, refresh=False)
             return block_sparse_attention(q, k, v, full, scale=scale, precision="fp8", backend=cfg.backend)
         # Permute-once ordered the whole sequence with the full grid's order; text keeps its
         # place in every order, so the real prefix of the ordered sequence is ordered too.
         order = None if ctx.ordered else make_order(cfg.order, grid)
         mask, refreshed, entry = self._mask(q, k, ctx, grid, order, scale)
+        self._observe(q, k, v, scale, mask, make_order(cfg.order, grid) if ctx.ordered else None, refreshed)
         record = {
             "call": ctx.call, "step": ctx.step, "branch": ctx.branch, "transformer": ctx.transformer, "layer": self.layer,
             "gamma": ctx.plan.gamma if self.gammas is None else self.gammas, "refresh": refreshed,
@@ -163,6 +165,17 @@ class _DFSProcessorBase:
         self.state.records.append(record)
         return block_sparse_attention(q, k, v, mask, order=order, scale=scale, precision=self.precision,
                                       backend=cfg.backend)
+
+    def _observe(self, q, k, v, scale, mask: BlockMask, ordered_by: TokenOrder | None, refresh: bool) -> None:
+        """Hand the call to the state's observers, q, k, v in the call's own token order
+        (``ordered_by``: the order permute-once put them in, undone here)."""
+        if not self.state.observers:
+            return
+        if ordered_by is not None:
+            q, k, v = (ordered_by.restore(x) for x in (q, k, v))
+        call = SparseCall(self.layer, q, k, v, scale, mask, self.config.order, refresh)
+        for observer in self.state.observers:
+            observer(call)
 
     def _mask(self, q, k, ctx: _CallContext, grid: LatentGrid, order: TokenOrder | None, scale: float | None):
         cfg, state = self.config, self.state

@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.orders import TokenOrder
 from dfsviz.sparse.schedule import DFSSchedule, StepPlan
 
-__all__ = ["DFSState"]
+__all__ = ["DFSState", "SparseCall"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,31 @@ class _CacheEntry:
     mask: BlockMask  # as scored (batch of the scored elements)
     density: float  # mean rho(S) over batch and heads
     expanded: dict = field(default_factory=dict)  # call batch size -> BlockMask for that batch
+
+
+@dataclass(frozen=True)
+class SparseCall:
+    """One attention call DFSAttn computed, as :attr:`DFSState.observers` see it.
+
+    Fields:
+        layer: the DFSAttn layer index.
+        q, k, v: [B, H, N, D] in the call's own token order (raster video, text where the
+            model puts it; permute-once's order undone), the real (unpadded) tokens only.
+        scale: the softmax scale, or None for D**-0.5.
+        mask: the blocks attended: a :class:`~dfsviz.sparse.masks.BlockMask` [B, H, Mq, Mk]
+            over the tokens in ``order``; every block under ``precision="fp8_dense"``'s dense steps.
+        order: the token order name the mask's blocks are made of.
+        refresh: this call scored its mask (False: a cached mask served it).
+    """
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float | None
+    mask: BlockMask
+    order: str
+    refresh: bool
 
 
 @dataclass
@@ -70,12 +97,16 @@ class DFSState:
             recall and oracle_recall (float64 [B, H] on the CPU: the mask's recall, and the best
             recall of any mask with the same kept count per query block) when
             ``DFSConfig.measure_recall``.
+        observers: callables handed a :class:`SparseCall` for every attention call DFSAttn
+            computes (not the stock dense ones), inside the forward; ``dfsviz.record`` adds one
+            to store the masks DFSAttn used. Empty by default: nothing is copied for them.
     """
 
     def __init__(self, schedule: DFSSchedule) -> None:
         if not isinstance(schedule, DFSSchedule):
             raise TypeError(f"`schedule` must be a DFSSchedule (got {type(schedule).__name__})")
         self.schedule = schedule
+        self.observers: list = []
         self.reset()
 
     def reset(self) -> None:
