@@ -143,9 +143,9 @@ def measure_page(page, url: str, cid: str, name: str, changes: int, rng: random.
     page.evaluate(_PROBE)
     first = page.locator(f"#{prefix}-banner")
     first.wait_for(state="attached")
-    # the first view: wait for every figure of the page drawn
+    # the first view: wait for every shown figure of the page drawn (a hidden comparison has none)
     page.wait_for_function(
-        "() => { const g = [...document.querySelectorAll('.js-plotly-plot')];"
+        "() => { const g = [...document.querySelectorAll('.js-plotly-plot')].filter(x => x.offsetParent !== null);"
         " return g.length > 0 && g.every(x => x.data && x.data.length > 0); }", timeout=timeout_ms)
     options = {c: _options(page, f"{prefix}-{c}") for c in controls}
     current = {c: page.locator(f"#{prefix}-{c}").inner_text().strip() for c in controls}
