@@ -444,7 +444,8 @@ def _flags(figure: dict) -> tuple[str, np.ndarray] | None:
 def figure_csv(figure: dict) -> str:
     """Long-form CSV of the data traces of a figure: trace, x, y, z (outline traces skipped).
 
-    Heatmaps give one row per cell; line, scatter and bar traces one row per point;
+    Heatmaps and images (their values in ``customdata``) give one row per cell; line, scatter
+    and bar traces one row per point;
     box/violin/histogram traces one row per sample. A figure whose overlay carries
     :func:`cell_flags` (the Masks page's kept blocks) gets one more column, 1 where the
     heatmap's cell is flagged (kept) and 0 elsewhere.
@@ -460,6 +461,8 @@ def figure_csv(figure: dict) -> str:
             continue  # outlines and bands: drawn from the data rows, not data themselves
         name = trace.get("name", trace.get("type", ""))
         x, y, z = (_decode(trace.get(k)) for k in ("x", "y", "z"))
+        if trace.get("type") == "image":  # an image's z is its colours; the values drawn are its customdata
+            z = _decode(trace.get("customdata"))
         if z is not None:
             rows = z if isinstance(z, list) else []
             flagged = flags[1] if flags and flags[1].shape == (len(rows), len(rows[0]) if rows else 0) else None
