@@ -244,21 +244,22 @@ def check_fp8(results):
 
 
 def check_cuda_tests(results):
-    """The GPU-only tests of tests/kernels (pytest marker ``cuda``): graph capture and no host sync."""
+    """The GPU-only tests (pytest marker ``cuda``) of tests/kernels (graph capture, no host sync)
+    and of the recording of DFSAttn's masks (tests/capture/test_record_loop.py)."""
     import os
     import subprocess
 
     try:
         import pytest  # noqa: F401
     except ImportError:
-        results.append({"check": "pytest -m cuda tests/kernels", "message": "pytest is not installed", "ok": False})
+        results.append({"check": "pytest -m cuda tests/kernels tests/capture/test_record_loop.py", "message": "pytest is not installed", "ok": False})
         return
     # only our plugins: a pytest plugin of the GPU image may not load under this pytest
     env = dict(os.environ, TRITON_INTERPRET="0", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-                          "tests/kernels"], capture_output=True, text=True, env=env)
+                          "tests/kernels", "tests/capture/test_record_loop.py"], capture_output=True, text=True, env=env)
     tail = (run.stdout + run.stderr).strip().splitlines()[-1:] or ["(no output)"]
-    results.append({"check": "pytest -m cuda tests/kernels", "message": tail[0], "ok": run.returncode == 0,
+    results.append({"check": "pytest -m cuda tests/kernels tests/capture/test_record_loop.py", "message": tail[0], "ok": run.returncode == 0,
                     "output": (run.stdout + run.stderr)[-6000:]})
 
 

@@ -32,7 +32,9 @@ class MeasuredCapture(CaptureReader):
     """A capture file opened read-only, with the masks of its scores measured (``dfsviz.open``).
 
     Every accessor of :class:`~dfsviz.capture.reader.CaptureReader`, plus :meth:`mask`,
-    :meth:`recall`, :meth:`density` and :meth:`oracle_recall` of one (step, layer, order);
+    :meth:`recall`, :meth:`density` and :meth:`oracle_recall` of one (step, layer, order), and
+    :meth:`dfsattn_mask` and :meth:`dfsattn_recall` of the masks DFSAttn used (a recording with
+    ``apply_dfsattn`` active);
     ``head=None`` means every captured head, ``branch`` is ``"cond"`` or ``"uncond"``.
     """
 
@@ -65,6 +67,17 @@ class MeasuredCapture(CaptureReader):
                 tau: float | None = None, head=None, branch: str = "cond") -> torch.Tensor:
         """Density rho(S) of the mask of :meth:`mask`, float64 [1, Hs]."""
         return self.mask(step, layer, order, method, gamma=gamma, tau=tau, head=head, branch=branch).density()
+
+    def dfsattn_mask(self, step: int, layer: int, head=None, branch: str = "cond") -> BlockMask:
+        """The mask DFSAttn attended at (step, layer) of a recording with ``apply_dfsattn``
+        active, BlockMask [1, Hs, Mq, Mk] over the blocks of :attr:`dfsattn_order`."""
+        kept = self.dfsattn_kept(step, layer, head, branch)
+        return BlockMask.from_dense(kept, self.grid.num_tokens, self.block)
+
+    def dfsattn_recall(self, step: int, layer: int, head=None, branch: str = "cond") -> torch.Tensor:
+        """Recall R(S) of the mask DFSAttn attended, float64 [1, Hs] (from the stored m of its order)."""
+        mask = self.dfsattn_mask(step, layer, head, branch)
+        return block_recall(self.block_mass(step, layer, self.dfsattn_order, head, branch), mask)
 
     def oracle_recall(self, step: int, layer: int, order: str, gamma: float, head=None, branch: str = "cond") -> torch.Tensor:
         """Best recall any mask of budget gamma reaches, float64 [1, Hs]: R*(k), k = max(1, int(gamma * Mk))."""

@@ -50,6 +50,9 @@ class AttentionRecord:
         scale: the softmax scale passed to SDPA, or None for D**-0.5.
         call: how many SDPA calls this layer made before this one in the same forward
             (0 for every model handled here; Mochi-style per-sample loops give 0, 1, ...).
+        dfsattn_mask: where DFSAttn computed this attention instead of SDPA
+            (:func:`hand_over_sparse_call`), the :class:`~dfsviz.sparse.masks.BlockMask` it
+            attended, [B, H, Mq, Mk]; None for an SDPA call (dense).
     """
 
     layer: int
@@ -60,6 +63,7 @@ class AttentionRecord:
     attn_mask: torch.Tensor | None
     scale: float | None
     call: int
+    dfsattn_mask: object = None
 
     @property
     def is_self_attention(self) -> bool:
@@ -136,23 +140,28 @@ class AttentionCapture:
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
         )
         current = _CURRENT_LAYER.get()
-        if current is not None and current[1] is self and self.enabled:
-            layer = current[0]
-            call = self._calls.get(layer, 0)
-            self._calls[layer] = call + 1
-            self.on_record(
-                AttentionRecord(
-                    layer=layer,
-                    name=self._names[layer],
-                    q=query.detach(),
-                    k=key.detach(),
-                    v=value.detach(),
-                    attn_mask=attn_mask,
-                    scale=scale,
-                    call=call,
-                )
-            )
+        if current is not None and current[1] is self:
+            self._hand_over(current[0], query, key, value, attn_mask, scale)
         return out
+
+    def _hand_over(self, layer: int, query, key, value, attn_mask, scale, dfsattn_mask=None) -> None:
+        if not self.enabled:
+            return
+        call = self._calls.get(layer, 0)
+        self._calls[layer] = call + 1
+        self.on_record(
+            AttentionRecord(
+                layer=layer,
+                name=self._names[layer],
+                q=query.detach(),
+                k=key.detach(),
+                v=value.detach(),
+                attn_mask=attn_mask,
+                scale=scale,
+                call=call,
+                dfsattn_mask=dfsattn_mask,
+            )
+        )
 
     # -- hooks -----------------------------------------------------------------------------
     def _pre_hook(self, index: int):
@@ -226,3 +235,13 @@ class AttentionCapture:
 
     def __exit__(self, *exc) -> None:
         self._restore()
+
+
+def hand_over_sparse_call(call) -> None:
+    """An observer for ``DFSState.observers``: the attention DFSAttn computed in place of SDPA
+    (a :class:`~dfsviz.accel.state.SparseCall`) reaches the active capture of the layer running
+    now as an :class:`AttentionRecord` with its mask, as an SDPA call would."""
+    current = _CURRENT_LAYER.get()
+    if current is not None:
+        layer, capture = current
+        capture._hand_over(layer, call.q, call.k, call.v, None, call.scale, dfsattn_mask=call.mask)

@@ -316,6 +316,25 @@ class CaptureReader:
         hsel, _ = self._heads(head)
         return tuple(torch.from_numpy(np.asarray(g[n][li, bi][hsel]))[None] for n in ("q", "k", "v"))
 
+    @property
+    def dfsattn_order(self) -> str | None:
+        """The order of the stored DFSAttn masks (a recording with ``apply_dfsattn`` active), or None."""
+        return self.layout.dfsattn_order
+
+    def dfsattn_kept(self, step: int, layer: int, head=None, branch: str = "cond") -> torch.Tensor:
+        """The key blocks DFSAttn attended at (step, layer): bool [1, Hs, Mq, Mk] in the blocks of
+        :attr:`dfsattn_order` (every block where it ran dense)."""
+        if self.layout.dfsattn_order is None:
+            raise ValueError(
+                f"{str(self.path)!r} holds no DFSAttn masks: record a pipeline with apply_dfsattn active "
+                "(dfsviz.record) to store the masks DFSAttn used"
+            )
+        g = self._step_group(step)
+        li = self._pos(layer, self.layers, "layer")
+        bi = self._pos(branch, self.branches, "branch")
+        hsel, _ = self._heads(head)
+        return torch.from_numpy(np.asarray(g["dfsattn_mask"][li, bi][hsel]).astype(bool))[None]
+
     def video(self) -> CaptureVideo | None:
         """The run's decoded clip, or None for a capture without one (older files, a run
         interrupted before its end, a model whose output dfsviz did not decode).
@@ -372,6 +391,7 @@ class CaptureReader:
             footprints=lay.footprints,
             qkv_layers=list(lay.qkv_layers),
             qkv_steps=list(lay.qkv_steps) if lay.qkv_layers else [],
+            dfsattn=self.attrs.get("dfsattn") if lay.dfsattn_order else None,
             file_bytes=self.path.stat().st_size,
             planned_bytes_uncompressed=lay.total_bytes(),
         )

@@ -19,7 +19,13 @@ The statistics, file format, crash safety and reader are those of ``dfsviz captu
   transformer (both must have the same layer count, heads and head width);
 * :class:`~dfsviz.capture.hooks.AttentionCapture` hands the self-attention SDPA inputs of the
   captured steps to the same :class:`~dfsviz.capture.reduce.AttentionReducer` as a capture;
-* ``vae.decode`` is wrapped: its output, the decoded clip, is stored (``video``).
+* ``vae.decode`` is wrapped: its output, the decoded clip, is stored (``video``);
+* with ``apply_dfsattn`` active (applied before ``record``), the attention DFSAttn computes
+  instead of SDPA reaches the same reducer through the DFSAttn state's observers, with the
+  mask it attended: every step stores ``dfsattn_mask`` (the key blocks DFSAttn kept, all of
+  them where it ran dense) and its step attributes say what the schedule did
+  (``dfsattn_plan``, ``dfsattn_gamma``). The capture then uses DFSAttn's block and includes
+  its order, so the masks lie on the maps' blocks.
 
 Everything is restored on exit; the pipeline's output is bit-identical with and without the
 recording (the wrappers pass their arguments and results through unchanged). The attention
@@ -29,10 +35,12 @@ set to another backend (flash, sage ...) then runs on SDPA's own kernels, whose 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +50,7 @@ from dfsviz.architectures import pipeline_transformers
 from dfsviz.capture.adapters import Conditioning, adapter_for
 from dfsviz.capture.config import CaptureConfig
 from dfsviz.capture.file_safety import CaptureLock
-from dfsviz.capture.hooks import AttentionCapture
+from dfsviz.capture.hooks import AttentionCapture, hand_over_sparse_call
 from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.reduce import AttentionReducer
 from dfsviz.capture.resolve import (
@@ -72,8 +80,10 @@ _CALL_REPORTING = ("callback_on_step_end", "callback_on_step_end_tensor_inputs",
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def record(pipe, out: str | Path, *, fps: float = 16.0, progress: bool = False, **settings) -> "Recording":
-    """Record the attention statistics of the pipeline calls made inside a ``with`` block.
+def record(pipe, out: str | Path, *, scheduler=None, fps: float = 16.0, progress: bool = False,
+           **settings) -> "Recording":
+    """Record the attention statistics of the pipeline call (or your own denoising loop) made
+    inside a ``with`` block.
 
     Example::
 
@@ -81,13 +91,27 @@ def record(pipe, out: str | Path, *, fps: float = 16.0, progress: bool = False, 
             video = pipe(prompt="a cat playing piano", num_frames=81).frames
         rec.result.steps   # [0, 10, 25, 49]
 
+        # a transformer in your own loop: the scheduler it steps counts the steps
+        scheduler.set_timesteps(50)
+        with dfsviz.record(transformer, "loop.h5", scheduler=scheduler):
+            for t in scheduler.timesteps:
+                noise = transformer(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=embeds)[0]
+                latents = scheduler.step(noise, t, latents).prev_sample
+
     Args:
         pipe: a diffusers video pipeline whose ``transformer`` is a supported architecture
             (``dfsviz.capture.supported_architectures()``), with ``scheduler`` and usually
             ``vae``; LoRA-loaded and image-to-video pipelines alike, and Wan 2.2 A14B's two
-            transformers (``transformer_2``: each step records which one ran it). One
-            pipeline call per block.
+            transformers (``transformer_2``: each step records which one ran it). With
+            ``apply_dfsattn`` active on it, the masks DFSAttn attended are stored as well
+            (``dfsattn_mask``; apply it before ``record``). One pipeline call per block.
+            Or a supported diffusers transformer that your own loop calls, with
+            ``scheduler``: each ``scheduler.step`` ends a step; a second transformer call in a
+            step (or a batch of 2) is taken as the unconditional pass; no clip is stored and
+            ``guidance_scale`` is recorded as NaN (your loop applies it).
         out: the capture file to write (its directory must exist).
+        scheduler: with a transformer, the scheduler your loop steps (``set_timesteps`` called
+            before the first transformer call); None with a pipeline.
         fps: frame rate stored with the decoded clip (> 0; the pipelines' own examples export
             Wan at 16, HunyuanVideo at 15, CogVideoX at 8 frames per second).
         progress: show a tqdm bar over the captured steps.
@@ -106,11 +130,11 @@ def record(pipe, out: str | Path, *, fps: float = 16.0, progress: bool = False, 
     Raises:
         TypeError or ValueError, before anything is written: not a pipeline of a supported
         transformer, two transformers of different layer counts or heads, an unknown setting,
-        ``apply_dfsattn`` active, ``out`` existing without ``overwrite``/``resume`` or written
-        by another process. Inside the call: steps
+        a ``block`` or ``orders`` that leave out the active ``apply_dfsattn``'s, ``out``
+        existing without ``overwrite``/``resume`` or written by another process. Inside the call: steps
         outside the call's schedule, a batch of several videos, a grid that does not fit.
     """
-    return Recording(pipe, out, fps=fps, progress=progress, settings=settings)
+    return Recording(pipe, out, fps=fps, progress=progress, scheduler=scheduler, settings=settings)
 
 
 def is_pipeline(model: str) -> bool:
@@ -170,24 +194,35 @@ def capture_pipeline(config: CaptureConfig, progress: bool = True) -> CaptureRes
 class Recording:
     """The context manager of :func:`record`; ``result`` holds the outcome after the block."""
 
-    def __init__(self, pipe, out, *, fps: float, progress: bool, settings: dict) -> None:
-        not_a_pipeline = TypeError(
-            f"`pipe` must be a diffusers video pipeline with a `transformer` and a `scheduler` (got "
-            f"{type(pipe).__name__}); for a transformer in your own loop use dfsviz.capture.AttentionCapture"
-        )
-        if not hasattr(pipe, "scheduler"):
-            raise not_a_pipeline
-        try:
-            transformers = pipeline_transformers(pipe)  # `transformer`, and Wan 2.2 A14B's `transformer_2`
-        except TypeError:
-            raise not_a_pipeline from None
-        except ValueError as exc:
-            raise ValueError(f"`pipe` {type(pipe).__name__}: {exc}") from None
+    def __init__(self, pipe, out, *, fps: float, progress: bool, scheduler, settings: dict) -> None:
+        # a transformer in the caller's own loop: its scheduler counts the steps, as a pipeline's does
+        self.own_loop = isinstance(pipe, torch.nn.Module)
+        if self.own_loop:
+            if scheduler is None or not callable(getattr(scheduler, "step", None)):
+                raise TypeError(
+                    f"recording a transformer in your own loop needs the scheduler the loop steps (got scheduler="
+                    f"{type(scheduler).__name__}): dfsviz.record(transformer, out, scheduler=scheduler)"
+                )
+            transformers = {"transformer": pipe}
+            pipe = types.SimpleNamespace(transformer=pipe, scheduler=scheduler)
+        else:
+            if scheduler is not None:
+                raise TypeError("`scheduler` is for a transformer in your own loop; a pipeline is recorded with its own")
+            not_a_pipeline = TypeError(
+                f"`pipe` must be a diffusers video pipeline with a `transformer` and a `scheduler`, or a diffusers "
+                f"transformer with scheduler=... (got {type(pipe).__name__})"
+            )
+            if not hasattr(pipe, "scheduler"):
+                raise not_a_pipeline
+            try:
+                transformers = pipeline_transformers(pipe)  # `transformer`, and Wan 2.2 A14B's `transformer_2`
+            except TypeError:
+                raise not_a_pipeline from None
+            except ValueError as exc:
+                raise ValueError(f"`pipe` {type(pipe).__name__}: {exc}") from None
         transformer = next(iter(transformers.values()))
         self.adapter = adapter_for(transformer)
         _check_same_layout(transformers, self.adapter)
-        for model in transformers.values():
-            _refuse_dfsattn(model)
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise TypeError(
@@ -196,13 +231,16 @@ class Recording:
             )
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not np.isfinite(fps) or fps <= 0:
             raise ValueError(f"`fps` must be a finite number > 0 (got {fps!r})")
+        self.dfsattn = _dfsattn_of(transformers)
+        if self.dfsattn is not None:
+            settings = _with_dfsattn_blocks(settings, self.dfsattn[1])
         param = next((p for p in transformer.parameters() if p.is_floating_point()), None)
         device = "cpu" if param is None or param.device.type == "cpu" else str(param.device)
         self.config = CaptureConfig(out=str(out), device=device, dtype=_DTYPE_NAMES.get(getattr(param, "dtype", None), "auto"),
                                     **settings)
         self.pipe, self.transformer, self.fps, self.progress = pipe, transformer, float(fps), progress
         self.transformers = transformers
-        self.pipe_class = type(pipe)
+        self.pipe_class = type(transformer) if self.own_loop else type(pipe)
         # resolved before the call, so a bad layer or head is refused before any compute
         self.layer_map, _, _ = resolve_layout(self.config, self.adapter, transformer, _ANY_GRID, (0,))
         self.result: CaptureResult | None = None
@@ -233,6 +271,10 @@ class Recording:
         self._bar = None
         self._captures: dict[str, AttentionCapture] = {}
         try:
+            if self.dfsattn is not None:  # the attention DFSAttn computes reaches the captures too
+                observers = self.dfsattn[0].observers
+                observers.append(hand_over_sparse_call)
+                self._restore.append(functools.partial(observers.remove, hand_over_sparse_call))
             for name, model in self.transformers.items():
                 capture = AttentionCapture(model, self.layer_map, self._on_record, force_native=True)
                 capture.__enter__()
@@ -243,7 +285,8 @@ class Recording:
                                                       with_kwargs=True)
                 post = model.register_forward_hook(self._after_transformer, always_call=True)
                 self._restore += [pre.remove, post.remove]
-            self._wrap_call()
+            if not self.own_loop:
+                self._wrap_call()
             self._wrap_method(self.pipe.scheduler, "step", self._after_scheduler_step)
             vae = getattr(self.pipe, "vae", None)
             if vae is not None and hasattr(vae, "decode"):
@@ -264,7 +307,8 @@ class Recording:
             if writer is None:
                 self._release()
                 if exc_type is None:
-                    raise ValueError("no pipeline call ran inside the `with dfsviz.record(...)` block: nothing was recorded")
+                    raise ValueError("nothing called the transformer inside the `with dfsviz.record(...)` block: nothing "
+                                     "was recorded")
                 return
             complete = False
             try:
@@ -364,7 +408,8 @@ class Recording:
         captured = step in self._todo
         if captured and self.writer.open_step is None:
             self._step_start = time.perf_counter()
-            self.writer.begin_step(step, {**self._step_attrs(step, kwargs), "transformer": name})
+            self.writer.begin_step(step, {**self._step_attrs(step, kwargs), **self._dfsattn_step_attrs(),
+                                          "transformer": name})
         targets = self._targets(hidden.shape[0], calls, kwargs) if captured else []
         self._reducer.targets = targets
         self._captures[name].enabled = bool(targets)
@@ -380,6 +425,18 @@ class Recording:
         sigmas = getattr(scheduler, "sigmas", None)
         if isinstance(sigmas, torch.Tensor) and step < len(sigmas):
             attrs["sigma"] = float(sigmas[step])
+        return attrs
+
+    def _dfsattn_step_attrs(self) -> dict:
+        """What DFSAttn's schedule did at the step now starting: ``dfsattn_plan`` "dense"
+        (warm-up), "refresh" (masks scored) or "cached", and its budget ``dfsattn_gamma``."""
+        ctx = None if self.dfsattn is None else self.dfsattn[0].current
+        if ctx is None:
+            return {}
+        plan = ctx.plan
+        attrs = {"dfsattn_plan": "dense" if plan.dense else "refresh" if plan.refresh else "cached"}
+        if plan.gamma is not None:
+            attrs["dfsattn_gamma"] = float(plan.gamma)
         return attrs
 
     def _after_transformer(self, module, args, kwargs_or_output, *rest) -> None:
@@ -413,24 +470,31 @@ class Recording:
         latent = tuple(int(v) for v in adapter.arch.latent_of_call(hidden, kwargs))
         timesteps = getattr(pipe.scheduler, "timesteps", None)
         if timesteps is None:
-            raise ValueError(f"{type(pipe).__name__}'s scheduler has no timesteps: record a pipeline call")
+            raise ValueError(
+                f"{type(pipe.scheduler).__name__} has no timesteps: call scheduler.set_timesteps(...) before the loop"
+            )
         num_steps = len(timesteps)
         steps = cfg.capture_steps or _default_steps(num_steps)
-        check_capture_steps(steps, num_steps, " of this pipeline call")
+        check_capture_steps(steps, num_steps, " of this loop" if self.own_loop else " of this pipeline call")
         videos = _videos_of_call(self._call)
         if videos != 1:
             raise ValueError(
                 f"the call makes {videos} videos; dfsviz.record captures one video per call (one prompt, "
                 "num_videos_per_prompt=1)"
             )
-        guidance = float(self._call.get("guidance_scale") or 1.0)
         rules = pipeline_rules(adapter)
-        self._cfg = rules.call_runs_cfg(pipe, self._call)
+        if self.own_loop:  # the loop's guidance is the caller's; a second call at a step is its unconditional pass
+            guidance, self._cfg = float("nan"), True
+        else:
+            guidance = float(self._call.get("guidance_scale") or 1.0)
+            self._cfg = rules.call_runs_cfg(pipe, self._call)
         if cfg.branches == "both" and not self._cfg:
             raise ValueError(f"`branches`='both' needs an unconditional pass: {rules.no_uncond_hint()}")
         cond = self._conditioning(kwargs, self._cond_sample(hidden.shape[0]))
         grid = adapter.token_grid(model.config, latent, adapter.text_len(cond))
         layer_map, heads, layout = resolve_layout(cfg, adapter, model, grid, tuple(steps))
+        if self.dfsattn is not None:
+            layout = dataclasses.replace(layout, dfsattn_order=self.dfsattn[1].order)
         source = ModelSource(
             transformer=model, adapter=adapter, scheduler=pipe.scheduler, model_id=_model_id(pipe, model, self.pipe_class),
             vae_spatial=int(getattr(pipe, "vae_scale_factor_spatial", adapter.vae_spatial)),
@@ -443,7 +507,8 @@ class Recording:
         call = {k: v for k, v in attrs["pipeline_call"].items() if k not in _CALL_REPORTING}
         models = self.transformers
         weights = weights_fingerprint(model if len(models) == 1 else torch.nn.ModuleDict(models))
-        identity = {**run_identity(self.rc, weights), "pipeline_call": call}
+        identity = {**run_identity(self.rc, weights), "pipeline_call": call,
+                    "dfsattn": None if self.dfsattn is None else self.dfsattn[1].name}
         out = Path(cfg.out)
         if cfg.resume:
             self.writer = CaptureWriter.resume(out, layout, identity, lock=self._lock)
@@ -478,12 +543,13 @@ class Recording:
             **attrs,
             "transformers": list(self.transformers),
             **({"boundary_ratio": float(boundary)} if boundary is not None and len(self.transformers) > 1 else {}),
-            "pipeline_class": self.pipe_class.__name__,
+            **({} if self.own_loop else {"pipeline_class": self.pipe_class.__name__}),
             "pipeline_call": {k: _describe(v) for k, v in call.items()},
             "conditioning": "image+text" if image else "text",
             "lora_adapters": lora,
             "vae_scale_factors": [source.vae_temporal, source.vae_spatial],
-            "embeddings": "pipeline",
+            "embeddings": "loop" if self.own_loop else "pipeline",
+            **({} if self.dfsattn is None else {"dfsattn": self.dfsattn[1].name}),
         }
 
     # -- branches ------------------------------------------------------------------------------
@@ -619,13 +685,36 @@ def _check_same_layout(transformers: dict, adapter) -> None:
         )
 
 
-def _refuse_dfsattn(transformer: torch.nn.Module) -> None:
-    """ValueError when ``apply_dfsattn`` replaced attention processors of ``transformer``."""
-    for name, module in transformer.named_modules():
-        processor = getattr(module, "processor", None)
-        if processor is not None and type(processor).__module__.startswith("dfsviz.accel"):
-            raise ValueError(
-                f"apply_dfsattn is active on this transformer ({name} runs {type(processor).__name__}); its sparse "
-                "attention bypasses torch SDPA, so the masks it used cannot be recorded yet: remove it first "
-                "(dfsviz.remove_dfsattn(handle), with the handle apply_dfsattn returned) and record the dense run"
-            )
+def _dfsattn_of(transformers: dict):
+    """(DFSState, DFSConfig) of the ``apply_dfsattn`` active on the pipeline's transformers, or None."""
+    from dfsviz.accel import DFSState
+
+    by_state = {id(p.state): p for model in transformers.values() for m in model.modules()
+                if isinstance(getattr(p := getattr(m, "processor", None), "state", None), DFSState)}
+    if not by_state:
+        return None
+    if len(by_state) > 1:
+        raise ValueError("the pipeline's transformers run two separate apply_dfsattn handles; apply it once to the pipeline")
+    processor = next(iter(by_state.values()))
+    return processor.state, processor.config
+
+
+def _with_dfsattn_blocks(settings: dict, config) -> dict:
+    """``settings`` with the block and an order of the DFSAttn ``config``, so its masks fit the
+    capture's maps; ValueError where the caller chose others."""
+    block = settings.get("block", config.block)
+    if block != config.block:
+        raise ValueError(
+            f"`block`={block!r}, but apply_dfsattn attends blocks of {config.block}; record with block={config.block} "
+            "(or leave it out) to store the masks DFSAttn used"
+        )
+    orders = settings.get("orders")
+    if orders is None:
+        default = CaptureConfig.__dataclass_fields__["orders"].default
+        orders = default if config.order in default else (*default, config.order)
+    elif config.order not in orders:
+        raise ValueError(
+            f"`orders`={list(orders)!r} leaves out {config.order!r}, the order apply_dfsattn runs; add it (or leave "
+            "`orders` out) to store the masks DFSAttn used"
+        )
+    return {**settings, "block": block, "orders": orders}

@@ -95,8 +95,24 @@ class AttentionReducer:
                 blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), seed)
                 att = block_footprints(q, k, order.perm_on(q.device), blocks, lay.block, scale)
                 self.writer.write_footprints(rec.layer, branch, order.name, blocks, att)
+        if lay.dfsattn_order is not None:
+            self.writer.write_dfsattn_mask(rec.layer, branch, self._kept(rec, sample, q.device))
         if rec.layer in lay.qkv_layers and lay.has_qkv(self.writer.open_step):
             self.writer.write_qkv(rec.layer, branch, q[0], k[0], v[0])
         self.seen.add((rec.layer, branch))
         if self.progress is not None:
             self.progress.update(1)
+
+    def _kept(self, rec: AttentionRecord, sample: int, device) -> torch.Tensor:
+        """The key blocks the call attended, bool [Hs, M, M] of the captured heads: its DFSAttn
+        mask, or every block for an SDPA call (DFSAttn ran the layer dense)."""
+        m = self.rc.layout.num_blocks
+        if rec.dfsattn_mask is None:
+            return torch.ones(len(self.rc.heads), m, m, dtype=torch.bool, device=device)
+        mask = rec.dfsattn_mask
+        if mask.block != self.rc.layout.block or mask.seq_len != self.rc.grid.num_tokens:
+            raise ValueError(
+                f"DFSAttn attended blocks of {mask.block} over {mask.seq_len} tokens, the capture's are {self.rc.layout.block} "
+                f"over {self.rc.grid.num_tokens}"
+            )
+        return mask.to_dense()[sample].index_select(0, self.heads.to(mask.kv_indices.device))

@@ -80,6 +80,7 @@ DIMS: dict[str, tuple[str, ...]] = {
     "q": ("qkv_layer", "branch", "head", "token", "dim"),
     "k": ("qkv_layer", "branch", "head", "token", "dim"),
     "v": ("qkv_layer", "branch", "head", "token", "dim"),
+    "dfsattn_mask": ("layer", "branch", "head", "q_block", "k_block"),
 }
 UNITS = {
     "m": "fraction of the query block's attention (rows sum to 1 over k_block)",
@@ -94,6 +95,7 @@ UNITS = {
     "q": "model units, post-norm post-RoPE",
     "k": "model units, post-norm post-RoPE",
     "v": "model units",
+    "dfsattn_mask": "1 = key block attended by DFSAttn, 0 = skipped (blocks of the order dfsattn_order)",
 }
 
 
@@ -104,7 +106,7 @@ def step_key(step: int) -> str:
 
 # the dtype and fill value of each per-step dataset (maps default to float32, NaN = unwritten)
 _DTYPES = {"footprint": ("float16", np.nan), "footprint_block": ("int32", -1), "W_q": ("float64", np.nan),
-           "W_k": ("float64", np.nan)}
+           "W_k": ("float64", np.nan), "dfsattn_mask": ("uint8", 255)}
 
 
 def dataset_dtype(name: str, qkv_dtype: str) -> tuple[np.dtype, float | int]:
@@ -156,6 +158,9 @@ class StoreLayout:
         head_dim: D.
         qkv_dtype: numpy dtype name of stored Q/K/V ("float16" or "float32").
         qkv_steps: steps at which Q/K/V are stored (subset of ``steps``); None = every step.
+        dfsattn_order: the token order of the masks DFSAttn used (``dfsviz.record`` of a
+            pipeline with ``apply_dfsattn`` active: every step holds ``dfsattn_mask``, in the
+            blocks of this order), or None.
     """
 
     grid: LatentGrid
@@ -172,6 +177,7 @@ class StoreLayout:
     head_dim: int = 64
     qkv_dtype: str = "float32"
     qkv_steps: tuple[int, ...] | None = None
+    dfsattn_order: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.layer_names):
@@ -186,6 +192,8 @@ class StoreLayout:
         extra = sorted(set(self.qkv_steps) - set(self.steps))
         if extra:
             raise ValueError(f"`qkv_steps` {extra} are not captured steps {list(self.steps)}")
+        if self.dfsattn_order is not None and self.dfsattn_order not in self.orders:
+            raise ValueError(f"`dfsattn_order` {self.dfsattn_order!r} is not a captured order {list(self.orders)}")
 
     @property
     def num_tokens(self) -> int:
@@ -229,11 +237,13 @@ class StoreLayout:
             names += ["footprint_block", "footprint"]
         if self.has_qkv(step):
             names += ["q", "k", "v"]
+        if self.dfsattn_order is not None:
+            names.append("dfsattn_mask")
         return names
 
     def bytes_per_step(self, step: int) -> int:
         """Uncompressed bytes of one step's datasets (an upper bound of the file growth)."""
-        itemsize = {"footprint": 2, "footprint_block": 4, "W_q": 8, "W_k": 8, "q": 0, "k": 0, "v": 0}
+        itemsize = {"footprint": 2, "footprint_block": 4, "W_q": 8, "W_k": 8, "q": 0, "k": 0, "v": 0, "dfsattn_mask": 1}
         qkv = 2 if self.qkv_dtype == "float16" else 4
         total = 0
         for name in self.datasets(step):
@@ -269,6 +279,7 @@ class StoreLayout:
             "head_dim": self.head_dim,
             "qkv_dtype": self.qkv_dtype,
             "qkv_steps": np.asarray(self.qkv_steps, dtype=np.int64),
+            "dfsattn_order": self.dfsattn_order or "",
         }
 
     @classmethod
@@ -298,6 +309,8 @@ class StoreLayout:
         except ValueError as exc:
             raise ValueError(f"root attribute {str(exc).replace('`block`', repr('block'), 1)}") from None
         qkv_steps = read.ints("qkv_steps", ascending=True) if "qkv_steps" in attrs else None
+        # files written before `dfsattn_order` existed hold no DFSAttn masks, as "" says
+        dfsattn = read.choice("dfsattn_order", ("", *order_names())) if "dfsattn_order" in attrs else ""
         try:
             return cls(
                 grid=grid,
@@ -315,6 +328,7 @@ class StoreLayout:
                 qkv_dtype=read.choice("qkv_dtype", QKV_DTYPES),
                 # Files written before `qkv_steps` existed stored Q/K/V at every step.
                 qkv_steps=qkv_steps,
+                dfsattn_order=dfsattn or None,
             )
         except ValueError as exc:
             raise ValueError(f"root attributes do not describe a capture: {exc}") from None

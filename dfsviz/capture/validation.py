@@ -270,11 +270,17 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
     """What is wrong with one map of dataset ``name`` (one head), or None.
 
     ``array`` is what the writer stores: float [Mq, Mk] for m, L, r, J and scores, float16
-    [K, N] for footprint, int32 [K] for footprint_block, [N, D] for q, k, v, a float for W.
+    [K, N] for footprint, int32 [K] for footprint_block, [N, D] for q, k, v, a float for W,
+    uint8 [Mq, Mk] for dfsattn_mask.
     """
     if name == "footprint_block":
         bad = array[(array < 0) | (array >= num_blocks)]
         return f"query block {int(bad[0])} outside [0, {num_blocks})" if bad.size else None
+    if name == "dfsattn_mask":
+        if ((array != 0) & (array != 1)).any():
+            return f"values other than 0 and 1 ({int(array.max())})"
+        empty = np.flatnonzero(~array.any(axis=-1))
+        return f"query block {int(empty[0])} attends no key block" if empty.size else None
     if name == "footprint":
         # N x probability in float16 saturates to inf (documented); NaN or negative is damage
         if np.isnan(array).any():

@@ -23,6 +23,8 @@ chunk):
         footprint             float16 [layer, branch, order, head, sample, token]
                               (N x attention probability, original token order)
         q, k, v               [qkv_layer, branch, head, token, dim] (original token order)
+        dfsattn_mask          uint8 [layer, branch, head, q_block, k_block]: the key blocks
+                              DFSAttn attended (a recording with apply_dfsattn active)
     /video/                   optional: the decoded clip (attributes fps, complete)
         frames                uint8 [video_frame, row, column, channel] RGB, downscaled
         latent_frame          int64 [video_frame]: the latent grid frame of each video frame
@@ -644,6 +646,17 @@ class CaptureWriter:
             arr = arr.astype(dtype)
             for h in range(arr.shape[0]):
                 self._pool.submit(self._group[name], name, (li, bi, h, 0, 0), arr[h])
+
+    def write_dfsattn_mask(self, layer: int, branch: str, kept: torch.Tensor) -> None:
+        """Queue the blocks DFSAttn attended in one (layer, branch): ``kept`` bool [Hs, Mq, Mk]
+        in the blocks of ``layout.dfsattn_order`` (every block True where it ran dense)."""
+        order = self.layout.dfsattn_order
+        if order is None:
+            raise ValueError("this capture holds no DFSAttn masks (its layout has no `dfsattn_order`)")
+        li, bi = self.layout.layers.index(layer), self.layout.branches.index(branch)
+        (maps,), ready = _to_host([kept], torch.uint8)
+        for h in range(maps.shape[0]):
+            self._pool.submit(self._group["dfsattn_mask"], "dfsattn_mask", (li, bi, h, 0, 0), maps[h], ready)
 
     def _drain(self) -> None:
         reason = None

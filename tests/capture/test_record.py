@@ -16,6 +16,7 @@ import dfsviz
 from dfsviz.capture import CaptureConfig, Conditioning, ModelSource, get_adapter, run_capture
 from dfsviz.capture.file_safety import CaptureLock
 from tiny_models import build_tiny
+from wan_loop import dfsattn_config, wan_loop
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers", reason="the pipelines need the `pipelines` extra (transformers)")
@@ -191,15 +192,20 @@ def test_interrupted_recording_keeps_its_steps_and_resumes(tmp_path):
             pipe(generator=torch.Generator().manual_seed(1), **{**WAN_CALL, "guidance_scale": 2.0})
 
 
-def test_cogvideox_batch_of_two_picks_the_conditional_half(tmp_path):
-    """CogVideoX runs CFG as one batch [uncond, cond]: each half goes to its branch."""
+def cogvideox_pipeline():
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                            norm_num_groups=2, temporal_compression_ratio=4).eval()
-    transformer = build_tiny("cogvideox")
-    scheduler_config = dict(timestep_spacing="trailing", prediction_type="v_prediction", rescale_betas_zero_snr=True)
-    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                                       scheduler=diffusers.CogVideoXDDIMScheduler(**scheduler_config))
+    scheduler = diffusers.CogVideoXDDIMScheduler(timestep_spacing="trailing", prediction_type="v_prediction",
+                                                 rescale_betas_zero_snr=True)
+    return diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=build_tiny("cogvideox"),
+                                       scheduler=scheduler)
+
+
+def test_cogvideox_batch_of_two_picks_the_conditional_half(tmp_path):
+    """CogVideoX runs CFG as one batch [uncond, cond]: each half goes to its branch."""
+    pipe = cogvideox_pipeline()
+    transformer = pipe.transformer
     # 9 frames of 128 x 128 pixels: latent 3 x 16 x 16, token grid 3 x 8 x 8 after 8 text tokens
     call = dict(prompt_embeds=_embeds(20, 8), negative_prompt_embeds=_embeds(21, 8), height=128, width=128,
                 num_frames=9, num_inference_steps=2, guidance_scale=5.0, output_type="np")
@@ -209,7 +215,7 @@ def test_cogvideox_batch_of_two_picks_the_conditional_half(tmp_path):
         recorded = pipe(generator=torch.Generator().manual_seed(1), **call).frames
     np.testing.assert_array_equal(recorded, plain)
 
-    source = ModelSource(transformer, get_adapter("cogvideox"), diffusers.CogVideoXDDIMScheduler(**scheduler_config),
+    source = ModelSource(transformer, get_adapter("cogvideox"), diffusers.CogVideoXDDIMScheduler(**pipe.scheduler.config),
                          "tiny-cog", cond=Conditioning(call["prompt_embeds"]), uncond=Conditioning(call["negative_prompt_embeds"]))
     captured = tmp_path / "captured.h5"
     run_capture(CaptureConfig(out=str(captured), latent="3x16x16", num_steps=2, capture_steps=(0, 1), guidance_scale=5.0,
@@ -332,8 +338,16 @@ def test_lora_and_image_to_video_pipelines(tmp_path):
 def test_bad_input_stops_before_anything_is_written(tmp_path):
     pipe = wan_pipeline()
     out = tmp_path / "run.h5"
-    with pytest.raises(TypeError, match=r"`pipe` must be a diffusers video pipeline with a `transformer`.*got Linear"):
-        dfsviz.record(torch.nn.Linear(2, 2), out)
+    with pytest.raises(TypeError, match=r"`pipe` must be a diffusers video pipeline .*or a diffusers transformer with "
+                                        r"scheduler=... \(got str\)"):
+        dfsviz.record("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", out)
+    with pytest.raises(TypeError, match=r"recording a transformer in your own loop needs the scheduler the loop steps "
+                                        r"\(got scheduler=NoneType\): dfsviz.record\(transformer, out, scheduler=scheduler\)"):
+        dfsviz.record(pipe.transformer, out)
+    with pytest.raises(ValueError, match=r"unsupported architecture Linear"):
+        dfsviz.record(torch.nn.Linear(2, 2), out, scheduler=pipe.scheduler)
+    with pytest.raises(TypeError, match=r"`scheduler` is for a transformer in your own loop; a pipeline is recorded with its own"):
+        dfsviz.record(pipe, out, scheduler=pipe.scheduler)
 
     class OtherPipeline:
         transformer = torch.nn.Linear(2, 2)
@@ -356,7 +370,7 @@ def test_bad_input_stops_before_anything_is_written(tmp_path):
         with dfsviz.record(pipe, out, **SETTINGS):
             pipe(generator=torch.Generator().manual_seed(1), num_videos_per_prompt=2, **WAN_CALL)
     assert not out.exists()
-    with pytest.raises(ValueError, match=r"no pipeline call ran inside the `with dfsviz.record\(...\)` block"):
+    with pytest.raises(ValueError, match=r"nothing called the transformer inside the `with dfsviz.record\(...\)` block"):
         with dfsviz.record(pipe, out, **SETTINGS):
             pass
 
@@ -381,15 +395,120 @@ def test_one_call_per_block(tmp_path):
         assert run.steps == [0]
 
 
-def test_apply_dfsattn_active_is_refused(tmp_path):
+def test_a_transformer_in_your_own_loop_records_as_its_pipeline_does(tmp_path):
+    """The Wan pipeline's denoising loop written out by hand (its noise, schedule, two CFG calls
+    per step): the recording around the transformer equals the recording of the pipeline call."""
     pipe = wan_pipeline()
-    handle = dfsviz.apply_dfsattn(pipe.transformer, dfsviz.DFSConfig())
+    via_pipeline = tmp_path / "pipeline.h5"
+    with dfsviz.record(pipe, via_pipeline, capture_steps=(0, 2), branches="both", **SETTINGS):
+        pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
+
+    transformer, scheduler = pipe.transformer, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    loop = tmp_path / "loop.h5"
+    with dfsviz.record(transformer, loop, scheduler=scheduler, capture_steps=(0, 2), branches="both", **SETTINGS) as rec:
+        wan_loop(transformer, scheduler, STEPS, WAN_CALL["prompt_embeds"], WAN_CALL["negative_prompt_embeds"],
+                 WAN_CALL["guidance_scale"])
+    assert rec.result.steps == [0, 2] and rec.result.complete and "step" not in vars(scheduler)
+    _assert_same_maps(loop, via_pipeline)
+    with dfsviz.open(loop) as run:
+        assert run.validate() == [] and run.video() is None
+        assert run.attrs["embeddings"] == "loop" and np.isnan(float(run.attrs["guidance_scale"]))
+        assert "pipeline_class" not in run.attrs
+        assert run.step_attrs(2)["timestep"] == float(scheduler.timesteps[2])
+
+
+def _joint_text_call(family):
+    """A 2-step call of the tiny HunyuanVideo (padded text after the video, no CFG) or CogVideoX
+    (text before the video, CFG as one batch [uncond, cond]) pipeline."""
+    if family == "hunyuanvideo":
+        cond = _hunyuan_text(30)
+        return hunyuan_pipeline(), dict(prompt_embeds=cond.embeds, prompt_attention_mask=cond.mask,
+                                        pooled_prompt_embeds=cond.pooled, height=64, width=64, num_frames=9,
+                                        num_inference_steps=2, guidance_scale=6.0, output_type="np"), ("cond",)
+    return cogvideox_pipeline(), dict(prompt_embeds=_embeds(20, 8), negative_prompt_embeds=_embeds(21, 8), height=128,
+                                      width=128, num_frames=9, num_inference_steps=2, guidance_scale=5.0,
+                                      output_type="np"), ("cond", "uncond")
+
+
+@pytest.mark.parametrize("family", ["hunyuanvideo", "cogvideox"])
+def test_recording_with_dfsattn_on_joint_text_attention(tmp_path, family):
+    """Text in the sequence (HunyuanVideo's padded text after the video, CogVideoX's before it):
+    the masks DFSAttn attended over the real tokens lie on the capture's blocks."""
+    from dfsviz.sparse.schedule import DFSSchedule
+
+    pipe, call, branches = _joint_text_call(family)
+    schedule = DFSSchedule(num_steps=2, skip_steps=1, interval=1, gamma0=0.5, decrement=0.0, dense_layers=())
+    with dfsviz.apply_dfsattn(pipe, dfsviz.DFSConfig(block=16, tile=4, schedule=schedule)) as handle:
+        plain = pipe(generator=torch.Generator().manual_seed(1), **call).frames
+        out = tmp_path / f"{family}.h5"
+        with dfsviz.record(pipe, out, capture_steps=(0, 1), branches="both" if len(branches) == 2 else "cond",
+                           **SETTINGS):
+            recorded = pipe(generator=torch.Generator().manual_seed(1), **call).frames
+        logged = [r for r in handle.state.records if r["step"] == 1]
+    np.testing.assert_array_equal(recorded, plain)
+    with dfsviz.open(out) as run:
+        assert run.validate() == [] and run.branches == list(branches)
+        assert [run.step_attrs(s)["dfsattn_plan"] for s in (0, 1)] == ["dense", "refresh"]
+        for layer in run.layers:
+            density = next(r["density"] for r in logged if r["layer"] == layer)
+            for branch in branches:  # cfg="share": both halves attend the conditional half's mask
+                assert bool(run.dfsattn_kept(0, layer, branch=branch).all())
+                kept = run.dfsattn_mask(1, layer, branch=branch)
+                assert kept.density().mean().item() == pytest.approx(density)
+                assert kept.density().mean().item() < 1
+
+
+def test_recording_with_dfsattn_refuses_blocks_or_orders_that_leave_its_masks_out(tmp_path):
+    pipe = wan_pipeline()
+    handle = dfsviz.apply_dfsattn(pipe, dfsattn_config(STEPS))
     try:
-        with pytest.raises(ValueError, match=r"apply_dfsattn is active on this transformer \(blocks.1.attn1 runs .*remove_dfsattn\(handle\)"):
-            dfsviz.record(pipe, tmp_path / "x.h5")
+        with pytest.raises(ValueError, match=r"`block`=32, but apply_dfsattn attends blocks of 16; record with block=16"):
+            dfsviz.record(pipe, tmp_path / "x.h5", block=32)
+        with pytest.raises(ValueError, match=r"`orders`=\['raster'\] leaves out 'hilbert3d', the order apply_dfsattn runs"):
+            dfsviz.record(pipe, tmp_path / "x.h5", block=16, orders=("raster",))
     finally:
-        dfsviz.remove_dfsattn(handle)
+        handle.remove()
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_damaged_dfsattn_masks_are_named(tmp_path):
+    import shutil
+
+    pipe = wan_pipeline()
+    with dfsviz.apply_dfsattn(pipe, dfsattn_config(STEPS)):
+        with dfsviz.record(pipe, tmp_path / "good.h5", capture_steps=(1,), **SETTINGS):
+            pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
+    for name, edit, match in [
+        ("two.h5", lambda d: d.__setitem__((1, 0, 1, 0, 0), 2), r"dfsattn_mask\[layer 1, branch cond, head 1\]: values other than 0 and 1"),
+        ("row.h5", lambda d: d.__setitem__((1, 0, 0, 2), 0), r"dfsattn_mask\[layer 1, branch cond, head 0\]: query block 2 attends no key block"),
+    ]:
+        path = tmp_path / name
+        shutil.copy(tmp_path / "good.h5", path)
+        with h5py.File(path, "r+") as f:
+            dset = f["steps/step_0001/dfsattn_mask"]
+            data = dset[...]
+            edit(data)
+            dset[...] = data
+        with dfsviz.open(path) as run:
+            problems = run.validate()
+        assert any(__import__("re").search(match, p) for p in problems), problems
+    path = tmp_path / "order.h5"
+    shutil.copy(tmp_path / "good.h5", path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["dfsattn_order"] = "morton3d"
+    with pytest.raises(ValueError, match=r"`dfsattn_order` 'morton3d' is not a captured order \['raster', 'hilbert3d'\]"):
+        dfsviz.open(path)
+
+
+def test_a_capture_without_dfsattn_says_so(tmp_path):
+    pipe = wan_pipeline()
+    out = tmp_path / "dense.h5"
+    with dfsviz.record(pipe, out, capture_steps=(0,), **SETTINGS):
+        pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
+    with dfsviz.open(out) as run:
+        assert run.dfsattn_order is None and "dfsattn_plan" not in run.step_attrs(0)
+        with pytest.raises(ValueError, match=r"holds no DFSAttn masks: record a pipeline with apply_dfsattn active"):
+            run.dfsattn_kept(0, 0)
 
 
 def test_record_is_a_public_name():
