@@ -15,6 +15,12 @@ token grid, through the registry entry), advances the :class:`~dfsviz.accel.stat
 and fixes the :class:`~dfsviz.sparse.schedule.StepPlan`. Permute-once orders the hidden
 states (and the RoPE tables and per-token modulation the entry names) before the first
 block and restores the order before the module after the block stack.
+
+Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism`` before
+``apply_dfsattn``, launched by ``torchrun``) each rank's processors attend the whole sequence of
+the rank's heads between diffusers' own all-to-alls (:mod:`dfsviz.accel.processors`); ring
+attention, ``ulysses_anything``, tensor parallelism, a class without diffusers' context-parallel
+plan, a Ulysses degree that does not divide the heads and permute-once are refused.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 from dfsviz.accel.config import DFSConfig
 from dfsviz.accel.processors import PROCESSORS, SDPADFSProcessor, _DFSProcessorBase
 from dfsviz.accel.state import DFSState
-from dfsviz.architectures import CONTEXT_PARALLEL_REASON, Architecture, architecture_for, pipeline_transformers
+from dfsviz.architectures import PARALLEL_REFUSALS, Architecture, architecture_for, pipeline_transformers
 from dfsviz.sparse.orders import make_order
 
 logger = logging.getLogger(__name__)
@@ -56,6 +62,9 @@ class DFSHandle:
             ``transformer_2``), as the records name it.
         transformer_2: the handle of the pipeline's ``transformer_2`` (same config and state;
             ``remove()`` undoes it too), or None.
+        ulysses: (rank, degree) of this process in diffusers' Ulysses group when the transformer
+            runs under context parallelism (the rank attends heads [rank * H / degree, (rank + 1)
+            * H / degree) of every layer), else None.
     """
 
     def __init__(self, transformer, config: DFSConfig, arch: Architecture, state: DFSState | None = None,
@@ -72,6 +81,8 @@ class DFSHandle:
         self._originals: dict[str, object] = {}
         self._hooks: list = []
         self.active = False
+        self._parallel_config = getattr(transformer, "_parallel_config", None)
+        self.ulysses: tuple[int, int] | None = None
 
     # -- install ------------------------------------------------------------------------
     def _install(self) -> None:
@@ -84,6 +95,7 @@ class DFSHandle:
                 f"{len(self.layers)} self-attention layers of this {type(model).__name__}; use indices in "
                 f"[0, {len(self.layers)})"
             )
+        self.ulysses = self._ulysses_group(modules)
         for name, layer in self.layers.items():
             proc = modules[name].processor
             if isinstance(proc, _DFSProcessorBase):
@@ -97,7 +109,8 @@ class DFSHandle:
                     f"(the stock processor of this architecture); reset it with set_default_attn_processor() or "
                     "the model's default"
                 )
-            if type(proc).__name__ not in arch.tuned:
+            # Under Ulysses attention Wan's processor, too, runs diffusers' dispatcher around DFSAttn.
+            if type(proc).__name__ not in arch.tuned or self.ulysses is not None:
                 backend = getattr(proc, "_attention_backend", None)
                 if backend is not None and str(getattr(backend, "value", backend)) != "native":
                     raise ValueError(
@@ -115,7 +128,7 @@ class DFSHandle:
                 continue
             module = modules[name]
             self._originals[name] = module.processor
-            module.processor = self._processor(module.processor, layer, cond)
+            module.processor = self._processor(module.processor, layer, cond, self._rank_heads(module))
             self.sparse_layers.append(name)
         if cfg.fused_ops and arch.name == "wan":
             from dfsviz.accel.wan_block import fused_block_forward
@@ -137,12 +150,59 @@ class DFSHandle:
             self._hooks.append(modules[arch.restore].register_forward_pre_hook(self._restore, with_kwargs=True))
         self.active = True
 
-    def _processor(self, original, layer: int, cond: int) -> _DFSProcessorBase:
+    def _processor(self, original, layer: int, cond: int, heads: slice | None) -> _DFSProcessorBase:
         """The DFSAttn processor of a layer whose stock processor is ``original``."""
         key = self.arch.tuned.get(type(original).__name__)
         if key is not None:
-            return PROCESSORS[key](original, layer, self.state, self.config, cond)
-        return SDPADFSProcessor(original, layer, self.state, self.config, cond, text_first=self.arch.text == "before")
+            return PROCESSORS[key](original, layer, self.state, self.config, cond, heads)
+        return SDPADFSProcessor(original, layer, self.state, self.config, cond, heads,
+                                text_first=self.arch.text == "before")
+
+    def _ulysses_group(self, modules: dict) -> tuple[int, int] | None:
+        """(rank, degree) in diffusers' Ulysses group, None without parallelism; every other kind
+        of diffusers parallelism, a class without diffusers' plan and a degree that does not divide
+        the heads are refused."""
+        parallel = self._parallel_config
+        if parallel is None:
+            return None
+        name = type(self.transformer).__name__
+        cp = getattr(parallel, "context_parallel_config", None)
+        if cp is None:
+            raise ValueError(f"DFSAttn under tensor parallelism ({name}): {PARALLEL_REFUSALS['tensor']}")
+        if cp.ring_degree > 1:
+            raise ValueError(
+                f"DFSAttn under ring attention ({name}, ring_degree={cp.ring_degree}): {PARALLEL_REFUSALS['ring']}; "
+                "use ContextParallelConfig(ulysses_degree=P)"
+            )
+        if cp.ulysses_anything:
+            raise ValueError(f"DFSAttn under Ulysses attention ({name}): {PARALLEL_REFUSALS['ulysses_anything']}")
+        if type(self.transformer)._cp_plan is None:
+            raise ValueError(f"DFSAttn under context parallelism ({name}): {PARALLEL_REFUSALS['no_plan']}")
+        if self.config.permute_once:
+            raise ValueError(
+                f"permute_once under context parallelism ({name}): diffusers splits the hidden states and the RoPE "
+                "tables over the ranks in its own hooks and gathers the output after the last module, where the "
+                "whole sequence cannot be reordered once; use permute_once=False (each call orders the whole "
+                "sequence of its heads after the all-to-all: the same masks)"
+            )
+        degree = cp.ulysses_degree
+        for layer_name in self.layers:
+            heads = modules[layer_name].heads
+            if heads % degree:
+                raise ValueError(
+                    f"DFSAttn under Ulysses attention: ulysses_degree={degree} does not divide the {heads} heads of "
+                    f"{name} ({layer_name}); use a degree in "
+                    f"{[d for d in range(1, heads + 1) if heads % d == 0]} (torchrun --nproc-per-node)"
+                )
+        return cp._ulysses_local_rank, degree
+
+    def _rank_heads(self, module) -> slice | None:
+        """The heads of the attention ``module`` this rank attends under Ulysses attention, or None."""
+        if self.ulysses is None:
+            return None
+        rank, degree = self.ulysses
+        per_rank = module.heads // degree
+        return slice(rank * per_rank, (rank + 1) * per_rank)
 
     def _check_plan(self, plan, modules: dict) -> None:
         """Refuse a calibrated plan made for another model, or whose layers or heads this model lacks."""
@@ -190,6 +250,12 @@ class DFSHandle:
 
     # -- hooks --------------------------------------------------------------------------
     def _begin_call(self, module, args, kwargs):
+        if getattr(module, "_parallel_config", None) is not self._parallel_config:
+            raise RuntimeError(
+                f"diffusers' parallelism of {type(module).__name__} changed after apply_dfsattn (enable_parallelism "
+                "was called on it since); call remove() on the DFSAttn handle, then enable_parallelism, then "
+                "apply_dfsattn"
+            )
         bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
         latent = self.arch.latent_of_call(bound.get("hidden_states"), bound)
         text_len = 0
@@ -337,9 +403,14 @@ def apply_dfsattn(pipe_or_transformer, config: DFSConfig | str | os.PathLike | N
 
     Raises:
         TypeError / ValueError: unsupported object or architecture (with the reason), a model
-        under diffusers' context parallelism, processors that are not the stock ones, DFSAttn
-        already applied, dense layers out of range, a calibrated config made for another model
-        (or, at the first call, another latent grid).
+        under diffusers' parallelism other than Ulysses attention with the class's own plan (or a
+        Ulysses degree that does not divide the heads, or with permute-once), processors that
+        are not the stock ones, DFSAttn already applied, dense layers out of range, a calibrated
+        config made for another model (or, at the first call, another latent grid).
+
+    Several GPUs: call ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))``
+    first, on every rank of a ``torchrun --nproc-per-node P`` launch, then ``apply_dfsattn``;
+    each rank's ``handle.state`` holds the masks and records of its own heads (``handle.ulysses``).
     """
     config = DFSConfig() if config is None else config
     if isinstance(config, (str, os.PathLike)):
@@ -356,8 +427,6 @@ def apply_dfsattn(pipe_or_transformer, config: DFSConfig | str | os.PathLike | N
     for model in models.values():
         if arch.dfsattn is not None:
             raise ValueError(f"DFSAttn does not run in {type(model).__name__}: {arch.dfsattn}")
-        if getattr(model, "_parallel_config", None) is not None:
-            raise ValueError(f"DFSAttn under context parallelism ({type(model).__name__}): {CONTEXT_PARALLEL_REASON}")
     if config.calibration is not None and len(models) > 1:
         raise ValueError(
             f"a calibrated config holds the budgets of one transformer; {type(pipe_or_transformer).__name__} has "

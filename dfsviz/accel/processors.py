@@ -28,6 +28,14 @@ Processors (which one serves a layer: the registry entry's ``tuned`` map, by sto
 * :class:`SDPADFSProcessor`: every other family of the registry. It runs the stock processor
   and replaces the SDPA call it makes (the q, k, v the stock processor computed, [B, H, N, D]);
   text tokens are placed as the registry entry says, their count is N minus the video tokens.
+
+Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism``) a rank's
+processor gets its shard of the sequence. The sparse attention still runs on the whole
+sequence of the rank's heads (``heads``): the stock attention runs through diffusers'
+dispatcher, whose all-to-alls gather the sequence and scatter the heads, and DFSAttn replaces
+the SDPA call of the native backend between them (Wan: :class:`WanDFSProcessor` calls the
+dispatcher itself; the SDPA-level processor gets this for free). A calibrated plan's per-head
+budgets are sliced to the rank's heads.
 """
 
 from __future__ import annotations
@@ -66,14 +74,21 @@ __all__ = [
 class _DFSProcessorBase:
     """Shared sparse attention of the DFSAttn processors (per-arch q/k/v in subclasses)."""
 
-    def __init__(self, original, layer: int, state: DFSState, config: DFSConfig, cond_index: int) -> None:
+    #: where text sits in the SDPA calls :meth:`_sdpa` replaces: before the video (True) or after it
+    text_first = False
+
+    def __init__(self, original, layer: int, state: DFSState, config: DFSConfig, cond_index: int,
+                 heads: slice | None = None) -> None:
         self.original = original
         self.layer = layer
         self.state = state
         self.config = config
         self.cond_index = cond_index
+        # Under diffusers' Ulysses attention this rank attends the heads `heads` of the layer.
+        self.heads = heads
         # A calibrated plan gives every head its own budget; else the schedule's gamma serves all heads.
-        self.gammas = None if config.calibration is None else config.calibration.gammas(layer)
+        gammas = None if config.calibration is None else config.calibration.gammas(layer)
+        self.gammas = gammas if gammas is None or heads is None else gammas[heads]
         self.precision = "native" if config.precision == "native" else "fp8"
 
     def _dfs_ctx(self) -> _CallContext | None:
@@ -173,9 +188,54 @@ class _DFSProcessorBase:
             return
         if ordered_by is not None:
             q, k, v = (ordered_by.restore(x) for x in (q, k, v))
-        call = SparseCall(self.layer, q, k, v, scale, mask, self.config.order, refresh)
+        first_head = 0 if self.heads is None else self.heads.start
+        call = SparseCall(self.layer, q, k, v, scale, mask, self.config.order, refresh, first_head)
         for observer in self.state.observers:
             observer(call)
+
+    def _sdpa(self, ctx, calls: list, sdpa, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+              scale=None, **kwargs):
+        """``torch.nn.functional.scaled_dot_product_attention`` while this layer's stock attention
+        runs (:func:`_sdpa_replaced`): a self-attention call (queries and keys of one length) is
+        :meth:`attend` on its q, k, v [B, H, N, D]; any other call is ``sdpa``'s. ``calls`` gets the
+        length of every call replaced."""
+        if query.shape[-2] != key.shape[-2] or kwargs.get("enable_gqa"):
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, **kwargs)
+        if is_causal or dropout_p:
+            raise ValueError(
+                f"DFSAttn layer {self.layer}: a causal or dropout SDPA call (is_causal={is_causal}, dropout_p={dropout_p}) "
+                "is not bidirectional video attention; put the model in eval mode or leave this layer dense"
+            )
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            raise ValueError(
+                f"DFSAttn layer {self.layer}: got an additive {attn_mask.dtype} attention mask "
+                f"{tuple(attn_mask.shape)}; the block-sparse kernel takes only boolean key-padding masks"
+            )
+        calls.append(query.shape[-2])
+        video = ctx.grid.num_video
+        text_len = query.shape[-2] - video
+        if text_len < 0:
+            raise ValueError(
+                f"DFSAttn layer {self.layer}: self-attention over {query.shape[-2]} tokens, fewer than the "
+                f"{video} video tokens of the grid {ctx.grid.name}; the latent does not match this layer"
+            )
+        g = ctx.grid
+        grid = LatentGrid(g.frames, g.height, g.width, text_len=text_len, text_first=self.text_first and text_len > 0)
+        return self.attend(query, key, value, ctx, attn_mask, grid, scale)
+
+    def _through_sdpa(self, ctx: _CallContext, run, *args, **kwargs):
+        """``run(*args, **kwargs)`` with the SDPA call of its self-attention replaced by
+        :meth:`attend` (:meth:`_sdpa`); refused when no self-attention call reached SDPA."""
+        calls = []
+        with _sdpa_replaced(functools.partial(self._sdpa, ctx, calls)):
+            out = run(*args, **kwargs)
+        if not calls:
+            raise ValueError(
+                f"DFSAttn layer {self.layer}: the self-attention of {type(self.original).__name__} never reached torch "
+                "SDPA (a flash/sage backend?); call set_attention_backend('native') on the transformer first"
+            )
+        return out
 
     def _mask(self, q, k, ctx: _CallContext, grid: LatentGrid, order: TokenOrder | None, scale: float | None):
         cfg, state = self.config, self.state
@@ -297,6 +357,12 @@ class WanDFSProcessor(_DFSProcessorBase):
                 query, key = wan_rope(query, *rotary_emb), wan_rope(key, *rotary_emb)
         if ctx is None:
             out = _stock_attention(self.original, query, key, value, attention_mask)
+        elif self.heads is not None:
+            # Under diffusers' Ulysses attention q, k, v are this rank's shard of the sequence:
+            # diffusers' all-to-all gives the rank the whole sequence of its heads, DFSAttn replaces
+            # the SDPA call of the native backend on them, and the second all-to-all returns the
+            # rank's tokens of every head.
+            out = self._through_sdpa(ctx, _stock_attention, self.original, query, key, value, None)
         else:
             out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx).transpose(1, 2)
         out = out.flatten(2, 3).type_as(query)
@@ -388,8 +454,8 @@ class SDPADFSProcessor(_DFSProcessorBase):
     call is refused."""
 
     def __init__(self, original, layer: int, state: DFSState, config: DFSConfig, cond_index: int,
-                 text_first: bool = False) -> None:
-        super().__init__(original, layer, state, config, cond_index)
+                 heads: slice | None = None, text_first: bool = False) -> None:
+        super().__init__(original, layer, state, config, cond_index, heads)
         self.text_first = text_first
         # diffusers' Attention.forward passes only the keyword arguments the processor's
         # ``__call__`` names (e.g. ``image_rotary_emb``): show it the stock processor's signature
@@ -399,42 +465,7 @@ class SDPADFSProcessor(_DFSProcessorBase):
         ctx = self._dfs_ctx()
         if ctx is None:
             return self.original(attn, *args, **kwargs)
-        calls = []
-        with _sdpa_replaced(functools.partial(self._sdpa, ctx, calls)):
-            out = self.original(attn, *args, **kwargs)
-        if not calls:
-            raise ValueError(
-                f"DFSAttn layer {self.layer}: the self-attention of {type(self.original).__name__} never reached torch "
-                "SDPA (a flash/sage backend?); call set_attention_backend('native') on the transformer first"
-            )
-        return out
-
-    def _sdpa(self, ctx, calls: list, sdpa, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-              scale=None, **kwargs):
-        if query.shape[-2] != key.shape[-2] or kwargs.get("enable_gqa"):
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, **kwargs)
-        if is_causal or dropout_p:
-            raise ValueError(
-                f"DFSAttn layer {self.layer}: a causal or dropout SDPA call (is_causal={is_causal}, dropout_p={dropout_p}) "
-                "is not bidirectional video attention; put the model in eval mode or leave this layer dense"
-            )
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
-            raise ValueError(
-                f"DFSAttn layer {self.layer}: got an additive {attn_mask.dtype} attention mask "
-                f"{tuple(attn_mask.shape)}; the block-sparse kernel takes only boolean key-padding masks"
-            )
-        calls.append(query.shape[-2])
-        video = ctx.grid.num_video
-        text_len = query.shape[-2] - video
-        if text_len < 0:
-            raise ValueError(
-                f"DFSAttn layer {self.layer}: self-attention over {query.shape[-2]} tokens, fewer than the "
-                f"{video} video tokens of the grid {ctx.grid.name}; the latent does not match this layer"
-            )
-        g = ctx.grid
-        grid = LatentGrid(g.frames, g.height, g.width, text_len=text_len, text_first=self.text_first and text_len > 0)
-        return self.attend(query, key, value, ctx, attn_mask, grid, scale)
+        return self._through_sdpa(ctx, self.original, attn, *args, **kwargs)
 
 
 @contextlib.contextmanager

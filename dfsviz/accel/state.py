@@ -49,6 +49,8 @@ class SparseCall:
             over the tokens in ``order``; every block under ``precision="fp8_dense"``'s dense steps.
         order: the token order name the mask's blocks are made of.
         refresh: this call scored its mask (False: a cached mask served it).
+        first_head: the model's head that q, k, v, mask's head 0 is: the rank's first head under
+            diffusers' Ulysses context parallelism (H is then the rank's heads), else 0.
     """
 
     layer: int
@@ -59,6 +61,7 @@ class SparseCall:
     mask: BlockMask
     order: str
     refresh: bool
+    first_head: int
 
 
 @dataclass

@@ -12,17 +12,18 @@ from __future__ import annotations
 import torch
 
 from dfsviz.architectures.entries import ARCHITECTURES, UNSUPPORTED, input_dtype
-from dfsviz.architectures.spec import CONTEXT_PARALLEL_REASON, Architecture, Unsupported
+from dfsviz.architectures.spec import PARALLEL_REFUSALS, Architecture, Unsupported
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
-    "CONTEXT_PARALLEL_REASON",
     "UNSUPPORTED",
     "Unsupported",
     "architecture_for",
     "get_architecture",
     "input_dtype",
+    "PARALLEL_REFUSALS",
+    "context_parallel_support",
     "models_markdown",
     "pipeline_transformers",
     "supported_classes",
@@ -88,9 +89,19 @@ def pipeline_transformers(pipe) -> dict[str, torch.nn.Module]:
     return found
 
 
+def context_parallel_support(cls: str) -> str:
+    """What ``apply_dfsattn`` does with the diffusers class ``cls`` under diffusers' context
+    parallelism: "Ulysses" when diffusers ships a context-parallel plan (``_cp_plan``) for it, else
+    the reason it is refused."""
+    import diffusers
+
+    plan = getattr(getattr(diffusers, cls, None), "_cp_plan", None)
+    return "Ulysses" if plan is not None else PARALLEL_REFUSALS["no_plan"]
+
+
 def support_rows() -> list[dict]:
-    """One row per video transformer class: what capture, DFSAttn, permute-once and context
-    parallelism do with it ("yes" or the reason it is refused), for ``docs/models.md``."""
+    """One row per video transformer class: what capture, DFSAttn, permute-once and DFSAttn under
+    context parallelism do with it ("yes", "Ulysses" or the reason it is refused), for ``docs/models.md``."""
     rows = []
     for a in ARCHITECTURES:
         for cls in a.classes:
@@ -100,27 +111,32 @@ def support_rows() -> list[dict]:
                 "pipeline": ", ".join(f"`{name}`" for name in a.pipeline_transformers),
                 "capture": a.capture or "yes", "dfsattn": a.dfsattn or "yes",
                 "permute_once": "yes" if a.permute_once is None else a.permute_once,
-                "context_parallel": CONTEXT_PARALLEL_REASON,
+                "context_parallel": a.dfsattn or context_parallel_support(cls),
             })
     for u in UNSUPPORTED:
         rows.append({"class": u.cls, "family": u.title, "entry": "-", "self_attention": "-", "skipped": "-",
                      "text": "-", "pipeline": "-", "capture": u.reason, "dfsattn": u.reason, "permute_once": u.reason,
-                     "context_parallel": CONTEXT_PARALLEL_REASON})
+                     "context_parallel": u.reason})
     return rows
 
 
 _COLUMNS = (("class", "class"), ("family", "family"), ("entry", "entry"), ("self_attention", "self-attention layers"),
             ("skipped", "not captured"), ("text", "text in the sequence"), ("pipeline", "pipeline transformers"),
-            ("capture", "capture (CLI)"),
-            ("dfsattn", "apply_dfsattn"), ("permute_once", "permute-once"))
+            ("capture", "capture (CLI)"), ("dfsattn", "apply_dfsattn"), ("permute_once", "permute-once"),
+            ("context_parallel", "apply_dfsattn under context parallelism"))
 
 
 def models_markdown() -> str:
-    """The support table of ``docs/models.md`` (one row per class of :func:`support_rows`; the
-    context-parallel column is the same for every class and stated once below the table)."""
+    """The support table of ``docs/models.md`` (one row per class of :func:`support_rows`), and
+    below it what is refused under every class's context parallelism."""
     lines = ["| " + " | ".join(title for _, title in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for row in support_rows():
         cells = [f"`{row[key]}`" if key == "class" else str(row[key]).replace("|", "\\|") for key, _ in _COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Context parallelism, every class: {CONTEXT_PARALLEL_REASON}."]
+    lines += ["", "Context parallelism, every class: DFSAttn runs under diffusers' Ulysses attention "
+              "(`ContextParallelConfig(ulysses_degree=P)`), where each rank holds the whole sequence of H/P heads "
+              f"between diffusers' all-to-alls. Refused: ring attention ({PARALLEL_REFUSALS['ring']}); "
+              f"`ulysses_anything` ({PARALLEL_REFUSALS['ulysses_anything']}); tensor parallelism "
+              f"({PARALLEL_REFUSALS['tensor']}); permute-once (the per-call order serves instead, "
+              "[accel.md](accel.md#several-gpus)). Capture does not run under context parallelism yet."]
     return "\n".join(lines)

@@ -19,17 +19,24 @@ import torch
 
 from dfsviz.sparse.grid import LatentGrid
 
-__all__ = ["Architecture", "Unsupported", "TEXT_PLACES", "LATENT_LAYOUTS", "CONTEXT_PARALLEL_REASON"]
+__all__ = ["Architecture", "Unsupported", "TEXT_PLACES", "LATENT_LAYOUTS", "PARALLEL_REFUSALS"]
 
 TEXT_PLACES = ("none", "before", "after")
 #: BCFHW: [B, C, F, H, W]; BFCHW: [B, F, C, H, W] (CogVideoX); BNC: packed tokens [B, N, C] (LTX-Video)
 LATENT_LAYOUTS = ("BCFHW", "BFCHW", "BNC")
-#: Why no architecture runs DFSAttn or a capture under diffusers' context parallelism (docs/models.md).
-CONTEXT_PARALLEL_REASON = (
-    "not supported: under diffusers' context parallelism each rank holds a shard of the sequence (ring) or the "
-    "whole sequence between all-to-alls that dfsviz does not hook (Ulysses); the token order, the block scores "
-    "and the kernel need the whole sequence of a head"
-)
+#: Why ``apply_dfsattn`` refuses each kind of diffusers parallelism other than plain Ulysses context
+#: parallelism (``ContextParallelConfig(ulysses_degree=P)``); docs/models.md and the refusals read it.
+PARALLEL_REFUSALS = {
+    "ring": "ring attention splits the keys of every head over the ranks and merges partial softmaxes; DFSAttn's "
+            "token order, block scores and sparse kernel need all keys of a head on one rank, which Ulysses gives",
+    "ulysses_anything": "ulysses_anything pads the heads and splits the sequence unevenly, so a rank's heads and "
+                        "token order are not the model's; use ulysses_anything=False with a head count and token "
+                        "count divisible by the Ulysses degree",
+    "tensor": "tensor parallelism shards the projection weights, not the attention: DFSAttn runs only under "
+              "context parallelism",
+    "no_plan": "diffusers has no context-parallel plan (`_cp_plan`) for this class, and DFSAttn relies on the plans "
+               "diffusers ships (the sequence split before the first block, gathered after the last)",
+}
 
 
 def _positive(value, name: str) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from dfsviz.accel.plan import CalibratedPlan, LayerBudget, ModelIdentity, public_config
+from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.select import topk_count
 from tiny_models import CONFIGS
 
 ARCHS = list(CONFIGS)
+GRID = LatentGrid(3, 8, 8)  # the tiny models' latent (Wan 3 x 16 x 16 with patch (1, 2, 2)): 192 tokens
 
 
 def make_inputs(arch: str, batch: int = 1, seed: int = 1, valid_text: int = 6) -> dict:
@@ -32,3 +36,16 @@ def make_inputs(arch: str, batch: int = 1, seed: int = 1, valid_text: int = 6) -
     rot = get_3d_rotary_pos_embed(embed_dim=32, crops_coords=((0, 0), (8, 8)), grid_size=(8, 8), temporal_size=3)
     return dict(hidden_states=torch.randn(batch, 3, 4, 16, 16, generator=g), encoder_hidden_states=text,
                 timestep=t, image_rotary_emb=rot, return_dict=False)
+
+
+def make_plan(model, gammas: dict, *, grid=GRID, num_steps=4, warmup=1, interval=1, cls=None,
+              config=None) -> CalibratedPlan:
+    """A calibrated plan for ``model`` with blocks of 16: layer -> per-head budgets (None: dense head)."""
+    layers = []
+    num_blocks = -(-grid.num_tokens // 16)
+    for layer, gs in gammas.items():
+        kept = tuple(num_blocks if g is None else topk_count(g, num_blocks) for g in gs)
+        layers.append(LayerBudget(layer, f"blocks.{layer}.attn1", tuple(gs), kept, (0.9,) * len(gs), (0.5,) * len(gs)))
+    identity = ModelIdentity("tiny-wan", cls or type(model).__name__, "wan",
+                             public_config(model.config) if config is None else config)
+    return CalibratedPlan(identity, grid, 16, "hilbert3d", "dfs_tile", 4, num_steps, warmup, interval, tuple(layers))

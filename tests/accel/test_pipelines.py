@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import diffusers
 import pytest
 import torch
 
@@ -106,9 +107,11 @@ def test_a_pipeline_of_two_families_is_refused():
 
 def test_a_refused_transformer_2_leaves_both_untouched(pipe):
     before = processors(pipe)
-    pipe.transformer_2._parallel_config = object()  # as diffusers' enable_parallelism records it
+    # as diffusers' enable_parallelism records it
+    pipe.transformer_2._parallel_config = diffusers.ParallelConfig(
+        context_parallel_config=diffusers.ContextParallelConfig(ring_degree=2))
     try:
-        with pytest.raises(ValueError, match=r"DFSAttn under context parallelism \(WanTransformer3DModel\)"):
+        with pytest.raises(ValueError, match=r"DFSAttn under ring attention \(WanTransformer3DModel, ring_degree=2\)"):
             apply_dfsattn(pipe, config(1.0))
     finally:
         del pipe.transformer_2._parallel_config

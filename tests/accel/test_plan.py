@@ -13,8 +13,6 @@ import torch
 from dfsviz.accel import DFSConfig, apply_dfsattn
 from dfsviz.accel.plan import (
     CalibratedPlan,
-    LayerBudget,
-    ModelIdentity,
     gamma_for_count,
     public_config,
     select_topk_heads,
@@ -22,27 +20,16 @@ from dfsviz.accel.plan import (
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.select import select_topk, topk_count
 
-from accel_models import make_inputs
+from accel_models import make_inputs, make_plan
 from tiny_models import build_tiny
 
 ATOL = 2e-5
-GRID = LatentGrid(3, 8, 8)  # the tiny Wan latent 3 x 16 x 16 with patch (1, 2, 2): 192 tokens
 MK = 12                     # blocks of 16
 
 
 def run(model, inputs):
     with torch.no_grad():
         return model(**inputs)[0]
-
-
-def make_plan(model, gammas: dict, *, grid=GRID, num_steps=4, warmup=1, interval=1, cls=None, config=None):
-    layers = []
-    for layer, gs in gammas.items():
-        kept = tuple(MK if g is None else topk_count(g, -(-grid.num_tokens // 16)) for g in gs)
-        layers.append(LayerBudget(layer, f"blocks.{layer}.attn1", tuple(gs), kept, (0.9,) * len(gs), (0.5,) * len(gs)))
-    identity = ModelIdentity("tiny-wan", cls or type(model).__name__, "wan",
-                             public_config(model.config) if config is None else config)
-    return CalibratedPlan(identity, grid, 16, "hilbert3d", "dfs_tile", 4, num_steps, warmup, interval, tuple(layers))
 
 
 @pytest.fixture(scope="module")

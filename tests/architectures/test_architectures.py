@@ -17,7 +17,7 @@ import dfsviz.cli.capture  # noqa: F401  (registers the command on the group)
 from dfsviz.accel import DFSConfig, apply_dfsattn
 from dfsviz.architectures import (
     ARCHITECTURES,
-    CONTEXT_PARALLEL_REASON,
+    PARALLEL_REFUSALS,
     UNSUPPORTED,
     architecture_for,
     models_markdown,
@@ -189,18 +189,29 @@ def test_permute_once_reorders_per_token_timesteps(tiny, name):
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=0)
 
 
-def test_context_parallelism_is_refused_with_the_reason(tiny):
+@pytest.mark.parametrize("name", CLASSES)
+def test_context_parallelism_runs_where_diffusers_has_a_plan_and_is_refused_elsewhere(tiny, name):
+    """Ulysses attention in the docs' column exactly for the classes diffusers ships a `_cp_plan` for
+    (the equivalence runs under torchrun in tests/accel/test_context_parallel.py); the others are refused."""
     import diffusers
 
-    model = tiny["WanTransformer3DModel"]
-    model._parallel_config = diffusers.ContextParallelConfig(ulysses_degree=2)  # as enable_parallelism records it
+    model = tiny[name]
+    row = next(r for r in support_rows() if r["class"] == name)
+    if type(model)._cp_plan is not None:
+        assert row["context_parallel"] == "Ulysses"
+        return
+    assert row["context_parallel"] == PARALLEL_REFUSALS["no_plan"]
+    # as enable_parallelism records it (a class without a plan gets one only from the caller)
+    model._parallel_config = diffusers.ParallelConfig(
+        context_parallel_config=diffusers.ContextParallelConfig(ulysses_degree=2))
+    stock = [type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")]
     try:
-        with pytest.raises(ValueError, match=re.escape(f"DFSAttn under context parallelism (WanTransformer3DModel): "
-                                                       f"{CONTEXT_PARALLEL_REASON}")):
+        with pytest.raises(ValueError, match=re.escape(f"DFSAttn under context parallelism ({name}): "
+                                                       f"{PARALLEL_REFUSALS['no_plan']}")):
             apply_dfsattn(model, _config())
     finally:
         del model._parallel_config
-    assert all(type(m.processor).__name__ == "WanAttnProcessor" for n, m in model.named_modules() if n.endswith("attn1"))
+    assert [type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")] == stock
 
 
 def test_a_flash_backend_is_refused_before_anything_is_installed(tiny):
