@@ -25,13 +25,16 @@ def _run(transformer, guidance=4.0):
 @pytest.mark.parametrize(("options", "device"), [
     (dict(cfg="share"), "cpu"),
     (dict(cfg="separate", permute_once=True), "cpu"),
-    pytest.param(dict(cfg="share"), "cuda", marks=pytest.mark.cuda),  # the Triton kernels, masks made on the GPU
+    # the Triton kernels (head dim 64, bfloat16), masks made on the GPU
+    pytest.param(dict(cfg="share"), "cuda", marks=pytest.mark.cuda),
 ], ids=["share", "separate-once", "share-cuda"])
 def test_recording_with_dfsattn_stores_the_masks_it_used(tmp_path, options, device):
     from dfsviz.sparse.orders import make_order
     from dfsviz.sparse.select import select_topk
 
-    transformer = build_tiny("wan", in_channels=4).to(device)
+    cuda = device == "cuda"
+    transformer = build_tiny("wan", in_channels=4, **({"attention_head_dim": 64} if cuda else {}))
+    transformer = transformer.to(device, torch.bfloat16 if cuda else torch.float32)
     config = dfsattn_config(STEPS, **options)
     scheduler, run_loop = _run(transformer)
     handle = dfsviz.apply_dfsattn(transformer, config)
@@ -65,10 +68,10 @@ def test_recording_with_dfsattn_stores_the_masks_it_used(tmp_path, options, devi
                     continue
                 # the mask from the stored Q/K of the branch that scored it (cond, unless separate)
                 scorer = branch if config.cfg == "separate" else "cond"
-                q, k, _ = run.qkv(step, 1, branch=scorer)
-                scores = dfsviz.kernels.block_scores(order.apply(q), order.apply(k), method="dfs_tile", tile=4, block=16,
-                                                     backend="ref")
-                want = select_topk(scores, 0.5, seq_len=run.grid.num_tokens, block=16).to_dense()
+                # (stored in float32, exact for bfloat16: on the GPU, the very inputs of DFSAttn's scorer)
+                q, k = (x.to(device, transformer.dtype) for x in run.qkv(step, 1, branch=scorer)[:2])
+                scores = dfsviz.kernels.block_scores(order.apply(q), order.apply(k), method="dfs_tile", tile=4, block=16)
+                want = select_topk(scores, 0.5, seq_len=run.grid.num_tokens, block=16).to_dense().cpu()
                 torch.testing.assert_close(kept, want, msg=f"step {step} {branch}")
                 assert 0 < kept.float().mean() < 1
         # the recall of the mask DFSAttn used, from the stored m of its order
