@@ -109,9 +109,10 @@ _TERMS: dict[str, Term] = {
                     "of the chosen steps, layers, heads and token orders. Every page shows one capture.", "",
                     _SETTING),
     "compare": Term("compare with", "A second capture drawn beside the first with the same controls (two models, "
-                    "two prompts, uniform vs calibrated): maps under the first run's on Masks, both runs' curves in "
-                    "one figure on Recall, the run in the legend. A selection the second capture lacks is said in "
-                    "one line and the first run still shows.", "", "dashboard.md#compare-two-runs"),
+                    "two prompts, uniform vs calibrated), on every page that shows a capture: curves and points of "
+                    "both runs in one figure, the run in the legend; maps, plans and clips of the second run in a "
+                    "row under the first's. A selection the second capture lacks is said in one line and the first "
+                    "run still shows.", "", "dashboard.md#compare-two-runs"),
     "step": Term("denoising step", "The 0-based diffusion step of the run at which the maps were captured; "
                  "attention gets more concentrated as denoising proceeds.", "", _METHOD),
     "layer": Term("layer", "A self-attention layer (transformer block) of the model, counted from 0.", "", _SETTING),

@@ -12,6 +12,11 @@ same settings (the text of ``CalibratedPlan.dumps``; the capture is named by its
 Calibrations are memoised by the data layer per file version and settings
 (``CaptureCatalog.calibration``); a refusal (one captured step, a goal no plan meets) is a
 red banner. docs/calibration.md explains every number.
+
+With a second capture chosen ("compare with"), it is calibrated with the same settings and its
+plan (summary and figures) drawn under the first run's; what it lacks of the settings (order,
+scoring method, branch) is said in one line and the first run still shows. A refusal for it
+is a red banner there. The download stays the first run's.
 """
 
 from __future__ import annotations
@@ -133,8 +138,11 @@ def layout(**query):
     ])
     # one heatmap row per layer: about 24 px each (Wan2.1's 30 layers get 900 px)
     heat = max(440, 24 * len(r.layers) + 180)
-    cards = [common.figure_card(f"{PREFIX}-{name}", heat if name in _HEATMAPS else 440, terms=_FIGURE_TERMS[name])
-             for name in _FIGURES]
+
+    def cards(run: str) -> list:
+        return [common.figure_card(f"{PREFIX}-{run}{name}", heat if name in _HEATMAPS else 440,
+                                   terms=_FIGURE_TERMS[name]) for name in _FIGURES]
+
     return html.Div([
         html.H2("Calibrate: per-head DFSAttn budgets from the capture"),
         page.header(),
@@ -146,7 +154,10 @@ def layout(**query):
         html.Div(id=f"{PREFIX}-notes"),
         html.Div([html.Div([html.H4("chosen plan"), dcc.Loading(html.Div(id=f"{PREFIX}-summary"))]),
                   html.Div([html.H4("config file"), download])], className="dfs-row"),
-        html.Div(cards, className="dfs-row"),
+        html.Div(cards(""), className="dfs-row"),
+        common.compare_section(PREFIX, [
+            html.H4("its plan"), dcc.Loading(html.Div(id=f"{PREFIX}-cmp-summary")),
+            html.Div(cards("cmp-"), className="dfs-row")], page.compare_id is not None),
     ])
 
 
@@ -224,8 +235,9 @@ def summary_rows(result) -> list[tuple[str, str]]:
     return rows
 
 
-def figures_of(result) -> list:
-    """The page's figures of one calibration, in the order of ``_FIGURES``."""
+def figures_of(result, run: str = "") -> list:
+    """The page's figures of one calibration, in the order of ``_FIGURES``; ``run`` (the capture
+    compared, "" for the first) heads the titles."""
     from dfsviz.figures import cached_mask_decay, calibration_heatmap, method_comparison, schedule_candidates
 
     plan, p = result.plan, result.plan.predicted
@@ -233,19 +245,23 @@ def figures_of(result) -> list:
     where = f"{plan.method} · {plan.order}"
     layers, dense = grids["layers"], grids["dense"]
     drift = p["drift"]
+
+    def titled(title: str) -> str:
+        return f"{run} · {title}" if run else title
+
     return [
         calibration_heatmap(grids["gamma"], dense, quantity="gamma", layers=layers, kept_blocks=grids["kept_blocks"],
-                            num_kv_blocks=plan.num_kv_blocks, title=f"Budget per head: kept fraction γ · {where}"),
+                            num_kv_blocks=plan.num_kv_blocks,
+                            title=titled(f"Budget per head: kept fraction γ · {where}")),
         calibration_heatmap(grids["recall"], dense, quantity="recall", layers=layers,
-                            title=f"Predicted recall per head (oldest cached mask) · {where}"),
+                            title=titled(f"Predicted recall per head (oldest cached mask) · {where}")),
         calibration_heatmap(grids["density"], dense, quantity="density", layers=layers,
-                            title=f"Density per head (sparse steps) · {where}"),
+                            title=titled(f"Density per head (sparse steps) · {where}")),
         cached_mask_decay(drift["lags"], drift["relative_recall"], interval=plan.interval, samples=drift["samples"],
-                          reuse_factor=p["reuse_factor"],
-                          title=f"Recall kept by a cached mask · {where}"),
-        method_comparison(p["methods"], chosen=plan.method, title="Each scoring method's best plan"),
+                          reuse_factor=p["reuse_factor"], title=titled(f"Recall kept by a cached mask · {where}")),
+        method_comparison(p["methods"], chosen=plan.method, title=titled("Each scoring method's best plan")),
         schedule_candidates(result.candidates, chosen=(plan.warmup_steps, plan.interval),
-                            mode=plan.provenance["mode"], title=f"Schedules weighed · {plan.method}"),
+                            mode=plan.provenance["mode"], title=titled(f"Schedules weighed · {plan.method}")),
     ]
 
 
@@ -270,6 +286,21 @@ def register(app) -> None:
         return (*figures_of(result), common.table(summary_rows(result), id=f"{PREFIX}-summary-table"), command,
                 notes, [], False)
 
+    def second_run(compare, *values):
+        config = settings(*values)
+        reader = get_catalog().reader(compare)
+        methods = [] if config.method is None else [("method", config.method, list(reader.methods))]
+        missing = common.lacking(compare, [("order", config.order, reader.orders), *methods,
+                                           ("branch", config.branch, reader.branches)])
+        if missing:
+            return (), missing
+        result = get_catalog().calibration(compare, config)
+        summary = common.table(summary_rows(result), id=f"{PREFIX}-cmp-summary-table")
+        return (*figures_of(result, run=compare), summary), ""
+
+    common.register_compare(app, PREFIX, [f"{PREFIX}-cmp-{n}" for n in _FIGURES],
+                            [Output(f"{PREFIX}-cmp-summary", "children")], inputs[1:], second_run)
+
     @app.callback(Output(f"{PREFIX}-target", "disabled"), Output(f"{PREFIX}-density", "disabled"),
                   Output(f"{PREFIX}-dense-above", "disabled"), Input(f"{PREFIX}-goal", "value"),
                   prevent_initial_call=True)
@@ -286,7 +317,8 @@ def register(app) -> None:
         result = get_catalog().calibration(cid, settings(*values))
         return dcc.send_bytes(config_bytes(result.plan), CONFIG_NAME), no_update
 
-    common.register_url_sync(app, PREFIX, [("file", f"{PREFIX}-file", "value")]
+    common.register_url_sync(app, PREFIX, [("file", f"{PREFIX}-file", "value"),
+                                           ("compare", f"{PREFIX}-compare", "value")]
                              + [(key, f"{PREFIX}-{c}", "value") for key, c in _SETTINGS])
 
 

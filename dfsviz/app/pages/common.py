@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 #: Budgets offered in the budget pickers (kept fraction gamma); a deep link may add others.
 BUDGETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 PAGES_CONTENT = "_pages_content"
+#: The style of a part of a page not shown (the second run's, until one is chosen).
+HIDDEN = {"display": "none"}
 # an absolute POSIX path of two or more parts (a capture id, "runs/a.h5", has no leading slash)
 _ABSOLUTE_PATH = re.compile(r"(?<![\w./~-])/(?:[\w.~-]+/)+[\w.~-]*")
 
@@ -210,10 +212,11 @@ class PageContext:
 
     ``compare``: the page can draw a second capture beside the first (``compare=<id>`` in the
     query, validated like ``file=``; an id that cannot be served gives the file banner and no
-    comparison). ``compare_id`` is that capture, or None.
+    comparison). ``compare_id`` is that capture, or None. Every page that shows a capture
+    compares; only Live, which runs attention on one capture's tensors, passes False.
     """
 
-    def __init__(self, prefix: str, params: dict, compare: bool = False) -> None:
+    def __init__(self, prefix: str, params: dict, compare: bool = True) -> None:
         self.prefix = prefix
         self.query = Query(params)
         self.catalog = get_catalog()
@@ -277,6 +280,44 @@ def lacking(cid: str, selection: Sequence[tuple[str, object, Sequence]], drawn: 
     (steps [0, 2]): nothing drawn for it here"; "" when it lacks none."""
     missing = [f"{name} {value} ({name}s {list(held)})" for name, value, held in selection if value not in held]
     return f"{cid} has no {'; no '.join(missing)}: {drawn}" if missing else ""
+
+
+def compare_section(prefix: str, body: Sequence, shown: bool) -> html.Div:
+    """Where a page draws the second run under the first: a heading naming it, the line of what
+    it lacks of the selection (``{prefix}-compare-note``) and ``body`` (its figure cards and
+    tables, in ``{prefix}-compare-body``); hidden while no second capture is chosen
+    (``shown``: one is, from the link). :func:`register_compare` fills it."""
+    return html.Div([
+        html.H4(id=f"{prefix}-compare-heading"),
+        html.Div(id=f"{prefix}-compare-note"),
+        html.Div(list(body), id=f"{prefix}-compare-body"),
+    ], id=f"{prefix}-compare-section", style=None if shown else HIDDEN)
+
+
+def register_compare(app, prefix: str, figures: Sequence[str], others: Sequence[Output], inputs: Sequence[Input],
+                     draw: Callable) -> None:
+    """The callback that draws the second run in :func:`compare_section`, with the page's controls.
+
+    ``figures``: its figure cards; ``others``: further outputs of the body (a table); ``inputs``:
+    the page's controls but the capture. ``draw(compare, *values)`` returns (the figures and the
+    other outputs, in that order; the line of what capture ``compare`` lacks, "" when nothing,
+    e.g. :func:`lacking`). A lacking selection shows that line and hides the body, so the second
+    run's old figures never pass for the new selection; an error shows its banner there.
+    """
+    shown = len(figures) + len(others)
+    note, section, body, heading = range(shown, shown + 4)
+
+    @app.callback(*[fig_output(f) for f in figures], *others, Output(f"{prefix}-compare-note", "children"),
+                  Output(f"{prefix}-compare-section", "style"), Output(f"{prefix}-compare-body", "style"),
+                  Output(f"{prefix}-compare-heading", "children"), Input(f"{prefix}-compare", "value"), *inputs)
+    @guarded(shown + 4, note, figures=range(len(figures)), on_error={section: None, body: HIDDEN})
+    def _compare(compare, *values):
+        if not compare:
+            return (*[no_update] * shown, [], HIDDEN, HIDDEN, "")
+        drawn, missing = draw(compare, *values)
+        if missing:
+            return (*[no_update] * shown, banner([missing], "info"), None, HIDDEN, f"compared with {compare}")
+        return (*drawn, [], None, None, f"compared with {compare}")
 
 
 def register_url_sync(app, prefix: str, keys: Sequence[tuple[str, str, str]]) -> None:

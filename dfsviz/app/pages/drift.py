@@ -1,6 +1,10 @@
 """Drift: how well a mask chosen at step s still serves step t (DFSAttn reuses masks between
 refreshes). Recall R(S^(s); m^(t)) and the Jaccard index of S^(s) and S^(t), as s x t
-matrices for one layer, order, scoring method and budget, plus their means per lag t - s."""
+matrices for one layer, order, scoring method and budget, plus their means per lag t - s.
+
+With a second capture chosen ("compare with"), its two matrices and lag table are drawn under
+the first run's with the same controls; what it lacks of the selection (layer, head, order,
+method) is said in one line and the first run still shows."""
 
 from __future__ import annotations
 
@@ -43,6 +47,12 @@ def layout(**query):
                  className="dfs-row"),
         html.H4("by lag t − s (mean over step pairs)"),
         html.Div(id=f"{PREFIX}-lags"),
+        common.compare_section(PREFIX, [
+            html.Div([common.figure_card(f"{PREFIX}-cmp-recall", 480, terms=("reused_recall", "step")),
+                      common.figure_card(f"{PREFIX}-cmp-jaccard", 480, terms=("jaccard", "step"))],
+                     className="dfs-row"),
+            html.Div(id=f"{PREFIX}-cmp-lags"),
+        ], page.compare_id is not None),
     ])
 
 
@@ -62,6 +72,28 @@ def drift_matrix(cid: str, layer: int, order: str, method: str, budget: float, h
     return mask_drift(masses, masks, steps, label=label)
 
 
+def drift_view(cid: str, layer: int, head, order: str, method: str, budget: float, compared: bool = False) -> tuple:
+    """The page's two matrices and lag table for capture ``cid``; ``compared``: it is the second
+    run (its id heads the titles, the table is the compare section's)."""
+    from dfsviz.figures import drift_heatmap
+
+    dm = drift_matrix(cid, int(layer), order, method, float(budget), head)
+    run = f"{cid} · " if compared else ""
+    figs = [drift_heatmap(dm.steps, dm.mean_recall(), quantity="recall",
+                          title=f"{run}Recall of the reused mask · {dm.label}"),
+            drift_heatmap(dm.steps, dm.mean_jaccard(), quantity="jaccard",
+                          title=f"{run}Jaccard with the fresh mask · {dm.label}")]
+    lags = sorted({t - s for s in dm.steps for t in dm.steps if t >= s})
+    rows = []
+    for lag in lags:
+        stat = dm.at_lag(lag)
+        rows.append((lag, len(stat["pairs"]), stat["recall"], stat["fresh_recall"], stat["relative_recall"],
+                     stat["jaccard"]))
+    tab = common.table(rows, ["lag (steps)", "pairs", "recall, reused", "recall, fresh", "reused / fresh", "Jaccard"],
+                       id=f"{PREFIX}-cmp-lag-table" if compared else f"{PREFIX}-lag-table")
+    return figs[0], figs[1], tab
+
+
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=4)
     ids = ("file", "layer", "head", "order", "method", "budget")
@@ -71,19 +103,18 @@ def register(app) -> None:
                   *[Input(f"{PREFIX}-{c}", "value") for c in ids])
     @common.guarded(4, 3, figures=(0, 1))
     def _drift(cid, layer, head, order, method, budget):
-        from dfsviz.figures import drift_heatmap
+        return (*drift_view(cid, layer, head, order, method, budget), [])
 
-        dm = drift_matrix(cid, int(layer), order, method, float(budget), head)
-        figs = [drift_heatmap(dm.steps, dm.mean_recall(), quantity="recall", title=f"Recall of the reused mask · {dm.label}"),
-                drift_heatmap(dm.steps, dm.mean_jaccard(), quantity="jaccard", title=f"Jaccard with the fresh mask · {dm.label}")]
-        lags = sorted({t - s for s in dm.steps for t in dm.steps if t >= s})
-        rows = []
-        for lag in lags:
-            stat = dm.at_lag(lag)
-            rows.append((lag, len(stat["pairs"]), stat["recall"], stat["fresh_recall"], stat["relative_recall"],
-                         stat["jaccard"]))
-        tab = common.table(rows, ["lag (steps)", "pairs", "recall, reused", "recall, fresh", "reused / fresh", "Jaccard"],
-                           id=f"{PREFIX}-lag-table")
-        return figs[0], figs[1], tab, []
+    def second_run(compare, layer, head, order, method, budget):
+        reader = get_catalog().reader(compare)
+        heads = [] if head == "all" else [("head", head, reader.heads)]
+        missing = common.lacking(compare, [("layer", layer, reader.layers), *heads, ("order", order, reader.orders),
+                                           ("method", method, common.method_choices(reader))])
+        if missing:
+            return (), missing
+        return drift_view(compare, layer, head, order, method, budget, compared=True), ""
 
-    common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])
+    common.register_compare(app, PREFIX, [f"{PREFIX}-cmp-recall", f"{PREFIX}-cmp-jaccard"],
+                            [Output(f"{PREFIX}-cmp-lags", "children")],
+                            [Input(f"{PREFIX}-{c}", "value") for c in ids[1:]], second_run)
+    common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in (*ids[:1], "compare", *ids[1:])])

@@ -48,7 +48,7 @@ _LOCK = threading.Lock()
 
 @common.guarded_layout("Live")
 def layout(**query):
-    page = common.PageContext(PREFIX, query)
+    page = common.PageContext(PREFIX, query, compare=False)
     if page.reader is None:
         return html.Div([html.H2("Live"), page.header()])
     r, q = page.reader, page.query

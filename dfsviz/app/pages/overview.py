@@ -1,6 +1,11 @@
 """Overview: the captures under the roots, one capture's settings and completeness, the
 DFSAttn schedule replayed on it (budget, refreshes, recall and density per step), and the
-recall of every (layer, step) per scoring method at one budget."""
+recall of every (layer, step) per scoring method at one budget.
+
+With a second capture chosen ("compare with"), the schedule is replayed on it too (both runs'
+curves in one figure, each label headed by its run) and its recall per (layer, step) is drawn
+under the first run's; what it lacks of the selection (order, method) is said in one line and
+the first run still shows."""
 
 from __future__ import annotations
 
@@ -115,6 +120,9 @@ def layout(**query):
         html.Div(id=f"{PREFIX}-note", className="dfs-note"),
         html.Div([common.figure_card(f"{PREFIX}-schedule", 420, terms=("schedule", "recall", "density"))], className="dfs-row"),
         html.Div([common.figure_card(f"{PREFIX}-recall", 420, terms=("recall", "layer", "step"))], className="dfs-row"),
+        common.compare_section(PREFIX, [
+            html.Div([common.figure_card(f"{PREFIX}-cmp-recall", 420, terms=("recall", "layer", "step"))],
+                     className="dfs-row")], page.compare_id is not None),
     ])
 
 
@@ -165,17 +173,33 @@ def recall_grid(cid: str, order: str, budget: float) -> tuple[list[int], list[in
     return list(r.layers), list(r.steps), out
 
 
+def _lacking(compare: str, order: str, method: str) -> str:
+    """The line of what capture ``compare`` lacks of the page's order and method ("" when nothing)."""
+    reader = get_catalog().reader(compare)
+    return common.lacking(compare, [("order", order, reader.orders), ("method", method, reader.methods)])
+
+
+def recall_grid_figure_of(cid: str, order: str, budget: float, run: str = ""):
+    """The page's recall per (layer, step) of capture ``cid``; ``run`` (the capture compared,
+    "" for the first) heads the title."""
+    from dfsviz.figures import recall_grid_figure
+
+    layers, steps, grids = recall_grid(cid, order, budget)
+    title = f"Recall per layer × step · {order} · top-k at γ = {budget:g}"
+    return recall_grid_figure(layers, steps, grids, title=f"{run} · {title}" if run else title)
+
+
 # --------------------------------------------------------------------------- callbacks
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=0)
-    ids = ("file", "order", "method", "budget", "skip", "interval", "gamma0", "decrement")
+    ids = ("file", "compare", "order", "method", "budget", "skip", "interval", "gamma0", "decrement")
 
     @app.callback(common.fig_output(f"{PREFIX}-schedule"), Output(f"{PREFIX}-note", "children"),
                   Output(f"{PREFIX}-banner", "children"),
-                  *[Input(f"{PREFIX}-{c}", "value") for c in ("file", "order", "method", "skip", "interval", "gamma0",
-                                                             "decrement")])
+                  *[Input(f"{PREFIX}-{c}", "value") for c in ("file", "compare", "order", "method", "skip", "interval",
+                                                             "gamma0", "decrement")])
     @common.guarded(3, 2, figures=(0,))
-    def _schedule(cid, order, method, skip, interval, gamma0, decrement):
+    def _schedule(cid, compare, order, method, skip, interval, gamma0, decrement):
         from dfsviz.figures import schedule_figure
         from dfsviz.sparse.schedule import DFSSchedule
 
@@ -183,12 +207,18 @@ def register(app) -> None:
         base = default_schedule(r)
         schedule = DFSSchedule(num_steps=base["num_steps"], skip_steps=int(skip), interval=int(interval),
                                gamma0=float(gamma0), decrement=float(decrement), dense_layers=base["dense_layers"])
-        series, notes = schedule_series(cid, order, method, schedule)
         steps = list(range(schedule.num_steps))
+        # the second run replays the same schedule (its lacking order or method: the compare section says)
+        runs = [cid] + ([compare] if compare and not _lacking(compare, order, method) else [])
+        full, notes = {}, []
+        for run in runs:
+            series, said = schedule_series(run, order, method, schedule)
+            captured = {s: i for i, s in enumerate(get_catalog().reader(run).steps)}
+            head = f"{run} · " if compare else ""
+            notes += [f"{head}{n}" for n in said]
+            full.update({f"{head}{name}": [float(v[captured[s]]) if s in captured else float("nan") for s in steps]
+                         for name, v in series.items()})
         plans = [schedule.at_step(s) for s in steps]
-        captured = {s: i for i, s in enumerate(r.steps)}
-        full = {name: [float(v[captured[s]]) if s in captured else float("nan") for s in steps]
-                for name, v in series.items()}
         fig = schedule_figure(steps, [None if p.dense else p.gamma for p in plans], [p.refresh for p in plans],
                               series=full, title=f"DFSAttn schedule {schedule.name} · {method} · {order} "
                                                  f"(lines: captured steps, mean over layers and heads)")
@@ -199,12 +229,14 @@ def register(app) -> None:
                   *[Input(f"{PREFIX}-{c}", "value") for c in ("file", "order", "budget")], prevent_initial_call="initial_duplicate")
     @common.guarded(2, 1, figures=(0,))
     def _recall(cid, order, budget):
-        from dfsviz.figures import recall_grid_figure
+        return recall_grid_figure_of(cid, order, float(budget)), dash.no_update
 
-        layers, steps, grids = recall_grid(cid, order, float(budget))
-        return recall_grid_figure(layers, steps, grids,
-                                  title=f"Recall per layer × step · {order} · top-k at γ = {float(budget):g}"), dash.no_update
+    def second_run(compare, order, method, budget):
+        missing = _lacking(compare, order, method)
+        return ((), missing) if missing else ((recall_grid_figure_of(compare, order, float(budget), run=compare),), "")
 
+    common.register_compare(app, PREFIX, [f"{PREFIX}-cmp-recall"], [],
+                            [Input(f"{PREFIX}-{c}", "value") for c in ("order", "method", "budget")], second_run)
     common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])
 
 

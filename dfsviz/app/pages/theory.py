@@ -5,11 +5,17 @@
 * Measured recall against the effective gap Delta - 2r - J, with Bound 3 in closed form.
 * Distributions per order of the gap Delta, the diversities r and J, and the intra-block
   variance ratios W_q, W_k.
+
+With a second capture chosen ("compare with"), both runs share every figure, each legend entry
+headed by its run (``runs/b.h5 · hilbert3d``), and the summary line; what the second run lacks
+of the selection (step, layer, method, orders) is said in one line and the first run still
+shows (the orders it holds are drawn).
 """
 
 from __future__ import annotations
 
 import dash
+import numpy as np
 from dash import Input, Output, dcc, html
 
 from dfsviz.app.data import get_catalog
@@ -53,6 +59,7 @@ def layout(**query):
         controls,
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
+        html.Div(id=f"{PREFIX}-compare-note"),
         html.Div(id=f"{PREFIX}-summary", className="dfs-note"),
         html.Div([common.figure_card(f"{PREFIX}-bound2", 460, terms=("bound2", "query_block_recall")),
                   common.figure_card(f"{PREFIX}-gap", 460, terms=("effective_gap", "bound3", "query_block_recall"))],
@@ -83,46 +90,76 @@ def factor_tables(cid: str, step: int, layer, method: str, budget: float, orders
     return FactorTable.concat(blocks), FactorTable.concat(heads)
 
 
+def _second_run(compare: str, step: int, layer, method: str, orders: list[str]) -> tuple[list[str], str]:
+    """The orders of the selection capture ``compare`` can draw ([] when it lacks the step, the
+    layer or the method) and the line saying what it lacks ("" when nothing)."""
+    reader = get_catalog().reader(compare)
+    where = [("step", step, reader.steps), *([] if layer == ALL else [("layer", int(layer), reader.layers)]),
+             ("method", method, common.method_choices(reader))]
+    which = [("order", o, reader.orders) for o in orders]
+    held = [o for o in orders if o in reader.orders]
+    if common.lacking(compare, where) or not held:
+        return [], common.lacking(compare, where + which)
+    return held, common.lacking(compare, which, drawn="its other orders are drawn")
+
+
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=3)
-    ids = ("file", "step", "layer", "method", "budget", "orders", "kind")
+    ids = ("file", "compare", "step", "layer", "method", "budget", "orders", "kind")
     figs = [f"{PREFIX}-bound2", f"{PREFIX}-gap"] + [f"{PREFIX}-dist-{n}" for n in ("gap", "r_u", "J_u", "W")]
 
     @app.callback(*[common.fig_output(f) for f in figs], Output(f"{PREFIX}-summary", "children"),
-                  Output(f"{PREFIX}-banner", "children"), *[Input(f"{PREFIX}-{c}", "value") for c in ids])
-    @common.guarded(len(figs) + 2, len(figs) + 1, figures=tuple(range(len(figs))))
-    def _theory(cid, step, layer, method, budget, orders, kind):
+                  Output(f"{PREFIX}-banner", "children"), Output(f"{PREFIX}-compare-note", "children"),
+                  *[Input(f"{PREFIX}-{c}", "value") for c in ids])
+    @common.guarded(len(figs) + 3, len(figs) + 1, figures=tuple(range(len(figs))), on_error={len(figs) + 2: []})
+    def _theory(cid, compare, step, layer, method, budget, orders, kind):
         from dfsviz.figures import FACTOR_LABELS, bound_scatter, factor_distributions, recall_vs_gap
 
         if not orders:
             raise ValueError("pick at least one order")
-        table, heads = factor_tables(cid, step, layer, method, float(budget), list(orders))
-        check = table.violations()
-        shown = table.subsample(MAX_POINTS)
-        groups = shown.column("order")
+        runs, note = [(cid, list(orders))], []
+        if compare:
+            held, missing = _second_run(compare, step, layer, method, list(orders))
+            runs += [(compare, held)] if held else []
+            note = common.banner([missing], "info") if missing else []
+        # per run: its tables, the scatter's subsample and the label of each order (headed by the
+        # run when two are compared)
+        drawn = []
+        for run, run_orders in runs:
+            table, heads = factor_tables(run, step, layer, method, float(budget), run_orders)
+            drawn.append((f"{run} · " if compare else "", table, heads, table.subsample(MAX_POINTS)))
+
+        def joined(column: str):
+            return np.concatenate([np.asarray(shown.column(column)) for _, _, _, shown in drawn])
+
+        groups = np.concatenate([[head + o for o in shown.column("order")] for head, _, _, shown in drawn])
         where = f"step {step} · layer {layer} · {method} · γ = {float(budget):g}"
         out = [
-            bound_scatter(shown.column("bound2"), shown.column("recall"), groups=groups, title=f"Bound 2 · {where}"),
-            recall_vs_gap(shown.column("effective_gap"), shown.column("recall"), shown.column("gamma"), groups=groups,
+            bound_scatter(joined("bound2"), joined("recall"), groups=groups, title=f"Bound 2 · {where}"),
+            recall_vs_gap(joined("effective_gap"), joined("recall"), joined("gamma"), groups=groups,
                           title=f"Recall against the effective gap · {where}"),
         ]
         for column in _FACTORS:
-            values = {o: sub.column(column) for (o,), sub in table.groups("order").items()}
+            values = {head + o: sub.column(column) for head, table, _, _ in drawn
+                      for (o,), sub in table.groups("order").items()}
             label = FACTOR_LABELS.get(column, column)
             out.append(factor_distributions(values, factor=column, kind=kind, title=f"{label} per order · {where}"))
         w_values = {}
-        for (o,), sub in heads.groups("order").items():
-            w_values[f"W_q · {o}"] = sub.column("W_q")
-            w_values[f"W_k · {o}"] = sub.column("W_k")
+        for head, _, heads, _ in drawn:
+            for (o,), sub in heads.groups("order").items():
+                w_values[f"{head}W_q · {o}"] = sub.column("W_q")
+                w_values[f"{head}W_k · {o}"] = sub.column("W_k")
         out.append(factor_distributions(w_values, factor="intra-block variance ratio W", kind=kind,
                                         title=f"intra-block variance ratios W_q, W_k per order · step {step}"))
-        sampled = f" (scatter: {len(shown)} of {len(table)} query blocks)" if len(shown) < len(table) else ""
-        summary = (f"{check['rows']} query blocks{sampled}; Bound 2 violations: {check['bound2']}, Bound 3 violations: "
-                   f"{check['bound3']} (tolerance {check['atol']:g}); largest bound − recall: "
-                   f"{check['max_excess']:.3g}")
-        banner = common.banner([f"bound violated on {check['bound2'] + check['bound3']} rows: this is a bug"], "error") \
-            if check["bound2"] or check["bound3"] else []
-        return (*out, summary, banner)
+        summaries, violated = [], 0
+        for head, table, _, shown in drawn:
+            check = table.violations()
+            violated += check["bound2"] + check["bound3"]
+            sampled = f" (scatter: {len(shown)} of {len(table)} query blocks)" if len(shown) < len(table) else ""
+            summaries.append(f"{head}{check['rows']} query blocks{sampled}; Bound 2 violations: {check['bound2']}, "
+                             f"Bound 3 violations: {check['bound3']} (tolerance {check['atol']:g}); largest bound − "
+                             f"recall: {check['max_excess']:.3g}")
+        banner = common.banner([f"bound violated on {violated} rows: this is a bug"], "error") if violated else []
+        return (*out, ". ".join(summaries), banner, note)
 
     common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])
-

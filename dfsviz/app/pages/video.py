@@ -8,6 +8,10 @@ in cyan and the tokens of its kept key blocks (top-k of the chosen scoring metho
 block whose tokens lie closest to it in the video, as the Masks page does. Playing and
 scrubbing run in the browser (:func:`dfsviz.app.video_figures.video_footprint_figure`).
 A capture without a decoded clip gets one line saying so and how to get one.
+
+With a second capture chosen ("compare with"), its clip is drawn under the first run's with
+the same controls (step, layer, head, query block, method, budget); play and pause move both.
+What it lacks of the selection (or a clip) is said in one line and the first run still shows.
 """
 
 from __future__ import annotations
@@ -84,11 +88,16 @@ def layout(**query):
                   dcc.Store(id=f"{PREFIX}-playing", data=False)], style={"display": "flex", "gap": "6px"}),
         common.figure_card(f"{PREFIX}-video", 560),
         html.Div(id=f"{PREFIX}-note", className="dfs-note"),
+        common.compare_section(PREFIX, [common.figure_card(f"{PREFIX}-cmp-video", 560),
+                                        html.Div(id=f"{PREFIX}-cmp-note", className="dfs-note")],
+                               page.compare_id is not None),
     ])
 
 
-def video_figure(cid: str, step: int, layer: int, head: int, method: str, budget: float, qb: int) -> tuple[dict, str]:
-    """The page's figure (memoised per setting) and the note under it."""
+def video_figure(cid: str, step: int, layer: int, head: int, method: str, budget: float, qb: int,
+                 run: str = "") -> tuple[dict, str]:
+    """The page's figure (memoised per setting) and the note under it; ``run`` (the capture
+    compared, "" for the first) heads the title."""
     from dfsviz.app.video_figures import FootprintPanel, video_footprint_figure
 
     cat = get_catalog()
@@ -101,10 +110,11 @@ def video_figure(cid: str, step: int, layer: int, head: int, method: str, budget
         panels = [FootprintPanel(f"{v['order']} · query block {v['block']} · R_u = {v['row_recall']:.3f}",
                                  v["attention"].numpy(), v["query"].numpy(), v["kept"].numpy()) for v in views]
         title = f"step {step} · layer {layer} · head {head} · {method} · γ = {budget:g}"
+        title = f"{run} · {title}" if run else title
         return video_footprint_figure(frames, latent_frame, fps, reader.grid, panels, title=title,
                                       buttons=False).to_dict()
 
-    figure = cat.cached(cid, ("video_figure", step, layer, head, method, budget, qb), build)
+    figure = cat.cached(cid, ("video_figure", step, layer, head, method, budget, qb, run), build)
     source = "computed exactly from the stored Q/K" if views[0]["exact"] else "the capture's sampled footprints"
     note = (f"{orders[0]} query block {views[0]['block']}; {orders[1]}: block {views[1]['block']}, the block whose "
             f"tokens lie closest to it in the video. Footprints: {source}. Colour: the block's attention log10 a, "
@@ -132,26 +142,50 @@ def register(app) -> None:
         options = [{"label": str(u), "value": u} for u in blocks]
         return options, qb, figure, note, []
 
-    # Play and pause in the browser: plotly animates the figure's frames (the slider follows) at
-    # the clip's fps (layout.meta.fps); an animation interrupted by pause or by the slider
-    # rejects its promise, caught here so that it is no error. Play at the last frame restarts.
+    def second_run(compare, step, layer, head, method, budget, qb):
+        reader = get_catalog().reader(compare)
+        if capture_clip(compare) is None:
+            return (), f"{compare} holds no decoded video: nothing drawn for it here"
+        where = [("step", step, reader.steps), ("layer", layer, reader.layers), ("head", head, reader.heads),
+                 ("method", method, common.method_choices(reader))]
+        missing = common.lacking(compare, where)
+        if not missing:
+            blocks = query_blocks(compare, step, layer, head, order_pair(reader.orders)[0])
+            missing = common.lacking(compare, [("query block", qb, blocks)])
+        if missing:
+            return (), missing
+        return video_figure(compare, step, layer, head, method, float(budget), qb, run=compare), ""
+
+    common.register_compare(app, PREFIX, [f"{PREFIX}-cmp-video"], [Output(f"{PREFIX}-cmp-note", "children")],
+                            [Input(f"{PREFIX}-{c}", "value") for c in ids[1:]], second_run)
+
+    # Play and pause in the browser: plotly animates the figures' frames (the slider follows) at
+    # the clip's fps (layout.meta.fps), the second run's clip too when one is shown; an animation
+    # interrupted by pause or by the slider rejects its promise, caught here so that it is no
+    # error. Play at the last frame restarts.
     app.clientside_callback(
         """
         function(play, pause) {
-            const gd = document.querySelector('#%(p)s-video-card .js-plotly-plot');
             const trig = window.dash_clientside.callback_context.triggered_id;
-            if (!gd || !gd._fullLayout || !gd._fullLayout.sliders || !trig) { return window.dash_clientside.no_update; }
+            const shown = ['#%(p)s-video-card', '#%(p)s-cmp-video-card']
+                .map(card => document.querySelector(card + ' .js-plotly-plot'))
+                .filter(gd => gd && gd.offsetParent !== null && gd._fullLayout && gd._fullLayout.sliders);
+            if (!shown.length || !trig) { return window.dash_clientside.no_update; }
             const ignore = () => {};
             if (trig === '%(p)s-pause') {
-                Plotly.animate(gd, [null], {frame: {duration: 0, redraw: true}, transition: {duration: 0},
-                                            mode: 'immediate'}).catch(ignore);
+                for (const gd of shown) {
+                    Plotly.animate(gd, [null], {frame: {duration: 0, redraw: true}, transition: {duration: 0},
+                                                mode: 'immediate'}).catch(ignore);
+                }
                 return false;
             }
-            const slider = gd._fullLayout.sliders[0];
-            const names = slider.steps.map(s => s.args[0][0]);
-            const from = slider.active >= names.length - 1 ? 0 : slider.active + 1;
-            Plotly.animate(gd, names.slice(from), {frame: {duration: 1000 / gd.layout.meta.fps, redraw: true},
-                                                   transition: {duration: 0}, mode: 'immediate'}).catch(ignore);
+            for (const gd of shown) {
+                const slider = gd._fullLayout.sliders[0];
+                const names = slider.steps.map(s => s.args[0][0]);
+                const from = slider.active >= names.length - 1 ? 0 : slider.active + 1;
+                Plotly.animate(gd, names.slice(from), {frame: {duration: 1000 / gd.layout.meta.fps, redraw: true},
+                                                       transition: {duration: 0}, mode: 'immediate'}).catch(ignore);
+            }
             return true;
         }
         """ % {"p": PREFIX},
@@ -160,4 +194,4 @@ def register(app) -> None:
         prevent_initial_call=True,
     )
 
-    common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])
+    common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in (*ids[:1], "compare", *ids[1:])])
