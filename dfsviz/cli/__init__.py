@@ -20,13 +20,16 @@ __all__ = ["main", "fail_cleanly"]
 
 def parse_names(spec: str, option: str, allowed) -> tuple[str, ...]:
     """"raster,hilbert3d" -> ("raster", "hilbert3d"): a comma-separated list of distinct names
-    from ``allowed`` (a registry's names), in the order given; ValueError naming the option and
-    the choices otherwise."""
+    from ``allowed`` (a registry's names), in the order given; "all" -> every name of ``allowed``
+    in registry order. ValueError naming the option and the choices otherwise."""
     allowed = list(allowed)
+    if spec.strip() == "all":
+        return tuple(allowed)
     names = tuple(name.strip() for name in spec.split(",") if name.strip())
     if not names or len(set(names)) != len(names) or any(name not in allowed for name in names):
         raise ValueError(
-            f"`{option}` must be a comma-separated list of distinct names from {','.join(allowed)} (got {spec!r})"
+            f"`{option}` must be a comma-separated list of distinct names from {','.join(allowed)}, or all "
+            f"(got {spec!r})"
         )
     return names
 
