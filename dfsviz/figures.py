@@ -7,8 +7,8 @@ Delta - 2r - J, the intra-block variance ratios W_q and W_k.
 
 Builders:
 
-* :func:`mask_heatmap` - log10 block mass of one head, kept blocks outlined or shaded
-  (:func:`kept_blocks_trace` draws the mask alone, to redraw it over a heatmap built once;
+* :func:`mask_heatmap` - log10 block mass of one head (an image), kept blocks outlined or
+  shaded (:func:`kept_blocks_layer` draws the mask alone, to redraw it over a map built once;
   :func:`query_row_shape` marks one query block's row as a layout shape).
 * :func:`recall_budget` - recall against budget per method and order, oracle on top.
 * :func:`bound_scatter` - a recall bound against the measured recall, with y = x.
@@ -19,7 +19,7 @@ Builders:
 * :func:`footprint_frames` - per-frame heatmaps of one query block's attention in video space
   (:func:`footprint_outlines` draws a token set's outlines alone, on the same panels).
 * :func:`footprint_mosaic` - the same, every frame tiled in one heatmap (one plot for the
-  browser to draw; :func:`footprint_mosaic_outline` redraws an outline alone).
+  browser to draw; :func:`footprint_mosaic_outline` gives an outline alone, a layout shape).
 * :func:`schedule_figure` - the DFSAttn budget per step, refreshes, and measured recall/density.
 * :func:`sweep_lines` - a token-model sweep: one line per order.
 * :func:`calibration_heatmap` - a calibrated plan's γ, predicted recall or density per (layer, head).
@@ -30,6 +30,7 @@ Builders:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -47,7 +48,7 @@ __all__ = [
     "OUTLINE_MAX_BLOCKS",
     "bound3_curve",
     "mask_heatmap",
-    "kept_blocks_trace",
+    "kept_blocks_layer",
     "kept_caption",
     "query_row_shape",
     "recall_budget",
@@ -103,7 +104,7 @@ _QUERY_COLOUR = "#00E5FF"
 # Outline points above which a WebGL trace replaces the SVG one.
 _WEBGL_POINTS = 30000
 
-#: Ways :func:`kept_blocks_trace` draws the kept blocks of a mask.
+#: Ways :func:`kept_blocks_layer` draws the kept blocks of a mask.
 KEPT_STYLES = ("outline", "shade", "auto")
 #: Largest key-block count that ``style="auto"`` outlines; above it kept blocks are shaded:
 #: at 256 blocks a cell is 1-2 px, an outline per kept cell is invisible and its ~1e5 line
@@ -208,19 +209,93 @@ def bound3_curve(eff_gap: object, gamma: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- masks
-def kept_blocks_trace(kept: object, *, style: str = "outline") -> go.Scatter | go.Scattergl | go.Heatmap:
-    """The trace drawing a block mask's kept blocks over a :func:`mask_heatmap`.
+@functools.cache
+def _viridis_palette() -> np.ndarray:
+    """uint8 [256, 3]: entry 0 unused (transparent), entries 1..255 Viridis from its low to its
+    high end, interpolated as plotly interpolates a colour scale."""
+    from plotly.colors import sample_colorscale
+
+    rgb = sample_colorscale("Viridis", np.linspace(0.0, 1.0, 255).tolist(), colortype="rgb")
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[1:] = [[int(c) for c in colour[4:-1].split(",")] for colour in rgb]
+    return palette
+
+
+def _png_uri(pixels: np.ndarray, palette: np.ndarray, alpha: np.ndarray) -> str:
+    """``data:`` URI of an 8-bit palette PNG: ``pixels`` uint8 [R, C] indices into ``palette``
+    (uint8 [256, 3]) with ``alpha`` (uint8 [256]) per index. One byte per cell: a 256 x 256
+    block map is a few tens of kB, and the browser decodes it instead of colouring cells."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(pixels)  # mode "L"; putpalette makes it "P"
+    image.putpalette(palette.ravel().tolist())
+    image.info["transparency"] = bytes(alpha.tolist())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # level 1: 3x faster than the default, a few % larger
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _viridis_png(z: np.ndarray, zmin: float, zmax: float) -> str:
+    """Float [R, C] values coloured with Viridis over [zmin, zmax] (NaN transparent), as a PNG URI."""
+    unit = (z - zmin) / (zmax - zmin) if zmax > zmin else np.zeros_like(z)
+    pixels = (np.rint(np.clip(np.nan_to_num(unit, nan=0.0), 0.0, 1.0) * 254) + 1).astype(np.uint8)
+    pixels[np.isnan(z)] = 0
+    alpha = np.full(256, 255, dtype=np.uint8)
+    alpha[0] = 0
+    return _png_uri(pixels, _viridis_palette(), alpha)
+
+
+def _image(z: np.ndarray, zmin: float, zmax: float, *, name: str, hovertemplate: str,
+           customdata: np.ndarray | None = None) -> go.Image:
+    """float [R, C] ``z`` drawn as an image (cell (r, c) at x = c, y = r), its values in
+    ``customdata`` (``z`` itself unless given) for the hover and the CSV."""
+    return go.Image(source=_viridis_png(z, zmin, zmax), x0=0, y0=0, dx=1, dy=1, name=name,
+                    customdata=z if customdata is None else customdata, hovertemplate=hovertemplate)
+
+
+def _colour_bar(zmin: float, zmax: float, title: str) -> go.Scatter:
+    """A trace with no points that draws the Viridis colour bar of an image over [zmin, zmax]
+    (image traces have none)."""
+    return go.Scatter(x=[None], y=[None], mode="markers", name=f"{title} colour scale", hoverinfo="skip",
+                      showlegend=False, marker={"colorscale": "Viridis", "cmin": zmin, "cmax": zmax, "color": [zmin],
+                                                "showscale": True, "colorbar": {"title": {"text": title}}})
+
+
+def _check_zrange(zrange: object) -> tuple[float, float]:
+    ok = isinstance(zrange, (tuple, list)) and len(zrange) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in zrange)
+    if not ok or not zrange[0] < zrange[1]:
+        raise ValueError(f"`zrange` must be two finite numbers low < high, the log10 colour range (got {zrange!r})")
+    return float(zrange[0]), float(zrange[1])
+
+
+def _outline_shape(kept: np.ndarray, *, name: str, colour: str, width: float) -> dict:
+    """A layout shape outlining the True cells of bool [R, C] ``kept`` (see :func:`outline_segments`):
+    one SVG path "Mx,yLx,y..." in data coordinates. A browser draws a path at once, where a line
+    trace of as many NaN-separated segments costs it tens of ms."""
+    xs, ys = outline_segments(kept)
+    ends = np.stack([xs[0::3], ys[0::3], xs[1::3], ys[1::3]], axis=1).astype(np.float64)
+    path = "".join(f"M{a:g},{b:g}L{c:g},{d:g}" for a, b, c, d in ends.tolist())
+    return {"type": "path", "path": path, "xref": "x", "yref": "y", "name": name, "line": {"color": colour, "width": width}}
+
+
+def kept_blocks_layer(kept: object, *, style: str = "outline") -> tuple[list[go.Image], list[dict]]:
+    """What draws a block mask's kept blocks over a :func:`mask_heatmap`: (traces, layout shapes).
 
     Args:
         kept: bool [Mq, Mk], True where key block v is kept for query block u
             (``BlockMask.to_dense()[b, h]``).
         style: one of ``KEPT_STYLES``: "outline" draws the boundary of the kept blocks in
-            white (a ``Scatter``, or ``Scattergl`` above ~30k points); "shade" lays a
-            half-transparent white ``Heatmap`` over them; "auto" outlines up to
-            ``OUTLINE_MAX_BLOCKS`` key blocks and shades above.
+            white, one SVG path shape; "shade" lays a half-transparent white image
+            over them (an ``Image`` trace); "auto" outlines up to ``OUTLINE_MAX_BLOCKS`` key
+            blocks and shades above.
 
-    Returns one trace named "kept blocks" that skips hover (so CSV exports leave it out).
-    Use it to redraw only the mask over a heatmap built once (the dashboard does).
+    Returns ([], [the path shape]) or ([the image], []), each named "kept blocks" (the image
+    skips hover, so CSV exports leave it out). Use it to redraw only the mask over a map built
+    once (the dashboard does).
     """
     if style not in KEPT_STYLES:
         raise ValueError(f"`style` must be one of {', '.join(KEPT_STYLES)} (got {style!r})")
@@ -228,9 +303,14 @@ def kept_blocks_trace(kept: object, *, style: str = "outline") -> go.Scatter | g
     if style == "auto":
         style = "outline" if dense.shape[1] <= OUTLINE_MAX_BLOCKS else "shade"
     if style == "shade":
-        return go.Heatmap(z=dense.astype(np.uint8), zmin=0, zmax=1, showscale=False, name="kept blocks",
-                          hoverinfo="skip", colorscale=[[0.0, "rgba(0,0,0,0)"], [1.0, "rgba(255,255,255,0.6)"]])
-    return _outline_trace(dense, name="kept blocks", colour=_OUTLINE_COLOUR, width=1)
+        palette = np.zeros((256, 3), dtype=np.uint8)
+        palette[1] = 255
+        alpha = np.zeros(256, dtype=np.uint8)
+        alpha[1] = 153  # 60% white, as the shaded heatmap drew it
+        image = go.Image(source=_png_uri(dense.astype(np.uint8), palette, alpha), x0=0, y0=0, dx=1, dy=1,
+                         name="kept blocks", hoverinfo="skip")
+        return [image], []
+    return [], [_outline_shape(dense, name="kept blocks", colour=_OUTLINE_COLOUR, width=1)]
 
 
 def query_row_shape(query_block: int, num_kv_blocks: int) -> dict:
@@ -242,7 +322,7 @@ def query_row_shape(query_block: int, num_kv_blocks: int) -> dict:
 
     Returns a plotly shape dict for ``layout.shapes``: a marker that a page can move by
     updating the layout alone, without sending the map again (the dashboard marks the row
-    whose footprint it shows).
+    whose footprint it shows). :func:`mask_heatmap` marks its ``query_block`` with it.
     """
     for name, value, low in (("query_block", query_block, 0), ("num_kv_blocks", num_kv_blocks, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -266,49 +346,51 @@ def mask_heatmap(
     floor: float = 1e-6,
     query_block: int | None = None,
     kept_style: str = "outline",
+    zrange: tuple[float, float] | None = None,
 ) -> go.Figure:
     """Log10 block mass of one head with the kept key blocks outlined (or shaded).
 
     Args:
         mass: float [Mq, Mk], block mass m_uv (rows sum to 1) or any non-negative block score.
         kept: bool [Mq, Mk] or None; True where key block v is kept for query block u
-            (``BlockMask.to_dense()[b, h]``), drawn by :func:`kept_blocks_trace`.
+            (``BlockMask.to_dense()[b, h]``), drawn by :func:`kept_blocks_layer`.
         title: figure title.
         floor: smallest value drawn; zeros and smaller values get this colour.
-        query_block: optional query block u to highlight with a horizontal band outline.
-        kept_style: how ``kept`` is drawn, one of ``KEPT_STYLES`` (see :func:`kept_blocks_trace`).
+        query_block: optional query block u whose row is outlined (:func:`query_row_shape`).
+        kept_style: how ``kept`` is drawn, one of ``KEPT_STYLES`` (see :func:`kept_blocks_layer`).
+        zrange: (low, high) of the log10 colour scale, e.g. one range for two maps side by
+            side; default: the map's own minimum and maximum.
 
-    Returns a figure with one ``Heatmap`` trace (z = log10 m as float32, y = query block u
-    from the top, x = key block v) and, when ``kept`` is given, one trace named "kept blocks".
+    Returns a figure whose first trace is an ``Image`` named "log10 block mass" (row u =
+    query block from the top, column v = key block; the values log10 m as float32 in
+    ``customdata``, shown by the hover), then a pointless ``Scatter`` that draws its colour
+    bar, then the kept blocks' image for the "shade" style; the kept blocks' outline and the
+    query row are ``layout.shapes``.
     """
     m = _array(mass, "mass", ndim=2)
     floor = _check_floor(floor)
     if np.isnan(m).any() or (m < 0).any():
         raise ValueError("`mass` must be non-negative and free of NaN (got negative or NaN entries); pass block mass m or a softmax score")
-    traces = [
-        go.Heatmap(
-            # float32: hover shows 2 decimals; halves what the dashboard sends at 256 x 256 blocks
-            z=_log10(m, floor).astype(np.float32),
-            colorscale="Viridis",
-            colorbar={"title": "log10 m"},
-            hovertemplate="query block %{y}<br>key block %{x}<br>log10 m = %{z:.2f}<extra></extra>",
-            name="log10 block mass",
-        )
-    ]
+    # float32: hover shows 2 decimals; halves what the dashboard sends at 256 x 256 blocks
+    z = _log10(m, floor).astype(np.float32)
+    zmin, zmax = _check_zrange(zrange) if zrange is not None else (float(z.min()), float(z.max()))
+    traces = [_image(z, zmin, zmax, name="log10 block mass",
+                     hovertemplate="query block %{y}<br>key block %{x}<br>log10 m = %{customdata:.2f}<extra></extra>"),
+              _colour_bar(zmin, zmax, "log10 m")]
+    shapes: list[dict] = []
     if kept is not None:
         dense = _array(kept, "kept", ndim=2, dtype=bool)
         if dense.shape != m.shape:
             raise ValueError(f"`kept` must have the shape of `mass` {m.shape} (got {dense.shape}); pass mask.to_dense()[b, h]")
-        traces.append(kept_blocks_trace(dense, style=kept_style))
+        layer, shapes = kept_blocks_layer(dense, style=kept_style)
+        traces += layer
         title = f"{title} · {kept_caption(dense)}" if title else kept_caption(dense)
     if query_block is not None:
         if isinstance(query_block, bool) or not isinstance(query_block, int) or not 0 <= query_block < m.shape[0]:
             raise ValueError(f"`query_block` must be an integer in [0, {m.shape[0]}) (got {query_block!r})")
-        band = np.zeros_like(m, dtype=bool)
-        band[query_block] = True
-        traces.append(_outline_trace(band, name=f"query block {query_block}", colour=_QUERY_COLOUR, width=2))
+        shapes = [*shapes, query_row_shape(query_block, m.shape[1])]
     # one layout dict: each update_layout/update_*axes call re-validates the layout (ms each)
-    layout = {"title": title, "template": "plotly_white", "margin": {"t": 50},
+    layout = {"title": title, "template": "plotly_white", "margin": {"t": 50}, "shapes": shapes,
               "xaxis": {"title": "key block v", "constrain": "domain", "range": [-0.5, m.shape[1] - 0.5]},
               "yaxis": {"title": "query block u", "autorange": "reversed", "scaleanchor": "x", "constrain": "domain"}}
     return go.Figure(data=traces, layout=layout)
@@ -1103,21 +1185,22 @@ def _mosaic(values: np.ndarray, grid: LatentGrid, cols: int, fill) -> np.ndarray
 
 
 def footprint_mosaic_outline(tokens: object, grid: LatentGrid, *, cols: int, name: str = "kept keys",
-                             colour: str = _OUTLINE_COLOUR, arg: str = "tokens") -> go.Scatter | go.Scattergl:
-    """The outline of a token set on :func:`footprint_mosaic` (one line trace for every frame).
+                             colour: str = _OUTLINE_COLOUR, arg: str = "tokens") -> dict:
+    """The outline of a token set on :func:`footprint_mosaic`, every frame, as one layout shape.
 
     Args:
         tokens: bool [N] in the original order, e.g. the keys of a query block's kept key blocks.
         grid: the latent grid (N = ``grid.num_tokens``).
         cols: the mosaic's frames per row (as given to :func:`footprint_mosaic`).
-        name, colour: the trace's name and line colour; ``arg``: the argument named in errors.
+        name, colour: the shape's name and line colour; ``arg``: the argument named in errors.
 
-    Use it to redraw only the outline over a mosaic built once (the dashboard does).
+    Returns a plotly path shape dict for ``layout.shapes``. Use it to redraw only the outline
+    over a mosaic built once (the dashboard does).
     """
     mask = _array(tokens, arg, ndim=1, dtype=bool)
     if mask.size != grid.num_tokens:
         raise ValueError(f"`{arg}` must hold one flag per token ({grid.num_tokens}) (got {mask.size})")
-    return _outline_trace(_mosaic(mask, grid, cols, False), name=name, colour=colour, width=1.5)
+    return _outline_shape(_mosaic(mask, grid, cols, False), name=name, colour=colour, width=1.5)
 
 
 def footprint_mosaic(
@@ -1147,8 +1230,8 @@ def footprint_mosaic(
         title: figure title; the attention mass on text tokens is appended when the grid has text.
 
     Returns a figure with one ``Heatmap`` (z = log10 attention as float32, NaN between frames;
-    hover names the frame, row and column), then the query-block outline and the kept-key
-    outline of :func:`footprint_mosaic_outline` when given.
+    hover names the frame, row and column); the query-block outline and the kept-key outline
+    of :func:`footprint_mosaic_outline`, when given, are its ``layout.shapes`` in that order.
     """
     fp, floor = _check_footprint(footprint, grid, floor, cols)
     cols = min(cols, grid.frames)
@@ -1156,13 +1239,13 @@ def footprint_mosaic(
     z = _mosaic(_log10(fp, floor).astype(np.float32), grid, cols, np.float32(np.nan))
     # (frame, row, column) of every cell for the hover; -1 between frames
     where = np.stack([_mosaic(_tokens_axis(grid, axis), grid, cols, -1) for axis in (0, 1, 2)], axis=-1)
-    traces = [go.Heatmap(z=z, customdata=where.astype(np.int16), coloraxis="coloraxis", name="attention",
-                         hovertemplate="frame %{customdata[0]}<br>row %{customdata[1]}, col %{customdata[2]}"
-                                       "<br>log10 a = %{z:.2f}<extra></extra>", hoverongaps=False)]
-    for arg, name, tokens, colour in (("query_tokens", "query block", query_tokens, _QUERY_COLOUR),
-                                      ("kept_tokens", "kept keys", kept_tokens, _OUTLINE_COLOUR)):
-        if tokens is not None:
-            traces.append(footprint_mosaic_outline(tokens, grid, cols=cols, name=name, colour=colour, arg=arg))
+    heat = go.Heatmap(z=z, customdata=where.astype(np.int16), coloraxis="coloraxis", name="attention",
+                      hovertemplate="frame %{customdata[0]}<br>row %{customdata[1]}, col %{customdata[2]}"
+                                    "<br>log10 a = %{z:.2f}<extra></extra>", hoverongaps=False)
+    outlines = [footprint_mosaic_outline(tokens, grid, cols=cols, name=name, colour=colour, arg=arg)
+                for arg, name, tokens, colour in (("query_tokens", "query block", query_tokens, _QUERY_COLOUR),
+                                                  ("kept_tokens", "kept keys", kept_tokens, _OUTLINE_COLOUR))
+                if tokens is not None]
     head = title or "Attention footprint"
     if grid.text_len:
         head += f" · text tokens hold {float(fp[grid.text_slice].sum()):.1%}"
@@ -1170,11 +1253,11 @@ def footprint_mosaic(
     labels = [{"text": f"frame {f}", "x": (f % cols) * (grid.width + 1) - 0.5, "y": (f // cols) * (grid.height + 1) - 0.5,
                "xref": "x", "yref": "y", "xanchor": "left", "yanchor": "top", "showarrow": False,
                "font": {"size": 10}, "bgcolor": "rgba(255,255,255,0.7)", "borderpad": 1} for f in range(grid.frames)]
-    layout = {"title": head, "template": "plotly_white", "annotations": labels,
+    layout = {"title": head, "template": "plotly_white", "annotations": labels, "shapes": outlines,
               "xaxis": {"visible": False, "range": [-0.5, width - 0.5], "constrain": "domain"},
               "yaxis": {"visible": False, "range": [height - 0.5, -0.5], "scaleanchor": "x", "constrain": "domain"},
               "coloraxis": {"colorscale": "Viridis", "colorbar": {"title": "log10 a"}}}
-    return go.Figure(data=traces, layout=layout)
+    return go.Figure(data=[heat], layout=layout)
 
 
 def _tokens_axis(grid: LatentGrid, axis: int) -> np.ndarray:

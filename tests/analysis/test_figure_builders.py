@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import plotly.graph_objects as go
@@ -47,22 +48,63 @@ def test_outline_segments_single_cell_rectangle_and_l_shape():
     assert len(_segments(*figures.outline_segments(two))) == 8
 
 
+def _png(uri: str) -> np.ndarray:
+    """uint8 [R, C, 4] RGBA pixels of a ``data:image/png;base64,`` URI."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    assert uri.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGBA"))
+
+
+def _path_segments(path: str):
+    """[(x0, y0, x1, y1), ...] of an SVG path made of "M x,y L x,y" moves and lines."""
+    numbers = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", path)]
+    assert path.count("M") == path.count("L") == len(numbers) // 4
+    return [tuple(numbers[i:i + 4]) for i in range(0, len(numbers), 4)]
+
+
 def test_mask_heatmap(case):
+    from plotly.colors import sample_colorscale
+
     m = case.stats.m[0, 1]
     kept = torch.zeros_like(m, dtype=torch.bool)
     kept[2, 3] = True
     fig = figures.mask_heatmap(m, kept, title="raster", floor=1e-4, query_block=2)
-    heat, outline, band = fig.data
-    assert isinstance(heat, go.Heatmap)
-    np.testing.assert_allclose(heat.z, np.log10(np.maximum(m.numpy(), 1e-4)))
-    assert outline.name == "kept blocks" and len(_segments(outline.x, outline.y)) == 4
-    assert band.name == "query block 2"
+    image, scale = fig.data
+    logs = np.log10(np.maximum(m.numpy(), 1e-4))
+    # the block mass drawn as an image: its hover and its CSV read the values from customdata
+    assert isinstance(image, go.Image) and image.name == "log10 block mass"
+    np.testing.assert_allclose(np.asarray(image.customdata, dtype=np.float64), logs, rtol=1e-6)
+    assert "%{customdata:.2f}" in image.hovertemplate and "query block %{y}" in image.hovertemplate
+    # each pixel has the colour plotly's Viridis gives the cell's value (one 8-bit step of error)
+    pixels = _png(image.source)
+    assert pixels.shape == (*m.shape, 4) and (pixels[..., 3] == 255).all()
+    unit = (logs - logs.min()) / (logs.max() - logs.min())
+    want = np.array([[int(c) for c in rgb[4:-1].split(",")]
+                     for rgb in sample_colorscale("Viridis", unit.ravel().tolist(), colortype="rgb")])
+    assert np.abs(pixels[..., :3].reshape(-1, 3).astype(int) - want).max() <= 3
+    # the colour bar: a trace with no points
+    assert scale.hoverinfo == "skip" and scale.marker.showscale and scale.marker.colorbar.title.text == "log10 m"
+    assert (scale.marker.cmin, scale.marker.cmax) == pytest.approx((logs.min(), logs.max()), abs=1e-6)
+    # the kept blocks outlined by one path shape, the query row marked by query_row_shape: one way to mark a row
+    outline, row = fig.layout.shapes
+    assert outline.name == "kept blocks" and outline.type == "path"
+    assert sorted(_path_segments(outline.path)) == sorted([
+        (2.5, 1.5, 3.5, 1.5), (2.5, 2.5, 3.5, 2.5), (2.5, 1.5, 2.5, 2.5), (3.5, 1.5, 3.5, 2.5)])
+    assert row.to_plotly_json() == figures.query_row_shape(2, m.shape[1])
     assert f"kept {1 / m.numel():.1%} of blocks" in fig.layout.title.text
     assert fig.layout.yaxis.autorange == "reversed"
-    assert len(figures.mask_heatmap(m).data) == 1
-    scattered = np.random.default_rng(0).random((200, 200)) < 0.3  # many short boundary runs
-    big = figures.mask_heatmap(np.full((200, 200), 1 / 200), scattered)
-    assert isinstance(big.data[1], go.Scattergl) and len(_segments(big.data[1].x, big.data[1].y)) > 10000
+    assert len(figures.mask_heatmap(m).data) == 2 and not figures.mask_heatmap(m).layout.shapes
+    # a colour range given (two maps side by side): colours and colour bar follow it
+    ranged = figures.mask_heatmap(m, zrange=(-8.0, 0.0))
+    assert (ranged.data[1].marker.cmin, ranged.data[1].marker.cmax) == (-8.0, 0.0)
+    unit = (logs + 8.0) / 8.0
+    want = np.array([[int(c) for c in rgb[4:-1].split(",")]
+                     for rgb in sample_colorscale("Viridis", unit.ravel().tolist(), colortype="rgb")])
+    assert np.abs(_png(ranged.data[0].source)[..., :3].reshape(-1, 3).astype(int) - want).max() <= 3
 
 
 def test_recall_budget_puts_oracles_last(case):
@@ -179,6 +221,8 @@ def test_errors():
         figures.mask_heatmap(m, floor=0)
     with pytest.raises(ValueError, match=r"`query_block` must be an integer in \[0, 3\)"):
         figures.mask_heatmap(m, query_block=3)
+    with pytest.raises(ValueError, match=r"`zrange` must be two finite numbers low < high, the log10 colour range \(got \(0.0, 0.0\)\)"):
+        figures.mask_heatmap(m, zrange=(0.0, 0.0))
     with pytest.raises(ValueError, match="`curves` must be a non-empty mapping"):
         figures.recall_budget({})
     with pytest.raises(TypeError, match="curve 'a' must be a RecallCurve or a"):
@@ -231,28 +275,31 @@ def test_errors():
         figures.sweep_lines([1.0, 2.0], {"a": [1.0]}, x_name="delta", y_name="W_k")
 
 
-def test_kept_blocks_trace_styles():
+def test_kept_blocks_layer_styles():
     kept = np.zeros((80, 80), dtype=bool)
     kept[3, 5:9] = True
-    outline = figures.kept_blocks_trace(kept)
-    assert isinstance(outline, go.Scatter) and outline.name == "kept blocks" and outline.hoverinfo == "skip"
-    assert sorted(_segments(outline.x, outline.y)) == sorted([
+    traces, shapes = figures.kept_blocks_layer(kept)
+    (outline,) = shapes
+    assert traces == [] and outline["name"] == "kept blocks" and outline["line"]["color"] == "#FFFFFF"
+    assert sorted(_path_segments(outline["path"])) == sorted([
         (4.5, 2.5, 8.5, 2.5), (4.5, 3.5, 8.5, 3.5), (4.5, 2.5, 4.5, 3.5), (8.5, 2.5, 8.5, 3.5),
     ])
-    shade = figures.kept_blocks_trace(kept, style="shade")
-    assert isinstance(shade, go.Heatmap) and shade.hoverinfo == "skip" and not shade.showscale
-    np.testing.assert_array_equal(shade.z, kept.astype(np.uint8))
+    (shade,), shapes = figures.kept_blocks_layer(kept, style="shade")
+    assert shapes == [] and isinstance(shade, go.Image) and shade.hoverinfo == "skip" and shade.name == "kept blocks"
+    pixels = _png(shade.source)  # white, half transparent on the kept blocks, transparent elsewhere
+    np.testing.assert_array_equal(pixels[..., 3] > 0, kept)
+    assert (pixels[kept][:, :3] == 255).all()
     # "auto" outlines up to OUTLINE_MAX_BLOCKS key blocks and shades above
-    assert isinstance(figures.kept_blocks_trace(kept, style="auto"), go.Heatmap)
+    assert isinstance(figures.kept_blocks_layer(kept, style="auto")[0][0], go.Image)
     small = kept[:, : figures.OUTLINE_MAX_BLOCKS]
-    assert isinstance(figures.kept_blocks_trace(small, style="auto"), go.Scatter)
+    assert figures.kept_blocks_layer(small, style="auto")[0] == []
     m = np.full((80, 80), 1 / 80)
     fig = figures.mask_heatmap(m, kept, kept_style="auto", title="t")
-    assert isinstance(fig.data[1], go.Heatmap) and fig.layout.title.text == f"t · kept {4 / 6400:.1%} of blocks"
+    assert fig.data[2].name == "kept blocks" and fig.layout.title.text == f"t · kept {4 / 6400:.1%} of blocks"
     assert figures.kept_caption(kept) == f"kept {4 / 6400:.1%} of blocks"
-    assert np.asarray(fig.data[0].z).dtype == np.float32
+    assert np.asarray(fig.data[0].customdata).dtype == np.float32
     with pytest.raises(ValueError, match="`style` must be one of outline, shade, auto"):
-        figures.kept_blocks_trace(kept, style="fill")
+        figures.kept_blocks_layer(kept, style="fill")
 
 
 def test_footprint_panels_match_make_subplots_and_outlines_sit_on_their_panel():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,8 @@ def test_footprint_mosaic_tiles_every_frame_in_place():
     kept = np.zeros(grid.num_tokens, dtype=bool)
     kept[6:12] = True  # frame 1, all of it
     fig = figures.footprint_mosaic(fp, grid, kept_tokens=kept, query_tokens=kept, cols=2, floor=1e-9)
-    heat, query, outline = fig.data
+    (heat,) = fig.data
+    query, outline = fig.layout.shapes
     z = np.asarray(heat.z, dtype=np.float64)
     where = np.asarray(heat.customdata)
     assert z.shape == (3 * 3 - 1, 2 * 4 - 1)  # 3 rows x 2 columns of 2x3 frames, one empty cell between
@@ -30,11 +33,17 @@ def test_footprint_mosaic_tiles_every_frame_in_place():
         assert (where[r * 3: r * 3 + 2, c * 4: c * 4 + 3, 1] == [[0] * 3, [1] * 3]).all()
     assert np.isnan(z).sum() == z.size - grid.num_video
     assert [a.text for a in fig.layout.annotations] == [f"frame {f}" for f in range(5)]
-    # frame 1 (row 0, column 1) outlined as one rectangle: 4 segments around x in [3.5, 6.5], y in [-0.5, 1.5]
-    xs, ys = np.asarray(outline.x, dtype=float), np.asarray(outline.y, dtype=float)
-    assert np.nanmin(xs) == 3.5 and np.nanmax(xs) == 6.5 and np.nanmin(ys) == -0.5 and np.nanmax(ys) == 1.5
-    assert query.name == "query block" and outline.name == "kept keys"
-
+    # frame 1 (row 0, column 1) outlined as one rectangle: 4 segments around x in [3.5, 6.5], y in [-0.5, 1.5],
+    # one SVG path shape each (a browser draws a path at once, a line trace of as many segments slowly)
+    for shape in (query, outline):
+        assert shape.type == "path" and shape.xref == "x" and shape.yref == "y"
+        ends = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", shape.path)]
+        assert sorted(zip(ends[0::4], ends[1::4], ends[2::4], ends[3::4])) == sorted([
+            (3.5, -0.5, 6.5, -0.5), (3.5, 1.5, 6.5, 1.5), (3.5, -0.5, 3.5, 1.5), (6.5, -0.5, 6.5, 1.5)])
+    assert (query.name, query.line.color) == ("query block", "#00E5FF")
+    assert (outline.name, outline.line.color) == ("kept keys", "#FFFFFF")
+    alone = figures.footprint_mosaic_outline(kept, grid, cols=2)
+    assert alone == outline.to_plotly_json()
 
 def test_footprint_mosaic_names_bad_arguments():
     grid = LatentGrid.parse("2x3x4")

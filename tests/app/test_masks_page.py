@@ -34,10 +34,10 @@ def drawn_frames(page, name: str) -> tuple[list[str], int]:
 
 
 def marked_rows(page, name: str) -> list[float]:
-    """The rows marked by shapes on map ``name`` (shape centres)."""
+    """The rows marked by query-row shapes on map ``name`` (shape centres)."""
     return page.evaluate(
         "n => ((document.querySelector('#' + n + '-card .js-plotly-plot').layout.shapes) || [])"
-        ".map(s => (s.y0 + s.y1) / 2)", name)
+        ".filter(s => s.name.startsWith('query block')).map(s => (s.y0 + s.y1) / 2)", name)
 
 
 def shown_block(page, name: str) -> int:
@@ -47,7 +47,8 @@ def shown_block(page, name: str) -> int:
 def wait_marked(page, name: str, row: int) -> None:
     page.wait_for_function(
         "([n, r]) => { const g = document.querySelector('#' + n + '-card .js-plotly-plot');"
-        " const s = g && g.layout && g.layout.shapes; return !!s && s.length === 1 && (s[0].y0 + s[0].y1) / 2 === r; }",
+        " const s = g && g.layout && (g.layout.shapes || []).filter(s => s.name.startsWith('query block'));"
+        " return !!s && s.length === 1 && (s[0].y0 + s[0].y1) / 2 === r; }",
         arg=[name, row], timeout=30000)
 
 
@@ -94,11 +95,11 @@ def test_query_row_shape_outlines_one_row_and_names_bad_arguments():
 
 
 def colour_ranges(page) -> dict:
-    """(zmin, zmax) of each map's heatmap and (cmin, cmax) of each footprint's colour axis, as drawn."""
+    """(cmin, cmax) of each map's colour bar and of each footprint's colour axis, as drawn."""
     return page.evaluate(
         "() => { const g = n => document.querySelector('#' + n + '-card .js-plotly-plot');"
         " const out = {};"
-        " for (const n of ['mk-left', 'mk-right']) { const t = g(n)._fullData[0]; out[n] = [t.zmin, t.zmax]; }"
+        " for (const n of ['mk-left', 'mk-right']) { const m = g(n)._fullData[1].marker; out[n] = [m.cmin, m.cmax]; }"
         " for (const n of ['mk-fp-left', 'mk-fp-right']) { const a = g(n)._fullLayout.coloraxis; out[n] = [a.cmin, a.cmax]; }"
         " return out; }")
 
@@ -131,4 +132,72 @@ def test_side_by_side_figures_share_one_colour_range_by_default(page, url, conso
     for n, log in zip(("mk-left", "mk-right"), logs):
         assert own[n] == pytest.approx([log.min(), log.max()], abs=1e-4)
     assert own["mk-left"] != own["mk-right"]
+    assert console == []
+
+
+# Installed once the page is drawn: counts the redraws Dash asks of each figure (its
+# Plotly.react calls) and the Dash requests that answer with a figure of the first run.
+_PROBE = """
+() => {
+  const p = window.__probe = {draws: {}, requests: 0, inflight: 0};
+  const react0 = Plotly.react;
+  Plotly.react = function(gd) {
+    const card = gd.closest('.dfs-card');
+    if (card) p.draws[card.id.replace(/-card$/, '')] = (p.draws[card.id.replace(/-card$/, '')] || 0) + 1;
+    return react0.apply(this, arguments);
+  };
+  const fetch0 = window.fetch;
+  window.fetch = function(url, opts) {
+    if (!String(url).includes('_dash-update-component')) return fetch0.apply(this, arguments);
+    if (/mk-left|mk-fp-left/.test(JSON.parse(opts.body).output)) p.requests++;
+    p.inflight++;
+    return fetch0.apply(this, arguments).then(r => { p.inflight--; return r; }, e => { p.inflight--; throw e; });
+  };
+}
+"""
+
+
+@pytest.mark.parametrize("control, label, title", [("mk-budget", "0.5", "γ = 0.5"), ("mk-step", "6", None)])
+def test_a_change_is_one_request_and_draws_each_figure_once(page, url, console, control, label, title):
+    from test_browser import choose, figure_json, wait_changed
+
+    page.goto(f"{url}/masks?file={SAMPLE}&step=13&layer=1&head=1&budget=0.2")
+    names = ("mk-left", "mk-right", "mk-fp-left", "mk-fp-right")
+    for side in ("left", "right"):
+        wait_marked(page, f"mk-{side}", shown_block(page, f"mk-fp-{side}"))
+    before = {n: figure_json(page, n) for n in names}
+    page.evaluate(_PROBE)
+    choose(page, control, label)
+    for n in names:
+        wait_changed(page, n, before[n])
+    if title:
+        expect(title_of(page, "mk-left")).to_contain_text(title)
+    page.wait_for_function("() => window.__probe.inflight === 0")
+    probe = page.evaluate("() => window.__probe")
+    assert probe["requests"] == 1
+    assert {n: probe["draws"].get(n, 0) for n in names} == {n: 1 for n in names}
+    # the row markers came with the maps
+    for side in ("left", "right"):
+        assert marked_rows(page, f"mk-{side}") == [shown_block(page, f"mk-fp-{side}")]
+    assert console == []
+
+
+def test_hovering_a_map_cell_shows_its_block_mass(page, url, console):
+    with dfsviz.open(dfsviz.sample_capture()) as reader:
+        m = reader.block_stats(13, 1, "hilbert3d", 1).m[0, 0].double().numpy()
+    page.goto(f"{url}/masks?file={SAMPLE}&step=13&layer=1&head=1")
+    # the final figure (its row marked) with its image drawn
+    wait_marked(page, "mk-right", shown_block(page, "mk-fp-right"))
+    page.wait_for_function("() => { const i = document.querySelector('#mk-right-card .im image');"
+                           " return !!i && (i.getAttribute('href') || '').startsWith('data:image/png'); }")
+    x, y = page.evaluate(
+        "() => { const g = document.querySelector('#mk-right-card .js-plotly-plot'); const f = g._fullLayout;"
+        " const r = g.getBoundingClientRect();"
+        " return [r.left + f.xaxis._offset + f.xaxis.l2p(5), r.top + f.yaxis._offset + f.yaxis.l2p(9)]; }")
+    page.mouse.move(x - 20, y)
+    page.mouse.move(x, y)
+    label = page.locator("#mk-right-card .hoverlayer .hovertext")
+    expect(label).to_contain_text("query block 9")
+    expect(label).to_contain_text("key block 5")
+    expect(label).to_contain_text(f"log10 m = {np.log10(max(m[9, 5], 1e-6)):.2f}")
     assert console == []

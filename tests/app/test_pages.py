@@ -11,7 +11,8 @@ import pytest
 from dfsviz.app import create_app
 
 MASKS = {"mk-file": "runs/good.h5", "mk-step": 3, "mk-layer": 1, "mk-head": 0, "mk-method": "meanpool",
-         "mk-budget": 0.2, "mk-orders": ["raster", "hilbert3d"], "mk-drawn": None, "mk-scale": "shared"}
+         "mk-budget": 0.2, "mk-orders": ["raster", "hilbert3d"], "mk-drawn": None, "mk-scale": "shared",
+         "mk-qorder": None, "mk-qb": None}
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ with the same controls (step, layer, head, method, budget, colour range; its own
 orders); a selection it lacks is said in one line and the first run still shows. Footprints
 and clicks stay with the first run.
 
-Maps and footprints are two callbacks that run side by side; each keeps the key of the view
-on screen, so a change that leaves the heatmaps alone (method, budget) sends only the
-overlay as a Patch, and a click moves the row markers without sending the maps.
+One callback draws the maps and the footprints (one request per change, each figure drawn
+once: the row markers come with the maps). It keeps the key of the views on screen, so a
+change that leaves the block-mass images alone (method, budget, a click) sends only the
+overlay and the row markers as a Patch.
 """
 
 from __future__ import annotations
@@ -78,9 +79,7 @@ def layout(**query):
         dcc.Store(id=f"{PREFIX}-orders", data=[left, right]),
         dcc.Store(id=f"{PREFIX}-qorder", data=qorder),
         dcc.Store(id=f"{PREFIX}-qb", data=qb),
-        dcc.Store(id=f"{PREFIX}-rows"),  # the query blocks whose footprints are shown, per order
-        dcc.Store(id=f"{PREFIX}-drawn"),  # the view the maps on screen show
-        dcc.Store(id=f"{PREFIX}-fp-drawn"),  # the view the footprints on screen show
+        dcc.Store(id=f"{PREFIX}-drawn"),  # the views the maps and the footprints on screen show
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
         html.Div([common.figure_card(f"{PREFIX}-{side}", 520, terms=_MAP_TERMS) for side in _SIDES], className="dfs-row"),
@@ -125,37 +124,34 @@ def mask_view(cid: str, step: int, layer: int, head: int, order: str, method: st
     return cat.cached(cid, ("mask_view", step, layer, head, order, method, budget), compute)
 
 
-def _trace_json(trace) -> dict:
-    """A plotly trace as the dict ``Figure.to_dict`` gives (arrays as base64 typed arrays)."""
-    import plotly.graph_objects as go
-
-    return go.Figure(data=[trace]).to_dict()["data"][0]
-
-
-def _base_figure(cid: str, step: int, layer: int, head: int, order: str) -> dict:
-    """``figures.mask_heatmap`` of the block mass, without a mask, as a plotly dict (memoised
-    per view: a change of method or budget redraws only the mask over it)."""
+def _base_figure(cid: str, step: int, layer: int, head: int, order: str, zrange: tuple[float, float] | None) -> dict:
+    """``figures.mask_heatmap`` of the block mass in colour range ``zrange``, without a mask,
+    as a plotly dict (memoised per view and range: a change of method or budget redraws only
+    the mask over it)."""
     from dfsviz.figures import mask_heatmap
 
     def build(_reader):
-        return mask_heatmap(get_catalog().mass(cid, step, layer, order, head)[0, 0]).to_dict()
+        return mask_heatmap(get_catalog().mass(cid, step, layer, order, head)[0, 0], zrange=zrange).to_dict()
 
-    return get_catalog().cached(cid, ("mask_figure", step, layer, order, head), build)
+    return get_catalog().cached(cid, ("mask_figure", step, layer, order, head, zrange), build)
 
 
-def mask_overlay(view: dict, order: str, method: str, budget: float) -> tuple[dict, str]:
-    """(trace, title) drawn over the cached block-mass heatmap: the kept blocks of
-    ``view["kept"]`` by ``figures.kept_blocks_trace`` (style "auto": outlined up to
-    ``figures.OUTLINE_MAX_BLOCKS`` key blocks, shaded above), and the title with the recall
-    and density. A change of method or budget sends only these."""
-    from dfsviz.figures import kept_blocks_trace, kept_caption
+def mask_overlay(view: dict, order: str, method: str, budget: float) -> dict:
+    """What is drawn over the cached block-mass map: the kept blocks of ``view["kept"]`` by
+    ``figures.kept_blocks_layer`` (style "auto": outlined up to ``figures.OUTLINE_MAX_BLOCKS``
+    key blocks, shaded above), the mask itself for the CSV and the title with the recall and
+    density. A change of method or budget sends only these.
+
+    Returns {"traces": [trace dicts], "shapes": [shape dicts], "meta": common.cell_flags, "title": str}.
+    """
+    from dfsviz.figures import kept_blocks_layer, kept_caption
 
     kept = view["kept"].numpy()
+    traces, shapes = kept_blocks_layer(kept, style="auto")
     title = (f"{order} · {method} · γ = {budget:g}<br>recall R = {view['recall']:.3f} · density ρ = {view['density']:.3f}"
              f" · {kept_caption(kept)}")
-    trace = _trace_json(kept_blocks_trace(kept, style="auto"))
-    trace["meta"] = common.cell_flags(kept)  # the mask itself, for the CSV (plotly does not draw meta)
-    return trace, title
+    return {"traces": [t.to_plotly_json() for t in traces], "shapes": shapes, "meta": common.cell_flags(kept),
+            "title": title}
 
 
 #: Plot width of a footprint card at a 1400 px wide window (two cards side by side), px.
@@ -267,13 +263,13 @@ def footprint_base(cid: str, step: int, layer: int, head: int, view: dict, grid)
 
 
 def footprint_overlay(base: dict, view: dict, grid) -> tuple[dict, str]:
-    """(trace, title) drawn over :func:`footprint_base`: the outline of the kept keys
-    (``figures.footprint_mosaic_outline``) and the title with the block's recall. A change
-    of method or budget sends only these."""
+    """(shape, title) drawn over :func:`footprint_base`: the outline of the kept keys
+    (``figures.footprint_mosaic_outline``, a layout shape) and the title with the block's
+    recall. A change of method or budget sends only these."""
     from dfsviz.figures import footprint_mosaic_outline
 
     outline = footprint_mosaic_outline(view["kept"], grid, cols=footprint_grid(grid)[0])
-    return _trace_json(outline), f"{base['layout']['title']['text']} · its recall {view['row_recall']:.3f}"
+    return outline, f"{base['layout']['title']['text']} · its recall {view['row_recall']:.3f}"
 
 
 def shared_range(values: list, floor: float, low: str, high: str) -> dict:
@@ -283,33 +279,65 @@ def shared_range(values: list, floor: float, low: str, high: str) -> dict:
     return {low: float(min(x.min() for x in logs)), high: float(max(x.max() for x in logs))}
 
 
-def _with_overlay(base: dict, trace: dict, title: str) -> dict:
-    """The cached figure ``base`` with ``trace`` drawn last and ``title``."""
-    layout = {**base["layout"], "title": {**base["layout"].get("title", {}), "text": title}}
-    return {"data": [*base["data"], trace], "layout": layout}
+# the map's traces before the mask's: the block-mass image, then its colour bar (which carries the mask for the CSV)
+_MASS_TRACES, _FLAGS_TRACE = 2, 1
+
+
+def _row_shapes(order: str, rows: dict, num_blocks: int) -> list[dict]:
+    """The cyan outline of the query block whose footprint is shown for ``order`` (``rows``:
+    order -> block), or none."""
+    from dfsviz.figures import query_row_shape
+
+    return [query_row_shape(rows[order], num_blocks)] if order in rows else []
+
+
+def _with_overlay(base: dict, overlay: dict, rows: list[dict], title: str) -> dict:
+    """The cached map ``base`` with ``overlay`` (:func:`mask_overlay`) drawn over it, the
+    ``rows`` shapes and ``title``."""
+    data = [*base["data"], *overlay["traces"]]
+    data[_FLAGS_TRACE] = {**data[_FLAGS_TRACE], "meta": overlay["meta"]}  # plotly does not draw meta
+    layout = {**base["layout"], "title": {**base["layout"].get("title", {}), "text": title},
+              "shapes": [*overlay["shapes"], *rows]}
+    return {"data": data, "layout": layout}
+
+
+def _overlay_patch(overlay: dict, rows: list[dict]) -> Patch:
+    """What :func:`_with_overlay` changes, as a Patch of the map on screen: the block-mass
+    image is not sent again, and the browser does not decode it again."""
+    patch = Patch()
+    for i, trace in enumerate(overlay["traces"]):
+        patch["data"][_MASS_TRACES + i] = trace
+    patch["data"][_FLAGS_TRACE]["meta"] = overlay["meta"]
+    patch["layout"]["shapes"] = [*overlay["shapes"], *rows]
+    patch["layout"]["title"]["text"] = overlay["title"]
+    return patch
 
 
 def map_figures(cid: str, step: int, layer: int, head: int, scale: str, method: str, budget: float,
-                orders: list[str], run: str = "") -> list[dict]:
-    """The two maps of one run, whole: the cached block-mass heatmaps (one colour range for
-    both when ``scale`` is "shared") with the mask overlay of :func:`mask_overlay`; ``run``
-    (the capture compared, "" for the first) heads their titles."""
-    bases = [_base_figure(cid, step, layer, head, order) for order in orders]
-    masses = [get_catalog().mass(cid, step, layer, order, head) for order in orders]
-    heat = shared_range(masses, _MASS_FLOOR, "zmin", "zmax") if scale == "shared" else {}
+                orders: list[str], run: str = "", rows: dict | None = None) -> list[dict]:
+    """The two maps of one run, whole: the cached block-mass images (one colour range for both
+    when ``scale`` is "shared") with the mask overlay of :func:`mask_overlay` and, for an order
+    in ``rows`` (order -> query block), that block's row outlined; ``run`` (the capture
+    compared, "" for the first) heads their titles."""
+    cat = get_catalog()
+    zrange = None
+    if scale == "shared":
+        bounds = shared_range([cat.mass(cid, step, layer, order, head) for order in orders], _MASS_FLOOR, "low", "high")
+        zrange = (bounds["low"], bounds["high"])
     figs = []
-    for base, order in zip(bases, orders):
-        trace, title = mask_overlay(mask_view(cid, step, layer, head, order, method, budget), order, method, budget)
-        base = {**base, "data": [{**base["data"][0], **heat}, *base["data"][1:]]}
-        figs.append(_with_overlay(base, trace, f"{run} · {title}" if run else title))
+    for order in orders:
+        overlay = mask_overlay(mask_view(cid, step, layer, head, order, method, budget), order, method, budget)
+        base = _base_figure(cid, step, layer, head, order, zrange)
+        title = f"{run} · {overlay['title']}" if run else overlay["title"]
+        figs.append(_with_overlay(base, overlay, _row_shapes(order, rows or {}, cat.reader(cid).layout.num_blocks), title))
     return figs
 
 
-def _overlay_patch(index: int, trace: dict, title: str) -> Patch:
-    """What :func:`_with_overlay` changes, as a Patch of the figure on screen (its other traces
-    are not sent again, and plotly does not redraw them)."""
+def _footprint_patch(index: int, shape: dict, title: str) -> Patch:
+    """The kept keys' outline (layout shape ``index``) and the title of the footprint on screen,
+    as a Patch (the attention heatmap is not sent again)."""
     patch = Patch()
-    patch["data"][index] = trace
+    patch["layout"]["shapes"][index] = shape
     patch["layout"]["title"]["text"] = title
     return patch
 
@@ -318,21 +346,6 @@ def _overlay_patch(index: int, trace: dict, title: str) -> Patch:
 def register(app) -> None:
     dash.register_page(__name__, path=PATH, name=NAME, title=f"dfsviz · {NAME}", layout=layout, order=1)
     controls = [Input(f"{PREFIX}-{c}", "value") for c in ("file", "step", "layer", "head", "scale", "method", "budget")]
-
-    # Each figure callback keeps the key of the view on screen (a Store): a change that leaves
-    # the heatmap under the overlay alone (method, budget) sends a Patch of the overlay, so the
-    # browser does not redraw the heatmap.
-    @app.callback(common.fig_output(f"{PREFIX}-left"), common.fig_output(f"{PREFIX}-right"),
-                  Output(f"{PREFIX}-banner", "children"), Output(f"{PREFIX}-drawn", "data"),
-                  *controls, State(f"{PREFIX}-orders", "data"), State(f"{PREFIX}-drawn", "data"))
-    @common.guarded(4, 2, figures=(0, 1), on_error={3: None})
-    def _masks(cid, step, layer, head, scale, method, budget, orders, drawn):
-        key = [cid, step, layer, head, scale, method, budget]
-        if drawn is None or drawn[:5] != key[:5]:
-            return (*map_figures(cid, step, layer, head, scale, method, float(budget), orders), [], key)
-        patches = [_overlay_patch(1, *mask_overlay(mask_view(cid, step, layer, head, order, method, float(budget)),
-                                                   order, method, float(budget))) for order in orders]
-        return patches[0], patches[1], [], key
 
     # The second run's maps, under the first's, with the same controls (whole figures: a
     # comparison is looked at, not tuned, so no Patch path).
@@ -355,24 +368,6 @@ def register(app) -> None:
                                   list(order_pair(reader.orders)), run=compare)
         return left, right, [], None, None, heading
 
-    # The maps and the footprints are computed side by side; once both are drawn, the row whose
-    # footprint is shown is marked on each map: in the browser, a Patch of the maps' layout
-    # shapes (figures.query_row_shape, made by the footprints callback), no server round trip.
-    app.clientside_callback(
-        """
-        function(rows, drawn, orders) {
-            const noUpdate = window.dash_clientside.no_update;
-            if (!drawn || !rows) return [noUpdate, noUpdate];
-            const shapes = rows.shapes || {};
-            return orders.map(o => new window.dash_clientside.Patch()
-                .assign(['layout', 'shapes'], o in shapes ? [shapes[o]] : []).build());
-        }
-        """,
-        common.fig_output(f"{PREFIX}-left", duplicate=True), common.fig_output(f"{PREFIX}-right", duplicate=True),
-        Input(f"{PREFIX}-rows", "data"), Input(f"{PREFIX}-drawn", "data"), State(f"{PREFIX}-orders", "data"),
-        prevent_initial_call=True,
-    )
-
     @app.callback(Output(f"{PREFIX}-qorder", "data"), Output(f"{PREFIX}-qb", "data"),
                   Input({"type": "fig", "name": f"{PREFIX}-left"}, "clickData"),
                   Input({"type": "fig", "name": f"{PREFIX}-right"}, "clickData"),
@@ -388,34 +383,56 @@ def register(app) -> None:
         order = orders[0] if isinstance(trig, dict) and trig.get("name") == f"{PREFIX}-left" else orders[1]
         return order, int(round(y))
 
-    @app.callback(common.fig_output(f"{PREFIX}-fp-left"), common.fig_output(f"{PREFIX}-fp-right"),
-                  Output(f"{PREFIX}-fp-banner", "children"), Output(f"{PREFIX}-fp-note", "children"),
-                  Output(f"{PREFIX}-rows", "data"), Output(f"{PREFIX}-fp-drawn", "data"),
-                  *controls, Input(f"{PREFIX}-qorder", "data"), Input(f"{PREFIX}-qb", "data"),
-                  State(f"{PREFIX}-orders", "data"), State(f"{PREFIX}-fp-drawn", "data"))
+    # The maps and the footprints of a change in one request: the footprints first (they say
+    # which row each map marks), then the maps with their row markers, so each figure is drawn
+    # once. Each part has its own banner: a capture without footprints still shows its maps.
     @common.guarded(6, 2, figures=(0, 1), on_error={4: {}, 5: None})
-    def _footprints(cid, step, layer, head, scale, method, budget, qorder, qb, orders, drawn):
-        from dfsviz.figures import query_row_shape
-
+    def footprints(cid, step, layer, head, scale, method, budget, qorder, qb, orders, drawn):
         views, notes = footprint_views(cid, step, layer, head, method, float(budget), orders, qorder, qb)
         grid = get_catalog().reader(cid).grid
-        mk = get_catalog().reader(cid).layout.num_blocks
-        rows = {"blocks": {view["order"]: view["block"] for view in views},
-                "shapes": {view["order"]: query_row_shape(view["block"], mk) for view in views}}
-        key = [cid, step, layer, head, scale, rows["blocks"]]
+        rows = {view["order"]: view["block"] for view in views}
+        key = [cid, step, layer, head, scale, rows]
         video = grid.video_slice
         colour = (shared_range([v["attention"][video] for v in views], _ATTENTION_FLOOR, "cmin", "cmax")
                   if scale == "shared" else {})
         figs = []
         for view in views:
             base = footprint_base(cid, step, layer, head, view, grid)
-            trace, title = footprint_overlay(base, view, grid)
+            shape, title = footprint_overlay(base, view, grid)
+            shapes = base["layout"].get("shapes", [])
             if drawn == key:
-                figs.append(_overlay_patch(len(base["data"]), trace, title))
+                figs.append(_footprint_patch(len(shapes), shape, title))
             else:
                 axis = {**base["layout"]["coloraxis"], **colour}
-                figs.append(_with_overlay({**base, "layout": {**base["layout"], "coloraxis": axis}}, trace, title))
+                figs.append({"data": base["data"], "layout": {**base["layout"], "coloraxis": axis, "shapes": [*shapes, shape],
+                                                              "title": {**base["layout"]["title"], "text": title}}})
         return figs[0], figs[1], [], " ".join(notes), rows, key
+
+    @common.guarded(4, 2, figures=(0, 1), on_error={3: None})
+    def maps(cid, step, layer, head, scale, method, budget, orders, rows, drawn):
+        budget = float(budget)
+        key = [cid, step, layer, head, scale, method, budget, rows]
+        if drawn == key:
+            return no_update, no_update, [], key
+        if drawn is None or drawn[:5] != key[:5]:
+            return (*map_figures(cid, step, layer, head, scale, method, budget, orders, rows=rows), [], key)
+        mk = get_catalog().reader(cid).layout.num_blocks
+        patches = [_overlay_patch(mask_overlay(mask_view(cid, step, layer, head, order, method, budget), order, method, budget),
+                                  _row_shapes(order, rows, mk)) for order in orders]
+        return patches[0], patches[1], [], key
+
+    @app.callback(common.fig_output(f"{PREFIX}-left"), common.fig_output(f"{PREFIX}-right"),
+                  common.fig_output(f"{PREFIX}-fp-left"), common.fig_output(f"{PREFIX}-fp-right"),
+                  Output(f"{PREFIX}-banner", "children"), Output(f"{PREFIX}-fp-banner", "children"),
+                  Output(f"{PREFIX}-fp-note", "children"), Output(f"{PREFIX}-drawn", "data"),
+                  *controls, Input(f"{PREFIX}-qorder", "data"), Input(f"{PREFIX}-qb", "data"),
+                  State(f"{PREFIX}-orders", "data"), State(f"{PREFIX}-drawn", "data"))
+    def _view(cid, step, layer, head, scale, method, budget, qorder, qb, orders, drawn):
+        drawn = drawn or {}
+        fp_left, fp_right, fp_banner, note, rows, fp_key = footprints(
+            cid, step, layer, head, scale, method, budget, qorder, qb, orders, drawn.get("footprints"))
+        left, right, banner, maps_key = maps(cid, step, layer, head, scale, method, budget, orders, rows, drawn.get("maps"))
+        return left, right, fp_left, fp_right, banner, fp_banner, note, {"maps": maps_key, "footprints": fp_key}
 
     common.register_url_sync(app, PREFIX, [
         ("file", f"{PREFIX}-file", "value"), ("step", f"{PREFIX}-step", "value"), ("layer", f"{PREFIX}-layer", "value"),
