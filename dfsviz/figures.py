@@ -264,6 +264,25 @@ def _colour_bar(zmin: float, zmax: float, title: str) -> go.Scatter:
                                                 "showscale": True, "colorbar": {"title": {"text": title}}})
 
 
+def _viridis_scale() -> list[list]:
+    """plotly's Viridis as the [[position, colour], ...] list a checked colour scale holds."""
+    from plotly.colors import sequential
+
+    return [[i / (len(sequential.Viridis) - 1), c] for i, c in enumerate(sequential.Viridis)]
+
+
+def _white_figure(traces: list, layout: dict) -> go.Figure:
+    """A figure of checked traces (built as ``go`` objects) and a layout dict of this module,
+    with the plotly_white template, put together without checking them again: plotly would
+    copy and check the whole template (every trace type's defaults) for each figure, ~30 ms on
+    a busy 2-core machine and the bulk of a dashboard view's server time. The layout dicts
+    spell titles out as {"text": ...}, as a checked layout holds them; the tests rebuild each
+    figure with checking and compare."""
+    import plotly.io as pio
+
+    return go.Figure(data=traces, layout={**layout, "template": pio.templates["plotly_white"]}, _validate=False)
+
+
 def _check_zrange(zrange: object) -> tuple[float, float]:
     ok = isinstance(zrange, (tuple, list)) and len(zrange) == 2 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in zrange)
@@ -389,11 +408,11 @@ def mask_heatmap(
         if isinstance(query_block, bool) or not isinstance(query_block, int) or not 0 <= query_block < m.shape[0]:
             raise ValueError(f"`query_block` must be an integer in [0, {m.shape[0]}) (got {query_block!r})")
         shapes = [*shapes, query_row_shape(query_block, m.shape[1])]
-    # one layout dict: each update_layout/update_*axes call re-validates the layout (ms each)
-    layout = {"title": title, "template": "plotly_white", "margin": {"t": 50}, "shapes": shapes,
-              "xaxis": {"title": "key block v", "constrain": "domain", "range": [-0.5, m.shape[1] - 0.5]},
-              "yaxis": {"title": "query block u", "autorange": "reversed", "scaleanchor": "x", "constrain": "domain"}}
-    return go.Figure(data=traces, layout=layout)
+    layout = {"title": {"text": title}, "margin": {"t": 50}, "shapes": shapes,
+              "xaxis": {"title": {"text": "key block v"}, "constrain": "domain", "range": [-0.5, m.shape[1] - 0.5]},
+              "yaxis": {"title": {"text": "query block u"}, "autorange": "reversed", "scaleanchor": "x",
+                        "constrain": "domain"}}
+    return _white_figure(traces, layout)
 
 
 # --------------------------------------------------------------------------- recall curves
@@ -1253,11 +1272,11 @@ def footprint_mosaic(
     labels = [{"text": f"frame {f}", "x": (f % cols) * (grid.width + 1) - 0.5, "y": (f // cols) * (grid.height + 1) - 0.5,
                "xref": "x", "yref": "y", "xanchor": "left", "yanchor": "top", "showarrow": False,
                "font": {"size": 10}, "bgcolor": "rgba(255,255,255,0.7)", "borderpad": 1} for f in range(grid.frames)]
-    layout = {"title": head, "template": "plotly_white", "annotations": labels, "shapes": outlines,
+    layout = {"title": {"text": head}, "annotations": labels, "shapes": outlines,
               "xaxis": {"visible": False, "range": [-0.5, width - 0.5], "constrain": "domain"},
               "yaxis": {"visible": False, "range": [height - 0.5, -0.5], "scaleanchor": "x", "constrain": "domain"},
-              "coloraxis": {"colorscale": "Viridis", "colorbar": {"title": "log10 a"}}}
-    return go.Figure(data=[heat], layout=layout)
+              "coloraxis": {"colorscale": _viridis_scale(), "colorbar": {"title": {"text": "log10 a"}}}}
+    return _white_figure([heat], layout)
 
 
 def _tokens_axis(grid: LatentGrid, axis: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -96,6 +97,8 @@ def test_mask_heatmap(case):
         (2.5, 1.5, 3.5, 1.5), (2.5, 2.5, 3.5, 2.5), (2.5, 1.5, 2.5, 2.5), (3.5, 1.5, 3.5, 2.5)])
     assert row.to_plotly_json() == figures.query_row_shape(2, m.shape[1])
     assert f"kept {1 / m.numel():.1%} of blocks" in fig.layout.title.text
+    # put together without plotly's checks (for speed), yet what a checked figure holds
+    assert json.loads(go.Figure(fig.to_dict()).to_json()) == json.loads(fig.to_json())
     assert fig.layout.yaxis.autorange == "reversed"
     assert len(figures.mask_heatmap(m).data) == 2 and not figures.mask_heatmap(m).layout.shapes
     # a colour range given (two maps side by side): colours and colour bar follow it

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
+import plotly.graph_objects as go
 import pytest
 
 from dfsviz import figures
@@ -33,6 +35,8 @@ def test_footprint_mosaic_tiles_every_frame_in_place():
         assert (where[r * 3: r * 3 + 2, c * 4: c * 4 + 3, 1] == [[0] * 3, [1] * 3]).all()
     assert np.isnan(z).sum() == z.size - grid.num_video
     assert [a.text for a in fig.layout.annotations] == [f"frame {f}" for f in range(5)]
+    # put together without plotly's checks (for speed), yet what a checked figure holds
+    assert json.loads(go.Figure(fig.to_dict()).to_json()) == json.loads(fig.to_json())
     # frame 1 (row 0, column 1) outlined as one rectangle: 4 segments around x in [3.5, 6.5], y in [-0.5, 1.5],
     # one SVG path shape each (a browser draws a path at once, a line trace of as many segments slowly)
     for shape in (query, outline):
