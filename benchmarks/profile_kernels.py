@@ -6,7 +6,8 @@
 
 Shape: Wan2.1-1.3B 480p (N = 32760, H = 12, D = 128, bf16, B = 1), the hilbert3d dfs_tile
 mask at gamma 0.2 (bench_kernels.realistic_masks). Cases: cuDNN dense SDPA, our block-sparse
-kernel with and without order and with the full mask, and block_scores (dfs_tile, tile 16).
+kernel with and without order and with the full mask, in bf16 and with FP8 Q and K
+(``precision="fp8"``), and block_scores (dfs_tile, tile 16).
 For each case the JSON lists every GPU kernel launched by one call (name, count, device
 microseconds, from CUPTI), the call's device time between CUDA events, and the host time
 to enqueue it while the GPU is busy (launch overhead that a GPU-bound pipeline hides).
@@ -58,6 +59,8 @@ def cases(shape: str) -> dict:
         "sparse_order": lambda: block_sparse_attention(q, k, v, mask, order=order),
         "full_mask": lambda: block_sparse_attention(q, k, v, full),
         "full_mask_order": lambda: block_sparse_attention(q, k, v, full, order=order),
+        "sparse_fp8": lambda: block_sparse_attention(q, k, v, mask, precision="fp8"),
+        "full_mask_fp8": lambda: block_sparse_attention(q, k, v, full, precision="fp8"),
         "block_scores": lambda: block_scores(q, k, method="dfs_tile", tile=16, block=BLOCK),
         "density": float(mask.density().mean()),
     }

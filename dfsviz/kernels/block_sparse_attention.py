@@ -23,7 +23,7 @@ from dfsviz.kernels._dispatch import (
     resolve_backend,
     unit_stride_d,
 )
-from dfsviz.kernels.fp8 import block_sparse_attention_fp8_ref, quantize_qk_fp8
+from dfsviz.kernels.fp8 import block_sparse_attention_fp8_ref
 from dfsviz.sparse._validate import resolve_scale
 from dfsviz.sparse.attention import block_sparse_attention_ref, check_attention_inputs, check_order_for
 from dfsviz.sparse.masks import BlockMask
@@ -111,8 +111,9 @@ def block_sparse_attention(
     if q.is_cuda:  # on the CPU the interpreter runs it (resolve_backend refused the CPU otherwise)
         check_fp8_capability(cuda_properties(q.device))
     from dfsviz.kernels._jit.attention import block_sparse_attention_fp8_fwd
+    from dfsviz.kernels._jit.fp8 import quantize_qk_fp8_fwd
 
-    quant = quantize_qk_fp8(q, k, mask.block, perm)
+    quant = quantize_qk_fp8_fwd(q, k, mask.block, perm)
     result = block_sparse_attention_fp8_fwd(quant, v, mask, perm, scale, return_lse)
     if not return_lse:
         return result

@@ -34,7 +34,7 @@ from dfsviz.sparse._validate import num_blocks, resolve_scale
 from dfsviz.sparse.attention import block_sparse_attention_ref, check_attention_inputs, check_order_for
 from dfsviz.sparse.masks import BlockMask
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "Fp8QK", "block_sparse_attention_fp8_ref", "dequantize_fp8_blocks",
+__all__ = ["FP8_DTYPE", "FP8_MAX", "Fp8QK", "block_sparse_attention_fp8_ref", "dequantize_fp8_blocks", "key_mean",
            "quantize_fp8_blocks", "quantize_qk_fp8"]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -99,6 +99,12 @@ class Fp8QK:
         return (q.float() @ self.k_mean.transpose(-1, -2)).squeeze(-1) * scale
 
 
+def key_mean(k: torch.Tensor) -> torch.Tensor:
+    """float32 [B, H, 1, D]: the mean of k [B, H, N, D] over its tokens (any token order),
+    accumulated in float32 without a float32 copy of k."""
+    return torch.mean(k, dim=2, keepdim=True, dtype=torch.float32)
+
+
 def quantize_qk_fp8(q: torch.Tensor, k: torch.Tensor, block: int, perm: torch.Tensor | None = None) -> Fp8QK:
     """Smooth k by its token mean, then quantize q and k block-wise to e4m3 (module docstring).
 
@@ -108,9 +114,9 @@ def quantize_qk_fp8(q: torch.Tensor, k: torch.Tensor, block: int, perm: torch.Te
         perm: optional int [N] on q's device: position p of the ordered sequence holds token
             perm[p]; q and k are gathered through it before quantization.
     """
+    k_mean = key_mean(k)  # over the tokens as given: the kernel's launcher takes it so too
     if perm is not None:
         q, k = q.index_select(2, perm), k.index_select(2, perm)
-    k_mean = k.float().mean(dim=2, keepdim=True)
     q8, q_scale = quantize_fp8_blocks(q, block)
     k8, k_scale = quantize_fp8_blocks(k.float() - k_mean, block)
     return Fp8QK(q8, q_scale, k8, k_scale, k_mean, block)

@@ -196,3 +196,40 @@ def test_diffusers_layout(backend):
     dense = block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, precision="fp8",
                                    backend=backend)
     assert torch.equal(out, dense)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ordered", [False, True])
+def test_the_fused_quantization_kernel_equals_the_simulation_bit_for_bit(dtype, ordered, device):
+    """One Triton pass per tensor (the FP8 kernel's inputs) against quantize_qk_fp8's PyTorch
+    ops: the same e4m3 bytes, scales and key mean, over blocks spanning 2^-20 .. 2^12 in size,
+    a rounding tie, a zero block, an inf key and a NaN query, a ragged last block."""
+    from dfsviz.kernels._jit.fp8 import quantize_qk_fp8_fwd
+
+    gen = torch.Generator().manual_seed(3)
+    n, d, block = GRID_217.num_tokens, 64, 16  # 217 tokens: 14 blocks, the last one short
+    q, k, _ = _inputs(n, d, torch.float32, gen)
+    size = torch.logspace(-20, 12, n, base=2.0)[None, None, :, None]
+    q, k = q * size, k * size.flip(2)
+    q[0, 0, 16:32] = 0.0  # a zero block
+    q[0, 1, 40, 3] = 448.0 * 2**-5 * 1.0625  # an e4m3 rounding tie (between 2 steps) once scaled
+    k[0, 1, 100, 0] = float("inf")
+    q[0, 0, 200, 7] = float("nan")
+    q, k = q.to(device, dtype), k.to(device, dtype)
+    perm = make_order("hilbert3d", GRID_217).perm_on(device, torch.int32) if ordered else None
+    got = quantize_qk_fp8_fwd(q, k, block, perm)
+    want = quantize_qk_fp8(q, k, block, None if perm is None else perm.long())
+    torch.testing.assert_close(got.k_mean, want.k_mean, rtol=0, atol=0, equal_nan=True)
+    for name in ("q_scale", "k_scale"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, equal_nan=True)
+    for name in ("q8", "k8"):
+        a, b = getattr(got, name).float(), getattr(want, name).float()
+        assert torch.equal(a.isnan(), b.isnan()), name
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), name
+    # the NaN reaches its block only; the inf key makes the key mean inf, so every block of that head
+    # is non-finite (inf, and NaN in the block of inf - inf)
+    assert int(got.q_scale.isnan().sum()) == 1 and bool(got.q_scale[0, 1].isfinite().all())
+    assert int(got.k_scale[0, 1].isnan().sum()) == 1 and int(got.k_scale[0, 1].isinf().sum()) == 13
+    if not ordered:
+        assert got.q_scale[0, 0, 1] == 1.0  # the zero block
