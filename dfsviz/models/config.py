@@ -1,8 +1,9 @@
-"""Configuration of the embedded tiny video DiT and of the clips it is trained on.
+"""Configuration of the embedded video DiTs and of the clips they are trained on.
 
 One frozen dataclass holds everything that fixes the model's shapes (so a saved
 model can be rebuilt and checked) and the data it learned from. The shipped model
-is the ``tiny-wan`` preset; ``smoke`` is a CPU-sized twin for tests and dry runs.
+is the ``tiny-wan`` preset; ``medium-wan`` is the recipe at Wan2.1 480p's token grid
+(not trained yet); ``smoke`` is a CPU-sized twin for tests and dry runs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from dfsviz.models.videos import VIDEO_CLASSES
+from dfsviz.models.videos import VIDEO_CLASSES, check_camera_pan
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = ["PATCH_SIZE", "EmbeddedModelConfig", "PRESETS", "get_preset"]
@@ -44,6 +45,8 @@ class EmbeddedModelConfig:
         min_objects, max_objects: objects per clip, 1 <= min <= max <= 8.
         shift: flow-matching timestep shift (> 0), used to draw training noise levels
             and by the sampler's scheduler; 1 is no shift, larger spends more steps at high noise.
+        camera_pan: fastest camera pan of the clips in frame heights per frame, in [0, 0.1]
+            (0: a still camera, as the tiny model's clips).
     """
 
     name: str = "tiny-wan"
@@ -61,6 +64,7 @@ class EmbeddedModelConfig:
     min_objects: int = 2
     max_objects: int = 4
     shift: float = 1.0
+    camera_pan: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -93,6 +97,7 @@ class EmbeddedModelConfig:
                              f"(got {self.max_objects})")
         if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not self.shift > 0:
             raise ValueError(f"`shift` must be a number > 0 (got {self.shift!r}); 1.0 means no shift")
+        check_camera_pan(self.camera_pan)
 
     @property
     def token_grid(self) -> tuple[int, int, int]:
@@ -114,6 +119,11 @@ class EmbeddedModelConfig:
     def video_shape(self) -> tuple[int, int, int, int]:
         """(C, F, H, W) of one clip in pixels, C = 3 (RGB)."""
         return (3, self.frames, self.height, self.width)
+
+    def clip_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``dfsviz.models.videos.make_videos`` for this config's clips."""
+        return dict(frames=self.frames, height=self.height, width=self.width, min_objects=self.min_objects,
+                    max_objects=self.max_objects, camera_pan=self.camera_pan)
 
     def latent_grid(self) -> LatentGrid:
         """The token grid as a ``LatentGrid`` (Wan: no text tokens in self-attention)."""
@@ -146,6 +156,11 @@ class EmbeddedModelConfig:
 PRESETS: dict[str, EmbeddedModelConfig] = {
     # The shipped model: 9 x 18 x 32 = 5184 tokens, 41 key blocks of 128.
     "tiny-wan": EmbeddedModelConfig(),
+    # Wan2.1 480p's token grid: 21 x 30 x 52 = 32,760 tokens, 256 key blocks of 128, from 21 frames of
+    # 60 x 104 pixels; 8 layers of 6 heads of 64, 20.2 M parameters (40.4 MB in float16). Clips
+    # hold 3 to 6 objects and a panning camera. Not trained yet (docs/embedded-model.md).
+    "medium-wan": EmbeddedModelConfig(name="medium-wan", frames=21, height=60, width=104, num_layers=8, num_heads=6,
+                                      head_dim=64, ffn_dim=1536, min_objects=3, max_objects=6, camera_pan=0.02),
     # CPU smoke twin: 3 x 8 x 12 = 288 tokens; trains a few steps in seconds.
     "smoke": EmbeddedModelConfig(name="smoke", frames=3, height=16, width=24, num_layers=2, num_heads=2,
                                  head_dim=32, ffn_dim=128, text_dim=16, text_len=2, freq_dim=32,
@@ -154,7 +169,7 @@ PRESETS: dict[str, EmbeddedModelConfig] = {
 
 
 def get_preset(name: str) -> EmbeddedModelConfig:
-    """The preset config called ``name`` (``tiny-wan`` or ``smoke``)."""
+    """The preset config called ``name`` (``tiny-wan``, ``medium-wan`` or ``smoke``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown embedded-model preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]

@@ -1,4 +1,4 @@
-"""Train the embedded tiny video DiT by flow matching on procedural clips.
+"""Train an embedded video DiT by flow matching on procedural clips.
 
 ``python -m dfsviz.models.train --out dfsviz/data/models/tiny-wan --minutes 8`` trains a
 ``diffusers.WanTransformer3DModel`` (config from ``dfsviz.models.config``) on clips
@@ -14,6 +14,12 @@ self-attention maps (Q/K captured by wrapping ``F.scaled_dot_product_attention``
 so "it learned" is a number: the trained model against the same initialisation.
 It writes the model folder (``save_embedded_model``, float16 EMA weights), a
 training log JSON and, with ``--results``, a results JSON for ``benchmarks/results/``.
+
+On CUDA the training forward runs under bfloat16 autocast, and every attention call
+(training and evaluation) may use only the flash and memory-efficient SDPA kernels:
+at the medium preset's 32,760 tokens the math kernel's N x N scores would not fit.
+``--preset medium-wan`` takes its own batch size and evaluation sizes
+(:data:`PRESET_TRAINING`); options given on the command line override them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from dfsviz.models.config import EmbeddedModelConfig, get_preset
@@ -41,6 +48,7 @@ from dfsviz.sparse._validate import check_block
 from dfsviz.sparse.stats import block_stats_ref, oracle_recall
 
 __all__ = [
+    "PRESET_TRAINING",
     "TrainConfig",
     "attention_recall",
     "build_transformer",
@@ -58,6 +66,15 @@ logger = logging.getLogger(__name__)
 # below 2**63 for every allowed seed, so the two never meet.
 HELDOUT_SEED = 2**63
 _TIMESTEP_SCALE = 1000.0          # Wan (and the scheduler) take sigma * 1000 as the timestep
+# Attention kernels allowed in mixed precision: never the math kernel, whose N x N scores do not fit at
+# the medium preset's length (32,760^2 x 6 heads x 8 clips in bfloat16 is about 100 GB).
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+#: Training settings of a preset that differ from :class:`TrainConfig`'s defaults (those suit tiny-wan):
+#: the medium model's clips hold 6.3x the tokens, so fewer per step, fewer held-out clips.
+PRESET_TRAINING: dict[str, dict[str, object]] = {
+    "medium-wan": {"batch_size": 8, "warmup_steps": 40, "eval_clips": 16, "recall_clips": 2, "log_every": 10},
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,8 @@ class TrainConfig:
         gammas: budgets in (0, 1] at which oracle recall is reported.
         block: tokens per block for the recall, a power of two in [16, 256].
         log_every: steps between log lines (>= 1).
+        mixed_precision: bfloat16 autocast for training and flash / memory-efficient attention
+            kernels only; None (default) = on CUDA, off elsewhere.
     """
 
     preset: str = "tiny-wan"
@@ -99,6 +118,12 @@ class TrainConfig:
     gammas: tuple[float, ...] = (0.1, 0.2)
     block: int = 128
     log_every: int = 25
+    mixed_precision: bool | None = None
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides: object) -> "TrainConfig":
+        """The config of ``preset`` with its :data:`PRESET_TRAINING` settings, then ``overrides``."""
+        return cls(preset=preset, **{**PRESET_TRAINING.get(preset, {}), **overrides})
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
@@ -130,6 +155,8 @@ class TrainConfig:
         if not self.gammas or not all(0 < g <= 1 for g in self.gammas):
             raise ValueError(f"`gammas` must be a non-empty tuple of budgets in (0, 1] (got {self.gammas!r})")
         check_block(self.block)
+        if self.mixed_precision is not None and not isinstance(self.mixed_precision, bool):
+            raise TypeError(f"`mixed_precision` must be True, False or None (got {type(self.mixed_precision).__name__})")
 
 
 def build_transformer(config: EmbeddedModelConfig, seed: int) -> torch.nn.Module:
@@ -174,9 +201,7 @@ def make_heldout(config: EmbeddedModelConfig, clips: int, device: torch.device |
     (cycling over the classes) and sigma float32 [clips] (stratified over (0, 1), shuffled).
     """
     labels = torch.arange(clips) % config.num_classes
-    x0 = torch.cat([make_videos(labels[i:i + 1], frames=config.frames, height=config.height, width=config.width,
-                                seed=HELDOUT_SEED + i, min_objects=config.min_objects,
-                                max_objects=config.max_objects) for i in range(clips)])
+    x0 = torch.cat([make_videos(labels[i:i + 1], seed=HELDOUT_SEED + i, **config.clip_kwargs()) for i in range(clips)])
     gen = torch.Generator().manual_seed(HELDOUT_SEED % 2**31)
     noise = torch.randn(x0.shape, generator=gen)
     sigma = ((torch.arange(clips, dtype=torch.float32) + 0.5) / clips)[torch.randperm(clips, generator=gen)]
@@ -300,6 +325,11 @@ def _sample_sigmas(batch: int, shift: float, gen: torch.Generator, device: torch
     return shift * u / (1 + (shift - 1) * u)
 
 
+def _attention_kernels(enabled: bool) -> contextlib.AbstractContextManager:
+    """Flash / memory-efficient SDPA only when ``enabled`` (mixed precision), else no restriction."""
+    return sdpa_kernel(_SDPA_BACKENDS) if enabled else contextlib.nullcontext()
+
+
 def _versions() -> dict[str, str]:
     import diffusers
 
@@ -322,6 +352,7 @@ def train(tcfg: TrainConfig, out_dir: str | Path, *, device: str | torch.device 
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
+    mixed = cuda if tcfg.mixed_precision is None else tcfg.mixed_precision
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -334,8 +365,9 @@ def train(tcfg: TrainConfig, out_dir: str | Path, *, device: str | torch.device 
     heldout = make_heldout(cfg, tcfg.eval_clips, device)
     recall_kw = dict(clips=tcfg.recall_clips, sigmas=tcfg.recall_sigmas, gammas=tcfg.gammas, block=tcfg.block)
     transformer.eval()
-    untrained = {"heldout_loss": heldout_loss(transformer, class_emb.detach(), heldout),
-                 "recall": attention_recall(transformer, class_emb.detach(), heldout, **recall_kw)}
+    with _attention_kernels(mixed):
+        untrained = {"heldout_loss": heldout_loss(transformer, class_emb.detach(), heldout),
+                     "recall": attention_recall(transformer, class_emb.detach(), heldout, **recall_kw)}
     logger.info("untrained: held-out loss %.4f, oracle recall@%.2g %.3f", untrained["heldout_loss"],
                 tcfg.gammas[0], untrained["recall"][f"gamma_{tcfg.gammas[0]:g}"]["mean"])
 
@@ -365,16 +397,15 @@ def train(tcfg: TrainConfig, out_dir: str | Path, *, device: str | torch.device 
             group["lr"] = lr
         clip_seed = tcfg.seed * 2**32 + step
         labels = sample_labels(tcfg.batch_size, clip_seed)
-        x0 = make_videos(labels, frames=cfg.frames, height=cfg.height, width=cfg.width, seed=clip_seed,
-                         min_objects=cfg.min_objects, max_objects=cfg.max_objects, device=device)
+        x0 = make_videos(labels, seed=clip_seed, device=device, **cfg.clip_kwargs())
         drop = torch.rand(tcfg.batch_size, generator=label_gen) < tcfg.uncond_prob
         cond_labels = torch.where(drop, torch.full_like(labels, cfg.num_classes), labels).to(device)
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
         sigma = _sample_sigmas(tcfg.batch_size, cfg.shift, noise_gen, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed), _attention_kernels(mixed):
             loss = flow_matching_loss(transformer, class_emb[cond_labels], x0, noise, sigma)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()          # the backward of the attention kernel the forward chose
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(tcfg.ema_decay, (1 + step) / (10 + step))      # short memory while the weights move fast
@@ -397,9 +428,10 @@ def train(tcfg: TrainConfig, out_dir: str | Path, *, device: str | torch.device 
     logger.info("trained %d steps in %.1fs", step, train_seconds)
 
     transformer.eval()
-    trained = {"heldout_loss": heldout_loss(ema_model, ema_emb, heldout),
-               "heldout_loss_raw_weights": heldout_loss(transformer, class_emb.detach(), heldout),
-               "recall": attention_recall(ema_model, ema_emb, heldout, **recall_kw)}
+    with _attention_kernels(mixed):
+        trained = {"heldout_loss": heldout_loss(ema_model, ema_emb, heldout),
+                   "heldout_loss_raw_weights": heldout_loss(transformer, class_emb.detach(), heldout),
+                   "recall": attention_recall(ema_model, ema_emb, heldout, **recall_kw)}
     summary = {
         "steps": step, "train_seconds": round(train_seconds, 1), "batch_size": tcfg.batch_size,
         "clips_seen": step * tcfg.batch_size, "train_config": asdict(tcfg),
@@ -408,7 +440,8 @@ def train(tcfg: TrainConfig, out_dir: str | Path, *, device: str | torch.device 
     }
     save_embedded_model(ema_model, ema_emb, cfg, out_dir, training=summary)
     reloaded = load_embedded_model(out_dir, device=device)
-    trained["heldout_loss_reloaded"] = heldout_loss(reloaded.transformer, reloaded.class_embeddings, heldout)
+    with _attention_kernels(mixed):
+        trained["heldout_loss_reloaded"] = heldout_loss(reloaded.transformer, reloaded.class_embeddings, heldout)
     weights = out_dir / "diffusion_pytorch_model.safetensors"
     g0 = f"gamma_{tcfg.gammas[0]:g}"
     results = {
@@ -445,26 +478,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line of ``python -m dfsviz.models.train``."""
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
-        description="Train the embedded tiny Wan video DiT by flow matching on procedural clips.",
+        description="Train an embedded Wan video DiT by flow matching on procedural clips.",
         epilog="example: python -m dfsviz.models.train --out dfsviz/data/models/tiny-wan --minutes 8 "
                "--results benchmarks/results/embedded_model.json")
     parser.add_argument("--out", required=True, help="model folder to write")
-    parser.add_argument("--preset", default=defaults.preset, help="tiny-wan (shipped) or smoke (CPU test size)")
+    parser.add_argument("--preset", default=defaults.preset,
+                        help="tiny-wan (shipped), medium-wan (Wan2.1 480p's token grid) or smoke (CPU test size)")
     parser.add_argument("--minutes", type=float, default=defaults.minutes, help="training wall-clock budget")
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--eval-clips", type=int, default=defaults.eval_clips)
-    parser.add_argument("--recall-clips", type=int, default=defaults.recall_clips)
-    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    # Left out, these take the preset's value (PRESET_TRAINING, else TrainConfig's default).
+    for flag, kind in (("--batch-size", int), ("--lr", float), ("--seed", int), ("--eval-clips", int),
+                       ("--recall-clips", int), ("--log-every", int)):
+        parser.add_argument(flag, type=kind, default=None, help="default: the preset's")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast and flash / memory-efficient attention (default: on CUDA)")
     parser.add_argument("--results", default=None, help="also write the results JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    tcfg = TrainConfig(preset=args.preset, minutes=args.minutes, max_steps=args.steps, batch_size=args.batch_size,
-                       lr=args.lr, seed=args.seed, eval_clips=args.eval_clips, recall_clips=args.recall_clips,
-                       log_every=args.log_every)
+    given = {name: getattr(args, name) for name in ("batch_size", "lr", "seed", "eval_clips", "recall_clips",
+                                                    "log_every") if getattr(args, name) is not None}
+    tcfg = TrainConfig.for_preset(args.preset, minutes=args.minutes, max_steps=args.steps,
+                                  mixed_precision=args.mixed_precision, **given)
     results = train(tcfg, args.out, device=args.device, results_path=args.results)
     print(json.dumps({k: results[k] for k in ("model", "device", "loss_ratio_trained_over_untrained",
                                               "recall_gain", "weights_bytes")}, indent=1))

@@ -4,6 +4,8 @@ The embedded model learns from these clips (pixel space, no VAE). Each class fix
 one shape, one colour and one motion; a clip holds several objects of its class
 (sizes, phases, speeds, textures and colour shades differ) drawn back to front, so
 objects occlude each other, over a background of two drifting colour gratings.
+With ``camera_pan`` > 0 the camera also pans at a steady speed and heading drawn
+per clip, so the whole scene (objects and background) slides across the frame.
 
 Every random number is drawn on the CPU from ``torch.Generator().manual_seed(seed)``
 before anything is moved to ``device``, so one seed gives the same clip parameters
@@ -27,7 +29,9 @@ __all__ = [
     "MOTIONS",
     "SHAPES",
     "VIDEO_CLASSES",
+    "MAX_CAMERA_PAN",
     "VideoClass",
+    "check_camera_pan",
     "class_names",
     "class_table",
     "make_videos",
@@ -113,6 +117,18 @@ def sample_labels(batch: int, seed: int) -> torch.Tensor:
     return torch.randint(len(VIDEO_CLASSES), (batch,), generator=gen)
 
 
+#: Fastest camera pan allowed, in frame heights per frame.
+MAX_CAMERA_PAN = 0.1
+
+
+def check_camera_pan(camera_pan: object) -> None:
+    """ValueError unless ``camera_pan`` is a number in [0, MAX_CAMERA_PAN]."""
+    if isinstance(camera_pan, bool) or not isinstance(camera_pan, (int, float)) or not (
+            0.0 <= camera_pan <= MAX_CAMERA_PAN):
+        raise ValueError(f"`camera_pan` must be a speed in [0, {MAX_CAMERA_PAN}] frame heights per frame "
+                         f"(got {camera_pan!r}); 0 keeps the camera still")
+
+
 def _uniform(gen: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
     return low + (high - low) * torch.rand(shape, generator=gen)
 
@@ -125,8 +141,9 @@ def _reflect(p: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Te
 
 
 def _draw_params(labels: torch.Tensor, frames: int, aspect: float, min_objects: int, max_objects: int,
-                 gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """All random numbers of a batch, drawn in one fixed order (CPU, float32)."""
+                 camera_pan: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """All random numbers of a batch, drawn in one fixed order (CPU, float32); the camera's
+    come last, so a clip without camera motion draws what it always drew."""
     b, k = labels.shape[0], max_objects
     shape_id = torch.tensor([SHAPES.index(c.shape) for c in VIDEO_CLASSES])[labels]
     motion_id = torch.tensor([MOTIONS.index(c.motion) for c in VIDEO_CLASSES])[labels]
@@ -178,7 +195,15 @@ def _draw_params(labels: torch.Tensor, frames: int, aspect: float, min_objects: 
     bg_angle = _uniform(gen, (b, 2), 0.0, math.pi)
     bg_phase = _uniform(gen, (b, 2), 0.0, 2 * math.pi)
     bg_drift = _uniform(gen, (b, 2), -0.25, 0.25)            # radians per frame: a slow pan
-    return dict(shape_id=shape_id, present=present, rgb=rgb, pos_y=pos_y, pos_x=pos_x, size=size,
+    # Camera offset (height units) at each frame, zero at the middle frame: the scene slides by -offset.
+    cam_y = torch.zeros(b, 1, frames)
+    cam_x = torch.zeros(b, 1, frames)
+    if camera_pan > 0:
+        cam_speed = _uniform(gen, (b, 1), 0.5 * camera_pan, camera_pan)[..., None]
+        cam_heading = _uniform(gen, (b, 1), 0.0, 2 * math.pi)[..., None]
+        cam_y, cam_x = cam_speed * torch.sin(cam_heading) * tc, cam_speed * torch.cos(cam_heading) * tc
+        pos_y, pos_x = pos_y - cam_y, pos_x - cam_x
+    return dict(cam_y=cam_y[:, 0], cam_x=cam_x[:, 0], shape_id=shape_id, present=present, rgb=rgb, pos_y=pos_y, pos_x=pos_x, size=size,
                 spin=spin0[..., None] + spin_rate[..., None] * t, tex_freq=tex_freq, tex_angle=tex_angle,
                 tex_phase=tex_phase, tex_contrast=tex_contrast, bg_rgb=bg_rgb, bg_freq=bg_freq,
                 bg_angle=bg_angle, bg_phase=bg_phase, bg_drift=bg_drift)
@@ -197,8 +222,8 @@ def _shape_distance(shape_id: torch.Tensor, u: torch.Tensor, v: torch.Tensor, si
 
 
 def make_videos(labels: torch.Tensor | list[int], *, frames: int, height: int, width: int, seed: int,
-                min_objects: int = 2, max_objects: int = 4, device: torch.device | str | None = None
-                ) -> torch.Tensor:
+                min_objects: int = 2, max_objects: int = 4, camera_pan: float = 0.0,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """Render one procedural clip per label.
 
     Args:
@@ -206,6 +231,9 @@ def make_videos(labels: torch.Tensor | list[int], *, frames: int, height: int, w
         frames, height, width: clip size in pixels (F >= 1, H >= 8, W >= 8).
         seed: >= 0; the same (labels, sizes, seed) always gives the same clips.
         min_objects, max_objects: objects per clip, 1 <= min <= max <= 8 (uniform count).
+        camera_pan: fastest camera pan in frame heights per frame, in [0, 0.1]; each clip pans
+            at a speed drawn in [camera_pan / 2, camera_pan] with its own heading. 0 (default):
+            a still camera, the clips of the tiny model.
         device: where to render (parameters are drawn on the CPU first).
 
     Returns:
@@ -227,21 +255,25 @@ def make_videos(labels: torch.Tensor | list[int], *, frames: int, height: int, w
     check_int(max_objects, "max_objects", min_objects, "max_objects must be >= min_objects")
     if max_objects > 8:
         raise ValueError(f"`max_objects` must be <= 8 (got {max_objects}); more objects cover the background")
+    check_camera_pan(camera_pan)
 
     aspect = width / height
     gen = torch.Generator().manual_seed(seed)
-    p = {k: v.to(device) for k, v in _draw_params(labels, frames, aspect, min_objects, max_objects, gen).items()}
+    p = {k: v.to(device) for k, v in _draw_params(labels, frames, aspect, min_objects, max_objects, float(camera_pan),
+                                                   gen).items()}
     dev = p["present"].device
     ys = ((torch.arange(height, device=dev, dtype=torch.float32) + 0.5) / height).view(1, 1, height, 1)
     xs = ((torch.arange(width, device=dev, dtype=torch.float32) + 0.5) / height).view(1, 1, 1, width)
     t = torch.arange(frames, device=dev, dtype=torch.float32).view(1, frames, 1, 1)
 
-    # Background: the product of two drifting gratings mixes two colours.
+    # Background: the product of two drifting gratings mixes two colours, seen through the camera.
+    world_y = ys + p["cam_y"].view(-1, frames, 1, 1)
+    world_x = xs + p["cam_x"].view(-1, frames, 1, 1)
     gratings = []
     for j in range(2):
         ky = p["bg_freq"][:, j] * torch.sin(p["bg_angle"][:, j])
         kx = p["bg_freq"][:, j] * torch.cos(p["bg_angle"][:, j])
-        arg = (ky.view(-1, 1, 1, 1) * ys + kx.view(-1, 1, 1, 1) * xs + p["bg_phase"][:, j].view(-1, 1, 1, 1)
+        arg = (ky.view(-1, 1, 1, 1) * world_y + kx.view(-1, 1, 1, 1) * world_x + p["bg_phase"][:, j].view(-1, 1, 1, 1)
                + p["bg_drift"][:, j].view(-1, 1, 1, 1) * t)
         gratings.append(torch.sin(arg))
     mix = (0.5 + 0.5 * gratings[0] * gratings[1])[:, None]                                # [B, 1, F, H, W]
