@@ -54,6 +54,7 @@ _DRIFT = "theory.md#mask-drift-a-mask-reused-at-later-steps"
 _FOOTPRINTS = "theory.md#footprints-and-the-video"
 _METHOD = "theory.md#the-dfsattn-method"
 _TOKEN_MODEL = "theory.md#the-token-model"
+_USED = "dashboard.md#what-dfsattn-did"
 _CALIBRATION = "calibration.md#what-is-computed"
 _DECISIONS = "calibration.md#decisions"
 
@@ -247,6 +248,17 @@ _TERMS: dict[str, Term] = {
     "gamma0": Term("γ0", "The budget of the first sparse interval.", "γ = γ0 at steps W … W + I − 1", _METHOD),
     "gamma_decrement": Term("γ decrement", "How much the budget falls at each refresh; it never reaches 0.",
                             "γ_r = γ0 − r · decrement", _METHOD),
+    "dfsattn_used": Term("masks DFSAttn used", "The masks DFSAttn attended while the run was recorded with "
+                         "apply_dfsattn active, stored per step, layer and head: what it actually kept, not a "
+                         "replay. Their recall is measured on the step's own block mass; where DFSAttn ran dense "
+                         "(warm-up steps, dense layers) the mask keeps every block (recall 1, density 1). The "
+                         "Overview gives the mean over layers and heads and the lowest and highest.",
+                         "R(S_used; m^(t)) and ρ(S_used) per (layer, head), S_used = dfsattn_mask at step t",
+                         _USED),
+    "dfsattn_plan": Term("plan of a step (dense, refresh, cached)", "What DFSAttn's schedule did at a step: 'dense' "
+                         "attends every block, 'refresh' scores the blocks and keeps a new mask, 'cached' reuses "
+                         "the mask of the last refresh. A cached step's mask is the refresh's: Jaccard 1.",
+                         "refresh at steps W, W + I, …; cached in between; dense before W", _METHOD),
     # ------------------------------------------------------------------ calibration
     "max_density": Term("max density (work budget)", "Attention work of the whole run as a fraction of dense "
                         "attention at every step: warm-up steps count 1, sparse steps their mean density, each "

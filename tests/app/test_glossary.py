@@ -28,7 +28,7 @@ FACTOR_TERMS = {"gap": "gap", "r_u": "r", "J_u": "J", "effective_gap": "effectiv
 REQUIRED = ("recall", "gamma", "density", "sparsity", "block", "block_mass", "scores", "bound1", "bound2", "bound3",
             "r", "J", "W_q", "W_k", "gap", "effective_gap", "jaccard", "footprint", "oracle_recall", "order",
             "target_recall", "fresh_recall", "reuse_factor", "predicted_recall", "max_density", "dense_above",
-            "refresh_cost", "warmup", "refresh_interval", "latent_frame")
+            "refresh_cost", "warmup", "refresh_interval", "latent_frame", "dfsattn_used", "dfsattn_plan")
 
 
 def github_anchor(heading: str) -> str:

@@ -158,6 +158,19 @@ def method_choices(reader) -> list[str]:
     return list(reader.methods) + ([] if "oracle" in reader.methods else ["oracle"])
 
 
+def dfsattn_mask(cid: str, step: int, layer: int, head: int | None = None, branch: str = "cond"):
+    """The mask DFSAttn attended at (step, layer) of capture ``cid`` (a recording with
+    ``apply_dfsattn`` active), BlockMask [1, Hs, Mq, Mk] in the blocks of its ``dfsattn_order``;
+    the stored mask is read once per file version (``CaptureCatalog.cached``)."""
+    from dfsviz.sparse.masks import BlockMask
+
+    catalog = get_catalog()
+    reader = catalog.reader(cid)
+    kept = catalog.cached(cid, ("dfsattn_kept", step, layer, head, branch),
+                          lambda r: r.dfsattn_kept(step, layer, head, branch))
+    return BlockMask.from_dense(kept, reader.grid.num_tokens, reader.block)
+
+
 def figure_card(name: str, height: int = 440, figure=None, terms: Sequence[str] = ()) -> html.Div:
     """A graph with a CSV download of the plotted numbers (PNG comes from the mode bar), a
     loading indicator while its callback runs and, for ``terms`` (glossary keys of what its
@@ -282,21 +295,24 @@ def lacking(cid: str, selection: Sequence[tuple[str, object, Sequence]], drawn: 
     return f"{cid} has no {'; no '.join(missing)}: {drawn}" if missing else ""
 
 
-def compare_section(prefix: str, body: Sequence, shown: bool) -> html.Div:
+def compare_section(prefix: str, body: Sequence, shown: bool, part: str = "compare") -> html.Div:
     """Where a page draws the second run under the first: a heading naming it, the line of what
-    it lacks of the selection (``{prefix}-compare-note``) and ``body`` (its figure cards and
-    tables, in ``{prefix}-compare-body``); hidden while no second capture is chosen
-    (``shown``: one is, from the link). :func:`register_compare` fills it."""
+    it lacks of the selection (``{prefix}-{part}-note``) and ``body`` (its figure cards and
+    tables, in ``{prefix}-{part}-body``); hidden while no second capture is chosen
+    (``shown``: one is, from the link). :func:`register_compare` fills it. ``part`` names a
+    second section of one page (Overview's "dfsattn-compare": what the second run lacks there
+    hides only that section's body)."""
     return html.Div([
-        html.H4(id=f"{prefix}-compare-heading"),
-        html.Div(id=f"{prefix}-compare-note"),
-        html.Div(list(body), id=f"{prefix}-compare-body"),
-    ], id=f"{prefix}-compare-section", style=None if shown else HIDDEN)
+        html.H4(id=f"{prefix}-{part}-heading"),
+        html.Div(id=f"{prefix}-{part}-note"),
+        html.Div(list(body), id=f"{prefix}-{part}-body"),
+    ], id=f"{prefix}-{part}-section", style=None if shown else HIDDEN)
 
 
 def register_compare(app, prefix: str, figures: Sequence[str], others: Sequence[Output], inputs: Sequence[Input],
-                     draw: Callable) -> None:
-    """The callback that draws the second run in :func:`compare_section`, with the page's controls.
+                     draw: Callable, part: str = "compare") -> None:
+    """The callback that draws the second run in :func:`compare_section` (of that ``part``), with
+    the page's controls.
 
     ``figures``: its figure cards; ``others``: further outputs of the body (a table); ``inputs``:
     the page's controls but the capture. ``draw(compare, *values)`` returns (the figures and the
@@ -307,9 +323,9 @@ def register_compare(app, prefix: str, figures: Sequence[str], others: Sequence[
     shown = len(figures) + len(others)
     note, section, body, heading = range(shown, shown + 4)
 
-    @app.callback(*[fig_output(f) for f in figures], *others, Output(f"{prefix}-compare-note", "children"),
-                  Output(f"{prefix}-compare-section", "style"), Output(f"{prefix}-compare-body", "style"),
-                  Output(f"{prefix}-compare-heading", "children"), Input(f"{prefix}-compare", "value"), *inputs)
+    @app.callback(*[fig_output(f) for f in figures], *others, Output(f"{prefix}-{part}-note", "children"),
+                  Output(f"{prefix}-{part}-section", "style"), Output(f"{prefix}-{part}-body", "style"),
+                  Output(f"{prefix}-{part}-heading", "children"), Input(f"{prefix}-compare", "value"), *inputs)
     @guarded(shown + 4, note, figures=range(len(figures)), on_error={section: None, body: HIDDEN})
     def _compare(compare, *values):
         if not compare:

@@ -1,6 +1,8 @@
 """Drift: how well a mask chosen at step s still serves step t (DFSAttn reuses masks between
 refreshes). Recall R(S^(s); m^(t)) and the Jaccard index of S^(s) and S^(t), as s x t
-matrices for one layer, order, scoring method and budget, plus their means per lag t - s.
+matrices for one layer, order, scoring method and budget, plus their means per lag t - s. On
+a recording made with ``apply_dfsattn`` active, the method "DFSAttn (used)" takes the masks
+DFSAttn attended (in its order's blocks, at its own budget) instead of masks chosen here.
 
 With a second capture chosen ("compare with"), its two matrices and lag table are drawn under
 the first run's with the same controls; what it lacks of the selection (layer, head, order,
@@ -15,6 +17,18 @@ from dfsviz.app.data import get_catalog
 from dfsviz.app.pages import common
 
 NAME, PATH, PREFIX = "Drift", "/drift", "dr"
+#: The method choice of the masks DFSAttn used (a recording with apply_dfsattn active).
+USED = "dfsattn_used"
+
+
+def method_choices(reader) -> list[str]:
+    """The page's scoring methods (:func:`common.method_choices`), and :data:`USED` when the
+    capture holds DFSAttn's masks."""
+    return common.method_choices(reader) + ([USED] if reader.dfsattn_order else [])
+
+
+def _method_label(method: str) -> str:
+    return "DFSAttn (used)" if method == USED else method
 
 
 @common.guarded_layout("Drift")
@@ -23,7 +37,7 @@ def layout(**query):
     if page.reader is None:
         return html.Div([html.H2("Drift"), page.header()])
     r, q = page.reader, page.query
-    methods = common.method_choices(r)
+    methods = method_choices(r)
     layer = q.choice("layer", r.layers, r.layers[len(r.layers) // 2])
     order = q.choice("order", r.orders, "hilbert3d" if "hilbert3d" in r.orders else r.orders[0])
     method = q.choice("method", methods, "dfs_tile" if "dfs_tile" in methods else methods[0])
@@ -33,7 +47,8 @@ def layout(**query):
         common.control("layer", common.dropdown(f"{PREFIX}-layer", r.layers, layer), term="layer"),
         common.control("head", common.dropdown(f"{PREFIX}-head", ["all", *r.heads], head), term="head"),
         common.control("order", common.dropdown(f"{PREFIX}-order", r.orders, order), term="order"),
-        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method), term="method"),
+        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method, fmt=_method_label),
+                       term="method"),
         common.control("budget γ", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget), term="gamma"),
     ], className="dfs-controls")
     return html.Div([
@@ -57,7 +72,9 @@ def layout(**query):
 
 
 def drift_matrix(cid: str, layer: int, order: str, method: str, budget: float, head):
-    """DriftMatrix over the captured steps of one layer (top-k masks of ``method`` at ``budget``)."""
+    """DriftMatrix over the captured steps of one layer: top-k masks of ``method`` at ``budget``,
+    or with ``method`` :data:`USED` the masks DFSAttn attended (in its order, at its budget;
+    ``order`` and ``budget`` do not apply)."""
     from dfsviz.analysis.drift import mask_drift
     from dfsviz.sparse.select import select_topk
 
@@ -65,10 +82,15 @@ def drift_matrix(cid: str, layer: int, order: str, method: str, budget: float, h
     r = cat.reader(cid)
     h = None if head == "all" else int(head)
     steps = r.steps
+    if method == USED:
+        order = r.dfsattn_order
+        masks = [common.dfsattn_mask(cid, s, layer, h) for s in steps]
+        label = f"layer {layer} · DFSAttn (used) · {order} · head {head}"
+    else:
+        masks = [select_topk(cat.scores(cid, s, layer, order, method, h), budget, seq_len=r.grid.num_tokens,
+                             block=r.block) for s in steps]
+        label = f"layer {layer} · {order} · {method} · γ = {budget:g} · head {head}"
     masses = [cat.mass(cid, s, layer, order, h) for s in steps]
-    masks = [select_topk(cat.scores(cid, s, layer, order, method, h), budget, seq_len=r.grid.num_tokens, block=r.block)
-             for s in steps]
-    label = f"layer {layer} · {order} · {method} · γ = {budget:g} · head {head}"
     return mask_drift(masses, masks, steps, label=label)
 
 
@@ -109,10 +131,16 @@ def register(app) -> None:
         reader = get_catalog().reader(compare)
         heads = [] if head == "all" else [("head", head, reader.heads)]
         missing = common.lacking(compare, [("layer", layer, reader.layers), *heads, ("order", order, reader.orders),
-                                           ("method", method, common.method_choices(reader))])
+                                           ("method", method, method_choices(reader))])
         if missing:
             return (), missing
         return drift_view(compare, layer, head, order, method, budget, compared=True), ""
+
+    @app.callback(Output(f"{PREFIX}-order", "disabled"), Output(f"{PREFIX}-budget", "disabled"),
+                  Input(f"{PREFIX}-method", "value"))
+    def _used_takes_no_order_or_budget(method):
+        # DFSAttn chose the used masks in its own order and at its own budget
+        return method == USED, method == USED
 
     common.register_compare(app, PREFIX, [f"{PREFIX}-cmp-recall", f"{PREFIX}-cmp-jaccard"],
                             [Output(f"{PREFIX}-cmp-lags", "children")],

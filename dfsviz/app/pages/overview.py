@@ -1,11 +1,15 @@
 """Overview: the captures under the roots, one capture's settings and completeness, the
 DFSAttn schedule replayed on it (budget, refreshes, recall and density per step), and the
-recall of every (layer, step) per scoring method at one budget.
+recall of every (layer, step) per scoring method at one budget. A recording made with
+``apply_dfsattn`` active (its ``dfsattn_mask``) adds what DFSAttn did, beside the replay: per
+captured step its plan (dense, refresh or cached), its budget, and the recall and density of
+the masks it attended (mean over layers and heads, and the lowest and highest).
 
 With a second capture chosen ("compare with"), the schedule is replayed on it too (both runs'
 curves in one figure, each label headed by its run) and its recall per (layer, step) is drawn
 under the first run's; what it lacks of the selection (order, method) is said in one line and
-the first run still shows."""
+the first run still shows. Where the first run holds DFSAttn's masks, the second run's are
+drawn under them (or one line says it holds none)."""
 
 from __future__ import annotations
 
@@ -118,7 +122,9 @@ def layout(**query):
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
         html.Div(id=f"{PREFIX}-note", className="dfs-note"),
-        html.Div([common.figure_card(f"{PREFIX}-schedule", 420, terms=("schedule", "recall", "density"))], className="dfs-row"),
+        html.Div([common.figure_card(f"{PREFIX}-schedule", 420, terms=("schedule", "recall", "density")),
+                  _dfsattn_card(f"{PREFIX}-dfsattn", shown=r.dfsattn_order is not None)], className="dfs-row"),
+        _dfsattn_part(page),
         html.Div([common.figure_card(f"{PREFIX}-recall", 420, terms=("recall", "layer", "step"))], className="dfs-row"),
         common.compare_section(PREFIX, [
             html.Div([common.figure_card(f"{PREFIX}-cmp-recall", 420, terms=("recall", "layer", "step"))],
@@ -126,7 +132,74 @@ def layout(**query):
     ])
 
 
+def _dfsattn_card(name: str, shown: bool = True) -> html.Div:
+    """The figure card of what DFSAttn did (:func:`dfsattn_view`); not ``shown``: in the page,
+    hidden (its callback's output must exist), for a capture without DFSAttn's masks."""
+    card = common.figure_card(name, 420, terms=("dfsattn_used", "dfsattn_plan", "recall", "density"))
+    card.style = None if shown else common.HIDDEN
+    return card
+
+
+def _dfsattn_part(page) -> html.Div:
+    """The table of what DFSAttn did in the first run and the section of the second run's;
+    hidden for a first run without DFSAttn's masks."""
+    return html.Div([
+        html.Div(id=f"{PREFIX}-dfsattn-table"),
+        common.compare_section(PREFIX, [
+            html.Div([_dfsattn_card(f"{PREFIX}-cmp-dfsattn")], className="dfs-row"),
+            html.Div(id=f"{PREFIX}-cmp-dfsattn-table"),
+        ], page.compare_id is not None, part="dfsattn-compare"),
+    ], id=f"{PREFIX}-dfsattn-part", style=None if page.reader.dfsattn_order else common.HIDDEN)
+
+
 # --------------------------------------------------------------------------- computations
+def dfsattn_used(cid: str, branch: str = "cond") -> dict:
+    """What DFSAttn did at each captured step of a recording with ``apply_dfsattn`` active.
+
+    Returns {"steps": [S], "plan": [S] ("dense", "refresh" or "cached"), "gamma": [S] (None
+    where dense), "recall": float64 [S, L * H], "density": float64 [S, L * H]}: the recall of
+    the mask DFSAttn attended at each (layer, head) of ``branch`` (from the stored block mass of
+    its order) and that mask's density.
+    """
+    from dfsviz.sparse.stats import block_recall
+
+    cat = get_catalog()
+    r = cat.reader(cid)
+    recall, density, plans, gammas = [], [], [], []
+    for step in r.steps:
+        attrs = r.step_attrs(step)
+        plans.append(str(attrs["dfsattn_plan"]))
+        gammas.append(float(attrs["dfsattn_gamma"]) if "dfsattn_gamma" in attrs else None)
+        rec, den = [], []
+        for layer in r.layers:
+            mask = common.dfsattn_mask(cid, step, layer, branch=branch)
+            rec.append(block_recall(cat.mass(cid, step, layer, r.dfsattn_order, branch=branch), mask).ravel())
+            den.append(mask.density().ravel())
+        recall.append(np.concatenate([x.numpy() for x in rec]))
+        density.append(np.concatenate([x.numpy() for x in den]))
+    return {"steps": list(r.steps), "plan": plans, "gamma": gammas, "recall": np.asarray(recall, dtype=np.float64),
+            "density": np.asarray(density, dtype=np.float64)}
+
+
+def dfsattn_view(cid: str, run: str = "") -> tuple:
+    """The figure and table of what DFSAttn did in capture ``cid`` (:func:`dfsattn_used`);
+    ``run`` (the capture compared, "" for the first) heads the title."""
+    from dfsviz.figures import schedule_figure
+
+    used = dfsattn_used(cid)
+    recall, density = used["recall"], used["density"]
+    series = {"recall, mean": recall.mean(1), "recall, lowest": recall.min(1), "recall, highest": recall.max(1),
+              "density, mean": density.mean(1)}
+    r = get_catalog().reader(cid)
+    title = (f"DFSAttn as run · the masks it attended ({r.dfsattn_order}, cond) · "
+             f"over {len(r.layers)} layers × {len(r.heads)} heads")
+    fig = schedule_figure(used["steps"], used["gamma"], [p == "refresh" for p in used["plan"]], series=series,
+                          title=f"{run} · {title}" if run else title)
+    rows = [(step, plan, "" if gamma is None else gamma, *(float(v[i]) for v in series.values()))
+            for i, (step, plan, gamma) in enumerate(zip(used["steps"], used["plan"], used["gamma"]))]
+    return fig, common.table(rows, ["step", "plan", "budget γ", *series])
+
+
 def schedule_series(cid: str, order: str, method: str, schedule) -> tuple[dict, list[str]]:
     """Replay ``schedule`` on every captured layer; per-step means over layers and heads.
 
@@ -237,7 +310,28 @@ def register(app) -> None:
 
     common.register_compare(app, PREFIX, [f"{PREFIX}-cmp-recall"], [],
                             [Input(f"{PREFIX}-{c}", "value") for c in ("order", "method", "budget")], second_run)
+
+    @app.callback(common.fig_output(f"{PREFIX}-dfsattn"), Output(f"{PREFIX}-dfsattn-table", "children"),
+                  Output(f"{PREFIX}-banner", "children", allow_duplicate=True), Input(f"{PREFIX}-file", "value"),
+                  prevent_initial_call="initial_duplicate")
+    @common.guarded(3, 2, figures=(0,))
+    def _dfsattn(cid):
+        if get_catalog().reader(cid).dfsattn_order is None:  # the part is hidden: nothing to draw
+            return dash.no_update, dash.no_update, dash.no_update
+        return (*dfsattn_view(cid), dash.no_update)
+
+    def second_dfsattn(compare, cid):
+        if get_catalog().reader(cid).dfsattn_order is None:  # the part is hidden: nothing to draw
+            return (dash.no_update, dash.no_update), ""
+        if get_catalog().reader(compare).dfsattn_order is None:
+            return (), (f"{compare} holds no DFSAttn masks (recorded without apply_dfsattn): nothing drawn for it "
+                        "here")
+        return dfsattn_view(compare, run=compare), ""
+
+    common.register_compare(app, PREFIX, [f"{PREFIX}-cmp-dfsattn"], [Output(f"{PREFIX}-cmp-dfsattn-table", "children")],
+                            [Input(f"{PREFIX}-file", "value")], second_dfsattn, part="dfsattn-compare")
     common.register_url_sync(app, PREFIX, [(c, f"{PREFIX}-{c}", "value") for c in ids])
 
 
-__all__ = ["NAME", "PATH", "PREFIX", "layout", "register", "recall_grid", "schedule_series", "default_schedule"]
+__all__ = ["NAME", "PATH", "PREFIX", "layout", "register", "recall_grid", "schedule_series", "default_schedule",
+           "dfsattn_used"]
