@@ -17,6 +17,15 @@ def _fractions(spec: str, option: str) -> tuple[float, ...]:
     return values
 
 
+def _verdicts(data: dict) -> list[tuple[str, dict]]:
+    """(claim, verdict) of the report's sections with a verdict, in section order."""
+    out = [(f"ordering ablation, {name}", v) for name, v in data["order_ablation"]["verdict"].items()]
+    out.append(("tile size", data["tile_size"]["verdict"]))
+    out += [(f"recall across steps, {meth}", row["verdict"]) for meth, row in data["step_trend"]["methods"].items()]
+    out.append(("text blocks", data["text_blocks"]["verdict"]))
+    return out
+
+
 @main.command(
     "report",
     epilog="\b\nExample:\n  dfsviz report runs/wan.h5 --out runs/wan-report\n"
@@ -39,7 +48,9 @@ def report_command(file, out_dir, png, budgets, targets, method, order, branch, 
 
     Writes OUT/report.md, OUT/report.json and OUT/figures/*.html (and *.png): bound
     violations (must be 0), Hilbert vs raster factors, recall at fixed budgets with the
-    oracle gap, and mask drift at the schedule's refresh interval. Exit code 1 when a
+    oracle gap, mask drift at the schedule's refresh interval, and the paper's claims
+    with a verdict each: the ordering ablation (capture with --orders all), dfs_tile's
+    tile size (needs --save-qkv), recall across steps, text blocks. Exit code 1 when a
     bound is violated; exit code 2, before anything is written, when FILE fails
     validation (see `dfsviz inspect`).
     """
@@ -69,6 +80,8 @@ def report_command(file, out_dir, png, budgets, targets, method, order, branch, 
     for row in report.data["recall"]:
         cells = ", ".join(f"{row['recall'][f'{g:g}']:.3f} @ {g:g}" for g in gammas)
         click.echo(f"recall {row['method']} · {row['order']}: {cells}")
+    for claim, verdict in _verdicts(report.data):
+        click.echo(f"{claim}: {verdict['verdict']} ({verdict['reason']})")
     for note in report.notes:
         click.echo(f"note: {note}")
     if report.violations:

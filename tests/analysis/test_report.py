@@ -4,7 +4,6 @@ accessors (select_topk + block_recall per step and layer), the files, the CLI an
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from dfsviz.sparse.schedule import DFSSchedule
 from dfsviz.sparse.select import select_topk
 from dfsviz.sparse.stats import block_recall, oracle_recall
 from dfsviz.sparse.tokenmodel import TokenModelConfig
+from git_reference import module_at_commit  # tests/ is on sys.path
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +214,11 @@ def test_cli(token_capture, tmp_path):
     assert f"W_k: raster {w_k['base_mean']:.3f} -> hilbert3d {w_k['other_mean']:.3f}" in result.output
     first = data["recall"][0]
     assert f"recall {first['method']} · {first['order']}: {first['recall']['0.25']:.3f} @ 0.25" in result.output
+    tile = data["tile_size"]["verdict"]
+    assert f"tile size: {tile['verdict']} ({tile['reason']})" in result.output
+    assert "ordering ablation, recall: not measurable (the capture lacks the orders" in result.output
+    assert f"recall across steps, dfs_tile: {data['step_trend']['methods']['dfs_tile']['verdict']['verdict']}" in result.output
+    assert "text blocks: not measurable (the model (TokenModel) has no text tokens" in result.output
     bad = runner.invoke(main, ["report", token_capture, "--out", str(tmp_path / "b"), "--budgets", "0.1,x"])
     assert bad.exit_code == 2 and "`--budgets` must be comma-separated fractions" in bad.output
     empty = runner.invoke(main, ["report", token_capture, "--out", str(tmp_path / "e"), "--targets", ","])
@@ -382,33 +387,34 @@ _REFERENCE_COMMIT = "f863311d718e807267dbe5725cd9cbe8b9cddf48"
 
 @pytest.fixture(scope="module")
 def reference_module():
-    root = Path(__file__).resolve().parents[2]
-    shown = subprocess.run(["git", "show", f"{_REFERENCE_COMMIT}:dfsviz/analysis/report.py"], cwd=root,
-                           capture_output=True, text=True)
-    if shown.returncode:
-        pytest.skip(f"the reference report module needs the git history of the repository: {shown.stderr.strip()}")
-    name = "dfsviz_report_reference"
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    try:
-        # the reference opened captures through dfsviz.capture.store, since split into writer and reader
-        source = shown.stdout.replace("from dfsviz.capture.store import", "from dfsviz.capture.reader import")
-        exec(compile(source, f"{_REFERENCE_COMMIT[:7]}:dfsviz/analysis/report.py", "exec"), module.__dict__)
-    finally:
-        del sys.modules[name]
-    return module
+    # the reference opened captures through dfsviz.capture.store, since split into writer and reader
+    return module_at_commit("dfsviz/analysis/report.py", _REFERENCE_COMMIT, "dfsviz_report_reference",
+                            lambda source: source.replace("from dfsviz.capture.store import",
+                                                          "from dfsviz.capture.reader import"))
+
+
+#: Sections the report gained after the reference (issue 20): the paper's further claims.
+_NEW_SECTIONS = ("order_ablation", "tile_size", "step_trend", "text_blocks")
 
 
 @pytest.mark.parametrize("capture", ["sample", "token"])
 def test_output_equals_the_pre_refactor_report(reference_module, token_capture, capture):
-    """JSON, Markdown, notes and every figure of the report equal those of the pre-refactor module."""
+    """JSON, Markdown, notes and every figure of the report equal those of the pre-refactor module,
+    apart from the sections added since (5-8, between section 4 and the figure list)."""
     path = str(dfsviz.sample_capture()) if capture == "sample" else token_capture
     expected = reference_module.build_report(path)
     got = build_report(path)
+    data = json.loads(json.dumps(report_mod._json_ready(got.data)))
+    assert set(_NEW_SECTIONS) <= set(data)
     # JSON objects are unordered: "factor_summary" now follows "order_comparison", the claim that makes it.
-    assert json.loads(json.dumps(report_mod._json_ready(got.data))) == json.loads(
+    assert {k: v for k, v in data.items() if k not in _NEW_SECTIONS} == json.loads(
         json.dumps(reference_module._json_ready(expected.data)))
-    assert got.markdown() == expected.markdown()
+    markdown = got.markdown()
+    added = markdown[markdown.index("## 5. "):markdown.index("## Figures")]
+    assert [line for line in added.splitlines() if line.startswith("## ")] == [
+        "## 5. Ordering ablation", "## 6. Tile size of dfs_tile", "## 7. Recall across denoising steps",
+        "## 8. Text blocks"]
+    assert markdown.replace(added, "") == expected.markdown()
     assert got.notes == expected.notes
     assert list(got.figures) == list(expected.figures)
     for name, fig in expected.figures.items():
