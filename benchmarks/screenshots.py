@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", nargs="+", choices=list(SHOTS), default=list(SHOTS), help="which screenshots")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img", help="folder of the PNGs (docs/img)")
-    parser.add_argument("--second", type=Path, help="a capture to compare with (default: make one with dfsviz capture, a few minutes on 2 CPU cores)")
+    parser.add_argument("--second", type=Path,
+                        help="a capture to compare with (default: make one with dfsviz capture, minutes on 2 cores)")
     parser.add_argument("--port", type=int, default=8071)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
