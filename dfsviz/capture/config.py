@@ -94,6 +94,9 @@ class CaptureConfig:
         overwrite: replace an existing output file.
         resume: continue an interrupted capture in ``out`` (same settings).
         kernel_backend: None (Triton on CUDA), "triton" or "ref" for the statistics kernels.
+        context_parallel: None (one process) or "ulysses": under ``torchrun --nproc-per-node P``
+            diffusers' Ulysses attention splits the model over the P ranks (P must divide the
+            heads); each rank reduces its heads, rank 0 writes ``out``.
     """
 
     out: str
@@ -129,6 +132,7 @@ class CaptureConfig:
     overwrite: bool = False
     resume: bool = False
     kernel_backend: str | None = None
+    context_parallel: str | None = None
 
     def __post_init__(self) -> None:
         from dfsviz.sparse.orders import order_names
@@ -207,6 +211,13 @@ class CaptureConfig:
             raise ValueError(f"`qkv_dtype` must be one of {list(QKV_DTYPES)} (got {self.qkv_dtype!r})")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})")
+        if self.context_parallel not in (None, "ulysses"):
+            raise ValueError(f"`context_parallel` must be None or 'ulysses' (got {self.context_parallel!r})")
+        if self.context_parallel is not None and re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(
+                f"`device` {self.device!r} names one GPU; under --context-parallel each rank takes its LOCAL_RANK's GPU: "
+                "pass --device cuda"
+            )
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"`device` {self.device!r} asked but no CUDA GPU is visible; use --device cpu")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -237,10 +248,10 @@ class CaptureConfig:
     def to_json(self) -> dict:
         """JSON-ready dict (the ``capture_config`` root attribute).
 
-        The generic entry's ``grid``, ``text_len`` and ``text_first`` appear only when set, so the
-        settings of a registry model's capture read as they did before these fields existed
-        (``--resume`` of such a file compares equal)."""
-        generic = ("grid", "text_len", "text_first")
+        The generic entry's ``grid``, ``text_len`` and ``text_first``, and ``context_parallel``,
+        appear only when set, so the settings of a one-process capture of a registry model read as
+        they did before these fields existed (``--resume`` of such a file compares equal)."""
+        generic = ("grid", "text_len", "text_first", "context_parallel")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
                 if not (k in generic and v is None)}
 

@@ -51,6 +51,7 @@ from dfsviz.capture.adapters import Conditioning, adapter_for
 from dfsviz.capture.config import CaptureConfig
 from dfsviz.capture.file_safety import CaptureLock
 from dfsviz.capture.hooks import AttentionCapture, hand_over_sparse_call
+from dfsviz.capture.ranks import RankWriter, UlyssesRanks, enable_ulysses, join_world
 from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.reduce import AttentionReducer
 from dfsviz.capture.resolve import (
@@ -109,6 +110,10 @@ def record(pipe, out: str | Path, *, scheduler=None, fps: float = 16.0, progress
             ``scheduler``: each ``scheduler.step`` ends a step; a second transformer call in a
             step (or a batch of 2) is taken as the unconditional pass; no clip is stored and
             ``guidance_scale`` is recorded as NaN (your loop applies it).
+            Under diffusers' Ulysses attention (``enable_parallelism(config=ContextParallelConfig(
+            ulysses_degree=P))`` called on every rank before ``record``), call ``record`` on every
+            rank with the same ``out``: each rank reduces its heads and rank 0 writes the file
+            (``rec.result.wrote`` is False on the others).
         out: the capture file to write (its directory must exist).
         scheduler: with a transformer, the scheduler your loop steps (``set_timesteps`` called
             before the first transformer call); None with a pipeline.
@@ -176,8 +181,13 @@ def capture_pipeline(config: CaptureConfig, progress: bool = True) -> CaptureRes
         raise ValueError(f"{config.model!r} is a whole pipeline: pass --prompt \"...\" (or --embeddings FILE.safetensors)")
     import diffusers
 
+    if config.context_parallel is not None:
+        join_world(config.torch_device)  # before the pipeline moves: each rank's GPU is its LOCAL_RANK's
     pipe = diffusers.DiffusionPipeline.from_pretrained(config.model, torch_dtype=config.torch_dtype)
     pipe = pipe.to(config.torch_device)
+    if config.context_parallel is not None:
+        for transformer in pipeline_transformers(pipe).values():
+            enable_ulysses(transformer)
     pipe.set_progress_bar_config(disable=not progress)
     call = {"prompt": config.prompt, "negative_prompt": config.negative_prompt or None,
             "generator": torch.Generator().manual_seed(config.seed), "output_type": "np"}
@@ -231,6 +241,7 @@ class Recording:
             )
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not np.isfinite(fps) or fps <= 0:
             raise ValueError(f"`fps` must be a finite number > 0 (got {fps!r})")
+        self.ranks = UlyssesRanks.of(transformer)  # Ulysses attention the caller enabled: rank 0 writes
         self.dfsattn = _dfsattn_of(transformers)
         if self.dfsattn is not None:
             settings = _with_dfsattn_blocks(settings, self.dfsattn[1])
@@ -250,13 +261,14 @@ class Recording:
     # -- the block -----------------------------------------------------------------------------
     def __enter__(self) -> "Recording":
         out = Path(self.config.out)
-        if not out.parent.is_dir():
-            raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it first")
-        lock = CaptureLock(out)  # a second writer of `out` stops here, before the pipeline runs
-        if out.exists() and not (self.config.overwrite or self.config.resume):
-            lock.release()
-            raise ValueError(f"output {str(out)!r} exists; pass overwrite=True to replace it or resume=True to continue it")
-        self._lock = lock
+        if self.ranks is None or self.ranks.writes:
+            if not out.parent.is_dir():
+                raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it first")
+            lock = CaptureLock(out)  # a second writer of `out` stops here, before the pipeline runs
+            if out.exists() and not (self.config.overwrite or self.config.resume):
+                lock.release()
+                raise ValueError(f"output {str(out)!r} exists; pass overwrite=True to replace it or resume=True to continue it")
+            self._lock = lock
         self._start = time.perf_counter()
         self._calls = 0  # pipeline calls
         self._call: dict = {}
@@ -322,6 +334,13 @@ class Recording:
         if exc_type is not None:
             return
         out = Path(self.config.out)
+        if self.ranks is not None and not self.ranks.writes:
+            self.result = CaptureResult(
+                path=str(out), steps=list(self._written), skipped=sorted(set(self.rc.capture_steps) - set(self._todo)),
+                complete=complete, seconds=time.perf_counter() - self._start, step_seconds=dict(self._step_seconds),
+                file_bytes=0, wrote=False,
+            )
+            return
         with CaptureReader(out) as reader:  # success only for a file that opens and holds what was written
             missing = sorted(set(self._written) - set(reader.steps))
             if missing or reader.complete != complete:
@@ -509,19 +528,27 @@ class Recording:
         weights = weights_fingerprint(model if len(models) == 1 else torch.nn.ModuleDict(models))
         identity = {**run_identity(self.rc, weights), "pipeline_call": call,
                     "dfsattn": None if self.dfsattn is None else self.dfsattn[1].name}
-        out = Path(cfg.out)
-        if cfg.resume:
-            self.writer = CaptureWriter.resume(out, layout, identity, lock=self._lock)
-        else:
+        if self.ranks is not None:  # as dfsviz capture's: one world size per file
+            identity["ulysses_degree"] = self.ranks.degree
+
+        def open_writer() -> CaptureWriter:
+            out = Path(cfg.out)
+            if cfg.resume:
+                return CaptureWriter.resume(out, layout, identity, lock=self._lock)
             from dfsviz.sparse.orders import make_order
 
             perms = {name: make_order(name, grid).perm for name in layout.orders}
-            self.writer = CaptureWriter.create(out, layout, {**attrs, "run_identity": identity}, perms,
-                                               overwrite=cfg.overwrite, lock=self._lock)
+            return CaptureWriter.create(out, layout, {**attrs, "run_identity": identity}, perms,
+                                        overwrite=cfg.overwrite, lock=self._lock)
+
+        if self.ranks is None:
+            self.writer = open_writer()
+        else:
+            self.writer = RankWriter.open(self.ranks, identity, layout.heads, open_writer)
         self._lock = None  # the writer holds it now
         self._todo = set(steps) - self.writer.completed
-        self._reducer = AttentionReducer(self.rc, self.writer, None)
-        if self.progress:
+        self._reducer = AttentionReducer(self.rc, self.writer, None, self.ranks)
+        if self.progress and (self.ranks is None or self.ranks.writes):
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=len(self._todo), unit="step", desc="record")

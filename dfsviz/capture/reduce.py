@@ -2,7 +2,9 @@
 variance ratios, footprints and (optionally) Q/K/V, queued to the HDF5 writer.
 
 Statistics use the Triton kernels of ``dfsviz.kernels`` (on CUDA) and their PyTorch
-references otherwise.
+references otherwise. Under Ulysses attention (:mod:`dfsviz.capture.ranks`) each rank's SDPA
+calls carry the whole sequence of its H/P heads: the reducer reduces the captured heads among
+them, and the rank's :class:`~dfsviz.capture.ranks.RankWriter` gathers them onto rank 0.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dfsviz.capture.hooks import AttentionRecord
+from dfsviz.capture.ranks import UlyssesRanks
 from dfsviz.capture.resolve import ResolvedCapture
 from dfsviz.capture.writer import CaptureWriter
 from dfsviz.kernels.block_scores import block_scores
@@ -20,9 +23,12 @@ __all__ = ["AttentionReducer"]
 
 
 class AttentionReducer:
-    """Turns each captured SDPA call into statistics and queues them to the writer."""
+    """Turns each captured SDPA call into statistics and queues them to the writer.
 
-    def __init__(self, rc: ResolvedCapture, writer: CaptureWriter, progress) -> None:
+    With ``ranks`` (Ulysses attention) the calls carry the rank's H/P heads and ``writer`` is its
+    :class:`~dfsviz.capture.ranks.RankWriter`."""
+
+    def __init__(self, rc: ResolvedCapture, writer: CaptureWriter, progress, ranks: UlyssesRanks | None = None) -> None:
         from dfsviz.sparse.orders import make_order
 
         self.rc = rc
@@ -32,7 +38,10 @@ class AttentionReducer:
         # the branches run as separate calls, both halves of a CFG batch of 2 otherwise
         self.targets: list[tuple[int, str]] = [(0, "cond")]
         self.orders = [make_order(name, rc.grid) for name in rc.layout.orders]
-        self.heads = torch.tensor(rc.heads, dtype=torch.int64)
+        # the captured heads as indices into the calls' head dimension, and their rows among rc.heads
+        held = rc.heads if ranks is None else ranks.held(rc.heads)
+        self.heads = torch.tensor(rc.heads if ranks is None else ranks.local(rc.heads), dtype=torch.int64)
+        self._rows = [rc.heads.index(h) for h in held]
         self.scale: float | None = None
         self.seen: set[tuple[int, str]] = set()
 
@@ -92,7 +101,7 @@ class AttentionReducer:
             if lay.footprints:
                 # the same blocks at every step and branch, so footprints compare across steps
                 seed = (cfg.seed * 7919 + rec.layer * 31 + oi) % (1 << 63)  # within torch's seed range for any seed
-                blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), seed)
+                blocks = sample_query_blocks(lay.num_blocks, lay.footprints, len(self.rc.heads), seed)[self._rows]
                 att = block_footprints(q, k, order.perm_on(q.device), blocks, lay.block, scale)
                 self.writer.write_footprints(rec.layer, branch, order.name, blocks, att)
         if lay.dfsattn_order is not None:
@@ -108,7 +117,7 @@ class AttentionReducer:
         mask, or every block for an SDPA call (DFSAttn ran the layer dense)."""
         m = self.rc.layout.num_blocks
         if rec.dfsattn_mask is None:
-            return torch.ones(len(self.rc.heads), m, m, dtype=torch.bool, device=device)
+            return torch.ones(len(self._rows), m, m, dtype=torch.bool, device=device)
         mask = rec.dfsattn_mask
         if mask.block != self.rc.layout.block or mask.seq_len != self.rc.grid.num_tokens:
             raise ValueError(

@@ -34,6 +34,7 @@ from dfsviz.capture.adapters import input_dtype
 from dfsviz.capture.config import CaptureConfig
 from dfsviz.capture.file_safety import CaptureLock
 from dfsviz.capture.hooks import AttentionCapture
+from dfsviz.capture.ranks import RankWriter, UlyssesRanks, enable_ulysses, join_world
 from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.reduce import AttentionReducer
 from dfsviz.capture.resolve import pipeline_rules, resolve_capture, run_identity, weights_fingerprint
@@ -60,6 +61,8 @@ class CaptureResult:
         seconds: wall time of the run; step_seconds: wall time of each captured step
             (all its transformer passes, reduction and writing).
         file_bytes: file size at the end.
+        wrote: False on the ranks of a Ulysses capture other than rank 0, which wrote the file
+            (their ``file_bytes`` is 0).
     """
 
     path: str
@@ -69,6 +72,59 @@ class CaptureResult:
     seconds: float
     step_seconds: dict[int, float]
     file_bytes: int
+    wrote: bool = True
+
+
+def _lock(config: CaptureConfig, out: Path) -> CaptureLock:
+    """The lock of ``out``, refused when its directory is missing or it exists without overwrite/resume."""
+    if not out.parent.is_dir():
+        raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it first")
+    lock = CaptureLock(out)
+    if out.exists() and not (config.overwrite or config.resume):
+        lock.release()
+        raise ValueError(f"output {config.out!r} exists; pass --overwrite to replace it or --resume to continue it")
+    return lock
+
+
+def _open(config: CaptureConfig, out: Path, source: ModelSource | None):
+    """One process: (resolved capture, writer of a new or resumed ``out``)."""
+    lock = _lock(config, out)  # before anything loads or is created: a second writer of `out` stops here
+    try:
+        rc = resolve_capture(config, source=source)
+        return rc, _writer(config, out, rc, _identity(rc), lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _identity(rc, ranks: UlyssesRanks | None = None) -> dict:
+    identity = run_identity(rc, rc.source.weights_sha256 or weights_fingerprint(rc.source.transformer))
+    if ranks is not None:  # a step's rounding may depend on how the sequence was split: one world size per file
+        identity["ulysses_degree"] = ranks.degree
+    return identity
+
+
+def _writer(config: CaptureConfig, out: Path, rc, identity: dict, lock: CaptureLock) -> CaptureWriter:
+    if config.resume:
+        return CaptureWriter.resume(out, rc.layout, identity, lock=lock)
+    from dfsviz.sparse.orders import make_order
+
+    perms = {name: make_order(name, rc.grid).perm for name in rc.layout.orders}
+    attrs = {**rc.attrs, "run_identity": identity}
+    return CaptureWriter.create(out, rc.layout, attrs, perms, overwrite=config.overwrite, lock=lock)
+
+
+def _open_ranks(config: CaptureConfig, out: Path, source: ModelSource | None):
+    """Each rank of a Ulysses capture under torchrun: (resolved capture, its :class:`RankWriter`,
+    its :class:`UlyssesRanks`). Every rank loads the model and enables Ulysses attention; rank 0
+    alone opens ``out``. Any rank's refusal stops every rank with the same line."""
+    join_world(config.torch_device)
+    rc = resolve_capture(config, source=source)
+    ranks = enable_ulysses(rc.source.transformer)
+    identity = _identity(rc, ranks)
+    writer = RankWriter.open(ranks, identity, rc.layout.heads,
+                             lambda: _writer(config, out, rc, identity, _lock(config, out)))
+    return rc, writer, ranks
 
 
 def _scheduler_step(scheduler, pred, t, latents, state: dict):
@@ -131,36 +187,22 @@ def run_capture(
             return capture_pipeline(config, progress)
     start = time.perf_counter()
     out = Path(config.out)
-    if not out.parent.is_dir():
-        raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it first")
-    lock = CaptureLock(out)  # before anything loads or is created: a second writer of `out` stops here
-    try:
-        if out.exists() and not (config.overwrite or config.resume):
-            raise ValueError(f"output {config.out!r} exists; pass --overwrite to replace it or --resume to continue it")
-        rc = resolve_capture(config, source=source)
-        identity = run_identity(rc, rc.source.weights_sha256 or weights_fingerprint(rc.source.transformer))
-        if config.resume:
-            writer = CaptureWriter.resume(out, rc.layout, identity, lock=lock)
-        else:
-            from dfsviz.sparse.orders import make_order
-
-            perms = {name: make_order(name, rc.grid).perm for name in rc.layout.orders}
-            attrs = {**rc.attrs, "run_identity": identity}
-            writer = CaptureWriter.create(out, rc.layout, attrs, perms, overwrite=config.overwrite, lock=lock)
-    except BaseException:
-        lock.release()
-        raise
+    if config.context_parallel is not None:
+        rc, writer, ranks = _open_ranks(config, out, source)
+    else:
+        ranks = None
+        rc, writer = _open(config, out, source)
     device = config.torch_device
     model = rc.source.transformer
     adapter = rc.source.adapter
     skipped = sorted(writer.completed)
     todo = [s for s in rc.capture_steps if s not in writer.completed]
     bar = None
-    if progress:
+    if progress and (ranks is None or ranks.writes):  # one bar, rank 0's
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo) * len(rc.layer_map) * len(rc.layout.branches), unit="layer", desc="capture")
-    reducer = AttentionReducer(rc, writer, bar)
+    reducer = AttentionReducer(rc, writer, bar, ranks)
     capture = AttentionCapture(model, rc.layer_map, reducer, force_native=True)
     step_seconds: dict[int, float] = {}
     written: list[int] = []
@@ -235,6 +277,9 @@ def run_capture(
         if bar is not None:
             bar.close()
         writer.close()
+    if ranks is not None and not ranks.writes:
+        return CaptureResult(path=str(out), steps=written, skipped=skipped, complete=complete,
+                             seconds=time.perf_counter() - start, step_seconds=step_seconds, file_bytes=0, wrote=False)
     with CaptureReader(out) as reader:  # success only for a file that opens and holds what was written
         missing = sorted(set(written) - set(reader.steps))
         if missing or reader.complete != complete:

@@ -407,6 +407,15 @@ class CaptureWriter:
                 f"{str(stored.get('weights_sha256'))[:12]}... in the file, {str(run.get('weights_sha256'))[:12]}... now); "
                 "resume with the same weights or pass --overwrite"
             )
+        if "ulysses_degree" in keys:
+            def ranks(identity):
+                degree = identity.get("ulysses_degree")
+                return f"on {degree} ranks (torchrun --nproc-per-node {degree} ... --context-parallel ulysses)" if degree \
+                    else "in one process (no --context-parallel)"
+            raise ValueError(
+                f"--resume: {str(path)!r} was captured {ranks(stored)}, this run is {ranks(run)}; resume it as it "
+                "was captured, or pass --overwrite"
+            )
         if keys or reader.layout != layout:
             raise ValueError(
                 f"--resume: {str(path)!r} was captured with other settings (differs in {keys or ['layout']}); "

@@ -131,6 +131,10 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
     "--kernel-backend", type=click.Choice(["triton", "ref"]), default=None,
     help="Force the statistics kernels (default: Triton on CUDA, reference on CPU).",
 )
+@click.option(
+    "--context-parallel", type=click.Choice(["ulysses"]), default=None,
+    help="Under torchrun --nproc-per-node P: diffusers' Ulysses attention over the P ranks, each reducing its heads.",
+)
 @click.option("--out", required=True,
               help="Output HDF5 file; with several clips a directory (the run set: one file per clip and runset.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file or run set.")
@@ -192,6 +196,7 @@ def capture_command(**opts) -> None:
         overwrite=opts["overwrite"],
         resume=opts["resume"],
         kernel_backend=opts["kernel_backend"],
+        context_parallel=opts["context_parallel"],
     )
     try:
         if opts["prompts_spec"] is None and opts["seeds_spec"] is None:
@@ -228,6 +233,8 @@ def _capture_one(config, opts: dict) -> None:
         _echo_dry_run(info, info["estimated_file_bytes_uncompressed"], f"{len(info['capture_steps'])} steps")
         return
     result = run_capture(config, progress=not opts["quiet"])
+    if not result.wrote:  # another rank of a Ulysses capture: rank 0 reports
+        return
     state = "complete" if result.complete else "incomplete"
     click.echo(
         f"wrote {result.path} ({state}): steps {result.steps}"

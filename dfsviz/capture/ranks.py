@@ -1,0 +1,307 @@
+"""Capture under diffusers' Ulysses context parallelism: each rank reduces its own heads, rank 0
+writes the one file.
+
+Under ``ContextParallelConfig(ulysses_degree=P)`` diffusers splits the sequence over the P ranks
+and, around every attention call, all-to-alls Q, K and V so that rank r holds the whole sequence
+of heads [r H/P, (r+1) H/P); the SDPA call between the two all-to-alls (the native backend's)
+is the one the capture's SDPA wrapper sees, [B, H/P, N, D]. So every rank reduces the captured
+heads it holds to maps, exactly as one process reduces all of them, and :class:`RankWriter`
+gathers each (layer, branch, order)'s maps of all heads onto rank 0, whose
+:class:`~dfsviz.capture.writer.CaptureWriter` writes the usual single file. One (layer, branch,
+order) of maps is in flight at a time, as in one process; a step is marked complete only after
+rank 0 holds every rank's maps of it, and every rank learns whether it was.
+
+:func:`join_world` starts the process group ``torchrun`` describes and :func:`enable_ulysses`
+enables diffusers' Ulysses attention on a transformer (``dfsviz capture --context-parallel ulysses``);
+:func:`UlyssesRanks.of` reads it from a transformer the caller set up (``dfsviz.record``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RankWriter", "UlyssesRanks", "agree", "check_degree", "enable_ulysses", "join_world"]
+
+#: what a capture cannot take among diffusers' kinds of parallelism, and why
+_REFUSED = {
+    "ring": "ring attention splits the keys of every head over the ranks, so no rank sees a head's whole "
+            "attention; use ContextParallelConfig(ulysses_degree=P)",
+    "ulysses_anything": "ulysses_anything pads the heads and splits the sequence unevenly; use ulysses_anything=False",
+    "tensor": "tensor parallelism shards the projection weights, not the attention; use "
+              "ContextParallelConfig(ulysses_degree=P)",
+}
+
+
+def _heads_of(model: torch.nn.Module) -> int:
+    return int(model.config.num_attention_heads)
+
+
+@dataclass(frozen=True)
+class UlyssesRanks:
+    """This process's place in diffusers' Ulysses group.
+
+    Fields:
+        rank: the rank in the Ulysses group (it holds heads [rank H/P, (rank+1) H/P)).
+        degree: P, the ranks of the group.
+        num_heads: H, the model's attention heads.
+        group: the ``torch.distributed`` process group of the Ulysses mesh.
+    """
+
+    rank: int
+    degree: int
+    num_heads: int
+    group: object
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "UlyssesRanks | None":
+        """The Ulysses group ``model`` runs in, or None without diffusers' parallelism.
+
+        Raises ValueError for ring attention, ``ulysses_anything``, tensor parallelism and a degree
+        that does not divide the heads (one line each).
+        """
+        parallel = getattr(model, "_parallel_config", None)
+        if parallel is None:
+            return None
+        name = type(model).__name__
+        cp = getattr(parallel, "context_parallel_config", None)
+        if cp is None:
+            raise ValueError(f"capture under tensor parallelism ({name}): {_REFUSED['tensor']}")
+        if cp.ring_degree > 1:
+            raise ValueError(f"capture under ring attention ({name}, ring_degree={cp.ring_degree}): {_REFUSED['ring']}")
+        if cp.ulysses_anything:
+            raise ValueError(f"capture under Ulysses attention ({name}): {_REFUSED['ulysses_anything']}")
+        heads = _heads_of(model)
+        check_degree(cp.ulysses_degree, heads, name)
+        return cls(int(cp._ulysses_local_rank), int(cp.ulysses_degree), heads, cp._ulysses_mesh.get_group())
+
+    @property
+    def writes(self) -> bool:
+        """True on the rank that writes the file (rank 0)."""
+        return self.rank == 0
+
+    def held(self, heads: tuple[int, ...]) -> tuple[int, ...]:
+        """The heads of ``heads`` (model indices, ascending) this rank holds."""
+        per_rank = self.num_heads // self.degree
+        return tuple(h for h in heads if self.rank * per_rank <= h < (self.rank + 1) * per_rank)
+
+    def local(self, heads: tuple[int, ...]) -> tuple[int, ...]:
+        """The rank's own heads of ``heads`` as indices into its [B, H/P, N, D] attention inputs."""
+        first = self.rank * (self.num_heads // self.degree)
+        return tuple(h - first for h in self.held(heads))
+
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object)."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        return box[0]
+
+    def gather_heads(self, x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor | None:
+        """Every rank's ``x`` (its held heads of ``heads`` along dim 0) joined on rank 0, heads in
+        model order; None on the other ranks. Collective: every rank calls it with its own ``x``."""
+        import torch.distributed as dist
+
+        counts = [len(UlyssesRanks(r, self.degree, self.num_heads, None).held(heads)) for r in range(self.degree)]
+        width = max(counts)
+        dtype = x.dtype
+        x = x.to(torch.uint8) if dtype == torch.bool else x  # NCCL moves no bool
+        padded = x.new_zeros((width, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in counts] if self.writes else None
+        dist.gather(padded.contiguous(), parts, group=self.group, group_dst=0)
+        if not self.writes:
+            return None
+        return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(dtype)
+
+
+def check_degree(degree: int, heads: int, name: str) -> None:
+    """A Ulysses degree must divide the heads: one line naming the degrees that do."""
+    if heads % degree:
+        raise ValueError(
+            f"capture under Ulysses attention: {degree} ranks do not divide the {heads} heads of {name}; use "
+            f"torchrun --nproc-per-node in {[d for d in range(1, heads + 1) if heads % d == 0]}"
+        )
+
+
+@contextlib.contextmanager
+def _cpu_counts_as_one_device():
+    """diffusers 0.42's ``enable_parallelism`` places rank r on device r % the accelerator count,
+    a division by zero on a host without one (docs/accel.md): while it runs, the CPU counts as one
+    device; restored after."""
+    if torch.accelerator.is_available():
+        yield
+        return
+    original = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original
+
+
+def join_world(device: torch.device) -> int:
+    """Join the process group ``torchrun`` describes (NCCL on CUDA, gloo on the CPU; kept when
+    one is initialised already) and return this process's rank. On CUDA each rank takes the
+    GPU of its ``LOCAL_RANK``.
+
+    Raises ValueError outside ``torchrun``.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError(
+                "--context-parallel ulysses runs under torchrun: torchrun --nproc-per-node P -m dfsviz capture ... "
+                "(no torch.distributed world is set up in this process)"
+            )
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank()
+
+
+def enable_ulysses(model: torch.nn.Module) -> UlyssesRanks:
+    """Enable diffusers' Ulysses attention over the whole world (:func:`join_world`) on ``model``.
+
+    Raises ValueError for a class without diffusers' context-parallel plan and for a world size
+    that does not divide the heads.
+    """
+    import diffusers
+    import torch.distributed as dist
+
+    name = type(model).__name__
+    if getattr(type(model), "_cp_plan", None) is None:
+        raise ValueError(
+            f"capture under Ulysses attention: diffusers has no context-parallel plan (`_cp_plan`) for {name}; "
+            "capture it in one process"
+        )
+    check_degree(dist.get_world_size(), _heads_of(model), name)
+    with _cpu_counts_as_one_device():
+        model.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=dist.get_world_size()))
+    return UlyssesRanks.of(model)
+
+
+def agree(ranks: UlyssesRanks, problem: str | None) -> None:
+    """Every rank raises the lowest rank's ``problem`` (a one-line message, None = none), so that
+    no rank goes on to wait for the others' maps alone. Collective."""
+    import torch.distributed as dist
+
+    problems = [None] * ranks.degree
+    dist.all_gather_object(problems, problem, group=ranks.group)
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        raise ValueError(first)
+
+
+class RankWriter:
+    """What the reducer and the loops call on a :class:`~dfsviz.capture.writer.CaptureWriter`,
+    on every rank of a Ulysses group: maps of the rank's heads are gathered onto rank 0, whose
+    writer writes them; the other ranks hold no file.
+
+    ``writer`` is rank 0's writer (None elsewhere); ``completed`` the steps already in the file
+    (shared from rank 0).
+    """
+
+    @classmethod
+    def open(cls, ranks: UlyssesRanks, identity: dict, heads: tuple[int, ...], open_writer) -> "RankWriter":
+        """Every rank's writer of one run: the ranks must run the same run (``identity``, as
+        ``--resume`` compares it), then rank 0 calls ``open_writer()`` (a new or resumed
+        :class:`~dfsviz.capture.writer.CaptureWriter`). A refusal on any rank is raised on every
+        rank. Collective."""
+        import json
+
+        stored = ranks.share(identity)
+        # compared as JSON text: a recorded loop's guidance_scale is NaN, which equals nothing
+        keys = sorted(k for k in set(stored) | set(identity)
+                      if json.dumps(stored.get(k), default=str) != json.dumps(identity.get(k), default=str))
+        agree(ranks, None if not keys else (
+            f"rank {ranks.rank} captures another run than rank 0 (differs in {keys}); every rank must load the same "
+            "model and options"))
+        writer, problem = None, None
+        if ranks.writes:
+            try:
+                writer = open_writer()
+            except ValueError as exc:
+                problem = str(exc)
+        agree(ranks, problem)
+        return cls(writer, ranks, heads, ranks.share(None if writer is None else writer.completed))
+
+    def __init__(self, writer, ranks: UlyssesRanks, heads: tuple[int, ...], completed: set[int]) -> None:
+        self.writer = writer
+        self.ranks = ranks
+        self.heads = heads
+        self.layout = None if writer is None else writer.layout
+        self.completed = set(completed)
+        self._step: int | None = None
+
+    @property
+    def open_step(self) -> int | None:
+        return self._step
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.ranks.gather_heads(x, self.heads)
+
+    def begin_step(self, step: int, attrs: dict | None = None) -> None:
+        if self.writer is not None:
+            self.writer.begin_step(step, attrs)
+        self._step = step
+
+    def write_maps(self, layer, branch, order, stats: dict, scores: dict, w_q, w_k) -> None:
+        names, methods = list(stats), list(scores)
+        maps = self._gather(torch.stack([*stats.values(), *scores.values()], dim=1).float())
+        w = self._gather(torch.stack([w_q, w_k], dim=1).double())
+        if self.writer is not None:
+            self.writer.write_maps(layer, branch, order, {n: maps[:, i] for i, n in enumerate(names)},
+                                   {m: maps[:, len(names) + i] for i, m in enumerate(methods)}, w[:, 0], w[:, 1])
+
+    def write_footprints(self, layer, branch, order, blocks: torch.Tensor, attention: torch.Tensor) -> None:
+        blocks, attention = self._gather(blocks.long()), self._gather(attention.float())
+        if self.writer is not None:
+            self.writer.write_footprints(layer, branch, order, blocks, attention)
+
+    def write_qkv(self, layer, branch, q, k, v) -> None:
+        q, k, v = (self._gather(x) for x in (q, k, v))
+        if self.writer is not None:
+            self.writer.write_qkv(layer, branch, q, k, v)
+
+    def write_dfsattn_mask(self, layer, branch, kept: torch.Tensor) -> None:
+        kept = self._gather(kept)
+        if self.writer is not None:
+            self.writer.write_dfsattn_mask(layer, branch, kept)
+
+    def end_step(self) -> None:
+        """Rank 0 ends the step (every rank's maps are in: each was gathered); every rank raises
+        rank 0's error if it could not. Collective."""
+        error = None
+        if self.writer is not None:
+            try:
+                self.writer.end_step()
+            except ValueError as exc:
+                error = str(exc)
+        agree(self.ranks, error)
+        self.completed.add(self._step)
+        self._step = None
+
+    def has_attr(self, key: str) -> bool:
+        return True if self.writer is None else self.writer.has_attr(key)
+
+    def set_attr(self, key: str, value) -> None:
+        if self.writer is not None:
+            self.writer.set_attr(key, value)
+
+    def write_video(self, frames, latent_frame, fps: float) -> None:
+        if self.writer is not None:
+            self.writer.write_video(frames, latent_frame, fps)
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.finish()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
