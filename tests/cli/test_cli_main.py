@@ -31,3 +31,13 @@ def test_every_command_help_shows_an_example():
 
 def test_unknown_command_is_exit_code_2():
     assert CliRunner().invoke(main, ["nope"]).exit_code == 2
+
+
+def test_python_dash_m_runs_the_command():
+    """`python -m dfsviz` (and so `torchrun -m dfsviz capture ...`) is the same command."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "dfsviz", "--version"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"dfsviz, version {dfsviz.__version__}"
