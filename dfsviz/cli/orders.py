@@ -50,7 +50,7 @@ def _table(rows: list[dict], header: str) -> str:
     "--orders",
     "orders_spec",
     default=None,
-    help=f"Comma-separated orders to report (default all): {','.join(order_names())}.",
+    help=f"Comma-separated orders to report, or all (the default): {','.join(order_names())}.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @fail_cleanly

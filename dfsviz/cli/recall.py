@@ -84,9 +84,9 @@ def _table(result: dict, gammas: list[float]) -> str:
 @click.option("--block", default=128, show_default=True, type=int, help="Tokens per block, a power of two in [16, 256].")
 @click.option("--tile", default=None, type=int, help="dfs_tile tile / antidiagonal stride (default: the method's own).")
 @click.option("--orders", "orders_spec", default="raster,hilbert3d", show_default=True,
-              help=f"Comma-separated token orders from: {','.join(order_names())}.")
+              help=f"Comma-separated token orders from: {','.join(order_names())}, or all.")
 @click.option("--methods", "methods_spec", default="meanpool,dfs_tile,oracle", show_default=True,
-              help=f"Comma-separated scoring methods from: {','.join(scorer_names())} (the oracle row is always shown).")
+              help=f"Comma-separated scoring methods from: {','.join(scorer_names())}, or all (the oracle row is always shown).")
 @click.option("--gammas", "gammas_spec", default="0.1,0.2,0.3", show_default=True,
               help="Comma-separated budgets gamma (kept fraction of key blocks, top-k with k = max(1, int(gamma*Mk))).")
 @click.option("--regions", default=4, show_default=True, type=int, help="Moving regions of the token model.")

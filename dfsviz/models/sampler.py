@@ -357,8 +357,7 @@ def _write_strips(model: EmbeddedModel, out_dir: Path, *, num_steps: int, seeds:
     cfg = model.config
     written = []
     for label, name in enumerate(model.classes):
-        real = make_videos([label], frames=cfg.frames, height=cfg.height, width=cfg.width, seed=data_seed + label,
-                           min_objects=cfg.min_objects, max_objects=cfg.max_objects)
+        real = make_videos([label], seed=data_seed + label, **cfg.clip_kwargs())
         fakes = [sample_videos(model, [label], num_steps=num_steps, seed=s, guidance_scale=guidance_scale).cpu()
                  for s in seeds]
         strip = frame_strip(torch.cat([real, *fakes], dim=0))
