@@ -67,9 +67,18 @@ def run(case: str, model: torch.nn.Module) -> dict:
     masks = []
     with apply_dfsattn(model, config(case, model)) as handle, torch.no_grad():
         handle.state.observers.append(lambda call: masks.append((call.layer, call.first_head, call.mask.to_dense())))
-        outputs = [model(**inputs(case))[0] for _ in range(2)]
+        outputs = [_waited(model(**inputs(case))[0]) for _ in range(2)]
     records = [(r["layer"], r["gamma"]) for r in handle.state.records]
     return {"outputs": outputs, "masks": masks, "records": records, "ulysses": handle.ulysses}
+
+
+def _waited(x: torch.Tensor) -> torch.Tensor:
+    """``x`` once its collective has landed: under Ulysses attention the transformer's output is
+    diffusers' all-gather, an AsyncCollectiveTensor; torch ops wait for it, but torch.save reads its
+    storage directly and could save a buffer the gather is still filling."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return x.wait() if isinstance(x, AsyncCollectiveTensor) else x
 
 
 def main(out: pathlib.Path) -> None:
