@@ -40,7 +40,6 @@ SCALES = ("shared", "per map")
 # the glossary terms of what the maps' and the footprints' axes and colours show (their info icons)
 _MAP_TERMS = ("block_mass", "query_block", "key_block", "mask", "recall", "density")
 _FOOTPRINT_TERMS = ("footprint", "latent_frame", "kept_key_blocks")
-_HIDDEN = {"display": "none"}
 _MASS_FLOOR, _ATTENTION_FLOOR = 1e-6, 1e-8  # the floors of figures.mask_heatmap and figures.footprint_mosaic
 
 
@@ -83,12 +82,8 @@ def layout(**query):
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
         html.Div([common.figure_card(f"{PREFIX}-{side}", 520, terms=_MAP_TERMS) for side in _SIDES], className="dfs-row"),
-        html.Div([
-            html.H4(id=f"{PREFIX}-compare-heading"),
-            html.Div(id=f"{PREFIX}-compare-note"),
-            html.Div([common.figure_card(f"{PREFIX}-cmp-{side}", 520, terms=_MAP_TERMS) for side in _SIDES],
-                     className="dfs-row", id=f"{PREFIX}-compare-maps"),
-        ], id=f"{PREFIX}-compare-section", style=None if page.compare_id else _HIDDEN),
+        common.compare_section(PREFIX, [html.Div([common.figure_card(f"{PREFIX}-cmp-{side}", 520, terms=_MAP_TERMS)
+                                                  for side in _SIDES], className="dfs-row")], page.compare_id is not None),
         html.P("Click a query block (a row) in either map to see where its attention lands in the video.",
                className="dfs-note"),
         html.Div(id=f"{PREFIX}-fp-banner"),
@@ -349,24 +344,17 @@ def register(app) -> None:
 
     # The second run's maps, under the first's, with the same controls (whole figures: a
     # comparison is looked at, not tuned, so no Patch path).
-    @app.callback(common.fig_output(f"{PREFIX}-cmp-left"), common.fig_output(f"{PREFIX}-cmp-right"),
-                  Output(f"{PREFIX}-compare-note", "children"), Output(f"{PREFIX}-compare-section", "style"),
-                  Output(f"{PREFIX}-compare-maps", "style"), Output(f"{PREFIX}-compare-heading", "children"),
-                  Input(f"{PREFIX}-compare", "value"), *controls[1:])
-    @common.guarded(6, 2, figures=(0, 1), on_error={3: None, 4: _HIDDEN})
-    def _compare(compare, step, layer, head, scale, method, budget):
-        if not compare:
-            return no_update, no_update, [], _HIDDEN, _HIDDEN, ""
+    def compared(compare, step, layer, head, scale, method, budget):
         reader = get_catalog().reader(compare)
-        heading = f"compared with {compare}"
         missing = common.lacking(compare, [("step", step, reader.steps), ("layer", layer, reader.layers),
                                            ("head", head, reader.heads),
                                            ("method", method, common.method_choices(reader))])
         if missing:
-            return no_update, no_update, common.banner([missing], "info"), None, _HIDDEN, heading
-        left, right = map_figures(compare, step, layer, head, scale, method, float(budget),
-                                  list(order_pair(reader.orders)), run=compare)
-        return left, right, [], None, None, heading
+            return (), missing
+        return map_figures(compare, step, layer, head, scale, method, float(budget), list(order_pair(reader.orders)),
+                           run=compare), ""
+
+    common.register_compare(app, PREFIX, [f"{PREFIX}-cmp-{side}" for side in _SIDES], [], controls[1:], compared)
 
     @app.callback(Output(f"{PREFIX}-qorder", "data"), Output(f"{PREFIX}-qb", "data"),
                   Input({"type": "fig", "name": f"{PREFIX}-left"}, "clickData"),
