@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dfsviz.capture.schema import MAX_INDEX
+from dfsviz.capture.schema import MAP_DTYPES, MAX_INDEX
 from dfsviz.sparse._validate import check_block, check_int, check_power_of_two
 from dfsviz.sparse.grid import LatentGrid
 
@@ -89,6 +89,8 @@ class CaptureConfig:
         qkv_steps: captured steps at which Q/K/V are stored; None = every captured step.
         qkv_dtype: storage dtype of saved Q/K/V: "auto" (float16 for float16 models, else
             float32), "float16" (half the size; values beyond +-65504 are refused) or "float32".
+        map_dtype: storage dtype of the maps m, L, r, J and scores: "float32" or "float16"
+            (half their bytes, rounded to 11 significant bits; values beyond +-65504 are refused).
         device: "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
         dtype: model dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "float16", "bfloat16".
         overwrite: replace an existing output file.
@@ -127,6 +129,7 @@ class CaptureConfig:
     save_qkv: tuple[int, ...] = ()
     qkv_steps: tuple[int, ...] | None = None
     qkv_dtype: str = "auto"
+    map_dtype: str = "float32"
     device: str = "auto"
     dtype: str = "auto"
     overwrite: bool = False
@@ -209,6 +212,8 @@ class CaptureConfig:
             )
         if self.qkv_dtype not in QKV_DTYPES:
             raise ValueError(f"`qkv_dtype` must be one of {list(QKV_DTYPES)} (got {self.qkv_dtype!r})")
+        if self.map_dtype not in MAP_DTYPES:
+            raise ValueError(f"`map_dtype` must be one of {list(MAP_DTYPES)} (got {self.map_dtype!r})")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})")
         if self.context_parallel not in (None, "ulysses"):
@@ -249,11 +254,12 @@ class CaptureConfig:
         """JSON-ready dict (the ``capture_config`` root attribute).
 
         The generic entry's ``grid``, ``text_len`` and ``text_first``, and ``context_parallel``,
-        appear only when set, so the settings of a one-process capture of a registry model read as
-        they did before these fields existed (``--resume`` of such a file compares equal)."""
+        appear only when set, and ``map_dtype`` only when "float16", so the settings of a
+        one-process float32 capture of a registry model read as they did before these fields
+        existed (``--resume`` of such a file compares equal)."""
         generic = ("grid", "text_len", "text_first", "context_parallel")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
-                if not (k in generic and v is None)}
+                if not (k in generic and v is None) and not (k == "map_dtype" and v == "float32")}
 
     @property
     def torch_device(self) -> torch.device:

@@ -251,7 +251,7 @@ class CaptureReader:
         else:
             mi = self._pos(method, self.methods, "method")
             data = g[name][li, bi, oi, mi][hsel]
-        return torch.from_numpy(np.asarray(data))
+        return torch.from_numpy(np.asarray(data, dtype=np.float32))  # float16 maps read as float32
 
     # -- typed accessors ---------------------------------------------------------------------
     def block_stats(self, step: int, layer: int, order: str, head=None, branch: str = "cond") -> StoredStats:

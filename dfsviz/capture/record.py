@@ -75,7 +75,8 @@ logger = logging.getLogger(__name__)
 # CaptureConfig fields a recording takes from the caller; the others (model, prompt, steps,
 # size, guidance, device, dtype, embeddings) are decided by the pipeline call
 SETTINGS = ("capture_steps", "layers", "heads", "orders", "methods", "block", "tile", "stride", "footprints",
-            "branches", "save_qkv", "qkv_steps", "qkv_dtype", "kernel_backend", "seed", "overwrite", "resume")
+            "branches", "save_qkv", "qkv_steps", "qkv_dtype", "map_dtype", "kernel_backend", "seed", "overwrite",
+            "resume")
 # pipeline call arguments that change how the call reports, not what it denoises: a resume may differ in them
 _CALL_REPORTING = ("callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type", "return_dict")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -124,7 +125,7 @@ def record(pipe, out: str | Path, *, scheduler=None, fps: float = 16.0, progress
             ``capture_steps`` (None = 5 spread over the call's steps), ``layers``, ``heads``,
             ``orders``, ``methods``, ``block``, ``tile``, ``stride``, ``footprints``,
             ``branches`` ("cond" or "both"), ``save_qkv``, ``qkv_steps``, ``qkv_dtype``,
-            ``kernel_backend``, ``seed`` (of the footprint sampling), ``overwrite``, ``resume``
+            ``map_dtype`` ("float32" or "float16": half the maps' bytes), ``kernel_backend``, ``seed`` (of the footprint sampling), ``overwrite``, ``resume``
             (continue an interrupted recording of the same call: the call runs whole again,
             only the missing steps are reduced).
 

@@ -291,6 +291,7 @@ def resolve_layout(config: CaptureConfig, adapter, model: torch.nn.Module, grid:
         qkv_steps=config.qkv_steps,
         head_dim=int(mcfg.attention_head_dim),
         qkv_dtype=config.stored_qkv_dtype,
+        map_dtype=config.map_dtype,
     )
     return layer_map, tuple(heads), layout
 

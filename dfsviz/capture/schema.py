@@ -48,6 +48,10 @@ GZIP_LEVEL = 1
 STAT_NAMES = ("m", "L", "r", "J")
 BRANCHES = ("cond", "uncond")
 QKV_DTYPES = ("float16", "float32")
+# storage dtypes of the maps (m, L, r, J, scores), the default first: root attribute
+# `map_dtype`; files written before it existed hold float32 maps
+MAP_DTYPES = ("float32", "float16")
+MAP_NAMES = (*STAT_NAMES, "scores")
 # Bounds a crafted file cannot exceed: reading more tokens than any video DiT has, or indices
 # beyond what an int64 attribute round-trips, would only allocate memory for an attack.
 MAX_TOKENS = 1 << 24
@@ -104,16 +108,19 @@ def step_key(step: int) -> str:
     return f"step_{step:04d}"
 
 
-# the dtype and fill value of each per-step dataset (maps default to float32, NaN = unwritten)
+# the dtype and fill value of each per-step dataset besides the maps and Q/K/V (NaN = unwritten)
 _DTYPES = {"footprint": ("float16", np.nan), "footprint_block": ("int32", -1), "W_q": ("float64", np.nan),
            "W_k": ("float64", np.nan), "dfsattn_mask": ("uint8", 255)}
 
 
-def dataset_dtype(name: str, qkv_dtype: str) -> tuple[np.dtype, float | int]:
-    """(dtype, fill value) of per-step dataset ``name``; Q/K/V are stored as ``qkv_dtype``."""
+def dataset_dtype(name: str, layout: "StoreLayout") -> tuple[np.dtype, float | int]:
+    """(dtype, fill value) of per-step dataset ``name``: maps (m, L, r, J, scores) are stored
+    as ``layout.map_dtype``, Q/K/V as ``layout.qkv_dtype``."""
     if name in ("q", "k", "v"):
-        return np.dtype(qkv_dtype), np.nan
-    dtype, fill = _DTYPES.get(name, ("float32", np.nan))
+        return np.dtype(layout.qkv_dtype), np.nan
+    if name in MAP_NAMES:
+        return np.dtype(layout.map_dtype), np.nan
+    dtype, fill = _DTYPES[name]
     return np.dtype(dtype), fill
 
 
@@ -157,6 +164,8 @@ class StoreLayout:
         qkv_layers: layers whose Q/K/V are stored (subset of ``layers``).
         head_dim: D.
         qkv_dtype: numpy dtype name of stored Q/K/V ("float16" or "float32").
+        map_dtype: numpy dtype name of stored m, L, r, J and scores ("float32" or "float16";
+            the reader returns float32 either way).
         qkv_steps: steps at which Q/K/V are stored (subset of ``steps``); None = every step.
         dfsattn_order: the token order of the masks DFSAttn used (``dfsviz.record`` of a
             pipeline with ``apply_dfsattn`` active: every step holds ``dfsattn_mask``, in the
@@ -176,6 +185,7 @@ class StoreLayout:
     qkv_layers: tuple[int, ...] = ()
     head_dim: int = 64
     qkv_dtype: str = "float32"
+    map_dtype: str = "float32"
     qkv_steps: tuple[int, ...] | None = None
     dfsattn_order: str | None = None
 
@@ -187,6 +197,8 @@ class StoreLayout:
             raise ValueError(f"`qkv_layers` {missing} are not captured layers {list(self.layers)}")
         if self.qkv_dtype not in ("float16", "float32"):
             raise ValueError(f"`qkv_dtype` must be 'float16' or 'float32' (got {self.qkv_dtype!r})")
+        if self.map_dtype not in MAP_DTYPES:
+            raise ValueError(f"`map_dtype` must be one of {list(MAP_DTYPES)} (got {self.map_dtype!r})")
         if self.qkv_steps is None:
             object.__setattr__(self, "qkv_steps", tuple(self.steps))
         extra = sorted(set(self.qkv_steps) - set(self.steps))
@@ -243,13 +255,8 @@ class StoreLayout:
 
     def bytes_per_step(self, step: int) -> int:
         """Uncompressed bytes of one step's datasets (an upper bound of the file growth)."""
-        itemsize = {"footprint": 2, "footprint_block": 4, "W_q": 8, "W_k": 8, "q": 0, "k": 0, "v": 0, "dfsattn_mask": 1}
-        qkv = 2 if self.qkv_dtype == "float16" else 4
-        total = 0
-        for name in self.datasets(step):
-            size = itemsize.get(name, 4) or qkv
-            total += int(np.prod(self.shape(name), dtype=np.int64)) * size
-        return total
+        return sum(int(np.prod(self.shape(name), dtype=np.int64)) * dataset_dtype(name, self)[0].itemsize
+                   for name in self.datasets(step))
 
     def total_bytes(self) -> int:
         """Uncompressed bytes of all captured steps (an upper bound of the file size)."""
@@ -278,6 +285,7 @@ class StoreLayout:
             "qkv_layers": np.asarray(self.qkv_layers, dtype=np.int64),
             "head_dim": self.head_dim,
             "qkv_dtype": self.qkv_dtype,
+            "map_dtype": self.map_dtype,
             "qkv_steps": np.asarray(self.qkv_steps, dtype=np.int64),
             "dfsattn_order": self.dfsattn_order or "",
         }
@@ -326,6 +334,8 @@ class StoreLayout:
                 qkv_layers=read.ints("qkv_layers", allow_empty=True),
                 head_dim=read.int("head_dim", 1),
                 qkv_dtype=read.choice("qkv_dtype", QKV_DTYPES),
+                # files written before `map_dtype` existed hold float32 maps
+                map_dtype=read.choice("map_dtype", MAP_DTYPES) if "map_dtype" in attrs else "float32",
                 # Files written before `qkv_steps` existed stored Q/K/V at every step.
                 qkv_steps=qkv_steps,
                 dfsattn_order=dfsattn or None,

@@ -239,7 +239,7 @@ def check_structure(f, path: Path, layout: StoreLayout) -> None:
         prefix = f"{STEP_GROUP}/{step_key(step)}"
         names = layout.datasets(step)
         for name in names:
-            dtype, _ = dataset_dtype(name, layout.qkv_dtype)
+            dtype, _ = dataset_dtype(name, layout)
             _check_dataset(f, f"{prefix}/{name}", dtype, layout.shape(name), DIMS[name])
             dset = group[name]
             if dset.chunks is not None:  # maps: one chunk each, every one written before `complete`
@@ -266,10 +266,23 @@ def _nonfinite(array: np.ndarray) -> str | None:
     return None
 
 
+def row_sum_tolerance(dtype: np.dtype, num_blocks: int) -> float:
+    """How far a stored block-mass row may sum from 1: ROW_SUM_TOL for float32 maps (stored as
+    computed); a float16 map adds its rounding: at most half an ulp relative (eps / 2) of each
+    normal entry, so eps / 2 of the row's sum of 1, plus half the smallest subnormal for each of
+    the ``num_blocks`` entries below the normal range."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return ROW_SUM_TOL
+    info = np.finfo(dtype)
+    return ROW_SUM_TOL + float(info.eps) / 2 + num_blocks * float(info.smallest_subnormal) / 2
+
+
 def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
     """What is wrong with one map of dataset ``name`` (one head), or None.
 
-    ``array`` is what the writer stores: float [Mq, Mk] for m, L, r, J and scores, float16
+    ``array`` is what the writer stores: float32 or float16 [Mq, Mk] for m, L, r, J and scores
+    (the row sums of m are checked within :func:`row_sum_tolerance` of its dtype), float16
     [K, N] for footprint, int32 [K] for footprint_block, [N, D] for q, k, v, a float for W,
     uint8 [Mq, Mk] for dfsattn_mask.
     """
@@ -296,7 +309,7 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
     if name == "m":
         rows = array.sum(axis=-1, dtype=np.float64)
         worst = int(np.abs(rows - 1.0).argmax())
-        if abs(rows[worst] - 1.0) > ROW_SUM_TOL:
+        if abs(rows[worst] - 1.0) > row_sum_tolerance(array.dtype, num_blocks):
             return f"rows do not sum to 1 (query block {worst}: {rows[worst]:.6g})"
     return None
 

@@ -17,7 +17,9 @@ chunk):
         layer, branch, order, method, head, q_block, k_block, sample, token, qkv_layer, dim
                               dimension scales (coordinates) of the datasets below
         m, L, r, J            float32 [layer, branch, order, head, q_block, k_block]
+                              (float16 with the root attribute map_dtype = "float16")
         scores                float32 [layer, branch, order, method, head, q_block, k_block]
+                              (as m)
         W_q, W_k              float64 [layer, branch, order, head]
         footprint_block       int32 [layer, branch, order, head, sample]
         footprint             float16 [layer, branch, order, head, sample, token]
@@ -88,6 +90,7 @@ from dfsviz.capture.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     GZIP_LEVEL,
+    MAP_NAMES,
     STAT_NAMES,
     STEP_GROUP,
     UNITS,
@@ -157,12 +160,13 @@ class _WriteFailed(Exception):
 class _ChunkPool:
     """Check maps, compress them on worker threads (zlib releases the GIL), write them as raw chunks."""
 
-    def __init__(self, workers: int, num_blocks: int, describe, max_pending: int = 256) -> None:
+    def __init__(self, workers: int, num_blocks: int, map_dtype: str, describe, max_pending: int = 256) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dfsviz-h5")
         self._slots = threading.BoundedSemaphore(max_pending)
         self._lock = threading.Lock()
         self._futures: list[Future] = []
         self._num_blocks = num_blocks
+        self._map_dtype = np.dtype(map_dtype)  # m, L, r, J and scores arrive float32 and are stored as this
         self._describe = describe  # (dataset name, chunk offset) -> "step 3, layer 1, ..." for errors
 
     @staticmethod
@@ -178,6 +182,8 @@ class _ChunkPool:
         try:
             if ready is not None:
                 ready.synchronize()  # the GPU -> host copy behind `array` has landed
+            if name in MAP_NAMES and array.dtype != self._map_dtype:
+                array = self._narrow(name, offset, array)
             problem = map_problem(name, array, self._num_blocks)
             if problem is not None:
                 raise ValueError(
@@ -192,6 +198,17 @@ class _ChunkPool:
                     raise _WriteFailed() from exc
         finally:
             self._slots.release()
+
+    def _narrow(self, name: str, offset: tuple[int, ...], array: np.ndarray) -> np.ndarray:
+        """``array`` rounded to the map dtype; refused when it holds values beyond that dtype's range."""
+        largest = float(np.finfo(self._map_dtype).max)
+        peak = float(np.abs(array).max(initial=0.0))  # NaN propagates: map_problem names it below
+        if peak > largest and np.isfinite(peak):
+            raise ValueError(
+                f"{self._describe(name, offset)}: {name} has values beyond the {self._map_dtype} range (max |x| = "
+                f"{peak:.4g} > {largest:.0f}); nothing of this step was kept. Capture again with --map-dtype float32"
+            )
+        return array.astype(self._map_dtype)
 
     def submit(
         self, dset, name: str, offset: tuple[int, ...], array: np.ndarray, ready: torch.cuda.Event | None = None
@@ -234,7 +251,8 @@ class CaptureWriter:
         self.path = path
         self.layout = layout
         self._lock = lock
-        self._pool = _ChunkPool(workers or min(16, os.cpu_count() or 1), layout.num_blocks, self._describe)
+        self._pool = _ChunkPool(workers or min(16, os.cpu_count() or 1), layout.num_blocks, layout.map_dtype,
+                                self._describe)
         self._group = None
         self._step: int | None = None
         self._small: dict[str, np.ndarray] = {}
@@ -572,7 +590,7 @@ class CaptureWriter:
             scales[dim] = ds
         for name in lay.datasets(step):
             shape = lay.shape(name)
-            dtype, fill = dataset_dtype(name, lay.qkv_dtype)
+            dtype, fill = dataset_dtype(name, lay)
             if name in ("W_q", "W_k", "footprint_block"):
                 ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill)
             else:

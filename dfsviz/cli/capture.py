@@ -10,7 +10,7 @@ import re
 import click
 
 from dfsviz.capture.file_safety import format_bytes
-from dfsviz.capture.schema import MAX_INDEX
+from dfsviz.capture.schema import MAP_DTYPES, MAX_INDEX
 from dfsviz.cli import fail_cleanly, main, parse_names
 from dfsviz.sparse.orders import order_names
 from dfsviz.sparse.scoring import scorer_names
@@ -122,6 +122,10 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
     "--qkv-dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto", show_default=True,
     help="Storage dtype of --save-qkv tensors (auto: float16 for float16 models, else float32).",
 )
+@click.option(
+    "--map-dtype", type=click.Choice(MAP_DTYPES), default=MAP_DTYPES[0], show_default=True,
+    help="Storage dtype of the maps m, L, r, J and scores (float16 halves the maps; values beyond 65504 are refused).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
@@ -191,6 +195,7 @@ def capture_command(**opts) -> None:
         save_qkv=parse_int_list(opts["save_qkv"], "--save-qkv") or (),
         qkv_steps=parse_int_list(opts["qkv_steps"], "--qkv-steps"),
         qkv_dtype=opts["qkv_dtype"],
+        map_dtype=opts["map_dtype"],
         device=opts["device"],
         dtype=opts["dtype"],
         overwrite=opts["overwrite"],

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import torch
 from click.testing import CliRunner
 
 import dfsviz.cli.capture  # noqa: F401  (registers the command on the group)
@@ -153,3 +154,34 @@ def test_every_capture_setting_has_an_option_with_its_default():
         if field.default is dataclasses.MISSING or field.name in ("prompt", "seed", "text_first"):
             continue  # required (--out), or None on the command line for "not given"
         assert default == field.default, (field.name, default, field.default)
+
+
+def test_help_lists_map_dtype():
+    output = _invoke("capture", "--help").output
+    assert "--map-dtype [float32|float16]" in output and "float16 halves the maps" in output
+
+
+def test_float16_capture_holds_the_float32_capture_rounded(tmp_path, model_dirs):
+    """The tiny Wan captured with --map-dtype float32 and float16: the float16 file's maps are
+    the float32 file's rounded to float16, and it validates."""
+    from dfsviz.capture.reader import CaptureReader
+
+    paths = {}
+    for dtype in ("float32", "float16"):
+        paths[dtype] = tmp_path / f"{dtype}.h5"
+        result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(paths[dtype]), "--num-steps", "2",
+                         "--map-dtype", dtype, "--quiet", *TINY)
+        assert result.exit_code == 0, result.output
+    with CaptureReader(paths["float32"]) as full, CaptureReader(paths["float16"]) as half:
+        assert half.validate() == [] and half.layout.map_dtype == "float16"
+        assert json.loads(half.attrs["capture_config"])["map_dtype"] == "float16"
+        assert half.steps == full.steps == [0, 1]
+        for step in half.steps:
+            for layer in half.layers:
+                for order in half.orders:
+                    want, got = full.block_stats(step, layer, order), half.block_stats(step, layer, order)
+                    for name in ("m", "L", "r", "J"):
+                        assert torch.equal(getattr(got, name), getattr(want, name).half().float()), (step, layer, order, name)
+                    for method in half.methods:
+                        assert torch.equal(half.scores(step, layer, order, method),
+                                           full.scores(step, layer, order, method).half().float())

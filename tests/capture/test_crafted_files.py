@@ -145,6 +145,7 @@ def test_missing_root_attribute(copy, name):
         ("steps", np.array([2, 0]), r"root attribute 'steps' must be ascending"),
         ("capture_config", "{not json", r"root attribute 'capture_config' is not a JSON object"),
         ("qkv_dtype", "int8", r"root attribute 'qkv_dtype' must be one of"),
+        ("map_dtype", "bfloat16", r"root attribute 'map_dtype' must be one of \['float32', 'float16'\] \(got 'bfloat16'\)"),
         ("text_first", "yes", r"root attribute 'text_first' must be a bool"),
     ],
 )

@@ -366,3 +366,75 @@ def test_reader_tells_a_locked_file_from_a_damaged_one(tmp_path):
         holder.wait(timeout=30)
     with CaptureReader(path) as reader:  # readable again once the writer is gone
         assert reader.steps == []
+
+
+# ----------------------------------------------------------------------------------------
+# float16 maps (map_dtype)
+# ----------------------------------------------------------------------------------------
+def test_float16_maps_round_trip_to_the_float32_values_rounded(tmp_path):
+    """The same maps written as float32 and as float16: the float16 file reads back (as float32
+    tensors) the float32 file's maps rounded to float16, and validates."""
+    paths = {dtype: tmp_path / f"{dtype}.h5" for dtype in ("float32", "float16")}
+    for dtype, path in paths.items():
+        with _create(path, _layout(map_dtype=dtype)) as writer:
+            for step in (0, 5):
+                _write_step(writer, step, torch.Generator().manual_seed(11 + step))
+            writer.finish()
+    with CaptureReader(paths["float32"]) as full, CaptureReader(paths["float16"]) as half:
+        assert half.validate() == [] and half.layout.map_dtype == "float16" and full.layout.map_dtype == "float32"
+        assert half.attrs["map_dtype"] == "float16"
+        for name in ("m", "L", "r", "J", "scores"):
+            assert half._f["steps"][step_key(0)][name].dtype == np.float16
+        for step in (0, 5):
+            for layer in (3, 7):
+                for order in ("raster", "hilbert3d"):
+                    want, got = full.block_stats(step, layer, order), half.block_stats(step, layer, order)
+                    for name in ("m", "L", "r", "J"):
+                        assert getattr(got, name).dtype == torch.float32
+                        assert torch.equal(getattr(got, name), getattr(want, name).half().float())
+                    for method in ("meanpool", "dfs_tile"):
+                        scores = half.scores(step, layer, order, method)
+                        assert scores.dtype == torch.float32
+                        assert torch.equal(scores, full.scores(step, layer, order, method).half().float())
+
+
+def test_float16_map_beyond_the_range_is_refused_and_the_step_not_kept(tmp_path):
+    gen = torch.Generator().manual_seed(12)
+    path = tmp_path / "big.h5"
+    with _create(path, _layout(map_dtype="float16")) as writer:
+        _write_step(writer, 0, gen)
+        writer.begin_step(5)
+        _write_the_rest(writer, gen)
+        stats = _random_maps(gen)
+        stats["L"] = stats["L"] * 1e5  # logits beyond +-65504
+        writer.write_maps(7, "cond", "hilbert3d", stats, {m: torch.randn(2, 3, 3, generator=gen) for m in ("meanpool", "dfs_tile")},
+                          torch.rand(2, generator=gen, dtype=torch.float64), torch.rand(2, generator=gen, dtype=torch.float64))
+        with pytest.raises(ValueError, match=r"^step 5, layer 7, .*order hilbert3d, head \d: L has values beyond the float16 "
+                                             r"range \(max \|x\| = [0-9.e+]+ > 65504\); nothing of this step was kept\. "
+                                             r"Capture again with --map-dtype float32$"):
+            writer.end_step()
+    with CaptureReader(path) as reader:
+        assert reader.steps == [0] and reader.validate() == []
+
+
+def test_a_file_without_map_dtype_reads_as_float32(tmp_path):
+    path = tmp_path / "old.h5"
+    with _create(path) as writer:
+        expected = _write_step(writer, 0, torch.Generator().manual_seed(13))
+    with h5py.File(path, "r+") as f:
+        assert f.attrs["map_dtype"] == "float32"
+        del f.attrs["map_dtype"]  # as files of dfsviz before map_dtype
+    with CaptureReader(path) as reader:
+        assert reader.layout.map_dtype == "float32" and reader.validate() == []
+        assert torch.equal(reader.block_mass(0, 3, "raster")[0], expected[(3, "raster")][0]["m"])
+
+
+def test_map_dtype_must_be_float32_or_float16():
+    with pytest.raises(ValueError, match=r"`map_dtype` must be one of \['float32', 'float16'\] \(got 'bfloat16'\)"):
+        _layout(map_dtype="bfloat16")
+
+
+def test_float16_halves_the_maps_bytes_per_step():
+    full, half = _layout(), _layout(map_dtype="float16")
+    maps = sum(int(np.prod(full.shape(n))) for n in ("m", "L", "r", "J", "scores"))
+    assert full.bytes_per_step(0) - half.bytes_per_step(0) == maps * 2
