@@ -391,6 +391,7 @@ class CaptureReader:
             footprints=lay.footprints,
             qkv_layers=list(lay.qkv_layers),
             qkv_steps=list(lay.qkv_steps) if lay.qkv_layers else [],
+            map_dtype=lay.map_dtype,
             dfsattn=self.attrs.get("dfsattn") if lay.dfsattn_order else None,
             file_bytes=self.path.stat().st_size,
             planned_bytes_uncompressed=lay.total_bytes(),

@@ -174,6 +174,7 @@ def test_float16_capture_holds_the_float32_capture_rounded(tmp_path, model_dirs)
         assert result.exit_code == 0, result.output
     with CaptureReader(paths["float32"]) as full, CaptureReader(paths["float16"]) as half:
         assert half.validate() == [] and half.layout.map_dtype == "float16"
+        assert half.summary()["map_dtype"] == "float16" and full.summary()["map_dtype"] == "float32"  # dfsviz inspect
         assert json.loads(half.attrs["capture_config"])["map_dtype"] == "float16"
         assert half.steps == full.steps == [0, 1]
         for step in half.steps:
