@@ -246,12 +246,8 @@ class CaptureReader:
         oi = self._pos(order, self.orders, "order")
         bi = self._pos(branch, self.branches, "branch")
         hsel, _ = self._heads(head)
-        if method is None:
-            data = g[name][li, bi, oi][hsel]
-        else:
-            mi = self._pos(method, self.methods, "method")
-            data = g[name][li, bi, oi, mi][hsel]
-        return torch.from_numpy(np.asarray(data, dtype=np.float32))  # float16 maps read as float32
+        lead = (li, bi, oi) if method is None else (li, bi, oi, self._pos(method, self.methods, "method"))
+        return torch.from_numpy(np.asarray(_read_heads(g[name], lead, hsel), dtype=np.float32))  # float16 maps as float32
 
     # -- typed accessors ---------------------------------------------------------------------
     def block_stats(self, step: int, layer: int, order: str, head=None, branch: str = "cond") -> StoredStats:
@@ -314,7 +310,7 @@ class CaptureReader:
         li = self.layout.qkv_layers.index(layer)
         bi = self._pos(branch, self.branches, "branch")
         hsel, _ = self._heads(head)
-        return tuple(torch.from_numpy(np.asarray(g[n][li, bi][hsel]))[None] for n in ("q", "k", "v"))
+        return tuple(torch.from_numpy(np.asarray(_read_heads(g[n], (li, bi), hsel)))[None] for n in ("q", "k", "v"))
 
     @property
     def dfsattn_order(self) -> str | None:
@@ -333,7 +329,7 @@ class CaptureReader:
         li = self._pos(layer, self.layers, "layer")
         bi = self._pos(branch, self.branches, "branch")
         hsel, _ = self._heads(head)
-        return torch.from_numpy(np.asarray(g["dfsattn_mask"][li, bi][hsel]).astype(bool))[None]
+        return torch.from_numpy(np.asarray(_read_heads(g["dfsattn_mask"], (li, bi), hsel)).astype(bool))[None]
 
     def video(self) -> CaptureVideo | None:
         """The run's decoded clip, or None for a capture without one (older files, a run
@@ -424,6 +420,16 @@ class CaptureReader:
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"incomplete ({len(self.steps)}/{len(self.layout.steps)} steps)"
         return f"{type(self).__name__}({str(self.path)!r}, {self.grid.name}, {state})"
+
+
+def _read_heads(dset, lead: tuple[int, ...], heads: list[int] | slice) -> np.ndarray:
+    """``dset[lead][heads]``, reading only the chunks (one map each) of the heads asked for:
+    h5py takes a list of increasing, distinct indices; any other list is read so and reordered."""
+    if isinstance(heads, slice):
+        return dset[(*lead, heads)]
+    wanted = sorted(set(heads))
+    data = dset[(*lead, wanted)]
+    return data if wanted == heads else data[[wanted.index(h) for h in heads]]
 
 
 def open_capture(path: str | os.PathLike) -> CaptureReader:

@@ -438,3 +438,20 @@ def test_float16_halves_the_maps_bytes_per_step():
     full, half = _layout(), _layout(map_dtype="float16")
     maps = sum(int(np.prod(full.shape(n))) for n in ("m", "L", "r", "J", "scores"))
     assert full.bytes_per_step(0) - half.bytes_per_step(0) == maps * 2
+
+
+def test_heads_in_any_order_read_as_asked(tmp_path):
+    """A head list reads only those heads' maps, in the order asked (repeats too), as the full read
+    selects them."""
+    gen = torch.Generator().manual_seed(4)
+    path = tmp_path / "c.h5"
+    with _create(path) as writer:
+        _write_step(writer, 0, gen)
+    with CaptureReader(path) as reader:
+        full = reader.block_mass(0, 7, "hilbert3d")[0]  # heads [0, 2]
+        for heads, rows in (([2, 0], [1, 0]), ([2], [1]), ([0, 2, 2], [0, 1, 1])):
+            assert torch.equal(reader.block_mass(0, 7, "hilbert3d", head=heads)[0], full[rows])
+            assert torch.equal(reader.scores(0, 7, "hilbert3d", "dfs_tile", head=heads)[0],
+                               reader.scores(0, 7, "hilbert3d", "dfs_tile")[0][rows])
+        q = reader.qkv(0, reader.layout.qkv_layers[0])[0][0]
+        assert torch.equal(reader.qkv(0, reader.layout.qkv_layers[0], head=[2, 0])[0][0], q[[1, 0]])
