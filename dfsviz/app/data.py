@@ -8,7 +8,8 @@ A :class:`CaptureCatalog` serves the capture files under one or more root folder
   however many requests ask at once, and a file that fails it is never read for a view;
 * it refuses any path that does not resolve (symlinks followed) to a file inside a root,
   so a crafted URL (``?file=../../etc/passwd``) reads nothing;
-* it opens files read-only through :class:`dfsviz.capture.reader.CaptureReader`, keeps an
+* it opens files read-only as :class:`dfsviz.analysis.measured_capture.MeasuredCapture` (what
+  ``dfsviz.open`` returns: the storage reader plus its measured masks), keeps an
   LRU of open readers, and memoises map reads (an LRU bounded in bytes) keyed by the file's
   path, size and mtime, so a rewritten file is never served stale;
 * it memoises calibrations (:meth:`CaptureCatalog.calibration`) per file version and settings;
@@ -27,7 +28,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,6 +107,8 @@ class _LRU:
             return sum(_LRU._nbytes(v) for v in value)
         if isinstance(value, dict):
             return sum(_LRU._nbytes(v) for v in value.values())
+        if is_dataclass(value) and not isinstance(value, type):  # StoredStats, BlockMask: their tensors
+            return sum(_LRU._nbytes(getattr(value, f.name)) for f in fields(value))
         if isinstance(value, (str, bytes)):
             return len(value)
         return 64
@@ -251,11 +254,11 @@ class CaptureCatalog:
     # -- readers ---------------------------------------------------------------------------
     def _open(self, capture_id: str, path: Path, stamp: tuple):
         """The cached open reader of one file version; CaptureError when it cannot be opened."""
-        from dfsviz.capture.reader import CaptureReader
+        from dfsviz.analysis.measured_capture import MeasuredCapture
 
         def open_reader():
             try:
-                return CaptureReader(path)
+                return MeasuredCapture(path)
             except (ValueError, OSError, KeyError) as exc:
                 raise CaptureError(self.hide_paths(f"cannot open {capture_id!r}: {exc}")) from None
 
@@ -271,7 +274,7 @@ class CaptureCatalog:
         return stamp, self._open(capture_id, path, stamp)
 
     def reader(self, capture_id: str):
-        """The cached open :class:`~dfsviz.capture.reader.CaptureReader` of ``capture_id``.
+        """The cached open :class:`~dfsviz.analysis.measured_capture.MeasuredCapture` of ``capture_id``.
 
         Raises CaptureError for an id that is refused, a file that cannot be opened and a
         file that is not usable (see :meth:`entry`).

@@ -250,3 +250,23 @@ def test_figure_csv_holds_heatmap_cells_and_points():
     assert cells == {(x, str(y)): z[i, j] for i, y in enumerate([10, 20]) for j, x in enumerate("abc")}
     assert [r[1:3] for r in rows if r[0] == "line"] == [["0.1", "1.0"], ["0.2", "2.0"]]
     assert not any(r[0] == "outline" for r in rows)
+
+
+def test_the_map_cache_counts_the_tensors_inside_stored_stats_and_masks():
+    """The byte bound of the catalog's LRU sees the tensors a StoredStats or a BlockMask holds
+    (they were counted as 64 bytes each, so the bound let them pile up)."""
+    import torch
+
+    from dfsviz.app.data import _LRU
+    from dfsviz.capture.reader import StoredStats
+    from dfsviz.sparse.masks import BlockMask
+
+    maps = {n: torch.rand(1, 2, 8, 8).softmax(-1) if n == "m" else torch.rand(1, 2, 8, 8) for n in "mLrJ"}
+    stats = StoredStats(**maps, block=16, seq_len=128, heads=(0, 1))
+    mask = BlockMask.full(1, 2, 128, 16)
+    assert _LRU._nbytes(stats) >= 4 * 2 * 8 * 8 * 4
+    assert _LRU._nbytes(mask) == mask.kv_num_blocks.nbytes + mask.kv_indices.nbytes + 2 * 64
+    lru = _LRU(max_items=100, max_bytes=_LRU._nbytes(stats) + 100)
+    for i in range(3):
+        lru.get_or_compute(i, lambda: stats)
+    assert len(lru._data) == 1  # only the latest fits the bound

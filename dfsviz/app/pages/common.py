@@ -162,13 +162,8 @@ def dfsattn_mask(cid: str, step: int, layer: int, head: int | None = None, branc
     """The mask DFSAttn attended at (step, layer) of capture ``cid`` (a recording with
     ``apply_dfsattn`` active), BlockMask [1, Hs, Mq, Mk] in the blocks of its ``dfsattn_order``;
     the stored mask is read once per file version (``CaptureCatalog.cached``)."""
-    from dfsviz.sparse.masks import BlockMask
-
-    catalog = get_catalog()
-    reader = catalog.reader(cid)
-    kept = catalog.cached(cid, ("dfsattn_kept", step, layer, head, branch),
-                          lambda r: r.dfsattn_kept(step, layer, head, branch))
-    return BlockMask.from_dense(kept, reader.grid.num_tokens, reader.block)
+    return get_catalog().cached(cid, ("dfsattn_mask", step, layer, head, branch),
+                                lambda r: r.dfsattn_mask(step, layer, head, branch))
 
 
 def figure_card(name: str, height: int = 440, figure=None, terms: Sequence[str] = ()) -> html.Div:
