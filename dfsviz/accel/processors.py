@@ -159,13 +159,13 @@ class _DFSProcessorBase:
         n = q.shape[2]
         if ctx.plan.dense:  # fp8_dense warm-up: every block kept; nothing scored, cached or recorded
             full = BlockMask.full(q.shape[0], q.shape[1], n, cfg.block, device=q.device)
-            self._observe(q, k, v, scale, full, None, refresh=False)
+            self._observe(q, k, v, scale, full, grid, ordered=False, refresh=False)
             return block_sparse_attention(q, k, v, full, scale=scale, precision="fp8", backend=cfg.backend)
         # Permute-once ordered the whole sequence with the full grid's order; text keeps its
         # place in every order, so the real prefix of the ordered sequence is ordered too.
         order = None if ctx.ordered else make_order(cfg.order, grid)
         mask, refreshed, entry = self._mask(q, k, ctx, grid, order, scale)
-        self._observe(q, k, v, scale, mask, make_order(cfg.order, grid) if ctx.ordered else None, refreshed)
+        self._observe(q, k, v, scale, mask, grid, ctx.ordered, refreshed)
         record = {
             "call": ctx.call, "step": ctx.step, "branch": ctx.branch, "transformer": ctx.transformer, "layer": self.layer,
             "gamma": ctx.plan.gamma if self.gammas is None else self.gammas, "refresh": refreshed,
@@ -181,13 +181,15 @@ class _DFSProcessorBase:
         return block_sparse_attention(q, k, v, mask, order=order, scale=scale, precision=self.precision,
                                       backend=cfg.backend)
 
-    def _observe(self, q, k, v, scale, mask: BlockMask, ordered_by: TokenOrder | None, refresh: bool) -> None:
+    def _observe(self, q, k, v, scale, mask: BlockMask, grid: LatentGrid, ordered: bool, refresh: bool) -> None:
         """Hand the call to the state's observers, q, k, v in the call's own token order
-        (``ordered_by``: the order permute-once put them in, undone here)."""
+        (``ordered``: permute-once put them in the config's order of ``grid``, undone here).
+        Without observers nothing is computed."""
         if not self.state.observers:
             return
-        if ordered_by is not None:
-            q, k, v = (ordered_by.restore(x) for x in (q, k, v))
+        if ordered:
+            order = make_order(self.config.order, grid)
+            q, k, v = (order.restore(x) for x in (q, k, v))
         first_head = 0 if self.heads is None else self.heads.start
         call = SparseCall(self.layer, q, k, v, scale, mask, self.config.order, refresh, first_head)
         for observer in self.state.observers:
