@@ -265,10 +265,14 @@ def sdpa_backend(name: str):
 
 def run_model(name: str, device: torch.device, reps: int, modes: list[str], backend: str | None, seed: int,
               dense_backends: list[str], quality: bool, precisions: list[str] = ("native",),
-              units: int | None = None) -> dict:
+              units: int | None = None, prepare=None) -> dict:
+    """``prepare(model)``, when given, runs on the built model before anything is timed (e.g.
+    ``bench_multigpu.py`` enables diffusers' Ulysses attention there)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     model, inputs = build(name, device, dtype, seed, units)
+    if prepare is not None:
+        prepare(model)
     log.info("%s built in %.1f s", name, time.perf_counter() - t0)
     family, cfg, latent, text_len = MODELS[name]
     grid = (latent[1], latent[2] // 2, latent[3] // 2)

@@ -25,7 +25,6 @@ DFSAttn Ulysses against dense Ulysses on P GPUs (target >= 1.9x at 2 GPUs), and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -46,30 +45,24 @@ TARGETS = {"dfsattn_scaling_2gpu": 1.8, "dfsattn_vs_dense_2gpu": 1.9}
 MODE = "per_call"
 
 
-@contextlib.contextmanager
 def ulysses(world: int):
-    """``bench_e2e.run_model`` builds its models with diffusers' Ulysses attention over ``world`` ranks."""
+    """The ``prepare`` of ``bench_e2e.run_model`` that enables diffusers' Ulysses attention over
+    ``world`` ranks on the built model."""
     import diffusers
 
-    build = bench_e2e.build
-
-    def parallel_build(*args, **kwargs):
-        model, inputs = build(*args, **kwargs)
+    def prepare(model):
         model.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=world))
-        return model, inputs
 
-    bench_e2e.build = parallel_build
-    try:
-        yield
-    finally:
-        bench_e2e.build = build
+    return prepare
 
 
-def measure(name: str, device: torch.device, reps: int, backend: str | None, seed: int, quick: bool) -> dict:
-    """``bench_e2e.run_model`` of ``name`` (per call, cuDNN dense, native precision, no quality);
-    with ``quick`` two shallow runs composed to the full depth."""
+def measure(name: str, device: torch.device, reps: int, backend: str | None, seed: int, quick: bool,
+            prepare=None) -> dict:
+    """``bench_e2e.run_model`` of ``name`` (per call, cuDNN dense, native precision, no quality),
+    each model ``prepare``d first; with ``quick`` two shallow runs composed to the full depth."""
     def run(units=None):
-        return bench_e2e.run_model(name, device, reps, [MODE], backend, seed, ["cudnn"], False, ["native"], units)
+        return bench_e2e.run_model(name, device, reps, [MODE], backend, seed, ["cudnn"], False, ["native"], units,
+                                   prepare)
 
     if not quick:
         return run()
@@ -145,8 +138,8 @@ def main(argv=None) -> int:
             entry["1_gpu"] = measure(name, device, args.reps, args.backend, args.seed, args.quick)
         if world > 1:
             dist.barrier()
-            with ulysses(world):
-                entry[f"{world}_gpu"] = measure(name, device, args.reps, args.backend, args.seed, args.quick)
+            entry[f"{world}_gpu"] = measure(name, device, args.reps, args.backend, args.seed, args.quick,
+                                            ulysses(world))
             if "1_gpu" in entry:
                 entry["scaling"] = scaling(entry["1_gpu"], entry[f"{world}_gpu"], world)
         result["models"][name] = entry
