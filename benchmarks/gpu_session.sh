@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of the kernels, on one H200: the correctness suite on every
-# kernel path, the kernel benchmarks on a reduced shape set, and the quick end-to-end measurement.
+# kernel path, the kernel benchmarks on a reduced shape set, and the quick end-to-end measurement;
+# and the medium embedded model's shipped sample capture, frame strips and claims report.
 # Each part writes its JSON to benchmarks/results/ and logs to $OUT (or benchmarks/results/) on
 # its own: a failing or timed-out part does not stop the next. Needs torch, triton, diffusers and
 # pytest. Measured on one H200: check_gpu takes over 5 minutes on a fresh machine (Triton compiles
@@ -10,6 +11,7 @@
 #     bash benchmarks/gpu_session.sh check_gpu          # from the repository root
 #     bash benchmarks/gpu_session.sh bench_kernels
 #     bash benchmarks/gpu_session.sh bench_e2e
+#     bash benchmarks/gpu_session.sh medium_sample medium_strips medium_claims   # one call, about 8 minutes
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0
@@ -36,5 +38,21 @@ want check_gpu && part check_gpu 560 python3 benchmarks/check_gpu.py --out "$res
 want bench_kernels && part bench_kernels 300 python3 benchmarks/bench_kernels.py --quick --out "$results/kernels_quick_$card.json"
 want bench_e2e && part bench_e2e 560 python3 benchmarks/bench_e2e.py --quick --models 14b-720p,hunyuan-720p \
   --precisions native,fp8 --out "$results/e2e_quick_$card.json"
-cp "$results"/check_gpu_"$card".json "$results"/kernels_quick_"$card".json "$results"/e2e_quick_"$card".json "$logs"/ 2>/dev/null
+# The medium model's sample: one layer, all heads, three steps of the 20, float16 maps, dfs_tile scores
+# (about 12 MB: what the repository can hold); strips: docs/img/embedded_medium-wan_<class>.png.
+want medium_sample && part medium_sample 240 python3 -m dfsviz capture --model dfsviz-embedded:medium --layers 3 \
+  --capture-steps 0,10,19 --methods dfs_tile --map-dtype float16 --overwrite --out "$logs/medium-wan-sample.h5"
+want medium_strips && part medium_strips 240 bash -c "python3 -m dfsviz.models.sampler --model dfsviz/data/models/medium-wan \
+  --out-dir /tmp/medium_strips && tar -cf '$logs/medium_strips.tar' -C /tmp/medium_strips ."
+want medium_claims && part medium_claims 420 bash -c "python3 -m dfsviz capture --model dfsviz-embedded:medium --orders all \
+  --layers 1,3,5,7 --capture-steps 0,5,10,15,19 --save-qkv 3 --qkv-steps 10 --overwrite --out /tmp/medium_all.h5 && \
+  python3 benchmarks/claims.py --model medium --capture /tmp/medium_all.h5 --sample '$logs/medium-wan-sample.h5' \
+  --out '$results/claims_medium.json'"
+# Beside the logs, the results of the parts that ran (the device tool brings back at most 8 files).
+if [ "$logs" != "$results" ]; then
+  want check_gpu && cp "$results/check_gpu_$card.json" "$logs"/
+  want bench_kernels && cp "$results/kernels_quick_$card.json" "$logs"/
+  want bench_e2e && cp "$results/e2e_quick_$card.json" "$logs"/
+  want medium_claims && cp "$results/claims_medium.json" "$logs"/
+fi
 exit $status

@@ -33,14 +33,26 @@ def test_public_names_resolve():
         dfsviz.nothing  # noqa: B018
 
 
-def test_sample_capture_is_shipped_inside_the_package():
+@pytest.mark.parametrize("model, name, blocks", [("tiny", "tiny-wan", 41), ("medium", "medium-wan", 256)])
+def test_sample_captures_are_shipped_inside_the_package(model, name, blocks):
     import dfsviz
 
-    path = dfsviz.sample_capture()
+    path = dfsviz.sample_capture(model)
     assert isinstance(path, Path) and path.is_file()
-    assert path == Path(dfsviz.__file__).resolve().parent / "data" / "captures" / "tiny-wan-sample.h5"
+    assert path == Path(dfsviz.__file__).resolve().parent / "data" / "captures" / f"{name}-sample.h5"
+    assert path.stat().st_size <= 40e6
     with dfsviz.open(path) as run:
-        assert run.complete
+        assert run.complete and not run.validate()
+        assert run.summary()["model_id"] == f"dfsviz-embedded:{name}"
+        assert run.summary()["num_blocks"] == blocks
+    assert dfsviz.sample_capture() == dfsviz.sample_capture("tiny")
+
+
+def test_an_unknown_sample_capture_is_refused():
+    import dfsviz
+
+    with pytest.raises(ValueError, match=r"`model` must be one of \['medium', 'tiny'\] \(got 'huge'\)"):
+        dfsviz.sample_capture("huge")
 
 
 def test_a_missing_sample_capture_names_the_path(monkeypatch, tmp_path):

@@ -40,6 +40,7 @@ from dfsviz.capture.reduce import AttentionReducer
 from dfsviz.capture.resolve import pipeline_rules, resolve_capture, run_identity, weights_fingerprint
 from dfsviz.capture.sources import ModelSource
 from dfsviz.capture.writer import CaptureWriter
+from dfsviz.models.sampler import embedded_model_name
 
 __all__ = ["CaptureResult", "run_capture"]
 
@@ -180,7 +181,7 @@ def run_capture(
             existing output without ``overwrite``, out of GPU memory. An interrupted run
             leaves its file marked incomplete; ``resume=True`` continues it.
     """
-    if source is None and config.model is not None and config.embeddings is None:
+    if source is None and embedded_model_name(config.model) is None and config.embeddings is None:
         from dfsviz.capture.record import capture_pipeline, is_pipeline
 
         if is_pipeline(config.model):  # prompts through the pipeline's own text encoders

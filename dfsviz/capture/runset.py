@@ -30,6 +30,7 @@ from dfsviz.capture.config import MAX_SEED, CaptureConfig
 from dfsviz.capture.resolve import ResolvedCapture, resolve_capture, run_identity, weights_fingerprint
 from dfsviz.capture.runner import run_capture
 from dfsviz.capture.sources import ModelSource, load_model_source
+from dfsviz.models.sampler import embedded_model_name
 
 __all__ = [
     "MANIFEST_NAME",
@@ -167,7 +168,7 @@ class RunSetConfig:
         if prompts is None:
             prompts = (cfg.prompt,)
         elif prompts == "all":
-            if cfg.model is not None:
+            if embedded_model_name(cfg.model) is None:
                 raise ValueError(f"`prompts`='all' lists the embedded model's classes; with `model` {cfg.model!r} "
                                  "list the prompts (a file with one per line)")
             from dfsviz.models import class_names

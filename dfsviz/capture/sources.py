@@ -18,6 +18,7 @@ import torch
 
 from dfsviz.capture.adapters import Conditioning, GenericAdapter, ModelAdapter, adapter_for, get_adapter, supported_architectures
 from dfsviz.capture.config import CaptureConfig
+from dfsviz.models.sampler import embedded_model_dir, embedded_model_name, encode_labels, load_embedded_model
 
 __all__ = ["ModelSource", "load_model_source", "load_embeddings"]
 
@@ -115,16 +116,10 @@ def _transformer_class(name: str, config: CaptureConfig, patch: tuple[int, int, 
     return cls, adapter
 
 
-def _embedded_source(device) -> ModelSource:
+def _embedded_source(name: str, device) -> ModelSource:
     import diffusers
 
-    try:
-        from dfsviz.models import encode_labels, load_embedded_model
-    except ImportError as exc:
-        raise ValueError(
-            f"the embedded model is not available in this dfsviz ({exc}); pass --model <hub id or diffusers directory>"
-        ) from None
-    model = load_embedded_model(device=device)
+    model = load_embedded_model(embedded_model_dir(name), device=device)
     uncond = Conditioning(model.class_embeddings[model.null_label][None])
 
     def encode_prompt(prompt: str) -> tuple[Conditioning, Conditioning, str]:
@@ -152,16 +147,17 @@ def load_model_source(config: CaptureConfig, *, load_weights: bool = True) -> Mo
 
     ``config.model`` may be a local folder holding a diffusers pipeline (``model_index.json``;
     its ``transformer``, ``scheduler`` and ``vae`` configs are used), a transformer folder
-    (``config.json`` with ``_class_name``), a hub id of either kind, or None for the
-    embedded model. With ``load_weights=False`` the transformer is built on the meta device
+    (``config.json`` with ``_class_name``), a hub id of either kind, ``dfsviz-embedded:medium``
+    (or ``:tiny``) for a shipped embedded model, or None for the tiny embedded model. With ``load_weights=False`` the transformer is built on the meta device
     (for ``--dry-run``: shapes only, no memory).
 
     Raises ValueError for an unknown model or an unsupported architecture (listing the
     supported ones).
     """
     device, dtype = config.torch_device, config.torch_dtype
-    if config.model is None:
-        return _embedded_source(device)
+    embedded = embedded_model_name(config.model)
+    if embedded is not None:
+        return _embedded_source(embedded, device)
     import diffusers
 
     path = Path(config.model).expanduser()

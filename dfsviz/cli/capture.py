@@ -67,7 +67,9 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
         "  dfsviz capture --model ./other-dit --embeddings random --grid 3x8x8 --out x.h5   # a class not in the registry"
     ),
 )
-@click.option("--model", default=None, help="Hub id or local diffusers directory; default: the embedded model.")
+@click.option("--model", default=None,
+              help="Hub id or local diffusers directory, or dfsviz-embedded:medium (the embedded model at Wan2.1 "
+                   "480p's 256 key blocks; needs a GPU to be quick); default: the tiny embedded model.")
 @click.option(
     "--prompt", default=None,
     help="Prompt: a class name of the embedded model, or the text of a whole pipeline's call (--model <pipeline "

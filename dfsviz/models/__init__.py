@@ -1,8 +1,9 @@
-"""The embedded tiny video DiT: procedural training clips, config, training and sampling.
+"""The embedded video DiTs: procedural training clips, config, training and sampling.
 
-A small ``diffusers.WanTransformer3DModel`` trained by flow matching on procedural
-videos (``videos``), shipped in ``dfsviz/data/models/tiny-wan`` and loaded with
-``load_embedded_model``; ``sample_videos`` runs the denoising loop with per-step hooks.
+Small ``diffusers.WanTransformer3DModel``s trained by flow matching on procedural
+videos (``videos``), shipped in ``dfsviz/data/models/tiny-wan`` (41 key blocks) and
+``medium-wan`` (256 key blocks, Wan2.1 480p's token grid) and loaded with
+``load_embedded_model(embedded_model_dir(name))``; ``sample_videos`` runs the denoising loop with per-step hooks.
 Training lives in ``dfsviz.models.train`` (``python -m dfsviz.models.train``).
 diffusers is imported only when a model is built or loaded.
 """
@@ -11,7 +12,10 @@ from dfsviz.models.config import PATCH_SIZE, PRESETS, EmbeddedModelConfig, get_p
 from dfsviz.models.sampler import (
     DenoiseStep,
     EmbeddedModel,
-    default_model_dir,
+    EMBEDDED_MODELS,
+    EMBEDDED_PREFIX,
+    embedded_model_dir,
+    embedded_model_name,
     encode_labels,
     frame_strip,
     load_embedded_model,
@@ -31,7 +35,10 @@ __all__ = [
     "VideoClass",
     "class_names",
     "class_table",
-    "default_model_dir",
+    "EMBEDDED_MODELS",
+    "EMBEDDED_PREFIX",
+    "embedded_model_dir",
+    "embedded_model_name",
     "encode_labels",
     "frame_strip",
     "get_preset",

@@ -44,7 +44,10 @@ __all__ = [
     "MODEL_FORMAT_VERSION",
     "DenoiseStep",
     "EmbeddedModel",
-    "default_model_dir",
+    "EMBEDDED_MODELS",
+    "EMBEDDED_PREFIX",
+    "embedded_model_dir",
+    "embedded_model_name",
     "encode_labels",
     "frame_strip",
     "load_embedded_model",
@@ -65,9 +68,31 @@ DEFAULT_GUIDANCE = 1.0
 _EMBEDDINGS_KEY = "class_embeddings"
 
 
-def default_model_dir() -> Path:
-    """The embedded model shipped inside the package: ``dfsviz/data/models/tiny-wan``."""
-    return DATA_DIR / "models" / "tiny-wan"
+#: Model ids of the embedded models: ``dfsviz capture --model dfsviz-embedded:medium``; no ``--model`` is tiny.
+EMBEDDED_PREFIX = "dfsviz-embedded:"
+#: The embedded models shipped inside the package: short name -> folder under ``dfsviz/data/models/``.
+EMBEDDED_MODELS = {"tiny": "tiny-wan", "medium": "medium-wan"}
+
+
+def embedded_model_dir(name: str = "tiny") -> Path:
+    """The folder of the shipped embedded model ``name``: ``tiny`` (``dfsviz/data/models/tiny-wan``,
+    the default) or ``medium`` (``medium-wan``); the folder names are accepted too.
+
+    Raises ValueError for any other name.
+    """
+    folder = EMBEDDED_MODELS.get(name, name)
+    if folder not in EMBEDDED_MODELS.values():
+        raise ValueError(f"unknown embedded model {name!r}; choose one of {sorted(EMBEDDED_MODELS)} "
+                         f"(e.g. --model {EMBEDDED_PREFIX}medium)")
+    return DATA_DIR / "models" / folder
+
+
+def embedded_model_name(model: str | None) -> str | None:
+    """The embedded model a capture's ``model`` names: ``None`` (the default) is ``tiny``,
+    ``dfsviz-embedded:<name>`` is ``<name>``; None for any other model (a hub id or a folder)."""
+    if model is None:
+        return "tiny"
+    return model.removeprefix(EMBEDDED_PREFIX) if model.startswith(EMBEDDED_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -183,7 +208,7 @@ def load_embedded_model(path: str | Path | None = None, *, device: str | torch.d
     """Load a model folder written by ``save_embedded_model`` (safetensors only), in float32.
 
     Args:
-        path: the folder; None means ``default_model_dir()`` (``dfsviz/data/models/tiny-wan``).
+        path: the folder; None means ``embedded_model_dir()`` (``dfsviz/data/models/tiny-wan``).
         device: where to put the model.
 
     Returns:
@@ -192,7 +217,7 @@ def load_embedded_model(path: str | Path | None = None, *, device: str | torch.d
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
 
-    folder = Path(path) if path is not None else default_model_dir()
+    folder = Path(path) if path is not None else embedded_model_dir()
     card_path = folder / MODEL_CARD_FILE
     if not card_path.is_file():
         raise ValueError(f"`path` must be an embedded-model folder holding {MODEL_CARD_FILE} (got {str(folder)!r}); "
@@ -361,7 +386,7 @@ def _write_strips(model: EmbeddedModel, out_dir: Path, *, num_steps: int, seeds:
         fakes = [sample_videos(model, [label], num_steps=num_steps, seed=s, guidance_scale=guidance_scale).cpu()
                  for s in seeds]
         strip = frame_strip(torch.cat([real, *fakes], dim=0))
-        path = out_dir / f"embedded_{name}.png"
+        path = out_dir / f"embedded_{cfg.name}_{name}.png"
         # A 128-colour palette keeps each strip near 40 KB in git; the clips have few colours.
         image = Image.fromarray(strip.numpy()).quantize(colors=128, method=Image.Quantize.MEDIANCUT,
                                                          dither=Image.Dither.NONE)
@@ -377,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Write one frame-strip PNG per class (top row: a procedural training clip; below: samples).",
         epilog="example: python -m dfsviz.models.sampler --model dfsviz/data/models/tiny-wan --out-dir docs/img")
     parser.add_argument("--model", default=None, help="model folder (default dfsviz/data/models/tiny-wan)")
-    parser.add_argument("--out-dir", required=True, help="folder for embedded_<class>.png")
+    parser.add_argument("--out-dir", required=True, help="folder for embedded_<model>_<class>.png")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one generated row per seed")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance weight (1 = off)")

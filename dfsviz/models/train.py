@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 HELDOUT_SEED = 2**63
 _TIMESTEP_SCALE = 1000.0          # Wan (and the scheduler) take sigma * 1000 as the timestep
 # Attention kernels allowed in mixed precision: never the math kernel, whose N x N scores do not fit at
-# the medium preset's length (32,760^2 x 6 heads x 8 clips in bfloat16 is about 100 GB).
+# the medium preset's length (32,760^2 x 3 heads x 8 clips in bfloat16 is about 50 GB).
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 #: Training settings of a preset that differ from :class:`TrainConfig`'s defaults (those suit tiny-wan):

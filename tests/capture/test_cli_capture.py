@@ -115,15 +115,15 @@ def test_inspect_unknown_version_and_invalid_file(tmp_path):
 
 
 def test_dry_run_defaults_to_the_embedded_model(tmp_path):
-    from dfsviz.models import default_model_dir
+    from dfsviz.models import embedded_model_dir
 
-    if not (default_model_dir() / "config.json").is_file():
+    if not (embedded_model_dir() / "config.json").is_file():
         pytest.skip("the embedded model's weights are not in data/models yet")
     result = _invoke("capture", "--out", str(tmp_path / "e.h5"), "--dry-run", "--device", "cpu")
     assert result.exit_code == 0, result.output
     info = json.loads(result.output.rsplit("}", 1)[0] + "}")
     assert info["model"].startswith("dfsviz-embedded:") and info["architecture"] == "WanTransformer3DModel"
-    f, h, w = json.loads((default_model_dir() / "dfsviz_model.json").read_text())["token_grid"]
+    f, h, w = json.loads((embedded_model_dir() / "dfsviz_model.json").read_text())["token_grid"]
     assert info["grid"] == f"f{f}h{h}w{w}" and info["tokens"] == f * h * w and info["blocks"] == -(-f * h * w // 128)
 
 

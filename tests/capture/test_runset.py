@@ -426,9 +426,9 @@ def test_cli_bad_run_set_options_are_one_red_line(tmp_path, model_dirs, args, me
 @pytest.fixture(scope="module")
 def embedded_set(tmp_path_factory):
     """A run set of the embedded model: two classes x two seeds, at 192 tokens."""
-    from dfsviz.models import default_model_dir
+    from dfsviz.models import embedded_model_dir
 
-    if not (default_model_dir() / "config.json").is_file():
+    if not (embedded_model_dir() / "config.json").is_file():
         pytest.skip("the embedded model's weights are not in dfsviz/data/models")
     root = tmp_path_factory.mktemp("embedded_set")
     prompts = root / "prompts.txt"
@@ -456,9 +456,9 @@ def test_embedded_run_set_conditions_each_clip_on_its_prompt(embedded_set):
 
 
 def test_embedded_prompts_all_dry_run_and_a_bad_class(tmp_path):
-    from dfsviz.models import class_names, default_model_dir
+    from dfsviz.models import class_names, embedded_model_dir
 
-    if not (default_model_dir() / "config.json").is_file():
+    if not (embedded_model_dir() / "config.json").is_file():
         pytest.skip("the embedded model's weights are not in dfsviz/data/models")
     result = _invoke("capture", "--prompts", "all", "--seeds", "0-1", "--out", tmp_path / "all", "--dry-run",
                      *EMBEDDED_ARGS)

@@ -10,7 +10,7 @@ from dfsviz.models.config import PRESETS, EmbeddedModelConfig, get_preset
 from dfsviz.models.sampler import (
     CLASS_EMBEDDINGS_FILE,
     MODEL_CARD_FILE,
-    default_model_dir,
+    embedded_model_dir,
     encode_labels,
     frame_strip,
     load_embedded_model,
@@ -38,7 +38,7 @@ def shipped():
 # --- the shipped model -------------------------------------------------------------------------
 
 def test_shipped_weights_load_through_from_pretrained(shipped):
-    folder = default_model_dir()
+    folder = embedded_model_dir()
     weights = folder / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size <= 12 * 2**20
     assert (folder / CLASS_EMBEDDINGS_FILE).is_file()
@@ -56,7 +56,7 @@ def test_shipped_weights_load_through_from_pretrained(shipped):
 
 
 def test_shipped_model_card_records_learning():
-    card = json.loads((default_model_dir() / MODEL_CARD_FILE).read_text())
+    card = json.loads((embedded_model_dir() / MODEL_CARD_FILE).read_text())
     training = card["training"]
     assert training["steps"] > 0
     assert training["heldout_loss_trained"] <= 0.5 * training["heldout_loss_untrained"]
@@ -294,7 +294,7 @@ def test_strip_cli_writes_one_png_per_class(smoke_model, tmp_path, capsys):
     sampler.main(["--model", str(folder), "--out-dir", str(tmp_path / "img"), "--steps", "1", "--seeds", "0",
                   "--device", "cpu"])
     written = sorted((tmp_path / "img").glob("embedded_*.png"))
-    assert [p.name for p in written] == sorted(f"embedded_{n}.png" for n in class_names())
+    assert [p.name for p in written] == sorted(f"embedded_{smoke_model.config.name}_{n}.png" for n in class_names())
     cfg = smoke_model.config
     with Image.open(written[0]) as image:
         # Two rows (a training clip, one sample), gap 2, scale 2.

@@ -1,6 +1,6 @@
 """The medium-wan recipe: its grid and size, richer clips (camera pan) that leave the tiny model's
-clips as they were, per-preset training settings, and mixed precision (bfloat16 autocast, flash
-attention) exercised on the CPU."""
+clips as they were, per-preset training settings, mixed precision (bfloat16 autocast, flash
+attention) exercised on the CPU; the shipped medium model and how captures name it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dfsviz.models.config import EmbeddedModelConfig, get_preset
+from dfsviz.models.sampler import MODEL_CARD_FILE, embedded_model_dir, embedded_model_name, load_embedded_model
 from dfsviz.models.train import TrainConfig, build_transformer, flow_matching_loss, train
 from dfsviz.models.videos import make_videos
 from git_reference import module_at_commit  # tests/ is on sys.path
@@ -119,3 +120,43 @@ def test_mixed_precision_smoke_run_on_cpu(tmp_path):
     results = train(tcfg, tmp_path / "m", device="cpu")
     assert results["train"]["steps"] == 2 and results["train"]["train_config"]["mixed_precision"] is True
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in results["loss_curve"])
+
+
+# --- the shipped medium model -------------------------------------------------------------------
+
+def test_the_shipped_medium_model_loads_and_learned():
+    folder = embedded_model_dir("medium")
+    assert folder == embedded_model_dir("medium-wan") and folder.name == "medium-wan"
+    model = load_embedded_model(folder)
+    assert model.config == get_preset("medium-wan")
+    assert (folder / "diffusion_pytorch_model.safetensors").stat().st_size <= 60e6
+    card = json.loads((folder / MODEL_CARD_FILE).read_text())
+    assert card["token_grid"] == [21, 30, 52]
+    training = card["training"]
+    assert training["heldout_loss_trained"] <= 0.2 * training["heldout_loss_untrained"]
+    log = json.loads((folder / "training_log.json").read_text())
+    recall = log["trained"]["recall"]["gamma_0.1"]["mean"], log["untrained"]["recall"]["gamma_0.1"]["mean"]
+    assert recall[0] >= 2 * recall[1], recall
+
+
+@pytest.mark.parametrize("model, name", [(None, "tiny"), ("dfsviz-embedded:medium", "medium"),
+                                         ("dfsviz-embedded:medium-wan", "medium-wan"), ("Wan-AI/x", None),
+                                         ("/models/wan", None)])
+def test_embedded_model_ids(model, name):
+    assert embedded_model_name(model) == name
+
+
+def test_an_unknown_embedded_model_is_refused():
+    with pytest.raises(ValueError, match=r"unknown embedded model 'huge'; choose one of \['medium', 'tiny'\] "
+                                         r"\(e\.g\. --model dfsviz-embedded:medium\)"):
+        embedded_model_dir("huge")
+
+
+def test_capture_resolves_the_medium_model():
+    from dfsviz.capture.config import CaptureConfig
+    from dfsviz.capture.sources import load_model_source
+
+    source = load_model_source(CaptureConfig(model="dfsviz-embedded:medium", out="unused.h5"))
+    assert source.model_id == "dfsviz-embedded:medium-wan"
+    assert source.default_size == (21, 60, 104)
+    assert sum(p.numel() for p in source.transformer.parameters()) == 5_095_884

@@ -1,13 +1,19 @@
-"""Every claim of the claims report on the embedded tiny model: the shipped sample and a capture
-with every order and stored Q/K.
+"""Every claim of the claims report on an embedded model: its shipped sample and a capture with
+every order and stored Q/K.
 
-    .venv/bin/dfsviz capture --orders all --save-qkv 1,4,7 --out runs/tiny_all.h5      # CPU, ~25 min on 2 busy cores
-    .venv/bin/python benchmarks/claims_tiny.py --capture runs/tiny_all.h5
+    # tiny (CPU, ~25 min on 2 busy cores)
+    .venv/bin/dfsviz capture --orders all --save-qkv 1,4,7 --out runs/tiny_all.h5
+    .venv/bin/python benchmarks/claims.py --model tiny --capture runs/tiny_all.h5
+    # medium (one GPU, a few minutes; benchmarks/gpu_session.sh claims_medium runs both lines)
+    dfsviz capture --model dfsviz-embedded:medium --orders all --layers 1,3,5,7 --capture-steps 0,5,10,15,19 \
+        --save-qkv 3 --qkv-steps 10 --out runs/medium_all.h5
+    python benchmarks/claims.py --model medium --capture runs/medium_all.h5
 
-Builds ``dfsviz.analysis.report.build_report`` on ``dfsviz.sample_capture()`` and on ``--capture``
-and writes benchmarks/results/claims_tiny.json: the machine and its load, versions, each capture's
-settings (its stored capture config and summary), the report's wall time, and the report's numbers
-(bound violations, Hilbert vs raster, recall, drift and the verdicts of sections 5-8).
+Builds ``dfsviz.analysis.report.build_report`` on ``dfsviz.sample_capture(model)`` (or ``--sample``)
+and on ``--capture`` and writes benchmarks/results/claims_<model>.json: the machine and its load,
+versions, each capture's settings (its stored capture config and summary), the report's wall time,
+and the report's numbers (bound violations, Hilbert vs raster, recall, drift and the verdicts of
+sections 5-8).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 
 import dfsviz
 from calibrate_embedded import load, machine  # benchmarks/ is the script's folder
+from dfsviz._package_data import SAMPLE_CAPTURES
 from dfsviz.analysis.report import ReportConfig, build_report
 
 #: Report keys kept in the results (factor summaries and per-layer drift series stay in report.json).
@@ -48,27 +55,33 @@ def claims(path: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capture", required=True, help="a capture of the embedded model with --orders all --save-qkv")
-    parser.add_argument("--out", default="benchmarks/results/claims_tiny.json")
+    parser.add_argument("--model", choices=sorted(SAMPLE_CAPTURES), required=True, help="embedded model")
+    parser.add_argument("--capture", required=True, help="a capture of that model with --orders all --save-qkv")
+    parser.add_argument("--sample", default=None, help="its sample capture (default: the shipped one)")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/claims_<model>.json")
     args = parser.parse_args()
+    sample = args.sample or str(dfsviz.sample_capture(args.model))
+    out = args.out or f"benchmarks/results/claims_{args.model}.json"
     load_start = load()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")    # where the captures ran
     result = {
-        "benchmark": "claims_tiny",
-        "machine": {**machine(torch.device("cpu")), "load_start": load_start},
+        "benchmark": "claims",
+        "model": args.model,
+        "machine": {**machine(device), "load_start": load_start},
         "versions": {"dfsviz": dfsviz.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "captures": {"sample": claims(str(dfsviz.sample_capture())), "all_orders": claims(args.capture)},
+        "captures": {"sample": claims(sample), "all_orders": claims(args.capture)},
     }
     result["machine"]["load_end"] = load()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     # numpy scalars of the capture summary (e.g. the seed) as Python numbers
-    Path(args.out).write_text(json.dumps(result, indent=1, default=lambda x: x.item()) + "\n")
+    Path(out).write_text(json.dumps(result, indent=1, default=lambda x: x.item()) + "\n")
     for name, entry in result["captures"].items():
         report = entry["report"]
         verdicts = {k: v["verdict"] for k, v in report["order_ablation"]["verdict"].items()}
         print(f"{name}: ablation {verdicts}, tile size {report['tile_size']['verdict']['verdict']}, "
               f"text blocks {report['text_blocks']['verdict']['verdict']}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
