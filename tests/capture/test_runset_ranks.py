@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 import dfsviz.cli.capture  # noqa: F401  (registers the command on the group)
 import runset_worker as worker
 from dfsviz.capture import CaptureConfig
+from dfsviz.capture.file_safety import CaptureLock
 from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.ranks import ClipRanks, check_rank_device
 from dfsviz.capture.runset import RunSetConfig, capture_run_set
@@ -180,3 +182,28 @@ def test_clips_are_dealt_in_turn_and_a_rank_names_no_gpu():
         check_rank_device("cuda:1", "under torchrun")
     for device in ("auto", "cpu", "cuda"):
         check_rank_device(device, "under torchrun")
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="reads the kernel's lock table, /proc/locks")
+def test_the_manifest_lock_waits_for_its_holder(tmp_path):
+    """Ranks take turns at the manifest: CaptureLock(wait=True) blocks until the holder lets go."""
+    manifest = tmp_path / "runset.json"
+    holder = CaptureLock(manifest)
+    with pytest.raises(ValueError, match=r"runset.json' is being written by another dfsviz capture"):
+        CaptureLock(manifest)
+    inode = os.stat(tmp_path / ".runset.json.lock").st_ino
+    taken = []
+    waiter = threading.Thread(target=lambda: taken.append(CaptureLock(manifest, wait=True)), daemon=True)
+    waiter.start()
+
+    def blocked() -> bool:  # the kernel lists a request blocked on the lock file as "N: -> FLOCK ..."
+        lines = Path("/proc/locks").read_text().splitlines()
+        return any(" -> FLOCK " in line and line.split()[6].endswith(f":{inode}") for line in lines)
+
+    while not blocked():
+        assert waiter.is_alive(), "CaptureLock(wait=True) returned or raised while the lock was held"
+    assert not taken
+    holder.release()
+    waiter.join()
+    assert len(taken) == 1 and taken[0].held
+    taken[0].release()
