@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dfsviz.capture.ranks import check_rank_device
 from dfsviz.capture.schema import MAP_DTYPES, MAX_INDEX
 from dfsviz.sparse._validate import check_block, check_int, check_power_of_two
 from dfsviz.sparse.grid import LatentGrid
@@ -218,11 +219,8 @@ class CaptureConfig:
             raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})")
         if self.context_parallel not in (None, "ulysses"):
             raise ValueError(f"`context_parallel` must be None or 'ulysses' (got {self.context_parallel!r})")
-        if self.context_parallel is not None and re.fullmatch(r"cuda:\d+", self.device):
-            raise ValueError(
-                f"`device` {self.device!r} names one GPU; under --context-parallel each rank takes its LOCAL_RANK's GPU: "
-                "pass --device cuda"
-            )
+        if self.context_parallel is not None:
+            check_rank_device(self.device, "under --context-parallel")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"`device` {self.device!r} asked but no CUDA GPU is visible; use --device cpu")
         if self.dtype != "auto" and self.dtype not in DTYPES:

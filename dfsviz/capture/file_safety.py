@@ -73,10 +73,12 @@ class CaptureLock:
     """Exclusive right to write the capture at ``path`` (a context manager).
 
     Raises ValueError when another process (or another writer in this one) holds it, naming
-    the holder's pid. Acquiring removes temporary files that a killed creation left behind.
+    the holder's pid; with ``wait`` it waits for the holder to release it instead (the ranks
+    of a data-parallel run set take turns at its manifest so). Acquiring removes temporary
+    files that a killed creation left behind.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, wait: bool = False) -> None:
         import fcntl
 
         self.path = Path(path)
@@ -84,7 +86,7 @@ class CaptureLock:
         while True:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
                     os.close(fd)

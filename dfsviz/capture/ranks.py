@@ -1,5 +1,5 @@
-"""Capture under diffusers' Ulysses context parallelism: each rank reduces its own heads, rank 0
-writes the one file.
+"""Capture on several ranks under ``torchrun``: diffusers' Ulysses context parallelism (each rank
+reduces its own heads, rank 0 writes the one file), or a run set's clips spread over the ranks.
 
 Under ``ContextParallelConfig(ulysses_degree=P)`` diffusers splits the sequence over the P ranks
 and, around every attention call, all-to-alls Q, K and V so that rank r holds the whole sequence
@@ -14,17 +14,46 @@ rank 0 holds every rank's maps of it, and every rank learns whether it was.
 :func:`join_world` starts the process group ``torchrun`` describes and :func:`enable_ulysses`
 enables diffusers' Ulysses attention on a transformer (``dfsviz capture --context-parallel ulysses``);
 :func:`UlyssesRanks.of` reads it from a transformer the caller set up (``dfsviz.record``).
+
+:class:`ClipRanks` is the data-parallel kind (``dfsviz capture --prompts/--seeds`` under torchrun
+without ``--context-parallel``): each rank captures whole clips of a run set on its own device, and
+the ranks meet only to start the run set together and to end it
+(:func:`~dfsviz.capture.runset.capture_run_set`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 
-__all__ = ["RankWriter", "UlyssesRanks", "agree", "check_degree", "enable_ulysses", "join_world"]
+__all__ = [
+    "ClipRanks",
+    "RankWriter",
+    "UlyssesRanks",
+    "agree",
+    "check_degree",
+    "check_rank_device",
+    "check_same_run",
+    "enable_ulysses",
+    "join_world",
+    "on_rank_0",
+    "together",
+    "world_size",
+]
+
+T = TypeVar("T")
+
+# How long a rank that has captured its share of a run set waits at the end for the slowest
+# rank (about one clip's capture: hours for a large model). A rank that dies is seen by torchrun,
+# which stops the others, so the bound only ends a rank hung without dying.
+_CLIP_WAIT = timedelta(days=7)
 
 #: what a capture cannot take among diffusers' kinds of parallelism, and why
 _REFUSED = {
@@ -40,8 +69,26 @@ def _heads_of(model: torch.nn.Module) -> int:
     return int(model.config.num_attention_heads)
 
 
+class _Ranks:
+    """What every kind of ranks offers: ``rank`` (this process's) and ``group`` (the process group
+    of its collectives) are the subclass's fields."""
+
+    @property
+    def writes(self) -> bool:
+        """True on rank 0, which writes (a Ulysses capture's file; a run set's first manifest)."""
+        return self.rank == 0
+
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object). Collective."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        return box[0]
+
+
 @dataclass(frozen=True)
-class UlyssesRanks:
+class UlyssesRanks(_Ranks):
     """This process's place in diffusers' Ulysses group.
 
     Fields:
@@ -78,11 +125,6 @@ class UlyssesRanks:
         check_degree(cp.ulysses_degree, heads, name)
         return cls(int(cp._ulysses_local_rank), int(cp.ulysses_degree), heads, cp._ulysses_mesh.get_group())
 
-    @property
-    def writes(self) -> bool:
-        """True on the rank that writes the file (rank 0)."""
-        return self.rank == 0
-
     def held(self, heads: tuple[int, ...]) -> tuple[int, ...]:
         """The heads of ``heads`` (model indices, ascending) this rank holds."""
         per_rank = self.num_heads // self.degree
@@ -92,14 +134,6 @@ class UlyssesRanks:
         """The rank's own heads of ``heads`` as indices into its [B, H/P, N, D] attention inputs."""
         first = self.rank * (self.num_heads // self.degree)
         return tuple(h - first for h in self.held(heads))
-
-    def share(self, value):
-        """Rank 0's ``value`` on every rank (any picklable object)."""
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, group=self.group, group_src=0)
-        return box[0]
 
     def gather_heads(self, x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor | None:
         """Every rank's ``x`` (its held heads of ``heads`` along dim 0) joined on rank 0, heads in
@@ -117,6 +151,65 @@ class UlyssesRanks:
         if not self.writes:
             return None
         return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(dtype)
+
+
+@dataclass(frozen=True)
+class ClipRanks(_Ranks):
+    """This process's place among the ranks of a data-parallel run set: each rank captures whole
+    clips on its own device.
+
+    Fields:
+        rank: this process's rank in the torchrun world.
+        size: P, the ranks.
+        group: a gloo process group over every rank for the run set's collectives: small objects,
+            on the CPU whatever the device, and the last one waits for the slowest rank's clips.
+    """
+
+    rank: int
+    size: int
+    group: object
+
+    @classmethod
+    def join(cls, device: torch.device) -> "ClipRanks":
+        """Join the world ``torchrun`` describes (:func:`join_world`: on CUDA each rank takes its
+        ``LOCAL_RANK``'s GPU). Collective."""
+        import torch.distributed as dist
+
+        rank = join_world(device)
+        return cls(rank, dist.get_world_size(), dist.new_group(backend="gloo", timeout=_CLIP_WAIT))
+
+    def deal(self, indices: list[int]) -> list[int]:
+        """This rank's share of ``indices`` (the clips still to capture, in order): the r-th,
+        (r+P)-th, (r+2P)-th, ... of them. The clips of a run set cost alike (one model, one size,
+        the same steps), so the shares differ by one clip at most; a rank past the last clip has
+        none."""
+        return list(indices[self.rank::self.size])
+
+    def gather(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank. Collective."""
+        import torch.distributed as dist
+
+        values = [None] * self.size
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
+
+def world_size() -> int:
+    """The ranks of this process's world: the process group's once joined, else what torchrun
+    set in ``WORLD_SIZE`` (1 outside torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_rank_device(device: str, under: str) -> None:
+    """Each rank takes its ``LOCAL_RANK``'s GPU: a ``device`` naming one GPU is refused, ``under``
+    saying when ("under torchrun")."""
+    if re.fullmatch(r"cuda:\d+", device):
+        raise ValueError(f"`device` {device!r} names one GPU; {under} each rank takes its LOCAL_RANK's GPU: "
+                         "pass --device cuda")
 
 
 def check_degree(degree: int, heads: int, name: str) -> None:
@@ -186,16 +279,56 @@ def enable_ulysses(model: torch.nn.Module) -> UlyssesRanks:
     return UlyssesRanks.of(model)
 
 
-def agree(ranks: UlyssesRanks, problem: str | None) -> None:
+def agree(ranks: _Ranks, problem: str | None) -> None:
     """Every rank raises the lowest rank's ``problem`` (a one-line message, None = none), so that
-    no rank goes on to wait for the others' maps alone. Collective."""
+    no rank goes on to wait for the others alone. Collective."""
     import torch.distributed as dist
 
-    problems = [None] * ranks.degree
+    problems = [None] * dist.get_world_size(ranks.group)
     dist.all_gather_object(problems, problem, group=ranks.group)
     first = next((p for p in problems if p is not None), None)
     if first is not None:
         raise ValueError(first)
+
+
+@contextlib.contextmanager
+def together(ranks: _Ranks | None):
+    """A ValueError raised inside the block on any rank is raised on every rank after it (the
+    lowest rank's), so that no rank goes on to a collective a failed one never reaches. Nothing
+    changes in one process (``ranks`` None). Collective."""
+    if ranks is None:
+        yield
+        return
+    problem = None
+    try:
+        yield
+    except ValueError as exc:
+        problem = str(exc)
+    agree(ranks, problem)
+
+
+def on_rank_0(ranks: _Ranks | None, action: Callable[[], T]) -> T:
+    """``action()`` run on rank 0 alone (in the one process when ``ranks`` is None), its result
+    shared with every rank; its ValueError is raised on every rank. Collective."""
+    if ranks is None:
+        return action()
+    result = None
+    with together(ranks):
+        if ranks.writes:
+            result = action()
+    return ranks.share(result)
+
+
+def check_same_run(ranks: _Ranks, identity: dict, what: str) -> None:
+    """Every rank must run rank 0's ``identity`` (as ``--resume`` compares it): any other raises
+    one line on every rank, naming the keys that differ. Collective."""
+    stored = ranks.share(identity)
+    # compared as JSON text: a recorded loop's guidance_scale is NaN, which equals nothing
+    keys = sorted(k for k in set(stored) | set(identity)
+                  if json.dumps(stored.get(k), default=str) != json.dumps(identity.get(k), default=str))
+    agree(ranks, None if not keys else (
+        f"rank {ranks.rank} captures another {what} than rank 0 (differs in {keys}); every rank must load the same "
+        "model and options"))
 
 
 class RankWriter:
@@ -213,22 +346,11 @@ class RankWriter:
         ``--resume`` compares it), then rank 0 calls ``open_writer()`` (a new or resumed
         :class:`~dfsviz.capture.writer.CaptureWriter`). A refusal on any rank is raised on every
         rank. Collective."""
-        import json
-
-        stored = ranks.share(identity)
-        # compared as JSON text: a recorded loop's guidance_scale is NaN, which equals nothing
-        keys = sorted(k for k in set(stored) | set(identity)
-                      if json.dumps(stored.get(k), default=str) != json.dumps(identity.get(k), default=str))
-        agree(ranks, None if not keys else (
-            f"rank {ranks.rank} captures another run than rank 0 (differs in {keys}); every rank must load the same "
-            "model and options"))
-        writer, problem = None, None
-        if ranks.writes:
-            try:
+        check_same_run(ranks, identity, "run")
+        writer = None
+        with together(ranks):
+            if ranks.writes:
                 writer = open_writer()
-            except ValueError as exc:
-                problem = str(exc)
-        agree(ranks, problem)
         return cls(writer, ranks, heads, ranks.share(None if writer is None else writer.completed))
 
     def __init__(self, writer, ranks: UlyssesRanks, heads: tuple[int, ...], completed: set[int]) -> None:

@@ -7,7 +7,9 @@ share. ``dfsviz capture --prompts FILE --seeds 0-3 --out DIR`` writes one
 its clips. Each clip is an ordinary capture (:func:`~dfsviz.capture.runner.run_capture`: its
 own lock, crash safety and resume); the model is loaded once for all of them. The clip list
 and the file names follow from the settings alone, so any process can plan the same run set.
-The format is documented in docs/format.md ("Run sets").
+Under ``torchrun`` the clips are spread over the ranks, each rank capturing whole clips on its
+own device (data parallel; :class:`~dfsviz.capture.ranks.ClipRanks`). The format is documented
+in docs/format.md ("Run sets").
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from dfsviz.capture.file_safety import CaptureLock, glob_escape, run_difference, temporary_path
+from dfsviz.capture.file_safety import CaptureLock, run_difference, temporary_path
 from dfsviz.capture.config import MAX_SEED, CaptureConfig
+from dfsviz.capture.ranks import ClipRanks, check_rank_device, check_same_run, on_rank_0, together, world_size
 from dfsviz.capture.resolve import ResolvedCapture, resolve_capture, run_identity, weights_fingerprint
 from dfsviz.capture.runner import run_capture
 from dfsviz.capture.sources import ModelSource, load_model_source
@@ -153,7 +156,8 @@ class RunSetConfig:
         seeds: the clips' seeds, each in [0, 2^63 - 1]; None = ``capture.seed`` alone.
 
     The clips run prompt by prompt, each prompt with every seed in turn; at most
-    :data:`MAX_CLIPS`.
+    :data:`MAX_CLIPS`. ``capture.context_parallel`` spreads one clip over the ranks, so a run set
+    of several clips refuses it (under torchrun the clips themselves are spread over the ranks).
     """
 
     capture: CaptureConfig
@@ -206,6 +210,10 @@ class RunSetConfig:
             raise ValueError(f"several prompts need conditioning per prompt, but `embeddings`={cfg.embeddings!r} "
                              "ignores the prompt (clips of one seed would be identical); capture one prompt with several "
                              "seeds, or one run set per embeddings file")
+        if count > 1 and cfg.context_parallel is not None:
+            raise ValueError(f"`context_parallel`={cfg.context_parallel!r} spreads one clip over the ranks, but the run "
+                             f"set has {count} clips: drop --context-parallel to spread the clips over the ranks (each "
+                             "clip whole on one rank), or capture each clip with --context-parallel in its own command")
         if count > 1 and Path(cfg.out).suffix.lower() in (".h5", ".hdf5"):
             raise ValueError(f"`out` {cfg.out!r} names a file, but the run set has {count} clips: name a directory, "
                              f"e.g. {str(Path(cfg.out).with_suffix(''))!r}")
@@ -336,8 +344,25 @@ def open_run_set(path: str | os.PathLike) -> RunSet:
                   str(data.get("updated_utc", "")))
 
 
+def _manifest_lock(folder: Path) -> CaptureLock:
+    """The manifest's lock, waited for: the ranks of a data-parallel run set take turns at it.
+    Taking it removes the temporary manifests of a run killed while writing one."""
+    return CaptureLock(folder / MANIFEST_NAME, wait=True)
+
+
+def _mark_clip(folder: Path, index: int, complete: bool) -> None:
+    """Record in the manifest whether clip ``index`` is complete: read, changed and written under
+    its lock, so that ranks finishing clips at once keep each other's marks."""
+    with _manifest_lock(folder):
+        manifest = _read_manifest(folder)
+        manifest["clips"][index]["complete"] = complete
+        manifest["complete"] = all(c["complete"] for c in manifest["clips"])
+        _write_manifest(folder, manifest)
+
+
 def _write_manifest(folder: Path, manifest: dict) -> None:
-    """Write the manifest whole or not at all: a temporary file renamed over it."""
+    """Write the manifest whole or not at all: a temporary file renamed over it (under
+    :func:`_manifest_lock`)."""
     manifest["updated_utc"] = _now()
     target = folder / MANIFEST_NAME
     tmp = temporary_path(target)
@@ -367,6 +392,8 @@ class RunSetResult:
         complete: every clip is complete.
         seconds: wall time of the run.
         file_bytes: total size of the clip files.
+        rank: the rank that returned it under torchrun (0 in one process). Every rank returns
+            the whole set's result (``captured`` counts every rank's clips); rank 0 reports it.
     """
 
     path: str
@@ -376,6 +403,7 @@ class RunSetResult:
     complete: bool
     seconds: float
     file_bytes: int
+    rank: int = 0
 
 
 def _resolve_clips(config: RunSetConfig, source: ModelSource) -> dict[str, ResolvedCapture]:
@@ -429,6 +457,13 @@ def _check_output(config: RunSetConfig, folder: Path) -> dict | None:
     if not (cfg.overwrite or cfg.resume):
         raise ValueError(f"run set {str(folder)!r} exists; pass --overwrite to replace it or --resume to continue it")
     if cfg.resume:
+        from dfsviz._version import __version__
+
+        writer = previous.get("dfsviz_version")
+        if writer != __version__:
+            raise ValueError(f"--resume: run set {str(folder)!r} was written by dfsviz {writer}, this is dfsviz "
+                             f"{__version__}; a run set holds the clips of one dfsviz: resume with dfsviz {writer} or "
+                             "pass --overwrite")
         there, now = previous["clips"], config.clips
         hint = "resume with the same --prompts and --seeds or pass --overwrite"
         if len(there) != len(now):
@@ -476,100 +511,155 @@ def capture_run_set(
     complete clips are skipped, an interrupted one is continued and the missing ones are
     started; with ``overwrite`` the previous run set's clip files are deleted first.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1; call it on every rank with the same ``config``) the
+    clips are spread over the ranks: each rank loads the model on its own device (its
+    ``LOCAL_RANK``'s GPU, or the CPU with gloo) and captures whole clips, its share of those
+    still to capture (:meth:`~dfsviz.capture.ranks.ClipRanks.deal`: the r-th, (r+P)-th, ...).
+    Rank 0 takes the run set's lock, checks the output and writes the first manifest; each rank
+    marks its clips in the manifest as they complete; the ranks end together, and every rank
+    returns the whole set's result. A clip that fails stops its rank's share; the other ranks
+    finish theirs, then every rank raises the first failure.
+
     Args:
         config: the run set.
-        progress: show one tqdm bar over clips x captured steps.
+        progress: show one tqdm bar over the clips to capture x captured steps (under torchrun,
+            rank 0's bar over its own clips).
         source: a model already in memory (skips loading ``config.capture.model``).
-        on_step: called with (clip index, step) after each captured step is flushed.
+        on_step: called with (clip index, step) after each captured step is flushed (under
+            torchrun on the rank that captured it).
 
     Returns:
         A :class:`RunSetResult`.
 
     Raises:
         ValueError: an output that cannot take the run set (a file, a directory of other
-            files, an existing run set without ``overwrite``/``resume``, another run set or
-            other settings on ``resume``, another writer), a clip whose settings do not fit
-            the model, or a clip that fails (named; the completed clips are kept).
+            files, an existing run set without ``overwrite``/``resume``, another run set, other
+            settings or another dfsviz on ``resume``, another writer), a clip whose settings do
+            not fit the model, ranks that would capture another run set than rank 0's or a
+            ``device`` naming one GPU under torchrun, or a clip that fails (named; the completed
+            clips are kept).
     """
     if not isinstance(config, RunSetConfig):
         raise TypeError(f"`config` must be a RunSetConfig (got {type(config).__name__})")
     start = time.perf_counter()
     folder = Path(config.capture.out)
     clips = config.clips
-    if not folder.parent.is_dir():
-        raise ValueError(f"the parent of the run-set directory {str(folder)!r} does not exist; create it first")
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"run set output {str(folder)!r} is a file; a run set of {len(clips)} clips needs a directory")
-    lock = CaptureLock(folder)  # one writer per run set, before anything is loaded or created
+    ranks = None
+    if world_size() > 1:
+        check_rank_device(config.capture.device, "under torchrun")
+        ranks = ClipRanks.join(config.capture.torch_device)
+    held: list[CaptureLock] = []  # rank 0's lock of the run set, held until every rank is done
+
+    def claim() -> dict | None:
+        if not folder.parent.is_dir():
+            raise ValueError(f"the parent of the run-set directory {str(folder)!r} does not exist; create it first")
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"run set output {str(folder)!r} is a file; a run set of {len(clips)} clips needs a "
+                             "directory")
+        held.append(CaptureLock(folder))  # one writer per run set, before anything is loaded or created
+        return _check_output(config, folder)
+
     try:
-        previous = _check_output(config, folder)
-        if source is None:
-            source = load_model_source(config.capture)
-        if source.weights_sha256 is None:  # hashed once for every clip's identity
-            source = dataclasses.replace(source, weights_sha256=weights_fingerprint(source.transformer))
-        resolved = _resolve_clips(config, source)
+        previous = on_rank_0(ranks, claim)
+        with together(ranks):
+            if source is None:
+                source = load_model_source(config.capture)
+            if source.weights_sha256 is None:  # hashed once for every clip's identity
+                source = dataclasses.replace(source, weights_sha256=weights_fingerprint(source.transformer))
+            resolved = _resolve_clips(config, source)
         first = resolved[clips[0].prompt]
         identity = run_identity(first, source.weights_sha256)
         settings = {k: v for k, v in identity.items() if k not in _PER_CLIP}
-        resume = config.capture.resume
-        if resume:
-            _check_same_settings(folder, previous["settings"], settings)
-        done = [bool(c["complete"]) for c in previous["clips"]] if resume else [False] * len(clips)
-        if previous is not None and not resume:
-            _remove_old_clips(folder, previous)
-        folder.mkdir(exist_ok=True)
-        for stale in folder.glob(f".{glob_escape(MANIFEST_NAME)}.*.tmp"):  # left by a run killed while writing it
-            stale.unlink(missing_ok=True)
-        from dfsviz._version import __version__
+        if ranks is not None:
+            from dfsviz._version import __version__
 
-        manifest = {
-            "format": RUNSET_FORMAT,
-            "format_version": RUNSET_FORMAT_VERSION,
-            "dfsviz_version": __version__,
-            "created_utc": previous["created_utc"] if resume and "created_utc" in previous else _now(),
-            "updated_utc": "",
-            "complete": False,
-            "settings": settings,
-            "clips": [{"index": c.index, "prompt": c.prompt, "seed": c.seed, "file": c.file, "complete": d}
-                      for c, d in zip(clips, done)],
-        }
-        _write_manifest(folder, manifest)
-        captured, skipped = _capture_clips(config, clips, source, manifest, folder, progress, on_step,
+            check_same_run(ranks, {**settings, "dfsviz_version": __version__}, "run set")
+        todo = on_rank_0(ranks, lambda: _start(config, folder, previous, settings))
+        mine = todo if ranks is None else ranks.deal(todo)
+        if ranks is not None:
+            _log_shares(folder, ranks, todo, mine)
+        captured, failure = _capture_clips(config, [clips[i] for i in mine], source, folder,
+                                           progress and (ranks is None or ranks.writes), on_step,
                                            len(first.capture_steps))
+        if ranks is not None:
+            shares = ranks.gather((captured, failure))
+            captured = sorted(i for share, _ in shares for i in share)
+            failure = next((f for _, f in shares if f is not None), None)
+        manifest = _read_manifest(folder)
+        if failure is not None:
+            done = [e["index"] for e in manifest["clips"] if e["complete"]]
+            kept = (f"the completed clips {done} are kept: --resume continues the run set" if done
+                    else "no clip is complete yet")
+            raise ValueError(f"{failure}; {kept}")
     finally:
-        lock.release()
+        for lock in held:
+            lock.release()
     return RunSetResult(
         path=str(folder),
         clips=len(clips),
         captured=captured,
-        skipped=skipped,
+        skipped=[c.index for c in clips if c.index not in todo],
         complete=manifest["complete"],
         seconds=time.perf_counter() - start,
         file_bytes=sum((folder / c.file).stat().st_size for c in clips if (folder / c.file).is_file()),
+        rank=0 if ranks is None else ranks.rank,
     )
 
 
-def _capture_clips(config: RunSetConfig, clips, source: ModelSource, manifest: dict, folder: Path, progress: bool,
-                   on_step, steps_per_clip: int) -> tuple[list[int], list[int]]:
-    """Capture the clips in turn, marking each complete clip in the manifest."""
-    entries = manifest["clips"]
+def _start(config: RunSetConfig, folder: Path, previous: dict | None, settings: dict) -> list[int]:
+    """Begin the run set (rank 0, or the one process): check a resumed run set's settings,
+    delete a replaced one's clip files, write the first manifest. Returns the indices of the
+    clips to capture: all but those complete with their file."""
+    clips = config.clips
+    resume = config.capture.resume
+    if resume:
+        _check_same_settings(folder, previous["settings"], settings)
+    done = [bool(c["complete"]) and (folder / c["file"]).is_file() for c in previous["clips"]] if resume \
+        else [False] * len(clips)
+    if previous is not None and not resume:
+        _remove_old_clips(folder, previous)
+    folder.mkdir(exist_ok=True)
+    from dfsviz._version import __version__
+
+    manifest = {
+        "format": RUNSET_FORMAT,
+        "format_version": RUNSET_FORMAT_VERSION,
+        "dfsviz_version": __version__,
+        "created_utc": previous["created_utc"] if resume and "created_utc" in previous else _now(),
+        "updated_utc": "",
+        "complete": all(done),
+        "settings": settings,
+        "clips": [{"index": c.index, "prompt": c.prompt, "seed": c.seed, "file": c.file, "complete": d}
+                  for c, d in zip(clips, done)],
+    }
+    with _manifest_lock(folder):
+        _write_manifest(folder, manifest)
+    return [c.index for c, d in zip(clips, done) if not d]
+
+
+def _log_shares(folder: Path, ranks: ClipRanks, todo: list[int], mine: list[int]) -> None:
+    logger.info("run set %s: rank %d of %d captures clips %s", folder, ranks.rank, ranks.size, mine)
+    if ranks.writes and len(todo) < ranks.size:  # more ranks than clips is fine: the idle ones wait for the end
+        idle = ", ".join(map(str, range(len(todo), ranks.size)))
+        logger.warning("run set %s: %d clip%s to capture over %d ranks; %s none", folder, len(todo),
+                       "" if len(todo) == 1 else "s", ranks.size,
+                       f"rank {idle} has" if len(todo) == ranks.size - 1 else f"ranks {idle} have")
+
+
+def _capture_clips(config: RunSetConfig, clips: list[RunSetClip], source: ModelSource, folder: Path, progress: bool,
+                   on_step, steps_per_clip: int) -> tuple[list[int], str | None]:
+    """Capture ``clips`` in turn, marking each in the manifest as it completes. Returns the
+    clips captured and, when one failed (the last), what failed."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(clips) * steps_per_clip, unit="step", desc="capture")
     captured: list[int] = []
-    skipped: list[int] = []
     try:
-        for clip, entry in zip(clips, entries):
-            path = folder / clip.file
+        for clip in clips:
             if bar is not None:
-                bar.set_description(f"clip {clip.index + 1}/{len(clips)}")
-            if entry["complete"] and path.is_file():
-                skipped.append(clip.index)
-                if bar is not None:
-                    bar.update(steps_per_clip)
-                continue
+                bar.set_description(f"clip {clip.index + 1}/{len(config.clips)}")
 
             def step_done(step: int, index: int = clip.index) -> None:
                 if bar is not None:
@@ -578,23 +668,16 @@ def _capture_clips(config: RunSetConfig, clips, source: ModelSource, manifest: d
                     on_step(index, step)
 
             try:
-                cfg = config.clip_config(clip, resume=config.capture.resume and path.exists())
+                cfg = config.clip_config(clip, resume=config.capture.resume and (folder / clip.file).exists())
                 result = run_capture(cfg, progress=False, source=source, on_step=step_done)
             except (ValueError, TypeError, OSError) as exc:
-                done = [e["index"] for e in entries if e["complete"]]
-                kept = (f"the completed clips {done} are kept: --resume continues the run set" if done
-                        else "no clip is complete yet")
-                raise ValueError(f"{clip.label} failed: {exc}; {kept}") from None
+                return captured, f"{clip.label} failed: {exc}"
             if bar is not None:
                 bar.update(len(result.skipped))
             captured.append(clip.index)
-            entry["complete"] = result.complete
-            manifest["complete"] = all(e["complete"] for e in entries)
-            _write_manifest(folder, manifest)
+            _mark_clip(folder, clip.index, result.complete)
             logger.info("run set %s: %s captured in %.1f s", folder, clip.label, result.seconds)
-        manifest["complete"] = all(e["complete"] for e in entries)
-        _write_manifest(folder, manifest)
     finally:
         if bar is not None:
             bar.close()
-    return captured, skipped
+    return captured, None

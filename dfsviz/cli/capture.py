@@ -64,6 +64,8 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
         "  dfsviz capture --model ./wan-dir --embeddings random --dry-run --out x.h5\n"
         "  dfsviz capture --prompts all --seeds 0-3 --out runs/classes    # a run set: 32 clips, one file each\n"
         "  dfsviz capture --model ./wan-dir --embeddings random --seeds 0-7 --out runs/wan-seeds\n"
+        "  torchrun --nproc-per-node 4 -m dfsviz capture --model ./wan-dir --embeddings random --seeds 0-7 \\\n"
+        "      --out runs/wan-seeds                           # the same run set, its clips spread over 4 ranks\n"
         "  dfsviz capture --model ./other-dit --embeddings random --grid 3x8x8 --out x.h5   # a class not in the registry"
     ),
 )
@@ -139,7 +141,8 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
 )
 @click.option(
     "--context-parallel", type=click.Choice(["ulysses"]), default=None,
-    help="Under torchrun --nproc-per-node P: diffusers' Ulysses attention over the P ranks, each reducing its heads.",
+    help="Under torchrun --nproc-per-node P: one clip over the P ranks with diffusers' Ulysses attention, each "
+         "reducing its heads. Without it, torchrun spreads a run set's clips over the ranks.",
 )
 @click.option("--out", required=True,
               help="Output HDF5 file; with several clips a directory (the run set: one file per clip and runset.json).")
@@ -160,7 +163,8 @@ def capture_command(**opts) -> None:
 
     With --prompts or --seeds naming several clips, --out is a directory, a run set: one
     capture file per clip and runset.json, the model loaded once (``dfsviz calibrate DIR``
-    pools its clips).
+    pools its clips). Under torchrun the run set's clips are spread over the ranks, each rank
+    capturing whole clips on its own device (rank r: the r-th, (r+P)-th, ... clip to capture).
     """
     from dfsviz.capture.config import CaptureConfig
 
@@ -235,10 +239,17 @@ def _capture_one(config, opts: dict) -> None:
     from dfsviz.capture.resolve import resolve_capture
     from dfsviz.capture.runner import run_capture
 
+    from dfsviz.capture.ranks import world_size
+
     if opts["dry_run"]:
         info = resolve_capture(config, load_weights=False).describe()
         _echo_dry_run(info, info["estimated_file_bytes_uncompressed"], f"{len(info['capture_steps'])} steps")
         return
+    ranks = world_size()
+    if ranks > 1 and config.context_parallel is None:  # every rank would capture the same clip into one file
+        raise ValueError(f"torchrun started {ranks} ranks, but one clip is captured in one process: pass "
+                         "--context-parallel ulysses to spread it over the ranks, or --prompts/--seeds to capture "
+                         "several clips (each rank captures whole clips); or run it without torchrun")
     result = run_capture(config, progress=not opts["quiet"])
     if not result.wrote:  # another rank of a Ulysses capture: rank 0 reports
         return
@@ -259,6 +270,8 @@ def _capture_set(run_set, opts: dict) -> None:
                       f"{len(info['clips'])} clips of {len(info['capture_steps'])} steps")
         return
     result = capture_run_set(run_set, progress=not opts["quiet"])
+    if result.rank:  # under torchrun every rank returns the whole set's result: rank 0 reports it
+        return
     state = "complete" if result.complete else "incomplete"
     click.echo(f"wrote run set {result.path} ({state}): {result.clips} clips, {len(result.captured)} captured, "
                f"{len(result.skipped)} already there, {format_bytes(result.file_bytes)}, {result.seconds:.1f} s")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -27,23 +25,10 @@ import ulysses_worker as worker
 from dfsviz.capture import CaptureConfig, run_capture
 from dfsviz.capture.ranks import check_degree
 from dfsviz.cli import main
+from launch import torchrun, torchrun_cli
 from tiny_models import build_class
 
-RANKS = 2
 HEADS = 4
-
-
-def _torchrun(*args: str) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(RANKS), "--master-port", str(port),
-            *args]
-
-
-def _cli(*args: str) -> list[str]:
-    """``dfsviz ARGS`` on every rank (the console script beside this Python)."""
-    return _torchrun("--no-python", str(Path(sys.executable).parent / "dfsviz"), *args)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +66,9 @@ def _assert_same_maps(got: Path, want: Path, steps, rtol: float = 0.0) -> None:
 
 def test_two_rank_capture_equals_the_single_process_capture(wan4, single, tmp_path):
     out = tmp_path / "ulysses.h5"
-    done = subprocess.run(_cli("capture", "--model", str(wan4), "--out", str(out), "--context-parallel", "ulysses",
-                               "--quiet", *worker.CLI_ARGS), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(torchrun_cli("capture", "--model", str(wan4), "--out", str(out), "--context-parallel",
+                                       "ulysses", "--quiet", *worker.CLI_ARGS), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("wrote ") == 1  # rank 0 reports
     with dfsviz.open(out) as run:
@@ -104,7 +90,7 @@ def test_two_rank_capture_equals_the_single_process_capture(wan4, single, tmp_pa
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
 def test_a_rank_killed_after_step_1_then_resume_under_torchrun_completes(wan4, single, tmp_path):
     out = tmp_path / "killed.h5"
-    proc = subprocess.Popen(_torchrun(worker.__file__, str(wan4), str(out), "steps"), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(torchrun(worker.__file__, str(wan4), str(out), "steps"), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     pids = {}
     try:
@@ -128,8 +114,9 @@ def test_a_rank_killed_after_step_1_then_resume_under_torchrun_completes(wan4, s
         assert kept[:2] == [0, 1] and len(kept) < worker.STEPS
     _assert_same_maps(out, single, kept)
 
-    done = subprocess.run(_cli("capture", "--model", str(wan4), "--out", str(out), "--context-parallel", "ulysses",
-                               "--resume", "--quiet", *worker.CLI_ARGS), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(torchrun_cli("capture", "--model", str(wan4), "--out", str(out), "--context-parallel",
+                                       "ulysses", "--resume", "--quiet", *worker.CLI_ARGS), capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"{len(kept)} already there" in done.stdout
     with dfsviz.open(out) as run:
@@ -139,7 +126,7 @@ def test_a_rank_killed_after_step_1_then_resume_under_torchrun_completes(wan4, s
 
 def test_recording_under_ulysses_with_dfsattn_equals_the_single_process_recording(wan4, tmp_path):
     out, ref = tmp_path / "recorded.h5", tmp_path / "single.h5"
-    done = subprocess.run(_torchrun(worker.__file__, str(wan4), str(out), "record"), capture_output=True, text=True,
+    done = subprocess.run(torchrun(worker.__file__, str(wan4), str(out), "record"), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     worker.record_loop(str(wan4), str(ref), parallel=False)
@@ -151,7 +138,7 @@ def test_recording_under_ulysses_with_dfsattn_equals_the_single_process_recordin
 
 def test_ranks_running_another_run_are_refused_on_every_rank(wan4, tmp_path):
     out = tmp_path / "mixed.h5"
-    done = subprocess.run(_torchrun(worker.__file__, str(wan4), str(out), "seed_by_rank"), capture_output=True,
+    done = subprocess.run(torchrun(worker.__file__, str(wan4), str(out), "seed_by_rank"), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode != 0
     assert done.stderr.count("ValueError: rank 1 captures another run than rank 0 (differs in ['seed'])") == 2

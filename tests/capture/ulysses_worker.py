@@ -1,4 +1,4 @@
-"""One rank of the Ulysses capture tests (``test_context_parallel.py``), under torchrun on gloo::
+"""One rank of the Ulysses capture tests (``test_ulysses_capture.py``), under torchrun on gloo::
 
     python -m torch.distributed.run --nproc-per-node 2 tests/capture/ulysses_worker.py MODEL OUT MODE
 
