@@ -1,13 +1,16 @@
-"""The error float16 map storage (``--map-dtype float16``) introduces, measured on the shipped sample.
+"""The error float16 and uint8 map storage (``--map-dtype float16`` / ``uint8``) introduce,
+measured on the shipped sample.
 
     .venv/bin/python benchmarks/map_dtype_error.py        # CPU, a few minutes
 
-Writes the sample's maps again through ``CaptureWriter`` with ``map_dtype="float16"`` (every
-map rounded to float16 on its way to the file, checked by the writer as a capture's are), then
-compares the two files on every (step, layer, order, head, query block) of the cond branch:
+Writes the sample's maps again through ``CaptureWriter`` with ``map_dtype="float16"`` and with
+``map_dtype="uint8"`` (every map rounded or coded on its way to the file, checked by the writer as
+a capture's are; meanpool's score served from L, as a capture of this release stores it), then
+compares each copy with the float32 file on every (step, layer, order, head, query block) of the
+cond branch:
 
-* recall of the dfs_tile mask and of the oracle mask (top-k of m) at gamma 0.1 / 0.2 / 0.3,
-  each mask measured on its own file's m: max and mean absolute change;
+* recall of the top-k mask of every method and of the oracle (top-k of m) at gamma 0.1 / 0.2 /
+  0.3, each mask measured on its own file's m: max and mean absolute change;
 * the number of top-k masks (one per query block) of every method and the oracle that select
   another set of key blocks;
 * the maps' bytes, compressed on disk and uncompressed;
@@ -15,7 +18,7 @@ compares the two files on every (step, layer, order, head, query block) of the c
   on the stored Q/K.
 
 Writes benchmarks/results/map_dtype_error.json (machine, versions, the sample's capture settings,
-the numbers).
+the numbers per storage dtype).
 """
 
 from __future__ import annotations
@@ -34,21 +37,23 @@ import torch
 import dfsviz
 from calibrate_embedded import load, machine  # benchmarks/ is the script's folder
 from dfsviz.analysis.report import ReportConfig, build_report
-from dfsviz.capture.schema import MAP_NAMES, STAT_NAMES, STEP_GROUP
+from dfsviz.capture.schema import AFFINE_SUFFIX, MAP_NAMES, STAT_NAMES, STEP_GROUP
 from dfsviz.capture.writer import CaptureWriter
 from dfsviz.sparse.select import select_topk
 
 BUDGETS = (0.1, 0.2, 0.3)
+COPIES = ("float16", "uint8")
 # root attributes the writer sets itself (format, layout, completeness)
 _WRITER_ATTRS = {"format", "format_version", "created_utc", "complete", "dfsviz_version", "finished_utc"}
 
 
-def write_float16_copy(reader, path: Path) -> None:
-    """Every completed step of ``reader`` written again into ``path`` with float16 maps."""
-    layout = dataclasses.replace(reader.layout, map_dtype="float16")
+def write_copy(reader, path: Path, map_dtype: str) -> None:
+    """Every completed step of ``reader`` written again into ``path`` with ``map_dtype`` maps and
+    the scores this release stores (the default ``stored_scores``: meanpool's is L)."""
+    layout = dataclasses.replace(reader.layout, map_dtype=map_dtype, stored_scores=None)
     own = set(layout.to_attrs()) | _WRITER_ATTRS
     attrs = {k: v for k, v in reader.attrs.items() if k not in own}
-    attrs["capture_config"] = {**reader.config, "map_dtype": "float16"}
+    attrs["capture_config"] = {**reader.config, "map_dtype": map_dtype}
     perms = {order: reader.perm(order) for order in layout.orders}
     with CaptureWriter.create(path, layout, attrs, perms) as writer:
         for step in reader.steps:
@@ -58,7 +63,7 @@ def write_float16_copy(reader, path: Path) -> None:
                     for order in layout.orders:
                         stored = reader.block_stats(step, layer, order, branch=branch)
                         stats = {name: getattr(stored, name)[0] for name in STAT_NAMES}
-                        scores = {m: reader.scores(step, layer, order, m, branch=branch)[0] for m in layout.methods}
+                        scores = {m: reader.scores(step, layer, order, m, branch=branch)[0] for m in layout.score_methods}
                         w_q, w_k = reader.variance_ratios(step, layer, order, branch=branch)
                         writer.write_maps(layer, branch, order, stats, scores, w_q[0], w_k[0])
                         if layout.footprints:
@@ -74,28 +79,28 @@ def write_float16_copy(reader, path: Path) -> None:
         writer.finish()
 
 
-def compare(full, half) -> dict:
-    """Recall changes and changed masks between the float32 and float16 files (cond branch)."""
+def compare(full, copy) -> dict:
+    """Recall changes and changed masks between the float32 file and a copy (cond branch)."""
     n, block = full.grid.num_tokens, full.block
-    recall = {f"{name}@{g:g}": [] for name in ("dfs_tile", "oracle") for g in BUDGETS}
-    changed = {f"{name}@{g:g}": 0 for name in (*full.methods, "oracle") for g in BUDGETS}
+    names = (*full.methods, "oracle")
+    recall = {f"{name}@{g:g}": [] for name in names for g in BUDGETS}
+    changed = {f"{name}@{g:g}": 0 for name in names for g in BUDGETS}
     masks = 0
     for step in full.steps:
         for layer in full.layers:
             for order in full.orders:
-                m32, m16 = full.block_mass(step, layer, order), half.block_mass(step, layer, order)
-                scores = {name: (full.scores(step, layer, order, name), half.scores(step, layer, order, name))
+                m32, m_copy = full.block_mass(step, layer, order), copy.block_mass(step, layer, order)
+                scores = {name: (full.scores(step, layer, order, name), copy.scores(step, layer, order, name))
                           for name in full.methods}
-                scores["oracle"] = (m32, m16)
+                scores["oracle"] = (m32, m_copy)
                 for g in BUDGETS:
-                    for name, (s32, s16) in scores.items():
+                    for name, (s32, s_copy) in scores.items():
                         k32 = select_topk(s32, g, seq_len=n, block=block).to_dense()
-                        k16 = select_topk(s16, g, seq_len=n, block=block).to_dense()
-                        changed[f"{name}@{g:g}"] += int((k32 != k16).any(dim=-1).sum())
-                        if f"{name}@{g:g}" in recall:
-                            r32 = (m32.double() * k32).sum(-1)
-                            r16 = (m16.double() * k16).sum(-1)
-                            recall[f"{name}@{g:g}"].append((r16 - r32).abs().flatten())
+                        k_copy = select_topk(s_copy, g, seq_len=n, block=block).to_dense()
+                        changed[f"{name}@{g:g}"] += int((k32 != k_copy).any(dim=-1).sum())
+                        r32 = (m32.double() * k32).sum(-1)
+                        r_copy = (m_copy.double() * k_copy).sum(-1)
+                        recall[f"{name}@{g:g}"].append((r_copy - r32).abs().flatten())
                 masks += m32[..., 0].numel()
     out = {"query_block_rows": masks, "recall_abs_change": {}, "masks_changed": changed}
     for key, parts in recall.items():
@@ -105,11 +110,12 @@ def compare(full, half) -> dict:
 
 
 def map_bytes(path: Path) -> dict:
-    """Bytes of the maps (m, L, r, J, scores) on disk (compressed) and uncompressed, all steps."""
+    """Bytes of the maps (m, L, r, J, scores, and the rows' offsets and scales of uint8 maps) on
+    disk (compressed) and uncompressed, all steps."""
     disk = raw = 0
     with h5py.File(path, "r") as f:
         for group in f[STEP_GROUP].values():
-            for name in MAP_NAMES:
+            for name in (n for n in (*MAP_NAMES, *(m + AFFINE_SUFFIX for m in MAP_NAMES)) if n in group):
                 disk += group[name].id.get_storage_size()
                 raw += group[name].size * group[name].dtype.itemsize
     return {"compressed": disk, "uncompressed": raw}
@@ -133,20 +139,22 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with tempfile.TemporaryDirectory() as folder:
-        half_path = Path(folder) / "float16.h5"
+        paths = {dtype: Path(folder) / f"{dtype}.h5" for dtype in COPIES}
+        result["validate"], result["error"] = {}, {}
         with dfsviz.open(source) as full:
             if full.layout.map_dtype != "float32":
                 raise SystemExit(f"{source} holds {full.layout.map_dtype} maps; give a float32 capture")
             result["capture"] = {"file": source.name, "capture_config": full.config, "summary": full.summary()}
-            write_float16_copy(full, half_path)
-            with dfsviz.open(half_path) as half:
-                result["validate_float16"] = half.validate()
-                result["error"] = compare(full, half)
-        result["map_bytes"] = {"float32": map_bytes(source), "float16": map_bytes(half_path)}
-        result["bounds"] = {"float32": bounds(source), "float16": bounds(half_path)}
+            for dtype, path in paths.items():
+                write_copy(full, path, dtype)
+                with dfsviz.open(path) as copy:
+                    result["validate"][dtype] = copy.validate()
+                    result["error"][dtype] = compare(full, copy)
+        result["map_bytes"] = {"float32": map_bytes(source), **{dtype: map_bytes(path) for dtype, path in paths.items()}}
+        result["bounds"] = {"float32": bounds(source), **{dtype: bounds(path) for dtype, path in paths.items()}}
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps({k: result[k] for k in ("error", "bounds", "validate_float16", "map_bytes")}, indent=2, default=str))
+    print(json.dumps({k: result[k] for k in ("error", "bounds", "validate", "map_bytes")}, indent=2, default=str))
 
 
 if __name__ == "__main__":

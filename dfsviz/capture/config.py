@@ -11,17 +11,22 @@ from pathlib import Path
 import torch
 
 from dfsviz.capture.ranks import check_rank_device
-from dfsviz.capture.schema import MAP_DTYPES, MAX_INDEX
+from dfsviz.capture.schema import MAP_DTYPE_CHOICES, MAX_INDEX
 from dfsviz.sparse._validate import check_block, check_int, check_power_of_two
 from dfsviz.sparse.grid import LatentGrid
 
-__all__ = ["CaptureConfig", "default_capture_steps", "BRANCHES", "MAX_SEED"]
+__all__ = ["CaptureConfig", "default_capture_steps", "format_size", "BRANCHES", "MAX_SEED", "STEP_BUDGET"]
 
 BRANCHES = ("cond", "both")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QKV_DTYPES = ("auto", "float16", "float32")
 # seeds round-trip through HDF5 int64 attributes
 MAX_SEED = (1 << 63) - 1
+# 8 GB per step: a Wan2.1-14B 720p step with both default orders fits it in uint8 (docs/format.md)
+STEP_BUDGET = 8 * 10**9
+# units of a size: decimal (kB = 1000 B, what disks and the budget's default count in) and binary
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 # what each scoring method's `tile` argument means in a capture (dfs_tile: the pooling tile
 # b; antidiagonal: the stride S); the others take none
 _TILE_FIELD = {"dfs_tile": "tile", "antidiagonal": "stride"}
@@ -90,8 +95,13 @@ class CaptureConfig:
         qkv_steps: captured steps at which Q/K/V are stored; None = every captured step.
         qkv_dtype: storage dtype of saved Q/K/V: "auto" (float16 for float16 models, else
             float32), "float16" (half the size; values beyond +-65504 are refused) or "float32".
-        map_dtype: storage dtype of the maps m, L, r, J and scores: "float32" or "float16"
-            (half their bytes, rounded to 11 significant bits; values beyond +-65504 are refused).
+        map_dtype: storage dtype of the maps m, L, r, J and scores: "auto" (the widest of
+            float32, float16 and uint8 whose largest step fits ``step_budget``), "float32",
+            "float16" (half their bytes, rounded to 11 significant bits; values beyond +-65504
+            are refused) or "uint8" (a quarter: 256 levels per map row, docs/format.md).
+        step_budget: with ``map_dtype`` "auto", the bytes one step may take (uncompressed, as
+            ``StoreLayout.bytes_per_step`` counts them): an int > 0 or a size such as "8GB",
+            "500MB", "2GiB" (kept as the int). Default 8 GB (8 x 10^9 bytes).
         device: "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
         dtype: model dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "float16", "bfloat16".
         overwrite: replace an existing output file.
@@ -130,7 +140,8 @@ class CaptureConfig:
     save_qkv: tuple[int, ...] = ()
     qkv_steps: tuple[int, ...] | None = None
     qkv_dtype: str = "auto"
-    map_dtype: str = "float32"
+    map_dtype: str = "auto"
+    step_budget: int | str = STEP_BUDGET
     device: str = "auto"
     dtype: str = "auto"
     overwrite: bool = False
@@ -213,8 +224,9 @@ class CaptureConfig:
             )
         if self.qkv_dtype not in QKV_DTYPES:
             raise ValueError(f"`qkv_dtype` must be one of {list(QKV_DTYPES)} (got {self.qkv_dtype!r})")
-        if self.map_dtype not in MAP_DTYPES:
-            raise ValueError(f"`map_dtype` must be one of {list(MAP_DTYPES)} (got {self.map_dtype!r})")
+        if self.map_dtype not in MAP_DTYPE_CHOICES:
+            raise ValueError(f"`map_dtype` must be one of {list(MAP_DTYPE_CHOICES)} (got {self.map_dtype!r})")
+        object.__setattr__(self, "step_budget", _size(self.step_budget, "step_budget"))
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})")
         if self.context_parallel not in (None, "ulysses"):
@@ -252,12 +264,13 @@ class CaptureConfig:
         """JSON-ready dict (the ``capture_config`` root attribute).
 
         The generic entry's ``grid``, ``text_len`` and ``text_first``, and ``context_parallel``,
-        appear only when set, and ``map_dtype`` only when "float16", so the settings of a
-        one-process float32 capture of a registry model read as they did before these fields
-        existed (``--resume`` of such a file compares equal)."""
+        appear only when set, and ``map_dtype`` and ``step_budget`` only when not the default,
+        so the settings of a one-process default capture of a registry model read as they did
+        before these fields existed (``--resume`` of such a file compares equal)."""
         generic = ("grid", "text_len", "text_first", "context_parallel")
+        defaults = {"map_dtype": "auto", "step_budget": STEP_BUDGET}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
-                if not (k in generic and v is None) and not (k == "map_dtype" and v == "float32")}
+                if not (k in generic and v is None) and not (k in defaults and v == defaults[k])}
 
     @property
     def torch_device(self) -> torch.device:
@@ -282,6 +295,32 @@ class CaptureConfig:
         """The tile/stride argument of ``method`` (None when it takes none)."""
         name = _TILE_FIELD.get(method)
         return None if name is None else getattr(self, name)
+
+
+def _size(value, name: str) -> int:
+    """Bytes of ``value``: an int > 0, or a str "8GB", "500 MB", "1.5GiB", "2e9" (see _SIZE_UNITS)."""
+    bytes_ = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        bytes_ = value
+    elif isinstance(value, str):
+        found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        if found and found.group(2).lower() in ("", *_SIZE_UNITS):
+            bytes_ = int(float(found.group(1)) * _SIZE_UNITS.get(found.group(2).lower(), 1))
+    if bytes_ is None or bytes_ <= 0:
+        raise ValueError(
+            f"`{name}` must be a size in bytes > 0, a whole number or a number with a unit (B, kB, MB, GB, TB, KiB, MiB, "
+            f"GiB, TiB), e.g. 8GB (got {value!r})"
+        )
+    return bytes_
+
+
+def format_size(num_bytes: int) -> str:
+    """``8_000_000_000`` -> ``"8.00 GB"`` (decimal units, as a step budget is given); ``"999 B"``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if num_bytes < 1000:
+            return f"{num_bytes} {unit}" if unit == "B" else f"{num_bytes:.2f} {unit}"
+        num_bytes /= 1000
+    return f"{num_bytes:.2f} TB"
 
 
 def default_capture_steps(num_steps: int, count: int = 5) -> tuple[int, ...]:

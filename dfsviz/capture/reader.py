@@ -18,12 +18,15 @@ import numpy as np
 import torch
 
 from dfsviz.capture.file_safety import held_by_another_process
+from dfsviz.capture.codes import decode
 from dfsviz.capture.schema import (
+    AFFINE_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
     STAT_NAMES,
     STEP_GROUP,
     VIDEO_GROUP,
+    SCORE_STATS,
     RootAttrs,
     StoreLayout,
     read_json_attr,
@@ -246,8 +249,11 @@ class CaptureReader:
         oi = self._pos(order, self.orders, "order")
         bi = self._pos(branch, self.branches, "branch")
         hsel, _ = self._heads(head)
-        lead = (li, bi, oi) if method is None else (li, bi, oi, self._pos(method, self.methods, "method"))
-        return torch.from_numpy(np.asarray(_read_heads(g[name], lead, hsel), dtype=np.float32))  # float16 maps as float32
+        lead = (li, bi, oi) if method is None else (li, bi, oi, self.layout.score_methods.index(method))
+        stored = _read_heads(g[name], lead, hsel)
+        if self.layout.map_dtype == "uint8":
+            stored = decode(stored, _read_heads(g[f"{name}{AFFINE_SUFFIX}"], lead, hsel))
+        return torch.from_numpy(np.asarray(stored, dtype=np.float32))  # float16 and uint8 maps as float32
 
     # -- typed accessors ---------------------------------------------------------------------
     def block_stats(self, step: int, layer: int, order: str, head=None, branch: str = "cond") -> StoredStats:
@@ -263,7 +269,13 @@ class CaptureReader:
         return self._maps("m", step, layer, order, head, branch)[None]
 
     def scores(self, step: int, layer: int, order: str, method: str, head=None, branch: str = "cond") -> torch.Tensor:
-        """Block scores of ``method``: float32 [1, Hs, Mq, Mk]."""
+        """Block scores of ``method``: float32 [1, Hs, Mq, Mk].
+
+        meanpool's score is the pooled logit L and the oracle's the block mass m: files that do
+        not store them in ``scores`` (``layout.score_methods``) serve those maps."""
+        self._pos(method, self.methods, "method")
+        if method not in self.layout.score_methods:
+            return self._maps(SCORE_STATS[method], step, layer, order, head, branch)[None]
         return self._maps("scores", step, layer, order, head, branch, method)[None]
 
     def variance_ratios(self, step: int, layer: int, order: str, branch: str = "cond") -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,6 +400,8 @@ class CaptureReader:
             qkv_layers=list(lay.qkv_layers),
             qkv_steps=list(lay.qkv_steps) if lay.qkv_layers else [],
             map_dtype=lay.map_dtype,
+            map_dtype_choice=self.attrs.get("map_dtype_choice"),
+            score_methods=list(lay.score_methods),
             dfsattn=self.attrs.get("dfsattn") if lay.dfsattn_order else None,
             file_bytes=self.path.stat().st_size,
             planned_bytes_uncompressed=lay.total_bytes(),

@@ -35,7 +35,6 @@ set to another backend (flash, sage ...) then runs on SDPA's own kernels, whose 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import logging
@@ -75,8 +74,8 @@ logger = logging.getLogger(__name__)
 # CaptureConfig fields a recording takes from the caller; the others (model, prompt, steps,
 # size, guidance, device, dtype, embeddings) are decided by the pipeline call
 SETTINGS = ("capture_steps", "layers", "heads", "orders", "methods", "block", "tile", "stride", "footprints",
-            "branches", "save_qkv", "qkv_steps", "qkv_dtype", "map_dtype", "kernel_backend", "seed", "overwrite",
-            "resume")
+            "branches", "save_qkv", "qkv_steps", "qkv_dtype", "map_dtype", "step_budget", "kernel_backend", "seed",
+            "overwrite", "resume")
 # pipeline call arguments that change how the call reports, not what it denoises: a resume may differ in them
 _CALL_REPORTING = ("callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type", "return_dict")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -125,7 +124,9 @@ def record(pipe, out: str | Path, *, scheduler=None, fps: float = 16.0, progress
             ``capture_steps`` (None = 5 spread over the call's steps), ``layers``, ``heads``,
             ``orders``, ``methods``, ``block``, ``tile``, ``stride``, ``footprints``,
             ``branches`` ("cond" or "both"), ``save_qkv``, ``qkv_steps``, ``qkv_dtype``,
-            ``map_dtype`` ("float32" or "float16": half the maps' bytes), ``kernel_backend``, ``seed`` (of the footprint sampling), ``overwrite``, ``resume``
+            ``map_dtype`` ("auto", the default: the widest of "float32", "float16" and "uint8" whose
+            largest step fits ``step_budget``, 8 GB unless given, e.g. "20GB"), ``kernel_backend``,
+            ``seed`` (of the footprint sampling), ``overwrite``, ``resume``
             (continue an interrupted recording of the same call: the call runs whole again,
             only the missing steps are reduced).
 
@@ -254,7 +255,7 @@ class Recording:
         self.transformers = transformers
         self.pipe_class = type(transformer) if self.own_loop else type(pipe)
         # resolved before the call, so a bad layer or head is refused before any compute
-        self.layer_map, _, _ = resolve_layout(self.config, self.adapter, transformer, _ANY_GRID, (0,))
+        self.layer_map, *_ = resolve_layout(self.config, self.adapter, transformer, _ANY_GRID, (0,))
         self.result: CaptureResult | None = None
         self._lock: CaptureLock | None = None
         self._restore: list = []
@@ -512,16 +513,15 @@ class Recording:
             raise ValueError(f"`branches`='both' needs an unconditional pass: {rules.no_uncond_hint()}")
         cond = self._conditioning(kwargs, self._cond_sample(hidden.shape[0]))
         grid = adapter.token_grid(model.config, latent, adapter.text_len(cond))
-        layer_map, heads, layout = resolve_layout(cfg, adapter, model, grid, tuple(steps))
-        if self.dfsattn is not None:
-            layout = dataclasses.replace(layout, dfsattn_order=self.dfsattn[1].order)
+        layer_map, heads, layout, map_dtype_choice = resolve_layout(
+            cfg, adapter, model, grid, tuple(steps), None if self.dfsattn is None else self.dfsattn[1].order)
         source = ModelSource(
             transformer=model, adapter=adapter, scheduler=pipe.scheduler, model_id=_model_id(pipe, model, self.pipe_class),
             vae_spatial=int(getattr(pipe, "vae_scale_factor_spatial", adapter.vae_spatial)),
             vae_temporal=int(getattr(pipe, "vae_scale_factor_temporal", adapter.vae_temporal)),
             num_steps=num_steps, guidance_scale=guidance,
         )
-        attrs = self._attrs(source, latent, num_steps, guidance)
+        attrs = {**self._attrs(source, latent, num_steps, guidance), "map_dtype_choice": map_dtype_choice}
         self.rc = ResolvedCapture(cfg, source, grid, latent, num_steps, guidance, tuple(steps), layer_map, heads,
                                   layout, cond, None, attrs)
         call = {k: v for k, v in attrs["pipeline_call"].items() if k not in _CALL_REPORTING}

@@ -82,14 +82,9 @@ class AttentionReducer:
         for oi, order in enumerate(self.orders):
             qo, ko = order.apply(q), order.apply(k)
             st = block_stats(qo, ko, block=lay.block, scale=scale, backend=cfg.kernel_backend)
-            scores = {}
-            for method in lay.methods:
-                if method == "oracle":
-                    scores[method] = st.m[0]
-                else:
-                    scores[method] = block_scores(
-                        qo, ko, method=method, tile=cfg.tile_for(method), block=lay.block, scale=scale, backend=cfg.kernel_backend
-                    )[0]
+            # meanpool's and the oracle's scores are L and m, stored once (lay.score_methods holds the rest)
+            scores = {method: block_scores(qo, ko, method=method, tile=cfg.tile_for(method), block=lay.block, scale=scale,
+                                           backend=cfg.kernel_backend)[0] for method in lay.score_methods}
             # the writer checks every W (and every map) it writes: no value check here, which
             # would wait for the GPU twice per order and layer
             wq = variance_ratio(qo, lay.block, check_values=False)[0]

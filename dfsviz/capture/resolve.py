@@ -13,6 +13,7 @@ are read from diffusers 0.42's pipelines; a family without an entry runs as ``Wa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,13 +21,13 @@ import numpy as np
 import torch
 
 from dfsviz.capture.adapters import Conditioning
-from dfsviz.capture.config import CaptureConfig, default_capture_steps
-from dfsviz.capture.schema import StoreLayout
+from dfsviz.capture.config import CaptureConfig, default_capture_steps, format_size
+from dfsviz.capture.schema import MAP_DTYPES, StoreLayout
 from dfsviz.capture.sources import ModelSource, load_embeddings, load_model_source
 from dfsviz.sparse.grid import LatentGrid
 
-__all__ = ["PipelineRules", "ResolvedCapture", "check_capture_steps", "pipeline_rules", "resolve_capture", "resolve_layout",
-           "run_attrs", "run_identity", "weights_fingerprint"]
+__all__ = ["PipelineRules", "ResolvedCapture", "check_capture_steps", "choose_map_dtype", "pipeline_rules", "resolve_capture",
+           "resolve_layout", "run_attrs", "run_identity", "weights_fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,8 @@ class ResolvedCapture:
             "footprints": lay.footprints,
             "save_qkv": list(lay.qkv_layers),
             "qkv_steps": list(lay.qkv_steps) if lay.qkv_layers else [],
+            "map_dtype": lay.map_dtype,
+            "map_dtype_choice": self.attrs["map_dtype_choice"],
             "out": self.config.out,
             "estimated_file_bytes_uncompressed": lay.total_bytes(),
         }
@@ -212,9 +215,9 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
         )
     grid = adapter.token_grid(mcfg, latent, text_len)
 
-    layer_map, heads, layout = resolve_layout(config, adapter, model, grid, tuple(steps))
+    layer_map, heads, layout, map_dtype_choice = resolve_layout(config, adapter, model, grid, tuple(steps))
     attrs = {**run_attrs(config, source, latent, num_steps, guidance, prompt, config.negative_prompt),
-             "embeddings": config.embeddings or "model"}
+             "embeddings": config.embeddings or "model", "map_dtype_choice": map_dtype_choice}
     return ResolvedCapture(
         config, source, grid, latent, num_steps, guidance, tuple(steps), layer_map, heads, layout, cond, uncond, attrs
     )
@@ -256,10 +259,13 @@ def check_capture_steps(steps, num_steps: int, schedule: str = "") -> None:
         )
 
 
-def resolve_layout(config: CaptureConfig, adapter, model: torch.nn.Module, grid: LatentGrid,
-                   steps: tuple[int, ...]) -> tuple[dict[str, int], tuple[int, ...], StoreLayout]:
+def resolve_layout(config: CaptureConfig, adapter, model: torch.nn.Module, grid: LatentGrid, steps: tuple[int, ...],
+                   dfsattn_order: str | None = None) -> tuple[dict[str, int], tuple[int, ...], StoreLayout, str]:
     """The captured layers (module name -> layer index), heads and file layout of ``config`` on
-    ``model`` with token grid ``grid``; ValueError naming an unknown layer or head."""
+    ``model`` with token grid ``grid`` (holding DFSAttn's masks in the blocks of ``dfsattn_order``
+    when given: ``dfsviz.record`` with ``apply_dfsattn`` active), and why the layout stores its maps as it does (the root
+    attribute ``map_dtype_choice``: what :func:`choose_map_dtype` says for "auto"); ValueError
+    naming an unknown layer or head."""
     mcfg = model.config
     all_layers = adapter.select_layers(model)
     by_index = {i: n for n, i in all_layers.items()}
@@ -291,9 +297,34 @@ def resolve_layout(config: CaptureConfig, adapter, model: torch.nn.Module, grid:
         qkv_steps=config.qkv_steps,
         head_dim=int(mcfg.attention_head_dim),
         qkv_dtype=config.stored_qkv_dtype,
-        map_dtype=config.map_dtype,
+        map_dtype="float32" if config.map_dtype == "auto" else config.map_dtype,
+        dfsattn_order=dfsattn_order,
     )
-    return layer_map, tuple(heads), layout
+    if config.map_dtype == "auto":
+        layout, why = choose_map_dtype(layout, config.step_budget)
+    else:
+        why = f"{config.map_dtype} as asked (map_dtype={config.map_dtype!r})"
+    return layer_map, tuple(heads), layout, why
+
+
+def choose_map_dtype(layout: StoreLayout, budget: int) -> tuple[StoreLayout, str]:
+    """``map_dtype="auto"``: ``layout`` with the widest map dtype (float32, float16, uint8) whose
+    largest step (``bytes_per_step``, uncompressed) fits ``budget`` bytes, or uint8 when none
+    does; and why, in words (the root attribute ``map_dtype_choice``, logged when the file is created)."""
+    sizes = {}
+    for dtype in MAP_DTYPES:
+        candidate = dataclasses.replace(layout, map_dtype=dtype)
+        sizes[dtype] = max(candidate.bytes_per_step(step) for step in candidate.steps)
+        if sizes[dtype] <= budget:
+            break
+    chosen = candidate.map_dtype
+    tried = ", ".join(f"{format_size(size)} in {dtype}" for dtype, size in sizes.items())
+    if sizes[chosen] <= budget:
+        why = f"auto: {chosen}, the widest map dtype whose largest step fits the step budget of {format_size(budget)} ({tried})"
+    else:
+        why = (f"auto: uint8, and even uint8 exceeds the step budget of {format_size(budget)} ({tried}): capture fewer "
+               "layers, heads, orders or methods, or raise --step-budget")
+    return candidate, why
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -326,7 +357,10 @@ def run_identity(rc: ResolvedCapture, fingerprint: str) -> dict:
 
     cfg = rc.config
     device = cfg.torch_device
-    identity = {k: v for k, v in cfg.to_json().items() if k not in ("out", "overwrite", "resume")}
+    # the map dtype as resolved ("auto" and the budget resolve to one), and as before files named it: float32 unnamed
+    identity = {k: v for k, v in cfg.to_json().items() if k not in ("out", "overwrite", "resume", "map_dtype", "step_budget")}
+    if rc.layout.map_dtype != "float32":
+        identity["map_dtype"] = rc.layout.map_dtype
     identity.update(
         device=device.type,
         dtype=str(cfg.torch_dtype).replace("torch.", ""),

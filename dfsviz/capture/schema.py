@@ -22,6 +22,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "RootAttrs",
+    "SCORE_STATS",
     "STAT_NAMES",
     "STEP_GROUP",
     "UNITS",
@@ -48,10 +49,19 @@ GZIP_LEVEL = 1
 STAT_NAMES = ("m", "L", "r", "J")
 BRANCHES = ("cond", "uncond")
 QKV_DTYPES = ("float16", "float32")
-# storage dtypes of the maps (m, L, r, J, scores), the default first: root attribute
-# `map_dtype`; files written before it existed hold float32 maps
-MAP_DTYPES = ("float32", "float16")
+# storage dtypes of the maps (m, L, r, J, scores), widest first: root attribute `map_dtype`;
+# files written before it existed hold float32 maps. uint8 maps hold 8-bit codes of each row,
+# value = offset + scale x code, with (offset, scale) in the dataset `<name>_affine` beside them
+# (dfsviz.capture.codes)
+MAP_DTYPES = ("float32", "float16", "uint8")
+# the setting `map_dtype`: "auto" takes the widest of MAP_DTYPES whose largest step fits `step_budget`
+MAP_DTYPE_CHOICES = ("auto", *MAP_DTYPES)
 MAP_NAMES = (*STAT_NAMES, "scores")
+AFFINE_SUFFIX = "_affine"
+# methods whose score is a block statistic the file stores anyway: meanpool's score is the pooled
+# logit L, the oracle's the block mass m. `scores` holds the other methods (root attribute
+# `score_methods`); files written before it existed hold every method there
+SCORE_STATS = {"meanpool": "L", "oracle": "m"}
 # Bounds a crafted file cannot exceed: reading more tokens than any video DiT has, or indices
 # beyond what an int64 attribute round-trips, would only allocate memory for an attack.
 MAX_TOKENS = 1 << 24
@@ -86,6 +96,9 @@ DIMS: dict[str, tuple[str, ...]] = {
     "v": ("qkv_layer", "branch", "head", "token", "dim"),
     "dfsattn_mask": ("layer", "branch", "head", "q_block", "k_block"),
 }
+# uint8 maps: (offset, scale) of each map row
+DIMS.update({f"{name}{AFFINE_SUFFIX}": (*DIMS[name][:-1], "affine") for name in MAP_NAMES})
+AFFINE_TERMS = ("offset", "scale")
 UNITS = {
     "m": "fraction of the query block's attention (rows sum to 1 over k_block)",
     "L": "logit (q . k * scale)",
@@ -101,6 +114,8 @@ UNITS = {
     "v": "model units",
     "dfsattn_mask": "1 = key block attended by DFSAttn, 0 = skipped (blocks of the order dfsattn_order)",
 }
+UNITS.update({f"{name}{AFFINE_SUFFIX}": f"(offset, scale) of each row of the uint8 {name}: value = offset + scale x code, "
+              f"in the units of {name}" for name in MAP_NAMES})
 
 
 def step_key(step: int) -> str:
@@ -119,7 +134,10 @@ def dataset_dtype(name: str, layout: "StoreLayout") -> tuple[np.dtype, float | i
     if name in ("q", "k", "v"):
         return np.dtype(layout.qkv_dtype), np.nan
     if name in MAP_NAMES:
-        return np.dtype(layout.map_dtype), np.nan
+        # uint8 codes fill with 0: an unwritten map is told by its affine rows, NaN until written
+        return np.dtype(layout.map_dtype), (0 if layout.map_dtype == "uint8" else np.nan)
+    if name.endswith(AFFINE_SUFFIX):
+        return np.dtype("float32"), np.nan
     dtype, fill = _DTYPES[name]
     return np.dtype(dtype), fill
 
@@ -127,7 +145,7 @@ def dataset_dtype(name: str, layout: "StoreLayout") -> tuple[np.dtype, float | i
 def dimension_values(layout: "StoreLayout", dim: str) -> np.ndarray:
     """The coordinate (dimension scale) of ``dim`` in every step group: model layer and head
     indices, names of branches, orders and methods, or 0..size-1."""
-    names = {"branch": layout.branches, "order": layout.orders, "method": layout.methods}
+    names = {"branch": layout.branches, "order": layout.orders, "method": layout.score_methods, "affine": AFFINE_TERMS}
     if dim in names:
         import h5py
 
@@ -164,12 +182,18 @@ class StoreLayout:
         qkv_layers: layers whose Q/K/V are stored (subset of ``layers``).
         head_dim: D.
         qkv_dtype: numpy dtype name of stored Q/K/V ("float16" or "float32").
-        map_dtype: numpy dtype name of stored m, L, r, J and scores ("float32" or "float16";
-            the reader returns float32 either way).
+        map_dtype: numpy dtype name of stored m, L, r, J and scores ("float32", "float16" or
+            "uint8": 8-bit codes of each row with its offset and scale in ``<name>_affine``; the
+            reader returns float32 either way).
         qkv_steps: steps at which Q/K/V are stored (subset of ``steps``); None = every step.
         dfsattn_order: the token order of the masks DFSAttn used (``dfsviz.record`` of a
             pipeline with ``apply_dfsattn`` active: every step holds ``dfsattn_mask``, in the
             blocks of this order), or None.
+        stored_scores: the methods whose scores the ``scores`` dataset holds (the order of its
+            ``method`` dim), in the order of ``methods``, when not the default; None (the
+            default, and what a list equal to it becomes) = every method without a statistic of
+            its own (``SCORE_STATS``: meanpool's score is L, the oracle's m). Files written
+            before this field hold every method. :attr:`score_methods` says which.
     """
 
     grid: LatentGrid
@@ -188,6 +212,7 @@ class StoreLayout:
     map_dtype: str = "float32"
     qkv_steps: tuple[int, ...] | None = None
     dfsattn_order: str | None = None
+    stored_scores: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.layer_names):
@@ -206,6 +231,22 @@ class StoreLayout:
             raise ValueError(f"`qkv_steps` {extra} are not captured steps {list(self.steps)}")
         if self.dfsattn_order is not None and self.dfsattn_order not in self.orders:
             raise ValueError(f"`dfsattn_order` {self.dfsattn_order!r} is not a captured order {list(self.orders)}")
+        if self.stored_scores is not None:
+            stored, default = tuple(self.stored_scores), self._default_scores()
+            if stored != tuple(m for m in self.methods if m in stored) or not set(default) <= set(stored):
+                raise ValueError(
+                    f"`stored_scores` {list(stored)} must list, in the order of `methods` {list(self.methods)}, every "
+                    f"method besides {sorted(SCORE_STATS)} (whose scores are L and m)"
+                )
+            object.__setattr__(self, "stored_scores", None if stored == default else stored)
+
+    def _default_scores(self) -> tuple[str, ...]:
+        return tuple(m for m in self.methods if m not in SCORE_STATS)
+
+    @property
+    def score_methods(self) -> tuple[str, ...]:
+        """The methods whose scores the ``scores`` dataset holds (see ``stored_scores``)."""
+        return self._default_scores() if self.stored_scores is None else self.stored_scores
 
     @property
     def num_tokens(self) -> int:
@@ -221,7 +262,7 @@ class StoreLayout:
             "layer": len(self.layers),
             "branch": len(self.branches),
             "order": len(self.orders),
-            "method": len(self.methods),
+            "method": len(self.score_methods),
             "head": len(self.heads),
             "q_block": self.num_blocks,
             "k_block": self.num_blocks,
@@ -229,6 +270,7 @@ class StoreLayout:
             "token": self.num_tokens,
             "qkv_layer": len(self.qkv_layers),
             "dim": self.head_dim,
+            "affine": len(AFFINE_TERMS),
         }
         return sizes[dim]
 
@@ -243,8 +285,10 @@ class StoreLayout:
     def datasets(self, step: int) -> list[str]:
         """Datasets present in the group of captured step ``step``."""
         names = list(STAT_NAMES) + ["W_q", "W_k"]
-        if self.methods:
+        if self.score_methods:
             names.append("scores")
+        if self.map_dtype == "uint8":
+            names += [f"{name}{AFFINE_SUFFIX}" for name in names if name in MAP_NAMES]
         if self.footprints:
             names += ["footprint_block", "footprint"]
         if self.has_qkv(step):
@@ -288,6 +332,7 @@ class StoreLayout:
             "map_dtype": self.map_dtype,
             "qkv_steps": np.asarray(self.qkv_steps, dtype=np.int64),
             "dfsattn_order": self.dfsattn_order or "",
+            "score_methods": list(self.score_methods),
         }
 
     @classmethod
@@ -320,11 +365,12 @@ class StoreLayout:
         # files written before `dfsattn_order` existed hold no DFSAttn masks, as "" says
         dfsattn = read.choice("dfsattn_order", ("", *order_names())) if "dfsattn_order" in attrs else ""
         try:
+            methods = read.names("methods", scorer_names(), "method", allow_empty=True)
             return cls(
                 grid=grid,
                 block=block,
                 orders=read.names("orders", order_names(), "order"),
-                methods=read.names("methods", scorer_names(), "method", allow_empty=True),
+                methods=methods,
                 layers=read.ints("layers"),
                 layer_names=read.strs("layer_names"),
                 heads=read.ints("heads"),
@@ -336,6 +382,9 @@ class StoreLayout:
                 qkv_dtype=read.choice("qkv_dtype", QKV_DTYPES),
                 # files written before `map_dtype` existed hold float32 maps
                 map_dtype=read.choice("map_dtype", MAP_DTYPES) if "map_dtype" in attrs else "float32",
+                # ... and every method's scores, meanpool's and the oracle's included
+                stored_scores=(read.names("score_methods", scorer_names(), "method", allow_empty=True)
+                               if "score_methods" in attrs else methods),
                 # Files written before `qkv_steps` existed stored Q/K/V at every step.
                 qkv_steps=qkv_steps,
                 dfsattn_order=dfsattn or None,

@@ -22,9 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dfsviz.capture.codes import decode
 from dfsviz.capture.schema import (
+    AFFINE_SUFFIX,
     DIMS,
     FILTERS,
+    MAP_NAMES,
     STEP_GROUP,
     VIDEO_DIMS,
     VIDEO_GROUP,
@@ -282,7 +285,8 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
     """What is wrong with one map of dataset ``name`` (one head), or None.
 
     ``array`` is what the writer stores: float32 or float16 [Mq, Mk] for m, L, r, J and scores
-    (the row sums of m are checked within :func:`row_sum_tolerance` of its dtype), float16
+    (the row sums of m are checked within :func:`row_sum_tolerance` of its dtype; uint8 maps are
+    checked as computed and, in a file, decoded: their rows of m sum to 1 by construction), float16
     [K, N] for footprint, int32 [K] for footprint_block, [N, D] for q, k, v, a float for W,
     uint8 [Mq, Mk] for dfsattn_mask.
     """
@@ -316,7 +320,7 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
 
 def _label(layout: StoreLayout, name: str, index: tuple[int, ...]) -> str:
     values = {
-        "layer": layout.layers, "branch": layout.branches, "order": layout.orders, "method": layout.methods,
+        "layer": layout.layers, "branch": layout.branches, "order": layout.orders, "method": layout.score_methods,
         "head": layout.heads, "qkv_layer": layout.qkv_layers,
     }
     parts = [f"{dim} {values[dim][i]}" for dim, i in zip(DIMS[name], index)]
@@ -352,11 +356,16 @@ def content_problems(f, layout: StoreLayout, steps) -> list[str]:
             got, want = _values(group[dim][...]), _values(dimension_values(layout, dim))
             if got != want:
                 problems.append(f"{where}/{dim}: coordinate values {got[:8]} ... expected {want[:8]}")
+        coded = layout.map_dtype == "uint8"
         for name in names:
+            if name.endswith(AFFINE_SUFFIX):
+                continue  # read with its map
             dset = group[name]
             lead = dset.shape[: DIMS[name].index("head")]
             for index in np.ndindex(*lead):
                 maps = dset[index]  # [heads, ...]: one read per (layer, branch, order[, method])
+                if coded and name in MAP_NAMES:  # the values the reader returns
+                    maps = decode(maps, group[f"{name}{AFFINE_SUFFIX}"][index])
                 for h in range(maps.shape[0]):
                     problem = map_problem(name, maps[h], layout.num_blocks)
                     if problem is not None:

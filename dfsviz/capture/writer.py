@@ -17,9 +17,13 @@ chunk):
         layer, branch, order, method, head, q_block, k_block, sample, token, qkv_layer, dim
                               dimension scales (coordinates) of the datasets below
         m, L, r, J            float32 [layer, branch, order, head, q_block, k_block]
-                              (float16 with the root attribute map_dtype = "float16")
+                              (float16 or uint8 codes as the root attribute map_dtype says)
         scores                float32 [layer, branch, order, method, head, q_block, k_block]
-                              (as m)
+                              (as m) of the methods in score_methods (meanpool's is L, the
+                              oracle's m)
+        m_affine, ..., scores_affine
+                              float32 [..., q_block, affine]: with uint8 maps, each row's
+                              (offset, scale) (dfsviz.capture.codes)
         W_q, W_k              float64 [layer, branch, order, head]
         footprint_block       int32 [layer, branch, order, head, sample]
         footprint             float16 [layer, branch, order, head, sample, token]
@@ -58,6 +62,7 @@ footprint_block) are copied at ``end_step``: queueing a map never waits for the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -84,8 +89,10 @@ from dfsviz.capture.file_safety import (
     temporary_path,
     write_failure_reason,
 )
+from dfsviz.capture.codes import encode_maps
 from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.schema import (
+    AFFINE_SUFFIX,
     DIMS,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -178,26 +185,52 @@ class _ChunkPool:
         deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
         return deflate.compress(planes) + deflate.flush()
 
+    def _check(self, name: str, offset: tuple[int, ...], array: np.ndarray) -> None:
+        problem = map_problem(name, array, self._num_blocks)
+        if problem is not None:
+            raise ValueError(
+                f"{self._describe(name, offset)}: {name} has {problem}; nothing of this step was kept. The model "
+                "produced it: non-finite Q/K usually mean a float16 overflow (try --dtype bfloat16 or float32)"
+            )
+
+    def _write(self, dset, offset: tuple[int, ...], array: np.ndarray) -> None:
+        data = self.encode(array)
+        with self._lock:
+            try:
+                dset.id.write_direct_chunk(offset, data)
+            except (OSError, RuntimeError) as exc:
+                raise _WriteFailed() from exc
+
     def _job(self, dset, name, offset, array, ready):
         try:
             if ready is not None:
                 ready.synchronize()  # the GPU -> host copy behind `array` has landed
             if name in MAP_NAMES and array.dtype != self._map_dtype:
                 array = self._narrow(name, offset, array)
-            problem = map_problem(name, array, self._num_blocks)
-            if problem is not None:
-                raise ValueError(
-                    f"{self._describe(name, offset)}: {name} has {problem}; nothing of this step was kept. The model "
-                    "produced it: non-finite Q/K usually mean a float16 overflow (try --dtype bfloat16 or float32)"
-                )
-            data = self.encode(array)
-            with self._lock:
-                try:
-                    dset.id.write_direct_chunk(offset, data)
-                except (OSError, RuntimeError) as exc:
-                    raise _WriteFailed() from exc
+            self._check(name, offset, array)
+            self._write(dset, offset, array)
         finally:
             self._slots.release()
+
+    def _coded_job(self, group, items, ready):
+        try:
+            if ready is not None:
+                ready.synchronize()
+            for name, offset, array in items:  # checked as computed, before rounding
+                self._check(name, offset, array)
+            coded = encode_maps([(name, array) for name, _, array in items])
+            for (name, offset, _), (codes, affine) in zip(items, coded):
+                self._write(group[name], offset, codes)
+                self._write(group[f"{name}{AFFINE_SUFFIX}"], offset, affine)
+        finally:
+            self._slots.release()
+
+    def submit_coded(self, group, items: list[tuple[str, tuple[int, ...], np.ndarray]],
+                     ready: torch.cuda.Event | None = None) -> None:
+        """Queue the maps of one (layer, branch, order, head) as uint8 codes: ``items`` are
+        (dataset name, chunk offset, float32 map); they are coded together (r takes L's rounding)."""
+        self._slots.acquire()
+        self._futures.append(self._pool.submit(self._coded_job, group, items, ready))
 
     def _narrow(self, name: str, offset: tuple[int, ...], array: np.ndarray) -> np.ndarray:
         """``array`` rounded to the map dtype; refused when it holds values beyond that dtype's range."""
@@ -320,6 +353,7 @@ class CaptureWriter:
                 raise ValueError(f"could not create {str(path)!r} ({write_failure_reason(exc)}); nothing was written") from None
             f = h5py.File(tmp, "r+")  # opened before the rename: no reader can come between
             os.replace(tmp, path)
+            logger.info("%s: maps stored as %s (%s)", path, layout.map_dtype, attrs.get("map_dtype_choice", "as given"))
         except BaseException:
             if f is not None:
                 f.close()
@@ -434,6 +468,12 @@ class CaptureWriter:
                 f"--resume: {str(path)!r} was captured {ranks(stored)}, this run is {ranks(run)}; resume it as it "
                 "was captured, or pass --overwrite"
             )
+        if not keys and reader.layout == dataclasses.replace(layout, stored_scores=reader.layout.stored_scores) != layout:
+            raise ValueError(
+                f"--resume: {str(path)!r} stores the scores of {list(reader.layout.score_methods)}, as the dfsviz "
+                f"{reader.attrs.get('dfsviz_version', 'unknown')} that started it did; this dfsviz serves meanpool's and the "
+                "oracle's from L and m: finish it with that dfsviz, or pass --overwrite"
+            )
         if keys or reader.layout != layout:
             raise ValueError(
                 f"--resume: {str(path)!r} was captured with other settings (differs in {keys or ['layout']}); "
@@ -495,7 +535,7 @@ class CaptureWriter:
     def _describe(self, name: str, offset: tuple[int, ...]) -> str:
         lay = self.layout
         parts = [f"step {self._step}"]
-        values = {"layer": lay.layers, "branch": lay.branches, "order": lay.orders, "method": lay.methods,
+        values = {"layer": lay.layers, "branch": lay.branches, "order": lay.orders, "method": lay.score_methods,
                   "head": lay.heads, "qkv_layer": lay.qkv_layers}
         for dim, i in zip(DIMS[name], offset):
             if dim in values:
@@ -628,17 +668,24 @@ class CaptureWriter:
         w_q: torch.Tensor,
         w_k: torch.Tensor,
     ) -> None:
-        """Queue one (layer, branch, order): ``stats`` m/L/r/J and ``scores`` per method, each
-        float [Hs, Mq, Mk]; ``w_q``, ``w_k`` float64 [Hs]. Tensors may live on the GPU (one
-        device); the call then returns without waiting for it."""
+        """Queue one (layer, branch, order): ``stats`` m/L/r/J and ``scores`` per method of
+        ``layout.score_methods`` (others are ignored), each float [Hs, Mq, Mk]; ``w_q``, ``w_k``
+        float64 [Hs]. Tensors may live on the GPU (one device); the call then returns without
+        waiting for it."""
         li, bi, oi = self._index(layer, branch, order)
         g = self._group
+        stored = self.layout.score_methods  # meanpool's and the oracle's scores are L and m
         targets = [(name, (li, bi, oi)) for name in STAT_NAMES]
-        targets += [("scores", (li, bi, oi, mi)) for mi in range(len(self.layout.methods))]
-        maps, ready = _to_host([stats[n] for n in STAT_NAMES] + [scores[m] for m in self.layout.methods], torch.float32)
-        for (name, lead), array in zip(targets, maps):
-            for h in range(array.shape[0]):
-                self._pool.submit(g[name], name, (*lead, h, 0, 0), array[h], ready)
+        targets += [("scores", (li, bi, oi, mi)) for mi in range(len(stored))]
+        maps, ready = _to_host([stats[n] for n in STAT_NAMES] + [scores[m] for m in stored], torch.float32)
+        if self.layout.map_dtype == "uint8":
+            for h in range(maps[0].shape[0]):
+                self._pool.submit_coded(g, [(name, (*lead, h, 0, 0), array[h]) for (name, lead), array in zip(targets, maps)],
+                                        ready)
+        else:
+            for (name, lead), array in zip(targets, maps):
+                for h in range(array.shape[0]):
+                    self._pool.submit(g[name], name, (*lead, h, 0, 0), array[h], ready)
         self._set_small("W_q", (li, bi, oi), w_q, torch.float64)
         self._set_small("W_k", (li, bi, oi), w_k, torch.float64)
 

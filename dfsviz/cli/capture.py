@@ -10,7 +10,7 @@ import re
 import click
 
 from dfsviz.capture.file_safety import format_bytes
-from dfsviz.capture.schema import MAP_DTYPES, MAX_INDEX
+from dfsviz.capture.schema import MAP_DTYPE_CHOICES, MAX_INDEX
 from dfsviz.cli import fail_cleanly, main, parse_names
 from dfsviz.sparse.orders import order_names
 from dfsviz.sparse.scoring import scorer_names
@@ -127,8 +127,13 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
     help="Storage dtype of --save-qkv tensors (auto: float16 for float16 models, else float32).",
 )
 @click.option(
-    "--map-dtype", type=click.Choice(MAP_DTYPES), default=MAP_DTYPES[0], show_default=True,
-    help="Storage dtype of the maps m, L, r, J and scores (float16 halves the maps; values beyond 65504 are refused).",
+    "--map-dtype", type=click.Choice(MAP_DTYPE_CHOICES), default="auto", show_default=True,
+    help="Storage dtype of the maps m, L, r, J and scores. auto: the widest dtype whose largest step fits --step-budget; "
+         "float16 halves the maps (values beyond 65504 are refused), uint8 quarters them (256 levels per row).",
+)
+@click.option(
+    "--step-budget", default="8GB", show_default=True,
+    help="Bytes one step may take (uncompressed) with --map-dtype auto, e.g. 8GB, 500MB, 2GiB.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
@@ -202,6 +207,7 @@ def capture_command(**opts) -> None:
         qkv_steps=parse_int_list(opts["qkv_steps"], "--qkv-steps"),
         qkv_dtype=opts["qkv_dtype"],
         map_dtype=opts["map_dtype"],
+        step_budget=opts["step_budget"],
         device=opts["device"],
         dtype=opts["dtype"],
         overwrite=opts["overwrite"],

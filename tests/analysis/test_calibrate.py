@@ -297,7 +297,7 @@ def test_refuses_to_pool(base, tmp_path, make, match):
         (lambda d: _edit(token_capture(d / "x.h5"), lambda f: [g.attrs.__setitem__("complete", False)
                                                                 for g in f["steps"].values()]),
          dict(target_recall=0.9), r"capture '.*x.h5' holds no completed step"),
-        (lambda d: _edit(token_capture(d / "x.h5"), lambda f: f.attrs.__setitem__("methods", [])),
+        (lambda d: _edit(token_capture(d / "x.h5"), lambda f: [f.attrs.__setitem__(k, []) for k in ("methods", "score_methods")]),
          dict(target_recall=0.9), r"capture '.*x.h5' holds no block scores; capture with --methods dfs_tile"),
         (lambda d: token_capture(d / "x.h5"), dict(target_recall=1.0),
          r"target recall 1 cannot be met by any sparse budget: every \(layer, head\) needs a kept fraction above "

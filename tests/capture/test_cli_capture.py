@@ -34,8 +34,10 @@ def test_dry_run_prints_resolved_config_and_size(tmp_path, model_dirs):
     assert info["grid"] == "f3h8w8" and info["tokens"] == 192 and info["blocks"] == 12
     assert info["capture_steps"] == [0, 2, 4, 7, 9] and info["layers"] == [0, 1] and info["heads"] == [0, 1]
     # per step: 2 layers x 1 branch x 2 orders x 2 heads = 8 maps of 12 x 12
+    # (of the 3 default methods, meanpool's score is L: 2 are stored)
     maps = 8 * 144
-    expected = 4 * maps * 4 + 3 * maps * 4 + 2 * 8 * 8 + 8 * 2 * 4 + 8 * 2 * 192 * 2  # 2 footprints
+    assert info["map_dtype"] == "float32" and info["map_dtype_choice"].startswith("auto: float32")
+    expected = 4 * maps * 4 + 2 * maps * 4 + 2 * 8 * 8 + 8 * 2 * 4 + 8 * 2 * 192 * 2  # 2 footprints
     assert info["estimated_file_bytes_uncompressed"] == 5 * expected
     assert "estimated size:" in size_line and "for 5 steps" in size_line
     assert not out.exists()
@@ -151,14 +153,52 @@ def test_every_capture_setting_has_an_option_with_its_default():
             default = parse_int_list(default, field.name)
         elif field.name == "save_qkv":
             default = parse_int_list(default, field.name) or ()
+        elif field.name == "step_budget":
+            default = CaptureConfig(out="x.h5", step_budget=default).step_budget  # "8GB" -> bytes
         if field.default is dataclasses.MISSING or field.name in ("prompt", "seed", "text_first"):
             continue  # required (--out), or None on the command line for "not given"
         assert default == field.default, (field.name, default, field.default)
 
 
-def test_help_lists_map_dtype():
-    output = _invoke("capture", "--help").output
-    assert "--map-dtype [float32|float16]" in output and "float16 halves the maps" in output
+def test_help_lists_map_dtype_and_step_budget():
+    output = " ".join(_invoke("capture", "--help").output.split())
+    assert "--map-dtype [auto|float32|float16|uint8]" in output and "--step-budget" in output
+    assert "auto: the widest dtype whose largest step fits --step-budget" in output
+
+
+def test_auto_stores_uint8_maps_when_the_step_budget_asks_for_it(tmp_path, model_dirs):
+    """The tiny Wan under the default fits float32; a step budget below its float16 step makes
+    auto store uint8 maps, which read back as float32 close to the float32 capture's, and the file
+    says why."""
+    from dfsviz.capture.reader import CaptureReader
+
+    paths = {"default": tmp_path / "default.h5", "small": tmp_path / "small.h5"}
+    for name, budget in (("default", ()), ("small", ("--step-budget", "20kB"))):
+        result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(paths[name]), "--num-steps", "2",
+                         "--quiet", *budget, *TINY)
+        assert result.exit_code == 0, result.output
+    with CaptureReader(paths["default"]) as full, CaptureReader(paths["small"]) as small:
+        assert full.layout.map_dtype == "float32" and full.attrs["map_dtype_choice"].startswith("auto: float32")
+        assert small.layout.map_dtype == "uint8" and small.validate() == []
+        assert small.attrs["map_dtype_choice"].startswith("auto: uint8") and "20.00 kB" in small.attrs["map_dtype_choice"]
+        assert small.summary()["map_dtype"] == "uint8"  # dfsviz inspect
+        assert json.loads(small.attrs["capture_config"])["step_budget"] == 20_000
+        for step in small.steps:
+            for layer in small.layers:
+                for order in small.orders:
+                    want, got = full.block_stats(step, layer, order), small.block_stats(step, layer, order)
+                    assert (got.m - want.m).abs().max() < 1 / 254 and (got.m.sum(-1) - 1).abs().max() < 1e-5
+                    assert bool((got.r >= want.r).all()) and bool((got.J >= want.J).all())
+
+
+def test_step_budget_and_map_dtype_refusals_are_one_line():
+    result = _invoke("capture", "--out", "x.h5", "--step-budget", "lots", *TINY)
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "Error: `step_budget` must be a size in bytes > 0, a whole number or a number with a unit (B, kB, MB, GB, TB, "
+        "KiB, MiB, GiB, TiB), e.g. 8GB (got 'lots')"]
+    result = _invoke("capture", "--out", "x.h5", "--map-dtype", "int4", *TINY)
+    assert result.exit_code == 2 and "Invalid value for '--map-dtype': 'int4' is not one of 'auto', 'float32', " \
+        "'float16', 'uint8'" in result.output
 
 
 def test_float16_capture_holds_the_float32_capture_rounded(tmp_path, model_dirs):

@@ -145,7 +145,7 @@ def test_missing_root_attribute(copy, name):
         ("steps", np.array([2, 0]), r"root attribute 'steps' must be ascending"),
         ("capture_config", "{not json", r"root attribute 'capture_config' is not a JSON object"),
         ("qkv_dtype", "int8", r"root attribute 'qkv_dtype' must be one of"),
-        ("map_dtype", "bfloat16", r"root attribute 'map_dtype' must be one of \['float32', 'float16'\] \(got 'bfloat16'\)"),
+        ("map_dtype", "bfloat16", r"root attribute 'map_dtype' must be one of \['float32', 'float16', 'uint8'\] \(got 'bfloat16'\)"),
         ("text_first", "yes", r"root attribute 'text_first' must be a bool"),
     ],
 )
@@ -245,7 +245,7 @@ def _edit(path, name, index, fn):
         ("steps/step_0002/m", (-1, 0, -1, -1), lambda a: -a, r"m\[layer 1, .*\]: negative"),
         ("steps/step_0002/L", (1, 0, 0, 0), lambda a: a * np.nan, r"step_0002/L\[layer 1, branch cond, order raster, head 0\]: 144 non-finite values"),
         ("steps/step_0000/r", (0, 0, 1, 1), lambda a: a - 10, r"step_0000/r\[.*\]: negative"),
-        ("steps/step_0002/scores", (1, 0, 1, 2, 1), lambda a: a * np.inf, r"scores\[layer 1, branch cond, order hilbert3d, method antidiagonal, head 1\]: .*non-finite"),
+        ("steps/step_0002/scores", (1, 0, 1, 1, 1), lambda a: a * np.inf, r"scores\[layer 1, branch cond, order hilbert3d, method antidiagonal, head 1\]: .*non-finite"),
         ("steps/step_0002/footprint_block", (1, 0, 1, 1), lambda a: a + 100, r"footprint_block\[.*\]: query block 1\d\d outside \[0, 12\)"),
         ("steps/step_0002/footprint", (1, 0, 1, 1), lambda a: a * np.nan, r"footprint\[.*\]: .*NaN"),
         ("steps/step_0002/v", (0, 0, 1), lambda a: a * np.inf, r"v\[qkv_layer 1, branch cond, head 1\]: .*non-finite"),

@@ -99,8 +99,9 @@ def test_round_trip(tmp_path, device):
                 assert torch.equal(reader.block_stats(step, layer, order, head=2).m[0, 0], stats["m"][1])
                 assert torch.equal(reader.block_mass(step, layer, order)[0], stats["m"])
                 assert torch.equal(reader.block_mass(step, layer, order, head=2)[0, 0], stats["m"][1])
-                for method in ("meanpool", "dfs_tile"):
-                    assert torch.equal(reader.scores(step, layer, order, method)[0], scores[method])
+                assert torch.equal(reader.scores(step, layer, order, "dfs_tile")[0], scores["dfs_tile"])
+                # meanpool's score is the pooled logit: served from L, not stored a second time
+                assert torch.equal(reader.scores(step, layer, order, "meanpool")[0], stats["L"])
                 got_wq, got_wk = reader.variance_ratios(step, layer, order)
                 assert torch.equal(got_wq[0], wq) and torch.equal(got_wk[0], wk)
                 got_blocks, got_att = reader.footprints(step, layer, order, head=2)
@@ -260,9 +261,10 @@ def test_writer_and_reader_errors(tmp_path):
 
 def test_bytes_per_step_counts_every_dataset():
     lay = _layout()
-    # 2 layers x 1 branch x 2 orders x 2 heads; 3 x 3 blocks; 2 methods; 2 samples; N = 43; 1 qkv layer, D = 8
+    # 2 layers x 1 branch x 2 orders x 2 heads; 3 x 3 blocks; 2 methods, of which dfs_tile is stored
+    # (meanpool is L); 2 samples; N = 43; 1 qkv layer, D = 8
     maps = 2 * 1 * 2 * 2 * 9
-    want = 4 * maps * 4 + 2 * maps * 4 + 2 * (2 * 2 * 2 * 8) + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 2 * 43 * 2 + 3 * 2 * 43 * 8 * 4
+    want = 4 * maps * 4 + 1 * maps * 4 + 2 * (2 * 2 * 2 * 8) + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 2 * 43 * 2 + 3 * 2 * 43 * 8 * 4
     assert lay.bytes_per_step(0) == want
     assert lay.total_bytes() == 2 * want  # steps (0, 5)
     only_5 = _layout(qkv_steps=(5,))
@@ -385,17 +387,22 @@ def test_float16_maps_round_trip_to_the_float32_values_rounded(tmp_path):
         assert half.attrs["map_dtype"] == "float16"
         for name in ("m", "L", "r", "J", "scores"):
             assert half._f["steps"][step_key(0)][name].dtype == np.float16
-        for step in (0, 5):
-            for layer in (3, 7):
-                for order in ("raster", "hilbert3d"):
-                    want, got = full.block_stats(step, layer, order), half.block_stats(step, layer, order)
-                    for name in ("m", "L", "r", "J"):
-                        assert getattr(got, name).dtype == torch.float32
-                        assert torch.equal(getattr(got, name), getattr(want, name).half().float())
-                    for method in ("meanpool", "dfs_tile"):
-                        scores = half.scores(step, layer, order, method)
-                        assert scores.dtype == torch.float32
-                        assert torch.equal(scores, full.scores(step, layer, order, method).half().float())
+        for step, layer, order, want, got in _stats_pairs(full, half):
+            for name in ("m", "L", "r", "J"):
+                assert getattr(got, name).dtype == torch.float32
+                assert torch.equal(getattr(got, name), getattr(want, name).half().float())
+            for method in ("meanpool", "dfs_tile"):
+                scores = half.scores(step, layer, order, method)
+                assert scores.dtype == torch.float32
+                assert torch.equal(scores, full.scores(step, layer, order, method).half().float())
+
+
+def _stats_pairs(full, other):
+    """(step, layer, order, stats of ``full``, stats of ``other``) of every map of two files of _layout()."""
+    for step in (0, 5):
+        for layer in (3, 7):
+            for order in ("raster", "hilbert3d"):
+                yield step, layer, order, full.block_stats(step, layer, order), other.block_stats(step, layer, order)
 
 
 def test_float16_map_beyond_the_range_is_refused_and_the_step_not_kept(tmp_path):
@@ -429,8 +436,8 @@ def test_a_file_without_map_dtype_reads_as_float32(tmp_path):
         assert torch.equal(reader.block_mass(0, 3, "raster")[0], expected[(3, "raster")][0]["m"])
 
 
-def test_map_dtype_must_be_float32_or_float16():
-    with pytest.raises(ValueError, match=r"`map_dtype` must be one of \['float32', 'float16'\] \(got 'bfloat16'\)"):
+def test_map_dtype_must_be_a_storage_dtype():
+    with pytest.raises(ValueError, match=r"`map_dtype` must be one of \['float32', 'float16', 'uint8'\] \(got 'bfloat16'\)"):
         _layout(map_dtype="bfloat16")
 
 
@@ -455,3 +462,162 @@ def test_heads_in_any_order_read_as_asked(tmp_path):
                                reader.scores(0, 7, "hilbert3d", "dfs_tile")[0][rows])
         q = reader.qkv(0, reader.layout.qkv_layers[0])[0][0]
         assert torch.equal(reader.qkv(0, reader.layout.qkv_layers[0], head=[2, 0])[0][0], q[[1, 0]])
+
+
+# ----------------------------------------------------------------------------------------
+# scores served from a statistic; 8-bit maps (map_dtype uint8)
+# ----------------------------------------------------------------------------------------
+def test_meanpool_and_oracle_scores_are_not_stored_twice(tmp_path):
+    path = tmp_path / "c.h5"
+    layout = _layout(methods=("meanpool", "dfs_tile", "oracle"))
+    assert layout.score_methods == ("dfs_tile",)
+    with _create(path, layout) as writer:
+        expected = _write_step(writer, 0, torch.Generator().manual_seed(21))
+    with h5py.File(path, "r") as f:
+        group = f["steps"][step_key(0)]
+        assert group["scores"].shape[3] == 1 and [v.decode() for v in group["method"][...]] == ["dfs_tile"]
+        assert [v for v in f.attrs["score_methods"]] == ["dfs_tile"]
+    with CaptureReader(path) as reader:
+        assert reader.methods == ["meanpool", "dfs_tile", "oracle"] and reader.validate() == []
+        stats = expected[(7, "hilbert3d")][0]
+        assert torch.equal(reader.scores(0, 7, "hilbert3d", "meanpool")[0], stats["L"])
+        assert torch.equal(reader.scores(0, 7, "hilbert3d", "oracle", head=2)[0, 0], stats["m"][1])
+
+
+def test_a_file_that_stored_meanpool_reads_its_stored_scores(tmp_path):
+    """Files written before the scores were served from L hold a meanpool dataset (and no
+    `score_methods` attribute): its values are what the reader returns, not L."""
+    path = tmp_path / "old.h5"
+    with _create(path, _layout(stored_scores=("meanpool", "dfs_tile"))) as writer:
+        expected = _write_step(writer, 0, torch.Generator().manual_seed(22))
+    with h5py.File(path, "r+") as f:
+        del f.attrs["score_methods"]  # as files of dfsviz before score_methods
+    with CaptureReader(path) as reader:
+        assert reader.layout.score_methods == ("meanpool", "dfs_tile") and reader.validate() == []
+        for (layer, order), (stats, scores, *_) in ((k, v) for k, v in expected.items() if k != "qkv"):
+            got = reader.scores(0, layer, order, "meanpool")[0]
+            assert torch.equal(got, scores["meanpool"]) and not torch.equal(got, stats["L"])
+
+
+def test_the_shipped_sample_serves_its_stored_meanpool_scores():
+    import dfsviz
+
+    with CaptureReader(dfsviz.sample_capture()) as reader:
+        assert "meanpool" in reader.layout.score_methods
+        mi = reader.layout.score_methods.index("meanpool")
+        stored = torch.from_numpy(reader._f["steps"][step_key(13)]["scores"][2, 0, 1, mi])
+        assert torch.equal(reader.scores(13, 2, "hilbert3d", "meanpool")[0], stored)
+
+
+def _uint8_pair(tmp_path, methods=("meanpool", "dfs_tile")):
+    """The same random maps written as float32 and as uint8: (float32 reader, uint8 reader)."""
+    paths = {dtype: tmp_path / f"{dtype}.h5" for dtype in ("float32", "uint8")}
+    for dtype, path in paths.items():
+        with _create(path, _layout(map_dtype=dtype, methods=methods)) as writer:
+            for step in (0, 5):
+                _write_step(writer, step, torch.Generator().manual_seed(31 + step))
+            writer.finish()
+    return CaptureReader(paths["float32"]), CaptureReader(paths["uint8"])
+
+
+def _row_range(x: torch.Tensor) -> torch.Tensor:
+    return x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)
+
+
+def test_uint8_maps_round_trip_within_the_documented_error(tmp_path):
+    """Each map row is stored as value = offset + scale x code, code 0..255 (docs/format.md): m
+    within one step of 1/K_u (K_u = floor(255 / row max)) with rows summing to 1, L and the
+    scores within half a step of their row's range / 255, r and J rounded up by at most a step
+    (r also by L's largest rounding in the row)."""
+    full, small = _uint8_pair(tmp_path, methods=("meanpool", "dfs_tile", "antidiagonal"))
+    slack = 1e-6
+    with full, small:
+        assert small.validate() == [] and small.layout.map_dtype == "uint8"
+        group = small._f["steps"][step_key(0)]
+        for name in ("m", "L", "r", "J", "scores"):
+            assert group[name].dtype == np.uint8 and group[f"{name}_affine"].dtype == np.float32
+            assert group[f"{name}_affine"].shape == (*group[name].shape[:-1], 2)
+        for step, layer, order, want, got in _stats_pairs(full, small):
+            for name in ("m", "L", "r", "J"):
+                assert getattr(got, name).dtype == torch.float32
+            m, m8 = want.m.double(), got.m.double()
+            k = torch.floor(255 / m.amax(-1, keepdim=True))
+            assert bool(((m8 - m).abs() < 1 / k + slack).all())
+            assert bool(((m8.sum(-1) - 1).abs() < 1e-5).all())
+            big_l, big_l8 = want.L.double(), got.L.double()
+            assert bool(((big_l8 - big_l).abs() <= _row_range(big_l) / 510 + slack).all())
+            shift = (big_l8 - big_l).abs().amax(-1, keepdim=True)  # L's largest rounding in the row
+            r_up = got.r.double() - (want.r.double() + shift)
+            assert bool((r_up >= 0).all()) and bool((r_up <= _row_range(want.r.double() + shift) / 255 + slack).all())
+            j_up = got.J.double() - want.J.double()
+            assert bool((j_up >= 0).all()) and bool((j_up <= _row_range(want.J.double()) / 255 + slack).all())
+            for method in ("dfs_tile", "antidiagonal"):
+                s, s8 = full.scores(step, layer, order, method).double(), small.scores(step, layer, order, method).double()
+                assert bool(((s8 - s).abs() <= _row_range(s) / 510 + slack).all())
+            assert torch.equal(small.scores(step, layer, order, "meanpool"), got.L)
+
+
+def test_uint8_maps_only_lower_bounds_2_and_3(tmp_path):
+    """r and J rounded up (r by L's rounding as well): Bounds 2 and 3 computed from the stored
+    maps are at most those of the exact maps for every mask, so they stay lower bounds of recall."""
+    from dfsviz.sparse.select import select_topk
+    from dfsviz.sparse.theory import bound3, recall_bound
+
+    full, small = _uint8_pair(tmp_path)
+    with full, small:
+        for step, layer, order, want, got in _stats_pairs(full, small):
+            exact, coded = want.to_block_stats(), got.to_block_stats()
+            for gamma in (0.34, 0.67):
+                mask = select_topk(full.scores(step, layer, order, "dfs_tile"), gamma, seq_len=GRID.num_tokens, block=16)
+                assert bool((recall_bound(coded, mask) <= recall_bound(exact, mask) + 1e-12).all())
+                assert bool((bound3(coded, mask) <= bound3(exact, mask) + 1e-12).all())
+
+
+def test_uint8_shrinks_the_maps_and_adds_two_floats_per_row():
+    full, small = _layout(), _layout(map_dtype="uint8")
+    names = ("m", "L", "r", "J", "scores")
+    values = sum(int(np.prod(full.shape(n))) for n in names)
+    rows = sum(int(np.prod(full.shape(n)[:-1])) for n in names)
+    assert full.bytes_per_step(0) - small.bytes_per_step(0) == values * 3 - rows * 2 * 4
+
+
+def test_a_uint8_map_with_a_damaged_scale_fails_validation(tmp_path):
+    full, small = _uint8_pair(tmp_path)
+    full.close()
+    small.close()
+    path = tmp_path / "uint8.h5"
+    with h5py.File(path, "r+") as f:
+        affine = f["steps"][step_key(5)]["m_affine"]
+        damaged = affine[1, 0, 0, 1]
+        damaged[:, 1] *= 2  # every row of that map now sums to about 2
+        affine[1, 0, 0, 1] = damaged
+    with CaptureReader(path) as reader:
+        problems = reader.validate()
+    assert len(problems) == 1 and problems[0].startswith("step_0005/m[layer 7, branch cond, order raster, head 2]: rows do not sum to 1")
+
+
+def test_resume_of_a_file_that_stored_meanpool_says_which_dfsviz_finishes_it(tmp_path):
+    path = tmp_path / "old.h5"
+    with _create(path, _layout(stored_scores=("meanpool", "dfs_tile"))) as writer:
+        _write_step(writer, 0, torch.Generator().manual_seed(23))
+    with pytest.raises(ValueError, match=r"--resume: '.*old\.h5' stores the scores of \['meanpool', 'dfs_tile'\], as the "
+                                         r"dfsviz [0-9.]+ that started it did; .* finish it with that dfsviz, or pass --overwrite"):
+        CaptureWriter.resume(path, _layout(), CONFIG)
+
+
+def test_stored_scores_must_list_every_method_without_a_statistic_in_order():
+    assert _layout(stored_scores=("dfs_tile",)).stored_scores is None  # the default, however given
+    for stored in (("dfs_tile", "meanpool"), ("meanpool",)):
+        with pytest.raises(ValueError, match=r"`stored_scores` \[.*\] must list, in the order of `methods` \['meanpool', "
+                                             r"'dfs_tile'\], every method besides \['meanpool', 'oracle'\]"):
+            _layout(stored_scores=stored)
+
+
+def test_the_8_bit_coder_refuses_what_it_cannot_code():
+    from dfsviz.capture.codes import encode_maps
+
+    x = np.zeros((3, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"r is coded with L's rounding: pass L with it"):
+        encode_maps([("r", x)])
+    with pytest.raises(ValueError, match=r"`footprint` is not a map of 8-bit storage; maps are m, L, r, J and scores"):
+        encode_maps([("footprint", x)])
