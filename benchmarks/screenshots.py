@@ -1,6 +1,7 @@
 """Refresh the dashboard screenshots of docs/dashboard.md (docs/img/dashboard_*.png).
 
-Starts ``dfsviz app`` over the shipped sample capture (``captures/tiny-wan-sample.h5``) and a
+Starts ``dfsviz app`` over the shipped sample captures (``captures/tiny-wan-sample.h5``; the
+``masks_medium`` shot for docs/embedded-model.md shows ``captures/medium-wan-sample.h5``) and a
 second capture for the comparison (the embedded model's ``blue_triangle_bounce`` clip, made
 here with ``dfsviz capture`` unless ``--second`` names one), opens every page in Debian's
 Chromium through Playwright at a fixed viewport (1400 x 1000, full page) and writes one PNG
@@ -24,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = "captures/tiny-wan-sample.h5"
+MEDIUM = "captures/medium-wan-sample.h5"
 SECOND = "runs/blue_triangle_bounce.h5"
 VIEWPORT = {"width": 1400, "height": 1000}
 CHROMIUM = "/usr/bin/chromium"
@@ -31,17 +33,18 @@ DRAWN_TIMEOUT_MS = 180_000
 # the Masks view the docs describe: step 19, layer 3, head 1 of the sample
 MASKS_VIEW = "step=19&layer=3&head=1&method=dfs_tile&budget=0.2"
 
-#: screenshot name -> the page's address (its query string after ?file=<the sample>)
+#: screenshot name -> the page's address (its query string ends with file=<capture>)
 SHOTS = {
-    "overview": "/?",
-    "masks": f"/masks?{MASKS_VIEW}",
-    "recall": "/recall?",
-    "theory": "/theory?",
-    "drift": "/drift?",
-    "calibrate": "/calibrate?target_recall=0.9",
-    "live": "/live?step=13&layer=1&order=hilbert3d&method=dfs_tile&budget=0.2",
-    "video": "/video?",
-    "compare": f"/masks?compare={SECOND}&{MASKS_VIEW}",
+    "overview": f"/?file={SAMPLE}",
+    "masks": f"/masks?{MASKS_VIEW}&file={SAMPLE}",
+    "recall": f"/recall?file={SAMPLE}",
+    "theory": f"/theory?file={SAMPLE}",
+    "drift": f"/drift?file={SAMPLE}",
+    "calibrate": f"/calibrate?target_recall=0.9&file={SAMPLE}",
+    "live": f"/live?step=13&layer=1&order=hilbert3d&method=dfs_tile&budget=0.2&file={SAMPLE}",
+    "video": f"/video?file={SAMPLE}",
+    "compare": f"/masks?compare={SECOND}&{MASKS_VIEW}&file={SAMPLE}",
+    "masks_medium": f"/masks?step=19&layer=3&head=0&method=dfs_tile&budget=0.1&file={MEDIUM}",
 }
 
 logger = logging.getLogger("screenshots")
@@ -82,6 +85,7 @@ def start_app(roots: list[Path], port: int) -> subprocess.Popen:
 
 
 def shoot(url: str, names: list[str], out: Path) -> list[Path]:
+    from PIL import Image
     from playwright.sync_api import expect, sync_playwright
 
     written = []
@@ -90,8 +94,7 @@ def shoot(url: str, names: list[str], out: Path) -> list[Path]:
                                                                      "--disable-dev-shm-usage"])
         page = browser.new_page(viewport=VIEWPORT)
         for name in names:
-            path = SHOTS[name]
-            page.goto(f"{url}{path}{'' if path.endswith('?') else '&'}file={SAMPLE}")
+            page.goto(url + SHOTS[name])
             if name == "live":
                 page.locator("#lv-run").click()
                 expect(page.locator("#lv-status")).to_contain_text("done", timeout=DRAWN_TIMEOUT_MS)
@@ -101,6 +104,11 @@ def shoot(url: str, names: list[str], out: Path) -> list[Path]:
                 raise RuntimeError(f"{name}: the page shows an error: {errors.first.inner_text()}")
             target = out / f"dashboard_{name}.png"
             page.screenshot(path=str(target), full_page=True)
+            # 256 colours keep a page of heatmaps near 300 kB in git (a plain screenshot: 650 kB)
+            with Image.open(target) as shot:
+                image = shot.convert("RGB")
+            image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+                target, optimize=True)
             logger.info("wrote %s", target)
             written.append(target)
         browser.close()
