@@ -12,9 +12,19 @@ itself (``performance.now()``): from the click that picks the new value to the l
 ``plotly_afterplot`` event of any figure of the page, once no callback request is in flight
 and no figure has drawn for ``--settle-ms`` (that quiet time is not counted). The server
 time of the same change (the time during which at least one of the Dash requests it caused
-was in flight, request sent to response body received) is recorded beside it. Results: p50/p95 per page and capture, with the machine,
-its load, the versions and the capture shapes, to ``--out``.
-Targets (issue 17): browser p95 <= 400 ms on Masks and Recall; server p95 <= 150 ms.
+was in flight, request sent to response body received) is recorded beside it.
+
+Opening a file ("open"): for each capture and each page of ``OPEN_PAGES``, a fresh ``dfsviz app``
+serves that capture's folder alone (a new process: nothing of the file is open, validated or
+cached) and Chromium navigates to the page with the file selected; timed from the navigation's
+start (``performance.now()`` counts from it) to the first figure of the page drawn with data, and
+to every shown figure drawn. Server start-up is not counted (the server answers before the
+navigation starts).
+
+Results: p50/p95 per page and capture, the open times, with the machine, its load, the versions
+and the capture shapes, to ``--out``.
+Targets: browser p95 <= 400 ms on Masks and Recall, server p95 <= 150 ms (issue 17); open + first
+figure of any page <= 2 s (issue 14).
 """
 
 from __future__ import annotations
@@ -39,10 +49,13 @@ log = logging.getLogger("bench_browser")
 
 TARGET_BROWSER_P95_MS = 400.0
 TARGET_SERVER_P95_MS = 150.0
+TARGET_OPEN_MS = 2000.0
 CHROMIUM = "/usr/bin/chromium"
 #: page -> (path, prefix, controls changed); Recall's layer and head include "all".
 PAGES = {"masks": ("/masks", "mk", ("step", "layer", "head", "method", "budget")),
          "recall": ("/recall", "rc", ("step", "layer", "head", "target"))}
+#: pages timed from navigation to their first figure on a freshly started server
+OPEN_PAGES = {"overview": "/", "masks": "/masks", "recall": "/recall", "theory": "/theory", "drift": "/drift"}
 
 # Installed once per page load: counts Dash requests in flight and their time, and stamps
 # every plotly_afterplot of every figure (graphs are attached as they appear).
@@ -72,6 +85,15 @@ _PROBE = """
   new MutationObserver(hook).observe(document.body, {childList: true, subtree: true});
   hook();
 }
+"""
+
+# the page's figures in view with data: "some" (the first drawn) or "every"; the time since the
+# navigation started when it holds, else false
+_DRAWN = """
+([which]) => { const g = [...document.querySelectorAll('.js-plotly-plot')].filter(x => x.offsetParent !== null);
+  const drawn = g.filter(x => x.data && x.data.length > 0);
+  const ok = which === 'some' ? drawn.length > 0 : g.length > 0 && drawn.length === g.length;
+  return ok ? performance.now() : false; }
 """
 
 _SETTLED = """
@@ -144,9 +166,7 @@ def measure_page(page, url: str, cid: str, name: str, changes: int, rng: random.
     first = page.locator(f"#{prefix}-banner")
     first.wait_for(state="attached")
     # the first view: wait for every shown figure of the page drawn (a hidden comparison has none)
-    page.wait_for_function(
-        "() => { const g = [...document.querySelectorAll('.js-plotly-plot')].filter(x => x.offsetParent !== null);"
-        " return g.length > 0 && g.every(x => x.data && x.data.length > 0); }", timeout=timeout_ms)
+    page.wait_for_function(_DRAWN, arg=["every"], timeout=timeout_ms)
     options = {c: _options(page, f"{prefix}-{c}") for c in controls}
     current = {c: page.locator(f"#{prefix}-{c}").inner_text().strip() for c in controls}
     browser_ms, server_ms, rows = [], [], []
@@ -170,6 +190,30 @@ def measure_page(page, url: str, cid: str, name: str, changes: int, rng: random.
                      "requests": len(probe["server"]), "draws": probe["draws"]})
         log.info("%s %s=%s: %.0f ms (server %.0f ms, %d draws)", name, control, label, total, server, probe["draws"])
     return {"browser": _summary(browser_ms), "server": _summary(server_ms), "changes": rows}
+
+
+def measure_open(browser, capture: Path, timeout_ms: float) -> dict:
+    """Per page of ``OPEN_PAGES``: ms from navigating to it (``capture`` selected, on a fresh
+    server over the capture's folder alone) to its first figure drawn and to every shown one."""
+    cid = f"{capture.parent.name}/{capture.name}"
+    out = {}
+    for name, path in OPEN_PAGES.items():
+        proc, url = serve([capture.parent])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{url}{path}?file={cid}", wait_until="commit")
+            first = page.wait_for_function(_DRAWN, arg=["some"], timeout=timeout_ms).json_value()
+            every = page.wait_for_function(_DRAWN, arg=["every"], timeout=timeout_ms).json_value()
+            if page.locator(".dfs-banner-error").count():
+                raise RuntimeError(f"{name} showed an error banner on {cid}: "
+                                   f"{page.locator('.dfs-banner-error').first.inner_text()}")
+            page.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        out[name] = {"first_figure_ms": round(first, 1), "every_figure_ms": round(every, 1)}
+        log.info("open %s on %s: first figure %.0f ms, every figure %.0f ms", name, capture.name, first, every)
+    return out
 
 
 def _capture_info(path: Path) -> dict:
@@ -220,21 +264,28 @@ def main(argv=None) -> int:
                     log.info("%s on %s: browser p95 %.0f ms, server p95 %.0f ms", name, path.name,
                              per_page[name]["browser"]["p95_ms"], per_page[name]["server"]["p95_ms"])
                 results[labels[path]] = {"capture": info, "pages": per_page}
+            # after the interactive pages: their server is left alone while the fresh ones start
+            for path in captures:
+                results[labels[path]]["open"] = measure_open(browser, path, args.timeout_ms)
             browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     met_browser = all(r["pages"][p]["browser"]["p95_ms"] <= TARGET_BROWSER_P95_MS for r in results.values() for p in PAGES)
     met_server = all(r["pages"][p]["server"]["p95_ms"] <= TARGET_SERVER_P95_MS for r in results.values() for p in PAGES)
+    met_open = all(o["first_figure_ms"] <= TARGET_OPEN_MS for r in results.values() for o in r["open"].values())
     import torch
 
     out = {
         "results": results,
         "targets": {"browser_p95_ms": TARGET_BROWSER_P95_MS, "server_p95_ms": TARGET_SERVER_P95_MS,
-                    "browser_met": met_browser, "server_met": met_server},
+                    "browser_met": met_browser, "server_met": met_server, "open_first_figure_ms": TARGET_OPEN_MS,
+                    "open_met": met_open},
         "method": "Playwright drives /usr/bin/chromium (headless, 1400x1000); per change: click on the new "
                   "dropdown value -> last plotly_afterplot, timed with performance.now() in the page; server: "
-                  "time during which a Dash request of the change was in flight (fetch start -> body received)",
+                  "time during which a Dash request of the change was in flight (fetch start -> body received); "
+                  "open: a fresh `dfsviz app` over the capture's folder per page, navigation start -> first "
+                  "figure drawn with data (and every shown figure), performance.now() in the page",
         "changes_per_page": args.changes, "settle_ms": args.settle_ms, "seed": args.seed,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_before": [round(x, 2) for x in load_before],
@@ -248,8 +299,11 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(out, indent=1))
     print(json.dumps({cid: {p: {k: v["p95_ms"] for k, v in r["pages"][p].items() if isinstance(v, dict)}
                             for p in PAGES} for cid, r in results.items()}, indent=1))
+    print(json.dumps({cid: {p: o["first_figure_ms"] for p, o in r["open"].items()} for cid, r in results.items()},
+                     indent=1))
     print(f"browser p95 <= {TARGET_BROWSER_P95_MS:g} ms met: {met_browser}; "
-          f"server p95 <= {TARGET_SERVER_P95_MS:g} ms met: {met_server}")
+          f"server p95 <= {TARGET_SERVER_P95_MS:g} ms met: {met_server}; "
+          f"open + first figure <= {TARGET_OPEN_MS:g} ms met: {met_open}")
     return 0
 
 
