@@ -93,23 +93,22 @@ def encode_maps(maps: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, np
     """uint8 codes [Mq, Mk] and float32 affine [Mq, 2] of each ``(name, float32 map [Mq, Mk])``
     of one (layer, branch, order, head): names ``m``, ``L``, ``r``, ``J`` and ``scores``. r is
     coded upward by L's largest rounding in the row, so it comes with L."""
-    coded = {}
-    for name, x in maps:
-        if name == "L":
-            coded["L"] = _nearest(x)
+    big_l = next((x for name, x in maps if name == "L"), None)
+    coded_l = None if big_l is None else _nearest(big_l)
     out = []
     for name, x in maps:
         if name == "m":
             out.append(_mass(x))
-        elif name in ("L", "scores"):
-            out.append(coded["L"] if name == "L" else _nearest(x))
+        elif name == "L":
+            out.append(coded_l)
+        elif name == "scores":
+            out.append(_nearest(x))
         elif name == "J":
             out.append(_upward(x.astype(np.float64)))
         elif name == "r":
-            if "L" not in coded:
+            if coded_l is None:
                 raise ValueError("r is coded with L's rounding: pass L with it")
-            big_l = next(x for n, x in maps if n == "L").astype(np.float64)
-            shift = np.abs(decode(*coded["L"]).astype(np.float64) - big_l).max(axis=-1, keepdims=True)
+            shift = np.abs(decode(*coded_l).astype(np.float64) - big_l.astype(np.float64)).max(axis=-1, keepdims=True)
             out.append(_upward(x.astype(np.float64) + shift))
         else:
             raise ValueError(f"`{name}` is not a map of 8-bit storage; maps are m, L, r, J and scores")

@@ -86,6 +86,14 @@ class _Ranks:
         dist.broadcast_object_list(box, group=self.group, group_src=0)
         return box[0]
 
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank. Collective."""
+        import torch.distributed as dist
+
+        values = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
 
 @dataclass(frozen=True)
 class UlyssesRanks(_Ranks):
@@ -185,14 +193,6 @@ class ClipRanks(_Ranks):
         none."""
         return list(indices[self.rank::self.size])
 
-    def gather(self, value) -> list:
-        """Every rank's ``value``, in rank order, on every rank. Collective."""
-        import torch.distributed as dist
-
-        values = [None] * self.size
-        dist.all_gather_object(values, value, group=self.group)
-        return values
-
 
 def world_size() -> int:
     """The ranks of this process's world: the process group's once joined, else what torchrun
@@ -282,11 +282,7 @@ def enable_ulysses(model: torch.nn.Module) -> UlyssesRanks:
 def agree(ranks: _Ranks, problem: str | None) -> None:
     """Every rank raises the lowest rank's ``problem`` (a one-line message, None = none), so that
     no rank goes on to wait for the others alone. Collective."""
-    import torch.distributed as dist
-
-    problems = [None] * dist.get_world_size(ranks.group)
-    dist.all_gather_object(problems, problem, group=ranks.group)
-    first = next((p for p in problems if p is not None), None)
+    first = next((p for p in ranks.gather(problem) if p is not None), None)
     if first is not None:
         raise ValueError(first)
 
