@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from dfsviz.analysis._validate import check_block_map, check_seq_block, check_steps
-from dfsviz.sparse._validate import block_flags, block_sizes
+from dfsviz.sparse._validate import block_flags, block_sizes, check_block_mass
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.schedule import DFSSchedule
 from dfsviz.sparse.select import select_topk
@@ -152,12 +152,31 @@ def mask_drift(
         _check_masks_alike(first, mk)
     for t, m in enumerate(masses):
         check_block_map(m, f"masses[{t}]", first.seq_len, first.block, nonneg=True)
+        if tuple(m.shape) != first.shape:
+            raise ValueError(f"`masses[{t}]` must have the masks' shape {first.shape} (got {tuple(m.shape)})")
+        check_block_mass(m)
+    # All S x S pairs at once, one head at a time (memory: S maps of one head in float64): per
+    # query block a [S, Mk] x [Mk, S] product of the masks (0/1, exact in float64) with the
+    # masses, and with the masks themselves for the overlaps: the sums block_recall and
+    # mask_jaccard take pair by pair.
     n = len(steps)
-    recall = torch.stack([
-        torch.stack([block_recall(masses[j], masks[i].to(masses[j].device)).cpu() for j in range(n)])
-        for i in range(n)
-    ])
-    jaccard = torch.stack([torch.stack([mask_jaccard(masks[i], masks[j]).cpu() for j in range(n)]) for i in range(n)])
+    bsz, heads = first.shape[:2]
+    weights = block_sizes(first.seq_len, first.block).to(torch.float64) / first.seq_len
+    recall = torch.empty(n, n, bsz, heads, dtype=torch.float64)
+    jaccard = torch.empty(n, n, bsz, heads, dtype=torch.float64)
+    dense = [mk.to_dense() for mk in masks]
+    for b in range(bsz):
+        for h in range(heads):
+            rows = torch.stack([d[b, h].cpu() for d in dense], dim=1).to(torch.float64)  # [Mq, S, Mk]
+            mass = torch.stack([m[b, h].detach().cpu() for m in masses], dim=2).to(torch.float64)  # [Mq, Mk, S]
+            kept = (rows @ mass).clamp_(max=1.0).permute(1, 2, 0).contiguous()  # [S(mask), S(mass), Mq]
+            inter = rows @ rows.transpose(1, 2)
+            sizes = rows.sum(dim=-1)  # [Mq, S]
+            union = sizes[:, :, None] + sizes[:, None, :] - inter
+            overlap = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
+            # summed over query blocks last, contiguous: block_recall's and mask_jaccard's order
+            recall[:, :, b, h] = (kept * weights).sum(dim=-1).clamp_(max=1.0)
+            jaccard[:, :, b, h] = (overlap.permute(1, 2, 0).contiguous() * weights).sum(dim=-1)
     return DriftMatrix(steps, recall, jaccard, label)
 
 
@@ -305,9 +324,10 @@ def replay_schedule(
             cached = fresh(index[src], schedule.at_step(src).gamma)
             now = fresh(i, plan.gamma)
         rc.append(block_recall(masses[i], cached).cpu())
-        rf.append(block_recall(masses[i], now).cpu())
         dc.append(cached.density().cpu())
-        df.append(now.density().cpu())
+        # dense and refresh steps use the fresh mask itself: its numbers are the cached ones
+        rf.append(rc[-1] if now is cached else block_recall(masses[i], now).cpu())
+        df.append(dc[-1] if now is cached else now.density().cpu())
     return ScheduleReplay(
         steps=steps,
         layer=layer,
