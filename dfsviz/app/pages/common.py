@@ -192,13 +192,14 @@ def fig_output(name: str, duplicate: bool = False) -> Output:
     return Output({"type": "fig", "name": name}, "figure", allow_duplicate=duplicate)
 
 
-def empty_figure(message: str):
-    import plotly.graph_objects as go
+def empty_figure(message: str) -> dict:
+    """A blank figure, as the plain dict plotly.js draws, saying ``message`` (none for "").
 
-    fig = go.Figure()
-    fig.update_layout(template="plotly_white", xaxis={"visible": False}, yaxis={"visible": False},
-                      annotations=[{"text": message, "showarrow": False, "font": {"size": 14}}] if message else [])
-    return fig
+    Built without plotly.py: a ``go.Figure`` with a template copies the template (34 ms), and
+    every figure card of every page layout starts with one."""
+    return {"data": [], "layout": {
+        "paper_bgcolor": "white", "plot_bgcolor": "white", "xaxis": {"visible": False}, "yaxis": {"visible": False},
+        "annotations": [{"text": message, "showarrow": False, "font": {"size": 14}}] if message else []}}
 
 
 def table(rows: Sequence[Sequence], header: Sequence[str] | None = None, id: str | None = None) -> html.Table:
