@@ -7,7 +7,8 @@ Checks, each against the float64 golden reference and the reference in the test 
 block-sparse attention (ragged N, D 64/128, fp16/bf16, B 1/2, with and without a token
 order, LSE), agreement with FlexAttention on ``mask.to_flex_block_mask()``, NaN in one
 query row staying in that row, the ValueErrors at the boundary, FP8 attention (against float64
-of its dequantized inputs, the simulation and the unquantized inputs), each persistent /
+of its dequantized inputs, the simulation and the unquantized inputs; with P . V in FP8 too,
+against its simulation and the unquantized inputs), each persistent /
 warp-specialized autotune candidate on its own, the GPU-only pytest cases (``-m cuda``: no host
 sync, CUDA-graph replay of scoring and attention), fused block scoring
 (dfs_tile, meanpool), the streaming block statistics and Wan's fused QK-RMSNorm + RoPE
@@ -241,6 +242,25 @@ def check_fp8(results):
                         "ok": diff <= 2**-7})
         results.append({"check": f"{label} error vs float64 unquantized", "message": f"{err:.3e} (documented <= 0.1)",
                         "ok": err <= 0.1})
+        # P . V in FP8 too: one rounding of the output dtype from its simulation (P rounded against
+        # the running max here, the final one there: the same e4m3 values, docs/kernels.md), plus
+        # what the GPU's approximate exp2 (rare e4m3 rounding flips of P) and FP8 accumulation add
+        out_pv, lse_pv = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv",
+                                                backend="triton")
+        sim_pv, sim_lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv",
+                                                 backend="ref")
+        ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
+        excess = float(((out_pv.float() - sim_pv.float()).abs() - ulp * sim_pv.float().abs()).max())
+        finite = torch.isfinite(sim_lse)
+        lse_diff = float((lse_pv - sim_lse)[finite].abs().max())
+        same_inf = bool(torch.equal(torch.isfinite(lse_pv), finite))
+        results.append({"check": f"{label} fp8_pv |kernel - simulation|",
+                        "message": f"beyond one output rounding {excess:.3e} (bound 2e-3), "
+                                   f"lse {lse_diff:.3e} (bound 1e-3)",
+                        "ok": excess <= 2e-3 and lse_diff <= 1e-3 and same_inf})
+        err_pv = float((out_pv.double() - full).abs().max())
+        results.append({"check": f"{label} fp8_pv error vs float64 unquantized",
+                        "message": f"{err_pv:.3e} (documented <= 0.15)", "ok": err_pv <= 0.15})
 
 
 def check_cuda_tests(results):

@@ -35,6 +35,7 @@ PRECISIONS = {
     "native": "Q . K^T and P . V in the inputs' dtype, float32 accumulation",
     "fp8": "Q and smoothed K in float8 e4m3 with one power-of-two scale per block (GPUs of compute "
            "capability >= 8.9; the 'ref' backend simulates it anywhere), P . V in the inputs' dtype",
+    "fp8_pv": "as 'fp8', and P . V in float8 e4m3 too: V with one power-of-two scale per channel, P scaled by 2^8",
 }
 #: Compute capability from which GPUs multiply float8 e4m3 matrices (Ada, Hopper and later).
 FP8_CAPABILITY = (8, 9)
@@ -141,7 +142,7 @@ def check_precision(precision: object) -> str:
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(
             f"`precision` must be one of {sorted(PRECISIONS)} (got {precision!r}); 'native' computes in the "
-            "inputs' dtype, 'fp8' quantizes Q and K to float8 e4m3"
+            "inputs' dtype, 'fp8' quantizes Q and K to float8 e4m3, 'fp8_pv' P and V too"
         )
     return precision
 
@@ -151,7 +152,7 @@ def check_fp8_capability(props) -> None:
     float8 e4m3 matrices (compute capability >= 8.9)."""
     if (props.major, props.minor) < FP8_CAPABILITY:
         raise ValueError(
-            f"precision='fp8' needs a GPU with FP8 tensor cores, compute capability >= "
+            f"precision='fp8' (and 'fp8_pv') needs a GPU with FP8 tensor cores, compute capability >= "
             f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} (Ada, Hopper or later); {props.name} has "
             f"{props.major}.{props.minor}: use precision='native', or backend='ref' to simulate FP8"
         )

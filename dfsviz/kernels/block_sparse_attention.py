@@ -23,7 +23,7 @@ from dfsviz.kernels._dispatch import (
     resolve_backend,
     unit_stride_d,
 )
-from dfsviz.kernels.fp8 import block_sparse_attention_fp8_ref
+from dfsviz.kernels.fp8 import FP8_PRECISIONS, block_sparse_attention_fp8_ref
 from dfsviz.sparse._validate import resolve_scale
 from dfsviz.sparse.attention import block_sparse_attention_ref, check_attention_inputs, check_order_for
 from dfsviz.sparse.masks import BlockMask
@@ -77,10 +77,11 @@ def block_sparse_attention(
             ``order.perm`` and writes output rows back to their original positions.
         scale: softmax scale, default D**-0.5.
         return_lse: also return lse float32 [B, H, N] (natural log, original order).
-        precision: "native" (products in the input dtype) or "fp8": Q and K smoothed and
+        precision: "native" (products in the input dtype), "fp8": Q and K smoothed and
             quantized to float8 e4m3 per block (``dfsviz.kernels.fp8``; float16 / bfloat16
-            inputs, GPUs of compute capability >= 8.9, or the CPU under TRITON_INTERPRET=1);
-            the "ref" backend runs its PyTorch simulation ``block_sparse_attention_fp8_ref``.
+            inputs, GPUs of compute capability >= 8.9, or the CPU under TRITON_INTERPRET=1),
+            or "fp8_pv": P . V in e4m3 too (V with one power-of-two scale per channel); the
+            "ref" backend runs their PyTorch simulation ``block_sparse_attention_fp8_ref``.
         backend: None (Triton on CUDA, else reference; env DFSVIZ_KERNEL_BACKEND),
             "triton" or "ref".
 
@@ -91,12 +92,14 @@ def block_sparse_attention(
     Both backends refuse empty B, H or D; non-finite inputs are refused by the reference
     backend, the Triton backend does not check them (no host sync: it runs in every layer).
     """
-    fp8 = check_precision(precision) == "fp8"
+    fp8 = check_precision(precision) in FP8_PRECISIONS
     which = resolve_backend(backend, q, k, v) if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) \
         and isinstance(v, torch.Tensor) else "ref"
     if which == "ref":
-        reference = block_sparse_attention_fp8_ref if fp8 else block_sparse_attention_ref
-        return reference(q, k, v, mask, order=order, scale=scale, return_lse=return_lse)
+        if fp8:
+            return block_sparse_attention_fp8_ref(q, k, v, mask, order=order, scale=scale, return_lse=return_lse,
+                                                  precision=precision)
+        return block_sparse_attention_ref(q, k, v, mask, order=order, scale=scale, return_lse=return_lse)
     if not isinstance(return_lse, bool):
         raise TypeError(f"`return_lse` must be a bool (got {type(return_lse).__name__})")
     q, k, v, perm, scale = _kernel_inputs(q, k, v, mask, order, scale)
@@ -106,15 +109,19 @@ def block_sparse_attention(
         return block_sparse_attention_fwd(q, k, v, mask, perm, scale, return_lse)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
-            f"precision='fp8' takes float16 or bfloat16 q, k, v (got {q.dtype}); cast with .to(torch.bfloat16)"
+            f"precision={precision!r} takes float16 or bfloat16 q, k, v (got {q.dtype}); cast with .to(torch.bfloat16)"
         )
     if q.is_cuda:  # on the CPU the interpreter runs it (resolve_backend refused the CPU otherwise)
         check_fp8_capability(cuda_properties(q.device))
     from dfsviz.kernels._jit.attention import block_sparse_attention_fp8_fwd
-    from dfsviz.kernels._jit.fp8 import quantize_qk_fp8_fwd
+    from dfsviz.kernels._jit.fp8 import quantize_qk_fp8_fwd, quantize_v_fp8_fwd
 
     quant = quantize_qk_fp8_fwd(q, k, mask.block, perm)
-    result = block_sparse_attention_fp8_fwd(quant, v, mask, perm, scale, return_lse)
+    if precision == "fp8_pv":
+        v8, v_scale = quantize_v_fp8_fwd(v, perm)
+        result = block_sparse_attention_fp8_fwd(quant, v8, mask, perm, scale, return_lse, v, v_scale)
+    else:
+        result = block_sparse_attention_fp8_fwd(quant, v, mask, perm, scale, return_lse, v)
     if not return_lse:
         return result
     out, lse = result

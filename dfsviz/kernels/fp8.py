@@ -1,5 +1,6 @@
-"""FP8 attention inputs: block-wise e4m3 quantization of Q and K, and the PyTorch simulation
-that is the reference twin of ``block_sparse_attention(..., precision="fp8")``.
+"""FP8 attention inputs: block-wise e4m3 quantization of Q and K (and per-channel of V), and the
+PyTorch simulation that is the reference twin of ``block_sparse_attention(..., precision="fp8")``
+and ``precision="fp8_pv"``.
 
 The scheme (SageAttention's, with power-of-two scales):
 
@@ -13,15 +14,24 @@ The scheme (SageAttention's, with power-of-two scales):
    ``float8_e4m3fn(x / 2^e)`` (round to nearest even). A power of two makes x / 2^e and the
    dequantization exact, so the kernel's logits are exactly 2^(e_q + e_k) times an FP8
    matrix product with float32 accumulation, and the simulation reproduces them in float32.
-3. P . V runs in the input dtype (P rounded to it, float32 accumulation), as the native
-   kernel does: FP8 for P would add a relative error of up to 2^-4 to every probability.
+3. ``"fp8"``: P . V runs in the input dtype (P rounded to it, float32 accumulation), as the
+   native kernel does. ``"fp8_pv"``: P . V in e4m3 too. V (ordered) gets one power-of-two
+   scale per (batch, head, channel) over all N tokens, the same rule as above: P . V sums over
+   tokens, so a per-channel scale factors out of the whole sum and the matrix products
+   accumulate into one float32 accumulator, dequantized once at the end. P is rounded to e4m3
+   as ``P_SCALE * exp2(t - M)``, t the row's logits in the log2 domain and M the running row
+   max rounded up to an integer: P_SCALE = 2^8 maps (0.5, 1] onto (128, 256] inside e4m3's
+   range, and as M only moves by whole powers of two, the rescaling of earlier products is
+   exact and rounding P against the running M is rounding it against the final one (e4m3's
+   normal grid is scale-invariant), so the simulation needs no key order. The row sum l is that
+   of the unrounded P, as in the native kernel.
 
 Error: e4m3 keeps 3 mantissa bits, so each quantized entry is within 2^-4 (relative) of
 its input and a logit q . k * scale moves by at most about 2^-3 scale sum_d |q_d| |k_d|.
 For unit-variance q, v and keys sharing an offset (N 1000, D 64 / 128, 60 % of blocks kept,
 5 seeds) the output is within 0.037-0.048 (max) and 0.002 (mean) of float64 attention of
 the unquantized inputs, about 4x the bfloat16 reference's max error (0.010-0.012) and 30x
-the float16 one's.
+the float16 one's; with P . V in e4m3 too within 0.057-0.063 (max) and 0.003 (mean).
 """
 
 from __future__ import annotations
@@ -34,12 +44,28 @@ from dfsviz.sparse._validate import num_blocks, resolve_scale
 from dfsviz.sparse.attention import block_sparse_attention_ref, check_attention_inputs, check_order_for
 from dfsviz.sparse.masks import BlockMask
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "Fp8QK", "block_sparse_attention_fp8_ref", "dequantize_fp8_blocks", "key_mean",
-           "quantize_fp8_blocks", "quantize_qk_fp8"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "FP8_PRECISIONS", "P_SCALE", "Fp8QK", "block_sparse_attention_fp8_ref",
+           "dequantize_fp8_blocks", "key_mean", "quantize_fp8_blocks", "quantize_qk_fp8", "quantize_v_fp8"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 #: Largest finite float8_e4m3fn value.
 FP8_MAX = 448.0
+#: P in (0, 1] times this power of two is what ``precision="fp8_pv"`` rounds to e4m3.
+P_SCALE = 256.0
+#: The precisions of ``block_sparse_attention`` that this module simulates.
+FP8_PRECISIONS = ("fp8", "fp8_pv")
+_LOG2E = 1.4426950408889634
+
+
+def _pow2_scales(amax: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two 2^e with amax / 2^e <= 448 (1 where amax is 0; amax where it
+    is not finite, so NaN and inf flow on)."""
+    # frexp gives amax / 448 = f 2^p with f in [0.5, 1), so 2^p suffices and 2^(p - 1) too when
+    # f is exactly 0.5.
+    frac, exp = torch.frexp(amax / FP8_MAX)
+    exp = torch.where(frac == 0.5, exp - 1, exp)
+    scales = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), torch.ones_like(amax))
+    return torch.where(torch.isfinite(amax), scales, amax)
 
 
 def quantize_fp8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,13 +85,7 @@ def quantize_fp8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     m = num_blocks(n, block)
     xf = x.float()
     padded = torch.nn.functional.pad(xf, (0, 0, 0, m * block - n))
-    amax = padded.reshape(bsz, heads, m, block * d).abs().amax(dim=-1)
-    # The smallest 2^e >= amax / 448: frexp gives amax / 448 = f 2^p with f in [0.5, 1), so
-    # 2^p suffices and 2^(p - 1) too when f is exactly 0.5. Zero blocks keep scale 1.
-    frac, exp = torch.frexp(amax / FP8_MAX)
-    exp = torch.where(frac == 0.5, exp - 1, exp)
-    scales = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), torch.ones_like(amax))
-    scales = torch.where(torch.isfinite(amax), scales, amax)
+    scales = _pow2_scales(padded.reshape(bsz, heads, m, block * d).abs().amax(dim=-1))
     per_token = scales.repeat_interleave(block, dim=2)[:, :, :n, None]
     return (xf / per_token).to(FP8_DTYPE).contiguous(), scales
 
@@ -122,6 +142,51 @@ def quantize_qk_fp8(q: torch.Tensor, k: torch.Tensor, block: int, perm: torch.Te
     return Fp8QK(q8, q_scale, k8, k_scale, k_mean, block)
 
 
+def quantize_v_fp8(v: torch.Tensor, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel e4m3 quantization of v over all its tokens (``precision="fp8_pv"``).
+
+    Args:
+        v: [B, H, N, D] float, in the original token order when ``perm`` is given.
+        perm: optional int [N] on v's device: v is gathered through it (the ordered sequence).
+
+    Returns:
+        (v8 float8_e4m3fn [B, H, N, D] ordered, scales float32 [B, H, D]): per (batch, head,
+        channel) the smallest power of two 2^e with max |v| / 2^e <= 448 over the N tokens
+        (1 for an all-zero channel), and v8 = fp8(v / 2^e) rounded to nearest even.
+    """
+    if perm is not None:
+        v = v.index_select(2, perm)
+    vf = v.float()
+    scales = _pow2_scales(vf.abs().amax(dim=2))
+    return (vf / scales[:, :, None, :]).to(FP8_DTYPE), scales
+
+
+def _attention_fp8_pv(qd, kd, v8, v_scale, mask: BlockMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out float32 [B, H, N, D], lse float32 [B, H, N]) over the ordered sequence, from the
+    dequantized q, k (float32) and e4m3 v with its channel scales: P rounded to e4m3 as the
+    kernel rounds it (module docstring), products exact, sums in float32. One query block at a
+    time against every key, the kept blocks selected by the mask's dense form."""
+    n = qd.shape[2]
+    block = mask.block
+    keep = mask.to_dense().to(qd.device)
+    key_block = torch.arange(n, device=qd.device) // block
+    vf = v8.float()
+    out = torch.zeros(vf.shape, dtype=torch.float32, device=qd.device)
+    lse = torch.full(qd.shape[:3], float("-inf"), dtype=torch.float32, device=qd.device)
+    for u in range(mask.num_q_blocks):
+        rows = slice(u * block, min(n, (u + 1) * block))
+        kept = keep[:, :, u][..., key_block][:, :, None, :]  # [B, H, 1, N]
+        t = ((qd[:, :, rows] @ kd.transpose(-1, -2)) * (scale * _LOG2E)).masked_fill(~kept, float("-inf"))
+        top = torch.ceil(t.amax(dim=-1, keepdim=True))  # -inf for a block that keeps nothing
+        p = torch.where(kept, torch.exp2(t - top), 0.0)
+        l = p.sum(dim=-1, keepdim=True)
+        p8 = (p * P_SCALE).to(FP8_DTYPE).float()
+        attends = kept.any(dim=-1, keepdim=True)
+        out[:, :, rows] = torch.where(attends, (p8 @ vf) * v_scale[:, :, None, :] / (l * P_SCALE), 0.0)
+        lse[:, :, rows] = ((top + torch.log2(l)) / _LOG2E).squeeze(-1)
+    return out, lse
+
+
 def block_sparse_attention_fp8_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -130,29 +195,38 @@ def block_sparse_attention_fp8_ref(
     order=None,
     scale: float | None = None,
     return_lse: bool = False,
+    precision: str = "fp8",
 ):
-    """Block-sparse attention with FP8 Q and K, simulated in PyTorch (any device).
+    """Block-sparse attention with FP8 Q and K (and P . V), simulated in PyTorch (any device).
 
     Same signature and result layout as ``block_sparse_attention_ref``: q, k, v [B, H, N, D]
     (one float dtype and device, original order when ``order`` is given), mask over the
     ordered sequence. Q and K are quantized exactly as the FP8 kernel quantizes them
-    (:func:`quantize_qk_fp8`), dequantized exactly, and attended in float32 with v in float32;
-    out is returned in the input dtype, lse float32 [B, H, N] of the unsmoothed logits.
-    Non-finite inputs are refused (ValueError naming the first), as by the reference.
+    (:func:`quantize_qk_fp8`) and dequantized exactly. ``precision="fp8"`` attends them in
+    float32 with v in float32; ``"fp8_pv"`` also quantizes v (:func:`quantize_v_fp8`) and P
+    as the kernel does (module docstring). out is returned in the input dtype, lse float32
+    [B, H, N] of the unsmoothed logits. Non-finite inputs are refused (ValueError naming the
+    first), as by the reference.
     """
     check_attention_inputs(q, k, v, mask)
     if not isinstance(return_lse, bool):
         raise TypeError(f"`return_lse` must be a bool (got {type(return_lse).__name__})")
+    if precision not in FP8_PRECISIONS:
+        raise ValueError(f"`precision` must be one of {list(FP8_PRECISIONS)} for the FP8 simulation (got "
+                         f"{precision!r}); use block_sparse_attention_ref for 'native'")
     scale = resolve_scale(scale, q.shape[-1])
     perm = None
     if order is not None:
         check_order_for(order, q.shape[2])
         perm = order.perm_on(q.device)
-        v = v.index_select(2, perm)
     quant = quantize_qk_fp8(q, k, mask.block, perm)
     qd = dequantize_fp8_blocks(quant.q8, quant.q_scale, mask.block)
     kd = dequantize_fp8_blocks(quant.k8, quant.k_scale, mask.block)
-    out, lse = block_sparse_attention_ref(qd, kd, v.float(), mask, scale=scale, return_lse=True)
+    if precision == "fp8_pv":
+        out, lse = _attention_fp8_pv(qd, kd, *quantize_v_fp8(v, perm), mask, scale)
+    else:
+        vo = v if perm is None else v.index_select(2, perm)
+        out, lse = block_sparse_attention_ref(qd, kd, vo.float(), mask, scale=scale, return_lse=True)
     if order is not None:
         inv = order.inv.to(q.device)
         out, lse = out.index_select(2, inv), lse.index_select(2, inv)

@@ -11,7 +11,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dfsviz.kernels._dispatch import cuda_properties, interpreting
-from dfsviz.kernels.fp8 import Fp8QK
+from dfsviz.kernels._jit.fp8 import round_e4m3
+from dfsviz.kernels.fp8 import P_SCALE, Fp8QK
 from dfsviz.sparse.masks import BlockMask
 
 __all__ = ["ATTENTION_CONFIGS", "attention_config_fits", "block_sparse_attention_fp8_fwd", "block_sparse_attention_fwd",
@@ -22,8 +23,11 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok,
-                  MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One BLOCK_N slice of keys k, v [BLOCK_N, D]: logits, online-softmax update, P @ V accumulation."""
+                  MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, P_FP8: tl.constexpr):
+    """One BLOCK_N slice of keys k, v [BLOCK_N, D]: logits, online-softmax update, P @ V accumulation.
+
+    P_FP8 (v in e4m3): the running max is rounded up to an integer (log2 domain), so rescaling
+    is by exact powers of two, and P_SCALE * P is rounded to e4m3 (dfsviz.kernels.fp8)."""
     # The interpreter's bf16 dot is wrong: it runs fp32 operands instead (exact for bf16/fp16 values).
     if UPCAST:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
@@ -32,12 +36,20 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok,
     if MASKED:
         qk = tl.where(col_ok[None, :], qk, float("-inf"))
     # Scale and log2(e) are folded into one multiply so the softmax uses exp2.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if P_FP8:
+        m_new = tl.maximum(m_i, tl.math.ceil(tl.max(qk, 1) * qk_scale))
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if UPCAST:
+    if P_FP8:
+        if UPCAST:  # the interpreter's float8 cast does not round to nearest even
+            acc = tl.dot(round_e4m3(p * P_SCALE), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot((p * P_SCALE).to(v.dtype), v, acc)
+    elif UPCAST:
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -46,12 +58,12 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok,
 
 @triton.jit
 def _attention_step(
-    acc, l_i, m_i, q, k_base, v_base, perm_ptr, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
-    HAS_ORDER: tl.constexpr, FP8: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, perm_ptr, offs_n, offs_d, stride_kn, stride_vn, stride_vd, N, qk_scale,
+    HAS_ORDER: tl.constexpr, FP8: tl.constexpr, FP8_PV: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One BLOCK_N slice of keys loaded through pointers: v (and k, unless FP8's k is already
-    ordered) gathered through ``perm`` with an order."""
+    """One BLOCK_N slice of keys loaded through pointers: v (and k) gathered through ``perm``
+    with an order, unless already ordered (FP8's k, FP8_PV's v)."""
     col_ok = offs_n < N
     if HAS_ORDER:
         if MASKED:
@@ -64,14 +76,17 @@ def _attention_step(
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
     else:
         k_ptrs = k_base + rows_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + rows_n[:, None] * stride_vn + offs_d[None, :]
+    if FP8_PV:
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    else:
+        v_ptrs = v_base + rows_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if MASKED:
         k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    return _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, MASKED, UPCAST, DOT_PRECISION)
+    return _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, MASKED, UPCAST, DOT_PRECISION, FP8_PV)
 
 
 @triton.jit
@@ -91,20 +106,22 @@ def _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N:
 
 @triton.jit
 def _block_sparse_attention_kernel(
-    Q, K, V, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER, Q_SCALE, K_SCALE,
+    Q, K, V, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER, Q_SCALE, K_SCALE, V_SCALE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
+    stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on,
     H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ORDER: tl.constexpr, RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, FP8_PV: tl.constexpr,
 ):
     """Pointer kernel. FP8 (dfsviz.kernels.fp8): q and k are e4m3 copies already in the ordered
     sequence with one power-of-two scale per block (Q_SCALE [B, H, Mq], K_SCALE [B, H, Mk]);
     the logits are their product (float32 accumulation) times both blocks' scales, folded into
-    the softmax scale. v, out and LSE stay in the original order (through ``perm``)."""
+    the softmax scale. v, out and LSE stay in the original order (through ``perm``), except
+    with FP8_PV: v is an ordered e4m3 copy (any strides) with one power-of-two scale per
+    channel (V_SCALE [B, H, D]), applied with 1 / P_SCALE to the accumulator at the end."""
     pid_m = tl.program_id(0)
     pid_bh = tl.load(BH_ORDER + tl.program_id(1))  # heads with the most kept blocks run first
     b = pid_bh // H
@@ -142,8 +159,8 @@ def _block_sparse_attention_kernel(
         if FP8:
             step_scale = row_scale * tl.load(k_scales + kv_block)
         acc, l_i, m_i = _attention_step(
-            acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, N, step_scale,
-            HAS_ORDER, FP8, False, UPCAST, DOT_PRECISION,
+            acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, stride_vd, N, step_scale,
+            HAS_ORDER, FP8, FP8_PV, False, UPCAST, DOT_PRECISION,
         )
     if not EVEN_N:
         if n_full < num_kv:
@@ -155,13 +172,16 @@ def _block_sparse_attention_kernel(
             for c in range(0, tl.cdiv(N - tail_start, BLOCK_N)):
                 offs_n = tail_start + c * BLOCK_N + tl.arange(0, BLOCK_N)
                 acc, l_i, m_i = _attention_step(
-                    acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, N,
-                    step_scale, HAS_ORDER, FP8, True, UPCAST, DOT_PRECISION,
+                    acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, stride_vd, N,
+                    step_scale, HAS_ORDER, FP8, FP8_PV, True, UPCAST, DOT_PRECISION,
                 )
 
     # A query block with no kept key block has l = 0 and acc = 0: divide by 1 to output 0;
     # a NaN row keeps l = NaN and stays NaN, as dense attention would.
     l_safe = tl.where(num_kv > 0, l_i, 1.0)
+    if FP8_PV:
+        l_safe = l_safe * P_SCALE
+        acc = acc * tl.load(V_SCALE + pid_bh.to(tl.int64) * HEAD_DIM + offs_d)[None, :]
     out = acc / l_safe[:, None]
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + rows_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -200,7 +220,7 @@ def _desc_tile(
         start = tl.load(idx_ptr + it // CHUNKS) * BLOCK + (it % CHUNKS) * BLOCK_N
         k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
         v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_ok, False, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_ok, False, UPCAST, DOT_PRECISION, False)
     if not EVEN_N:
         if n_full < num_kv:
             tail_start = (NUM_KV_BLOCKS - 1) * BLOCK
@@ -210,7 +230,7 @@ def _desc_tile(
                 v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
                 col_ok = start + tl.arange(0, BLOCK_N) < N
                 acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, UPCAST,
-                                              DOT_PRECISION)
+                                              DOT_PRECISION, False)
 
     l_safe = tl.where(num_kv > 0, l_i, 1.0)
     out = (acc / l_safe[:, None]).to(desc_o.dtype)
@@ -311,7 +331,7 @@ def _tuned(kernel, key: list[str], descriptors: bool = False, pre_hook=None):
 
 
 _TUNED_KERNEL = _tuned(_block_sparse_attention_kernel,
-                       ["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N", "FP8"])
+                       ["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N", "FP8", "FP8_PV"])
 # Descriptors carry no dtype into the autotune key: DOT_PRECISION separates float32 from 16-bit inputs.
 _TUNED_DESC_KERNEL = _tuned(_block_sparse_attention_desc_kernel,
                             ["N", "HEAD_DIM", "BLOCK", "RETURN_LSE", "EVEN_N", "DOT_PRECISION"],
@@ -399,9 +419,9 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
         _launch(_block_sparse_attention_desc_kernel, _TUNED_DESC_KERNEL, args, meta, n, bsz * heads, mask.block, d,
                 q.device, pre_hook=_set_tile_shapes)
     else:
-        no_scales = (mask.kv_num_blocks, mask.kv_num_blocks)  # placeholders: FP8 is off, nothing reads them
+        no_scales = (mask.kv_num_blocks,) * 3  # placeholders: FP8 is off, nothing reads them
         _launch_pointer_kernel(q, k, v, out, lse, mask, perm, no_scales, qk_scale,
-                               {**meta, "HAS_ORDER": perm is not None, "FP8": False})
+                               {**meta, "HAS_ORDER": perm is not None, "FP8": False, "FP8_PV": False})
     return (out, lse) if return_lse else out
 
 
@@ -421,7 +441,7 @@ def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_
         head_order(mask), *scales,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         q.shape[1], q.shape[2], mask.num_q_blocks, mask.num_kv_blocks, qk_scale,
     )
@@ -429,16 +449,20 @@ def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_
             mask.block, q.shape[3], q.device)
 
 
-def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale: float, return_lse: bool):
+def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale: float, return_lse: bool,
+                                   out_like: torch.Tensor, v_scale: torch.Tensor | None = None):
     """Launch the pointer kernel with FP8 q and k on validated inputs: ``quant`` from
     ``quantize_qk_fp8`` (ordered, contiguous), v [B, H, N, D] float16 / bfloat16 with unit stride
-    along D (original order), ``perm`` int32 [N] or None. The LSE comes back without the
-    smoothing shift (the caller adds ``quant.lse_shift``)."""
+    along D (original order), or with ``v_scale`` (precision "fp8_pv") v8 and its channel scales
+    from ``quantize_v_fp8_fwd`` (ordered, any strides); ``perm`` int32 [N] or None; out takes the
+    dtype and layout of ``out_like`` (the caller's v). The LSE comes back without the smoothing
+    shift (the caller adds ``quant.lse_shift``)."""
     n, d = v.shape[2], v.shape[3]
-    out, lse = _outputs(v, return_lse)
+    out, lse = _outputs(out_like, return_lse)
+    fp8_pv = v_scale is not None
     meta = dict(HEAD_DIM=d, BLOCK=mask.block, HAS_ORDER=perm is not None, RETURN_LSE=return_lse,
                 EVEN_N=n % mask.block == 0, UPCAST=interpreting(), DOT_PRECISION="ieee" if interpreting() else "tf32",
-                FP8=True)
-    _launch_pointer_kernel(quant.q8, quant.k8, v, out, lse, mask, perm, (quant.q_scale, quant.k_scale),
-                           scale * _LOG2E, meta)
+                FP8=True, FP8_PV=fp8_pv)
+    scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
+    _launch_pointer_kernel(quant.q8, quant.k8, v, out, lse, mask, perm, scales, scale * _LOG2E, meta)
     return (out, lse) if return_lse else out

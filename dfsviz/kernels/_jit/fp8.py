@@ -1,6 +1,7 @@
-"""Block-wise e4m3 quantization of the FP8 attention inputs in one Triton pass per tensor: the
-launcher twin of :func:`dfsviz.kernels.fp8.quantize_qk_fp8`, bit for bit (scales, e4m3 bytes,
-key mean), which replaces its chain of PyTorch element-wise kernels on the FP8 path."""
+"""e4m3 quantization of the FP8 attention inputs in one Triton pass per tensor: the launcher
+twins of :func:`dfsviz.kernels.fp8.quantize_qk_fp8` (block-wise Q and K) and
+:func:`~dfsviz.kernels.fp8.quantize_v_fp8` (per-channel V), bit for bit (scales, e4m3 bytes,
+key mean), which replace their chains of PyTorch element-wise kernels on the FP8 path."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import triton.language as tl
 from dfsviz.kernels._dispatch import interpreting
 from dfsviz.kernels.fp8 import Fp8QK, key_mean
 
-__all__ = ["quantize_qk_fp8_fwd"]
+__all__ = ["quantize_qk_fp8_fwd", "quantize_v_fp8_fwd", "round_e4m3"]
 
 
 @triton.jit
@@ -21,27 +22,9 @@ def _pow2(e):
 
 
 @triton.jit
-def _quantize_blocks_kernel(
-    X, PERM, MEAN, OUT, SCALE,
-    stride_xb, stride_xh, stride_xn, H, N, M,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MEAN: tl.constexpr,
-):
-    """One block of BLOCK ordered tokens of one (batch, head): smooth, scale, round to e4m3."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    pos = blk * BLOCK + tl.arange(0, BLOCK)
-    ok = pos < N
-    src = tl.load(PERM + pos, mask=ok, other=0).to(tl.int64) if HAS_PERM else pos.to(tl.int64)
-    d = tl.arange(0, HEAD_DIM)
-    x = tl.load(X + b * stride_xb + h * stride_xh + src[:, None] * stride_xn + d[None, :], mask=ok[:, None],
-                other=0.0).to(tl.float32)
-    if HAS_MEAN:
-        x = tl.where(ok[:, None], x - tl.load(MEAN + bh * HEAD_DIM + d)[None, :], 0.0)
-    ax = tl.abs(x)
-    amax = tl.max(tl.max(ax, axis=1), axis=0)
-    nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0) > 0  # tl.max drops NaN; torch's amax keeps it
-    amax = tl.where(nan, float("nan"), amax)
+def _pow2_scale(amax):
+    """The simulation's ``_pow2_scales``: the smallest 2^e with amax / 2^e <= 448, 1 for a zero
+    (or underflowing) amax, amax itself when it is not finite."""
     # The smallest 2^e with amax / 2^e <= 448 = 1.75 x 2^8: amax = m 2^p (m in [1, 2)) gives
     # e = p - 8 when m <= 1.75, else p - 7 (what frexp of amax / 448 gives, without the division).
     # A subnormal amax is scaled up by 2^64 first, so its exponent bits are those of a normal number.
@@ -54,19 +37,66 @@ def _quantize_blocks_kernel(
     scale = _pow2(lo) * _pow2(tl.maximum(e - lo, -126))
     finite = amax < float("inf")  # False for inf and NaN
     # zero blocks keep 1, as do blocks so small that amax / 448 underflows to 0 in the simulation
-    scale = tl.where(finite, tl.where((amax > 0) & (scale > 0), scale, 1.0), amax)
-    y = tl.div_rn(x, scale)  # exact for a power of two; NaN / inf follow IEEE division as in torch
-    # Round to nearest even on e4m3's grid (step 2^(exponent - 3), 2^-9 below 2^-6), then write
-    # the e4m3 byte from the float32 bits (the interpreter's float8 cast gets NaN wrong).
+    return tl.where(finite, tl.where((amax > 0) & (scale > 0), scale, 1.0), amax)
+
+
+@triton.jit
+def round_e4m3(y):
+    """float32 y rounded to nearest even on e4m3's grid (step 2^(exponent - 3), 2^-9 below
+    2^-6), as float32; |y| must not exceed 448 (the interpreter's float8 cast does not round
+    to nearest even)."""
     ey = ((tl.abs(y).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     step = _pow2(tl.maximum(ey, -6) - 3)
-    y = ((tl.div_rn(y, step) + 12582912.0) - 12582912.0) * step
+    return ((tl.div_rn(y, step) + 12582912.0) - 12582912.0) * step
+
+
+@triton.jit
+def _e4m3_byte(y):
+    """The e4m3 byte of float32 y (|y| <= 448, or NaN), rounded to nearest even, written from
+    the float32 bits (the interpreter's float8 cast gets NaN wrong)."""
+    y = round_e4m3(y)
     ay = tl.abs(y).to(tl.int32, bitcast=True)
     ey = ((ay >> 23) & 0xFF) - 127  # again: rounding may reach the next power of two
     normal = ((ey + 7) << 3) | ((ay >> 20) & 0x7)
     subnormal = (tl.abs(y) * 512.0).to(tl.int32)  # multiples of 2^-9 below 2^-6: 0 .. 7
     byte = tl.where(ey >= -6, normal, subnormal) | ((y.to(tl.int32, bitcast=True) >> 24) & 0x80)
-    byte = tl.where(y == y, byte, 0x7F)  # NaN
+    return tl.where(y == y, byte, 0x7F)  # NaN
+
+
+@triton.jit
+def _load_tokens(X, PERM, blk, bh, stride_xb, stride_xh, stride_xn, H, N,
+                 TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Ordered positions blk * TOKENS + [0, TOKENS) of (batch, head) bh: (positions, in range,
+    channels, x float32 [TOKENS, D] gathered through PERM, zeros past N)."""
+    b, h = bh // H, bh % H
+    pos = blk * TOKENS + tl.arange(0, TOKENS)
+    ok = pos < N
+    src = tl.load(PERM + pos, mask=ok, other=0).to(tl.int64) if HAS_PERM else pos.to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    x = tl.load(X + b * stride_xb + h * stride_xh + src[:, None] * stride_xn + d[None, :], mask=ok[:, None],
+                other=0.0).to(tl.float32)
+    return pos, ok, d, x
+
+
+@triton.jit
+def _quantize_blocks_kernel(
+    X, PERM, MEAN, OUT, SCALE,
+    stride_xb, stride_xh, stride_xn, H, N, M,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MEAN: tl.constexpr,
+):
+    """One block of BLOCK ordered tokens of one (batch, head): smooth, scale, round to e4m3."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    pos, ok, d, x = _load_tokens(X, PERM, blk, bh, stride_xb, stride_xh, stride_xn, H, N, BLOCK, HEAD_DIM, HAS_PERM)
+    if HAS_MEAN:
+        x = tl.where(ok[:, None], x - tl.load(MEAN + bh * HEAD_DIM + d)[None, :], 0.0)
+    ax = tl.abs(x)
+    amax = tl.max(tl.max(ax, axis=1), axis=0)
+    nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0) > 0  # tl.max drops NaN; torch's amax keeps it
+    amax = tl.where(nan, float("nan"), amax)
+    scale = _pow2_scale(amax)
+    y = tl.div_rn(x, scale)  # exact for a power of two; NaN / inf follow IEEE division as in torch
+    byte = _e4m3_byte(y)
     out = OUT + bh * N * HEAD_DIM + pos[:, None] * HEAD_DIM + d[None, :]
     tl.store(out, byte.to(tl.uint8), mask=ok[:, None])
     tl.store(SCALE + bh * M + blk, scale)
@@ -94,3 +124,43 @@ def quantize_qk_fp8_fwd(q: torch.Tensor, k: torch.Tensor, block: int, perm: torc
     q8, q_scale = _quantize(q, block, perm, None)
     k8, k_scale = _quantize(k, block, perm, mean.contiguous())
     return Fp8QK(q8, q_scale, k8, k_scale, mean, block)
+
+
+@triton.jit
+def _quantize_channels_kernel(
+    X, PERM, AMAX, OUT, SCALE,
+    stride_xb, stride_xh, stride_xn, H, N, NPAD,
+    TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr,
+):
+    """TOKENS ordered tokens of one (batch, head): scale each channel by its power of two (from
+    the channel's max |x| over all tokens), round to e4m3 and store transposed, [D, NPAD]."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    pos, ok, d, x = _load_tokens(X, PERM, blk, bh, stride_xb, stride_xh, stride_xn, H, N, TOKENS, HEAD_DIM, HAS_PERM)
+    scale = _pow2_scale(tl.load(AMAX + bh * HEAD_DIM + d))
+    byte = _e4m3_byte(tl.div_rn(x, scale[None, :]))
+    tl.store(OUT + bh * HEAD_DIM * NPAD + d[None, :] * NPAD + pos[:, None], byte.to(tl.uint8), mask=ok[:, None])
+    tl.store(SCALE + bh * HEAD_DIM + d, scale, mask=(blk == 0) & (d >= 0))
+
+
+#: Tokens per program of the V pass, and the multiple its transposed rows are padded to (tensor
+#: descriptors need 16-byte row strides).
+_V_TOKENS = 64
+_V_ROW_ALIGN = 16
+
+
+def quantize_v_fp8_fwd(v: torch.Tensor, perm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~dfsviz.kernels.fp8.quantize_v_fp8` on a validated kernel input: v [B, H, N, D]
+    with unit stride along D (original order), ``perm`` int32 [N] or None. Returns (v8, scales)
+    with v8 the [B, H, N, D] float8_e4m3fn view of a [B, H, D, N'] buffer (N' = N rounded up to
+    16): stride 1 along N, the layout FP8 matrix instructions take P . V's second operand in."""
+    bsz, heads, n, d = v.shape
+    npad = triton.cdiv(n, _V_ROW_ALIGN) * _V_ROW_ALIGN
+    amax = torch.linalg.vector_norm(v, ord=float("inf"), dim=2).float().contiguous()  # NaN stays NaN
+    out = torch.empty((bsz, heads, d, npad), dtype=torch.uint8, device=v.device)  # e4m3 bytes, transposed
+    scales = torch.empty((bsz, heads, d), dtype=torch.float32, device=v.device)
+    _quantize_channels_kernel[(triton.cdiv(n, _V_TOKENS), bsz * heads)](
+        v, perm if perm is not None else scales, amax, out, scales, v.stride(0), v.stride(1), v.stride(2), heads, n,
+        npad, TOKENS=_V_TOKENS, HEAD_DIM=d, HAS_PERM=perm is not None, num_warps=1 if interpreting() else 4,
+    )
+    return out.view(torch.float8_e4m3fn)[..., :n].transpose(-1, -2), scales
