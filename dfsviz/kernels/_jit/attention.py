@@ -19,6 +19,8 @@ __all__ = ["ATTENTION_CONFIGS", "attention_config_fits", "block_sparse_attention
            "head_order"]
 
 _LOG2E = 1.4426950408889634
+# a global read inside a compiled kernel must be a constexpr (the interpreter reads any global)
+_P_SCALE = tl.constexpr(P_SCALE)
 
 
 @triton.jit
@@ -46,9 +48,9 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok,
     acc = acc * alpha[:, None]
     if P_FP8:
         if UPCAST:  # the interpreter's float8 cast does not round to nearest even
-            acc = tl.dot(round_e4m3(p * P_SCALE), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(round_e4m3(p * _P_SCALE), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
-            acc = tl.dot((p * P_SCALE).to(v.dtype), v, acc)
+            acc = tl.dot((p * _P_SCALE).to(v.dtype), v, acc)
     elif UPCAST:
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
     else:
@@ -180,7 +182,7 @@ def _block_sparse_attention_kernel(
     # a NaN row keeps l = NaN and stays NaN, as dense attention would.
     l_safe = tl.where(num_kv > 0, l_i, 1.0)
     if FP8_PV:
-        l_safe = l_safe * P_SCALE
+        l_safe = l_safe * _P_SCALE
         acc = acc * tl.load(V_SCALE + pid_bh.to(tl.int64) * HEAD_DIM + offs_d)[None, :]
     out = acc / l_safe[:, None]
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
