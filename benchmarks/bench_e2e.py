@@ -33,8 +33,9 @@ Per model it times one transformer call (CUDA events, median of --reps after a w
 
 Writes benchmarks/results/e2e_<card>.json (card, versions, shapes, every timing, the speedups).
 Also HunyuanVideo 720p x 129 frames (13B architecture, latent 16 x 33 x 90 x 160: 118,800 video and
-256 text tokens). ``--precisions native,fp8`` times every DFSAttn run also with FP8 Q and K
-(``DFSConfig(precision="fp8")``: the sparse calls; the warm-up calls stay stock). ``--quick`` times 2 and 3 repeating units of each
+256 text tokens). ``--precisions native,fp8,fp8_pv`` times every DFSAttn run also with FP8 Q and K
+(``DFSConfig(precision="fp8")``: the sparse calls; the warm-up calls stay stock) and with P . V in
+FP8 too (``"fp8_pv"``). ``--quick`` times 2 and 3 repeating units of each
 model (Wan: blocks; HunyuanVideo: one dual-stream and two single-stream blocks) and composes every
 call time at full depth from the per-unit difference (units past the first are identical sparse
 layers; the measured calls stay in the JSON).
@@ -486,7 +487,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default=None, choices=[None, "triton", "ref"], help="kernel backend (default auto)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--precisions", default="native", help="sparse attention precisions: native, fp8 or both")
+    ap.add_argument("--precisions", default="native",
+                    help="sparse attention precisions, comma list of native, fp8, fp8_pv (DFSConfig.precision)")
     ap.add_argument("--quick", action="store_true",
                     help="time 2 and 3 repeating units of each model (one timed call each, permute-once, cuDNN "
                          "dense, no quality) and compose every call at full depth: 14B/720p and HunyuanVideo "
@@ -507,8 +509,8 @@ def main(argv=None) -> int:
     if not dense or any(b not in ("cudnn", "flash") for b in dense):
         ap.error(f"--dense: choose from cudnn, flash (got {dense})")
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    if not precisions or any(p not in ("native", "fp8") for p in precisions):
-        ap.error(f"--precisions: choose from native, fp8 (got {precisions})")
+    if not precisions or any(p not in ("native", "fp8", "fp8_pv") for p in precisions):
+        ap.error(f"--precisions: choose from native, fp8, fp8_pv (got {precisions})")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU visible; use --device cpu --models tiny to check the script")

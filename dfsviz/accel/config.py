@@ -29,6 +29,8 @@ PRECISION_MODES = {
     "dense warm-up calls stock",
     "fp8_dense": "the sparse calls and DFSAttn's dense warm-up calls (the FP8 kernel with every block "
     "kept) with FP8 Q and K",
+    "fp8_pv": "the sparse calls with FP8 Q and K and FP8 P . V (precision='fp8_pv'); dense warm-up calls stock",
+    "fp8_pv_dense": "the sparse calls and DFSAttn's dense warm-up calls with FP8 Q and K and FP8 P . V",
 }
 
 
@@ -69,9 +71,11 @@ class DFSConfig:
             stock code outside the sparse attention itself.
         backend: kernel backend, None (Triton on CUDA, else the PyTorch reference), "triton"
             or "ref" (``dfsviz.kernels.BACKENDS``).
-        precision: "native", "fp8" or "fp8_dense" (:data:`PRECISION_MODES`): "fp8" runs the
-            sparse attention with Q and K in float8 e4m3 (per-block scales, K smoothed by its
-            token mean; docs/kernels.md "FP8"), "fp8_dense" also DFSAttn's dense warm-up calls.
+        precision: "native", "fp8", "fp8_dense", "fp8_pv" or "fp8_pv_dense"
+            (:data:`PRECISION_MODES`): "fp8" runs the sparse attention with Q and K in float8
+            e4m3 (per-block scales, K smoothed by its token mean; docs/kernels.md "FP8"),
+            "fp8_pv" P . V in e4m3 too (per-channel V scales); "_dense" also DFSAttn's dense
+            warm-up calls.
         measure_recall: also compute the exact block mass of every sparse call and record the
             recall of its mask (costs a dense attention pass; for quality studies only).
         calibration: a :class:`~dfsviz.accel.plan.CalibratedPlan` (``dfsviz calibrate``), or None.
@@ -128,7 +132,8 @@ class DFSConfig:
         if not isinstance(self.precision, str) or self.precision not in PRECISION_MODES:
             raise ValueError(
                 f"`precision` must be one of {sorted(PRECISION_MODES)} (got {self.precision!r}); 'fp8' runs the "
-                "sparse attention with FP8 Q and K, 'fp8_dense' its dense warm-up calls too"
+                "sparse attention with FP8 Q and K, 'fp8_pv' P . V in FP8 too, '..._dense' the dense warm-up "
+                "calls too"
             )
         if self.calibration is not None:
             self._check_calibration(self.calibration)

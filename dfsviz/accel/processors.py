@@ -4,15 +4,16 @@ Per sparse self-attention call a processor computes q, k, v exactly as the stock
 does and then:
 
 * dense plan (warm-up step): calls the original processor (stock SDPA; Wan with
-  ``fused_ops`` fuses the q/k norm + RoPE first); under ``precision="fp8_dense"`` it attends
-  with the FP8 kernel and every block kept instead (no order, nothing scored or cached);
+  ``fused_ops`` fuses the q/k norm + RoPE first); under ``precision="fp8_dense"`` (or
+  ``"fp8_pv_dense"``) it attends with the FP8 kernel and every block kept instead (no order, nothing scored or cached);
 * refresh (or no valid cached mask): scores the ordered q, k with
   ``dfsviz.kernels.block_scores``, selects top-k blocks with ``select_topk`` (per-head
   budgets of a calibrated plan: ``select_topk_heads``) and caches the mask for this layer;
   otherwise reuses the layer's cached mask;
 * attends with ``dfsviz.kernels.block_sparse_attention`` (the kernel gathers rows
   through the token order and scatters the output back, unless permute-once already
-  ordered the tokens), with FP8 Q and K under ``precision="fp8"`` or ``"fp8_dense"``.
+  ordered the tokens), with FP8 Q and K under ``precision="fp8"`` or ``"fp8_dense"``, and FP8
+  P . V too under ``"fp8_pv"`` or ``"fp8_pv_dense"``.
 
 Processors (which one serves a layer: the registry entry's ``tuned`` map, by stock processor):
 
@@ -89,13 +90,14 @@ class _DFSProcessorBase:
         # A calibrated plan gives every head its own budget; else the schedule's gamma serves all heads.
         gammas = None if config.calibration is None else config.calibration.gammas(layer)
         self.gammas = gammas if gammas is None or heads is None else gammas[heads]
-        self.precision = "native" if config.precision == "native" else "fp8"
+        # the kernel's precision: "fp8_dense" / "fp8_pv_dense" name the calls, not the arithmetic
+        self.precision = config.precision.removesuffix("_dense")
 
     def _dfs_ctx(self) -> _CallContext | None:
         """The call's context when DFSAttn computes this attention (a sparse step; under
-        ``precision="fp8_dense"`` a dense step too), else None: the stock attention serves."""
+        ``precision="fp8_dense"`` or ``"fp8_pv_dense"`` a dense step too), else None: the stock attention serves."""
         ctx = self.state.current
-        if ctx is None or (ctx.plan.dense and self.config.precision != "fp8_dense"):
+        if ctx is None or (ctx.plan.dense and not self.config.precision.endswith("_dense")):
             return None
         return ctx
 
@@ -160,7 +162,7 @@ class _DFSProcessorBase:
         if ctx.plan.dense:  # fp8_dense warm-up: every block kept; nothing scored, cached or recorded
             full = BlockMask.full(q.shape[0], q.shape[1], n, cfg.block, device=q.device)
             self._observe(q, k, v, scale, full, grid, ordered=False, refresh=False)
-            return block_sparse_attention(q, k, v, full, scale=scale, precision="fp8", backend=cfg.backend)
+            return block_sparse_attention(q, k, v, full, scale=scale, precision=self.precision, backend=cfg.backend)
         # Permute-once ordered the whole sequence with the full grid's order; text keeps its
         # place in every order, so the real prefix of the ordered sequence is ordered too.
         order = None if ctx.ordered else make_order(cfg.order, grid)

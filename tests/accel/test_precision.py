@@ -65,15 +65,20 @@ def wan():
     return build_tiny("wan")
 
 
-def test_fp8_sparse_calls_are_the_quantized_attention(wan):
+@pytest.mark.parametrize("precision", ["fp8", "fp8_pv"])
+def test_fp8_sparse_calls_are_the_quantized_attention(wan, precision):
     inputs = make_inputs("wan")
     native, dense = [], run(wan, inputs)
-    for precision in ("native", "fp8"):
-        with apply_dfsattn(wan, config(precision, skip_steps=0)) as handle:
+    for mode in ("native", precision):
+        with apply_dfsattn(wan, config(mode, skip_steps=0)) as handle:
             native.append(run(wan, inputs))
             masks = {layer: e.mask for (layer, _, _), e in handle.state.masks.items()}
     order = make_order("hilbert3d", LatentGrid(3, 8, 8))
-    with wan_self_attention(lambda layer, q, k, v: block_sparse_attention_fp8_ref(q, k, v, masks[layer], order)) as calls:
+
+    def quantized(layer, q, k, v):
+        return block_sparse_attention_fp8_ref(q, k, v, masks[layer], order, precision=precision)
+
+    with wan_self_attention(quantized) as calls:
         reference = run(wan, inputs)
     assert calls == [192, 192] and sorted(masks) == [0, 1]
     torch.testing.assert_close(native[1], reference, atol=2e-5, rtol=0)
@@ -82,20 +87,22 @@ def test_fp8_sparse_calls_are_the_quantized_attention(wan):
     assert not torch.allclose(native[0], dense, atol=1e-4)  # the budget is real (0.3)
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8_dense"])
+@pytest.mark.parametrize("precision", ["fp8", "fp8_dense", "fp8_pv", "fp8_pv_dense"])
 def test_dense_warm_up_calls(wan, precision):
-    """fp8: warm-up steps stay stock; fp8_dense: the FP8 kernel with every block kept, no order."""
+    """fp8, fp8_pv: warm-up steps stay stock; fp8_dense, fp8_pv_dense: the FP8 kernel (its P . V
+    in FP8 for fp8_pv_dense) with every block kept, no order."""
     inputs = make_inputs("wan")
     dense = run(wan, inputs)
     with apply_dfsattn(wan, config(precision, skip_steps=1)) as handle:
         warm = run(wan, inputs)  # step 0: dense
     assert handle.state.records == [] and handle.state.masks == {}  # nothing scored, cached or recorded
-    if precision == "fp8":
+    if not precision.endswith("_dense"):
         assert torch.equal(warm, dense)
         return
 
     def full(layer, q, k, v):
-        return block_sparse_attention_fp8_ref(q, k, v, BlockMask.full(q.shape[0], q.shape[1], q.shape[2], 16))
+        mask = BlockMask.full(q.shape[0], q.shape[1], q.shape[2], 16)
+        return block_sparse_attention_fp8_ref(q, k, v, mask, precision=precision.removesuffix("_dense"))
 
     with wan_self_attention(full):
         reference = run(wan, inputs)
