@@ -35,7 +35,8 @@ Writes benchmarks/results/e2e_<card>.json (card, versions, shapes, every timing,
 Also HunyuanVideo 720p x 129 frames (13B architecture, latent 16 x 33 x 90 x 160: 118,800 video and
 256 text tokens). ``--precisions native,fp8,fp8_pv`` times every DFSAttn run also with FP8 Q and K
 (``DFSConfig(precision="fp8")``: the sparse calls; the warm-up calls stay stock) and with P . V in
-FP8 too (``"fp8_pv"``). ``--quick`` times 2 and 3 repeating units of each
+FP8 too (``"fp8_pv"``); ``"fp8_dense"`` / ``"fp8_pv_dense"`` also time DFSAttn's warm-up call as
+FP8 attention with every block kept and weigh the schedule's warm-up calls with it. ``--quick`` times 2 and 3 repeating units of each
 model (Wan: blocks; HunyuanVideo: one dual-stream and two single-stream blocks) and composes every
 call time at full depth from the per-unit difference (units past the first are identical sparse
 layers; the measured calls stay in the JSON).
@@ -65,6 +66,7 @@ import torch.nn.functional as F
 
 import dfsviz
 from dfsviz.accel import DFSConfig, apply_dfsattn
+from dfsviz.accel.config import PRECISION_MODES
 from dfsviz.sparse.orders import TokenOrder
 from dfsviz.sparse.schedule import DFSSchedule
 
@@ -309,6 +311,20 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
                                "speedup_vs_dense": base / statistics.median(ms)}
     log.info("%s DFSAttn dense call: %.1f ms", name, result["dfsattn_dense"]["median_ms"])
     fused_dense = result["dfsattn_dense"]["median_ms"]
+    # precisions "..._dense" run DFSAttn's warm-up calls as FP8 attention with every block kept
+    warm_up = {p: fused_dense for p in precisions}
+    for precision in (p for p in precisions if p.endswith("_dense")):
+        handle = apply_dfsattn(model, DFSConfig(schedule=DFSSchedule(num_steps=1, skip_steps=1), backend=backend,
+                                                precision=precision))
+        try:
+            with sdpa_backend(dense_backends[0]):
+                ms = time_calls(model, inputs, device, reps, before=lambda: handle.state.set_step(0))
+        finally:
+            handle.remove()
+        warm_up[precision] = statistics.median(ms)
+        result[f"dfsattn_dense_{precision}"] = {"ms": ms, "median_ms": warm_up[precision],
+                                                "speedup_vs_dense": base / warm_up[precision]}
+        log.info("%s DFSAttn dense call, %s: %.1f ms", name, precision, warm_up[precision])
     if quality:
         with torch.no_grad(), sdpa_backend(dense_backends[0]):
             y_dense = model(**inputs)[0]
@@ -356,7 +372,7 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
             log.info("%s %s %s gamma %.1f: refresh %.1f ms, cached %.1f ms (dense %.1f)", name, mode, precision,
                      gamma, row["refresh_median_ms"], row["cached_median_ms"], base)
     result["dfsattn"] = dfs
-    result["schedule_weighted"] = {run_key(m, p): schedule_weighted(dfs, run_key(m, p), base, fused_dense)
+    result["schedule_weighted"] = {run_key(m, p): schedule_weighted(dfs, run_key(m, p), base, fused_dense, warm_up[p])
                                    for m in modes for p in precisions}
     del model
     if device.type == "cuda":
@@ -397,7 +413,17 @@ def compose_depth(shallow: dict, deep: dict, units: tuple[int, int], full_units:
             row[f"speedup_{kind}_vs_dense"] = base / row[f"{kind}_median_ms"]
         row.pop("breakdown_ms", None)
     out["dfsattn_dense"]["speedup_vs_dense"] = base / out["dfsattn_dense"]["median_ms"]
-    out["schedule_weighted"] = {key: schedule_weighted(out["dfsattn"], key, base, out["dfsattn_dense"]["median_ms"])
+    fp8_warm_up = {}  # precision "..._dense" -> its FP8 warm-up call
+    for key in (k for k in deep if k.startswith("dfsattn_dense_")):
+        ms = carry(shallow[key]["median_ms"], deep[key]["median_ms"])
+        out[key] = {"median_ms": ms, "speedup_vs_dense": base / ms}
+        fp8_warm_up[key.removeprefix("dfsattn_dense_")] = ms
+
+    def warm_up(run: str) -> float:  # run = run_key(mode, precision)
+        return next((ms for p, ms in fp8_warm_up.items() if run.endswith(f"_{p}")), out["dfsattn_dense"]["median_ms"])
+
+    out["schedule_weighted"] = {key: schedule_weighted(out["dfsattn"], key, base, out["dfsattn_dense"]["median_ms"],
+                                                       warm_up(key))
                                 for key in deep["schedule_weighted"]}
     out["measured"] = {"shallow": shallow, "deep": deep}
     return out
@@ -443,18 +469,19 @@ def _with_rest(parts: dict) -> dict:
     return parts
 
 
-def schedule_weighted(dfs: dict, mode: str, dense_ms: float, dfs_dense_ms: float) -> dict:
+def schedule_weighted(dfs: dict, mode: str, dense_ms: float, dfs_dense_ms: float, warm_up_ms: float) -> dict:
     """Transformer time of the default 50-step schedule with CFG as two calls per step.
 
-    DFSAttn's warm-up calls take ``dfs_dense_ms`` (its fused ops around dense attention). The
-    speedup is over stock dense calls; ``speedup_vs_fused_dense`` is over dense calls with the
-    same fused ops, i.e. what the sparse attention alone gives."""
+    DFSAttn's warm-up calls take ``warm_up_ms`` (``dfs_dense_ms``, its fused ops around dense
+    attention, or its FP8 dense call under a precision "..._dense"). The speedup is over stock
+    dense calls; ``speedup_vs_fused_dense`` is over dense calls with the fused ops
+    (``dfs_dense_ms``), i.e. what the sparse attention (and FP8 warm-up calls) give."""
     schedule = DFSSchedule(calls_per_step=2)
     total = 0.0
     counts = {"dense": 0, "refresh": 0, "cached": 0}
     for plan in schedule.plan():
         if plan.dense:
-            total += dfs_dense_ms
+            total += warm_up_ms
             counts["dense"] += 1
             continue
         row = dfs[f"{mode}_g{round(plan.gamma, 1):.1f}"]  # 0.19999999999999998 is the 0.2 row
@@ -488,7 +515,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, choices=[None, "triton", "ref"], help="kernel backend (default auto)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precisions", default="native",
-                    help="sparse attention precisions, comma list of native, fp8, fp8_pv (DFSConfig.precision)")
+                    help="DFSAttn precisions, comma list of DFSConfig.precision values (native, fp8, fp8_dense, "
+                         "fp8_pv, fp8_pv_dense)")
     ap.add_argument("--quick", action="store_true",
                     help="time 2 and 3 repeating units of each model (one timed call each, permute-once, cuDNN "
                          "dense, no quality) and compose every call at full depth: 14B/720p and HunyuanVideo "
@@ -509,8 +537,8 @@ def main(argv=None) -> int:
     if not dense or any(b not in ("cudnn", "flash") for b in dense):
         ap.error(f"--dense: choose from cudnn, flash (got {dense})")
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    if not precisions or any(p not in ("native", "fp8", "fp8_pv") for p in precisions):
-        ap.error(f"--precisions: choose from native, fp8, fp8_pv (got {precisions})")
+    if not precisions or any(p not in PRECISION_MODES for p in precisions):
+        ap.error(f"--precisions: choose from {', '.join(PRECISION_MODES)} (got {precisions})")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU visible; use --device cpu --models tiny to check the script")
