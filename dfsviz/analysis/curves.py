@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dfsviz.analysis._validate import check_block_map, check_seq_block, check_target
+from dfsviz.sparse._topk import topk_order, topk_recall
 from dfsviz.sparse._validate import block_flags, block_sizes
 from dfsviz.sparse.select import topk_count
 
@@ -160,21 +161,17 @@ def recall_curve(
     device = m.device
     forced = block_flags(forced_kv, "forced_kv", nb, device)
     dense_rows = block_flags(dense_q, "dense_q", nb, device)
+    forced = forced if bool(forced.any()) else None
+    dense_rows = dense_rows if bool(dense_rows.any()) else None
 
-    # Rows are sorted by score, then (stable) forced blocks are moved to the front, so
-    # forced blocks come first and each group keeps its own score order.
-    order = torch.argsort(scores.to(torch.float64), dim=-1, descending=True, stable=True)
-    if bool(forced.any()):
-        forced_sorted = forced[order]
-        order = torch.gather(order, -1, torch.argsort((~forced_sorted).to(torch.int8), dim=-1, stable=True))
-    mass = torch.cumsum(torch.gather(m.to(torch.float64), -1, order), dim=-1)  # [B, H, Mq, Mk]
-    sizes = block_sizes(seq_len, block, device=device).to(torch.float64)       # n_v = |U_v|
-    tokens = torch.cumsum(sizes[order], dim=-1)                                  # sum of kept n_v
-    if bool(dense_rows.any()):
-        mass[:, :, dense_rows, :] = m[:, :, dense_rows, :].to(torch.float64).sum(dim=-1, keepdim=True)
+    # one sort per row gives the top-k mask of every k (forced blocks first); the capture writer
+    # stores the recall of the same masks with the same two functions
+    order = topk_order(scores, forced)
+    recall = topk_recall(m, order, seq_len, block, dense_rows)
+    sizes = block_sizes(seq_len, block, device=device).to(torch.float64)  # n_v = |U_v|
+    tokens = torch.cumsum(sizes[order], dim=-1)                           # sum of kept n_v
+    if dense_rows is not None:
         tokens[:, :, dense_rows, :] = float(seq_len)
-    weights = sizes / seq_len                                                    # |U_u| / N
-    recall = torch.einsum("bhuk,u->bhk", mass, weights)
     density = torch.einsum("bhuk,u->bhk", tokens, sizes) / float(seq_len) ** 2
     return RecallCurve(recall.cpu(), density.cpu(), seq_len, block, label)
 

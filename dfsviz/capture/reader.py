@@ -21,14 +21,17 @@ from dfsviz.capture.file_safety import held_by_another_process
 from dfsviz.capture.codes import decode
 from dfsviz.capture.schema import (
     AFFINE_SUFFIX,
+    DIMS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAP_NAMES,
     STAT_NAMES,
     STEP_GROUP,
     VIDEO_GROUP,
     SCORE_STATS,
     RootAttrs,
     StoreLayout,
+    method_names,
     read_json_attr,
     step_key,
 )
@@ -249,9 +252,12 @@ class CaptureReader:
         oi = self._pos(order, self.orders, "order")
         bi = self._pos(branch, self.branches, "branch")
         hsel, _ = self._heads(head)
-        lead = (li, bi, oi) if method is None else (li, bi, oi, self.layout.score_methods.index(method))
+        if method is None:
+            lead = (li, bi, oi)
+        else:  # `scores` and `recall` are [layer, branch, order, <their method dim>, head, ...]
+            lead = (li, bi, oi, method_names(self.layout)[DIMS[name][3]].index(method))
         stored = _read_heads(g[name], lead, hsel)
-        if self.layout.map_dtype == "uint8":
+        if self.layout.map_dtype == "uint8" and name in MAP_NAMES:
             stored = decode(stored, _read_heads(g[f"{name}{AFFINE_SUFFIX}"], lead, hsel))
         return torch.from_numpy(np.asarray(stored, dtype=np.float32))  # float16 and uint8 maps as float32
 
@@ -277,6 +283,31 @@ class CaptureReader:
         if method not in self.layout.score_methods:
             return self._maps(SCORE_STATS[method], step, layer, order, head, branch)[None]
         return self._maps("scores", step, layer, order, head, branch, method)[None]
+
+    @property
+    def stored_recall(self) -> bool:
+        """True when every step stores recall curves (:meth:`recall_curve`); files written
+        before captures stored them hold none."""
+        return self.layout.stored_recall
+
+    def recall_curve(self, step: int, layer: int, order: str, method: str, head=None, branch: str = "cond") -> torch.Tensor:
+        """Recall of ``method``'s top-k mask at every budget k = 1..Mk: float32 [1, Hs, Mk], entry
+        [0, h, k - 1] = R(S) of the mask keeping the k best-scoring key blocks of every query block.
+
+        Stored by the writer from the maps as the model produced them, before their float16 or
+        uint8 rounding: ``dfsviz.analysis.recall_curve`` of the stored m and scores gives the same
+        curves on float32 maps and differs by the storage error on narrower ones (docs/format.md).
+        Reads Hs x Mk floats, where recomputing reads every map of the (step, layer, order).
+        Raises ValueError for a file without curves (:attr:`stored_recall`)."""
+        self._pos(method, self.methods, "method")
+        if not self.stored_recall:
+            raise ValueError(
+                f"{str(self.path)!r} stores no recall curves (written by dfsviz {self.attrs.get('dfsviz_version', 'unknown')} "
+                "without them): recompute them from the maps with dfsviz.analysis.recall_curve(run.block_mass"
+                "(step, layer, order), run.scores(step, layer, order, method), seq_len=run.grid.num_tokens, block=run.block), "
+                "or capture the run again with this dfsviz"
+            )
+        return self._maps("recall", step, layer, order, head, branch, method)[None]
 
     def variance_ratios(self, step: int, layer: int, order: str, branch: str = "cond") -> tuple[torch.Tensor, torch.Tensor]:
         """(W_q, W_k), float64 [1, H] over the captured heads."""
@@ -402,6 +433,7 @@ class CaptureReader:
             map_dtype=lay.map_dtype,
             map_dtype_choice=self.attrs.get("map_dtype_choice"),
             score_methods=list(lay.score_methods),
+            stored_recall=lay.stored_recall,
             dfsattn=self.attrs.get("dfsattn") if lay.dfsattn_order else None,
             file_bytes=self.path.stat().st_size,
             planned_bytes_uncompressed=lay.total_bytes(),

@@ -32,6 +32,7 @@ __all__ = [
     "StoreLayout",
     "dataset_dtype",
     "dimension_values",
+    "method_names",
     "read_json_attr",
     "root_datasets",
     "step_key",
@@ -95,6 +96,9 @@ DIMS: dict[str, tuple[str, ...]] = {
     "k": ("qkv_layer", "branch", "head", "token", "dim"),
     "v": ("qkv_layer", "branch", "head", "token", "dim"),
     "dfsattn_mask": ("layer", "branch", "head", "q_block", "k_block"),
+    # recall of each method's top-k mask at k = 1..Mk key blocks per query block, of every method of
+    # the file (`recall_method`: the root attribute `methods`, meanpool and the oracle included)
+    "recall": ("layer", "branch", "order", "recall_method", "head", "kept_blocks"),
 }
 # uint8 maps: (offset, scale) of each map row
 DIMS.update({f"{name}{AFFINE_SUFFIX}": (*DIMS[name][:-1], "affine") for name in MAP_NAMES})
@@ -113,6 +117,8 @@ UNITS = {
     "k": "model units, post-norm post-RoPE",
     "v": "model units",
     "dfsattn_mask": "1 = key block attended by DFSAttn, 0 = skipped (blocks of the order dfsattn_order)",
+    "recall": "fraction of the attention (0..1) the top-k mask of the method's scores keeps, k key blocks per query "
+              "block (computed from the maps before their storage rounding)",
 }
 UNITS.update({f"{name}{AFFINE_SUFFIX}": f"(offset, scale) of each row of the uint8 {name}: value = offset + scale x code, "
               f"in the units of {name}" for name in MAP_NAMES})
@@ -125,7 +131,7 @@ def step_key(step: int) -> str:
 
 # the dtype and fill value of each per-step dataset besides the maps and Q/K/V (NaN = unwritten)
 _DTYPES = {"footprint": ("float16", np.nan), "footprint_block": ("int32", -1), "W_q": ("float64", np.nan),
-           "W_k": ("float64", np.nan), "dfsattn_mask": ("uint8", 255)}
+           "W_k": ("float64", np.nan), "dfsattn_mask": ("uint8", 255), "recall": ("float32", np.nan)}
 
 
 def dataset_dtype(name: str, layout: "StoreLayout") -> tuple[np.dtype, float | int]:
@@ -144,8 +150,8 @@ def dataset_dtype(name: str, layout: "StoreLayout") -> tuple[np.dtype, float | i
 
 def dimension_values(layout: "StoreLayout", dim: str) -> np.ndarray:
     """The coordinate (dimension scale) of ``dim`` in every step group: model layer and head
-    indices, names of branches, orders and methods, or 0..size-1."""
-    names = {"branch": layout.branches, "order": layout.orders, "method": layout.score_methods, "affine": AFFINE_TERMS}
+    indices, names of branches, orders and methods, the kept blocks k = 1..Mk, or 0..size-1."""
+    names = {"branch": layout.branches, "order": layout.orders, "affine": AFFINE_TERMS, **method_names(layout)}
     if dim in names:
         import h5py
 
@@ -153,7 +159,14 @@ def dimension_values(layout: "StoreLayout", dim: str) -> np.ndarray:
     indices = {"layer": layout.layers, "head": layout.heads, "qkv_layer": layout.qkv_layers}
     if dim in indices:
         return np.asarray(indices[dim], dtype=np.int64)
-    return np.arange(layout.dim_size(dim), dtype=np.int64)
+    first = 1 if dim == "kept_blocks" else 0
+    return np.arange(first, first + layout.dim_size(dim), dtype=np.int64)
+
+
+def method_names(layout: "StoreLayout") -> dict[str, tuple[str, ...]]:
+    """The methods along each method dim: ``method`` (of ``scores``) holds ``score_methods``,
+    ``recall_method`` (of ``recall``) every method of the file."""
+    return {"method": layout.score_methods, "recall_method": layout.methods}
 
 
 #: the root datasets and groups besides the step groups: name -> (dtype, shape from the layout)
@@ -194,6 +207,9 @@ class StoreLayout:
             default, and what a list equal to it becomes) = every method without a statistic of
             its own (``SCORE_STATS``: meanpool's score is L, the oracle's m). Files written
             before this field hold every method. :attr:`score_methods` says which.
+        stored_recall: every step holds ``recall``, the recall curve of each method's top-k mask
+            at k = 1..Mk, computed by the writer from the maps as the model produced them (root
+            attribute ``stored_recall``; files written before it hold no curves: False).
     """
 
     grid: LatentGrid
@@ -213,6 +229,7 @@ class StoreLayout:
     qkv_steps: tuple[int, ...] | None = None
     dfsattn_order: str | None = None
     stored_scores: tuple[str, ...] | None = None
+    stored_recall: bool = True
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.layer_names):
@@ -271,6 +288,8 @@ class StoreLayout:
             "qkv_layer": len(self.qkv_layers),
             "dim": self.head_dim,
             "affine": len(AFFINE_TERMS),
+            "recall_method": len(self.methods),
+            "kept_blocks": self.num_blocks,
         }
         return sizes[dim]
 
@@ -289,6 +308,8 @@ class StoreLayout:
             names.append("scores")
         if self.map_dtype == "uint8":
             names += [f"{name}{AFFINE_SUFFIX}" for name in names if name in MAP_NAMES]
+        if self.stored_recall and self.methods:
+            names.append("recall")
         if self.footprints:
             names += ["footprint_block", "footprint"]
         if self.has_qkv(step):
@@ -333,6 +354,7 @@ class StoreLayout:
             "qkv_steps": np.asarray(self.qkv_steps, dtype=np.int64),
             "dfsattn_order": self.dfsattn_order or "",
             "score_methods": list(self.score_methods),
+            "stored_recall": self.stored_recall,
         }
 
     @classmethod
@@ -387,6 +409,8 @@ class StoreLayout:
                                if "score_methods" in attrs else methods),
                 # Files written before `qkv_steps` existed stored Q/K/V at every step.
                 qkv_steps=qkv_steps,
+                # ... and files written before `stored_recall` hold no recall curves
+                stored_recall=read.bool("stored_recall") if "stored_recall" in attrs else False,
                 dfsattn_order=dfsattn or None,
             )
         except ValueError as exc:

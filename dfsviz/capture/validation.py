@@ -36,6 +36,7 @@ from dfsviz.capture.schema import (
     StoreLayout,
     dataset_dtype,
     dimension_values,
+    method_names,
     root_datasets,
     step_key,
 )
@@ -288,7 +289,8 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
     (the row sums of m are checked within :func:`row_sum_tolerance` of its dtype; uint8 maps are
     checked as computed and, in a file, decoded: their rows of m sum to 1 by construction), float16
     [K, N] for footprint, int32 [K] for footprint_block, [N, D] for q, k, v, a float for W,
-    uint8 [Mq, Mk] for dfsattn_mask.
+    uint8 [Mq, Mk] for dfsattn_mask, float32 [Mk] for a recall curve (or curves [..., Mk]: the
+    message then names the first bad one by its leading indices).
     """
     if name == "footprint_block":
         bad = array[(array < 0) | (array >= num_blocks)]
@@ -308,6 +310,8 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
         return problem
     if name in ("W_q", "W_k"):
         return "outside [0, 1]" if ((array < NEGATIVE_TOL) | (array > 1 - NEGATIVE_TOL)).any() else None
+    if name == "recall":
+        return _curve_problem(array)
     if name in ("m", "r", "J") and (array < NEGATIVE_TOL).any():
         return f"negative values (min {float(array.min()):.4g})"
     if name == "m":
@@ -318,9 +322,36 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
     return None
 
 
+def _curve_problem(curves: np.ndarray) -> str | None:
+    """What is wrong with recall curves [..., Mk] (entry k - 1: recall of the top-k mask), or None.
+    A curve sums a row of m at a time, so each check allows m's rounding: ROW_SUM_TOL."""
+    values = np.asarray(curves, dtype=np.float64)
+    mk = values.shape[-1]
+
+    def curve(at: tuple) -> str:
+        """``"curve i: "`` naming the curve of ``at`` among several, ``""`` for one."""
+        lead = tuple(int(i) for i in at[:-1])
+        return f"curve {lead[0] if len(lead) == 1 else lead}: " if lead else ""
+
+    outside = np.argwhere((values < -ROW_SUM_TOL) | (values > 1 + ROW_SUM_TOL))
+    if outside.size:
+        at = tuple(outside[0])
+        return f"outside [0, 1] ({curve(at)}{values[at]:.4g} at k = {at[-1] + 1})"
+    falls = np.argwhere(np.diff(values, axis=-1) < -ROW_SUM_TOL)
+    if falls.size:
+        at = tuple(falls[0])
+        after = (*at[:-1], at[-1] + 1)
+        return f"decreases with k ({curve(at)}{values[at]:.4g} at k = {at[-1] + 1}, {values[after]:.4g} at k = {at[-1] + 2})"
+    short = np.argwhere(np.abs(values[..., -1:] - 1) > ROW_SUM_TOL)
+    if short.size:
+        at = (*short[0][:-1], mk - 1)
+        return f"not 1 with every block kept ({curve(at)}{values[at]:.4g} at k = Mk = {mk})"
+    return None
+
+
 def _label(layout: StoreLayout, name: str, index: tuple[int, ...]) -> str:
     values = {
-        "layer": layout.layers, "branch": layout.branches, "order": layout.orders, "method": layout.score_methods,
+        "layer": layout.layers, "branch": layout.branches, "order": layout.orders, **method_names(layout),
         "head": layout.heads, "qkv_layer": layout.qkv_layers,
     }
     parts = [f"{dim} {values[dim][i]}" for dim, i in zip(DIMS[name], index)]

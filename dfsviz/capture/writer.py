@@ -14,7 +14,8 @@ chunk):
                               (ordered[p] = original[perm[p]])
     /steps/step_0007/         one group per captured denoising step; attribute
                               ``complete`` is written last, after every map of the step
-        layer, branch, order, method, head, q_block, k_block, sample, token, qkv_layer, dim
+        layer, branch, order, method, recall_method, head, q_block, k_block, kept_blocks,
+        sample, token, qkv_layer, dim
                               dimension scales (coordinates) of the datasets below
         m, L, r, J            float32 [layer, branch, order, head, q_block, k_block]
                               (float16 or uint8 codes as the root attribute map_dtype says)
@@ -25,6 +26,9 @@ chunk):
                               float32 [..., q_block, affine]: with uint8 maps, each row's
                               (offset, scale) (dfsviz.capture.codes)
         W_q, W_k              float64 [layer, branch, order, head]
+        recall                float32 [layer, branch, order, recall_method, head, kept_blocks]:
+                              recall of each method's top-k mask at k = 1..Mk (every method
+                              of methods), from the maps before their storage rounding
         footprint_block       int32 [layer, branch, order, head, sample]
         footprint             float16 [layer, branch, order, head, sample, token]
                               (N x attention probability, original token order)
@@ -98,6 +102,7 @@ from dfsviz.capture.schema import (
     FORMAT_VERSION,
     GZIP_LEVEL,
     MAP_NAMES,
+    SCORE_STATS,
     STAT_NAMES,
     STEP_GROUP,
     UNITS,
@@ -108,10 +113,12 @@ from dfsviz.capture.schema import (
     StoreLayout,
     dataset_dtype,
     dimension_values,
+    method_names,
     read_json_attr,
     step_key,
 )
 from dfsviz.capture.validation import completed_step_groups, completed_video, map_problem, video_problem
+from dfsviz.sparse._topk import topk_order, topk_recall
 
 __all__ = ["CaptureWriter", "abandoned_files"]
 
@@ -186,12 +193,15 @@ class _ChunkPool:
         return deflate.compress(planes) + deflate.flush()
 
     def _check(self, name: str, offset: tuple[int, ...], array: np.ndarray) -> None:
-        problem = map_problem(name, array, self._num_blocks)
-        if problem is not None:
-            raise ValueError(
-                f"{self._describe(name, offset)}: {name} has {problem}; nothing of this step was kept. The model "
-                "produced it: non-finite Q/K usually mean a float16 overflow (try --dtype bfloat16 or float32)"
-            )
+        # a chunk of recall curves holds every head's: each is checked, and named, as its own map
+        maps = [((*offset[:-2], h, 0), curve) for h, curve in enumerate(array)] if name == "recall" else [(offset, array)]
+        for where, values in maps:
+            problem = map_problem(name, values, self._num_blocks)
+            if problem is not None:
+                raise ValueError(
+                    f"{self._describe(name, where)}: {name} has {problem}; nothing of this step was kept. The model "
+                    "produced it: non-finite Q/K usually mean a float16 overflow (try --dtype bfloat16 or float32)"
+                )
 
     def _write(self, dset, offset: tuple[int, ...], array: np.ndarray) -> None:
         data = self.encode(array)
@@ -424,6 +434,8 @@ class CaptureWriter:
                     raise
                 reader = CaptureReader(path)
             try:
+                if not reader.layout.stored_recall:  # an older dfsviz started it: its steps go on without curves
+                    layout = dataclasses.replace(layout, stored_recall=False)
                 cls._check_same_run(path, reader, layout, run)
                 done = {step_key(s) for s in reader.steps}
                 broken = padded or any(name not in done for name in reader._f[STEP_GROUP])  # a half-written step
@@ -535,7 +547,7 @@ class CaptureWriter:
     def _describe(self, name: str, offset: tuple[int, ...]) -> str:
         lay = self.layout
         parts = [f"step {self._step}"]
-        values = {"layer": lay.layers, "branch": lay.branches, "order": lay.orders, "method": lay.score_methods,
+        values = {"layer": lay.layers, "branch": lay.branches, "order": lay.orders, **method_names(lay),
                   "head": lay.heads, "qkv_layer": lay.qkv_layers}
         for dim, i in zip(DIMS[name], offset):
             if dim in values:
@@ -670,8 +682,9 @@ class CaptureWriter:
     ) -> None:
         """Queue one (layer, branch, order): ``stats`` m/L/r/J and ``scores`` per method of
         ``layout.score_methods`` (others are ignored), each float [Hs, Mq, Mk]; ``w_q``, ``w_k``
-        float64 [Hs]. Tensors may live on the GPU (one device); the call then returns without
-        waiting for it."""
+        float64 [Hs]. With ``layout.stored_recall`` the recall curves of every method's top-k
+        masks are computed from them, on their device. Tensors may live on the GPU (one device);
+        the call then returns without waiting for it."""
         li, bi, oi = self._index(layer, branch, order)
         g = self._group
         stored = self.layout.score_methods  # meanpool's and the oracle's scores are L and m
@@ -686,8 +699,24 @@ class CaptureWriter:
             for (name, lead), array in zip(targets, maps):
                 for h in range(array.shape[0]):
                     self._pool.submit(g[name], name, (*lead, h, 0, 0), array[h], ready)
+        if "recall" in g:
+            self._write_recall((li, bi, oi), stats, scores)
         self._set_small("W_q", (li, bi, oi), w_q, torch.float64)
         self._set_small("W_k", (li, bi, oi), w_k, torch.float64)
+
+    def _write_recall(self, lead: tuple[int, int, int], stats: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> None:
+        """Queue the recall curves of one (layer, branch, order): for every method of the layout, the
+        recall of its top-k mask at k = 1..Mk, float32 [Hs, Mk] per method, computed on the maps'
+        device from the maps as given (before any storage rounding), with the core of
+        ``dfsviz.analysis.recall_curve``."""
+        lay = self.layout
+        curves = []
+        for method in lay.methods:  # one method at a time: a sort's buffers stay one method's size
+            score = scores[method] if method in lay.score_methods else stats[SCORE_STATS[method]]
+            curves.append(topk_recall(stats["m"], topk_order(score), lay.num_tokens, lay.block))
+        (host,), ready = _to_host([torch.stack(curves)], torch.float32)
+        for mi in range(host.shape[0]):
+            self._pool.submit(self._group["recall"], "recall", (*lead, mi, 0, 0), host[mi], ready)
 
     def write_footprints(self, layer: int, branch: str, order: str, blocks: torch.Tensor, attention: torch.Tensor) -> None:
         """Queue footprints: ``blocks`` int [Hs, K] query block indices, ``attention`` float

@@ -10,6 +10,7 @@ import h5py
 import pytest
 import torch
 from click.testing import CliRunner
+from stored_curves import UINT8_CURVE_BOUND, assert_stored_curves_match_the_maps
 
 import dfsviz.cli.capture  # noqa: F401  (registers the command on the group)
 import dfsviz.cli.inspect  # noqa: F401
@@ -34,10 +35,10 @@ def test_dry_run_prints_resolved_config_and_size(tmp_path, model_dirs):
     assert info["grid"] == "f3h8w8" and info["tokens"] == 192 and info["blocks"] == 12
     assert info["capture_steps"] == [0, 2, 4, 7, 9] and info["layers"] == [0, 1] and info["heads"] == [0, 1]
     # per step: 2 layers x 1 branch x 2 orders x 2 heads = 8 maps of 12 x 12
-    # (of the 3 default methods, meanpool's score is L: 2 are stored)
+    # (of the 3 default methods, meanpool's score is L: 2 are stored), and 8 x 3 recall curves of 12 points
     maps = 8 * 144
     assert info["map_dtype"] == "float32" and info["map_dtype_choice"].startswith("auto: float32")
-    expected = 4 * maps * 4 + 2 * maps * 4 + 2 * 8 * 8 + 8 * 2 * 4 + 8 * 2 * 192 * 2  # 2 footprints
+    expected = 4 * maps * 4 + 2 * maps * 4 + 2 * 8 * 8 + 8 * 2 * 4 + 8 * 2 * 192 * 2 + 8 * 3 * 12 * 4  # 2 footprints
     assert info["estimated_file_bytes_uncompressed"] == 5 * expected
     assert "estimated size:" in size_line and "for 5 steps" in size_line
     assert not out.exists()
@@ -96,6 +97,7 @@ def test_inspect_fixture(tmp_path):
     info = json.loads(result.output)
     assert info["complete"] is True and info["format_version"] == 1 and info["problems"] == []
     assert info["completed_steps"] == [1] and info["grid"] == "f3h8w8" and info["model_class"] == "WanTransformer3DModel"
+    assert info["stored_recall"] is False  # written before captures stored recall curves
     result = _invoke("inspect", str(FIXTURE))
     assert result.exit_code == 0 and "completed_steps" in result.output
 
@@ -189,6 +191,14 @@ def test_auto_stores_uint8_maps_when_the_step_budget_asks_for_it(tmp_path, model
                     want, got = full.block_stats(step, layer, order), small.block_stats(step, layer, order)
                     assert (got.m - want.m).abs().max() < 1 / 254 and (got.m.sum(-1) - 1).abs().max() < 1e-5
                     assert bool((got.r >= want.r).all()) and bool((got.J >= want.J).all())
+                    for method in small.methods:  # the curves of the maps as computed, before their 8-bit coding
+                        assert torch.equal(small.recall_curve(step, layer, order, method),
+                                           full.recall_curve(step, layer, order, method))
+        # against the curves of the 8-bit maps the file stores: within the error docs/format.md states
+        worst = assert_stored_curves_match_the_maps(small, atol=UINT8_CURVE_BOUND)
+        assert worst > 1e-6  # the 8-bit maps' own curves differ: the stored ones are not recomputed from them
+    result = _invoke("inspect", str(paths["small"]), "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["stored_recall"] is True
 
 
 def test_step_budget_and_map_dtype_refusals_are_one_line():

@@ -147,6 +147,7 @@ def test_missing_root_attribute(copy, name):
         ("qkv_dtype", "int8", r"root attribute 'qkv_dtype' must be one of"),
         ("map_dtype", "bfloat16", r"root attribute 'map_dtype' must be one of \['float32', 'float16', 'uint8'\] \(got 'bfloat16'\)"),
         ("text_first", "yes", r"root attribute 'text_first' must be a bool"),
+        ("stored_recall", "yes", r"root attribute 'stored_recall' must be a bool"),
     ],
 )
 def test_mistyped_root_attribute(copy, name, value, match):
@@ -159,7 +160,8 @@ def test_mistyped_root_attribute(copy, name, value, match):
 
 
 @pytest.mark.parametrize("name", ["coords", "orders/raster", "orders", "steps", "steps/step_0002/m",
-                                  "steps/step_0002/scores", "steps/step_0002/q", "steps/step_0002/layer"])
+                                  "steps/step_0002/scores", "steps/step_0002/q", "steps/step_0002/layer",
+                                  "steps/step_0002/recall", "steps/step_0000/kept_blocks", "steps/step_0000/recall_method"])
 def test_missing_dataset_or_group(copy, name):
     path = copy()
     with h5py.File(path, "r+") as f:
@@ -178,6 +180,8 @@ def test_missing_dataset_or_group(copy, name):
         ("coords", lambda ds: np.zeros((5, 3), np.int32), r"'/coords' has shape \(5, 3\), expected \(192, 3\)"),
         ("orders/hilbert3d", lambda ds: np.zeros(ds.shape, np.float32), r"has dtype float32, expected int64"),
         ("steps/step_0000/W_q", lambda ds: np.zeros(ds.shape, np.float32), r"has dtype float32, expected float64"),
+        ("steps/step_0000/recall", lambda ds: np.zeros(ds.shape, np.float64), r"'/steps/step_0000/recall' has dtype float64, expected float32"),
+        ("steps/step_0000/recall", lambda ds: np.zeros(ds.shape[:-1] + (3,), np.float32), r"'/steps/step_0000/recall' has shape .*, expected \(2, 1, 2, 3, 2, 12\)"),
     ],
 )
 def test_wrong_shape_or_dtype(copy, name, make, match):
@@ -250,6 +254,14 @@ def _edit(path, name, index, fn):
         ("steps/step_0002/footprint", (1, 0, 1, 1), lambda a: a * np.nan, r"footprint\[.*\]: .*NaN"),
         ("steps/step_0002/v", (0, 0, 1), lambda a: a * np.inf, r"v\[qkv_layer 1, branch cond, head 1\]: .*non-finite"),
         ("steps/step_0002/W_k", (1, 0, 1), lambda a: a + 3, r"W_k\[.*\]: outside \[0, 1\]"),
+        # recall [layer, branch, order, recall_method, head, k]: the curves of every head of one method
+        ("steps/step_0002/recall", (1, 0, 1, 2), lambda a: a * 1.25,
+         r"step_0002/recall\[layer 1, branch cond, order hilbert3d, recall_method antidiagonal, head 0\]: outside \[0, 1\]"),
+        ("steps/step_0002/recall", (0, 0, 0, 0, 1), lambda a: a[::-1].copy(),
+         r"step_0002/recall\[layer 0, branch cond, order raster, recall_method meanpool, head 1\]: decreases with k"),
+        ("steps/step_0000/recall", (1, 0, 0, 1), lambda a: a * 0.5, r"step_0000/recall\[.*recall_method dfs_tile, head 0\]: not 1 with every block kept \(0\.5 at k = Mk = 12\)"),
+        ("steps/step_0000/recall", (1, 0, 0, 1, 1, 4), lambda a: a * np.nan, r"step_0000/recall\[.*, head 1\]: 1 non-finite value"),
+        ("steps/step_0000/kept_blocks", (0,), lambda a: a - 1, r"step_0000/kept_blocks: coordinate values \[0, 2, 3, .* expected \[1, 2, 3,"),
         ("orders/hilbert3d", (slice(0, 2),), lambda a: a[::-1] * 0, r"order 'hilbert3d': stored permutation is not a bijection"),
         ("coords", (0,), lambda a: a + 1, r"coords do not match the grid"),
         ("steps/step_0002/layer", (0,), lambda a: a + 5, r"step_0002/layer: coordinate values .* expected \[0, 1\]"),
@@ -276,4 +288,4 @@ def test_dims_label_attribute_must_match(copy):
 
 def test_a_sound_capture_validates(capture):
     with CaptureReader(capture) as reader:
-        assert reader.validate() == []
+        assert reader.validate() == [] and reader.stored_recall

@@ -1,6 +1,7 @@
 """Storage does not select: no module of dfsviz.capture imports mask selection, the recall
 measures or the analysis layer (masks, recall and density of a capture live in
-dfsviz.analysis.measured_capture)."""
+dfsviz.analysis.measured_capture). The recall curves a capture stores per step come from
+dfsviz.sparse._topk, the core the writer shares with dfsviz.analysis.recall_curve."""
 
 from __future__ import annotations
 

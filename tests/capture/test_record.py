@@ -15,6 +15,7 @@ import torch
 import dfsviz
 from dfsviz.capture import CaptureConfig, Conditioning, ModelSource, get_adapter, run_capture
 from dfsviz.capture.file_safety import CaptureLock
+from stored_curves import assert_stored_curves_match_the_maps
 from tiny_models import build_tiny
 from wan_loop import dfsattn_config, wan_loop
 
@@ -91,6 +92,7 @@ def test_recorded_wan_call_equals_a_capture_of_the_same_run(tmp_path):
 
     with dfsviz.open(out) as run:
         assert run.validate() == [] and run.complete and run.branches == ["cond", "uncond"]
+        assert_stored_curves_match_the_maps(run)  # both branches; the capture's are equal (_assert_same_maps)
         assert run.grid.name == "f3h4w4"
         attrs = run.attrs
         assert attrs["pipeline_class"] == "WanPipeline" and int(attrs["num_steps"]) == STEPS
@@ -185,7 +187,9 @@ def test_interrupted_recording_keeps_its_steps_and_resumes(tmp_path):
     with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), resume=True, **SETTINGS) as rec:
         pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
     assert rec.result.steps == [2] and rec.result.skipped == [0, 1] and rec.result.complete
-    _assert_same_maps(out, full)
+    _assert_same_maps(out, full)  # the recall curves of the resumed step included
+    with dfsviz.open(out) as run:
+        assert_stored_curves_match_the_maps(run)
 
     with pytest.raises(ValueError, match=r"--resume: .* was captured with other settings"):
         with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), resume=True, **SETTINGS):
@@ -296,6 +300,7 @@ def test_hunyuanvideo_true_cfg_is_recorded_as_two_branches(tmp_path):
     np.testing.assert_array_equal(recorded, plain)
     with dfsviz.open(out) as run:
         assert run.validate() == [] and run.complete and run.branches == ["cond", "uncond"]
+        assert_stored_curves_match_the_maps(run)  # true CFG: the curves of both branches
         assert not torch.equal(run.block_mass(1, 0, "raster", branch="cond"), run.block_mass(1, 0, "raster", branch="uncond"))
     # guidance_scale alone (embedded) runs no unconditional pass: one line, nothing written
     with pytest.raises(ValueError, match=r"`branches`='both' needs an unconditional pass: call HunyuanVideoPipeline with "

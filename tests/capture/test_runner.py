@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from brute import dense_block_stats, dense_footprint, dense_variance_ratio
+from stored_curves import assert_stored_curves_match_the_maps
 
 from dfsviz.analysis.measured_capture import MeasuredCapture
 from dfsviz.capture.adapters import WanAdapter
@@ -59,7 +60,8 @@ def _check_against_brute_force(reader: CaptureReader, steps, layers, branches):
 
 
 def test_wan_capture_matches_brute_force_and_true_attention_inputs(tmp_path, model_dirs):
-    cfg = _config(tmp_path, model_dirs["wan"], guidance_scale=3.0, branches="both", save_qkv=(0, 1))
+    cfg = _config(tmp_path, model_dirs["wan"], guidance_scale=3.0, branches="both", save_qkv=(0, 1),
+                  methods=("meanpool", "dfs_tile", "antidiagonal", "oracle"))
     source = load_model_source(cfg)
     module = dict(source.transformer.named_modules())["blocks.0.attn1"]
     outputs = []
@@ -74,6 +76,8 @@ def test_wan_capture_matches_brute_force_and_true_attention_inputs(tmp_path, mod
         assert reader.attrs["scheduler"] == "FlowMatchEulerDiscreteScheduler"
         assert reader.grid.name == "f3h8w8" and reader.branches == ["cond", "uncond"]
         _check_against_brute_force(reader, [0, 2], [0, 1], ["cond", "uncond"])
+        # the recall curves of every method (meanpool's and the oracle's too) and branch: those of the stored maps
+        assert_stored_curves_match_the_maps(reader)
         # stored q/k/v are what the layer attended with: rebuild its output (calls: step0 cond, step0 uncond, ...)
         for call, branch in ((0, "cond"), (1, "uncond"), (4, "cond")):
             step = 0 if call < 2 else 2
@@ -86,6 +90,9 @@ def test_wan_capture_matches_brute_force_and_true_attention_inputs(tmp_path, mod
         torch.testing.assert_close(reader.density(2, 1, "hilbert3d", "meanpool", gamma=1.0), torch.ones(1, 2, dtype=torch.float64))
         low = reader.recall(2, 1, "hilbert3d", "meanpool", gamma=0.25)
         assert bool((low < 1).all()) and bool((low <= reader.oracle_recall(2, 1, "hilbert3d", 0.25) + 1e-12).all())
+        # dfsviz.open serves the stored curves too: at k = 0.25 x 12 = 3 blocks, the recall of that top-k mask
+        curve = reader.recall_curve(2, 1, "hilbert3d", "meanpool")
+        torch.testing.assert_close(curve[..., 2].double(), low, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["cogvideox", "hunyuanvideo"])

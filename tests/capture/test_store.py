@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from stored_curves import assert_stored_curves_match_the_maps
+
 from dfsviz.capture.reader import CaptureReader, StoredStats, _open_error_message
 from dfsviz.capture.schema import FORMAT_VERSION, StoreLayout, step_key
+from dfsviz.capture.validation import map_problem
 from dfsviz.capture.writer import CaptureWriter, _ChunkPool
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import make_order
@@ -111,6 +115,11 @@ def test_round_trip(tmp_path, device):
             q, k, v = reader.qkv(step, 7)
             for got, want in zip((q, k, v), expected[step]["qkv"]):
                 assert torch.equal(got[0], want)
+        # every method's recall curves, meanpool's included: those of the maps written (float32: the stored ones)
+        assert_stored_curves_match_the_maps(reader)
+        curves = reader.recall_curve(5, 7, "hilbert3d", "dfs_tile")
+        assert torch.equal(reader.recall_curve(5, 7, "hilbert3d", "dfs_tile", head=2)[0, 0], curves[0, 1])
+        assert torch.equal(reader.recall_curve(5, 7, "hilbert3d", "dfs_tile", head=[2, 0])[0], curves[0, [1, 0]])
         assert torch.equal(reader.perm("hilbert3d"), make_order("hilbert3d", GRID).perm)
         assert torch.equal(reader.token_order("hilbert3d").inv, make_order("hilbert3d", GRID).inv)
         assert torch.equal(reader.coords(), GRID.video_coords())
@@ -191,6 +200,7 @@ def test_interrupted_step_is_invisible_and_resume_drops_it(tmp_path):
     writer.close()
     with CaptureReader(path) as reader:
         assert reader.complete and reader.steps == [0, 5]
+        assert_stored_curves_match_the_maps(reader)  # the resumed step stores its curves too
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -262,9 +272,11 @@ def test_writer_and_reader_errors(tmp_path):
 def test_bytes_per_step_counts_every_dataset():
     lay = _layout()
     # 2 layers x 1 branch x 2 orders x 2 heads; 3 x 3 blocks; 2 methods, of which dfs_tile is stored
-    # (meanpool is L); 2 samples; N = 43; 1 qkv layer, D = 8
+    # (meanpool is L); 2 samples; N = 43; 1 qkv layer, D = 8; float32 recall curves of both methods, k = 1..3
     maps = 2 * 1 * 2 * 2 * 9
-    want = 4 * maps * 4 + 1 * maps * 4 + 2 * (2 * 2 * 2 * 8) + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 2 * 43 * 2 + 3 * 2 * 43 * 8 * 4
+    curves = 2 * 1 * 2 * 2 * 2 * 3
+    want = (4 * maps * 4 + 1 * maps * 4 + 2 * (2 * 2 * 2 * 8) + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 2 * 43 * 2 + 3 * 2 * 43 * 8 * 4
+            + curves * 4)
     assert lay.bytes_per_step(0) == want
     assert lay.total_bytes() == 2 * want  # steps (0, 5)
     only_5 = _layout(qkv_steps=(5,))
@@ -395,6 +407,8 @@ def test_float16_maps_round_trip_to_the_float32_values_rounded(tmp_path):
                 scores = half.scores(step, layer, order, method)
                 assert scores.dtype == torch.float32
                 assert torch.equal(scores, full.scores(step, layer, order, method).half().float())
+                # the curves are those of the maps as written, before their rounding to float16
+                assert torch.equal(half.recall_curve(step, layer, order, method), full.recall_curve(step, layer, order, method))
 
 
 def _stats_pairs(full, other):
@@ -555,6 +569,8 @@ def test_uint8_maps_round_trip_within_the_documented_error(tmp_path):
                 s, s8 = full.scores(step, layer, order, method).double(), small.scores(step, layer, order, method).double()
                 assert bool(((s8 - s).abs() <= _row_range(s) / 510 + slack).all())
             assert torch.equal(small.scores(step, layer, order, "meanpool"), got.L)
+            for method in small.methods:  # the curves of the maps as written, before their 8-bit coding
+                assert torch.equal(small.recall_curve(step, layer, order, method), full.recall_curve(step, layer, order, method))
 
 
 def test_uint8_maps_only_lower_bounds_2_and_3(tmp_path):
@@ -621,3 +637,117 @@ def test_the_8_bit_coder_refuses_what_it_cannot_code():
         encode_maps([("r", x)])
     with pytest.raises(ValueError, match=r"`footprint` is not a map of 8-bit storage; maps are m, L, r, J and scores"):
         encode_maps([("footprint", x)])
+
+
+# ----------------------------------------------------------------------------------------
+# recall curves (recall)
+# ----------------------------------------------------------------------------------------
+def test_recall_curves_of_every_method_are_stored_under_their_dims(tmp_path):
+    """One float32 curve [k = 1..Mk] per (layer, branch, order, method, head), for every method of the
+    file, meanpool (score L) and the oracle (score m) included though `scores` holds neither."""
+    path = tmp_path / "c.h5"
+    layout = _layout(methods=("meanpool", "dfs_tile", "oracle"))
+    with _create(path, layout) as writer:
+        expected = _write_step(writer, 0, torch.Generator().manual_seed(41))
+    with h5py.File(path, "r") as f:
+        assert bool(f.attrs["stored_recall"])
+        group = f["steps"][step_key(0)]
+        recall = group["recall"]
+        assert recall.dtype == np.float32 and recall.shape == (2, 1, 2, 3, 2, 3)
+        assert list(recall.attrs["dims"]) == ["layer", "branch", "order", "recall_method", "head", "kept_blocks"]
+        assert [d.label for d in recall.dims] == list(recall.attrs["dims"])
+        assert [v.decode() for v in group["recall_method"][...]] == ["meanpool", "dfs_tile", "oracle"]
+        assert list(group["kept_blocks"][...]) == [1, 2, 3]
+        assert recall.chunks == (1, 1, 1, 1, 2, 3)  # the curves of every head of one (layer, branch, order, method)
+    with CaptureReader(path) as reader:
+        assert reader.stored_recall and reader.validate() == []
+        assert_stored_curves_match_the_maps(reader)
+        stats = expected[(7, "hilbert3d")][0]
+        oracle = reader.recall_curve(0, 7, "hilbert3d", "oracle")[0].double()
+        # the oracle keeps each row's largest masses: R*(k), at or above every method's curve
+        weights = torch.tensor([16, 16, 11], dtype=torch.float64) / 43
+        best = torch.sort(stats["m"].double(), dim=-1, descending=True).values.cumsum(-1)
+        torch.testing.assert_close(oracle, torch.einsum("huk,u->hk", best, weights), rtol=0, atol=1e-6)
+        for method in ("meanpool", "dfs_tile"):
+            assert bool((reader.recall_curve(0, 7, "hilbert3d", method)[0] <= oracle + 1e-6).all())
+        torch.testing.assert_close(oracle[:, -1], torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match=r"`method` must be one of \['meanpool', 'dfs_tile', 'oracle'\] \(got 'antidiagonal'\)"):
+            reader.recall_curve(0, 7, "hilbert3d", "antidiagonal")
+        with pytest.raises(ValueError, match=r"`head` must be one of \[0, 2\] \(got 1\)"):
+            reader.recall_curve(0, 7, "hilbert3d", "oracle", head=1)
+        with pytest.raises(ValueError, match=r"`step` 5 is not a completed step of this capture"):
+            reader.recall_curve(5, 7, "hilbert3d", "oracle")
+
+
+def _strip_curves(path) -> None:
+    """Make ``path`` a file of dfsviz before recall curves: no `recall` datasets, `kept_blocks`
+    and `recall_method` scales, or `stored_recall` attribute."""
+    with h5py.File(path, "r+") as f:
+        del f.attrs["stored_recall"]
+        for group in f["steps"].values():
+            for name in ("recall", "recall_method", "kept_blocks"):
+                del group[name]
+
+
+def test_a_file_without_recall_curves_reads_as_before(tmp_path):
+    path = tmp_path / "old.h5"
+    with _create(path) as writer:
+        expected = _write_step(writer, 0, torch.Generator().manual_seed(42))
+    _strip_curves(path)
+    with CaptureReader(path) as reader:
+        assert not reader.stored_recall and not reader.layout.stored_recall and reader.validate() == []
+        assert "recall" not in reader.layout.datasets(0) and reader.summary()["stored_recall"] is False
+        assert torch.equal(reader.block_mass(0, 3, "raster")[0], expected[(3, "raster")][0]["m"])
+        with pytest.raises(ValueError, match=r"'.*old\.h5' stores no recall curves \(written by dfsviz [0-9.]+ without "
+                                             r"them\): recompute them from the maps with "
+                                             r"dfsviz\.analysis\.recall_curve\(.*\), or capture the run again"):
+            reader.recall_curve(0, 3, "raster", "dfs_tile")
+
+
+def test_the_format_v1_fixture_has_no_recall_curves():
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parents[1] / "data" / "format_v1.h5"
+    with CaptureReader(fixture) as reader:
+        assert not reader.stored_recall and reader.validate() == []
+        with pytest.raises(ValueError, match=r"format_v1\.h5' stores no recall curves"):
+            reader.recall_curve(1, 1, "hilbert3d", "dfs_tile")
+
+
+def test_resume_of_a_file_without_curves_continues_it_without_them(tmp_path):
+    """An interrupted capture that an older dfsviz started keeps its layout: its remaining steps are
+    written without curves, so the file stays one format (`stored_recall` false) and reads as such."""
+    gen = torch.Generator().manual_seed(43)
+    path = tmp_path / "old.h5"
+    writer = _create(path)
+    _write_step(writer, 0, gen)
+    writer.close()
+    _strip_curves(path)
+    writer = CaptureWriter.resume(path, _layout(), CONFIG)
+    assert not writer.layout.stored_recall
+    _write_step(writer, 5, gen)
+    writer.finish()
+    writer.close()
+    with CaptureReader(path) as reader:
+        assert reader.complete and reader.steps == [0, 5] and not reader.stored_recall and reader.validate() == []
+        assert "recall" not in reader._f["steps"][step_key(5)]
+
+
+@pytest.mark.parametrize(
+    ("curve", "match"),
+    [
+        ([0.5, np.nan, 1.0], r"^1 non-finite value \(NaN/inf\)$"),
+        ([0.5, 0.9, 1.25], r"^outside \[0, 1\] \(1\.25 at k = 3\)$"),
+        ([[0.5, 0.9, 1.0], [-0.1, 0.9, 1.0]], r"^outside \[0, 1\] \(curve 1: -0\.1 at k = 1\)$"),
+        ([0.6, 0.5, 1.0], r"^decreases with k \(0\.6 at k = 1, 0\.5 at k = 2\)$"),
+        ([[[0.2, 0.5, 1.0]], [[0.2, 0.4, 0.6]]], r"^not 1 with every block kept \(curve \(1, 0\): 0\.6 at k = Mk = 3\)$"),
+    ],
+)
+def test_damaged_recall_curves_are_named(curve, match):
+    assert re.search(match, map_problem("recall", np.array(curve, dtype=np.float32), 3))
+
+
+def test_recall_curves_within_the_rounding_of_m_pass():
+    # m's rows may miss 1 by its row-sum tolerance (1e-3): so may the curves, and dip by as much
+    assert map_problem("recall", np.array([[0.5, 0.4995, 1.0009]], dtype=np.float32), 3) is None
+    assert map_problem("recall", np.array([0.1, 0.7, 0.9991], dtype=np.float32), 3) is None
