@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from dfsviz.analysis._validate import check_block_map, check_seq_block, check_target
-from dfsviz.sparse._topk import topk_order, topk_recall
-from dfsviz.sparse._validate import block_flags, block_sizes
+from dfsviz.sparse._topk import topk_density, topk_order, topk_recall
+from dfsviz.sparse._validate import block_flags
 from dfsviz.sparse.select import topk_count
 
 __all__ = ["RecallCurve", "recall_curve", "oracle_curve", "stack_curves", "DEFAULT_BUDGETS", "DEFAULT_TARGETS"]
@@ -165,14 +165,10 @@ def recall_curve(
     dense_rows = dense_rows if bool(dense_rows.any()) else None
 
     # one sort per row gives the top-k mask of every k (forced blocks first); the capture writer
-    # stores the recall of the same masks with the same two functions
+    # stores the recall and density of the same masks with the same functions
     order = topk_order(scores, forced)
     recall = topk_recall(m, order, seq_len, block, dense_rows)
-    sizes = block_sizes(seq_len, block, device=device).to(torch.float64)  # n_v = |U_v|
-    tokens = torch.cumsum(sizes[order], dim=-1)                           # sum of kept n_v
-    if dense_rows is not None:
-        tokens[:, :, dense_rows, :] = float(seq_len)
-    density = torch.einsum("bhuk,u->bhk", tokens, sizes) / float(seq_len) ** 2
+    density = topk_density(order, seq_len, block, dense_rows)
     return RecallCurve(recall.cpu(), density.cpu(), seq_len, block, label)
 
 

@@ -299,6 +299,16 @@ class CaptureReader:
         curves on float32 maps and differs by the storage error on narrower ones (docs/format.md).
         Reads Hs x Mk floats, where recomputing reads every map of the (step, layer, order).
         Raises ValueError for a file without curves (:attr:`stored_recall`)."""
+        return self._curve("recall", step, layer, order, method, head, branch)
+
+    def density_curve(self, step: int, layer: int, order: str, method: str, head=None, branch: str = "cond") -> torch.Tensor:
+        """Density of the same masks as :meth:`recall_curve`: float32 [1, Hs, Mk], entry [0, h, k - 1] =
+        rho(S) of the mask keeping the k best-scoring key blocks of every query block (k / Mk, but
+        for a short last key block, which counts only its tokens where a row keeps it). Stored
+        beside the recall curves; ValueError for a file without curves."""
+        return self._curve("density", step, layer, order, method, head, branch)
+
+    def _curve(self, name: str, step: int, layer: int, order: str, method: str, head, branch: str) -> torch.Tensor:
         self._pos(method, self.methods, "method")
         if not self.stored_recall:
             raise ValueError(
@@ -307,7 +317,7 @@ class CaptureReader:
                 "(step, layer, order), run.scores(step, layer, order, method), seq_len=run.grid.num_tokens, block=run.block), "
                 "or capture the run again with this dfsviz"
             )
-        return self._maps("recall", step, layer, order, head, branch, method)[None]
+        return self._maps(name, step, layer, order, head, branch, method)[None]
 
     def variance_ratios(self, step: int, layer: int, order: str, branch: str = "cond") -> tuple[torch.Tensor, torch.Tensor]:
         """(W_q, W_k), float64 [1, H] over the captured heads."""

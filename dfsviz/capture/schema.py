@@ -16,6 +16,7 @@ import numpy as np
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = [
+    "CURVE_NAMES",
     "BRANCHES",
     "DIMS",
     "FILTERS",
@@ -99,7 +100,11 @@ DIMS: dict[str, tuple[str, ...]] = {
     # recall of each method's top-k mask at k = 1..Mk key blocks per query block, of every method of
     # the file (`recall_method`: the root attribute `methods`, meanpool and the oracle included)
     "recall": ("layer", "branch", "order", "recall_method", "head", "kept_blocks"),
+    # ... and the density of the same masks (k / Mk but for a short last key block)
+    "density": ("layer", "branch", "order", "recall_method", "head", "kept_blocks"),
 }
+#: the curves of the top-k masks of every budget that each step stores (layout.stored_recall)
+CURVE_NAMES = ("recall", "density")
 # uint8 maps: (offset, scale) of each map row
 DIMS.update({f"{name}{AFFINE_SUFFIX}": (*DIMS[name][:-1], "affine") for name in MAP_NAMES})
 AFFINE_TERMS = ("offset", "scale")
@@ -119,6 +124,7 @@ UNITS = {
     "dfsattn_mask": "1 = key block attended by DFSAttn, 0 = skipped (blocks of the order dfsattn_order)",
     "recall": "fraction of the attention (0..1) the top-k mask of the method's scores keeps, k key blocks per query "
               "block (computed from the maps before their storage rounding)",
+    "density": "fraction of the N x N token pairs (0..1) the same top-k mask keeps",
 }
 UNITS.update({f"{name}{AFFINE_SUFFIX}": f"(offset, scale) of each row of the uint8 {name}: value = offset + scale x code, "
               f"in the units of {name}" for name in MAP_NAMES})
@@ -131,7 +137,8 @@ def step_key(step: int) -> str:
 
 # the dtype and fill value of each per-step dataset besides the maps and Q/K/V (NaN = unwritten)
 _DTYPES = {"footprint": ("float16", np.nan), "footprint_block": ("int32", -1), "W_q": ("float64", np.nan),
-           "W_k": ("float64", np.nan), "dfsattn_mask": ("uint8", 255), "recall": ("float32", np.nan)}
+           "W_k": ("float64", np.nan), "dfsattn_mask": ("uint8", 255), "recall": ("float32", np.nan),
+           "density": ("float32", np.nan)}
 
 
 def dataset_dtype(name: str, layout: "StoreLayout") -> tuple[np.dtype, float | int]:
@@ -309,7 +316,7 @@ class StoreLayout:
         if self.map_dtype == "uint8":
             names += [f"{name}{AFFINE_SUFFIX}" for name in names if name in MAP_NAMES]
         if self.stored_recall and self.methods:
-            names.append("recall")
+            names += CURVE_NAMES
         if self.footprints:
             names += ["footprint_block", "footprint"]
         if self.has_qkv(step):

@@ -25,6 +25,7 @@ import numpy as np
 from dfsviz.capture.codes import decode
 from dfsviz.capture.schema import (
     AFFINE_SUFFIX,
+    CURVE_NAMES,
     DIMS,
     FILTERS,
     MAP_NAMES,
@@ -289,8 +290,8 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
     (the row sums of m are checked within :func:`row_sum_tolerance` of its dtype; uint8 maps are
     checked as computed and, in a file, decoded: their rows of m sum to 1 by construction), float16
     [K, N] for footprint, int32 [K] for footprint_block, [N, D] for q, k, v, a float for W,
-    uint8 [Mq, Mk] for dfsattn_mask, float32 [Mk] for a recall curve (or curves [..., Mk]: the
-    message then names the first bad one by its leading indices).
+    uint8 [Mq, Mk] for dfsattn_mask, float32 [Mk] for a recall or density curve (or curves [..., Mk]:
+    the message then names the first bad one by its leading indices).
     """
     if name == "footprint_block":
         bad = array[(array < 0) | (array >= num_blocks)]
@@ -310,7 +311,7 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
         return problem
     if name in ("W_q", "W_k"):
         return "outside [0, 1]" if ((array < NEGATIVE_TOL) | (array > 1 - NEGATIVE_TOL)).any() else None
-    if name == "recall":
+    if name in CURVE_NAMES:
         return _curve_problem(array)
     if name in ("m", "r", "J") and (array < NEGATIVE_TOL).any():
         return f"negative values (min {float(array.min()):.4g})"
@@ -323,7 +324,7 @@ def map_problem(name: str, array: np.ndarray, num_blocks: int) -> str | None:
 
 
 def _curve_problem(curves: np.ndarray) -> str | None:
-    """What is wrong with recall curves [..., Mk] (entry k - 1: recall of the top-k mask), or None.
+    """What is wrong with recall or density curves [..., Mk] (entry k - 1: of the top-k mask), or None.
     A curve sums a row of m at a time, so each check allows m's rounding: ROW_SUM_TOL."""
     values = np.asarray(curves, dtype=np.float64)
     mk = values.shape[-1]

@@ -97,6 +97,7 @@ from dfsviz.capture.codes import encode_maps
 from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.schema import (
     AFFINE_SUFFIX,
+    CURVE_NAMES,
     DIMS,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -118,7 +119,7 @@ from dfsviz.capture.schema import (
     step_key,
 )
 from dfsviz.capture.validation import completed_step_groups, completed_video, map_problem, video_problem
-from dfsviz.sparse._topk import topk_order, topk_recall
+from dfsviz.sparse._topk import topk_density, topk_order, topk_recall
 
 __all__ = ["CaptureWriter", "abandoned_files"]
 
@@ -193,8 +194,8 @@ class _ChunkPool:
         return deflate.compress(planes) + deflate.flush()
 
     def _check(self, name: str, offset: tuple[int, ...], array: np.ndarray) -> None:
-        # a chunk of recall curves holds every head's: each is checked, and named, as its own map
-        maps = [((*offset[:-2], h, 0), curve) for h, curve in enumerate(array)] if name == "recall" else [(offset, array)]
+        # a chunk of curves holds every head's: each is checked, and named, as its own map
+        maps = [((*offset[:-2], h, 0), curve) for h, curve in enumerate(array)] if name in CURVE_NAMES else [(offset, array)]
         for where, values in maps:
             problem = map_problem(name, values, self._num_blocks)
             if problem is not None:
@@ -705,18 +706,21 @@ class CaptureWriter:
         self._set_small("W_k", (li, bi, oi), w_k, torch.float64)
 
     def _write_recall(self, lead: tuple[int, int, int], stats: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> None:
-        """Queue the recall curves of one (layer, branch, order): for every method of the layout, the
-        recall of its top-k mask at k = 1..Mk, float32 [Hs, Mk] per method, computed on the maps'
-        device from the maps as given (before any storage rounding), with the core of
+        """Queue the curves of one (layer, branch, order): for every method of the layout, the
+        recall and the density of its top-k mask at k = 1..Mk, float32 [Hs, Mk] per method, computed
+        on the maps' device from the maps as given (before any storage rounding), with the core of
         ``dfsviz.analysis.recall_curve``."""
         lay = self.layout
-        curves = []
+        recall, density = [], []
         for method in lay.methods:  # one method at a time: a sort's buffers stay one method's size
             score = scores[method] if method in lay.score_methods else stats[SCORE_STATS[method]]
-            curves.append(topk_recall(stats["m"], topk_order(score), lay.num_tokens, lay.block))
-        (host,), ready = _to_host([torch.stack(curves)], torch.float32)
-        for mi in range(host.shape[0]):
-            self._pool.submit(self._group["recall"], "recall", (*lead, mi, 0, 0), host[mi], ready)
+            order = topk_order(score)
+            recall.append(topk_recall(stats["m"], order, lay.num_tokens, lay.block))
+            density.append(topk_density(order, lay.num_tokens, lay.block))
+        hosts, ready = _to_host([torch.stack(recall), torch.stack(density)], torch.float32)
+        for name, host in zip(CURVE_NAMES, hosts):
+            for mi in range(host.shape[0]):
+                self._pool.submit(self._group[name], name, (*lead, mi, 0, 0), host[mi], ready)
 
     def write_footprints(self, layer: int, branch: str, order: str, blocks: torch.Tensor, attention: torch.Tensor) -> None:
         """Queue footprints: ``blocks`` int [Hs, K] query block indices, ``attention`` float

@@ -1,4 +1,4 @@
-"""The top-k masks of every budget at once, and their recall: the core of
+"""The top-k masks of every budget at once, and their recall and density: the core of
 :func:`dfsviz.analysis.recall_curve`, shared with the capture writer, which stores every
 step's curves (``docs/format.md``).
 
@@ -14,7 +14,7 @@ import torch
 
 from dfsviz.sparse._validate import block_sizes
 
-__all__ = ["topk_order", "topk_recall"]
+__all__ = ["topk_density", "topk_order", "topk_recall"]
 
 
 def topk_order(scores: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,3 +39,15 @@ def topk_recall(m: torch.Tensor, order: torch.Tensor, seq_len: int, block: int,
         mass[..., dense_rows, :] = m[..., dense_rows, :].to(torch.float64).sum(dim=-1, keepdim=True)
     weights = block_sizes(seq_len, block, device=m.device).to(torch.float64) / seq_len  # |U_u| / N
     return torch.einsum("...uk,u->...k", mass, weights)
+
+
+def topk_density(order: torch.Tensor, seq_len: int, block: int, dense_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 [..., Mk]: entry k - 1 is the density rho(S) of keeping the first k blocks of every
+    row of ``order`` (:func:`topk_order`), rho(S) = sum_u sum_{v in S_u} |U_u| n_v / N^2: k / Mk
+    but for a short last block, whose n_v counts only where a row keeps it. ``dense_rows`` as in
+    :func:`topk_recall`."""
+    sizes = block_sizes(seq_len, block, device=order.device).to(torch.float64)  # n_v = |U_v|
+    tokens = torch.cumsum(sizes[order], dim=-1)  # [..., Mq, Mk]: sum of kept n_v
+    if dense_rows is not None:
+        tokens[..., dense_rows, :] = float(seq_len)
+    return torch.einsum("...uk,u->...k", tokens, sizes) / float(seq_len) ** 2

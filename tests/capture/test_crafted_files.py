@@ -261,6 +261,8 @@ def _edit(path, name, index, fn):
          r"step_0002/recall\[layer 0, branch cond, order raster, recall_method meanpool, head 1\]: decreases with k"),
         ("steps/step_0000/recall", (1, 0, 0, 1), lambda a: a * 0.5, r"step_0000/recall\[.*recall_method dfs_tile, head 0\]: not 1 with every block kept \(0\.5 at k = Mk = 12\)"),
         ("steps/step_0000/recall", (1, 0, 0, 1, 1, 4), lambda a: a * np.nan, r"step_0000/recall\[.*, head 1\]: 1 non-finite value"),
+        ("steps/step_0002/density", (0, 0, 1, 1), lambda a: a[..., ::-1].copy(),
+         r"step_0002/density\[layer 0, branch cond, order hilbert3d, recall_method dfs_tile, head 0\]: decreases with k"),
         ("steps/step_0000/kept_blocks", (0,), lambda a: a - 1, r"step_0000/kept_blocks: coordinate values \[0, 2, 3, .* expected \[1, 2, 3,"),
         ("orders/hilbert3d", (slice(0, 2),), lambda a: a[::-1] * 0, r"order 'hilbert3d': stored permutation is not a bijection"),
         ("coords", (0,), lambda a: a + 1, r"coords do not match the grid"),

@@ -272,9 +272,10 @@ def test_writer_and_reader_errors(tmp_path):
 def test_bytes_per_step_counts_every_dataset():
     lay = _layout()
     # 2 layers x 1 branch x 2 orders x 2 heads; 3 x 3 blocks; 2 methods, of which dfs_tile is stored
-    # (meanpool is L); 2 samples; N = 43; 1 qkv layer, D = 8; float32 recall curves of both methods, k = 1..3
+    # (meanpool is L); 2 samples; N = 43; 1 qkv layer, D = 8; float32 recall and density curves of both
+    # methods, k = 1..3
     maps = 2 * 1 * 2 * 2 * 9
-    curves = 2 * 1 * 2 * 2 * 2 * 3
+    curves = 2 * (2 * 1 * 2 * 2 * 2 * 3)
     want = (4 * maps * 4 + 1 * maps * 4 + 2 * (2 * 2 * 2 * 8) + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 2 * 43 * 2 + 3 * 2 * 43 * 8 * 4
             + curves * 4)
     assert lay.bytes_per_step(0) == want
@@ -680,12 +681,12 @@ def test_recall_curves_of_every_method_are_stored_under_their_dims(tmp_path):
 
 
 def _strip_curves(path) -> None:
-    """Make ``path`` a file of dfsviz before recall curves: no `recall` datasets, `kept_blocks`
+    """Make ``path`` a file of dfsviz before recall curves: no `recall` or `density` datasets, `kept_blocks`
     and `recall_method` scales, or `stored_recall` attribute."""
     with h5py.File(path, "r+") as f:
         del f.attrs["stored_recall"]
         for group in f["steps"].values():
-            for name in ("recall", "recall_method", "kept_blocks"):
+            for name in ("recall", "density", "recall_method", "kept_blocks"):
                 del group[name]
 
 
@@ -696,7 +697,7 @@ def test_a_file_without_recall_curves_reads_as_before(tmp_path):
     _strip_curves(path)
     with CaptureReader(path) as reader:
         assert not reader.stored_recall and not reader.layout.stored_recall and reader.validate() == []
-        assert "recall" not in reader.layout.datasets(0) and reader.summary()["stored_recall"] is False
+        assert not {"recall", "density"} & set(reader.layout.datasets(0)) and reader.summary()["stored_recall"] is False
         assert torch.equal(reader.block_mass(0, 3, "raster")[0], expected[(3, "raster")][0]["m"])
         with pytest.raises(ValueError, match=r"'.*old\.h5' stores no recall curves \(written by dfsviz [0-9.]+ without "
                                              r"them\): recompute them from the maps with "
@@ -712,6 +713,8 @@ def test_the_format_v1_fixture_has_no_recall_curves():
         assert not reader.stored_recall and reader.validate() == []
         with pytest.raises(ValueError, match=r"format_v1\.h5' stores no recall curves"):
             reader.recall_curve(1, 1, "hilbert3d", "dfs_tile")
+        with pytest.raises(ValueError, match=r"format_v1\.h5' stores no recall curves"):
+            reader.density_curve(1, 1, "hilbert3d", "dfs_tile")
 
 
 def test_resume_of_a_file_without_curves_continues_it_without_them(tmp_path):
