@@ -291,7 +291,8 @@ class CaptureReader:
         return self.layout.stored_recall
 
     def recall_curve(self, step: int, layer: int, order: str, method: str, head=None, branch: str = "cond") -> torch.Tensor:
-        """Recall of ``method``'s top-k mask at every budget k = 1..Mk: float32 [1, Hs, Mk], entry
+        """Recall of ``method``'s top-k mask at every budget k = 1..Mk: float32 [1, Hs, Mk] (``method``:
+        one of the file's methods, or "oracle", whose curve R*(k) every file with curves holds), entry
         [0, h, k - 1] = R(S) of the mask keeping the k best-scoring key blocks of every query block.
 
         Stored by the writer from the maps as the model produced them, before their float16 or
@@ -309,7 +310,7 @@ class CaptureReader:
         return self._curve("density", step, layer, order, method, head, branch)
 
     def _curve(self, name: str, step: int, layer: int, order: str, method: str, head, branch: str) -> torch.Tensor:
-        self._pos(method, self.methods, "method")
+        self._pos(method, list(self.layout.curve_methods), "method")
         if not self.stored_recall:
             raise ValueError(
                 f"{str(self.path)!r} stores no recall curves (written by dfsviz {self.attrs.get('dfsviz_version', 'unknown')} "

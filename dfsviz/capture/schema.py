@@ -98,7 +98,7 @@ DIMS: dict[str, tuple[str, ...]] = {
     "v": ("qkv_layer", "branch", "head", "token", "dim"),
     "dfsattn_mask": ("layer", "branch", "head", "q_block", "k_block"),
     # recall of each method's top-k mask at k = 1..Mk key blocks per query block, of every method of
-    # the file (`recall_method`: the root attribute `methods`, meanpool and the oracle included)
+    # the file and the oracle (`recall_method`: StoreLayout.curve_methods)
     "recall": ("layer", "branch", "order", "recall_method", "head", "kept_blocks"),
     # ... and the density of the same masks (k / Mk but for a short last key block)
     "density": ("layer", "branch", "order", "recall_method", "head", "kept_blocks"),
@@ -172,8 +172,8 @@ def dimension_values(layout: "StoreLayout", dim: str) -> np.ndarray:
 
 def method_names(layout: "StoreLayout") -> dict[str, tuple[str, ...]]:
     """The methods along each method dim: ``method`` (of ``scores``) holds ``score_methods``,
-    ``recall_method`` (of ``recall``) every method of the file."""
-    return {"method": layout.score_methods, "recall_method": layout.methods}
+    ``recall_method`` (of ``recall`` and ``density``) ``curve_methods``."""
+    return {"method": layout.score_methods, "recall_method": layout.curve_methods}
 
 
 #: the root datasets and groups besides the step groups: name -> (dtype, shape from the layout)
@@ -280,6 +280,12 @@ class StoreLayout:
     def num_blocks(self) -> int:
         return -(-self.grid.num_tokens // self.block)
 
+    @property
+    def curve_methods(self) -> tuple[str, ...]:
+        """The methods whose top-k curves a step stores (``recall_method``): every method of the
+        file, then the oracle (R*(k), the best any k blocks per row reach) when it is not one."""
+        return self.methods if "oracle" in self.methods else (*self.methods, "oracle")
+
     def dim_size(self, dim: str) -> int:
         """Length of dimension ``dim`` (a name used in ``DIMS``)."""
         sizes = {
@@ -295,7 +301,7 @@ class StoreLayout:
             "qkv_layer": len(self.qkv_layers),
             "dim": self.head_dim,
             "affine": len(AFFINE_TERMS),
-            "recall_method": len(self.methods),
+            "recall_method": len(self.curve_methods),
             "kept_blocks": self.num_blocks,
         }
         return sizes[dim]

@@ -712,7 +712,7 @@ class CaptureWriter:
         ``dfsviz.analysis.recall_curve``."""
         lay = self.layout
         recall, density = [], []
-        for method in lay.methods:  # one method at a time: a sort's buffers stay one method's size
+        for method in lay.curve_methods:  # one method at a time: a sort's buffers stay one method's size
             score = scores[method] if method in lay.score_methods else stats[SCORE_STATS[method]]
             order = topk_order(score)
             recall.append(topk_recall(stats["m"], order, lay.num_tokens, lay.block))

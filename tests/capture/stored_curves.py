@@ -15,7 +15,8 @@ UINT8_CURVE_BOUND = 0.006
 
 def _recomputed(reader, step: int, layer: int, order: str, method: str, branch: str):
     m = reader.block_mass(step, layer, order, branch=branch)
-    scores = reader.scores(step, layer, order, method, branch=branch)
+    # the oracle ranks blocks by m: its curve is stored whether or not it is one of the file's methods
+    scores = m if method == "oracle" else reader.scores(step, layer, order, method, branch=branch)
     return recall_curve(m, scores, seq_len=reader.grid.num_tokens, block=reader.block)
 
 
@@ -27,7 +28,7 @@ def curve_pairs(reader, curve: str = "recall"):
         for layer in reader.layers:
             for branch in reader.branches:
                 for order in reader.orders:
-                    for method in reader.methods:
+                    for method in reader.layout.curve_methods:
                         stored = read(step, layer, order, method, branch=branch)
                         assert stored.dtype == torch.float32 and stored.shape == (1, len(reader.heads), reader.layout.num_blocks)
                         where = f"{curve}, step {step}, layer {layer}, {branch}, {order}, {method}"

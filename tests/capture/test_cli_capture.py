@@ -35,10 +35,10 @@ def test_dry_run_prints_resolved_config_and_size(tmp_path, model_dirs):
     assert info["grid"] == "f3h8w8" and info["tokens"] == 192 and info["blocks"] == 12
     assert info["capture_steps"] == [0, 2, 4, 7, 9] and info["layers"] == [0, 1] and info["heads"] == [0, 1]
     # per step: 2 layers x 1 branch x 2 orders x 2 heads = 8 maps of 12 x 12
-    # (of the 3 default methods, meanpool's score is L: 2 are stored), and 8 x 3 recall and 8 x 3 density curves of 12 points
+    # (of the 3 default methods, meanpool's score is L: 2 are stored), and 8 x 4 recall and 8 x 4 density curves of 12 points (the 3 methods and the oracle)
     maps = 8 * 144
     assert info["map_dtype"] == "float32" and info["map_dtype_choice"].startswith("auto: float32")
-    expected = 4 * maps * 4 + 2 * maps * 4 + 2 * 8 * 8 + 8 * 2 * 4 + 8 * 2 * 192 * 2 + 2 * 8 * 3 * 12 * 4  # 2 footprints
+    expected = 4 * maps * 4 + 2 * maps * 4 + 2 * 8 * 8 + 8 * 2 * 4 + 8 * 2 * 192 * 2 + 2 * 8 * 4 * 12 * 4  # 2 footprints
     assert info["estimated_file_bytes_uncompressed"] == 5 * expected
     assert "estimated size:" in size_line and "for 5 steps" in size_line
     assert not out.exists()

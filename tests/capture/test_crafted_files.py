@@ -181,7 +181,7 @@ def test_missing_dataset_or_group(copy, name):
         ("orders/hilbert3d", lambda ds: np.zeros(ds.shape, np.float32), r"has dtype float32, expected int64"),
         ("steps/step_0000/W_q", lambda ds: np.zeros(ds.shape, np.float32), r"has dtype float32, expected float64"),
         ("steps/step_0000/recall", lambda ds: np.zeros(ds.shape, np.float64), r"'/steps/step_0000/recall' has dtype float64, expected float32"),
-        ("steps/step_0000/recall", lambda ds: np.zeros(ds.shape[:-1] + (3,), np.float32), r"'/steps/step_0000/recall' has shape .*, expected \(2, 1, 2, 3, 2, 12\)"),
+        ("steps/step_0000/recall", lambda ds: np.zeros(ds.shape[:-1] + (3,), np.float32), r"'/steps/step_0000/recall' has shape .*, expected \(2, 1, 2, 4, 2, 12\)"),
     ],
 )
 def test_wrong_shape_or_dtype(copy, name, make, match):

@@ -273,9 +273,9 @@ def test_bytes_per_step_counts_every_dataset():
     lay = _layout()
     # 2 layers x 1 branch x 2 orders x 2 heads; 3 x 3 blocks; 2 methods, of which dfs_tile is stored
     # (meanpool is L); 2 samples; N = 43; 1 qkv layer, D = 8; float32 recall and density curves of both
-    # methods, k = 1..3
+    # methods and the oracle, k = 1..3
     maps = 2 * 1 * 2 * 2 * 9
-    curves = 2 * (2 * 1 * 2 * 2 * 2 * 3)
+    curves = 2 * (2 * 1 * 2 * 3 * 2 * 3)
     want = (4 * maps * 4 + 1 * maps * 4 + 2 * (2 * 2 * 2 * 8) + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 2 * 43 * 2 + 3 * 2 * 43 * 8 * 4
             + curves * 4)
     assert lay.bytes_per_step(0) == want
