@@ -201,14 +201,14 @@ class _CheckedDataset:
 
 
 class _AffineRows:
-    """The ``<name>_affine`` rows of uint8 maps, each selection read once per step group: the
-    check of the codes reads them first (to decode), the reader's own read then gets that array."""
+    """The ``<name>_affine`` rows of uint8 maps, each selection read once: the check of the codes
+    reads them first (to decode), the reader's own read then gets that array."""
 
-    def __init__(self, dset, name: str, read: dict) -> None:
-        self._dset, self._name, self._read = dset, name, read
+    def __init__(self, dset) -> None:
+        self._dset, self._read = dset, {}
 
     def __getitem__(self, selection):
-        key = (self._name, repr(selection))
+        key = repr(selection)
         if key in self._read:
             return self._read.pop(key)
         self._read[key] = rows = self._dset[selection]
@@ -224,12 +224,14 @@ class _CheckedStep:
 
     def __init__(self, group, step: int, layout, refuse: Callable[[str], None]) -> None:
         self.group, self.step, self.layout, self.refuse = group, step, layout, refuse
-        self._affine_read: dict = {}
+        self._affine: dict[str, _AffineRows] = {}  # h5py's lookup of a name costs about 0.1 ms
 
     def __getitem__(self, name: str):
-        obj = self.group[name]
         if name.endswith(AFFINE_SUFFIX):  # checked with their codes
-            return _AffineRows(obj, name, self._affine_read)
+            if name not in self._affine:
+                self._affine[name] = _AffineRows(self.group[name])
+            return self._affine[name]
+        obj = self.group[name]
         return _CheckedDataset(obj, self, name) if name in DIMS else obj
 
     def __contains__(self, name: str) -> bool:
