@@ -4,8 +4,12 @@ A :class:`CaptureCatalog` serves the capture files under one or more root folder
 
 * it lists every ``*.h5`` / ``*.hdf5`` file under the roots (symlinks that resolve outside
   a root are skipped) and tells, per file, whether it is sound, incomplete, invalid or
-  unreadable; ``CaptureReader.validate()`` runs once per file version (path, size, mtime),
-  however many requests ask at once, and a file that fails it is never read for a view;
+  unreadable, checking each file version (path, size, mtime) once however many requests ask at
+  once: a file up to ``full_check_bytes`` is validated whole (``CaptureReader.validate()``)
+  before its first view; a larger one is usable at once with status "checking" (everything but
+  its maps checked), each map a view reads is checked before it is returned, and one background
+  thread validates the whole file, one file at a time. A file found invalid is never read for
+  a view again;
 * it refuses any path that does not resolve (symlinks followed) to a file inside a root,
   so a crafted URL (``?file=../../etc/passwd``) reads nothing;
 * it opens files read-only as :class:`dfsviz.analysis.measured_capture.MeasuredCapture` (what
@@ -23,17 +27,24 @@ name files by that id, never by their absolute path on the server (:meth:`Captur
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
+
+from dfsviz.analysis.measured_capture import MeasuredCapture
+from dfsviz.capture.reader import CaptureReader
+from dfsviz.capture.schema import AFFINE_SUFFIX, DIMS
+from dfsviz.capture.validation import read_problem
 
 if TYPE_CHECKING:
     from dfsviz.analysis.calibrate import Calibration, CalibrationConfig
@@ -49,6 +60,11 @@ CAPTURE_SUFFIXES = (".h5", ".hdf5")
 #: Flask config key under which :func:`dfsviz.app.create_app` stores the catalog.
 CONFIG_KEY = "DFSVIZ_CATALOG"
 _SHOWN_PROBLEMS = 3  # validation problems named in a banner; `dfsviz inspect` lists them all
+#: Default of ``CaptureCatalog(full_check_bytes=...)``: files up to this size are validated whole
+#: before their first view. The shipped samples and test captures (tens of MB) validate in well
+#: under a second, so they keep that contract; a 1.15 GB capture took 14.5 s on 2 cores (about
+#: 80 MB/s of HDF5 decompression), so the largest file validated so takes about 3 s.
+FULL_CHECK_BYTES = 256 << 20
 
 
 class CaptureError(ValueError):
@@ -63,9 +79,10 @@ class CaptureEntry:
         id: ``"<root label>/<relative path>"``, the URL key.
         path: resolved absolute path.
         status: "ok", "incomplete" (an interrupted run: its completed steps are usable),
-            "invalid" (fails ``CaptureReader.validate()``: never drawn) or "error" (unreadable,
-            or no completed step).
-        message: banner text; "" when status is "ok".
+            "checking" (a file above ``full_check_bytes`` whose background check is under way:
+            usable, each map checked as a view reads it), "invalid" (fails
+            ``CaptureReader.validate()``: never drawn) or "error" (unreadable, or no completed step).
+        message: banner text; "" when status is "ok" (or "checking" a complete run).
         size: file size in bytes.
     """
 
@@ -77,12 +94,13 @@ class CaptureEntry:
 
     @property
     def usable(self) -> bool:
-        """Whether views may read the file (sound or incomplete)."""
-        return self.status in ("ok", "incomplete")
+        """Whether views may read the file (sound, incomplete or being checked)."""
+        return self.status in ("ok", "incomplete", "checking")
 
     @property
     def label(self) -> str:
-        mark = {"ok": "", "incomplete": " (incomplete)", "invalid": " (invalid)", "error": " (unreadable)"}[self.status]
+        mark = {"ok": "", "incomplete": " (incomplete)", "checking": " (checking)", "invalid": " (invalid)",
+                "error": " (unreadable)"}[self.status]
         return f"{self.id}{mark}"
 
 
@@ -156,6 +174,93 @@ def _close_reader(reader: object) -> None:
         logger.debug("closing a cached reader failed", exc_info=True)
 
 
+class _CheckedDataset:
+    """A per-step dataset whose reads are checked (:func:`dfsviz.capture.validation.read_problem`)
+    before they are handed over; the step's ``refuse(problem)`` raises for a damaged map."""
+
+    def __init__(self, dset, step: "_CheckedStep", name: str) -> None:
+        self._dset, self._step, self._name = dset, step, name
+
+    def __getitem__(self, selection):
+        index = selection if isinstance(selection, tuple) else (selection,)
+        at = DIMS[self._name].index("head")
+        lead, heads = index[:at], index[at] if len(index) > at else slice(None)
+        if len(index) > at + 1 or len(lead) < at or not all(isinstance(i, (int, np.integer)) for i in lead):
+            # every reader accessor reads whole maps of one position before the head dim
+            raise TypeError(f"a checked read takes whole maps of one position before `head` (got {self._name}"
+                            f"[{index!r}])")
+        stored = self._dset[selection]
+        step = self._step
+        problem = read_problem(step, step.layout, step.step, self._name, lead, heads, stored)
+        if problem is not None:
+            step.refuse(problem)
+        return stored
+
+    def __getattr__(self, name: str):
+        return getattr(self._dset, name)
+
+
+class _AffineRows:
+    """The ``<name>_affine`` rows of uint8 maps, each selection read once: the check of the codes
+    reads them first (to decode), the reader's own read then gets that array."""
+
+    def __init__(self, dset) -> None:
+        self._dset, self._read = dset, {}
+
+    def __getitem__(self, selection):
+        key = repr(selection)
+        if key in self._read:
+            return self._read.pop(key)
+        self._read[key] = rows = self._dset[selection]
+        return rows
+
+    def __getattr__(self, name: str):
+        return getattr(self._dset, name)
+
+
+class _CheckedStep:
+    """The HDF5 group of a completed step whose per-step datasets (every name of the schema's
+    ``DIMS``: maps, W, footprints, Q/K/V, masks, any dataset added there) check what they read."""
+
+    def __init__(self, group, step: int, layout, refuse: Callable[[str], None]) -> None:
+        self.group, self.step, self.layout, self.refuse = group, step, layout, refuse
+        self._affine: dict[str, _AffineRows] = {}  # h5py's lookup of a name costs about 0.1 ms
+
+    def __getitem__(self, name: str):
+        if name.endswith(AFFINE_SUFFIX):  # checked with their codes
+            if name not in self._affine:
+                self._affine[name] = _AffineRows(self.group[name])
+            return self._affine[name]
+        obj = self.group[name]
+        return _CheckedDataset(obj, self, name) if name in DIMS else obj
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def __getattr__(self, name: str):
+        return getattr(self.group, name)
+
+
+class _CheckedCapture(MeasuredCapture):
+    """The view reader of a file checked in the background: every accessor of the reader reaches
+    a step's datasets through ``_step_group``, which hands out a :class:`_CheckedStep`, so each
+    map a view reads is checked before it is returned. ``refuse(problem)`` raises for a damaged one."""
+
+    def __init__(self, path: Path, refuse: Callable[[str], None]) -> None:
+        super().__init__(path)
+        self._refuse = refuse
+
+    def _step_group(self, step: int):
+        return _CheckedStep(super()._step_group(step), step, self.layout, self._refuse)
+
+
+class _Worker(NamedTuple):
+    """The background check's thread and the event that asks it to stop."""
+
+    thread: threading.Thread
+    stop: threading.Event
+
+
 def _unique_labels(roots: Sequence[Path]) -> list[str]:
     labels: list[str] = []
     for root in roots:
@@ -174,11 +279,19 @@ class CaptureCatalog:
         roots: folders to serve (each must exist); files are listed recursively.
         max_open: open readers kept (LRU; older ones are closed).
         cache_bytes: bytes of memoised maps kept (LRU).
+        full_check_bytes: files up to this size (bytes, >= 0) are validated whole before their
+            first view; larger ones are checked map by map as views read them and whole in the
+            background (status "checking" until then). The default, :data:`FULL_CHECK_BYTES`
+            (256 MiB), keeps the shipped samples and test captures (tens of MB, validated in well
+            under a second) on the first contract; whole validation runs at about 80 MB/s on 2
+            cores (a 1.15 GB capture: 14.5 s), so no page waits much more than 3 s for it.
 
-    Raises ValueError when no root is given or a root is not a folder.
+    Raises ValueError when no root is given, a root is not a folder or an argument is out of range.
+    Call :meth:`close` (or use the catalog as a context manager) to stop the background check.
     """
 
-    def __init__(self, roots: Sequence[str | os.PathLike], *, max_open: int = 8, cache_bytes: int = 1 << 30) -> None:
+    def __init__(self, roots: Sequence[str | os.PathLike], *, max_open: int = 8, cache_bytes: int = 1 << 30,
+                 full_check_bytes: int = FULL_CHECK_BYTES) -> None:
         if isinstance(roots, (str, os.PathLike)):
             roots = [roots]
         if not roots:
@@ -193,6 +306,10 @@ class CaptureCatalog:
         self.roots: dict[str, Path] = dict(zip(_unique_labels(resolved), resolved))
         if isinstance(max_open, bool) or not isinstance(max_open, int) or max_open < 1:
             raise ValueError(f"`max_open` must be a positive integer (got {max_open!r})")
+        if isinstance(full_check_bytes, bool) or not isinstance(full_check_bytes, int) or full_check_bytes < 0:
+            raise ValueError(f"`full_check_bytes` must be an integer >= 0 (got {full_check_bytes!r}): the size in "
+                             "bytes up to which a file is validated whole before its first view")
+        self.full_check_bytes = full_check_bytes
         self._readers = _LRU(max_open, 1 << 62, on_evict=_close_reader)
         self._maps = _LRU(1 << 20, int(cache_bytes))
         # capture id -> (file stamp, entry) of the latest version checked, and one lock per id
@@ -200,6 +317,13 @@ class CaptureCatalog:
         self._status: dict[str, tuple[tuple, CaptureEntry]] = {}
         self._status_locks: dict[str, threading.Lock] = {}
         self._status_lock = threading.Lock()
+        # the background check: files queued in the order first asked for, one worker thread
+        self._queue: deque[tuple[str, Path, tuple]] = deque()
+        self._queue_lock = threading.Condition()
+        self._worker: _Worker | None = None
+        # notified whenever a status leaves "checking" (or a check is dropped): wait_checked waits on it
+        self._checked = threading.Condition()
+        self._checks_ended = 0
 
     def hide_paths(self, text: str) -> str:
         """``text`` with each root's absolute path replaced by its label, so a message shown
@@ -253,16 +377,22 @@ class CaptureCatalog:
 
     # -- readers ---------------------------------------------------------------------------
     def _open(self, capture_id: str, path: Path, stamp: tuple):
-        """The cached open reader of one file version; CaptureError when it cannot be opened."""
-        from dfsviz.analysis.measured_capture import MeasuredCapture
+        """The cached open reader of one file version (a file above ``full_check_bytes``: one that
+        checks each map it reads); CaptureError when it cannot be opened."""
 
         def open_reader():
-            try:
-                return MeasuredCapture(path)
-            except (ValueError, OSError, KeyError) as exc:
-                raise CaptureError(self.hide_paths(f"cannot open {capture_id!r}: {exc}")) from None
+            if stamp[1] > self.full_check_bytes:
+                return _CheckedCapture(path, functools.partial(self._refuse_map, capture_id, stamp))
+            return MeasuredCapture(path)
 
-        return self._readers.get_or_compute(stamp, open_reader)
+        return self._readers.get_or_compute(stamp, lambda: self._opened(capture_id, open_reader))
+
+    def _opened(self, capture_id: str, open_reader: Callable[[], CaptureReader]) -> CaptureReader:
+        """``open_reader()``; CaptureError with the banner text when the file cannot be opened."""
+        try:
+            return open_reader()
+        except (ValueError, OSError, KeyError) as exc:
+            raise CaptureError(self.hide_paths(f"cannot open {capture_id!r}: {exc}")) from None
 
     def _usable(self, capture_id: str) -> tuple[tuple, object]:
         """(file stamp, open reader) of a capture that views may read; CaptureError otherwise."""
@@ -282,54 +412,181 @@ class CaptureCatalog:
         return self._usable(capture_id)[1]
 
     def entry(self, capture_id: str) -> CaptureEntry:
-        """Status of one capture, validated once per file version. CaptureError when the id is refused."""
+        """Status of one capture, checked once per file version (see ``full_check_bytes``: a large
+        file is "checking" until its background check ends). CaptureError when the id is refused."""
         path = self.resolve(capture_id)
         return self._entry(capture_id, path, self._stamp(path))
 
-    def _entry(self, capture_id: str, path: Path, stamp: tuple) -> CaptureEntry:
+    def _lock_of(self, capture_id: str) -> threading.Lock:
         with self._status_lock:
-            lock = self._status_locks.setdefault(capture_id, threading.Lock())
-        with lock:
+            return self._status_locks.setdefault(capture_id, threading.Lock())
+
+    def _entry(self, capture_id: str, path: Path, stamp: tuple) -> CaptureEntry:
+        with self._lock_of(capture_id):
             known = self._status.get(capture_id)
             if known is not None and known[0] == stamp:
                 return known[1]
             status, message = self._check(capture_id, path, stamp)
             entry = CaptureEntry(capture_id, path, status, message, stamp[1])
             self._status[capture_id] = (stamp, entry)
+            if status == "checking":
+                self._enqueue(capture_id, path, stamp)
         return entry
 
     def _check(self, capture_id: str, path: Path, stamp: tuple) -> tuple[str, str]:
-        """(status, message) of one file version: opens it and runs ``CaptureReader.validate()``."""
+        """(status, message) of one file version, from its open view reader: ``CaptureReader.validate()``
+        up to ``full_check_bytes``, beyond it everything but the maps ("checking" when that is sound)."""
+        def run(reader):
+            if stamp[1] <= self.full_check_bytes:
+                return self._verdict(capture_id, reader, reader.validate())
+            status, message = self._verdict(capture_id, reader, reader.header_problems())
+            return (status, message) if status in ("invalid", "error") else ("checking", message)
+
+        return self._reading(capture_id, lambda: run(self._open(capture_id, path, stamp)))
+
+    def _reading(self, capture_id: str, check: Callable[[], tuple[str, str] | None]) -> tuple[str, str] | None:
+        """``check()``, its failures turned into status "error" with the banner text."""
         try:
-            reader = self._open(capture_id, path, stamp)
-            if not reader.steps:
-                return "error", f"{capture_id}: no completed step (the capture stopped before its first step)"
-            problems = reader.validate()
-            if problems:
-                shown = problems[:_SHOWN_PROBLEMS]
-                more = f" (and {len(problems) - len(shown)} more)" if len(problems) > len(shown) else ""
-                return "invalid", self.hide_paths(
-                    f"{capture_id}: invalid capture, not drawn: {'; '.join(shown)}{more}; "
-                    "`dfsviz inspect` on the file lists every problem")
-            if not reader.complete:
-                done, planned = len(reader.steps), len(reader.planned_steps)
-                return "incomplete", (f"{capture_id}: incomplete capture, {done} of {planned} steps written "
-                                      f"(steps {reader.steps}); pages show the completed steps")
-            return "ok", ""
+            return check()
         except CaptureError as exc:
             return "error", str(exc)
         except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
             logger.warning("capture %s failed validation", capture_id, exc_info=True)
             return "error", self.hide_paths(f"{capture_id}: unreadable ({type(exc).__name__}: {exc})")
 
+    def _verdict(self, capture_id: str, reader, problems: list[str]) -> tuple[str, str]:
+        """(status, message) of an open file whose validation found ``problems``."""
+        if not reader.steps:
+            return "error", f"{capture_id}: no completed step (the capture stopped before its first step)"
+        if problems:
+            return "invalid", self._invalid_message(capture_id, problems)
+        if not reader.complete:
+            done, planned = len(reader.steps), len(reader.planned_steps)
+            return "incomplete", (f"{capture_id}: incomplete capture, {done} of {planned} steps written "
+                                  f"(steps {reader.steps}); pages show the completed steps")
+        return "ok", ""
+
+    def _invalid_message(self, capture_id: str, problems: list[str]) -> str:
+        shown = problems[:_SHOWN_PROBLEMS]
+        more = f" (and {len(problems) - len(shown)} more)" if len(problems) > len(shown) else ""
+        return self.hide_paths(f"{capture_id}: invalid capture, not drawn: {'; '.join(shown)}{more}; "
+                               "`dfsviz inspect` on the file lists every problem")
+
+    def _settle(self, capture_id: str, stamp: tuple, status: str, message: str, *, only_checking: bool = True) -> None:
+        """Record the end of a file version's check (nothing when the file has a newer version, or,
+        ``only_checking``, when its check was already settled), and wake :meth:`wait_checked`."""
+        with self._lock_of(capture_id):
+            known = self._status.get(capture_id)
+            if known is not None and known[0] == stamp and (known[1].status == "checking" or not only_checking):
+                self._status[capture_id] = (stamp, CaptureEntry(capture_id, known[1].path, status, message, stamp[1]))
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        with self._checked:
+            self._checks_ended += 1
+            self._checked.notify_all()
+
+    def _refuse_map(self, capture_id: str, stamp: tuple, problem: str) -> None:
+        """A view read a damaged map of a file being checked: the file is invalid from now on."""
+        message = self._invalid_message(capture_id, [problem])
+        with self._lock_of(capture_id):
+            known = self._status.get(capture_id)
+            if known is not None and known[0] == stamp and not known[1].usable:
+                message = known[1].message  # already refused: keep its banner
+        self._settle(capture_id, stamp, "invalid", message, only_checking=False)
+        logger.warning("%s: a view read a damaged map: %s", capture_id, problem)
+        raise CaptureError(message)
+
+    # -- the background check ------------------------------------------------------------------
+    def _enqueue(self, capture_id: str, path: Path, stamp: tuple) -> None:
+        with self._queue_lock:
+            self._queue.append((capture_id, path, stamp))
+            if self._worker is None:
+                stop = threading.Event()
+                thread = threading.Thread(target=self._check_queued, args=(stop,), name="dfsviz-check", daemon=True)
+                self._worker = _Worker(thread, stop)
+                thread.start()
+            self._queue_lock.notify()
+
+    def _check_queued(self, stop: threading.Event) -> None:
+        """The worker: checks queued files one at a time until ``stop`` is set."""
+        while True:
+            with self._queue_lock:
+                while not self._queue and not stop.is_set():
+                    self._queue_lock.wait()
+                if stop.is_set():
+                    return
+                capture_id, path, stamp = self._queue.popleft()
+            try:
+                self._check_whole(capture_id, path, stamp, stop)
+            except Exception:  # the worker outlives any one file's failure
+                logger.exception("the background check of %s failed", capture_id)
+            finally:
+                self._wake_waiters()
+
+    def _current(self, capture_id: str, path: Path, stamp: tuple) -> bool:
+        """Whether ``stamp`` is still the file's version and its check is still wanted."""
+        try:
+            same = self._stamp(path) == stamp
+        except OSError:
+            return False
+        known = self._status.get(capture_id)
+        return same and known is not None and known[0] == stamp and known[1].status == "checking"
+
+    def _check_whole(self, capture_id: str, path: Path, stamp: tuple, stop: threading.Event) -> None:
+        """Validate one file version on a reader of its own (the view readers may be closed by the
+        LRU), stopping between reads when ``stop`` is set, the file changes or a view found it invalid."""
+        if not self._current(capture_id, path, stamp):
+            logger.info("not checking %s: it changed, or was found invalid, since it was queued", capture_id)
+            return
+        logger.info("checking %s (%.1f MB) in the background", capture_id, stamp[1] / 1e6)
+        start = time.perf_counter()
+
+        def run():
+            with self._opened(capture_id, lambda: CaptureReader(path)) as reader:
+                problems = reader.header_problems()
+                for problem in reader.iter_map_problems():
+                    if problem is not None:
+                        problems.append(problem)
+                    if stop.is_set() or not self._current(capture_id, path, stamp):
+                        return None
+                return self._verdict(capture_id, reader, problems)
+
+        verdict = self._reading(capture_id, run)
+        seconds = time.perf_counter() - start
+        if verdict is None:
+            logger.info("stopped checking %s after %.1f s (closed, changed or found invalid)", capture_id, seconds)
+            return
+        logger.info("checked %s in %.1f s: %s", capture_id, seconds, verdict[0])
+        self._settle(capture_id, stamp, *verdict)
+
+    def wait_checked(self, capture_id: str, timeout: float | None = None) -> CaptureEntry:
+        """The entry of ``capture_id`` once its current version is checked (status no longer
+        "checking"), for tests and benchmarks; waits at most ``timeout`` seconds (None: no bound).
+
+        Raises CaptureError when the id is refused and TimeoutError when the time runs out.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._checked:
+                seen = self._checks_ended
+            entry = self.entry(capture_id)
+            if entry.status != "checking":
+                return entry
+            with self._checked:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._checked.wait_for(lambda: self._checks_ended != seen, left):
+                    raise TimeoutError(f"{capture_id} is still being checked after {timeout:g} s")
+
     def entries(self) -> list[CaptureEntry]:
         """Every capture under the roots with its status."""
         return [self.entry(cid) for cid in self.list_ids()]
 
     def default_id(self) -> str | None:
-        """The first usable capture (sound ones first), or None when the roots hold none."""
+        """The first usable capture (sound ones first, then those being checked), or None when the
+        roots hold none."""
         entries = self.entries()
-        for wanted in ("ok", "incomplete"):
+        for wanted in ("ok", "checking", "incomplete"):
             for e in entries:
                 if e.status == wanted:
                     return e.id
@@ -431,7 +688,22 @@ class CaptureCatalog:
                 "maps": {"hits": self._maps.hits, "misses": self._maps.misses, "bytes": self._maps._bytes}}
 
     def close(self) -> None:
-        """Close every open reader and drop the caches."""
+        """Stop the background check (between two reads of maps; waits for it), close every open
+        reader and drop the caches. A catalog used again checks its large files again."""
+        with self._queue_lock:
+            worker, self._worker = self._worker, None
+            self._queue.clear()
+            if worker is not None:
+                worker.stop.set()
+                self._queue_lock.notify_all()
+        if worker is not None:
+            worker.thread.join()
+        for capture_id, (_, entry) in list(self._status.items()):
+            if entry.status == "checking":  # forget it: the next request queues it again
+                with self._lock_of(capture_id):
+                    if self._status.get(capture_id, (None, entry))[1].status == "checking":
+                        del self._status[capture_id]
+        self._wake_waiters()
         self._maps.clear()
         self._readers.clear()
 

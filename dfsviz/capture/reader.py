@@ -11,6 +11,7 @@ selects nothing: masks, recall and density of a capture come from
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,8 @@ from dfsviz.capture.validation import (
     check_structure,
     completed_step_groups,
     completed_video,
-    content_problems,
+    header_problems,
+    iter_map_problems,
     video_problem,
 )
 from dfsviz.sparse.grid import LatentGrid
@@ -457,12 +459,25 @@ class CaptureReader:
         The structure (datasets, shapes, dtypes, links) was checked when the file was opened;
         this reads every map of every completed step once (rows of m sum to 1, finite values,
         non-negative diversities, footprints in range ...), the permutations, the coordinates
-        and the dimension scales. Cost: one pass over the file's data.
+        and the dimension scales. Cost: one pass over the file's data. The same checks in two
+        parts: :meth:`header_problems` and :meth:`iter_map_problems`.
         """
-        problems = content_problems(self._f, self.layout, self.steps)
+        return self.header_problems() + [problem for problem in self.iter_map_problems() if problem is not None]
+
+    def header_problems(self) -> list[str]:
+        """The problems :meth:`validate` finds outside the maps: the permutations, coordinates,
+        dimension scales and clip, and a file marked complete that lacks planned steps. Reads no
+        map: cheap whatever the file's size."""
+        problems = header_problems(self._f, self.layout, self.steps)
         if self.complete and self.steps != list(self.layout.steps):
             problems.append(f"marked complete but steps {sorted(set(self.layout.steps) - set(self.steps))} are missing")
         return problems
+
+    def iter_map_problems(self) -> Iterator[str | None]:
+        """The maps' part of :meth:`validate`, one read at a time (one step, dataset, layer,
+        branch, order and method, every head): yields after each read its first problem, or
+        None, so that a caller may stop between reads."""
+        return iter_map_problems(self._f, self.layout, self.steps)
 
     def close(self) -> None:
         if self._f.id.valid:

@@ -6,18 +6,22 @@
   coordinates and the permutations present with the layout's shape, dtype and dims; a clip
   (``/video``) of bounded shape with its ``fps``. Raises ValueError with one line naming the
   first problem.
-* :func:`map_problem` (the writer before it writes a map, and :func:`content_problems`): the
+* :func:`map_problem` (the writer before it writes a map, and :func:`read_problem`): the
   values of one map are what its quantity allows (block mass rows sum to 1, finite logits,
   non-negative diversities ...).
 * :func:`video_problem` (the writer before it stores a clip, the reader when it reads one, and
-  :func:`content_problems`): each video frame names a latent frame of the grid, in order.
-* :func:`content_problems` (``CaptureReader.validate``, ``dfsviz inspect``): every map of every
-  completed step, the permutations, the coordinates, the dimension scales and the clip's
-  latent frames.
+  :func:`header_problems`): each video frame names a latent frame of the grid, in order.
+* Content (``CaptureReader.validate``, ``dfsviz inspect``), in two parts: :func:`header_problems`
+  checks the permutations, the coordinates, the dimension scales and the clip's latent frames
+  (no map read: cheap); :func:`iter_map_problems` checks every map of every completed step, one
+  read at a time, so that a caller may stop between reads (the dashboard checks large files so,
+  in the background). :func:`read_problem` checks the maps of one read, named by step, dataset
+  and position; the dashboard checks each map a view reads with it too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +46,10 @@ from dfsviz.capture.schema import (
     step_key,
 )
 
-__all__ = ["check_structure", "completed_video", "content_problems", "map_problem", "video_problem"]
+__all__ = [
+    "check_structure", "completed_video", "header_problems", "iter_map_problems", "map_problem", "read_problem",
+    "video_problem",
+]
 
 # Block-mass rows are float32 sums of up to Mk probabilities: 1e-3 is far above their rounding
 # and far below any real damage (a scaled or truncated map)
@@ -364,9 +371,36 @@ def _values(array: np.ndarray) -> list:
     return [v.decode() if isinstance(v, bytes) else v for v in array.tolist()]
 
 
-def content_problems(f, layout: StoreLayout, steps) -> list[str]:
-    """Problems in the values of the permutations, coordinates, dimension scales and every map
-    of the completed ``steps`` (reads every map once, one (layer, branch, order) at a time)."""
+def read_problem(group, layout: StoreLayout, step: int, name: str, lead: tuple[int, ...], heads,
+                 stored: np.ndarray) -> str | None:
+    """The first problem of one read of the maps of dataset ``name`` of ``step``, or None.
+
+    A read is the maps at positions ``lead`` of the dims before ``head`` (one layer, branch,
+    order, method ...) for the heads selected by ``heads`` (a position, an increasing list of
+    positions or a slice). ``stored`` is what the read returned, in the stored dtype (float16
+    maps keep float16's row-sum tolerance, :func:`row_sum_tolerance`); uint8 maps are decoded
+    with their ``<name>_affine`` rows, read from ``group`` (the step's group), into the values
+    the reader returns. The problem names the map: ``"step_0002/m[layer 0, branch cond, order
+    raster, head 3]: rows do not sum to 1 (...)"``.
+    """
+    single = isinstance(heads, (int, np.integer))
+    if layout.map_dtype == "uint8" and name in MAP_NAMES:
+        stored = decode(stored, group[f"{name}{AFFINE_SUFFIX}"][(*lead, heads)])
+    if single:
+        positions, stored = [int(heads)], np.asarray(stored)[None]
+    else:
+        positions = range(len(layout.heads))[heads] if isinstance(heads, slice) else [int(h) for h in heads]
+    for h, values in zip(positions, stored):
+        problem = map_problem(name, values, layout.num_blocks)
+        if problem is not None:
+            return f"{step_key(step)}/{name}[{_label(layout, name, (*lead, h))}]: {problem}"
+    return None
+
+
+def header_problems(f, layout: StoreLayout, steps) -> list[str]:
+    """Problems in everything of an open file ``f`` but its maps: the values of the permutations,
+    the coordinates, the clip's latent frames and the dimension scales of the completed ``steps``
+    (reads no map: cheap whatever the file's size)."""
     problems = []
     n = layout.num_tokens
     for order in layout.orders:
@@ -382,25 +416,24 @@ def content_problems(f, layout: StoreLayout, steps) -> list[str]:
             problems.append(f"'/{VIDEO_GROUP}/latent_frame' {problem}")
     for step in steps:
         group = f[STEP_GROUP][step_key(step)]
-        where = step_key(step)
         names = layout.datasets(step)
         for dim in sorted({d for name in names for d in DIMS[name]}):
             got, want = _values(group[dim][...]), _values(dimension_values(layout, dim))
             if got != want:
-                problems.append(f"{where}/{dim}: coordinate values {got[:8]} ... expected {want[:8]}")
-        coded = layout.map_dtype == "uint8"
-        for name in names:
+                problems.append(f"{step_key(step)}/{dim}: coordinate values {got[:8]} ... expected {want[:8]}")
+    return problems
+
+
+def iter_map_problems(f, layout: StoreLayout, steps) -> Iterator[str | None]:
+    """Check every map of the completed ``steps`` of an open file ``f``, one read at a time: one
+    (step, dataset, layer, branch, order[, method]) with its heads. Yields, after each read, its
+    first problem (:func:`read_problem`) or None, so that a caller may stop between reads."""
+    for step in steps:
+        group = f[STEP_GROUP][step_key(step)]
+        for name in layout.datasets(step):
             if name.endswith(AFFINE_SUFFIX):
                 continue  # read with its map
             dset = group[name]
             lead = dset.shape[: DIMS[name].index("head")]
             for index in np.ndindex(*lead):
-                maps = dset[index]  # [heads, ...]: one read per (layer, branch, order[, method])
-                if coded and name in MAP_NAMES:  # the values the reader returns
-                    maps = decode(maps, group[f"{name}{AFFINE_SUFFIX}"][index])
-                for h in range(maps.shape[0]):
-                    problem = map_problem(name, maps[h], layout.num_blocks)
-                    if problem is not None:
-                        problems.append(f"{where}/{name}[{_label(layout, name, (*index, h))}]: {problem}")
-                        break
-    return problems
+                yield read_problem(group, layout, step, name, index, slice(None), dset[index])
