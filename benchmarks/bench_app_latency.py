@@ -24,9 +24,11 @@ current one, and times the one request a change makes ("view": the two block-mas
 the two footprints). Each call is also tagged cold when it had to read a map from the file
 (the catalog's cache missed), warm otherwise.
 
-Before that, the file's opening is timed twice: the reader alone (``dfsviz.open``: the
-structure is checked, no map read) and the dashboard's catalog opening it, which validates
-the file (``CaptureReader.validate``: every map read once) before any view may read it.
+Before that, the file's opening is timed three ways: the reader alone (``dfsviz.open``: the
+structure is checked, no map read); the dashboard's catalog opening it (a file up to its
+``full_check_bytes`` is validated, every map read once, before any view may read it; a larger
+one is usable once everything but its maps is checked); and, for a larger file, its whole check
+in the catalog's background thread, waited for before the controls are timed.
 After the controls, the first view of the other pages (cold caches for what they read).
 Target (issue 6): p95 <= 150 ms for changes of step, layer, head, method and budget.
 """
@@ -143,9 +145,11 @@ def measure(capture: Path, changes: int, seed: int) -> dict:
     driver = Driver(app)
     with app.server.app_context():
         t0 = time.perf_counter()
-        reader = catalog.reader(cid)  # what the dashboard does first: open and validate (reads every map)
+        reader = catalog.reader(cid)  # what the dashboard does first: open, and check what it checks first
         catalog_ms = (time.perf_counter() - t0) * 1e3
-        log.info("open: reader %.0f ms, catalog (open + validate) %.0f ms", reader_ms, catalog_ms)
+        catalog.wait_checked(cid)  # a large file's whole check: the controls are timed after it
+        checked_ms = (time.perf_counter() - t0) * 1e3
+        log.info("open: reader %.0f ms, catalog %.0f ms, checked %.0f ms", reader_ms, catalog_ms, checked_ms)
         options = {"step": reader.steps, "layer": reader.layers, "head": reader.heads,
                    "method": common.method_choices(reader), "budget": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]}
         left, right = masks.order_pair(reader.orders)
@@ -225,7 +229,8 @@ def measure(capture: Path, changes: int, seed: int) -> dict:
         log.info("%s: %.0f ms", label, dt * 1e3)
     catalog.close()
     met = all(results[c]["view"]["p95_ms"] <= TARGET_P95_MS for c in CONTROLS)
-    return {"capture": info, "open_ms": {"reader": round(reader_ms, 1), "catalog_with_validation": round(catalog_ms, 1)},
+    return {"capture": info, "open_ms": {"reader": round(reader_ms, 1), "catalog": round(catalog_ms, 1),
+                                          "catalog_whole_check": round(checked_ms, 1)},
             "first_view_ms": {k: round(v, 1) for k, v in first.items()}, "controls": results,
             "other_pages_first_view_ms": other, "target_p95_ms": TARGET_P95_MS, "target_met": met}
 

@@ -628,6 +628,15 @@ class CaptureCatalog:
 
         return self.cached(cid, ("scores", step, layer, order, method, head, branch), read)
 
+    def curves(self, cid: str, step: int, layer: int, order: str, method: str, head: int | None = None,
+               branch: str = "cond") -> tuple[torch.Tensor, torch.Tensor]:
+        """(recall, density) float32 [1, Hs, Mk] of ``method``'s top-k masks at k = 1..Mk, as the
+        capture stores them (``CaptureReader.recall_curve`` / ``density_curve``: files with
+        ``stored_recall``; "oracle" in every such file)."""
+        return self.cached(cid, ("curves", step, layer, order, method, head, branch),
+                           lambda r: (r.recall_curve(step, layer, order, method, head, branch),
+                                      r.density_curve(step, layer, order, method, head, branch)))
+
     def variance_ratios(self, cid: str, step: int, layer: int, order: str, branch: str = "cond"):
         """(W_q, W_k) float64 [1, H]."""
         return self.cached(cid, ("W", step, layer, order, branch), lambda r: r.variance_ratios(step, layer, order, branch))

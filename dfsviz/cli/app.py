@@ -65,8 +65,8 @@ def app_command(roots: tuple[str, ...], host: str, port: int, dry_run: bool) -> 
     if not paths:
         raise ValueError("no capture root: pass --root DIR (neither the shipped sample captures nor ./runs/ "
                          "exist here)")
-    catalog = CaptureCatalog(paths)
-    entries = catalog.entries()
+    with CaptureCatalog(paths) as catalog:  # closed: its background checks would run beside the app's
+        entries = catalog.entries()
     click.echo("roots: " + ", ".join(f"{label}={path}" for label, path in catalog.roots.items()))
     click.echo(f"captures: {len(entries)}")
     for e in entries:

@@ -200,6 +200,10 @@ DAMAGE = {
     "q": (lambda x: x * np.nan, lambda c, i, y: c.qkv(i, 2, y.qkv_layers[0], y.heads[0])),
     "k": (lambda x: x * np.nan, lambda c, i, y: c.qkv(i, 2, y.qkv_layers[0])),
     "v": (lambda x: x * np.inf, lambda c, i, y: c.qkv(i, 2, y.qkv_layers[0], y.heads[0])),
+    "recall": (lambda x: x * 1.5 + 0.1,
+               lambda c, i, y: c.curves(i, 2, y.layers[0], y.orders[0], y.curve_methods[0], y.heads[0])),
+    "density": (lambda x: x[::-1].copy(),
+                lambda c, i, y: c.curves(i, 2, y.layers[0], y.orders[0], y.curve_methods[0], y.heads[0])),
     "dfsattn_mask": (lambda x: x + 7, lambda c, i, y: c.cached(i, ("dfsattn_mask",), lambda r: r.dfsattn_mask(
         2, y.layers[0], y.heads[0]))),
 }

@@ -35,6 +35,7 @@ def test_a_file_being_checked_is_drawn_and_its_damaged_map_gives_the_banner(page
         expect(files).to_contain_text(re.compile(r"runs/first\.h5\s*checking"))
         expect(files).to_contain_text(re.compile(r"runs/sound\.h5\s*checking"))
         expect(page.locator("#ov-file")).to_contain_text("runs/sound.h5 (checking)")
+        expect(page.locator("#ov-validation")).to_have_text("validation: running")
         page.goto(f"{url}/masks?file=runs/first.h5&step=3&layer=1&head=0")
         wait_drawn(page, "mk-left")
         wait_drawn(page, "mk-right")

@@ -231,7 +231,6 @@ class PageContext:
         self.catalog = get_catalog()
         self.errors: list[str] = []
         self.warnings: list[str] = []
-        self.entries = self.catalog.entries()
         self.offers_compare = compare
         requested = self.query.params.get("file")
         self.cid = self._usable(requested) if requested else None
@@ -243,6 +242,8 @@ class PageContext:
                 entry = self.catalog.entry(self.cid)
                 if entry.message:
                     self.warnings.append(entry.message)
+        # listed after the requested file is opened: a large file's background check is queued first
+        self.entries = self.catalog.entries()
         self.reader = self.catalog.reader(self.cid) if self.cid else None
         wanted = self.query.params.get("compare") if compare else None
         self.compare_id = self._usable(wanted) if wanted else None

@@ -71,17 +71,19 @@ def _summary_rows(reader) -> list[tuple[str, str]]:
     return rows
 
 
-def _completeness(reader) -> html.Div:
+def _completeness(reader, status: str) -> html.Div:
     done = set(reader.steps)
     marks = [html.Span(f"{s} {'✓' if s in done else '✗'}", style={"marginRight": "10px",
                                                                    "color": "#15803d" if s in done else "#b91c1c"})
              for s in reader.planned_steps]
     state = "complete" if reader.complete else f"incomplete: {len(done)} of {len(reader.planned_steps)} steps written"
-    # a file that failed validation is never shown (the catalog validates each file version once)
+    # a file that failed validation is never shown; a large one is shown while the catalog checks
+    # it in the background (status "checking"), each map checked as a view reads it
+    checked = "validation: running" if status == "checking" else "validation: no problems"
     return html.Div([
         html.Div([html.B("completeness: "), state], id=f"{PREFIX}-complete"),
         html.Div([html.B("planned steps: ")] + marks),
-        html.Div("validation: no problems", className="dfs-note"),
+        html.Div(checked, className="dfs-note", id=f"{PREFIX}-validation"),
     ])
 
 
@@ -117,7 +119,8 @@ def layout(**query):
         page.header(),
         html.Details([html.Summary(f"captures under the roots ({len(page.entries)})"), files], open=True),
         html.Div([html.Div([html.H4("run settings"), common.table(_summary_rows(r), id=f"{PREFIX}-settings")]),
-                  html.Div([html.H4("file"), _completeness(r)])], className="dfs-row"),
+                  html.Div([html.H4("file"), _completeness(r, page.catalog.entry(page.cid).status)])],
+                 className="dfs-row"),
         controls,
         dcc.Store(id=f"{PREFIX}-url"),
         html.Div(id=f"{PREFIX}-banner"),
@@ -227,22 +230,26 @@ def schedule_series(cid: str, order: str, method: str, schedule) -> tuple[dict, 
 
 
 def recall_grid(cid: str, order: str, budget: float) -> tuple[list[int], list[int], dict[str, np.ndarray]]:
-    """Recall of every method's top-k mask at ``budget``, mean over heads: method -> float64 [layers, steps]."""
-    from dfsviz.sparse.select import select_topk
+    """Recall of every method's top-k mask at ``budget``, mean over heads: method -> float64 [layers, steps].
+
+    From the recall curves the capture stores (a few kB per cell) where it stores them; else from
+    the maps (every map of the order read once)."""
+    from dfsviz.sparse.select import select_topk, topk_count
     from dfsviz.sparse.stats import block_recall
 
     cat = get_catalog()
     r = cat.reader(cid)
-    out = {}
-    for method in r.methods:
-        z = np.zeros((len(r.layers), len(r.steps)))
-        for i, layer in enumerate(r.layers):
-            for j, step in enumerate(r.steps):
-                m = cat.mass(cid, step, layer, order)
-                mask = select_topk(cat.scores(cid, step, layer, order, method), budget, seq_len=r.grid.num_tokens,
-                                   block=r.block)
-                z[i, j] = float(block_recall(m, mask).mean())
-        out[method] = z
+    k = topk_count(budget, r.layout.num_blocks)
+
+    def cell(step: int, layer: int, method: str) -> float:
+        if r.stored_recall:
+            return float(cat.curves(cid, step, layer, order, method)[0][..., k - 1].double().mean())
+        mask = select_topk(cat.scores(cid, step, layer, order, method), budget, seq_len=r.grid.num_tokens,
+                           block=r.block)
+        return float(block_recall(cat.mass(cid, step, layer, order), mask).mean())
+
+    out = {method: np.array([[cell(step, layer, method) for step in r.steps] for layer in r.layers])
+           for method in r.methods}
     return list(r.layers), list(r.steps), out
 
 

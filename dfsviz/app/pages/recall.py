@@ -55,10 +55,11 @@ def layout(**query):
 
 def curves(cid: str, step: int, layer, head, orders: list[str], methods: list[str]):
     """Recall curves per (method, order) and the oracle per order (averaged over heads and,
-    for layer "all", over layers). Returns (curves dict label -> RecallCurve, oracle dict).
+    for layer "all", over layers), from the curves the capture stores where it stores them, else
+    from the maps. Returns (curves dict label -> RecallCurve, oracle dict).
     Each layer's curve is memoised (``CaptureCatalog.cached``): a change of target, methods or
     orders, and a return to a view, recompute nothing."""
-    from dfsviz.analysis.curves import oracle_curve, recall_curve, stack_curves
+    from dfsviz.analysis.curves import RecallCurve, oracle_curve, recall_curve, stack_curves
 
     cat = get_catalog()
     r = cat.reader(cid)
@@ -70,6 +71,9 @@ def curves(cid: str, step: int, layer, head, orders: list[str], methods: list[st
         label = f"oracle · {order}" if method is None else f"{method} · {order}"
 
         def compute(_reader):
+            if r.stored_recall:  # the curves the capture stored: no map read
+                recall, density = cat.curves(cid, step, lay, order, "oracle" if method is None else method, h)
+                return RecallCurve(recall.double(), density.double(), n, block, label)
             m = cat.mass(cid, step, lay, order, h)
             if method is None:
                 return oracle_curve(m, seq_len=n, block=block, label=label)
