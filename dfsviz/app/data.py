@@ -637,6 +637,11 @@ class CaptureCatalog:
                            lambda r: (r.recall_curve(step, layer, order, method, head, branch),
                                       r.density_curve(step, layer, order, method, head, branch)))
 
+    def step_curves(self, cid: str, step: int, order: str, branch: str = "cond") -> torch.Tensor:
+        """Recall curves float32 [layers, curve methods, heads, Mk] of one step and order, one read
+        (``CaptureReader.step_curves``)."""
+        return self.cached(cid, ("step_curves", step, order, branch), lambda r: r.step_curves(step, order, branch))
+
     def variance_ratios(self, cid: str, step: int, layer: int, order: str, branch: str = "cond"):
         """(W_q, W_k) float64 [1, H]."""
         return self.cached(cid, ("W", step, layer, order, branch), lambda r: r.variance_ratios(step, layer, order, branch))

@@ -22,6 +22,7 @@ from dfsviz.capture.file_safety import held_by_another_process
 from dfsviz.capture.codes import decode
 from dfsviz.capture.schema import (
     AFFINE_SUFFIX,
+    CURVE_NAMES,
     DIMS,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -311,8 +312,19 @@ class CaptureReader:
         beside the recall curves; ValueError for a file without curves."""
         return self._curve("density", step, layer, order, method, head, branch)
 
-    def _curve(self, name: str, step: int, layer: int, order: str, method: str, head, branch: str) -> torch.Tensor:
-        self._pos(method, list(self.layout.curve_methods), "method")
+    def step_curves(self, step: int, order: str, branch: str = "cond", name: str = "recall") -> torch.Tensor:
+        """The ``name`` ("recall" or "density") curves of every layer, method and head of one step and
+        order, in one read: float32 [layers, methods, heads, Mk] (methods: ``layout.curve_methods``;
+        entry [i, j, h, k - 1] is what :meth:`recall_curve` gives at that layer, method and head).
+        ValueError for a file without curves."""
+        if name not in CURVE_NAMES:
+            raise ValueError(f"`name` must be one of {list(CURVE_NAMES)} (got {name!r})")
+        self._refuse_without_curves()
+        oi = self._pos(order, self.orders, "order")
+        bi = self._pos(branch, self.branches, "branch")
+        return torch.from_numpy(np.asarray(self._step_group(step)[name][:, bi, oi], dtype=np.float32))
+
+    def _refuse_without_curves(self) -> None:
         if not self.stored_recall:
             raise ValueError(
                 f"{str(self.path)!r} stores no recall curves (written by dfsviz {self.attrs.get('dfsviz_version', 'unknown')} "
@@ -320,6 +332,10 @@ class CaptureReader:
                 "(step, layer, order), run.scores(step, layer, order, method), seq_len=run.grid.num_tokens, block=run.block), "
                 "or capture the run again with this dfsviz"
             )
+
+    def _curve(self, name: str, step: int, layer: int, order: str, method: str, head, branch: str) -> torch.Tensor:
+        self._pos(method, list(self.layout.curve_methods), "method")
+        self._refuse_without_curves()
         return self._maps(name, step, layer, order, head, branch, method)[None]
 
     def variance_ratios(self, step: int, layer: int, order: str, branch: str = "cond") -> tuple[torch.Tensor, torch.Tensor]:

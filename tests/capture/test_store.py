@@ -118,6 +118,13 @@ def test_round_trip(tmp_path, device):
         # every method's recall curves, meanpool's included: those of the maps written (float32: the stored ones)
         assert_stored_curves_match_the_maps(reader)
         curves = reader.recall_curve(5, 7, "hilbert3d", "dfs_tile")
+        every = reader.step_curves(5, "hilbert3d")  # [layers, curve methods, heads, Mk] in one read
+        at = list(reader.layout.curve_methods).index("dfs_tile"), reader.layers.index(7)
+        assert torch.equal(every[at[1], at[0]], curves[0])
+        assert torch.equal(reader.step_curves(5, "hilbert3d", name="density")[at[1], at[0]],
+                           reader.density_curve(5, 7, "hilbert3d", "dfs_tile")[0])
+        with pytest.raises(ValueError, match=r"`name` must be one of \['recall', 'density'\] \(got 'mass'\)"):
+            reader.step_curves(5, "hilbert3d", name="mass")
         assert torch.equal(reader.recall_curve(5, 7, "hilbert3d", "dfs_tile", head=2)[0, 0], curves[0, 1])
         assert torch.equal(reader.recall_curve(5, 7, "hilbert3d", "dfs_tile", head=[2, 0])[0], curves[0, [1, 0]])
         assert torch.equal(reader.perm("hilbert3d"), make_order("hilbert3d", GRID).perm)
@@ -715,6 +722,8 @@ def test_the_format_v1_fixture_has_no_recall_curves():
             reader.recall_curve(1, 1, "hilbert3d", "dfs_tile")
         with pytest.raises(ValueError, match=r"format_v1\.h5' stores no recall curves"):
             reader.density_curve(1, 1, "hilbert3d", "dfs_tile")
+        with pytest.raises(ValueError, match=r"format_v1\.h5' stores no recall curves"):
+            reader.step_curves(1, "hilbert3d")
 
 
 def test_resume_of_a_file_without_curves_continues_it_without_them(tmp_path):

@@ -241,9 +241,13 @@ def recall_grid(cid: str, order: str, budget: float) -> tuple[list[int], list[in
     r = cat.reader(cid)
     k = topk_count(budget, r.layout.num_blocks)
 
+    if r.stored_recall:  # one read per step: [layers, curve methods, heads, Mk]
+        at_k = np.stack([cat.step_curves(cid, step, order)[..., k - 1].double().mean(-1).numpy() for step in r.steps],
+                        axis=-1)  # [layers, curve methods, steps]
+        methods = list(r.layout.curve_methods)
+        return list(r.layers), list(r.steps), {method: at_k[:, methods.index(method)] for method in r.methods}
+
     def cell(step: int, layer: int, method: str) -> float:
-        if r.stored_recall:
-            return float(cat.curves(cid, step, layer, order, method)[0][..., k - 1].double().mean())
         mask = select_topk(cat.scores(cid, step, layer, order, method), budget, seq_len=r.grid.num_tokens,
                            block=r.block)
         return float(block_recall(cat.mass(cid, step, layer, order), mask).mean())
