@@ -27,11 +27,13 @@ name files by that id, never by their absolute path on the server (:meth:`Captur
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass
@@ -185,15 +187,22 @@ class _CheckedDataset:
         index = selection if isinstance(selection, tuple) else (selection,)
         at = DIMS[self._name].index("head")
         lead, heads = index[:at], index[at] if len(index) > at else slice(None)
-        if len(index) > at + 1 or len(lead) < at or not all(isinstance(i, (int, np.integer)) for i in lead):
-            # every reader accessor reads whole maps of one position before the head dim
-            raise TypeError(f"a checked read takes whole maps of one position before `head` (got {self._name}"
-                            f"[{index!r}])")
+        whole = slice(None)
+        if len(index) > at + 1 or len(lead) < at or not all(isinstance(i, (int, np.integer)) or i == whole for i in lead):
+            # the reader's accessors read whole maps of one position before the head dim, or of
+            # every position of some of those dims (CaptureReader.step_curves)
+            raise TypeError(f"a checked read takes whole maps of one position, or of all positions, of each dim "
+                            f"before `head` (got {self._name}[{index!r}])")
         stored = self._dset[selection]
         step = self._step
-        problem = read_problem(step, step.layout, step.step, self._name, lead, heads, stored)
-        if problem is not None:
-            step.refuse(problem)
+        spans = [d for d, i in enumerate(lead) if not isinstance(i, (int, np.integer))]  # first in `stored`
+        for pos in np.ndindex(*(self._dset.shape[d] for d in spans)):
+            at_pos = list(lead)
+            for d, i in zip(spans, pos):
+                at_pos[d] = i
+            problem = read_problem(step, step.layout, step.step, self._name, tuple(at_pos), heads, stored[pos])
+            if problem is not None:
+                step.refuse(problem)
         return stored
 
     def __getattr__(self, name: str):
@@ -270,6 +279,16 @@ def _unique_labels(roots: Sequence[Path]) -> list[str]:
             label, i = f"{base}{i}", i + 1
         labels.append(label)
     return labels
+
+
+#: catalogs whose background check may be running, stopped (``close``) when the interpreter exits
+_CHECKING: "weakref.WeakSet[CaptureCatalog]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_checks() -> None:
+    for catalog in list(_CHECKING):
+        catalog.close()
 
 
 class CaptureCatalog:
@@ -502,6 +521,7 @@ class CaptureCatalog:
         with self._queue_lock:
             self._queue.append((capture_id, path, stamp))
             if self._worker is None:
+                _CHECKING.add(self)  # stopped at interpreter exit: h5py torn down under a running read crashes
                 stop = threading.Event()
                 thread = threading.Thread(target=self._check_queued, args=(stop,), name="dfsviz-check", daemon=True)
                 self._worker = _Worker(thread, stop)

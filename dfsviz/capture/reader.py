@@ -322,7 +322,7 @@ class CaptureReader:
         self._refuse_without_curves()
         oi = self._pos(order, self.orders, "order")
         bi = self._pos(branch, self.branches, "branch")
-        return torch.from_numpy(np.asarray(self._step_group(step)[name][:, bi, oi], dtype=np.float32))
+        return torch.from_numpy(np.asarray(self._step_group(step)[name][:, bi, oi, :], dtype=np.float32))
 
     def _refuse_without_curves(self) -> None:
         if not self.stored_recall:

@@ -369,11 +369,31 @@ def test_a_checked_read_takes_whole_maps(capture_root, tmp_path):
     with CaptureCatalog([root], full_check_bytes=0) as cat:
         group = cat.reader("whole/c.h5")._step_group(2)  # the step group every reader accessor reads through
         assert group["m"][0, 0, 0, [1]].shape == (1, 16, 16)
-        with pytest.raises(TypeError, match=r"a checked read takes whole maps of one position before `head` "
-                                            r"\(got m\[\(0, 0, 0, 0, 0\)\]\)"):
+        assert group["recall"][:, 0, 1, :].shape[0] == 2  # every layer's curves of one (branch, order): one read
+        with pytest.raises(TypeError, match=r"a checked read takes whole maps of one position, or of all positions, "
+                                            r"of each dim before `head` \(got m\[\(0, 0, 0, 0, 0\)\]\)"):
             group["m"][0, 0, 0, 0, 0]
         with pytest.raises(TypeError, match=r"before `head` \(got m\[\(slice\(None, None, None\),\)\]\)"):
             group["m"][:]
+        with pytest.raises(TypeError, match=r"before `head` \(got m\[\(slice\(0, 1, None\), 0, 0\)\]\)"):
+            group["m"][0:1, 0, 0]
+
+
+def test_a_read_of_every_layers_curves_checks_each_curve(capture_root, tmp_path, monkeypatch):
+    root = tmp_path / "slab"
+    path = copy_to(root, capture_root / "good.h5", "c.h5")
+    with h5py.File(path, "r+") as f:
+        curves = f["steps"]["step_0002"]["recall"]
+        curves[1, 0, 1, 2, 1] = curves[1, 0, 1, 2, 1][::-1]  # layer position 1, hilbert3d, method 2, head 1
+    with CaptureCatalog([root], full_check_bytes=0) as cat, Gate(monkeypatch) as gate:
+        reader = cat.reader("slab/c.h5")
+        gate.wait_held()
+        with pytest.raises(CaptureError, match=rf"step_0002/recall\[layer {reader.layers[1]}, branch cond, order "
+                                               rf"hilbert3d, recall_method {reader.layout.curve_methods[2]}, head "
+                                               rf"{reader.heads[1]}\]: decreases with k"):
+            cat.step_curves("slab/c.h5", 2, "hilbert3d")
+        assert cat.entry("slab/c.h5").status == "invalid"
+        gate.release()
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "big", True])
