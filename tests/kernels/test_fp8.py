@@ -125,6 +125,15 @@ def _dequantized(q, k, block, order):
     return qd, kd, quant
 
 
+def _grid_case(dtype, d: int, order_name: str | None, block: int, seed: int):
+    """(q, k, v, mask, order) on the 217-token grid: random inputs, a random mask of ``block``,
+    the order ``order_name`` (None: no order)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _inputs(217, d, dtype, gen)
+    mask = _mask(1, 2, 217, block, gen)
+    return q, k, v, mask, make_order(order_name, GRID_217) if order_name else None
+
+
 @pytest.mark.parametrize("block", [32, 128], ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("order_name", [None, "hilbert3d"], ids=lambda o: o or "noorder")
 @pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"d{d}")
@@ -132,11 +141,7 @@ def _dequantized(q, k, block, order):
 def test_kernel_matches_the_quantized_golden(dtype, d, order_name, block):
     """The FP8 kernel against float64 attention of its own (dequantized, exact) inputs: at most
     2x the error of the reference run on those inputs in the test dtype, plus a floor."""
-    n = 217
-    gen = torch.Generator().manual_seed(7 * d + block)
-    q, k, v = _inputs(n, d, dtype, gen)
-    mask = _mask(1, 2, n, block, gen)
-    order = make_order(order_name, GRID_217) if order_name else None
+    q, k, v, mask, order = _grid_case(dtype, d, order_name, block, seed=7 * d + block)
     out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8",
                                       backend="triton")
     qd, kd, quant = _dequantized(q, k, block, order)
@@ -299,11 +304,7 @@ def test_fp8_pv_kernel_matches_the_simulation(dtype, d, order_name, block):
     the final one, in one product over all keys; both round to the same e4m3 values (the max is
     a whole power of two), so out agrees to one rounding of the output dtype and the LSE to
     float32 summation order."""
-    n = 217
-    gen = torch.Generator().manual_seed(11 * d + block)
-    q, k, v = _inputs(n, d, dtype, gen)
-    mask = _mask(1, 2, n, block, gen)
-    order = make_order(order_name, GRID_217) if order_name else None
+    q, k, v, mask, order = _grid_case(dtype, d, order_name, block, seed=11 * d + block)
     out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv",
                                       backend="triton")
     sim, sim_lse = block_sparse_attention_fp8_ref(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv")
