@@ -214,8 +214,9 @@ class StoreLayout:
             default, and what a list equal to it becomes) = every method without a statistic of
             its own (``SCORE_STATS``: meanpool's score is L, the oracle's m). Files written
             before this field hold every method. :attr:`score_methods` says which.
-        stored_recall: every step holds ``recall``, the recall curve of each method's top-k mask
-            at k = 1..Mk, computed by the writer from the maps as the model produced them (root
+        stored_recall: every step holds ``recall`` and ``density``, the curves of the top-k masks of
+            each method and the oracle (:attr:`curve_methods`) at k = 1..Mk, computed by the writer
+            from the maps as the model produced them (root
             attribute ``stored_recall``; files written before it hold no curves: False).
     """
 

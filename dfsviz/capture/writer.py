@@ -26,9 +26,10 @@ chunk):
                               float32 [..., q_block, affine]: with uint8 maps, each row's
                               (offset, scale) (dfsviz.capture.codes)
         W_q, W_k              float64 [layer, branch, order, head]
-        recall                float32 [layer, branch, order, recall_method, head, kept_blocks]:
-                              recall of each method's top-k mask at k = 1..Mk (every method
-                              of methods), from the maps before their storage rounding
+        recall, density       float32 [layer, branch, order, recall_method, head, kept_blocks]:
+                              recall and density of each method's top-k mask at k = 1..Mk
+                              (every method of methods, and the oracle), from the maps
+                              before their storage rounding
         footprint_block       int32 [layer, branch, order, head, sample]
         footprint             float16 [layer, branch, order, head, sample, token]
                               (N x attention probability, original token order)
@@ -683,8 +684,8 @@ class CaptureWriter:
     ) -> None:
         """Queue one (layer, branch, order): ``stats`` m/L/r/J and ``scores`` per method of
         ``layout.score_methods`` (others are ignored), each float [Hs, Mq, Mk]; ``w_q``, ``w_k``
-        float64 [Hs]. With ``layout.stored_recall`` the recall curves of every method's top-k
-        masks are computed from them, on their device. Tensors may live on the GPU (one device);
+        float64 [Hs]. With ``layout.stored_recall`` the recall and density curves of the top-k
+        masks of every method and the oracle are computed from them, on their device. Tensors may live on the GPU (one device);
         the call then returns without waiting for it."""
         li, bi, oi = self._index(layer, branch, order)
         g = self._group
@@ -706,8 +707,8 @@ class CaptureWriter:
         self._set_small("W_k", (li, bi, oi), w_k, torch.float64)
 
     def _write_recall(self, lead: tuple[int, int, int], stats: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> None:
-        """Queue the curves of one (layer, branch, order): for every method of the layout, the
-        recall and the density of its top-k mask at k = 1..Mk, float32 [Hs, Mk] per method, computed
+        """Queue the curves of one (layer, branch, order): for every method of the layout and the
+        oracle (``curve_methods``), the recall and the density of its top-k mask at k = 1..Mk, float32 [Hs, Mk] per method, computed
         on the maps' device from the maps as given (before any storage rounding), with the core of
         ``dfsviz.analysis.recall_curve``."""
         lay = self.layout

@@ -162,8 +162,8 @@ def capture_command(**opts) -> None:
     """Capture attention statistics of a video DiT into one HDF5 file.
 
     For every captured (step, layer) and token order: block mass m, pooled logit L,
-    diversities r and J, block scores and the recall curve (top-k recall at every k) of
-    every method, variance ratios W_q and W_k, footprints of sampled query blocks and
+    diversities r and J, block scores and the recall and density curves (of the top-k
+    mask at every k) of every method and the oracle, variance ratios W_q and W_k, footprints of sampled query blocks and
     optionally Q/K/V. Open the file with
     ``dfsviz.open(path)`` or ``dfsviz inspect FILE``.
 
