@@ -232,8 +232,8 @@ def schedule_series(cid: str, order: str, method: str, schedule) -> tuple[dict, 
 def recall_grid(cid: str, order: str, budget: float) -> tuple[list[int], list[int], dict[str, np.ndarray]]:
     """Recall of every method's top-k mask at ``budget``, mean over heads: method -> float64 [layers, steps].
 
-    From the recall curves the capture stores (a few kB per cell) where it stores them; else from
-    the maps (every map of the order read once)."""
+    From the recall curves the capture stores (one read per step: every layer's and method's)
+    where it stores them; else from the maps (every map of the order read once)."""
     from dfsviz.sparse.select import select_topk, topk_count
     from dfsviz.sparse.stats import block_recall
 
