@@ -55,6 +55,7 @@ def create_app(
         serves it. Raises ValueError when a root is not a folder.
     """
     import dash
+    import flask
     from dash import dcc, html
 
     from dfsviz.app import data
@@ -71,6 +72,19 @@ def create_app(
         update_title=None,
     )
     app.server.config[data.CONFIG_KEY] = catalog
+
+    # the background check of large files waits while a request is served (CaptureCatalog.serving)
+    @app.server.before_request
+    def _pause_check():
+        flask.g.dfsviz_serving = catalog.serving()
+        flask.g.dfsviz_serving.__enter__()
+
+    @app.server.teardown_request
+    def _resume_check(_exc):
+        serving = flask.g.pop("dfsviz_serving", None)
+        if serving is not None:
+            serving.__exit__(None, None, None)
+
     # the registry of Dash Pages is process-global: rebuild it for this app
     dash.page_registry.clear()
     for module in PAGE_MODULES:

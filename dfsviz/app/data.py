@@ -36,6 +36,7 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -340,6 +341,9 @@ class CaptureCatalog:
         self._queue: deque[tuple[str, Path, tuple]] = deque()
         self._queue_lock = threading.Condition()
         self._worker: _Worker | None = None
+        # requests being served (:meth:`serving`): the background check waits between maps while
+        # any is, so that it takes no CPU or h5py lock from what the user is waiting for
+        self._serving = 0
         # notified whenever a status leaves "checking" (or a check is dropped): wait_checked waits on it
         self._checked = threading.Condition()
         self._checks_ended = 0
@@ -528,6 +532,25 @@ class CaptureCatalog:
                 thread.start()
             self._queue_lock.notify()
 
+    @contextmanager
+    def serving(self):
+        """Mark a request as being served while the block runs (``create_app`` wraps every request
+        in it): the background check pauses between maps until no request is (h5py serialises
+        every read behind one lock, and the check would take a core from the request)."""
+        with self._queue_lock:
+            self._serving += 1
+        try:
+            yield self
+        finally:
+            with self._queue_lock:
+                self._serving -= 1
+                self._queue_lock.notify_all()
+
+    def _wait_idle(self, stop: threading.Event) -> None:
+        """The worker, between maps: wait until no request is served (or the check is stopped)."""
+        with self._queue_lock:
+            self._queue_lock.wait_for(lambda: self._serving == 0 or stop.is_set())
+
     def _check_queued(self, stop: threading.Event) -> None:
         """The worker: checks queued files one at a time until ``stop`` is set."""
         while True:
@@ -563,11 +586,13 @@ class CaptureCatalog:
         start = time.perf_counter()
 
         def run():
+            self._wait_idle(stop)
             with self._opened(capture_id, lambda: CaptureReader(path)) as reader:
                 problems = reader.header_problems()
                 for problem in reader.iter_map_problems():
                     if problem is not None:
                         problems.append(problem)
+                    self._wait_idle(stop)
                     if stop.is_set() or not self._current(capture_id, path, stamp):
                         return None
                 return self._verdict(capture_id, reader, problems)

@@ -352,6 +352,59 @@ def test_close_stops_a_running_check_between_reads(capture_root, tmp_path, monke
     cat.close()
 
 
+def test_the_check_waits_between_maps_while_a_request_is_served(capture_root, tmp_path, monkeypatch):
+    """While ``serving()`` is held the worker reads no further map (it cannot end the check);
+    after it ends, the check goes on to the end."""
+    root = tmp_path / "serving"
+    copy_to(root, capture_root / "good.h5", "c.h5")
+    gate = Gate(monkeypatch)
+    with CaptureCatalog([root], full_check_bytes=0) as cat:
+        assert cat.entry("serving/c.h5").status == "checking"
+        gate.wait_held()
+        with cat.serving():
+            gate.release()
+            with pytest.raises(TimeoutError, match="still being checked"):
+                cat.wait_checked("serving/c.h5", 2)
+            assert gate.reads == [1]  # held after its first read, it read nothing more
+        assert cat.wait_checked("serving/c.h5", WAIT).status == "ok"
+        assert gate.reads[0] > 1
+
+
+def test_the_dashboard_pauses_the_check_for_every_request(capture_root, tmp_path, monkeypatch):
+    """``create_app`` serves each request inside ``CaptureCatalog.serving``: a request answered
+    while the worker is held finds the check unable to end."""
+    import functools
+
+    from dfsviz.app import create_app, data
+
+    root = tmp_path / "app"
+    copy_to(root, capture_root / "good.h5", "c.h5")
+    monkeypatch.setattr(data, "CaptureCatalog", functools.partial(data.CaptureCatalog, full_check_bytes=0))
+    gate = Gate(monkeypatch)
+    app = create_app(root)
+    cat = app.server.config[data.CONFIG_KEY]
+    seen = []
+
+    @app.server.route("/probe")
+    def probe():
+        gate.release()
+        try:
+            cat.wait_checked("app/c.h5", 2)
+            seen.append("ended while serving")
+        except TimeoutError:
+            seen.append("paused")
+        return "done"
+
+    try:
+        assert cat.entry("app/c.h5").status == "checking"
+        gate.wait_held()
+        assert app.server.test_client().get("/probe").status_code == 200
+        assert seen == ["paused"] and gate.reads == [1]
+        assert cat.wait_checked("app/c.h5", WAIT).status == "ok"
+    finally:
+        cat.close()
+
+
 def test_the_background_check_logs_its_start_and_end(capture_root, tmp_path, caplog):
     root = tmp_path / "log"
     copy_to(root, capture_root / "good.h5", "c.h5")
