@@ -520,19 +520,16 @@ def bound_scatter(
     r = _array(measured, "measured", ndim=1)
     if b.shape != r.shape:
         raise ValueError(f"`bound` and `measured` must have one length (got {b.shape} and {r.shape})")
-    fig = go.Figure(_group_points(r, b, groups))
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="y = x",
-                             line={"color": "#444444", "dash": "dash"}))
     bad = b > r + atol
-    fig.add_trace(go.Scatter(x=r[bad], y=b[bad], mode="markers", name="violations",
-                             marker={"symbol": "x", "size": 9, "color": "red"}))
+    traces = [*_group_points(r, b, groups),
+              go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="y = x", line={"color": "#444444", "dash": "dash"}),
+              go.Scatter(x=r[bad], y=b[bad], mode="markers", name="violations",
+                         marker={"symbol": "x", "size": 9, "color": "red"})]
     label = FACTOR_LABELS.get(bound_name, bound_name)
     head = title or f"{label} against measured recall"
-    fig.update_layout(title=f"{head} · {int(bad.sum())} violations of {b.size}",
-                      xaxis_title=FACTOR_LABELS["recall"], yaxis_title=label, template="plotly_white")
-    fig.update_xaxes(range=[0, 1.02])
-    fig.update_yaxes(range=[0, 1.02])
-    return fig
+    return _white_figure(traces, {"title": {"text": f"{head} · {int(bad.sum())} violations of {b.size}"},
+                                  "xaxis": {"title": {"text": FACTOR_LABELS["recall"]}, "range": [0, 1.02]},
+                                  "yaxis": {"title": {"text": label}, "range": [0, 1.02]}})
 
 
 def recall_vs_gap(
@@ -567,19 +564,18 @@ def recall_vs_gap(
         raise ValueError(f"`gamma` must be a scalar or one budget per point ({x.size}) (got shape {gam.shape})")
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
         raise ValueError(f"`num_points` must be an integer >= 2 (got {num_points!r})")
-    fig = go.Figure(_group_points(x, y, groups))
+    traces = _group_points(x, y, groups)
     finite = x[np.isfinite(x)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-5.0, 5.0)
     lo, hi = min(lo, -1.0), max(hi, 1.0)
     grid = np.linspace(lo, hi, num_points)
     for j, value in enumerate(sorted(set(np.round(gam, 12).tolist()))):
-        fig.add_trace(go.Scatter(x=grid, y=bound3_curve(grid, float(value)), mode="lines",
+        traces.append(go.Scatter(x=grid, y=bound3_curve(grid, float(value)), mode="lines",
                                  name=f"Bound 3, γ = {value:.3g}",
                                  line={"color": _ORACLE_COLOUR, "dash": ("solid", "dash", "dot", "dashdot")[j % 4], "width": 1.5}))
-    fig.update_layout(title=title, xaxis_title=FACTOR_LABELS["effective_gap"], yaxis_title=FACTOR_LABELS["recall"],
-                      template="plotly_white")
-    fig.update_yaxes(range=[0, 1.02])
-    return fig
+    return _white_figure(traces, {"title": {"text": title},
+                                  "xaxis": {"title": {"text": FACTOR_LABELS["effective_gap"]}},
+                                  "yaxis": {"title": {"text": FACTOR_LABELS["recall"]}, "range": [0, 1.02]}})
 
 
 def factor_distributions(
@@ -604,23 +600,23 @@ def factor_distributions(
     if not isinstance(values, Mapping) or not values:
         raise ValueError("`values` must be a non-empty mapping group label -> samples")
     axis = FACTOR_LABELS.get(factor, factor)
-    fig = go.Figure()
+    traces = []
     for i, (label, samples) in enumerate(values.items()):
         arr = _array(samples, f"values[{label!r}]").ravel()
         arr = arr[np.isfinite(arr)]
         style = {"name": str(label), "marker": {"color": _colour(i)}}
         if kind == "violin":
-            fig.add_trace(go.Violin(y=arr, box={"visible": True}, meanline={"visible": True}, points=False, **style))
+            traces.append(go.Violin(y=arr, box={"visible": True}, meanline={"visible": True}, points=False, **style))
         elif kind == "box":
-            fig.add_trace(go.Box(y=arr, boxmean=True, **style))
+            traces.append(go.Box(y=arr, boxmean=True, **style))
         else:
-            fig.add_trace(go.Histogram(x=arr, opacity=0.6, histnorm="probability density", **style))
+            traces.append(go.Histogram(x=arr, opacity=0.6, histnorm="probability density", **style))
+    layout = {"title": {"text": title or f"{axis} per group"}}
     if kind == "histogram":
-        fig.update_layout(barmode="overlay", xaxis_title=axis, yaxis_title="density")
+        layout.update(barmode="overlay", xaxis={"title": {"text": axis}}, yaxis={"title": {"text": "density"}})
     else:
-        fig.update_layout(yaxis_title=axis)
-    fig.update_layout(title=title or f"{axis} per group", template="plotly_white")
-    return fig
+        layout.update(yaxis={"title": {"text": axis}})
+    return _white_figure(traces, layout)
 
 
 # --------------------------------------------------------------------------- drift and schedule

@@ -124,6 +124,13 @@ def test_recall_budget_puts_oracles_last(case):
     assert list(pair.data[0].y) == [0.2, 0.7, 1.0] and not pair.layout.shapes
 
 
+def _checked_alike(fig: go.Figure) -> None:
+    """A figure put together without plotly's checks (for speed) holds what a checked one would,
+    the plotly_white template included."""
+    assert json.loads(go.Figure(fig.to_dict()).to_json()) == json.loads(fig.to_json())
+    assert fig.layout.template.layout.paper_bgcolor == "white"
+
+
 def test_bound_scatter_marks_exactly_the_violations():
     bound = np.array([0.1, 0.5, 0.9, 0.3])
     measured = np.array([0.2, 0.4, 0.95, 0.3])
@@ -134,6 +141,8 @@ def test_bound_scatter_marks_exactly_the_violations():
     assert list(bad.x) == [0.4] and list(bad.y) == [0.5]
     assert "1 violations of 4" in fig.layout.title.text
     assert "0 violations" in figures.bound_scatter(bound, measured, atol=0.2).layout.title.text
+    assert list(fig.layout.xaxis.range) == [0, 1.02] and list(fig.layout.yaxis.range) == [0, 1.02]
+    _checked_alike(fig)
 
 
 def test_recall_vs_gap_draws_bound3_per_budget():
@@ -146,6 +155,8 @@ def test_recall_vs_gap_draws_bound3_per_budget():
     expected = 1.0 / (1.0 + (0.7 / 0.3) * np.exp(-x))  # theory.md Bound 3 written out
     np.testing.assert_allclose(curves[1].y, expected, rtol=1e-12)
     assert figures.bound3_curve(np.zeros(3), 0.25).tolist() == pytest.approx([0.25] * 3)
+    assert fig.layout.xaxis.title.text == figures.FACTOR_LABELS["effective_gap"]
+    _checked_alike(fig)
 
 
 def test_factor_distributions_kinds():
@@ -155,7 +166,9 @@ def test_factor_distributions_kinds():
         assert [type(t) for t in fig.data] == [cls, cls]
         data = fig.data[0].x if kind == "histogram" else fig.data[0].y
         assert list(data) == [0.8, 0.9]  # the infinite sample is left out
+        _checked_alike(fig)
     assert "intra-block variance ratio W_k" in fig.layout.xaxis.title.text
+    assert fig.layout.barmode == "overlay" and fig.layout.yaxis.title.text == "density"
 
 
 def test_drift_heatmap():
