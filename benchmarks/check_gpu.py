@@ -8,9 +8,13 @@ block-sparse attention (ragged N, D 64/128, fp16/bf16, B 1/2, with and without a
 order, LSE), agreement with FlexAttention on ``mask.to_flex_block_mask()``, NaN in one
 query row staying in that row, the ValueErrors at the boundary, FP8 attention (against float64
 of its dequantized inputs, the simulation and the unquantized inputs; with P . V in FP8 too,
-against its simulation and the unquantized inputs), each persistent /
-warp-specialized autotune candidate on its own, the GPU-only pytest cases (``-m cuda``: no host
-sync, CUDA-graph replay of scoring and attention), fused block scoring
+against its simulation and the unquantized inputs; each check names the kernel that ran and
+fails if it is not the one docs/kernels.md says runs: the descriptor kernel on Hopper for "fp8"
+without an order and "fp8_pv", the pointer kernel for "fp8" with an order, a v that is not
+16-byte aligned, and without a copy engine), each persistent / warp-specialized autotune
+candidate on its own, each descriptor candidate with FP8 on its own (``--only fp8_candidates``),
+the GPU-only pytest cases (``-m cuda``: no host sync, CUDA-graph replay of scoring and
+attention), fused block scoring
 (dfs_tile, meanpool), the streaming block statistics and Wan's fused QK-RMSNorm + RoPE
 (also within one rounding step of today's torch path), and Wan's fused adaLN norms and gated
 residuals (the residual also bit-identical to today's torch path). Exits 1 on any failure.
@@ -19,6 +23,8 @@ residuals (the residual also bit-identical to today's torch path). Exits 1 on an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import logging
 import sys
@@ -42,6 +48,8 @@ from dfsviz.sparse.stats import block_stats_ref
 
 log = logging.getLogger("check_gpu")
 DEV = "cuda"
+jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
+DESC, POINTER = "_block_sparse_attention_desc_kernel", "_block_sparse_attention_kernel"
 
 # (grid, D, dtype, B, H, order name or None, keep fraction)
 ATTENTION_CASES = [
@@ -205,9 +213,80 @@ def check_adaln(results):
                         "message": f"{differ} elements differ (0 expected)", "ok": differ == 0})
 
 
+@contextlib.contextmanager
+def _launched_kernels():
+    """The names of the attention kernels launched inside the block (a spy on the launchers' one
+    launch function: the descriptor and pointer kernels give the same values)."""
+    names, launch = [], jit_attention._launch
+
+    def spy(kernel, *args, **kwargs):
+        names.append(kernel.__name__)
+        return launch(kernel, *args, **kwargs)
+
+    jit_attention._launch = spy
+    try:
+        yield names
+    finally:
+        jit_attention._launch = launch
+
+
+@contextlib.contextmanager
+def _without_copy_engine():
+    """FP8 as on a GPU without tensor descriptors (Ada, compute capability 8.9): the pointer kernel."""
+    copy_engine = jit_attention._copy_engine
+    jit_attention._copy_engine = lambda device: False
+    try:
+        yield
+    finally:
+        jit_attention._copy_engine = copy_engine
+
+
+def _fp8_kernel(precision: str, order, v) -> str:
+    """The kernel docs/kernels.md says runs FP8 on this GPU: descriptors on Hopper where every
+    input's key blocks are contiguous rows ("fp8_pv" always, "fp8" without an order) and v is
+    16-byte aligned, else pointers."""
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    rows = precision == "fp8_pv" or (order is None and v.data_ptr() % 16 == 0)
+    return DESC if hopper and rows else POINTER
+
+
+def _fp8_against_simulation(label, q, k, v, mask, order, precision, sim=None, expected=None):
+    """(out, result row): the Triton kernel against the simulation of its quantization (``sim``:
+    its (out, lse) when already computed), and that the expected kernel ran. "fp8": out within
+    2^-7 (P . V in the input dtype against float32). "fp8_pv": one rounding of the output dtype
+    (P rounded against the running max here, the final one there: the same e4m3 values,
+    docs/kernels.md), plus what the GPU's approximate exp2 adds: a probability near an e4m3
+    rounding midpoint may round the other way, which moves it by one e4m3 step (2^-3 relative),
+    and Hopper's FP8 tensor cores accumulate with fewer mantissa bits than float32. 2^-6: the
+    first H200 run measured 7.0e-3 - 1.24e-2 beyond one output rounding (the interpreter, with
+    exact exp2 and float32 products, stays within one rounding: tests/kernels/test_fp8.py). The
+    LSE within 1e-3 (the same logits up to summation order and the products' accumulation)."""
+    with _launched_kernels() as ran:
+        out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision=precision,
+                                          backend="triton")
+    sim_out, sim_lse = sim if sim is not None else block_sparse_attention(
+        q, k, v, mask, order=order, return_lse=True, precision=precision, backend="ref")
+    if precision == "fp8":
+        diff = float((out.float() - sim_out.float()).abs().max())
+        message, ok = f"{diff:.3e} (bound 2^-7)", diff <= 2**-7
+    else:
+        ulp = 2**-7 if q.dtype == torch.bfloat16 else 2**-10
+        excess = float(((out.float() - sim_out.float()).abs() - ulp * sim_out.float().abs()).max())
+        message, ok = f"beyond one output rounding {excess:.3e} (bound 2^-6)", excess <= 2**-6
+    finite = torch.isfinite(sim_lse)
+    lse_diff = float((lse - sim_lse)[finite].abs().max())
+    same_inf = bool(torch.equal(torch.isfinite(lse), finite))
+    expected = expected or _fp8_kernel(precision, order, v)
+    return out, {"check": f"{label} {precision} |kernel - simulation| ({'+'.join(ran)})",
+                 "message": f"{message}, lse {lse_diff:.3e} (bound 1e-3), expected {expected}",
+                 "ok": ok and lse_diff <= 1e-3 and same_inf and ran == [expected]}
+
+
 def check_fp8(results):
-    """FP8 attention against float64 attention of its own dequantized inputs (the 2x rule), and
-    the simulation's error against float64 attention of the unquantized inputs."""
+    """FP8 attention against float64 attention of its own dequantized inputs (the 2x rule), the
+    simulation (in each kernel that runs FP8: the descriptor kernel, and the pointer kernel with
+    an order, an unaligned v and without a copy engine), and the simulation's error against
+    float64 attention of the unquantized inputs."""
     from dfsviz.kernels.fp8 import dequantize_fp8_blocks, quantize_qk_fp8
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -222,7 +301,8 @@ def check_fp8(results):
         mask = _mask(bsz, heads, n, 128, keep, gen)
         order = make_order(order_name, grid) if order_name else None
         label = f"fp8 attention {grid.name} D{d} {str(dtype)[6:]} B{bsz} H{heads} {order_name or 'no order'}"
-        out = block_sparse_attention(q, k, v, mask, order=order, precision="fp8", backend="triton")
+        out, row = _fp8_against_simulation(label, q, k, v, mask, order, "fp8")
+        results.append(row)
         quant = quantize_qk_fp8(q, k, 128, order.perm_on(DEV) if order else None)
         qd = dequantize_fp8_blocks(quant.q8, quant.q_scale, 128)
         kd = dequantize_fp8_blocks(quant.k8, quant.k_scale, 128)
@@ -234,37 +314,22 @@ def check_fp8(results):
         c = compare_to_golden(f"{label} vs its dequantized inputs", out, ref, gold, floor=1e-4)
         results.append({"check": c.name, "kernel_err": c.kernel_err, "ref_err": c.ref_err, "bound": c.bound,
                         "where": c.where, "ok": c.ok})
-        sim = block_sparse_attention(q, k, v, mask, order=order, precision="fp8", backend="ref")
         full = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask, order=order)
-        diff = float((out.float() - sim.float()).abs().max())
         err = float((out.double() - full).abs().max())
-        results.append({"check": f"{label} |kernel - simulation|", "message": f"{diff:.3e} (bound 2^-7)",
-                        "ok": diff <= 2**-7})
         results.append({"check": f"{label} error vs float64 unquantized", "message": f"{err:.3e} (documented <= 0.1)",
                         "ok": err <= 0.1})
-        # P . V in FP8 too: one rounding of the output dtype from its simulation (P rounded against
-        # the running max here, the final one there: the same e4m3 values, docs/kernels.md), plus
-        # what the GPU's approximate exp2 adds: a probability near an e4m3 rounding midpoint may
-        # round the other way, which moves it by one e4m3 step (2^-3 relative), and Hopper's FP8
-        # tensor cores accumulate with fewer mantissa bits than float32. 2^-6: the first H200 run
-        # measured 7.0e-3 - 1.24e-2 beyond one output rounding (the interpreter, with exact exp2
-        # and float32 products, stays within one rounding: tests/kernels/test_fp8.py)
-        out_pv, lse_pv = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv",
-                                                backend="triton")
-        sim_pv, sim_lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv",
-                                                 backend="ref")
-        ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
-        excess = float(((out_pv.float() - sim_pv.float()).abs() - ulp * sim_pv.float().abs()).max())
-        finite = torch.isfinite(sim_lse)
-        lse_diff = float((lse_pv - sim_lse)[finite].abs().max())
-        same_inf = bool(torch.equal(torch.isfinite(lse_pv), finite))
-        results.append({"check": f"{label} fp8_pv |kernel - simulation|",
-                        "message": f"beyond one output rounding {excess:.3e} (bound 2^-6), "
-                                   f"lse {lse_diff:.3e} (bound 1e-3)",
-                        "ok": excess <= 2**-6 and lse_diff <= 1e-3 and same_inf})
+        out_pv, row = _fp8_against_simulation(label, q, k, v, mask, order, "fp8_pv")
+        results.append(row)
         err_pv = float((out_pv.double() - full).abs().max())
         results.append({"check": f"{label} fp8_pv error vs float64 unquantized",
                         "message": f"{err_pv:.3e} (documented <= 0.15)", "ok": err_pv <= 0.15})
+        if order is None:  # the pointer kernel without an order: a v one element into its buffer
+            shifted = torch.empty(v.numel() + 1, dtype=dtype, device=DEV)[1:].view_as(v).copy_(v)
+            results.append(_fp8_against_simulation(f"{label} unaligned v", q, k, shifted, mask, None, "fp8")[1])
+        else:  # "fp8_pv" in the pointer kernel, as on Ada
+            with _without_copy_engine():
+                results.append(_fp8_against_simulation(f"{label} no copy engine", q, k, v, mask, order, "fp8_pv",
+                                                        expected=POINTER)[1])
 
 
 def check_cuda_tests(results):
@@ -287,57 +352,100 @@ def check_cuda_tests(results):
                     "output": (run.stdout + run.stderr)[-6000:]})
 
 
+@contextlib.contextmanager
+def _only_descriptor_config(cfg: dict):
+    """The descriptor kernel's autotuner restricted to one ``ATTENTION_CONFIGS`` entry (no tuning)."""
+    import triton
+
+    tuned = jit_attention._TUNED_DESC_KERNEL
+    one = triton.Config({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                         "PERSISTENT": cfg.get("PERSISTENT", False),
+                         "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False)},
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                        pre_hook=jit_attention._set_tile_shapes)
+    saved = tuned.configs
+    tuned.configs = [one]
+    tuned.cache.clear()
+    try:
+        yield
+    finally:
+        tuned.configs = saved
+        tuned.cache.clear()
+
+
+def _candidate_case(seed: int, key_offset: float):
+    """(grid, q, k, v, mask) of the candidate checks: N 4097, B 2, H 3, D 128, bfloat16, 30 % of
+    the blocks kept; keys sharing an offset of ``key_offset`` standard deviations."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    grid = LatentGrid(4, 32, 32, text_len=1)
+    q, k, v = (torch.randn(2, 3, grid.num_tokens, 128, generator=gen, device=DEV) for _ in range(3))
+    k = k + key_offset * torch.randn(128, generator=gen, device=DEV)
+    mask = _mask(2, 3, grid.num_tokens, 128, 0.3, gen)
+    return grid, *(x.to(torch.bfloat16) for x in (q, k, v)), mask
+
+
 def check_autotune_candidates(results):
     """Each Hopper candidate of the descriptor kernel (persistent grid, warp-specialized loops),
     launched on its own (no tuning) against the float64 reference."""
-    import importlib
-
-    import triton
-
-    jit = importlib.import_module("dfsviz.kernels._jit.attention")
     if torch.cuda.get_device_capability()[0] < 9:
         results.append({"check": "descriptor candidates", "message": "skipped: not Hopper", "ok": True})
         return
-    gen = torch.Generator(device=DEV).manual_seed(5)
-    grid = LatentGrid(4, 32, 32, text_len=1)
-    n = grid.num_tokens
-    q, k, v = (torch.randn(2, 3, n, 128, generator=gen, device=DEV).to(torch.bfloat16) for _ in range(3))
-    mask = _mask(2, 3, n, 128, 0.3, gen)
+    _, q, k, v, mask = _candidate_case(5, key_offset=0.0)
     gold = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask)
     ref = block_sparse_attention_ref(q, k, v, mask)
-    for cfg in jit.ATTENTION_CONFIGS:
-        if not (cfg.get("PERSISTENT") or cfg.get("WARP_SPECIALIZE")):
+    for cfg in jit_attention.ATTENTION_CONFIGS:
+        if not (cfg.get("PERSISTENT") or cfg.get("WARP_SPECIALIZE")) or cfg.get("fp8_only"):
             continue
         label = f"descriptor candidate {cfg}"
-        one = triton.Config({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                             "PERSISTENT": cfg.get("PERSISTENT", False),
-                             "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False)},
-                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], pre_hook=jit._set_tile_shapes)
-        saved = jit._TUNED_DESC_KERNEL.configs
-        jit._TUNED_DESC_KERNEL.configs = [one]
-        jit._TUNED_DESC_KERNEL.cache.clear()
         try:
-            out = block_sparse_attention(q, k, v, mask, backend="triton")
+            with _only_descriptor_config(cfg):
+                out = block_sparse_attention(q, k, v, mask, backend="triton")
             c = compare_to_golden(label, out, ref, gold, floor=1e-4)
             results.append({"check": c.name, "kernel_err": c.kernel_err, "ref_err": c.ref_err, "bound": c.bound,
                             "where": c.where, "ok": c.ok})
         except Exception as exc:  # a candidate this Triton cannot compile: the autotuner must not pick it
             results.append({"check": label, "message": f"{type(exc).__name__}: {str(exc)[:300]}", "ok": False})
-        finally:
-            jit._TUNED_DESC_KERNEL.configs = saved
-            jit._TUNED_DESC_KERNEL.cache.clear()
+
+
+def check_fp8_candidates(results):
+    """Each descriptor candidate the autotuner may pick for FP8 (block 128, D 128), launched on its
+    own against the simulation: "fp8" without an order, "fp8_pv" with one (output stored
+    through the order). A candidate that fails to compile fails here by name, not every call."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        results.append({"check": "fp8 descriptor candidates", "message": "skipped: not Hopper", "ok": True})
+        return
+    grid, q, k, v, mask = _candidate_case(6, key_offset=3.0)
+    for precision, order in (("fp8", None), ("fp8_pv", make_order("hilbert3d", grid))):
+        sim = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision=precision, backend="ref")
+        for cfg in jit_attention.ATTENTION_CONFIGS:
+            if not jit_attention.attention_config_fits(cfg, 128, 128, fp8=True, descriptors=True):
+                continue
+            label = f"fp8 descriptor candidate {cfg}"
+            try:
+                with _only_descriptor_config(cfg):
+                    results.append(_fp8_against_simulation(label, q, k, v, mask, order, precision, sim=sim,
+                                                           expected=DESC)[1])
+            except Exception as exc:  # a candidate this Triton cannot compile: the autotuner must not pick it
+                results.append({"check": f"{label} {precision}", "message": f"{type(exc).__name__}: {str(exc)[:300]}",
+                                "ok": False})
 
 
 STEPS = {"attention": check_attention, "fp8": check_fp8, "candidates": check_autotune_candidates,
+         "fp8_candidates": check_fp8_candidates,
          "cuda_tests": check_cuda_tests, "nan": check_nan_row, "errors": check_errors,
          "scores_stats": check_scores_and_stats, "qk_norm_rope": check_qk_norm_rope, "adaln": check_adaln}
+
+#: Groups that run only when --only names them: fp8_candidates compiles every FP8 descriptor
+#: candidate for D 128 (minutes on a fresh machine; after the fp8 group, in the same call, the
+#: compiled kernels are cached).
+NAMED_ONLY = ("fp8_candidates",)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=sorted(STEPS),
-                        help="run only these groups of checks")
+    parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=sorted(set(STEPS) - set(NAMED_ONLY)),
+                        help="run only these groups of checks (default: all but " + ", ".join(NAMED_ONLY) + ")")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():

@@ -7,6 +7,9 @@ token order the program loads q, k and v rows through ``perm`` and stores output
 (and LSE) at their original positions, so no gather or scatter pass runs outside.
 Without an order, on Hopper-class GPUs and 16-byte aligned tensors, a second kernel moves
 whole tiles with tensor descriptors (the bulk copy engine); the two share the softmax step.
+FP8 runs there too, with an order as well for "fp8_pv" (its quantized q, k and v are ordered
+copies; the output rows go back through the order); "fp8" with an order gathers v through
+the order in the pointer kernel.
 The kernels and their launcher live in ``dfsviz.kernels._jit.attention``, imported only when
 Triton runs; this module validates once and dispatches.
 """

@@ -1,5 +1,6 @@
 """Fixtures shared by the kernel tests."""
 
+import importlib
 from unittest import mock
 
 import pytest
@@ -17,3 +18,20 @@ def no_host_reads():
 
     return lambda: mock.patch.multiple(torch.Tensor, item=host_read, tolist=host_read, __bool__=host_read,
                                        __int__=host_read, __float__=host_read)
+
+
+@pytest.fixture
+def launched_kernels(monkeypatch):
+    """The names of the attention kernels (``dfsviz.kernels._jit.attention``) launched during the
+    test, in launch order: the descriptor and pointer kernels compute the same values, so which
+    one ran shows only here (a spy on the launchers' one launch function)."""
+    jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
+    kernels = []
+    launch = jit_attention._launch
+
+    def spy(kernel, *args, **kwargs):
+        kernels.append(kernel.__name__)
+        return launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(jit_attention, "_launch", spy)
+    return kernels

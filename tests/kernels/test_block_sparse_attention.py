@@ -182,14 +182,10 @@ def test_strided_input_from_bnhd_layout():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_descriptor_and_pointer_paths_agree(dtype, monkeypatch):
+def test_descriptor_and_pointer_paths_agree(dtype, launched_kernels):
     """Without an order, 16-byte aligned tensors take the tensor-descriptor kernel and others
     the pointer kernel; both give the same output on a ragged N (the unaligned q starts one
     element into its buffer; an expanded k, stride 0, has no descriptor either)."""
-    launched = []
-    launch = jit_attention._launch
-    monkeypatch.setattr(jit_attention, "_launch",
-                        lambda kernel, *a, **kw: (launched.append(kernel), launch(kernel, *a, **kw)))
     n, d = 211, 64
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 2, n, d, generator=gen).to(dtype) for _ in range(3))
@@ -200,7 +196,7 @@ def test_descriptor_and_pointer_paths_agree(dtype, monkeypatch):
     unaligned, unaligned_lse = block_sparse_attention(shifted, k, v, mask, return_lse=True, backend="triton")
     shared_k = k[:1].expand(2, -1, -1, -1)
     expanded = block_sparse_attention(q, shared_k, v, mask, backend="triton")
-    assert launched == [jit_attention._block_sparse_attention_desc_kernel] + [jit_attention._block_sparse_attention_kernel] * 2
+    assert launched_kernels == ["_block_sparse_attention_desc_kernel"] + ["_block_sparse_attention_kernel"] * 2
     torch.testing.assert_close(aligned, unaligned, rtol=0, atol=1e-6)
     torch.testing.assert_close(aligned_lse, unaligned_lse, rtol=0, atol=1e-6)
     ref = block_sparse_attention_ref(q, shared_k.contiguous(), v, mask)
@@ -302,7 +298,7 @@ def test_golden_check_fails_on_large_error_and_nan():
                                    dict(PERSISTENT=True, WARP_SPECIALIZE=True),
                                    dict(PERSISTENT=False, WARP_SPECIALIZE=True)],
                          ids=["persistent", "persistent-ws", "ws"])
-def test_persistent_and_warp_specialized_descriptor_kernel(flags, monkeypatch):
+def test_persistent_and_warp_specialized_descriptor_kernel(flags, monkeypatch, launched_kernels):
     """The Hopper autotune candidates: a persistent grid of fewer programs than work items
     (each walks several, heads in LPT order) and warp-specialized key loops give the result
     of one work item per program."""
@@ -311,11 +307,8 @@ def test_persistent_and_warp_specialized_descriptor_kernel(flags, monkeypatch):
     gen = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(2, 3, n, 64, generator=gen).to(torch.bfloat16) for _ in range(3))
     mask = _random_mask(2, 3, n, block, gen)
-    programs = []
-    launch = jit_attention._launch
-    monkeypatch.setattr(jit_attention, "_launch", lambda kernel, *a, **kw: (programs.append(kernel), launch(kernel, *a, **kw)))
     _check_against_golden(q, k, v, mask, None)
-    assert programs == [jit_attention._block_sparse_attention_desc_kernel]
+    assert launched_kernels == ["_block_sparse_attention_desc_kernel"]
 
 
 @pytest.mark.cuda

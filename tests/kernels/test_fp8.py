@@ -2,6 +2,7 @@
 and the Triton FP8 kernel (interpreter on CPU) against the simulation's arithmetic; the same for
 P . V in FP8 (``precision="fp8_pv"``)."""
 
+import importlib
 import math
 from types import SimpleNamespace
 
@@ -25,6 +26,9 @@ from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.orders import make_order
 
 GRID_217 = LatentGrid(6, 6, 6, text_len=1)
+GRID_256 = LatentGrid(4, 8, 8)  # an even N: 4 whole blocks of 64
+jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
+DESC, POINTER = "_block_sparse_attention_desc_kernel", "_block_sparse_attention_kernel"  # launched_kernels' names
 
 
 def _inputs(n, d, dtype, gen, key_offset=3.0, heads=2, bsz=1):
@@ -158,16 +162,103 @@ def test_kernel_matches_the_quantized_golden(dtype, d, order_name, block):
     assert not failures, "\n".join(failures)
 
 
+def _check_against_the_simulation(q, k, v, mask, order, precision: str):
+    """The Triton kernel against the simulation of the same quantization: the same logits up to
+    float32 summation order, so the LSE within 1e-4; "fp8" out within 2^-7 (P . V in the input
+    dtype against float32), "fp8_pv" within one rounding of the output dtype (the kernel rounds
+    P against its running row max, the simulation against the final one, in one product over all
+    keys: both round to the same e4m3 values, the max being a whole power of two)."""
+    out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision=precision,
+                                      backend="triton")
+    sim, sim_lse = block_sparse_attention_fp8_ref(q, k, v, mask, order=order, return_lse=True, precision=precision)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    if precision == "fp8":
+        torch.testing.assert_close(out.float(), sim.float(), rtol=0, atol=2**-7)
+    else:
+        torch.testing.assert_close(out.float(), sim.float(), rtol=2**-7 if q.dtype == torch.bfloat16 else 2**-10,
+                                   atol=1e-5)
+    torch.testing.assert_close(lse, sim_lse, rtol=0, atol=1e-4)
+
+
 def test_fp8_kernel_agrees_with_the_simulation():
     n, d = 217, 64
     gen = torch.Generator().manual_seed(5)
     q, k, v = _inputs(n, d, torch.bfloat16, gen, bsz=2)
     mask = _mask(2, 2, n, 64, gen)
+    _check_against_the_simulation(q, k, v, mask, make_order("hilbert3d", GRID_217), "fp8")
+
+
+def _budget_mask(bsz: int, heads: int, n: int, block: int, gen) -> BlockMask:
+    """Per-head budgets: every (batch, head) keeps its own number of key blocks per query block,
+    from one to all (as a calibrated config's heads and dense heads do); every head's first
+    query block keeps nothing (output 0, LSE -inf) and its last query block keeps the last key
+    block (the short one of a ragged N)."""
+    m = -(-n // block)
+    keep = torch.zeros(bsz, heads, m, m, dtype=torch.bool)
+    budgets = torch.randint(1, m + 1, (bsz, heads), generator=gen)
+    budgets.view(-1)[0] = m  # one dense head
+    for b in range(bsz):
+        for h in range(heads):
+            for u in range(1, m):
+                keep[b, h, u, torch.randperm(m, generator=gen)[:int(budgets[b, h])]] = True
+            keep[b, h, -1, -1] = True
+    return BlockMask.from_dense(keep, n, block)
+
+
+@pytest.mark.parametrize("grid", [GRID_217, GRID_256], ids=lambda g: f"n{g.num_tokens}")
+@pytest.mark.parametrize("order_name", [None, "hilbert3d"], ids=lambda o: o or "noorder")
+@pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("precision", ["fp8", "fp8_pv"])
+def test_descriptor_kernel_matches_the_simulation(precision, d, order_name, grid, launched_kernels):
+    """Where a copy engine runs (Hopper; the interpreter), FP8 takes the tensor-descriptor kernel
+    whenever every input's key blocks are contiguous rows: "fp8_pv" always (q8, k8 and the
+    transposed v8 are ordered copies; the output goes back through the order), "fp8" without
+    an order; "fp8" with an order gathers v through it in the pointer kernel. Ragged and even
+    N, B 2, heads of very different budgets: the simulation's bounds."""
+    n = grid.num_tokens
+    gen = torch.Generator().manual_seed(n + d + len(precision))
+    q, k, v = _inputs(n, d, torch.bfloat16, gen, heads=3, bsz=2)
+    mask = _budget_mask(2, 3, n, 64, gen)
+    order = make_order(order_name, grid) if order_name else None
+    _check_against_the_simulation(q, k, v, mask, order, precision)
+    assert launched_kernels == [POINTER if precision == "fp8" and order is not None else DESC]
+
+
+@pytest.mark.parametrize("precision, order_name", [("fp8", None), ("fp8_pv", "hilbert3d")])
+def test_fp8_persistent_and_warp_specialized_descriptor_kernel(precision, order_name, monkeypatch, launched_kernels):
+    """The Hopper candidates with FP8: a persistent grid walking several work items per program
+    (heads in LPT order), with warp-specialized key loops, stays within the simulation's bounds."""
+    monkeypatch.setattr(jit_attention, "_INTERPRETED_DESC_FLAGS", dict(PERSISTENT=True, WARP_SPECIALIZE=True))
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = _inputs(217, 64, torch.bfloat16, gen, heads=3, bsz=2)
+    mask = _budget_mask(2, 3, 217, 32, gen)
+    _check_against_the_simulation(q, k, v, mask, make_order(order_name, GRID_217) if order_name else None, precision)
+    assert launched_kernels == [DESC]
+
+
+def test_fp8_descriptor_and_pointer_kernels_agree(monkeypatch, launched_kernels):
+    """The pointer kernel keeps running FP8 where descriptors cannot: "fp8" with a v that is not
+    16-byte aligned (one element into its buffer), and any FP8 call without a copy engine
+    (Ada, compute capability 8.9). Same tiles in the interpreter, so the same values as the
+    descriptor kernel's."""
+    n, d = 217, 64
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = _inputs(n, d, torch.bfloat16, gen, bsz=2)
+    mask = _budget_mask(2, 2, n, 64, gen)
     order = make_order("hilbert3d", GRID_217)
-    kernel = block_sparse_attention(q, k, v, mask, order=order, precision="fp8", backend="triton")
-    sim = block_sparse_attention(q, k, v, mask, order=order, precision="fp8", backend="ref")
-    # the same logits up to float32 summation order; P . V in bfloat16 against float32
-    torch.testing.assert_close(kernel.float(), sim.float(), rtol=0, atol=2**-7)
+    aligned = block_sparse_attention(q, k, v, mask, return_lse=True, precision="fp8", backend="triton")
+    shifted = torch.empty(v.numel() + 1, dtype=v.dtype)[1:].view_as(v).copy_(v)
+    assert shifted.data_ptr() % 16 != 0
+    unaligned = block_sparse_attention(q, k, shifted, mask, return_lse=True, precision="fp8", backend="triton")
+    described = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv",
+                                       backend="triton")
+    monkeypatch.setattr(jit_attention, "_copy_engine", lambda device: False)
+    pointed = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv",
+                                     backend="triton")
+    assert launched_kernels == [DESC, POINTER, DESC, POINTER]
+    for (out_a, lse_a), (out_b, lse_b) in ((aligned, unaligned), (described, pointed)):
+        torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+        torch.testing.assert_close(lse_a, lse_b, rtol=0, atol=0)
 
 
 def test_errors():
@@ -305,13 +396,8 @@ def test_fp8_pv_kernel_matches_the_simulation(dtype, d, order_name, block):
     a whole power of two), so out agrees to one rounding of the output dtype and the LSE to
     float32 summation order."""
     q, k, v, mask, order = _grid_case(dtype, d, order_name, block, seed=11 * d + block)
-    out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv",
-                                      backend="triton")
-    sim, sim_lse = block_sparse_attention_fp8_ref(q, k, v, mask, order=order, return_lse=True, precision="fp8_pv")
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), sim.float(), rtol=2**-7 if dtype == torch.bfloat16 else 2**-10,
-                               atol=1e-5)
-    torch.testing.assert_close(lse, sim_lse, rtol=0, atol=1e-4)
+    _check_against_the_simulation(q, k, v, mask, order, "fp8_pv")
+    sim = block_sparse_attention_fp8_ref(q, k, v, mask, order=order, precision="fp8_pv")
     assert bool((sim != block_sparse_attention_fp8_ref(q, k, v, mask, order=order)).any()), "P . V is quantized"
 
 

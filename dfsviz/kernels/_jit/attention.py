@@ -92,6 +92,43 @@ def _attention_step(
 
 
 @triton.jit
+def _block_scaled(scale, SCALES, pid_bh, blk, NUM_BLOCKS, FP8: tl.constexpr):
+    """``scale`` times block ``blk``'s FP8 scale (SCALES [B * H, NUM_BLOCKS]): the softmax scale
+    of query block u's rows times Q_SCALE[u], then of their logits against key block v times
+    K_SCALE[v]; unchanged without FP8."""
+    if FP8:
+        scale = scale * tl.load(SCALES + pid_bh.to(tl.int64) * NUM_BLOCKS + blk)
+    return scale
+
+
+@triton.jit
+def _normalized(acc, l_i, num_kv, V_SCALE, pid_bh, HEAD_DIM: tl.constexpr, FP8_PV: tl.constexpr):
+    """The output rows acc / l. A query block with no kept key block has l = 0 and acc = 0: divide
+    by 1 to output 0; a NaN row keeps l = NaN and stays NaN, as dense attention would. FP8_PV:
+    acc holds P_SCALE * P . (V / channel scales), undone here."""
+    l_safe = tl.where(num_kv > 0, l_i, 1.0)
+    if FP8_PV:
+        l_safe = l_safe * _P_SCALE
+        acc = acc * tl.load(V_SCALE + pid_bh.to(tl.int64) * HEAD_DIM + tl.arange(0, HEAD_DIM))[None, :]
+    return acc / l_safe[:, None]
+
+
+@triton.jit
+def _store_rows(O, out, b, h, rows_m, row_ok, stride_ob, stride_oh, stride_on, HEAD_DIM: tl.constexpr):
+    """Store out [BLOCK_M, D] at rows ``rows_m`` (original positions) of (b, h) through pointers."""
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(o_base + rows_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _store_lse(LSE, m_i, l_i, pid_bh, rows_m, row_ok, N):
+    """Store the rows' natural-log LSE at rows ``rows_m`` (original positions) of LSE [B * H, N]."""
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 domain back to natural log
+    tl.store(LSE + pid_bh.to(tl.int64) * N + rows_m, lse, mask=row_ok)
+
+
+@triton.jit
 def _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N: tl.constexpr):
     """Query block u's kept key blocks: (count, pointer to their ascending indices, count of
     full blocks). Kept blocks ascend, so the one short block (the last, Mk - 1) can only be
@@ -140,13 +177,11 @@ def _block_sparse_attention_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    row_scale = qk_scale
     if FP8:
         q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        row_scale = qk_scale * tl.load(Q_SCALE + pid_bh.to(tl.int64) * NUM_Q_BLOCKS + u)
     else:
         q = tl.load(q_base + rows_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    k_scales = K_SCALE + pid_bh.to(tl.int64) * NUM_KV_BLOCKS
+    row_scale = _block_scaled(qk_scale, Q_SCALE, pid_bh, u, NUM_Q_BLOCKS, FP8)
 
     num_kv, idx_ptr, n_full = _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N)
     CHUNKS: tl.constexpr = BLOCK // BLOCK_N
@@ -157,9 +192,7 @@ def _block_sparse_attention_kernel(
     for it in range(0, n_full * CHUNKS):
         kv_block = tl.load(idx_ptr + it // CHUNKS)
         offs_n = kv_block * BLOCK + (it % CHUNKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        step_scale = row_scale
-        if FP8:
-            step_scale = row_scale * tl.load(k_scales + kv_block)
+        step_scale = _block_scaled(row_scale, K_SCALE, pid_bh, kv_block, NUM_KV_BLOCKS, FP8)
         acc, l_i, m_i = _attention_step(
             acc, l_i, m_i, q, k_base, v_base, PERM, offs_n, offs_d, stride_kn, stride_vn, stride_vd, N, step_scale,
             HAS_ORDER, FP8, FP8_PV, False, UPCAST, DOT_PRECISION,
@@ -167,9 +200,7 @@ def _block_sparse_attention_kernel(
     if not EVEN_N:
         if n_full < num_kv:
             tail_start = (NUM_KV_BLOCKS - 1) * BLOCK
-            step_scale = row_scale
-            if FP8:
-                step_scale = row_scale * tl.load(k_scales + NUM_KV_BLOCKS - 1)
+            step_scale = _block_scaled(row_scale, K_SCALE, pid_bh, NUM_KV_BLOCKS - 1, NUM_KV_BLOCKS, FP8)
             # Only slices that start before N hold a real key; the first always does.
             for c in range(0, tl.cdiv(N - tail_start, BLOCK_N)):
                 offs_n = tail_start + c * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -178,28 +209,33 @@ def _block_sparse_attention_kernel(
                     step_scale, HAS_ORDER, FP8, FP8_PV, True, UPCAST, DOT_PRECISION,
                 )
 
-    # A query block with no kept key block has l = 0 and acc = 0: divide by 1 to output 0;
-    # a NaN row keeps l = NaN and stays NaN, as dense attention would.
-    l_safe = tl.where(num_kv > 0, l_i, 1.0)
-    if FP8_PV:
-        l_safe = l_safe * _P_SCALE
-        acc = acc * tl.load(V_SCALE + pid_bh.to(tl.int64) * HEAD_DIM + offs_d)[None, :]
-    out = acc / l_safe[:, None]
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + rows_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    out = _normalized(acc, l_i, num_kv, V_SCALE, pid_bh, HEAD_DIM, FP8_PV)
+    _store_rows(O, out, b, h, rows_m, row_ok, stride_ob, stride_oh, stride_on, HEAD_DIM)
     if RETURN_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 domain back to natural log
-        tl.store(LSE + pid_bh.to(tl.int64) * N + rows_m, lse, mask=row_ok)
+        _store_lse(LSE, m_i, l_i, pid_bh, rows_m, row_ok, N)
+
+
+@triton.jit
+def _desc_kv(desc_k, desc_v, b, h, start, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, FP8_PV: tl.constexpr):
+    """The key and value tiles [BLOCK_N, D] of keys [start, start + BLOCK_N) (zeros past N).
+    FP8_PV's v is stored transposed: its descriptor moves [D, BLOCK_N] tiles, stride 1 along
+    the keys as Hopper's FP8 matrix instructions take P . V's second operand, and the
+    transpose back is a view."""
+    k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    if FP8_PV:
+        v = tl.trans(desc_v.load([b, h, 0, start]).reshape(HEAD_DIM, BLOCK_N))
+    else:
+        v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    return k, v
 
 
 @triton.jit
 def _desc_tile(
-    desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER, tile, num_m,
-    H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
+    desc_q, desc_k, desc_v, desc_o, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER, Q_SCALE, K_SCALE, V_SCALE, tile, num_m,
+    stride_ob, stride_oh, stride_on, H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    HAS_ORDER: tl.constexpr, RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, FP8_PV: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Work item ``tile`` of the descriptor kernel: query rows [pid_m BLOCK_M, + BLOCK_M) of the
     (batch, head) BH_ORDER[tile // num_m], pid_m = tile % num_m."""
@@ -209,6 +245,7 @@ def _desc_tile(
     h = pid_bh % H
     u = (pid_m * BLOCK_M) // BLOCK
     q = desc_q.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    row_scale = _block_scaled(qk_scale, Q_SCALE, pid_bh, u, NUM_Q_BLOCKS, FP8)
     num_kv, idx_ptr, n_full = _kept_blocks(KV_NUM, KV_IDX, pid_bh, u, NUM_Q_BLOCKS, NUM_KV_BLOCKS, EVEN_N)
     CHUNKS: tl.constexpr = BLOCK // BLOCK_N
 
@@ -219,41 +256,52 @@ def _desc_tile(
     # Warp specialization (an autotune candidate on Hopper) lets some warps issue the tile
     # copies while the others run the products and the softmax.
     for it in tl.range(0, n_full * CHUNKS, warp_specialize=WARP_SPECIALIZE):
-        start = tl.load(idx_ptr + it // CHUNKS) * BLOCK + (it % CHUNKS) * BLOCK_N
-        k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_ok, False, UPCAST, DOT_PRECISION, False)
+        kv_block = tl.load(idx_ptr + it // CHUNKS)
+        k, v = _desc_kv(desc_k, desc_v, b, h, kv_block * BLOCK + (it % CHUNKS) * BLOCK_N, BLOCK_N, HEAD_DIM, FP8_PV)
+        step_scale = _block_scaled(row_scale, K_SCALE, pid_bh, kv_block, NUM_KV_BLOCKS, FP8)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, step_scale, all_ok, False, UPCAST, DOT_PRECISION,
+                                      FP8_PV)
     if not EVEN_N:
         if n_full < num_kv:
             tail_start = (NUM_KV_BLOCKS - 1) * BLOCK
+            step_scale = _block_scaled(row_scale, K_SCALE, pid_bh, NUM_KV_BLOCKS - 1, NUM_KV_BLOCKS, FP8)
             for c in range(0, tl.cdiv(N - tail_start, BLOCK_N)):
                 start = tail_start + c * BLOCK_N
-                k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+                k, v = _desc_kv(desc_k, desc_v, b, h, start, BLOCK_N, HEAD_DIM, FP8_PV)
                 col_ok = start + tl.arange(0, BLOCK_N) < N
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, UPCAST,
-                                              DOT_PRECISION, False)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, step_scale, col_ok, True, UPCAST,
+                                              DOT_PRECISION, FP8_PV)
 
-    l_safe = tl.where(num_kv > 0, l_i, 1.0)
-    out = (acc / l_safe[:, None]).to(desc_o.dtype)
-    desc_o.store([b, h, pid_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    out = _normalized(acc, l_i, num_kv, V_SCALE, pid_bh, HEAD_DIM, FP8_PV)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    if HAS_ORDER:
+        # Only FP8_PV runs here with an order: q, k and v were quantized in the ordered
+        # sequence, and only the output rows go back to their original positions.
+        rows_m = tl.load(PERM + offs_m, mask=row_ok, other=0)
+        _store_rows(O, out, b, h, rows_m, row_ok, stride_ob, stride_oh, stride_on, HEAD_DIM)
+    else:
+        rows_m = offs_m
+        desc_o.store([b, h, pid_m * BLOCK_M, 0], out.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
     if RETURN_LSE:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+        _store_lse(LSE, m_i, l_i, pid_bh, rows_m, row_ok, N)
 
 
 @triton.jit
 def _block_sparse_attention_desc_kernel(
-    desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER,
-    H, BH, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
+    desc_q, desc_k, desc_v, desc_o, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER, Q_SCALE, K_SCALE, V_SCALE,
+    stride_ob, stride_oh, stride_on, H, BH, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ORDER: tl.constexpr, RETURN_LSE: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, FP8_PV: tl.constexpr,
     PERSISTENT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """The kernel above without a token order, with q, k, v and out tiles moved by tensor
-    descriptors ([B, H, N, D] of any 16-byte strides; the copy engine on Hopper): rows past N
-    load as zeros and are not stored, so only the short last key block needs a -inf fill.
+    """The kernel above with q, k, v and out tiles moved by tensor descriptors ([B, H, N, D] of
+    any 16-byte strides; the copy engine on Hopper) when the keys of a block are contiguous
+    rows: without a token order, or with FP8_PV, whose q, k and v are ordered copies (the output
+    is then stored through ``perm``, O [B, H, N, D] with strides stride_o*). FP8 / FP8_PV as in
+    the pointer kernel, with FP8_PV's v described as its [B, H, D, N] transposed buffer. Rows
+    past N load as zeros and are not stored, so only the short last key block needs a -inf fill.
 
     Grid (query tiles, B * H), one work item per program; or PERSISTENT (an autotune candidate):
     a fixed number of programs, each walking the work items program_id, + programs, ...: items
@@ -261,18 +309,23 @@ def _block_sparse_attention_desc_kernel(
     num_m = tl.cdiv(N, BLOCK_M)
     if PERSISTENT:
         for tile in range(tl.program_id(0), num_m * BH, tl.num_programs(0)):
-            _desc_tile(desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER, tile, num_m, H, N,
-                       NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N, RETURN_LSE, EVEN_N,
-                       UPCAST, DOT_PRECISION, WARP_SPECIALIZE)
+            _desc_tile(desc_q, desc_k, desc_v, desc_o, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER, Q_SCALE, K_SCALE,
+                       V_SCALE, tile, num_m, stride_ob, stride_oh, stride_on, H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS,
+                       qk_scale, HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N, HAS_ORDER, RETURN_LSE, EVEN_N, UPCAST,
+                       DOT_PRECISION, FP8, FP8_PV, WARP_SPECIALIZE)
     else:
-        _desc_tile(desc_q, desc_k, desc_v, desc_o, LSE, KV_NUM, KV_IDX, BH_ORDER,
-                   tl.program_id(1) * num_m + tl.program_id(0), num_m, H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
-                   HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N, RETURN_LSE, EVEN_N, UPCAST, DOT_PRECISION, WARP_SPECIALIZE)
+        _desc_tile(desc_q, desc_k, desc_v, desc_o, O, LSE, KV_NUM, KV_IDX, PERM, BH_ORDER, Q_SCALE, K_SCALE, V_SCALE,
+                   tl.program_id(1) * num_m + tl.program_id(0), num_m, stride_ob, stride_oh, stride_on, H, N,
+                   NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, BLOCK_N, HAS_ORDER, RETURN_LSE,
+                   EVEN_N, UPCAST, DOT_PRECISION, FP8, FP8_PV, WARP_SPECIALIZE)
 
 
 #: Autotune space, as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper;
 #: the descriptor kernel also tries a persistent grid and warp-specialized key loops (Hopper
-#: only, where it runs), so the autotuner picks what this Triton compiles best.
+#: only, where it runs), so the autotuner picks what this Triton compiles best. ``fp8_only``
+#: candidates pipeline one stage deeper than bfloat16's shared memory allows: e4m3 tiles are
+#: half the bytes (at D 128 four stages take about 150 KB with "fp8_pv", 210 KB with "fp8",
+#: 290 KB in bfloat16, of the H200's 227 KB).
 ATTENTION_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -289,6 +342,8 @@ ATTENTION_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, PERSISTENT=True, WARP_SPECIALIZE=True),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, WARP_SPECIALIZE=True),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, WARP_SPECIALIZE=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, fp8_only=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, WARP_SPECIALIZE=True, fp8_only=True),
 ]
 #: Programs per multiprocessor of the persistent grid.
 _PERSISTENT_PROGRAMS_PER_SM = 2
@@ -298,12 +353,14 @@ def attention_config_fits(config: dict, block: int, head_dim: int, fp8: bool = F
     """Pruning predicate: a program's query rows and its key slice must lie inside one mask
     block (rows of one program share one mask row; a slice never straddles two key blocks);
     FP8 products need tiles of at least 64 rows and 32 keys (Hopper's FP8 matrix instructions);
-    persistent and warp-specialized candidates are for the descriptor (Hopper) kernel only."""
+    persistent and warp-specialized candidates are for the descriptor (Hopper) kernel only, and
+    ``fp8_only`` ones for FP8 inputs."""
     del head_dim  # every config compiles for D in {64, 128}
     fits = config["BLOCK_M"] <= block and config["BLOCK_N"] <= block
     hopper_only = config.get("PERSISTENT", False) or config.get("WARP_SPECIALIZE", False)
-    return (fits and (not fp8 or (config["BLOCK_M"] >= 64 and config["BLOCK_N"] >= 32))
-            and (descriptors or not hopper_only))
+    if fp8:
+        fits = fits and config["BLOCK_M"] >= 64 and config["BLOCK_N"] >= 32
+    return fits and (descriptors or not hopper_only) and (fp8 or not config.get("fp8_only", False))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -313,10 +370,13 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _set_tile_shapes(nargs: dict) -> None:
-    """Tensor descriptors move [1, 1, rows, D] tiles: BLOCK_M rows of q / out, BLOCK_N of k / v."""
+    """Tensor descriptors move [1, 1, rows, D] tiles: BLOCK_M rows of q / out, BLOCK_N of k / v;
+    FP8_PV's transposed v [1, 1, D, BLOCK_N] tiles."""
     d = nargs["HEAD_DIM"]
     for name, rows in (("desc_q", "BLOCK_M"), ("desc_o", "BLOCK_M"), ("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N")):
         nargs[name].block_shape = [1, 1, nargs[rows], d]
+    if nargs["FP8_PV"]:
+        nargs["desc_v"].block_shape = [1, 1, d, nargs["BLOCK_N"]]
 
 
 def _tuned(kernel, key: list[str], descriptors: bool = False, pre_hook=None):
@@ -334,9 +394,10 @@ def _tuned(kernel, key: list[str], descriptors: bool = False, pre_hook=None):
 
 _TUNED_KERNEL = _tuned(_block_sparse_attention_kernel,
                        ["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N", "FP8", "FP8_PV"])
-# Descriptors carry no dtype into the autotune key: DOT_PRECISION separates float32 from 16-bit inputs.
+# Descriptors carry no dtype into the autotune key; the output O does (the autotuner adds every
+# tensor argument's), and FP8 / FP8_PV tell the quantized inputs apart.
 _TUNED_DESC_KERNEL = _tuned(_block_sparse_attention_desc_kernel,
-                            ["N", "HEAD_DIM", "BLOCK", "RETURN_LSE", "EVEN_N", "DOT_PRECISION"],
+                            ["N", "HEAD_DIM", "BLOCK", "HAS_ORDER", "RETURN_LSE", "EVEN_N", "FP8", "FP8_PV"],
                             descriptors=True, pre_hook=_set_tile_shapes)
 
 
@@ -350,6 +411,11 @@ def _describable(x: torch.Tensor) -> bool:
     every stride but the last."""
     size = x.element_size()
     return x.data_ptr() % 16 == 0 and all(s > 0 and s * size % 16 == 0 for s in x.stride()[:-1])
+
+
+def _descriptors(*tensors: torch.Tensor) -> bool:
+    """Whether the descriptor kernel can move these tiles: a copy engine and describable tensors."""
+    return _copy_engine(tensors[0].device) and all(_describable(x) for x in tensors)
 
 
 #: The descriptor kernel's grid and loop flags in the interpreter (which does not tune), and the
@@ -404,26 +470,19 @@ def head_order(mask: BlockMask) -> torch.Tensor:
 def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, return_lse: bool):
     """Launch on validated inputs: q, k, v [B, H, N, D] with unit stride along D and heads
     spanning < 2**31 elements, ``perm`` int32 [N] on their device or None, ``scale`` resolved."""
-    bsz, heads, n, d = q.shape
+    n, d = q.shape[2], q.shape[3]
     out, lse = _outputs(q, return_lse)
-    qk_scale = scale * _LOG2E
     meta = dict(
-        HEAD_DIM=d, BLOCK=mask.block, RETURN_LSE=return_lse, EVEN_N=n % mask.block == 0,
+        HEAD_DIM=d, BLOCK=mask.block, HAS_ORDER=perm is not None, RETURN_LSE=return_lse, EVEN_N=n % mask.block == 0,
         UPCAST=interpreting() and q.dtype != torch.float32,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreting() else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreting() else "tf32", FP8=False, FP8_PV=False,
     )
-    if perm is None and _copy_engine(q.device) and all(_describable(x) for x in (q, k, v, out)):
-        # Contiguous key blocks: whole tiles through tensor descriptors (placeholder tile
-        # shapes; _set_tile_shapes sets the launched config's).
-        descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, d]) for x in (q, k, v, out)]
-        args = (*descs, lse, mask.kv_num_blocks.contiguous(), mask.kv_indices.contiguous(), head_order(mask), heads,
-                bsz * heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
-        _launch(_block_sparse_attention_desc_kernel, _TUNED_DESC_KERNEL, args, meta, n, bsz * heads, mask.block, d,
-                q.device, pre_hook=_set_tile_shapes)
+    no_scales = (mask.kv_num_blocks,) * 3  # placeholders: FP8 is off, nothing reads them
+    # Without an order the key blocks are contiguous rows: whole tiles through tensor descriptors.
+    if perm is None and _descriptors(q, k, v, out):
+        _launch_desc_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     else:
-        no_scales = (mask.kv_num_blocks,) * 3  # placeholders: FP8 is off, nothing reads them
-        _launch_pointer_kernel(q, k, v, out, lse, mask, perm, no_scales, qk_scale,
-                               {**meta, "HAS_ORDER": perm is not None, "FP8": False, "FP8_PV": False})
+        _launch_pointer_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     return (out, lse) if return_lse else out
 
 
@@ -436,11 +495,27 @@ def _outputs(like: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.
     return out, lse
 
 
-def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_scale: float, meta: dict) -> None:
+def _mask_args(mask: BlockMask, perm) -> tuple:
+    """(KV_NUM, KV_IDX, PERM, BH_ORDER) of both kernels; without an order PERM is a placeholder."""
     counts = mask.kv_num_blocks.contiguous()
+    return counts, mask.kv_indices.contiguous(), perm if perm is not None else counts, head_order(mask)
+
+
+def _launch_desc_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_scale: float, meta: dict) -> None:
+    """q, k, out [B, H, N, D] and v [B, H, N, D] (FP8_PV: [B, H, D, N]), all describable."""
+    bsz, heads, n, d = q.shape
+    # placeholder tile shapes: _set_tile_shapes sets the launched config's
+    descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, d]) for x in (q, k, v, out)]
+    counts, indices, perm_arg, bh_order = _mask_args(mask, perm)
+    args = (*descs, out, lse, counts, indices, perm_arg, bh_order, *scales, out.stride(0), out.stride(1),
+            out.stride(2), heads, bsz * heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
+    _launch(_block_sparse_attention_desc_kernel, _TUNED_DESC_KERNEL, args, meta, n, bsz * heads, mask.block, d,
+            q.device, pre_hook=_set_tile_shapes)
+
+
+def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_scale: float, meta: dict) -> None:
     args = (
-        q, k, v, out, lse, counts, mask.kv_indices.contiguous(), perm if perm is not None else counts,
-        head_order(mask), *scales,
+        q, k, v, out, lse, *_mask_args(mask, perm), *scales,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -453,12 +528,18 @@ def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_
 
 def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale: float, return_lse: bool,
                                    out_like: torch.Tensor, v_scale: torch.Tensor | None = None):
-    """Launch the pointer kernel with FP8 q and k on validated inputs: ``quant`` from
-    ``quantize_qk_fp8`` (ordered, contiguous), v [B, H, N, D] float16 / bfloat16 with unit stride
-    along D (original order), or with ``v_scale`` (precision "fp8_pv") v8 and its channel scales
-    from ``quantize_v_fp8_fwd`` (ordered, any strides); ``perm`` int32 [N] or None; out takes the
-    dtype and layout of ``out_like`` (the caller's v). The LSE comes back without the smoothing
-    shift (the caller adds ``quant.lse_shift``)."""
+    """Launch with FP8 q and k on validated inputs: ``quant`` from ``quantize_qk_fp8`` (ordered,
+    contiguous), v [B, H, N, D] float16 / bfloat16 with unit stride along D (original order), or
+    with ``v_scale`` (precision "fp8_pv") v8 and its channel scales from ``quantize_v_fp8_fwd``
+    (ordered, stride 1 along N); ``perm`` int32 [N] or None; out takes the dtype and layout of
+    ``out_like`` (the caller's v). The LSE comes back without the smoothing shift (the caller
+    adds ``quant.lse_shift``).
+
+    The descriptor kernel runs where it runs for bfloat16 (a copy engine, describable tensors)
+    when the key blocks are contiguous rows of every input: always with "fp8_pv" (q8, k8 and v8
+    are ordered copies; the output is stored through ``perm``), without an order with "fp8".
+    "fp8" with an order keeps the pointer kernel, which gathers v's rows through ``perm``:
+    Hopper's copy engine moves boxes, not gathered rows."""
     n, d = v.shape[2], v.shape[3]
     out, lse = _outputs(out_like, return_lse)
     fp8_pv = v_scale is not None
@@ -466,5 +547,9 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
                 EVEN_N=n % mask.block == 0, UPCAST=interpreting(), DOT_PRECISION="ieee" if interpreting() else "tf32",
                 FP8=True, FP8_PV=fp8_pv)
     scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
-    _launch_pointer_kernel(quant.q8, quant.k8, v, out, lse, mask, perm, scales, scale * _LOG2E, meta)
+    v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
+    if (fp8_pv or perm is None) and _descriptors(quant.q8, quant.k8, v_tiles, out):
+        _launch_desc_kernel(quant.q8, quant.k8, v_tiles, out, lse, mask, perm, scales, scale * _LOG2E, meta)
+    else:
+        _launch_pointer_kernel(quant.q8, quant.k8, v, out, lse, mask, perm, scales, scale * _LOG2E, meta)
     return (out, lse) if return_lse else out
