@@ -16,6 +16,8 @@ captured steps of one layer: dense steps and dense layers keep everything; refre
 choose a top-k mask from that step's block scores; other steps reuse the cached mask.
 Beside it runs the "refresh every step" variant (a fresh top-k mask at the step's own
 budget), so the cost of caching is the difference of the two recall series.
+:func:`replay_plan` says which masks each step needs (the one rule of the replay, also
+followed by the dashboard where a capture stores its top-k curves).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from dfsviz.sparse.schedule import DFSSchedule
 from dfsviz.sparse.select import select_topk
 from dfsviz.sparse.stats import block_recall
 
-__all__ = ["DriftMatrix", "ScheduleReplay", "mask_drift", "mask_jaccard", "mask_source_step", "replay_schedule"]
+__all__ = ["DriftMatrix", "ReplayStep", "ScheduleReplay", "mask_drift", "mask_jaccard", "mask_source_step",
+           "replay_plan", "replay_schedule"]
 
 
 def _check_masks_alike(a: object, b: object) -> tuple[BlockMask, BlockMask]:
@@ -235,6 +238,77 @@ def mask_source_step(schedule: DFSSchedule, step: int, layer: int = 0) -> int | 
     return source
 
 
+@dataclass(frozen=True)
+class ReplayStep:
+    """What the replay of one captured step needs (:func:`replay_plan`).
+
+    Fields:
+        step: the captured step.
+        mask_step: the step whose block scores chose the mask in use (:func:`mask_source_step`):
+            ``step`` itself on a refresh step, an earlier refresh step on a cached one, None
+            where attention is dense (warm-up step or dense layer: every block kept).
+        gamma: the step's own budget, that of the fresh mask ("refresh every step"); None when dense.
+        mask_gamma: the budget the mask in use was chosen with, its refresh step's; None when dense.
+    """
+
+    step: int
+    mask_step: int | None
+    gamma: float | None
+    mask_gamma: float | None
+
+    @property
+    def dense(self) -> bool:
+        """True where attention is dense (no mask)."""
+        return self.mask_step is None
+
+    @property
+    def refresh(self) -> bool:
+        """True where the step chooses its mask itself: the cached mask is the fresh one."""
+        return self.mask_step == self.step
+
+
+def replay_plan(schedule: DFSSchedule, steps: Sequence[int], *, layer: int) -> tuple[ReplayStep, ...]:
+    """Which masks the replay of ``schedule`` on the captured ``steps`` of ``layer`` needs, per step.
+
+    A dense step needs none; a refresh step one, the top-k of its scores at its budget; a cached
+    step the top-k of its mask step's scores at that step's budget (applied to its own block
+    mass) and, for "refresh every step", the top-k of its own scores at its own budget.
+
+    Args:
+        schedule: the DFSSchedule (plans of the cond call of each step, ``schedule.at_step``).
+        steps: captured step indices, strictly ascending, each in [0, schedule.num_steps).
+        layer: self-attention layer index (layers in ``schedule.dense_layers`` are dense).
+
+    Returns:
+        One :class:`ReplayStep` per step. Raises ValueError when a sparse step reuses a mask
+        refreshed at a step ``steps`` lacks (the message lists the steps to capture).
+    """
+    if not isinstance(schedule, DFSSchedule):
+        raise TypeError(f"`schedule` must be a DFSSchedule (got {type(schedule).__name__})")
+    steps = check_steps(steps, len(steps) if isinstance(steps, Sequence) else 0, "block map")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"`layer` must be an integer >= 0, the self-attention layer index (got {layer!r})")
+    if steps[-1] >= schedule.num_steps:
+        raise ValueError(
+            f"`steps` must lie in [0, schedule.num_steps = {schedule.num_steps}) (got {steps[-1]}); "
+            "use the schedule of the captured run"
+        )
+    # Find every step's mask source first so a capture lacking several refresh steps fails
+    # with the full list, not at the first gap.
+    source = [mask_source_step(schedule, t, layer) for t in steps]
+    missing = sorted({r for r in source if r is not None and r not in steps})
+    if missing:
+        raise ValueError(
+            f"the schedule reuses masks refreshed at steps {missing}, which the capture lacks (captured: "
+            f"{list(steps)}); capture those steps too, or replay only steps before them"
+        )
+    return tuple(
+        ReplayStep(t, None, None, None) if r is None else ReplayStep(t, r, schedule.at_step(t).gamma,
+                                                                     schedule.at_step(r).gamma)
+        for t, r in zip(steps, source)
+    )
+
+
 def replay_schedule(
     schedule: DFSSchedule,
     steps: Sequence[int],
@@ -263,8 +337,6 @@ def replay_schedule(
         ScheduleReplay. Raises ValueError when a replayed sparse step reuses a mask refreshed
         at a step the capture lacks (the message lists the steps to capture).
     """
-    if not isinstance(schedule, DFSSchedule):
-        raise TypeError(f"`schedule` must be a DFSSchedule (got {type(schedule).__name__})")
     seq_len, block = check_seq_block(seq_len, block)
     if isinstance(masses, torch.Tensor) or not isinstance(masses, Sequence):
         raise TypeError("`masses` must be a sequence of block-mass tensors, one per step")
@@ -273,13 +345,7 @@ def replay_schedule(
     steps = check_steps(steps, len(masses), "block mass in `masses`")
     if len(scores) != len(masses):
         raise ValueError(f"`scores` must have one tensor per step ({len(masses)}) (got {len(scores)})")
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"`layer` must be an integer >= 0, the self-attention layer index (got {layer!r})")
-    if steps[-1] >= schedule.num_steps:
-        raise ValueError(
-            f"`steps` must lie in [0, schedule.num_steps = {schedule.num_steps}) (got {steps[-1]}); "
-            "use the schedule of the captured run"
-        )
+    plan = replay_plan(schedule, steps, layer=layer)
     for t, (m, s) in enumerate(zip(masses, scores)):
         check_block_map(m, f"masses[{t}]", seq_len, block, nonneg=True)
         check_block_map(s, f"scores[{t}]", seq_len, block)
@@ -291,17 +357,6 @@ def replay_schedule(
     bsz, heads, nb, _ = masses[0].shape
     forced = block_flags(forced_kv, "forced_kv", nb, masses[0].device)
     dense_rows = block_flags(dense_q, "dense_q", nb, masses[0].device)
-    plans = [schedule.at_step(t) for t in steps]
-
-    # Find every step's mask source first so a capture lacking several refresh steps fails
-    # with the full list, not at the first gap.
-    source = [mask_source_step(schedule, t, layer) for t in steps]
-    missing = sorted({r for r in source if r is not None and r not in steps})
-    if missing:
-        raise ValueError(
-            f"the schedule reuses masks refreshed at steps {missing}, which the capture lacks (captured: "
-            f"{list(steps)}); capture those steps too, or replay only steps before them"
-        )
 
     full = BlockMask.full(bsz, heads, seq_len, block, device=masses[0].device)
     index = {t: i for i, t in enumerate(steps)}
@@ -316,13 +371,12 @@ def replay_schedule(
         return fresh_masks[key]
 
     rc, rf, dc, df = [], [], [], []
-    for i, (plan, src) in enumerate(zip(plans, source)):
-        if src is None:
+    for i, p in enumerate(plan):
+        if p.dense:
             cached = now = full
         else:
-            # The cached mask was chosen at the refresh step with that step's budget.
-            cached = fresh(index[src], schedule.at_step(src).gamma)
-            now = fresh(i, plan.gamma)
+            cached = fresh(index[p.mask_step], p.mask_gamma)
+            now = fresh(i, p.gamma)
         rc.append(block_recall(masses[i], cached).cpu())
         dc.append(cached.density().cpu())
         # dense and refresh steps use the fresh mask itself: its numbers are the cached ones
@@ -332,10 +386,10 @@ def replay_schedule(
         steps=steps,
         layer=layer,
         schedule=schedule,
-        dense=tuple(s is None for s in source),
-        refresh=tuple(bool(p.refresh) and s is not None for p, s in zip(plans, source)),
-        gamma=tuple(None if s is None else p.gamma for p, s in zip(plans, source)),
-        mask_step=tuple(source),
+        dense=tuple(p.dense for p in plan),
+        refresh=tuple(p.refresh for p in plan),
+        gamma=tuple(p.gamma for p in plan),
+        mask_step=tuple(p.mask_step for p in plan),
         recall_cached=torch.stack(rc),
         recall_fresh=torch.stack(rf),
         density_cached=torch.stack(dc),

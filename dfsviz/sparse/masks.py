@@ -229,10 +229,15 @@ class BlockMask:
         tokens, not ``block``. ``1 - density`` is the sparsity of result tables.
         """
         sizes = block_sizes(self.seq_len, self.block, device=self.device).to(torch.float64)
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        kept_tokens = torch.where(self._valid(), sizes[self.kv_indices.long()], zero)
-        per_query_block = kept_tokens.sum(dim=-1)  # [B, H, Mq]: sum_{v in S_u} n_v
-        return (per_query_block * sizes).sum(dim=-1) / float(self.seq_len) ** 2
+        m = self.num_kv_blocks
+        counts = self.kv_num_blocks.long()
+        # Kept indices ascend, so a row keeps the short last key block iff it is the row's last
+        # kept entry: sum_{v in S_u} n_v = |S_u| * block less what that block lacks, computed per
+        # row in integers (exact, as the float64 sum of gathered sizes it replaces was).
+        last = self.kv_indices.gather(-1, (counts - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        keeps_last = (counts > 0) & (last == m - 1)
+        kept_tokens = counts * self.block - keeps_last.long() * (m * self.block - self.seq_len)  # [B, H, Mq]
+        return (kept_tokens.to(torch.float64) * sizes).sum(dim=-1) / float(self.seq_len) ** 2
 
     def to_flex_block_mask(self):
         """A ``torch.nn.attention.flex_attention.BlockMask`` with the same token-level mask.

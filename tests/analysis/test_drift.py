@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfsviz.analysis.drift import DriftMatrix, mask_drift, mask_jaccard, mask_source_step, replay_schedule
+from dfsviz.analysis.drift import (
+    DriftMatrix,
+    ReplayStep,
+    mask_drift,
+    mask_jaccard,
+    mask_source_step,
+    replay_plan,
+    replay_schedule,
+)
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.schedule import DFSSchedule
 from dfsviz.sparse.select import select_topk
@@ -141,6 +149,45 @@ def test_mask_source_step_against_the_plan():
     assert mask_source_step(DFSSchedule(), 49, layer=1) == 36  # steps 48-49: no refresh after r_max
     with pytest.raises(TypeError, match="`schedule` must be a DFSSchedule"):
         mask_source_step("dfs", 3)
+
+
+def test_replay_plan_names_what_each_step_needs():
+    """Per captured step: the step whose scores chose the mask in use and that refresh's budget,
+    and the step's own budget (the fresh mask's), written out from SCHEDULE's plan by hand."""
+    g0, g1 = SCHEDULE.at_step(3).gamma, SCHEDULE.at_step(6).gamma
+    assert (g0, g1) == (0.3, pytest.approx(0.2))
+    assert replay_plan(SCHEDULE, STEPS, layer=1) == (
+        ReplayStep(step=2, mask_step=None, gamma=None, mask_gamma=None),
+        ReplayStep(step=3, mask_step=3, gamma=g0, mask_gamma=g0),
+        ReplayStep(step=4, mask_step=3, gamma=g0, mask_gamma=g0),
+        ReplayStep(step=6, mask_step=6, gamma=g1, mask_gamma=g1),
+        ReplayStep(step=7, mask_step=6, gamma=g1, mask_gamma=g1),
+    )
+    plan = replay_plan(SCHEDULE, STEPS, layer=1)
+    assert [p.dense for p in plan] == [True, False, False, False, False]
+    assert [p.refresh for p in plan] == [False, True, False, True, False]
+    # a dense layer needs no mask at any step
+    assert all(p.dense and not p.refresh and p.gamma is None for p in replay_plan(SCHEDULE, STEPS, layer=0))
+    # past the last budget interval (r_max = 2 of the defaults) steps keep the mask of step 36 and its budget
+    late = replay_plan(DFSSchedule(), (36, 48, 49), layer=1)
+    assert [(p.mask_step, p.mask_gamma) for p in late] == [(36, DFSSchedule().at_step(36).gamma)] * 3
+    assert late[0].refresh and not late[2].refresh and late[2].gamma == pytest.approx(0.1)
+
+
+def test_replay_plan_errors():
+    with pytest.raises(TypeError, match="`schedule` must be a DFSSchedule"):
+        replay_plan("dfs", STEPS, layer=1)
+    with pytest.raises(ValueError, match=r"the schedule reuses masks refreshed at steps \[3, 6\], which the capture "
+                                         r"lacks \(captured: \[2, 4, 7\]\); capture those steps too"):
+        replay_plan(SCHEDULE, (2, 4, 7), layer=1)
+    with pytest.raises(ValueError, match=r"`steps` must lie in \[0, schedule.num_steps = 10\) \(got 12\)"):
+        replay_plan(SCHEDULE, (2, 3, 12), layer=1)
+    with pytest.raises(ValueError, match=r"`layer` must be an integer >= 0, the self-attention layer index \(got -1\)"):
+        replay_plan(SCHEDULE, STEPS, layer=-1)
+    with pytest.raises(ValueError, match="`steps` must be strictly ascending"):
+        replay_plan(SCHEDULE, (3, 2), layer=1)
+    with pytest.raises(ValueError, match="`steps` must not be empty"):
+        replay_plan(SCHEDULE, (), layer=1)
 
 
 # ----------------------------------------------------------------------------- errors

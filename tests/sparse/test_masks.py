@@ -78,6 +78,43 @@ def test_density_counts_real_token_pairs(seq_len, block):
         assert got[0, hi].item() == pytest.approx(pairs / seq_len**2, rel=0, abs=1e-15)
 
 
+def _density_by_gather(mask):
+    """rho(S) as the sum of the kept blocks' sizes gathered per index (float64 [B, H, Mq, Mk]): the
+    written-out definition, sum_u |U_u| sum_{v in S_u} n_v / N^2."""
+    sizes = torch.tensor([min(mask.block, mask.seq_len - v * mask.block) for v in range(mask.num_kv_blocks)],
+                         dtype=torch.float64)
+    listed = torch.arange(mask.num_kv_blocks) < mask.kv_num_blocks.unsqueeze(-1)  # the kept entries of each row
+    kept = torch.where(listed, sizes[mask.kv_indices.long()], torch.zeros((), dtype=torch.float64))
+    return (kept.sum(dim=-1) * sizes).sum(dim=-1) / float(mask.seq_len) ** 2
+
+
+@pytest.mark.parametrize("seq_len,block", [(1, 16), (16, 16), (113, 16), (128, 32), (129, 64), (257, 128), (4096, 16)])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0], ids=["empty", "sparse", "full"])
+def test_density_equals_the_gathered_sizes_exactly(seq_len, block, p):
+    """Ragged and even N, empty rows (p = 0 and rows left empty at random), full masks: the
+    density counts kept blocks times the block size less what a kept short last block lacks,
+    and gives the gathered sum's float64 bit for bit."""
+    m = math.ceil(seq_len / block)
+    dense = _random_dense(2, 3, m, p, seed=seq_len)
+    if 0.0 < p < 1.0:
+        dense[0, 0, 0] = False  # an empty row
+        dense[0, 1, :, m - 1] = True  # the short last block kept in every row of one head
+    mask = BlockMask.from_dense(dense, seq_len, block)
+    got = mask.density()
+    assert got.dtype == torch.float64 and got.shape == (2, 3)
+    assert torch.equal(got, _density_by_gather(mask))
+    if p == 1.0:
+        assert torch.equal(got, torch.ones(2, 3, dtype=torch.float64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seq_len=st.integers(1, 700), block=st.sampled_from([16, 32, 64, 128]), p=st.floats(0.0, 1.0),
+       seed=st.integers(0, 10_000))
+def test_density_property(seq_len, block, p, seed):
+    mask = BlockMask.from_dense(_random_dense(1, 2, math.ceil(seq_len / block), p, seed), seq_len, block)
+    assert torch.equal(mask.density(), _density_by_gather(mask))
+
+
 def test_density_differs_from_block_fraction_on_ragged_length():
     # N = 129, block 128: keeping only the 1-token last key block is 1/129 of pairs, not 1/2.
     dense = torch.tensor([[[[False, True], [False, True]]]])

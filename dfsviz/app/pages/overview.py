@@ -206,27 +206,80 @@ def dfsattn_view(cid: str, run: str = "") -> tuple:
 def schedule_series(cid: str, order: str, method: str, schedule) -> tuple[dict, list[str]]:
     """Replay ``schedule`` on every captured layer; per-step means over layers and heads.
 
+    Where the capture stores its top-k curves (``reader.stored_recall``) a dense step is the top-k
+    at k = Mk, a refresh step and the fresh series of every step the curves at
+    k = ``topk_count(γ, Mk)`` (from the exact maps), and a cached step the mask chosen from its
+    refresh step's stored scores applied to its own stored block mass: the only maps read. Else
+    ``analysis.drift.replay_schedule`` on the maps. Both follow ``analysis.drift.replay_plan``.
+
     Returns ({"recall, cached mask": [S], "recall, refreshed every step": [S], "density, cached mask": [S]}
     or {} when the capture lacks a refresh step, notes).
     """
-    from dfsviz.analysis.drift import replay_schedule
+    from dfsviz.analysis.drift import replay_plan, replay_schedule
 
     cat = get_catalog()
     r = cat.reader(cid)
     steps = r.steps
-    series = {"recall, cached mask": [], "recall, refreshed every step": [], "density, cached mask": []}
-    for layer in r.layers:
-        masses = [cat.mass(cid, s, layer, order) for s in steps]
-        scores = [cat.scores(cid, s, layer, order, method) for s in steps]
-        try:
-            rep = replay_schedule(schedule, steps, masses, scores, layer=layer, seq_len=r.grid.num_tokens, block=r.block)
-        except ValueError as exc:
-            return {}, [f"Schedule replay skipped: {exc}; or pick a warm-up and interval whose refresh steps were captured."]
-        mean = rep.mean_series()
-        series["recall, cached mask"].append(mean["recall_cached"])
-        series["recall, refreshed every step"].append(mean["recall_fresh"])
-        series["density, cached mask"].append(mean["density_cached"])
-    return {k: np.mean(np.asarray(v), axis=0) for k, v in series.items()}, []
+    try:
+        plans = {layer: replay_plan(schedule, steps, layer=layer) for layer in r.layers}
+    except ValueError as exc:
+        return {}, [f"Schedule replay skipped: {exc}; or pick a warm-up and interval whose refresh steps were captured."]
+    if r.stored_recall:
+        per_layer = _replayed_from_curves(cid, order, method, plans)
+    else:
+        per_layer = {}
+        for layer in r.layers:
+            masses = [cat.mass(cid, s, layer, order) for s in steps]
+            scores = [cat.scores(cid, s, layer, order, method) for s in steps]
+            per_layer[layer] = replay_schedule(schedule, steps, masses, scores, layer=layer,
+                                               seq_len=r.grid.num_tokens, block=r.block).mean_series()
+    shown = {"recall, cached mask": "recall_cached", "recall, refreshed every step": "recall_fresh",
+             "density, cached mask": "density_cached"}
+    return {name: np.mean([per_layer[layer][key] for layer in r.layers], axis=0) for name, key in shown.items()}, []
+
+
+def _replayed_from_curves(cid: str, order: str, method: str, plans: dict) -> dict[int, dict[str, list[float]]]:
+    """The replay of ``plans`` (layer -> ``replay_plan``) on a capture with stored curves (see
+    :func:`schedule_series`): layer -> {"recall_cached", "recall_fresh", "density_cached"}, each
+    S per-step means over heads, as ``ScheduleReplay.mean_series`` gives them."""
+    from dfsviz.sparse.select import select_topk, topk_count
+    from dfsviz.sparse.stats import block_recall
+
+    cat = get_catalog()
+    r = cat.reader(cid)
+    mk = r.layout.num_blocks
+    mi = list(r.layout.curve_methods).index(method)
+    def of_method(curves):  # one step's [layers, curve methods, heads, Mk] -> float64 [layers, Mk], mean over heads
+        return curves[:, mi].double().mean(1)
+
+    # one read per step and curve (the catalog serves the recall curves; the density ones are read
+    # through its memo the same way)
+    recall = {s: of_method(cat.step_curves(cid, s, order)) for s in r.steps}
+    density = {s: of_method(cat.cached(cid, ("step_curves", s, order, "cond", "density"),
+                                       lambda reader, s=s: reader.step_curves(s, order, "cond", "density")))
+               for s in r.steps}
+    masks = {}  # (layer, mask step) -> the cached mask, shared by the steps that reuse it
+
+    out = {}
+    for li, layer in enumerate(r.layers):
+        series = {"recall_cached": [], "recall_fresh": [], "density_cached": []}
+        for p in plans[layer]:
+            k = mk if p.dense else topk_count(p.gamma, mk)  # a dense step keeps every block: the top-k at k = Mk
+            fresh = (float(recall[p.step][li, k - 1]), float(density[p.step][li, k - 1]))
+            if p.dense or p.refresh:
+                cached = fresh
+            else:
+                key = (layer, p.mask_step)
+                if key not in masks:
+                    masks[key] = select_topk(cat.scores(cid, p.mask_step, layer, order, method), p.mask_gamma,
+                                             seq_len=r.grid.num_tokens, block=r.block)
+                mass = cat.mass(cid, p.step, layer, order)
+                cached = (float(block_recall(mass, masks[key]).mean()), float(masks[key].density().mean()))
+            series["recall_cached"].append(cached[0])
+            series["recall_fresh"].append(fresh[0])
+            series["density_cached"].append(cached[1])
+        out[layer] = series
+    return out
 
 
 def recall_grid(cid: str, order: str, budget: float) -> tuple[list[int], list[int], dict[str, np.ndarray]]:
