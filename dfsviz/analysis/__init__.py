@@ -10,10 +10,12 @@ density); figures come from :mod:`dfsviz.figures`.
 from dfsviz.analysis.curves import DEFAULT_BUDGETS, DEFAULT_TARGETS, RecallCurve, oracle_curve, recall_curve, stack_curves
 from dfsviz.analysis.drift import (
     DriftMatrix,
+    ReplayStep,
     ScheduleReplay,
     mask_drift,
     mask_jaccard,
     mask_source_step,
+    replay_plan,
     replay_schedule,
 )
 from dfsviz.analysis.factors import (
@@ -55,6 +57,7 @@ __all__ = [
     "DriftMatrix",
     "FactorTable",
     "RecallCurve",
+    "ReplayStep",
     "ScheduleReplay",
     "SweepConfig",
     "SweepResult",
@@ -68,6 +71,7 @@ __all__ = [
     "oracle_curve",
     "order_change",
     "recall_curve",
+    "replay_plan",
     "replay_schedule",
     "stack_curves",
     "sweep_token_model",

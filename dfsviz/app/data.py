@@ -682,10 +682,11 @@ class CaptureCatalog:
                            lambda r: (r.recall_curve(step, layer, order, method, head, branch),
                                       r.density_curve(step, layer, order, method, head, branch)))
 
-    def step_curves(self, cid: str, step: int, order: str, branch: str = "cond") -> torch.Tensor:
-        """Recall curves float32 [layers, curve methods, heads, Mk] of one step and order, one read
-        (``CaptureReader.step_curves``)."""
-        return self.cached(cid, ("step_curves", step, order, branch), lambda r: r.step_curves(step, order, branch))
+    def step_curves(self, cid: str, step: int, order: str, branch: str = "cond", name: str = "recall") -> torch.Tensor:
+        """Recall (or, ``name="density"``, density) curves float32 [layers, curve methods, heads, Mk]
+        of one step and order, one read (``CaptureReader.step_curves``)."""
+        return self.cached(cid, ("step_curves", step, order, branch, name),
+                           lambda r: r.step_curves(step, order, branch, name))
 
     def variance_ratios(self, cid: str, step: int, layer: int, order: str, branch: str = "cond"):
         """(W_q, W_k) float64 [1, H]."""

@@ -252,12 +252,9 @@ def _replayed_from_curves(cid: str, order: str, method: str, plans: dict) -> dic
     def of_method(curves):  # one step's [layers, curve methods, heads, Mk] -> float64 [layers, Mk], mean over heads
         return curves[:, mi].double().mean(1)
 
-    # one read per step and curve (the catalog serves the recall curves; the density ones are read
-    # through its memo the same way)
+    # one read per step and curve
     recall = {s: of_method(cat.step_curves(cid, s, order)) for s in r.steps}
-    density = {s: of_method(cat.cached(cid, ("step_curves", s, order, "cond", "density"),
-                                       lambda reader, s=s: reader.step_curves(s, order, "cond", "density")))
-               for s in r.steps}
+    density = {s: of_method(cat.step_curves(cid, s, order, name="density")) for s in r.steps}
     masks = {}  # (layer, mask step) -> the cached mask, shared by the steps that reuse it
 
     out = {}
