@@ -14,6 +14,8 @@ shows (the orders it holds are drawn).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import dash
 import numpy as np
 from dash import Input, Output, dcc, html
@@ -79,15 +81,18 @@ def factor_tables(cid: str, step: int, layer, method: str, budget: float, orders
     r = cat.reader(cid)
     layers = list(r.layers) if layer == ALL else [int(layer)]
     selector = selector_key("topk", budget)
-    blocks, heads = [], []
-    for order in orders:
-        for lay in layers:
-            stats = cat.stats(cid, step, lay, order).to_block_stats()
-            mask = select_topk(cat.scores(cid, step, lay, order, method), budget, seq_len=r.grid.num_tokens, block=r.block)
-            blocks.append(factor_rows(stats, mask, order=order, method=method, selector=selector, step=step, layer=lay))
-            w_q, w_k = cat.variance_ratios(cid, step, lay, order)
-            heads.append(variance_rows(W_q=w_q, W_k=w_k, order=order, method=method, step=step, layer=lay))
-    return FactorTable.concat(blocks), FactorTable.concat(heads)
+
+    def rows(order: str, lay: int):
+        stats = cat.stats(cid, step, lay, order).to_block_stats()
+        mask = select_topk(cat.scores(cid, step, lay, order, method), budget, seq_len=r.grid.num_tokens, block=r.block)
+        w_q, w_k = cat.variance_ratios(cid, step, lay, order)
+        return (factor_rows(stats, mask, order=order, method=method, selector=selector, step=step, layer=lay),
+                variance_rows(W_q=w_q, W_k=w_k, order=order, method=method, step=step, layer=lay))
+
+    # two at a time: one's tensor work (which releases the GIL) overlaps the other's reads
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = list(pool.map(lambda pair: rows(*pair), [(o, lay) for o in orders for lay in layers]))
+    return FactorTable.concat([b for b, _ in done]), FactorTable.concat([h for _, h in done])
 
 
 def _second_run(compare: str, step: int, layer, method: str, orders: list[str]) -> tuple[list[str], str]:
