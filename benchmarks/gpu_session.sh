@@ -9,6 +9,7 @@
 # bench_e2e --quick about 3.5 per model. With a 10-minute limit per device call, run one part per call:
 #
 #     bash benchmarks/gpu_session.sh check_gpu          # from the repository root
+#     bash benchmarks/gpu_session.sh check_gpu_fp8
 #     bash benchmarks/gpu_session.sh bench_kernels
 #     bash benchmarks/gpu_session.sh bench_e2e
 #     bash benchmarks/gpu_session.sh medium_sample medium_strips medium_claims   # one call, about 8 minutes
@@ -20,7 +21,7 @@ logs="${OUT:-$results}"
 mkdir -p "$results" "$logs"
 card=$(python3 -c "import re, torch; n = torch.cuda.get_device_name().lower(); m = re.search(r'(h100|h200|a100|l40s|b200|gh200)', n); print(m.group(1) if m else re.sub(r'[^a-z0-9]+', '_', n).strip('_'))")
 status=0
-parts=" ${*:-check_gpu bench_kernels bench_e2e} "
+parts=" ${*:-check_gpu check_gpu_fp8 bench_kernels bench_e2e} "
 want() { [[ "$parts" == *" $1 "* ]]; }
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log, keep going
@@ -34,7 +35,11 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log, keep going
   [ "$rc" -eq 0 ] || status=1
 }
 
-want check_gpu && part check_gpu 560 python3 benchmarks/check_gpu.py --out "$results/check_gpu_$card.json"
+want check_gpu && part check_gpu 560 python3 benchmarks/check_gpu.py --only attention candidates cuda_tests nan errors \
+  scores_stats qk_norm_rope adaln --out "$results/check_gpu_$card.json"
+# the FP8 checks (the fp8 group alone: 205 s on a fresh H200), then every FP8 descriptor candidate on its own
+want check_gpu_fp8 && part check_gpu_fp8 560 python3 benchmarks/check_gpu.py --only fp8 fp8_candidates \
+  --out "$results/check_gpu_fp8_$card.json"
 want bench_kernels && part bench_kernels 300 python3 benchmarks/bench_kernels.py --quick --out "$results/kernels_quick_$card.json"
 want bench_e2e && part bench_e2e 560 python3 benchmarks/bench_e2e.py --quick --models 14b-720p,hunyuan-720p \
   --precisions native,fp8 --out "$results/e2e_quick_$card.json"
@@ -51,6 +56,7 @@ want medium_claims && part medium_claims 420 bash -c "python3 -m dfsviz capture 
 # Beside the logs, the results of the parts that ran (the device tool brings back at most 8 files).
 if [ "$logs" != "$results" ]; then
   want check_gpu && cp "$results/check_gpu_$card.json" "$logs"/
+  want check_gpu_fp8 && cp "$results/check_gpu_fp8_$card.json" "$logs"/
   want bench_kernels && cp "$results/kernels_quick_$card.json" "$logs"/
   want bench_e2e && cp "$results/e2e_quick_$card.json" "$logs"/
   want medium_claims && cp "$results/claims_medium.json" "$logs"/
