@@ -23,6 +23,7 @@ the ranks meet only to start the run set together and to end it
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -253,9 +254,20 @@ def join_world(device: torch.device) -> int:
                 "(no torch.distributed world is set up in this process)"
             )
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # left to interpreter teardown, gloo's worker threads can abort the process (SIGABRT,
+        # "terminate called without an active exception") after the run has ended well
+        atexit.register(_leave_world)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank()
+
+
+def _leave_world() -> None:
+    """Destroy the process group :func:`join_world` started, if it still exists (at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def enable_ulysses(model: torch.nn.Module) -> UlyssesRanks:

@@ -48,6 +48,8 @@ def record_loop(model: str, out: str, parallel: bool) -> None:
                            footprints=1) as rec:
             wan_loop(transformer, scheduler, 3, embeds(10), embeds(11), 5.0)
     assert rec.result.wrote == (not parallel or dist.get_rank() == 0)
+    if parallel:
+        dist.destroy_process_group()  # before interpreter teardown, where gloo's threads can abort
 
 
 def main(model: str, out: str, mode: str) -> None:
