@@ -229,15 +229,17 @@ class BlockMask:
         tokens, not ``block``. ``1 - density`` is the sparsity of result tables.
         """
         sizes = block_sizes(self.seq_len, self.block, device=self.device).to(torch.float64)
-        m = self.num_kv_blocks
+        return (self.kept_key_tokens().to(torch.float64) * sizes).sum(dim=-1) / float(self.seq_len) ** 2
+
+    def kept_key_tokens(self) -> torch.Tensor:
+        """int64 [B, H, Mq]: sum_{v in S_u} n_v, the key tokens each query block keeps (a kept short
+        last block counts ``seq_len % block``)."""
         counts = self.kv_num_blocks.long()
         # Kept indices ascend, so a row keeps the short last key block iff it is the row's last
-        # kept entry: sum_{v in S_u} n_v = |S_u| * block less what that block lacks, computed per
-        # row in integers (exact, as the float64 sum of gathered sizes it replaces was).
+        # kept entry: |S_u| * block less what that block lacks, exact in integers.
         last = self.kv_indices.gather(-1, (counts - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        keeps_last = (counts > 0) & (last == m - 1)
-        kept_tokens = counts * self.block - keeps_last.long() * (m * self.block - self.seq_len)  # [B, H, Mq]
-        return (kept_tokens.to(torch.float64) * sizes).sum(dim=-1) / float(self.seq_len) ** 2
+        keeps_last = (counts > 0) & (last == self.num_kv_blocks - 1)
+        return counts * self.block - keeps_last.long() * (self.num_kv_blocks * self.block - self.seq_len)
 
     def to_flex_block_mask(self):
         """A ``torch.nn.attention.flex_attention.BlockMask`` with the same token-level mask.

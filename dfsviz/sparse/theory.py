@@ -230,10 +230,9 @@ def closed_form_bound(gamma: float | torch.Tensor, effective_gap: float | torch.
     return torch.sigmoid(gap + torch.log(g) - torch.log1p(-g))
 
 
-def _kept_token_fraction(mask: BlockMask, dense: torch.Tensor) -> torch.Tensor:
+def _kept_token_fraction(mask: BlockMask) -> torch.Tensor:
     """float64 [B, H, Mq]: sum_{v in S_u} n_v / N, the kept share of key tokens."""
-    sizes = block_sizes(mask.seq_len, mask.block, device=mask.device).to(torch.float64)
-    return torch.where(dense, sizes, torch.zeros((), dtype=torch.float64, device=sizes.device)).sum(dim=-1) / mask.seq_len
+    return mask.kept_key_tokens().to(torch.float64) / mask.seq_len
 
 
 def bound3(stats: BlockStats, mask: BlockMask) -> torch.Tensor:
@@ -246,7 +245,7 @@ def bound3(stats: BlockStats, mask: BlockMask) -> torch.Tensor:
         float64 [B, H, Mq].
     """
     stats, mask = _check_stats_mask(stats, mask)
-    return closed_form_bound(_kept_token_fraction(mask, mask.to_dense()), effective_gap(stats, mask))
+    return closed_form_bound(_kept_token_fraction(mask), effective_gap(stats, mask))
 
 
 def factor_summary(stats: BlockStats, mask: BlockMask) -> dict[str, torch.Tensor]:
@@ -272,6 +271,6 @@ def factor_summary(stats: BlockStats, mask: BlockMask) -> dict[str, torch.Tensor
         "J_u": j_u,
         "effective_gap": eff,
         "bound2": recall_bound(stats, mask),
-        "bound3": closed_form_bound(_kept_token_fraction(mask, dense), eff),
+        "bound3": closed_form_bound(_kept_token_fraction(mask), eff),
         "recall": block_recall_per_query(stats.m, mask),
     }
