@@ -14,10 +14,17 @@ Two models:
   64 so that there are 12 blocks); one forward per budget gamma 0.3 / 0.2 / 0.1 (each a refresh),
   dense vs DFSAttn on the same random latent and text. Random weights give nearly uniform
   attention, so this part checks plumbing and the error scale at full width and depth, not quality.
+* ``precisions`` (``--device cuda`` runs the Triton kernels, ``cpu`` their PyTorch simulation): the
+  embedded model in bfloat16, one full sampling run per ``DFSConfig.precision`` (bf16 DFSAttn,
+  FP8 Q . K, FP8 Q . K and P . V, each also with FP8 dense warm-up calls) from the same seed and
+  schedule, each clip's PSNR / SSIM against the bf16 dense clip and against the bf16 DFSAttn clip;
+  the float32 dense clip gives the scale of bfloat16's own rounding.
 
-Writes benchmarks/results/quality_embedded.json. Run:
-    .venv/bin/python benchmarks/quality_embedded.py                 # both parts
+Writes benchmarks/results/quality_embedded.json (embedded, wan13b) and
+benchmarks/results/quality_precisions_<card or cpu>.json (precisions). Run:
+    .venv/bin/python benchmarks/quality_embedded.py                 # embedded and wan13b
     .venv/bin/python benchmarks/quality_embedded.py --part embedded
+    python3 benchmarks/quality_embedded.py --part precisions --device cuda   # GPU machine
 """
 
 from __future__ import annotations
@@ -35,10 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from dfsviz.accel import DFSConfig, apply_dfsattn
+from dfsviz.accel.config import PRECISION_MODES
 from dfsviz.models.sampler import encode_labels, load_embedded_model, sample_videos
 from dfsviz.sparse.schedule import DFSSchedule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality_embedded.json"
+#: The precisions part's default: bf16 DFSAttn first (the other clips are also scored against it).
+PRECISIONS = ("native", "fp8", "fp8_pv", "fp8_dense", "fp8_pv_dense")
 
 WAN13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
               text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -99,10 +109,31 @@ def summarize_records(records: list[dict]) -> dict:
     return steps
 
 
+def embedded_schedule(num_steps: int) -> DFSSchedule:
+    """The schedule both embedded parts run: a quarter of the steps dense, a refresh every quarter,
+    gamma 0.3 decreasing by 0.1, layer 0 dense, one transformer call per step (CFG as a batch of 2)."""
+    return DFSSchedule(num_steps=num_steps, skip_steps=num_steps // 4, interval=num_steps // 4,
+                       gamma0=0.3, decrement=0.1, dense_layers=(0,), calls_per_step=1)
+
+
+def clip_scores(clip: torch.Tensor, reference: torch.Tensor, labels: list[str]) -> list[dict]:
+    """Per label: PSNR and SSIM of every frame of ``clip`` against ``reference`` ([B, 3, F, H, W] in
+    [-1, 1]) and their means over the frames."""
+    out = []
+    for b, label in enumerate(labels):
+        frames = []
+        for f in range(reference.shape[2]):
+            x, y = clip[b, :, f].cpu(), reference[b, :, f].cpu()
+            frames.append({"psnr": psnr(x, y, 2.0), "ssim": ssim((x + 1) / 2, (y + 1) / 2, 1.0)})
+        out.append({"label": label, "frames": frames,
+                    "psnr_mean": sum(fr["psnr"] for fr in frames) / len(frames),
+                    "ssim_mean": sum(fr["ssim"] for fr in frames) / len(frames)})
+    return out
+
+
 def run_embedded(num_steps: int, seed: int, guidance: float, labels: list[str]) -> dict:
     model = load_embedded_model()
-    schedule = DFSSchedule(num_steps=num_steps, skip_steps=num_steps // 4, interval=num_steps // 4,
-                           gamma0=0.3, decrement=0.1, dense_layers=(0,), calls_per_step=1)
+    schedule = embedded_schedule(num_steps)
     config = DFSConfig(schedule=schedule, measure_recall=True)
     sparse_tf = copy.deepcopy(model.transformer)
     handle = apply_dfsattn(sparse_tf, config)
@@ -144,15 +175,7 @@ def run_embedded(num_steps: int, seed: int, guidance: float, labels: list[str]) 
     t_sample = time.perf_counter() - t0
     handle.remove()
 
-    clips = []
-    for b, label in enumerate(labels):
-        frames = []
-        for f in range(dense_clip.shape[2]):
-            x, y = sparse_clip[b, :, f], dense_clip[b, :, f]
-            frames.append({"psnr": psnr(x, y, 2.0), "ssim": ssim((x + 1) / 2, (y + 1) / 2, 1.0)})
-        clips.append({"label": label, "frames": frames,
-                      "psnr_mean": sum(fr["psnr"] for fr in frames) / len(frames),
-                      "ssim_mean": sum(fr["ssim"] for fr in frames) / len(frames)})
+    clips = clip_scores(sparse_clip, dense_clip, labels)
     sparse_steps = [r for r in per_step if not r["dense"]]
     return {
         "model": "data/models/tiny-wan", "grid": model.config.latent_grid().name,
@@ -163,6 +186,43 @@ def run_embedded(num_steps: int, seed: int, guidance: float, labels: list[str]) 
         "scorer_calls_full_run": handle.state.scorer_calls,
         "seconds": {"teacher_forced_pass": t_teacher, "dfs_sampling": t_sample},
     }
+
+
+def run_precisions(num_steps: int, seed: int, guidance: float, labels: list[str], device: torch.device,
+                   precisions: list[str]) -> dict:
+    """The embedded model in bfloat16 sampled densely and under DFSAttn at every precision (same seed
+    and schedule); each clip scored against the bf16 dense clip and the bf16 DFSAttn clip."""
+    model = load_embedded_model(device=device, dtype=torch.bfloat16)
+    schedule = embedded_schedule(num_steps)
+    runs = dict(seed=seed, guidance_scale=guidance, num_steps=num_steps)
+    seconds, clips, configs = {}, {}, {}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        clips["dense"] = sample_videos(model, labels, **runs)
+        seconds["dense"] = time.perf_counter() - t0
+        clips["dense_float32"] = sample_videos(load_embedded_model(device=device), labels, **runs)
+        for precision in precisions:
+            transformer = copy.deepcopy(model.transformer)
+            config = DFSConfig(schedule=schedule, precision=precision)
+            handle = apply_dfsattn(transformer, config)
+            handle.state.use_call_count()
+            t0 = time.perf_counter()
+            clips[precision] = sample_videos(dataclasses.replace(model, transformer=transformer), labels, **runs)
+            seconds[precision] = time.perf_counter() - t0
+            configs[precision] = config.name
+            handle.remove()
+    rows = {}
+    for name, clip in clips.items():
+        rows[name] = {"vs_dense_bf16": clip_scores(clip, clips["dense"], labels)}
+        if "native" in clips and name != "native":
+            rows[name]["vs_dfsattn_bf16"] = clip_scores(clip, clips["native"], labels)
+        if name in configs:
+            rows[name]["config"] = configs[name]
+    return {"model": "data/models/tiny-wan in bfloat16", "grid": model.config.latent_grid().name,
+            "tokens": model.config.latent_grid().num_tokens, "labels": labels, "seed": seed,
+            "guidance_scale": guidance, "cfg": "batch of 2, share", "schedule_table": schedule.table(),
+            "clips": rows, "seconds_per_clip": seconds,
+            "note": "seconds include compilation and autotuning of the first call of each kind"}
 
 
 def run_wan13b(seed: int) -> dict:
@@ -200,13 +260,26 @@ def run_wan13b(seed: int) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["all", "embedded", "wan13b"], default="all")
+    ap.add_argument("--part", choices=["all", "embedded", "wan13b", "precisions"], default="all",
+                    help="all = embedded and wan13b (CPU); precisions runs on --device")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--labels", nargs="+", default=["red_disc_translate"])
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--device", default="cpu", help="precisions part: cuda runs the Triton kernels, cpu their "
+                                                    "PyTorch simulation")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS),
+                    help="precisions part: comma list of DFSConfig.precision values; native first")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default benchmarks/results/quality_embedded.json, or quality_precisions_<card>.json")
     args = ap.parse_args(argv)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or precisions[0] != "native" or any(p not in PRECISION_MODES for p in precisions):
+        ap.error(f"--precisions: a comma list of {sorted(PRECISION_MODES)} starting with native (got {precisions})")
+    if args.part == "precisions":
+        run_precisions_part(args, precisions)
+        return
+    args.out = args.out or RESULTS
     meta = {"torch": torch.__version__, "device": "cpu", "machine": platform.machine(),
             "cpu_threads": torch.get_num_threads(), "kernel_backend": "ref (PyTorch reference on CPU)"}
 
@@ -223,6 +296,26 @@ def main(argv=None) -> None:
     if args.part in ("all", "wan13b"):
         save("wan13b_random", run_wan13b(args.seed))
     print(f"wrote {args.out}")
+
+
+def run_precisions_part(args: argparse.Namespace, precisions: list[str]) -> None:
+    import bench_e2e  # imports this module: import it only here
+    import diffusers
+    import triton
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; --device cpu runs the kernels' PyTorch simulation")
+    out = args.out or RESULTS.with_name(f"quality_precisions_{bench_e2e.card_slug(device)}.json")
+    result = {
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "kernel_backend": "triton" if device.type == "cuda" else "ref (PyTorch simulation of the kernels)",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__},
+        "precisions": run_precisions(args.steps, args.seed, args.guidance, args.labels, device, precisions),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,12 @@ class EmbeddedModel:
     def device(self) -> torch.device:
         return self.class_embeddings.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's dtype (``load_embedded_model(dtype=...)``; diffusers keeps a few small
+        modules, e.g. the time embedder and the norms' affine tables, in float32)."""
+        return self.transformer.dtype
+
 
 @dataclass(frozen=True)
 class DenoiseStep:
@@ -204,12 +210,19 @@ def save_embedded_model(transformer: torch.nn.Module, class_embeddings: torch.Te
     return out
 
 
-def load_embedded_model(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> EmbeddedModel:
-    """Load a model folder written by ``save_embedded_model`` (safetensors only), in float32.
+#: Transformer dtypes ``load_embedded_model`` takes.
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def load_embedded_model(path: str | Path | None = None, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> EmbeddedModel:
+    """Load a model folder written by ``save_embedded_model`` (safetensors only).
 
     Args:
         path: the folder; None means ``embedded_model_dir()`` (``dfsviz/data/models/tiny-wan``).
         device: where to put the model.
+        dtype: the transformer's weights and activations: float32 (default), bfloat16 or float16
+            (``sample_videos`` casts its inputs; latents, guidance and scheduler stay float32).
 
     Returns:
         An ``EmbeddedModel`` whose transformer is in eval mode.
@@ -217,6 +230,8 @@ def load_embedded_model(path: str | Path | None = None, *, device: str | torch.d
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
 
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"`dtype` must be one of {[str(d) for d in MODEL_DTYPES]} (got {dtype!r})")
     folder = Path(path) if path is not None else embedded_model_dir()
     card_path = folder / MODEL_CARD_FILE
     if not card_path.is_file():
@@ -231,7 +246,7 @@ def load_embedded_model(path: str | Path | None = None, *, device: str | torch.d
     if list(names) != class_names():
         raise ValueError(f"{card_path} was trained on classes {list(names)}, but this dfsviz generates "
                          f"{class_names()}: retrain the model")
-    transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True,
+    transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True,
                                                         local_files_only=True)
     for key, value in config.transformer_kwargs().items():
         stored = transformer.config[key]
@@ -315,6 +330,8 @@ def sample_videos(model: EmbeddedModel, labels: Sequence[int | str] | torch.Tens
     if guided:
         null = model.class_embeddings[model.null_label].expand_as(cond)
         cond = torch.cat([cond, null], dim=0)
+    dtype = model.dtype
+    cond = cond.to(dtype)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, *model.config.video_shape), generator=gen).to(model.device)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift))
@@ -326,7 +343,7 @@ def sample_videos(model: EmbeddedModel, labels: Sequence[int | str] | torch.Tens
             callback_on_step_begin(step)
         inp = torch.cat([x, x], dim=0) if guided else x
         ts = t.to(torch.float32).expand(inp.shape[0])
-        v = model.transformer(inp, ts, cond, return_dict=False)[0].float()
+        v = model.transformer(inp.to(dtype), ts, cond, return_dict=False)[0].float()
         if guided:
             v_cond, v_null = v.chunk(2)
             v = v_null + guidance_scale * (v_cond - v_null)

@@ -157,6 +157,24 @@ def test_sampling_depends_on_seed_and_class(smoke_model):
     assert not torch.equal(a, sample_videos(smoke_model, [5], num_steps=2, seed=0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_samples_the_float32_clip_within_its_rounding(smoke_model, tmp_path, dtype):
+    folder = tmp_path / "m"
+    save_embedded_model(smoke_model.transformer, smoke_model.class_embeddings, smoke_model.config, folder,
+                        training={"steps": 0})
+    half = load_embedded_model(folder, dtype=dtype)
+    assert half.dtype == dtype and half.class_embeddings.dtype == torch.float32
+    a = sample_videos(smoke_model, [0, 1], num_steps=3, seed=0, guidance_scale=2.0)
+    b = sample_videos(half, [0, 1], num_steps=3, seed=0, guidance_scale=2.0)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=0, atol=0.1)
+
+
+def test_load_rejects_other_dtypes(smoke_model):
+    with pytest.raises(ValueError, match=r"`dtype` must be one of .*float32.*got torch.float64"):
+        load_embedded_model(dtype=torch.float64)
+
+
 def test_guided_sampling_runs_the_null_class(smoke_model):
     calls = []
     handle = smoke_model.transformer.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
