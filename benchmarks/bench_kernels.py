@@ -10,10 +10,13 @@ the kept blocks have real structure; timed inputs are random. Every baseline run
 this process with triton.testing.do_bench (median). Our kernel also runs with the
 full mask (density 1, with and without order): its TFLOP/s against cuDNN is the
 ceiling of the FlashAttention loop itself, apart from sparsity. The recorded configs name the
-autotuner's choice (for the descriptor kernel: PERSISTENT, WARP_SPECIALIZE). Sections "small"
+autotuner's choice (for the descriptor kernel: its DESC_FLAGS: PERSISTENT, WARP_SPECIALIZE). Sections "small"
 (N 1,006 and 4,096: eager vs CUDA-graph replay vs FlexAttention, cached and refresh paths) and
 "fp8" (bf16 vs FP8 sparse attention at gamma 0.2, Q.K only and with P.V in FP8 too, and the
-FP8 kernels with the full mask vs cuDNN dense). Targets (issue 18), as ratios: sparse <= 0.8 x
+FP8 kernels with the full mask vs cuDNN dense). Section "candidates" times every descriptor
+autotune candidate on its own (no tuning) at --shapes, B 1: bf16 at gamma 0.2 and with the full
+mask against cuDNN dense, and "fp8_pv" at gamma 0.2, so the margin of the autotuner's choice over
+each alternative is on record. Targets (issue 18), as ratios: sparse <= 0.8 x
 FlexAttention; effective TFLOP/s >= 0.95 x cuDNN dense; with order <= 1.03 x without;
 block_scores <= 0.02 x cuDNN dense; block_stats <= 1.5 x cuDNN dense; small cached path <= 1.0 x
 Flex; FP8 >= 1.6 x bf16 sparse.
@@ -42,6 +45,8 @@ from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.orders import make_order
 from dfsviz.sparse.select import select_topk
 from dfsviz.sparse.tokenmodel import TokenModelConfig, sample_qk
+
+import check_gpu  # noqa: E402  (its one-candidate context; this directory is on sys.path)
 
 # The Triton side of the kernels (autotuners and their chosen configs).
 jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
@@ -117,7 +122,7 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts=("attention", "scores
             g = {"gamma": gamma, "density": density}
             g["flex_ms"] = bench(lambda: flex(q, k, v, block_mask=fmask))
             g["sparse_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask))
-            # no order: the descriptor kernel (its config names PERSISTENT and WARP_SPECIALIZE when they won)
+            # no order: the descriptor kernel (its config names the DESC_FLAGS that won)
             g["sparse_config"] = str(jit_attention._TUNED_DESC_KERNEL.best_config)
             g["sparse_order_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask, order=order))
             g["sparse_order_config"] = str(jit_attention._TUNED_KERNEL.best_config)
@@ -241,6 +246,47 @@ def run_fp8(name, bsz, gamma=0.2):
     return row
 
 
+def run_candidates(name, gamma=0.2):
+    """Every descriptor candidate of ATTENTION_CONFIGS on its own (B 1, no order): bf16 at gamma and
+    with the full mask (TFLOP/s against cuDNN dense, measured here), "fp8_pv" at gamma. A candidate
+    this Triton cannot compile or fit is recorded with its error."""
+    grid, heads = SHAPES[name]
+    n = grid.num_tokens
+    mask = realistic_masks(grid, heads, (gamma,), "cuda")[gamma]
+    full = BlockMask.full(1, heads, n, BLOCK, device="cuda")
+    q, k, v = (torch.randn(1, heads, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dense_flops = 4.0 * heads * n * n * D
+    density = float(mask.density().mean())
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        cudnn_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    rows = []
+    for cfg in jit_attention.ATTENTION_CONFIGS:
+        if not jit_attention.attention_config_fits(cfg, BLOCK, D, fp8=cfg.get("fp8_only", False), descriptors=True):
+            continue
+        row = {"shape": name, "N": n, "H": heads, "gamma": gamma, "density": density, "config": cfg,
+               "cudnn_ms": cudnn_ms}
+        calls = {}
+        if not cfg.get("fp8_only"):
+            calls["bf16_ms"] = lambda: block_sparse_attention(q, k, v, mask)
+            calls["bf16_full_ms"] = lambda: block_sparse_attention(q, k, v, full)
+        if jit_attention.attention_config_fits(cfg, BLOCK, D, fp8=True, descriptors=True):
+            calls["fp8_pv_ms"] = lambda: block_sparse_attention(q, k, v, mask, precision="fp8_pv")
+        with check_gpu.only_descriptor_config(cfg):
+            for key, call in calls.items():
+                try:
+                    row[key] = bench(call)
+                except Exception as exc:  # out of shared memory, or a compile failure of this Triton
+                    row[key.removesuffix("_ms") + "_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if "bf16_ms" in row:
+            row["bf16_eff_vs_cudnn"] = dense_flops * density / row["bf16_ms"] / (dense_flops / cudnn_ms)
+        if "bf16_full_ms" in row:
+            row["bf16_full_vs_cudnn"] = cudnn_ms / row["bf16_full_ms"]
+        log.info("candidate %s %s: bf16 %s ms, full %s ms, fp8_pv %s ms", name, cfg,
+                 *(f"{row[k]:.2f}" if k in row else "-" for k in ("bf16_ms", "bf16_full_ms", "fp8_pv_ms")))
+        rows.append(row)
+    return rows
+
+
 def verdicts(rows):
     """Every target as measured / target, with met = True/False."""
     out = []
@@ -287,9 +333,11 @@ def main() -> int:
     parser.add_argument("--skip-fa2", action="store_true", help="leave out FlashAttention-2 (slowest baseline)")
     parser.add_argument("--parts", nargs="+", default=["attention", "scores", "stats"],
                         choices=["attention", "scores", "stats"], help="which kernels to time")
-    parser.add_argument("--sections", nargs="+", default=["shapes", "small", "fp8"], choices=["shapes", "small", "fp8"],
+    parser.add_argument("--sections", nargs="+", default=["shapes", "small", "fp8"],
+                        choices=["shapes", "small", "fp8", "candidates"],
                         help="shapes: the Wan shapes; small: N 1,006 / 4,096 eager vs CUDA graph vs Flex; "
-                             "fp8: bf16 vs FP8 sparse attention ('fp8', 'fp8_pv') at gamma 0.2 and the FP8 dense calls")
+                             "fp8: bf16 vs FP8 sparse attention ('fp8', 'fp8_pv') at gamma 0.2 and the FP8 dense calls; "
+                             "candidates: every descriptor autotune candidate on its own at --shapes (not by default)")
     parser.add_argument("--quick", action="store_true",
                         help="reduced set for one device session: Wan-1.3B B 1 at gamma 0.2, no FA2, no stats; "
                              "small; FP8 at both Wan shapes, B 1")
@@ -303,7 +351,7 @@ def main() -> int:
         log.error("no CUDA device: run this on the GPU machine")
         return 2
     flex = torch.compile(flex_attention, dynamic=False)
-    rows, small, fp8 = [], [], []
+    rows, small, fp8, candidates = [], [], [], []
     result = {}
 
     def write():
@@ -316,6 +364,7 @@ def main() -> int:
             "rows": rows,
             "small": small,
             "fp8": fp8,
+            "candidates": candidates,
             "verdicts": verdicts(rows) + small_fp8_verdicts(small, fp8),
         })
         if args.out:  # after every measurement, so a cut-off run keeps what it measured
@@ -333,7 +382,13 @@ def main() -> int:
             fp8.append(run_fp8(name, 1))
             write()
 
-    sections = {"shapes": shapes, "small": lambda: (small.extend(run_small(flex)), write()), "fp8": fp8_rows}
+    def candidate_rows():
+        for name in args.shapes:
+            candidates.extend(run_candidates(name))
+            write()
+
+    sections = {"shapes": shapes, "small": lambda: (small.extend(run_small(flex)), write()), "fp8": fp8_rows,
+                "candidates": candidate_rows}
     for section in args.sections:
         try:
             sections[section]()

@@ -353,14 +353,13 @@ def check_cuda_tests(results):
 
 
 @contextlib.contextmanager
-def _only_descriptor_config(cfg: dict):
+def only_descriptor_config(cfg: dict):
     """The descriptor kernel's autotuner restricted to one ``ATTENTION_CONFIGS`` entry (no tuning)."""
     import triton
 
     tuned = jit_attention._TUNED_DESC_KERNEL
     one = triton.Config({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                         "PERSISTENT": cfg.get("PERSISTENT", False),
-                         "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False)},
+                         **{flag: cfg.get(flag, False) for flag in jit_attention.DESC_FLAGS}},
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                         pre_hook=jit_attention._set_tile_shapes)
     saved = tuned.configs
@@ -394,11 +393,11 @@ def check_autotune_candidates(results):
     gold = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask)
     ref = block_sparse_attention_ref(q, k, v, mask)
     for cfg in jit_attention.ATTENTION_CONFIGS:
-        if not (cfg.get("PERSISTENT") or cfg.get("WARP_SPECIALIZE")) or cfg.get("fp8_only"):
+        if not any(cfg.get(flag) for flag in jit_attention.DESC_FLAGS) or cfg.get("fp8_only"):
             continue
         label = f"descriptor candidate {cfg}"
         try:
-            with _only_descriptor_config(cfg):
+            with only_descriptor_config(cfg):
                 out = block_sparse_attention(q, k, v, mask, backend="triton")
             c = compare_to_golden(label, out, ref, gold, floor=1e-4)
             results.append({"check": c.name, "kernel_err": c.kernel_err, "ref_err": c.ref_err, "bound": c.bound,
@@ -422,7 +421,7 @@ def check_fp8_candidates(results):
                 continue
             label = f"fp8 descriptor candidate {cfg}"
             try:
-                with _only_descriptor_config(cfg):
+                with only_descriptor_config(cfg):
                     results.append(_fp8_against_simulation(label, q, k, v, mask, order, precision, sim=sim,
                                                            expected=DESC)[1])
             except Exception as exc:  # a candidate this Triton cannot compile: the autotuner must not pick it

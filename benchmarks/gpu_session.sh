@@ -12,6 +12,7 @@
 #     bash benchmarks/gpu_session.sh check_gpu_fp8
 #     bash benchmarks/gpu_session.sh bench_kernels
 #     bash benchmarks/gpu_session.sh bench_e2e
+#     bash benchmarks/gpu_session.sh bench_candidates quality_precisions   # one call, about 7 minutes
 #     bash benchmarks/gpu_session.sh medium_sample medium_strips medium_claims   # one call, about 8 minutes
 set -u
 cd "$(dirname "$0")/.."
@@ -59,6 +60,8 @@ if [ "$logs" != "$results" ]; then
   want check_gpu_fp8 && cp "$results/check_gpu_fp8_$card.json" "$logs"/
   want bench_kernels && cp "$results/kernels_quick_$card.json" "$logs"/
   want bench_e2e && cp "$results/e2e_quick_$card.json" "$logs"/
+  want bench_candidates && cp "$results/kernels_candidates_$card.json" "$logs"/
+  want quality_precisions && cp "$results/quality_precisions_$card.json" "$logs"/
   want medium_claims && cp "$results/claims_medium.json" "$logs"/
 fi
 exit $status

@@ -294,15 +294,13 @@ def test_golden_check_fails_on_large_error_and_nan():
         compare_to_golden("shape", gold[:5], ref, gold)
 
 
-@pytest.mark.parametrize("flags", [dict(PERSISTENT=True, WARP_SPECIALIZE=False),
-                                   dict(PERSISTENT=True, WARP_SPECIALIZE=True),
-                                   dict(PERSISTENT=False, WARP_SPECIALIZE=True)],
-                         ids=["persistent", "persistent-ws", "ws"])
-def test_persistent_and_warp_specialized_descriptor_kernel(flags, monkeypatch, launched_kernels):
+@pytest.mark.parametrize("flags", [dict(PERSISTENT=True), dict(PERSISTENT=True, WARP_SPECIALIZE=True),
+                                   dict(WARP_SPECIALIZE=True)], ids=["persistent", "persistent-ws", "ws"])
+def test_descriptor_kernel_candidates(flags, monkeypatch, launched_kernels):
     """The Hopper autotune candidates: a persistent grid of fewer programs than work items
     (each walks several, heads in LPT order) and warp-specialized key loops give the result
     of one work item per program."""
-    monkeypatch.setattr(jit_attention, "_INTERPRETED_DESC_FLAGS", flags)
+    monkeypatch.setattr(jit_attention, "_INTERPRETED_DESC_FLAGS", dict.fromkeys(jit_attention.DESC_FLAGS, False) | flags)
     n, block = 217, 32
     gen = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(2, 3, n, 64, generator=gen).to(torch.bfloat16) for _ in range(3))

@@ -225,7 +225,7 @@ def test_descriptor_kernel_matches_the_simulation(precision, d, order_name, grid
 
 
 @pytest.mark.parametrize("precision, order_name", [("fp8", None), ("fp8_pv", "hilbert3d")])
-def test_fp8_persistent_and_warp_specialized_descriptor_kernel(precision, order_name, monkeypatch, launched_kernels):
+def test_fp8_descriptor_kernel_candidates(precision, order_name, monkeypatch, launched_kernels):
     """The Hopper candidates with FP8: a persistent grid walking several work items per program
     (heads in LPT order), with warp-specialized key loops, stays within the simulation's bounds."""
     monkeypatch.setattr(jit_attention, "_INTERPRETED_DESC_FLAGS", dict(PERSISTENT=True, WARP_SPECIALIZE=True))

@@ -15,8 +15,8 @@ from dfsviz.kernels._jit.fp8 import round_e4m3
 from dfsviz.kernels.fp8 import P_SCALE, Fp8QK
 from dfsviz.sparse.masks import BlockMask
 
-__all__ = ["ATTENTION_CONFIGS", "attention_config_fits", "block_sparse_attention_fp8_fwd", "block_sparse_attention_fwd",
-           "head_order"]
+__all__ = ["ATTENTION_CONFIGS", "DESC_FLAGS", "attention_config_fits", "block_sparse_attention_fp8_fwd",
+           "block_sparse_attention_fwd", "head_order"]
 
 _LOG2E = 1.4426950408889634
 # a global read inside a compiled kernel must be a constexpr (the interpreter reads any global)
@@ -320,9 +320,11 @@ def _block_sparse_attention_desc_kernel(
                    EVEN_N, UPCAST, DOT_PRECISION, FP8, FP8_PV, WARP_SPECIALIZE)
 
 
-#: Autotune space, as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper;
-#: the descriptor kernel also tries a persistent grid and warp-specialized key loops (Hopper
-#: only, where it runs), so the autotuner picks what this Triton compiles best. ``fp8_only``
+#: The descriptor kernel's grid and loop flags (Hopper only, where it runs): a persistent grid
+#: and warp-specialized key loops.
+DESC_FLAGS = ("PERSISTENT", "WARP_SPECIALIZE")
+#: Autotune space, as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper,
+#: some with DESC_FLAGS, so the autotuner picks what this Triton compiles best. ``fp8_only``
 #: candidates pipeline one stage deeper than bfloat16's shared memory allows: e4m3 tiles are
 #: half the bytes (at D 128 four stages take about 150 KB with "fp8_pv", 210 KB with "fp8",
 #: 290 KB in bfloat16, of the H200's 227 KB).
@@ -353,11 +355,11 @@ def attention_config_fits(config: dict, block: int, head_dim: int, fp8: bool = F
     """Pruning predicate: a program's query rows and its key slice must lie inside one mask
     block (rows of one program share one mask row; a slice never straddles two key blocks);
     FP8 products need tiles of at least 64 rows and 32 keys (Hopper's FP8 matrix instructions);
-    persistent and warp-specialized candidates are for the descriptor (Hopper) kernel only, and
+    candidates with DESC_FLAGS are for the descriptor (Hopper) kernel only, and
     ``fp8_only`` ones for FP8 inputs."""
     del head_dim  # every config compiles for D in {64, 128}
     fits = config["BLOCK_M"] <= block and config["BLOCK_N"] <= block
-    hopper_only = config.get("PERSISTENT", False) or config.get("WARP_SPECIALIZE", False)
+    hopper_only = any(config.get(flag, False) for flag in DESC_FLAGS)
     if fp8:
         fits = fits and config["BLOCK_M"] >= 64 and config["BLOCK_N"] >= 32
     return fits and (descriptors or not hopper_only) and (fp8 or not config.get("fp8_only", False))
@@ -381,12 +383,12 @@ def _set_tile_shapes(nargs: dict) -> None:
 
 def _tuned(kernel, key: list[str], descriptors: bool = False, pre_hook=None):
     def tiles(c: dict) -> dict:
-        flags = dict(PERSISTENT=c.get("PERSISTENT", False), WARP_SPECIALIZE=c.get("WARP_SPECIALIZE", False))
+        flags = {flag: c.get(flag, False) for flag in DESC_FLAGS}
         return dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **(flags if descriptors else {}))
 
     return triton.autotune(
         configs=[triton.Config(tiles(c), num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=pre_hook)
-                 for c in ATTENTION_CONFIGS if descriptors or not (c.get("PERSISTENT") or c.get("WARP_SPECIALIZE"))],
+                 for c in ATTENTION_CONFIGS if descriptors or not any(c.get(flag) for flag in DESC_FLAGS)],
         key=key,
         prune_configs_by={"early_config_prune": _prune},
     )(kernel)
@@ -420,7 +422,7 @@ def _descriptors(*tensors: torch.Tensor) -> bool:
 
 #: The descriptor kernel's grid and loop flags in the interpreter (which does not tune), and the
 #: multiprocessors it assumes for a persistent grid.
-_INTERPRETED_DESC_FLAGS = dict(PERSISTENT=False, WARP_SPECIALIZE=False)
+_INTERPRETED_DESC_FLAGS = dict.fromkeys(DESC_FLAGS, False)
 _INTERPRETED_SMS = 2
 
 
