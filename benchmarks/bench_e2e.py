@@ -35,8 +35,9 @@ Writes benchmarks/results/e2e_<card>.json (card, versions, shapes, every timing,
 Also HunyuanVideo 720p x 129 frames (13B architecture, latent 16 x 33 x 90 x 160: 118,800 video and
 256 text tokens). ``--precisions native,fp8,fp8_pv`` times every DFSAttn run also with FP8 Q and K
 (``DFSConfig(precision="fp8")``: the sparse calls; the warm-up calls stay stock) and with P . V in
-FP8 too (``"fp8_pv"``); ``"fp8_dense"`` / ``"fp8_pv_dense"`` also time DFSAttn's warm-up call as
-FP8 attention with every block kept and weigh the schedule's warm-up calls with it. ``--quick`` times 2 and 3 repeating units of each
+FP8 too (``"fp8_pv"``); ``"native_dense"``, ``"fp8_dense"`` and ``"fp8_pv_dense"`` also time DFSAttn's
+warm-up call as dfsviz's kernel at that precision with every block kept and weigh the schedule's
+warm-up calls with it. ``--quick`` times 2 and 3 repeating units of each
 model (Wan: blocks; HunyuanVideo: one dual-stream and two single-stream blocks) and composes every
 call time at full depth from the per-unit difference (units past the first are identical sparse
 layers; the measured calls stay in the JSON).
@@ -311,7 +312,7 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
                                "speedup_vs_dense": base / statistics.median(ms)}
     log.info("%s DFSAttn dense call: %.1f ms", name, result["dfsattn_dense"]["median_ms"])
     fused_dense = result["dfsattn_dense"]["median_ms"]
-    # precisions "..._dense" run DFSAttn's warm-up calls as FP8 attention with every block kept
+    # precisions "..._dense" run DFSAttn's warm-up calls as dfsviz's kernel with every block kept
     warm_up = {p: fused_dense for p in precisions}
     for precision in (p for p in precisions if p.endswith("_dense")):
         handle = apply_dfsattn(model, DFSConfig(schedule=DFSSchedule(num_steps=1, skip_steps=1), backend=backend,
@@ -515,8 +516,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, choices=[None, "triton", "ref"], help="kernel backend (default auto)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precisions", default="native",
-                    help="DFSAttn precisions, comma list of DFSConfig.precision values (native, fp8, fp8_dense, "
-                         "fp8_pv, fp8_pv_dense)")
+                    help="DFSAttn precisions, comma list of DFSConfig.precision values (native, native_dense, fp8, "
+                         "fp8_dense, fp8_pv, fp8_pv_dense)")
     ap.add_argument("--quick", action="store_true",
                     help="time 2 and 3 repeating units of each model (one timed call each, permute-once, cuDNN "
                          "dense, no quality) and compose every call at full depth: 14B/720p and HunyuanVideo "

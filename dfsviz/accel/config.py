@@ -22,9 +22,12 @@ CFG_MODES = {
 }
 
 
-#: Which attention calls run in FP8 (``dfsviz.kernels.block_sparse_attention(precision=...)``).
+#: The arithmetic of DFSAttn's attention calls (``dfsviz.kernels.block_sparse_attention(precision=...)``),
+#: and with "_dense" whether DFSAttn's kernel also serves the dense warm-up calls (every block kept).
 PRECISION_MODES = {
-    "native": "every attention call in the model's dtype",
+    "native": "every attention call in the model's dtype; dense warm-up calls stock",
+    "native_dense": "every attention call in the model's dtype, DFSAttn's dense warm-up calls as dfsviz's kernel "
+    "with every block kept (for models whose stock dense call hands SDPA a mask, e.g. HunyuanVideo's padded text)",
     "fp8": "the sparse calls with FP8 Q and K (precision='fp8'; GPUs of compute capability >= 8.9); "
     "dense warm-up calls stock",
     "fp8_dense": "the sparse calls and DFSAttn's dense warm-up calls (the FP8 kernel with every block "
@@ -71,11 +74,12 @@ class DFSConfig:
             stock code outside the sparse attention itself.
         backend: kernel backend, None (Triton on CUDA, else the PyTorch reference), "triton"
             or "ref" (``dfsviz.kernels.BACKENDS``).
-        precision: "native", "fp8", "fp8_dense", "fp8_pv" or "fp8_pv_dense"
+        precision: "native", "fp8" or "fp8_pv", each alone or with "_dense"
             (:data:`PRECISION_MODES`): "fp8" runs the sparse attention with Q and K in float8
             e4m3 (per-block scales, K smoothed by its token mean; docs/kernels.md "FP8"),
-            "fp8_pv" P . V in e4m3 too (per-channel V scales); "_dense" also DFSAttn's dense
-            warm-up calls.
+            "fp8_pv" P . V in e4m3 too (per-channel V scales); "_dense" runs DFSAttn's dense
+            warm-up calls through the same kernel with every block kept instead of the stock
+            attention.
         measure_recall: also compute the exact block mass of every sparse call and record the
             recall of its mask (costs a dense attention pass; for quality studies only).
         calibration: a :class:`~dfsviz.accel.plan.CalibratedPlan` (``dfsviz calibrate``), or None.
@@ -133,7 +137,7 @@ class DFSConfig:
             raise ValueError(
                 f"`precision` must be one of {sorted(PRECISION_MODES)} (got {self.precision!r}); 'fp8' runs the "
                 "sparse attention with FP8 Q and K, 'fp8_pv' P . V in FP8 too, '..._dense' the dense warm-up "
-                "calls too"
+                "calls through the same kernel"
             )
         if self.calibration is not None:
             self._check_calibration(self.calibration)

@@ -4,8 +4,9 @@ Per sparse self-attention call a processor computes q, k, v exactly as the stock
 does and then:
 
 * dense plan (warm-up step): calls the original processor (stock SDPA; Wan with
-  ``fused_ops`` fuses the q/k norm + RoPE first); under ``precision="fp8_dense"`` (or
-  ``"fp8_pv_dense"``) it attends with the FP8 kernel and every block kept instead (no order, nothing scored or cached);
+  ``fused_ops`` fuses the q/k norm + RoPE first); under a ``precision`` ending in ``"_dense"``
+  it attends with ``block_sparse_attention`` at that precision and every block kept instead (no
+  order, nothing scored or cached);
 * refresh (or no valid cached mask): scores the ordered q, k with
   ``dfsviz.kernels.block_scores``, selects top-k blocks with ``select_topk`` (per-head
   budgets of a calibrated plan: ``select_topk_heads``) and caches the mask for this layer;
@@ -90,12 +91,12 @@ class _DFSProcessorBase:
         # A calibrated plan gives every head its own budget; else the schedule's gamma serves all heads.
         gammas = None if config.calibration is None else config.calibration.gammas(layer)
         self.gammas = gammas if gammas is None or heads is None else gammas[heads]
-        # the kernel's precision: "fp8_dense" / "fp8_pv_dense" name the calls, not the arithmetic
+        # the kernel's precision: "..._dense" names the calls, not the arithmetic
         self.precision = config.precision.removesuffix("_dense")
 
     def _dfs_ctx(self) -> _CallContext | None:
         """The call's context when DFSAttn computes this attention (a sparse step; under
-        ``precision="fp8_dense"`` or ``"fp8_pv_dense"`` a dense step too), else None: the stock attention serves."""
+        a ``precision`` ending in ``"_dense"`` a dense step too), else None: the stock attention serves."""
         ctx = self.state.current
         if ctx is None or (ctx.plan.dense and not self.config.precision.endswith("_dense")):
             return None
@@ -159,7 +160,7 @@ class _DFSProcessorBase:
     def _attend_prefix(self, q, k, v, ctx: _CallContext, grid: LatentGrid, scale: float | None) -> torch.Tensor:
         cfg = self.config
         n = q.shape[2]
-        if ctx.plan.dense:  # fp8_dense warm-up: every block kept; nothing scored, cached or recorded
+        if ctx.plan.dense:  # a "..._dense" warm-up: every block kept; nothing scored, cached or recorded
             full = BlockMask.full(q.shape[0], q.shape[1], n, cfg.block, device=q.device)
             self._observe(q, k, v, scale, full, grid, ordered=False, refresh=False)
             return block_sparse_attention(q, k, v, full, scale=scale, precision=self.precision, backend=cfg.backend)

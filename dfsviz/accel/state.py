@@ -46,7 +46,7 @@ class SparseCall:
             model puts it; permute-once's order undone), the real (unpadded) tokens only.
         scale: the softmax scale, or None for D**-0.5.
         mask: the blocks attended: a :class:`~dfsviz.sparse.masks.BlockMask` [B, H, Mq, Mk]
-            over the tokens in ``order``; every block on the dense steps of ``precision="fp8_dense"`` or ``"fp8_pv_dense"``.
+            over the tokens in ``order``; every block on the dense steps of a ``precision`` ending in ``"_dense"``.
         order: the token order name the mask's blocks are made of.
         refresh: this call scored its mask (False: a cached mask served it).
         first_head: the model's head that q, k, v, mask's head 0 is: the rank's first head under

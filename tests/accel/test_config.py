@@ -37,7 +37,7 @@ def test_defaults_are_the_paper_settings():
         (dict(measure_recall=1), TypeError, r"`measure_recall` must be a bool \(got int 1\)"),
         (dict(fused_ops=None), TypeError, r"`fused_ops` must be a bool \(got NoneType None\)"),
         (dict(backend="cuda"), ValueError, r"`backend` must be one of \['ref', 'triton'\] or None"),
-        (dict(precision="int8"), ValueError, r"`precision` must be one of \['fp8', 'fp8_dense', 'fp8_pv', 'fp8_pv_dense', 'native'\] "
+        (dict(precision="int8"), ValueError, r"`precision` must be one of \['fp8', 'fp8_dense', 'fp8_pv', 'fp8_pv_dense', 'native', 'native_dense'\] "
                                               r"\(got 'int8'\)"),
     ],
 )

@@ -14,6 +14,7 @@ import torch
 from dfsviz.accel import DFSConfig, apply_dfsattn
 from dfsviz.kernels.fp8 import block_sparse_attention_fp8_ref
 from dfsviz.sparse.grid import LatentGrid
+from dfsviz.sparse.attention import block_sparse_attention_ref
 from dfsviz.sparse.masks import BlockMask
 from dfsviz.sparse.orders import make_order
 from dfsviz.sparse.schedule import DFSSchedule
@@ -87,10 +88,11 @@ def test_fp8_sparse_calls_are_the_quantized_attention(wan, precision):
     assert not torch.allclose(native[0], dense, atol=1e-4)  # the budget is real (0.3)
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8_dense", "fp8_pv", "fp8_pv_dense"])
+@pytest.mark.parametrize("precision", ["fp8", "fp8_dense", "fp8_pv", "fp8_pv_dense", "native_dense"])
 def test_dense_warm_up_calls(wan, precision):
-    """fp8, fp8_pv: warm-up steps stay stock; fp8_dense, fp8_pv_dense: the FP8 kernel (its P . V
-    in FP8 for fp8_pv_dense) with every block kept, no order."""
+    """fp8, fp8_pv: warm-up steps stay stock; fp8_dense, fp8_pv_dense, native_dense: the kernel at
+    that precision (FP8 Q . K, P . V too for fp8_pv_dense, the model's dtype for native_dense)
+    with every block kept, no order."""
     inputs = make_inputs("wan")
     dense = run(wan, inputs)
     with apply_dfsattn(wan, config(precision, skip_steps=1)) as handle:
@@ -102,9 +104,14 @@ def test_dense_warm_up_calls(wan, precision):
 
     def full(layer, q, k, v):
         mask = BlockMask.full(q.shape[0], q.shape[1], q.shape[2], 16)
+        if precision == "native_dense":
+            return block_sparse_attention_ref(q, k, v, mask)
         return block_sparse_attention_fp8_ref(q, k, v, mask, precision=precision.removesuffix("_dense"))
 
     with wan_self_attention(full):
         reference = run(wan, inputs)
     torch.testing.assert_close(warm, reference, atol=2e-5, rtol=0)
-    assert 0 < (warm - dense).abs().max().item() < FP8_MAX_ERROR
+    if precision == "native_dense":  # dense attention, computed by the block kernel
+        torch.testing.assert_close(warm, dense, atol=1e-5, rtol=0)
+    else:
+        assert 0 < (warm - dense).abs().max().item() < FP8_MAX_ERROR
