@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -21,3 +22,10 @@ def torchrun(*args: str) -> list[str]:
 def torchrun_cli(*args: str) -> list[str]:
     """``dfsviz ARGS`` on every rank (the console script beside this Python)."""
     return torchrun("--no-python", str(Path(sys.executable).parent / "dfsviz"), *args)
+
+
+def say(text: str) -> None:
+    """``text`` and a newline on stdout in one write(2): the ranks share torchrun's stdout pipe, and a
+    pipe write of at most PIPE_BUF bytes is atomic, so two ranks' lines never interleave (``print``
+    writes the text and the newline separately)."""
+    os.write(sys.stdout.fileno(), f"{text}\n".encode())

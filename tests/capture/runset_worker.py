@@ -15,6 +15,7 @@ import sys
 
 from dfsviz.capture import CaptureConfig
 from dfsviz.capture.runset import RunSetConfig, capture_run_set
+from launch import say
 
 STEPS = 3
 SEEDS = (0, 1, 2, 3)
@@ -29,10 +30,10 @@ CLI_ARGS = ["--seeds", "0-3", "--embeddings", "random", "--num-steps", str(STEPS
 def main(model: str, out: str, mode: str) -> None:
     rank = int(os.environ["RANK"])
     block = 16 * (rank + 1) if mode == "block_by_rank" else SETTINGS["block"]
-    print(f"PID {rank} {os.getpid()}", flush=True)
+    say(f"PID {rank} {os.getpid()}")
     config = RunSetConfig(CaptureConfig(out=out, model=model, **{**SETTINGS, "block": block}), seeds=SEEDS)
     capture_run_set(config, progress=False,
-                    on_step=lambda clip, step: print(f"RANK {rank} CLIP {clip} STEP {step}", flush=True))
+                    on_step=lambda clip, step: say(f"RANK {rank} CLIP {clip} STEP {step}"))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import sys
 
 from dfsviz.capture import CaptureConfig, run_capture
+from launch import say
 
 STEPS = 4
 #: the same settings as CLI_ARGS (resume compares the stored configuration)
@@ -58,9 +59,9 @@ def main(model: str, out: str, mode: str) -> None:
         return
     rank = int(os.environ["RANK"])
     seed = rank if mode == "seed_by_rank" else 0
-    print(f"PID {rank} {os.getpid()}", flush=True)
+    say(f"PID {rank} {os.getpid()}")
     config = CaptureConfig(out=out, model=model, seed=seed, context_parallel="ulysses", **SETTINGS)
-    run_capture(config, progress=False, on_step=lambda s: rank == 0 and print(f"STEP {s}", flush=True))
+    run_capture(config, progress=False, on_step=lambda s: rank == 0 and say(f"STEP {s}"))
 
 
 if __name__ == "__main__":
