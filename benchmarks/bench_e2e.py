@@ -414,14 +414,14 @@ def compose_depth(shallow: dict, deep: dict, units: tuple[int, int], full_units:
             row[f"speedup_{kind}_vs_dense"] = base / row[f"{kind}_median_ms"]
         row.pop("breakdown_ms", None)
     out["dfsattn_dense"]["speedup_vs_dense"] = base / out["dfsattn_dense"]["median_ms"]
-    fp8_warm_up = {}  # precision "..._dense" -> its FP8 warm-up call
+    kernel_warm_up = {}  # precision "..._dense" -> its warm-up call through dfsviz's kernel
     for key in (k for k in deep if k.startswith("dfsattn_dense_")):
         ms = carry(shallow[key]["median_ms"], deep[key]["median_ms"])
         out[key] = {"median_ms": ms, "speedup_vs_dense": base / ms}
-        fp8_warm_up[key.removeprefix("dfsattn_dense_")] = ms
+        kernel_warm_up[key.removeprefix("dfsattn_dense_")] = ms
 
     def warm_up(run: str) -> float:  # run = run_key(mode, precision)
-        return next((ms for p, ms in fp8_warm_up.items() if run.endswith(f"_{p}")), out["dfsattn_dense"]["median_ms"])
+        return next((ms for p, ms in kernel_warm_up.items() if run.endswith(f"_{p}")), out["dfsattn_dense"]["median_ms"])
 
     out["schedule_weighted"] = {key: schedule_weighted(out["dfsattn"], key, base, out["dfsattn_dense"]["median_ms"],
                                                        warm_up(key))
@@ -474,9 +474,9 @@ def schedule_weighted(dfs: dict, mode: str, dense_ms: float, dfs_dense_ms: float
     """Transformer time of the default 50-step schedule with CFG as two calls per step.
 
     DFSAttn's warm-up calls take ``warm_up_ms`` (``dfs_dense_ms``, its fused ops around dense
-    attention, or its FP8 dense call under a precision "..._dense"). The speedup is over stock
-    dense calls; ``speedup_vs_fused_dense`` is over dense calls with the fused ops
-    (``dfs_dense_ms``), i.e. what the sparse attention (and FP8 warm-up calls) give."""
+    attention, or its kernel's full-mask call under a precision "..._dense"). The speedup is over
+    stock dense calls; ``speedup_vs_fused_dense`` is over dense calls with the fused ops
+    (``dfs_dense_ms``), i.e. what the sparse attention (and the kernel's warm-up calls) give."""
     schedule = DFSSchedule(calls_per_step=2)
     total = 0.0
     counts = {"dense": 0, "refresh": 0, "cached": 0}

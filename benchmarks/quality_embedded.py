@@ -205,12 +205,14 @@ def run_precisions(num_steps: int, seed: int, guidance: float, labels: list[str]
             transformer = copy.deepcopy(model.transformer)
             config = DFSConfig(schedule=schedule, precision=precision)
             handle = apply_dfsattn(transformer, config)
-            handle.state.use_call_count()
-            t0 = time.perf_counter()
-            clips[precision] = sample_videos(dataclasses.replace(model, transformer=transformer), labels, **runs)
-            seconds[precision] = time.perf_counter() - t0
+            try:
+                handle.state.use_call_count()
+                t0 = time.perf_counter()
+                clips[precision] = sample_videos(dataclasses.replace(model, transformer=transformer), labels, **runs)
+                seconds[precision] = time.perf_counter() - t0
+            finally:
+                handle.remove()
             configs[precision] = config.name
-            handle.remove()
     rows = {}
     for name, clip in clips.items():
         rows[name] = {"vs_dense_bf16": clip_scores(clip, clips["dense"], labels)}

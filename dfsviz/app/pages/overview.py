@@ -249,6 +249,7 @@ def _replayed_from_curves(cid: str, order: str, method: str, plans: dict) -> dic
     r = cat.reader(cid)
     mk = r.layout.num_blocks
     mi = list(r.layout.curve_methods).index(method)
+
     def of_method(curves):  # one step's [layers, curve methods, heads, Mk] -> float64 [layers, Mk], mean over heads
         return curves[:, mi].double().mean(1)
 
