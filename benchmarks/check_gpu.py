@@ -50,6 +50,7 @@ log = logging.getLogger("check_gpu")
 DEV = "cuda"
 jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
 DESC, POINTER = "_block_sparse_attention_desc_kernel", "_block_sparse_attention_kernel"
+SM90 = "_block_sparse_attention_sm90_kernel"
 
 # (grid, D, dtype, B, H, order name or None, keep fraction)
 ATTENTION_CASES = [
@@ -80,7 +81,11 @@ def check_attention(results):
         q, k, v = (torch.randn(bsz, heads, n, d, generator=gen, device=DEV).to(dtype) for _ in range(3))
         mask = _mask(bsz, heads, n, 128, keep, gen)
         order = make_order(order_name, grid) if order_name else None
-        out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, backend="triton")
+        with _launched_kernels() as ran:
+            out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, backend="triton")
+        expected = _attention_kernel(q, order)
+        results.append({"check": f"attention {grid.name} D{d} {str(dtype)[6:]} {order_name or 'no order'} runs "
+                                 f"{expected}", "message": "+".join(ran), "ok": ran == [expected]})
         ref, ref_lse = block_sparse_attention_ref(q, k, v, mask, order=order, return_lse=True)
         gold, gold_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask, order=order,
                                                     return_lse=True)
@@ -215,19 +220,23 @@ def check_adaln(results):
 
 @contextlib.contextmanager
 def _launched_kernels():
-    """The names of the attention kernels launched inside the block (a spy on the launchers' one
-    launch function: the descriptor and pointer kernels give the same values)."""
-    names, launch = [], jit_attention._launch
+    """The names of the attention kernels launched inside the block (spies on the launchers: the
+    Triton kernels' one launch function and the Gluon kernel's launcher; all give the same values)."""
+    names, launch, launch_sm90 = [], jit_attention._launch, jit_attention.block_sparse_attention_sm90_fwd
 
     def spy(kernel, *args, **kwargs):
         names.append(kernel.__name__)
         return launch(kernel, *args, **kwargs)
 
-    jit_attention._launch = spy
+    def spy_sm90(*args, **kwargs):
+        names.append(SM90)
+        return launch_sm90(*args, **kwargs)
+
+    jit_attention._launch, jit_attention.block_sparse_attention_sm90_fwd = spy, spy_sm90
     try:
         yield names
     finally:
-        jit_attention._launch = launch
+        jit_attention._launch, jit_attention.block_sparse_attention_sm90_fwd = launch, launch_sm90
 
 
 @contextlib.contextmanager
@@ -242,12 +251,23 @@ def _without_copy_engine():
 
 
 def _fp8_kernel(precision: str, order, v) -> str:
-    """The kernel docs/kernels.md says runs FP8 on this GPU: descriptors on Hopper where every
-    input's key blocks are contiguous rows ("fp8_pv" always, "fp8" without an order) and v is
-    16-byte aligned, else pointers."""
-    hopper = torch.cuda.get_device_capability()[0] >= 9
+    """The kernel docs/kernels.md says runs FP8 on this GPU: on Hopper the Gluon kernel for
+    "fp8_pv", descriptors for "fp8" without an order and a 16-byte aligned v (on later GPUs
+    descriptors for both), else pointers."""
+    major = torch.cuda.get_device_capability()[0]
+    if precision == "fp8_pv" and major == 9:
+        return SM90
     rows = precision == "fp8_pv" or (order is None and v.data_ptr() % 16 == 0)
-    return DESC if hopper and rows else POINTER
+    return DESC if major >= 9 and rows else POINTER
+
+
+def _attention_kernel(q, order) -> str:
+    """The kernel docs/kernels.md says runs a native call on this GPU: the Gluon kernel on Hopper
+    without an order (D 64 / 128, block 128, 16-bit inputs), descriptors on later GPUs, else pointers."""
+    major = torch.cuda.get_device_capability()[0]
+    if order is not None or major < 9 or q.dtype == torch.float32:
+        return POINTER
+    return SM90 if major == 9 else DESC
 
 
 def _fp8_against_simulation(label, q, k, v, mask, order, precision, sim=None, expected=None):

@@ -11,6 +11,12 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dfsviz.kernels._dispatch import cuda_properties, interpreting
+from dfsviz.kernels._jit.attention_sm90 import (
+    SM90_BLOCK,
+    SM90_DTYPES,
+    SM90_HEAD_DIMS,
+    block_sparse_attention_sm90_fwd,
+)
 from dfsviz.kernels._jit.fp8 import round_e4m3
 from dfsviz.kernels.fp8 import P_SCALE, Fp8QK
 from dfsviz.sparse.masks import BlockMask
@@ -469,6 +475,19 @@ def head_order(mask: BlockMask) -> torch.Tensor:
     return order
 
 
+#: Whether the Gluon kernel for Hopper (``dfsviz.kernels._jit.attention_sm90``) runs the calls it
+#: is built for; benchmarks turn it off to time the Triton descriptor kernel in the same process.
+SM90_KERNEL = {"enabled": True}
+
+
+def sm90_kernel_runs(q: torch.Tensor, mask: BlockMask) -> bool:
+    """Whether a call without an order on describable tensors runs the Gluon kernel for Hopper:
+    compute capability 9.x (its warpgroup MMAs are Hopper's alone), float16 / bfloat16, D and
+    the mask's block as it is built for."""
+    return (SM90_KERNEL["enabled"] and not interpreting() and q.is_cuda and cuda_properties(q.device).major == 9
+            and q.dtype in SM90_DTYPES and q.shape[3] in SM90_HEAD_DIMS and mask.block == SM90_BLOCK)
+
+
 def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, return_lse: bool):
     """Launch on validated inputs: q, k, v [B, H, N, D] with unit stride along D and heads
     spanning < 2**31 elements, ``perm`` int32 [N] on their device or None, ``scale`` resolved."""
@@ -481,7 +500,11 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
     )
     no_scales = (mask.kv_num_blocks,) * 3  # placeholders: FP8 is off, nothing reads them
     # Without an order the key blocks are contiguous rows: whole tiles through tensor descriptors.
-    if perm is None and _descriptors(q, k, v, out):
+    if perm is None and _descriptors(q, k, v, out) and sm90_kernel_runs(q, mask):
+        counts, indices, _, bh_order = _mask_args(mask, None)
+        block_sparse_attention_sm90_fwd(q, k, v, out, lse, (counts, indices, bh_order), None, None,
+                                        mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E, return_lse)
+    elif perm is None and _descriptors(q, k, v, out):
         _launch_desc_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     else:
         _launch_pointer_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
@@ -550,7 +573,11 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
                 FP8=True, FP8_PV=fp8_pv)
     scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
     v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
-    if (fp8_pv or perm is None) and _descriptors(quant.q8, quant.k8, v_tiles, out):
+    if fp8_pv and _descriptors(quant.q8, quant.k8, v_tiles) and sm90_kernel_runs(out_like, mask):
+        counts, indices, _, bh_order = _mask_args(mask, None)
+        block_sparse_attention_sm90_fwd(quant.q8, quant.k8, v_tiles, out, lse, (counts, indices, bh_order), perm,
+                                        scales, mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E, return_lse)
+    elif (fp8_pv or perm is None) and _descriptors(quant.q8, quant.k8, v_tiles, out):
         _launch_desc_kernel(quant.q8, quant.k8, v_tiles, out, lse, mask, perm, scales, scale * _LOG2E, meta)
     else:
         _launch_pointer_kernel(quant.q8, quant.k8, v, out, lse, mask, perm, scales, scale * _LOG2E, meta)
