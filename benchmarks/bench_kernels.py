@@ -3,11 +3,14 @@
     PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out benchmarks/results/kernels_<card>.json
 
 Shapes (bf16, D = 128): Wan2.1-1.3B 480p (grid 21x30x52, N = 32760, H = 12) and
-Wan2.1-14B 720p (grid 21x45x80, N = 75600, H = 40), B = 1 and 2. Masks: dfs_tile
+Wan2.1-14B 720p (grid 21x45x80, N = 75600, H = 40), B = 1 and 2; HunyuanVideo 720p x 129
+(grid 33x45x80 + 256 text, N = 119056, H = 24) with --shapes hunyuan-720p. Masks: dfs_tile
 (tile 16) top-k at gamma 0.1 / 0.2 / 0.3 on the hilbert3d order, scored on queries and
 keys of the token model (dfsviz.sparse.tokenmodel; 4 heads drawn, cycled over H) so that
 the kept blocks have real structure; timed inputs are random. Every baseline runs in
-this process with triton.testing.do_bench (median). Our kernel also runs with the
+this process with triton.testing.do_bench (median). On Hopper the calls without an order run
+the Gluon kernel (dfsviz.kernels._jit.attention_sm90); the Triton descriptor kernel it replaced
+there is timed beside it (sparse_triton_ms, full_mask_triton_ms). Our kernel also runs with the
 full mask (density 1, with and without order): its TFLOP/s against cuDNN is the
 ceiling of the FlashAttention loop itself, apart from sparsity. The recorded configs name the
 autotuner's choice (for the descriptor kernel: its DESC_FLAGS: PERSISTENT, WARP_SPECIALIZE). Sections "small"
@@ -25,6 +28,7 @@ Flex; FP8 >= 1.6 x bf16 sparse.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -56,12 +60,24 @@ log = logging.getLogger("bench_kernels")
 SHAPES = {
     "wan1.3b-480p": (LatentGrid(21, 30, 52), 12),
     "wan14b-720p": (LatentGrid(21, 45, 80), 40),
+    "hunyuan-720p": (LatentGrid(33, 45, 80, text_len=256), 24),  # N = 119,056 (HunyuanVideo 720p x 129)
     "smoke": (LatentGrid(5, 16, 24), 4),  # N = 1920, for a quick check of the script
 }
 D = 128
 BLOCK = 128
 TARGETS = {"sparse_vs_flex": 0.8, "eff_vs_cudnn": 0.95, "order_overhead": 1.03, "scores_vs_cudnn": 0.02,
            "stats_vs_cudnn": 1.5, "small_vs_flex": 1.0, "fp8_speedup": 1.6}
+
+
+@contextlib.contextmanager
+def triton_descriptor_kernel():
+    """Calls without an order run the Triton descriptor kernel where the Gluon kernel for Hopper
+    would (the kernel it replaced there, timed beside it)."""
+    jit_attention.SM90_KERNEL["enabled"] = False
+    try:
+        yield
+    finally:
+        jit_attention.SM90_KERNEL["enabled"] = True
 
 
 def bench(fn, rep_ms=200):
@@ -122,8 +138,11 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts=("attention", "scores
             g = {"gamma": gamma, "density": density}
             g["flex_ms"] = bench(lambda: flex(q, k, v, block_mask=fmask))
             g["sparse_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask))
-            # no order: the descriptor kernel (its config names the DESC_FLAGS that won)
-            g["sparse_config"] = str(jit_attention._TUNED_DESC_KERNEL.best_config)
+            g["sparse_kernel"] = "gluon-sm90" if jit_attention.sm90_kernel_runs(q, mask) else "triton-descriptors"
+            with triton_descriptor_kernel():
+                # no order, in Triton: the descriptor kernel (its config names the DESC_FLAGS that won)
+                g["sparse_triton_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask))
+                g["sparse_triton_config"] = str(jit_attention._TUNED_DESC_KERNEL.best_config)
             g["sparse_order_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask, order=order))
             g["sparse_order_config"] = str(jit_attention._TUNED_KERNEL.best_config)
             g["sparse_lse_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask, return_lse=True))
@@ -132,6 +151,7 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts=("attention", "scores
             g["sparse_vs_flex"] = g["sparse_ms"] / g["flex_ms"]
             g["eff_vs_cudnn"] = g["sparse_eff_tflops"] / row["cudnn_tflops"]
             g["order_overhead"] = g["sparse_order_ms"] / g["sparse_ms"]
+            g["sparse_vs_triton"] = g["sparse_ms"] / g["sparse_triton_ms"]
             row["gammas"].append(g)
             log.info("%s B=%d gamma=%.1f density=%.3f flex %.2f ms ours %.2f ms (order %.2f) eff %.0f TFLOP/s",
                      name, bsz, gamma, density, g["flex_ms"], g["sparse_ms"], g["sparse_order_ms"],
@@ -139,6 +159,8 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts=("attention", "scores
         if "attention" in parts:  # after the gammas: the autotuner chose on real masks
             full = BlockMask.full(bsz, heads, n, BLOCK, device="cuda")
             row["full_mask_ms"] = bench(lambda: block_sparse_attention(q, k, v, full))
+            with triton_descriptor_kernel():
+                row["full_mask_triton_ms"] = bench(lambda: block_sparse_attention(q, k, v, full))
             row["full_mask_order_ms"] = bench(lambda: block_sparse_attention(q, k, v, full, order=order))
             row["full_mask_tflops"] = dense_flops / row["full_mask_ms"] * 1e-9
             row["full_mask_vs_cudnn"] = row["full_mask_tflops"] / row["cudnn_tflops"]
@@ -271,7 +293,7 @@ def run_candidates(name, gamma=0.2):
             calls["bf16_full_ms"] = lambda: block_sparse_attention(q, k, v, full)
         if jit_attention.attention_config_fits(cfg, BLOCK, D, fp8=True, descriptors=True):
             calls["fp8_pv_ms"] = lambda: block_sparse_attention(q, k, v, mask, precision="fp8_pv")
-        with check_gpu.only_descriptor_config(cfg):
+        with check_gpu.only_descriptor_config(cfg), triton_descriptor_kernel():
             for key, call in calls.items():
                 try:
                     row[key] = bench(call)

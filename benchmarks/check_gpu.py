@@ -251,23 +251,21 @@ def _without_copy_engine():
 
 
 def _fp8_kernel(precision: str, order, v) -> str:
-    """The kernel docs/kernels.md says runs FP8 on this GPU: on Hopper the Gluon kernel for
-    "fp8_pv", descriptors for "fp8" without an order and a 16-byte aligned v (on later GPUs
-    descriptors for both), else pointers."""
-    major = torch.cuda.get_device_capability()[0]
-    if precision == "fp8_pv" and major == 9:
-        return SM90
+    """The kernel docs/kernels.md says runs FP8 on this GPU: descriptors on Hopper where every
+    input's key blocks are contiguous rows ("fp8_pv" always, "fp8" without an order) and v is
+    16-byte aligned, else pointers."""
+    hopper = torch.cuda.get_device_capability()[0] >= 9
     rows = precision == "fp8_pv" or (order is None and v.data_ptr() % 16 == 0)
-    return DESC if major >= 9 and rows else POINTER
+    return DESC if hopper and rows else POINTER
 
 
 def _attention_kernel(q, order) -> str:
     """The kernel docs/kernels.md says runs a native call on this GPU: the Gluon kernel on Hopper
     without an order (D 64 / 128, block 128, 16-bit inputs), descriptors on later GPUs, else pointers."""
     major = torch.cuda.get_device_capability()[0]
-    if order is not None or major < 9 or q.dtype == torch.float32:
+    if order is not None or major < 9:
         return POINTER
-    return SM90 if major == 9 else DESC
+    return SM90 if major == 9 and q.dtype != torch.float32 else DESC
 
 
 def _fp8_against_simulation(label, q, k, v, mask, order, precision, sim=None, expected=None):

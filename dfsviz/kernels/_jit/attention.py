@@ -502,8 +502,8 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
     # Without an order the key blocks are contiguous rows: whole tiles through tensor descriptors.
     if perm is None and _descriptors(q, k, v, out) and sm90_kernel_runs(q, mask):
         counts, indices, _, bh_order = _mask_args(mask, None)
-        block_sparse_attention_sm90_fwd(q, k, v, out, lse, (counts, indices, bh_order), None, None,
-                                        mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E, return_lse)
+        block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, bh_order, mask.num_q_blocks,
+                                        mask.num_kv_blocks, scale * _LOG2E, return_lse)
     elif perm is None and _descriptors(q, k, v, out):
         _launch_desc_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     else:
@@ -573,11 +573,7 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
                 FP8=True, FP8_PV=fp8_pv)
     scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
     v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
-    if fp8_pv and _descriptors(quant.q8, quant.k8, v_tiles) and sm90_kernel_runs(out_like, mask):
-        counts, indices, _, bh_order = _mask_args(mask, None)
-        block_sparse_attention_sm90_fwd(quant.q8, quant.k8, v_tiles, out, lse, (counts, indices, bh_order), perm,
-                                        scales, mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E, return_lse)
-    elif (fp8_pv or perm is None) and _descriptors(quant.q8, quant.k8, v_tiles, out):
+    if (fp8_pv or perm is None) and _descriptors(quant.q8, quant.k8, v_tiles, out):
         _launch_desc_kernel(quant.q8, quant.k8, v_tiles, out, lse, mask, perm, scales, scale * _LOG2E, meta)
     else:
         _launch_pointer_kernel(quant.q8, quant.k8, v, out, lse, mask, perm, scales, scale * _LOG2E, meta)
