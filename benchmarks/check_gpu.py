@@ -221,8 +221,10 @@ def check_adaln(results):
 @contextlib.contextmanager
 def _launched_kernels():
     """The names of the attention kernels launched inside the block (spies on the launchers: the
-    Triton kernels' one launch function and the Gluon kernel's launcher; all give the same values)."""
-    names, launch, launch_sm90 = [], jit_attention._launch, jit_attention.block_sparse_attention_sm90_fwd
+    Triton kernels' one launch function and, where this Triton builds it, the Gluon kernel's
+    launcher; all give the same values)."""
+    names, launch, sm90 = [], jit_attention._launch, jit_attention.sm90_module()
+    launch_sm90 = sm90.block_sparse_attention_sm90_fwd if sm90 else None
 
     def spy(kernel, *args, **kwargs):
         names.append(kernel.__name__)
@@ -232,11 +234,15 @@ def _launched_kernels():
         names.append(SM90)
         return launch_sm90(*args, **kwargs)
 
-    jit_attention._launch, jit_attention.block_sparse_attention_sm90_fwd = spy, spy_sm90
+    jit_attention._launch = spy
+    if sm90:
+        sm90.block_sparse_attention_sm90_fwd = spy_sm90
     try:
         yield names
     finally:
-        jit_attention._launch, jit_attention.block_sparse_attention_sm90_fwd = launch, launch_sm90
+        jit_attention._launch = launch
+        if sm90:
+            sm90.block_sparse_attention_sm90_fwd = launch_sm90
 
 
 @contextlib.contextmanager

@@ -61,6 +61,18 @@ def test_cpu_calls_keep_the_triton_kernels(launched_kernels):
     assert launched_kernels == ["_block_sparse_attention_desc_kernel"]
 
 
+def test_the_gluon_kernel_needs_the_triton_it_is_written_against(monkeypatch):
+    """Gluon's API moves between Triton releases: an older Triton keeps every call on the Triton
+    kernels instead of failing to import or build the Gluon one."""
+    assert jit_attention.sm90_module() is not None  # this Triton (3.6 or later) builds it
+    jit_attention.sm90_module.cache_clear()
+    monkeypatch.setattr(jit_attention.triton, "__version__", "3.5.1")
+    try:
+        assert jit_attention.sm90_module() is None
+    finally:
+        jit_attention.sm90_module.cache_clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_gluon_kernel_runs_exactly_on_hopper():
     q = torch.randn(1, 2, 256, 64, dtype=torch.bfloat16, device="cuda")

@@ -3,6 +3,10 @@ its validation and the module's description are in ``dfsviz.kernels.block_sparse
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
+import re
 import weakref
 
 import torch
@@ -11,15 +15,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dfsviz.kernels._dispatch import cuda_properties, interpreting
-from dfsviz.kernels._jit.attention_sm90 import (
-    SM90_BLOCK,
-    SM90_DTYPES,
-    SM90_HEAD_DIMS,
-    block_sparse_attention_sm90_fwd,
-)
 from dfsviz.kernels._jit.fp8 import round_e4m3
 from dfsviz.kernels.fp8 import P_SCALE, Fp8QK
 from dfsviz.sparse.masks import BlockMask
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ATTENTION_CONFIGS", "DESC_FLAGS", "attention_config_fits", "block_sparse_attention_fp8_fwd",
            "block_sparse_attention_fwd", "head_order"]
@@ -478,14 +478,35 @@ def head_order(mask: BlockMask) -> torch.Tensor:
 #: Whether the Gluon kernel for Hopper (``dfsviz.kernels._jit.attention_sm90``) runs the calls it
 #: is built for; benchmarks turn it off to time the Triton descriptor kernel in the same process.
 SM90_KERNEL = {"enabled": True}
+#: The Triton release the Gluon kernel is written against and checked with (Gluon's API moves
+#: between releases); with an older one the Triton kernels run every call.
+SM90_MIN_TRITON = (3, 6)
+
+
+@functools.cache
+def sm90_module():
+    """``dfsviz.kernels._jit.attention_sm90``, or None where this Triton cannot build it."""
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < SM90_MIN_TRITON:
+        logger.info("Triton %s is older than %s: the Gluon attention kernel for Hopper is off", triton.__version__,
+                    ".".join(map(str, SM90_MIN_TRITON)))
+        return None
+    try:
+        return importlib.import_module("dfsviz.kernels._jit.attention_sm90")
+    except ImportError as exc:
+        logger.warning("the Gluon attention kernel for Hopper is off: %s", exc)
+        return None
 
 
 def sm90_kernel_runs(q: torch.Tensor, mask: BlockMask) -> bool:
     """Whether a call without an order on describable tensors runs the Gluon kernel for Hopper:
-    compute capability 9.x (its warpgroup MMAs are Hopper's alone), float16 / bfloat16, D and
-    the mask's block as it is built for."""
-    return (SM90_KERNEL["enabled"] and not interpreting() and q.is_cuda and cuda_properties(q.device).major == 9
-            and q.dtype in SM90_DTYPES and q.shape[3] in SM90_HEAD_DIMS and mask.block == SM90_BLOCK)
+    compute capability 9.x (its warpgroup MMAs are Hopper's alone), a Triton that builds it,
+    float16 / bfloat16, D and the mask's block as it is built for."""
+    if not (SM90_KERNEL["enabled"] and not interpreting() and q.is_cuda and cuda_properties(q.device).major == 9):
+        return False
+    sm90 = sm90_module()
+    return (sm90 is not None and q.dtype in sm90.SM90_DTYPES and q.shape[3] in sm90.SM90_HEAD_DIMS
+            and mask.block == sm90.SM90_BLOCK)
 
 
 def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, return_lse: bool):
@@ -502,8 +523,9 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
     # Without an order the key blocks are contiguous rows: whole tiles through tensor descriptors.
     if perm is None and _descriptors(q, k, v, out) and sm90_kernel_runs(q, mask):
         counts, indices, _, bh_order = _mask_args(mask, None)
-        block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, bh_order, mask.num_q_blocks,
-                                        mask.num_kv_blocks, scale * _LOG2E, return_lse)
+        sm90_module().block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, bh_order,
+                                                      mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E,
+                                                      return_lse)
     elif perm is None and _descriptors(q, k, v, out):
         _launch_desc_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     else:

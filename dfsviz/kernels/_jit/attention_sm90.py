@@ -11,13 +11,14 @@ kernel stops near 0.85 of cuDNN's dense rate. Gluon states the schedule itself:
   those tiles (each stage is released when both have read it);
 - each consumer issues Q . K^T of the next key block and P . V of the current one as
   asynchronous warpgroup MMAs, then computes the next block's softmax while P . V runs
-  (FlashAttention-3's intra-warpgroup overlap); the two consumers drift into alternating their
-  matrix and softmax phases (the ping-pong), as the tensor cores serve one at a time.
+  (FlashAttention-3's intra-warpgroup overlap). No barrier orders the two consumers (FA3's
+  explicit ping-pong): while one computes its softmax, the other's MMAs can run.
 
 Inputs as the Triton descriptor kernel takes them: q, k, v, out [B, H, N, D] (any 16-byte
 strides, unit stride along D) in float16 / bfloat16, D in {64, 128}, the mask's block 128 and
-no token order (an ordered call has permuted q, k and v already). The launcher in
-``dfsviz.kernels._jit.attention`` chooses this kernel on compute capability 9.x.
+no token order (permute-once calls pass q, k and v already ordered). The launcher in
+``dfsviz.kernels._jit.attention`` chooses this kernel on compute capability 9.x, with Triton 3.6
+or later (imported only then).
 """
 
 from __future__ import annotations
