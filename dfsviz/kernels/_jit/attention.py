@@ -477,7 +477,7 @@ def head_order(mask: BlockMask) -> torch.Tensor:
 
 #: Whether the Gluon kernel for Hopper (``dfsviz.kernels._jit.attention_sm90``) runs the calls it
 #: is built for; benchmarks turn it off to time the Triton descriptor kernel in the same process.
-SM90_KERNEL = {"enabled": True}
+SM90_ENABLED = True
 #: The Triton release the Gluon kernel is written against and checked with (Gluon's API moves
 #: between releases); with an older one the Triton kernels run every call.
 SM90_MIN_TRITON = (3, 6)
@@ -502,7 +502,7 @@ def sm90_kernel_runs(q: torch.Tensor, mask: BlockMask) -> bool:
     """Whether a call without an order on describable tensors runs the Gluon kernel for Hopper:
     compute capability 9.x (its warpgroup MMAs are Hopper's alone), a Triton that builds it,
     float16 / bfloat16, D and the mask's block as it is built for."""
-    if not (SM90_KERNEL["enabled"] and not interpreting() and q.is_cuda and cuda_properties(q.device).major == 9):
+    if not (SM90_ENABLED and not interpreting() and q.is_cuda and cuda_properties(q.device).major == 9):
         return False
     sm90 = sm90_module()
     return (sm90 is not None and q.dtype in sm90.SM90_DTYPES and q.shape[3] in sm90.SM90_HEAD_DIMS
@@ -521,13 +521,15 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
     )
     no_scales = (mask.kv_num_blocks,) * 3  # placeholders: FP8 is off, nothing reads them
     # Without an order the key blocks are contiguous rows: whole tiles through tensor descriptors.
-    if perm is None and _descriptors(q, k, v, out) and sm90_kernel_runs(q, mask):
-        counts, indices, _, bh_order = _mask_args(mask, None)
-        sm90_module().block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, bh_order,
-                                                      mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E,
-                                                      return_lse)
-    elif perm is None and _descriptors(q, k, v, out):
-        _launch_desc_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
+    # On Hopper the Gluon kernel moves them.
+    if perm is None and _descriptors(q, k, v, out):
+        if sm90_kernel_runs(q, mask):
+            counts, indices, _, bh_order = _mask_args(mask, None)
+            sm90_module().block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, bh_order,
+                                                          mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E,
+                                                          return_lse)
+        else:
+            _launch_desc_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     else:
         _launch_pointer_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     return (out, lse) if return_lse else out

@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["SM90_BLOCK", "SM90_DTYPES", "SM90_HEAD_DIMS", "block_sparse_attention_sm90_fwd"]
+__all__ = ["SM90_BLOCK", "SM90_DTYPES", "SM90_HEAD_DIMS", "block_sparse_attention_sm90_fwd", "sm90_launch_args"]
 
 #: What the kernel is built for: the mask's block (one CTA's query rows and one key tile),
 #: head dims and dtypes.
@@ -213,7 +213,7 @@ def _block_sparse_attention_sm90_kernel(
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
-def sm90_descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
+def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """x [B, H, N, D] (float16 / bfloat16, unit stride along D) moved in [1, 1, rows, D] tiles
     (zeros past N on load, clipped on store)."""
     shape = [1, 1, rows, x.shape[3]]
@@ -226,8 +226,8 @@ def sm90_launch_args(q, k, v, out, lse, kv_num, kv_idx, bh_order, num_q_blocks: 
     """(grid, positional arguments, keyword arguments) of the kernel for these inputs (the
     launcher's, and what a compile-only build for a Hopper target takes)."""
     bsz, heads, n, d = q.shape
-    args = (sm90_descriptor(q, _ROWS.value), sm90_descriptor(k, SM90_BLOCK), sm90_descriptor(v, SM90_BLOCK),
-            sm90_descriptor(out, _ROWS.value), lse, kv_num, kv_idx, bh_order, heads, n, num_q_blocks, num_kv_blocks,
+    args = (_descriptor(q, _ROWS.value), _descriptor(k, SM90_BLOCK), _descriptor(v, SM90_BLOCK),
+            _descriptor(out, _ROWS.value), lse, kv_num, kv_idx, bh_order, heads, n, num_q_blocks, num_kv_blocks,
             qk_scale)
     meta = dict(HEAD_DIM=d, BLOCK=SM90_BLOCK, NUM_STAGES=_NUM_STAGES, RETURN_LSE=return_lse,
                 EVEN_N=n % SM90_BLOCK == 0, CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS, num_warps=4,
