@@ -7,13 +7,15 @@
   has room for it, and that room is reserved (``fallocate``) before HDF5 writes into it, so
   another process filling the disk cannot make a write fail halfway through the step.
 * :func:`write_failure_reason` / :func:`pad_truncated`: what a failed HDF5 write means, and
-  the one mend a file cut short by a full disk needs before its completed steps can be read.
+  the one mend a file cut short by a full disk or a kill needs before it can be written again;
+  :class:`ZeroPaddedFile` reads such a file as that mend would leave it, without changing it.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import io
 import logging
 import os
 import re
@@ -23,10 +25,12 @@ from pathlib import Path
 __all__ = [
     "CaptureLock",
     "SpaceReservation",
+    "ZeroPaddedFile",
     "format_bytes",
     "glob_escape",
     "held_by_another_process",
     "pad_truncated",
+    "recorded_end",
     "run_difference",
     "require_free_space",
     "temporary_path",
@@ -231,23 +235,71 @@ def write_failure_reason(exc: BaseException) -> str:
 _TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
 
 
-def pad_truncated(path: Path, message: str) -> bool:
-    """Extend a file that a failed write left shorter than its own superblock says.
+def recorded_end(path: Path, message: str) -> int | None:
+    """The end that HDF5's superblock records for ``path`` when ``message`` (an open error) says
+    the file is shorter than that, as a write cut off by a full disk or a kill leaves it; else None.
 
-    HDF5 records the file's end before the data behind it is written; when a full disk stops
-    those writes, the file is shorter than recorded and HDF5 refuses to open it. The missing
-    tail belongs to the step that was being written, which resume drops, so zero bytes are
-    as good as any. Returns True when the file was extended.
-    """
+    HDF5 records the file's end before the data behind it is written; the missing tail belongs
+    to the step that was being written, which readers skip and resume drops, so zero bytes are
+    as good as any there."""
     match = _TRUNCATED.search(message)
     if match is None:
-        return False
+        return None
     size, stored = int(match.group(1)), int(match.group(2))
-    if size != path.stat().st_size or stored <= size:
+    return stored if size == path.stat().st_size and stored > size else None
+
+
+def pad_truncated(path: Path, message: str) -> bool:
+    """Extend a file that a failed write left shorter than its own superblock says
+    (:func:`recorded_end`) with zeros, so HDF5 opens it for writing again. Returns True when the
+    file was extended."""
+    stored = recorded_end(path, message)
+    if stored is None:
         return False
-    logger.warning("%s ends at byte %d but records %d: padding the lost tail with zeros", path, size, stored)
+    logger.warning("%s ends at byte %d but records %d: padding the lost tail with zeros", path,
+                   path.stat().st_size, stored)
     os.truncate(path, stored)
     return True
+
+
+class ZeroPaddedFile(io.RawIOBase):
+    """A read-only view of ``path`` as ``size`` bytes: past the file's real end it reads zeros.
+    h5py opens it (``h5py.File(view, "r")``) where a cut-off write left the file shorter than
+    its superblock records (:func:`recorded_end`): its completed steps are read as
+    :func:`pad_truncated` would leave them, and the file is not changed."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb")
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        self._file.seek(self._pos)
+        got = self._file.readinto(view[:n]) or 0
+        view[got:n] = bytes(n - got)
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def run_difference(stored: dict, run: dict, ignore=frozenset()) -> tuple[str, list[str]] | None:

@@ -10,6 +10,7 @@ selects nothing: masks, recall and density of a capture come from
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfsviz.capture.file_safety import held_by_another_process
+from dfsviz.capture.file_safety import ZeroPaddedFile, held_by_another_process, recorded_end
 from dfsviz.capture.codes import decode
 from dfsviz.capture.schema import (
     AFFINE_SUFFIX,
@@ -48,6 +49,8 @@ from dfsviz.capture.validation import (
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = ["CaptureReader", "CaptureVideo", "StoredStats", "open_capture"]
+
+logger = logging.getLogger(__name__)
 
 
 def _open_error_message(path: Path, exc: OSError) -> str:
@@ -140,10 +143,19 @@ class CaptureReader:
         self.path = Path(path)
         if not self.path.exists():
             raise ValueError(f"capture file {str(self.path)!r} does not exist")
+        self._padded = None  # the zero-padded view of a file a cut-off write left short, or None
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
-            raise ValueError(_open_error_message(self.path, exc)) from None
+            end = recorded_end(self.path, str(exc))
+            if end is None:
+                raise ValueError(_open_error_message(self.path, exc)) from None
+            # A run killed (or stopped by a full disk) while it wrote a step: its completed steps
+            # are whole, and the missing tail is the open step's, which the reader skips.
+            logger.warning("%s ends before the %d bytes it records (a run stopped mid-write): reading the missing "
+                           "tail as zeros; --resume repairs the file", self.path, end)
+            self._padded = ZeroPaddedFile(self.path, end)
+            self._f = h5py.File(self._padded, "r")
         try:
             attrs = self._f.attrs
             if attrs.get("format") != FORMAT_NAME:
@@ -161,7 +173,7 @@ class CaptureReader:
             check_structure(self._f, self.path, self.layout)
             self._steps = sorted(completed_step_groups(self._f))
         except ValueError as exc:
-            self._f.close()
+            self.close()
             text = str(exc)
             raise ValueError(text if text.startswith(repr(str(self.path))) else f"{str(self.path)!r}: {text}") from None
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
@@ -498,6 +510,8 @@ class CaptureReader:
     def close(self) -> None:
         if self._f.id.valid:
             self._f.close()
+        if self._padded is not None:
+            self._padded.close()
 
     def __enter__(self) -> "CaptureReader":
         return self

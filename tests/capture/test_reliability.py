@@ -220,6 +220,10 @@ def test_disk_full_in_the_middle_of_a_step_keeps_the_finished_ones_and_resume_re
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "could not write step 2" in errors[0] and "--resume" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    size = out.stat().st_size
+    with CaptureReader(out) as reader:  # readable before any repair, and left as it is
+        assert reader.steps == [0, 1] and not reader.complete and reader.validate() == []
+    assert out.stat().st_size == size
 
     result = _invoke("capture", "--model", model_dirs["wan"], "--out", out, "--resume", "--quiet", *CLI_ARGS)
     assert result.exit_code == 0, result.output
@@ -232,6 +236,36 @@ def test_disk_full_in_the_middle_of_a_step_keeps_the_finished_ones_and_resume_re
         assert torch.equal(got[key], want[key]), key
     with CaptureReader(out) as reader:
         assert reader.complete and reader.validate() == []
+
+
+def test_a_file_cut_off_mid_write_is_read_as_it_is_and_resume_repairs_it(tmp_path, model_dirs):
+    """A run killed (or stopped by a full disk) while a step's data went out leaves the file
+    shorter than the end HDF5 recorded for it: the reader lists the completed steps without
+    changing the file, and resume repairs and completes it."""
+    out = tmp_path / "cut.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run_capture(_config(model_dirs["wan"], out), progress=False, on_step=_stop_after(1))
+    size = 1 << 20
+    with h5py.File(out, "r+") as f:  # step 2's data, its space allocated before it is written
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        data = h5py.h5d.create(f["steps"].create_group("step_0002").id, b"map", h5py.h5t.STD_U8LE,
+                               h5py.h5s.create_simple((size,)), dcpl=dcpl)
+        offset = data.get_offset()
+        f["steps/step_0002/map"][...] = 7
+    assert out.stat().st_size == offset + size  # the step's data is the file's tail
+    os.truncate(out, offset + 4096)  # the kill: the superblock records the end, the data never got there
+    with pytest.raises(OSError, match="truncated file"):
+        h5py.File(out, "r")
+    cut = out.read_bytes()
+    with CaptureReader(out) as reader:
+        assert reader.steps == [0, 1] and not reader.complete and reader.validate() == []
+    assert out.read_bytes() == cut  # read as it is
+
+    result = run_capture(_config(model_dirs["wan"], out, resume=True), progress=False)
+    assert result.complete and result.skipped == [0, 1]
+    with CaptureReader(out) as reader:
+        assert reader.complete and reader.steps == list(range(STEPS)) and reader.validate() == []
 
 
 # ----------------------------------------------------------------------------------------
