@@ -52,13 +52,15 @@ jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
 DESC, POINTER = "_block_sparse_attention_desc_kernel", "_block_sparse_attention_kernel"
 SM90 = "_block_sparse_attention_sm90_kernel"
 
-# (grid, D, dtype, B, H, order name or None, keep fraction)
+# (grid, D, dtype, B, H, order name or None, keep fraction, memory): memory "bhnd" is contiguous
+# [B, H, N, D], "bnhd" diffusers' [B, N, H, D] seen through a transpose
 ATTENTION_CASES = [
-    (LatentGrid(4, 32, 32, text_len=1), 128, torch.bfloat16, 1, 4, None, 0.3),  # N = 4097
-    (LatentGrid(4, 32, 32, text_len=1), 128, torch.bfloat16, 2, 3, "hilbert3d", 0.3),
-    (LatentGrid(5, 20, 30), 64, torch.float16, 2, 2, "hilbert3d", 0.5),  # N = 3000
-    (LatentGrid(3, 17, 23, text_len=7), 64, torch.bfloat16, 1, 2, None, 0.2),  # N = 1180
-    (LatentGrid(1, 1, 1), 128, torch.float16, 1, 2, None, 1.0),  # N = 1
+    (LatentGrid(4, 32, 32, text_len=1), 128, torch.bfloat16, 1, 4, None, 0.3, "bhnd"),  # N = 4097
+    (LatentGrid(4, 32, 32, text_len=1), 128, torch.bfloat16, 2, 3, "hilbert3d", 0.3, "bhnd"),
+    (LatentGrid(5, 20, 30), 64, torch.float16, 2, 2, "hilbert3d", 0.5, "bnhd"),  # N = 3000
+    (LatentGrid(3, 17, 23, text_len=7), 64, torch.bfloat16, 1, 2, None, 0.2, "bhnd"),
+    (LatentGrid(1, 1, 1), 128, torch.float16, 1, 2, None, 1.0, "bhnd"),  # N = 1
+    (LatentGrid(3, 17, 23, text_len=7), 128, torch.bfloat16, 2, 3, "hilbert3d", 0.4, "bnhd"),  # N = 1180
 ]
 
 
@@ -76,20 +78,23 @@ def check_attention(results):
 
     flex = torch.compile(flex_attention, dynamic=False)
     gen = torch.Generator(device=DEV).manual_seed(0)
-    for grid, d, dtype, bsz, heads, order_name, keep in ATTENTION_CASES:
+    for grid, d, dtype, bsz, heads, order_name, keep, memory in ATTENTION_CASES:
         n = grid.num_tokens
-        q, k, v = (torch.randn(bsz, heads, n, d, generator=gen, device=DEV).to(dtype) for _ in range(3))
+        shape = (bsz, heads, n, d) if memory == "bhnd" else (bsz, n, heads, d)
+        q, k, v = (torch.randn(*shape, generator=gen, device=DEV).to(dtype) for _ in range(3))
+        if memory == "bnhd":
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
         mask = _mask(bsz, heads, n, 128, keep, gen)
         order = make_order(order_name, grid) if order_name else None
         with _launched_kernels() as ran:
             out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, backend="triton")
         expected = _attention_kernel(q, order)
-        results.append({"check": f"attention {grid.name} D{d} {str(dtype)[6:]} {order_name or 'no order'} runs "
-                                 f"{expected}", "message": "+".join(ran), "ok": ran == [expected]})
+        results.append({"check": f"attention {grid.name} D{d} {str(dtype)[6:]} {order_name or 'no order'} {memory} "
+                                 f"runs {expected}", "message": "+".join(ran), "ok": ran == [expected]})
         ref, ref_lse = block_sparse_attention_ref(q, k, v, mask, order=order, return_lse=True)
         gold, gold_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask, order=order,
                                                     return_lse=True)
-        label = f"attention {grid.name} D{d} {str(dtype)[6:]} B{bsz} H{heads} {order_name or 'no order'}"
+        label = f"attention {grid.name} D{d} {str(dtype)[6:]} B{bsz} H{heads} {order_name or 'no order'} {memory}"
         checks = [compare_to_golden(f"{label} out", out, ref, gold, floor=1e-4),
                   compare_to_golden(f"{label} lse", lse, ref_lse, gold_lse, floor=1e-4)]
         if order is None and n > 1:
@@ -267,11 +272,12 @@ def _fp8_kernel(precision: str, order, v) -> str:
 
 def _attention_kernel(q, order) -> str:
     """The kernel docs/kernels.md says runs a native call on this GPU: the Gluon kernel on Hopper
-    without an order (D 64 / 128, block 128, 16-bit inputs), descriptors on later GPUs, else pointers."""
+    (D 64 / 128, block 128, 16-bit inputs, with or without an order), descriptors on later GPUs
+    without an order, else pointers."""
     major = torch.cuda.get_device_capability()[0]
-    if order is not None or major < 9:
-        return POINTER
-    return SM90 if major == 9 and q.dtype != torch.float32 else DESC
+    if major == 9 and q.dtype != torch.float32:
+        return SM90
+    return DESC if order is None and major >= 9 else POINTER
 
 
 def _fp8_against_simulation(label, q, k, v, mask, order, precision, sim=None, expected=None):
@@ -317,7 +323,7 @@ def check_fp8(results):
         results.append({"check": "fp8", "message": "skipped: compute capability < 8.9", "ok": True})
         return
     gen = torch.Generator(device=DEV).manual_seed(4)
-    for grid, d, dtype, bsz, heads, order_name, keep in ATTENTION_CASES[:4]:
+    for grid, d, dtype, bsz, heads, order_name, keep, _ in ATTENTION_CASES[:4]:
         n = grid.num_tokens
         q, v = (torch.randn(bsz, heads, n, d, generator=gen, device=DEV).to(dtype) for _ in range(2))
         k = (torch.randn(bsz, heads, n, d, generator=gen, device=DEV) + 3 * torch.randn(d, generator=gen, device=DEV)

@@ -3,8 +3,8 @@
 # kernel path, the kernel benchmarks on a reduced shape set, and the quick end-to-end measurement;
 # and the medium embedded model's shipped sample capture, frame strips and claims report.
 # Each part writes its JSON to benchmarks/results/ and logs to $OUT (or benchmarks/results/) on
-# its own: a failing or timed-out part does not stop the next. Needs torch, triton, diffusers and
-# pytest. Measured on one H200: check_gpu takes over 5 minutes on a fresh machine (Triton compiles
+# its own: a failing or timed-out part does not stop the next. Needs torch, triton, diffusers,
+# plotly (check_gpu's CUDA tests open a capture through dfsviz.open) and pytest. Measured on one H200: check_gpu takes over 5 minutes on a fresh machine (Triton compiles
 # every autotune candidate first) and 2.5 on one that ran it before; bench_kernels --quick about 3;
 # bench_e2e --quick about 3.5 per model. With a 10-minute limit per device call, run one part per call:
 #

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import BLOCK, D, SHAPES, realistic_masks  # noqa: E402
+from bench_kernels import BLOCK, SHAPES, realistic_masks  # noqa: E402
 
 from dfsviz.kernels.block_scores import block_scores  # noqa: E402
 from dfsviz.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
@@ -42,10 +42,10 @@ GAMMA = 0.2
 
 def cases(shape: str) -> dict:
     """Name -> zero-argument callable, on freshly drawn inputs of ``shape``."""
-    grid, heads = SHAPES[shape]
+    grid, heads, d = SHAPES[shape]
     n = grid.num_tokens
-    q, k, v = (torch.randn(1, heads, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    mask = realistic_masks(grid, heads, (GAMMA,), "cuda")[GAMMA]
+    q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = realistic_masks(grid, heads, d, (GAMMA,), "cuda")[GAMMA]
     full = BlockMask.full(1, heads, n, BLOCK, device="cuda")
     order = make_order("hilbert3d", grid)
 
@@ -117,7 +117,8 @@ def main() -> int:
         torch.cuda.profiler.stop()
         return 0
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "shape": args.shape, "B": 1, "D": D, "dtype": "bfloat16", "gamma": GAMMA, "mask_density": density,
+              "shape": args.shape, "B": 1, "D": SHAPES[args.shape][2], "dtype": "bfloat16", "gamma": GAMMA,
+              "mask_density": density,
               "cases": {}}
     for name, fn in fns.items():
         ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")

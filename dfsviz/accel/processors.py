@@ -11,9 +11,8 @@ does and then:
   ``dfsviz.kernels.block_scores``, selects top-k blocks with ``select_topk`` (per-head
   budgets of a calibrated plan: ``select_topk_heads``) and caches the mask for this layer;
   otherwise reuses the layer's cached mask;
-* attends with ``dfsviz.kernels.block_sparse_attention`` (the kernel gathers rows
-  through the token order and scatters the output back, unless permute-once already
-  ordered the tokens), with FP8 Q and K under ``precision="fp8"`` or ``"fp8_dense"``, and FP8
+* attends with ``dfsviz.kernels.block_sparse_attention`` (rows gathered through the token
+  order and the output scattered back, unless permute-once already ordered the tokens), with FP8 Q and K under ``precision="fp8"`` or ``"fp8_dense"``, and FP8
   P . V too under ``"fp8_pv"`` or ``"fp8_pv_dense"``.
 
 Processors (which one serves a layer: the registry entry's ``tuned`` map, by stock processor):

@@ -10,6 +10,9 @@ whole tiles with tensor descriptors (the bulk copy engine); the two share the so
 FP8 runs there too, with an order as well for "fp8_pv" (its quantized q, k and v are ordered
 copies; the output rows go back through the order); "fp8" with an order gathers v through
 the order in the pointer kernel.
+On Hopper (compute capability 9.x) a Gluon kernel with FlashAttention-3's schedule runs the
+float16 / bfloat16 calls at block 128 and D 64 / 128, with or without an order (with one, after
+ordered copies of k and v: ``dfsviz.kernels._jit.attention_sm90``).
 The kernels and their launcher live in ``dfsviz.kernels._jit.attention``, imported only when
 Triton runs; this module validates once and dispatches.
 """
@@ -77,7 +80,8 @@ def block_sparse_attention(
         mask: dfsviz BlockMask (B, H, Mq, Mk) over the ordered sequence, seq_len = N,
             block in [16, 256] (128 in DFSAttn). Ragged N is handled with load masks.
         order: optional TokenOrder over N tokens; the kernel gathers q/k/v rows through
-            ``order.perm`` and writes output rows back to their original positions.
+            ``order.perm`` (on Hopper from ordered copies of k and v made first) and writes
+            output rows back to their original positions.
         scale: softmax scale, default D**-0.5.
         return_lse: also return lse float32 [B, H, N] (natural log, original order).
         precision: "native" (products in the input dtype), "fp8": Q and K smoothed and

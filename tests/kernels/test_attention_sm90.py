@@ -24,32 +24,63 @@ jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
 HOPPER_SHARED_BYTES = 232448
 
 
-def _compiled(n: int, d: int, dtype: str, return_lse: bool) -> dict:
-    """What the kernel compiles to for sm_90 on inputs in diffusers' [B, N, H, D] memory (B 2, H 3)."""
+def _built(*argv: str):
+    """sm90_build.py's JSON for these arguments, run in a process of its own without the interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_build.py")), str(n), str(d), dtype,
-                          "1" if return_lse else "0"], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_build.py")), *argv], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout)
 
 
-@pytest.mark.parametrize("n, d, dtype, return_lse", [
-    (1000, 128, "bfloat16", True),  # ragged N: the short last key block is masked
-    (1024, 64, "float16", False),
-], ids=["n1000-d128-bf16-lse", "n1024-d64-fp16"])
-def test_kernel_compiles_for_hopper_with_its_schedule(n, d, dtype, return_lse):
-    kernel = _compiled(n, d, dtype, return_lse)
+def _compiled(n: int, d: int, dtype: str, return_lse: bool, order: bool) -> dict:
+    """What the kernel compiles to for sm_90 on inputs in diffusers' [B, N, H, D] memory (B 2, H 3)."""
+    return _built("gluon", str(n), str(d), dtype, "1" if return_lse else "0", "1" if order else "0")
+
+
+@pytest.mark.parametrize("n, d, dtype, return_lse, order", [
+    (1000, 128, "bfloat16", True, False),  # ragged N: the short last key block is masked
+    (1024, 64, "float16", False, False),
+    (1000, 128, "bfloat16", False, True),  # q's and the output's rows through the order
+], ids=["n1000-d128-bf16-lse", "n1024-d64-fp16", "n1000-d128-bf16-order"])
+def test_kernel_compiles_for_hopper_with_its_schedule(n, d, dtype, return_lse, order):
+    kernel = _compiled(n, d, dtype, return_lse, order)
     ptx = kernel["ptx"]
     assert kernel["grid"] == [-(-n // 128), 2 * 3]  # one CTA per query block of each (batch, head)
     assert ".target sm_90a" in ptx
     # warpgroup MMAs, asynchronous: a wait that leaves one in flight (P.V under the next softmax)
     assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx
-    assert "cp.async.bulk.tensor" in ptx  # the loader's tile copies (TMA)
+    assert "cp.async.bulk.tensor" in ptx  # the loader's K and V tile copies (TMA)
     assert "setmaxnreg.dec" in ptx and "setmaxnreg.inc" in ptx  # the loader gives registers to the consumers
     assert ".reqntid 384" in ptx  # two consumer warpgroups and the loader's
     assert kernel["shared"] <= HOPPER_SHARED_BYTES
-    assert ("st.global" in ptx) == return_lse  # out goes by the copy engine; only the LSE by stores
+    # Without an order q and out go by the copy engine, only the LSE by stores; with one, q's rows
+    # are gathered (16-byte loads) and the output's stored through the order.
+    assert ("st.global" in ptx) == (return_lse or order)
+    assert ("ld.global.v4" in ptx) == order
     assert kernel["cubin"]  # ptxas accepted it
+
+
+@pytest.mark.parametrize("n, d", [(300, 128), (256, 64)], ids=["ragged-d128", "d64"])
+def test_the_launcher_s_ordered_copies_of_k_and_v_hold_the_order_s_rows(n, d):
+    """With an order, the Gluon kernel's launcher hands it ordered copies of k and v (its copy
+    engine moves whole tiles of contiguous rows): row i of each is row perm[i]."""
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, n, 3, d, generator=gen).to(torch.bfloat16).transpose(1, 2) for _ in range(2))
+    perm = torch.randperm(n, generator=gen).to(torch.int32)
+    k_out, v_out = jit_attention.gather_kv(k, v, perm)
+    for x, x_out in ((k, k_out), (v, v_out)):
+        assert x_out.is_contiguous() and x_out.dtype == x.dtype
+        assert torch.equal(x_out, x.index_select(2, perm))
+
+
+def test_every_warp_specialized_descriptor_candidate_kept_for_an_even_n_compiles():
+    """With N a multiple of the block, Triton's warp specialization fails to build the 4-warp
+    WARP_SPECIALIZE candidates of the descriptor kernel (an error the autotuner does not catch:
+    the call failed); the autotuner must be left only candidates that build."""
+    built = _built("desc", "4096", "128")
+    assert built, "no warp-specialized candidate kept: the test checks nothing"
+    assert [b for b in built if b["error"]] == []
 
 
 def test_cpu_calls_keep_the_triton_kernels(launched_kernels):

@@ -22,7 +22,7 @@ from dfsviz.sparse.masks import BlockMask
 logger = logging.getLogger(__name__)
 
 __all__ = ["ATTENTION_CONFIGS", "DESC_FLAGS", "attention_config_fits", "block_sparse_attention_fp8_fwd",
-           "block_sparse_attention_fwd", "head_order"]
+           "block_sparse_attention_fwd", "desc_kernel_args", "gather_kv", "head_order"]
 
 _LOG2E = 1.4426950408889634
 # a global read inside a compiled kernel must be a constexpr (the interpreter reads any global)
@@ -357,24 +357,29 @@ ATTENTION_CONFIGS = [
 _PERSISTENT_PROGRAMS_PER_SM = 2
 
 
-def attention_config_fits(config: dict, block: int, head_dim: int, fp8: bool = False, descriptors: bool = False) -> bool:
+def attention_config_fits(config: dict, block: int, head_dim: int, fp8: bool = False, descriptors: bool = False,
+                          even_n: bool = False) -> bool:
     """Pruning predicate: a program's query rows and its key slice must lie inside one mask
     block (rows of one program share one mask row; a slice never straddles two key blocks);
     FP8 products need tiles of at least 64 rows and 32 keys (Hopper's FP8 matrix instructions);
     candidates with DESC_FLAGS are for the descriptor (Hopper) kernel only, and
-    ``fp8_only`` ones for FP8 inputs."""
+    ``fp8_only`` ones for FP8 inputs. With N a multiple of the block (``even_n``: no tail loop)
+    Triton's warp specialization (3.6, 3.7) fails to compile the 4-warp WARP_SPECIALIZE
+    candidates ("PassManager::run failed"), which the autotuner would not survive: left out."""
     del head_dim  # every config compiles for D in {64, 128}
     fits = config["BLOCK_M"] <= block and config["BLOCK_N"] <= block
     hopper_only = any(config.get(flag, False) for flag in DESC_FLAGS)
     if fp8:
         fits = fits and config["BLOCK_M"] >= 64 and config["BLOCK_N"] >= 32
+    if even_n and config.get("WARP_SPECIALIZE", False) and config["num_warps"] < 8:
+        fits = False
     return fits and (descriptors or not hopper_only) and (fp8 or not config.get("fp8_only", False))
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
     return [c for c in configs if attention_config_fits(c.all_kwargs(), args["BLOCK"], args["HEAD_DIM"],
-                                                        args.get("FP8", False), "desc_q" in args)]
+                                                        args.get("FP8", False), "desc_q" in args, args["EVEN_N"])]
 
 
 def _set_tile_shapes(nargs: dict) -> None:
@@ -499,7 +504,7 @@ def sm90_module():
 
 
 def sm90_kernel_runs(q: torch.Tensor, mask: BlockMask) -> bool:
-    """Whether a call without an order on describable tensors runs the Gluon kernel for Hopper:
+    """Whether a call on describable tensors, with or without an order, runs the Gluon kernel for Hopper:
     compute capability 9.x (its warpgroup MMAs are Hopper's alone), a Triton that builds it,
     float16 / bfloat16, D and the mask's block as it is built for."""
     if not (SM90_ENABLED and not interpreting() and q.is_cuda and cuda_properties(q.device).major == 9):
@@ -507,6 +512,37 @@ def sm90_kernel_runs(q: torch.Tensor, mask: BlockMask) -> bool:
     sm90 = sm90_module()
     return (sm90 is not None and q.dtype in sm90.SM90_DTYPES and q.shape[3] in sm90.SM90_HEAD_DIMS
             and mask.block == sm90.SM90_BLOCK)
+
+
+@triton.jit
+def _gather_kv_kernel(K, V, K_OUT, V_OUT, PERM, H, N, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                      HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows [r, r + BLOCK_R) of head program_id(1) of K_OUT and V_OUT ([B, H, N, D]-contiguous)
+    are rows PERM[r] of K and V (unit stride along D)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    src = tl.load(PERM + rows, mask=row_ok, other=0).to(tl.int64)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    cols = tl.arange(0, HEAD_DIM)[None, :]
+    dst = (bh.to(tl.int64) * N + rows[:, None]) * HEAD_DIM + cols
+    k = tl.load(K + b * stride_kb + h * stride_kh + src[:, None] * stride_kn + cols, mask=row_ok[:, None])
+    tl.store(K_OUT + dst, k, mask=row_ok[:, None])
+    v = tl.load(V + b * stride_vb + h * stride_vh + src[:, None] * stride_vn + cols, mask=row_ok[:, None])
+    tl.store(V_OUT + dst, v, mask=row_ok[:, None])
+
+
+def gather_kv(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ordered [B, H, N, D]-contiguous copies of k and v (unit stride along D, D a power of two):
+    row i of each is row perm[i], both in one launch of whole 16-byte rows (torch's
+    ``index_select`` moved these rows at about 1.2 TB/s on an H200: bench_kernels)."""
+    bsz, heads, n, d = k.shape
+    k_out, v_out = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (k, v))
+    block_r = 64
+    _gather_kv_kernel[(triton.cdiv(n, block_r), bsz * heads)](
+        k, v, k_out, v_out, perm, heads, n, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), HEAD_DIM=d, BLOCK_R=block_r, num_warps=4)
+    return k_out, v_out
 
 
 def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, return_lse: bool):
@@ -520,16 +556,19 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreting() else "tf32", FP8=False, FP8_PV=False,
     )
     no_scales = (mask.kv_num_blocks,) * 3  # placeholders: FP8 is off, nothing reads them
-    # Without an order the key blocks are contiguous rows: whole tiles through tensor descriptors.
-    # On Hopper the Gluon kernel moves them.
-    if perm is None and _descriptors(q, k, v, out):
-        if sm90_kernel_runs(q, mask):
-            counts, indices, _, bh_order = _mask_args(mask, None)
-            sm90_module().block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, bh_order,
-                                                          mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E,
-                                                          return_lse)
-        else:
-            _launch_desc_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
+    if sm90_kernel_runs(q, mask) and _descriptors(q, k, v, out):
+        # Hopper: the Gluon kernel. Its copy engine moves whole tiles of contiguous rows, so with
+        # an order k and v go in as ordered copies (one gather each, against a gather per kept
+        # block in the kernel); q's rows and the output's go through the order in the kernel.
+        if perm is not None:
+            k, v = gather_kv(k, v, perm)
+        counts, indices, _, bh_order = _mask_args(mask, None)
+        sm90_module().block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, perm, bh_order,
+                                                      mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E,
+                                                      return_lse)
+    elif perm is None and _descriptors(q, k, v, out):
+        # Without an order the key blocks are contiguous rows: whole tiles through tensor descriptors.
+        _launch_desc_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     else:
         _launch_pointer_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     return (out, lse) if return_lse else out
@@ -550,14 +589,20 @@ def _mask_args(mask: BlockMask, perm) -> tuple:
     return counts, mask.kv_indices.contiguous(), perm if perm is not None else counts, head_order(mask)
 
 
-def _launch_desc_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_scale: float, meta: dict) -> None:
-    """q, k, out [B, H, N, D] and v [B, H, N, D] (FP8_PV: [B, H, D, N]), all describable."""
+def desc_kernel_args(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_scale: float) -> tuple:
+    """The descriptor kernel's positional arguments (its launcher's, and what a compile-only
+    build for a Hopper target takes): q, k, out [B, H, N, D] and v [B, H, N, D] (FP8_PV:
+    [B, H, D, N]), all describable. Tile shapes are placeholders until _set_tile_shapes."""
     bsz, heads, n, d = q.shape
-    # placeholder tile shapes: _set_tile_shapes sets the launched config's
     descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, d]) for x in (q, k, v, out)]
     counts, indices, perm_arg, bh_order = _mask_args(mask, perm)
-    args = (*descs, out, lse, counts, indices, perm_arg, bh_order, *scales, out.stride(0), out.stride(1),
+    return (*descs, out, lse, counts, indices, perm_arg, bh_order, *scales, out.stride(0), out.stride(1),
             out.stride(2), heads, bsz * heads, n, mask.num_q_blocks, mask.num_kv_blocks, qk_scale)
+
+
+def _launch_desc_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_scale: float, meta: dict) -> None:
+    bsz, heads, n, d = q.shape
+    args = desc_kernel_args(q, k, v, out, lse, mask, perm, scales, qk_scale)
     _launch(_block_sparse_attention_desc_kernel, _TUNED_DESC_KERNEL, args, meta, n, bsz * heads, mask.block, d,
             q.device, pre_hook=_set_tile_shapes)
 
