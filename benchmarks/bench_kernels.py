@@ -75,9 +75,9 @@ TARGETS = {"sparse_vs_flex": 0.8, "eff_vs_cudnn": 0.95, "order_overhead": 1.03, 
 
 
 @contextlib.contextmanager
-def triton_descriptor_kernel():
-    """Calls without an order run the Triton descriptor kernel where the Gluon kernel for Hopper
-    would (the kernel it replaced there, timed beside it)."""
+def triton_kernels():
+    """The Triton kernels run where the Gluon kernel for Hopper would (the kernels it replaced
+    there, timed beside it): the descriptor kernel without an order, the pointer kernel with one."""
     jit_attention.SM90_ENABLED = False
     try:
         yield
@@ -151,7 +151,7 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts, rows: list, save) ->
             # what the Gluon kernel's launcher adds with an order: ordered copies of k and v
             g["order_gather_kv_ms"] = bench(lambda: jit_attention.gather_kv(k, v, perm))
             g["order_index_select_kv_ms"] = bench(lambda: (k.index_select(2, perm), v.index_select(2, perm)))
-            with triton_descriptor_kernel():
+            with triton_kernels():
                 # in Triton: the descriptor kernel (its config names the DESC_FLAGS that won), and
                 # with the order the pointer kernel
                 g["sparse_triton_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask))
@@ -175,7 +175,7 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts, rows: list, save) ->
             full = BlockMask.full(bsz, heads, n, BLOCK, device="cuda")
             row["full_mask_ms"] = bench(lambda: block_sparse_attention(q, k, v, full))
             row["full_mask_order_ms"] = bench(lambda: block_sparse_attention(q, k, v, full, order=order))
-            with triton_descriptor_kernel():
+            with triton_kernels():
                 row["full_mask_triton_ms"] = bench(lambda: block_sparse_attention(q, k, v, full))
             row["full_mask_tflops"] = dense_flops / row["full_mask_ms"] * 1e-9
             row["full_mask_vs_cudnn"] = row["full_mask_tflops"] / row["cudnn_tflops"]
@@ -241,7 +241,7 @@ def run_small(flex, gamma=0.3):
             row["cudnn_dense_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         calls = [("cached", cached), ("refresh", refresh), ("permuted", permuted)]
         for label, fn in calls + [(f"{label}_triton", fn) for label, fn in calls if label != "refresh"]:
-            with triton_descriptor_kernel() if label.endswith("_triton") else contextlib.nullcontext():
+            with triton_kernels() if label.endswith("_triton") else contextlib.nullcontext():
                 for mode, timed in (("eager", lambda: bench(fn)), ("graph", lambda: bench(graphed(fn)))):
                     try:
                         row[f"{label}_{mode}_ms"] = timed()
@@ -314,7 +314,7 @@ def run_candidates(name, gamma=0.2):
             calls["bf16_full_ms"] = lambda: block_sparse_attention(q, k, v, full)
         if jit_attention.attention_config_fits(cfg, BLOCK, d, fp8=True, descriptors=True):
             calls["fp8_pv_ms"] = lambda: block_sparse_attention(q, k, v, mask, precision="fp8_pv")
-        with check_gpu.only_descriptor_config(cfg), triton_descriptor_kernel():
+        with check_gpu.only_descriptor_config(cfg), triton_kernels():
             for key, call in calls.items():
                 try:
                     row[key] = bench(call)
