@@ -159,7 +159,9 @@ def main(argv=None) -> int:
                       f"{sc['dense_scaling']:.2f}x; DFSAttn over dense on {sc['gpus']}: {sc['dfsattn_vs_dense']:.2f}x")
         print(f"wrote {out}")
     if world > 1:
-        dist.destroy_process_group()
+        from dfsviz.capture.ranks import leave_world
+
+        leave_world()
     return 0
 
 

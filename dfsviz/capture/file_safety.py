@@ -29,6 +29,7 @@ __all__ = [
     "format_bytes",
     "glob_escape",
     "held_by_another_process",
+    "open_for_reading",
     "pad_truncated",
     "recorded_end",
     "run_difference",
@@ -300,6 +301,27 @@ class ZeroPaddedFile(io.RawIOBase):
     def close(self) -> None:
         self._file.close()
         super().close()
+
+
+def open_for_reading(path: Path):
+    """(h5py.File opened read-only, its ZeroPaddedFile or None): ``path`` as h5py opens it, or,
+    where a cut-off write left it shorter than it records (:func:`recorded_end`), through a
+    :class:`ZeroPaddedFile` (close that after the h5py file). Any other open error is raised
+    (OSError)."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r"), None
+    except OSError as exc:
+        end = recorded_end(path, str(exc))
+        if end is None:
+            raise
+    # A run killed (or stopped by a full disk) while it wrote a step: its completed steps are
+    # whole, and the missing tail is the open step's, which readers skip.
+    logger.warning("%s ends before the %d bytes it records (a run stopped mid-write): reading the missing tail as "
+                   "zeros; --resume repairs the file", path, end)
+    padded = ZeroPaddedFile(path, end)
+    return h5py.File(padded, "r"), padded
 
 
 def run_difference(stored: dict, run: dict, ignore=frozenset()) -> tuple[str, list[str]] | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import json
 import os
 import re
@@ -44,6 +45,7 @@ __all__ = [
     "check_same_run",
     "enable_ulysses",
     "join_world",
+    "leave_world",
     "on_rank_0",
     "together",
     "world_size",
@@ -256,18 +258,30 @@ def join_world(device: torch.device) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # left to interpreter teardown, gloo's worker threads can abort the process (SIGABRT,
         # "terminate called without an active exception") after the run has ended well
-        atexit.register(_leave_world)
+        atexit.register(leave_world)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank()
 
 
-def _leave_world() -> None:
-    """Destroy the process group :func:`join_world` started, if it still exists (at exit)."""
+def leave_world() -> None:
+    """Destroy the process groups of this process's world, if it still has one, and free them now
+    (:func:`join_world` registers this at exit; a script that started the world itself calls it
+    after its last collective, once it no longer holds the models it parallelised).
+
+    ``destroy_process_group`` only drops torch's own references: diffusers' device mesh keeps its
+    groups in ``DeviceMesh._pg_registry``, which the model's parallelism hooks hold in reference
+    cycles. Those are freed only by the garbage collector, and without this collection that is
+    Python's last one, run after the interpreter is marked finalizing: gloo's threads are then
+    torn down in the window where a thread that takes the GIL is ended by ``pthread_exit``, whose
+    unwinding through C++ ends in ``std::terminate`` ("terminate called without an active
+    exception", SIGABRT) on a loaded machine. Collected here, at exit's atexit at the latest, the
+    groups are destroyed and their threads joined while the interpreter is still whole."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def enable_ulysses(model: torch.nn.Module) -> UlyssesRanks:

@@ -10,7 +10,6 @@ selects nothing: masks, recall and density of a capture come from
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfsviz.capture.file_safety import ZeroPaddedFile, held_by_another_process, recorded_end
+from dfsviz.capture.file_safety import held_by_another_process, open_for_reading
 from dfsviz.capture.codes import decode
 from dfsviz.capture.schema import (
     AFFINE_SUFFIX,
@@ -49,8 +48,6 @@ from dfsviz.capture.validation import (
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = ["CaptureReader", "CaptureVideo", "StoredStats", "open_capture"]
-
-logger = logging.getLogger(__name__)
 
 
 def _open_error_message(path: Path, exc: OSError) -> str:
@@ -136,26 +133,16 @@ class CaptureReader:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import h5py
-
         from dfsviz._version import __version__
 
         self.path = Path(path)
         if not self.path.exists():
             raise ValueError(f"capture file {str(self.path)!r} does not exist")
-        self._padded = None  # the zero-padded view of a file a cut-off write left short, or None
         try:
-            self._f = h5py.File(self.path, "r")
+            # _padded: the zero-padded view of a file a cut-off write left short, or None
+            self._f, self._padded = open_for_reading(self.path)
         except OSError as exc:
-            end = recorded_end(self.path, str(exc))
-            if end is None:
-                raise ValueError(_open_error_message(self.path, exc)) from None
-            # A run killed (or stopped by a full disk) while it wrote a step: its completed steps
-            # are whole, and the missing tail is the open step's, which the reader skips.
-            logger.warning("%s ends before the %d bytes it records (a run stopped mid-write): reading the missing "
-                           "tail as zeros; --resume repairs the file", self.path, end)
-            self._padded = ZeroPaddedFile(self.path, end)
-            self._f = h5py.File(self._padded, "r")
+            raise ValueError(_open_error_message(self.path, exc)) from None
         try:
             attrs = self._f.attrs
             if attrs.get("format") != FORMAT_NAME:

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from accel_models import make_plan  # noqa: E402
 from dfsviz.accel import DFSConfig, apply_dfsattn  # noqa: E402
+from dfsviz.capture.ranks import leave_world  # noqa: E402
 from dfsviz.sparse.schedule import DFSSchedule  # noqa: E402
 from tiny_models import build_class  # noqa: E402
 
@@ -96,7 +97,8 @@ def main(out: pathlib.Path) -> None:
         model.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=dist.get_world_size()))
         results[case] = run(case, model)
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    del model  # its hooks hold diffusers' device mesh, and so the Ulysses groups, until leave_world collects them
+    leave_world()
 
 
 if __name__ == "__main__":

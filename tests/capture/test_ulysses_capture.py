@@ -23,6 +23,7 @@ import dfsviz
 import dfsviz.cli.capture  # noqa: F401  (registers the command on the group)
 import ulysses_worker as worker
 from dfsviz.capture import CaptureConfig, run_capture
+from dfsviz.capture.file_safety import open_for_reading
 from dfsviz.capture.ranks import check_degree
 from dfsviz.cli import main
 from launch import torchrun, torchrun_cli
@@ -49,19 +50,25 @@ def single(wan4, tmp_path_factory) -> Path:
 
 def _assert_same_maps(got: Path, want: Path, steps, rtol: float = 0.0) -> None:
     """Every dataset of ``steps`` equal (floats within ``rtol``: the reference ran in another process,
-    whose thread count may round the projections differently; float16 footprints within 1 ulp)."""
-    with h5py.File(got, "r") as a, h5py.File(want, "r") as b:
-        for step in steps:
-            key = f"steps/step_{step:04d}"
-            assert sorted(a[key]) == sorted(b[key])
-            for name in b[key]:
-                x, y = a[key][name][...], b[key][name][...]
-                assert x.dtype == y.dtype, f"{key}/{name} dtype"
-                if x.dtype.kind == "f" and rtol:
-                    tol = max(rtol, float(np.finfo(x.dtype).eps))
-                    np.testing.assert_allclose(x, y, rtol=tol, atol=tol, err_msg=f"{key}/{name}")
-                else:
-                    assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"{key}/{name} differs"
+    whose thread count may round the projections differently; float16 footprints within 1 ulp).
+    ``got`` may be a file a killed run cut off mid-write: it is read as dfsviz.open reads it."""
+    a, padded = open_for_reading(got)
+    try:
+        with a, h5py.File(want, "r") as b:
+            for step in steps:
+                key = f"steps/step_{step:04d}"
+                assert sorted(a[key]) == sorted(b[key])
+                for name in b[key]:
+                    x, y = a[key][name][...], b[key][name][...]
+                    assert x.dtype == y.dtype, f"{key}/{name} dtype"
+                    if x.dtype.kind == "f" and rtol:
+                        tol = max(rtol, float(np.finfo(x.dtype).eps))
+                        np.testing.assert_allclose(x, y, rtol=tol, atol=tol, err_msg=f"{key}/{name}")
+                    else:
+                        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"{key}/{name} differs"
+    finally:
+        if padded is not None:
+            padded.close()
 
 
 def test_two_rank_capture_equals_the_single_process_capture(wan4, single, tmp_path):

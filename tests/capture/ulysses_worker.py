@@ -50,7 +50,10 @@ def record_loop(model: str, out: str, parallel: bool) -> None:
             wan_loop(transformer, scheduler, 3, embeds(10), embeds(11), 5.0)
     assert rec.result.wrote == (not parallel or dist.get_rank() == 0)
     if parallel:
-        dist.destroy_process_group()  # before interpreter teardown, where gloo's threads can abort
+        from dfsviz.capture.ranks import leave_world
+
+        del transformer, rec  # they hold diffusers' device mesh, and so the Ulysses groups
+        leave_world()  # before interpreter teardown, where gloo's threads can abort
 
 
 def main(model: str, out: str, mode: str) -> None:
