@@ -56,8 +56,7 @@ def desc(n: int, d: int) -> list[dict]:
     jit = importlib.import_module("dfsviz.kernels._jit.attention")
     q = torch.zeros(2, 3, n, d, dtype=torch.bfloat16)
     mask = BlockMask.full(2, 3, n, 128)
-    meta = dict(HEAD_DIM=d, BLOCK=128, HAS_ORDER=False, RETURN_LSE=False, EVEN_N=n % 128 == 0, UPCAST=False,
-                DOT_PRECISION="tf32", FP8=False, FP8_PV=False)
+    meta = jit.kernel_meta(q.dtype, d, n, 128, has_order=False, return_lse=False)
     args = jit.desc_kernel_args(q, q, q, q, q, mask, None, (mask.kv_num_blocks,) * 3, 0.125)
     kernel = jit._block_sparse_attention_desc_kernel
     built = []

@@ -22,7 +22,7 @@ from dfsviz.sparse.masks import BlockMask
 logger = logging.getLogger(__name__)
 
 __all__ = ["ATTENTION_CONFIGS", "DESC_FLAGS", "attention_config_fits", "block_sparse_attention_fp8_fwd",
-           "block_sparse_attention_fwd", "desc_kernel_args", "gather_kv", "head_order"]
+           "block_sparse_attention_fwd", "desc_kernel_args", "gather_kv", "head_order", "kernel_meta"]
 
 _LOG2E = 1.4426950408889634
 # a global read inside a compiled kernel must be a constexpr (the interpreter reads any global)
@@ -545,17 +545,20 @@ def gather_kv(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor) -> tuple[tor
     return k_out, v_out
 
 
+def kernel_meta(dtype: torch.dtype, d: int, n: int, block: int, has_order: bool, return_lse: bool, fp8: bool = False,
+                fp8_pv: bool = False) -> dict:
+    """The constexpr arguments of the pointer and descriptor kernels for inputs of ``dtype``
+    (the caller's q, also for FP8 calls), head dim ``d``, ``n`` tokens and the mask's ``block``.
+    The interpreter's 16-bit dot is wrong, so there products run in float32 (UPCAST, "ieee")."""
+    return dict(HEAD_DIM=d, BLOCK=block, HAS_ORDER=has_order, RETURN_LSE=return_lse, EVEN_N=n % block == 0,
+                UPCAST=interpreting() and dtype != torch.float32,
+                DOT_PRECISION="ieee" if dtype == torch.float32 or interpreting() else "tf32", FP8=fp8, FP8_PV=fp8_pv)
+
+
 def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, return_lse: bool):
     """Launch on validated inputs: q, k, v [B, H, N, D] with unit stride along D and heads
     spanning < 2**31 elements, ``perm`` int32 [N] on their device or None, ``scale`` resolved."""
-    n, d = q.shape[2], q.shape[3]
     out, lse = _outputs(q, return_lse)
-    meta = dict(
-        HEAD_DIM=d, BLOCK=mask.block, HAS_ORDER=perm is not None, RETURN_LSE=return_lse, EVEN_N=n % mask.block == 0,
-        UPCAST=interpreting() and q.dtype != torch.float32,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreting() else "tf32", FP8=False, FP8_PV=False,
-    )
-    no_scales = (mask.kv_num_blocks,) * 3  # placeholders: FP8 is off, nothing reads them
     if sm90_kernel_runs(q, mask) and _descriptors(q, k, v, out):
         # Hopper: the Gluon kernel. Its copy engine moves whole tiles of contiguous rows, so with
         # an order k and v go in as ordered copies (one gather each, against a gather per kept
@@ -566,7 +569,10 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
         sm90_module().block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, perm, bh_order,
                                                       mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E,
                                                       return_lse)
-    elif perm is None and _descriptors(q, k, v, out):
+        return (out, lse) if return_lse else out
+    meta = kernel_meta(q.dtype, q.shape[3], q.shape[2], mask.block, perm is not None, return_lse)
+    no_scales = (mask.kv_num_blocks,) * 3  # placeholders: FP8 is off, nothing reads them
+    if perm is None and _descriptors(q, k, v, out):
         # Without an order the key blocks are contiguous rows: whole tiles through tensor descriptors.
         _launch_desc_kernel(q, k, v, out, lse, mask, perm, no_scales, scale * _LOG2E, meta)
     else:
@@ -637,9 +643,7 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
     n, d = v.shape[2], v.shape[3]
     out, lse = _outputs(out_like, return_lse)
     fp8_pv = v_scale is not None
-    meta = dict(HEAD_DIM=d, BLOCK=mask.block, HAS_ORDER=perm is not None, RETURN_LSE=return_lse,
-                EVEN_N=n % mask.block == 0, UPCAST=interpreting(), DOT_PRECISION="ieee" if interpreting() else "tf32",
-                FP8=True, FP8_PV=fp8_pv)
+    meta = kernel_meta(out_like.dtype, d, n, mask.block, perm is not None, return_lse, fp8=True, fp8_pv=fp8_pv)
     scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
     v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
     if (fp8_pv or perm is None) and _descriptors(quant.q8, quant.k8, v_tiles, out):

@@ -185,6 +185,8 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, q_bufs, k_bufs, v_bufs, q_ready, k_read
     out = (acc / l_safe[:, None]).to(dtype)
     lse = (m_i + gl.log2(l_i)) * _LN2  # log2 domain back to natural log
     if HAS_ORDER:
+        # the rows' positions again: keeping them from the Q gather through the loop, which uses
+        # all the consumers' registers, spills more (76 bytes against 32 at D 128)
         dst, in_range = _original_rows(PERM, row0 + HALF * _ROWS, N, IO_LAYOUT)
         rows = _row_pointers(OUT, b, h, dst, stride_ob, stride_oh, stride_on, HEAD_DIM, IO_LAYOUT)
         gl.store(rows, gl.convert_layout(out, IO_LAYOUT), mask=in_range[:, None])
