@@ -9,10 +9,11 @@ order, LSE), agreement with FlexAttention on ``mask.to_flex_block_mask()``, NaN 
 query row staying in that row, the ValueErrors at the boundary, FP8 attention (against float64
 of its dequantized inputs, the simulation and the unquantized inputs; with P . V in FP8 too,
 against its simulation and the unquantized inputs; each check names the kernel that ran and
-fails if it is not the one docs/kernels.md says runs: the descriptor kernel on Hopper for "fp8"
-without an order and "fp8_pv", the pointer kernel for "fp8" with an order, a v that is not
-16-byte aligned, and without a copy engine), each persistent / warp-specialized autotune
-candidate on its own, each descriptor candidate with FP8 on its own (``--only fp8_candidates``),
+fails if it is not the one docs/kernels.md says runs: the Gluon kernel on Hopper, the
+descriptor kernel after Hopper for "fp8" without an order and "fp8_pv", the pointer kernel for a
+v that is not 16-byte aligned and without a copy engine), each persistent / warp-specialized
+autotune candidate on its own, each descriptor candidate with FP8 on its own (``--only
+fp8_candidates``; both candidate groups with the Gluon kernel off),
 the GPU-only pytest cases (``-m cuda``: no host sync, CUDA-graph replay of scoring and
 attention), fused block scoring
 (dfs_tile, meanpool), the streaming block statistics and Wan's fused QK-RMSNorm + RoPE
@@ -262,12 +263,17 @@ def _without_copy_engine():
 
 
 def _fp8_kernel(precision: str, order, v) -> str:
-    """The kernel docs/kernels.md says runs FP8 on this GPU: descriptors on Hopper where every
-    input's key blocks are contiguous rows ("fp8_pv" always, "fp8" without an order) and v is
-    16-byte aligned, else pointers."""
-    hopper = torch.cuda.get_device_capability()[0] >= 9
-    rows = precision == "fp8_pv" or (order is None and v.data_ptr() % 16 == 0)
-    return DESC if hopper and rows else POINTER
+    """The kernel docs/kernels.md says runs FP8 on this GPU (D 64 / 128, block 128): on Hopper the
+    Gluon kernel where the tensors it reads are describable ("fp8_pv" always: its v is a
+    quantized copy; "fp8" with a 16-byte aligned v); after Hopper descriptors where every input's
+    key blocks are contiguous rows ("fp8_pv" always, "fp8" without an order and an aligned v);
+    else pointers."""
+    major = torch.cuda.get_device_capability()[0]
+    aligned = precision == "fp8_pv" or v.data_ptr() % 16 == 0
+    if major == 9 and aligned and jit_attention.SM90_ENABLED:
+        return SM90
+    rows = precision == "fp8_pv" or (order is None and aligned)
+    return DESC if major >= 9 and rows else POINTER
 
 
 def _attention_kernel(q, order) -> str:
@@ -383,8 +389,21 @@ def check_cuda_tests(results):
 
 
 @contextlib.contextmanager
+def triton_kernels():
+    """The Triton kernels run where the Gluon kernel for Hopper would (the kernels it replaced
+    there): the descriptor kernel without an order, the pointer kernel with one (FP8: as on a GPU
+    after Hopper)."""
+    jit_attention.SM90_ENABLED = False
+    try:
+        yield
+    finally:
+        jit_attention.SM90_ENABLED = True
+
+
+@contextlib.contextmanager
 def only_descriptor_config(cfg: dict):
-    """The descriptor kernel's autotuner restricted to one ``ATTENTION_CONFIGS`` entry (no tuning)."""
+    """The descriptor kernel's autotuner restricted to one ``ATTENTION_CONFIGS`` entry (no
+    tuning), with the Gluon kernel off so that the descriptor kernel runs on Hopper too."""
     import triton
 
     tuned = jit_attention._TUNED_DESC_KERNEL
@@ -396,7 +415,8 @@ def only_descriptor_config(cfg: dict):
     tuned.configs = [one]
     tuned.cache.clear()
     try:
-        yield
+        with triton_kernels():
+            yield
     finally:
         tuned.configs = saved
         tuned.cache.clear()

@@ -59,13 +59,14 @@ _LOG2E = 1.4426950408889634
 
 
 def _pow2_scales(amax: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two 2^e with amax / 2^e <= 448 (1 where amax is 0; amax where it
-    is not finite, so NaN and inf flow on)."""
-    # frexp gives amax / 448 = f 2^p with f in [0.5, 1), so 2^p suffices and 2^(p - 1) too when
-    # f is exactly 0.5.
-    frac, exp = torch.frexp(amax / FP8_MAX)
-    exp = torch.where(frac == 0.5, exp - 1, exp)
-    scales = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exp), torch.ones_like(amax))
+    """The smallest power of two 2^e with amax / 2^e <= 448 (1 where amax is 0 or 2^e is below
+    float32's range; amax where it is not finite, so NaN and inf flow on)."""
+    # From amax's own exponent and mantissa, exact for a subnormal amax too (amax / 448 would
+    # round there): amax = f 2^p with f in [0.5, 1), and 448 = 0.875 x 2^9, so 2^(p - 9) suffices
+    # unless f > 0.875, which takes 2^(p - 8).
+    frac, exp = torch.frexp(amax)
+    scales = torch.ldexp(torch.ones_like(amax), exp - 9 + (frac > 0.875).to(exp.dtype))
+    scales = torch.where((amax > 0) & (scales > 0), scales, torch.ones_like(amax))
     return torch.where(torch.isfinite(amax), scales, amax)
 
 

@@ -3,10 +3,11 @@ to, as JSON (run by test_attention_sm90.py in a process of its own: Triton's int
 the test process runs, turns Triton's library functions into interpreted ones that Gluon's
 compiler cannot call).
 
-    TRITON_INTERPRET=0 python tests/kernels/sm90_build.py gluon N D DTYPE RETURN_LSE ORDER
+    TRITON_INTERPRET=0 python tests/kernels/sm90_build.py gluon N D DTYPE RETURN_LSE ORDER [PRECISION]
     TRITON_INTERPRET=0 python tests/kernels/sm90_build.py desc N D
 
-"gluon": the Gluon kernel for these inputs. "desc": every WARP_SPECIALIZE candidate of the
+"gluon": the Gluon kernel for these inputs, PRECISION "native" (the default), "fp8" or "fp8_pv"
+(e4m3 q and k, and v with "fp8_pv", as the FP8 launcher passes them; DTYPE is the output's). "desc": every WARP_SPECIALIZE candidate of the
 Triton descriptor kernel that the autotuner keeps for N (bfloat16, no order), each built on its own.
 """
 
@@ -37,16 +38,27 @@ class HopperTarget:
         return torch.device("cpu")
 
 
-def gluon(n: int, d: int, dtype: torch.dtype, return_lse: bool, order: bool) -> dict:
+def gluon(n: int, d: int, dtype: torch.dtype, return_lse: bool, order: bool, precision: str = "native") -> dict:
     sm90 = importlib.import_module("dfsviz.kernels._jit.attention_sm90")
     bsz, heads, block = 2, 3, sm90.SM90_BLOCK
-    q = torch.zeros(bsz, n, heads, d, dtype=dtype).transpose(1, 2)  # diffusers' [B, N, H, D] memory
+    q = k = v = torch.zeros(bsz, n, heads, d, dtype=dtype).transpose(1, 2)  # diffusers' [B, N, H, D] memory
     m = -(-n // block)
+    scales = None
+    if precision != "native":  # ordered, contiguous e4m3 copies with their scales
+        q = k = torch.zeros(bsz, heads, n, d, dtype=torch.float8_e4m3fn)
+        v_scale = None
+        if precision == "fp8_pv":  # the [B, N, H, D] view of a [B, H, D, N'] buffer
+            v = torch.zeros(bsz, heads, d, -(-n // 16) * 16, dtype=torch.float8_e4m3fn)[..., :n].transpose(-1, -2)
+            v_scale = torch.ones(bsz, heads, d)
+        else:
+            v = torch.zeros(bsz, heads, n, d, dtype=dtype)
+        scales = (torch.ones(bsz, heads, m), torch.ones(bsz, heads, m), v_scale)
+    out = torch.zeros(bsz, n, heads, d, dtype=dtype).transpose(1, 2)
     mask = BlockMask.full(bsz, heads, n, block)
     perm = torch.randperm(n).to(torch.int32) if order else None
-    grid, args, meta = sm90.sm90_launch_args(q, q, q, torch.empty_like(q), torch.zeros(bsz, heads, n),
-                                             mask.kv_num_blocks, mask.kv_indices, perm,
-                                             torch.arange(bsz * heads, dtype=torch.int32), m, m, 0.125, return_lse)
+    grid, args, meta = sm90.sm90_launch_args(q, k, v, out, torch.zeros(bsz, heads, n), mask.kv_num_blocks,
+                                             mask.kv_indices, perm, torch.arange(bsz * heads, dtype=torch.int32), m,
+                                             m, 0.125, return_lse, scales)
     kernel = sm90._block_sparse_attention_sm90_kernel.warmup(*args, grid=grid, **meta)
     return {"grid": list(grid), "ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared,
             "cubin": "cubin" in kernel.asm}
@@ -77,8 +89,8 @@ def desc(n: int, d: int) -> list[dict]:
 if __name__ == "__main__":
     driver.set_active(HopperTarget())
     if sys.argv[1] == "gluon":
-        n, d, dtype, lse, order = sys.argv[2:]
-        print(json.dumps(gluon(int(n), int(d), getattr(torch, dtype), lse == "1", order == "1")))
+        n, d, dtype, lse, order, *precision = sys.argv[2:]
+        print(json.dumps(gluon(int(n), int(d), getattr(torch, dtype), lse == "1", order == "1", *precision)))
     else:
         n, d = sys.argv[2:]
         print(json.dumps(desc(int(n), int(d))))

@@ -33,9 +33,10 @@ def _built(*argv: str):
     return json.loads(run.stdout)
 
 
-def _compiled(n: int, d: int, dtype: str, return_lse: bool, order: bool) -> dict:
-    """What the kernel compiles to for sm_90 on inputs in diffusers' [B, N, H, D] memory (B 2, H 3)."""
-    return _built("gluon", str(n), str(d), dtype, "1" if return_lse else "0", "1" if order else "0")
+def _compiled(n: int, d: int, dtype: str, return_lse: bool, order: bool, precision: str = "native") -> dict:
+    """What the kernel compiles to for sm_90 on inputs in diffusers' [B, N, H, D] memory (B 2, H 3;
+    FP8: e4m3 q and k, and v with "fp8_pv", as the FP8 launcher passes them)."""
+    return _built("gluon", str(n), str(d), dtype, "1" if return_lse else "0", "1" if order else "0", precision)
 
 
 @pytest.mark.parametrize("n, d, dtype, return_lse, order", [
@@ -61,10 +62,34 @@ def test_kernel_compiles_for_hopper_with_its_schedule(n, d, dtype, return_lse, o
     assert kernel["cubin"]  # ptxas accepted it
 
 
+@pytest.mark.parametrize("n, d, pv, order", [
+    (1000, 128, True, True),  # e4m3 P . V, output stored through the order
+    (1024, 64, True, False),
+    (1000, 128, False, True),  # P . V in bfloat16 on the launcher's ordered copy of v
+], ids=["fp8_pv-n1000-d128-order", "fp8_pv-n1024-d64", "fp8-n1000-d128-order"])
+def test_fp8_kernel_compiles_for_hopper_with_its_schedule(n, d, pv, order):
+    kernel = _compiled(n, d, "bfloat16", True, order, "fp8_pv" if pv else "fp8")
+    ptx = kernel["ptx"]
+    assert kernel["grid"] == [-(-n // 128), 2 * 3]
+    # Q . K^T in e4m3 (32 keys' channels a step), P . V in e4m3 or bfloat16, asynchronous as without FP8
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
+    assert (f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.bf16.bf16" in ptx) == (not pv)
+    if d != 128:  # (at D 128 P . V's instruction reads as Q . K^T's)
+        assert (f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3" in ptx) == pv
+    assert "wgmma.wait_group.sync.aligned 1" in ptx
+    assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == pv  # P rounded to e4m3, to nearest even
+    assert ("cvt.rpi" in ptx) == pv  # the running max rounded up to an integer
+    assert "cp.async.bulk.tensor" in ptx and "ld.global.v4" not in ptx  # every input is an ordered copy: TMA
+    assert "st.global.v4" in ptx  # output rows by plain stores (an e4m3 tile cannot stage them)
+    assert kernel["shared"] <= HOPPER_SHARED_BYTES
+    assert kernel["cubin"]
+
+
 @pytest.mark.parametrize("n, d", [(300, 128), (256, 64)], ids=["ragged-d128", "d64"])
 def test_the_launcher_s_ordered_copies_of_k_and_v_hold_the_order_s_rows(n, d):
     """With an order, the Gluon kernel's launcher hands it ordered copies of k and v (its copy
-    engine moves whole tiles of contiguous rows): row i of each is row perm[i]."""
+    engine moves whole tiles of contiguous rows), or of v alone ("fp8": q and k are quantized
+    into ordered copies): row i of each is row perm[i]."""
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2, n, 3, d, generator=gen).to(torch.bfloat16).transpose(1, 2) for _ in range(2))
     perm = torch.randperm(n, generator=gen).to(torch.int32)
@@ -72,6 +97,8 @@ def test_the_launcher_s_ordered_copies_of_k_and_v_hold_the_order_s_rows(n, d):
     for x, x_out in ((k, k_out), (v, v_out)):
         assert x_out.is_contiguous() and x_out.dtype == x.dtype
         assert torch.equal(x_out, x.index_select(2, perm))
+    none, v_alone = jit_attention.gather_kv(None, v, perm)
+    assert none is None and torch.equal(v_alone, v_out)
 
 
 def test_every_warp_specialized_descriptor_candidate_kept_for_an_even_n_compiles():

@@ -310,7 +310,8 @@ def test_diffusers_layout(backend):
 def test_the_fused_quantization_kernel_equals_the_simulation_bit_for_bit(dtype, ordered, device):
     """One Triton pass per tensor (the FP8 kernel's inputs) against quantize_qk_fp8's PyTorch
     ops: the same e4m3 bytes, scales and key mean, over blocks spanning 2^-20 .. 2^12 in size,
-    a rounding tie, a zero block, an inf key and a NaN query, a ragged last block."""
+    a block of subnormal values on the GPU (a subnormal scale, in bfloat16), a rounding tie, a zero block,
+    an inf key and a NaN query, a ragged last block."""
     from dfsviz.kernels._jit.fp8 import quantize_qk_fp8_fwd
 
     gen = torch.Generator().manual_seed(3)
@@ -319,6 +320,8 @@ def test_the_fused_quantization_kernel_equals_the_simulation_bit_for_bit(dtype, 
     size = torch.logspace(-20, 12, n, base=2.0)[None, None, :, None]
     q, k = q * size, k * size.flip(2)
     q[0, 0, 16:32] = 0.0  # a zero block
+    if device == "cuda":  # (the interpreter converts subnormal bfloat16 to float32 wrongly)
+        q[0, 1, 48:64] = torch.randn(16, d, generator=gen) * 2.0**-130  # subnormal (zeros in float16)
     q[0, 1, 40, 3] = 448.0 * 2**-5 * 1.0625  # an e4m3 rounding tie (between 2 steps) once scaled
     k[0, 1, 100, 0] = float("inf")
     q[0, 0, 200, 7] = float("nan")
@@ -365,14 +368,17 @@ def test_v_channel_scales_are_the_smallest_powers_of_two_that_fit():
 @pytest.mark.parametrize("ordered", [False, True])
 def test_the_fused_v_quantization_equals_the_simulation_bit_for_bit(dtype, ordered, device):
     """The Triton V pass against quantize_v_fp8: the same e4m3 values and channel scales over
-    channels spanning 2^-20 .. 2^12, a zero channel, a NaN and an inf, a ragged last program;
-    stored transposed (stride 1 along N, rows padded to 16 bytes)."""
+    channels spanning 2^-20 .. 2^12, a channel of subnormal values on the GPU (a subnormal scale,
+    in bfloat16), a zero channel, a NaN and an inf, a ragged last program; stored transposed
+    (stride 1 along N, rows padded to 16 bytes)."""
     from dfsviz.kernels._jit.fp8 import quantize_v_fp8_fwd
 
     gen = torch.Generator().manual_seed(9)
     n, d = GRID_217.num_tokens, 64
     v = torch.randn(2, 2, n, d, generator=gen) * torch.logspace(-20, 12, d, base=2.0)
     v[0, 0, :, 3] = 0.0
+    if device == "cuda":  # (the interpreter converts subnormal bfloat16 to float32 wrongly)
+        v[1, 0, :, 9] = torch.randn(n, generator=gen) * 2.0**-130
     v[1, 1, 17, 5] = float("nan")
     v[1, 0, 20, 6] = float("inf")
     v = v.to(device, dtype)

@@ -504,9 +504,10 @@ def sm90_module():
 
 
 def sm90_kernel_runs(q: torch.Tensor, mask: BlockMask) -> bool:
-    """Whether a call on describable tensors, with or without an order, runs the Gluon kernel for Hopper:
-    compute capability 9.x (its warpgroup MMAs are Hopper's alone), a Triton that builds it,
-    float16 / bfloat16, D and the mask's block as it is built for."""
+    """Whether a call on describable tensors, with or without an order, native or FP8 (``q`` the
+    caller's float16 / bfloat16 input), runs the Gluon kernel for Hopper: compute capability 9.x
+    (its warpgroup MMAs are Hopper's alone), a Triton that builds it, float16 / bfloat16, D and
+    the mask's block as it is built for."""
     if not (SM90_ENABLED and not interpreting() and q.is_cuda and cuda_properties(q.device).major == 9):
         return False
     sm90 = sm90_module()
@@ -516,9 +517,9 @@ def sm90_kernel_runs(q: torch.Tensor, mask: BlockMask) -> bool:
 
 @triton.jit
 def _gather_kv_kernel(K, V, K_OUT, V_OUT, PERM, H, N, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                      HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Rows [r, r + BLOCK_R) of head program_id(1) of K_OUT and V_OUT ([B, H, N, D]-contiguous)
-    are rows PERM[r] of K and V (unit stride along D)."""
+                      HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, HAS_K: tl.constexpr):
+    """Rows [r, r + BLOCK_R) of head program_id(1) of K_OUT (with HAS_K) and V_OUT
+    ([B, H, N, D]-contiguous) are rows PERM[r] of K and V (unit stride along D)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     src = tl.load(PERM + rows, mask=row_ok, other=0).to(tl.int64)
@@ -526,22 +527,25 @@ def _gather_kv_kernel(K, V, K_OUT, V_OUT, PERM, H, N, stride_kb, stride_kh, stri
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = tl.arange(0, HEAD_DIM)[None, :]
     dst = (bh.to(tl.int64) * N + rows[:, None]) * HEAD_DIM + cols
-    k = tl.load(K + b * stride_kb + h * stride_kh + src[:, None] * stride_kn + cols, mask=row_ok[:, None])
-    tl.store(K_OUT + dst, k, mask=row_ok[:, None])
+    if HAS_K:
+        k = tl.load(K + b * stride_kb + h * stride_kh + src[:, None] * stride_kn + cols, mask=row_ok[:, None])
+        tl.store(K_OUT + dst, k, mask=row_ok[:, None])
     v = tl.load(V + b * stride_vb + h * stride_vh + src[:, None] * stride_vn + cols, mask=row_ok[:, None])
     tl.store(V_OUT + dst, v, mask=row_ok[:, None])
 
 
-def gather_kv(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ordered [B, H, N, D]-contiguous copies of k and v (unit stride along D, D a power of two):
-    row i of each is row perm[i], both in one launch of whole 16-byte rows (torch's
-    ``index_select`` moved these rows at about 1.2 TB/s on an H200: bench_kernels)."""
-    bsz, heads, n, d = k.shape
-    k_out, v_out = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (k, v))
+def gather_kv(k: torch.Tensor | None, v: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Ordered [B, H, N, D]-contiguous copies of k and v (unit stride along D, D a power of two;
+    k None: v's alone): row i of each is row perm[i], in one launch of whole 16-byte rows
+    (torch's ``index_select`` moved these rows at about 1.2 TB/s on an H200: bench_kernels)."""
+    bsz, heads, n, d = v.shape
+    v_out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    k_out = None if k is None else torch.empty_like(k, memory_format=torch.contiguous_format)
+    k_arg = (k, k_out) if k is not None else (v, v_out)  # placeholders without k: nothing reads them
     block_r = 64
     _gather_kv_kernel[(triton.cdiv(n, block_r), bsz * heads)](
-        k, v, k_out, v_out, perm, heads, n, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), HEAD_DIM=d, BLOCK_R=block_r, num_warps=4)
+        k_arg[0], v, k_arg[1], v_out, perm, heads, n, k_arg[0].stride(0), k_arg[0].stride(1), k_arg[0].stride(2),
+        v.stride(0), v.stride(1), v.stride(2), HEAD_DIM=d, BLOCK_R=block_r, HAS_K=k is not None, num_warps=4)
     return k_out, v_out
 
 
@@ -635,17 +639,29 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
     ``out_like`` (the caller's v). The LSE comes back without the smoothing shift (the caller
     adds ``quant.lse_shift``).
 
-    The descriptor kernel runs where it runs for bfloat16 (a copy engine, describable tensors)
-    when the key blocks are contiguous rows of every input: always with "fp8_pv" (q8, k8 and v8
-    are ordered copies; the output is stored through ``perm``), without an order with "fp8".
-    "fp8" with an order keeps the pointer kernel, which gathers v's rows through ``perm``:
-    Hopper's copy engine moves boxes, not gathered rows."""
+    On Hopper the Gluon kernel runs where it runs for bfloat16 (D, block, describable tensors),
+    "fp8" with an order on an ordered copy of v. Elsewhere the descriptor kernel runs where it
+    runs for bfloat16 (a copy engine, describable tensors) when the key blocks are contiguous rows
+    of every input: always with "fp8_pv" (q8, k8 and v8 are ordered copies; the output is stored
+    through ``perm``), without an order with "fp8". "fp8" with an order keeps the pointer kernel
+    there, which gathers v's rows through ``perm``: the copy engine moves boxes, not gathered rows."""
     n, d = v.shape[2], v.shape[3]
     out, lse = _outputs(out_like, return_lse)
     fp8_pv = v_scale is not None
+    v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
+    if sm90_kernel_runs(out_like, mask) and _descriptors(quant.q8, quant.k8, v_tiles, out):
+        # Hopper: the Gluon kernel. Its copy engine moves key blocks of contiguous rows: q8, k8
+        # and "fp8_pv"'s v8 are ordered copies already; "fp8" with an order gets one of v.
+        if perm is not None and not fp8_pv:
+            _, v = gather_kv(None, v, perm)
+        counts, indices, _, bh_order = _mask_args(mask, None)
+        sm90_module().block_sparse_attention_sm90_fwd(quant.q8, quant.k8, v, out, lse, counts, indices, perm,
+                                                      bh_order, mask.num_q_blocks, mask.num_kv_blocks,
+                                                      scale * _LOG2E, return_lse,
+                                                      scales=(quant.q_scale, quant.k_scale, v_scale))
+        return (out, lse) if return_lse else out
     meta = kernel_meta(out_like.dtype, d, n, mask.block, perm is not None, return_lse, fp8=True, fp8_pv=fp8_pv)
     scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
-    v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
     if (fp8_pv or perm is None) and _descriptors(quant.q8, quant.k8, v_tiles, out):
         _launch_desc_kernel(quant.q8, quant.k8, v_tiles, out, lse, mask, perm, scales, scale * _LOG2E, meta)
     else:

@@ -18,12 +18,22 @@ Inputs as the Triton descriptor kernel takes them: q, k, v, out [B, H, N, D] (an
 strides, unit stride along D) in float16 / bfloat16, D in {64, 128}, the mask's block 128. With a
 token order the copy engine, which moves boxes and not rows gathered through a permutation, still
 moves K and V: the launcher passes ordered copies of them; each consumer gathers its query rows
-through the order with plain loads and stores its output rows back the same way. The launcher in
-``dfsviz.kernels._jit.attention`` chooses this kernel on compute capability 9.x, with Triton 3.6
-or later (imported only then).
+through the order with plain loads and stores its output rows back the same way.
+
+FP8 (``dfsviz.kernels.fp8``): q and k are ordered e4m3 copies with one power-of-two scale per
+block, folded into the softmax scale (the query block's once, each key block's per step); with
+``fp8_pv`` v is an ordered e4m3 copy stored transposed ([B, H, D, N], stride 1 along N: Hopper's
+FP8 MMAs take P . V's second operand so) with one scale per channel, and P is rounded to e4m3 as
+P_SCALE * exp2(t - M) against the running row max M rounded up to an integer (P_SCALE folded into
+the exponent), as the PyTorch simulation rounds it; otherwise v is float16 / bfloat16 (ordered)
+and P . V runs in that dtype. Every FP8 output row is stored with plain stores (through the order
+when there is one). The launcher in ``dfsviz.kernels._jit.attention`` chooses this kernel on
+compute capability 9.x, with Triton 3.6 or later (imported only then).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from triton.experimental import gluon
@@ -37,6 +47,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from dfsviz.kernels.fp8 import P_SCALE
+
 __all__ = ["SM90_BLOCK", "SM90_DTYPES", "SM90_HEAD_DIMS", "block_sparse_attention_sm90_fwd", "sm90_launch_args"]
 
 #: What the kernel is built for: the mask's block (one CTA's query rows and one key tile),
@@ -44,13 +56,20 @@ __all__ = ["SM90_BLOCK", "SM90_DTYPES", "SM90_HEAD_DIMS", "block_sparse_attentio
 SM90_BLOCK = 128
 SM90_HEAD_DIMS = (64, 128)
 SM90_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+# what the copy engine moves: the 16-bit inputs, and e4m3 for the FP8 calls
+_DESCRIBED_DTYPES = SM90_DTYPES | {torch.float8_e4m3fn: gl.float8e4nv}
 
 # Rows per consumer warpgroup: Hopper's warpgroup MMA multiplies 64-row tiles.
 _ROWS = gl.constexpr(64)
 _LN2 = gl.constexpr(0.6931471805599453)
+# FP8_PV's P is exp2(t - M + log2(P_SCALE)): P_SCALE (a power of two) folded into the exponent
+_LOG2_P_SCALE = gl.constexpr(math.log2(P_SCALE))
 # Shared-memory stages of K and V: two stages of two 128-row tiles at D 128 are 128 KB, beside
-# the 32 KB of Q (the H200 has 227 KB per CTA).
+# the 32 KB of Q (the H200 has 227 KB per CTA). e4m3 tiles are half the bytes: FP8 calls take a
+# third stage (a sweep of 2, 3 and 4 stages on one H200 at Wan2.1-14B 720p, gamma 0.2: "fp8" ran
+# 7 % faster with the third, "fp8_pv" the same; the fourth added nothing).
 _NUM_STAGES = 2
+_FP8_NUM_STAGES = 3
 # Registers per thread: 12 warps (two consumer warpgroups, the loader's warpgroup) share the
 # 64 K registers of a multiprocessor at 168 each; the loader gives most of its share away.
 _MAXNREG = 168
@@ -60,11 +79,12 @@ _LOADER_REGS = 24
 
 @gluon.jit
 def _loader(desc_q, desc_k, desc_v, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-            b, h, row0, idx_ptr, num_kv, BLOCK: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_ORDER: gl.constexpr):
-    """The copy partition: both consumers' Q tiles (without an order: with one, each consumer
-    gathers its own), then K and V of each kept key block into stage j % NUM_STAGES once both
-    consumers released that stage's previous tiles."""
-    if not HAS_ORDER:
+            b, h, row0, idx_ptr, num_kv, BLOCK: gl.constexpr, NUM_STAGES: gl.constexpr, GATHER_Q: gl.constexpr,
+            V_TRANSPOSED: gl.constexpr):
+    """The copy partition: both consumers' Q tiles (unless each consumer gathers its own through
+    the order), then K and V of each kept key block into stage j % NUM_STAGES once both
+    consumers released that stage's previous tiles (V_TRANSPOSED: v is [B, H, D, N])."""
+    if not GATHER_Q:
         for i in gl.static_range(2):
             mbarrier.expect(q_ready.index(i), desc_q.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_q, [b, h, row0 + i * _ROWS, 0], q_ready.index(i), q_bufs.index(i))
@@ -78,7 +98,10 @@ def _loader(desc_q, desc_k, desc_v, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_
         tma.async_copy_global_to_shared(desc_k, [b, h, start, 0], k_ready.index(stage), k_bufs.index(stage))
         mbarrier.wait(v_empty.index(stage), free_phase)
         mbarrier.expect(v_ready.index(stage), desc_v.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_v, [b, h, start, 0], v_ready.index(stage), v_bufs.index(stage))
+        if V_TRANSPOSED:
+            tma.async_copy_global_to_shared(desc_v, [b, h, 0, start], v_ready.index(stage), v_bufs.index(stage))
+        else:
+            tma.async_copy_global_to_shared(desc_v, [b, h, start, 0], v_ready.index(stage), v_bufs.index(stage))
 
 
 @gluon.jit
@@ -94,22 +117,39 @@ def _past_n_masked(s, idx_ptr, j, N, BLOCK: gl.constexpr, EVEN_N: gl.constexpr, 
 
 
 @gluon.jit
-def _online_softmax(s, m_i, l_i, qk_scale):
-    """FlashAttention's online softmax in the log2 domain (qk_scale holds log2(e))."""
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
+def _online_softmax(s, m_i, l_i, qk_scale, P_FP8: gl.constexpr):
+    """FlashAttention's online softmax in the log2 domain (qk_scale holds log2(e)). P_FP8: the
+    running max is rounded up to an integer, so rescaling is by exact powers of two, and p (and
+    l) carry the factor P_SCALE that puts P's range inside e4m3's."""
+    if P_FP8:
+        m_new = gl.maximum(m_i, gl.ceil(gl.max(s, 1) * qk_scale))
+        p = gl.exp2(s * qk_scale - (m_new - _LOG2_P_SCALE)[:, None])
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
 
 
 @gluon.jit
-def _original_rows(PERM, start, N, IO_LAYOUT: gl.constexpr):
+def _original_rows(PERM, start, N, HAS_ORDER: gl.constexpr, IO_LAYOUT: gl.constexpr):
     """(rows, in_range) of ordered rows [start, start + 64): their original positions perm[row]
-    (0 past N) and whether they are below N, in the row slice of IO_LAYOUT."""
+    (0 past N; the rows themselves without an order) and whether they are below N, in the row
+    slice of IO_LAYOUT."""
     rows = start + gl.arange(0, _ROWS, layout=gl.SliceLayout(1, IO_LAYOUT))
     in_range = rows < N
-    return gl.load(PERM + rows, mask=in_range, other=0), in_range
+    if HAS_ORDER:
+        rows = gl.load(PERM + rows, mask=in_range, other=0)
+    return rows, in_range
+
+
+@gluon.jit
+def _key_block_scaled(qk_scale, k_scale_ptr, idx_ptr, j, FP8: gl.constexpr):
+    """The softmax scale of kept key block j: times its FP8 scale K_SCALE[b, h, idx[j]]."""
+    if FP8:
+        qk_scale = qk_scale * gl.load(k_scale_ptr + gl.load(idx_ptr + j))
+    return qk_scale
 
 
 @gluon.jit
@@ -122,72 +162,92 @@ def _row_pointers(X, b, h, rows, stride_b, stride_h, stride_n, HEAD_DIM: gl.cons
 
 
 @gluon.jit
-def _consumer(desc_o, Q, OUT, PERM, LSE, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-              b, h, pid_bh, row0, idx_ptr, num_kv, N, qk_scale, stride_qb, stride_qh, stride_qn,
+def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+              b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale, stride_qb, stride_qh, stride_qn,
               stride_ob, stride_oh, stride_on,
               HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, NUM_STAGES: gl.constexpr,
-              RETURN_LSE: gl.constexpr, EVEN_N: gl.constexpr, HAS_ORDER: gl.constexpr, IO_LAYOUT: gl.constexpr):
+              RETURN_LSE: gl.constexpr, EVEN_N: gl.constexpr, HAS_ORDER: gl.constexpr, FP8: gl.constexpr,
+              FP8_PV: gl.constexpr, IO_LAYOUT: gl.constexpr):
     """One consumer warpgroup: query rows [row0 + 64 HALF, + 64) against every kept key block.
-    With an order these are ordered rows: the consumer gathers them from Q through PERM and
-    stores its output rows (and LSE) back at their original positions."""
-    dtype: gl.constexpr = desc_o.dtype
+    With an order these are ordered rows: the consumer gathers them from Q through PERM (unless
+    FP8: q is an ordered copy, which the loader moves) and stores its output rows (and LSE) back
+    at their original positions."""
+    out_dtype: gl.constexpr = OUT.dtype.element_ty
+    # one step of Hopper's MMAs covers 32 bytes of K: 16 elements of 16 bits, 32 of e4m3
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK, 16])
+                                                       instr_shape=[16, BLOCK, 32 if FP8 else 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+                                                       instr_shape=[16, HEAD_DIM, 32 if FP8_PV else 16])
+    p_dtype: gl.constexpr = gl.float8e4nv if FP8_PV else out_dtype
+    # P as the MMA's register operand: 32 bits of consecutive keys a register
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4 if FP8_PV else 2)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    GATHER_Q: gl.constexpr = HAS_ORDER and not FP8
+    # the output by the copy engine through Q's tile, or by plain stores (through the order, or
+    # from an FP8 tile too small to stage it)
+    STORE_ROWS: gl.constexpr = HAS_ORDER or FP8
 
     q = q_bufs.index(HALF).reshape([_ROWS, HEAD_DIM])
     s_zero = gl.zeros([_ROWS, BLOCK], gl.float32, s_layout)
     m_i = gl.full([_ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout)
-    if HAS_ORDER:
-        src, in_range = _original_rows(PERM, row0 + HALF * _ROWS, N, IO_LAYOUT)
+    if GATHER_Q:
+        src, in_range = _original_rows(PERM, row0 + HALF * _ROWS, N, True, IO_LAYOUT)
         rows = _row_pointers(Q, b, h, src, stride_qb, stride_qh, stride_qn, HEAD_DIM, IO_LAYOUT)
         q.store(gl.load(rows, mask=in_range[:, None], other=0.0))
         fence_async_shared()
     else:
         mbarrier.wait(q_ready.index(HALF), 0)
     if num_kv > 0:
+        step_scale = _key_block_scaled(qk_scale, k_scale_ptr, idx_ptr, 0, FP8)
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q, k_bufs.index(0).reshape([BLOCK, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
         mbarrier.arrive(k_empty.index(0), count=1)
         s = _past_n_masked(s, idx_ptr, 0, N, BLOCK, EVEN_N, s_layout)
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, step_scale, FP8_PV)
         for j in range(num_kv - 1):
             # Issue Q . K^T of block j + 1, then P . V of block j, both asynchronous ...
             nxt = (j + 1) % NUM_STAGES
+            step_scale = _key_block_scaled(qk_scale, k_scale_ptr, idx_ptr, j + 1, FP8)
             mbarrier.wait(k_ready.index(nxt), ((j + 1) // NUM_STAGES) & 1)
             k_next = k_bufs.index(nxt).reshape([BLOCK, HEAD_DIM]).permute((1, 0))
             s_token = warpgroup_mma(q, k_next, s_zero, use_acc=False, is_async=True)
             cur = j % NUM_STAGES
             mbarrier.wait(v_ready.index(cur), (j // NUM_STAGES) & 1)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            acc_token = warpgroup_mma(p_op, v_bufs.index(cur).reshape([BLOCK, HEAD_DIM]), acc, is_async=True)
+            p_op = gl.convert_layout(p.to(p_dtype), p_layout)
+            acc_token = warpgroup_mma(p_op, _v_operand(v_bufs, cur, HEAD_DIM, BLOCK, FP8_PV), acc, is_async=True)
             # ... and run block j + 1's softmax while P . V still runs (they complete in order).
             s = warpgroup_mma_wait(1, deps=[s_token])
             mbarrier.arrive(k_empty.index(nxt), count=1)
             s = _past_n_masked(s, idx_ptr, j + 1, N, BLOCK, EVEN_N, s_layout)
-            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
-            acc, p_op = warpgroup_mma_wait(0, deps=[acc_token, p_op])
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, step_scale, FP8_PV)
+            if FP8_PV:
+                # Triton 3.6 does not lower an 8-bit operand of the wait: P's registers are left
+                # to ptxas, which keeps a register operand of an asynchronous MMA live until its wait
+                acc = warpgroup_mma_wait(0, deps=[acc_token])
+            else:
+                acc, p_op = warpgroup_mma_wait(0, deps=[acc_token, p_op])
             mbarrier.arrive(v_empty.index(cur), count=1)
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         last = (num_kv - 1) % NUM_STAGES
         mbarrier.wait(v_ready.index(last), ((num_kv - 1) // NUM_STAGES) & 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc = warpgroup_mma(p_op, v_bufs.index(last).reshape([BLOCK, HEAD_DIM]), acc)
+        p_op = gl.convert_layout(p.to(p_dtype), p_layout)
+        acc = warpgroup_mma(p_op, _v_operand(v_bufs, last, HEAD_DIM, BLOCK, FP8_PV), acc)
         mbarrier.arrive(v_empty.index(last), count=1)
 
     # A query block with no kept key block has l = 0 and acc = 0: divide by 1 to output 0.
     l_safe = gl.where(num_kv > 0, gl.convert_layout(l_i, o_rows), 1.0)
-    out = (acc / l_safe[:, None]).to(dtype)
+    if FP8_PV:  # acc holds P_SCALE P . (V / channel scales); l carries P_SCALE too
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        acc = acc * gl.load(V_SCALE + pid_bh.to(gl.int64) * HEAD_DIM + cols)[None, :]
+        m_i = m_i - _LOG2_P_SCALE
+    out = (acc / l_safe[:, None]).to(out_dtype)
     lse = (m_i + gl.log2(l_i)) * _LN2  # log2 domain back to natural log
-    if HAS_ORDER:
+    if STORE_ROWS:
         # the rows' positions again: keeping them from the Q gather through the loop, which uses
         # all the consumers' registers, spills more (76 bytes against 32 at D 128)
-        dst, in_range = _original_rows(PERM, row0 + HALF * _ROWS, N, IO_LAYOUT)
+        dst, in_range = _original_rows(PERM, row0 + HALF * _ROWS, N, HAS_ORDER, IO_LAYOUT)
         rows = _row_pointers(OUT, b, h, dst, stride_ob, stride_oh, stride_on, HEAD_DIM, IO_LAYOUT)
         gl.store(rows, gl.convert_layout(out, IO_LAYOUT), mask=in_range[:, None])
         if RETURN_LSE:
@@ -207,19 +267,31 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, q_bufs, k_bufs, v_bufs, q_ready, k_read
 
 
 @gluon.jit
+def _v_operand(v_bufs, stage, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, V_TRANSPOSED: gl.constexpr):
+    """Stage ``stage``'s V tile as P . V's second operand [BLOCK, HEAD_DIM]: a [HEAD_DIM, BLOCK]
+    tile (keys contiguous, as FP8 MMAs take it) seen transposed, or the [BLOCK, HEAD_DIM] tile."""
+    if V_TRANSPOSED:
+        tile = v_bufs.index(stage).reshape([HEAD_DIM, BLOCK]).permute((1, 0))
+    else:
+        tile = v_bufs.index(stage).reshape([BLOCK, HEAD_DIM])
+    return tile
+
+
+@gluon.jit
 def _block_sparse_attention_sm90_kernel(
-    desc_q, desc_k, desc_v, desc_o, Q, OUT, PERM, LSE, KV_NUM, KV_IDX, BH_ORDER,
+    desc_q, desc_k, desc_v, desc_o, Q, OUT, PERM, LSE, KV_NUM, KV_IDX, BH_ORDER, Q_SCALE, K_SCALE, V_SCALE,
     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, H, N, NUM_Q_BLOCKS, NUM_KV_BLOCKS, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, NUM_STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
-    EVEN_N: gl.constexpr, HAS_ORDER: gl.constexpr, IO_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    LOADER_REGS: gl.constexpr,
+    EVEN_N: gl.constexpr, HAS_ORDER: gl.constexpr, FP8: gl.constexpr, FP8_PV: gl.constexpr,
+    IO_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
 ):
     """Grid (Mq, B * H): query block program_id(0) of the (batch, head) BH_ORDER[program_id(1)]
     (heads with the most kept blocks first). The default partition (num_warps = 4) is the first
     consumer; the workers are the second consumer and the loader. With HAS_ORDER, k and v are
-    ordered (the launcher's copies) while Q and OUT stay in the original order: the consumers
-    move their rows through PERM with plain loads and stores (IO_LAYOUT), the copy engine moves
-    whole boxes only."""
+    ordered (the launcher's copies) while OUT stays in the original order, and so does Q unless
+    FP8: the consumers move their rows through PERM with plain loads and stores (IO_LAYOUT), the
+    copy engine moves whole boxes only. FP8: Q_SCALE [B * H, Mq] and K_SCALE [B * H, Mk] (and
+    V_SCALE [B * H, D] with FP8_PV) scale the e4m3 inputs; placeholders otherwise."""
     pid_m = gl.program_id(0)
     pid_bh = gl.load(BH_ORDER + gl.program_id(1))
     b = pid_bh // H
@@ -227,12 +299,14 @@ def _block_sparse_attention_sm90_kernel(
     mask_row = pid_bh.to(gl.int64) * NUM_Q_BLOCKS + pid_m
     num_kv = gl.load(KV_NUM + mask_row)
     idx_ptr = KV_IDX + mask_row * NUM_KV_BLOCKS
+    k_scale_ptr = K_SCALE + pid_bh.to(gl.int64) * NUM_KV_BLOCKS
+    if FP8:  # the query block's scale, once for all its logits
+        qk_scale = qk_scale * gl.load(Q_SCALE + mask_row)
     row0 = pid_m * BLOCK
 
-    dtype: gl.constexpr = desc_q.dtype
-    q_bufs = gl.allocate_shared_memory(dtype, [2] + desc_q.block_type.shape, desc_q.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + desc_k.block_type.shape, desc_k.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + desc_v.block_type.shape, desc_v.layout)
+    q_bufs = gl.allocate_shared_memory(desc_q.dtype, [2] + desc_q.block_type.shape, desc_q.layout)
+    k_bufs = gl.allocate_shared_memory(desc_k.dtype, [NUM_STAGES] + desc_k.block_type.shape, desc_k.layout)
+    v_bufs = gl.allocate_shared_memory(desc_v.dtype, [NUM_STAGES] + desc_v.block_type.shape, desc_v.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -249,49 +323,64 @@ def _block_sparse_attention_sm90_kernel(
 
     # Gluon's code generator takes no starred arguments: each partition's list is spelled out.
     gl.warp_specialize([
-        (_consumer, (desc_o, Q, OUT, PERM, LSE, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-                     b, h, pid_bh, row0, idx_ptr, num_kv, N, qk_scale, stride_qb, stride_qh, stride_qn, stride_ob,
-                     stride_oh, stride_on, 0, HEAD_DIM, BLOCK, NUM_STAGES, RETURN_LSE, EVEN_N, HAS_ORDER, IO_LAYOUT)),
-        (_consumer, (desc_o, Q, OUT, PERM, LSE, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-                     b, h, pid_bh, row0, idx_ptr, num_kv, N, qk_scale, stride_qb, stride_qh, stride_qn, stride_ob,
-                     stride_oh, stride_on, 1, HEAD_DIM, BLOCK, NUM_STAGES, RETURN_LSE, EVEN_N, HAS_ORDER, IO_LAYOUT)),
+        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
+                     v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale, stride_qb, stride_qh,
+                     stride_qn, stride_ob, stride_oh, stride_on, 0, HEAD_DIM, BLOCK, NUM_STAGES, RETURN_LSE, EVEN_N,
+                     HAS_ORDER, FP8, FP8_PV, IO_LAYOUT)),
+        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
+                     v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale, stride_qb, stride_qh,
+                     stride_qn, stride_ob, stride_oh, stride_on, 1, HEAD_DIM, BLOCK, NUM_STAGES, RETURN_LSE, EVEN_N,
+                     HAS_ORDER, FP8, FP8_PV, IO_LAYOUT)),
         (_loader, (desc_q, desc_k, desc_v, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty, b, h,
-                   row0, idx_ptr, num_kv, BLOCK, NUM_STAGES, HAS_ORDER)),
+                   row0, idx_ptr, num_kv, BLOCK, NUM_STAGES, HAS_ORDER and not FP8, FP8_PV)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
-def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
-    """x [B, H, N, D] (float16 / bfloat16, unit stride along D) moved in [1, 1, rows, D] tiles
-    (zeros past N on load, clipped on store)."""
-    shape = [1, 1, rows, x.shape[3]]
-    layout = gl.NVMMASharedLayout.get_default_for(shape, SM90_DTYPES[x.dtype])
+def _descriptor(x: torch.Tensor, rows: int, cols: int | None = None) -> TensorDescriptor:
+    """x [B, H, R, C] (float16 / bfloat16 / e4m3, unit stride along C) moved in [1, 1, rows, cols]
+    tiles (cols = C unless given; zeros past R and C on load, clipped on store)."""
+    shape = [1, 1, rows, cols or x.shape[3]]
+    layout = gl.NVMMASharedLayout.get_default_for(shape, _DESCRIBED_DTYPES[x.dtype])
     return TensorDescriptor(x, list(x.shape), list(x.stride()), shape, layout)
 
 
 def sm90_launch_args(q, k, v, out, lse, kv_num, kv_idx, perm, bh_order, num_q_blocks: int, num_kv_blocks: int,
-                     qk_scale: float, return_lse: bool) -> tuple[tuple, tuple, dict]:
+                     qk_scale: float, return_lse: bool, scales: tuple | None = None) -> tuple[tuple, tuple, dict]:
     """(grid, positional arguments, keyword arguments) of the kernel for these inputs (the
-    launcher's, and what a compile-only build for a Hopper target takes)."""
+    launcher's, and what a compile-only build for a Hopper target takes). ``scales``: FP8's
+    (q_scale, k_scale, v_scale or None) (block_sparse_attention_sm90_fwd)."""
     bsz, heads, n, d = q.shape
-    args = (_descriptor(q, _ROWS.value), _descriptor(k, SM90_BLOCK), _descriptor(v, SM90_BLOCK),
-            _descriptor(out, _ROWS.value), q, out, perm if perm is not None else kv_num, lse, kv_num, kv_idx,
-            bh_order, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), heads, n,
-            num_q_blocks, num_kv_blocks, qk_scale)
+    fp8 = scales is not None
+    fp8_pv = fp8 and scales[2] is not None
+    q_scale, k_scale, v_scale = scales if fp8 else (kv_num, kv_num, None)  # placeholders without FP8
+    # FP8_PV's v is [B, H, D, N]: its tiles hold D rows of a key block's keys
+    v_tiles = _descriptor(v.transpose(-1, -2), d, SM90_BLOCK) if fp8_pv else _descriptor(v, SM90_BLOCK)
+    args = (_descriptor(q, _ROWS.value), _descriptor(k, SM90_BLOCK), v_tiles, _descriptor(out, _ROWS.value), q, out,
+            perm if perm is not None else kv_num, lse, kv_num, kv_idx, bh_order, q_scale, k_scale,
+            v_scale if fp8_pv else kv_num, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
+            out.stride(2), heads, n, num_q_blocks, num_kv_blocks, qk_scale)
     # Gathered rows: 16 bytes a thread, a row's D elements across consecutive threads.
     io_layout = gl.BlockedLayout([1, 8], [32 * 8 // d, d // 8], [4, 1], [1, 0])
-    meta = dict(HEAD_DIM=d, BLOCK=SM90_BLOCK, NUM_STAGES=_NUM_STAGES, RETURN_LSE=return_lse,
-                EVEN_N=n % SM90_BLOCK == 0, HAS_ORDER=perm is not None, IO_LAYOUT=io_layout,
-                CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS, num_warps=4, maxnreg=_MAXNREG)
+    meta = dict(HEAD_DIM=d, BLOCK=SM90_BLOCK, NUM_STAGES=_FP8_NUM_STAGES if fp8 else _NUM_STAGES,
+                RETURN_LSE=return_lse, EVEN_N=n % SM90_BLOCK == 0, HAS_ORDER=perm is not None, FP8=fp8, FP8_PV=fp8_pv,
+                IO_LAYOUT=io_layout, CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS, num_warps=4,
+                maxnreg=_MAXNREG)
     return (num_q_blocks, bsz * heads), args, meta
 
 
 def block_sparse_attention_sm90_fwd(q, k, v, out, lse, kv_num, kv_idx, perm, bh_order, num_q_blocks: int,
-                                    num_kv_blocks: int, qk_scale: float, return_lse: bool) -> None:
+                                    num_kv_blocks: int, qk_scale: float, return_lse: bool,
+                                    scales: tuple | None = None) -> None:
     """Launch on validated, describable inputs: q, k, v, out [B, H, N, D] (float16 / bfloat16,
     D in SM90_HEAD_DIMS), lse float32 [B, H, N] (or a placeholder), the mask's int32 kv_num
     [B, H, Mq] and kv_idx [B, H, Mq, Mk] of block SM90_BLOCK, perm int32 [N] or None,
     bh_order int32 [B * H]; qk_scale = softmax scale * log2(e). With ``perm``, k and v are
-    ordered (ordered row i is original row perm[i]) and q, out and lse are not."""
+    ordered (ordered row i is original row perm[i]) and q, out and lse are not.
+
+    FP8 (``scales`` = (q_scale [B, H, Mq], k_scale [B, H, Mk], v_scale [B, H, D] or None), float32
+    powers of two): q and k are e4m3 and ordered (``quantize_qk_fp8``'s); with v_scale v is the
+    ordered e4m3 [B, H, N, D] view of a [B, H, D, N'] buffer (``quantize_v_fp8_fwd``'s), else
+    float16 / bfloat16 and ordered; out keeps the original order."""
     grid, args, meta = sm90_launch_args(q, k, v, out, lse, kv_num, kv_idx, perm, bh_order, num_q_blocks,
-                                        num_kv_blocks, qk_scale, return_lse)
+                                        num_kv_blocks, qk_scale, return_lse, scales)
     _block_sparse_attention_sm90_kernel[grid](*args, **meta)

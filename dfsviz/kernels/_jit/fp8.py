@@ -51,16 +51,30 @@ def round_e4m3(y):
 
 
 @triton.jit
-def _e4m3_byte(y):
-    """The e4m3 byte of float32 y (|y| <= 448, or NaN), rounded to nearest even, written from
-    the float32 bits (the interpreter's float8 cast gets NaN wrong)."""
+def _e4m3_byte(y, SOFTWARE: tl.constexpr):
+    """The e4m3 byte (uint8) of float32 y (|y| <= 448, or NaN), rounded to nearest even: the
+    GPU's conversion, or with SOFTWARE written from the float32 bits (the interpreter's float8
+    cast neither rounds to nearest even nor gets NaN right)."""
+    if not SOFTWARE:
+        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
     y = round_e4m3(y)
     ay = tl.abs(y).to(tl.int32, bitcast=True)
     ey = ((ay >> 23) & 0xFF) - 127  # again: rounding may reach the next power of two
     normal = ((ey + 7) << 3) | ((ay >> 20) & 0x7)
     subnormal = (tl.abs(y) * 512.0).to(tl.int32)  # multiples of 2^-9 below 2^-6: 0 .. 7
     byte = tl.where(ey >= -6, normal, subnormal) | ((y.to(tl.int32, bitcast=True) >> 24) & 0x80)
-    return tl.where(y == y, byte, 0x7F)  # NaN
+    return tl.where(y == y, byte, 0x7F).to(tl.uint8)  # NaN
+
+
+@triton.jit
+def _divided(x, scale):
+    """x / scale for power-of-two (or non-finite) scales, as IEEE division gives it: products with
+    1 / scale, which is exact, taken in two normal factors where it would overflow (a subnormal
+    scale); NaN and infinities follow as in the division."""
+    subnormal = scale < 1.1754944e-38
+    lifted = tl.where(subnormal, scale * 8.507059e37, scale)  # times 2^126: normal
+    first = tl.where(subnormal, 8.507059e37, 1.0)
+    return x * first * tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), lifted)
 
 
 @triton.jit
@@ -83,6 +97,7 @@ def _quantize_blocks_kernel(
     X, PERM, MEAN, OUT, SCALE,
     stride_xb, stride_xh, stride_xn, H, N, M,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MEAN: tl.constexpr,
+    SOFTWARE: tl.constexpr,
 ):
     """One block of BLOCK ordered tokens of one (batch, head): smooth, scale, round to e4m3."""
     blk = tl.program_id(0)
@@ -95,10 +110,9 @@ def _quantize_blocks_kernel(
     nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0) > 0  # tl.max drops NaN; torch's amax keeps it
     amax = tl.where(nan, float("nan"), amax)
     scale = _pow2_scale(amax)
-    y = tl.div_rn(x, scale)  # exact for a power of two; NaN / inf follow IEEE division as in torch
-    byte = _e4m3_byte(y)
+    byte = _e4m3_byte(_divided(x, scale), SOFTWARE)
     out = OUT + bh * N * HEAD_DIM + pos[:, None] * HEAD_DIM + d[None, :]
-    tl.store(out, byte.to(tl.uint8), mask=ok[:, None])
+    tl.store(out, byte, mask=ok[:, None])
     tl.store(SCALE + bh * M + blk, scale)
 
 
@@ -110,7 +124,7 @@ def _quantize(x: torch.Tensor, block: int, perm, mean) -> tuple[torch.Tensor, to
     _quantize_blocks_kernel[(m, bsz * heads)](
         x, perm if perm is not None else scales, mean if mean is not None else scales, out, scales,
         x.stride(0), x.stride(1), x.stride(2), heads, n, m,
-        BLOCK=block, HEAD_DIM=d, HAS_PERM=perm is not None, HAS_MEAN=mean is not None,
+        BLOCK=block, HEAD_DIM=d, HAS_PERM=perm is not None, HAS_MEAN=mean is not None, SOFTWARE=interpreting(),
         num_warps=1 if interpreting() else 4,
     )
     return out.view(torch.float8_e4m3fn), scales
@@ -130,7 +144,7 @@ def quantize_qk_fp8_fwd(q: torch.Tensor, k: torch.Tensor, block: int, perm: torc
 def _quantize_channels_kernel(
     X, PERM, AMAX, OUT, SCALE,
     stride_xb, stride_xh, stride_xn, H, N, NPAD,
-    TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr,
+    TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr, SOFTWARE: tl.constexpr,
 ):
     """TOKENS ordered tokens of one (batch, head): scale each channel by its power of two (from
     the channel's max |x| over all tokens), round to e4m3 and store transposed, [D, NPAD]."""
@@ -138,14 +152,16 @@ def _quantize_channels_kernel(
     bh = tl.program_id(1).to(tl.int64)
     pos, ok, d, x = _load_tokens(X, PERM, blk, bh, stride_xb, stride_xh, stride_xn, H, N, TOKENS, HEAD_DIM, HAS_PERM)
     scale = _pow2_scale(tl.load(AMAX + bh * HEAD_DIM + d))
-    byte = _e4m3_byte(tl.div_rn(x, scale[None, :]))
-    tl.store(OUT + bh * HEAD_DIM * NPAD + d[None, :] * NPAD + pos[:, None], byte.to(tl.uint8), mask=ok[:, None])
+    byte = tl.trans(_e4m3_byte(_divided(x, scale[None, :]), SOFTWARE))  # [D, TOKENS]: rows of TOKENS bytes
+    # Up to NPAD (a multiple of 16), not N: the zeros past N fill the padding, and the store moves
+    # 16 bytes at a time (a mask that changes at N would store byte by byte)
+    tl.store(OUT + bh * HEAD_DIM * NPAD + d[:, None] * NPAD + pos[None, :], byte, mask=(pos < NPAD)[None, :])
     tl.store(SCALE + bh * HEAD_DIM + d, scale, mask=(blk == 0) & (d >= 0))
 
 
-#: Tokens per program of the V pass, and the multiple its transposed rows are padded to (tensor
-#: descriptors need 16-byte row strides).
-_V_TOKENS = 64
+#: Tokens per program of the V pass (each program stores D rows of that many bytes), and the
+#: multiple its transposed rows are padded to (tensor descriptors need 16-byte row strides).
+_V_TOKENS = 128
 _V_ROW_ALIGN = 16
 
 
@@ -161,6 +177,7 @@ def quantize_v_fp8_fwd(v: torch.Tensor, perm: torch.Tensor | None) -> tuple[torc
     scales = torch.empty((bsz, heads, d), dtype=torch.float32, device=v.device)
     _quantize_channels_kernel[(triton.cdiv(n, _V_TOKENS), bsz * heads)](
         v, perm if perm is not None else scales, amax, out, scales, v.stride(0), v.stride(1), v.stride(2), heads, n,
-        npad, TOKENS=_V_TOKENS, HEAD_DIM=d, HAS_PERM=perm is not None, num_warps=1 if interpreting() else 4,
+        npad, TOKENS=_V_TOKENS, HEAD_DIM=d, HAS_PERM=perm is not None, SOFTWARE=interpreting(),
+        num_warps=1 if interpreting() else 4,
     )
     return out.view(torch.float8_e4m3fn)[..., :n].transpose(-1, -2), scales
