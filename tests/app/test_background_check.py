@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import make_capture, record_dfsattn, save_tiny_wan
+from app_captures import make_capture, record_dfsattn, save_tiny_wan
 from test_data import scaled_copy
 
 from dfsviz.app.data import CaptureCatalog, CaptureError
@@ -91,7 +91,7 @@ def full_check(root: Path, cid: str):
 @pytest.fixture(scope="module")
 def captures(tmp_path_factory):
     """Real captures of the tiny model with float16 and with uint8 maps, and a recording with
-    DFSAttn's masks (``conftest.record_dfsattn``)."""
+    DFSAttn's masks (``app_captures.record_dfsattn``)."""
     base = tmp_path_factory.mktemp("dtypes")
     model = save_tiny_wan(base / "model")
     return {"float16": make_capture(base / "half.h5", model, map_dtype="float16"),

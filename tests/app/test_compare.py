@@ -19,7 +19,7 @@ import re
 import shutil
 
 import pytest
-from conftest import CAPTURE, make_capture, save_tiny_wan
+from app_captures import CAPTURE, make_capture, save_tiny_wan
 
 pytest.importorskip("playwright")
 from playwright.sync_api import expect  # noqa: E402

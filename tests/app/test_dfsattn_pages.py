@@ -1,6 +1,6 @@
 """The masks DFSAttn used, on the dashboard, in a real browser: Overview's "DFSAttn as run" and
 Drift's "DFSAttn (used)" on real recordings of the tiny Wan pipeline with ``apply_dfsattn``
-active (``conftest.record_dfsattn``).
+active (``app_captures.record_dfsattn``).
 
 The served root holds ``runs/sparse.h5`` (4 steps: step 0 dense, a refresh at steps 1 and 3,
 step 2 on the cached mask), ``runs/other.h5`` (another seed, a refresh at every sparse step)
@@ -17,7 +17,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import record_dfsattn
+from app_captures import record_dfsattn
 
 import dfsviz
 

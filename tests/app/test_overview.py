@@ -98,7 +98,7 @@ def test_the_recall_grid_and_curves_from_stored_curves_equal_the_maps(stored_and
             np.testing.assert_allclose(curve.density.numpy(), other.density.numpy(), rtol=0, atol=1e-6, err_msg=label)
 
 
-# The test capture keeps steps 0, 2 and 3 of 4 (tests/app/conftest.py): with these warm-ups and
+# The test capture keeps steps 0, 2 and 3 of 4 (tests/app/app_captures.py): with these warm-ups and
 # intervals its steps are dense, refresh or reuse the mask of an earlier captured refresh.
 REPLAYED = [
     dict(skip_steps=2, interval=2),  # 0 dense, 2 refresh, 3 cached (mask of 2)
