@@ -7,8 +7,9 @@ compiler cannot call).
     TRITON_INTERPRET=0 python tests/kernels/sm90_build.py desc N D
 
 "gluon": the Gluon kernel for these inputs, PRECISION "native" (the default), "fp8" or "fp8_pv"
-(e4m3 q and k, and v with "fp8_pv", as the FP8 launcher passes them; DTYPE is the output's). "desc": every WARP_SPECIALIZE candidate of the
-Triton descriptor kernel that the autotuner keeps for N (bfloat16, no order), each built on its own.
+(e4m3 q and k, and v with "fp8_pv", as the FP8 launcher passes them; DTYPE is the output's).
+"desc": every WARP_SPECIALIZE candidate of the Triton descriptor kernel that the autotuner keeps
+for N (bfloat16, no order), each built on its own.
 """
 
 import importlib

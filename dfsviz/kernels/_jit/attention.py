@@ -541,11 +541,11 @@ def gather_kv(k: torch.Tensor | None, v: torch.Tensor, perm: torch.Tensor) -> tu
     bsz, heads, n, d = v.shape
     v_out = torch.empty_like(v, memory_format=torch.contiguous_format)
     k_out = None if k is None else torch.empty_like(k, memory_format=torch.contiguous_format)
-    k_arg = (k, k_out) if k is not None else (v, v_out)  # placeholders without k: nothing reads them
+    k_src, k_dst = (k, k_out) if k is not None else (v, v_out)  # placeholders without k: nothing reads them
     block_r = 64
     _gather_kv_kernel[(triton.cdiv(n, block_r), bsz * heads)](
-        k_arg[0], v, k_arg[1], v_out, perm, heads, n, k_arg[0].stride(0), k_arg[0].stride(1), k_arg[0].stride(2),
-        v.stride(0), v.stride(1), v.stride(2), HEAD_DIM=d, BLOCK_R=block_r, HAS_K=k is not None, num_warps=4)
+        k_src, v, k_dst, v_out, perm, heads, n, k_src.stride(0), k_src.stride(1), k_src.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), HEAD_DIM=d, BLOCK_R=block_r, HAS_K=k is not None, num_warps=4)
     return k_out, v_out
 
 
@@ -569,10 +569,7 @@ def block_sparse_attention_fwd(q, k, v, mask: BlockMask, perm, scale: float, ret
         # block in the kernel); q's rows and the output's go through the order in the kernel.
         if perm is not None:
             k, v = gather_kv(k, v, perm)
-        counts, indices, _, bh_order = _mask_args(mask, None)
-        sm90_module().block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, perm, bh_order,
-                                                      mask.num_q_blocks, mask.num_kv_blocks, scale * _LOG2E,
-                                                      return_lse)
+        _launch_sm90(q, k, v, out, lse, mask, perm, scale * _LOG2E, return_lse)
         return (out, lse) if return_lse else out
     meta = kernel_meta(q.dtype, q.shape[3], q.shape[2], mask.block, perm is not None, return_lse)
     no_scales = (mask.kv_num_blocks,) * 3  # placeholders: FP8 is off, nothing reads them
@@ -617,6 +614,17 @@ def _launch_desc_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_sca
             q.device, pre_hook=_set_tile_shapes)
 
 
+def _launch_sm90(q, k, v, out, lse, mask: BlockMask, perm, qk_scale: float, return_lse: bool,
+                 scales: tuple | None = None) -> None:
+    """The Gluon kernel for Hopper on these inputs (``block_sparse_attention_sm90_fwd``: k and v
+    ordered when ``perm`` is given; ``scales`` for FP8). The kernel reads the order itself, so the
+    mask's arguments go without it."""
+    counts, indices, _, bh_order = _mask_args(mask, None)
+    sm90_module().block_sparse_attention_sm90_fwd(q, k, v, out, lse, counts, indices, perm, bh_order,
+                                                  mask.num_q_blocks, mask.num_kv_blocks, qk_scale, return_lse,
+                                                  scales=scales)
+
+
 def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_scale: float, meta: dict) -> None:
     args = (
         q, k, v, out, lse, *_mask_args(mask, perm), *scales,
@@ -654,11 +662,8 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
         # and "fp8_pv"'s v8 are ordered copies already; "fp8" with an order gets one of v.
         if perm is not None and not fp8_pv:
             _, v = gather_kv(None, v, perm)
-        counts, indices, _, bh_order = _mask_args(mask, None)
-        sm90_module().block_sparse_attention_sm90_fwd(quant.q8, quant.k8, v, out, lse, counts, indices, perm,
-                                                      bh_order, mask.num_q_blocks, mask.num_kv_blocks,
-                                                      scale * _LOG2E, return_lse,
-                                                      scales=(quant.q_scale, quant.k_scale, v_scale))
+        _launch_sm90(quant.q8, quant.k8, v, out, lse, mask, perm, scale * _LOG2E, return_lse,
+                     scales=(quant.q_scale, quant.k_scale, v_scale))
         return (out, lse) if return_lse else out
     meta = kernel_meta(out_like.dtype, d, n, mask.block, perm is not None, return_lse, fp8=True, fp8_pv=fp8_pv)
     scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
