@@ -67,7 +67,8 @@ _LOG2_P_SCALE = gl.constexpr(math.log2(P_SCALE))
 # Shared-memory stages of K and V: two stages of two 128-row tiles at D 128 are 128 KB, beside
 # the 32 KB of Q (the H200 has 227 KB per CTA). e4m3 tiles are half the bytes: FP8 calls take a
 # third stage (a sweep of 2, 3 and 4 stages on one H200 at Wan2.1-14B 720p, gamma 0.2: "fp8" ran
-# 7 % faster with the third, "fp8_pv" the same; the fourth added nothing).
+# 7 % faster with the third, "fp8_pv" the same; the fourth added nothing:
+# benchmarks/results/kernels_sm90_fp8_stages_h200.json).
 _NUM_STAGES = 2
 _FP8_NUM_STAGES = 3
 # Registers per thread: 12 warps (two consumer warpgroups, the loader's warpgroup) share the
