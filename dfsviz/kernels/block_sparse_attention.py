@@ -121,14 +121,10 @@ def block_sparse_attention(
     if q.is_cuda:  # on the CPU the interpreter runs it (resolve_backend refused the CPU otherwise)
         check_fp8_capability(cuda_properties(q.device))
     from dfsviz.kernels._jit.attention import block_sparse_attention_fp8_fwd
-    from dfsviz.kernels._jit.fp8 import quantize_qk_fp8_fwd, quantize_v_fp8_fwd
+    from dfsviz.kernels._jit.fp8 import quantize_qk_fp8_fwd
 
     quant = quantize_qk_fp8_fwd(q, k, mask.block, perm)
-    if precision == "fp8_pv":
-        v8, v_scale = quantize_v_fp8_fwd(v, perm)
-        result = block_sparse_attention_fp8_fwd(quant, v8, mask, perm, scale, return_lse, v, v_scale)
-    else:
-        result = block_sparse_attention_fp8_fwd(quant, v, mask, perm, scale, return_lse, v)
+    result = block_sparse_attention_fp8_fwd(quant, v, mask, perm, scale, return_lse, fp8_pv=precision == "fp8_pv")
     if not return_lse:
         return result
     out, lse = result

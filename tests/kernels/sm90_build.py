@@ -48,8 +48,8 @@ def gluon(n: int, d: int, dtype: torch.dtype, return_lse: bool, order: bool, pre
     if precision != "native":  # ordered, contiguous e4m3 copies with their scales
         q = k = torch.zeros(bsz, heads, n, d, dtype=torch.float8_e4m3fn)
         v_scale = None
-        if precision == "fp8_pv":  # the [B, N, H, D] view of a [B, H, D, N'] buffer
-            v = torch.zeros(bsz, heads, d, -(-n // 16) * 16, dtype=torch.float8_e4m3fn)[..., :n].transpose(-1, -2)
+        if precision == "fp8_pv":  # the [B, H, N', D] view of a [B, H, D, N'] buffer, N' = N rounded up to 32
+            v = torch.zeros(bsz, heads, d, -(-n // 32) * 32, dtype=torch.float8_e4m3fn).transpose(-1, -2)
             v_scale = torch.ones(bsz, heads, d)
         else:
             v = torch.zeros(bsz, heads, n, d, dtype=dtype)

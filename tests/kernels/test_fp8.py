@@ -392,6 +392,42 @@ def test_the_fused_v_quantization_equals_the_simulation_bit_for_bit(dtype, order
     assert bool(got_scales[1, 1, 5].isnan()) and bool(got_scales[1, 0, 6].isinf()) and got_scales[0, 0, 3] == 1.0
 
 
+def test_the_mma_key_order_puts_each_thread_s_accumulator_keys_where_its_operand_registers_are():
+    """Hopper's FP8 MMA takes P from registers holding keys 4c .. 4c + 3 and 16 + 4c .. 16 + 4c + 3
+    of each 32 (c: the thread's place in its row's quad); the accumulator that computed the logits
+    holds keys 2c, 2c + 1 of every 8. Stored in mma_key_order, V's key at each operand position
+    is the key the thread's accumulator holds there."""
+    from dfsviz.kernels._jit.fp8 import mma_key_order
+
+    order = mma_key_order(96)
+    assert sorted(order.tolist()) == list(range(96)) and bool(((order // 32) == torch.arange(96) // 32).all())
+    for c in range(4):
+        accumulator_keys = {8 * g + 2 * c + e for g in range(4) for e in range(2)}
+        operand_positions = [16 * h + 4 * c + i for h in range(2) for i in range(4)]
+        assert {int(order[p]) for p in operand_positions} == accumulator_keys
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("n", [200, 256])
+def test_the_v_pass_in_the_mma_key_order_stores_the_same_bytes_each_32_keys_permuted(n, device):
+    """The Gluon kernel's V layout (mma_order=True): the plain pass's bytes and scales, each 32
+    keys in mma_key_order, rows padded to a multiple of 32 with zeros past N, and the view spans
+    the padded rows (the last 32 keys' order reaches past N)."""
+    from dfsviz.kernels._jit.fp8 import mma_key_order, quantize_v_fp8_fwd
+
+    gen = torch.Generator().manual_seed(4)
+    v = (torch.randn(2, 3, n, 64, generator=gen) * 3.0).to(device, torch.bfloat16)
+    perm = torch.randperm(n, generator=gen).to(device, torch.int32)
+    plain, plain_scales = quantize_v_fp8_fwd(v, perm)
+    got, scales = quantize_v_fp8_fwd(v, perm, mma_order=True)
+    npad = -(-n // 32) * 32
+    assert got.shape == (2, 3, npad, 64) and got.stride(2) == 1 and got.stride(3) == npad
+    want = torch.zeros(2, 3, npad, 64, device=device)
+    want[:, :, :n] = plain.float()
+    assert torch.equal(got.float(), want[:, :, mma_key_order(npad).to(device)])
+    assert torch.equal(scales, plain_scales)
+
+
 @pytest.mark.parametrize("block", [32, 64, 128], ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("order_name", [None, "hilbert3d"], ids=lambda o: o or "noorder")
 @pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"d{d}")

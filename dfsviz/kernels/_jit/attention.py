@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dfsviz.kernels._dispatch import cuda_properties, interpreting
-from dfsviz.kernels._jit.fp8 import round_e4m3
+from dfsviz.kernels._jit.fp8 import quantize_v_fp8_fwd, round_e4m3
 from dfsviz.kernels.fp8 import P_SCALE, Fp8QK
 from dfsviz.sparse.masks import BlockMask
 
@@ -639,34 +639,40 @@ def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_
 
 
 def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale: float, return_lse: bool,
-                                   out_like: torch.Tensor, v_scale: torch.Tensor | None = None):
+                                   fp8_pv: bool = False):
     """Launch with FP8 q and k on validated inputs: ``quant`` from ``quantize_qk_fp8`` (ordered,
-    contiguous), v [B, H, N, D] float16 / bfloat16 with unit stride along D (original order), or
-    with ``v_scale`` (precision "fp8_pv") v8 and its channel scales from ``quantize_v_fp8_fwd``
-    (ordered, stride 1 along N); ``perm`` int32 [N] or None; out takes the dtype and layout of
-    ``out_like`` (the caller's v). The LSE comes back without the smoothing shift (the caller
-    adds ``quant.lse_shift``).
+    contiguous), v [B, H, N, D] float16 / bfloat16 with unit stride along D (original order),
+    quantized here with ``fp8_pv`` (``quantize_v_fp8_fwd``, for the kernel that runs); ``perm``
+    int32 [N] or None; out takes v's dtype and layout. The LSE comes back without the smoothing
+    shift (the caller adds ``quant.lse_shift``).
 
     On Hopper the Gluon kernel runs where it runs for bfloat16 (D, block, describable tensors),
-    "fp8" with an order on an ordered copy of v. Elsewhere the descriptor kernel runs where it
-    runs for bfloat16 (a copy engine, describable tensors) when the key blocks are contiguous rows
-    of every input: always with "fp8_pv" (q8, k8 and v8 are ordered copies; the output is stored
-    through ``perm``), without an order with "fp8". "fp8" with an order keeps the pointer kernel
-    there, which gathers v's rows through ``perm``: the copy engine moves boxes, not gathered rows."""
+    "fp8" with an order on an ordered copy of v, "fp8_pv" on v8 in the MMA's key order.
+    Elsewhere the descriptor kernel runs where it runs for bfloat16 (a copy engine, describable
+    tensors) when the key blocks are contiguous rows of every input: always with "fp8_pv" (q8,
+    k8 and v8 are ordered copies; the output is stored through ``perm``), without an order with
+    "fp8". "fp8" with an order keeps the pointer kernel there, which gathers v's rows through
+    ``perm``: the copy engine moves boxes, not gathered rows."""
     n, d = v.shape[2], v.shape[3]
-    out, lse = _outputs(out_like, return_lse)
-    fp8_pv = v_scale is not None
-    v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
-    if sm90_kernel_runs(out_like, mask) and _descriptors(quant.q8, quant.k8, v_tiles, out):
+    out, lse = _outputs(v, return_lse)
+    # "fp8_pv"'s v8 is a buffer of its own ([B, H, D, N'], stride 1 along N): describable
+    if sm90_kernel_runs(v, mask) and _descriptors(quant.q8, quant.k8, out, *(() if fp8_pv else (v,))):
         # Hopper: the Gluon kernel. Its copy engine moves key blocks of contiguous rows: q8, k8
         # and "fp8_pv"'s v8 are ordered copies already; "fp8" with an order gets one of v.
-        if perm is not None and not fp8_pv:
+        v_scale = None
+        if fp8_pv:
+            v, v_scale = quantize_v_fp8_fwd(v, perm, mma_order=True)
+        elif perm is not None:
             _, v = gather_kv(None, v, perm)
         _launch_sm90(quant.q8, quant.k8, v, out, lse, mask, perm, scale * _LOG2E, return_lse,
                      scales=(quant.q_scale, quant.k_scale, v_scale))
         return (out, lse) if return_lse else out
-    meta = kernel_meta(out_like.dtype, d, n, mask.block, perm is not None, return_lse, fp8=True, fp8_pv=fp8_pv)
-    scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
+    meta = kernel_meta(out.dtype, d, n, mask.block, perm is not None, return_lse, fp8=True, fp8_pv=fp8_pv)
+    v_scale = quant.k_scale  # a placeholder without "fp8_pv"
+    if fp8_pv:
+        v, v_scale = quantize_v_fp8_fwd(v, perm)
+    v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
+    scales = (quant.q_scale, quant.k_scale, v_scale)
     if (fp8_pv or perm is None) and _descriptors(quant.q8, quant.k8, v_tiles, out):
         _launch_desc_kernel(quant.q8, quant.k8, v_tiles, out, lse, mask, perm, scales, scale * _LOG2E, meta)
     else:

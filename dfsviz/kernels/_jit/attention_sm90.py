@@ -22,10 +22,11 @@ through the order with plain loads and stores its output rows back the same way.
 
 FP8 (``dfsviz.kernels.fp8``): q and k are ordered e4m3 copies with one power-of-two scale per
 block, folded into the softmax scale (the query block's once, each key block's per step); with
-``fp8_pv`` v is an ordered e4m3 copy stored transposed ([B, H, D, N], stride 1 along N: Hopper's
-FP8 MMAs take P . V's second operand so) with one scale per channel, and P is rounded to e4m3 as
-P_SCALE * exp2(t - M) against the running row max M rounded up to an integer (P_SCALE folded into
-the exponent), as the PyTorch simulation rounds it; otherwise v is float16 / bfloat16 (ordered)
+``fp8_pv`` v is an ordered e4m3 copy stored transposed ([B, H, D, N'], stride 1 along N: Hopper's
+FP8 MMAs take P . V's second operand so) with one scale per channel and each 32 keys in the MMA's
+order (``mma_key_order``), and P is rounded to e4m3 as P_SCALE * exp2(t - M) against the running
+row max M rounded up to an integer (P_SCALE folded into the exponent), as the PyTorch simulation
+rounds it, and relabelled into that order in registers; otherwise v is float16 / bfloat16 (ordered)
 and P . V runs in that dtype. Every FP8 output row is stored with plain stores (through the order
 when there is one). The launcher in ``dfsviz.kernels._jit.attention`` chooses this kernel on
 compute capability 9.x, with Triton 3.6 or later (imported only then).
@@ -134,6 +135,21 @@ def _online_softmax(s, m_i, l_i, qk_scale, P_FP8: gl.constexpr):
 
 
 @gluon.jit
+def _p_operand(p, p_dtype: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, FP8_PV: gl.constexpr):
+    """P as P . V's register operand. FP8_PV: the keys of each 32 relabelled in the order v8
+    stores them (``mma_key_order``), in which every thread's operand registers are its own
+    accumulator values: a conversion without data movement (asserted), where moving P into the
+    8-bit operand layout took shuffles between threads."""
+    p = p.to(p_dtype)
+    if FP8_PV:
+        p = p.reshape([_ROWS, BLOCK // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5)).reshape([_ROWS, BLOCK])
+        p = gl.convert_layout(p, p_layout, assert_trivial=True)
+    else:
+        p = gl.convert_layout(p, p_layout)
+    return p
+
+
+@gluon.jit
 def _original_rows(PERM, start, N, HAS_ORDER: gl.constexpr, IO_LAYOUT: gl.constexpr):
     """(rows, in_range) of ordered rows [start, start + 64): their original positions perm[row]
     (0 past N; the rows themselves without an order) and whether they are below N, in the row
@@ -216,7 +232,7 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_read
             s_token = warpgroup_mma(q, k_next, s_zero, use_acc=False, is_async=True)
             cur = j % NUM_STAGES
             mbarrier.wait(v_ready.index(cur), (j // NUM_STAGES) & 1)
-            p_op = gl.convert_layout(p.to(p_dtype), p_layout)
+            p_op = _p_operand(p, p_dtype, p_layout, BLOCK, FP8_PV)
             acc_token = warpgroup_mma(p_op, _v_operand(v_bufs, cur, HEAD_DIM, BLOCK, FP8_PV), acc, is_async=True)
             # ... and run block j + 1's softmax while P . V still runs (they complete in order).
             s = warpgroup_mma_wait(1, deps=[s_token])
@@ -233,7 +249,7 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_read
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         last = (num_kv - 1) % NUM_STAGES
         mbarrier.wait(v_ready.index(last), ((num_kv - 1) // NUM_STAGES) & 1)
-        p_op = gl.convert_layout(p.to(p_dtype), p_layout)
+        p_op = _p_operand(p, p_dtype, p_layout, BLOCK, FP8_PV)
         acc = warpgroup_mma(p_op, _v_operand(v_bufs, last, HEAD_DIM, BLOCK, FP8_PV), acc)
         mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -380,7 +396,8 @@ def block_sparse_attention_sm90_fwd(q, k, v, out, lse, kv_num, kv_idx, perm, bh_
 
     FP8 (``scales`` = (q_scale [B, H, Mq], k_scale [B, H, Mk], v_scale [B, H, D] or None), float32
     powers of two): q and k are e4m3 and ordered (``quantize_qk_fp8``'s); with v_scale v is the
-    ordered e4m3 [B, H, N, D] view of a [B, H, D, N'] buffer (``quantize_v_fp8_fwd``'s), else
+    ordered e4m3 [B, H, N', D] view of a [B, H, D, N'] buffer in the MMA's key order
+    (``quantize_v_fp8_fwd(..., mma_order=True)``'s), else
     float16 / bfloat16 and ordered; out keeps the original order."""
     grid, args, meta = sm90_launch_args(q, k, v, out, lse, kv_num, kv_idx, perm, bh_order, num_q_blocks,
                                         num_kv_blocks, qk_scale, return_lse, scales)

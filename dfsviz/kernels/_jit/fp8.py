@@ -12,7 +12,7 @@ import triton.language as tl
 from dfsviz.kernels._dispatch import interpreting
 from dfsviz.kernels.fp8 import Fp8QK, key_mean
 
-__all__ = ["quantize_qk_fp8_fwd", "quantize_v_fp8_fwd", "round_e4m3"]
+__all__ = ["mma_key_order", "quantize_qk_fp8_fwd", "quantize_v_fp8_fwd", "round_e4m3"]
 
 
 @triton.jit
@@ -145,14 +145,19 @@ def _quantize_channels_kernel(
     X, PERM, AMAX, OUT, SCALE,
     stride_xb, stride_xh, stride_xn, H, N, NPAD,
     TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr, SOFTWARE: tl.constexpr,
+    MMA_ORDER: tl.constexpr,
 ):
     """TOKENS ordered tokens of one (batch, head): scale each channel by its power of two (from
-    the channel's max |x| over all tokens), round to e4m3 and store transposed, [D, NPAD]."""
+    the channel's max |x| over all tokens), round to e4m3 and store transposed, [D, NPAD];
+    MMA_ORDER: each 32 keys in the order of mma_key_order."""
     blk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     pos, ok, d, x = _load_tokens(X, PERM, blk, bh, stride_xb, stride_xh, stride_xn, H, N, TOKENS, HEAD_DIM, HAS_PERM)
     scale = _pow2_scale(tl.load(AMAX + bh * HEAD_DIM + d))
     byte = tl.trans(_e4m3_byte(_divided(x, scale[None, :]), SOFTWARE))  # [D, TOKENS]: rows of TOKENS bytes
+    if MMA_ORDER:  # key 32 a + 16 g1 + 8 g0 + 2 c + e to position 32 a + 16 g1 + 4 c + 2 g0 + e
+        byte = tl.reshape(tl.permute(tl.reshape(byte, [HEAD_DIM, TOKENS // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)),
+                          [HEAD_DIM, TOKENS])
     # Up to NPAD (a multiple of 16), not N: the zeros past N fill the padding, and the store moves
     # 16 bytes at a time (a mask that changes at N would store byte by byte)
     tl.store(OUT + bh * HEAD_DIM * NPAD + d[:, None] * NPAD + pos[None, :], byte, mask=(pos < NPAD)[None, :])
@@ -160,24 +165,41 @@ def _quantize_channels_kernel(
 
 
 #: Tokens per program of the V pass (each program stores D rows of that many bytes), and the
-#: multiple its transposed rows are padded to (tensor descriptors need 16-byte row strides).
+#: multiple its transposed rows are padded to (tensor descriptors need 16-byte row strides; the
+#: MMA order permutes keys within each 32).
 _V_TOKENS = 128
 _V_ROW_ALIGN = 16
+_V_MMA_ROW_ALIGN = 32
 
 
-def quantize_v_fp8_fwd(v: torch.Tensor, perm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def mma_key_order(n: int) -> torch.Tensor:
+    """The key stored at each position of an MMA-ordered V row of n positions (n a multiple of
+    32): within each 32, key 16 g1 + 8 g0 + 2 c + e at position 16 g1 + 4 c + 2 g0 + e. That is
+    the order in which Hopper's FP8 MMA takes P . V's register operand P from the registers that
+    hold P's logits (thread c of a row's quad holds keys 2 c, 2 c + 1 of every 8 and needs keys
+    4 c .. 4 c + 3 of every 16): with V's keys so stored, P is relabelled, not moved."""
+    pos = torch.arange(n)
+    g1, c, g0, e = (pos >> 4) & 1, (pos >> 2) & 3, (pos >> 1) & 1, pos & 1
+    return (pos & ~31) | (g1 << 4) | (g0 << 3) | (c << 1) | e
+
+
+def quantize_v_fp8_fwd(v: torch.Tensor, perm: torch.Tensor | None,
+                       mma_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~dfsviz.kernels.fp8.quantize_v_fp8` on a validated kernel input: v [B, H, N, D]
     with unit stride along D (original order), ``perm`` int32 [N] or None. Returns (v8, scales)
     with v8 the [B, H, N, D] float8_e4m3fn view of a [B, H, D, N'] buffer (N' = N rounded up to
-    16): stride 1 along N, the layout FP8 matrix instructions take P . V's second operand in."""
+    16): stride 1 along N, the layout FP8 matrix instructions take P . V's second operand in.
+    ``mma_order`` (the Gluon kernel's): keys in the order of :func:`mma_key_order` within each 32,
+    N' = N rounded up to 32 and v8 spans all N' (keys past N are zeros)."""
     bsz, heads, n, d = v.shape
-    npad = triton.cdiv(n, _V_ROW_ALIGN) * _V_ROW_ALIGN
+    align = _V_MMA_ROW_ALIGN if mma_order else _V_ROW_ALIGN
+    npad = triton.cdiv(n, align) * align
     amax = torch.linalg.vector_norm(v, ord=float("inf"), dim=2).float().contiguous()  # NaN stays NaN
     out = torch.empty((bsz, heads, d, npad), dtype=torch.uint8, device=v.device)  # e4m3 bytes, transposed
     scales = torch.empty((bsz, heads, d), dtype=torch.float32, device=v.device)
     _quantize_channels_kernel[(triton.cdiv(n, _V_TOKENS), bsz * heads)](
         v, perm if perm is not None else scales, amax, out, scales, v.stride(0), v.stride(1), v.stride(2), heads, n,
         npad, TOKENS=_V_TOKENS, HEAD_DIM=d, HAS_PERM=perm is not None, SOFTWARE=interpreting(),
-        num_warps=1 if interpreting() else 4,
+        MMA_ORDER=mma_order, num_warps=1 if interpreting() else 4,
     )
-    return out.view(torch.float8_e4m3fn)[..., :n].transpose(-1, -2), scales
+    return out.view(torch.float8_e4m3fn)[..., :npad if mma_order else n].transpose(-1, -2), scales
