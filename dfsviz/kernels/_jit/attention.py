@@ -656,23 +656,21 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
     n, d = v.shape[2], v.shape[3]
     out, lse = _outputs(v, return_lse)
     # "fp8_pv"'s v8 is a buffer of its own ([B, H, D, N'], stride 1 along N): describable
-    if sm90_kernel_runs(v, mask) and _descriptors(quant.q8, quant.k8, out, *(() if fp8_pv else (v,))):
+    gluon = sm90_kernel_runs(v, mask) and _descriptors(quant.q8, quant.k8, out, *(() if fp8_pv else (v,)))
+    v_scale = None
+    if fp8_pv:
+        v, v_scale = quantize_v_fp8_fwd(v, perm, mma_order=gluon)
+    if gluon:
         # Hopper: the Gluon kernel. Its copy engine moves key blocks of contiguous rows: q8, k8
         # and "fp8_pv"'s v8 are ordered copies already; "fp8" with an order gets one of v.
-        v_scale = None
-        if fp8_pv:
-            v, v_scale = quantize_v_fp8_fwd(v, perm, mma_order=True)
-        elif perm is not None:
+        if perm is not None and not fp8_pv:
             _, v = gather_kv(None, v, perm)
         _launch_sm90(quant.q8, quant.k8, v, out, lse, mask, perm, scale * _LOG2E, return_lse,
                      scales=(quant.q_scale, quant.k_scale, v_scale))
         return (out, lse) if return_lse else out
     meta = kernel_meta(out.dtype, d, n, mask.block, perm is not None, return_lse, fp8=True, fp8_pv=fp8_pv)
-    v_scale = quant.k_scale  # a placeholder without "fp8_pv"
-    if fp8_pv:
-        v, v_scale = quantize_v_fp8_fwd(v, perm)
     v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
-    scales = (quant.q_scale, quant.k_scale, v_scale)
+    scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
     if (fp8_pv or perm is None) and _descriptors(quant.q8, quant.k8, v_tiles, out):
         _launch_desc_kernel(quant.q8, quant.k8, v_tiles, out, lse, mask, perm, scales, scale * _LOG2E, meta)
     else:
