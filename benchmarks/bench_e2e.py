@@ -507,7 +507,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="1.3b-480p,14b-720p", help=f"comma list of {list(MODELS)}")
     ap.add_argument("--reps", type=int, default=2, help="timed calls per measurement (after one warm-up)")
-    ap.add_argument("--modes", default="per_call,permute_once", help="per_call, permute_once or both")
+    ap.add_argument("--modes", default=None,
+                    help="per_call, permute_once or both (default both; permute_once with --quick)")
     ap.add_argument("--dense", default="cudnn,flash",
                     help="dense SDPA backends timed on GPU (cudnn, flash); the first is the speedup baseline")
     ap.add_argument("--quality", default="1.3b-480p,tiny",
@@ -519,14 +520,15 @@ def main(argv=None) -> int:
                     help="DFSAttn precisions, comma list of DFSConfig.precision values (native, native_dense, fp8, "
                          "fp8_dense, fp8_pv, fp8_pv_dense)")
     ap.add_argument("--quick", action="store_true",
-                    help="time 2 and 3 repeating units of each model (one timed call each, permute-once, cuDNN "
+                    help="time 2 and 3 repeating units of each model (one timed call each, permute-once unless --modes, cuDNN "
                          "dense, no quality) and compose every call at full depth: 14B/720p and HunyuanVideo "
                          "720p in bf16 and FP8 in about 4 minutes on one H200")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/e2e_<card>.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
-        args.reps, args.modes, args.dense, args.quality = 1, "permute_once", "cudnn", ""
+        args.reps, args.dense, args.quality = 1, "cudnn", ""
+    args.modes = args.modes or ("permute_once" if args.quick else "per_call,permute_once")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     bad = [n for n in names if n not in MODELS]
     if bad:
