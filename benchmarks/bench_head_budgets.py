@@ -12,7 +12,7 @@ budgets
 * ``bimodal``: alternate heads at 1/7 of each other's budget,
 * ``dense_heads``: one head in eight dense (gamma 1), the others sharing the rest,
 
-are timed with ``triton.testing.do_bench`` (median) in this process, B = 1 and 2 (CFG shares
+are timed with ``bench_kernels.bench`` (triton.testing.do_bench, median of at least 10 calls) in this process, B = 1 and 2 (CFG shares
 its mask). Scores are dfs_tile (tile 16) on hilbert3d-ordered token-model Q/K, as in
 ``bench_kernels.py``; timed inputs are random bf16. Target (issue 13): per-head <= 1.05x uniform.
 """
@@ -26,17 +26,22 @@ import math
 import platform
 import sys
 
+from pathlib import Path
+
 import torch
 import triton
 
-from dfsviz.accel.plan import select_topk_heads
-from dfsviz.kernels.block_scores import block_scores
-from dfsviz.kernels.block_sparse_attention import block_sparse_attention
-from dfsviz.sparse.grid import LatentGrid
-from dfsviz.sparse.masks import BlockMask
-from dfsviz.sparse.orders import make_order
-from dfsviz.sparse.select import select_topk
-from dfsviz.sparse.tokenmodel import TokenModelConfig, sample_qk
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import bench  # noqa: E402
+
+from dfsviz.accel.plan import select_topk_heads  # noqa: E402
+from dfsviz.kernels.block_scores import block_scores  # noqa: E402
+from dfsviz.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
+from dfsviz.sparse.grid import LatentGrid  # noqa: E402
+from dfsviz.sparse.masks import BlockMask  # noqa: E402
+from dfsviz.sparse.orders import make_order  # noqa: E402
+from dfsviz.sparse.select import select_topk  # noqa: E402
+from dfsviz.sparse.tokenmodel import TokenModelConfig, sample_qk  # noqa: E402
 
 log = logging.getLogger("bench_head_budgets")
 
@@ -47,12 +52,6 @@ SHAPES = {
 }
 D, BLOCK, GAMMA, TARGET = 128, 128, 0.2, 1.05
 PROFILES = ("spread", "bimodal", "dense_heads")
-
-
-def bench(fn, rep_ms=300):
-    fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
 def head_counts(profile: str, heads: int, mk: int, total: int, seed: int = 0) -> list[int]:
@@ -121,14 +120,14 @@ def run_shape(name: str, batches: list[int]) -> list[dict]:
         row = {"shape": name, "grid": grid.name, "N": grid.num_tokens, "H": heads, "D": D, "B": bsz,
                "dtype": "bfloat16", "gamma": GAMMA, "uniform_density": float(um.density().mean())}
         # uniform timed before and after the per-head masks: its spread is the noise floor
-        first = bench(lambda: block_sparse_attention(q, k, v, um))
+        first = bench(lambda: block_sparse_attention(q, k, v, um), rep_ms=300)
         row["profiles"] = []
         for profile, (mask, counts) in per_head.items():
             pm = batched(mask, bsz)
-            ms = bench(lambda: block_sparse_attention(q, k, v, pm))
+            ms = bench(lambda: block_sparse_attention(q, k, v, pm), rep_ms=300)
             row["profiles"].append({"profile": profile, "blocks_per_head": counts, "density": float(pm.density().mean()),
                                     "density_per_head": [round(float(x), 4) for x in pm.density()[0]], "ms": ms})
-        second = bench(lambda: block_sparse_attention(q, k, v, um))
+        second = bench(lambda: block_sparse_attention(q, k, v, um), rep_ms=300)
         row["uniform_ms"], row["uniform_ms_runs"] = min(first, second), [first, second]
         for p in row["profiles"]:
             p["vs_uniform"] = p["ms"] / row["uniform_ms"]

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import BLOCK, SHAPES, realistic_masks  # noqa: E402
+from bench_kernels import BLOCK, SHAPES, bench, realistic_masks  # noqa: E402
 
 from dfsviz.kernels.block_scores import block_scores  # noqa: E402
 from dfsviz.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
@@ -121,7 +121,7 @@ def main() -> int:
               "mask_density": density,
               "cases": {}}
     for name, fn in fns.items():
-        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        ms = bench(fn)
         kernels = kernel_table(fn, args.calls)
         result["cases"][name] = {"device_ms": ms, "kernels": kernels,
                                  "kernel_us_sum": sum(r["us_per_call"] for r in kernels),

@@ -4,7 +4,7 @@
 
 One diffusers ``WanTransformerBlock`` (C = 5,120, 40 heads, FFN 13,824, cross_attn_norm) with
 random bf16 weights, N = 75,600 video tokens, 512 text tokens, dense cuDNN attention. Times the
-block call (triton.testing.do_bench, median) and lists its CUDA kernels (torch.profiler, mean of
+block call (bench_kernels.bench: triton.testing.do_bench, median of at least 10 calls) and lists its CUDA kernels (torch.profiler, mean of
 3 calls) grouped as attention (SDPA), matrix products, and element-wise (everything else), for:
 
 * stock: the block as diffusers runs it;
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,8 +29,11 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dfsviz.accel.wan_block import fused_block_forward
-from dfsviz.kernels.qk_norm_rope import qk_norm_rope, wan_rope
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import bench  # noqa: E402
+
+from dfsviz.accel.wan_block import fused_block_forward  # noqa: E402
+from dfsviz.kernels.qk_norm_rope import qk_norm_rope, wan_rope  # noqa: E402
 
 DIM, HEADS, FFN, TOKENS, TEXT = 5120, 40, 13824, 75600, 512
 LATENT = (16, 21, 90, 160)
@@ -50,12 +54,6 @@ class FusedQKProcessor:
         q, k, v = (x.unflatten(2, (attn.heads, -1)).transpose(1, 2) for x in (q, k, attn.to_v(hidden_states)))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2, 3)
         return attn.to_out[1](attn.to_out[0](out))
-
-
-def bench(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=500, return_mode="median")
 
 
 def kernel_profile(fn, calls: int = 3) -> dict:
@@ -111,12 +109,12 @@ def main(argv=None) -> int:
                                          ("fused", fused_forward, FusedQKProcessor(stock_processor))):
             block.attn1.processor = processor
             call = lambda: forward(x, text, temb, (cos, sin))  # noqa: E731
-            result[name] = {"block_ms": bench(call), **kernel_profile(call)}
+            result[name] = {"block_ms": bench(call, rep_ms=500), **kernel_profile(call)}
         block.attn1.processor = stock_processor
         norm = block.attn1.norm_q
         result["qk_prologue_ms"] = {
-            "stock": bench(lambda: wan_rope(norm(x).unflatten(2, (HEADS, -1)), cos, sin)),
-            "fused": bench(lambda: qk_norm_rope(x, norm.weight, norm.eps, cos, sin)),
+            "stock": bench(lambda: wan_rope(norm(x).unflatten(2, (HEADS, -1)), cos, sin), rep_ms=500),
+            "fused": bench(lambda: qk_norm_rope(x, norm.weight, norm.eps, cos, sin), rep_ms=500),
         }
     result["block_speedup"] = result["stock"]["block_ms"] / result["fused"]["block_ms"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
