@@ -520,9 +520,9 @@ def main(argv=None) -> int:
                     help="DFSAttn precisions, comma list of DFSConfig.precision values (native, native_dense, fp8, "
                          "fp8_dense, fp8_pv, fp8_pv_dense)")
     ap.add_argument("--quick", action="store_true",
-                    help="time 2 and 3 repeating units of each model (one timed call each, permute-once unless --modes, cuDNN "
-                         "dense, no quality) and compose every call at full depth: 14B/720p and HunyuanVideo "
-                         "720p in bf16 and FP8 in about 4 minutes on one H200")
+                    help="time 2 and 3 repeating units of each model (one timed call each, permute-once unless "
+                         "--modes, cuDNN dense, no quality) and compose every call at full depth: 14B/720p and "
+                         "HunyuanVideo 720p in bf16 and FP8 in about 4 minutes on one H200")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/e2e_<card>.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

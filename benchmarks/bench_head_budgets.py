@@ -12,9 +12,9 @@ budgets
 * ``bimodal``: alternate heads at 1/7 of each other's budget,
 * ``dense_heads``: one head in eight dense (gamma 1), the others sharing the rest,
 
-are timed with ``bench_kernels.bench`` (triton.testing.do_bench, median of at least 10 calls) in this process, B = 1 and 2 (CFG shares
-its mask). Scores are dfs_tile (tile 16) on hilbert3d-ordered token-model Q/K, as in
-``bench_kernels.py``; timed inputs are random bf16. Target (issue 13): per-head <= 1.05x uniform.
+are timed with ``bench_kernels.bench`` (triton.testing.do_bench, median of at least 10 calls) in
+this process, B = 1 and 2 (CFG shares its mask). Scores are dfs_tile (tile 16) on hilbert3d-ordered
+token-model Q/K, as in ``bench_kernels.py``; timed inputs are random bf16. Target (issue 13): per-head <= 1.05x uniform.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def run_shape(name: str, batches: list[int]) -> list[dict]:
             ms = bench(lambda: block_sparse_attention(q, k, v, pm), rep_ms=300)
             row["profiles"].append({"profile": profile, "blocks_per_head": counts, "density": float(pm.density().mean()),
                                     "density_per_head": [round(float(x), 4) for x in pm.density()[0]], "ms": ms})
-        second = bench(lambda: block_sparse_attention(q, k, v, um), rep_ms=300)
+        second = bench(lambda: block_sparse_attention(q, k, v, um),
+                       rep_ms=300)
         row["uniform_ms"], row["uniform_ms_runs"] = min(first, second), [first, second]
         for p in row["profiles"]:
             p["vs_uniform"] = p["ms"] / row["uniform_ms"]

@@ -78,8 +78,8 @@ TARGETS = {"sparse_vs_flex": 0.8, "eff_vs_cudnn": 0.95, "order_overhead": 1.03, 
 def bench(fn, rep_ms=200, min_calls=10):
     """Median time of ``fn`` in ms over at least ``min_calls`` timed calls: do_bench times
     rep_ms / (one call's time) calls, a single one for calls over rep_ms / 2, whose time then
-    depends on the clock the card happened to run at (HunyuanVideo B 2 with an order read 1.13-1.15x
-    the unordered call that way, 1.01-1.02x over 11 calls each in alternating rounds)."""
+    depends on the clock the card happened to run at (HunyuanVideo B 2 with an order read
+    1.13-1.15x the unordered call that way, 1.01-1.02x over 11 calls each in alternating rounds)."""
     fn()  # compile / autotune outside the timing
     torch.cuda.synchronize()
     t0 = time.perf_counter()
