@@ -37,10 +37,15 @@ Also HunyuanVideo 720p x 129 frames (13B architecture, latent 16 x 33 x 90 x 160
 (``DFSConfig(precision="fp8")``: the sparse calls; the warm-up calls stay stock) and with P . V in
 FP8 too (``"fp8_pv"``); ``"native_dense"``, ``"fp8_dense"`` and ``"fp8_pv_dense"`` also time DFSAttn's
 warm-up call as dfsviz's kernel at that precision with every block kept and weigh the schedule's
-warm-up calls with it. ``--quick`` times 2 and 3 repeating units of each
-model (Wan: blocks; HunyuanVideo: one dual-stream and two single-stream blocks) and composes every
+warm-up calls with it. A precision followed by ``+linear_fp8`` (``native+linear_fp8``,
+``fp8_pv_dense+linear_fp8``) also runs the linear layers of every block but the first and the last
+as FP8 matrix products (``DFSConfig(linear_precision="fp8")``, every call, warm-up calls too, which
+are timed for it); ``+linear_fp8_all`` those of every block.
+``--quick`` times 2 and 3 repeating units of each model (Wan: blocks; HunyuanVideo: one
+dual-stream and two single-stream blocks), one call each unless ``--reps``, and composes every
 call time at full depth from the per-unit difference (units past the first are identical sparse
-layers; the measured calls stay in the JSON).
+layers; the measured calls stay in the JSON). The composition multiplies a single call's noise
+by the depth (38 at Wan-14B): quote full-depth runs.
 
 The paper reports 1.79x end to end on Wan2.1-14B 720p and 2.1x on HunyuanVideo 720p (whole
 pipeline); issue 18's targets on the transformer: Wan-14B 720p >= 2.0x in bf16 and >= 2.5x with
@@ -72,7 +77,7 @@ from dfsviz.sparse.orders import TokenOrder
 from dfsviz.sparse.schedule import DFSSchedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_embedded import rel_l2  # noqa: E402
+from quality_embedded import LINEAR_FP8, parse_variant, rel_l2  # noqa: E402
 
 processors_module = importlib.import_module("dfsviz.accel.processors")
 handle_module = importlib.import_module("dfsviz.accel.handle")
@@ -312,11 +317,12 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
                                "speedup_vs_dense": base / statistics.median(ms)}
     log.info("%s DFSAttn dense call: %.1f ms", name, result["dfsattn_dense"]["median_ms"])
     fused_dense = result["dfsattn_dense"]["median_ms"]
-    # precisions "..._dense" run DFSAttn's warm-up calls as dfsviz's kernel with every block kept
+    # precisions "..._dense" run DFSAttn's warm-up calls as dfsviz's kernel with every block kept,
+    # "...+linear_fp8" with FP8 linear layers
     warm_up = {p: fused_dense for p in precisions}
-    for precision in (p for p in precisions if p.endswith("_dense")):
+    for precision in (p for p in precisions if p.endswith("_dense") or LINEAR_FP8 in p):
         handle = apply_dfsattn(model, DFSConfig(schedule=DFSSchedule(num_steps=1, skip_steps=1), backend=backend,
-                                                precision=precision))
+                                                **parse_variant(precision)))
         try:
             with sdpa_backend(dense_backends[0]):
                 ms = time_calls(model, inputs, device, reps, before=lambda: handle.state.set_step(0))
@@ -340,7 +346,7 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
         for gamma in GAMMAS:
             schedule = DFSSchedule(num_steps=2, skip_steps=0, interval=2, gamma0=gamma, decrement=0.0,
                                    dense_layers=(0,))
-            config = DFSConfig(schedule=schedule, permute_once=once, backend=backend, precision=precision)
+            config = DFSConfig(schedule=schedule, permute_once=once, backend=backend, **parse_variant(precision))
             restore_hooks = permute_hook_timing(breakdown)
             handle = apply_dfsattn(model, config)
             try:
@@ -414,7 +420,7 @@ def compose_depth(shallow: dict, deep: dict, units: tuple[int, int], full_units:
             row[f"speedup_{kind}_vs_dense"] = base / row[f"{kind}_median_ms"]
         row.pop("breakdown_ms", None)
     out["dfsattn_dense"]["speedup_vs_dense"] = base / out["dfsattn_dense"]["median_ms"]
-    kernel_warm_up = {}  # precision "..._dense" -> its warm-up call through dfsviz's kernel
+    kernel_warm_up = {}  # precision "..._dense" or "...+linear_fp8" -> its own warm-up call
     for key in (k for k in deep if k.startswith("dfsattn_dense_")):
         ms = carry(shallow[key]["median_ms"], deep[key]["median_ms"])
         out[key] = {"median_ms": ms, "speedup_vs_dense": base / ms}
@@ -506,7 +512,8 @@ def card_slug(device: torch.device) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="1.3b-480p,14b-720p", help=f"comma list of {list(MODELS)}")
-    ap.add_argument("--reps", type=int, default=2, help="timed calls per measurement (after one warm-up)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed calls per measurement, after one warm-up (default 2; 1 with --quick)")
     ap.add_argument("--modes", default=None,
                     help="per_call, permute_once or both (default both; permute_once with --quick)")
     ap.add_argument("--dense", default="cudnn,flash",
@@ -518,16 +525,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precisions", default="native",
                     help="DFSAttn precisions, comma list of DFSConfig.precision values (native, native_dense, fp8, "
-                         "fp8_dense, fp8_pv, fp8_pv_dense)")
+                         f"fp8_dense, fp8_pv, fp8_pv_dense), each optionally with {LINEAR_FP8!r} or "
+                         f"{LINEAR_FP8 + '_all'!r}: the linear layers in FP8 too")
     ap.add_argument("--quick", action="store_true",
-                    help="time 2 and 3 repeating units of each model (one timed call each, permute-once unless "
-                         "--modes, cuDNN dense, no quality) and compose every call at full depth: 14B/720p and "
-                         "HunyuanVideo 720p in bf16 and FP8 in about 4 minutes on one H200")
+                    help="time 2 and 3 repeating units of each model (one timed call each unless --reps, "
+                         "permute-once unless --modes, cuDNN dense, no quality) and compose every call at full depth: "
+                         "14B/720p and HunyuanVideo 720p in bf16 and FP8 in about 4 minutes on one H200")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/e2e_<card>.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
-        args.reps, args.dense, args.quality = 1, "cudnn", ""
+        args.dense, args.quality = "cudnn", ""
+    if args.reps is None:
+        args.reps = 1 if args.quick else 2
+    if args.reps < 1:
+        ap.error(f"--reps: at least 1 (got {args.reps})")
     args.modes = args.modes or ("permute_once" if args.quick else "per_call,permute_once")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     bad = [n for n in names if n not in MODELS]
@@ -540,8 +552,9 @@ def main(argv=None) -> int:
     if not dense or any(b not in ("cudnn", "flash") for b in dense):
         ap.error(f"--dense: choose from cudnn, flash (got {dense})")
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    if not precisions or any(p not in PRECISION_MODES for p in precisions):
-        ap.error(f"--precisions: choose from {', '.join(PRECISION_MODES)} (got {precisions})")
+    if not precisions or any(parse_variant(p) is None for p in precisions):
+        ap.error(f"--precisions: choose from {', '.join(PRECISION_MODES)}, each optionally with {LINEAR_FP8!r} or "
+                 f"{LINEAR_FP8 + '_all'!r} (got {precisions})")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU visible; use --device cpu --models tiny to check the script")

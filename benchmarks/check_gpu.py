@@ -18,7 +18,8 @@ the GPU-only pytest cases (``-m cuda``: no host sync, CUDA-graph replay of scori
 attention), fused block scoring
 (dfs_tile, meanpool), the streaming block statistics and Wan's fused QK-RMSNorm + RoPE
 (also within one rounding step of today's torch path), and Wan's fused adaLN norms and gated
-residuals (the residual also bit-identical to today's torch path). Exits 1 on any failure.
+residuals (the residual also bit-identical to today's torch path), and FP8 linear layers (the
+row quantization bit for bit, the product against its simulation). Exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -222,6 +223,44 @@ def check_adaln(results):
         differ = int((out != ref).sum())
         results.append({"check": f"gated_residual {label} bit-identical to the torch path",
                         "message": f"{differ} elements differ (0 expected)", "ok": differ == 0})
+
+
+def check_fp8_linear(results):
+    """FP8 linear layers: the Triton row pass bit for bit against the PyTorch rule (scales and e4m3
+    values), and ``fp8_linear`` (row pass + torch._scaled_mm) against its simulation: within one
+    bfloat16 rounding of the output plus 2^-7 of the output's RMS (the GPU's FP8 matrix product sums
+    in another order, and Hopper's accumulates with fewer mantissa bits than float32: about 2e-3 of
+    the RMS beyond the rounding on an H200), and no farther than 1.1x the simulation's RMS error from
+    the float64 product of the unquantized inputs. Rows of Wan2.1-14B's FFN (K 5120 / 13824) and
+    1.3B's attention (K 1536), with and without bias."""
+    from dfsviz.kernels._jit.fp8 import quantize_rows_fp8_fwd
+    from dfsviz.kernels.fp8_linear import fp8_linear, fp8_linear_ref, quantize_rows_fp8, quantize_weight_fp8
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        results.append({"check": "fp8_linear", "message": "skipped: compute capability < 8.9", "ok": True})
+        return
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    for m, k, n, bias in ((4097, 5120, 13824, True), (3000, 13824, 5120, True), (2049, 1536, 1536, False)):
+        x = (torch.randn(1, m, k, generator=gen, device=DEV) * torch.logspace(-2, 2, m, device=DEV)[:, None]
+             ).bfloat16()
+        w = (torch.randn(n, k, generator=gen, device=DEV) / k ** 0.5).bfloat16()
+        b = torch.randn(n, generator=gen, device=DEV).bfloat16() if bias else None
+        label = f"fp8_linear M{m} K{k} N{n}{' bias' if bias else ''}"
+        got8, got_scale = quantize_rows_fp8_fwd(x[0])
+        want8, want_scale = quantize_rows_fp8(x[0])
+        same = torch.equal(got_scale, want_scale) and torch.equal(got8.float(), want8.float())
+        results.append({"check": f"{label} row pass equals the rule", "message": f"equal: {same}", "ok": same})
+        weight = quantize_weight_fp8(w, b)
+        out = fp8_linear(x, weight).double()
+        sim = fp8_linear_ref(x, weight).double()
+        exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+        rms = float(exact.pow(2).mean().sqrt())
+        excess = float(((out - sim).abs() - sim.abs() * 2.0 ** -7).max()) / rms
+        err, sim_err = (float((y - exact).pow(2).mean().sqrt()) / rms for y in (out, sim))
+        results.append({"check": f"{label} against its simulation", "ok": excess <= 2.0 ** -7 and err <= 1.1 * sim_err,
+                        "message": f"max |out - sim| beyond one bf16 rounding {excess:.2e} of the RMS (bound "
+                                   f"{2.0 ** -7:.2e}); RMS error against float64 of the unquantized inputs {err:.4f}, "
+                                   f"the simulation's {sim_err:.4f} (bound 1.1x)"})
 
 
 @contextlib.contextmanager
@@ -482,7 +521,8 @@ def check_fp8_candidates(results):
 STEPS = {"attention": check_attention, "fp8": check_fp8, "candidates": check_autotune_candidates,
          "fp8_candidates": check_fp8_candidates,
          "cuda_tests": check_cuda_tests, "nan": check_nan_row, "errors": check_errors,
-         "scores_stats": check_scores_and_stats, "qk_norm_rope": check_qk_norm_rope, "adaln": check_adaln}
+         "scores_stats": check_scores_and_stats, "qk_norm_rope": check_qk_norm_rope, "adaln": check_adaln,
+         "fp8_linear": check_fp8_linear}
 
 #: Groups that run only when --only names them: fp8_candidates compiles every FP8 descriptor
 #: candidate for D 128 (minutes on a fresh machine; after the fp8 group, in the same call, the

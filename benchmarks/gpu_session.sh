@@ -13,6 +13,7 @@
 #     bash benchmarks/gpu_session.sh bench_kernels
 #     bash benchmarks/gpu_session.sh bench_e2e
 #     bash benchmarks/gpu_session.sh bench_candidates quality_precisions   # one call, about 7 minutes
+#     bash benchmarks/gpu_session.sh bench_fp8_linear                       # about 1 minute
 #     bash benchmarks/gpu_session.sh medium_sample medium_strips medium_claims   # one call, about 8 minutes
 set -u
 cd "$(dirname "$0")/.."
@@ -37,13 +38,19 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log, keep going
 }
 
 want check_gpu && part check_gpu 560 python3 benchmarks/check_gpu.py --only attention candidates cuda_tests nan errors \
-  scores_stats qk_norm_rope adaln --out "$results/check_gpu_$card.json"
+  scores_stats qk_norm_rope adaln fp8_linear --out "$results/check_gpu_$card.json"
 # the FP8 checks (the fp8 group alone: 205 s on a fresh H200), then every FP8 descriptor candidate on its own
 want check_gpu_fp8 && part check_gpu_fp8 560 python3 benchmarks/check_gpu.py --only fp8 fp8_candidates \
   --out "$results/check_gpu_fp8_$card.json"
 want bench_kernels && part bench_kernels 300 python3 benchmarks/bench_kernels.py --quick --out "$results/kernels_quick_$card.json"
 want bench_e2e && part bench_e2e 560 python3 benchmarks/bench_e2e.py --quick --models 14b-720p,hunyuan-720p \
-  --precisions native,fp8 --out "$results/e2e_quick_$card.json"
+  --precisions native,fp8_pv_dense+linear_fp8 --out "$results/e2e_quick_$card.json"
+want bench_candidates && part bench_candidates 420 python3 benchmarks/bench_kernels.py --sections candidates \
+  --batches 1 --gammas 0.2 --skip-fa2 --out "$results/kernels_candidates_$card.json"
+want quality_precisions && part quality_precisions 240 python3 benchmarks/quality_embedded.py --part precisions \
+  --device cuda --out "$results/quality_precisions_$card.json"
+want bench_fp8_linear && part bench_fp8_linear 240 python3 benchmarks/bench_fp8_linear.py \
+  --out "$results/fp8_linear_$card.json"
 # The medium model's sample: one layer, all heads, three steps of the 20, float16 maps, dfs_tile scores
 # (about 12 MB: what the repository can hold); strips: docs/img/embedded_medium-wan_<class>.png.
 want medium_sample && part medium_sample 240 python3 -m dfsviz capture --model dfsviz-embedded:medium --layers 3 \
@@ -62,6 +69,7 @@ if [ "$logs" != "$results" ]; then
   want bench_e2e && cp "$results/e2e_quick_$card.json" "$logs"/
   want bench_candidates && cp "$results/kernels_candidates_$card.json" "$logs"/
   want quality_precisions && cp "$results/quality_precisions_$card.json" "$logs"/
+  want bench_fp8_linear && cp "$results/fp8_linear_$card.json" "$logs"/
   want medium_claims && cp "$results/claims_medium.json" "$logs"/
 fi
 exit $status

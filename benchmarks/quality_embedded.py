@@ -16,9 +16,11 @@ Two models:
   attention, so this part checks plumbing and the error scale at full width and depth, not quality.
 * ``precisions`` (``--device cuda`` runs the Triton kernels, ``cpu`` their PyTorch simulation): the
   embedded model in bfloat16, one full sampling run per ``DFSConfig.precision`` (bf16 DFSAttn,
-  FP8 Q . K, FP8 Q . K and P . V, each also with FP8 dense warm-up calls) from the same seed and
-  schedule, each clip's PSNR / SSIM against the bf16 dense clip and against the bf16 DFSAttn clip;
-  the float32 dense clip gives the scale of bfloat16's own rounding.
+  FP8 Q . K, FP8 Q . K and P . V, each also with FP8 dense warm-up calls; a precision followed by
+  ``+linear_fp8`` or ``+linear_fp8_all`` also runs the blocks' linear layers in FP8,
+  ``DFSConfig.linear_precision``) from
+  the same seed and schedule, each clip's PSNR / SSIM against the bf16 dense clip and against the
+  bf16 DFSAttn clip; the float32 dense clip gives the scale of bfloat16's own rounding.
 
 Writes benchmarks/results/quality_embedded.json (embedded, wan13b) and
 benchmarks/results/quality_precisions_<card or cpu>.json (precisions). Run:
@@ -42,13 +44,26 @@ import torch
 import torch.nn.functional as F
 
 from dfsviz.accel import DFSConfig, apply_dfsattn
-from dfsviz.accel.config import PRECISION_MODES
+from dfsviz.accel.config import LINEAR_PRECISIONS, PRECISION_MODES
 from dfsviz.models.sampler import encode_labels, load_embedded_model, sample_videos
 from dfsviz.sparse.schedule import DFSSchedule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality_embedded.json"
 #: The precisions part's default: bf16 DFSAttn first (the other clips are also scored against it).
 PRECISIONS = ("native", "fp8", "fp8_pv", "fp8_dense", "fp8_pv_dense")
+#: Appended to a precision: the run's linear layers in FP8 too (DFSConfig.linear_precision "fp8", or
+#: "fp8_all" with ``+linear_fp8_all``).
+LINEAR_FP8 = "+linear_fp8"
+
+
+def parse_variant(token: str) -> dict | None:
+    """The DFSConfig fields of a run named ``precision``, ``precision+linear_fp8`` or
+    ``precision+linear_fp8_all``, None if invalid."""
+    precision, plus, linear = token.partition("+")
+    linear_precision = linear.removeprefix("linear_") if linear.startswith("linear_") else None
+    if precision not in PRECISION_MODES or (plus and linear_precision not in set(LINEAR_PRECISIONS) - {"native"}):
+        return None
+    return {"precision": precision, "linear_precision": linear_precision if plus else "native"}
 
 WAN13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
               text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -195,7 +210,7 @@ def run_precisions(num_steps: int, seed: int, guidance: float, labels: list[str]
     model = load_embedded_model(device=device, dtype=torch.bfloat16)
     schedule = embedded_schedule(num_steps)
     runs = dict(seed=seed, guidance_scale=guidance, num_steps=num_steps)
-    seconds, clips, configs = {}, {}, {}
+    seconds, clips, configs, linears = {}, {}, {}, {}
     with torch.no_grad():
         t0 = time.perf_counter()
         clips["dense"] = sample_videos(model, labels, **runs)
@@ -203,8 +218,9 @@ def run_precisions(num_steps: int, seed: int, guidance: float, labels: list[str]
         clips["dense_float32"] = sample_videos(load_embedded_model(device=device), labels, **runs)
         for precision in precisions:
             transformer = copy.deepcopy(model.transformer)
-            config = DFSConfig(schedule=schedule, precision=precision)
+            config = DFSConfig(schedule=schedule, **parse_variant(precision))
             handle = apply_dfsattn(transformer, config)
+            linears[precision] = len(handle.fp8_linears)
             try:
                 handle.state.use_call_count()
                 t0 = time.perf_counter()
@@ -220,6 +236,7 @@ def run_precisions(num_steps: int, seed: int, guidance: float, labels: list[str]
             rows[name]["vs_dfsattn_bf16"] = clip_scores(clip, clips["native"], labels)
         if name in configs:
             rows[name]["config"] = configs[name]
+            rows[name]["fp8_linear_layers"] = linears[name]
     return {"model": "data/models/tiny-wan in bfloat16", "grid": model.config.latent_grid().name,
             "tokens": model.config.latent_grid().num_tokens, "labels": labels, "seed": seed,
             "guidance_scale": guidance, "cfg": "batch of 2, share", "schedule_table": schedule.table(),
@@ -271,13 +288,15 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="precisions part: cuda runs the Triton kernels, cpu their "
                                                     "PyTorch simulation")
     ap.add_argument("--precisions", default=",".join(PRECISIONS),
-                    help="precisions part: comma list of DFSConfig.precision values; native first")
+                    help="precisions part: comma list of DFSConfig.precision values, each optionally with "
+                         f"{LINEAR_FP8!r} or {LINEAR_FP8 + '_all'!r} (the linear layers in FP8 too); native first")
     ap.add_argument("--out", type=Path, default=None,
                     help="default benchmarks/results/quality_embedded.json, or quality_precisions_<card>.json")
     args = ap.parse_args(argv)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    if not precisions or precisions[0] != "native" or any(p not in PRECISION_MODES for p in precisions):
-        ap.error(f"--precisions: a comma list of {sorted(PRECISION_MODES)} starting with native (got {precisions})")
+    if not precisions or precisions[0] != "native" or any(parse_variant(p) is None for p in precisions):
+        ap.error(f"--precisions: a comma list of {sorted(PRECISION_MODES)}, each optionally with {LINEAR_FP8!r} or "
+                 f"{LINEAR_FP8 + '_all'!r}, starting with native (got {precisions})")
     if args.part == "precisions":
         run_precisions_part(args, precisions)
         return

@@ -12,7 +12,7 @@ from dfsviz.sparse.orders import order_names
 from dfsviz.sparse.schedule import DFSSchedule
 from dfsviz.sparse.scoring import scorer_names
 
-__all__ = ["CFG_MODES", "DFSConfig", "PRECISION_MODES"]
+__all__ = ["CFG_MODES", "DFSConfig", "LINEAR_PRECISIONS", "PRECISION_MODES"]
 
 #: How the branches of classifier-free guidance get their masks.
 CFG_MODES = {
@@ -34,6 +34,16 @@ PRECISION_MODES = {
     "kept) with FP8 Q and K",
     "fp8_pv": "the sparse calls with FP8 Q and K and FP8 P . V (precision='fp8_pv'); dense warm-up calls stock",
     "fp8_pv_dense": "the sparse calls and DFSAttn's dense warm-up calls with FP8 Q and K and FP8 P . V",
+}
+
+#: The arithmetic of the linear layers (projections, FFN) inside the transformer blocks, in every call.
+LINEAR_PRECISIONS = {
+    "native": "the model's own nn.Linear calls",
+    "fp8": "every nn.Linear of the blocks but the first and the last block whose K and N are multiples of 16, on "
+    "calls of >= 128 token rows, as an FP8 matrix product (x per token, W per output channel in float8 e4m3; "
+    "dfsviz.kernels.fp8_linear; bfloat16 models on GPUs of compute capability >= 8.9, the CPU through its "
+    "PyTorch simulation)",
+    "fp8_all": "as 'fp8', in the first and the last block too",
 }
 
 
@@ -80,6 +90,13 @@ class DFSConfig:
             "fp8_pv" P . V in e4m3 too (per-channel V scales); "_dense" runs DFSAttn's dense
             warm-up calls through the same kernel with every block kept instead of the stock
             attention.
+        linear_precision: "native", "fp8" or "fp8_all" (:data:`LINEAR_PRECISIONS`): "fp8" runs
+            the projections and FFN layers of every block but the first and the last (which cost
+            the most quality, docs/accel.md), in every call (warm-up steps too), as FP8 matrix
+            products with per-token and per-output-channel power-of-two scales
+            (``dfsviz.kernels.fp8_linear``; docs/kernels.md "FP8 linear layers"); "fp8_all" those
+            two blocks too. The weights are quantized when DFSAttn is applied (an e4m3 copy beside
+            the model's own: half the blocks' bf16 bytes more memory); apply again after changing them.
         measure_recall: also compute the exact block mass of every sparse call and record the
             recall of its mask (costs a dense attention pass; for quality studies only).
         calibration: a :class:`~dfsviz.accel.plan.CalibratedPlan` (``dfsviz calibrate``), or None.
@@ -99,6 +116,7 @@ class DFSConfig:
     fused_ops: bool = True
     backend: str | None = None
     precision: str = "native"
+    linear_precision: str = "native"
     measure_recall: bool = False
     calibration: CalibratedPlan | None = None
 
@@ -139,6 +157,12 @@ class DFSConfig:
                 "sparse attention with FP8 Q and K, 'fp8_pv' P . V in FP8 too, '..._dense' the dense warm-up "
                 "calls through the same kernel"
             )
+        if not isinstance(self.linear_precision, str) or self.linear_precision not in LINEAR_PRECISIONS:
+            raise ValueError(
+                f"`linear_precision` must be one of {sorted(LINEAR_PRECISIONS)} (got {self.linear_precision!r}); "
+                "'fp8' runs the linear layers of every block but the first and the last as FP8 matrix products, "
+                "'fp8_all' of every block"
+            )
         if self.calibration is not None:
             self._check_calibration(self.calibration)
 
@@ -173,7 +197,8 @@ class DFSConfig:
             calls_per_step: transformer calls per diffusion step when steps are counted (2 for
                 diffusers' WanPipeline with CFG), as ``DFSSchedule.calls_per_step``.
             options: other DFSConfig fields (cfg, cond_index, permute_once, fused_ops, backend,
-                precision, measure_recall); the file fixes order, block, tile, score_method and schedule.
+                precision, linear_precision, measure_recall); the file fixes order, block, tile,
+                score_method and schedule.
         """
         fixed = sorted(set(options) & {"order", "block", "tile", "score_method", "schedule", "calibration"})
         if fixed:
@@ -193,7 +218,8 @@ class DFSConfig:
         unfused = "" if self.fused_ops else "_unfused"
         calibrated = "" if self.calibration is None else "_calibrated"
         precision = "" if self.precision == "native" else f"_{self.precision}"
+        linear = "" if self.linear_precision == "native" else f"_linear_{self.linear_precision}"
         return (
             f"dfsattn_{self.order}_{self.score_method}_b{self.block}_t{self.tile}_{self.cfg}{once}{unfused}"
-            f"{precision}_{self.schedule.name}{calibrated}"
+            f"{precision}{linear}_{self.schedule.name}{calibrated}"
         )

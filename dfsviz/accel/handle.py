@@ -32,6 +32,7 @@ import os
 import torch
 
 from dfsviz.accel.config import DFSConfig
+from dfsviz.accel.fp8_linear import check_fp8_linears, fp8_linear_forward, fp8_linears
 from dfsviz.accel.processors import PROCESSORS, SDPADFSProcessor, _DFSProcessorBase
 from dfsviz.accel.state import DFSState
 from dfsviz.architectures import PARALLEL_REFUSALS, Architecture, architecture_for, pipeline_transformers
@@ -58,6 +59,8 @@ class DFSHandle:
         sparse_layers: names of the layers whose processors were replaced.
         fused_blocks: (block, fused forward) of each block running its fused forward
             (``DFSConfig.fused_ops``).
+        fp8_linears: (linear, FP8 forward) of each linear layer of the blocks that runs FP8
+            matrix products (``DFSConfig.linear_precision``).
         index: which of the pipeline's transformers this is (0: ``transformer``, 1:
             ``transformer_2``), as the records name it.
         transformer_2: the handle of the pipeline's ``transformer_2`` (same config and state;
@@ -78,6 +81,7 @@ class DFSHandle:
         self.layers = arch.select_layers(transformer)
         self.sparse_layers: list[str] = []
         self.fused_blocks: list[tuple[torch.nn.Module, object]] = []
+        self.fp8_linears: list[tuple[torch.nn.Module, object]] = []
         self._originals: dict[str, object] = {}
         self._hooks: list = []
         self.active = False
@@ -123,6 +127,11 @@ class DFSHandle:
         plan = cfg.calibration
         if plan is not None:
             self._check_plan(plan, modules)
+        linears = []
+        if cfg.linear_precision != "native":
+            blocks = self._blocks()
+            linears = fp8_linears(blocks if cfg.linear_precision == "fp8_all" else blocks[1:-1])
+            check_fp8_linears(linears, cfg.backend)
         for name, layer in self.layers.items():
             if cfg.schedule.layer_is_dense(layer) or (plan is not None and plan.gammas(layer) is None):
                 continue
@@ -140,6 +149,9 @@ class DFSHandle:
                 if forward is not None:
                     block.forward = forward  # an instance attribute; remove() deletes it
                     self.fused_blocks.append((block, forward))
+        for linear in linears:
+            linear.forward = forward = fp8_linear_forward(linear, cfg.backend)
+            self.fp8_linears.append((linear, forward))
         self._hooks.append(model.register_forward_pre_hook(self._begin_call, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._end_call))
         if cfg.permute_once:
@@ -353,6 +365,10 @@ class DFSHandle:
             if vars(block).get("forward") is forward:  # a hook installed later keeps its wrapper
                 del block.forward
         self.fused_blocks.clear()
+        for linear, forward in self.fp8_linears:
+            if vars(linear).get("forward") is forward:
+                del linear.forward
+        self.fp8_linears.clear()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

@@ -1,7 +1,8 @@
-"""e4m3 quantization of the FP8 attention inputs in one Triton pass per tensor: the launcher
-twins of :func:`dfsviz.kernels.fp8.quantize_qk_fp8` (block-wise Q and K) and
-:func:`~dfsviz.kernels.fp8.quantize_v_fp8` (per-channel V), bit for bit (scales, e4m3 bytes,
-key mean), which replace their chains of PyTorch element-wise kernels on the FP8 path."""
+"""e4m3 quantization in one Triton pass per tensor: the launcher twins of
+:func:`dfsviz.kernels.fp8.quantize_qk_fp8` (block-wise Q and K) and
+:func:`~dfsviz.kernels.fp8.quantize_v_fp8` (per-channel V) for FP8 attention, and of
+:func:`dfsviz.kernels.fp8_linear.quantize_rows_fp8` (per-row activations) for FP8 linear layers,
+bit for bit (scales, e4m3 bytes, key mean), which replace chains of PyTorch element-wise kernels."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import triton.language as tl
 from dfsviz.kernels._dispatch import interpreting
 from dfsviz.kernels.fp8 import Fp8QK, key_mean
 
-__all__ = ["mma_key_order", "quantize_qk_fp8_fwd", "quantize_v_fp8_fwd", "round_e4m3"]
+__all__ = ["mma_key_order", "quantize_qk_fp8_fwd", "quantize_rows_fp8_fwd", "quantize_v_fp8_fwd", "round_e4m3"]
 
 
 @triton.jit
@@ -203,3 +204,42 @@ def quantize_v_fp8_fwd(v: torch.Tensor, perm: torch.Tensor | None,
         MMA_ORDER=mma_order, num_warps=1 if interpreting() else 4,
     )
     return out.view(torch.float8_e4m3fn)[..., :npad if mma_order else n].transpose(-1, -2), scales
+
+
+@triton.jit
+def _quantize_rows_kernel(X, OUT, SCALE, stride_xm, K, BLOCK_K: tl.constexpr, SOFTWARE: tl.constexpr):
+    """One row of X [M, K]: its max |x| (a first pass over the row), its power-of-two scale, then
+    the row scaled and rounded to e4m3 (a second pass, which finds the row in the L2 cache)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], tl.float32)
+    nan = tl.zeros([BLOCK_K], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(X + row * stride_xm + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+        nan = nan | (x != x).to(tl.int32)  # tl.maximum drops NaN; torch's amax keeps it
+    amax_row = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(amax, axis=0))
+    scale = _pow2_scale(amax_row)
+    for k0 in range(0, K, BLOCK_K):
+        ok = k0 + cols < K
+        x = tl.load(X + row * stride_xm + k0 + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(OUT + row * K + k0 + cols, _e4m3_byte(_divided(x, scale), SOFTWARE), mask=ok)
+    tl.store(SCALE + row, scale)
+
+
+#: Channels per step of the row pass (a row of K channels takes ceil(K / _ROW_CHUNK) steps per pass).
+_ROW_CHUNK = 1024
+
+
+def quantize_rows_fp8_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~dfsviz.kernels.fp8_linear.quantize_rows_fp8` on a validated kernel input: x [M, K]
+    with unit stride along K. Returns (x8 float8_e4m3fn [M, K] contiguous, scales float32 [M, 1])."""
+    rows, k = x.shape
+    out = torch.empty((rows, k), dtype=torch.uint8, device=x.device)  # e4m3 bytes
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows:
+        _quantize_rows_kernel[(rows,)](
+            x, out, scales, x.stride(0), k, BLOCK_K=min(_ROW_CHUNK, triton.next_power_of_2(k)),
+            SOFTWARE=interpreting(), num_warps=1 if interpreting() else 4,
+        )
+    return out.view(torch.float8_e4m3fn), scales
