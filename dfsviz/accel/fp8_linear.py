@@ -45,7 +45,7 @@ def check_fp8_linears(linears: list[torch.nn.Module], backend: str | None) -> No
                 f"{weight.dtype}: cast it with .to(torch.bfloat16), or use linear_precision='native'"
             )
         if weight.is_cuda:
-            check_fp8_capability(cuda_properties(weight.device))
+            check_fp8_capability(cuda_properties(weight.device), "linear_precision='fp8'", "linear_precision='native'")
 
 
 def fp8_linear_forward(linear: torch.nn.Linear, backend: str | None):

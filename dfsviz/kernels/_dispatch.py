@@ -147,12 +147,14 @@ def check_precision(precision: object) -> str:
     return precision
 
 
-def check_fp8_capability(props) -> None:
+def check_fp8_capability(props, option: str = "precision='fp8' (and 'fp8_pv')",
+                         native: str = "precision='native'") -> None:
     """Raise ValueError unless a GPU with these ``torch.cuda.get_device_properties`` multiplies
-    float8 e4m3 matrices (compute capability >= 8.9)."""
+    float8 e4m3 matrices (compute capability >= 8.9); the message names the ``option`` that asked
+    for FP8 and its ``native`` alternative."""
     if (props.major, props.minor) < FP8_CAPABILITY:
         raise ValueError(
-            f"precision='fp8' (and 'fp8_pv') needs a GPU with FP8 tensor cores, compute capability >= "
+            f"{option} needs a GPU with FP8 tensor cores, compute capability >= "
             f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} (Ada, Hopper or later); {props.name} has "
-            f"{props.major}.{props.minor}: use precision='native', or backend='ref' to simulate FP8"
+            f"{props.major}.{props.minor}: use {native}, or backend='ref' to simulate FP8"
         )

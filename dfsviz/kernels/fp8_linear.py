@@ -127,7 +127,7 @@ def fp8_linear(x: torch.Tensor, weight: Fp8Weight, backend: str | None = None) -
         raise ValueError(f"`x` must be bfloat16 for the FP8 matrix product, which writes bfloat16 (got {x.dtype}); "
                          "cast the model with .to(torch.bfloat16) or use backend='ref'")
     if x.is_cuda:  # CPU tensors reach here only under TRITON_INTERPRET=1 (resolve_backend)
-        check_fp8_capability(cuda_properties(x.device))
+        check_fp8_capability(cuda_properties(x.device), "fp8_linear", "a bfloat16 F.linear")
     from dfsviz.kernels._jit.fp8 import quantize_rows_fp8_fwd
 
     x8, x_scale = quantize_rows_fp8_fwd(rows if rows.stride(-1) == 1 else rows.contiguous())

@@ -3,10 +3,12 @@ the simulation against the float64 product of the unquantized inputs, and the ke
 (Triton quantization + torch._scaled_mm, which the CPU also runs) against the simulation."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dfsviz.kernels._dispatch import check_fp8_capability
 from dfsviz.kernels.fp8 import FP8_MAX
 from dfsviz.kernels.fp8_linear import (
     Fp8Weight,
@@ -136,3 +138,12 @@ def test_bad_inputs_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="K >= 1"):
         quantize_rows_fp8(torch.randn(3, 0))
     assert isinstance(weight, Fp8Weight)
+
+
+def test_a_gpu_without_fp8_is_refused_naming_the_option_that_asked():
+    """The accel layer asks for linear_precision='fp8'; the message names it and its alternative,
+    not attention's precision='fp8'."""
+    a100 = SimpleNamespace(major=8, minor=0, name="NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match=r"^linear_precision='fp8' needs a GPU with FP8 tensor cores, .*A100-SXM4-80GB "
+                                         r"has 8.0: use linear_precision='native', or backend='ref'"):
+        check_fp8_capability(a100, "linear_precision='fp8'", "linear_precision='native'")
