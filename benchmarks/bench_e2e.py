@@ -40,7 +40,10 @@ warm-up call as dfsviz's kernel at that precision with every block kept and weig
 warm-up calls with it. A precision followed by ``+linear_fp8`` (``native+linear_fp8``,
 ``fp8_pv_dense+linear_fp8``) also runs the linear layers of every block but the first and the last
 as FP8 matrix products (``DFSConfig(linear_precision="fp8")``, every call, warm-up calls too, which
-are timed for it); ``+linear_fp8_all`` those of every block.
+are timed for it); ``+linear_fp8_all`` those of every block. Precisions that differ only in the
+warm-up calls (``native`` and ``native_dense``) share one timing of their sparse calls.
+Without ``--quick`` the results file is rewritten after every measurement; a model's entry holds
+``"complete": true`` once it has finished (a run killed by a time limit keeps what it measured).
 ``--quick`` times 2 and 3 repeating units of each model (Wan: blocks; HunyuanVideo: one
 dual-stream and two single-stream blocks), one call each unless ``--reps``, and composes every
 call time at full depth from the per-unit difference (units past the first are identical sparse
@@ -274,9 +277,11 @@ def sdpa_backend(name: str):
 
 def run_model(name: str, device: torch.device, reps: int, modes: list[str], backend: str | None, seed: int,
               dense_backends: list[str], quality: bool, precisions: list[str] = ("native",),
-              units: int | None = None, prepare=None) -> dict:
+              units: int | None = None, prepare=None, checkpoint=None) -> dict:
     """``prepare(model)``, when given, runs on the built model before anything is timed (e.g.
-    ``bench_multigpu.py`` enables diffusers' Ulysses attention there)."""
+    ``bench_multigpu.py`` enables diffusers' Ulysses attention there); ``checkpoint(result)``,
+    when given, receives the result so far after each measurement (a killed run keeps them).
+    Runs whose sparse calls are the same (``sparse_calls``) time them once."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     model, inputs = build(name, device, dtype, seed, units)
@@ -302,6 +307,8 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
         log.info("%s dense %s: %.1f ms", name, b, dense[b]["median_ms"])
     result["dense"] = dense
     base = dense[dense_backends[0]]["median_ms"]
+    save = checkpoint or (lambda partial: None)
+    save(result)
 
     # ---- DFSAttn's dense call (warm-up steps): its fused ops around dense attention
     handle = apply_dfsattn(model, DFSConfig(schedule=DFSSchedule(num_steps=1, skip_steps=1), backend=backend))
@@ -316,6 +323,7 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
     result["dfsattn_dense"] = {"ms": ms, "median_ms": statistics.median(ms), "breakdown_ms": parts,
                                "speedup_vs_dense": base / statistics.median(ms)}
     log.info("%s DFSAttn dense call: %.1f ms", name, result["dfsattn_dense"]["median_ms"])
+    save(result)
     fused_dense = result["dfsattn_dense"]["median_ms"]
     # precisions "..._dense" run DFSAttn's warm-up calls as dfsviz's kernel with every block kept,
     # "...+linear_fp8" with FP8 linear layers
@@ -332,6 +340,7 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
         result[f"dfsattn_dense_{precision}"] = {"ms": ms, "median_ms": warm_up[precision],
                                                 "speedup_vs_dense": base / warm_up[precision]}
         log.info("%s DFSAttn dense call, %s: %.1f ms", name, precision, warm_up[precision])
+        save(result)
     if quality:
         with torch.no_grad(), sdpa_backend(dense_backends[0]):
             y_dense = model(**inputs)[0]
@@ -340,8 +349,15 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
         del y_dense
 
     # ---- DFSAttn
-    dfs = {}
+    dfs = result["dfsattn"] = {}
     for mode, precision in ((m, p) for m in modes for p in precisions):
+        twin = next((p for p in precisions[:precisions.index(precision)] if sparse_calls(p) == sparse_calls(precision)),
+                    None)
+        if twin is not None:  # the same sparse calls, timed under twin
+            for gamma in GAMMAS:
+                dfs[f"{run_key(mode, precision)}_g{gamma:.1f}"] = {
+                    **dfs[f"{run_key(mode, twin)}_g{gamma:.1f}"], "precision": precision, "sparse_calls_timed_as": twin}
+            continue
         once = mode == "permute_once"
         for gamma in GAMMAS:
             schedule = DFSSchedule(num_steps=2, skip_steps=0, interval=2, gamma0=gamma, decrement=0.0,
@@ -378,13 +394,21 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
             dfs[f"{run_key(mode, precision)}_g{gamma:.1f}"] = row
             log.info("%s %s %s gamma %.1f: refresh %.1f ms, cached %.1f ms (dense %.1f)", name, mode, precision,
                      gamma, row["refresh_median_ms"], row["cached_median_ms"], base)
-    result["dfsattn"] = dfs
+            save(result)
     result["schedule_weighted"] = {run_key(m, p): schedule_weighted(dfs, run_key(m, p), base, fused_dense, warm_up[p])
                                    for m in modes for p in precisions}
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def sparse_calls(run: str) -> str:
+    """The run whose sparse calls ``run``'s are (a precision ending in "_dense" changes only
+    DFSAttn's warm-up calls): "native_dense" -> "native", "fp8_pv_dense+linear_fp8" ->
+    "fp8_pv+linear_fp8"."""
+    precision, plus, linear = run.partition("+")
+    return precision.removesuffix("_dense") + plus + linear
 
 
 def run_key(mode: str, precision: str) -> str:
@@ -501,6 +525,14 @@ def schedule_weighted(dfs: dict, mode: str, dense_ms: float, dfs_dense_ms: float
             "speedup_vs_fused_dense": dfs_dense_ms * calls / total}
 
 
+def write(out: Path, result: dict, name: str, model: dict) -> None:
+    """``result`` with ``model`` as model ``name``'s entry, written to ``out`` (an entry without
+    ``"complete": True`` is what a killed run left)."""
+    result["models"][name] = {"complete": False, **model}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+
+
 def card_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
@@ -578,11 +610,9 @@ def main(argv=None) -> int:
             family, cfg = MODELS[name][:2]
             result["models"][name] = compose_depth(run(units=QUICK_UNITS[0]), run(units=QUICK_UNITS[1]), QUICK_UNITS,
                                                    cfg[FULL_UNITS[family]])
-        else:
-            result["models"][name] = run()
-        result["models"][name]["targets"] = TARGETS.get(name, {})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))  # after each model: a killed run keeps what finished
+        else:  # written after each measurement, marked incomplete until the model finishes
+            result["models"][name] = run(checkpoint=lambda partial: write(out, result, name, partial))
+        write(out, result, name, {**result["models"][name], "complete": True, "targets": TARGETS.get(name, {})})
     for name, r in result["models"].items():
         for mode, s in r["schedule_weighted"].items():
             print(f"{name} {mode}: 50-step CFG schedule {s['dfsattn_s']:.1f} s vs dense {s['dense_s']:.1f} s "
