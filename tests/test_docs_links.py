@@ -5,7 +5,8 @@ command and every docstring of the package) is searched for references to files 
 developers have (``../shared``, ``reference/*.md``, ``paper.md``, ``STYLE.md``, ``DESIGN.md``) and
 for a bare ``theory.md`` that does not say where it lives (``docs/theory.md``; inside docs/*.md a
 relative link ``(theory.md)`` is fine). Every relative Markdown link of README.md and docs/*.md
-must name a file of the repository (anchors are not checked).
+must name a file of the repository, and its anchor, if any, a heading of that file when it is
+Markdown (as GitHub names headings; ``(#anchor)`` alone names one of the same file).
 """
 
 from __future__ import annotations
@@ -168,40 +169,69 @@ def relative_link_targets(text: str) -> list[str]:
     """Targets of the Markdown links and images of ``text`` that point into the repository."""
     prose = _CODE_SPAN.sub("", _FENCE.sub("", text))
     targets = [bracketed or bare for bracketed, bare in _INLINE_LINK.findall(prose)] + _REFERENCE_DEF.findall(prose)
-    return [t for t in targets if not _SCHEME.match(t) and not t.startswith(("#", "//"))]
+    return [t for t in targets if not _SCHEME.match(t) and not t.startswith("//")]
 
 
-def test_relative_link_targets_skips_urls_anchors_and_code():
+def test_relative_link_targets_skips_urls_and_code():
     text = (
         "[a](theory.md#bound-2) ![b](img/x.png) [c](https://example.org/y.md) [d](#local)\n"
         "`[e](in-code.md)` [f](<with space.md> \"title\")\n```\n[g](fenced.md)\n```\n[h]: ../README.md\n"
     )
-    assert relative_link_targets(text) == ["theory.md#bound-2", "img/x.png", "with space.md", "../README.md"]
+    assert relative_link_targets(text) == ["theory.md#bound-2", "img/x.png", "#local", "with space.md",
+                                           "../README.md"]
+
+
+_HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*$", re.MULTILINE)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the headings of the Markdown ``text``: lower case, characters other
+    than letters, digits, ``_``, ``-`` and spaces dropped, spaces to ``-``; a repeat gets -1, -2, ..."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    for title in _HEADING.findall(_FENCE.sub("", text)):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_heading_anchors_are_github_s():
+    text = ("# Kernels (`dfsviz.kernels`)\n## FP8 (`precision=\"fp8\"`)\n### Speed\n### Speed\n"
+            "```\n# not a heading\n```\n#### HunyuanVideo 720p x 129, at full depth\n")
+    assert heading_anchors(text) == {"kernels-dfsvizkernels", "fp8-precisionfp8", "speed", "speed-1",
+                                     "hunyuanvideo-720p-x-129-at-full-depth"}
 
 
 def broken_links(path: Path, root: Path = ROOT) -> list[str]:
-    """Relative link targets of the Markdown file ``path`` that name no file under ``root``."""
+    """Relative link targets of the Markdown file ``path`` that name no file under ``root``, or an
+    anchor that no heading of the Markdown file they name has."""
     broken = []
     for target in relative_link_targets(path.read_text(encoding="utf-8")):
-        file_part = unquote(target.split("#", 1)[0].split("?", 1)[0])
-        resolved = (path.parent / file_part).resolve()
+        file_part, _, anchor = target.split("?", 1)[0].partition("#")
+        resolved = (path.parent / unquote(file_part)).resolve() if file_part else path.resolve()
         if not resolved.is_relative_to(root.resolve()) or not resolved.is_file():
+            broken.append(target)
+        elif anchor and resolved.suffix == ".md" and unquote(anchor) not in heading_anchors(
+                resolved.read_text(encoding="utf-8")):
             broken.append(target)
     return broken
 
 
-def test_broken_links_names_missing_files_and_links_out_of_the_repository(tmp_path):
+def test_broken_links_names_missing_files_anchors_and_links_out_of_the_repository(tmp_path):
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "theory.md").write_text("# Theory\n", encoding="utf-8")
+    (tmp_path / "docs" / "theory.md").write_text("# Theory\n## Bound 2\n", encoding="utf-8")
     (tmp_path / "outside.md").write_text("", encoding="utf-8")
     page = tmp_path / "docs" / "page.md"
     page.write_text(
-        "[ok](theory.md#bound-2) [missing](paper.md) [dir](../docs) [out](../outside.md)\n", encoding="utf-8"
+        "# Page\n[ok](theory.md#bound-2) [missing](paper.md) [dir](../docs) [out](../outside.md)\n"
+        "[no heading](theory.md#bound-3) [here](#page) [not here](#bound-2)\n", encoding="utf-8"
     )
-    assert broken_links(page, root=tmp_path / "docs") == ["paper.md", "../docs", "../outside.md"]
+    assert broken_links(page, root=tmp_path / "docs") == ["paper.md", "../docs", "../outside.md",
+                                                          "theory.md#bound-3", "#bound-2"]
 
 
 @pytest.mark.parametrize("path", MARKDOWN, ids=_rel)
 def test_relative_links_resolve_to_repository_files(path):
     broken = broken_links(path)
-    assert not broken, f"{_rel(path)} links to files the repository does not have: {broken}"
+    assert not broken, f"{_rel(path)} links to files or headings the repository does not have: {broken}"
