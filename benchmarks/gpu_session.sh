@@ -12,6 +12,10 @@
 #     bash benchmarks/gpu_session.sh check_gpu_fp8
 #     bash benchmarks/gpu_session.sh bench_kernels
 #     bash benchmarks/gpu_session.sh bench_e2e
+#     bash benchmarks/gpu_session.sh e2e_wan14b            # full depth, each about 6-7 minutes:
+#     bash benchmarks/gpu_session.sh e2e_wan14b_fp8        # the end-to-end figures the docs quote
+#     bash benchmarks/gpu_session.sh e2e_hunyuan
+#     bash benchmarks/gpu_session.sh e2e_hunyuan_fp8
 #     bash benchmarks/gpu_session.sh bench_candidates quality_precisions   # one call, about 7 minutes
 #     bash benchmarks/gpu_session.sh bench_fp8_linear                       # about 1 minute
 #     bash benchmarks/gpu_session.sh medium_sample medium_strips medium_claims   # one call, about 8 minutes
@@ -45,6 +49,17 @@ want check_gpu_fp8 && part check_gpu_fp8 560 python3 benchmarks/check_gpu.py --o
 want bench_kernels && part bench_kernels 300 python3 benchmarks/bench_kernels.py --quick --out "$results/kernels_quick_$card.json"
 want bench_e2e && part bench_e2e 560 python3 benchmarks/bench_e2e.py --quick --models 14b-720p,hunyuan-720p \
   --precisions native,fp8_pv_dense+linear_fp8 --out "$results/e2e_quick_$card.json"
+# Every call at full depth, one model per device call (the results file is rewritten after each
+# measurement, so a part cut off by its limit keeps what it measured): bf16 with stock and with
+# kernel warm-up calls (their sparse calls timed once), and FP8 attention with FP8 linear layers.
+e2e_full() {  # e2e_full PART MODEL REPS PRECISIONS RESULT
+  want "$1" && part "$1" 580 python3 benchmarks/bench_e2e.py --models "$2" --modes permute_once --reps "$3" \
+    --dense cudnn --quality "" --precisions "$4" --out "$results/$5_$card.json"
+}
+e2e_full e2e_wan14b 14b-720p 2 native,native_dense e2e_native_dense
+e2e_full e2e_wan14b_fp8 14b-720p 2 native,fp8_pv_dense+linear_fp8 e2e_linear_fp8
+e2e_full e2e_hunyuan hunyuan-720p 1 native,native_dense e2e_hunyuan_full
+e2e_full e2e_hunyuan_fp8 hunyuan-720p 1 fp8_pv_dense+linear_fp8 e2e_hunyuan_full_fp8
 want bench_candidates && part bench_candidates 420 python3 benchmarks/bench_kernels.py --sections candidates \
   --batches 1 --gammas 0.2 --skip-fa2 --out "$results/kernels_candidates_$card.json"
 want quality_precisions && part quality_precisions 240 python3 benchmarks/quality_embedded.py --part precisions \
@@ -67,6 +82,10 @@ if [ "$logs" != "$results" ]; then
   want check_gpu_fp8 && cp "$results/check_gpu_fp8_$card.json" "$logs"/
   want bench_kernels && cp "$results/kernels_quick_$card.json" "$logs"/
   want bench_e2e && cp "$results/e2e_quick_$card.json" "$logs"/
+  want e2e_wan14b && cp "$results/e2e_native_dense_$card.json" "$logs"/
+  want e2e_wan14b_fp8 && cp "$results/e2e_linear_fp8_$card.json" "$logs"/
+  want e2e_hunyuan && cp "$results/e2e_hunyuan_full_$card.json" "$logs"/
+  want e2e_hunyuan_fp8 && cp "$results/e2e_hunyuan_full_fp8_$card.json" "$logs"/
   want bench_candidates && cp "$results/kernels_candidates_$card.json" "$logs"/
   want quality_precisions && cp "$results/quality_precisions_$card.json" "$logs"/
   want bench_fp8_linear && cp "$results/fp8_linear_$card.json" "$logs"/
