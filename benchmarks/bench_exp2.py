@@ -19,12 +19,16 @@ import argparse
 import json
 import platform
 import re
+import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import card_slug  # noqa: E402
 
 VALUES = 1 << 24
 BLOCK = 1024
@@ -78,13 +82,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
-    card = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")
-    slug = next((s for s in ("h100", "h200", "a100", "l40s", "b200") if s in slug), slug)
-    result = {"card": card, "versions": {"torch": torch.__version__, "triton": triton.__version__,
+    result = {"card": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__, "triton": triton.__version__,
                                          "cuda": torch.version.cuda, "python": platform.python_version()},
               "values": VALUES, "iters": args.iters, "block": BLOCK, "variants": run(args.iters)}
-    out = args.out or Path(__file__).resolve().parent / "results" / f"exp2_{slug}.json"
+    out = args.out or Path(__file__).resolve().parent / "results" / f"exp2_{card_slug(torch.device('cuda'))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     for name, row in result["variants"].items():
