@@ -326,11 +326,13 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
     save(result)
     fused_dense = result["dfsattn_dense"]["median_ms"]
     # precisions "..._dense" run DFSAttn's warm-up calls as dfsviz's kernel with every block kept,
-    # "...+linear_fp8" with FP8 linear layers
+    # "...+linear_fp8" with FP8 linear layers: those time their own
     warm_up = {p: fused_dense for p in precisions}
-    for precision in (p for p in precisions if p.endswith("_dense") or LINEAR_FP8 in p):
-        handle = apply_dfsattn(model, DFSConfig(schedule=DFSSchedule(num_steps=1, skip_steps=1), backend=backend,
-                                                **parse_variant(precision)))
+    for precision in precisions:
+        config = DFSConfig(schedule=DFSSchedule(num_steps=1, skip_steps=1), backend=backend, **parse_variant(precision))
+        if not config.dense_calls_through_kernel and config.linear_precision == "native":
+            continue
+        handle = apply_dfsattn(model, config)
         try:
             with sdpa_backend(dense_backends[0]):
                 ms = time_calls(model, inputs, device, reps, before=lambda: handle.state.set_step(0))
@@ -404,11 +406,11 @@ def run_model(name: str, device: torch.device, reps: int, modes: list[str], back
 
 
 def sparse_calls(run: str) -> str:
-    """The run whose sparse calls ``run``'s are (a precision ending in "_dense" changes only
-    DFSAttn's warm-up calls): "native_dense" -> "native", "fp8_pv_dense+linear_fp8" ->
+    """The run whose sparse calls ``run``'s are (``DFSConfig.kernel_precision``: "_dense" changes
+    only DFSAttn's warm-up calls): "native_dense" -> "native", "fp8_pv_dense+linear_fp8" ->
     "fp8_pv+linear_fp8"."""
     precision, plus, linear = run.partition("+")
-    return precision.removesuffix("_dense") + plus + linear
+    return DFSConfig(precision=precision).kernel_precision + plus + linear
 
 
 def run_key(mode: str, precision: str) -> str:

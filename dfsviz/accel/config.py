@@ -212,6 +212,18 @@ class DFSConfig:
                    schedule=plan.schedule(calls_per_step), calibration=plan, **options)
 
     @property
+    def kernel_precision(self) -> str:
+        """The arithmetic of DFSAttn's attention calls: ``precision`` without "_dense", which says
+        which calls run the kernel, not how it multiplies ("fp8_pv_dense" -> "fp8_pv")."""
+        return self.precision.removesuffix("_dense")
+
+    @property
+    def dense_calls_through_kernel(self) -> bool:
+        """Whether DFSAttn's dense warm-up calls run dfsviz's kernel with every block kept instead
+        of the stock attention (a ``precision`` ending in "_dense")."""
+        return self.precision.endswith("_dense")
+
+    @property
     def name(self) -> str:
         """Self-describing key, e.g. "dfsattn_hilbert3d_dfs_tile_b128_t16_share_dfs_n50_s12_...". """
         once = "_once" if self.permute_once else ""

@@ -90,14 +90,13 @@ class _DFSProcessorBase:
         # A calibrated plan gives every head its own budget; else the schedule's gamma serves all heads.
         gammas = None if config.calibration is None else config.calibration.gammas(layer)
         self.gammas = gammas if gammas is None or heads is None else gammas[heads]
-        # the kernel's precision: "..._dense" names the calls, not the arithmetic
-        self.precision = config.precision.removesuffix("_dense")
+        self.precision = config.kernel_precision
 
     def _dfs_ctx(self) -> _CallContext | None:
         """The call's context when DFSAttn computes this attention (a sparse step; under
         a ``precision`` ending in ``"_dense"`` a dense step too), else None: the stock attention serves."""
         ctx = self.state.current
-        if ctx is None or (ctx.plan.dense and not self.config.precision.endswith("_dense")):
+        if ctx is None or (ctx.plan.dense and not self.config.dense_calls_through_kernel):
             return None
         return ctx
 

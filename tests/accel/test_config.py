@@ -21,6 +21,15 @@ def test_defaults_are_the_paper_settings():
     assert DFSConfig(precision="fp8_dense").name.startswith("dfsattn_hilbert3d_dfs_tile_b128_t16_share_fp8_dense_dfs_")
 
 
+@pytest.mark.parametrize("precision, kernel, dense_calls", [
+    ("native", "native", False), ("native_dense", "native", True), ("fp8", "fp8", False),
+    ("fp8_dense", "fp8", True), ("fp8_pv", "fp8_pv", False), ("fp8_pv_dense", "fp8_pv", True)])
+def test_a_precision_s_arithmetic_and_which_calls_it_serves(precision, kernel, dense_calls):
+    config = DFSConfig(precision=precision)
+    assert config.kernel_precision == kernel
+    assert config.dense_calls_through_kernel is dense_calls
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
