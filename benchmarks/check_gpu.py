@@ -329,13 +329,15 @@ def _fp8_against_simulation(label, q, k, v, mask, order, precision, sim=None, ex
     """(out, result row): the Triton kernel against the simulation of its quantization (``sim``:
     its (out, lse) when already computed), and that the expected kernel ran. "fp8": out within
     2^-7 (P . V in the input dtype against float32). "fp8_pv": one rounding of the output dtype
-    (P rounded against the running max here, the final one there: the same e4m3 values,
-    docs/kernels.md), plus what the GPU's approximate exp2 adds: a probability near an e4m3
-    rounding midpoint may round the other way, which moves it by one e4m3 step (2^-3 relative),
-    and Hopper's FP8 tensor cores accumulate with fewer mantissa bits than float32. 2^-6: the
-    first H200 run measured 7.0e-3 - 1.24e-2 beyond one output rounding (the interpreter, with
-    exact exp2 and float32 products, stays within one rounding: tests/kernels/test_fp8.py). The
-    LSE within 1e-3 (the same logits up to summation order and the products' accumulation)."""
+    (P formed against the running max here, the final one there: the same e4m3 values,
+    docs/kernels.md), plus what the GPU's arithmetic adds: Hopper's FP8 tensor cores accumulate
+    the logits with fewer mantissa bits than float32, so a logit near the midpoint between two
+    eighths forms the neighbouring e4m3 P, one step (2^-3 relative) away. 2^-6: one H200
+    measured 5.5e-3 - 1.22e-2 beyond one output rounding (the interpreter, with float32
+    products, stays within one rounding: tests/kernels/test_fp8.py). The LSE within 1e-3 (the
+    same logits up to summation order and the products' accumulation); with "fp8_pv" within
+    2^-6, as l sums the same e4m3 P, steps included (2.4e-3 - 4.2e-3 on one H200, where the
+    interpreter stays within 1e-4)."""
     with _launched_kernels() as ran:
         out, lse = block_sparse_attention(q, k, v, mask, order=order, return_lse=True, precision=precision,
                                           backend="triton")
@@ -348,13 +350,14 @@ def _fp8_against_simulation(label, q, k, v, mask, order, precision, sim=None, ex
         ulp = 2**-7 if q.dtype == torch.bfloat16 else 2**-10
         excess = float(((out.float() - sim_out.float()).abs() - ulp * sim_out.float().abs()).max())
         message, ok = f"beyond one output rounding {excess:.3e} (bound 2^-6)", excess <= 2**-6
+    lse_bound = 1e-3 if precision == "fp8" else 2**-6
     finite = torch.isfinite(sim_lse)
     lse_diff = float((lse - sim_lse)[finite].abs().max())
     same_inf = bool(torch.equal(torch.isfinite(lse), finite))
     expected = expected or _fp8_kernel(precision, order, v)
     return out, {"check": f"{label} {precision} |kernel - simulation| ({'+'.join(ran)})",
-                 "message": f"{message}, lse {lse_diff:.3e} (bound 1e-3), expected {expected}",
-                 "ok": ok and lse_diff <= 1e-3 and same_inf and ran == [expected]}
+                 "message": f"{message}, lse {lse_diff:.3e} (bound {lse_bound:.3g}), expected {expected}",
+                 "ok": ok and lse_diff <= lse_bound and same_inf and ran == [expected]}
 
 
 def check_fp8(results):

@@ -18,13 +18,20 @@ The scheme (SageAttention's, with power-of-two scales):
    native kernel does. ``"fp8_pv"``: P . V in e4m3 too. V (ordered) gets one power-of-two
    scale per (batch, head, channel) over all N tokens, the same rule as above: P . V sums over
    tokens, so a per-channel scale factors out of the whole sum and the matrix products
-   accumulate into one float32 accumulator, dequantized once at the end. P is rounded to e4m3
-   as ``P_SCALE * exp2(t - M)``, t the row's logits in the log2 domain and M the running row
-   max rounded up to an integer: P_SCALE = 2^8 maps (0.5, 1] onto (128, 256] inside e4m3's
-   range, and as M only moves by whole powers of two, the rescaling of earlier products is
-   exact and rounding P against the running M is rounding it against the final one (e4m3's
-   normal grid is scale-invariant), so the simulation needs no key order. The row sum l is that
-   of the unrounded P, as in the native kernel.
+   accumulate into one float32 accumulator, dequantized once at the end. P_SCALE * P is an
+   e4m3 value built without an exponential (:func:`p_e4m3`): with x = t - M, t the row's
+   logits in the log2 domain and M the running row max rounded up to an integer, 8 x is
+   rounded to an integer n (to nearest even) and the e4m3 value whose bits are n + 120 (0
+   below) is P_SCALE * P: 2^x with x rounded to eighths and the power of two between whole
+   exponents taken linearly, 2^floor(x) (1 + x - floor(x)): at most one e4m3 step from 2^x
+   rounded to nearest in e4m3's normal range (within 10.8 % of 2^x where rounding to nearest stays within 5.9 %, 4 %
+   high on average, which the normalization by l cancels), without the special-function
+   unit's exponentials, which bound the FP8 kernel on Hopper (docs/kernels.md).
+   P_SCALE = 2^8 maps x in (-1, 0] onto (128, 256] inside e4m3's range, and as M only moves by
+   whole powers of two (n by multiples of 8), the rescaling of earlier products is exact and
+   forming P against the running M gives the values the final M gives, so the simulation
+   needs no key order. The row sum l is that of the same e4m3 P, so each output row is a
+   weighted mean of V's rows.
 
 Error: e4m3 keeps 3 mantissa bits, so each quantized entry is within 2^-4 (relative) of
 its input and a logit q . k * scale moves by at most about 2^-3 scale sum_d |q_d| |k_d|.
@@ -46,13 +53,15 @@ from dfsviz.sparse.attention import block_sparse_attention_ref, check_attention_
 from dfsviz.sparse.masks import BlockMask
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "FP8_PRECISIONS", "P_SCALE", "Fp8QK", "block_sparse_attention_fp8_ref",
-           "dequantize_fp8_blocks", "key_mean", "quantize_fp8_blocks", "quantize_qk_fp8", "quantize_v_fp8"]
+           "dequantize_fp8_blocks", "key_mean", "p_e4m3", "quantize_fp8_blocks", "quantize_qk_fp8", "quantize_v_fp8"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 #: Largest finite float8_e4m3fn value.
 FP8_MAX = 448.0
-#: P in (0, 1] times this power of two is what ``precision="fp8_pv"`` rounds to e4m3.
+#: P in (0, 1] times this power of two is what ``precision="fp8_pv"`` holds in e4m3.
 P_SCALE = 256.0
+#: The e4m3 bits of P_SCALE * 2^x are 8 x + P_BYTE_ONE (x a multiple of 1/8, e4m3's exponent bias 7).
+P_BYTE_ONE = 8 * (8 + 7)
 #: The precisions of ``block_sparse_attention`` that this module simulates.
 FP8_PRECISIONS = ("fp8", "fp8_pv")
 _LOG2E = 1.4426950408889634
@@ -163,10 +172,19 @@ def quantize_v_fp8(v: torch.Tensor, perm: torch.Tensor | None = None) -> tuple[t
     return (vf / scales[:, :, None, :]).to(FP8_DTYPE), scales
 
 
+def p_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """``"fp8_pv"``'s P_SCALE * P for x = t - M <= 0 (log2 domain; -inf gives 0), as float32
+    values of e4m3: the e4m3 number whose bits are round(8 x) + P_BYTE_ONE, 0 where that is
+    negative (module docstring). 2^floor(u) (1 + u - floor(u)) times P_SCALE for u = x rounded
+    to eighths, down to e4m3's subnormals (below 2^-6, steps of 2^-9)."""
+    byte = (torch.round(8 * x.float()) + P_BYTE_ONE).clamp(0, P_BYTE_ONE)
+    return byte.to(torch.uint8).view(FP8_DTYPE).float()
+
+
 def _attention_fp8_pv(qd, kd, v8, v_scale, mask: BlockMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out float32 [B, H, N, D], lse float32 [B, H, N]) over the ordered sequence, from the
-    dequantized q, k (float32) and e4m3 v with its channel scales: P rounded to e4m3 as the
-    kernel rounds it (module docstring), products exact, sums in float32. One query block at a
+    dequantized q, k (float32) and e4m3 v with its channel scales: P formed in e4m3 as the
+    kernel forms it (:func:`p_e4m3`), products exact, sums in float32. One query block at a
     time against every key, the kept blocks selected by the mask's dense form."""
     n = qd.shape[2]
     block = mask.block
@@ -180,12 +198,11 @@ def _attention_fp8_pv(qd, kd, v8, v_scale, mask: BlockMask, scale: float) -> tup
         kept = keep[:, :, u][..., key_block][:, :, None, :]  # [B, H, 1, N]
         t = ((qd[:, :, rows] @ kd.transpose(-1, -2)) * (scale * _LOG2E)).masked_fill(~kept, float("-inf"))
         top = torch.ceil(t.amax(dim=-1, keepdim=True))  # -inf for a block that keeps nothing
-        p = torch.where(kept, torch.exp2(t - top), 0.0)
-        l = p.sum(dim=-1, keepdim=True)
-        p8 = (p * P_SCALE).to(FP8_DTYPE).float()
+        p8 = torch.where(kept, p_e4m3(t - top), 0.0)  # P_SCALE * P
+        l = p8.sum(dim=-1, keepdim=True)
         attends = kept.any(dim=-1, keepdim=True)
-        out[:, :, rows] = torch.where(attends, (p8 @ vf) * v_scale[:, :, None, :] / (l * P_SCALE), 0.0)
-        lse[:, :, rows] = ((top + torch.log2(l)) / _LOG2E).squeeze(-1)
+        out[:, :, rows] = torch.where(attends, (p8 @ vf) * v_scale[:, :, None, :] / l, 0.0)
+        lse[:, :, rows] = ((top + torch.log2(l / P_SCALE)) / _LOG2E).squeeze(-1)
     return out, lse
 
 

@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dfsviz.kernels._dispatch import cuda_properties, interpreting
-from dfsviz.kernels._jit.fp8 import quantize_v_fp8_fwd, round_e4m3
+from dfsviz.kernels._jit.fp8 import p_e4m3, quantize_v_fp8_fwd
 from dfsviz.kernels.fp8 import P_SCALE, Fp8QK
 from dfsviz.sparse.masks import BlockMask
 
@@ -35,7 +35,7 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok,
     """One BLOCK_N slice of keys k, v [BLOCK_N, D]: logits, online-softmax update, P @ V accumulation.
 
     P_FP8 (v in e4m3): the running max is rounded up to an integer (log2 domain), so rescaling
-    is by exact powers of two, and P_SCALE * P is rounded to e4m3 (dfsviz.kernels.fp8)."""
+    is by exact powers of two, and P_SCALE * P is formed in e4m3 (p_e4m3, dfsviz.kernels.fp8)."""
     # The interpreter's bf16 dot is wrong: it runs fp32 operands instead (exact for bf16/fp16 values).
     if UPCAST:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
@@ -46,19 +46,19 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok,
     # Scale and log2(e) are folded into one multiply so the softmax uses exp2.
     if P_FP8:
         m_new = tl.maximum(m_i, tl.math.ceil(tl.max(qk, 1) * qk_scale))
+        p = p_e4m3(qk * qk_scale - m_new[:, None])  # P_SCALE * P, e4m3 values
+        row_sum = tl.sum(p, 1) * (1.0 / _P_SCALE)
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        row_sum = tl.sum(p, 1)
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + row_sum
     acc = acc * alpha[:, None]
-    if P_FP8:
-        if UPCAST:  # the interpreter's float8 cast does not round to nearest even
-            acc = tl.dot(round_e4m3(p * _P_SCALE), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot((p * _P_SCALE).to(v.dtype), v, acc)
-    elif UPCAST:
+    if UPCAST:
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    elif P_FP8:  # exact: p holds e4m3 values
+        acc = tl.dot(p.to(v.dtype), v, acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new

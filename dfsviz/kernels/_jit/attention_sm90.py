@@ -24,9 +24,9 @@ FP8 (``dfsviz.kernels.fp8``): q and k are ordered e4m3 copies with one power-of-
 block, folded into the softmax scale (the query block's once, each key block's per step); with
 ``fp8_pv`` v is an ordered e4m3 copy stored transposed ([B, H, D, N'], stride 1 along N: Hopper's
 FP8 MMAs take P . V's second operand so) with one scale per channel and each 32 keys in the MMA's
-order (``mma_key_order``), and P is rounded to e4m3 as P_SCALE * exp2(t - M) against the running
-row max M rounded up to an integer (P_SCALE folded into the exponent), as the PyTorch simulation
-rounds it, and relabelled into that order in registers; otherwise v is float16 / bfloat16 (ordered)
+order (``mma_key_order``), and P_SCALE * P is formed in e4m3 without an exponential (``p_e4m3``:
+the byte round(8 (t - M)) + P_BYTE_ONE, M the running row max rounded up to an integer), as the
+PyTorch simulation forms it, and relabelled into that order in registers; otherwise v is float16 / bfloat16 (ordered)
 and P . V runs in that dtype. Every FP8 output row is stored with plain stores (through the order
 when there is one). The launcher in ``dfsviz.kernels._jit.attention`` chooses this kernel on
 compute capability 9.x, with Triton 3.6 or later (imported only then).
@@ -48,6 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from dfsviz.kernels._jit.fp8 import P_BYTE_ONE_MAGIC, ROUNDING_MAGIC
 from dfsviz.kernels.fp8 import P_SCALE
 
 __all__ = ["SM90_BLOCK", "SM90_DTYPES", "SM90_HEAD_DIMS", "block_sparse_attention_sm90_fwd", "sm90_launch_args"]
@@ -63,7 +64,7 @@ _DESCRIBED_DTYPES = SM90_DTYPES | {torch.float8_e4m3fn: gl.float8e4nv}
 # Rows per consumer warpgroup: Hopper's warpgroup MMA multiplies 64-row tiles.
 _ROWS = gl.constexpr(64)
 _LN2 = gl.constexpr(0.6931471805599453)
-# FP8_PV's P is exp2(t - M + log2(P_SCALE)): P_SCALE (a power of two) folded into the exponent
+# FP8_PV's P and l carry P_SCALE (a power of two): log2(P_SCALE) comes off the LSE
 _LOG2_P_SCALE = gl.constexpr(math.log2(P_SCALE))
 # Shared-memory stages of K and V: two stages of two 128-row tiles at D 128 are 128 KB, beside
 # the 32 KB of Q (the H200 has 227 KB per CTA). e4m3 tiles are half the bytes: FP8 calls take a
@@ -121,31 +122,47 @@ def _past_n_masked(s, idx_ptr, j, N, BLOCK: gl.constexpr, EVEN_N: gl.constexpr, 
 @gluon.jit
 def _online_softmax(s, m_i, l_i, qk_scale, P_FP8: gl.constexpr):
     """FlashAttention's online softmax in the log2 domain (qk_scale holds log2(e)). P_FP8: the
-    running max is rounded up to an integer, so rescaling is by exact powers of two, and p (and
-    l) carry the factor P_SCALE that puts P's range inside e4m3's."""
+    running max is rounded up to an integer, so rescaling is by exact powers of two, and p is
+    P_SCALE * P formed in e4m3 without an exponential, as int32 with the e4m3 byte in its low
+    bits (dfsviz.kernels._jit.fp8.p_e4m3, here with the softmax scale in the same multiply-add:
+    eight times the log2-domain logit plus P_BYTE_ONE_MAGIC; its e4m3 values sum into l)."""
     if P_FP8:
         m_new = gl.maximum(m_i, gl.ceil(gl.max(s, 1) * qk_scale))
-        p = gl.exp2(s * qk_scale - (m_new - _LOG2_P_SCALE)[:, None])
+        y = s * (qk_scale * 8.0) + (P_BYTE_ONE_MAGIC - 8.0 * m_new)[:, None]
+        p = gl.maximum(y, ROUNDING_MAGIC).to(gl.int32, bitcast=True)
+        # the byte 20 bits up is a float32 of 2^-120 times its e4m3 value, multiplied back per row
+        row_sum = gl.sum((p << 20).to(gl.float32, bitcast=True), 1) * 1.329227995784916e36  # 2^120
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         p = gl.exp2(s * qk_scale - m_new[:, None])
+        row_sum = gl.sum(p, 1)
     alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, 1)
+    l_i = l_i * alpha + row_sum
     return p, alpha, m_new, l_i
 
 
 @gluon.jit
+def _e4m3_low_bytes(bits):
+    """The e4m3 values whose bits are the low bytes of int32 ``bits``: the low bytes of each four
+    registers packed into one by three byte permutes."""
+    packed = gl.inline_asm_elementwise(
+        "{ .reg .b32 lo, hi; prmt.b32 lo, $1, $2, 0x0040; prmt.b32 hi, $3, $4, 0x0040; "
+        "prmt.b32 $0, lo, hi, 0x5410; }", "=r,r,r,r,r", [bits], dtype=gl.int8, is_pure=True, pack=4)
+    return packed.to(gl.float8e4nv, bitcast=True)
+
+
+@gluon.jit
 def _p_operand(p, p_dtype: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, FP8_PV: gl.constexpr):
-    """P as P . V's register operand. FP8_PV: the keys of each 32 relabelled in the order v8
-    stores them (``mma_key_order``), in which every thread's operand registers are its own
-    accumulator values: a conversion without data movement (asserted), where moving P into the
-    8-bit operand layout took shuffles between threads."""
-    p = p.to(p_dtype)
+    """P as P . V's register operand. FP8_PV (p: _online_softmax's int32 bytes): the keys of each
+    32 relabelled in the order v8 stores them (``mma_key_order``), in which every thread's
+    operand registers are its own accumulator values: a conversion without data movement
+    (asserted), where moving P into the 8-bit operand layout took shuffles between threads."""
     if FP8_PV:
+        p = _e4m3_low_bytes(p)
         p = p.reshape([_ROWS, BLOCK // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5)).reshape([_ROWS, BLOCK])
         p = gl.convert_layout(p, p_layout, assert_trivial=True)
     else:
-        p = gl.convert_layout(p, p_layout)
+        p = gl.convert_layout(p.to(p_dtype), p_layout)
     return p
 
 

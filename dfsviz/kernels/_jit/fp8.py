@@ -11,9 +11,16 @@ import triton
 import triton.language as tl
 
 from dfsviz.kernels._dispatch import interpreting
-from dfsviz.kernels.fp8 import Fp8QK, key_mean
+from dfsviz.kernels.fp8 import P_BYTE_ONE, Fp8QK, key_mean
 
-__all__ = ["mma_key_order", "quantize_qk_fp8_fwd", "quantize_rows_fp8_fwd", "quantize_v_fp8_fwd", "round_e4m3"]
+__all__ = ["P_BYTE_ONE_MAGIC", "ROUNDING_MAGIC", "mma_key_order", "p_e4m3", "quantize_qk_fp8_fwd",
+           "quantize_rows_fp8_fwd", "quantize_v_fp8_fwd"]
+
+#: 1.5 x 2^23: a float32 near it has unit steps, so adding it rounds to an integer (to nearest
+#: even) that its low mantissa bits hold as ROUNDING_MAGIC's bits + that integer.
+ROUNDING_MAGIC = tl.constexpr(12582912.0)
+#: ROUNDING_MAGIC + P_BYTE_ONE: x 8 + this holds p_e4m3's byte in its low bits.
+P_BYTE_ONE_MAGIC = tl.constexpr(12582912.0 + P_BYTE_ONE)
 
 
 @triton.jit
@@ -42,13 +49,23 @@ def _pow2_scale(amax):
 
 
 @triton.jit
-def round_e4m3(y):
+def p_e4m3(x):
+    """``"fp8_pv"``'s P_SCALE * P (:func:`dfsviz.kernels.fp8.p_e4m3`) for x = t - M <= 0 (-inf
+    gives 0), as float32: the e4m3 byte round(8 x) + P_BYTE_ONE (0 below) sits in the low bits of
+    8 x + P_BYTE_ONE_MAGIC; moved 20 bits up it is a float32 of the same mantissa and exponent
+    bits, 2^-120 times the e4m3 value (subnormals included), multiplied back exactly."""
+    bits = tl.maximum(x * 8.0 + P_BYTE_ONE_MAGIC, ROUNDING_MAGIC).to(tl.int32, bitcast=True)
+    return (bits << 20).to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120
+
+
+@triton.jit
+def _round_e4m3(y):
     """float32 y rounded to nearest even on e4m3's grid (step 2^(exponent - 3), 2^-9 below
     2^-6), as float32; |y| must not exceed 448 (the interpreter's float8 cast does not round
     to nearest even)."""
     ey = ((tl.abs(y).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     step = _pow2(tl.maximum(ey, -6) - 3)
-    return ((tl.div_rn(y, step) + 12582912.0) - 12582912.0) * step
+    return ((tl.div_rn(y, step) + ROUNDING_MAGIC) - ROUNDING_MAGIC) * step
 
 
 @triton.jit
@@ -58,7 +75,7 @@ def _e4m3_byte(y, SOFTWARE: tl.constexpr):
     cast neither rounds to nearest even nor gets NaN right)."""
     if not SOFTWARE:
         return y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-    y = round_e4m3(y)
+    y = _round_e4m3(y)
     ay = tl.abs(y).to(tl.int32, bitcast=True)
     ey = ((ay >> 23) & 0xFF) - 127  # again: rounding may reach the next power of two
     normal = ((ey + 7) << 3) | ((ay >> 20) & 0x7)
