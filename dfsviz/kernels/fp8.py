@@ -52,8 +52,9 @@ from dfsviz.sparse._validate import num_blocks, resolve_scale
 from dfsviz.sparse.attention import block_sparse_attention_ref, check_attention_inputs, check_order_for
 from dfsviz.sparse.masks import BlockMask
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "FP8_PRECISIONS", "P_SCALE", "Fp8QK", "block_sparse_attention_fp8_ref",
-           "dequantize_fp8_blocks", "key_mean", "p_e4m3", "quantize_fp8_blocks", "quantize_qk_fp8", "quantize_v_fp8"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "FP8_PRECISIONS", "P_BYTE_ONE", "P_SCALE", "Fp8QK",
+           "block_sparse_attention_fp8_ref", "dequantize_fp8_blocks", "key_mean", "p_e4m3", "quantize_fp8_blocks",
+           "quantize_qk_fp8", "quantize_v_fp8"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 #: Largest finite float8_e4m3fn value.
