@@ -87,8 +87,10 @@ def block_sparse_attention(
         precision: "native" (products in the input dtype), "fp8": Q and K smoothed and
             quantized to float8 e4m3 per block (``dfsviz.kernels.fp8``; float16 / bfloat16
             inputs, GPUs of compute capability >= 8.9, or the CPU under TRITON_INTERPRET=1),
-            or "fp8_pv": P . V in e4m3 too (V with one power-of-two scale per channel); the
-            "ref" backend runs their PyTorch simulation ``block_sparse_attention_fp8_ref``.
+            or "fp8_pv": P . V in e4m3 too (V with one power-of-two scale per channel, P
+            formed in e4m3 by ``p_e4m3``; its lse is that of the e4m3 P, up to ln 1.108 above
+            the exact one); the "ref" backend runs their PyTorch simulation
+            ``block_sparse_attention_fp8_ref``.
         backend: None (Triton on CUDA, else reference; env DFSVIZ_KERNEL_BACKEND),
             "triton" or "ref".
 
