@@ -24,9 +24,10 @@ The scheme (SageAttention's, with power-of-two scales):
    rounded to an integer n (to nearest even) and the e4m3 value whose bits are n + 120 (0
    below) is P_SCALE * P: 2^x with x rounded to eighths and the power of two between whole
    exponents taken linearly, 2^floor(x) (1 + x - floor(x)): at most one e4m3 step from 2^x
-   rounded to nearest in e4m3's normal range (within 10.8 % of 2^x where rounding to nearest stays within 5.9 %, 4 %
-   high on average, which the normalization by l cancels), without the special-function
-   unit's exponentials, which bound the FP8 kernel on Hopper (docs/kernels.md).
+   rounded to nearest in e4m3's normal range (within 10.8 % of 2^x where rounding to nearest
+   stays within 5.9 %; 4 % high on average, which the normalization by l cancels), without the
+   special-function unit's exponentials, which bound the FP8 kernel on Hopper
+   (docs/kernels.md).
    P_SCALE = 2^8 maps x in (-1, 0] onto (128, 256] inside e4m3's range, and as M only moves by
    whole powers of two (n by multiples of 8), the rescaling of earlier products is exact and
    forming P against the running M gives the values the final M gives, so the simulation

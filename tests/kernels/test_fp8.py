@@ -460,8 +460,8 @@ def _p_e4m3_kernel(X, P, n, BLOCK: tl.constexpr):
 def test_p_is_two_to_x_in_e4m3_within_one_step_and_the_kernels_form_it_bit_for_bit(device):
     """``"fp8_pv"``'s P_SCALE * P for x = t - M: 2^x times P_SCALE at whole x, the linear
     interpolation between whole powers on eighths, at most one e4m3 step from 2^x rounded to
-    nearest in e4m3's normal range, 0 for -inf and far below the max; the Triton helper gives the same float32 bits
-    (ties of 8 x to even, e4m3's subnormals included)."""
+    nearest in e4m3's normal range, 0 for -inf and far below the max; the Triton helper gives
+    the same float32 bits (ties of 8 x to even, e4m3's subnormals included)."""
     x = torch.cat([torch.linspace(-16, 0, 160_001), torch.arange(-16, 0, 1 / 16), torch.tensor([-1e30, float("-inf")])])
     p = p_e4m3(x)
     assert torch.equal(p.to(torch.float8_e4m3fn).float(), p)  # e4m3 values

@@ -26,10 +26,11 @@ block, folded into the softmax scale (the query block's once, each key block's p
 FP8 MMAs take P . V's second operand so) with one scale per channel and each 32 keys in the MMA's
 order (``mma_key_order``), and P_SCALE * P is formed in e4m3 without an exponential (``p_e4m3``:
 the byte round(8 (t - M)) + P_BYTE_ONE, M the running row max rounded up to an integer), as the
-PyTorch simulation forms it, and relabelled into that order in registers; otherwise v is float16 / bfloat16 (ordered)
-and P . V runs in that dtype. Every FP8 output row is stored with plain stores (through the order
-when there is one). The launcher in ``dfsviz.kernels._jit.attention`` chooses this kernel on
-compute capability 9.x, with Triton 3.6 or later (imported only then).
+PyTorch simulation forms it, and relabelled into that order in registers; otherwise v is
+float16 / bfloat16 (ordered) and P . V runs in that dtype. Every FP8 output row is stored with
+plain stores (through the order when there is one). The launcher in
+``dfsviz.kernels._jit.attention`` chooses this kernel on compute capability 9.x, with Triton 3.6
+or later (imported only then).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from dfsviz.kernels._jit.fp8 import P_BYTE_ONE_MAGIC, ROUNDING_MAGIC
+from dfsviz.kernels._jit.fp8 import E4M3_BITS_SCALE, P_BYTE_ONE_MAGIC, ROUNDING_MAGIC
 from dfsviz.kernels.fp8 import P_SCALE
 
 __all__ = ["SM90_BLOCK", "SM90_DTYPES", "SM90_HEAD_DIMS", "block_sparse_attention_sm90_fwd", "sm90_launch_args"]
@@ -131,7 +132,7 @@ def _online_softmax(s, m_i, l_i, qk_scale, P_FP8: gl.constexpr):
         y = s * (qk_scale * 8.0) + (P_BYTE_ONE_MAGIC - 8.0 * m_new)[:, None]
         p = gl.maximum(y, ROUNDING_MAGIC).to(gl.int32, bitcast=True)
         # the byte 20 bits up is a float32 of 2^-120 times its e4m3 value, multiplied back per row
-        row_sum = gl.sum((p << 20).to(gl.float32, bitcast=True), 1) * 1.329227995784916e36  # 2^120
+        row_sum = gl.sum((p << 20).to(gl.float32, bitcast=True), 1) * E4M3_BITS_SCALE
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         p = gl.exp2(s * qk_scale - m_new[:, None])

@@ -13,14 +13,17 @@ import triton.language as tl
 from dfsviz.kernels._dispatch import interpreting
 from dfsviz.kernels.fp8 import P_BYTE_ONE, Fp8QK, key_mean
 
-__all__ = ["P_BYTE_ONE_MAGIC", "ROUNDING_MAGIC", "mma_key_order", "p_e4m3", "quantize_qk_fp8_fwd",
+__all__ = ["E4M3_BITS_SCALE", "P_BYTE_ONE_MAGIC", "ROUNDING_MAGIC", "mma_key_order", "p_e4m3", "quantize_qk_fp8_fwd",
            "quantize_rows_fp8_fwd", "quantize_v_fp8_fwd"]
 
 #: 1.5 x 2^23: a float32 near it has unit steps, so adding it rounds to an integer (to nearest
 #: even) that its low mantissa bits hold as ROUNDING_MAGIC's bits + that integer.
 ROUNDING_MAGIC = tl.constexpr(12582912.0)
 #: ROUNDING_MAGIC + P_BYTE_ONE: x 8 + this holds p_e4m3's byte in its low bits.
-P_BYTE_ONE_MAGIC = tl.constexpr(12582912.0 + P_BYTE_ONE)
+P_BYTE_ONE_MAGIC = tl.constexpr(ROUNDING_MAGIC.value + P_BYTE_ONE)
+#: 2^120: an e4m3 byte moved 20 bits up is a float32 of 2^-120 times its e4m3 value (e4m3's
+#: exponent bias is 7, float32's 127); this multiplies it back exactly.
+E4M3_BITS_SCALE = tl.constexpr(2.0**120)
 
 
 @triton.jit
@@ -55,7 +58,7 @@ def p_e4m3(x):
     8 x + P_BYTE_ONE_MAGIC; moved 20 bits up it is a float32 of the same mantissa and exponent
     bits, 2^-120 times the e4m3 value (subnormals included), multiplied back exactly."""
     bits = tl.maximum(x * 8.0 + P_BYTE_ONE_MAGIC, ROUNDING_MAGIC).to(tl.int32, bitcast=True)
-    return (bits << 20).to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120
+    return (bits << 20).to(tl.float32, bitcast=True) * E4M3_BITS_SCALE
 
 
 @triton.jit
