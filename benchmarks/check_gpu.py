@@ -363,8 +363,8 @@ def _fp8_against_simulation(label, q, k, v, mask, order, precision, sim=None, ex
 def check_fp8(results):
     """FP8 attention against float64 attention of its own dequantized inputs (the 2x rule), the
     simulation (in each kernel that runs FP8: the descriptor kernel, and the pointer kernel with
-    an order, an unaligned v and without a copy engine), and the simulation's error against
-    float64 attention of the unquantized inputs."""
+    an order, an unaligned v and without a copy engine; and on rows of 591 key blocks), and the
+    simulation's error against float64 attention of the unquantized inputs."""
     from dfsviz.kernels.fp8 import dequantize_fp8_blocks, quantize_qk_fp8
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -408,6 +408,16 @@ def check_fp8(results):
             with _without_copy_engine():
                 results.append(_fp8_against_simulation(f"{label} no copy engine", q, k, v, mask, order, "fp8_pv",
                                                         expected=POINTER)[1])
+    # Long rows: Wan2.1-14B 720p's N (591 key blocks a row), every block kept and a third, 2 heads.
+    # The FP8 MMAs sum with fewer mantissa bits than float32 and "fp8_pv"'s output accumulator takes
+    # one such sum per 32 kept keys: the same bounds against the simulation as the short cases.
+    n = LatentGrid(21, 45, 80).num_tokens
+    q, k, v = (torch.randn(1, 2, n, 128, generator=gen, device=DEV).to(torch.bfloat16) for _ in range(3))
+    for kept, mask in (("every block", BlockMask.full(1, 2, n, 128, device=DEV)),
+                       ("a third of the blocks", _mask(1, 2, n, 128, 0.3, gen))):
+        for precision in ("fp8", "fp8_pv"):
+            label = f"fp8 attention long rows N {n} {kept}"
+            results.append(_fp8_against_simulation(label, q, k, v, mask, None, precision)[1])
 
 
 def check_cuda_tests(results):
