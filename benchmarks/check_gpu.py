@@ -415,8 +415,8 @@ def check_fp8(results):
     q, k, v = (torch.randn(1, 2, n, 128, generator=gen, device=DEV).to(torch.bfloat16) for _ in range(3))
     for kept, mask in (("every block", BlockMask.full(1, 2, n, 128, device=DEV)),
                        ("a third of the blocks", _mask(1, 2, n, 128, 0.3, gen))):
+        label = f"fp8 attention long rows N {n} {kept}"
         for precision in ("fp8", "fp8_pv"):
-            label = f"fp8 attention long rows N {n} {kept}"
             results.append(_fp8_against_simulation(label, q, k, v, mask, None, precision)[1])
 
 
