@@ -103,10 +103,13 @@ def test_the_clip_plays_with_the_stored_footprint_on_each_frame(page, url, captu
     page.wait_for_function("() => document.querySelector('#vd-video-card .js-plotly-plot')"
                            "._fullLayout.sliders[0].active >= 2", timeout=20000)
     page.locator("#vd-pause").click()
-    # paused: the frame drawn is the one the slider stopped at
+    # paused: plotly's animation loop has stopped (no queued or current frame: while it plays, the
+    # drawn frame matches the slider between frames too, and the pause reaches plotly through a
+    # Dash callback, later on a loaded machine), and the frame drawn is the one the slider stopped at
     page.wait_for_function("() => { const g = document.querySelector('#vd-video-card .js-plotly-plot');"
-                           " const t = String(g._fullLayout.sliders[0].active);"
-                           " return g.data[0].source === g._transitionData._frameHash[t].data[0].source; }")
+                           " const a = g._transitionData, t = String(g._fullLayout.sliders[0].active);"
+                           " return !a._animationRaf && !a._currentFrame && a._frameQueue.length === 0"
+                           " && g.data[0].source === a._frameHash[t].data[0].source; }")
     t = plot(page, "g._fullLayout.sliders[0].active")
     assert t >= 2
     expect(page.locator("#vd-video-card")).to_contain_text(f"video frame {t}")
