@@ -8,6 +8,7 @@ attention group names the kernel that ran each case)."""
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,13 +78,36 @@ def test_fp8_kernel_compiles_for_hopper_with_its_schedule(n, d, pv, order):
     if d != 128:  # (at D 128 P . V's instruction reads as Q . K^T's)
         assert (f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3" in ptx) == pv
     assert "wgmma.wait_group.sync.aligned 1" in ptx
+    # with e4m3 P (16 registers a thread, bf16 P's 32 would spill) Q is held in registers too:
+    # no e4m3 MMA reads both operands from shared memory
+    assert (re.search(r"e4m3\.e4m3 \{[^}]*\}, %rd\d+, %rd\d+", ptx) is None) == pv
     assert "cvt.rn.satfinite.e4m3x2.f32" not in ptx  # P is never an exponential rounded to e4m3
-    if pv:  # e4m3 P is relabelled in registers (v8 in the MMA's key order): no more shuffles than bf16 P
+    if pv:  # e4m3 P is relabelled in registers (v8 in the MMA's key order), and its row sums come
+        # from an MMA: fewer shuffles than bf16 P (whose row sums are reduced across threads)
         bf16_p = _compiled(n, d, "bfloat16", True, order, "fp8")["ptx"]
-        assert ptx.count("shfl.sync") == bf16_p.count("shfl.sync") > 0
-        # P's bytes come from the logits' float32 bits, packed by byte permutes: exponentials are
-        # left for the rescaling factors (2 rows a thread), not P's 64 values a thread
-        assert "prmt.b32 lo" in ptx and 16 * ptx.count("ex2.approx") <= bf16_p.count("ex2.approx")
+        assert 0 < ptx.count("shfl.sync") < bf16_p.count("shfl.sync")
+        # P's bytes without exponentials: exponentials are left for the rescaling factors (2 rows a
+        # thread), not P's 64 values a thread. Each two values become float16 subnormals (the byte
+        # is their count of 2^-24 steps) in one conversion that also clamps at 0, four joined by one
+        # byte permute: no float32 max clamps them (the old rounding constant 1.5 * 2^23 is gone)
+        assert 16 * ptx.count("ex2.approx") <= bf16_p.count("ex2.approx")
+        assert "cvt.rn.relu.f16x2.f32" in ptx and re.search(r"prmt\.b32\s+%r\d+, lo, hi, 0x6420;", ptx)
+        assert "0f4B400000" not in ptx
+        # the output's rescaling skipped by each warp whose 16 rows kept their (integer) running max:
+        # a vote over the warp and a uniform branch around each 16 products
+        assert "vote.sync.any.pred" in ptx and "bra.uni SKIP" in ptx
+        # relabelled before they are packed: the permutes that pack them build the operand's
+        # registers, with no second permute per register to move bytes between them
+        assert re.search(r"prmt\.b32\s+%r\d+, %r\d+, %r\d+, 0x[0-9a-f]+U;", ptx) is None
+        # P's row sums by a second MMA, P times a tile of ones (all four bytes of each 32-bit store
+        # 1.0's e4m3 byte: ptxas drops the upper half of a converted splat), in place of a shift
+        # and an add per value
+        assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx
+        four_ones = str(0x38383838)  # as an immediate (Triton 3.6) or through a register (3.7)
+        ones = set(re.findall(rf"mov\.b32\s+(%r\d+), {four_ones};", ptx)) | {four_ones}
+        stores = re.findall(r"st\.shared\.v4\.b32\s+\[[^\]]*\],\s*\{([^}]*)\}", ptx)
+        tiles = [words for words in stores if all(word.strip() in ones for word in words.split(","))]
+        assert len(tiles) == 2  # one tile for each consumer
     assert ("cvt.rpi" in ptx) == pv  # the running max rounded up to an integer
     assert "cp.async.bulk.tensor" in ptx and "ld.global.v4" not in ptx  # every input is an ordered copy: TMA
     assert "st.global.v4" in ptx  # output rows by plain stores (an e4m3 tile cannot stage them)

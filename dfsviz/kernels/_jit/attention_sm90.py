@@ -26,7 +26,9 @@ block, folded into the softmax scale (the query block's once, each key block's p
 FP8 MMAs take P . V's second operand so) with one scale per channel and each 32 keys in the MMA's
 order (``mma_key_order``), and P_SCALE * P is formed in e4m3 without an exponential (``p_e4m3``:
 the byte round(8 (t - M)) + P_BYTE_ONE, M the running row max rounded up to an integer), as the
-PyTorch simulation forms it, and relabelled into that order in registers; otherwise v is
+PyTorch simulation forms it, and relabelled into that order in registers; its row sums come from
+a second MMA, P times a tile of e4m3 ones, beside P . V, and each consumer holds its Q rows in
+registers (Q . K^T reads only K's tile from shared memory); otherwise v is
 float16 / bfloat16 (ordered) and P . V runs in that dtype. Every FP8 output row is stored with
 plain stores (through the order when there is one). The launcher in
 ``dfsviz.kernels._jit.attention`` chooses this kernel on compute capability 9.x, with Triton 3.6
@@ -49,8 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from dfsviz.kernels._jit.fp8 import E4M3_BITS_SCALE, P_BYTE_ONE_MAGIC, ROUNDING_MAGIC
-from dfsviz.kernels.fp8 import P_SCALE
+from dfsviz.kernels.fp8 import P_BYTE_ONE, P_SCALE
 
 __all__ = ["SM90_BLOCK", "SM90_DTYPES", "SM90_HEAD_DIMS", "block_sparse_attention_sm90_fwd", "sm90_launch_args"]
 
@@ -67,6 +68,12 @@ _ROWS = gl.constexpr(64)
 _LN2 = gl.constexpr(0.6931471805599453)
 # FP8_PV's P and l carry P_SCALE (a power of two): log2(P_SCALE) comes off the LSE
 _LOG2_P_SCALE = gl.constexpr(math.log2(P_SCALE))
+# FP8_PV's row sums: P times a [BLOCK, _ONES_COLS] tile of e4m3 ones, a second MMA beside P . V
+# (every column holds the row sum), in place of a shift and an add per value in the softmax
+_ONES_COLS = gl.constexpr(16)
+_E4M3_ONE = gl.constexpr(0x38)  # the e4m3 byte of 1.0
+_F16_STEP = gl.constexpr(2.0**-24)  # float16's subnormal step
+_P_BYTE_ONE = gl.constexpr(float(P_BYTE_ONE))
 # Shared-memory stages of K and V: two stages of two 128-row tiles at D 128 are 128 KB, beside
 # the 32 KB of Q (the H200 has 227 KB per CTA). e4m3 tiles are half the bytes: FP8 calls take a
 # third stage (a sweep of 2, 3 and 4 stages on one H200 at Wan2.1-14B 720p, gamma 0.2: "fp8" ran
@@ -121,47 +128,82 @@ def _past_n_masked(s, idx_ptr, j, N, BLOCK: gl.constexpr, EVEN_N: gl.constexpr, 
 
 
 @gluon.jit
+def _row_max(s):
+    """The row maxima of s [64, BLOCK] (an MMA accumulator) in a shorter chain: each thread holds
+    32 of a row's values, which one reduction folds one after another (32 dependent maxima);
+    keys split as [4, BLOCK / 32, 8] (8: the quad's 2 x 4 of each 8 keys), each thread first
+    folds 8 independent partial maxima of 4 values each, then those, then the quad shuffles as
+    before. The same maxima (max is exact) and the same count of instructions."""
+    BLOCK: gl.constexpr = s.shape[1]
+    parts = gl.max(s.reshape([_ROWS, 4, BLOCK // 32, 8]), 2)
+    return gl.convert_layout(gl.max(gl.max(parts, 1), 1), gl.SliceLayout(1, s.type.layout), assert_trivial=True)
+
+
+@gluon.jit
 def _online_softmax(s, m_i, l_i, qk_scale, P_FP8: gl.constexpr):
     """FlashAttention's online softmax in the log2 domain (qk_scale holds log2(e)). P_FP8: the
-    running max is rounded up to an integer, so rescaling is by exact powers of two, and p is
-    P_SCALE * P formed in e4m3 without an exponential, as int32 with the e4m3 byte in its low
-    bits (dfsviz.kernels._jit.fp8.p_e4m3, here with the softmax scale in the same multiply-add:
-    eight times the log2-domain logit plus P_BYTE_ONE_MAGIC; its e4m3 values sum into l)."""
+    running max is rounded up to an integer, so rescaling is by exact powers of two, and p holds
+    P_SCALE * P's e4m3 byte without an exponential: 2^-24 (8 x + P_BYTE_ONE) in float32, x the
+    log2-domain logit less the max, in one multiply-add with the softmax scale, which
+    _e4m3_from_f16_steps rounds and clamps into the byte (dfsviz.kernels.fp8.p_e4m3's). Its row
+    sums are left to the consumer's ones MMA and l_i is returned as it came."""
     if P_FP8:
-        m_new = gl.maximum(m_i, gl.ceil(gl.max(s, 1) * qk_scale))
-        y = s * (qk_scale * 8.0) + (P_BYTE_ONE_MAGIC - 8.0 * m_new)[:, None]
-        p = gl.maximum(y, ROUNDING_MAGIC).to(gl.int32, bitcast=True)
-        # the byte 20 bits up is a float32 of 2^-120 times its e4m3 value, multiplied back per row
-        row_sum = gl.sum((p << 20).to(gl.float32, bitcast=True), 1) * E4M3_BITS_SCALE
+        m_new = gl.maximum(m_i, gl.ceil(_row_max(s) * qk_scale))
+        # float16's subnormals are steps of 2^-24: this value's count of them is the byte
+        p = s * (qk_scale * (8.0 * _F16_STEP)) + ((_P_BYTE_ONE - 8.0 * m_new) * _F16_STEP)[:, None]
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         p = gl.exp2(s * qk_scale - m_new[:, None])
         row_sum = gl.sum(p, 1)
     alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + row_sum
+    if not P_FP8:
+        l_i = l_i * alpha + row_sum
     return p, alpha, m_new, l_i
+
+# _rescaled_unless_ones's products of 16 values, skipped when the warp's flag ($48) is 0
+_RESCALE_16 = gl.constexpr("{ .reg .pred p; setp.ne.u32 p, $48, 0; @!p bra.uni SKIP; "
+                           + " ".join(f"mul.f32 ${i}, ${16 + i}, ${32 + i};" for i in range(16)) + " SKIP: }")
+_RESCALE_16_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 16 + [str(i) for i in range(16)] + ["r"] * 32))
 
 
 @gluon.jit
-def _e4m3_low_bytes(bits):
-    """The e4m3 values whose bits are the low bytes of int32 ``bits``: the low bytes of each four
-    registers packed into one by three byte permutes."""
+def _rescaled_unless_ones(acc, alpha):
+    """acc [64, D] times alpha [64] per row, skipped by each warp whose 16 rows all have alpha
+    exactly 1 (FP8_PV's running max moves by whole numbers, so most key blocks move none): a vote
+    over the warp, then one branch per 16 values around their products."""
+    # a thread's two rows (r and r + 8) in one vote: the flag covers the warp's 16
+    moved = gl.inline_asm_elementwise(
+        "{ .reg .pred p, q; setp.neu.f32 p, $2, 0f3F800000; setp.neu.f32 q, $3, 0f3F800000; or.pred p, p, q; "
+        "vote.sync.any.pred p, p, -1; selp.u32 $0, 1, 0, p; selp.u32 $1, 1, 0, p; }",
+        "=r,=r,r,r", [alpha], dtype=gl.int32, is_pure=True, pack=2)
+    acc, scale = gl.broadcast(acc, alpha[:, None])
+    acc, flag = gl.broadcast(acc, moved[:, None])
+    return gl.inline_asm_elementwise(_RESCALE_16, _RESCALE_16_CONSTRAINTS, [acc, scale, flag], dtype=gl.float32,
+                                     is_pure=True, pack=16)
+
+
+@gluon.jit
+def _e4m3_from_f16_steps(y):
+    """The e4m3 values whose bits are round(y / 2^-24) (0 below 0; y < 2^-16): each two values
+    converted to float16 with negatives clamped to 0 in one instruction (float16's subnormals are
+    steps of 2^-24, so their bits are the rounded count), the four low bytes joined by one permute."""
     packed = gl.inline_asm_elementwise(
-        "{ .reg .b32 lo, hi; prmt.b32 lo, $1, $2, 0x0040; prmt.b32 hi, $3, $4, 0x0040; "
-        "prmt.b32 $0, lo, hi, 0x5410; }", "=r,r,r,r,r", [bits], dtype=gl.int8, is_pure=True, pack=4)
+        "{ .reg .b32 lo, hi; cvt.rn.relu.f16x2.f32 lo, $2, $1; cvt.rn.relu.f16x2.f32 hi, $4, $3; "
+        "prmt.b32 $0, lo, hi, 0x6420; }", "=r,f,f,f,f", [y], dtype=gl.int8, is_pure=True, pack=4)
     return packed.to(gl.float8e4nv, bitcast=True)
 
 
 @gluon.jit
 def _p_operand(p, p_dtype: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, FP8_PV: gl.constexpr):
-    """P as P . V's register operand. FP8_PV (p: _online_softmax's int32 bytes): the keys of each
+    """P as P . V's register operand. FP8_PV (p: _online_softmax's 2^-24 byte values): the keys of each
     32 relabelled in the order v8 stores them (``mma_key_order``), in which every thread's
     operand registers are its own accumulator values: a conversion without data movement
-    (asserted), where moving P into the 8-bit operand layout took shuffles between threads."""
+    (asserted), where moving P into the 8-bit operand layout took shuffles between threads. The
+    values are relabelled, then packed: each packing builds an operand register (packed first, a
+    byte permute more per two registers moved their halves)."""
     if FP8_PV:
-        p = _e4m3_low_bytes(p)
         p = p.reshape([_ROWS, BLOCK // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5)).reshape([_ROWS, BLOCK])
-        p = gl.convert_layout(p, p_layout, assert_trivial=True)
+        p = _e4m3_from_f16_steps(gl.convert_layout(p, p_layout, assert_trivial=True))
     else:
         p = gl.convert_layout(p.to(p_dtype), p_layout)
     return p
@@ -197,9 +239,9 @@ def _row_pointers(X, b, h, rows, stride_b, stride_h, stride_n, HEAD_DIM: gl.cons
 
 
 @gluon.jit
-def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-              b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale, stride_qb, stride_qh, stride_qn,
-              stride_ob, stride_oh, stride_on,
+def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_bufs, q_ready, k_ready, k_empty,
+              v_ready, v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale, stride_qb, stride_qh,
+              stride_qn, stride_ob, stride_oh, stride_on,
               HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, NUM_STAGES: gl.constexpr,
               RETURN_LSE: gl.constexpr, EVEN_N: gl.constexpr, HAS_ORDER: gl.constexpr, FP8: gl.constexpr,
               FP8_PV: gl.constexpr, IO_LAYOUT: gl.constexpr):
@@ -217,6 +259,24 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_read
     # P as the MMA's register operand: 32 bits of consecutive keys a register
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4 if FP8_PV else 2)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    if FP8_PV:
+        # P's row sums by P . ones, its own tile of ones (every column a row's sums): each key
+        # block's on its own (use_acc=False), added up in float32 here (l_tile). Accumulated in
+        # the MMA across blocks they would carry its sums, which keep fewer mantissa bits than
+        # float32 with FP8 operands on Hopper (check_gpu's bounds), through every step.
+        l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, _ONES_COLS, 32])
+        pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=4)
+        l_rows: gl.constexpr = gl.SliceLayout(1, l_layout)
+        l_zero = gl.zeros([_ROWS, _ONES_COLS], gl.float32, l_layout)
+        l_tile = l_zero
+        ones = ones_bufs.index(HALF)
+        # 1.0's byte bitcast: ptxas compiles the e4m3 conversion of a splat to a pack whose upper
+        # half comes from an unset register (two bytes of each four wrong)
+        ones_bits = gl.full([_ONES_COLS, BLOCK], _E4M3_ONE, gl.int8, gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0]))
+        ones.store(ones_bits.to(gl.float8e4nv, bitcast=True))
+        fence_async_shared()
+        ones = ones.permute((1, 0))
     GATHER_Q: gl.constexpr = HAS_ORDER and not FP8
     # the output by the copy engine through Q's tile, or by plain stores (through the order, or
     # from an FP8 tile too small to stage it)
@@ -234,6 +294,9 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_read
         fence_async_shared()
     else:
         mbarrier.wait(q_ready.index(HALF), 0)
+    if FP8_PV:  # Q . K^T's first operand held in registers (16 a thread): each step reads only K's
+        # tile from shared memory. Not with bf16 P . V, whose P takes twice the registers: spills
+        q = q.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4))
     if num_kv > 0:
         step_scale = _key_block_scaled(qk_scale, k_scale_ptr, idx_ptr, 0, FP8)
         mbarrier.wait(k_ready.index(0), 0)
@@ -248,10 +311,15 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_read
             mbarrier.wait(k_ready.index(nxt), ((j + 1) // NUM_STAGES) & 1)
             k_next = k_bufs.index(nxt).reshape([BLOCK, HEAD_DIM]).permute((1, 0))
             s_token = warpgroup_mma(q, k_next, s_zero, use_acc=False, is_async=True)
+            if FP8_PV:  # block j's factor, for the row sums up to block j - 1
+                alpha_l = gl.convert_layout(alpha, l_rows)
             cur = j % NUM_STAGES
             mbarrier.wait(v_ready.index(cur), (j // NUM_STAGES) & 1)
             p_op = _p_operand(p, p_dtype, p_layout, BLOCK, FP8_PV)
             acc_token = warpgroup_mma(p_op, _v_operand(v_bufs, cur, HEAD_DIM, BLOCK, FP8_PV), acc, is_async=True)
+            if FP8_PV:
+                l_token = warpgroup_mma(gl.convert_layout(p_op, pl_layout, assert_trivial=True), ones, l_zero,
+                                        use_acc=False, is_async=True)
             # ... and run block j + 1's softmax while P . V still runs (they complete in order).
             s = warpgroup_mma_wait(1, deps=[s_token])
             mbarrier.arrive(k_empty.index(nxt), count=1)
@@ -260,16 +328,26 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_read
             if FP8_PV:
                 # Triton 3.6 does not lower an 8-bit operand of the wait: P's registers are left
                 # to ptxas, which keeps a register operand of an asynchronous MMA live until its wait
-                acc = warpgroup_mma_wait(0, deps=[acc_token])
+                acc, l_blk = warpgroup_mma_wait(0, deps=[acc_token, l_token])
+                l_tile = l_tile * alpha_l[:, None] + l_blk
             else:
                 acc, p_op = warpgroup_mma_wait(0, deps=[acc_token, p_op])
             mbarrier.arrive(v_empty.index(cur), count=1)
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            if FP8_PV:
+                acc = _rescaled_unless_ones(acc, gl.convert_layout(alpha, o_rows))
+            else:
+                acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         last = (num_kv - 1) % NUM_STAGES
         mbarrier.wait(v_ready.index(last), ((num_kv - 1) // NUM_STAGES) & 1)
         p_op = _p_operand(p, p_dtype, p_layout, BLOCK, FP8_PV)
         acc = warpgroup_mma(p_op, _v_operand(v_bufs, last, HEAD_DIM, BLOCK, FP8_PV), acc)
+        if FP8_PV:
+            l_blk = warpgroup_mma(gl.convert_layout(p_op, pl_layout, assert_trivial=True), ones, l_zero,
+                                  use_acc=False)
+            l_tile = l_tile * gl.convert_layout(alpha, l_rows)[:, None] + l_blk
         mbarrier.arrive(v_empty.index(last), count=1)
+    if FP8_PV:
+        l_i = gl.convert_layout(gl.max(l_tile, 1), gl.SliceLayout(1, s_layout))
 
     # A query block with no kept key block has l = 0 and acc = 0: divide by 1 to output 0.
     l_safe = gl.where(num_kv > 0, gl.convert_layout(l_i, o_rows), 1.0)
@@ -342,6 +420,9 @@ def _block_sparse_attention_sm90_kernel(
     q_bufs = gl.allocate_shared_memory(desc_q.dtype, [2] + desc_q.block_type.shape, desc_q.layout)
     k_bufs = gl.allocate_shared_memory(desc_k.dtype, [NUM_STAGES] + desc_k.block_type.shape, desc_k.layout)
     v_bufs = gl.allocate_shared_memory(desc_v.dtype, [NUM_STAGES] + desc_v.block_type.shape, desc_v.layout)
+    # each consumer's [_ONES_COLS, BLOCK] tile of ones (FP8_PV's row sums; 4 KB, unread otherwise)
+    ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_ONES_COLS, BLOCK], gl.float8e4nv)
+    ones_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, _ONES_COLS, BLOCK], ones_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -358,14 +439,14 @@ def _block_sparse_attention_sm90_kernel(
 
     # Gluon's code generator takes no starred arguments: each partition's list is spelled out.
     gl.warp_specialize([
-        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
-                     v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale, stride_qb, stride_qh,
-                     stride_qn, stride_ob, stride_oh, stride_on, 0, HEAD_DIM, BLOCK, NUM_STAGES, RETURN_LSE, EVEN_N,
-                     HAS_ORDER, FP8, FP8_PV, IO_LAYOUT)),
-        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
-                     v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale, stride_qb, stride_qh,
-                     stride_qn, stride_ob, stride_oh, stride_on, 1, HEAD_DIM, BLOCK, NUM_STAGES, RETURN_LSE, EVEN_N,
-                     HAS_ORDER, FP8, FP8_PV, IO_LAYOUT)),
+        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_bufs, q_ready, k_ready,
+                     k_empty, v_ready, v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale,
+                     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, 0, HEAD_DIM, BLOCK, NUM_STAGES,
+                     RETURN_LSE, EVEN_N, HAS_ORDER, FP8, FP8_PV, IO_LAYOUT)),
+        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_bufs, q_ready, k_ready,
+                     k_empty, v_ready, v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale,
+                     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, 1, HEAD_DIM, BLOCK, NUM_STAGES,
+                     RETURN_LSE, EVEN_N, HAS_ORDER, FP8, FP8_PV, IO_LAYOUT)),
         (_loader, (desc_q, desc_k, desc_v, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty, b, h,
                    row0, idx_ptr, num_kv, BLOCK, NUM_STAGES, HAS_ORDER and not FP8, FP8_PV)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])

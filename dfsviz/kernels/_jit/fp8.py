@@ -13,7 +13,7 @@ import triton.language as tl
 from dfsviz.kernels._dispatch import interpreting
 from dfsviz.kernels.fp8 import P_BYTE_ONE, Fp8QK, key_mean
 
-__all__ = ["E4M3_BITS_SCALE", "P_BYTE_ONE_MAGIC", "ROUNDING_MAGIC", "mma_key_order", "p_e4m3", "quantize_qk_fp8_fwd",
+__all__ = ["P_BYTE_ONE_MAGIC", "ROUNDING_MAGIC", "mma_key_order", "p_e4m3", "quantize_qk_fp8_fwd",
            "quantize_rows_fp8_fwd", "quantize_v_fp8_fwd"]
 
 #: 1.5 x 2^23: a float32 near it has unit steps, so adding it rounds to an integer (to nearest
