@@ -69,8 +69,9 @@ _LN2 = gl.constexpr(0.6931471805599453)
 # FP8_PV's P and l carry P_SCALE (a power of two): log2(P_SCALE) comes off the LSE
 _LOG2_P_SCALE = gl.constexpr(math.log2(P_SCALE))
 # FP8_PV's row sums: P times a [BLOCK, _ONES_COLS] tile of e4m3 ones, a second MMA beside P . V
-# (every column holds the row sum), in place of a shift and an add per value in the softmax
-_ONES_COLS = gl.constexpr(16)
+# (every column holds the row sum; 8, the narrowest MMA, the least work), in place of a shift and
+# an add per value in the softmax
+_ONES_COLS = gl.constexpr(8)
 _E4M3_ONE = gl.constexpr(0x38)  # the e4m3 byte of 1.0
 _F16_STEP = gl.constexpr(2.0**-24)  # float16's subnormal step
 _P_BYTE_ONE = gl.constexpr(float(P_BYTE_ONE))
@@ -420,7 +421,7 @@ def _block_sparse_attention_sm90_kernel(
     q_bufs = gl.allocate_shared_memory(desc_q.dtype, [2] + desc_q.block_type.shape, desc_q.layout)
     k_bufs = gl.allocate_shared_memory(desc_k.dtype, [NUM_STAGES] + desc_k.block_type.shape, desc_k.layout)
     v_bufs = gl.allocate_shared_memory(desc_v.dtype, [NUM_STAGES] + desc_v.block_type.shape, desc_v.layout)
-    # each consumer's [_ONES_COLS, BLOCK] tile of ones (FP8_PV's row sums; 4 KB, unread otherwise)
+    # each consumer's [_ONES_COLS, BLOCK] tile of ones (FP8_PV's row sums; 2 KB, unread otherwise)
     ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_ONES_COLS, BLOCK], gl.float8e4nv)
     ones_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, _ONES_COLS, BLOCK], ones_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
