@@ -118,7 +118,7 @@ class CalibrationConfig:
         if (self.target_recall is None) == (self.max_density is None):
             raise ValueError(
                 f"pass exactly one of `target_recall` (recall every head keeps) or `max_density` (attention work "
-                f"of the run) (got target_recall={self.target_recall!r}, max_density={self.max_density!r})"
+                f"of the run); got {'neither' if self.target_recall is None else 'both'}"
             )
         if self.target_recall is not None:
             _fraction(self.target_recall, "target_recall", "e.g. 0.9")

@@ -32,8 +32,9 @@ __all__ = [
     "open_for_reading",
     "pad_truncated",
     "recorded_end",
-    "run_difference",
     "require_free_space",
+    "require_output_folder",
+    "run_difference",
     "temporary_path",
     "write_failure_reason",
 ]
@@ -62,6 +63,13 @@ def format_bytes(num_bytes: float) -> str:
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
         num_bytes /= 1024
     raise AssertionError("unreachable")
+
+
+def require_output_folder(path: Path) -> None:
+    """ValueError unless the folder that is to hold ``path`` exists: a capture creates no folders."""
+    if not path.parent.is_dir():
+        state = "is a file" if path.parent.exists() else "does not exist; create it first"
+        raise ValueError(f"output directory {str(path.parent)!r} {state}")
 
 
 def _lock_path(path: Path) -> Path:

@@ -48,7 +48,7 @@ import torch
 from dfsviz.architectures import pipeline_transformers
 from dfsviz.capture.adapters import Conditioning, adapter_for
 from dfsviz.capture.config import CaptureConfig
-from dfsviz.capture.file_safety import CaptureLock
+from dfsviz.capture.file_safety import CaptureLock, require_output_folder
 from dfsviz.capture.hooks import AttentionCapture, hand_over_sparse_call
 from dfsviz.capture.ranks import RankWriter, UlyssesRanks, enable_ulysses, join_world
 from dfsviz.capture.reader import CaptureReader
@@ -264,8 +264,7 @@ class Recording:
     def __enter__(self) -> "Recording":
         out = Path(self.config.out)
         if self.ranks is None or self.ranks.writes:
-            if not out.parent.is_dir():
-                raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it first")
+            require_output_folder(out)
             lock = CaptureLock(out)  # a second writer of `out` stops here, before the pipeline runs
             if out.exists() and not (self.config.overwrite or self.config.resume):
                 lock.release()

@@ -32,7 +32,7 @@ import torch
 
 from dfsviz.capture.adapters import input_dtype
 from dfsviz.capture.config import CaptureConfig
-from dfsviz.capture.file_safety import CaptureLock
+from dfsviz.capture.file_safety import CaptureLock, require_output_folder
 from dfsviz.capture.hooks import AttentionCapture
 from dfsviz.capture.ranks import RankWriter, UlyssesRanks, enable_ulysses, join_world
 from dfsviz.capture.reader import CaptureReader
@@ -78,8 +78,7 @@ class CaptureResult:
 
 def _lock(config: CaptureConfig, out: Path) -> CaptureLock:
     """The lock of ``out``, refused when its directory is missing or it exists without overwrite/resume."""
-    if not out.parent.is_dir():
-        raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it first")
+    require_output_folder(out)
     lock = CaptureLock(out)
     if out.exists() and not (config.overwrite or config.resume):
         lock.release()

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module of this package; it parses options into
 a config, calls one library function and prints the result. Library errors
-(``ValueError``/``TypeError``) become one red line and exit code 2.
+(``ValueError``/``TypeError``) and file-system errors (``OSError``) become one red line
+and exit code 2; outputs are checked before the work starts (``check_output``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from dfsviz._version import __version__
 
-__all__ = ["main", "fail_cleanly"]
+__all__ = ["check_output", "fail_cleanly", "main"]
 
 
 def parse_names(spec: str, option: str, allowed) -> tuple[str, ...]:
@@ -34,16 +36,38 @@ def parse_names(spec: str, option: str, allowed) -> tuple[str, ...]:
     return names
 
 
+def check_output(path: str, option: str, *, folder: bool = False) -> None:
+    """Refuse an output that cannot be written before any work is done, so a typo costs nothing
+    (click's Path type has already refused a folder for a file and the reverse): a file's folder
+    must exist; a folder (``folder``: created with its parents when written) must not lie under a
+    file; the nearest existing folder must be writable. ValueError naming ``option``."""
+    out = Path(path)
+    if folder:
+        existing = next(p for p in (out, *out.parents) if p.exists())
+        if not existing.is_dir():
+            raise ValueError(f"`{option}` {path!r} cannot be created: {str(existing)!r} is a file")
+    else:
+        existing = out.parent
+        if not existing.is_dir():
+            state = "is a file" if existing.exists() else "does not exist; create it first"
+            raise ValueError(f"`{option}` {path!r}: its folder {str(existing)!r} {state}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"`{option}` {path!r}: no permission to write in {str(existing)!r}")
+
+
 def fail_cleanly(func):
-    """Turn a library ValueError/TypeError into one red line and exit code 2, never a traceback."""
+    """Turn a library ValueError/TypeError, or an OSError (a missing file, a full disk), into one
+    red line and exit code 2, never a traceback. The command's parameters, which the library
+    names as Python does (`target_recall`), are shown as its options (`--target-recall`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         abandoned = len(_abandoned_captures())
         try:
             return func(*args, **kwargs)
-        except (ValueError, TypeError) as exc:
-            click.secho(f"Error: {exc}", fg="red", err=True)
+        except (ValueError, TypeError, OSError) as exc:
+            message = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+            click.secho(f"Error: {_as_options(message)}", fg="red", err=True)
             if len(_abandoned_captures()) > abandoned:
                 # a capture write failed: HDF5 cannot close that file, and Python's exit would
                 # make it try (and may crash). The disk holds every completed step: end here.
@@ -53,6 +77,16 @@ def fail_cleanly(func):
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def _as_options(message: str) -> str:
+    """``message`` with the running command's parameter names in backticks as its options."""
+    ctx = click.get_current_context(silent=True)
+    for param in ctx.command.params if ctx is not None else ():
+        if isinstance(param, click.Option) and param.name:
+            option = max(param.opts, key=len)
+            message = message.replace(f"`{param.name}`", f"`{option}`")
+    return message
 
 
 def _abandoned_captures() -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dfsviz.cli import fail_cleanly, main
+from dfsviz.cli import check_output, fail_cleanly, main
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -57,6 +57,7 @@ def calibrate_command(captures, target_recall, max_density, out, order, method, 
     """
     from dfsviz.analysis.calibrate import CalibrationConfig, calibrate
 
+    check_output(out, "--out")
     tuning = {k: v for k, v in (("dense_above", dense_above), ("refresh_cost", refresh_cost)) if v is not None}
     config = CalibrationConfig(target_recall=target_recall, max_density=max_density, order=order, method=method,
                                branch=branch, warmup_steps=warmup_steps, interval=interval, **tuning)

@@ -216,23 +216,20 @@ def capture_command(**opts) -> None:
         kernel_backend=opts["kernel_backend"],
         context_parallel=opts["context_parallel"],
     )
-    try:
-        if opts["prompts_spec"] is None and opts["seeds_spec"] is None:
-            _capture_one(config, opts)
-            return
-        from dfsviz.capture.runset import RunSetConfig, read_prompts
+    if opts["prompts_spec"] is None and opts["seeds_spec"] is None:
+        _capture_one(config, opts)
+        return
+    from dfsviz.capture.runset import RunSetConfig, read_prompts
 
-        spec = opts["prompts_spec"]
-        prompts = None if spec is None else "all" if spec.strip().lower() == "all" else read_prompts(spec)
-        seeds = None if opts["seeds_spec"] is None else parse_seeds(opts["seeds_spec"])
-        run_set = RunSetConfig(config, prompts=prompts, seeds=seeds)
-        if len(run_set.clips) == 1:  # one clip: --out is its file, as without --prompts/--seeds
-            (clip,) = run_set.clips
-            _capture_one(dataclasses.replace(config, prompt=clip.prompt, seed=clip.seed), opts)
-        else:
-            _capture_set(run_set, opts)
-    except OSError as exc:  # unreadable weights, full disk: one line, exit 2
-        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    spec = opts["prompts_spec"]
+    prompts = None if spec is None else "all" if spec.strip().lower() == "all" else read_prompts(spec)
+    seeds = None if opts["seeds_spec"] is None else parse_seeds(opts["seeds_spec"])
+    run_set = RunSetConfig(config, prompts=prompts, seeds=seeds)
+    if len(run_set.clips) == 1:  # one clip: --out is its file, as without --prompts/--seeds
+        (clip,) = run_set.clips
+        _capture_one(dataclasses.replace(config, prompt=clip.prompt, seed=clip.seed), opts)
+    else:
+        _capture_set(run_set, opts)
 
 
 def _echo_dry_run(info: dict, total_bytes: int, what: str) -> None:

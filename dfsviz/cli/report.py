@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dfsviz.cli import fail_cleanly, main
+from dfsviz.cli import check_output, fail_cleanly, main
 
 
 def _fractions(spec: str, option: str) -> tuple[float, ...]:
@@ -56,6 +56,7 @@ def report_command(file, out_dir, png, budgets, targets, method, order, branch, 
     """
     from dfsviz.analysis.report import ReportConfig, build_report
 
+    check_output(out_dir, "--out", folder=True)
     config = ReportConfig(budgets=_fractions(budgets, "--budgets"), targets=_fractions(targets, "--targets"),
                           method=method, order=order, branch=branch, atol=atol, bound1=bound1)
     report = build_report(file, config)

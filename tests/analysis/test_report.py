@@ -225,6 +225,11 @@ def test_cli(token_capture, tmp_path):
     assert empty.exit_code == 2 and "`--targets` must list at least one fraction" in empty.output
     missing = runner.invoke(main, ["report", str(tmp_path / "none.h5"), "--out", str(tmp_path / "m")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+    # an --out that cannot be created is refused before the report is built
+    under_a_file = str(tmp_path / "r" / "report.json" / "again")
+    refused = runner.invoke(main, ["report", token_capture, "--out", under_a_file, "--no-png"])
+    assert refused.exit_code == 2 and refused.output == (
+        f"Error: `--out` {under_a_file!r} cannot be created: {str(tmp_path / 'r' / 'report.json')!r} is a file\n")
     help_ = runner.invoke(main, ["report", "--help"])
     assert help_.exit_code == 0 and "dfsviz report runs/wan.h5 --out runs/wan-report" in help_.output
 

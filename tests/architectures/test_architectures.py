@@ -258,9 +258,9 @@ def test_generic_entry_captures_a_class_the_registry_refuses(tmp_path):
     ((), "Error: unsupported architecture HeliosTransformer3DModel: denoises chunk by chunk with history latents "
          r"\(indices_\*, latents_history_\*\): no single latent grid; or pass --grid FxHxW"),
     (("--grid", "3x8x8", "--text-len", "4"), r"blocks.0.attn1 attends over 192 tokens but the grid f3h8w8t4 has 196"),
-    (("--grid", "3x8x8", "--text-first"), r"`text_first` needs text: pass --text-len N \(> 0\) with --text-first"),
-    (("--grid", "3x8x8", "--latent", "3x16x16"), "`grid` gives the token grid itself: drop --latent"),
-    (("--text-len", "4"), r"`text_len` and `text_first` describe a `grid`: pass --grid FxHxW with them"),
+    (("--grid", "3x8x8", "--text-first"), r"`--text-first` needs text: pass --text-len N \(> 0\) with --text-first"),
+    (("--grid", "3x8x8", "--latent", "3x16x16"), "`--grid` gives the token grid itself: drop --latent"),
+    (("--text-len", "4"), r"`--text-len` and `--text-first` describe a `--grid`: pass --grid FxHxW with them"),
 ])
 def test_generic_entry_bad_input_is_one_line_exit_2(tmp_path, args, message):
     helios = _helios(tmp_path)
@@ -275,7 +275,7 @@ def test_grid_of_a_registered_class_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["capture", "--model", str(tmp_path / "allegro"), "--out", str(tmp_path / "a.h5"),
                                        "--grid", "3x8x8", *_GENERIC])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert "`grid` is for classes the registry does not describe; the grid of AllegroTransformer3DModel (Allegro) " \
+    assert "`--grid` is for classes the registry does not describe; the grid of AllegroTransformer3DModel (Allegro) " \
            "follows from --frames/--height/--width or --latent: drop --grid" in result.output
 
 

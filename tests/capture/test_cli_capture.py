@@ -54,6 +54,16 @@ def test_existing_output_without_overwrite_is_one_line_exit_2(tmp_path, model_di
     assert out.read_bytes() == b"keep me"
 
 
+@pytest.mark.parametrize("folder, state", [("missing", "does not exist; create it first"), ("a_file", "is a file")])
+def test_an_output_folder_that_is_not_one_is_one_line_exit_2(tmp_path, model_dirs, folder, state):
+    (tmp_path / "a_file").write_bytes(b"keep me")
+    result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(tmp_path / folder / "x.h5"), "--quiet",
+                     *TINY)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"Error: output directory {str(tmp_path / folder)!r} {state}"]
+    assert (tmp_path / "a_file").read_bytes() == b"keep me"
+
+
 def test_unknown_model_and_unsupported_architecture_exit_2(tmp_path):
     result = _invoke("capture", "--model", "not-a-model", "--out", str(tmp_path / "a.h5"), *TINY)
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
@@ -76,7 +86,7 @@ def test_bad_option_values_exit_2(tmp_path, model_dirs):
     assert result.exit_code == 2 and "`--orders` must be a comma-separated list of distinct names" in result.output
     result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(tmp_path / "a.h5"), "--layers", "0,5",
                      "--dry-run", *TINY)
-    assert result.exit_code == 2 and "`layers` [5] do not exist; this model has layers 0..1" in result.output
+    assert result.exit_code == 2 and "`--layers` [5] do not exist; this model has layers 0..1" in result.output
 
 
 def test_parse_int_list():
@@ -204,7 +214,7 @@ def test_auto_stores_uint8_maps_when_the_step_budget_asks_for_it(tmp_path, model
 def test_step_budget_and_map_dtype_refusals_are_one_line():
     result = _invoke("capture", "--out", "x.h5", "--step-budget", "lots", *TINY)
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        "Error: `step_budget` must be a size in bytes > 0, a whole number or a number with a unit (B, kB, MB, GB, TB, "
+        "Error: `--step-budget` must be a size in bytes > 0, a whole number or a number with a unit (B, kB, MB, GB, TB, "
         "KiB, MiB, GiB, TiB), e.g. 8GB (got 'lots')"]
     result = _invoke("capture", "--out", "x.h5", "--map-dtype", "int4", *TINY)
     assert result.exit_code == 2 and "Invalid value for '--map-dtype': 'int4' is not one of 'auto', 'float32', " \

@@ -333,9 +333,9 @@ def test_clean_interruption_leaves_no_partial_step(tmp_path, model_dirs):
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["--seed", str(2**64)], r"`seed` must be an integer in \[0, 9223372036854775807\]"),
-        (["--seed", str(2**63)], r"`seed` must be an integer in \[0, 9223372036854775807\]"),
-        (["--num-steps", str(2**64)], r"`num_steps` must be an integer in \[1, 100000\]"),
+        (["--seed", str(2**64)], r"`--seed` must be an integer in \[0, 9223372036854775807\]"),
+        (["--seed", str(2**63)], r"`--seed` must be an integer in \[0, 9223372036854775807\]"),
+        (["--num-steps", str(2**64)], r"`--num-steps` must be an integer in \[1, 100000\]"),
         (["--capture-steps", str(2**64)], r"`--capture-steps` values must lie in \[0, 100000\]"),
         (["--layers", "0-" + str(2**64)], r"`--layers` values must lie in \[0, 100000\]"),
     ],

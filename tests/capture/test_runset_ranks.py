@@ -159,7 +159,7 @@ def test_a_run_set_with_context_parallel_is_refused(model_dirs, tmp_path):
     RunSetConfig(CaptureConfig(out="one.h5", context_parallel="ulysses"), seeds=(5,))  # one clip: one capture
     result = CliRunner().invoke(main, ["capture", "--model", str(model_dirs["wan"]), "--out", str(tmp_path / "set"),
                                        "--context-parallel", "ulysses", *worker.CLI_ARGS])
-    _one_line(result, message)
+    _one_line(result, message.replace("`context_parallel`", "`--context-parallel`"))  # the CLI names its option
     assert not (tmp_path / "set").exists()
 
 

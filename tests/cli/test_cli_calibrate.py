@@ -4,6 +4,7 @@ with exit code 2 for each error."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -67,15 +68,21 @@ def test_help_shows_an_example():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["{a}", "--out", "{o}"], "pass exactly one of `target_recall`"),
-        (["{a}", "--target-recall", "0.9", "--max-density", "0.3", "--out", "{o}"], "pass exactly one of"),
+        (["{a}", "--out", "{o}"], "pass exactly one of `--target-recall` (recall every head keeps) or "
+                                  "`--max-density` (attention work of the run); got neither"),
+        (["{a}", "--target-recall", "0.9", "--max-density", "0.3", "--out", "{o}"], "; got both"),
         (["{one}", "--target-recall", "0.9", "--out", "{o}"],
          "calibration needs at least two captured steps for drift"),
         (["{a}", "{other}", "--target-recall", "0.9", "--out", "{o}"], "captures of different models cannot be pooled"),
         (["{a}", "--target-recall", "1.0", "--out", "{o}"], "target recall 1 cannot be met by any sparse budget"),
         (["{a}", "--max-density", "0.01", "--out", "{o}"], "max density 0.01 cannot be met"),
         (["{d}/missing.h5", "--target-recall", "0.9", "--out", "{o}"], "does not exist"),
-        (["{a}", "--target-recall", "2", "--out", "{o}"], "`target_recall` must be a fraction in (0, 1] (got 2.0)"),
+        (["{a}", "--target-recall", "2", "--out", "{o}"], "`--target-recall` must be a fraction in (0, 1] (got 2.0)"),
+        (["{a}", "--target-recall", "0.9", "--warmup", "-1", "--out", "{o}"], "`--warmup` must be an integer >= 0"),
+        # the output is checked before the captures are read
+        (["{a}", "--target-recall", "0.9", "--out", "{d}/missing/x.json"],
+         "`--out` '{d}/missing/x.json': its folder '{d}/missing' does not exist; create it first"),
+        (["{a}", "--target-recall", "0.9", "--out", "{a}/x.json"], "`--out` '{a}/x.json': its folder '{a}' is a file"),
     ],
 )
 def test_errors_are_one_red_line(tmp_path, args, message):
@@ -84,9 +91,32 @@ def test_errors_are_one_red_line(tmp_path, args, message):
              "d": str(tmp_path)}
     result = CliRunner().invoke(main, ["calibrate", *(a.format(**paths) for a in args)])
     assert result.exit_code == 2, result.output
-    assert message in result.output and "Traceback" not in result.output
+    assert message.format(**paths) in result.output and "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("Error:")]) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_work(tmp_path, monkeypatch):
+    """Without permission to write in --out's folder (os.access answering as it does for a user
+    without it: this suite may run as root, whom it never refuses), nothing is read."""
+    capture = _token(tmp_path / "a.h5")
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)
+    result = CliRunner().invoke(main, ["calibrate", capture, "--target-recall", "0.9", "--out", str(tmp_path / "x.json")])
+    assert result.exit_code == 2
+    assert result.output == f"Error: `--out` '{tmp_path / 'x.json'}': no permission to write in '{tmp_path}'\n"
+
+
+def test_a_failed_write_is_one_red_line(tmp_path, monkeypatch):
+    """An OSError at the end (a full disk, a folder removed meanwhile) is one line too, not a traceback."""
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(CalibratedPlan, "save", full_disk)
+    out = tmp_path / "x.json"
+    result = CliRunner().invoke(main, ["calibrate", _token(tmp_path / "a.h5"), "--target-recall", "0.9", "--out",
+                                       str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == f"Error: OSError: [Errno 28] No space left on device: '{out}'"
 
 
 # ------------------------------------------------------------------------ run sets
