@@ -138,6 +138,9 @@ class CaptureReader:
         self.path = Path(path)
         if not self.path.exists():
             raise ValueError(f"capture file {str(self.path)!r} does not exist")
+        if self.path.is_dir():
+            raise ValueError(f"{str(self.path)!r} is a folder, not a capture file; a run set's folder opens with "
+                             "dfsviz.open_run_set")
         try:
             # _padded: the zero-padded view of a file a cut-off write left short, or None
             self._f, self._padded = open_for_reading(self.path)

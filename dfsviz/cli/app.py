@@ -61,6 +61,8 @@ def app_command(roots: tuple[str, ...], host: str, port: int, dry_run: bool) -> 
     """
     from dfsviz.app.data import CaptureCatalog
 
+    if not dry_run:  # a taken port or a foreign address: one line at once, before the roots are read
+        ensure_port_free(host, port)
     paths = [Path(r) for r in roots] or default_roots()
     if not paths:
         raise ValueError("no capture root: pass --root DIR (neither the shipped sample captures nor ./runs/ "
@@ -78,7 +80,6 @@ def app_command(roots: tuple[str, ...], host: str, port: int, dry_run: bool) -> 
     if dry_run:
         click.echo(f"would serve http://{host}:{port}/")
         return
-    ensure_port_free(host, port)
     import torch
 
     from dfsviz.app import create_app

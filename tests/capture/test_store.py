@@ -239,6 +239,9 @@ def test_unknown_format_version_names_the_writer(tmp_path):
         CaptureReader(tmp_path / "text.h5")
     with pytest.raises(ValueError, match="does not exist"):
         CaptureReader(tmp_path / "missing.h5")
+    with pytest.raises(ValueError, match=f"^{str(tmp_path)!r} is a folder, not a capture file; a run set's folder "
+                                         "opens with dfsviz.open_run_set$"):
+        CaptureReader(tmp_path)
 
 
 def test_writer_and_reader_errors(tmp_path):
