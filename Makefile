@@ -26,7 +26,7 @@ browser:
 	echo "installing Debian chromium + chromium-driver"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
 
-# The main job: capture the embedded model into runs/embedded.h5 (about a minute on 2 CPU
+# The main job: capture the embedded model into runs/embedded.h5 (about 40 s on 2 idle CPU
 # cores; reused when complete, resumed when interrupted), then serve the dashboard on
 # http://$(HOST):$(PORT) over ./runs and the sample capture shipped in dfsviz/data/captures/.
 # Another port or interface: `make run PORT=8060` (HOST=0.0.0.0 exposes it to the network);
