@@ -1,8 +1,10 @@
-"""``dfsviz inspect``: settings, completeness, sizes and validity of a capture file."""
+"""``dfsviz inspect``: settings, completeness, sizes and validity of a capture file, or of each
+clip of a run-set folder."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -18,37 +20,108 @@ def _plain(value):
     return value
 
 
-@main.command("inspect", epilog="\b\nExample:\n  dfsviz inspect capture.h5\n  dfsviz inspect capture.h5 --json")
-@click.argument("path", type=click.Path(dir_okay=False))
+@main.command(
+    "inspect",
+    epilog="\b\nExamples:\n  dfsviz inspect capture.h5\n  dfsviz inspect capture.h5 --json\n"
+           "  dfsviz inspect runs/classes          # a run set: each clip's state, every clip file validated",
+)
+@click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @fail_cleanly
 def inspect_command(path: str, as_json: bool) -> None:
     """Print a capture's settings, completeness and sizes, and validate every stored map.
 
-    Exit code 2 when the file cannot be read (unknown format version, not a capture, a
-    damaged or crafted structure) or a value fails validation (block-mass rows that do not
-    sum to 1, non-finite statistics, ...); each problem is one line.
-    """
-    from dfsviz.capture.reader import CaptureReader
+    PATH may also be a run-set folder (``dfsviz capture --seeds/--prompts``): its clips (prompt,
+    seed, captured steps, complete or not) are listed, and every clip file present is validated.
 
-    with CaptureReader(path) as reader:
-        info = {k: _plain(v) for k, v in reader.summary().items()}
-        problems = reader.validate()
-    info["problems"] = problems
+    Exit code 2 when a file cannot be read (unknown format version, not a capture, a damaged or
+    crafted structure) or a value fails validation (block-mass rows that do not sum to 1,
+    non-finite statistics, ...); each problem is one line.
+    """
+    info = _run_set_info(Path(path)) if Path(path).is_dir() else _file_info(path)
+    problems = info["problems"]
     if as_json:
         click.echo(json.dumps(info, indent=1))
+    elif "clips" in info:
+        _echo_run_set(info)
     else:
-        width = max(len(k) for k in info)
-        for key, value in info.items():
-            if key != "problems":
-                click.echo(f"{key.ljust(width)}  {value}")
-        if not info["complete"]:
-            click.secho(
-                f"incomplete: {len(info['completed_steps'])} of {len(info['planned_steps'])} steps; "
-                "continue with `dfsviz capture ... --resume`",
-                fg="yellow",
-            )
+        _echo_file(info)
     if problems:
         for problem in problems:
             click.secho(f"invalid: {problem}", fg="red", err=True)
         raise SystemExit(2)
+
+
+def _file_info(path) -> dict:
+    """The file's summary with its validation problems (ValueError when it cannot be read)."""
+    from dfsviz.capture.reader import CaptureReader
+
+    with CaptureReader(path) as reader:
+        info = {k: _plain(v) for k, v in reader.summary().items()}
+        info["problems"] = reader.validate()
+    return info
+
+
+def _run_set_info(folder: Path) -> dict:
+    """The run set's manifest, each clip's captured steps and every clip file's problems, each
+    named by its clip (a clip file that cannot be read is one problem, not the end)."""
+    from tqdm.auto import tqdm
+
+    from dfsviz.capture.runset import open_run_set
+
+    run_set = open_run_set(folder)
+    clips, problems = [], []
+    for clip in tqdm(run_set.clips, desc="inspect", unit="clip", leave=False, disable=None):
+        row = {"index": clip.index, "prompt": clip.prompt, "seed": clip.seed, "file": clip.file,
+               "state": "complete" if clip.complete else "incomplete", "completed_steps": None,
+               "planned_steps": None, "file_bytes": None}
+        file = folder / clip.file
+        try:
+            summary = _file_info(file) if file.is_file() else None
+        except ValueError as exc:
+            row["state"] = "unreadable"
+            problems.append(f"clip {clip.index} ({clip.file}): {exc}")
+        else:
+            if summary is None:
+                row["state"] = "missing"
+            else:
+                row.update(completed_steps=summary["completed_steps"], planned_steps=summary["planned_steps"],
+                           file_bytes=file.stat().st_size)
+                if summary["problems"]:
+                    row["state"] = "invalid"
+                problems += [f"clip {clip.index} ({clip.file}): {p}" for p in summary["problems"]]
+        clips.append(row)
+    return {"run_set": str(folder), "dfsviz_version": run_set.dfsviz_version, "created_utc": run_set.created_utc,
+            "updated_utc": run_set.updated_utc, "complete": run_set.complete, "settings": run_set.settings,
+            "clips": clips, "problems": problems}
+
+
+def _echo_file(info: dict) -> None:
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if key != "problems":
+            click.echo(f"{key.ljust(width)}  {value}")
+    if not info["complete"]:
+        click.secho(
+            f"incomplete: {len(info['completed_steps'])} of {len(info['planned_steps'])} steps; "
+            "continue with `dfsviz capture ... --resume`",
+            fg="yellow",
+        )
+
+
+def _echo_run_set(info: dict) -> None:
+    clips = info["clips"]
+    done = sum(c["state"] == "complete" for c in clips)
+    click.echo(f"run set         {info['run_set']}")
+    click.echo(f"clips           {len(clips)} ({done} complete)")
+    for key in ("dfsviz_version", "created_utc", "updated_utc"):
+        click.echo(f"{key.ljust(15)} {info[key]}")
+    prompt_width = max(6, *(len(c["prompt"]) for c in clips))
+    click.echo(f"clip  {'prompt'.ljust(prompt_width)}  {'seed':>6}  {'steps':>7}  state       file")
+    for c in clips:
+        steps = "-" if c["planned_steps"] is None else f"{len(c['completed_steps'])}/{len(c['planned_steps'])}"
+        click.echo(f"{c['index']:<4d}  {c['prompt'].ljust(prompt_width)}  {c['seed']:>6d}  {steps:>7}  {c['state']:<10}  "
+                   f"{c['file']}")
+    if not info["complete"]:
+        click.secho(f"incomplete: {done} of {len(clips)} clips complete; continue with the command that captured it "
+                    f"and --resume (`dfsviz capture ... --out {info['run_set']} --resume`)", fg="yellow")

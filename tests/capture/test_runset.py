@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -482,6 +483,41 @@ def test_the_dashboard_catalog_lists_the_clips_of_a_run_set(embedded_set):
     ids = [e.id for e in catalog.entries() if e.id.startswith(f"{embedded_set.name}/set/")]
     assert ids == [f"{embedded_set.name}/set/{c.file}" for c in open_run_set(embedded_set / "set").clips]
     assert all(catalog.entry(i).status == "ok" for i in ids)
+
+
+def test_inspect_lists_a_run_set_s_clips_and_validates_each_file(tmp_path, embedded_set):
+    folder = embedded_set / "set"
+    clips = open_run_set(folder).clips
+    result = _invoke("inspect", folder)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[:2] == [f"run set         {folder}", "clips           4 (4 complete)"]
+    table = lines.index(next(line for line in lines if line.startswith("clip  prompt")))
+    for clip, line in zip(clips, lines[table + 1:]):
+        assert line.split() == [str(clip.index), clip.prompt, str(clip.seed), "2/2", "complete", clip.file]
+    assert len(lines) == table + 1 + len(clips)  # no "incomplete" line
+
+    # one clip file gone, one not HDF5: each named, the others still validated; exit 2
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    (damaged / clips[1].file).unlink()
+    (damaged / clips[2].file).write_bytes(b"not a capture")
+    result = _invoke("inspect", damaged, "--json")
+    assert result.exit_code == 2
+    info = json.loads(result.stdout)
+    assert [c["state"] for c in info["clips"]] == ["complete", "missing", "unreadable", "complete"]
+    assert info["clips"][3]["completed_steps"] == [0, 1] and info["clips"][3]["file_bytes"] > 0
+    assert info["complete"] is False and len(info["problems"]) == 1
+    assert info["problems"][0].startswith(f"clip 2 ({clips[2].file}): '{damaged / clips[2].file}' is not a readable "
+                                          "HDF5 file")
+    result = _invoke("inspect", damaged)
+    assert result.exit_code == 2
+    assert f"incomplete: 2 of 4 clips complete; continue with the command that captured it and --resume " \
+           f"(`dfsviz capture ... --out {damaged} --resume`)" in result.output
+    assert f"invalid: clip 2 ({clips[2].file}): " in result.stderr
+    # a folder that is not a run set is one red line
+    result = _invoke("inspect", tmp_path / "damaged" / "..")
+    assert result.exit_code == 2 and result.output.strip().endswith("holds no runset.json")
 
 
 # ----------------------------------------------------------------------------- reading
