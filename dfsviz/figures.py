@@ -965,9 +965,14 @@ def method_comparison(methods: Mapping[str, Mapping | None], *, chosen: str, tit
                          f"{_plural(int(s['interval']), 'step')}")
         traces.append(go.Bar(x=labels, y=y, name=trace_name, hovertext=hover, hoverinfo="text",
                              marker={"color": _colour(i)}))
+    # the tick labels broken into lines (method, its tile, "chosen"), upright: a narrow card
+    # tilted and clipped the one-line labels
+    ticks = [label.replace(" (", "<br>(").replace(" · chosen", "<br>chosen").replace(": no plan", "<br>no plan")
+             for label in labels]
     layout = {"title": title or "Scoring methods: each one's best plan", "template": "plotly_white",
               "barmode": "group", "yaxis": {"title": "fraction", "range": [0, 1.05]},
-              "legend": {"orientation": "h", "y": -0.2}}
+              "xaxis": {"tickvals": labels, "ticktext": ticks, "tickangle": 0},
+              "legend": {"orientation": "h", "y": -0.25}}
     return go.Figure(data=traces, layout=layout)
 
 
@@ -1020,8 +1025,11 @@ def schedule_candidates(
     traces.append(go.Scatter(x=[int(best["interval"])], y=[float(best[key])], mode="markers", name="chosen",
                              marker={"symbol": "star", "size": 16, "color": "#111111"}, hovertext=[sentence(best)],
                              hoverinfo="text"))
+    intervals = [int(c["interval"]) for c in candidates]
+    # whole steps, at most about 10 ticks (one a step crowded 20 intervals into a card)
+    step = max(1, math.ceil((max(intervals) - min(intervals)) / 10))
     layout = {"title": title or "Schedules weighed: warm-up and refresh interval", "template": "plotly_white",
-              "xaxis": {"title": "refresh interval (steps)", "dtick": 1}, "yaxis": {"title": axis},
+              "xaxis": {"title": "refresh interval (steps)", "dtick": step}, "yaxis": {"title": axis},
               "legend": {"orientation": "h", "y": -0.2}}
     return go.Figure(data=traces, layout=layout)
 

@@ -108,6 +108,10 @@ def test_method_comparison_bars_every_method_and_marks_the_chosen_one():
     assert [t.name for t in fig.data] == ["attention work", "predicted recall (sparse steps)", "density (sparse steps)"]
     work = fig.data[0]
     assert list(work.x) == ["meanpool", "dfs_tile (tile 16) · chosen", "antidiagonal: no plan fits"]
+    # drawn upright, broken into lines, so a card a third of the page wide shows them whole
+    assert list(fig.layout.xaxis.tickvals) == list(work.x) and fig.layout.xaxis.tickangle == 0
+    assert list(fig.layout.xaxis.ticktext) == ["meanpool", "dfs_tile<br>(tile 16)<br>chosen",
+                                                "antidiagonal<br>no plan fits"]
     assert list(work.y)[:2] == [0.66, 0.64] and math.isnan(list(work.y)[2])
     assert list(fig.data[1].y)[:2] == [0.95, 0.94] and list(fig.data[2].y)[:2] == [0.65, 0.6]
     assert "attention work 0.640 of dense attention" in work.hovertext[1]
@@ -140,6 +144,10 @@ def test_schedule_candidates_one_line_per_warmup(mode, key, axis):
     chosen = fig.data[-1]
     assert chosen.name == "chosen" and list(chosen.x) == [2] and list(chosen.y) == [CANDIDATES[4][key]]
     assert axis in fig.layout.yaxis.title.text
+    assert fig.layout.xaxis.dtick == 1  # a tick a step over a short range ...
+    many = [dict(CANDIDATES[0], interval=i) for i in range(1, 21)]
+    wide = figures.schedule_candidates(many, chosen=(0, 5), mode=mode)
+    assert wide.layout.xaxis.dtick == 2  # ... about 10 over a long one, whole steps
 
 
 def test_schedule_candidates_validates_its_arguments():

@@ -244,7 +244,9 @@ def test_figure_csv_holds_heatmap_cells_and_points():
     fig = go.Figure(go.Heatmap(z=z, x=["a", "b", "c"], y=[10, 20], name="hm"))
     fig.add_trace(go.Scatter(x=[0.1, 0.2], y=[1.0, 2.0], name="line"))
     fig.add_trace(go.Scatter(x=[0, 1, None], y=[0, 1, None], name="outline", hoverinfo="skip"))
+    fig.update_layout(title="Budget per head<br><span style='font-size:12px'>dfs_tile · hilbert3d</span>")
     rows = list(csv.reader(io.StringIO(figure_csv(fig.to_plotly_json()))))
+    assert rows[0] == ["figure", "Budget per head · dfs_tile · hilbert3d"]  # plain text, not markup
     assert rows[1] == ["trace", "x", "y", "z"]
     cells = {(r[1], r[2]): float(r[3]) for r in rows[2:] if r[0] == "hm"}
     assert cells == {(x, str(y)): z[i, j] for i, y in enumerate([10, 20]) for j, x in enumerate("abc")}

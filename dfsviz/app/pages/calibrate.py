@@ -246,22 +246,21 @@ def figures_of(result, run: str = "") -> list:
     layers, dense = grids["layers"], grids["dense"]
     drift = p["drift"]
 
-    def titled(title: str) -> str:
-        return f"{run} · {title}" if run else title
+    def titled(title: str, *details: str) -> str:
+        return common.card_title(title, run, *details)  # the capture compared heads the details
 
     return [
         calibration_heatmap(grids["gamma"], dense, quantity="gamma", layers=layers, kept_blocks=grids["kept_blocks"],
-                            num_kv_blocks=plan.num_kv_blocks,
-                            title=titled(f"Budget per head: kept fraction γ · {where}")),
+                            num_kv_blocks=plan.num_kv_blocks, title=titled("Budget per head: kept fraction γ", where)),
         calibration_heatmap(grids["recall"], dense, quantity="recall", layers=layers,
-                            title=titled(f"Predicted recall per head (oldest cached mask) · {where}")),
+                            title=titled("Predicted recall per head", "oldest cached mask", where)),
         calibration_heatmap(grids["density"], dense, quantity="density", layers=layers,
-                            title=titled(f"Density per head (sparse steps) · {where}")),
+                            title=titled("Density per head", "sparse steps", where)),
         cached_mask_decay(drift["lags"], drift["relative_recall"], interval=plan.interval, samples=drift["samples"],
-                          reuse_factor=p["reuse_factor"], title=titled(f"Recall kept by a cached mask · {where}")),
+                          reuse_factor=p["reuse_factor"], title=titled("Recall kept by a cached mask", where)),
         method_comparison(p["methods"], chosen=plan.method, title=titled("Each scoring method's best plan")),
         schedule_candidates(result.candidates, chosen=(plan.warmup_steps, plan.interval),
-                            mode=plan.provenance["mode"], title=titled(f"Schedules weighed · {plan.method}")),
+                            mode=plan.provenance["mode"], title=titled("Schedules weighed", plan.method)),
     ]
 
 

@@ -166,6 +166,14 @@ def dfsattn_mask(cid: str, step: int, layer: int, head: int | None = None, branc
                                 lambda r: r.dfsattn_mask(step, layer, head, branch))
 
 
+def card_title(title: str, *details: str) -> str:
+    """A figure title for a card half or a third of the page wide, where one line of title and
+    details was clipped: the title, and below it in smaller type the details that are given,
+    joined by " · " (the capture compared first, where there is one)."""
+    below = " · ".join(d for d in details if d)
+    return f"{title}<br><span style='font-size:12px'>{below}</span>" if below else title
+
+
 def figure_card(name: str, height: int = 440, figure=None, terms: Sequence[str] = ()) -> html.Div:
     """A graph with a CSV download of the plotted numbers (PNG comes from the mode bar), a
     loading indicator while its callback runs and, for ``terms`` (glossary keys of what its
@@ -496,7 +504,8 @@ def _flags(figure: dict) -> tuple[str, np.ndarray] | None:
 
 
 def figure_csv(figure: dict) -> str:
-    """Long-form CSV of the data traces of a figure: trace, x, y, z (outline traces skipped).
+    """Long-form CSV of the data traces of a figure: trace, x, y, z (outline traces skipped),
+    after a row with the figure's title as plain text.
 
     Heatmaps and images (their values in ``customdata``) give one row per cell; line, scatter
     and bar traces one row per point;
@@ -506,8 +515,10 @@ def figure_csv(figure: dict) -> str:
     """
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["figure", (figure or {}).get("layout", {}).get("title", {}).get("text", "")
-                     if isinstance((figure or {}).get("layout", {}).get("title"), dict) else ""])
+    title = (figure or {}).get("layout", {}).get("title")
+    text = title.get("text", "") if isinstance(title, dict) else ""
+    # the title as read, without its markup: line breaks as " · ", tags (a smaller second line) dropped
+    writer.writerow(["figure", re.sub(r"<[^>]*>", "", (text or "").replace("<br>", " · "))])
     flags = _flags(figure)
     writer.writerow(["trace", "x", "y", "z"] + ([flags[0]] if flags else []))
     for trace in (figure or {}).get("data", []):

@@ -100,11 +100,11 @@ def drift_view(cid: str, layer: int, head, order: str, method: str, budget: floa
     from dfsviz.figures import drift_heatmap
 
     dm = drift_matrix(cid, int(layer), order, method, float(budget), head)
-    run = f"{cid} · " if compared else ""
+    run = cid if compared else ""
     figs = [drift_heatmap(dm.steps, dm.mean_recall(), quantity="recall",
-                          title=f"{run}Recall of the reused mask · {dm.label}"),
+                          title=common.card_title("Recall of the reused mask", run, dm.label)),
             drift_heatmap(dm.steps, dm.mean_jaccard(), quantity="jaccard",
-                          title=f"{run}Jaccard with the fresh mask · {dm.label}")]
+                          title=common.card_title("Jaccard with the fresh mask", run, dm.label))]
     lags = sorted({t - s for s in dm.steps for t in dm.steps if t >= s})
     rows = []
     for lag in lags:

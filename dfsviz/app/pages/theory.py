@@ -148,7 +148,8 @@ def register(app) -> None:
             values = {head + o: sub.column(column) for head, table, _, _ in drawn
                       for (o,), sub in table.groups("order").items()}
             label = FACTOR_LABELS.get(column, column)
-            out.append(factor_distributions(values, factor=column, kind=kind, title=f"{label} per order · {where}"))
+            out.append(factor_distributions(values, factor=column, kind=kind,
+                                            title=common.card_title(f"{label} per order", where)))
         w_values = {}
         for head, _, heads, _ in drawn:
             for (o,), sub in heads.groups("order").items():
