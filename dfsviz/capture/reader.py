@@ -47,7 +47,12 @@ from dfsviz.capture.validation import (
 )
 from dfsviz.sparse.grid import LatentGrid
 
-__all__ = ["CaptureReader", "CaptureVideo", "StoredStats", "open_capture"]
+__all__ = ["CaptureBusy", "CaptureReader", "CaptureVideo", "StoredStats", "open_capture"]
+
+
+class CaptureBusy(ValueError):
+    """The capture file is open for writing by a running capture (HDF5's file lock): readable
+    once that capture is done."""
 
 
 def _open_error_message(path: Path, exc: OSError) -> str:
@@ -145,7 +150,8 @@ class CaptureReader:
             # _padded: the zero-padded view of a file a cut-off write left short, or None
             self._f, self._padded = open_for_reading(self.path)
         except OSError as exc:
-            raise ValueError(_open_error_message(self.path, exc)) from None
+            error = CaptureBusy if held_by_another_process(exc) else ValueError
+            raise error(_open_error_message(self.path, exc)) from None
         try:
             attrs = self._f.attrs
             if attrs.get("format") != FORMAT_NAME:

@@ -31,8 +31,9 @@ def _plain(value):
 def inspect_command(path: str, as_json: bool) -> None:
     """Print a capture's settings, completeness and sizes, and validate every stored map.
 
-    PATH may also be a run-set folder (``dfsviz capture --seeds/--prompts``): its clips (prompt,
-    seed, captured steps, complete or not) are listed, and every clip file present is validated.
+    PATH may also be a run-set folder (``dfsviz capture --seeds/--prompts``): its clips are
+    listed (prompt, seed, captured steps; complete, incomplete, capturing while a capture writes
+    it, missing, unreadable or invalid), and every clip file present is validated.
 
     Exit code 2 when a file cannot be read (unknown format version, not a capture, a damaged or
     crafted structure) or a value fails validation (block-mass rows that do not sum to 1,
@@ -67,6 +68,7 @@ def _run_set_info(folder: Path) -> dict:
     named by its clip (a clip file that cannot be read is one problem, not the end)."""
     from tqdm.auto import tqdm
 
+    from dfsviz.capture.reader import CaptureBusy
     from dfsviz.capture.runset import open_run_set
 
     run_set = open_run_set(folder)
@@ -76,14 +78,16 @@ def _run_set_info(folder: Path) -> dict:
                "state": "complete" if clip.complete else "incomplete", "completed_steps": None,
                "planned_steps": None, "file_bytes": None}
         file = folder / clip.file
-        try:
-            summary = _file_info(file) if file.is_file() else None
-        except ValueError as exc:
-            row["state"] = "unreadable"
-            problems.append(f"clip {clip.index} ({clip.file}): {exc}")
+        if not file.is_file():
+            row["state"] = "missing"
         else:
-            if summary is None:
-                row["state"] = "missing"
+            try:
+                summary = _file_info(file)
+            except CaptureBusy:  # a capture is writing this clip now: not readable yet, no problem
+                row["state"] = "capturing"
+            except ValueError as exc:
+                row["state"] = "unreadable"
+                problems.append(f"clip {clip.index} ({clip.file}): {exc}")
             else:
                 row.update(completed_steps=summary["completed_steps"], planned_steps=summary["planned_steps"],
                            file_bytes=file.stat().st_size)

@@ -515,6 +515,23 @@ def test_inspect_lists_a_run_set_s_clips_and_validates_each_file(tmp_path, embed
     assert f"incomplete: 2 of 4 clips complete; continue with the command that captured it and --resume " \
            f"(`dfsviz capture ... --out {damaged} --resume`)" in result.output
     assert f"invalid: clip 2 ({clips[2].file}): " in result.stderr
+    # a clip that a running capture holds open for writing is "capturing", not a problem
+    busy = tmp_path / "busy"
+    shutil.copytree(folder, busy)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); "
+         "sys.stdin.read()", str(busy / clips[0].file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        if os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() not in ("FALSE", "0"):
+            result = _invoke("inspect", busy, "--json")
+            assert result.exit_code == 0, result.output
+            info = json.loads(result.stdout)
+            assert [c["state"] for c in info["clips"]] == ["capturing", "complete", "complete", "complete"]
+            assert info["problems"] == []
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
     # a folder that is not a run set is one red line
     result = _invoke("inspect", tmp_path / "damaged" / "..")
     assert result.exit_code == 2 and result.output.strip().endswith("holds no runset.json")

@@ -15,7 +15,7 @@ import torch
 
 from stored_curves import assert_stored_curves_match_the_maps
 
-from dfsviz.capture.reader import CaptureReader, StoredStats, _open_error_message
+from dfsviz.capture.reader import CaptureBusy, CaptureReader, StoredStats, _open_error_message
 from dfsviz.capture.schema import FORMAT_VERSION, StoreLayout, step_key
 from dfsviz.capture.validation import map_problem
 from dfsviz.capture.writer import CaptureWriter, _ChunkPool
@@ -235,8 +235,9 @@ def test_unknown_format_version_names_the_writer(tmp_path):
     with pytest.raises(ValueError, match="is not a dfsviz capture"):
         CaptureReader(other)
     (tmp_path / "text.h5").write_text("hello")
-    with pytest.raises(ValueError, match="is not a readable HDF5 file"):
+    with pytest.raises(ValueError, match="is not a readable HDF5 file") as refused:
         CaptureReader(tmp_path / "text.h5")
+    assert not isinstance(refused.value, CaptureBusy)  # busy means a running capture holds it, nothing else
     with pytest.raises(ValueError, match="does not exist"):
         CaptureReader(tmp_path / "missing.h5")
     with pytest.raises(ValueError, match=f"^{str(tmp_path)!r} is a folder, not a capture file; a run set's folder "
@@ -384,7 +385,7 @@ def test_reader_tells_a_locked_file_from_a_damaged_one(tmp_path):
         assert holder.stdout.readline().strip() == "open"
         if os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() in ("FALSE", "0"):
             pytest.skip("HDF5 file locking is turned off (HDF5_USE_FILE_LOCKING); the mapping is tested above")
-        with pytest.raises(ValueError, match="is open for writing by a running capture; wait for it or copy the file"):
+        with pytest.raises(CaptureBusy, match="is open for writing by a running capture; wait for it or copy the file"):
             CaptureReader(path)
     finally:
         holder.stdin.close()
