@@ -132,7 +132,7 @@ class CalibrationConfig:
         for name, low in (("warmup_steps", 0), ("interval", 1)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"`{name}` must be an integer >= {low} or None to choose it (got {value!r})")
+                raise ValueError(f"`{name}` must be an integer >= {low} (got {value!r}); leave it out to have it chosen")
         _fraction(self.dense_above, "dense_above", "heads needing a larger kept fraction run dense; 0.85 by default")
         c = self.refresh_cost
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= float(c) < 1.0:

@@ -124,8 +124,8 @@ def _echo_run_set(info: dict) -> None:
     click.echo(f"clip  {'prompt'.ljust(prompt_width)}  {'seed':>6}  {'steps':>7}  state       file")
     for c in clips:
         steps = "-" if c["planned_steps"] is None else f"{len(c['completed_steps'])}/{len(c['planned_steps'])}"
-        click.echo(f"{c['index']:<4d}  {c['prompt'].ljust(prompt_width)}  {c['seed']:>6d}  {steps:>7}  {c['state']:<10}  "
-                   f"{c['file']}")
+        click.echo(f"{c['index']:<4d}  {c['prompt'].ljust(prompt_width)}  {c['seed']:>6d}  {steps:>7}  "
+                   f"{c['state']:<10}  {c['file']}")
     if not info["complete"]:
         click.secho(f"incomplete: {done} of {len(clips)} clips complete; continue with the command that captured it "
                     f"and --resume (`dfsviz capture ... --out {info['run_set']} --resume`)", fg="yellow")

@@ -78,7 +78,8 @@ def test_help_shows_an_example():
         (["{a}", "--max-density", "0.01", "--out", "{o}"], "max density 0.01 cannot be met"),
         (["{d}/missing.h5", "--target-recall", "0.9", "--out", "{o}"], "does not exist"),
         (["{a}", "--target-recall", "2", "--out", "{o}"], "`--target-recall` must be a fraction in (0, 1] (got 2.0)"),
-        (["{a}", "--target-recall", "0.9", "--warmup", "-1", "--out", "{o}"], "`--warmup` must be an integer >= 0"),
+        (["{a}", "--target-recall", "0.9", "--warmup", "-1", "--out", "{o}"],
+         "`--warmup` must be an integer >= 0 (got -1); leave it out to have it chosen"),
         # the output is checked before the captures are read
         (["{a}", "--target-recall", "0.9", "--out", "{d}/missing/x.json"],
          "`--out` '{d}/missing/x.json': its folder '{d}/missing' does not exist; create it first"),
