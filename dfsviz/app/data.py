@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from dfsviz.analysis.measured_capture import MeasuredCapture
-from dfsviz.capture.reader import CaptureReader
+from dfsviz.capture.reader import CaptureBusy, CaptureReader
 from dfsviz.capture.schema import AFFINE_SUFFIX, DIMS
 from dfsviz.capture.validation import read_problem
 
@@ -74,6 +74,10 @@ class CaptureError(ValueError):
     """A capture id that cannot be served (outside the roots, missing, unreadable)."""
 
 
+class _BeingCaptured(CaptureError):
+    """A file that a running capture holds open for writing: status "capturing" until it is done."""
+
+
 @dataclass(frozen=True)
 class CaptureEntry:
     """One capture file under the roots.
@@ -84,7 +88,8 @@ class CaptureEntry:
         status: "ok", "incomplete" (an interrupted run: its completed steps are usable),
             "checking" (a file above ``full_check_bytes`` whose background check is under way:
             usable, each map checked as a view reads it), "invalid" (fails
-            ``CaptureReader.validate()``: never drawn) or "error" (unreadable, or no completed step).
+            ``CaptureReader.validate()``: never drawn), "capturing" (a running capture holds it open
+            for writing: not readable until it is done) or "error" (unreadable, or no completed step).
         message: banner text; "" when status is "ok" (or "checking" a complete run).
         size: file size in bytes.
     """
@@ -103,7 +108,7 @@ class CaptureEntry:
     @property
     def label(self) -> str:
         mark = {"ok": "", "incomplete": " (incomplete)", "checking": " (checking)", "invalid": " (invalid)",
-                "error": " (unreadable)"}[self.status]
+                "capturing": " (capturing)", "error": " (unreadable)"}[self.status]
         return f"{self.id}{mark}"
 
 
@@ -414,6 +419,9 @@ class CaptureCatalog:
         """``open_reader()``; CaptureError with the banner text when the file cannot be opened."""
         try:
             return open_reader()
+        except CaptureBusy:
+            raise _BeingCaptured(f"{capture_id}: a running capture is writing it; it opens once that capture is "
+                                 "done") from None
         except (ValueError, OSError, KeyError) as exc:
             raise CaptureError(self.hide_paths(f"cannot open {capture_id!r}: {exc}")) from None
 
@@ -451,7 +459,8 @@ class CaptureCatalog:
                 return known[1]
             status, message = self._check(capture_id, path, stamp)
             entry = CaptureEntry(capture_id, path, status, message, stamp[1])
-            self._status[capture_id] = (stamp, entry)
+            if status != "capturing":  # asked again each time: a killed capture leaves the file as it was
+                self._status[capture_id] = (stamp, entry)
             if status == "checking":
                 self._enqueue(capture_id, path, stamp)
         return entry
@@ -468,9 +477,11 @@ class CaptureCatalog:
         return self._reading(capture_id, lambda: run(self._open(capture_id, path, stamp)))
 
     def _reading(self, capture_id: str, check: Callable[[], tuple[str, str] | None]) -> tuple[str, str] | None:
-        """``check()``, its failures turned into status "error" with the banner text."""
+        """``check()``, its failures turned into status "error" (or "capturing") with the banner text."""
         try:
             return check()
+        except _BeingCaptured as exc:
+            return "capturing", str(exc)
         except CaptureError as exc:
             return "error", str(exc)
         except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files

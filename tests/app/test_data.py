@@ -64,6 +64,41 @@ def test_listing_and_statuses(catalog):
     assert catalog.default_id() == "runs/good.h5"
 
 
+def test_a_file_a_running_capture_writes_is_capturing_until_it_is_done(capture_root, tmp_path):
+    """A capture held open for writing (HDF5's lock, as a running capture holds it) is listed
+    "(capturing)", refused with that reason, and usable once the writer is gone, without a new
+    file version (a killed capture leaves the file as it was)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    shutil.copy(capture_root / "good.h5", root / "live.h5")
+    cat = CaptureCatalog([root])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True); "
+         "sys.stdin.read()", str(root / "live.h5")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        if os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() in ("FALSE", "0"):
+            pytest.skip("HDF5 file locking is turned off (HDF5_USE_FILE_LOCKING)")
+        version = os.stat(root / "live.h5")
+        entry = cat.entry("runs/live.h5")
+        assert entry.status == "capturing" and not entry.usable and entry.label == "runs/live.h5 (capturing)"
+        assert entry.message == "runs/live.h5: a running capture is writing it; it opens once that capture is done"
+        with pytest.raises(CaptureError, match="a running capture is writing it"):
+            cat.reader("runs/live.h5")
+        holder.kill()  # killed, as a capture may be: the file is left as it was, its lock with the process
+        holder.wait(timeout=30)
+        after = os.stat(root / "live.h5")
+        assert (after.st_size, after.st_mtime_ns) == (version.st_size, version.st_mtime_ns)
+        assert cat.entry("runs/live.h5").status == "ok"  # the same file version, read now
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        cat.close()
+
+
 def test_an_invalid_file_is_never_read(catalog):
     """Every read of a file that fails validation is refused, its sound steps included."""
     for read in (lambda: catalog.reader("runs/damaged.h5"), lambda: catalog.mass("runs/damaged.h5", 3, 1, "raster"),
