@@ -29,6 +29,7 @@ __all__ = [
     "format_bytes",
     "glob_escape",
     "held_by_another_process",
+    "missing_folder",
     "open_for_reading",
     "pad_truncated",
     "recorded_end",
@@ -65,10 +66,18 @@ def format_bytes(num_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def missing_folder(folder: Path) -> str | None:
+    """Why ``folder`` cannot hold a new file ("is a file", "does not exist; create it first"), or
+    None when it is a folder."""
+    if folder.is_dir():
+        return None
+    return "is a file" if folder.exists() else "does not exist; create it first"
+
+
 def require_output_folder(path: Path) -> None:
     """ValueError unless the folder that is to hold ``path`` exists: a capture creates no folders."""
-    if not path.parent.is_dir():
-        state = "is a file" if path.parent.exists() else "does not exist; create it first"
+    state = missing_folder(path.parent)
+    if state is not None:
         raise ValueError(f"output directory {str(path.parent)!r} {state}")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from dfsviz._version import __version__
+from dfsviz.capture.file_safety import missing_folder
 
 __all__ = ["check_output", "fail_cleanly", "main"]
 
@@ -48,8 +49,8 @@ def check_output(path: str, option: str, *, folder: bool = False) -> None:
             raise ValueError(f"`{option}` {path!r} cannot be created: {str(existing)!r} is a file")
     else:
         existing = out.parent
-        if not existing.is_dir():
-            state = "is a file" if existing.exists() else "does not exist; create it first"
+        state = missing_folder(existing)
+        if state is not None:
             raise ValueError(f"`{option}` {path!r}: its folder {str(existing)!r} {state}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"`{option}` {path!r}: no permission to write in {str(existing)!r}")
