@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from dfsviz.capture.file_safety import CaptureLock, run_difference, temporary_path
+from dfsviz.capture.file_safety import CaptureLock, missing_folder, run_difference, temporary_path
 from dfsviz.capture.config import MAX_SEED, CaptureConfig
 from dfsviz.capture.ranks import ClipRanks, check_rank_device, check_same_run, on_rank_0, together, world_size
 from dfsviz.capture.resolve import ResolvedCapture, resolve_capture, run_identity, weights_fingerprint
@@ -551,8 +551,9 @@ def capture_run_set(
     held: list[CaptureLock] = []  # rank 0's lock of the run set, held until every rank is done
 
     def claim() -> dict | None:
-        if not folder.parent.is_dir():
-            raise ValueError(f"the parent of the run-set directory {str(folder)!r} does not exist; create it first")
+        parent_state = missing_folder(folder.parent)
+        if parent_state is not None:
+            raise ValueError(f"the parent of the run-set directory {str(folder)!r} {parent_state}")
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"run set output {str(folder)!r} is a file; a run set of {len(clips)} clips needs a "
                              "directory")

@@ -90,6 +90,7 @@ from dfsviz.capture.file_safety import (
     held_by_another_process,
     pad_truncated,
     require_free_space,
+    require_output_folder,
     run_difference,
     temporary_path,
     write_failure_reason,
@@ -339,8 +340,7 @@ class CaptureWriter:
         from dfsviz._version import __version__
 
         path = Path(path)
-        if not path.parent.is_dir():
-            raise ValueError(f"output directory {str(path.parent)!r} does not exist; create it first")
+        require_output_folder(path)
         lock = lock or CaptureLock(path)
         tmp = temporary_path(path)
         f = None

@@ -331,6 +331,9 @@ def test_resume_of_another_run_set_and_existing_outputs_are_refused(tmp_path, mo
     one_line(_invoke("capture", "--model", wan, "--out", tmp_path / "no" / "set", "--seeds", "0,1", "--quiet",
                      *CLI_ARGS),
              f"the parent of the run-set directory {str(tmp_path / 'no' / 'set')!r} does not exist; create it first")
+    one_line(_invoke("capture", "--model", wan, "--out", other / "notes.txt" / "set", "--seeds", "0,1", "--quiet",
+                     *CLI_ARGS),
+             f"the parent of the run-set directory {str(other / 'notes.txt' / 'set')!r} is a file")
     one_line(_invoke("capture", "--model", wan, "--out", other / "notes.txt", "--seeds", "0,1", "--quiet", *CLI_ARGS),
              f"run set output {str(other / 'notes.txt')!r} is a file; a run set of 2 clips needs a directory")
     one_line(_invoke("capture", "--model", wan, "--out", tmp_path / "new", "--seeds", "0,1", "--resume", "--quiet",
