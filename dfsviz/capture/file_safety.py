@@ -95,7 +95,7 @@ class CaptureLock:
     """Exclusive right to write the capture at ``path`` (a context manager).
 
     Raises ValueError when another process (or another writer in this one) holds it, naming
-    the holder's pid; with ``wait`` it waits for the holder to release it instead (the ranks
+    the holder's pid, or when the folder takes no new file (no permission, read-only); with ``wait`` it waits for the holder to release it instead (the ranks
     of a data-parallel run set take turns at its manifest so). Acquiring removes temporary
     files that a killed creation left behind.
     """
@@ -106,7 +106,12 @@ class CaptureLock:
         self.path = Path(path)
         lock = _lock_path(self.path)
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:  # no permission, a read-only file system, ...
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                raise ValueError(f"cannot write in the folder of {str(self.path)!r}: {exc.strerror}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

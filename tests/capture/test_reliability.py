@@ -9,6 +9,7 @@ as a full disk fails them (EFBIG instead of ENOSPC).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -132,6 +133,27 @@ def test_lock_is_taken_before_the_file_exists(tmp_path, model_dirs):
             run_capture(_config(model_dirs["wan"], out), progress=False)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file, no lock file left
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS], ids=["no-permission", "read-only"])
+def test_a_folder_that_takes_no_file_is_named_not_the_lock(tmp_path, monkeypatch, code):
+    """The lock file is the first thing a capture creates: a folder that refuses it (as /sys does,
+    even to root) is reported as the output's folder, one line, before any model is loaded."""
+    from dfsviz.capture import file_safety
+
+    out = tmp_path / "x.h5"
+    real_open = os.open
+
+    def refusing(path, *args, **kwargs):  # isolates the failure: the folder refuses new files
+        if str(path).endswith(".x.h5.lock"):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(file_safety.os, "open", refusing)
+    result = _invoke("capture", "--out", out, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: cannot write in the folder of {str(out)!r}: {os.strerror(code)}"]
 
 
 def test_a_failed_creation_leaves_no_file_and_keeps_the_old_one(tmp_path, model_dirs):
