@@ -914,9 +914,14 @@ def cached_mask_decay(
 
 def method_label(method: str, tile: int | None) -> str:
     """"dfs_tile (tile 16)", "antidiagonal (stride 8)", "meanpool": a scoring method with its tile or stride."""
+    return " ".join(_method_lines(method, tile))
+
+
+def _method_lines(method: str, tile: int | None) -> tuple[str, ...]:
+    """("dfs_tile", "(tile 16)"), ("meanpool",): :func:`method_label`'s parts."""
     if tile is None:
-        return str(method)
-    return f"{method} ({'stride' if method == 'antidiagonal' else 'tile'} {tile})"
+        return (str(method),)
+    return str(method), f"({'stride' if method == 'antidiagonal' else 'tile'} {tile})"
 
 
 # Bars of :func:`method_comparison`: summary key, trace name, hover sentence.
@@ -945,12 +950,17 @@ def method_comparison(methods: Mapping[str, Mapping | None], *, chosen: str, tit
         raise ValueError("`methods` must be a non-empty mapping method -> summary (predicted['methods'] of a plan)")
     if chosen not in methods:
         raise ValueError(f"`chosen` must be one of the methods {list(methods)} (got {chosen!r})")
-    labels = []
+    # each label's lines (method, its tile, "chosen") on one line as the bars' x, stacked upright
+    # as their tick text: a narrow card tilted and clipped the one-line labels
+    labels, ticks = [], []
     for name, s in methods.items():
         if s is None:
             labels.append(f"{name}: no plan fits")
+            ticks.append(f"{name}<br>no plan fits")
             continue
-        labels.append(method_label(name, s.get("tile")) + (" · chosen" if name == chosen else ""))
+        lines = _method_lines(name, s.get("tile"))
+        labels.append(" ".join(lines) + (" · chosen" if name == chosen else ""))
+        ticks.append("<br>".join(lines) + ("<br>chosen" if name == chosen else ""))
     traces = []
     for i, (key, trace_name, sentence) in enumerate(_METHOD_BARS):
         y, hover = [], []
@@ -965,10 +975,6 @@ def method_comparison(methods: Mapping[str, Mapping | None], *, chosen: str, tit
                          f"{_plural(int(s['interval']), 'step')}")
         traces.append(go.Bar(x=labels, y=y, name=trace_name, hovertext=hover, hoverinfo="text",
                              marker={"color": _colour(i)}))
-    # the tick labels broken into lines (method, its tile, "chosen"), upright: a narrow card
-    # tilted and clipped the one-line labels
-    ticks = [label.replace(" (", "<br>(").replace(" · chosen", "<br>chosen").replace(": no plan", "<br>no plan")
-             for label in labels]
     layout = {"title": title or "Scoring methods: each one's best plan", "template": "plotly_white",
               "barmode": "group", "yaxis": {"title": "fraction", "range": [0, 1.05]},
               "xaxis": {"tickvals": labels, "ticktext": ticks, "tickangle": 0},
