@@ -8,7 +8,7 @@ import pytest
 import dfsviz
 from dfsviz.app import create_app
 from dfsviz.app.glossary import TERMS, help_text
-from dfsviz.app.pages import calibrate, drift, live, masks, overview, recall, theory
+from dfsviz.app.pages import calibrate, drift, live, masks, overview, recall, theory, video
 
 # controls that choose how to draw, not a quantity of the glossary
 PLAIN = {"colour range", "distribution plot", "goal"}
@@ -29,7 +29,7 @@ def app():
     app.server.config["DFSVIZ_CATALOG"].close()
 
 
-@pytest.mark.parametrize("module", [overview, masks, recall, theory, drift, calibrate, live], ids=lambda m: m.NAME)
+@pytest.mark.parametrize("module", [overview, masks, recall, theory, drift, calibrate, live, video], ids=lambda m: m.NAME)
 def test_every_control_and_figure_has_its_definition(app, module):
     helps = {help_text(t) for t in TERMS}
     with app.server.test_request_context("/"):

@@ -55,6 +55,15 @@ def query_blocks(cid: str, step: int, layer: int, head: int, order: str) -> list
     return sorted(int(u) for u in cat.footprints(cid, step, layer, order, head)[0].tolist())
 
 
+#: The glossary terms of what the video figure draws (its info icon).
+VIDEO_TERMS = ("footprint", "kept_key_blocks", "latent_frame")
+
+
+def _control(label: str, component, term: str):
+    """A control with its glossary term's short definition under it and the full one on its info icon."""
+    return common.control(label, component, help=TERMS[term].short, term=term)
+
+
 @common.guarded_layout("Video")
 def layout(**query):
     page = common.PageContext(PREFIX, query)
@@ -68,14 +77,13 @@ def layout(**query):
     blocks = query_blocks(page.cid, step, layer, head, left)
     qb = q.choice("qb", blocks, blocks[0] if blocks else None)
     controls = html.Div([
-        common.control("step", common.dropdown(f"{PREFIX}-step", r.steps, step), help=TERMS["step"].short),
-        common.control("layer", common.dropdown(f"{PREFIX}-layer", r.layers, layer), help=TERMS["layer"].short),
-        common.control("head", common.dropdown(f"{PREFIX}-head", r.heads, head), help=TERMS["head"].short),
-        common.control(f"query block ({left})", common.dropdown(f"{PREFIX}-qb", blocks, qb),
-                       help=TERMS["query_block"].short),
-        common.control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method), help=TERMS["method"].short),
-        common.control("budget γ (kept fraction)", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget),
-                                                                   budget), help=TERMS["gamma"].short),
+        _control("step", common.dropdown(f"{PREFIX}-step", r.steps, step), "step"),
+        _control("layer", common.dropdown(f"{PREFIX}-layer", r.layers, layer), "layer"),
+        _control("head", common.dropdown(f"{PREFIX}-head", r.heads, head), "head"),
+        _control(f"query block ({left})", common.dropdown(f"{PREFIX}-qb", blocks, qb), "query_block"),
+        _control("scoring method", common.dropdown(f"{PREFIX}-method", methods, method), "method"),
+        _control("budget γ (kept fraction)", common.dropdown(f"{PREFIX}-budget", common.budget_options(budget), budget),
+                 "gamma"),
     ], className="dfs-controls dfs-controls-help")
     return html.Div([
         html.H2(f"Video: {left} vs {right}"),
@@ -86,9 +94,9 @@ def layout(**query):
         html.Div([html.Button("▶ play", id=f"{PREFIX}-play", className="dfs-button"),
                   html.Button("❚❚ pause", id=f"{PREFIX}-pause", className="dfs-button"),
                   dcc.Store(id=f"{PREFIX}-playing", data=False)], style={"display": "flex", "gap": "6px"}),
-        common.figure_card(f"{PREFIX}-video", 560),
+        common.figure_card(f"{PREFIX}-video", 560, terms=VIDEO_TERMS),
         html.Div(id=f"{PREFIX}-note", className="dfs-note"),
-        common.compare_section(PREFIX, [common.figure_card(f"{PREFIX}-cmp-video", 560),
+        common.compare_section(PREFIX, [common.figure_card(f"{PREFIX}-cmp-video", 560, terms=VIDEO_TERMS),
                                         html.Div(id=f"{PREFIX}-cmp-note", className="dfs-note")],
                                page.compare_id is not None),
     ])
