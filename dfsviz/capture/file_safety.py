@@ -95,9 +95,10 @@ class CaptureLock:
     """Exclusive right to write the capture at ``path`` (a context manager).
 
     Raises ValueError when another process (or another writer in this one) holds it, naming
-    the holder's pid, or when the folder takes no new file (no permission, read-only); with ``wait`` it waits for the holder to release it instead (the ranks
-    of a data-parallel run set take turns at its manifest so). Acquiring removes temporary
-    files that a killed creation left behind.
+    the holder's pid, or when the folder takes no new file (no permission, read-only); with
+    ``wait`` it waits for the holder to release it instead (the ranks of a data-parallel run set
+    take turns at its manifest so). Acquiring removes temporary files that a killed creation
+    left behind.
     """
 
     def __init__(self, path: str | os.PathLike, *, wait: bool = False) -> None:
