@@ -123,11 +123,5 @@ def block_sparse_attention(
     if q.is_cuda:  # on the CPU the interpreter runs it (resolve_backend refused the CPU otherwise)
         check_fp8_capability(cuda_properties(q.device))
     from dfsviz.kernels._jit.attention import block_sparse_attention_fp8_fwd
-    from dfsviz.kernels._jit.fp8 import quantize_qk_fp8_fwd
 
-    quant = quantize_qk_fp8_fwd(q, k, mask.block, perm)
-    result = block_sparse_attention_fp8_fwd(quant, v, mask, perm, scale, return_lse, fp8_pv=precision == "fp8_pv")
-    if not return_lse:
-        return result
-    out, lse = result
-    return out, lse + quant.lse_shift(q, scale)
+    return block_sparse_attention_fp8_fwd(q, k, v, mask, perm, scale, return_lse, fp8_pv=precision == "fp8_pv")

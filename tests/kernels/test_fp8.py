@@ -20,6 +20,7 @@ from dfsviz.kernels.fp8 import (
     P_SCALE,
     block_sparse_attention_fp8_ref,
     dequantize_fp8_blocks,
+    key_mean,
     p_e4m3,
     quantize_fp8_blocks,
     quantize_qk_fp8,
@@ -313,12 +314,13 @@ def test_diffusers_layout(backend):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ordered", [False, True])
-def test_the_fused_quantization_kernel_equals_the_simulation_bit_for_bit(dtype, ordered, device):
-    """One Triton pass per tensor (the FP8 kernel's inputs) against quantize_qk_fp8's PyTorch
-    ops: the same e4m3 bytes, scales and key mean, over blocks spanning 2^-20 .. 2^12 in size,
-    a block of subnormal values on the GPU (a subnormal scale, in bfloat16), a rounding tie, a zero block,
-    an inf key and a NaN query, a ragged last block."""
-    from dfsviz.kernels._jit.fp8 import quantize_qk_fp8_fwd
+def test_the_quantization_kernels_equal_the_simulation_bit_for_bit(dtype, ordered, device):
+    """The Triton passes (the FP8 kernel's inputs) against quantize_qk_fp8's PyTorch ops: the
+    same e4m3 bytes and scales given the key mean, itself within float32 rounding of the
+    simulation's, over blocks spanning 2^-20 .. 2^12 in size, a block of subnormal values on the
+    GPU (a subnormal scale, in bfloat16), a rounding tie, a zero block, an inf key and a NaN
+    query, a ragged last block."""
+    from dfsviz.kernels._jit.fp8 import quantize_attention_fp8_fwd
 
     gen = torch.Generator().manual_seed(3)
     n, d, block = GRID_217.num_tokens, 64, 16  # 217 tokens: 14 blocks, the last one short
@@ -333,13 +335,17 @@ def test_the_fused_quantization_kernel_equals_the_simulation_bit_for_bit(dtype, 
     q[0, 0, 200, 7] = float("nan")
     q, k = q.to(device, dtype), k.to(device, dtype)
     perm = make_order("hilbert3d", GRID_217).perm_on(device, torch.int32) if ordered else None
-    got = quantize_qk_fp8_fwd(q, k, block, perm)
+    got, v8, v_scale = quantize_attention_fp8_fwd(q, k, None, block, perm)
+    assert v8 is None and v_scale is None
     want = quantize_qk_fp8(q, k, block, None if perm is None else perm.long())
-    torch.testing.assert_close(got.k_mean, want.k_mean, rtol=0, atol=0, equal_nan=True)
-    for name in ("q_scale", "k_scale"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, equal_nan=True)
-    for name in ("q8", "k8"):
-        a, b = getattr(got, name).float(), getattr(want, name).float()
+    finite = want.k_mean.isfinite()
+    assert torch.equal(got.k_mean.isfinite(), finite) and bool(got.k_mean[~finite].isinf().all())
+    torch.testing.assert_close(got.k_mean[finite], want.k_mean[finite], rtol=1e-6, atol=1e-30)
+    keys = k if perm is None else k.index_select(2, perm.long())
+    want_k8, want_k_scale = quantize_fp8_blocks(keys.float() - got.k_mean, block)  # the kernel's mean
+    wants = {"q8": want.q8, "q_scale": want.q_scale, "k8": want_k8, "k_scale": want_k_scale}
+    for name, expected in wants.items():
+        a, b = getattr(got, name).float(), expected.float()
         assert torch.equal(a.isnan(), b.isnan()), name
         assert torch.equal(a.nan_to_num(), b.nan_to_num()), name
     # the NaN reaches its block only; the inf key makes the key mean inf, so every block of that head
@@ -348,6 +354,21 @@ def test_the_fused_quantization_kernel_equals_the_simulation_bit_for_bit(dtype, 
     assert int(got.k_scale[0, 1].isnan().sum()) == 1 and int(got.k_scale[0, 1].isinf().sum()) == 13
     if not ordered:
         assert got.q_scale[0, 0, 1] == 1.0  # the zero block
+
+
+def test_the_key_mean_sums_every_chunk_of_tokens():
+    """More tokens than one program of the statistics pass takes (512): the mean and the
+    channel scales cover all of them, the ragged last chunk included."""
+    from dfsviz.kernels._jit.fp8 import quantize_attention_fp8_fwd
+
+    gen = torch.Generator().manual_seed(12)
+    n = 2500
+    q, k, v = (torch.randn(1, 1, n, 16, generator=gen).to(torch.bfloat16) for _ in range(3))
+    k[0, 0, 2400:] += 50.0  # only the last chunk moves the mean
+    v[0, 0, 2450, 3] = 1000.0  # only the last chunk holds channel 3's max
+    got, _, v_scale = quantize_attention_fp8_fwd(q, k, v, 64, None)
+    torch.testing.assert_close(got.k_mean, key_mean(k), rtol=1e-6, atol=1e-6)
+    assert float(v_scale[0, 0, 3]) == 4.0  # 1000 / 448 <= 4
 
 
 def test_v_channel_scales_are_the_smallest_powers_of_two_that_fit():
@@ -377,7 +398,7 @@ def test_the_fused_v_quantization_equals_the_simulation_bit_for_bit(dtype, order
     channels spanning 2^-20 .. 2^12, a channel of subnormal values on the GPU (a subnormal scale,
     in bfloat16), a zero channel, a NaN and an inf, a ragged last program; stored transposed
     (stride 1 along N, rows padded to 16 bytes)."""
-    from dfsviz.kernels._jit.fp8 import quantize_v_fp8_fwd
+    from dfsviz.kernels._jit.fp8 import quantize_attention_fp8_fwd
 
     gen = torch.Generator().manual_seed(9)
     n, d = GRID_217.num_tokens, 64
@@ -389,7 +410,7 @@ def test_the_fused_v_quantization_equals_the_simulation_bit_for_bit(dtype, order
     v[1, 0, 20, 6] = float("inf")
     v = v.to(device, dtype)
     perm = make_order("hilbert3d", GRID_217).perm_on(device, torch.int32) if ordered else None
-    got, got_scales = quantize_v_fp8_fwd(v, perm)
+    _, got, got_scales = quantize_attention_fp8_fwd(v, v, v, 16, perm)
     want, want_scales = quantize_v_fp8(v, None if perm is None else perm.long())
     assert got.shape == want.shape and got.stride(2) == 1 and got.stride(3) == 224  # 217 rounded up to 16
     torch.testing.assert_close(got_scales, want_scales, rtol=0, atol=0, equal_nan=True)
@@ -419,13 +440,13 @@ def test_the_v_pass_in_the_mma_key_order_stores_the_same_bytes_each_32_keys_perm
     """The Gluon kernel's V layout (mma_order=True): the plain pass's bytes and scales, each 32
     keys in mma_key_order, rows padded to a multiple of 32 with zeros past N, and the view spans
     the padded rows (the last 32 keys' order reaches past N)."""
-    from dfsviz.kernels._jit.fp8 import mma_key_order, quantize_v_fp8_fwd
+    from dfsviz.kernels._jit.fp8 import mma_key_order, quantize_attention_fp8_fwd
 
     gen = torch.Generator().manual_seed(4)
     v = (torch.randn(2, 3, n, 64, generator=gen) * 3.0).to(device, torch.bfloat16)
     perm = torch.randperm(n, generator=gen).to(device, torch.int32)
-    plain, plain_scales = quantize_v_fp8_fwd(v, perm)
-    got, scales = quantize_v_fp8_fwd(v, perm, mma_order=True)
+    _, plain, plain_scales = quantize_attention_fp8_fwd(v, v, v, 64, perm)
+    _, got, scales = quantize_attention_fp8_fwd(v, v, v, 64, perm, mma_order=True)
     npad = -(-n // 32) * 32
     assert got.shape == (2, 3, npad, 64) and got.stride(2) == 1 and got.stride(3) == npad
     want = torch.zeros(2, 3, npad, 64, device=device)

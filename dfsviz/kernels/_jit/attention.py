@@ -15,8 +15,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dfsviz.kernels._dispatch import cuda_properties, interpreting
-from dfsviz.kernels._jit.fp8 import p_e4m3, quantize_v_fp8_fwd
-from dfsviz.kernels.fp8 import P_SCALE, Fp8QK
+from dfsviz.kernels._jit.fp8 import p_e4m3, quantize_attention_fp8_fwd
+from dfsviz.kernels.fp8 import P_SCALE
 from dfsviz.sparse.masks import BlockMask
 
 logger = logging.getLogger(__name__)
@@ -638,13 +638,13 @@ def _launch_pointer_kernel(q, k, v, out, lse, mask: BlockMask, perm, scales, qk_
             mask.block, q.shape[3], q.device)
 
 
-def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale: float, return_lse: bool,
+def block_sparse_attention_fp8_fwd(q, k, v, mask: BlockMask, perm, scale: float, return_lse: bool,
                                    fp8_pv: bool = False):
-    """Launch with FP8 q and k on validated inputs: ``quant`` from ``quantize_qk_fp8`` (ordered,
-    contiguous), v [B, H, N, D] float16 / bfloat16 with unit stride along D (original order),
-    quantized here with ``fp8_pv`` (``quantize_v_fp8_fwd``, for the kernel that runs); ``perm``
-    int32 [N] or None; out takes v's dtype and layout. The LSE comes back without the smoothing
-    shift (the caller adds ``quant.lse_shift``).
+    """Launch with FP8 q and k on validated inputs: q, k, v [B, H, N, D] float16 / bfloat16 with
+    unit stride along D (original order), quantized here (``quantize_attention_fp8_fwd``: q and k,
+    and v with ``fp8_pv``, for the kernel that runs); ``perm`` int32 [N] or None; out takes v's
+    dtype and layout; the LSE (float32 [B, H, N]) is that of the logits before smoothing (the
+    kernel's plus ``Fp8QK.lse_shift``).
 
     On Hopper the Gluon kernel runs where it runs for bfloat16 (D, block, describable tensors),
     "fp8" with an order on an ordered copy of v, "fp8_pv" on v8 in the MMA's key order.
@@ -655,11 +655,12 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
     ``perm``: the copy engine moves boxes, not gathered rows."""
     n, d = v.shape[2], v.shape[3]
     out, lse = _outputs(v, return_lse)
-    # "fp8_pv"'s v8 is a buffer of its own ([B, H, D, N'], stride 1 along N): describable
-    gluon = sm90_kernel_runs(v, mask) and _descriptors(quant.q8, quant.k8, out, *(() if fp8_pv else (v,)))
-    v_scale = None
+    # q8, k8 and "fp8_pv"'s v8 are buffers of their own (contiguous e4m3 rows of a D that the
+    # Gluon kernel takes; v8 [B, H, D, N'], stride 1 along N): describable
+    gluon = sm90_kernel_runs(v, mask) and _descriptors(out, *(() if fp8_pv else (v,)))
+    quant, v8, v_scale = quantize_attention_fp8_fwd(q, k, v if fp8_pv else None, mask.block, perm, mma_order=gluon)
     if fp8_pv:
-        v, v_scale = quantize_v_fp8_fwd(v, perm, mma_order=gluon)
+        v = v8
     if gluon:
         # Hopper: the Gluon kernel. Its copy engine moves key blocks of contiguous rows: q8, k8
         # and "fp8_pv"'s v8 are ordered copies already; "fp8" with an order gets one of v.
@@ -667,7 +668,7 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
             _, v = gather_kv(None, v, perm)
         _launch_sm90(quant.q8, quant.k8, v, out, lse, mask, perm, scale * _LOG2E, return_lse,
                      scales=(quant.q_scale, quant.k_scale, v_scale))
-        return (out, lse) if return_lse else out
+        return (out, lse + quant.lse_shift(q, scale)) if return_lse else out
     meta = kernel_meta(out.dtype, d, n, mask.block, perm is not None, return_lse, fp8=True, fp8_pv=fp8_pv)
     v_tiles = v.transpose(-1, -2) if fp8_pv else v  # v8's buffer: [B, H, D, N], stride 1 along N
     scales = (quant.q_scale, quant.k_scale, v_scale if fp8_pv else quant.k_scale)  # k_scale: a placeholder
@@ -675,4 +676,4 @@ def block_sparse_attention_fp8_fwd(quant: Fp8QK, v, mask: BlockMask, perm, scale
         _launch_desc_kernel(quant.q8, quant.k8, v_tiles, out, lse, mask, perm, scales, scale * _LOG2E, meta)
     else:
         _launch_pointer_kernel(quant.q8, quant.k8, v, out, lse, mask, perm, scales, scale * _LOG2E, meta)
-    return (out, lse) if return_lse else out
+    return (out, lse + quant.lse_shift(q, scale)) if return_lse else out

@@ -497,7 +497,7 @@ def block_sparse_attention_sm90_fwd(q, k, v, out, lse, kv_num, kv_idx, perm, bh_
     FP8 (``scales`` = (q_scale [B, H, Mq], k_scale [B, H, Mk], v_scale [B, H, D] or None), float32
     powers of two): q and k are e4m3 and ordered (``quantize_qk_fp8``'s); with v_scale v is the
     ordered e4m3 [B, H, N', D] view of a [B, H, D, N'] buffer in the MMA's key order
-    (``quantize_v_fp8_fwd(..., mma_order=True)``'s), else
+    (``quantize_attention_fp8_fwd(..., mma_order=True)``'s), else
     float16 / bfloat16 and ordered; out keeps the original order."""
     grid, args, meta = sm90_launch_args(q, k, v, out, lse, kv_num, kv_idx, perm, bh_order, num_q_blocks,
                                         num_kv_blocks, qk_scale, return_lse, scales)

@@ -1,8 +1,9 @@
-"""e4m3 quantization in one Triton pass per tensor: the launcher twins of
-:func:`dfsviz.kernels.fp8.quantize_qk_fp8` (block-wise Q and K) and
-:func:`~dfsviz.kernels.fp8.quantize_v_fp8` (per-channel V) for FP8 attention, and of
+"""e4m3 quantization in Triton: the launcher twins of :func:`dfsviz.kernels.fp8.quantize_qk_fp8`
+(block-wise Q and K) and :func:`~dfsviz.kernels.fp8.quantize_v_fp8` (per-channel V) for FP8
+attention, three launches for all three tensors, and of
 :func:`dfsviz.kernels.fp8_linear.quantize_rows_fp8` (per-row activations) for FP8 linear layers,
-bit for bit (scales, e4m3 bytes, key mean), which replace chains of PyTorch element-wise kernels."""
+one; bit for bit the simulation's scales and e4m3 bytes (given the key mean, a float32 sum whose
+rounding depends on its order), where chains of PyTorch element-wise kernels ran."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import triton
 import triton.language as tl
 
 from dfsviz.kernels._dispatch import interpreting
-from dfsviz.kernels.fp8 import P_BYTE_ONE, Fp8QK, key_mean
+from dfsviz.kernels.fp8 import P_BYTE_ONE, Fp8QK
 
-__all__ = ["P_BYTE_ONE_MAGIC", "ROUNDING_MAGIC", "mma_key_order", "p_e4m3", "quantize_qk_fp8_fwd",
-           "quantize_rows_fp8_fwd", "quantize_v_fp8_fwd"]
+__all__ = ["P_BYTE_ONE_MAGIC", "ROUNDING_MAGIC", "mma_key_order", "p_e4m3", "quantize_attention_fp8_fwd",
+           "quantize_rows_fp8_fwd"]
 
 #: 1.5 x 2^23: a float32 near it has unit steps, so adding it rounds to an integer (to nearest
 #: even) that its low mantissa bits hold as ROUNDING_MAGIC's bits + that integer.
@@ -114,67 +115,78 @@ def _load_tokens(X, PERM, blk, bh, stride_xb, stride_xh, stride_xn, H, N,
 
 
 @triton.jit
-def _quantize_blocks_kernel(
-    X, PERM, MEAN, OUT, SCALE,
-    stride_xb, stride_xh, stride_xn, H, N, M,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MEAN: tl.constexpr,
-    SOFTWARE: tl.constexpr,
+def _key_value_stats_kernel(
+    K, V, KSUM, VMAX,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, N, CHUNKS,
+    CHUNK: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_V: tl.constexpr,
 ):
-    """One block of BLOCK ordered tokens of one (batch, head): smooth, scale, round to e4m3."""
-    blk = tl.program_id(0)
+    """CHUNK tokens of one (batch, head), TOKENS at a time (any token order will do): k's sum
+    over them per channel, and with HAS_V v's max |v| per channel (NaN when one is NaN), into
+    row (bh, chunk) of KSUM / VMAX [B * H, CHUNKS, D] float32."""
+    chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    pos, ok, d, x = _load_tokens(X, PERM, blk, bh, stride_xb, stride_xh, stride_xn, H, N, BLOCK, HEAD_DIM, HAS_PERM)
-    if HAS_MEAN:
-        x = tl.where(ok[:, None], x - tl.load(MEAN + bh * HEAD_DIM + d)[None, :], 0.0)
-    ax = tl.abs(x)
-    amax = tl.max(tl.max(ax, axis=1), axis=0)
-    nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0) > 0  # tl.max drops NaN; torch's amax keeps it
-    amax = tl.where(nan, float("nan"), amax)
-    scale = _pow2_scale(amax)
-    byte = _e4m3_byte(_divided(x, scale), SOFTWARE)
-    out = OUT + bh * N * HEAD_DIM + pos[:, None] * HEAD_DIM + d[None, :]
-    tl.store(out, byte, mask=ok[:, None])
-    tl.store(SCALE + bh * M + blk, scale)
-
-
-def _quantize(x: torch.Tensor, block: int, perm, mean) -> tuple[torch.Tensor, torch.Tensor]:
-    bsz, heads, n, d = x.shape
-    m = triton.cdiv(n, block)
-    out = torch.empty((bsz, heads, n, d), dtype=torch.uint8, device=x.device)  # e4m3 bytes
-    scales = torch.empty((bsz, heads, m), dtype=torch.float32, device=x.device)
-    _quantize_blocks_kernel[(m, bsz * heads)](
-        x, perm if perm is not None else scales, mean if mean is not None else scales, out, scales,
-        x.stride(0), x.stride(1), x.stride(2), heads, n, m,
-        BLOCK=block, HEAD_DIM=d, HAS_PERM=perm is not None, HAS_MEAN=mean is not None, SOFTWARE=interpreting(),
-        num_warps=1 if interpreting() else 4,
-    )
-    return out.view(torch.float8_e4m3fn), scales
-
-
-def quantize_qk_fp8_fwd(q: torch.Tensor, k: torch.Tensor, block: int, perm: torch.Tensor | None) -> Fp8QK:
-    """:func:`~dfsviz.kernels.fp8.quantize_qk_fp8` on validated kernel inputs: q, k [B, H, N, D]
-    with unit stride along D (original order), ``perm`` int32 [N] or None; k's mean over the
-    tokens is taken as the simulation takes it (:func:`~dfsviz.kernels.fp8.key_mean`)."""
-    mean = key_mean(k)
-    q8, q_scale = _quantize(q, block, perm, None)
-    k8, k_scale = _quantize(k, block, perm, mean.contiguous())
-    return Fp8QK(q8, q_scale, k8, k_scale, mean, block)
+    b, h = bh // H, bh % H
+    d = tl.arange(0, HEAD_DIM)
+    ksum = tl.zeros([TOKENS, HEAD_DIM], tl.float32)
+    vmax = tl.zeros([TOKENS, HEAD_DIM], tl.float32)
+    for t0 in range(0, CHUNK, TOKENS):
+        pos = (chunk * CHUNK + t0 + tl.arange(0, TOKENS)).to(tl.int64)
+        ok = (pos < N)[:, None]
+        ksum += tl.load(K + b * stride_kb + h * stride_kh + pos[:, None] * stride_kn + d[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+        if HAS_V:
+            y = tl.load(V + b * stride_vb + h * stride_vh + pos[:, None] * stride_vn + d[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+            vmax = tl.maximum(vmax, tl.abs(y), propagate_nan=tl.PropagateNan.ALL)
+    row = (bh * CHUNKS + chunk) * HEAD_DIM + d
+    tl.store(KSUM + row, tl.sum(ksum, axis=0))
+    if HAS_V:  # (tl.max drops NaN; torch's amax keeps it)
+        nan = tl.max((vmax != vmax).to(tl.int32), axis=0) > 0
+        tl.store(VMAX + row, tl.where(nan, float("nan"), tl.max(vmax, axis=0)))
 
 
 @triton.jit
-def _quantize_channels_kernel(
-    X, PERM, AMAX, OUT, SCALE,
-    stride_xb, stride_xh, stride_xn, H, N, NPAD,
-    TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr, SOFTWARE: tl.constexpr,
-    MMA_ORDER: tl.constexpr,
-):
-    """TOKENS ordered tokens of one (batch, head): scale each channel by its power of two (from
-    the channel's max |x| over all tokens), round to e4m3 and store transposed, [D, NPAD];
-    MMA_ORDER: each 32 keys in the order of mma_key_order."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+def _key_mean_v_scale_kernel(KSUM, VMAX, MEAN, VSCALE, N, CHUNKS, HEAD_DIM: tl.constexpr, HAS_V: tl.constexpr):
+    """One (batch, head): the chunks' sums in chunk order over N, k's mean [D]; with HAS_V each
+    channel's power-of-two scale from the chunks' maxima."""
+    bh = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    ksum = tl.zeros([HEAD_DIM], tl.float32)
+    vmax = tl.zeros([HEAD_DIM], tl.float32)
+    for chunk in range(0, CHUNKS):
+        row = (bh * CHUNKS + chunk) * HEAD_DIM + d
+        ksum += tl.load(KSUM + row)
+        if HAS_V:
+            vmax = tl.maximum(vmax, tl.load(VMAX + row), propagate_nan=tl.PropagateNan.ALL)
+    tl.store(MEAN + bh * HEAD_DIM + d, tl.div_rn(ksum, tl.full([HEAD_DIM], N, tl.float32)))
+    if HAS_V:
+        tl.store(VSCALE + bh * HEAD_DIM + d, _pow2_scale(vmax))
+
+
+@triton.jit
+def _quantize_block(X, PERM, MEAN, OUT, SCALE, blk, bh, stride_xb, stride_xh, stride_xn, H, N, M,
+                    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MEAN: tl.constexpr,
+                    SOFTWARE: tl.constexpr):
+    """One block of BLOCK ordered tokens of one (batch, head): smooth, scale, round to e4m3."""
+    pos, ok, d, x = _load_tokens(X, PERM, blk, bh, stride_xb, stride_xh, stride_xn, H, N, BLOCK, HEAD_DIM, HAS_PERM)
+    if HAS_MEAN:
+        x = tl.where(ok[:, None], x - tl.load(MEAN + bh * HEAD_DIM + d)[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0) > 0  # tl.max drops NaN; torch's amax keeps it
+    scale = _pow2_scale(tl.where(nan, float("nan"), amax))
+    byte = _e4m3_byte(_divided(x, scale), SOFTWARE)
+    tl.store(OUT + bh * N * HEAD_DIM + pos[:, None] * HEAD_DIM + d[None, :], byte, mask=ok[:, None])
+    tl.store(SCALE + bh * M + blk, scale)
+
+
+@triton.jit
+def _quantize_channels(X, PERM, VSCALE, OUT, blk, bh, stride_xb, stride_xh, stride_xn, H, N, NPAD,
+                       TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr, SOFTWARE: tl.constexpr,
+                       MMA_ORDER: tl.constexpr):
+    """TOKENS ordered tokens of one (batch, head): each channel scaled by its power of two, rounded
+    to e4m3 and stored transposed, [D, NPAD]; MMA_ORDER: each 32 keys in the order of mma_key_order."""
     pos, ok, d, x = _load_tokens(X, PERM, blk, bh, stride_xb, stride_xh, stride_xn, H, N, TOKENS, HEAD_DIM, HAS_PERM)
-    scale = _pow2_scale(tl.load(AMAX + bh * HEAD_DIM + d))
+    scale = tl.load(VSCALE + bh * HEAD_DIM + d)
     byte = tl.trans(_e4m3_byte(_divided(x, scale[None, :]), SOFTWARE))  # [D, TOKENS]: rows of TOKENS bytes
     if MMA_ORDER:  # key 32 a + 16 g1 + 8 g0 + 2 c + e to position 32 a + 16 g1 + 4 c + 2 g0 + e
         byte = tl.reshape(tl.permute(tl.reshape(byte, [HEAD_DIM, TOKENS // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)),
@@ -182,15 +194,47 @@ def _quantize_channels_kernel(
     # Up to NPAD (a multiple of 16), not N: the zeros past N fill the padding, and the store moves
     # 16 bytes at a time (a mask that changes at N would store byte by byte)
     tl.store(OUT + bh * HEAD_DIM * NPAD + d[:, None] * NPAD + pos[None, :], byte, mask=(pos < NPAD)[None, :])
-    tl.store(SCALE + bh * HEAD_DIM + d, scale, mask=(blk == 0) & (d >= 0))
 
 
-#: Tokens per program of the V pass (each program stores D rows of that many bytes), and the
-#: multiple its transposed rows are padded to (tensor descriptors need 16-byte row strides; the
-#: MMA order permutes keys within each 32).
+@triton.jit
+def _quantize_attention_kernel(
+    Q, K, V, PERM, MEAN, VSCALE, Q8, K8, V8, QSCALE, KSCALE,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    H, N, M, MV, NPAD,
+    BLOCK: tl.constexpr, V_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PERM: tl.constexpr,
+    SOFTWARE: tl.constexpr, MMA_ORDER: tl.constexpr,
+):
+    """Axis 2 picks the tensor: q's block blk (0), k's, smoothed by MEAN (1), or v's tokens
+    blk * V_TOKENS onwards by channel (2, the "fp8_pv" grid's); programs past a tensor's end return."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    which = tl.program_id(2)
+    if which == 0:
+        if blk < M:
+            _quantize_block(Q, PERM, MEAN, Q8, QSCALE, blk, bh, stride_qb, stride_qh, stride_qn, H, N, M, BLOCK,
+                            HEAD_DIM, HAS_PERM, False, SOFTWARE)
+    elif which == 1:
+        if blk < M:
+            _quantize_block(K, PERM, MEAN, K8, KSCALE, blk, bh, stride_kb, stride_kh, stride_kn, H, N, M, BLOCK,
+                            HEAD_DIM, HAS_PERM, True, SOFTWARE)
+    elif blk < MV:
+        _quantize_channels(V, PERM, VSCALE, V8, blk, bh, stride_vb, stride_vh, stride_vn, H, N, NPAD, V_TOKENS,
+                           HEAD_DIM, HAS_PERM, SOFTWARE, MMA_ORDER)
+
+
+#: Tokens per program of the V quantization (each program stores D rows of that many bytes), and
+#: the multiple its transposed rows are padded to (tensor descriptors need 16-byte row strides;
+#: the MMA order permutes keys within each 32).
 _V_TOKENS = 128
 _V_ROW_ALIGN = 16
 _V_MMA_ROW_ALIGN = 32
+#: Tokens per program of the statistics pass, and per step within it (at Wan2.1-1.3B 480p,
+#: N 32,760 and 12 heads, 768 programs), and the warps of each pass's programs (the fastest of
+#: 4 and 8 for each on one H100 at both Wan shapes, kernels_fp8_quant_ab_h100.json).
+_STATS_CHUNK = 512
+_STATS_TOKENS = 64
+_STATS_WARPS = 4
+_QUANT_WARPS = 8
 
 
 def mma_key_order(n: int) -> torch.Tensor:
@@ -204,26 +248,56 @@ def mma_key_order(n: int) -> torch.Tensor:
     return (pos & ~31) | (g1 << 4) | (g0 << 3) | (c << 1) | e
 
 
-def quantize_v_fp8_fwd(v: torch.Tensor, perm: torch.Tensor | None,
-                       mma_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~dfsviz.kernels.fp8.quantize_v_fp8` on a validated kernel input: v [B, H, N, D]
-    with unit stride along D (original order), ``perm`` int32 [N] or None. Returns (v8, scales)
-    with v8 the [B, H, N, D] float8_e4m3fn view of a [B, H, D, N'] buffer (N' = N rounded up to
-    16): stride 1 along N, the layout FP8 matrix instructions take P . V's second operand in.
-    ``mma_order`` (the Gluon kernel's): keys in the order of :func:`mma_key_order` within each 32,
-    N' = N rounded up to 32 and v8 spans all N' (keys past N are zeros)."""
-    bsz, heads, n, d = v.shape
-    align = _V_MMA_ROW_ALIGN if mma_order else _V_ROW_ALIGN
-    npad = triton.cdiv(n, align) * align
-    amax = torch.linalg.vector_norm(v, ord=float("inf"), dim=2).float().contiguous()  # NaN stays NaN
-    out = torch.empty((bsz, heads, d, npad), dtype=torch.uint8, device=v.device)  # e4m3 bytes, transposed
-    scales = torch.empty((bsz, heads, d), dtype=torch.float32, device=v.device)
-    _quantize_channels_kernel[(triton.cdiv(n, _V_TOKENS), bsz * heads)](
-        v, perm if perm is not None else scales, amax, out, scales, v.stride(0), v.stride(1), v.stride(2), heads, n,
-        npad, TOKENS=_V_TOKENS, HEAD_DIM=d, HAS_PERM=perm is not None, SOFTWARE=interpreting(),
-        MMA_ORDER=mma_order, num_warps=1 if interpreting() else 4,
+def quantize_attention_fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, block: int,
+                               perm: torch.Tensor | None, mma_order: bool = False):
+    """:func:`~dfsviz.kernels.fp8.quantize_qk_fp8` and, given v (``"fp8_pv"``),
+    :func:`~dfsviz.kernels.fp8.quantize_v_fp8` on validated kernel inputs, in three launches: k's
+    sum (and v's channel maxima) over chunks of tokens, then k's mean (and v's channel scales), then
+    every block of q, k and v at once. q, k, v [B, H, N, D] with unit stride along D, in the original
+    order; ``perm`` int32 [N] or None.
+
+    Returns (Fp8QK, v8, v_scale): bit for bit the simulation's bytes and scales given the key mean,
+    which is k's float32 sum in a fixed order over N (so within float32 rounding of
+    :func:`~dfsviz.kernels.fp8.key_mean`); v8 (None without v) the [B, H, N, D] float8_e4m3fn view
+    of a [B, H, D, N'] buffer (N' = N rounded up to 16): stride 1 along N, the layout FP8 matrix
+    instructions take P . V's second operand in. ``mma_order`` (the Gluon kernel's): keys in the
+    order of :func:`mma_key_order` within each 32, N' = N rounded up to 32 and v8 spans all N'
+    (keys past N are zeros)."""
+    bsz, heads, n, d = q.shape
+    bh, m = bsz * heads, triton.cdiv(n, block)
+    dev = q.device
+    has_v = v is not None
+    chunks = triton.cdiv(n, _STATS_CHUNK)
+    ksum = torch.empty((bh, chunks, d), dtype=torch.float32, device=dev)
+    vmax = torch.empty_like(ksum) if has_v else ksum
+    _key_value_stats_kernel[(chunks, bh)](
+        k, v if has_v else k, ksum, vmax, k.stride(0), k.stride(1), k.stride(2),
+        *(v.stride()[:3] if has_v else k.stride()[:3]), heads, n, chunks, CHUNK=_STATS_CHUNK, TOKENS=_STATS_TOKENS,
+        HEAD_DIM=d, HAS_V=has_v, num_warps=1 if interpreting() else _STATS_WARPS,
     )
-    return out.view(torch.float8_e4m3fn)[..., :npad if mma_order else n].transpose(-1, -2), scales
+    mean = torch.empty((bsz, heads, 1, d), dtype=torch.float32, device=dev)
+    v_scale = torch.empty((bsz, heads, d), dtype=torch.float32, device=dev) if has_v else None
+    _key_mean_v_scale_kernel[(bh,)](ksum, vmax, mean, v_scale if has_v else mean, n, chunks, HEAD_DIM=d,
+                                    HAS_V=has_v, num_warps=1)
+    q8 = torch.empty((bsz, heads, n, d), dtype=torch.uint8, device=dev)  # e4m3 bytes
+    k8 = torch.empty_like(q8)
+    q_scale = torch.empty((bsz, heads, m), dtype=torch.float32, device=dev)
+    k_scale = torch.empty_like(q_scale)
+    npad = triton.cdiv(n, _V_MMA_ROW_ALIGN if mma_order else _V_ROW_ALIGN) * (
+        _V_MMA_ROW_ALIGN if mma_order else _V_ROW_ALIGN)
+    v8 = torch.empty((bsz, heads, d, npad), dtype=torch.uint8, device=dev) if has_v else q8  # transposed
+    mv = triton.cdiv(n, _V_TOKENS) if has_v else 0
+    _quantize_attention_kernel[(max(m, mv), bh, 3 if has_v else 2)](
+        q, k, v if has_v else k, perm if perm is not None else q_scale, mean, v_scale if has_v else mean,
+        q8, k8, v8, q_scale, k_scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        *(v.stride()[:3] if has_v else k.stride()[:3]), heads, n, m, mv, npad,
+        BLOCK=block, V_TOKENS=_V_TOKENS, HEAD_DIM=d, HAS_PERM=perm is not None, SOFTWARE=interpreting(),
+        MMA_ORDER=mma_order, num_warps=1 if interpreting() else _QUANT_WARPS,
+    )
+    quant = Fp8QK(q8.view(torch.float8_e4m3fn), q_scale, k8.view(torch.float8_e4m3fn), k_scale, mean, block)
+    if not has_v:
+        return quant, None, None
+    return quant, v8.view(torch.float8_e4m3fn)[..., :npad if mma_order else n].transpose(-1, -2), v_scale
 
 
 @triton.jit
