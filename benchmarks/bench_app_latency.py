@@ -30,7 +30,7 @@ structure is checked, no map read); the dashboard's catalog opening it (a file u
 one is usable once everything but its maps is checked); and, for a larger file, its whole check
 in the catalog's background thread, waited for before the controls are timed.
 After the controls, the first view of the other pages (cold caches for what they read).
-Target (issue 6): p95 <= 150 ms for changes of step, layer, head, method and budget.
+Target: p95 <= 150 ms for changes of step, layer, head, method and budget.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                         help="storage dtype of the maps of a capture made with --make")
     parser.add_argument("--changes", type=int, default=40, help="changes per control")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-bytes", type=int, default=10**9, help="refuse a smaller capture (the issue asks >= 1 GB)")
+    parser.add_argument("--min-bytes", type=int, default=10**9, help="refuse a smaller capture (the target is set on >= 1 GB)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/app_latency.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

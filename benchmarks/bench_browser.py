@@ -27,8 +27,8 @@ Server start-up is not counted (the server answers before anything is timed).
 
 Results: p50/p95 per page and capture, the open times, with the machine, its load, the versions
 and the capture shapes, to ``--out``.
-Targets: browser p95 <= 400 ms on Masks and Recall, server p95 <= 150 ms (issue 17); open + first
-figure of any page <= 2 s (issue 14).
+Targets: browser p95 <= 400 ms on Masks and Recall, server p95 <= 150 ms; open + first figure of
+any page <= 2 s.
 """
 
 from __future__ import annotations

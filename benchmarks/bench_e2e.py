@@ -51,7 +51,7 @@ layers; the measured calls stay in the JSON). The composition multiplies a singl
 by the depth (38 at Wan-14B): quote full-depth runs.
 
 The paper reports 1.79x end to end on Wan2.1-14B 720p and 2.1x on HunyuanVideo 720p (whole
-pipeline); issue 18's targets on the transformer: Wan-14B 720p >= 2.0x in bf16 and >= 2.5x with
+pipeline); our targets on the transformer: Wan-14B 720p >= 2.0x in bf16 and >= 2.5x with
 FP8, HunyuanVideo 720p >= 2.1x in bf16 (recorded as "targets" beside the results).
 """
 
@@ -111,7 +111,7 @@ MODELS = {
 QUICK_UNITS = (2, 3)
 UNIT_KEYS = {"wan": {"num_layers": 1}, "hunyuan": {"num_layers": 1, "num_single_layers": 2}}
 FULL_UNITS = {"wan": "num_layers", "hunyuan": "num_layers"}
-#: What the paper reports and what issue 18 asks, per model (end-to-end speedup over dense).
+#: What the paper reports and what we target, per model (end-to-end speedup over dense).
 TARGETS = {"14b-720p": {"paper": 1.79, "bf16": 2.0, "fp8": 2.5}, "hunyuan-720p": {"paper": 2.1, "bf16": 2.1}}
 GAMMAS = (0.3, 0.2, 0.1)
 # DFSConfig.fused_ops' kernels, where the processor and the fused block forward call them: one category.

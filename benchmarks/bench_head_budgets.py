@@ -14,7 +14,7 @@ budgets
 
 are timed with ``bench_kernels.bench`` (triton.testing.do_bench, median of at least 10 calls) in
 this process, B = 1 and 2 (CFG shares its mask). Scores are dfs_tile (tile 16) on hilbert3d-ordered
-token-model Q/K, as in ``bench_kernels.py``; timed inputs are random bf16. Target (issue 13): per-head <= 1.05x uniform.
+token-model Q/K, as in ``bench_kernels.py``; timed inputs are random bf16. Target: per-head <= 1.05x uniform.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ autotuner's choice (for the descriptor kernel: its DESC_FLAGS: PERSISTENT, WARP_
 FP8 kernels with the full mask vs cuDNN dense). Section "candidates" times every descriptor
 autotune candidate on its own (no tuning) at --shapes, B 1: bf16 at gamma 0.2 and with the full
 mask against cuDNN dense, and "fp8_pv" at gamma 0.2, so the margin of the autotuner's choice over
-each alternative is on record. Targets (issue 18), as ratios: sparse <= 0.8 x
+each alternative is on record. Targets, as ratios: sparse <= 0.8 x
 FlexAttention; effective TFLOP/s >= 0.95 x cuDNN dense; with order <= 1.03 x without;
 block_scores <= 0.02 x cuDNN dense; block_stats <= 1.5 x cuDNN dense; small cached path <= 1.0 x
 Flex; FP8 >= 1.6 x bf16 sparse.
@@ -190,7 +190,7 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts, rows: list, save) ->
         torch.cuda.empty_cache()
 
 
-# Small sequences (issue 18): N = 1,006 (B 2, H 4) and N = 4,096, D 128, bf16, gamma 0.3.
+# Small sequences: N = 1,006 (B 2, H 4) and N = 4,096, D 128, bf16, gamma 0.3.
 SMALL_SHAPES = {"n1006": (LatentGrid(4, 15, 16, text_len=46), 2, 4), "n4096": (LatentGrid(4, 32, 32), 2, 12)}
 
 

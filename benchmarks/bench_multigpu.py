@@ -40,7 +40,7 @@ import bench_e2e  # noqa: E402
 
 log = logging.getLogger("bench_multigpu")
 
-#: issue 14's targets at 2 GPUs: DFSAttn's own scaling, and DFSAttn over dense, both under Ulysses.
+#: Targets at 2 GPUs: DFSAttn's own scaling, and DFSAttn over dense, both under Ulysses.
 TARGETS = {"dfsattn_scaling_2gpu": 1.8, "dfsattn_vs_dense_2gpu": 1.9}
 MODE = "per_call"
 

@@ -13,7 +13,7 @@ once, computing each logit once:
 
 Only m needs lse_i, which is known after the last key block. Instead of a second pass
 over the keys (twice the matrix work), lse_iv is kept in a float32 scratch of
-[Mq, Mk, block] per head, i.e. O(N x Mk) memory as the issue allows, and re-read at the
+[Mq, Mk, block] per head, i.e. O(N x Mk) memory, and re-read at the
 end: m_uv = (1 / |U_u|) sum_i exp(lse_iv - lse_i). Heads are launched in groups so
 the scratch stays under ``dfsviz.kernels._jit.stats.SCRATCH_BYTES`` (2 GiB).
 """
