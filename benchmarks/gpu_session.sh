@@ -11,6 +11,7 @@
 #     bash benchmarks/gpu_session.sh check_gpu          # from the repository root
 #     bash benchmarks/gpu_session.sh check_gpu_fp8
 #     bash benchmarks/gpu_session.sh bench_kernels
+#     bash benchmarks/gpu_session.sh bench_kernels_fp8    # the FP8 speed table of docs/kernels.md, about 3 minutes
 #     bash benchmarks/gpu_session.sh bench_e2e
 #     bash benchmarks/gpu_session.sh e2e_wan14b            # full depth, each about 6-7 minutes:
 #     bash benchmarks/gpu_session.sh e2e_wan14b_fp8        # the end-to-end figures the docs quote
@@ -47,6 +48,8 @@ want check_gpu && part check_gpu 560 python3 benchmarks/check_gpu.py --only atte
 want check_gpu_fp8 && part check_gpu_fp8 560 python3 benchmarks/check_gpu.py --only fp8 fp8_candidates \
   --out "$results/check_gpu_fp8_$card.json"
 want bench_kernels && part bench_kernels 300 python3 benchmarks/bench_kernels.py --quick --out "$results/kernels_quick_$card.json"
+want bench_kernels_fp8 && part bench_kernels_fp8 400 python3 benchmarks/bench_kernels.py --sections fp8 \
+  --shapes wan1.3b-480p wan14b-720p --batches 1 --out "$results/kernels_fp8_sm90_$card.json"
 want bench_e2e && part bench_e2e 560 python3 benchmarks/bench_e2e.py --quick --models 14b-720p,hunyuan-720p \
   --precisions native,fp8_pv_dense+linear_fp8 --out "$results/e2e_quick_$card.json"
 # Every call at full depth, one model per device call (the results file is rewritten after each
