@@ -125,18 +125,14 @@ def _key_value_stats_kernel(
     row (bh, chunk) of KSUM / VMAX [B * H, CHUNKS, D] float32."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
     d = tl.arange(0, HEAD_DIM)
     ksum = tl.zeros([TOKENS, HEAD_DIM], tl.float32)
     vmax = tl.zeros([TOKENS, HEAD_DIM], tl.float32)
-    for t0 in range(0, CHUNK, TOKENS):
-        pos = (chunk * CHUNK + t0 + tl.arange(0, TOKENS)).to(tl.int64)
-        ok = (pos < N)[:, None]
-        ksum += tl.load(K + b * stride_kb + h * stride_kh + pos[:, None] * stride_kn + d[None, :], mask=ok,
-                        other=0.0).to(tl.float32)
+    for step in range(0, CHUNK // TOKENS):  # tokens in their original order (K, V: placeholders for PERM)
+        blk = chunk * (CHUNK // TOKENS) + step
+        ksum += _load_tokens(K, K, blk, bh, stride_kb, stride_kh, stride_kn, H, N, TOKENS, HEAD_DIM, False)[3]
         if HAS_V:
-            y = tl.load(V + b * stride_vb + h * stride_vh + pos[:, None] * stride_vn + d[None, :], mask=ok,
-                        other=0.0).to(tl.float32)
+            y = _load_tokens(V, V, blk, bh, stride_vb, stride_vh, stride_vn, H, N, TOKENS, HEAD_DIM, False)[3]
             vmax = tl.maximum(vmax, tl.abs(y), propagate_nan=tl.PropagateNan.ALL)
     row = (bh * CHUNKS + chunk) * HEAD_DIM + d
     tl.store(KSUM + row, tl.sum(ksum, axis=0))
@@ -267,13 +263,13 @@ def quantize_attention_fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     bh, m = bsz * heads, triton.cdiv(n, block)
     dev = q.device
     has_v = v is not None
+    v_in = v if has_v else k  # without v, k stands in for it (never read)
     chunks = triton.cdiv(n, _STATS_CHUNK)
     ksum = torch.empty((bh, chunks, d), dtype=torch.float32, device=dev)
     vmax = torch.empty_like(ksum) if has_v else ksum
     _key_value_stats_kernel[(chunks, bh)](
-        k, v if has_v else k, ksum, vmax, k.stride(0), k.stride(1), k.stride(2),
-        *(v.stride()[:3] if has_v else k.stride()[:3]), heads, n, chunks, CHUNK=_STATS_CHUNK, TOKENS=_STATS_TOKENS,
-        HEAD_DIM=d, HAS_V=has_v, num_warps=1 if interpreting() else _STATS_WARPS,
+        k, v_in, ksum, vmax, *k.stride()[:3], *v_in.stride()[:3], heads, n, chunks,
+        CHUNK=_STATS_CHUNK, TOKENS=_STATS_TOKENS, HEAD_DIM=d, HAS_V=has_v, num_warps=1 if interpreting() else _STATS_WARPS,
     )
     mean = torch.empty((bsz, heads, 1, d), dtype=torch.float32, device=dev)
     v_scale = torch.empty((bsz, heads, d), dtype=torch.float32, device=dev) if has_v else None
@@ -283,14 +279,13 @@ def quantize_attention_fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     k8 = torch.empty_like(q8)
     q_scale = torch.empty((bsz, heads, m), dtype=torch.float32, device=dev)
     k_scale = torch.empty_like(q_scale)
-    npad = triton.cdiv(n, _V_MMA_ROW_ALIGN if mma_order else _V_ROW_ALIGN) * (
-        _V_MMA_ROW_ALIGN if mma_order else _V_ROW_ALIGN)
+    align = _V_MMA_ROW_ALIGN if mma_order else _V_ROW_ALIGN
+    npad = triton.cdiv(n, align) * align
     v8 = torch.empty((bsz, heads, d, npad), dtype=torch.uint8, device=dev) if has_v else q8  # transposed
     mv = triton.cdiv(n, _V_TOKENS) if has_v else 0
     _quantize_attention_kernel[(max(m, mv), bh, 3 if has_v else 2)](
-        q, k, v if has_v else k, perm if perm is not None else q_scale, mean, v_scale if has_v else mean,
-        q8, k8, v8, q_scale, k_scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        *(v.stride()[:3] if has_v else k.stride()[:3]), heads, n, m, mv, npad,
+        q, k, v_in, perm if perm is not None else q_scale, mean, v_scale if has_v else mean,
+        q8, k8, v8, q_scale, k_scale, *q.stride()[:3], *k.stride()[:3], *v_in.stride()[:3], heads, n, m, mv, npad,
         BLOCK=block, V_TOKENS=_V_TOKENS, HEAD_DIM=d, HAS_PERM=perm is not None, SOFTWARE=interpreting(),
         MMA_ORDER=mma_order, num_warps=1 if interpreting() else _QUANT_WARPS,
     )
