@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from dfsviz.capture.schema import MAP_DTYPES
+from provenance import source_commit  # this script's folder
 
 log = logging.getLogger("bench_app_latency")
 
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
         "file_bytes": size, "made": made, "changes_per_control": args.changes,
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "python": platform.python_version(), "torch": torch.__version__,
+                    "python": platform.python_version(), "torch": torch.__version__, "commit": source_commit(),
                     "load_before": [round(x, 2) for x in load_before],
                     "load_after": [round(x, 2) for x in os.getloadavg()]},
         "note": "server-side latency of Dash callbacks (test client, JSON in and out); browser drawing not included",

@@ -32,6 +32,8 @@ import statistics
 import time
 from pathlib import Path
 
+from provenance import source_commit  # this script's folder
+
 log = logging.getLogger("bench_background_check")
 
 
@@ -119,7 +121,8 @@ def measure(capture: Path, reads: int, seed: int, skip_validate: bool) -> dict:
         log.info("CaptureReader.validate(): %.1f s", result["validate_s"])
     result["load_average"] = {"before": [round(x, 2) for x in load_before],
                               "after": [round(x, 2) for x in os.getloadavg()]}
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                         "commit": source_commit()}
     return result
 
 

@@ -48,6 +48,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from bench_app_latency import _summary  # one way to summarise latencies (run from benchmarks/ or with it on the path)
+from provenance import source_commit
 
 log = logging.getLogger("bench_browser")
 
@@ -359,6 +360,7 @@ def main(argv=None) -> int:
         "versions": {"dfsviz": dfsviz.__version__, "dash": version("dash"), "plotly": version("plotly"),
                      "playwright": version("playwright"), "torch": torch.__version__,
                      "chromium": subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()},
+        "commit": source_commit(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

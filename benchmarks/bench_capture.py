@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from provenance import source_commit  # this script's folder
+
 WAN_13B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -230,6 +232,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "diffusers": diffusers.__version__,
+        "commit": source_commit(),
         "statistics_backend": "reference" if backend == "ref" or not triton_available() else "triton",
         "triton_error": triton_error,
         "model": f"WanTransformer3DModel, Wan2.1 {args.model} config, random bf16 weights",

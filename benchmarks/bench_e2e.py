@@ -80,6 +80,7 @@ from dfsviz.sparse.orders import TokenOrder
 from dfsviz.sparse.schedule import DFSSchedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import source_commit  # noqa: E402
 from quality_embedded import LINEAR_FP8, parse_variant, rel_l2  # noqa: E402
 
 processors_module = importlib.import_module("dfsviz.accel.processors")
@@ -602,7 +603,7 @@ def main(argv=None) -> int:
                      "dfsviz": dfsviz.__version__, "cuda": torch.version.cuda,
                      "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
                      "python": platform.python_version()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": source_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "targets": TARGETS, "quick": args.quick, "precisions": precisions, "models": {},
     }
     for name in names:

@@ -30,6 +30,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import bench  # noqa: E402
+from provenance import source_commit  # noqa: E402
 
 from dfsviz.kernels._jit.fp8 import quantize_rows_fp8_fwd  # noqa: E402
 from dfsviz.kernels.fp8_linear import fp8_linear, quantize_weight_fp8  # noqa: E402
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     result = {"card": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
               "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
+              "commit": source_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
     for name in names:
         m, layers = SHAPES[name]
         rows = []

@@ -33,6 +33,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import bench  # noqa: E402
+from provenance import source_commit  # noqa: E402
 
 from dfsviz.accel.plan import select_topk_heads  # noqa: E402
 from dfsviz.kernels.block_scores import block_scores  # noqa: E402
@@ -156,7 +157,7 @@ def main() -> None:
         "benchmark": "per-head budgets vs one uniform budget at equal kept blocks (block_sparse_attention, no order)",
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(), "dfsviz": dfsviz.__version__,
-        "target": f"per-head <= {TARGET}x uniform", "worst_vs_uniform": worst, "met": worst <= TARGET, "rows": rows,
+        "commit": source_commit(), "target": f"per-head <= {TARGET}x uniform", "worst_vs_uniform": worst, "met": worst <= TARGET, "rows": rows,
     }
     print(f"worst per-head / uniform: {worst:.3f}x (target <= {TARGET}x)")
     if args.out:

@@ -53,6 +53,7 @@ from dfsviz.sparse.select import select_topk
 from dfsviz.sparse.tokenmodel import TokenModelConfig, sample_qk
 
 import check_gpu  # noqa: E402  (its one-candidate context; this directory is on sys.path)
+from provenance import source_commit  # noqa: E402
 
 # The Triton side of the kernels (autotuners and their chosen configs).
 jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
@@ -405,6 +406,7 @@ def main() -> int:
     flex = torch.compile(flex_attention, dynamic=False)
     rows, small, fp8, candidates = [], [], [], []
     result = {}
+    commit = source_commit()
 
     def write():
         result.update({
@@ -412,6 +414,7 @@ def main() -> int:
             "torch": torch.__version__,
             "triton": triton.__version__,
             "cudnn": torch.backends.cudnn.version(),
+            "commit": commit,
             "targets": TARGETS,
             "rows": rows,
             "small": small,

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402
+from provenance import source_commit  # noqa: E402
 
 log = logging.getLogger("bench_multigpu")
 
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
                      "dfsviz": dfsviz.__version__, "cuda": torch.version.cuda,
                      "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                      "python": platform.python_version()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": source_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parallelism": f"diffusers ContextParallelConfig(ulysses_degree={world})" if world > 1 else None,
         "targets": TARGETS, "quick": args.quick, "models": {},
     }

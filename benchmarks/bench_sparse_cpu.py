@@ -28,6 +28,7 @@ from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import make_order
 from dfsviz.sparse.scoring import block_scores_ref
 from dfsviz.sparse.stats import block_stats_ref
+from provenance import source_commit  # this script's folder
 
 GRID = "21x30x52"
 HEADS = 2
@@ -90,6 +91,7 @@ def run(out: Path) -> dict:
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "commit": source_commit(),
             "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         },
         "torch": torch.__version__,

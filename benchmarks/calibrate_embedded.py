@@ -82,6 +82,7 @@ from dfsviz.models.sampler import load_embedded_model, sample_videos
 from dfsviz.sparse.schedule import DFSSchedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import source_commit  # noqa: E402
 from quality_embedded import psnr, rel_l2, ssim  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibrate_embedded.json"
@@ -164,7 +165,7 @@ def machine(device: torch.device) -> dict:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(), "commit": source_commit()}
 
 
 def load() -> list[float]:

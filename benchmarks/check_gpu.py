@@ -48,6 +48,8 @@ from dfsviz.sparse.orders import make_order
 from dfsviz.sparse.scoring import block_scores_ref
 from dfsviz.sparse.stats import block_stats_ref
 
+from provenance import source_commit  # this script's folder, on sys.path when it runs
+
 log = logging.getLogger("check_gpu")
 DEV = "cuda"
 jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
@@ -568,6 +570,7 @@ def main() -> int:
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "commit": source_commit(),
         "seconds": round(time.time() - t0, 1),
         "groups": args.only,
         "passed": sum(r["ok"] for r in results),

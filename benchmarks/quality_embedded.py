@@ -47,6 +47,7 @@ from dfsviz.accel import DFSConfig, apply_dfsattn
 from dfsviz.accel.config import LINEAR_PRECISIONS, PRECISION_MODES
 from dfsviz.models.sampler import encode_labels, load_embedded_model, sample_videos
 from dfsviz.sparse.schedule import DFSSchedule
+from provenance import source_commit  # this script's folder
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality_embedded.json"
 #: The precisions part's default: bf16 DFSAttn first (the other clips are also scored against it).
@@ -301,7 +302,7 @@ def main(argv=None) -> None:
         run_precisions_part(args, precisions)
         return
     args.out = args.out or RESULTS
-    meta = {"torch": torch.__version__, "device": "cpu", "machine": platform.machine(),
+    meta = {"torch": torch.__version__, "commit": source_commit(), "device": "cpu", "machine": platform.machine(),
             "cpu_threads": torch.get_num_threads(), "kernel_backend": "ref (PyTorch reference on CPU)"}
 
     def save(key: str, value: dict) -> None:
@@ -332,6 +333,7 @@ def run_precisions_part(args: argparse.Namespace, precisions: list[str]) -> None
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
         "kernel_backend": "triton" if device.type == "cuda" else "ref (PyTorch simulation of the kernels)",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__},
+        "commit": source_commit(),
         "precisions": run_precisions(args.steps, args.seed, args.guidance, args.labels, device, precisions),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,21 +4,16 @@ results file keeps every finished measurement when the run stops early."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench_e2e():
-    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "benchmarks" / "bench_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_e2e")
 
 
 def _args(out: Path, precisions: str) -> list[str]:
@@ -54,6 +49,7 @@ def test_runs_with_the_same_sparse_calls_time_them_once(bench_e2e, tmp_path, mon
     dense_calls = schedule["permute_once"]["calls"]["dense"]
     sparse_s = {run: s["dfsattn_s"] - dense_calls * warm_up_ms[run] / 1e3 for run, s in schedule.items()}
     assert sparse_s["permute_once"] == pytest.approx(sparse_s["permute_once_native_dense"])
+    assert json.loads(out.read_text())["commit"] == bench_e2e.source_commit()  # which code measured it
 
 
 class Stopped(Exception):
