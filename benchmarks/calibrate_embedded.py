@@ -497,10 +497,11 @@ def benchmark(device, steps, cal_classes, cal_seeds, held, target_recall, work: 
             "verdict": verdict(budget_vs_uniform["psnr"]),
         },
     }
+    host = machine(device)
     return {
         "benchmark": "calibrate_embedded",
-        "card": machine(device)["gpu"] or machine(device)["cpu"],
-        "machine": {**machine(device), "load_start": load_start, "load_end": load(),
+        "card": host["gpu"] or host["cpu"],
+        "machine": {**host, "load_start": load_start, "load_end": load(),
                     "note": "load averages are runnable processes over 1/5/15 min; other jobs (test suites) shared "
                             "the cores during the run when they exceed the usable CPUs"},
         "versions": {"torch": torch.__version__, "diffusers": diffusers_version, "dfsviz": dfsviz.__version__,
