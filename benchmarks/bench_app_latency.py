@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import random
 import statistics
 import sys
@@ -48,7 +46,7 @@ import time
 from pathlib import Path
 
 from dfsviz.capture.schema import MAP_DTYPES
-from provenance import source_commit  # this script's folder
+from provenance import load, run_header  # this script's folder
 
 log = logging.getLogger("bench_app_latency")
 
@@ -267,17 +265,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     torch.set_num_threads(1)  # as `dfsviz app` serves (see dfsviz/cli/app.py)
-    load_before = os.getloadavg()  # other jobs on the same cores slow every number down
-    result = measure(args.capture, args.changes, args.seed)
+    header = run_header(torch.device("cpu"))  # its load average: other jobs on the same cores slow every number down
+    result = {**header, **measure(args.capture, args.changes, args.seed)}
+    result["machine"]["load_end"] = load()
     result.update({
         "file_bytes": size, "made": made, "changes_per_control": args.changes,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "python": platform.python_version(), "torch": torch.__version__, "commit": source_commit(),
-                    "load_before": [round(x, 2) for x in load_before],
-                    "load_after": [round(x, 2) for x in os.getloadavg()]},
         "note": "server-side latency of Dash callbacks (test client, JSON in and out); browser drawing not included",
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

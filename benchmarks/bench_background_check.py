@@ -25,14 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import random
 import statistics
 import time
 from pathlib import Path
 
-from provenance import source_commit  # this script's folder
+import torch
+
+from provenance import load, run_header  # this script's folder
 
 log = logging.getLogger("bench_background_check")
 
@@ -83,8 +83,7 @@ def measure(capture: Path, reads: int, seed: int, skip_validate: bool) -> dict:
     from dfsviz.app.data import CaptureCatalog
     from dfsviz.capture.reader import CaptureReader
 
-    load_before = os.getloadavg()
-    result: dict = {"capture": str(capture), "bytes": capture.stat().st_size}
+    result: dict = {**run_header(torch.device("cpu")), "capture": str(capture), "bytes": capture.stat().st_size}
     with CaptureCatalog([capture.parent]) as catalog:
         cid = f"{next(iter(catalog.roots))}/{capture.name}"
         t0 = time.perf_counter()
@@ -119,10 +118,7 @@ def measure(capture: Path, reads: int, seed: int, skip_validate: bool) -> dict:
             result["validate_s"] = round(time.perf_counter() - t0, 2)
         assert problems == [], problems[:3]
         log.info("CaptureReader.validate(): %.1f s", result["validate_s"])
-    result["load_average"] = {"before": [round(x, 2) for x in load_before],
-                              "after": [round(x, 2) for x in os.getloadavg()]}
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                         "commit": source_commit()}
+    result["machine"]["load_end"] = load()
     return result
 
 

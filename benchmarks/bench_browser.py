@@ -36,19 +36,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import random
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from importlib.metadata import version
 from pathlib import Path
 
+import torch
+
 from bench_app_latency import _summary  # one way to summarise latencies (run from benchmarks/ or with it on the path)
-from provenance import source_commit
+from provenance import load, run_header
 
 log = logging.getLogger("bench_browser")
 
@@ -308,7 +307,7 @@ def main(argv=None) -> int:
     labels = {}
     for path in captures:  # the ids dfsviz app gives: "<root folder name>/<file>"
         labels[path] = f"{path.parent.name}/{path.name}"
-    load_before = os.getloadavg()
+    header = run_header(torch.device("cpu"))  # its load average: other jobs on the same cores slow every number down
     results = {}
     rng = random.Random(args.seed)
     try:
@@ -338,9 +337,8 @@ def main(argv=None) -> int:
     met_browser = all(r["pages"][p]["browser"]["p95_ms"] <= TARGET_BROWSER_P95_MS for r in results.values() for p in timed)
     met_server = all(r["pages"][p]["server"]["p95_ms"] <= TARGET_SERVER_P95_MS for r in results.values() for p in timed)
     met_open = all(o["first_figure_ms"] <= TARGET_OPEN_MS for r in results.values() for o in r["open"].values())
-    import torch
-
     out = {
+        **header,
         "results": results,
         "targets": {"browser_p95_ms": TARGET_BROWSER_P95_MS, "server_p95_ms": TARGET_SERVER_P95_MS,
                     "browser_met": met_browser if timed else None, "server_met": met_server if timed else None, "open_first_figure_ms": TARGET_OPEN_MS,
@@ -354,15 +352,9 @@ def main(argv=None) -> int:
                   "in the page; cold: a fresh server over the capture's folder alone and a fresh tab, "
                   "navigation start -> first figure drawn with data (and every shown figure)",
         "changes_per_page": args.changes, "settle_ms": args.settle_ms, "seed": args.seed,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load_before": [round(x, 2) for x in load_before],
-                    "load_after": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version()},
-        "versions": {"dfsviz": dfsviz.__version__, "dash": version("dash"), "plotly": version("plotly"),
-                     "playwright": version("playwright"), "torch": torch.__version__,
-                     "chromium": subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()},
-        "commit": source_commit(),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    out["machine"]["load_end"] = load()
+    out["versions"]["chromium"] = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(json.dumps({cid: {p: {k: v["p95_ms"] for k, v in r["pages"][p].items() if isinstance(v, dict)}

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from provenance import source_commit  # this script's folder
+from provenance import run_header  # this script's folder
 
 WAN_13B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -198,9 +197,7 @@ def main() -> None:
         config, LATENT, TEXT_LEN, DEVICE = SMOKE, (3, 16, 16), 8, "cpu"
         full_depth = config["num_layers"]
     depth = config["num_layers"]
-    import diffusers
-    import triton
-
+    header = run_header(torch.device(DEVICE))
     from dfsviz.kernels._dispatch import triton_available
 
     source = build_source(config)
@@ -227,12 +224,9 @@ def main() -> None:
     best = min(runs, key=lambda r: r["step_seconds"])
     scale = full_depth / depth
     result = {
+        **header,
         "benchmark": f"capture overhead, one denoising step with CFG, all {depth} built layers captured (cond pass)",
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "diffusers": diffusers.__version__,
-        "commit": source_commit(),
+        "smoke": args.smoke,
         "statistics_backend": "reference" if backend == "ref" or not triton_available() else "triton",
         "triton_error": triton_error,
         "model": f"WanTransformer3DModel, Wan2.1 {args.model} config, random bf16 weights",
@@ -261,7 +255,6 @@ def main() -> None:
                                  "captured_step_seconds": best["step_seconds"] * scale,
                                  "file_bytes_per_step": best["file_bytes"] * scale},
         "warmup_capture_one_layer_seconds": warm["step_seconds"],
-        "cpu_count": os.cpu_count(),
     }
     if not args.quick:
         nofp = captured_step(source, tmp / "nofp.h5", footprints=0, backend=backend)
@@ -282,7 +275,7 @@ def main() -> None:
     out = Path(args.out if not args.smoke else tmp / "smoke.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("device", "uncaptured_step_seconds", "captured_step_seconds",
+    print(json.dumps({k: result[k] for k in ("card", "uncaptured_step_seconds", "captured_step_seconds",
                                              "ratio_captured_over_uncaptured", "file_bytes_per_step",
                                              "captured_peak_gpu_bytes", "scaled_to_full_depth")}, indent=1))
 

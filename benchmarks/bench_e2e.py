@@ -63,7 +63,6 @@ import functools
 import importlib
 import json
 import logging
-import platform
 import re
 import statistics
 import sys
@@ -73,14 +72,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import dfsviz
 from dfsviz.accel import DFSConfig, apply_dfsattn
 from dfsviz.accel.config import PRECISION_MODES
 from dfsviz.sparse.orders import TokenOrder
 from dfsviz.sparse.schedule import DFSSchedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import source_commit  # noqa: E402
+from provenance import run_header  # noqa: E402
 from quality_embedded import LINEAR_FP8, parse_variant, rel_l2  # noqa: E402
 
 processors_module = importlib.import_module("dfsviz.accel.processors")
@@ -593,17 +591,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU visible; use --device cpu --models tiny to check the script")
-    import diffusers
-    import triton
-
     out = args.out or Path(__file__).resolve().parent / "results" / f"e2e_{card_slug(device)}.json"
     result = {
-        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__,
-                     "dfsviz": dfsviz.__version__, "cuda": torch.version.cuda,
-                     "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-                     "python": platform.python_version()},
-        "commit": source_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run_header(device),
         "targets": TARGETS, "quick": args.quick, "precisions": precisions, "models": {},
     }
     for name in names:

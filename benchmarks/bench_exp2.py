@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import card_slug  # noqa: E402
-from provenance import source_commit  # noqa: E402
+from provenance import run_header  # noqa: E402
 
 VALUES = 1 << 24
 BLOCK = 1024
@@ -83,9 +82,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
-    result = {"card": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                                         "cuda": torch.version.cuda, "python": platform.python_version()},
-              "commit": source_commit(), "values": VALUES, "iters": args.iters, "block": BLOCK, "variants": run(args.iters)}
+    result = {**run_header(torch.device("cuda")), "values": VALUES, "iters": args.iters, "block": BLOCK, "variants": run(args.iters)}
     out = args.out or Path(__file__).resolve().parent / "results" / f"exp2_{card_slug(torch.device('cuda'))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

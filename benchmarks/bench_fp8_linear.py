@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import bench  # noqa: E402
-from provenance import source_commit  # noqa: E402
+from provenance import run_header  # noqa: E402
 
 from dfsviz.kernels._jit.fp8 import quantize_rows_fp8_fwd  # noqa: E402
 from dfsviz.kernels.fp8_linear import fp8_linear, quantize_weight_fp8  # noqa: E402
@@ -83,9 +81,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         ap.error("no CUDA device: run this on the GPU machine")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    result = {"card": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-              "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
-              "commit": source_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
+    result = {**run_header(torch.device("cuda")), "models": {}}
     for name in names:
         m, layers = SHAPES[name]
         rows = []

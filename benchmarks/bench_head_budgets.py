@@ -23,17 +23,15 @@ import argparse
 import json
 import logging
 import math
-import platform
 import sys
 
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import bench  # noqa: E402
-from provenance import source_commit  # noqa: E402
+from provenance import run_header  # noqa: E402
 
 from dfsviz.accel.plan import select_topk_heads  # noqa: E402
 from dfsviz.kernels.block_scores import block_scores  # noqa: E402
@@ -149,15 +147,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    import dfsviz
-
+    header = run_header(torch.device("cuda"))
     rows = [row for name in args.shapes for row in run_shape(name, args.batches)]
     worst = max(p["vs_uniform"] for row in rows for p in row["profiles"])
     result = {
+        **header,
         "benchmark": "per-head budgets vs one uniform budget at equal kept blocks (block_sparse_attention, no order)",
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "dfsviz": dfsviz.__version__,
-        "commit": source_commit(), "target": f"per-head <= {TARGET}x uniform", "worst_vs_uniform": worst, "met": worst <= TARGET, "rows": rows,
+        "target": f"per-head <= {TARGET}x uniform", "worst_vs_uniform": worst, "met": worst <= TARGET, "rows": rows,
     }
     print(f"worst per-head / uniform: {worst:.3f}x (target <= {TARGET}x)")
     if args.out:

@@ -53,7 +53,7 @@ from dfsviz.sparse.select import select_topk
 from dfsviz.sparse.tokenmodel import TokenModelConfig, sample_qk
 
 import check_gpu  # noqa: E402  (its one-candidate context; this directory is on sys.path)
-from provenance import source_commit  # noqa: E402
+from provenance import run_header  # noqa: E402
 
 # The Triton side of the kernels (autotuners and their chosen configs).
 jit_attention = importlib.import_module("dfsviz.kernels._jit.attention")
@@ -405,16 +405,10 @@ def main() -> int:
         return 2
     flex = torch.compile(flex_attention, dynamic=False)
     rows, small, fp8, candidates = [], [], [], []
-    result = {}
-    commit = source_commit()
+    result = run_header(torch.device("cuda"))
 
     def write():
         result.update({
-            "card": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "cudnn": torch.backends.cudnn.version(),
-            "commit": commit,
             "targets": TARGETS,
             "rows": rows,
             "small": small,

@@ -28,16 +28,14 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402
-from provenance import source_commit  # noqa: E402
+from provenance import run_header  # noqa: E402
 
 log = logging.getLogger("bench_multigpu")
 
@@ -109,11 +107,6 @@ def main(argv=None) -> int:
         ap.error(f"--device cpu runs the 1-GPU path only (world size {world}); launch it without torchrun")
     device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" \
         else torch.device("cpu")
-    import diffusers
-    import triton
-
-    import dfsviz
-
     if world > 1:
         import torch.distributed as dist
 
@@ -123,13 +116,8 @@ def main(argv=None) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports
     out = args.out or Path(__file__).resolve().parent / "results" / f"multigpu_{bench_e2e.card_slug(device)}.json"
     result = {
-        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        **run_header(device),
         "gpus": world,
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__,
-                     "dfsviz": dfsviz.__version__, "cuda": torch.version.cuda,
-                     "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
-                     "python": platform.python_version()},
-        "commit": source_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parallelism": f"diffusers ContextParallelConfig(ulysses_degree={world})" if world > 1 else None,
         "targets": TARGETS, "quick": args.quick, "models": {},
     }

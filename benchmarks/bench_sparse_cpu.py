@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import time
@@ -28,7 +26,7 @@ from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import make_order
 from dfsviz.sparse.scoring import block_scores_ref
 from dfsviz.sparse.stats import block_stats_ref
-from provenance import source_commit  # this script's folder
+from provenance import load, run_header  # this script's folder
 
 GRID = "21x30x52"
 HEADS = 2
@@ -46,17 +44,8 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(out: Path) -> dict:
+    header = run_header(torch.device("cpu"))
     grid = LatentGrid.parse(GRID)
     n = grid.num_tokens
     gen = torch.Generator().manual_seed(0)
@@ -83,18 +72,10 @@ def run(out: Path) -> dict:
         del stats, scores, qo, ko
     total = time.perf_counter() - total_start
     peak = _peak_rss_bytes()
+    header["machine"]["load_end"] = load()
     result = {
+        **header,
         "benchmark": "sparse_cpu",
-        "machine": {
-            "cpu": _cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "commit": source_commit(),
-            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        },
-        "torch": torch.__version__,
         "shapes": {"grid": GRID, "B": 1, "H": HEADS, "N": n, "D": HEAD_DIM, "block": BLOCK, "tile": TILE,
                    "dtype": "float32", "orders": list(ORDERS)},
         "seconds": {key: value for key, value in parts.items() if not key.endswith("error")},

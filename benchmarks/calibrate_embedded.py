@@ -61,8 +61,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -70,7 +68,6 @@ from pathlib import Path
 
 import torch
 
-import dfsviz
 from dfsviz.accel import DFSConfig, apply_dfsattn
 from dfsviz.accel.plan import CalibratedPlan, gamma_for_count
 from dfsviz.analysis.calibrate import DEFAULT_REFRESH_COST, Calibration, CalibrationConfig, calibrate
@@ -82,7 +79,7 @@ from dfsviz.models.sampler import load_embedded_model, sample_videos
 from dfsviz.sparse.schedule import DFSSchedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import source_commit  # noqa: E402
+from provenance import load, run_header, utc_now  # noqa: E402
 from quality_embedded import psnr, rel_l2, ssim  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibrate_embedded.json"
@@ -155,24 +152,7 @@ def paired_summary(diffs: list[float]) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "t_df": n - 1}
 
 
-# --------------------------------------------------------------------------- machine
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "python": platform.python_version(), "platform": platform.platform(), "commit": source_commit()}
-
-
-def load() -> list[float]:
-    """1, 5 and 15 minute load averages (runnable processes; the machine has ``logical_cpus``)."""
-    return [round(x, 2) for x in os.getloadavg()]
-
-
+# --------------------------------------------------------------------------- timing
 class Clock:
     """Wall and CPU seconds of one stage, with the load average at its end."""
 
@@ -389,10 +369,9 @@ def main(argv=None) -> int:
 
 
 def benchmark(device, steps, cal_classes, cal_seeds, held, target_recall, work: Path, quick: bool) -> dict:
-    from diffusers import __version__ as diffusers_version
     from tqdm.auto import tqdm
 
-    started, load_start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), load()
+    header = run_header(device)
     clock_all = Clock()
     embedded = load_embedded_model(device=device)
     # One loaded source serves every class (it encodes each capture's prompt); it runs the
@@ -497,16 +476,12 @@ def benchmark(device, steps, cal_classes, cal_seeds, held, target_recall, work: 
             "verdict": verdict(budget_vs_uniform["psnr"]),
         },
     }
-    host = machine(device)
+    header["machine"].update(load_end=load(), note="load averages are runnable processes over 1/5/15 min; other jobs "
+                             "(test suites) shared the cores during the run when they exceed the usable CPUs")
     return {
         "benchmark": "calibrate_embedded",
-        "card": host["gpu"] or host["cpu"],
-        "machine": {**host, "load_start": load_start, "load_end": load(),
-                    "note": "load averages are runnable processes over 1/5/15 min; other jobs (test suites) shared "
-                            "the cores during the run when they exceed the usable CPUs"},
-        "versions": {"torch": torch.__version__, "diffusers": diffusers_version, "dfsviz": dfsviz.__version__,
-                     "python": platform.python_version()},
-        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **header,
+        "finished": utc_now(),
         "settings": {
             "quick": quick, "device": str(device),
             "kernel_backend": resolve_backend(None, torch.empty(0, device=device)),

@@ -48,7 +48,7 @@ from dfsviz.sparse.orders import make_order
 from dfsviz.sparse.scoring import block_scores_ref
 from dfsviz.sparse.stats import block_stats_ref
 
-from provenance import source_commit  # this script's folder, on sys.path when it runs
+from provenance import run_header  # this script's folder, on sys.path when it runs
 
 log = logging.getLogger("check_gpu")
 DEV = "cuda"
@@ -555,8 +555,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         log.error("no CUDA device: run this on the GPU machine")
         return 2
-    import triton
-
+    header = run_header(torch.device("cuda"))
     results: list[dict] = []
     t0 = time.time()
     for step in (STEPS[name] for name in args.only):
@@ -567,10 +566,7 @@ def main() -> int:
             results.append({"check": f"{step.__name__} crashed", "message": f"{type(exc).__name__}: {exc}",
                             "ok": False})
     summary = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": source_commit(),
+        **header,
         "seconds": round(time.time() - t0, 1),
         "groups": args.only,
         "passed": sum(r["ok"] for r in results),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 import dfsviz
-from calibrate_embedded import load, machine  # benchmarks/ is the script's folder
+from provenance import load, run_header  # benchmarks/ is the script's folder
 from dfsviz._package_data import SAMPLE_CAPTURES
 from dfsviz.analysis.report import ReportConfig, build_report
 
@@ -62,14 +61,11 @@ def main() -> None:
     args = parser.parse_args()
     sample = args.sample or str(dfsviz.sample_capture(args.model))
     out = args.out or f"benchmarks/results/claims_{args.model}.json"
-    load_start = load()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")    # where the captures ran
     result = {
         "benchmark": "claims",
+        **run_header(device),
         "model": args.model,
-        "machine": {**machine(device), "load_start": load_start},
-        "versions": {"dfsviz": dfsviz.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "captures": {"sample": claims(sample), "all_orders": claims(args.capture)},
     }
     result["machine"]["load_end"] = load()

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-import dfsviz
-from calibrate_embedded import machine  # benchmarks/ is the script's folder
+from provenance import run_header  # benchmarks/ is the script's folder
 from dfsviz.kernels.fp8 import block_sparse_attention_fp8_ref
 from dfsviz.sparse.attention import block_sparse_attention_ref
 from dfsviz.sparse.masks import BlockMask
@@ -57,6 +56,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
+    header = run_header(torch.device("cpu"))
     rows = []
     for d in (64, 128):
         errors = {p: {"out_max": 0.0, "out_means": [], "lse_max": 0.0} for p in PRECISIONS}
@@ -76,9 +76,7 @@ def main() -> int:
                          "out_mean": sum(e["out_means"]) / len(e["out_means"]), "lse_max": e["lse_max"]})
             print(f"D {d} {precision:7s} out max {e['out_max']:.4f} mean {rows[-1]['out_mean']:.5f} "
                   f"lse max {e['lse_max']:.4f}")
-    result = {"machine": machine(torch.device("cpu")), "versions": {"dfsviz": dfsviz.__version__,
-                                                                    "torch": torch.__version__},
-              "setup": {"N": N, "heads": HEADS, "block": BLOCK, "keep": KEEP, "key_offset": KEY_OFFSET,
+    result = {**header, "setup": {"N": N, "heads": HEADS, "block": BLOCK, "keep": KEEP, "key_offset": KEY_OFFSET,
                         "seeds": args.seeds, "dtype": "bfloat16"}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

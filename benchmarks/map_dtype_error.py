@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
 import torch
 
 import dfsviz
-from calibrate_embedded import load, machine  # benchmarks/ is the script's folder
+from provenance import load, run_header, utc_now  # benchmarks/ is the script's folder
 from dfsviz.analysis.report import ReportConfig, build_report
 from dfsviz.capture.schema import AFFINE_SUFFIX, MAP_NAMES, STAT_NAMES, STEP_GROUP
 from dfsviz.capture.writer import CaptureWriter
@@ -134,9 +132,7 @@ def main() -> None:
     source = Path(args.capture or dfsviz.sample_capture())
     result = {
         "benchmark": "map_dtype_error",
-        "machine": {**machine(torch.device("cpu")), "load_start": load()},
-        "versions": {"dfsviz": dfsviz.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run_header(torch.device("cpu")),
     }
     with tempfile.TemporaryDirectory() as folder:
         paths = {dtype: Path(folder) / f"{dtype}.h5" for dtype in COPIES}
@@ -152,7 +148,8 @@ def main() -> None:
                     result["error"][dtype] = compare(full, copy)
         result["map_bytes"] = {"float32": map_bytes(source), **{dtype: map_bytes(path) for dtype, path in paths.items()}}
         result["bounds"] = {"float32": bounds(source), **{dtype: bounds(path) for dtype, path in paths.items()}}
-    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["machine"]["load_end"] = load()
+    result["finished"] = utc_now()
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: result[k] for k in ("error", "bounds", "validate", "map_bytes")}, indent=2, default=str))
 

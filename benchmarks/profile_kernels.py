@@ -25,13 +25,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import BLOCK, SHAPES, bench, realistic_masks  # noqa: E402
-from provenance import source_commit  # noqa: E402
+from provenance import run_header  # noqa: E402
 
 from dfsviz.kernels.block_scores import block_scores  # noqa: E402
 from dfsviz.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
@@ -117,8 +116,7 @@ def main() -> int:
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
         return 0
-    result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "commit": source_commit(), "shape": args.shape, "B": 1, "D": SHAPES[args.shape][2], "dtype": "bfloat16", "gamma": GAMMA,
+    result = {**run_header(torch.device("cuda")), "shape": args.shape, "B": 1, "D": SHAPES[args.shape][2], "dtype": "bfloat16", "gamma": GAMMA,
               "mask_density": density,
               "cases": {}}
     for name, fn in fns.items():

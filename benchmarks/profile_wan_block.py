@@ -27,12 +27,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import bench  # noqa: E402
-from provenance import source_commit  # noqa: E402
+from provenance import run_header  # noqa: E402
 
 from dfsviz.accel.wan_block import fused_block_forward  # noqa: E402
 from dfsviz.kernels.qk_norm_rope import qk_norm_rope, wan_rope  # noqa: E402
@@ -101,8 +100,7 @@ def main(argv=None) -> int:
     temb = torch.randn(1, 6, DIM, device="cuda", dtype=torch.bfloat16) * 0.1
     cos, sin = rope(torch.zeros(1, *LATENT, device="cuda"))
 
-    result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "cudnn": torch.backends.cudnn.version(), "commit": source_commit(), "shape": {"N": TOKENS, "C": DIM, "heads": HEADS, "ffn": FFN,
+    result = {**run_header(torch.device("cuda")), "shape": {"N": TOKENS, "C": DIM, "heads": HEADS, "ffn": FFN,
                                                                  "text": TEXT, "dtype": "bfloat16"}}
     stock_processor = block.attn1.processor
     fused_forward = fused_block_forward(block, None)

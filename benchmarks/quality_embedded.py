@@ -36,7 +36,6 @@ import copy
 import dataclasses
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from dfsviz.accel import DFSConfig, apply_dfsattn
 from dfsviz.accel.config import LINEAR_PRECISIONS, PRECISION_MODES
 from dfsviz.models.sampler import encode_labels, load_embedded_model, sample_videos
 from dfsviz.sparse.schedule import DFSSchedule
-from provenance import source_commit  # this script's folder
+from provenance import run_header  # this script's folder
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality_embedded.json"
 #: The precisions part's default: bf16 DFSAttn first (the other clips are also scored against it).
@@ -302,8 +301,7 @@ def main(argv=None) -> None:
         run_precisions_part(args, precisions)
         return
     args.out = args.out or RESULTS
-    meta = {"torch": torch.__version__, "commit": source_commit(), "device": "cpu", "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "kernel_backend": "ref (PyTorch reference on CPU)"}
+    meta = {**run_header(torch.device("cpu")), "kernel_backend": "ref (PyTorch reference on CPU)"}
 
     def save(key: str, value: dict) -> None:
         # re-read right before writing: the two parts may run as two processes
@@ -322,18 +320,14 @@ def main(argv=None) -> None:
 
 def run_precisions_part(args: argparse.Namespace, precisions: list[str]) -> None:
     import bench_e2e  # imports this module: import it only here
-    import diffusers
-    import triton
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; --device cpu runs the kernels' PyTorch simulation")
     out = args.out or RESULTS.with_name(f"quality_precisions_{bench_e2e.card_slug(device)}.json")
     result = {
-        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        **run_header(device),
         "kernel_backend": "triton" if device.type == "cuda" else "ref (PyTorch simulation of the kernels)",
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__},
-        "commit": source_commit(),
         "precisions": run_precisions(args.steps, args.seed, args.guidance, args.labels, device, precisions),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import dfsviz
-from calibrate_embedded import Clock, load, machine  # benchmarks/ is the script's folder
+from calibrate_embedded import Clock  # benchmarks/ is the script's folder
+from provenance import load, run_header
 from dfsviz.analysis.curves import recall_curve
 from dfsviz.capture import CaptureConfig, run_capture
 from dfsviz.capture.reader import CaptureReader
@@ -87,9 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {
         "benchmark": "stored_curve_error",
-        "machine": {**machine(torch.device("cpu")), "load_start": load()},
-        "versions": {"dfsviz": dfsviz.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run_header(torch.device("cpu")),
         "capture": {"model": "the embedded tiny model", "methods": list(METHODS), "other settings": "defaults"},
         "budgets": list(BUDGETS),
         "map_dtypes": {},
@@ -105,6 +102,7 @@ def main() -> None:
                 if dtype == "float32":
                     entry["curve_compute_s"] = round(curve_seconds(reader), 3)
             result["map_dtypes"][dtype] = entry
+    result["machine"]["load_end"] = load()
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["map_dtypes"], indent=1))
 

@@ -5,6 +5,7 @@ results file keeps every finished measurement when the run stops early."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,9 @@ def test_runs_with_the_same_sparse_calls_time_them_once(bench_e2e, tmp_path, mon
     dense_calls = schedule["permute_once"]["calls"]["dense"]
     sparse_s = {run: s["dfsattn_s"] - dense_calls * warm_up_ms[run] / 1e3 for run, s in schedule.items()}
     assert sparse_s["permute_once"] == pytest.approx(sparse_s["permute_once_native_dense"])
-    assert json.loads(out.read_text())["commit"] == bench_e2e.source_commit()  # which code measured it
+    written = json.loads(out.read_text())
+    assert written["commit"] == sys.modules["provenance"].source_commit()  # which code measured it
+    assert written["card"] == written["machine"]["cpu"] and written["versions"]["diffusers"]
 
 
 class Stopped(Exception):

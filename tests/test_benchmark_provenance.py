@@ -1,5 +1,6 @@
 """benchmarks/provenance.py: a results file names the commit that measured it, marked dirty when
-tracked code differs from that commit, and nothing outside a repository."""
+tracked code differs from that commit, and nothing outside a repository; every file starts with
+the same header (card, machine, versions, commit, start time)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from benchmark_scripts import load_script
 
 
@@ -48,3 +50,14 @@ def test_changed_tracked_code_is_marked_dirty(provenance, repo):
 
 def test_outside_a_repository_it_is_none(provenance, tmp_path):
     assert provenance.source_commit(tmp_path) is None
+
+
+def test_the_header_names_the_card_machine_versions_and_commit(provenance):
+    header = provenance.run_header(torch.device("cpu"))
+    assert set(header) == {"card", "machine", "versions", "commit", "started"}
+    host = header["machine"]
+    assert header["card"] == host["cpu"] and host["gpu"] is None  # a CPU run names the processor
+    assert host["usable_cpus"] <= host["logical_cpus"] and len(host["load_start"]) == 3
+    assert header["versions"]["torch"] == torch.__version__
+    assert {"python", "dfsviz", "h5py", "diffusers"} <= set(header["versions"])  # what this venv installs
+    assert header["commit"] == provenance.source_commit()
