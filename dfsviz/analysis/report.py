@@ -1048,7 +1048,8 @@ class _TextBlocks(_Claim):
         if not self.text:
             return {"text_blocks": {"blocks": [], "verdict": _verdict(
                 _NOT_MEASURABLE, f"the model ({ctx.reader.attrs.get('model_class')}) has no text tokens in its "
-                                 "self-attention: its text enters through cross-attention, which DFSAttn leaves dense")}}
+                                 "self-attention (text, where a model has it, enters through cross-attention, "
+                                 "which DFSAttn leaves dense)")}}
         n, block = ctx.n, ctx.block
         tokens = sum(min(block, n - b * block) for b in self.text)
         share = float(np.mean([v for vs in self.share.values() for v in vs]))

@@ -48,12 +48,16 @@ def get_architecture(name: str) -> Architecture:
 
 
 def architecture_for(model_or_class) -> Architecture:
-    """The entry of a transformer (or of a class name); subclasses match their diffusers base.
+    """The entry of a transformer, of its class or of a class name; subclasses match their diffusers base.
 
     Raises ValueError naming the reason for a video transformer class dfsviz refuses, and
     listing the supported classes for any other class.
     """
-    names = [model_or_class] if isinstance(model_or_class, str) else [c.__name__ for c in type(model_or_class).__mro__]
+    if isinstance(model_or_class, str):
+        names = [model_or_class]
+    else:
+        cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+        names = [c.__name__ for c in cls.__mro__]
     for name in names:
         if name in _BY_CLASS:
             return _BY_CLASS[name]

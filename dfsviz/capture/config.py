@@ -180,7 +180,11 @@ class CaptureConfig:
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, 1, "a video size in pixels or frames", high=MAX_INDEX)
         if self.latent is not None:
-            LatentGrid.parse(self.latent)  # raises with the expected format
+            try:
+                LatentGrid.parse(self.latent)
+            except ValueError:
+                raise ValueError(f"`latent` must look like FRAMESxHEIGHTxWIDTH in latent cells (before patching), each "
+                                 f"at least 1, e.g. 21x60x104 (got {self.latent!r})") from None
         self._check_generic_grid()
         check_int(self.seed, "seed", 0, "seeds are stored as 64-bit signed integers", high=MAX_SEED)
         if self.guidance_scale is not None and (

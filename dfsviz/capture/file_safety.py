@@ -6,9 +6,10 @@
 * :func:`require_free_space` and :class:`SpaceReservation`: a step starts only when the disk
   has room for it, and that room is reserved (``fallocate``) before HDF5 writes into it, so
   another process filling the disk cannot make a write fail halfway through the step.
-* :func:`write_failure_reason` / :func:`pad_truncated`: what a failed HDF5 write means, and
-  the one mend a file cut short by a full disk or a kill needs before it can be written again;
-  :class:`ZeroPaddedFile` reads such a file as that mend would leave it, without changing it.
+* :func:`write_failure_reason`: what a failed HDF5 write means.
+* :func:`open_for_reading`: a file cut short by a full disk or a kill reads through
+  :class:`ZeroPaddedFile` (its missing tail as zeros), without changing it, once a walk of its
+  structure in a child process (:func:`walk_structure`) has shown that HDF5 does not loop on it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 __all__ = [
@@ -31,7 +34,6 @@ __all__ = [
     "held_by_another_process",
     "missing_folder",
     "open_for_reading",
-    "pad_truncated",
     "recorded_end",
     "require_free_space",
     "require_output_folder",
@@ -109,8 +111,8 @@ class CaptureLock:
         while True:
             try:
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:  # no permission, a read-only file system, ...
-                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            except OSError as exc:  # no permission, a read-only file system, a folder that takes no files (/proc)
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
                     raise
                 raise ValueError(f"cannot write in the folder of {str(self.path)!r}: {exc.strerror}") from exc
             try:
@@ -265,7 +267,7 @@ def recorded_end(path: Path, message: str) -> int | None:
 
     HDF5 records the file's end before the data behind it is written; the missing tail belongs
     to the step that was being written, which readers skip and resume drops, so zero bytes are
-    as good as any there."""
+    as good as any there (for a file cut anywhere else, :func:`open_for_reading` checks first)."""
     match = _TRUNCATED.search(message)
     if match is None:
         return None
@@ -273,24 +275,11 @@ def recorded_end(path: Path, message: str) -> int | None:
     return stored if size == path.stat().st_size and stored > size else None
 
 
-def pad_truncated(path: Path, message: str) -> bool:
-    """Extend a file that a failed write left shorter than its own superblock says
-    (:func:`recorded_end`) with zeros, so HDF5 opens it for writing again. Returns True when the
-    file was extended."""
-    stored = recorded_end(path, message)
-    if stored is None:
-        return False
-    logger.warning("%s ends at byte %d but records %d: padding the lost tail with zeros", path,
-                   path.stat().st_size, stored)
-    os.truncate(path, stored)
-    return True
-
-
 class ZeroPaddedFile(io.RawIOBase):
     """A read-only view of ``path`` as ``size`` bytes: past the file's real end it reads zeros.
     h5py opens it (``h5py.File(view, "r")``) where a cut-off write left the file shorter than
-    its superblock records (:func:`recorded_end`): its completed steps are read as
-    :func:`pad_truncated` would leave them, and the file is not changed."""
+    its superblock records (:func:`recorded_end`): its completed steps are read, and the file is
+    not changed."""
 
     def __init__(self, path: Path, size: int) -> None:
         super().__init__()
@@ -326,11 +315,62 @@ class ZeroPaddedFile(io.RawIOBase):
         super().close()
 
 
+#: How long the walk of a cut-off file's structure may take before the file is refused.
+WALK_SECONDS = 20
+
+
+def walk_structure(path: Path, end: int) -> None:
+    """Read the attributes of every group and dataset of ``path`` seen as ``end`` bytes (zeros
+    past its real end), skipping what fails to read: what matters is that it ends. A file cut
+    inside the structure that every read needs (at 4 kB, say) can make HDF5 loop on the zeros
+    for ever, holding the GIL, where no timeout or Ctrl+C reaches it."""
+    import h5py
+
+    def walk(group) -> None:
+        try:
+            dict(group.attrs)
+            names = list(group.keys())
+        except Exception:  # noqa: BLE001 - a read that fails is an answer; only a loop is not
+            return
+        for name in names:
+            try:
+                item = group[name]
+            except Exception:  # noqa: BLE001
+                continue
+            if isinstance(item, h5py.Group):
+                walk(item)
+            else:
+                try:
+                    dict(item.attrs)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    with ZeroPaddedFile(path, end) as view:
+        try:
+            f = h5py.File(view, "r")
+        except Exception:  # noqa: BLE001
+            return
+        with f:
+            walk(f)
+
+
+def structure_loops(path: Path, end: int) -> bool:
+    """True when :func:`walk_structure` of ``path`` (``end`` bytes) in a child process does not
+    end within ``WALK_SECONDS`` (the child is then killed). The child runs this module as a
+    script, which imports nothing of dfsviz (so it starts in a fraction of a second)."""
+    try:
+        subprocess.run([sys.executable, __file__, str(path), str(end)], capture_output=True, timeout=WALK_SECONDS,
+                       check=False)
+    except subprocess.TimeoutExpired:
+        return True
+    return False
+
+
 def open_for_reading(path: Path):
     """(h5py.File opened read-only, its ZeroPaddedFile or None): ``path`` as h5py opens it, or,
     where a cut-off write left it shorter than it records (:func:`recorded_end`), through a
-    :class:`ZeroPaddedFile` (close that after the h5py file). Any other open error is raised
-    (OSError)."""
+    :class:`ZeroPaddedFile` (close that after the h5py file) once :func:`structure_loops` says
+    HDF5 does not loop on it. Any other open error, and that loop, are raised (OSError)."""
     import h5py
 
     try:
@@ -339,10 +379,14 @@ def open_for_reading(path: Path):
         end = recorded_end(path, str(exc))
         if end is None:
             raise
+    size = path.stat().st_size
+    if structure_loops(path, end):
+        raise OSError(f"cut off at byte {size} of the {end} it records, inside the structure that every read "
+                      f"needs (HDF5 loops on it for over {WALK_SECONDS} s): nothing in it can be read or resumed")
     # A run killed (or stopped by a full disk) while it wrote a step: its completed steps are
     # whole, and the missing tail is the open step's, which readers skip.
-    logger.warning("%s ends before the %d bytes it records (a run stopped mid-write): reading the missing tail as "
-                   "zeros; --resume repairs the file", path, end)
+    logger.warning("%s ends at byte %d of the %d it records (a run stopped mid-write): reading the missing tail as "
+                   "zeros", path, size, end)
     padded = ZeroPaddedFile(path, end)
     return h5py.File(padded, "r"), padded
 
@@ -359,3 +403,9 @@ def run_difference(stored: dict, run: dict, ignore=frozenset()) -> tuple[str, li
         return "weights", []
     settings = [k for k in diff if k != "weights_sha256"]
     return ("settings", settings) if settings else None
+
+
+if __name__ == "__main__":  # structure_loops' child: walk_structure(path, end)
+    here = Path(__file__).resolve().parent  # run as a script, its folder leads sys.path: h5py must not see its modules
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
+    walk_structure(Path(sys.argv[1]), int(sys.argv[2]))

@@ -359,7 +359,7 @@ class RankWriter:
     writer writes them; the other ranks hold no file.
 
     ``writer`` is rank 0's writer (None elsewhere); ``completed`` the steps already in the file
-    (shared from rank 0).
+    and ``video`` whether it holds its decoded clip (shared from rank 0).
     """
 
     @classmethod
@@ -373,14 +373,17 @@ class RankWriter:
         with together(ranks):
             if ranks.writes:
                 writer = open_writer()
-        return cls(writer, ranks, heads, ranks.share(None if writer is None else writer.completed))
+        completed, video = ranks.share(None if writer is None else (writer.completed, writer.has_video()))
+        return cls(writer, ranks, heads, completed, video)
 
-    def __init__(self, writer, ranks: UlyssesRanks, heads: tuple[int, ...], completed: set[int]) -> None:
+    def __init__(self, writer, ranks: UlyssesRanks, heads: tuple[int, ...], completed: set[int],
+                 video: bool) -> None:
         self.writer = writer
         self.ranks = ranks
         self.heads = heads
         self.layout = None if writer is None else writer.layout
         self.completed = set(completed)
+        self._video = video
         self._step: int | None = None
 
     @property
@@ -437,6 +440,9 @@ class RankWriter:
     def set_attr(self, key: str, value) -> None:
         if self.writer is not None:
             self.writer.set_attr(key, value)
+
+    def has_video(self) -> bool:
+        return self._video
 
     def write_video(self, frames, latent_frame, fps: float) -> None:
         if self.writer is not None:

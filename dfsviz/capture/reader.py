@@ -164,7 +164,8 @@ class CaptureReader:
                     f"{__version__} reads format version {FORMAT_VERSION}: open it with dfsviz {writer}"
                 )
             self.layout = StoreLayout.from_attrs(attrs)
-            self._complete = RootAttrs(attrs).bool("complete")
+            # a file cut off where HDF5 had moved the attribute (it is set last) did not end whole
+            self._complete = RootAttrs(attrs).bool("complete") if self._padded is None or "complete" in attrs else False
             self._config = read_json_attr(attrs, "capture_config")
             check_structure(self._f, self.path, self.layout)
             self._steps = sorted(completed_step_groups(self._f))
@@ -172,6 +173,9 @@ class CaptureReader:
             self.close()
             text = str(exc)
             raise ValueError(text if text.startswith(repr(str(self.path))) else f"{str(self.path)!r}: {text}") from None
+        except (KeyError, OSError, RuntimeError) as exc:  # what h5py raises on a damaged file
+            self.close()
+            raise ValueError(f"{str(self.path)!r} is damaged: HDF5 cannot read its header ({exc})") from None
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
 
     # -- listing ---------------------------------------------------------------------------
@@ -335,8 +339,8 @@ class CaptureReader:
     def _refuse_without_curves(self) -> None:
         if not self.stored_recall:
             raise ValueError(
-                f"{str(self.path)!r} stores no recall curves (written by dfsviz {self.attrs.get('dfsviz_version', 'unknown')} "
-                "without them): recompute them from the maps with dfsviz.analysis.recall_curve(run.block_mass"
+                f"{str(self.path)!r} stores no recall curves (no `stored_recall`: written before captures stored "
+                "them): recompute them from the maps with dfsviz.analysis.recall_curve(run.block_mass"
                 "(step, layer, order), run.scores(step, layer, order, method), seq_len=run.grid.num_tokens, block=run.block), "
                 "or capture the run again with this dfsviz"
             )

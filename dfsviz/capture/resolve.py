@@ -150,6 +150,17 @@ def _num_heads(config) -> int:
     return int(config.num_attention_heads)
 
 
+def _spans(values: list[int]) -> str:
+    """Sorted indices as the options write them: [3, 5, 6, 7, 9] -> "3,5-7,9"."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
 def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None, load_weights: bool = True) -> ResolvedCapture:
     """Load (or take) the model and derive the grid, steps, layers and file layout.
 
@@ -181,7 +192,7 @@ def resolve_capture(config: CaptureConfig, *, source: ModelSource | None = None,
         cond = adapter.random_conditioning(mcfg, gen)
         uncond = adapter.random_conditioning(mcfg, gen)
     elif config.embeddings is not None:
-        cond, uncond = load_embeddings(config.embeddings, adapter)
+        cond, uncond = load_embeddings(config.embeddings, adapter, mcfg)
     elif source.encode_prompt is not None:
         cond, uncond, prompt = source.encode_prompt(config.prompt)
     elif source.cond is not None:
@@ -272,7 +283,7 @@ def resolve_layout(config: CaptureConfig, adapter, model: torch.nn.Module, grid:
     wanted = config.layers if config.layers is not None else tuple(sorted(by_index))
     bad = [i for i in wanted if i not in by_index]
     if bad:
-        raise ValueError(f"`layers` {bad} do not exist; this model has layers 0..{len(by_index) - 1}")
+        raise ValueError(f"`layers` {_spans(bad)} do not exist; this model has layers 0..{len(by_index) - 1}")
     qkv_bad = [i for i in config.save_qkv if i not in wanted]
     if qkv_bad:
         raise ValueError(f"`save_qkv` layers {qkv_bad} are not captured layers")
@@ -280,7 +291,8 @@ def resolve_layout(config: CaptureConfig, adapter, model: torch.nn.Module, grid:
     num_heads = _num_heads(mcfg)
     heads = config.heads if config.heads is not None else tuple(range(num_heads))
     if max(heads) >= num_heads:
-        raise ValueError(f"`heads` {[h for h in heads if h >= num_heads]} do not exist; this model has heads 0..{num_heads - 1}")
+        raise ValueError(f"`heads` {_spans([h for h in heads if h >= num_heads])} do not exist; this model has heads "
+                         f"0..{num_heads - 1}")
     num_blocks = -(-grid.num_tokens // config.block)
     layout = StoreLayout(
         grid=grid,

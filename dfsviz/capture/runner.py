@@ -76,13 +76,37 @@ class CaptureResult:
     wrote: bool = True
 
 
-def _lock(config: CaptureConfig, out: Path) -> CaptureLock:
-    """The lock of ``out``, refused when its directory is missing or it exists without overwrite/resume."""
+def _check_folder(config: CaptureConfig, out: Path) -> None:
+    """ValueError for an ``out`` that is a folder, or lies in a missing or unwritable one."""
+    if out.is_dir():
+        raise ValueError(f"`out` {config.out!r} is a folder, but one clip's capture is one file: name a file in it "
+                         f"({str(out / 'capture.h5')!r}), or capture several clips (--prompts/--seeds) into the folder "
+                         "as a run set")
     require_output_folder(out)
-    lock = CaptureLock(out)
+
+
+def check_output(config: CaptureConfig) -> None:
+    """ValueError for an ``out`` this capture cannot write: a folder, one in a missing or
+    unwritable folder, an existing file without overwrite/resume, a missing one with resume
+    (``--dry-run`` checks it too)."""
+    out = Path(config.out)
+    _check_folder(config, out)
     if out.exists() and not (config.overwrite or config.resume):
-        lock.release()
         raise ValueError(f"output {config.out!r} exists; pass --overwrite to replace it or --resume to continue it")
+    if config.resume and not out.exists():
+        raise ValueError(f"--resume: {config.out!r} does not exist; drop --resume to start a new capture")
+
+
+def _lock(config: CaptureConfig, out: Path) -> CaptureLock:
+    """The lock of ``out`` (a second writer of ``out`` stops here, told who holds it), refused
+    as :func:`check_output` refuses ``out`` once it is held."""
+    _check_folder(config, out)  # the lock file goes next to ``out``
+    lock = CaptureLock(out)
+    try:
+        check_output(config)
+    except ValueError:
+        lock.release()
+        raise
     return lock
 
 
@@ -147,6 +171,9 @@ def _write_pixel_clip(writer: CaptureWriter, latents: torch.Tensor, adapter, mod
 
     from dfsviz.models.sampler import video_to_uint8
 
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("the denoised clip holds NaN or infinite values (the model diverged after the captured "
+                         "steps): it is not stored, and the file stays incomplete")
     frames = video_to_uint8(latents[0])
     pt = adapter.patch(model_config)[0]
     latent_frame = np.minimum(np.arange(frames.shape[0]) // pt, grid.frames - 1)
@@ -164,7 +191,8 @@ def run_capture(
 
     Args:
         config: the settings.
-        progress: show a tqdm bar over captured (step, layer, branch) records.
+        progress: show a tqdm bar over the steps run, in (layer, branch) records: a captured
+            step advances record by record, one that is only denoised when it ends.
         source: a model already in memory (skips loading ``config.model``).
         on_step: called with the step index after each captured step is flushed.
 
@@ -197,12 +225,9 @@ def run_capture(
     adapter = rc.source.adapter
     skipped = sorted(writer.completed)
     todo = [s for s in rc.capture_steps if s not in writer.completed]
+    per_step = len(rc.layer_map) * len(rc.layout.branches)  # records of a captured step
     bar = None
-    if progress and (ranks is None or ranks.writes):  # one bar, rank 0's
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo) * len(rc.layer_map) * len(rc.layout.branches), unit="layer", desc="capture")
-    reducer = AttentionReducer(rc, writer, bar, ranks)
+    reducer = AttentionReducer(rc, writer, None, ranks)
     capture = AttentionCapture(model, rc.layer_map, reducer, force_native=True)
     step_seconds: dict[int, float] = {}
     written: list[int] = []
@@ -210,6 +235,15 @@ def run_capture(
         scheduler = rc.source.scheduler
         pipeline_rules(adapter).set_timesteps(scheduler, rc.num_steps, device)
         timesteps = scheduler.timesteps
+        # a pixel model's clip needs the whole schedule (again, on resume, where the run stopped before writing
+        # it); anything else stops at the last captured step
+        pixels = rc.source.vae_spatial == 1 and rc.source.vae_temporal == 1 and (bool(todo) or not writer.has_video())
+        last = len(timesteps) - 1 if pixels else max(todo) if todo else -1
+        if progress and (ranks is None or ranks.writes):  # one bar, rank 0's
+            from tqdm.auto import tqdm
+
+            # every step run counts: a captured one record by record, any other when it ends
+            bar = reducer.progress = tqdm(total=(last + 1) * per_step, unit="layer", desc="capture")
         dtype = input_dtype(model)
         cond = rc.cond.to(device, dtype)
         uncond = rc.uncond.to(device, dtype) if rc.uncond is not None and rc.cfg else None
@@ -217,9 +251,6 @@ def run_capture(
         latents = adapter.make_latents(rc.latent, model.config, gen, device, dtype) * float(
             getattr(scheduler, "init_noise_sigma", 1.0)
         )
-        # a pixel model's clip needs the whole schedule; anything else stops at the last captured step
-        pixels = rc.source.vae_spatial == 1 and rc.source.vae_temporal == 1 and bool(todo)
-        last = len(timesteps) - 1 if pixels else max(todo) if todo else -1
         sched_state: dict = {}
         sigmas = getattr(scheduler, "sigmas", None)
         with torch.no_grad(), capture:
@@ -234,8 +265,8 @@ def run_capture(
                     if sigmas is not None and i < len(sigmas):
                         step_attrs["sigma"] = float(sigmas[i])
                     writer.begin_step(i, step_attrs)
-                    if bar is not None:
-                        bar.set_description(f"capture step {i}")
+                if bar is not None:
+                    bar.set_description(f"{'capture' if captured else 'denoise'} step {i}")
                 x_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
                 reducer.targets = [(0, "cond")]
                 capture.enabled = captured
@@ -247,6 +278,8 @@ def run_capture(
                     pred = pred_u + rc.guidance_scale * (pred - pred_u)
                 capture.enabled = False
                 latents = _scheduler_step(scheduler, pred, t, latents, sched_state).float()
+                if bar is not None and not captured:
+                    bar.update(per_step)
                 if captured:
                     missing = {(l, b) for l in rc.layer_map.values() for b in rc.layout.branches} - reducer.seen
                     if missing:

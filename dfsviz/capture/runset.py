@@ -272,7 +272,8 @@ class RunSet:
             shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
             raise ValueError(
                 f"run set {str(self.path)!r} has {len(done)} of {len(self.clips)} clips complete (missing: clip"
-                f"{'s' if len(missing) > 1 else ''} {shown}); finish it with `dfsviz capture --resume --out {self.path}`"
+                f"{'s' if len(missing) > 1 else ''} {shown}); finish it by running its `dfsviz capture` command again "
+                "with --resume"
                 + (" or pass --allow-incomplete to use the complete clips" if done else "")
             )
         return [self.path / c.file for c in done]
@@ -429,8 +430,10 @@ def describe_run_set(config: RunSetConfig) -> dict:
     The first clip's :meth:`~dfsviz.capture.resolve.ResolvedCapture.describe`, with ``out`` the
     run-set directory, ``clips`` (index, prompt, seed, file and its uncompressed size bound)
     and ``estimated_total_bytes_uncompressed``. The model is built without its weights
-    (shapes only), except the embedded model, which is small.
+    (shapes only), except the embedded model, which is small. ValueError for an output the
+    capture would refuse.
     """
+    _check_output(config, Path(config.capture.out))
     source = load_model_source(config.capture, load_weights=False)
     resolved = _resolve_clips(config, source)
     info = resolved[config.clips[0].prompt].describe()
@@ -441,10 +444,21 @@ def describe_run_set(config: RunSetConfig) -> dict:
     return info
 
 
+def _check_folder(config: RunSetConfig, folder: Path) -> None:
+    """ValueError for a run-set ``folder`` that is a file, or whose parent is missing."""
+    parent_state = missing_folder(folder.parent)
+    if parent_state is not None:
+        raise ValueError(f"the parent of the run-set directory {str(folder)!r} {parent_state}")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"run set output {str(folder)!r} is a file; a run set of {len(config.clips)} clips needs a "
+                         "directory")
+
+
 def _check_output(config: RunSetConfig, folder: Path) -> dict | None:
     """The manifest of the run set being resumed or replaced, None for a new one; ValueError
-    for an output that cannot take this run set."""
+    for an output that cannot take this run set (``--dry-run`` checks it too)."""
     cfg = config.capture
+    _check_folder(config, folder)
     if not folder.exists() or not (folder / MANIFEST_NAME).exists():
         others = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
         if others:
@@ -551,12 +565,7 @@ def capture_run_set(
     held: list[CaptureLock] = []  # rank 0's lock of the run set, held until every rank is done
 
     def claim() -> dict | None:
-        parent_state = missing_folder(folder.parent)
-        if parent_state is not None:
-            raise ValueError(f"the parent of the run-set directory {str(folder)!r} {parent_state}")
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"run set output {str(folder)!r} is a file; a run set of {len(clips)} clips needs a "
-                             "directory")
+        _check_folder(config, folder)  # the lock file goes next to it
         held.append(CaptureLock(folder))  # one writer per run set, before anything is loaded or created
         return _check_output(config, folder)
 

@@ -157,6 +157,9 @@ def load_model_source(config: CaptureConfig, *, load_weights: bool = True) -> Mo
     device, dtype = config.torch_device, config.torch_dtype
     embedded = embedded_model_name(config.model)
     if embedded is not None:
+        if config.grid is not None:
+            raise ValueError(f"`grid` is for classes the registry does not describe; the grid of the embedded model "
+                             f"{embedded!r} follows from --frames/--height/--width or --latent: drop --grid")
         return _embedded_source(embedded, device)
     import diffusers
 
@@ -229,24 +232,49 @@ def load_model_source(config: CaptureConfig, *, load_weights: bool = True) -> Mo
     )
 
 
-def load_embeddings(file: str, adapter: ModelAdapter) -> tuple[Conditioning, Conditioning | None]:
+def load_embeddings(file: str, adapter: ModelAdapter, config) -> tuple[Conditioning, Conditioning | None]:
+    """(conditional, unconditional or None) embeddings from a .safetensors ``file`` saved under
+    diffusers' names, checked against what the transformer of ``config`` takes (the width of the
+    text embeddings, and of the pooled one where the family has it); ValueError names what
+    does not fit."""
     from safetensors.torch import load_file
 
-    data = load_file(file)
+    try:
+        data = load_file(file)
+    except FileNotFoundError:
+        raise ValueError(f"embeddings file {file!r} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+        raise ValueError(f"embeddings file {file!r} is not a readable .safetensors file ({exc})") from None
+    try:
+        width = adapter.text_dim(config)
+    except ValueError:  # the generic entry found no width in the config: the file sets it
+        width = None
+    pooled_dim = None if adapter.arch is None or adapter.arch.pooled_dim is None else adapter.arch.pooled_dim(config)
+
+    def tensor(key: str, dims: tuple[int, ...], last: int | None, size: str = "width {}"):
+        value = data.get(key)
+        if value is None:
+            return None
+        if value.dim() not in dims or (last is not None and value.shape[-1] != last):
+            want = " or ".join(f"{d}-D" for d in dims) + ("" if last is None else " of " + size.format(last))
+            raise ValueError(f"embeddings file {file!r}: {key!r} has shape {list(value.shape)}; this model takes "
+                             f"{want}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"embeddings file {file!r}: {key!r} holds NaN or infinite values")
+        return value if value.dim() == dims[-1] else value[None]
 
     def branch(prefix: str) -> Conditioning | None:
-        key = f"{prefix}prompt_embeds"
-        if key not in data:
+        embeds = tensor(f"{prefix}prompt_embeds", (2, 3), width)
+        if embeds is None:
             return None
-        embeds = data[key]
-        embeds = embeds[None] if embeds.dim() == 2 else embeds
-        mask = data.get(f"{prefix}prompt_attention_mask")
-        pooled = data.get(f"{prefix}pooled_prompt_embeds")
-        if mask is not None and mask.dim() == 1:
-            mask = mask[None]
-        if pooled is not None and pooled.dim() == 1:
-            pooled = pooled[None]
-        return Conditioning(embeds[:1].float(), None if mask is None else mask[:1], None if pooled is None else pooled[:1].float())
+        mask = tensor(f"{prefix}prompt_attention_mask", (1, 2), embeds.shape[1],
+                      f"length {{}} (the text tokens of {prefix}prompt_embeds)")
+        pooled = tensor(f"{prefix}pooled_prompt_embeds", (1, 2), pooled_dim)
+        if pooled_dim is not None and pooled is None:
+            raise ValueError(f"embeddings file {file!r} has no {prefix + 'pooled_prompt_embeds'!r}, which "
+                             f"{adapter.name} needs (width {pooled_dim})")
+        return Conditioning(embeds[:1].float(), None if mask is None else mask[:1],
+                            None if pooled is None else pooled[:1].float())
 
     cond = branch("")
     if cond is None:

@@ -88,7 +88,6 @@ from dfsviz.capture.file_safety import (
     CaptureLock,
     SpaceReservation,
     held_by_another_process,
-    pad_truncated,
     require_free_space,
     require_output_folder,
     run_difference,
@@ -427,20 +426,14 @@ class CaptureWriter:
             raise ValueError(f"--resume: {str(path)!r} does not exist; drop --resume to start a new capture")
         lock = lock or CaptureLock(path)
         try:
-            padded = False
-            try:
-                reader = CaptureReader(path)
-            except ValueError as exc:
-                padded = pad_truncated(path, str(exc))
-                if not padded:
-                    raise
-                reader = CaptureReader(path)
+            reader = CaptureReader(path)
             try:
                 if not reader.layout.stored_recall:  # an older dfsviz started it: its steps go on without curves
                     layout = dataclasses.replace(layout, stored_recall=False)
                 cls._check_same_run(path, reader, layout, run)
                 done = {step_key(s) for s in reader.steps}
-                broken = padded or any(name not in done for name in reader._f[STEP_GROUP])  # a half-written step
+                # cut off mid-write (read through its zero-padded view), or a half-written step
+                broken = reader._padded is not None or any(name not in done for name in reader._f[STEP_GROUP])
                 if broken:
                     require_free_space(path, path.stat().st_size + SPACE_MARGIN, "the repair of the interrupted capture",
                                        "it copies the completed steps into a fresh file: free space, then resume again")
@@ -860,6 +853,10 @@ class CaptureWriter:
     def has_attr(self, key: str) -> bool:
         """True when the file has root attribute ``key``."""
         return key in self._f.attrs
+
+    def has_video(self) -> bool:
+        """True when the file holds a whole decoded clip (:meth:`write_video`)."""
+        return completed_video(self._f) is not None
 
     def set_attr(self, key: str, value) -> None:
         """Set a root attribute (only between steps, so a crash cannot tear it)."""

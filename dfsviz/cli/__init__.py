@@ -28,8 +28,8 @@ def parse_names(spec: str, option: str, allowed) -> tuple[str, ...]:
     allowed = list(allowed)
     if spec.strip() == "all":
         return tuple(allowed)
-    names = tuple(name.strip() for name in spec.split(",") if name.strip())
-    if not names or len(set(names)) != len(names) or any(name not in allowed for name in names):
+    names = tuple(name.strip() for name in spec.split(","))
+    if len(set(names)) != len(names) or any(name not in allowed for name in names):
         raise ValueError(
             f"`{option}` must be a comma-separated list of distinct names from {','.join(allowed)}, or all "
             f"(got {spec!r})"
@@ -86,7 +86,9 @@ def _as_options(message: str) -> str:
     for param in ctx.command.params if ctx is not None else ():
         if isinstance(param, click.Option) and param.name:
             option = max(param.opts, key=len)
-            message = message.replace(f"`{param.name}`", f"`{option}`")
+            # an option parsed by the command (`seeds_spec`) reaches the library as its value (`seeds`)
+            for name in {param.name, param.name.removesuffix("_spec")}:
+                message = message.replace(f"`{name}`", f"`{option}`")
     return message
 
 

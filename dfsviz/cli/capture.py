@@ -155,7 +155,9 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted capture in --out: same settings and weights, checked; a file a crash "
                    "left half-written is repaired first. A run set skips its complete clips.")
-@click.option("--dry-run", is_flag=True, help="Print the resolved settings and estimated size; capture nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the resolved settings and estimated size; capture nothing. --out is checked as the capture "
+                   "would check it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @fail_cleanly
 def capture_command(**opts) -> None:
@@ -239,13 +241,37 @@ def _echo_dry_run(info: dict, total_bytes: int, what: str) -> None:
                "(uncompressed upper bound; maps compress about 1.2-8x)")
 
 
+def _report_interrupted(out: str) -> None:
+    """Ctrl+C: one line on what ``out`` holds, then exit status 130 (a shell's for SIGINT)."""
+    from pathlib import Path
+
+    from dfsviz.capture.reader import CaptureReader
+
+    path = Path(out)
+    resume = "; the same command with --resume continues it"
+    if path.is_dir():
+        line = f"run set {out} keeps its completed clips and steps{resume}"
+    elif not path.exists():
+        line = f"nothing was written to {out}"
+    else:
+        try:
+            with CaptureReader(path) as reader:
+                line = f"{out} holds steps {reader.steps}" + (" (complete)" if reader.complete else
+                                                               f", marked incomplete{resume}")
+        except ValueError as exc:
+            line = str(exc)
+    click.secho(f"Interrupted: {line}", fg="yellow", err=True)
+    raise SystemExit(130)
+
+
 def _capture_one(config, opts: dict) -> None:
     from dfsviz.capture.resolve import resolve_capture
-    from dfsviz.capture.runner import run_capture
+    from dfsviz.capture.runner import check_output, run_capture
 
     from dfsviz.capture.ranks import world_size
 
     if opts["dry_run"]:
+        check_output(config)
         info = resolve_capture(config, load_weights=False).describe()
         _echo_dry_run(info, info["estimated_file_bytes_uncompressed"], f"{len(info['capture_steps'])} steps")
         return
@@ -254,7 +280,10 @@ def _capture_one(config, opts: dict) -> None:
         raise ValueError(f"torchrun started {ranks} ranks, but one clip is captured in one process: pass "
                          "--context-parallel ulysses to spread it over the ranks, or --prompts/--seeds to capture "
                          "several clips (each rank captures whole clips); or run it without torchrun")
-    result = run_capture(config, progress=not opts["quiet"])
+    try:
+        result = run_capture(config, progress=not opts["quiet"])
+    except KeyboardInterrupt:
+        _report_interrupted(config.out)
     if not result.wrote:  # another rank of a Ulysses capture: rank 0 reports
         return
     state = "complete" if result.complete else "incomplete"
@@ -273,7 +302,10 @@ def _capture_set(run_set, opts: dict) -> None:
         _echo_dry_run(info, info["estimated_total_bytes_uncompressed"],
                       f"{len(info['clips'])} clips of {len(info['capture_steps'])} steps")
         return
-    result = capture_run_set(run_set, progress=not opts["quiet"])
+    try:
+        result = capture_run_set(run_set, progress=not opts["quiet"])
+    except KeyboardInterrupt:
+        _report_interrupted(run_set.capture.out)
     if result.rank:  # under torchrun every rank returns the whole set's result: rank 0 reports it
         return
     state = "complete" if result.complete else "incomplete"

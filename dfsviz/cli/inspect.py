@@ -89,8 +89,13 @@ def _run_set_info(folder: Path) -> dict:
                 row["state"] = "unreadable"
                 problems.append(f"clip {clip.index} ({clip.file}): {exc}")
             else:
-                row.update(completed_steps=summary["completed_steps"], planned_steps=summary["planned_steps"],
-                           file_bytes=file.stat().st_size)
+                # the prompt the clip ran with: a blank one is the model's default (the embedded model's first class)
+                row.update(prompt=summary["prompt"] or clip.prompt, completed_steps=summary["completed_steps"],
+                           planned_steps=summary["planned_steps"], file_bytes=file.stat().st_size)
+                held = (summary["prompt"], summary["seed"])
+                if summary["seed"] != clip.seed or clip.prompt and summary["prompt"] != clip.prompt:
+                    summary["problems"].append(f"holds the capture of prompt {held[0]!r}, seed {held[1]}, where the "
+                                               f"manifest lists prompt {clip.prompt!r}, seed {clip.seed}")
                 if summary["problems"]:
                     row["state"] = "invalid"
                 problems += [f"clip {clip.index} ({clip.file}): {p}" for p in summary["problems"]]
@@ -106,11 +111,11 @@ def _echo_file(info: dict) -> None:
         if key != "problems":
             click.echo(f"{key.ljust(width)}  {value}")
     if not info["complete"]:
-        click.secho(
-            f"incomplete: {len(info['completed_steps'])} of {len(info['planned_steps'])} steps; "
-            "continue with `dfsviz capture ... --resume`",
-            fg="yellow",
-        )
+        done, planned = len(info["completed_steps"]), len(info["planned_steps"])
+        held = (f"{done} of {planned} steps" if done < planned else
+                "every planned step is stored, but the run stopped before it ended (a pixel model's clip is "
+                "written after its last step)")
+        click.secho(f"incomplete: {held}; continue with `dfsviz capture ... --resume`", fg="yellow")
 
 
 def _echo_run_set(info: dict) -> None:

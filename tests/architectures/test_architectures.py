@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
 from click.testing import CliRunner
@@ -279,6 +280,15 @@ def test_grid_of_a_registered_class_is_refused(tmp_path):
            "follows from --frames/--height/--width or --latent: drop --grid" in result.output
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_grid_of_the_embedded_model_is_refused(tmp_path, dry_run):
+    result = CliRunner().invoke(main, ["capture", "--out", str(tmp_path / "e.h5"), "--grid", "3x8x8", "--num-steps",
+                                       "2", "--quiet", *dry_run])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "`--grid` is for classes the registry does not describe; the grid of the embedded model" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_generic_without_grid_refuses_in_one_line_instead_of_an_empty_error(tmp_path):
     from dfsviz.capture import CaptureConfig, run_capture
     from dfsviz.capture.adapters import GenericAdapter
@@ -309,6 +319,10 @@ def test_registry_lookups_and_refusals_name_the_reason():
         architecture_for("SanaVideoTransformer3DModel")
     with pytest.raises(ValueError, match=r"unsupported architecture Linear; supported: WanTransformer3DModel, "):
         architecture_for(torch.nn.Linear(2, 2))
+    # a class looks up as its instances do
+    assert architecture_for(diffusers.WanTransformer3DModel) is architecture_for("WanTransformer3DModel")
+    with pytest.raises(ValueError, match=r"unsupported architecture LatteTransformer3DModel: factorised attention"):
+        architecture_for(diffusers.LatteTransformer3DModel)
     rows = {r["class"]: r for r in support_rows()}
     assert rows["LatteTransformer3DModel"]["capture"].startswith("factorised attention")
     assert rows["MochiTransformer3DModel"]["dfsattn"] == "yes"

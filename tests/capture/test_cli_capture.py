@@ -86,7 +86,7 @@ def test_bad_option_values_exit_2(tmp_path, model_dirs):
     assert result.exit_code == 2 and "`--orders` must be a comma-separated list of distinct names" in result.output
     result = _invoke("capture", "--model", str(model_dirs["wan"]), "--out", str(tmp_path / "a.h5"), "--layers", "0,5",
                      "--dry-run", *TINY)
-    assert result.exit_code == 2 and "`--layers` [5] do not exist; this model has layers 0..1" in result.output
+    assert result.exit_code == 2 and "`--layers` 5 do not exist; this model has layers 0..1" in result.output
 
 
 def test_parse_int_list():

@@ -364,7 +364,7 @@ def test_bad_input_stops_before_anything_is_written(tmp_path):
         dfsviz.record(pipe, out, num_steps=3)
     with pytest.raises(ValueError, match=r"`fps` must be a finite number > 0 \(got 0\)"):
         dfsviz.record(pipe, out, fps=0)
-    with pytest.raises(ValueError, match=r"`layers` \[7\] do not exist; this model has layers 0..1"):
+    with pytest.raises(ValueError, match=r"`layers` 7 do not exist; this model has layers 0..1"):
         dfsviz.record(pipe, out, layers=(7,))
     # steps outside the call's schedule: one line, no file
     with pytest.raises(ValueError, match=r"`capture_steps` must lie in \[0, 2\] for the 3 steps of this pipeline call \(got \[0, 5\]\)"):

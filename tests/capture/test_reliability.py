@@ -290,6 +290,29 @@ def test_a_file_cut_off_mid_write_is_read_as_it_is_and_resume_repairs_it(tmp_pat
         assert reader.complete and reader.steps == list(range(STEPS)) and reader.validate() == []
 
 
+
+@pytest.mark.parametrize("keep, message", [
+    # HDF5 loops for ever on the zeros where the cut took the root group's structure: the walk in
+    # a child process is stopped, and every command says so in one line
+    (4096, r"is not a readable HDF5 file \(cut off at byte 4096 of the \d+ it records, inside the structure "
+           r"that every read needs \(HDF5 loops on it for over 5 s\): nothing in it can be read or resumed\)"),
+    # here h5py raises KeyError, which once left the reader as a traceback
+    (512, r"is damaged: HDF5 cannot read its header \(.*unable to determine object type.*\)"),
+])
+def test_a_file_cut_inside_its_structure_is_refused_in_one_line(tmp_path, monkeypatch, keep, message):
+    from dfsviz._package_data import sample_capture
+    from dfsviz.capture import file_safety
+
+    monkeypatch.setattr(file_safety, "WALK_SECONDS", 5)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(sample_capture().read_bytes()[:keep])  # a copy that stopped early
+    with pytest.raises(ValueError, match=r"'.*cut\.h5' " + message):
+        CaptureReader(cut)
+    result = CliRunner().invoke(main, ["capture", "--out", str(cut), "--resume"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert cut.stat().st_size == keep  # nothing written
+
+
 # ----------------------------------------------------------------------------------------
 # resume: the same run, and only the same run
 # ----------------------------------------------------------------------------------------
@@ -349,6 +372,38 @@ def test_clean_interruption_leaves_no_partial_step(tmp_path, model_dirs):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ctrl_c.h5"]
 
 
+@pytest.mark.parametrize("flag", [[], ["--overwrite"], ["--resume"]], ids=["plain", "overwrite", "resume"])
+def test_a_folder_as_the_output_of_one_clip_is_refused_and_kept(tmp_path, model_dirs, flag):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    (folder / "other.h5").write_bytes(b"kept")
+    result = _invoke("capture", "--model", model_dirs["wan"], "--out", folder, "--quiet", *flag, *CLI_ARGS)
+    assert result.exit_code == 2, result.output
+    assert f"`--out` {str(folder)!r} is a folder, but one clip's capture is one file" in result.output
+    assert [p.name for p in folder.iterdir()] == ["other.h5"] and (folder / "other.h5").read_bytes() == b"kept"
+
+
+def test_ctrl_c_on_the_command_line_says_what_the_file_holds(tmp_path, model_dirs):
+    out = tmp_path / "sigint.h5"
+    cmd = [sys.executable, "-m", "dfsviz", "capture", "--model", str(model_dirs["wan"]), "--out", str(out), *CLI_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"capture step 1" not in seen:  # the bar names step 1 once step 0 is on disk
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, f"the capture ended before step 1: {seen.decode(errors='replace')}"
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert f"Interrupted: {out} holds steps [0" in err and "marked incomplete; the same command with --resume" in err
+    assert "Traceback" not in err and "Aborted" not in err
+    result = _invoke("capture", "--model", model_dirs["wan"], "--out", out, "--quiet", "--resume", *CLI_ARGS)
+    assert result.exit_code == 0, result.output
+    with CaptureReader(out) as reader:
+        assert reader.complete and reader.steps == list(range(STEPS))
+
+
 # ----------------------------------------------------------------------------------------
 # validated before anything is created
 # ----------------------------------------------------------------------------------------
@@ -371,6 +426,42 @@ def test_huge_integers_are_refused_before_any_file_exists(tmp_path, model_dirs, 
 
     assert re.search(match, result.output), result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("tensors", "match"),
+    [
+        (None, r"emb.safetensors' is not a readable \.safetensors file"),
+        ({"prompt_embeds": (1, 7, 3)},
+         r"'prompt_embeds' has shape \[1, 7, 3\]; this model takes 2-D or 3-D of width W"),
+        ({"prompt_embeds": (7, "W"), "prompt_attention_mask": (5,)},
+         r"'prompt_attention_mask' has shape \[5\]; this model takes 1-D or 2-D of length 7"),
+        ({"prompt_embeds": (1, 7, "W"), "negative_prompt_embeds": (1, 2, 7, "W")},
+         r"'negative_prompt_embeds' has shape \[1, 2, 7, W\]"),
+        ("nan", r"'prompt_embeds' holds NaN or infinite values"),
+    ],
+    ids=["not-safetensors", "wrong-width", "wrong-mask", "batched-negative", "nan"],
+)
+def test_bad_embeddings_are_refused_before_any_file_exists(tmp_path, model_dirs, tensors, match):
+    import re
+
+    from safetensors.torch import save_file
+
+    width = json.loads((Path(model_dirs["wan"]) / "config.json").read_text())["text_dim"]
+    emb = tmp_path / "emb.safetensors"
+    if tensors is None:
+        emb.write_text("not a safetensors file")
+    elif tensors == "nan":
+        save_file({"prompt_embeds": torch.full((1, 7, width), float("nan"))}, emb)
+    else:
+        save_file({k: torch.randn(*[width if d == "W" else d for d in shape]) for k, shape in tensors.items()}, emb)
+    out = tmp_path / "out.h5"
+    args = [a for a in CLI_ARGS if a != "random"]
+    args[args.index("--embeddings") + 1:args.index("--embeddings") + 1] = [emb]
+    result = _invoke("capture", "--model", model_dirs["wan"], "--out", out, "--quiet", *args)
+    assert result.exit_code == 2, result.output
+    assert re.search(match.replace("W", str(width)), result.output), result.output
+    assert "Traceback" not in result.output and not out.exists()
 
 
 def test_largest_seed_captures(tmp_path, model_dirs):

@@ -161,7 +161,7 @@ def test_grid_mismatch_is_caught_at_the_first_layer(tmp_path, model_dirs):
         (dict(dtype="int8"), "`dtype` must be 'auto' or one of"),
         (dict(overwrite=True, resume=True), "exclude each other"),
         (dict(footprints=-1), "`footprints` must be an integer >= 0"),
-        (dict(latent="3x16"), "`grid` must look like FRAMESxHEIGHTxWIDTH"),
+        (dict(latent="3x16"), "`latent` must look like FRAMESxHEIGHTxWIDTH in latent cells"),
         (dict(embeddings="missing.safetensors"), "`embeddings` must be a .safetensors file, 'random' or None"),
         (dict(layers=(1, 1)), "`layers` lists a value twice"),
         (dict(tile=3), r"`tile` must be a power of two in \[4, 128\]"),

@@ -411,7 +411,7 @@ def test_cli_dry_run_lists_the_clips_and_the_total_size(tmp_path, model_dirs):
         (["--seeds", "0-9223372036854775808"], "`--seeds` values must lie in [0, 9223372036854775807]"),
         (["--seeds", "0-99999999999"], "`--seeds` lists 100000000000 seeds; a run set has at most 10000 clips"),
         (["--prompts", "{d}/missing.txt", "--seeds", "0,1"], "missing.txt' does not exist"),
-        (["--prompts", "all", "--seeds", "0,1"], "`prompts`='all' lists the embedded model's classes"),
+        (["--prompts", "all", "--seeds", "0,1"], "`--prompts`='all' lists the embedded model's classes"),
         (["--prompts", "{p}", "--seeds", "0,1"], "several prompts need conditioning per prompt"),
     ],
 )
@@ -518,6 +518,17 @@ def test_inspect_lists_a_run_set_s_clips_and_validates_each_file(tmp_path, embed
     assert f"incomplete: 2 of 4 clips complete; continue with the command that captured it and --resume " \
            f"(`dfsviz capture ... --out {damaged} --resume`)" in result.output
     assert f"invalid: clip 2 ({clips[2].file}): " in result.stderr
+    # a clip file that holds another clip's capture (copied over it) is named, with what each says
+    swapped = tmp_path / "swapped"
+    shutil.copytree(folder, swapped)
+    shutil.copyfile(swapped / clips[0].file, swapped / clips[3].file)
+    result = _invoke("inspect", swapped, "--json")
+    assert result.exit_code == 2
+    info = json.loads(result.stdout)
+    assert [c["state"] for c in info["clips"]] == ["complete", "complete", "complete", "invalid"]
+    assert info["problems"] == [f"clip 3 ({clips[3].file}): holds the capture of prompt {clips[0].prompt!r}, seed "
+                                f"{clips[0].seed}, where the manifest lists prompt {clips[3].prompt!r}, seed "
+                                f"{clips[3].seed}"]
     # a clip that a running capture holds open for writing is "capturing", not a problem
     busy = tmp_path / "busy"
     shutil.copytree(folder, busy)
@@ -583,8 +594,8 @@ def test_open_run_set_refuses_what_is_not_a_sound_run_set(tmp_path, embedded_set
             open_run_set(broken(edit))
     # a run set none of whose clips is complete has nothing to offer, even to allow_incomplete
     pending = broken(lambda m: [c.update(complete=False) for c in m["clips"]])
-    with pytest.raises(ValueError, match=r"has 0 of 4 clips complete \(missing: clips 0, 1, 2, 3\); finish it with "
-                                         r"`dfsviz capture --resume --out .*`$"):
+    with pytest.raises(ValueError, match=r"has 0 of 4 clips complete \(missing: clips 0, 1, 2, 3\); finish it by running "
+                                         r"its `dfsviz capture` command again with --resume$"):
         open_run_set(pending).capture_files(allow_incomplete=True)
 
 

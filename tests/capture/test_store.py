@@ -710,8 +710,8 @@ def test_a_file_without_recall_curves_reads_as_before(tmp_path):
         assert not reader.stored_recall and not reader.layout.stored_recall and reader.validate() == []
         assert not {"recall", "density"} & set(reader.layout.datasets(0)) and reader.summary()["stored_recall"] is False
         assert torch.equal(reader.block_mass(0, 3, "raster")[0], expected[(3, "raster")][0]["m"])
-        with pytest.raises(ValueError, match=r"'.*old\.h5' stores no recall curves \(written by dfsviz [0-9.]+ without "
-                                             r"them\): recompute them from the maps with "
+        with pytest.raises(ValueError, match=r"'.*old\.h5' stores no recall curves \(no `stored_recall`: written before "
+                                             r"captures stored them\): recompute them from the maps with "
                                              r"dfsviz\.analysis\.recall_curve\(.*\), or capture the run again"):
             reader.recall_curve(0, 3, "raster", "dfs_tile")
 

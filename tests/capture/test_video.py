@@ -10,11 +10,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import dfsviz
+import dfsviz.cli.inspect  # noqa: F401  (registers the command on the group)
 from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.schema import StoreLayout
 from dfsviz.capture.writer import CaptureWriter
+from dfsviz.cli import main
 from dfsviz.sparse.grid import LatentGrid
 from dfsviz.sparse.orders import make_order
 
@@ -213,19 +216,29 @@ def test_repair_keeps_the_clip(tmp_path):
         assert "step_0001" not in run._f["steps"]
 
 
-def test_capture_of_a_pixel_model_stores_its_clip(tmp_path):
-    """A model that denoises pixels (VAE factors 1, as the embedded model) stores the clip it made,
-    running its schedule to the end though only step 0 is captured."""
+def _pixel_source():
+    """A tiny Wan that denoises pixels (VAE factors 1, as the embedded model), 3 steps."""
     import diffusers
 
-    from dfsviz.capture import CaptureConfig, Conditioning, ModelSource, get_adapter, run_capture
+    from dfsviz.capture import Conditioning, ModelSource, get_adapter
     from tiny_models import build_tiny
 
     model = build_tiny("wan", in_channels=3, out_channels=3)
     cond = Conditioning(torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(1)))
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-    source = ModelSource(model, get_adapter("wan"), scheduler, "tiny-pixels", vae_spatial=1, vae_temporal=1,
-                         default_size=(3, 16, 16), cond=cond, num_steps=3, guidance_scale=1.0)
+    return ModelSource(model, get_adapter("wan"), scheduler, "tiny-pixels", vae_spatial=1, vae_temporal=1,
+                       default_size=(3, 16, 16), cond=cond, num_steps=3, guidance_scale=1.0)
+
+
+def test_capture_of_a_pixel_model_stores_its_clip(tmp_path):
+    """A model that denoises pixels (VAE factors 1, as the embedded model) stores the clip it made,
+    running its schedule to the end though only step 0 is captured."""
+    import diffusers
+
+    from dfsviz.capture import CaptureConfig, run_capture
+
+    source = _pixel_source()
+    model, cond = source.transformer, source.cond
     out = tmp_path / "pixels.h5"
     run_capture(CaptureConfig(out=str(out), capture_steps=(0,), footprints=0, seed=5, device="cpu"), progress=False,
                 source=source)
@@ -245,6 +258,48 @@ def test_capture_of_a_pixel_model_stores_its_clip(tmp_path):
     np.testing.assert_array_equal(video.frames, want)
     np.testing.assert_array_equal(video.latent_frame, [0, 1, 2])  # patch depth 1: frame f is grid frame f
     assert video.fps == 8.0
+
+
+def test_resume_writes_the_clip_of_a_run_stopped_after_its_last_captured_step(tmp_path):
+    """The clip is made after the schedule's last step: a run stopped before it holds every
+    captured step but no clip, incomplete; --resume runs the schedule again for the clip alone."""
+    from dfsviz.capture import CaptureConfig, run_capture
+
+    whole, cut = tmp_path / "whole.h5", tmp_path / "cut.h5"
+    settings = dict(capture_steps=(0,), footprints=0, seed=5, device="cpu")
+    run_capture(CaptureConfig(out=str(whole), **settings), progress=False, source=_pixel_source())
+
+    def stop(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_capture(CaptureConfig(out=str(cut), **settings), progress=False, source=_pixel_source(), on_step=stop)
+    with dfsviz.open(cut) as run:
+        assert run.steps == [0] and not run.complete and run.video() is None
+    shown = CliRunner().invoke(main, ["inspect", str(cut)])
+    assert "incomplete: every planned step is stored, but the run stopped before it ended" in shown.output
+    result = run_capture(CaptureConfig(out=str(cut), resume=True, **settings), progress=False, source=_pixel_source())
+    assert result.complete and result.steps == [] and result.skipped == [0]
+    with dfsviz.open(cut) as run, dfsviz.open(whole) as reference:
+        assert run.complete and run.validate() == []
+        np.testing.assert_array_equal(run.video().frames, reference.video().frames)
+
+
+def test_a_clip_that_diverged_is_not_stored(tmp_path):
+    """NaN text reaches the video through cross-attention, after the captured self-attention of
+    layer 0 at step 0: the steps are kept, the clip is refused, the file stays incomplete."""
+    import dataclasses
+
+    from dfsviz.capture import CaptureConfig, Conditioning, run_capture
+
+    source = _pixel_source()
+    source = dataclasses.replace(source, cond=Conditioning(torch.full_like(source.cond.embeds, float("nan"))))
+    out = tmp_path / "diverged.h5"
+    with pytest.raises(ValueError, match=r"the denoised clip holds NaN or infinite values"):
+        run_capture(CaptureConfig(out=str(out), capture_steps=(0,), layers=(0,), footprints=0, device="cpu"),
+                    progress=False, source=source)
+    with dfsviz.open(out) as run:
+        assert run.steps == [0] and not run.complete and run.video() is None
 
 
 def test_models_with_a_vae_store_no_clip_from_the_capture_loop(tmp_path, model_dirs):

@@ -174,8 +174,8 @@ def test_an_incomplete_run_set_needs_allow_incomplete(tmp_path, run_set):
     out = tmp_path / "c.json"
     refused = CliRunner().invoke(main, ["calibrate", str(cut), *RUN_SET_ARGS, "--out", str(out)])
     assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
-    assert (f"run set {str(cut)!r} has 2 of 3 clips complete (missing: clip 2); finish it with "
-            f"`dfsviz capture --resume --out {cut}` or pass --allow-incomplete to use the complete clips") in refused.output
+    assert (f"run set {str(cut)!r} has 2 of 3 clips complete (missing: clip 2); finish it by running its "
+            "`dfsviz capture` command again with --resume or pass --allow-incomplete to use the complete clips") in refused.output
     assert not out.exists()
     allowed = CliRunner().invoke(main, ["calibrate", str(cut), *RUN_SET_ARGS, "--allow-incomplete", "--out", str(out)])
     assert allowed.exit_code == 0, allowed.output

@@ -60,7 +60,7 @@ def test_help_shows_an_example_and_the_registered_orders():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--grid", "21x45"], "Error: `grid` must look like FRAMESxHEIGHTxWIDTH, e.g. 21x45x80 (got '21x45')"),
+        (["--grid", "21x45"], "Error: `--grid` must look like FRAMESxHEIGHTxWIDTH, e.g. 21x45x80 (got '21x45')"),
         (["--grid", "0x45x80"], "Error: `frames` must be a positive integer (got 0)"),
         (["--grid", "2x4x4", "--block", "96"], "Error: `--block` must be a power of two in [16, 256] (got 96); DFSAttn uses 128"),
         (["--grid", "2x4x4", "--text-len", "-1"], "Error: `--text-len` must be an integer >= 0 (got -1)"),

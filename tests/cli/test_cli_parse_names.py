@@ -20,11 +20,17 @@ def test_all_is_every_registered_name_in_registry_order(names):
     assert parse_names(" all ", "--x", names) == tuple(names)
 
 
-@pytest.mark.parametrize("spec", ["", "raster,raster", "nope", "all,raster", "raster,all", "ALL"])
+@pytest.mark.parametrize("spec", ["", "raster,raster", "nope", "all,raster", "raster,all", "ALL", "raster,,tiled",
+                                  "raster,"])
 def test_bad_lists_name_the_option_the_choices_and_all(spec):
     with pytest.raises(ValueError, match=r"`--orders` must be a comma-separated list of distinct names "
                                          r"from raster,hilbert3d,.*tiled, or all \(got"):
         parse_names(spec, "--orders", order_names())
+
+
+def test_a_library_error_names_the_option_the_command_parsed():
+    result = CliRunner().invoke(main, ["capture", "--seeds", "0,3,0", "--dry-run", "--out", "set"])
+    assert result.exit_code == 2 and "Error: `--seeds` lists seed 0 twice" in result.output, result.output
 
 
 def test_capture_takes_all_orders():

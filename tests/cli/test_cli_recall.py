@@ -64,7 +64,7 @@ def test_help_shows_an_example():
         (["--gammas", ","], "`--gammas` must list at least one fraction"),
         (["--gammas", "1.5"], "`--gammas` must be a fraction in (0, 1]"),
         (["--block", "100"], "`--block` must be a power of two in [16, 256] (got 100)"),
-        (["--grid", "3x8"], "`grid` must look like FRAMESxHEIGHTxWIDTH"),
+        (["--grid", "3x8"], "`--grid` must look like FRAMESxHEIGHTxWIDTH"),
         (["--delta", "-1"], "`--delta` must be a finite number >= 0.0"),
         (["--tile", "3"], "`--tile` (tile of dfs_tile) must be a power of two"),
     ],
