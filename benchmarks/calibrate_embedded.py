@@ -341,6 +341,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU visible")
+    try:  # the calibration's settings, checked before the captures that precede it
+        CalibrationConfig(target_recall=args.target_recall)
+    except ValueError as exc:
+        ap.error(str(exc).replace("`target_recall`", "--target-recall"))
+    if args.work_dir is not None and args.work_dir.exists() and not args.work_dir.is_dir():
+        ap.error(f"--work-dir {str(args.work_dir)!r} is a file")
     steps = QUICK["steps"] if args.quick else 20
     cal_classes = QUICK["calibration_classes"] if args.quick else CALIBRATION_CLASSES
     cal_seeds = QUICK["calibration_seeds"] if args.quick else CALIBRATION_SEEDS

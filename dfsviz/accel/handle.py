@@ -346,9 +346,16 @@ class DFSHandle:
         Use with ``handle.state.set_step(0)`` before the pipeline call, so that every transformer
         call of a step (cond and uncond, however the pipeline batches them) gets that step's plan
         whatever ``schedule.calls_per_step`` says. Returns ``callback_kwargs`` unchanged.
+        ValueError when the pipeline runs more steps than the schedule has (its later steps would
+        all run as the schedule's last one).
         """
-        if step_index + 1 < self.state.schedule.num_steps:
+        n = self.state.schedule.num_steps
+        if step_index + 1 < n:
             self.state.set_step(step_index + 1)
+        elif step_index + 1 > n:
+            raise ValueError(f"the pipeline runs more steps than the DFSAttn schedule's num_steps = {n} (step "
+                             f"{step_index} ended): pass num_inference_steps={n}, or calibrate (or configure) "
+                             "DFSAttn for this many steps")
         return callback_kwargs
 
     # -- undo ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "LayerBudget",
     "ModelIdentity",
     "gamma_for_count",
+    "is_plan_file",
     "public_config",
     "select_topk_heads",
     "text_blocks",
@@ -224,6 +225,23 @@ class LayerBudget:
     def dense(self) -> bool:
         """True when every head keeps every key block (the layer runs the stock processor)."""
         return all(g is None for g in self.gamma)
+
+
+#: Larger files are not read to tell whether they are DFSAttn configs (configs are kilobytes).
+_PLAN_BYTES_MAX = 64 << 20
+
+
+def is_plan_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file holding a DFSAttn config (JSON whose ``format`` is
+    ``PLAN_FORMAT``), however valid its contents."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > _PLAN_BYTES_MAX:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == PLAN_FORMAT
 
 
 @dataclass(frozen=True, eq=False)
@@ -422,9 +440,20 @@ class CalibratedPlan:
         return json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n"
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`dumps` to ``path`` and return the path."""
+        """Write :meth:`dumps` to ``path``, whole or not at all (a temporary file beside it,
+        renamed over it), and return the path. An existing file is replaced only when it is a
+        DFSAttn config: ValueError keeps anything else (a capture or a run set's manifest named
+        by mistake)."""
         path = Path(path)
-        path.write_text(self.dumps())
+        if path.exists() and not is_plan_file(path):
+            raise ValueError(f"{str(path)!r} exists and is not a DFSAttn config (a capture, a run set's manifest, "
+                             "another file?): it is kept; name another file")
+        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(self.dumps())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -35,6 +35,7 @@ captured methods. ``docs/calibration.md`` gives the file format and the reasonin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dfsviz.accel.plan import (
@@ -58,6 +60,7 @@ from dfsviz.accel.plan import (
 )
 from dfsviz.analysis.curves import RecallCurve, recall_curve
 from dfsviz.analysis.drift import mask_drift, mask_source_step
+from dfsviz.analysis.measures import ORACLE
 from dfsviz.sparse._validate import block_flags
 from dfsviz.sparse.schedule import DFSSchedule
 
@@ -306,14 +309,33 @@ def _pick_order(readers: list, order: str | None) -> str:
     return "hilbert3d" if "hilbert3d" in common else common[0]
 
 
+@contextlib.contextmanager
+def _named_damage(readers: list):
+    """A map that fails a check as it is read (a damaged capture): the ValueError names the file
+    and its problems as ``dfsviz inspect`` does, not the check's own words."""
+    try:
+        yield
+    except ValueError:
+        for r in readers:
+            r.require_valid("calibration")
+        raise
+
+
 def _pick_methods(readers: list, method: str | None) -> list[str]:
-    common = [m for m in readers[0].methods if all(m in r.methods for r in readers)]
+    # the oracle scores blocks by their exact mass, a dense attention pass at every refresh: the
+    # reference a plan is measured against, never a plan's method
+    common = [m for m in readers[0].methods if m != ORACLE and all(m in r.methods for r in readers)]
+    if method == ORACLE:
+        raise ValueError(f"`method` {ORACLE!r} scores blocks by a dense attention pass at every refresh: it is the "
+                         f"reference, not a method to calibrate; pick one of {common}" if common else
+                         f"`method` {ORACLE!r} is the reference, not a method to calibrate")
     if method is not None:
         if method not in common:
             raise ValueError(f"`method` {method!r} is not in every capture; methods they all hold: {common}")
         return [method]
     if not common:
-        raise ValueError("the captures share no scoring method; capture them with the same --methods")
+        raise ValueError("the captures share no scoring method other than the oracle (the dense reference); capture "
+                         "them with the same --methods, e.g. dfs_tile")
     tiles = {m: [_tile_of(r, m) for r in readers] for m in common}
     mixed = [m for m, t in tiles.items() if len(set(t)) > 1]
     if mixed:
@@ -684,7 +706,9 @@ def calibrate(captures, config: CalibrationConfig, *, progress: bool = False,
         try:
             per_method: dict[str, list[_Clip]] = {m: [] for m in methods}
             for r in readers:
-                for m, clip in _read_clip(r, order, methods, config.branch, forced, forced, bar).items():
+                with _named_damage([r]):
+                    clips = _read_clip(r, order, methods, config.branch, forced, forced, bar)
+                for m, clip in clips.items():
                     per_method[m].append(clip)
         finally:
             if bar is not None:
@@ -701,21 +725,31 @@ def calibrate(captures, config: CalibrationConfig, *, progress: bool = False,
         if config.target_recall is not None and bool(best.dense.all()):
             raise ValueError(
                 f"target recall {config.target_recall:g} cannot be met by any sparse budget: every (layer, head) "
-                f"needs a kept fraction above dense_above = {config.dense_above:g}; lower --target-recall or raise "
-                "--dense-above"
+                f"needs a kept fraction above dense_above = {config.dense_above:g}; lower --target-recall"
+                + (" or raise --dense-above (at most 1)" if config.dense_above < 1 else "")
             )
+        model_layers = first.attrs.get("model_layers")
+        if isinstance(model_layers, (int, np.integer)) and model_layers > len(first.layers):
+            covered = len(first.layers)
+            whole = (best.work * covered + (model_layers - covered)) / model_layers
+            notes.append(f"the captures hold {covered} of the model's {model_layers} self-attention layers: "
+                         f"apply_dfsattn runs the other {model_layers - covered} dense, so the model's attention work "
+                         f"is about {whole:.3f} of dense (layers of equal cost), not {best.work:.3f}; capture every "
+                         "layer to calibrate them all")
         replay = _replay(per_method[best.method], best, first.layers)
         identity = ModelIdentity(str(first.attrs.get("model_id")), str(first.attrs.get("model_class")),
                                  str(first.attrs.get("adapter", "")),
                                  public_config(json.loads(first.attrs["model_config"]))
                                  if "model_config" in first.attrs else {})
+        with _named_damage(readers):  # the block masses are read here first
+            drift = _drift_at_budgets(readers, order, best.method, config.branch, best, forced, forced)
         predicted = {
             **best.summary(),
             "reuse_factor": float(best.reuse[~best.dense].mean()) if bool((~best.dense).any()) else 1.0,
             "dense_query_blocks": forced_list,
             "methods": {m: ({"tile": _tile_of(first, m), **r[0].summary()} if r[0] is not None else None)
                         for m, r in results.items()},
-            "drift": _drift_at_budgets(readers, order, best.method, config.branch, best, forced, forced),
+            "drift": drift,
             "replay": [{"steps": r["steps"], "mask_step": r["mask_step"],
                         "recall": [_nan_none(float(row[~best.dense].mean())) for row in r["recall"]]}
                        for r in replay],

@@ -65,8 +65,8 @@ from dfsviz.sparse.select import select_topk, selector_key, topk_count
 from dfsviz.sparse.stats import BlockStats, block_recall, oracle_recall, row_recall_ref
 from dfsviz.sparse.theory import row_bound
 
-__all__ = ["ReportConfig", "ClaimsReport", "build_report", "chromium_available", "png_export_available", "default_schedule",
-           "REPORT_FACTORS"]
+__all__ = ["ReportConfig", "ClaimsReport", "build_report", "check_report_folder", "chromium_available",
+           "png_export_available", "default_schedule", "REPORT_FACTORS"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ log = logging.getLogger(__name__)
 REPORT_FACTORS: tuple[str, ...] = ("gap", "r_u", "J_u", "effective_gap")
 _SIGNED_FACTORS = ("gap", "effective_gap")
 _HEAD_MEANS = ("gap", "r_u", "J_u", "effective_gap", "bound2", "bound3", "recall")
-_SHOWN_PROBLEMS = 3  # validation problems named in the error; `dfsviz inspect` lists them all
 _BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 # The paper's defaults: 12 dense warm-up steps and a refresh every 12 steps of 50.
 _PAPER_STEPS, _PAPER_SKIP, _PAPER_INTERVAL = 50, 12, 12
@@ -224,10 +223,14 @@ class ClaimsReport:
             lines += ["## Notes", ""] + [f"- {n}" for n in self.notes] + [""]
         return "\n".join(lines)
 
-    def write(self, out_dir: str | os.PathLike, *, png: bool | None = None) -> dict[str, list[str]]:
+    def write(self, out_dir: str | os.PathLike, *, png: bool | None = None, overwrite: bool = False
+              ) -> dict[str, list[str]]:
         """Write ``report.md``, ``report.json`` and ``figures/<name>.html`` (+ ``.png``) under ``out_dir``.
 
         The HTML files share ``figures/plotly.min.js`` (written once), so they open offline.
+        ``out_dir`` must be new, empty, or (with ``overwrite``) a report's folder, whose files are
+        removed first so that none of the old report's figures stays
+        (:func:`check_report_folder`).
 
         ``png``: True forces PNG export (ValueError without kaleido or Chromium), False skips
         it, None exports when both are present (:func:`png_export_available`). PNGs go through
@@ -244,14 +247,42 @@ class ClaimsReport:
                 "`apt-get install chromium`, or pass --no-png"
             )
         out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"`out_dir` {str(out)!r} exists and is not a directory; pick a folder path")
+        for old in check_report_folder(out, overwrite):
+            old.unlink()
         fig_dir = out / "figures"
         fig_dir.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(self.markdown("figures"), encoding="utf-8")
         (out / "report.json").write_text(json.dumps(_json_ready(self.data), indent=2, allow_nan=False), encoding="utf-8")
         html, pngs = _export_figures(self.figures, fig_dir, png_export_available() if png is None else png)
         return {"markdown": [str(out / "report.md")], "json": [str(out / "report.json")], "html": html, "png": pngs}
+
+
+_REPORT_FILES = ("report.md", "report.json")
+_FIGURE_SUFFIXES = (".html", ".png", ".js")
+
+
+def check_report_folder(out_dir: str | os.PathLike, overwrite: bool) -> list[Path]:
+    """The files of an earlier report in ``out_dir`` that writing a report there replaces (none
+    for a new or empty folder). ValueError for a folder holding anything else (a user's files are
+    never replaced), for a report's folder without ``overwrite``, and for a file."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"`out_dir` {str(out)!r} exists and is not a directory; pick a folder path")
+    if not out.exists() or not any(out.iterdir()):
+        return []
+    figures = out / "figures"
+    others = [p.name for p in out.iterdir()
+              if not (p.name in _REPORT_FILES and p.is_file() or p.name == "figures" and p.is_dir())]
+    if figures.is_dir():
+        others += [f"figures/{p.name}" for p in figures.iterdir()
+                   if not p.is_file() or p.suffix not in _FIGURE_SUFFIXES]
+    if others:
+        shown = ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(f"`out_dir` {str(out)!r} holds files that are not a dfsviz report's ({shown}): they are kept; "
+                         "pick a new or empty folder")
+    if not overwrite:
+        raise ValueError(f"`out_dir` {str(out)!r} holds an earlier report; pass `overwrite` to replace it")
+    return [p for p in out.iterdir() if p.is_file()] + (sorted(figures.iterdir()) if figures.is_dir() else [])
 
 
 def _export_figures(figs: dict, fig_dir: Path, png: bool) -> tuple[list[str], list[str]]:
@@ -1127,12 +1158,13 @@ def _pick(value: str | None, available: list[str], preferred: str, name: str) ->
     return value
 
 
-def build_report(capture, config: ReportConfig | None = None) -> ClaimsReport:
+def build_report(capture, config: ReportConfig | None = None, *, progress: bool = False) -> ClaimsReport:
     """Check the claims of docs/theory.md and the DFSAttn paper on one capture.
 
     Args:
         capture: a path to a capture file or an open ``CaptureReader`` (``dfsviz.open``).
         config: :class:`ReportConfig` (defaults: budgets 0.1/0.2/0.3, targets 0.9/0.95).
+        progress: show a tqdm bar over the (step, layer, order) maps read.
 
     Returns:
         :class:`ClaimsReport` (numbers in ``.data``, figures in ``.figures``); nothing is written.
@@ -1153,26 +1185,15 @@ def build_report(capture, config: ReportConfig | None = None) -> ClaimsReport:
     else:
         reader = capture
     try:
-        return _build(reader, config)
+        return _build(reader, config, progress)
     finally:
         if own:
             reader.close()
 
 
-def _require_valid(reader) -> None:
-    """ValueError naming the first problems when ``reader.validate()`` finds any."""
-    problems = reader.validate()
-    if problems:
-        more = f" (and {len(problems) - _SHOWN_PROBLEMS} more)" if len(problems) > _SHOWN_PROBLEMS else ""
-        raise ValueError(
-            f"capture {str(reader.path)!r} fails validation: {'; '.join(problems[:_SHOWN_PROBLEMS])}{more}; "
-            f"no report is built from it. `dfsviz inspect {reader.path}` lists every problem; capture the run again"
-        )
-
-
 def _context(reader, config: ReportConfig) -> _Context:
     """Check that the capture can be reported on and make the choices every claim shares."""
-    _require_valid(reader)
+    reader.require_valid("report")
     steps, methods = reader.steps, reader.methods
     if not methods:
         raise ValueError("the capture holds no scoring method; capture with --methods meanpool,dfs_tile")
@@ -1190,10 +1211,13 @@ def _context(reader, config: ReportConfig) -> _Context:
     return _Context(reader, config, method, order, schedule, config.branch, notes)
 
 
-def _build(reader, config: ReportConfig) -> ClaimsReport:
+def _build(reader, config: ReportConfig, progress: bool) -> ClaimsReport:
+    from tqdm.auto import tqdm
+
     ctx = _context(reader, config)
     claims = [claim(ctx) for claim in _CLAIMS]
-    for cell in _read(ctx):
+    cells = len(reader.steps) * len(reader.layers) * len(reader.orders)
+    for cell in tqdm(_read(ctx), total=cells, unit="map", desc="report", disable=not progress):
         for claim in claims:
             claim.add(cell)
     grid, block = reader.grid, reader.block

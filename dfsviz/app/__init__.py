@@ -17,9 +17,12 @@ import logging
 import os
 from collections.abc import Sequence
 
-__all__ = ["create_app", "PAGES"]
+__all__ = ["create_app", "LOOPBACK_NAMES", "PAGES"]
 
 logger = logging.getLogger(__name__)
+
+#: The Host names of a dashboard bound to 127.0.0.1 (create_app's ``trusted_hosts``).
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 
 def __getattr__(name: str):
@@ -38,6 +41,7 @@ def create_app(
     max_open: int = 8,
     cache_bytes: int = 1 << 30,
     title: str = "dfsviz",
+    trusted_hosts: Sequence[str] | None = LOOPBACK_NAMES,
 ):
     """Build the dashboard over the capture files under ``root``.
 
@@ -47,6 +51,10 @@ def create_app(
         max_open: capture files kept open (LRU).
         cache_bytes: memory for memoised maps (LRU), bytes.
         title: browser tab title.
+        trusted_hosts: the names a request's Host header may give (its port aside); any other is
+            answered 400. The default, the loopback names, is for a server bound to 127.0.0.1: a web
+            page the user visits cannot then reach it under a domain of its own that resolves to
+            127.0.0.1 (DNS rebinding). None accepts any Host (a server bound to another interface).
 
     The page style is ``dfsviz/app/assets/dfsviz.css`` (Dash serves the package's ``assets/``).
 
@@ -72,6 +80,7 @@ def create_app(
         update_title=None,
     )
     app.server.config[data.CONFIG_KEY] = catalog
+    app.server.config["TRUSTED_HOSTS"] = None if trusted_hosts is None else list(trusted_hosts)
 
     # the background check of large files waits while a request is served (CaptureCatalog.serving)
     @app.server.before_request

@@ -164,15 +164,18 @@ class _LRU:
                 self._on_evict(old)
         return value
 
-    def clear(self) -> None:
+    def discard(self, stale: Callable[[object], bool]) -> None:
+        """Drop (and evict) every entry whose key ``stale(key)`` is true."""
         with self._lock:
-            items = list(self._data.values())
-            self._data.clear()
-            self._sizes.clear()
-            self._bytes = 0
+            keys = [key for key in self._data if stale(key)]
+            items = [self._data.pop(key) for key in keys]
+            self._bytes -= sum(self._sizes.pop(key) for key in keys)
         if self._on_evict is not None:
             for old in items:
                 self._on_evict(old)
+
+    def clear(self) -> None:
+        self.discard(lambda key: True)
 
 
 def _close_reader(reader: object) -> None:
@@ -457,6 +460,9 @@ class CaptureCatalog:
             known = self._status.get(capture_id)
             if known is not None and known[0] == stamp:
                 return known[1]
+            # a file rewritten in place keeps its inode, and HDF5 would serve the new version through an
+            # old version's open handle, with that version's structure: close those first
+            self._readers.discard(lambda key: key[0] == stamp[0] and key != stamp)
             status, message = self._check(capture_id, path, stamp)
             entry = CaptureEntry(capture_id, path, status, message, stamp[1])
             if status != "capturing":  # asked again each time: a killed capture leaves the file as it was

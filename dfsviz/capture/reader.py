@@ -167,7 +167,7 @@ class CaptureReader:
             # a file cut off where HDF5 had moved the attribute (it is set last) did not end whole
             self._complete = RootAttrs(attrs).bool("complete") if self._padded is None or "complete" in attrs else False
             self._config = read_json_attr(attrs, "capture_config")
-            check_structure(self._f, self.path, self.layout)
+            check_structure(self._f, self.layout)
             self._steps = sorted(completed_step_groups(self._f))
         except ValueError as exc:
             self.close()
@@ -491,6 +491,18 @@ class CaptureReader:
         parts: :meth:`header_problems` and :meth:`iter_map_problems`.
         """
         return self.header_problems() + [problem for problem in self.iter_map_problems() if problem is not None]
+
+    def require_valid(self, product: str) -> None:
+        """ValueError naming the first problems :meth:`validate` finds, saying that no ``product``
+        ("report", "calibration") is built from the file; nothing when the file is sound."""
+        problems = self.validate()
+        if problems:
+            shown = 3  # `dfsviz inspect` lists them all
+            more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+            raise ValueError(
+                f"capture {str(self.path)!r} fails validation: {'; '.join(problems[:shown])}{more}; no {product} is "
+                f"built from it. `dfsviz inspect {self.path}` lists every problem; capture the run again"
+            )
 
     def header_problems(self) -> list[str]:
         """The problems :meth:`validate` finds outside the maps: the permutations, coordinates,

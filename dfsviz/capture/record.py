@@ -36,6 +36,7 @@ set to another backend (flash, sage ...) then runs on SDPA's own kernels, whose 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 import time
@@ -264,6 +265,9 @@ class Recording:
     def __enter__(self) -> "Recording":
         out = Path(self.config.out)
         if self.ranks is None or self.ranks.writes:
+            if out.is_dir():
+                raise ValueError(f"`out` {str(out)!r} is a folder; a recording is one file: name a file in it "
+                                 f"({str(out / 'recording.h5')!r})")
             require_output_folder(out)
             lock = CaptureLock(out)  # a second writer of `out` stops here, before the pipeline runs
             if out.exists() and not (self.config.overwrite or self.config.resume):
@@ -685,14 +689,21 @@ def _model_id(pipe, model, pipe_class: type) -> str:
 
 
 def _describe(value):
-    """A pipeline call argument as an attribute value: plain values as they are, tensors and
-    images by their shape or type."""
+    """A pipeline call argument as an attribute value: plain values as they are, tensors by
+    shape, dtype and a digest of their values, a generator by its seed, other objects (images)
+    by their type. Resume compares these: other embeddings or another seed are another run."""
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, torch.Tensor):
-        return f"tensor {list(value.shape)} {str(value.dtype).replace('torch.', '')}"
+        data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest = hashlib.sha256(data.tobytes()).hexdigest()[:16]
+        return f"tensor {list(value.shape)} {str(value.dtype).replace('torch.', '')} sha256:{digest}"
+    if isinstance(value, torch.Generator):
+        return f"Generator seed {value.initial_seed()}"
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
         return list(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Generator) for v in value):
+        return [_describe(v) for v in value]
     return type(value).__name__
 
 

@@ -242,6 +242,7 @@ def run_attrs(config: CaptureConfig, source: ModelSource, latent: tuple[int, int
     return {
         "model_id": source.model_id,
         "model_class": type(model).__name__,
+        "model_layers": len(source.adapter.select_layers(model)),  # of which `layers` are captured
         "adapter": source.adapter.name,
         "model_config": dict(model.config),
         "prompt": prompt,

@@ -85,7 +85,7 @@ def _check_folder(config: CaptureConfig, out: Path) -> None:
     require_output_folder(out)
 
 
-def check_output(config: CaptureConfig) -> None:
+def check_capture_output(config: CaptureConfig) -> None:
     """ValueError for an ``out`` this capture cannot write: a folder, one in a missing or
     unwritable folder, an existing file without overwrite/resume, a missing one with resume
     (``--dry-run`` checks it too)."""
@@ -99,11 +99,11 @@ def check_output(config: CaptureConfig) -> None:
 
 def _lock(config: CaptureConfig, out: Path) -> CaptureLock:
     """The lock of ``out`` (a second writer of ``out`` stops here, told who holds it), refused
-    as :func:`check_output` refuses ``out`` once it is held."""
+    as :func:`check_capture_output` refuses ``out`` once it is held."""
     _check_folder(config, out)  # the lock file goes next to ``out``
     lock = CaptureLock(out)
     try:
-        check_output(config)
+        check_capture_output(config)
     except ValueError:
         lock.release()
         raise

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
@@ -61,7 +60,7 @@ NEGATIVE_TOL = -1e-3
 # ----------------------------------------------------------------------------------------
 # structure
 # ----------------------------------------------------------------------------------------
-def _check_links(group, directory: Path, skip: set[str]) -> None:
+def _check_links(group, skip: set[str]) -> None:
     """Every member of ``group`` (recursively) is a hard link to a safe object."""
     import h5py
 
@@ -76,47 +75,26 @@ def _check_links(group, directory: Path, skip: set[str]) -> None:
             continue
         obj = group[name]
         if isinstance(obj, h5py.Group):
-            _check_links(obj, directory, skip)
+            _check_links(obj, skip)
         else:
-            _check_storage(obj, directory)
+            _check_storage(obj)
 
 
-def _check_storage(dset, directory: Path) -> None:
-    """Data of ``dset`` lies in this file, or in plain datasets of files beside it."""
-    import h5py
-
+def _check_storage(dset) -> None:
+    """Data of ``dset`` lies in this file: dfsviz never writes external storage or virtual
+    datasets, and either would make the reader open other files (a virtual dataset's source
+    can be swapped, or replaced by a link out of the data root, after the file was checked)."""
     if dset.external:
         raise ValueError(
             f"{dset.name!r} stores its data in an external file ({dset.external[0][0]!r}): dfsviz captures keep their "
             "data inside the file (refused)"
         )
+    if dset.is_virtual:
+        raise ValueError(
+            f"{dset.name!r} is a virtual dataset reading other files: dfsviz captures keep their data inside the file "
+            "(refused)"
+        )
     _check_filters(dset)
-    if not dset.is_virtual:
-        return
-    root = directory.resolve()
-    for source in dset.virtual_sources():
-        if source.file_name == ".":
-            continue
-        target = (root / source.file_name).resolve()
-        if not target.is_relative_to(root):
-            raise ValueError(
-                f"{dset.name!r} is a virtual dataset reading {source.file_name!r}, outside the capture's directory "
-                f"{str(root)!r} (refused)"
-            )
-        if not target.is_file():
-            raise ValueError(f"{dset.name!r} is a virtual dataset reading {source.file_name!r}, which does not exist")
-        # the source dataset itself must be plain: no links out, no storage elsewhere, no further indirection
-        with h5py.File(target, "r") as src:
-            parts = [p for p in source.dset_name.split("/") if p]
-            node = src
-            for i, part in enumerate(parts):
-                link = node.get(part, getlink=True)
-                if not isinstance(link, h5py.HardLink):
-                    raise ValueError(f"{dset.name!r} reads {source.file_name}:{source.dset_name}, which is not a plain dataset (refused)")
-                node = node[part]
-            if not isinstance(node, h5py.Dataset) or node.is_virtual or node.external:
-                raise ValueError(f"{dset.name!r} reads {source.file_name}:{source.dset_name}, which is not a plain dataset (refused)")
-            _check_filters(node)
 
 
 def _check_filters(dset) -> None:
@@ -230,7 +208,7 @@ def video_problem(latent_frame: np.ndarray, grid_frames: int) -> str | None:
     return None
 
 
-def check_structure(f, path: Path, layout: StoreLayout) -> None:
+def check_structure(f, layout: StoreLayout) -> None:
     """Raise ValueError naming the first way the open file ``f`` departs from the schema
     (metadata only: no map is read)."""
     incomplete = set()
@@ -239,7 +217,7 @@ def check_structure(f, path: Path, layout: StoreLayout) -> None:
         incomplete = {f"/{STEP_GROUP}/{name}" for name in f[STEP_GROUP] if name not in done}
     if VIDEO_GROUP in f and completed_video(f) is None:
         incomplete.add(f"/{VIDEO_GROUP}")
-    _check_links(f, path.parent, skip=incomplete)
+    _check_links(f, skip=incomplete)
     _check_video(f)
     if "orders" not in f:
         raise ValueError("'/orders' is missing")

@@ -8,9 +8,11 @@ and exit code 2; outputs are checked before the work starts (``check_output``).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -41,7 +43,8 @@ def check_output(path: str, option: str, *, folder: bool = False) -> None:
     """Refuse an output that cannot be written before any work is done, so a typo costs nothing
     (click's Path type has already refused a folder for a file and the reverse): a file's folder
     must exist; a folder (``folder``: created with its parents when written) must not lie under a
-    file; the nearest existing folder must be writable. ValueError naming ``option``."""
+    file; the nearest existing folder must take a new file (tried: a temporary file is created and
+    removed, since permission bits say nothing for root or for /proc). ValueError naming ``option``."""
     out = Path(path)
     if folder:
         existing = next(p for p in (out, *out.parents) if p.exists())
@@ -52,8 +55,14 @@ def check_output(path: str, option: str, *, folder: bool = False) -> None:
         state = missing_folder(existing)
         if state is not None:
             raise ValueError(f"`{option}` {path!r}: its folder {str(existing)!r} {state}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"`{option}` {path!r}: no permission to write in {str(existing)!r}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".dfsviz-probe-")
+    except OSError as exc:
+        reason = "no permission to write in" if exc.errno in (errno.EACCES, errno.EPERM) else "cannot write in"
+        raise ValueError(f"`{option}` {path!r}: {reason} {str(existing)!r}"
+                         + ("" if reason.startswith("no") else f" ({exc.strerror})")) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def fail_cleanly(func):

@@ -61,6 +61,8 @@ def app_command(roots: tuple[str, ...], host: str, port: int, dry_run: bool) -> 
     """
     from dfsviz.app.data import CaptureCatalog
 
+    if not host.strip():  # werkzeug would fall back to $HOST, which may be every interface
+        raise ValueError("`--host` must name an interface (127.0.0.1 by default)")
     if not dry_run:  # a taken port or a foreign address: one line at once, before the roots are read
         ensure_port_free(host, port)
     paths = [Path(r) for r in roots] or default_roots()
@@ -82,10 +84,12 @@ def app_command(roots: tuple[str, ...], host: str, port: int, dry_run: bool) -> 
         return
     import torch
 
-    from dfsviz.app import create_app
+    from dfsviz.app import LOOPBACK_NAMES, create_app
 
     # Requests touch maps of at most a few MB, where intra-op threads cost more than they
     # give (10-50x slower on a busy machine); parallelism comes from the threaded server.
     torch.set_num_threads(1)
     click.echo(f"serving http://{host}:{port}/  (Ctrl+C stops)")
-    create_app(paths).run(host=host, port=port, debug=False)
+    # bound to 127.0.0.1, only requests naming this machine by its loopback names are answered (DNS rebinding)
+    trusted = LOOPBACK_NAMES if host in LOOPBACK_NAMES else None
+    create_app(paths, trusted_hosts=trusted).run(host=host, port=port, debug=False)

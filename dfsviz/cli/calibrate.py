@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from dfsviz.cli import check_output, fail_cleanly, main
@@ -19,8 +21,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
         "  dfsviz calibrate seed0.h5 seed1.h5 --max-density 0.4 --out dfsattn.json\n"
         "  dfsviz calibrate runs/classes --target-recall 0.9 --out dfsattn.json   # a run set: all its clips\n"
         "  dfsviz calibrate wan.h5 --target-recall 0.95 --method dfs_tile --warmup 12 --out wan-dfsattn.json\n"
-        "\b\nThen, in Python:\n"
-        '  apply_dfsattn(pipe, "dfsattn.json")'
+        "\b\nThen, in Python (steps told by the pipeline's callback, whatever its CFG batching):\n"
+        '  with apply_dfsattn(pipe, "dfsattn.json") as handle:\n'
+        "      handle.state.set_step(0)\n"
+        "      pipe(prompt, num_inference_steps=20, callback_on_step_end=handle.step_callback)"
     ),
 )
 @click.argument("captures", nargs=-1, required=True, type=click.Path())
@@ -30,6 +34,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
               help="Attention work of the whole run as a fraction of dense (warm-up steps count 1); "
                    "the plan with the best recall wins.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Config file to write (JSON).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (only a DFSAttn config is replaced).")
 @click.option("--order", default=None, help="Token order (default hilbert3d when captured).")
 @click.option("--method", default=None, help="Scoring method (default: every captured method, the best kept).")
 @click.option("--branch", type=click.Choice(["cond", "uncond"]), default="cond", show_default=True, help="CFG branch.")
@@ -42,8 +47,8 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 @click.option("--allow-incomplete", is_flag=True,
               help="Calibrate on the complete clips of a run set whose other clips are not complete.")
 @fail_cleanly
-def calibrate_command(captures, target_recall, max_density, out, order, method, branch, warmup_steps, interval,
-                      dense_above, refresh_cost, allow_incomplete):
+def calibrate_command(captures, target_recall, max_density, out, overwrite, order, method, branch, warmup_steps,
+                      interval, dense_above, refresh_cost, allow_incomplete):
     """Calibrate DFSAttn from one or more CAPTURES of one model at one resolution.
 
     A CAPTURE is a capture file or a run-set directory (``dfsviz capture --seeds/--prompts``),
@@ -55,9 +60,16 @@ def calibrate_command(captures, target_recall, max_density, out, order, method, 
     (docs/calibration.md). Several captures (prompts, seeds) are pooled; the summary shows the
     spread of the predicted recall across them.
     """
+    from dfsviz.accel.plan import is_plan_file
     from dfsviz.analysis.calibrate import CalibrationConfig, calibrate
 
     check_output(out, "--out")
+    if Path(out).exists():  # before any work: a capture or a run set's manifest named by mistake is kept
+        if not overwrite:
+            raise ValueError(f"`--out` {out!r} exists; pass --overwrite to replace it")
+        if not is_plan_file(out):
+            raise ValueError(f"`--out` {out!r} is not a DFSAttn config (a capture, a run set's manifest, another "
+                             "file?): --overwrite replaces only those; name another file")
     tuning = {k: v for k, v in (("dense_above", dense_above), ("refresh_cost", refresh_cost)) if v is not None}
     config = CalibrationConfig(target_recall=target_recall, max_density=max_density, order=order, method=method,
                                branch=branch, warmup_steps=warmup_steps, interval=interval, **tuning)
@@ -69,7 +81,8 @@ def calibrate_command(captures, target_recall, max_density, out, order, method, 
     click.echo(f"wrote {path}: {plan.model.id} ({plan.model.cls}), grid {plan.grid.name}, block {plan.block}; "
                f"{len(plan.provenance['captures'])} capture(s) in {result.seconds:.1f} s")
     click.echo(f"goal: {goal}; order {plan.order}, method {plan.method}"
-               + ("" if plan.tile is None else f" (tile {plan.tile})"))
+               + ("" if plan.tile is None
+                  else f" ({'stride' if plan.method == 'antidiagonal' else 'tile'} {plan.tile})"))
     click.echo(f"schedule: {plan.warmup_steps} dense warm-up step(s) of {plan.num_steps}, refresh every "
                f"{plan.interval} step(s) ({p['refreshes']} refreshes); a cached mask keeps "
                f"{_fmt(p['reuse_factor'])} of a fresh mask's recall at its oldest")

@@ -266,12 +266,12 @@ def _report_interrupted(out: str) -> None:
 
 def _capture_one(config, opts: dict) -> None:
     from dfsviz.capture.resolve import resolve_capture
-    from dfsviz.capture.runner import check_output, run_capture
+    from dfsviz.capture.runner import check_capture_output, run_capture
 
     from dfsviz.capture.ranks import world_size
 
     if opts["dry_run"]:
-        check_output(config)
+        check_capture_output(config)
         info = resolve_capture(config, load_weights=False).describe()
         _echo_dry_run(info, info["estimated_file_bytes_uncompressed"], f"{len(info['capture_steps'])} steps")
         return

@@ -32,7 +32,9 @@ def _verdicts(data: dict) -> list[tuple[str, dict]]:
     "  dfsviz report runs/wan.h5 --out report --budgets 0.1,0.2,0.3 --no-png",
 )
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (created).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder (created): new, empty, or with --overwrite an earlier report's.")
+@click.option("--overwrite", is_flag=True, help="Replace the earlier report in --out (its figures included).")
 @click.option("--png/--no-png", default=None, help="Also write PNG figures (needs kaleido, the png extra, and Chromium). Default: when both are found.")
 @click.option("--budgets", default="0.1,0.2,0.3", show_default=True, help="Budgets gamma (kept fraction) to tabulate.")
 @click.option("--targets", default="0.9,0.95", show_default=True, help="Recall levels whose needed budget is reported.")
@@ -43,7 +45,7 @@ def _verdicts(data: dict) -> list[tuple[str, dict]]:
 @click.option("--bound1/--no-bound1", default=True, show_default=True,
               help="Check Bound 1 on layers stored with --save-qkv (an exact O(N^2) pass per step and order).")
 @fail_cleanly
-def report_command(file, out_dir, png, budgets, targets, method, order, branch, atol, bound1):
+def report_command(file, out_dir, overwrite, png, budgets, targets, method, order, branch, atol, bound1):
     """Check the claims of docs/theory.md and the DFSAttn paper on one capture FILE.
 
     Writes OUT/report.md, OUT/report.json and OUT/figures/*.html (and *.png): bound
@@ -54,13 +56,14 @@ def report_command(file, out_dir, png, budgets, targets, method, order, branch, 
     bound is violated; exit code 2, before anything is written, when FILE fails
     validation (see `dfsviz inspect`).
     """
-    from dfsviz.analysis.report import ReportConfig, build_report
+    from dfsviz.analysis.report import ReportConfig, build_report, check_report_folder
 
     check_output(out_dir, "--out", folder=True)
+    check_report_folder(out_dir, overwrite)  # before the work: a user's files in --out are never replaced
     config = ReportConfig(budgets=_fractions(budgets, "--budgets"), targets=_fractions(targets, "--targets"),
                           method=method, order=order, branch=branch, atol=atol, bound1=bound1)
-    report = build_report(file, config)
-    written = report.write(out_dir, png=png)
+    report = build_report(file, config, progress=True)
+    written = report.write(out_dir, png=png, overwrite=overwrite)
     v = report.data["violations"]
     click.echo(f"report: {written['markdown'][0]}")
     click.echo(f"json:   {written['json'][0]}")

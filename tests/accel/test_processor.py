@@ -343,6 +343,10 @@ def test_step_callback_drives_explicit_steps(models):
             run(model, inputs)
             assert h.step_callback(None, i, None, {"latents": 1}) == {"latents": 1}
         assert h.state.step == 2  # the last step does not advance past num_steps
+        # a pipeline that runs more steps than the schedule: stopped at the first one past it
+        with pytest.raises(ValueError, match=r"the pipeline runs more steps than the DFSAttn schedule's num_steps = 3 "
+                                             r"\(step 3 ended\): pass num_inference_steps=3"):
+            h.step_callback(None, 3, None, {})
     assert [(r["step"], r["branch"], r["refresh"]) for r in h.state.records if r["layer"] == 0] == [
         (1, 0, True), (1, 1, False), (2, 0, True), (2, 1, False)]
 

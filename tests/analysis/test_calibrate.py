@@ -272,7 +272,8 @@ def base(tmp_path_factory):
         (lambda d: token_capture(d / "x.h5", orders=("raster",)),
          r"the captures share no token order; capture them with the same --orders"),
         (lambda d: token_capture(d / "x.h5", methods=("meanpool",)),
-         r"the captures share no scoring method; capture them with the same --methods"),
+         r"the captures share no scoring method other than the oracle \(the dense reference\); capture them with the "
+         r"same --methods"),
         (lambda d: token_capture(d / "x.h5", tile=8),
          r"the captures scored with different tiles \(dfs_tile: \[16, 8\], capture by capture\)"),
         (lambda d: str(dfsviz.sample_capture()),

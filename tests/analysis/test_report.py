@@ -186,12 +186,33 @@ def test_write_files(tmp_path, built, monkeypatch):
     monkeypatch.setattr(report_mod, "chromium_available", lambda: False)
     with pytest.raises(ValueError, match="PNG export needs Chromium"):
         built.write(tmp_path / "png", png=True)
-    assert built.write(tmp_path / "auto")["png"] == []  # auto: no Chromium, no PNG
+    assert built.write(tmp_path / "auto", overwrite=True)["png"] == []  # auto: no Chromium, no PNG
     with pytest.raises(TypeError, match="`png` must be True, False or None"):
         built.write(tmp_path / "x", png="yes")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="exists and is not a directory"):
         built.write(tmp_path / "file", png=False)
+
+
+def test_a_folder_is_written_only_when_new_empty_or_an_earlier_report_with_overwrite(tmp_path, built):
+    out = tmp_path / "out"
+    built.write(out, png=False)
+    with pytest.raises(ValueError, match=r"holds an earlier report; pass `overwrite` to replace it"):
+        built.write(out, png=False)
+    (out / "figures" / "stale.png").write_bytes(b"an older report's figure")
+    written = built.write(out, png=False, overwrite=True)
+    assert not (out / "figures" / "stale.png").exists()  # nothing of the old report stays beside the new one
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(
+        [Path(p).name for p in written["html"]] + ["plotly.min.js"])
+    # a user's file is never replaced, with overwrite or without
+    (out / "notes.md").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"holds files that are not a dfsviz report's \(notes.md\): they are kept"):
+            built.write(out, png=False, overwrite=overwrite)
+    assert (out / "notes.md").read_text() == "mine" and (out / "report.md").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    built.write(empty, png=False)
 
 
 @pytest.mark.skipif(not report_mod.png_export_available(), reason="PNG export needs kaleido and Chromium")

@@ -229,6 +229,39 @@ def test_a_rewritten_file_is_not_served_stale(capture_root, tmp_path):
         cat.close()
 
 
+def test_a_file_rewritten_in_place_is_read_anew(capture_root, tmp_path):
+    """Written over the same inode (``cat new > old``), which HDF5 would serve through the open
+    handle of the old version, with the old version's structure."""
+    import h5py
+
+    root = tmp_path / "r"
+    root.mkdir()
+    path = root / "c.h5"
+    shutil.copy(capture_root / "good.h5", path)
+    new = tmp_path / "new.h5"
+    shutil.copy(capture_root / "good.h5", new)
+    with h5py.File(new, "r+") as f:  # another layout of the same run: a large attribute moves the structure
+        f.attrs["note"] = "x" * 200_000
+        m = f["steps"]["step_0000"]["m"]
+        m[0, 0, 0, 0] = 1.0 / m.shape[-1]
+    cat = CaptureCatalog([root])
+    try:
+        before = cat.mass("r/c.h5", 0, 0, "raster", 0).clone()
+        inode = path.stat().st_ino
+        with open(path, "r+b") as out:
+            out.write(new.read_bytes())
+            out.truncate()
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert path.stat().st_ino == inode
+        assert cat.entry("r/c.h5").status == "ok", cat.entry("r/c.h5").message
+        assert cat.reader("r/c.h5").attrs["note"] == "x" * 200_000
+        after = cat.mass("r/c.h5", 0, 0, "raster", 0)
+        assert torch.all(after == 1.0 / after.shape[-1]) and not torch.equal(before, after)
+    finally:
+        cat.close()
+
+
 def test_reader_lru_closes_evicted_files(capture_root, tmp_path):
     root = tmp_path / "many"
     root.mkdir()

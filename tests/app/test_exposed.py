@@ -1,10 +1,16 @@
 """A dashboard reachable by others (``dfsviz app --host``): Live runs are bounded per client and
 on the server, job ids cannot be guessed, messages never show a path of the server, and the
-CLI warns that there is no login."""
+CLI warns that there is no login. One bound to 127.0.0.1 answers only its loopback names (no DNS
+rebinding)."""
 
 from __future__ import annotations
 
+import http.client
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -62,3 +68,51 @@ def test_binding_another_interface_warns_that_there_is_no_login(capture_root):
     result = CliRunner().invoke(main, ["app", "--root", str(capture_root), "--host", "0.0.0.0", "--dry-run"])
     assert result.exit_code == 0
     assert "no login" in result.output and "anyone who can reach" in result.output
+
+
+def _status(port: int, host: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/_dash-layout", headers={"Host": host})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_a_loopback_dashboard_answers_only_its_loopback_names(capture_root):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "dfsviz", "app", "--root", str(capture_root), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until the server listens (it imports dash and torch first)
+            assert server.poll() is None, server.stderr.read()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the dashboard did not start listening"
+                time.sleep(0.2)
+        assert _status(port, f"127.0.0.1:{port}") == 200
+        assert _status(port, f"localhost:{port}") == 200
+        # a page on another site whose domain the attacker points at 127.0.0.1
+        assert _status(port, f"rebind.attacker.example:{port}") == 400
+    finally:
+        server.kill()
+        server.wait(timeout=60)
+
+
+def test_create_app_without_trusted_hosts_answers_any_host(capture_root):
+    from dfsviz.app import create_app
+
+    client = create_app(capture_root, trusted_hosts=None).server.test_client()
+    assert client.get("/_dash-layout", headers={"Host": "dfsviz.lab.example"}).status_code == 200
+    client = create_app(capture_root).server.test_client()
+    assert client.get("/_dash-layout", headers={"Host": "dfsviz.lab.example"}).status_code == 400
+
+
+def test_an_empty_host_is_refused():
+    result = CliRunner().invoke(main, ["app", "--host", " ", "--dry-run"])
+    assert result.exit_code == 2 and "`--host` must name an interface" in result.output

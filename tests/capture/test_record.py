@@ -7,6 +7,8 @@ before anything is written."""
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -194,6 +196,16 @@ def test_interrupted_recording_keeps_its_steps_and_resumes(tmp_path):
     with pytest.raises(ValueError, match=r"--resume: .* was captured with other settings"):
         with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), resume=True, **SETTINGS):
             pipe(generator=torch.Generator().manual_seed(1), **{**WAN_CALL, "guidance_scale": 2.0})
+    # embeddings of the same shape but other values, and another seed, are other runs too
+    for changed, seed in (({"prompt_embeds": _embeds(12)}, 1), ({}, 2)):
+        with pytest.raises(ValueError, match=r"--resume: .* was captured with other settings .*pipeline_call"):
+            with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), resume=True, **SETTINGS):
+                pipe(generator=torch.Generator().manual_seed(seed), **{**WAN_CALL, **changed})
+    with dfsviz.open(out) as run:
+        call = run.attrs["pipeline_call"]
+        call = json.loads(call) if isinstance(call, str) else call
+        assert call["generator"] == "Generator seed 1" and call["prompt_embeds"].startswith("tensor [1, 6, 16] float32 "
+                                                                                            "sha256:")
 
 
 def cogvideox_pipeline():
@@ -388,6 +400,13 @@ def test_bad_input_stops_before_anything_is_written(tmp_path):
     assert out.read_bytes() == b"being written"
     with pytest.raises(ValueError, match=r"output .* exists; pass overwrite=True to replace it or resume=True"):
         dfsviz.record(pipe, out, **SETTINGS).__enter__()
+    # a folder: named as one, with or without overwrite, and kept
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"`out` '.*runs' is a folder; a recording is one file: name a file in it"):
+            dfsviz.record(pipe, folder, overwrite=overwrite, **SETTINGS).__enter__()
+    assert folder.is_dir() and list(folder.iterdir()) == []
 
 
 def test_one_call_per_block(tmp_path):

@@ -98,13 +98,111 @@ def test_errors_are_one_red_line(tmp_path, args, message):
 
 
 def test_an_unwritable_output_folder_is_refused_before_the_work(tmp_path, monkeypatch):
-    """Without permission to write in --out's folder (os.access answering as it does for a user
-    without it: this suite may run as root, whom it never refuses), nothing is read."""
+    """Without permission to write in --out's folder (the probe file refused as it is for a user
+    without it: this suite may run as root, whom permission bits never refuse), nothing is read."""
+    import tempfile
+
     capture = _token(tmp_path / "a.h5")
-    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)
+
+    def refused(**kwargs):
+        raise PermissionError(13, "Permission denied", kwargs["dir"])
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
     result = CliRunner().invoke(main, ["calibrate", capture, "--target-recall", "0.9", "--out", str(tmp_path / "x.json")])
     assert result.exit_code == 2
     assert result.output == f"Error: `--out` '{tmp_path / 'x.json'}': no permission to write in '{tmp_path}'\n"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_file_is_refused_before_the_work(tmp_path):
+    """/proc takes no new file even for root, whose permission bits pass."""
+    capture = _token(tmp_path / "a.h5")
+    result = CliRunner().invoke(main, ["calibrate", capture, "--target-recall", "0.9", "--out", "/proc/x.json"])
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: `--out` '/proc/x.json': ") and "'/proc'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_existing_output_is_kept_unless_it_is_a_config_and_overwrite_is_given(tmp_path):
+    capture = _token(tmp_path / "a.h5")
+    before = open(capture, "rb").read()
+    args = ["calibrate", str(capture), "--target-recall", "0.9"]
+    result = CliRunner().invoke(main, [*args, "--out", str(capture)])
+    assert result.exit_code == 2
+    assert f"Error: `--out` '{capture}' exists; pass --overwrite to replace it" in result.output
+    # even with --overwrite, the input capture itself (any file that is not a config) is kept
+    result = CliRunner().invoke(main, [*args, "--out", str(capture), "--overwrite"])
+    assert result.exit_code == 2 and "is not a DFSAttn config" in result.output
+    assert open(capture, "rb").read() == before
+    out = tmp_path / "dfsattn.json"
+    assert CliRunner().invoke(main, [*args, "--out", str(out)]).exit_code == 0
+    assert CliRunner().invoke(main, [*args, "--out", str(out)]).exit_code == 2
+    result = CliRunner().invoke(main, ["calibrate", str(capture), "--max-density", "0.6", "--out", str(out),
+                                       "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert CalibratedPlan.load(out).provenance["max_density"] == 0.6
+
+
+def test_the_oracle_is_never_a_calibrated_method(tmp_path):
+    """Its scores are a dense attention pass at every refresh: the plan's "work" would be false."""
+    from dfsviz.analysis.calibrate import CalibrationConfig, calibrate
+
+    both = write_token_model_capture(tmp_path / "b.h5", TokenModelConfig(LatentGrid(2, 8, 16), heads=2, head_dim=16),
+                                     num_steps=10, steps=(0, 3, 6, 9), layers=2, orders=("hilbert3d",),
+                                     methods=("oracle", "dfs_tile"), block=32, footprints=0)
+    result = calibrate([both], CalibrationConfig(max_density=0.6))
+    assert result.plan.method == "dfs_tile" and set(result.plan.predicted["methods"]) == {"dfs_tile"}
+    with pytest.raises(ValueError, match=r"`method` 'oracle' scores blocks by a dense attention pass at every refresh: "
+                                         r"it is the reference, not a method to calibrate; pick one of \['dfs_tile'\]"):
+        calibrate([both], CalibrationConfig(max_density=0.6, method="oracle"))
+    only = write_token_model_capture(tmp_path / "o.h5", TokenModelConfig(LatentGrid(2, 8, 16), heads=2, head_dim=16),
+                                     num_steps=10, steps=(0, 3, 6, 9), layers=2, orders=("hilbert3d",),
+                                     methods=("oracle",), block=32, footprints=0)
+    with pytest.raises(ValueError, match=r"share no scoring method other than the oracle"):
+        calibrate([only], CalibrationConfig(max_density=0.6))
+
+
+def test_a_damaged_capture_is_named_as_inspect_names_it(tmp_path):
+    import h5py
+
+    capture = _token(tmp_path / "a.h5")
+    with h5py.File(capture, "r+") as f:
+        m = f["steps"]["step_0003"]["m"]
+        m[0, 0, 0, 0] = 2 * m[0, 0, 0, 0]  # its rows sum to 2
+    result = CliRunner().invoke(main, ["calibrate", str(capture), "--target-recall", "0.9", "--out",
+                                       str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"Error: capture '{capture}' fails validation: step_0003/m" in result.output
+    assert f"no calibration is built from it. `dfsviz inspect {capture}` lists every problem" in result.output
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_layers_left_out_of_the_captures_count_as_dense_in_a_note(tmp_path):
+    """A capture of 2 of the embedded model's 8 layers: the plan covers those 2, the other 6 run dense."""
+    from dfsviz.analysis.calibrate import CalibrationConfig, calibrate
+    from dfsviz.capture import CaptureConfig, run_capture
+
+    out = tmp_path / "two.h5"
+    run_capture(CaptureConfig(out=str(out), num_steps=4, capture_steps=(0, 1, 2, 3), layers=(0, 1), footprints=0,
+                              device="cpu"), progress=False)
+    with dfsviz.open(out) as run:
+        assert int(run.attrs["model_layers"]) == 8 and run.layers == [0, 1]
+    result = calibrate([out], CalibrationConfig(max_density=0.6))
+    work = result.plan.predicted["attention_work"]
+    note = next(n for n in result.notes if n.startswith("the captures hold 2 of the model's 8 self-attention layers"))
+    assert f"about {(2 * work + 6) / 8:.3f} of dense (layers of equal cost), not {work:.3f}" in note
+
+
+def test_the_library_save_keeps_a_file_that_is_not_a_config(tmp_path):
+    from dfsviz.analysis.calibrate import CalibrationConfig, calibrate
+
+    capture = _token(tmp_path / "a.h5")
+    result = calibrate([capture], CalibrationConfig(target_recall=0.9))
+    before = open(capture, "rb").read()
+    with pytest.raises(ValueError, match=r"exists and is not a DFSAttn config .*: it is kept; name another file"):
+        result.save(capture)
+    assert open(capture, "rb").read() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5"]  # no temporary file left
 
 
 def test_a_failed_write_is_one_red_line(tmp_path, monkeypatch):
