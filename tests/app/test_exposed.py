@@ -83,7 +83,8 @@ def test_a_loopback_dashboard_answers_only_its_loopback_names(capture_root):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "dfsviz", "app", "--root", str(capture_root), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "dfsviz", "app", "--root", str(capture_root), "--port", str(port),
+                               "--trusted-host", "dfsviz.lab.example"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -99,6 +100,7 @@ def test_a_loopback_dashboard_answers_only_its_loopback_names(capture_root):
         assert _status(port, f"localhost:{port}") == 200
         # a page on another site whose domain the attacker points at 127.0.0.1
         assert _status(port, f"rebind.attacker.example:{port}") == 400
+        assert _status(port, f"dfsviz.lab.example:{port}") == 200  # a reverse proxy's name, given
     finally:
         server.kill()
         server.wait(timeout=60)
@@ -113,6 +115,11 @@ def test_create_app_without_trusted_hosts_answers_any_host(capture_root):
     assert client.get("/_dash-layout", headers={"Host": "dfsviz.lab.example"}).status_code == 400
 
 
-def test_an_empty_host_is_refused():
-    result = CliRunner().invoke(main, ["app", "--host", " ", "--dry-run"])
-    assert result.exit_code == 2 and "`--host` must name an interface" in result.output
+@pytest.mark.parametrize(("args", "message"), [
+    (["--host", " "], "`--host` must name an interface"),
+    (["--host", "0.0.0.0", "--trusted-host", "a.example"], "`--trusted-host` applies to a dashboard bound to 127.0.0.1"),
+    (["--trusted-host", "https://a.example:8050"], "`--trusted-host` takes host names without a port or scheme"),
+])
+def test_bad_host_options_are_refused(args, message):
+    result = CliRunner().invoke(main, ["app", *args, "--dry-run"])
+    assert result.exit_code == 2 and message in result.output
