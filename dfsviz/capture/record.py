@@ -276,6 +276,7 @@ class Recording:
             self._lock = lock
         self._start = time.perf_counter()
         self._calls = 0  # pipeline calls
+        self._call_done = False  # the recorded pipeline call returned
         self._call: dict = {}
         self.rc: ResolvedCapture | None = None
         self.writer: CaptureWriter | None = None
@@ -331,7 +332,9 @@ class Recording:
             try:
                 if exc_type is None and writer.open_step is not None:
                     self._end_step(writer)  # a transformer-only loop: the last step ends with the block
-                complete = exc_type is None and set(self.rc.capture_steps) <= writer.completed
+                # an error after the recorded call returned (a second call, refused) leaves that call whole
+                whole = exc_type is None or self._call_done
+                complete = whole and set(self.rc.capture_steps) <= writer.completed
                 if complete:
                     writer.finish()
             finally:
@@ -380,7 +383,9 @@ class Recording:
 
         def __call__(self, *args, **kwargs):
             recording._before_call(original, self, args, kwargs)
-            return original.__call__(self, *args, **kwargs)
+            result = original.__call__(self, *args, **kwargs)
+            recording._call_done = True
+            return result
 
         recorded = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__})
         pipe.__class__ = recorded

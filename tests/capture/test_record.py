@@ -415,8 +415,8 @@ def test_one_call_per_block(tmp_path):
         with dfsviz.record(pipe, tmp_path / "two.h5", capture_steps=(0,), **SETTINGS):
             pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
             pipe(generator=torch.Generator().manual_seed(1), **WAN_CALL)
-    with dfsviz.open(tmp_path / "two.h5") as run:  # the first call's steps are kept
-        assert run.steps == [0]
+    with dfsviz.open(tmp_path / "two.h5") as run:  # the first call's steps are kept, and it ran whole
+        assert run.steps == [0] and run.complete
 
 
 def test_a_transformer_in_your_own_loop_records_as_its_pipeline_does(tmp_path):
