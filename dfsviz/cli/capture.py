@@ -110,11 +110,11 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
 )
 @click.option(
     "--orders", "orders_spec", default="raster,hilbert3d", show_default=True,
-    help=f"Token orders: {','.join(order_names())}.",
+    help=f"Token orders: {','.join(order_names())}, or all.",
 )
 @click.option(
     "--methods", "methods_spec", default="meanpool,dfs_tile,antidiagonal", show_default=True,
-    help=f"Scoring methods: {','.join(scorer_names())}.",
+    help=f"Scoring methods: {','.join(scorer_names())}, or all (oracle: the exact block mass, a dense pass).",
 )
 @click.option("--block", type=int, default=128, show_default=True, help="Tokens per block (power of two, 16-256).")
 @click.option("--tile", type=int, default=16, show_default=True, help="dfs_tile pooling tile b.")
