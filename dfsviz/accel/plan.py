@@ -36,8 +36,8 @@ __all__ = [
     "CalibratedPlan",
     "LayerBudget",
     "ModelIdentity",
+    "check_replaceable",
     "gamma_for_count",
-    "is_plan_file",
     "public_config",
     "select_topk_heads",
     "text_blocks",
@@ -231,17 +231,21 @@ class LayerBudget:
 _PLAN_BYTES_MAX = 64 << 20
 
 
-def is_plan_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a file holding a DFSAttn config (JSON whose ``format`` is
-    ``PLAN_FORMAT``), however valid its contents."""
+def check_replaceable(path: str | os.PathLike) -> None:
+    """ValueError unless ``path`` is absent or a file holding a DFSAttn config (JSON whose
+    ``format`` is ``PLAN_FORMAT``, however valid its contents), the only file
+    :meth:`CalibratedPlan.save` replaces: a capture or a run set's manifest named by mistake is kept."""
     path = Path(path)
+    if not path.exists():
+        return
     try:
-        if not path.is_file() or path.stat().st_size > _PLAN_BYTES_MAX:
-            return False
-        data = json.loads(path.read_text())
+        data = (json.loads(path.read_text()) if path.is_file() and path.stat().st_size <= _PLAN_BYTES_MAX
+                else None)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("format") == PLAN_FORMAT
+        data = None
+    if not (isinstance(data, dict) and data.get("format") == PLAN_FORMAT):
+        raise ValueError(f"{str(path)!r} exists and is not a DFSAttn config (a capture, a run set's manifest, "
+                         "another file?): it is kept; name another file")
 
 
 @dataclass(frozen=True, eq=False)
@@ -442,12 +446,9 @@ class CalibratedPlan:
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`dumps` to ``path``, whole or not at all (a temporary file beside it,
         renamed over it), and return the path. An existing file is replaced only when it is a
-        DFSAttn config: ValueError keeps anything else (a capture or a run set's manifest named
-        by mistake)."""
+        DFSAttn config (:func:`check_replaceable`)."""
         path = Path(path)
-        if path.exists() and not is_plan_file(path):
-            raise ValueError(f"{str(path)!r} exists and is not a DFSAttn config (a capture, a run set's manifest, "
-                             "another file?): it is kept; name another file")
+        check_replaceable(path)
         tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
         try:
             tmp.write_text(self.dumps())

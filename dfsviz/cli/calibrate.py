@@ -60,16 +60,13 @@ def calibrate_command(captures, target_recall, max_density, out, overwrite, orde
     (docs/calibration.md). Several captures (prompts, seeds) are pooled; the summary shows the
     spread of the predicted recall across them.
     """
-    from dfsviz.accel.plan import is_plan_file
+    from dfsviz.accel.plan import check_replaceable
     from dfsviz.analysis.calibrate import CalibrationConfig, calibrate
 
     check_output(out, "--out")
-    if Path(out).exists():  # before any work: a capture or a run set's manifest named by mistake is kept
-        if not overwrite:
-            raise ValueError(f"`--out` {out!r} exists; pass --overwrite to replace it")
-        if not is_plan_file(out):
-            raise ValueError(f"`--out` {out!r} is not a DFSAttn config (a capture, a run set's manifest, another "
-                             "file?): --overwrite replaces only those; name another file")
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"`--out` {out!r} exists; pass --overwrite to replace it")
+    check_replaceable(out)  # before any work, as save() checks it again: only a DFSAttn config is replaced
     tuning = {k: v for k, v in (("dense_above", dense_above), ("refresh_cost", refresh_cost)) if v is not None}
     config = CalibrationConfig(target_recall=target_recall, max_density=max_density, order=order, method=method,
                                branch=branch, warmup_steps=warmup_steps, interval=interval, **tuning)

@@ -92,10 +92,10 @@ def _run_set_info(folder: Path) -> dict:
                 # the prompt the clip ran with: a blank one is the model's default (the embedded model's first class)
                 row.update(prompt=summary["prompt"] or clip.prompt, completed_steps=summary["completed_steps"],
                            planned_steps=summary["planned_steps"], file_bytes=file.stat().st_size)
-                held = (summary["prompt"], summary["seed"])
                 if summary["seed"] != clip.seed or clip.prompt and summary["prompt"] != clip.prompt:
-                    summary["problems"].append(f"holds the capture of prompt {held[0]!r}, seed {held[1]}, where the "
-                                               f"manifest lists prompt {clip.prompt!r}, seed {clip.seed}")
+                    summary["problems"].append(f"holds the capture of prompt {summary['prompt']!r}, seed "
+                                               f"{summary['seed']}, where the manifest lists prompt {clip.prompt!r}, "
+                                               f"seed {clip.seed}")
                 if summary["problems"]:
                     row["state"] = "invalid"
                 problems += [f"clip {clip.index} ({clip.file}): {p}" for p in summary["problems"]]
