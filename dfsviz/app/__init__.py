@@ -15,14 +15,33 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 
-__all__ = ["create_app", "LOOPBACK_NAMES", "PAGES"]
+__all__ = ["create_app", "host_is_trusted", "LOOPBACK_NAMES", "PAGES"]
 
 logger = logging.getLogger(__name__)
 
-#: The Host names of a dashboard bound to 127.0.0.1 (create_app's ``trusted_hosts``).
-LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+#: The Host names of a dashboard bound to a loopback address, 127.0.0.1 or ::1 (create_app's
+#: ``trusted_hosts``).
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+# A Host header: a name or an IPv4 address, or an IPv6 address in brackets; then perhaps a port.
+_HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?", re.IGNORECASE)
+
+
+def host_is_trusted(header: str | None, trusted_hosts: Sequence[str]) -> bool:
+    """Whether a request's Host header names one of ``trusted_hosts`` (its port aside; a
+    name starting with a dot admits that domain's subdomains, as Flask's TRUSTED_HOSTS, whose
+    matching cannot take an IPv6 address)."""
+    match = _HOST_HEADER.fullmatch(header or "")
+    if match is None:
+        return False
+    name = match.group(1).lower()
+    for ref in (ref.lower() for ref in trusted_hosts):
+        if name == ref.removeprefix(".") or (ref.startswith(".") and name.endswith(ref)):
+            return True
+    return False
 
 
 def __getattr__(name: str):
@@ -51,10 +70,11 @@ def create_app(
         max_open: capture files kept open (LRU).
         cache_bytes: memory for memoised maps (LRU), bytes.
         title: browser tab title.
-        trusted_hosts: the names a request's Host header may give (its port aside); any other is
-            answered 400. The default, the loopback names, is for a server bound to 127.0.0.1: a web
-            page the user visits cannot then reach it under a domain of its own that resolves to
-            127.0.0.1 (DNS rebinding). None accepts any Host (a server bound to another interface).
+        trusted_hosts: the names a request's Host header may give (its port aside; IPv6 addresses
+            in brackets, "[::1]"); any other is answered 400. The default, the loopback names, is for
+            a server bound to 127.0.0.1 or ::1: a web page the user visits cannot then reach it under
+            a domain of its own that resolves to the loopback address (DNS rebinding). None accepts
+            any Host (a server bound to another interface).
 
     The page style is ``dfsviz/app/assets/dfsviz.css`` (Dash serves the package's ``assets/``).
 
@@ -80,7 +100,13 @@ def create_app(
         update_title=None,
     )
     app.server.config[data.CONFIG_KEY] = catalog
-    app.server.config["TRUSTED_HOSTS"] = None if trusted_hosts is None else list(trusted_hosts)
+    if trusted_hosts is not None:
+        trusted = tuple(trusted_hosts)
+
+        @app.server.before_request
+        def _refuse_foreign_host():
+            if not host_is_trusted(flask.request.headers.get("Host"), trusted):
+                flask.abort(400)
 
     # the background check of large files waits while a request is served (CaptureCatalog.serving)
     @app.server.before_request

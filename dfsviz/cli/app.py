@@ -53,8 +53,8 @@ def ensure_port_free(host: str, port: int) -> None:
               help="Interface to bind. Anything but localhost exposes the captures to the network, without a login.")
 @click.option("--port", default=8050, show_default=True, type=click.IntRange(1, 65535), help="TCP port.")
 @click.option("--trusted-host", "trusted_hosts", multiple=True,
-              help="Another name requests may give in their Host header while bound to 127.0.0.1 (repeatable), "
-                   "e.g. the domain of a reverse proxy that forwards its own; others are answered 400.")
+              help="Another name requests may give in their Host header while bound to 127.0.0.1 or ::1 "
+                   "(repeatable), e.g. the domain of a reverse proxy that forwards its own; others are answered 400.")
 @click.option("--dry-run", is_flag=True, help="List the roots and their captures, then exit without serving.")
 @fail_cleanly
 def app_command(roots: tuple[str, ...], host: str, port: int, trusted_hosts: tuple[str, ...], dry_run: bool) -> None:
@@ -68,9 +68,9 @@ def app_command(roots: tuple[str, ...], host: str, port: int, trusted_hosts: tup
 
     if not host.strip():  # werkzeug would fall back to $HOST, which may be every interface
         raise ValueError("`--host` must name an interface (127.0.0.1 by default)")
-    if trusted_hosts and host not in LOOPBACK_NAMES:
-        raise ValueError("`--trusted-host` applies to a dashboard bound to 127.0.0.1 or localhost; bound to "
-                         f"{host}, it answers any Host")
+    if trusted_hosts and host not in _LOCAL_HOSTS:
+        raise ValueError("`--trusted-host` applies to a dashboard bound to 127.0.0.1, localhost or ::1; bound "
+                         f"to {host}, it answers any Host")
     bad = [name for name in trusted_hosts if not re.fullmatch(r"\.?[A-Za-z0-9.-]+", name)]
     if bad:
         raise ValueError(f"`--trusted-host` takes host names without a port or scheme (got {bad[0]!r}), e.g. "
@@ -102,6 +102,7 @@ def app_command(roots: tuple[str, ...], host: str, port: int, trusted_hosts: tup
     # give (10-50x slower on a busy machine); parallelism comes from the threaded server.
     torch.set_num_threads(1)
     click.echo(f"serving http://{host}:{port}/  (Ctrl+C stops)")
-    # bound to 127.0.0.1, only requests naming this machine by its loopback names are answered (DNS rebinding)
-    trusted = (*LOOPBACK_NAMES, *trusted_hosts) if host in LOOPBACK_NAMES else None
+    # bound to a loopback address, only requests naming this machine by its loopback names are
+    # answered (DNS rebinding)
+    trusted = (*LOOPBACK_NAMES, *trusted_hosts) if host in _LOCAL_HOSTS else None
     create_app(paths, trusted_hosts=trusted).run(host=host, port=port, debug=False)

@@ -115,6 +115,32 @@ def test_create_app_without_trusted_hosts_answers_any_host(capture_root):
     assert client.get("/_dash-layout", headers={"Host": "dfsviz.lab.example"}).status_code == 400
 
 
+@pytest.mark.parametrize(("header", "trusted"), [
+    ("127.0.0.1:8050", True), ("localhost", True), ("LOCALHOST:8050", True),
+    ("[::1]:8050", True), ("[::1]", True),  # the IPv6 loopback, which Flask's TRUSTED_HOSTS cannot match
+    ("[::2]:8050", False), ("::1", False), ("rebind.attacker.example:8050", False), ("127.0.0.1.nip.io", False),
+    ("dfsviz.lab.example", True), ("a.proxy.example:443", True), ("proxy.example", True),  # named, and a domain
+    ("evilproxy.example", False), ("", False), (None, False), ("localhost:8050/x", False), ("local host", False),
+])
+def test_host_headers_are_matched_against_the_trusted_names(header, trusted):
+    from dfsviz.app import LOOPBACK_NAMES, host_is_trusted
+
+    assert host_is_trusted(header, (*LOOPBACK_NAMES, "dfsviz.lab.example", ".proxy.example")) is trusted
+
+
+def test_a_dashboard_bound_to_the_ipv6_loopback_answers_its_names(capture_root):
+    from dfsviz.app import create_app
+
+    client = create_app(capture_root).server.test_client()
+    assert client.get("/_dash-layout", headers={"Host": "[::1]:8050"}).status_code == 200
+    assert client.get("/_dash-layout", headers={"Host": "[::2]:8050"}).status_code == 400
+    # the CLI gives the loopback names and --trusted-host to a dashboard bound to ::1 too
+    result = CliRunner().invoke(main, ["app", "--root", str(capture_root), "--host", "::1", "--trusted-host",
+                                       "a.example", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "no login" not in result.output
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--host", " "], "`--host` must name an interface"),
     (["--host", "0.0.0.0", "--trusted-host", "a.example"], "`--trusted-host` applies to a dashboard bound to 127.0.0.1"),
