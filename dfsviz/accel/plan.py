@@ -152,13 +152,14 @@ class ModelIdentity:
         name = type(transformer).__name__
         config = getattr(transformer, "config", None)
         label = (config.get("_name_or_path") if hasattr(config, "get") else None) or name
+        this = name if label == name else f"{label} ({name})"  # a model built in code has no checkpoint path
         if name != self.cls:
-            return f"calibrated for {self.id} ({self.cls}); this transformer is {label} ({name})"
+            return f"calibrated for {self.id} ({self.cls}); this transformer is {this}"
         mine = public_config(config)
         diff = [k for k in sorted(set(mine) & set(self.config)) if mine[k] != self.config[k]]
         if diff:
             shown = ", ".join(f"{k} {self.config[k]!r} != {mine[k]!r}" for k in diff[:3])
-            return f"calibrated for {self.id} ({self.cls}); this transformer is {label} ({name}) with {shown}"
+            return f"calibrated for {self.id} ({self.cls}); this transformer is {this} with {shown}"
         return None
 
 

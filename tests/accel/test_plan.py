@@ -215,10 +215,13 @@ def test_refuses_another_model_or_grid(wan):
     hunyuan = build_tiny("hunyuanvideo")
     other = make_plan(hunyuan, {0: (0.5, 0.5)})
     with pytest.raises(ValueError, match=r"DFSAttn config calibrated for tiny-wan \(HunyuanVideoTransformer3DModel\); "
-                                         r"this transformer is WanTransformer3DModel \(WanTransformer3DModel\); calibrate"):
+                                         r"this transformer is WanTransformer3DModel; calibrate"):
         apply_dfsattn(wan, _config(other))
+    hunyuan.register_to_config(_name_or_path="org/tiny-hunyuan")  # as from_pretrained records it
+    with pytest.raises(ValueError, match=r"this transformer is org/tiny-hunyuan \(HunyuanVideoTransformer3DModel\); "):
+        apply_dfsattn(hunyuan, _config(make_plan(wan, {0: (0.5, 0.5)})))
     bigger = make_plan(wan, {0: (0.5, 0.5)}, config={**public_config(wan.config), "num_layers": 40})
-    with pytest.raises(ValueError, match=r"this transformer is WanTransformer3DModel \(WanTransformer3DModel\) with "
+    with pytest.raises(ValueError, match=r"this transformer is WanTransformer3DModel with "
                                          r"num_layers 40 != 2"):
         apply_dfsattn(wan, _config(bigger))
     before = {n: m.processor for n, m in wan.named_modules() if hasattr(m, "processor")}
