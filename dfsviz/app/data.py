@@ -355,6 +355,8 @@ class CaptureCatalog:
         # notified whenever a status leaves "checking" (or a check is dropped): wait_checked waits on it
         self._checked = threading.Condition()
         self._checks_ended = 0
+        # what the listing skipped and why, logged once each (the listing runs on every page render)
+        self._skips_logged: set[str] = set()
 
     def hide_paths(self, text: str) -> str:
         """``text`` with each root's absolute path replaced by its label, so a message shown
@@ -384,10 +386,15 @@ class CaptureCatalog:
         return path
 
     def list_ids(self) -> list[str]:
-        """Capture ids of every file under the roots, sorted (symlinks leaving a root are skipped)."""
+        """Capture ids of every file under the roots, sorted. Symlinks leaving a root and folders
+        that cannot be read are skipped, each with one warning in the server's log."""
         ids = []
         for label, root in self.roots.items():
-            for dirpath, _, files in os.walk(root, followlinks=False):
+            def unreadable(exc: OSError, label=label, root=root) -> None:
+                where = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "?"
+                self._log_skip(f"not listing folder {label}/{where}: {exc.strerror or exc}")
+
+            for dirpath, _, files in os.walk(root, followlinks=False, onerror=unreadable):
                 for name in files:
                     if not name.lower().endswith(CAPTURE_SUFFIXES):
                         continue
@@ -396,10 +403,15 @@ class CaptureCatalog:
                     try:
                         self.resolve(cid)
                     except CaptureError as exc:
-                        logger.warning("not serving %s: %s", cid, exc)
+                        self._log_skip(f"not serving {cid}: {exc}")
                         continue
                     ids.append(cid)
         return sorted(ids)
+
+    def _log_skip(self, message: str) -> None:
+        if message not in self._skips_logged:
+            self._skips_logged.add(message)
+            logger.warning("%s", message)
 
     @staticmethod
     def _stamp(path: Path) -> tuple[str, int, int]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -62,6 +64,31 @@ def test_listing_and_statuses(catalog):
     assert damaged.message.startswith("runs/damaged.h5: invalid capture, not drawn: step_0002/m")
     assert entries["runs/broken.h5"].status == "error" and not entries["runs/broken.h5"].usable
     assert catalog.default_id() == "runs/good.h5"
+
+
+def test_skipped_files_and_folders_are_logged_once(capture_root, caplog, monkeypatch):
+    """The listing runs on every page render: what it skips is said once in the server's log,
+    a folder it cannot read too (a permission error, isolated here: tests run as root)."""
+    private = capture_root / "private"
+    private.mkdir()
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path) == private:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    try:
+        with CaptureCatalog(capture_root) as catalog, caplog.at_level(logging.WARNING, logger="dfsviz.app.data"):
+            for _ in range(3):
+                assert "runs/good.h5" in catalog.list_ids()
+    finally:
+        private.rmdir()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("not listing folder runs/private: Permission denied") == 1
+    escape = [m for m in messages if m.startswith("not serving runs/escape.h5: ")]
+    assert len(escape) == 1 and "outside" in escape[0], messages
 
 
 def test_a_file_a_running_capture_writes_is_capturing_until_it_is_done(capture_root, tmp_path):
