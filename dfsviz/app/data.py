@@ -68,6 +68,10 @@ _SHOWN_PROBLEMS = 3  # validation problems named in a banner; `dfsviz inspect` l
 #: under a second, so they keep that contract; a 1.15 GB capture took 14.5 s on 2 cores (about
 #: 80 MB/s of HDF5 decompression), so the largest file validated so takes about 3 s.
 FULL_CHECK_BYTES = 256 << 20
+#: Calibrations computed at once (a calibration not yet memoised takes a CPU core for about a
+#: second; more requests for new settings meanwhile are refused, so that clients of an exposed
+#: dashboard cannot take every core).
+MAX_CALIBRATIONS = 2
 
 
 class CaptureError(ValueError):
@@ -355,6 +359,7 @@ class CaptureCatalog:
         # notified whenever a status leaves "checking" (or a check is dropped): wait_checked waits on it
         self._checked = threading.Condition()
         self._checks_ended = 0
+        self._calibrations = threading.BoundedSemaphore(MAX_CALIBRATIONS)
         # what the listing skipped and why, logged once each (the listing runs on every page render)
         self._skips_logged: set[str] = set()
 
@@ -754,6 +759,8 @@ class CaptureCatalog:
         by its id in ``provenance.captures[].path`` (the path ``dfsviz calibrate`` records when
         run in the folder above the root), never by its path on the server. A refusal (one
         captured step, a goal no plan meets, ...) raises calibrate's ValueError; it is not memoised.
+        So does a calibration asked for while MAX_CALIBRATIONS others run (a memoised one is
+        always given).
         """
         from dataclasses import replace
 
@@ -763,7 +770,13 @@ class CaptureCatalog:
             raise TypeError(f"`config` must be a CalibrationConfig (got {type(config).__name__})")
 
         def compute(reader):
-            result = calibrate(reader, config)
+            if not self._calibrations.acquire(blocking=False):
+                raise ValueError(f"the server is running {MAX_CALIBRATIONS} calibrations already (at most "
+                                 f"{MAX_CALIBRATIONS}); try again in a few seconds")
+            try:
+                result = calibrate(reader, config)
+            finally:
+                self._calibrations.release()
             plan = result.plan
             captures = [{**c, "path": cid} for c in plan.provenance["captures"]]
             plan = replace(plan, provenance={**plan.provenance, "captures": captures})
