@@ -141,6 +141,17 @@ def test_a_dashboard_bound_to_the_ipv6_loopback_answers_its_names(capture_root):
     assert "no login" not in result.output
 
 
+def test_request_bodies_are_bounded(capture_root):
+    from dfsviz.app import MAX_REQUEST_BYTES, create_app
+
+    client = create_app(capture_root).server.test_client()
+    headers = {"Host": "127.0.0.1:8050", "Content-Type": "application/json"}
+    too_big = client.post("/_dash-update-component", data=b" " * (MAX_REQUEST_BYTES + 1), headers=headers)
+    assert too_big.status_code == 413
+    # a body within the bound reaches Dash (which answers this empty callback request itself)
+    assert client.post("/_dash-update-component", data=b"{}", headers=headers).status_code != 413
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--host", " "], "`--host` must name an interface"),
     (["--host", "0.0.0.0", "--trusted-host", "a.example"], "`--trusted-host` applies to a dashboard bound to 127.0.0.1"),
