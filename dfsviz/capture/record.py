@@ -65,7 +65,7 @@ from dfsviz.capture.resolve import (
 )
 from dfsviz.capture.runner import CaptureResult
 from dfsviz.capture.sources import ModelSource
-from dfsviz.capture.writer import CaptureWriter
+from dfsviz.capture.writer import PYTHON_OPTIONS, CaptureWriter
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = ["Recording", "capture_pipeline", "is_pipeline", "record"]
@@ -543,12 +543,12 @@ class Recording:
         def open_writer() -> CaptureWriter:
             out = Path(cfg.out)
             if cfg.resume:
-                return CaptureWriter.resume(out, layout, identity, lock=self._lock)
+                return CaptureWriter.resume(out, layout, identity, lock=self._lock, options=PYTHON_OPTIONS)
             from dfsviz.sparse.orders import make_order
 
             perms = {name: make_order(name, grid).perm for name in layout.orders}
             return CaptureWriter.create(out, layout, {**attrs, "run_identity": identity}, perms,
-                                        overwrite=cfg.overwrite, lock=self._lock)
+                                        overwrite=cfg.overwrite, lock=self._lock, options=PYTHON_OPTIONS)
 
         if self.ranks is None:
             self.writer = open_writer()

@@ -122,9 +122,23 @@ from dfsviz.capture.schema import (
 from dfsviz.capture.validation import completed_step_groups, completed_video, map_problem, video_problem
 from dfsviz.sparse._topk import topk_density, topk_order, topk_recall
 
-__all__ = ["CaptureWriter", "abandoned_files"]
+__all__ = ["CLI_OPTIONS", "PYTHON_OPTIONS", "CaptureWriter", "OptionNames", "abandoned_files"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionNames:
+    """How the caller's users spell the resume and overwrite options, for the writer's messages:
+    ``dfsviz capture``'s flags (CLI_OPTIONS) or ``dfsviz.record``'s arguments (PYTHON_OPTIONS)."""
+
+    resume: str
+    overwrite: str
+    no_resume: str
+
+
+CLI_OPTIONS = OptionNames("--resume", "--overwrite", "drop --resume")
+PYTHON_OPTIONS = OptionNames("resume=True", "overwrite=True", "pass resume=False")
 
 # root attributes that say how a run was started, not what it is: a resume may differ in them
 _RUN_OPTIONS = {"resume", "overwrite", "out"}
@@ -291,11 +305,13 @@ class CaptureWriter:
     :class:`~dfsviz.capture.file_safety.CaptureLock` until it closes.
     """
 
-    def __init__(self, f, path: Path, layout: StoreLayout, workers: int | None, lock: CaptureLock) -> None:
+    def __init__(self, f, path: Path, layout: StoreLayout, workers: int | None, lock: CaptureLock,
+                 options: OptionNames = CLI_OPTIONS) -> None:
         self._f = f
         self.path = path
         self.layout = layout
         self._lock = lock
+        self.options = options
         self._pool = _ChunkPool(workers or min(16, os.cpu_count() or 1), layout.num_blocks, layout.map_dtype,
                                 self._describe)
         self._group = None
@@ -323,6 +339,7 @@ class CaptureWriter:
         overwrite: bool = False,
         workers: int | None = None,
         lock: CaptureLock | None = None,
+        options: OptionNames = CLI_OPTIONS,
     ) -> "CaptureWriter":
         """Create ``path`` with the root attributes, coordinates and order permutations.
 
@@ -335,6 +352,7 @@ class CaptureWriter:
             orders: order name -> int64 [N] permutation of the whole sequence.
             overwrite: replace an existing file; otherwise an existing ``path`` raises ValueError.
             lock: the path's lock when the caller took it already (it then passes to the writer).
+            options: how messages name the resume and overwrite options.
         """
         from dfsviz._version import __version__
 
@@ -345,7 +363,8 @@ class CaptureWriter:
         f = None
         try:
             if path.exists() and not overwrite:
-                raise ValueError(f"output {str(path)!r} exists; pass --overwrite to replace it or --resume to continue it")
+                raise ValueError(f"output {str(path)!r} exists; pass {options.overwrite} to replace it or "
+                                 f"{options.resume} to continue it")
             require_free_space(path, SPACE_MARGIN + layout.bytes_per_step(layout.steps[0]), "a new capture",
                                "free space or capture fewer layers/heads/steps")
             h5py = _h5py()
@@ -405,6 +424,7 @@ class CaptureWriter:
         *,
         workers: int | None = None,
         lock: CaptureLock | None = None,
+        options: OptionNames = CLI_OPTIONS,
     ) -> "CaptureWriter":
         """Reopen an interrupted capture of the same run; its completed steps are kept.
 
@@ -423,21 +443,22 @@ class CaptureWriter:
         """
         path = Path(path)
         if not path.exists():
-            raise ValueError(f"--resume: {str(path)!r} does not exist; drop --resume to start a new capture")
+            raise ValueError(f"{options.resume}: {str(path)!r} does not exist; {options.no_resume} to start a new "
+                             "capture")
         lock = lock or CaptureLock(path)
         try:
             reader = CaptureReader(path)
             try:
                 if not reader.layout.stored_recall:  # an older dfsviz started it: its steps go on without curves
                     layout = dataclasses.replace(layout, stored_recall=False)
-                cls._check_same_run(path, reader, layout, run)
+                cls._check_same_run(path, reader, layout, run, options)
                 done = {step_key(s) for s in reader.steps}
                 # cut off mid-write (read through its zero-padded view), or a half-written step
                 broken = reader._padded is not None or any(name not in done for name in reader._f[STEP_GROUP])
                 if broken:
                     require_free_space(path, path.stat().st_size + SPACE_MARGIN, "the repair of the interrupted capture",
                                        "it copies the completed steps into a fresh file: free space, then resume again")
-                    cls._repair(reader, path, layout, workers, lock)
+                    cls._repair(reader, path, layout, workers, lock, options)
             finally:
                 reader.close()
             try:
@@ -445,7 +466,8 @@ class CaptureWriter:
             except OSError as exc:
                 if held_by_another_process(exc):
                     raise ValueError(
-                        f"--resume: {str(path)!r} is open in another program (a dashboard or notebook?); close it, then resume"
+                        f"{options.resume}: {str(path)!r} is open in another program (a dashboard or notebook?); "
+                        "close it, then resume"
                     ) from None
                 raise
             f.attrs["complete"] = False
@@ -453,18 +475,20 @@ class CaptureWriter:
         except BaseException:
             lock.release()
             raise
-        return cls(f, path, layout, workers, lock)
+        return cls(f, path, layout, workers, lock, options)
 
     @staticmethod
-    def _check_same_run(path: Path, reader: "CaptureReader", layout: StoreLayout, run: dict) -> None:
+    def _check_same_run(path: Path, reader: "CaptureReader", layout: StoreLayout, run: dict,
+                        options: OptionNames) -> None:
         attrs = reader._f.attrs
         stored = read_json_attr(attrs, "run_identity" if "run_identity" in attrs else "capture_config")
         kind, keys = run_difference(stored, run, _RUN_OPTIONS) or (None, [])
         if kind == "weights":
             raise ValueError(
-                f"--resume: the model weights differ from those of the interrupted run in {str(path)!r} (sha256 "
-                f"{str(stored.get('weights_sha256'))[:12]}... in the file, {str(run.get('weights_sha256'))[:12]}... now); "
-                "resume with the same weights or pass --overwrite"
+                f"{options.resume}: the model weights differ from those of the interrupted run in {str(path)!r} "
+                f"(sha256 {str(stored.get('weights_sha256'))[:12]}... in the file, "
+                f"{str(run.get('weights_sha256'))[:12]}... now); "
+                f"resume with the same weights or pass {options.overwrite}"
             )
         if "ulysses_degree" in keys:
             def ranks(identity):
@@ -472,23 +496,25 @@ class CaptureWriter:
                 return f"on {degree} ranks (torchrun --nproc-per-node {degree} ... --context-parallel ulysses)" if degree \
                     else "in one process (no --context-parallel)"
             raise ValueError(
-                f"--resume: {str(path)!r} was captured {ranks(stored)}, this run is {ranks(run)}; resume it as it "
-                "was captured, or pass --overwrite"
+                f"{options.resume}: {str(path)!r} was captured {ranks(stored)}, this run is {ranks(run)}; resume it "
+                f"as it was captured, or pass {options.overwrite}"
             )
         if not keys and reader.layout == dataclasses.replace(layout, stored_scores=reader.layout.stored_scores) != layout:
             raise ValueError(
-                f"--resume: {str(path)!r} stores the scores of {list(reader.layout.score_methods)}, as the dfsviz "
-                f"{reader.attrs.get('dfsviz_version', 'unknown')} that started it did; this dfsviz serves meanpool's and the "
-                "oracle's from L and m: finish it with that dfsviz, or pass --overwrite"
+                f"{options.resume}: {str(path)!r} stores the scores of {list(reader.layout.score_methods)}, as the "
+                f"dfsviz {reader.attrs.get('dfsviz_version', 'unknown')} that started it did; this dfsviz serves "
+                "meanpool's and the "
+                f"oracle's from L and m: finish it with that dfsviz, or pass {options.overwrite}"
             )
         if keys or reader.layout != layout:
             raise ValueError(
-                f"--resume: {str(path)!r} was captured with other settings (differs in {keys or ['layout']}); "
-                "resume with the same options or pass --overwrite"
+                f"{options.resume}: {str(path)!r} was captured with other settings (differs in {keys or ['layout']}); "
+                f"resume with the same options or pass {options.overwrite}"
             )
 
     @classmethod
-    def _repair(cls, reader: "CaptureReader", path: Path, layout: StoreLayout, workers: int | None, lock: CaptureLock) -> None:
+    def _repair(cls, reader: "CaptureReader", path: Path, layout: StoreLayout, workers: int | None, lock: CaptureLock,
+                options: OptionNames) -> None:
         """Replace ``path`` by a fresh file holding the header and the completed steps of ``reader``."""
         h5py = _h5py()
         src = reader._f
@@ -503,7 +529,7 @@ class CaptureWriter:
             if completed_video(src) is not None:
                 src.copy(src[VIDEO_GROUP], f, name=VIDEO_GROUP)
             f.create_group(STEP_GROUP)
-            writer = cls(f, tmp, layout, workers, lock)
+            writer = cls(f, tmp, layout, workers, lock, options)
             for step in reader.steps:
                 group = src[STEP_GROUP][step_key(step)]
                 writer.begin_step(step)
@@ -560,7 +586,7 @@ class CaptureWriter:
         done = sorted(self.completed)
         return ValueError(
             f"could not write step {step} of {str(self.path)!r} ({reason}): the completed steps "
-            f"{done} are kept; free space, then rerun with --resume (it repairs the file)"
+            f"{done} are kept; free space, then rerun with {self.options.resume} (it repairs the file)"
         )
 
     def _abandon(self) -> None:
@@ -598,7 +624,7 @@ class CaptureWriter:
         self._space.reserve(
             SPACE_MARGIN + int(estimate * min(1.0, 1.25 * self._ratio)), f"step {step}",
             f"the completed steps {sorted(self.completed)} are kept in {str(self.path)!r}; free space, then rerun "
-            "with --resume",
+            f"with {self.options.resume}",
         )
         self._size_before = self.path.stat().st_size
         reason = None
@@ -900,7 +926,7 @@ class CaptureWriter:
         except (OSError, RuntimeError, KeyError) as exc:
             reason = write_failure_reason(exc)
         if reason is not None:
-            logger.warning("closing %s failed (%s); --resume repairs it", self.path, reason)
+            logger.warning("closing %s failed (%s); %s repairs it", self.path, reason, self.options.resume)
             self._abandon()
             return
         self._f = None

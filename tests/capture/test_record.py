@@ -193,12 +193,14 @@ def test_interrupted_recording_keeps_its_steps_and_resumes(tmp_path):
     with dfsviz.open(out) as run:
         assert_stored_curves_match_the_maps(run)
 
-    with pytest.raises(ValueError, match=r"--resume: .* was captured with other settings"):
+    # in the words of dfsviz.record's arguments, not dfsviz capture's flags
+    with pytest.raises(ValueError, match=r"^resume=True: .* was captured with other settings \(differs in .*\); "
+                                         r"resume with the same options or pass overwrite=True$"):
         with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), resume=True, **SETTINGS):
             pipe(generator=torch.Generator().manual_seed(1), **{**WAN_CALL, "guidance_scale": 2.0})
     # embeddings of the same shape but other values, and another seed, are other runs too
     for changed, seed in (({"prompt_embeds": _embeds(12)}, 1), ({}, 2)):
-        with pytest.raises(ValueError, match=r"--resume: .* was captured with other settings .*pipeline_call"):
+        with pytest.raises(ValueError, match=r"resume=True: .* was captured with other settings .*pipeline_call"):
             with dfsviz.record(pipe, out, capture_steps=(0, 1, 2), resume=True, **SETTINGS):
                 pipe(generator=torch.Generator().manual_seed(seed), **{**WAN_CALL, **changed})
     with dfsviz.open(out) as run:
