@@ -392,14 +392,17 @@ class CaptureCatalog:
 
     def list_ids(self) -> list[str]:
         """Capture ids of every file under the roots, sorted. Symlinks leaving a root and folders
-        that cannot be read are skipped, each with one warning in the server's log."""
+        that cannot be read are skipped, each with one warning in the server's log; a root inside
+        another is listed under its own label only."""
         ids = []
         for label, root in self.roots.items():
             def unreadable(exc: OSError, label=label, root=root) -> None:
                 where = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "?"
                 self._log_skip(f"not listing folder {label}/{where}: {exc.strerror or exc}")
 
-            for dirpath, _, files in os.walk(root, followlinks=False, onerror=unreadable):
+            inner = {other for other in self.roots.values() if other != root and other.is_relative_to(root)}
+            for dirpath, dirs, files in os.walk(root, followlinks=False, onerror=unreadable):
+                dirs[:] = [d for d in dirs if Path(dirpath, d) not in inner]
                 for name in files:
                     if not name.lower().endswith(CAPTURE_SUFFIXES):
                         continue

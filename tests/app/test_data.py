@@ -91,6 +91,19 @@ def test_skipped_files_and_folders_are_logged_once(capture_root, caplog, monkeyp
     assert len(escape) == 1 and "outside" in escape[0], messages
 
 
+def test_a_root_inside_another_is_listed_once(capture_root, tmp_path):
+    outer = tmp_path / "all"
+    inner = outer / "runs"
+    inner.mkdir(parents=True)
+    shutil.copy(capture_root / "good.h5", inner / "good.h5")
+    shutil.copy(capture_root / "good.h5", outer / "top.h5")
+    with CaptureCatalog([outer, inner]) as catalog:
+        assert catalog.list_ids() == ["all/top.h5", "runs/good.h5"]
+        assert catalog.resolve("all/runs/good.h5") == (inner / "good.h5").resolve()  # its links still open it
+    with CaptureCatalog([inner, outer]) as catalog:  # in either order
+        assert catalog.list_ids() == ["all/top.h5", "runs/good.h5"]
+
+
 def test_a_file_a_running_capture_writes_is_capturing_until_it_is_done(capture_root, tmp_path):
     """A capture held open for writing (HDF5's lock, as a running capture holds it) is listed
     "(capturing)", refused with that reason, and usable once the writer is gone, without a new
