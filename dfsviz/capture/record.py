@@ -65,7 +65,7 @@ from dfsviz.capture.resolve import (
 )
 from dfsviz.capture.runner import CaptureResult
 from dfsviz.capture.sources import ModelSource
-from dfsviz.capture.writer import PYTHON_OPTIONS, CaptureWriter
+from dfsviz.capture.writer import PYTHON_OPTIONS, CaptureWriter, output_exists_error
 from dfsviz.sparse.grid import LatentGrid
 
 __all__ = ["Recording", "capture_pipeline", "is_pipeline", "record"]
@@ -272,7 +272,7 @@ class Recording:
             lock = CaptureLock(out)  # a second writer of `out` stops here, before the pipeline runs
             if out.exists() and not (self.config.overwrite or self.config.resume):
                 lock.release()
-                raise ValueError(f"output {str(out)!r} exists; pass overwrite=True to replace it or resume=True to continue it")
+                raise output_exists_error(out, PYTHON_OPTIONS)
             self._lock = lock
         self._start = time.perf_counter()
         self._calls = 0  # pipeline calls

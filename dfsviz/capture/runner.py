@@ -39,7 +39,7 @@ from dfsviz.capture.reader import CaptureReader
 from dfsviz.capture.reduce import AttentionReducer
 from dfsviz.capture.resolve import pipeline_rules, resolve_capture, run_identity, weights_fingerprint
 from dfsviz.capture.sources import ModelSource
-from dfsviz.capture.writer import CaptureWriter
+from dfsviz.capture.writer import CLI_OPTIONS, CaptureWriter, output_exists_error, resume_missing_error
 from dfsviz.models.sampler import embedded_model_name
 
 __all__ = ["CaptureResult", "run_capture"]
@@ -92,9 +92,9 @@ def check_capture_output(config: CaptureConfig) -> None:
     out = Path(config.out)
     _check_folder(config, out)
     if out.exists() and not (config.overwrite or config.resume):
-        raise ValueError(f"output {config.out!r} exists; pass --overwrite to replace it or --resume to continue it")
+        raise output_exists_error(config.out, CLI_OPTIONS)
     if config.resume and not out.exists():
-        raise ValueError(f"--resume: {config.out!r} does not exist; drop --resume to start a new capture")
+        raise resume_missing_error(config.out, CLI_OPTIONS)
 
 
 def _lock(config: CaptureConfig, out: Path) -> CaptureLock:

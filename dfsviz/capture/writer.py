@@ -122,7 +122,8 @@ from dfsviz.capture.schema import (
 from dfsviz.capture.validation import completed_step_groups, completed_video, map_problem, video_problem
 from dfsviz.sparse._topk import topk_density, topk_order, topk_recall
 
-__all__ = ["CLI_OPTIONS", "PYTHON_OPTIONS", "CaptureWriter", "OptionNames", "abandoned_files"]
+__all__ = ["CLI_OPTIONS", "PYTHON_OPTIONS", "CaptureWriter", "OptionNames", "abandoned_files", "output_exists_error",
+           "resume_missing_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,17 @@ class OptionNames:
 
 CLI_OPTIONS = OptionNames("--resume", "--overwrite", "drop --resume")
 PYTHON_OPTIONS = OptionNames("resume=True", "overwrite=True", "pass resume=False")
+
+
+def output_exists_error(path: str | os.PathLike, options: OptionNames) -> ValueError:
+    """The refusal of an existing output without overwrite or resume, in the caller's words."""
+    return ValueError(f"output {str(path)!r} exists; pass {options.overwrite} to replace it or {options.resume} to "
+                      "continue it")
+
+
+def resume_missing_error(path: str | os.PathLike, options: OptionNames) -> ValueError:
+    """The refusal to resume an output that does not exist, in the caller's words."""
+    return ValueError(f"{options.resume}: {str(path)!r} does not exist; {options.no_resume} to start a new capture")
 
 # root attributes that say how a run was started, not what it is: a resume may differ in them
 _RUN_OPTIONS = {"resume", "overwrite", "out"}
@@ -363,8 +375,7 @@ class CaptureWriter:
         f = None
         try:
             if path.exists() and not overwrite:
-                raise ValueError(f"output {str(path)!r} exists; pass {options.overwrite} to replace it or "
-                                 f"{options.resume} to continue it")
+                raise output_exists_error(path, options)
             require_free_space(path, SPACE_MARGIN + layout.bytes_per_step(layout.steps[0]), "a new capture",
                                "free space or capture fewer layers/heads/steps")
             h5py = _h5py()
@@ -443,8 +454,7 @@ class CaptureWriter:
         """
         path = Path(path)
         if not path.exists():
-            raise ValueError(f"{options.resume}: {str(path)!r} does not exist; {options.no_resume} to start a new "
-                             "capture")
+            raise resume_missing_error(path, options)
         lock = lock or CaptureLock(path)
         try:
             reader = CaptureReader(path)
@@ -503,8 +513,7 @@ class CaptureWriter:
             raise ValueError(
                 f"{options.resume}: {str(path)!r} stores the scores of {list(reader.layout.score_methods)}, as the "
                 f"dfsviz {reader.attrs.get('dfsviz_version', 'unknown')} that started it did; this dfsviz serves "
-                "meanpool's and the "
-                f"oracle's from L and m: finish it with that dfsviz, or pass {options.overwrite}"
+                f"meanpool's and the oracle's from L and m: finish it with that dfsviz, or pass {options.overwrite}"
             )
         if keys or reader.layout != layout:
             raise ValueError(
