@@ -57,9 +57,12 @@ class CaptureBusy(ValueError):
 
 def _open_error_message(path: Path, exc: OSError) -> str:
     """The ValueError message for an OSError of ``h5py.File(path, "r")``: a running capture
-    holds the file (:func:`held_by_another_process`), or it is not readable HDF5."""
+    holds the file (:func:`held_by_another_process`), this user may not read it, or it is not
+    readable HDF5."""
     if held_by_another_process(exc):
         return f"{str(path)!r} is open for writing by a running capture; wait for it or copy the file"
+    if isinstance(exc, PermissionError):
+        return f"{str(path)!r} cannot be read: permission denied (check the file's owner and mode)"
     return f"{str(path)!r} is not a readable HDF5 file ({exc})"
 
 

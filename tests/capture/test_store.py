@@ -375,6 +375,11 @@ def test_reader_tells_a_locked_file_from_a_damaged_one(tmp_path):
                  "Unable to synchronously open file (file signature not found)"):
         message = _open_error_message(bad, OSError(text))
         assert "is not a readable HDF5 file" in message and text in message and "running capture" not in message
+    # h5py raises PermissionError for errno 13 (not produced here: the tests may run as root)
+    denied = PermissionError(13, "Unable to synchronously open file (unable to open file: name = 'bad.h5', errno = 13, "
+                                 "error message = 'Permission denied')")
+    message = _open_error_message(bad, denied)
+    assert "cannot be read: permission denied" in message and "not a readable HDF5" not in message
     path = tmp_path / "c.h5"
     _create(path).close()
     # a second process holds the file open for writing, as a running capture does
