@@ -10,9 +10,11 @@ from pathlib import Path
 import click
 
 from dfsviz._package_data import DATA_DIR
+from dfsviz.app import LOOPBACK_NAMES
 from dfsviz.cli import fail_cleanly, main
 
-_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# the loopback names as interfaces to bind ("::1" where a Host header gives "[::1]")
+_LOCAL_HOSTS = tuple(name.strip("[]") for name in LOOPBACK_NAMES)
 
 
 def default_roots() -> list[Path]:
@@ -63,7 +65,6 @@ def app_command(roots: tuple[str, ...], host: str, port: int, trusted_hosts: tup
     Only files under the roots are served (symlinks are resolved first); every view's
     selection is in the URL, so a link reproduces it.
     """
-    from dfsviz.app import LOOPBACK_NAMES
     from dfsviz.app.data import CaptureCatalog
 
     if not host.strip():  # werkzeug would fall back to $HOST, which may be every interface
