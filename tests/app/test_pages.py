@@ -73,3 +73,41 @@ def test_errors_name_no_server_path(app, capture_root, monkeypatch):
     text = banner_text(masks_callback(app, MASKS))
     assert "internal error (RuntimeError); the server log has the details" in text
     assert str(capture_root.parent) not in text
+
+
+def csv_download(app, figure, name="mk-left"):
+    """POST the CSV download of figure card ``name`` with ``figure`` as the browser's copy of it."""
+    key = next(k for k in app.callback_map if '"csv-dl"' in k)
+    ident = {"name": name, "type": "csv"}
+    payload = {
+        "output": key, "outputs": {"id": {"name": name, "type": "csv-dl"}, "property": "data"},
+        "inputs": [{"id": ident, "property": "n_clicks", "value": 1}],
+        "state": [{"id": {"name": name, "type": "fig"}, "property": "figure", "value": figure}],
+        "changedPropIds": [json.dumps(ident, separators=(",", ":")) + ".n_clicks"],
+    }
+    return app.server.test_client().post("/_dash-update-component", json=payload)
+
+
+@pytest.mark.parametrize("figure", [
+    "a string",
+    {"data": "not a list"},
+    {"data": [{"type": "heatmap", "z": {"dtype": "f8", "bdata": "***not base64***"}}]},
+    {"data": [{"type": "heatmap", "z": {"dtype": "no such dtype", "bdata": ""}}]},
+    {"data": [{"type": "heatmap", "z": {"dtype": "f8", "bdata": "AAAAAAAAAAA=", "shape": "3, 3"}}]},
+    {"data": [{"type": "heatmap", "z": [[1.0]], "meta": {"flags": {"name": "kept", "bits": "AA=="}}}]},
+])
+def test_a_csv_download_of_a_figure_the_page_never_drew_is_refused(app, figure, caplog):
+    """A crafted figure gets no CSV and no server error (204: nothing to update), and the log says why."""
+    response = csv_download(app, figure, name="mk-left\nforged log line")
+    assert response.status_code == 204, response.data[:300]
+    assert "CSV download of mk-left_forged_log_line refused: not a figure this app draws" in caplog.text
+
+
+def test_a_csv_download_of_a_drawn_figure_holds_its_numbers(app):
+    figure = {"data": [{"type": "scatter", "name": "line", "x": [0.1, 0.2], "y": [1.0, 2.0]}],
+              "layout": {"title": {"text": "Recall"}}}
+    response = csv_download(app, figure)
+    assert response.status_code == 200
+    data = response.get_json()["response"]["{\"name\":\"mk-left\",\"type\":\"csv-dl\"}"]["data"]
+    assert data["filename"] == "dfsviz_mk-left.csv"
+    assert data["content"].splitlines() == ["figure,Recall", "trace,x,y,z", "line,0.1,1.0,", "line,0.2,2.0,"]

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from dash import MATCH, Input, Output, State, ctx, dcc, html, no_update
+from dash.exceptions import PreventUpdate
 
 from dfsviz.app.data import CaptureError, get_catalog
 
@@ -512,7 +513,17 @@ def figure_csv(figure: dict) -> str:
     box/violin/histogram traces one row per sample. A figure whose overlay carries
     :func:`cell_flags` (the Masks page's kept blocks) gets one more column, 1 where the
     heatmap's cell is flagged (kept) and 0 elsewhere.
+
+    The figure comes back from the browser: anything but a figure as the pages draw them (a
+    request the page never sends) raises ValueError.
     """
+    try:
+        return _figure_csv(figure)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a figure this app draws ({type(exc).__name__}: {exc})") from None
+
+
+def _figure_csv(figure: dict) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     title = (figure or {}).get("layout", {}).get("title")
@@ -558,8 +569,14 @@ def register_shell_callbacks(app, modules: Sequence) -> None:
     def _download_csv(clicks, figure):
         if not clicks:
             return no_update
-        name = ctx.triggered_id["name"] if isinstance(ctx.triggered_id, dict) else "figure"
-        return dcc.send_string(figure_csv(figure), filename=f"dfsviz_{name}.csv")
+        name = ctx.triggered_id.get("name") if isinstance(ctx.triggered_id, dict) else None
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", str(name or "figure"))[:64]  # the card's id, or what a request claims
+        try:
+            text = figure_csv(figure)
+        except ValueError as exc:
+            logger.warning("CSV download of %s refused: %s", name, exc)
+            raise PreventUpdate from None
+        return dcc.send_string(text, filename=f"dfsviz_{name}.csv")
 
     paths = [m.PATH for m in modules]
     app.clientside_callback(
