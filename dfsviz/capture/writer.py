@@ -130,16 +130,23 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class OptionNames:
-    """How the caller's users spell the resume and overwrite options, for the writer's messages:
-    ``dfsviz capture``'s flags (CLI_OPTIONS) or ``dfsviz.record``'s arguments (PYTHON_OPTIONS)."""
+    """How the caller's users spell the resume and overwrite options and a run's ranks, for the
+    writer's messages: ``dfsviz capture``'s flags (CLI_OPTIONS) or ``dfsviz.record``'s arguments
+    (PYTHON_OPTIONS). ``ranks`` takes the Ulysses degree; ``one_process`` is a run without one."""
 
     resume: str
     overwrite: str
     no_resume: str
+    ranks: str
+    one_process: str
 
 
-CLI_OPTIONS = OptionNames("--resume", "--overwrite", "drop --resume")
-PYTHON_OPTIONS = OptionNames("resume=True", "overwrite=True", "pass resume=False")
+CLI_OPTIONS = OptionNames("--resume", "--overwrite", "drop --resume",
+                          "on {degree} ranks (torchrun --nproc-per-node {degree} ... --context-parallel ulysses)",
+                          "in one process (no --context-parallel)")
+PYTHON_OPTIONS = OptionNames("resume=True", "overwrite=True", "pass resume=False",
+                             "on {degree} ranks (ContextParallelConfig(ulysses_degree={degree}) under torchrun)",
+                             "in one process (no context parallelism)")
 
 
 def output_exists_error(path: str | os.PathLike, options: OptionNames) -> ValueError:
@@ -503,8 +510,7 @@ class CaptureWriter:
         if "ulysses_degree" in keys:
             def ranks(identity):
                 degree = identity.get("ulysses_degree")
-                return f"on {degree} ranks (torchrun --nproc-per-node {degree} ... --context-parallel ulysses)" if degree \
-                    else "in one process (no --context-parallel)"
+                return options.ranks.format(degree=degree) if degree else options.one_process
             raise ValueError(
                 f"{options.resume}: {str(path)!r} was captured {ranks(stored)}, this run is {ranks(run)}; resume it "
                 f"as it was captured, or pass {options.overwrite}"

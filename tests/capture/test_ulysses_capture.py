@@ -169,3 +169,24 @@ def test_refusals():
         CaptureConfig(out="x.h5", context_parallel="ring")
     with pytest.raises(ValueError, match=r"`device` 'cuda:1' names one GPU; under --context-parallel"):
         CaptureConfig(out="x.h5", context_parallel="ulysses", device="cuda:1")
+
+
+def test_a_refused_resume_names_the_ranks_as_its_entry_point_spells_them(single):
+    """``dfsviz capture``'s refusal names torchrun's flags (above); ``dfsviz.record``'s names
+    diffusers' ContextParallelConfig, which is how its callers ask for ranks."""
+    from dfsviz.capture.schema import read_json_attr
+    from dfsviz.capture.writer import CLI_OPTIONS, PYTHON_OPTIONS, CaptureWriter
+
+    with dfsviz.open(single) as reader:
+        run = {**read_json_attr(reader._f.attrs, "run_identity"), "ulysses_degree": 2}
+        messages = {}
+        for options in (CLI_OPTIONS, PYTHON_OPTIONS):
+            with pytest.raises(ValueError) as refused:
+                CaptureWriter._check_same_run(single, reader, reader.layout, run, options)
+            messages[options.resume] = str(refused.value)
+    assert "was captured in one process (no --context-parallel), this run is on 2 ranks (torchrun " \
+           "--nproc-per-node 2 ... --context-parallel ulysses)" in messages["--resume"]
+    assert messages["resume=True"].startswith("resume=True: ")
+    assert "was captured in one process (no context parallelism), this run is on 2 ranks " \
+           "(ContextParallelConfig(ulysses_degree=2) under torchrun); resume it as it was captured, or pass " \
+           "overwrite=True" in messages["resume=True"]
