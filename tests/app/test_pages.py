@@ -111,3 +111,14 @@ def test_a_csv_download_of_a_drawn_figure_holds_its_numbers(app):
     data = response.get_json()["response"]["{\"name\":\"mk-left\",\"type\":\"csv-dl\"}"]["data"]
     assert data["filename"] == "dfsviz_mk-left.csv"
     assert data["content"].splitlines() == ["figure,Recall", "trace,x,y,z", "line,0.1,1.0,", "line,0.2,2.0,"]
+
+
+@pytest.mark.parametrize("qb", [10**9, -1, "7", 2.5])
+def test_a_query_block_the_page_never_sends_is_ignored_with_a_note(app, qb):
+    """The clicked block comes back from the browser: one outside the capture's blocks (or not a
+    whole number) is ignored, the first candidate block is shown and the note says so."""
+    out = masks_callback(app, {**MASKS, "mk-qorder": "raster", "mk-qb": qb})
+    note = json.dumps(out["mk-fp-note"]["children"])
+    assert f"Query block '{qb}' is not one of this capture's" in note and "blocks; ignored." in note, note
+    assert "Showing raster query block" in note
+    assert out["mk-fp-banner"]["children"] == []

@@ -195,6 +195,10 @@ def footprint_views(cid: str, step: int, layer: int, head: int, method: str, bud
         raise CaptureError("this capture has neither footprints nor Q/K of this layer: capture with --footprints or --save-qkv")
     coords = cat.coords(cid)
     notes: list[str] = []
+    num_blocks = reader.layout.num_blocks
+    if qb is not None and not (type(qb) is int and 0 <= qb < num_blocks):  # the page sends none such
+        notes.append(f"Query block {str(qb)[:20]!r} is not one of this capture's {num_blocks} blocks; ignored.")
+        qb = None
     candidates: dict[str, list[int]] = {}
     stored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for order in orders:
