@@ -17,6 +17,8 @@ import torch
 __all__ = ["LatentGrid"]
 
 _GRID_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+# Token positions travel as int32 (the kernels' orders and block indices): N must stay below 2^31.
+_MAX_TOKENS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,13 @@ class LatentGrid:
             raise ValueError(f"`text_len` must be an integer >= 0 (got {self.text_len!r})")
         if not isinstance(self.text_first, bool):
             raise TypeError(f"`text_first` must be a bool (got {type(self.text_first).__name__})")
+        if self.num_tokens > _MAX_TOKENS:
+            text = f" and {self.text_len:,} text tokens" if self.text_len else ""
+            raise ValueError(
+                f"grid {self.frames}x{self.height}x{self.width}{text} has {self.num_tokens:,} tokens, more than "
+                f"{_MAX_TOKENS:,} (2^31 - 1), the most that 32-bit token positions index; HunyuanVideo 720p x 129 "
+                "has 119,056: give the latent size in tokens after patching"
+            )
 
     @classmethod
     def parse(cls, spec: str, text_len: int = 0, text_first: bool = False) -> "LatentGrid":

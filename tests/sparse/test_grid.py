@@ -21,6 +21,15 @@ def test_parse_rejects_malformed_specs(spec):
         LatentGrid.parse(spec)
 
 
+def test_grids_past_32_bit_token_positions_are_refused_before_anything_is_allocated():
+    LatentGrid(1, 1, 2**31 - 1)  # the largest sequence int32 positions index
+    with pytest.raises(ValueError, match=r"grid 1x1x2147483647 and 1 text tokens has 2,147,483,648 tokens, "
+                                         r"more than 2,147,483,647 \(2\^31 - 1\)"):
+        LatentGrid(1, 1, 2**31 - 1, text_len=1)
+    with pytest.raises(ValueError, match=r"^grid 99999x99999x99999 has 999,970,000,299,999 tokens"):
+        LatentGrid.parse("99999x99999x99999")
+
+
 def test_parse_rejects_zero_sizes():
     with pytest.raises(ValueError, match=r"`frames` must be a positive integer \(got 0\)"):
         LatentGrid.parse("0x45x80")
