@@ -18,7 +18,8 @@ Inputs as the Triton descriptor kernel takes them: q, k, v, out [B, H, N, D] (an
 strides, unit stride along D) in float16 / bfloat16, D in {64, 128}, the mask's block 128. With a
 token order the copy engine, which moves boxes and not rows gathered through a permutation, still
 moves K and V: the launcher passes ordered copies of them; each consumer gathers its query rows
-through the order with plain loads and stores its output rows back the same way.
+through the order with plain loads and stores its output rows back the same way (their positions
+loaded once, into shared memory).
 
 FP8 (``dfsviz.kernels.fp8``): q and k are ordered e4m3 copies with one power-of-two scale per
 block, folded into the softmax scale (the query block's once, each key block's per step); with
@@ -87,6 +88,8 @@ _FP8_NUM_STAGES = 3
 _MAXNREG = 168
 _CONSUMER_REGS = 240
 _LOADER_REGS = 24
+# A barrier over the calling partition's warps (Gluon renamed it in Triton 3.7)
+_partition_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
 
 @gluon.jit
@@ -211,14 +214,25 @@ def _p_operand(p, p_dtype: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.const
 
 
 @gluon.jit
-def _original_rows(PERM, start, N, HAS_ORDER: gl.constexpr, IO_LAYOUT: gl.constexpr):
-    """(rows, in_range) of ordered rows [start, start + 64): their original positions perm[row]
-    (0 past N; the rows themselves without an order) and whether they are below N, in the row
-    slice of IO_LAYOUT."""
+def _stash_original_rows(PERM, start, N, rows_buf):
+    """perm[start : start + 64] (0 past N), the original positions of a consumer's ordered rows, into
+    rows_buf [64] in shared memory, one load a thread. Loaded in the rows' own layout, where each
+    thread holds 8 of them, the loads went one after another (ptxas had one register for them):
+    up to 8 trips to memory before the output's first store."""
+    rows = start + gl.arange(0, _ROWS, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    rows_buf.store(gl.load(PERM + rows, mask=rows < N, other=0))
+    _partition_barrier()
+
+
+@gluon.jit
+def _original_rows(rows_buf, start, N, HAS_ORDER: gl.constexpr, IO_LAYOUT: gl.constexpr):
+    """(rows, in_range) of ordered rows [start, start + 64): their original positions (from
+    _stash_original_rows's rows_buf; the rows themselves without an order) and whether they are
+    below N, in the row slice of IO_LAYOUT."""
     rows = start + gl.arange(0, _ROWS, layout=gl.SliceLayout(1, IO_LAYOUT))
     in_range = rows < N
     if HAS_ORDER:
-        rows = gl.load(PERM + rows, mask=in_range, other=0)
+        rows = rows_buf.load(gl.SliceLayout(1, IO_LAYOUT))
     return rows, in_range
 
 
@@ -240,9 +254,9 @@ def _row_pointers(X, b, h, rows, stride_b, stride_h, stride_n, HEAD_DIM: gl.cons
 
 
 @gluon.jit
-def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_bufs, q_ready, k_ready, k_empty,
-              v_ready, v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale, stride_qb, stride_qh,
-              stride_qn, stride_ob, stride_oh, stride_on,
+def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_bufs, rows_bufs, q_ready, k_ready,
+              k_empty, v_ready, v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale, stride_qb,
+              stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
               HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, NUM_STAGES: gl.constexpr,
               RETURN_LSE: gl.constexpr, EVEN_N: gl.constexpr, HAS_ORDER: gl.constexpr, FP8: gl.constexpr,
               FP8_PV: gl.constexpr, IO_LAYOUT: gl.constexpr):
@@ -288,8 +302,11 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_b
     m_i = gl.full([_ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout)
+    rows_buf = rows_bufs.index(HALF)
+    if HAS_ORDER:
+        _stash_original_rows(PERM, row0 + HALF * _ROWS, N, rows_buf)
     if GATHER_Q:
-        src, in_range = _original_rows(PERM, row0 + HALF * _ROWS, N, True, IO_LAYOUT)
+        src, in_range = _original_rows(rows_buf, row0 + HALF * _ROWS, N, True, IO_LAYOUT)
         rows = _row_pointers(Q, b, h, src, stride_qb, stride_qh, stride_qn, HEAD_DIM, IO_LAYOUT)
         q.store(gl.load(rows, mask=in_range[:, None], other=0.0))
         fence_async_shared()
@@ -359,9 +376,9 @@ def _consumer(desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_b
     out = (acc / l_safe[:, None]).to(out_dtype)
     lse = (m_i + gl.log2(l_i)) * _LN2  # log2 domain back to natural log
     if STORE_ROWS:
-        # the rows' positions again: keeping them from the Q gather through the loop, which uses
-        # all the consumers' registers, spills more (76 bytes against 32 at D 128)
-        dst, in_range = _original_rows(PERM, row0 + HALF * _ROWS, N, HAS_ORDER, IO_LAYOUT)
+        # the rows' positions again, from shared memory: keeping them from the Q gather through the
+        # loop, which uses all the consumers' registers, spills more (76 bytes against 32 at D 128)
+        dst, in_range = _original_rows(rows_buf, row0 + HALF * _ROWS, N, HAS_ORDER, IO_LAYOUT)
         rows = _row_pointers(OUT, b, h, dst, stride_ob, stride_oh, stride_on, HEAD_DIM, IO_LAYOUT)
         gl.store(rows, gl.convert_layout(out, IO_LAYOUT), mask=in_range[:, None])
         if RETURN_LSE:
@@ -424,6 +441,8 @@ def _block_sparse_attention_sm90_kernel(
     # each consumer's [_ONES_COLS, BLOCK] tile of ones (FP8_PV's row sums; 2 KB, unread otherwise)
     ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_ONES_COLS, BLOCK], gl.float8e4nv)
     ones_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, _ONES_COLS, BLOCK], ones_layout)
+    # each consumer's original row positions (HAS_ORDER; 256 bytes, unread otherwise)
+    rows_bufs = gl.allocate_shared_memory(gl.int32, [2, _ROWS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -440,12 +459,12 @@ def _block_sparse_attention_sm90_kernel(
 
     # Gluon's code generator takes no starred arguments: each partition's list is spelled out.
     gl.warp_specialize([
-        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_bufs, q_ready, k_ready,
-                     k_empty, v_ready, v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale,
+        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_bufs, rows_bufs, q_ready,
+                     k_ready, k_empty, v_ready, v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale,
                      stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, 0, HEAD_DIM, BLOCK, NUM_STAGES,
                      RETURN_LSE, EVEN_N, HAS_ORDER, FP8, FP8_PV, IO_LAYOUT)),
-        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_bufs, q_ready, k_ready,
-                     k_empty, v_ready, v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale,
+        (_consumer, (desc_o, Q, OUT, PERM, LSE, V_SCALE, q_bufs, k_bufs, v_bufs, ones_bufs, rows_bufs, q_ready,
+                     k_ready, k_empty, v_ready, v_empty, b, h, pid_bh, row0, idx_ptr, k_scale_ptr, num_kv, N, qk_scale,
                      stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, 1, HEAD_DIM, BLOCK, NUM_STAGES,
                      RETURN_LSE, EVEN_N, HAS_ORDER, FP8, FP8_PV, IO_LAYOUT)),
         (_loader, (desc_q, desc_k, desc_v, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty, b, h,
