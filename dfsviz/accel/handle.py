@@ -43,6 +43,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["DFSHandle", "apply_dfsattn", "remove_dfsattn"]
 
 
+def _timestep_value(value) -> float | None:
+    """A transformer call's ``timestep`` as one number: the largest entry of a tensor (one per
+    sample, or per token as in Wan 2.2 TI2V), a plain number as it is; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().amax()) if value.numel() and not value.is_complex() else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def _bind(module: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     return inspect.signature(module.forward).bind(*args, **kwargs)
 
@@ -281,7 +291,9 @@ class DFSHandle:
         why = None if plan is None else plan.grid_mismatch(grid)
         if why is not None:
             raise ValueError(f"DFSAttn config {why}")
-        self.state._begin(grid, self.index)
+        # counted calls: the timestep tells a new video from steps past the schedule (one read per call)
+        timestep = _timestep_value(bound.get("timestep")) if self.state.step is None else None
+        self.state._begin(grid, self.index, timestep)
         return None
 
     def _end_call(self, module, args, output):

@@ -85,7 +85,9 @@ class DFSState:
 
     * counting transformer calls (default): call c of a video is step
       ``c // schedule.calls_per_step``, branch ``c % calls_per_step``; the counter wraps
-      after ``num_steps * calls_per_step`` calls (a new video) and then drops the cache; or
+      after ``num_steps * calls_per_step`` calls (a new video) and then drops the cache. A call
+      at the wrap whose timestep moves on the way the video's timesteps moved is refused
+      (ValueError): the pipeline runs more calls than the schedule counts for one video; or
     * an explicit step: ``state.set_step(i)`` before the transformer calls of step i (e.g.
       from a pipeline's ``callback_on_step_end``); the calls after it are branches 0, 1, ...
 
@@ -122,6 +124,7 @@ class DFSState:
         self.masks: dict[tuple[int, int, int], _CacheEntry] = {}
         self.current: _CallContext | None = None
         self._transformer: int | None = None  # the transformer whose masks are cached
+        self._forget_timesteps()
 
     def set_step(self, step: int) -> None:
         """Run the next transformer calls as diffusion step ``step`` in [0, num_steps)."""
@@ -134,15 +137,21 @@ class DFSState:
     def use_call_count(self) -> None:
         """Go back to counting transformer calls (drops the explicit step)."""
         self.step = None
+        self._forget_timesteps()
 
-    def _begin(self, grid: LatentGrid, transformer: int = 0) -> _CallContext:
+    def _begin(self, grid: LatentGrid, transformer: int = 0, timestep: float | None = None) -> _CallContext:
+        """Start a transformer call: its step, branch and plan. ``timestep``: the call's timestep as
+        one number (None: unknown), which lets counted calls tell a new video from extra steps."""
         sched = self.schedule
         if self.step is None:
             total = sched.num_steps * sched.calls_per_step
             c = self.calls % total
             if c == 0 and self.calls > 0:
+                self._check_new_video(timestep)
                 self.masks.clear()  # a new video: masks of the last one are stale
+                self._forget_timesteps()
             step, branch = c // sched.calls_per_step, c % sched.calls_per_step
+            self._follow_timestep(timestep)
         else:
             step, branch = self.step, self._step_calls
             self._step_calls += 1
@@ -156,6 +165,33 @@ class DFSState:
         self.calls += 1
         self.current = ctx
         return ctx
+
+    def _forget_timesteps(self) -> None:
+        # counted calls: the last timestep of this video and the way its timesteps moved (+1 / -1, 0: not yet)
+        self._last_timestep: float | None = None
+        self._timestep_direction = 0
+
+    def _follow_timestep(self, timestep: float | None) -> None:
+        if timestep is None:
+            return
+        if self._last_timestep is not None and timestep != self._last_timestep:
+            self._timestep_direction = 1 if timestep > self._last_timestep else -1
+        self._last_timestep = timestep
+
+    def _check_new_video(self, timestep: float | None) -> None:
+        """ValueError when the call that wraps the counter continues the last video's timesteps
+        (a new video starts over from the other end, or at the same timestep)."""
+        last, direction = self._last_timestep, self._timestep_direction
+        if timestep is None or last is None or direction == 0 or (timestep - last) * direction <= 0:
+            return
+        sched = self.schedule
+        raise ValueError(
+            f"the pipeline runs more transformer calls than the DFSAttn schedule counts for one video (num_steps "
+            f"{sched.num_steps} x calls_per_step {sched.calls_per_step}): call {self.calls} continues the video's "
+            f"timesteps ({timestep:g} after {last:g}) where a new video would start over; pass "
+            f"num_inference_steps={sched.num_steps}, set calls_per_step to the transformer calls of one step (2 for "
+            "CFG run as two calls), or drive the steps with handle.step_callback"
+        )
 
     def epoch(self, step: int) -> int:
         """The refresh step whose mask serves ``step``: the latest s <= step with a refresh."""

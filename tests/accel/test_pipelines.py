@@ -94,6 +94,23 @@ def test_steps_and_mask_cache_across_the_switch(pipe):
     assert not torch.allclose(sparse, dense, atol=1e-4)  # a real budget
 
 
+def test_a_pipeline_past_the_counted_schedule_is_stopped(pipe):
+    """Counted calls: two videos in a row run, each from the wrap; a call past the schedule's steps
+    (or a CFG pipeline counted as one call per step) is refused at the first such call."""
+    with apply_dfsattn(pipe, config(0.5)) as handle:
+        generate(pipe)
+        generate(pipe)
+        assert handle.state.calls == 4 * STEPS and handle.state.scorer_calls == 2 * 3 * 2
+        with pytest.raises(ValueError, match=rf"schedule counts for one video \(num_steps {STEPS} x calls_per_step 2\): "
+                                             rf"call {6 * STEPS} continues the video's timesteps"):
+            with torch.no_grad():
+                pipe(generator=torch.Generator().manual_seed(1), **{**CALL, "num_inference_steps": STEPS + 1})
+    schedule = DFSSchedule(num_steps=STEPS, skip_steps=1, interval=3, gamma0=0.5, decrement=0.0, dense_layers=())
+    with apply_dfsattn(pipe, DFSConfig(block=16, tile=4, schedule=schedule)):  # calls_per_step 1: CFG's 2 calls
+        with pytest.raises(ValueError, match=rf"\(num_steps {STEPS} x calls_per_step 1\): call {STEPS} continues"):
+            generate(pipe)
+
+
 def test_a_pipeline_of_two_families_is_refused():
     pipe = SimpleNamespace(transformer=build_tiny("wan"), transformer_2=build_tiny("cogvideox"))
     with pytest.raises(ValueError, match=r"SimpleNamespace.transformer_2 is a CogVideoXTransformer3DModel "

@@ -145,6 +145,32 @@ def test_explicit_step_and_wrap(models):
         assert not h.state.masks  # the wrap dropped the cache; step 0 is dense
 
 
+def test_counted_calls_past_the_schedule_are_refused(models):
+    """At the wrap, a call whose timestep starts over is a new video; one that moves on the way the
+    video's timesteps moved is a step past the schedule (either way of counting timesteps)."""
+    model = models["wan"]
+    s = DFSSchedule(num_steps=3, skip_steps=1, interval=1, gamma0=0.5, decrement=0.0, dense_layers=())
+
+    def at(t: float) -> dict:
+        return {**make_inputs("wan"), "timestep": torch.tensor([t])}
+
+    for video, past in (((900.0, 600.0, 300.0), 100.0), ((0.0, 300.0, 600.0), 900.0)):
+        with apply_dfsattn(model, cfg(schedule=s)) as h:
+            for t in video + video:  # two videos: the second starts over at the wrap
+                run(model, at(t))
+            assert [r["step"] for r in h.state.records if r["layer"] == 0] == [1, 2, 1, 2]
+            with pytest.raises(ValueError, match=rf"the pipeline runs more transformer calls than the DFSAttn schedule "
+                                                 rf"counts for one video \(num_steps 3 x calls_per_step 1\): call 6 "
+                                                 rf"continues the video's timesteps \({past:g} after {video[-1]:g}\) "
+                                                 rf"where a new video would start over; pass num_inference_steps=3"):
+                run(model, at(past))
+            assert h.state.calls == 6  # the refused call counts nothing
+            h.state.use_call_count()  # forgets the timesteps seen: the next call is taken as a new video
+            records = len(h.state.records)
+            run(model, at(past))
+            assert h.state.calls == 7 and len(h.state.records) == records  # step 0 of a new video: dense
+
+
 def test_cfg_share_batch_equals_separate_calls_share(models):
     """A CFG batch [cond, uncond] under "share" equals two calls (cond, then uncond) of one step."""
     model = models["wan"]
