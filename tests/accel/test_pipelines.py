@@ -101,8 +101,8 @@ def test_a_pipeline_past_the_counted_schedule_is_stopped(pipe):
         generate(pipe)
         generate(pipe)
         assert handle.state.calls == 4 * STEPS and handle.state.scorer_calls == 2 * 3 * 2
-        with pytest.raises(ValueError, match=rf"schedule counts for one video \(num_steps {STEPS} x calls_per_step 2\): "
-                                             rf"call {6 * STEPS} continues the video's timesteps"):
+        with pytest.raises(ValueError, match=rf"schedule counts for one video \(num_steps {STEPS} x calls_per_step "
+                                             rf"2\): call {6 * STEPS} continues the video's timesteps"):
             with torch.no_grad():
                 pipe(generator=torch.Generator().manual_seed(1), **{**CALL, "num_inference_steps": STEPS + 1})
     schedule = DFSSchedule(num_steps=STEPS, skip_steps=1, interval=3, gamma0=0.5, decrement=0.0, dense_layers=())
