@@ -87,7 +87,9 @@ class DFSState:
       ``c // schedule.calls_per_step``, branch ``c % calls_per_step``; the counter wraps
       after ``num_steps * calls_per_step`` calls (a new video) and then drops the cache. A call
       at the wrap whose timestep moves on the way the video's timesteps moved is refused
-      (ValueError): the pipeline runs more calls than the schedule counts for one video; or
+      (ValueError): the pipeline runs more calls than the schedule counts for one video; a call
+      whose timestep starts over before the wrap starts a new video (logged: the last one ran
+      fewer steps than ``num_steps``), counted from step 0 with the cache dropped; or
     * an explicit step: ``state.set_step(i)`` before the transformer calls of step i (e.g.
       from a pipeline's ``callback_on_step_end``); the calls after it are branches 0, 1, ...
 
@@ -124,6 +126,7 @@ class DFSState:
         self.masks: dict[tuple[int, int, int], _CacheEntry] = {}
         self.current: _CallContext | None = None
         self._transformer: int | None = None  # the transformer whose masks are cached
+        self._video_start = 0  # counted calls: the call that started the current video
         self._forget_timesteps()
 
     def set_step(self, step: int) -> None:
@@ -145,7 +148,13 @@ class DFSState:
         sched = self.schedule
         if self.step is None:
             total = sched.num_steps * sched.calls_per_step
-            c = self.calls % total
+            c = (self.calls - self._video_start) % total
+            if c and self._starts_over(timestep):  # a new video before the schedule's end
+                logger.warning("DFSAttn: transformer call %d starts the timesteps over (%g after %g) after %d of the "
+                               "%d calls the schedule counts for one video (num_steps %d x calls_per_step %d): the "
+                               "last video ran fewer steps than num_steps; this one counts from step 0", self.calls,
+                               timestep, self._last_timestep, c, total, sched.num_steps, sched.calls_per_step)
+                self._video_start, c = self.calls, 0
             if c == 0 and self.calls > 0:
                 self._check_new_video(timestep)
                 self.masks.clear()  # a new video: masks of the last one are stale
@@ -177,6 +186,11 @@ class DFSState:
         if self._last_timestep is not None and timestep != self._last_timestep:
             self._timestep_direction = 1 if timestep > self._last_timestep else -1
         self._last_timestep = timestep
+
+    def _starts_over(self, timestep: float | None) -> bool:
+        """The call's timestep moves against the way this video's timesteps moved: a new video."""
+        last, direction = self._last_timestep, self._timestep_direction
+        return timestep is not None and last is not None and (timestep - last) * direction < 0
 
     def _check_new_video(self, timestep: float | None) -> None:
         """ValueError when the call that wraps the counter continues the last video's timesteps

@@ -5,6 +5,7 @@ remove() restoring both."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import diffusers
@@ -109,6 +110,23 @@ def test_a_pipeline_past_the_counted_schedule_is_stopped(pipe):
     with apply_dfsattn(pipe, DFSConfig(block=16, tile=4, schedule=schedule)):  # calls_per_step 1: CFG's 2 calls
         with pytest.raises(ValueError, match=rf"\(num_steps {STEPS} x calls_per_step 1\): call {STEPS} continues"):
             generate(pipe)
+
+
+def test_a_video_after_a_shorter_one_counts_from_step_0(pipe, caplog):
+    """Counted calls: a pipeline that ran fewer steps than the schedule leaves the counter mid-video;
+    the next video's first call starts the timesteps over, so it counts from step 0 with the cache
+    dropped, and runs exactly as under a fresh handle."""
+    with apply_dfsattn(pipe, config(0.5)):
+        fresh = generate(pipe)
+    with apply_dfsattn(pipe, config(0.5)) as handle:
+        with torch.no_grad():
+            pipe(generator=torch.Generator().manual_seed(1), **{**CALL, "num_inference_steps": STEPS - 2})
+        with caplog.at_level(logging.WARNING, logger="dfsviz.accel.state"):
+            again = generate(pipe)
+    calls = 2 * (STEPS - 2)
+    assert f"transformer call {calls} starts the timesteps over" in caplog.text
+    assert f"after {calls} of the {2 * STEPS} calls the schedule counts for one video" in caplog.text
+    assert torch.equal(again, fresh)
 
 
 def test_a_pipeline_of_two_families_is_refused():

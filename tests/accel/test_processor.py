@@ -4,6 +4,8 @@ undo, permute-once, HunyuanVideo / CogVideoX text handling, and every error mess
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -169,6 +171,26 @@ def test_counted_calls_past_the_schedule_are_refused(models):
             records = len(h.state.records)
             run(model, at(past))
             assert h.state.calls == 7 and len(h.state.records) == records  # step 0 of a new video: dense
+
+
+def test_counted_calls_start_over_with_a_new_video(models, caplog):
+    """A call whose timestep starts over before the wrap is a new video (the last one ran fewer steps):
+    counted from step 0, its cache dropped."""
+    model = models["wan"]
+    s = DFSSchedule(num_steps=3, skip_steps=1, interval=2, gamma0=0.5, decrement=0.0, dense_layers=())
+    with apply_dfsattn(model, cfg(schedule=s)) as h:
+        for t in (900.0, 600.0):  # two of the three steps
+            run(model, {**make_inputs("wan"), "timestep": torch.tensor([t])})
+        assert h.state.masks
+        with caplog.at_level(logging.WARNING, logger="dfsviz.accel.state"):
+            run(model, {**make_inputs("wan"), "timestep": torch.tensor([900.0])})
+        assert ("transformer call 2 starts the timesteps over (900 after 600) after 2 of the 3 calls the schedule "
+                "counts for one video (num_steps 3 x calls_per_step 1)") in caplog.text
+        assert not h.state.masks and len(h.state.records) == 2  # step 0: dense, the cache dropped
+        for t in (600.0, 300.0):
+            run(model, {**make_inputs("wan"), "timestep": torch.tensor([t])})
+        assert [(r["step"], r["refresh"]) for r in h.state.records if r["layer"] == 0] == [
+            (1, True), (1, True), (2, False)]
 
 
 def test_cfg_share_batch_equals_separate_calls_share(models):
