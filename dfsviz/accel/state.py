@@ -88,8 +88,8 @@ class DFSState:
       after ``num_steps * calls_per_step`` calls (a new video) and then drops the cache. A call
       at the wrap whose timestep moves on the way the video's timesteps moved is refused
       (ValueError): the pipeline runs more calls than the schedule counts for one video; a call
-      whose timestep starts over before the wrap starts a new video (logged: the last one ran
-      fewer steps than ``num_steps``), counted from step 0 with the cache dropped; or
+      whose timestep starts over before the wrap starts a new video (logged: the last one made
+      fewer calls than that), counted from step 0 with the cache dropped; or
     * an explicit step: ``state.set_step(i)`` before the transformer calls of step i (e.g.
       from a pipeline's ``callback_on_step_end``); the calls after it are branches 0, 1, ...
 
@@ -152,7 +152,8 @@ class DFSState:
             if c and self._starts_over(timestep):  # a new video before the schedule's end
                 logger.warning("DFSAttn: transformer call %d starts the timesteps over (%g after %g) after %d of the "
                                "%d calls the schedule counts for one video (num_steps %d x calls_per_step %d): the "
-                               "last video ran fewer steps than num_steps; this one counts from step 0", self.calls,
+                               "last video ran fewer steps than num_steps, or fewer transformer calls a step than "
+                               "calls_per_step; this one counts from step 0", self.calls,
                                timestep, self._last_timestep, c, total, sched.num_steps, sched.calls_per_step)
                 self._video_start, c = self.calls, 0
             if c == 0 and self.calls > 0:
