@@ -149,7 +149,8 @@ class DFSState:
         if self.step is None:
             total = sched.num_steps * sched.calls_per_step
             c = (self.calls - self._video_start) % total
-            if c and self._starts_over(timestep):  # a new video before the schedule's end
+            move = self._timestep_move(timestep)
+            if c and move < 0:  # the timesteps start over: a new video before the schedule's end
                 logger.warning("DFSAttn: transformer call %d starts the timesteps over (%g after %g) after %d of the "
                                "%d calls the schedule counts for one video (num_steps %d x calls_per_step %d): the "
                                "last video ran fewer steps than num_steps, or fewer transformer calls a step than "
@@ -157,7 +158,8 @@ class DFSState:
                                timestep, self._last_timestep, c, total, sched.num_steps, sched.calls_per_step)
                 self._video_start, c = self.calls, 0
             if c == 0 and self.calls > 0:
-                self._check_new_video(timestep)
+                if move > 0:
+                    raise self._past_schedule_error(timestep)
                 self.masks.clear()  # a new video: masks of the last one are stale
                 self._forget_timesteps()
             step, branch = c // sched.calls_per_step, c % sched.calls_per_step
@@ -188,22 +190,21 @@ class DFSState:
             self._timestep_direction = 1 if timestep > self._last_timestep else -1
         self._last_timestep = timestep
 
-    def _starts_over(self, timestep: float | None) -> bool:
-        """The call's timestep moves against the way this video's timesteps moved: a new video."""
-        last, direction = self._last_timestep, self._timestep_direction
-        return timestep is not None and last is not None and (timestep - last) * direction < 0
+    def _timestep_move(self, timestep: float | None) -> int:
+        """1 when the call moves the timesteps on the way this video's moved, -1 when against it (they
+        start over: a new video), 0 when it cannot tell (no timestep or way yet, the same timestep)."""
+        if timestep is None or self._last_timestep is None:
+            return 0
+        moved = (timestep - self._last_timestep) * self._timestep_direction
+        return (moved > 0) - (moved < 0)
 
-    def _check_new_video(self, timestep: float | None) -> None:
-        """ValueError when the call that wraps the counter continues the last video's timesteps
-        (a new video starts over from the other end, or at the same timestep)."""
-        last, direction = self._last_timestep, self._timestep_direction
-        if timestep is None or last is None or direction == 0 or (timestep - last) * direction <= 0:
-            return
+    def _past_schedule_error(self, timestep: float) -> ValueError:
+        """The call that wraps the counter continues the last video's timesteps."""
         sched = self.schedule
-        raise ValueError(
+        return ValueError(
             f"the pipeline runs more transformer calls than the DFSAttn schedule counts for one video (num_steps "
             f"{sched.num_steps} x calls_per_step {sched.calls_per_step}): call {self.calls} continues the video's "
-            f"timesteps ({timestep:g} after {last:g}) where a new video would start over; pass "
+            f"timesteps ({timestep:g} after {self._last_timestep:g}) where a new video would start over; pass "
             f"num_inference_steps={sched.num_steps}, set calls_per_step to the transformer calls of one step (2 for "
             "CFG run as two calls), or drive the steps with handle.step_callback"
         )
