@@ -296,8 +296,8 @@ class _DFSProcessorBase:
 def _fused_qk_norm_rope(attn, x: torch.Tensor, rotary_emb) -> bool:
     """True when Wan's q/k norm + RoPE of the hidden states x [B, N, C] can run as one
     ``qk_norm_rope`` pass: torch.nn.RMSNorm with an elementwise weight (in x's dtype) over the
-    whole inner dim, and float32 tables [1, N, 1, D] of the head dim. Anything else (e.g.
-    diffusers' RMSNorm, which rounds twice) keeps the unfused path."""
+    whole inner dim, and float32 tables [1, N, 1, D] of the head dim, a power of two. Anything
+    else (e.g. diffusers' RMSNorm, which rounds twice) keeps the unfused path."""
     projection = attn.to_qkv if attn.fused_projections else attn.to_q
     if rotary_emb is None or x.dtype not in KERNEL_DTYPES or projection.weight.dtype != x.dtype:
         return False
@@ -309,7 +309,8 @@ def _fused_qk_norm_rope(attn, x: torch.Tensor, rotary_emb) -> bool:
     cos, sin = rotary_emb
     return attn.norm_k.normalized_shape[0] == inner and all(
         t.dim() == 4 and t.dtype == torch.float32 and t.shape[1] == x.shape[1] and t.shape[2] == 1
-        and t.shape[0] in (1, x.shape[0]) and t.shape[-1] * attn.heads == inner for t in (cos, sin))
+        and t.shape[0] in (1, x.shape[0]) and t.shape[-1] * attn.heads == inner
+        and t.shape[-1] & (t.shape[-1] - 1) == 0 for t in (cos, sin))
 
 
 @functools.cache

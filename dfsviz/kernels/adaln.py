@@ -7,12 +7,13 @@ expressions over [B, N, C] token rows: ``FP32LayerNorm`` (upcast, layer_norm), t
 a cast back for the two gated residuals. Each is several full passes with float32
 temporaries. Here each tensor is read once and the result written once in x's dtype:
 
-- ``modulated_layer_norm``: a program holds whole rows (BLOCK_C = next power of two >= C
-  with a mask; short rows are packed several to a program; rows longer than
-  ``_MAX_BLOCK_C`` are walked in chunks, reading x three times), computes the mean and then
-  the variance as the mean of squared deviations in float32 (torch's biased variance),
-  normalises, applies the optional LayerNorm weight and bias, then the optional
-  modulation ``* (1 + scale) + shift``, and rounds once to x's dtype.
+- ``modulated_layer_norm``: a program walks blocks of whole rows of one batch element
+  (BLOCK_C = next power of two >= C with a mask; short rows are packed several to a block;
+  the LayerNorm weight and bias, and a modulation shared by every token, are loaded once per
+  program; rows longer than ``_MAX_BLOCK_C`` are walked in chunks, reading x three times),
+  computes the mean and then the variance as the mean of squared deviations in float32
+  (torch's biased variance), normalises, applies the optional LayerNorm weight and bias,
+  then the optional modulation ``* (1 + scale) + shift``, and rounds once to x's dtype.
 - ``gated_residual``: a tile of rows x channels, ``x + y * gate`` in float32, rounded once.
 
 Both launch with floating-point contraction off, so each multiply and add rounds in

@@ -4,12 +4,14 @@ Wan's self-attention normalises q (and k) with ``torch.nn.RMSNorm`` over the who
 dim C = H * D and then applies interleaved RoPE per head in float32
 (:func:`wan_rope`, diffusers' ``WanAttnProcessor``). In PyTorch that is several full
 passes over q and k; here each token row of x [B, N, C] is read once and written once.
-A program holds whole rows (BLOCK_P = next power of two >= C / 2 (even, odd) channel
-pairs with a mask; short rows are packed several to a program), computes each row's RMS
-in float32, rounds the normalised and weighted row to x's dtype (``torch.nn.RMSNorm``
-returns the input dtype, so today's path rounds there too), rotates each (even, odd) pair
-of every head with the table entries cos[token, d_even] and sin[token, d_odd] in float32
-and stores the row in x's dtype.
+A program holds whole rows (BLOCK_C = next power of two >= C channels with a mask; short
+rows are packed several to a program), loads them contiguously, computes each row's RMS in
+float32, rounds the normalised and weighted row to x's dtype (``torch.nn.RMSNorm`` returns
+the input dtype, so today's path rounds there too), splits it into heads and (even, odd)
+pairs in registers, rotates each pair of every head with the table entries cos[token,
+d_even] and sin[token, d_odd] in float32 (each row's D table entries loaded once, for all
+its heads: the kernel needs D to be a power of two) and stores the rows contiguously in x's
+dtype.
 """
 
 from __future__ import annotations
@@ -71,11 +73,15 @@ def _check_inputs(x, weight, cos, sin) -> None:
                          "move them with .to(x.device)")
 
 
-def _check_kernel_dtypes(x, cos, sin) -> None:
+def _check_kernel_inputs(x, cos, sin) -> None:
     check_kernel_dtype(x, "x")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise ValueError(f"`cos` and `sin` must be float32 for the Triton kernel (got {cos.dtype}, {sin.dtype}), "
                          "as Wan's rope module keeps them; cast with .float() or use backend='ref'")
+    d = cos.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"the head dim D = {d} must be a power of two for the Triton kernel (Wan's is 128); "
+                         "use backend='ref'")
 
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -99,7 +105,7 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float | None, cos: 
     _check_inputs(x, weight, cos, sin)
     if resolve_backend(backend, x, weight, cos, sin) == "ref":
         return qk_norm_rope_ref(x, weight, eps, cos, sin)
-    _check_kernel_dtypes(x, cos, sin)
+    _check_kernel_inputs(x, cos, sin)
     from dfsviz.kernels._jit.qk_norm_rope import qk_norm_rope_fwd
 
     return qk_norm_rope_fwd(x, weight, _resolve_eps(eps, x.dtype), cos, sin)

@@ -196,18 +196,24 @@ def test_norm_kernel_tiny_shapes(b, n):
     _check_norm(x, kwargs, f"modulated_layer_norm B{b} N{n}")
 
 
-@pytest.mark.parametrize("per_program, max_block_c, c", [(128, 16384, 96), (256, 16384, 96), (4096, 32, 96),
-                                                        (4096, 32, 100)],
-                         ids=["one_row_per_program", "two_rows_per_program", "three_chunks", "ragged_chunks"])
-def test_norm_launch_shapes(per_program, max_block_c, c, monkeypatch):
-    """The GPU's launch shapes (one or a few rows per program) and the chunked path of rows
-    longer than _MAX_BLOCK_C, in the interpreter."""
+@pytest.mark.parametrize("per_program, rows_per_program, max_block_c, c",
+                         [(128, 1, 16384, 96), (256, 1, 16384, 96), (128, 3, 16384, 96), (256, 8, 16384, 100),
+                          (4096, 1, 32, 96), (4096, 16, 32, 100)],
+                         ids=["one_row_per_block", "two_rows_per_block", "three_row_blocks_per_program",
+                              "four_blocks_of_two_rows", "three_chunks", "ragged_chunks_two_row_blocks"])
+def test_norm_launch_shapes(per_program, rows_per_program, max_block_c, c, monkeypatch):
+    """The GPU's launch shapes (one or a few rows per block, several row blocks per program with
+    a ragged last program over N = 7 rows) and the chunked path of rows longer than
+    _MAX_BLOCK_C, in the interpreter, for every norm kind (modulation shared by the program's rows
+    or per token, B 2)."""
     monkeypatch.setattr(jit_adaln, "_ELEMENTS_PER_PROGRAM_INTERPRETED", per_program)
+    monkeypatch.setattr(jit_adaln, "_NORM_ROWS_PER_PROGRAM_INTERPRETED", rows_per_program)
     monkeypatch.setattr(jit_adaln, "_MAX_BLOCK_C", max_block_c)
-    gen = torch.Generator().manual_seed(per_program + c)
-    for kind in ("plain", "affine_modulated"):
+    gen = torch.Generator().manual_seed(per_program + rows_per_program + c)
+    for kind in NORM_KINDS:
         x, kwargs = _norm_case(kind, 2, 7, c, torch.bfloat16, gen)
-        _check_norm(x, kwargs, f"modulated_layer_norm {kind} per_program {per_program} max_block_c {max_block_c}")
+        _check_norm(x, kwargs, f"modulated_layer_norm {kind} per_program {per_program} rows_per_program "
+                               f"{rows_per_program} max_block_c {max_block_c}")
 
 
 def test_norm_strided_x_and_any_weight_dtype():

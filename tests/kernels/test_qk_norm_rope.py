@@ -68,11 +68,12 @@ def test_kernel_matches_reference(dtype, d, n, h, permuted):
     assert check.ok, str(check)
 
 
-@pytest.mark.parametrize("pairs", [1, 192], ids=["one_row_per_program", "two_rows_per_program"])
-def test_rows_per_program(pairs, monkeypatch):
-    """The GPU's launch shapes (one long row, or a few short rows, per program) in the interpreter."""
-    monkeypatch.setattr(jit_qk_norm_rope, "_PAIRS_PER_PROGRAM_INTERPRETED", pairs)
-    gen = torch.Generator().manual_seed(pairs)
+@pytest.mark.parametrize("per_program", [1, 512], ids=["one_row_per_program", "two_rows_per_program"])
+def test_rows_per_program(per_program, monkeypatch):
+    """The GPU's launch shapes (one long row, or a few short rows, per program; the last program
+    ragged over N = 7 rows) in the interpreter, B 2."""
+    monkeypatch.setattr(jit_qk_norm_rope, "_ELEMENTS_PER_PROGRAM_INTERPRETED", per_program)
+    gen = torch.Generator().manual_seed(per_program)
     x, w, cos, sin = _inputs(2, 7, 3, 64, torch.bfloat16, gen, permuted=True)
     out = qk_norm_rope(x, w, 1e-6, cos, sin, backend="triton")
     _assert_one_step(out, qk_norm_rope_ref(x, w, 1e-6, cos, sin))
@@ -132,6 +133,10 @@ def test_errors():
         qk_norm_rope(x.double(), w.double(), 1e-6, cos, sin, backend="triton")
     with pytest.raises(ValueError, match=r"`cos` and `sin` must be float32 for the Triton kernel.*\.float\(\)"):
         qk_norm_rope(x, w, 1e-6, cos.double(), sin.double(), backend="triton")
+    x6, w6, cos6, sin6 = _inputs(1, 8, 2, 48, torch.float32, gen)  # D 48: not a power of two
+    with pytest.raises(ValueError, match=r"head dim D = 48 must be a power of two for the Triton kernel.*'ref'"):
+        qk_norm_rope(x6, w6, 1e-6, cos6, sin6, backend="triton")
+    assert qk_norm_rope(x6, w6, 1e-6, cos6, sin6, backend="ref").shape == x6.shape
     # The reference takes what torch takes (float64 here).
     out = qk_norm_rope(x.double(), w.double(), 1e-6, cos.double(), sin.double(), backend="ref")
     assert out.dtype == torch.float64
@@ -199,8 +204,13 @@ def test_wan_processor_dense_calls_fuse_too(monkeypatch):
 
 
 def test_wan_processor_unfusable_keeps_torch_path(monkeypatch):
-    """Tables not in float32 (a model cast as a whole): the unfused path runs, as before."""
+    """Tables not in float32 (a model cast as a whole), or a head dim that is not a power of two:
+    the unfused path runs, as before."""
     model, inputs, sched = _wan(torch.float32, batch=1)
     model.rope.double()
+    _, calls = _wan_call(model, inputs, DFSConfig(block=16, tile=4, schedule=sched), monkeypatch)
+    assert calls == []
+    model = build_tiny("wan", attention_head_dim=48).float()  # D = 48, 2 heads
+    model.rope.float()
     _, calls = _wan_call(model, inputs, DFSConfig(block=16, tile=4, schedule=sched), monkeypatch)
     assert calls == []

@@ -8,82 +8,120 @@ import triton
 import triton.language as tl
 
 from dfsviz.kernels._dispatch import KERNEL_DTYPES, interpreting
-from dfsviz.kernels._jit.rows import rounded, row_launch_shape, token_rows
+from dfsviz.kernels._jit.rows import rounded, row_block, row_launch_shape, token_rows
 
 __all__ = ["gated_residual_fwd", "modulated_layer_norm_fwd"]
 
 
 @triton.jit
-def _normalise_store(d, rstd, cols, ok, col_ok, W, BIAS, SCALE, SHIFT, s_row, h_row, o_row,
-                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
-                     RTNE_BF16: tl.constexpr):
+def _layer_norm_affine(cols, col_ok, W, BIAS, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The LayerNorm weight and bias at ``cols`` as float32 rows [1, BLOCK_C] (0.0 when absent)."""
+    w = 0.0
+    bias = 0.0
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return w, bias
+
+
+@triton.jit
+def _modulation(cols, col_ok, SCALE, SHIFT, s_off, h_off, HAS_MOD: tl.constexpr):
+    """(1 + scale) and shift at ``cols`` as float32 [R, BLOCK_C], R = len(s_off): one row per token,
+    or one row for all when the table is shared (0.0 when absent)."""
+    one_plus_scale = 0.0
+    shift = 0.0
+    if HAS_MOD:
+        # torch rounds (1 + scale) to float32 first, then the product, then the sum.
+        one_plus_scale = 1.0 + tl.load(SCALE + s_off[:, None] + cols[None, :], mask=col_ok[None, :], other=0.0)
+        shift = tl.load(SHIFT + h_off[:, None] + cols[None, :], mask=col_ok[None, :], other=0.0)
+    return one_plus_scale, shift
+
+
+@triton.jit
+def _normalise_store(d, rstd, w, bias, one_plus_scale, shift, out_ptrs, ok, HAS_WEIGHT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr, RTNE_BF16: tl.constexpr):
     """Store (d * rstd [* w] [+ b]) [* (1 + scale) + shift] for deviations d [BLOCK_R, BLOCK_C]."""
     y = d * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = y * w
     if HAS_BIAS:
-        y = y + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = y + bias
     if HAS_MOD:
-        scale = tl.load(SCALE + s_row[:, None] + cols[None, :], mask=ok, other=0.0)
-        shift = tl.load(SHIFT + h_row[:, None] + cols[None, :], mask=ok, other=0.0)
-        # torch rounds (1 + scale) to float32 first, then the product, then the sum.
-        y = y * (1.0 + scale) + shift
-    dtype = o_row.dtype.element_ty
-    tl.store(o_row[:, None] + cols[None, :], rounded(y, dtype, RTNE_BF16).to(dtype), mask=ok)
+        y = y * one_plus_scale + shift
+    dtype = out_ptrs.dtype.element_ty
+    tl.store(out_ptrs, rounded(y, dtype, RTNE_BF16).to(dtype), mask=ok)
 
 
 @triton.jit
 def _modulated_layer_norm_kernel(
     X, W, BIAS, SCALE, SHIFT, OUT,
     stride_xb, stride_xn, stride_sb, stride_sn, stride_hb, stride_hn,
-    ROWS, N, C, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, RTNE_BF16: tl.constexpr,
+    N, C, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr, MOD_ONCE: tl.constexpr,
+    BLOCK_R: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
 ):
-    """BLOCK_R token rows (of B * N) x C channels, in NUM_CHUNKS chunks of BLOCK_C."""
-    rows, row_ok, b, t = token_rows(ROWS, N, BLOCK_R)
-    x_row = X + b * stride_xb + t * stride_xn
-    s_row = b * stride_sb + t * stride_sn  # stride 0 along a broadcast dim of scale / shift
-    h_row = b * stride_hb + t * stride_hn
-    o_row = OUT + rows * C
+    """ROW_BLOCKS x BLOCK_R token rows of batch element program_id(1) x C channels, in NUM_CHUNKS
+    chunks of BLOCK_C. Whole rows (one chunk) load the affine weight and bias once per program,
+    and the modulation too when every token shares it (MOD_ONCE)."""
+    b = tl.program_id(1)
+    x_batch = X + b * stride_xb
+    o_batch = OUT + b * N * C
     # IEEE-rounded division and sqrt (torch's CPU and CUDA layer_norm round each step).
     count = tl.zeros([BLOCK_R], tl.float32) + C
-    if NUM_CHUNKS == 1:
-        # The whole row stays in registers: one read of x. Upcast right after the load (the
-        # interpreter has no bf16 arithmetic).
-        cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        mean = tl.div_rn(tl.sum(x, 1), count)
-        d = tl.where(ok, x - mean[:, None], 0.0)
-        var = tl.div_rn(tl.sum(d * d, 1), count)
-        rstd = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.sqrt_rn(var + eps))
-        _normalise_store(d, rstd, cols, ok, col_ok, W, BIAS, SCALE, SHIFT, s_row, h_row, o_row,
-                         HAS_WEIGHT, HAS_BIAS, HAS_MOD, RTNE_BF16)
-    else:
-        # Rows too long for registers: three passes over chunks (sum, squared deviations, store).
-        acc = tl.zeros([BLOCK_R], tl.float32)
-        for i in range(NUM_CHUNKS):
-            cols = i * BLOCK_C + tl.arange(0, BLOCK_C)
-            ok = row_ok[:, None] & (cols < C)[None, :]
-            acc += tl.sum(tl.load(x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32), 1)
-        mean = tl.div_rn(acc, count)
-        acc = tl.zeros([BLOCK_R], tl.float32)
-        for i in range(NUM_CHUNKS):
-            cols = i * BLOCK_C + tl.arange(0, BLOCK_C)
-            ok = row_ok[:, None] & (cols < C)[None, :]
-            x = tl.load(x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            d = tl.where(ok, x - mean[:, None], 0.0)
-            acc += tl.sum(d * d, 1)
-        rstd = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.sqrt_rn(tl.div_rn(acc, count) + eps))
-        for i in range(NUM_CHUNKS):
-            cols = i * BLOCK_C + tl.arange(0, BLOCK_C)
-            col_ok = cols < C
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    w, bias = _layer_norm_affine(cols, col_ok, W, BIAS, HAS_WEIGHT, HAS_BIAS)
+    shared = tl.zeros([1], tl.int64)
+    one_plus_scale, shift = _modulation(cols, col_ok, SCALE, SHIFT, shared + b * stride_sb, shared + b * stride_hb,
+                                        MOD_ONCE)
+    for i in range(ROW_BLOCKS):
+        t, row_ok = row_block(i, N, BLOCK_R, ROW_BLOCKS)
+        x_row = x_batch + t * stride_xn
+        o_row = o_batch + t * C
+        s_off = b * stride_sb + t * stride_sn
+        h_off = b * stride_hb + t * stride_hn
+        if NUM_CHUNKS == 1:
+            # The whole row stays in registers: one read of x. Upcast right after the load (the
+            # interpreter has no bf16 arithmetic).
             ok = row_ok[:, None] & col_ok[None, :]
             x = tl.load(x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            _normalise_store(x - mean[:, None], rstd, cols, ok, col_ok, W, BIAS, SCALE, SHIFT, s_row, h_row,
-                             o_row, HAS_WEIGHT, HAS_BIAS, HAS_MOD, RTNE_BF16)
+            mean = tl.div_rn(tl.sum(x, 1), count)
+            d = tl.where(ok, x - mean[:, None], 0.0)
+            var = tl.div_rn(tl.sum(d * d, 1), count)
+            rstd = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.sqrt_rn(var + eps))
+            if MOD_ONCE:
+                row_scale, row_shift = one_plus_scale, shift
+            else:
+                row_scale, row_shift = _modulation(cols, col_ok, SCALE, SHIFT, s_off, h_off, HAS_MOD)
+            _normalise_store(d, rstd, w, bias, row_scale, row_shift, o_row[:, None] + cols[None, :], ok,
+                             HAS_WEIGHT, HAS_BIAS, HAS_MOD, RTNE_BF16)
+        else:
+            # Rows too long for registers: three passes over chunks (sum, squared deviations, store).
+            acc = tl.zeros([BLOCK_R], tl.float32)
+            for j in range(NUM_CHUNKS):
+                chunk = j * BLOCK_C + cols
+                ok = row_ok[:, None] & (chunk < C)[None, :]
+                acc += tl.sum(tl.load(x_row[:, None] + chunk[None, :], mask=ok, other=0.0).to(tl.float32), 1)
+            mean = tl.div_rn(acc, count)
+            acc = tl.zeros([BLOCK_R], tl.float32)
+            for j in range(NUM_CHUNKS):
+                chunk = j * BLOCK_C + cols
+                ok = row_ok[:, None] & (chunk < C)[None, :]
+                x = tl.load(x_row[:, None] + chunk[None, :], mask=ok, other=0.0).to(tl.float32)
+                d = tl.where(ok, x - mean[:, None], 0.0)
+                acc += tl.sum(d * d, 1)
+            rstd = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.sqrt_rn(tl.div_rn(acc, count) + eps))
+            for j in range(NUM_CHUNKS):
+                chunk = j * BLOCK_C + cols
+                chunk_ok = chunk < C
+                ok = row_ok[:, None] & chunk_ok[None, :]
+                x = tl.load(x_row[:, None] + chunk[None, :], mask=ok, other=0.0).to(tl.float32)
+                cw, cb = _layer_norm_affine(chunk, chunk_ok, W, BIAS, HAS_WEIGHT, HAS_BIAS)
+                c_scale, c_shift = _modulation(chunk, chunk_ok, SCALE, SHIFT, s_off, h_off, HAS_MOD)
+                _normalise_store(x - mean[:, None], rstd, cw, cb, c_scale, c_shift,
+                                 o_row[:, None] + chunk[None, :], ok, HAS_WEIGHT, HAS_BIAS, HAS_MOD, RTNE_BF16)
 
 
 @triton.jit
@@ -105,9 +143,17 @@ def _gated_residual_kernel(
     tl.store(OUT + (rows * C)[:, None] + cols[None, :], out, mask=ok)
 
 
-#: Launch shape, as data: elements per program and per warp on the GPU (the interpreter pays
-#: per program, so it takes more rows per program); rows longer than _MAX_BLOCK_C channels are
-#: normalised in chunks of that size; the residual's tiles are at most _RESIDUAL_BLOCK_C wide.
+#: Launch shape, as data. The norm: elements per row block and per warp on the GPU, and rows per
+#: program (its weight, bias and shared modulation loaded once): one 5,120-wide Wan2.1-14B row a
+#: block on 4 warps, 4 blocks a program; four 1,536-wide Wan2.1-1.3B rows a block, one a program
+#: (the fastest in a sweep on an H100). The residual: elements per program and per warp. The
+#: interpreter pays per program, so it takes more rows per block or program; rows longer than
+#: _MAX_BLOCK_C channels are normalised in chunks of that size; the residual's tiles are at most
+#: _RESIDUAL_BLOCK_C wide.
+_NORM_ELEMENTS_PER_BLOCK = 8192
+_NORM_ELEMENTS_PER_WARP = 2048
+_NORM_ROWS_PER_PROGRAM = 4
+_NORM_ROWS_PER_PROGRAM_INTERPRETED = 1
 _ELEMENTS_PER_PROGRAM = 4096
 _ELEMENTS_PER_PROGRAM_INTERPRETED = 65536
 _ELEMENTS_PER_WARP = 512
@@ -150,17 +196,24 @@ def modulated_layer_norm_fwd(x, eps, weight, bias, scale, shift):
         scale, shift = _unit_c(scale), _unit_c(shift)
     x = _unit_c(x)
     bsz, n, c = x.shape
-    out, block_c, block_r, warps = _output_and_tiles(x, _MAX_BLOCK_C)
+    out = torch.empty((bsz, n, c), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
+    num_chunks = triton.cdiv(c, block_c)
+    per_block = _ELEMENTS_PER_PROGRAM_INTERPRETED if interpreting() else _NORM_ELEMENTS_PER_BLOCK
+    block_r, warps = row_launch_shape(n, block_c, per_block, _NORM_ELEMENTS_PER_WARP)
+    rows_per_program = _NORM_ROWS_PER_PROGRAM_INTERPRETED if interpreting() else _NORM_ROWS_PER_PROGRAM
+    row_blocks = min(max(1, rows_per_program // block_r), triton.cdiv(n, block_r))
     stride_s = _row_strides(scale) if has_mod else (0, 0)
     stride_h = _row_strides(shift) if has_mod else (0, 0)
-    _modulated_layer_norm_kernel[(triton.cdiv(bsz * n, block_r),)](
+    _modulated_layer_norm_kernel[(triton.cdiv(n, block_r * row_blocks), bsz)](
         x, _affine(weight, x), _affine(bias, x), scale if has_mod else x, shift if has_mod else x, out,
         x.stride(0), x.stride(1), *stride_s, *stride_h,
-        bsz * n, n, c, float(eps),
+        n, c, float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD=has_mod,
-        BLOCK_R=block_r, BLOCK_C=block_c, NUM_CHUNKS=triton.cdiv(c, block_c),
+        MOD_ONCE=has_mod and num_chunks == 1 and stride_s[1] == 0 and stride_h[1] == 0,
+        BLOCK_R=block_r, ROW_BLOCKS=row_blocks, BLOCK_C=block_c, NUM_CHUNKS=num_chunks,
         RTNE_BF16=interpreting() and x.dtype == torch.bfloat16,
         num_warps=warps, enable_fp_fusion=False,
     )

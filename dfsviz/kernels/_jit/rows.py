@@ -1,5 +1,6 @@
 """Pieces shared by the row-wise kernels (``qk_norm_rope``, ``adaln``): which token rows a
-program owns, the interpreter-safe rounding, and the launch shape."""
+program owns (flat over B * N, or in row blocks of one batch element), the interpreter-safe
+rounding, and the launch shape."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import triton.language as tl
 
 from dfsviz.kernels._dispatch import interpreting
 
-__all__ = ["rounded", "row_launch_shape", "token_rows"]
+__all__ = ["rounded", "row_block", "row_launch_shape", "token_rows"]
 
 
 @triton.jit
@@ -19,6 +20,16 @@ def token_rows(ROWS, N, BLOCK_R: tl.constexpr):
     row_ok = rows < ROWS
     rows = tl.where(row_ok, rows, 0).to(tl.int64)
     return rows, row_ok, rows // N, rows % N
+
+
+@triton.jit
+def row_block(i, N, BLOCK_R: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+    """Row block ``i`` of the ROW_BLOCKS this program walks over one batch element's N token
+    rows: (token index, in range); out-of-range rows are clamped to row 0 (loads stay in
+    bounds; stores use the mask)."""
+    t = (tl.program_id(0) * ROW_BLOCKS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = t < N
+    return tl.where(row_ok, t, 0).to(tl.int64), row_ok
 
 
 @triton.jit
