@@ -93,8 +93,9 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float | None, cos: 
             B, N strides, e.g. a chunk of a fused qkv projection).
         weight: [C] RMSNorm weight (``torch.nn.RMSNorm(C).weight``) in x's dtype.
         eps: the norm's eps; None means ``torch.finfo(x.dtype).eps`` (as torch.nn.RMSNorm).
-        cos, sin: Wan's rotary tables [1, N, 1, D] (batch B also accepted), float32 for the
-            kernel, any strides (permute-once passes tables permuted along N).
+        cos, sin: Wan's rotary tables [1, N, 1, D] (batch B also accepted), float32 and D a
+            power of two for the kernel, any strides (permute-once passes tables permuted
+            along N).
         backend: None (Triton on CUDA, else reference; env DFSVIZ_KERNEL_BACKEND),
             "triton" or "ref".
 
