@@ -9,7 +9,9 @@ Wan2.1-14B 720p (grid 21x45x80, N = 75600, H = 40), B = 1 and 2; HunyuanVideo 72
 (tile 16) top-k at gamma 0.1 / 0.2 / 0.3 on the hilbert3d order, scored on queries and
 keys of the token model (dfsviz.sparse.tokenmodel; 4 heads drawn, cycled over H) so that
 the kept blocks have real structure; timed inputs are random. Every baseline runs in
-this process with triton.testing.do_bench (median of at least 10 calls). On Hopper the bf16 calls, with and without
+this process with triton.testing.do_bench (median of at least 10 calls); the calls that a ratio target compares
+(with and without the order; bf16 against FP8) run in --rounds interleaved rounds (default 3), and each
+one's best round is its time, every round recorded beside it (``*_rounds``). On Hopper the bf16 calls, with and without
 an order, run the Gluon kernel (dfsviz.kernels._jit.attention_sm90); the Triton kernels it
 replaced there are timed beside it (sparse_triton_ms and full_mask_triton_ms: the descriptor
 kernel; sparse_order_triton_ms: the pointer kernel, which gathers through the order). Our kernel also runs with the
@@ -90,6 +92,26 @@ def bench(fn, rep_ms=200, min_calls=10):
     return triton.testing.do_bench(fn, warmup=25, rep=max(rep_ms, min_calls * call_ms), return_mode="median")
 
 
+def bench_rounds(calls: dict, rounds: int) -> dict[str, list[float]]:
+    """Each of ``calls`` (name: thunk) timed by ``bench`` in ``rounds`` interleaved rounds, the
+    order of the calls reversed every other round: name -> its time in each round (ms). The calls
+    whose ratio is a target are timed this way and compared by their best round, so that the
+    card's clock, which can move a call by 10 % from one timing window to the next (an H100 at its
+    power limit), weighs on both sides of a ratio alike."""
+    times = {name: [] for name in calls}
+    for r in range(rounds):
+        for name in (calls if r % 2 == 0 else reversed(list(calls))):
+            times[name].append(bench(calls[name]))
+    return times
+
+
+def record_rounds(row: dict, times: dict[str, list[float]]) -> None:
+    """Into ``row``: each call's best round as ``<name>`` and every round as ``<name>_rounds``."""
+    for name, ms in times.items():
+        row[name] = min(ms)
+        row[f"{name}_rounds"] = ms
+
+
 @functools.lru_cache(maxsize=None)
 def realistic_masks(grid: LatentGrid, heads: int, d: int, gammas: tuple, device: str) -> dict[float, BlockMask]:
     """dfs_tile top-k masks on the hilbert3d order from token-model q/k (4 heads cycled to H)."""
@@ -109,9 +131,10 @@ def batched(mask: BlockMask, bsz: int) -> BlockMask:
                      mask.kv_indices.expand(bsz, -1, -1, -1).contiguous(), mask.seq_len, mask.block)
 
 
-def run_shape(name, batches, gammas, flex, skip_fa2, parts, rows: list, save) -> None:
+def run_shape(name, batches, gammas, flex, skip_fa2, parts, rounds, rows: list, save) -> None:
     """Time ``name`` at each batch size into ``rows``: a row is added when its batch starts and
-    ``save()`` runs after every measurement group, so a run cut off mid-shape keeps its gammas."""
+    ``save()`` runs after every measurement group, so a run cut off mid-shape keeps its gammas.
+    The calls with and without the order are timed in ``rounds`` interleaved rounds."""
     grid, heads, d = SHAPES[name]
     n = grid.num_tokens
     order = make_order("hilbert3d", grid)
@@ -143,9 +166,10 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts, rows: list, save) ->
             fmask = mask.to_flex_block_mask()
             g = {"gamma": gamma, "density": density}
             g["flex_ms"] = bench(lambda: flex(q, k, v, block_mask=fmask))
-            g["sparse_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask))
+            record_rounds(g, bench_rounds({
+                "sparse_ms": lambda: block_sparse_attention(q, k, v, mask),
+                "sparse_order_ms": lambda: block_sparse_attention(q, k, v, mask, order=order)}, rounds))
             g["sparse_kernel"] = "gluon-sm90" if jit_attention.sm90_kernel_runs(q, mask) else "triton-descriptors"
-            g["sparse_order_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask, order=order))
             perm = order.perm_on("cuda", torch.int32)
             # what the Gluon kernel's launcher adds with an order: ordered copies of k and v
             g["order_gather_kv_ms"] = bench(lambda: jit_attention.gather_kv(k, v, perm))
@@ -172,8 +196,9 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts, rows: list, save) ->
                      g["sparse_eff_tflops"])
         if "attention" in parts:  # after the gammas: the autotuner chose on real masks
             full = BlockMask.full(bsz, heads, n, BLOCK, device="cuda")
-            row["full_mask_ms"] = bench(lambda: block_sparse_attention(q, k, v, full))
-            row["full_mask_order_ms"] = bench(lambda: block_sparse_attention(q, k, v, full, order=order))
+            record_rounds(row, bench_rounds({
+                "full_mask_ms": lambda: block_sparse_attention(q, k, v, full),
+                "full_mask_order_ms": lambda: block_sparse_attention(q, k, v, full, order=order)}, rounds))
             with check_gpu.triton_kernels():
                 row["full_mask_triton_ms"] = bench(lambda: block_sparse_attention(q, k, v, full))
             row["full_mask_tflops"] = dense_flops / row["full_mask_ms"] * 1e-9
@@ -255,9 +280,10 @@ def run_small(flex, gamma=0.3):
     return rows
 
 
-def run_fp8(name, bsz, gamma=0.2):
+def run_fp8(name, bsz, rounds, gamma=0.2):
     """bf16 against FP8 sparse attention at gamma, precisions "fp8" and "fp8_pv", without and with
-    the Hilbert order (each FP8 call whole: quantization and attention); on Hopper the same calls
+    the Hilbert order (each FP8 call whole: quantization and attention; the six calls timed in
+    ``rounds`` interleaved rounds); on Hopper the same calls
     with the Gluon kernel off (``*_triton``); the quantization passes alone; and both FP8
     precisions with the full mask against cuDNN dense."""
     grid, heads, d = SHAPES[name]
@@ -271,12 +297,13 @@ def run_fp8(name, bsz, gamma=0.2):
            "density": float(mask.density().mean()),
            "sparse_kernel": "gluon-sm90" if jit_attention.sm90_kernel_runs(q, mask) else "triton"}
     precisions = {"bf16": "native", "fp8": "fp8", "fp8_pv": "fp8_pv"}  # row key: the call's precision
-    for key, precision in precisions.items():
-        for suffix, orders in (("", {}), ("_order", {"order": order})):
-            row[f"{key}{suffix}_ms"] = bench(
-                lambda: block_sparse_attention(q, k, v, mask, **orders, precision=precision))
-            if key != "bf16":
-                row[f"{key}{suffix}_speedup"] = row[f"bf16{suffix}_ms"] / row[f"{key}{suffix}_ms"]
+    variants = {"": {}, "_order": {"order": order}}
+    record_rounds(row, bench_rounds({
+        f"{key}{suffix}_ms": functools.partial(block_sparse_attention, q, k, v, mask, **orders, precision=precision)
+        for key, precision in precisions.items() for suffix, orders in variants.items()}, rounds))
+    for key in ("fp8", "fp8_pv"):
+        for suffix in variants:
+            row[f"{key}{suffix}_speedup"] = row[f"bf16{suffix}_ms"] / row[f"{key}{suffix}_ms"]
     with check_gpu.triton_kernels():
         for key, precision in precisions.items():
             row[f"{key}_triton_ms"] = bench(lambda: block_sparse_attention(q, k, v, mask, precision=precision))
@@ -391,11 +418,16 @@ def main() -> int:
                         help="shapes: the Wan shapes; small: N 1,006 / 4,096 eager vs CUDA graph vs Flex; "
                              "fp8: bf16 vs FP8 sparse attention ('fp8', 'fp8_pv') at gamma 0.2 and the FP8 dense calls; "
                              "candidates: every descriptor autotune candidate on its own at --shapes (not by default)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds for the calls compared by a ratio target (with and without the "
+                             "order; bf16 against FP8): each call's best round is its time")
     parser.add_argument("--quick", action="store_true",
                         help="reduced set for one device session: Wan-1.3B B 1 at gamma 0.2, no FA2, no stats; "
                              "small; FP8 at both Wan shapes, B 1")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.quick:
         args.shapes, args.batches, args.gammas, args.skip_fa2 = ["wan1.3b-480p"], [1], [0.2], True
         args.parts = ["attention", "scores"]
@@ -423,11 +455,11 @@ def main() -> int:
     def shapes():
         for name in args.shapes:
             for bsz in args.batches:
-                run_shape(name, [bsz], args.gammas, flex, args.skip_fa2, tuple(args.parts), rows, write)
+                run_shape(name, [bsz], args.gammas, flex, args.skip_fa2, tuple(args.parts), args.rounds, rows, write)
 
     def fp8_rows():
         for name in args.shapes:
-            fp8.append(run_fp8(name, 1))
+            fp8.append(run_fp8(name, 1, args.rounds))
             write()
 
     def candidate_rows():

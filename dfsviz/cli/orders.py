@@ -19,6 +19,7 @@ _COLUMNS = (
     ("bbox_volume", "bbox_volume", "{:.1f}"),
     ("sq_spread", "sq_spread", "{:.2f}"),
     ("frames_per_block", "frames/block", "{:.2f}"),
+    ("raster_runs", "raster_runs", "{:.1f}"),
     ("max_jump", "max_jump", "{}"),
     ("build_ms", "build_ms", "{:.1f}"),
 )
@@ -61,8 +62,10 @@ def orders_command(
 
     For every order: number of blocks, mean bounding-box volume and mean squared
     spread of a block's tokens around their centroid (grid cells), mean distinct
-    frames per block, largest L1 jump between consecutive tokens (video tokens
-    only) and the time to build the permutation.
+    frames per block, mean runs of consecutive raster positions per block (the
+    contiguous pieces of a raster-order tensor that one block reads), largest L1
+    jump between consecutive tokens (video tokens only) and the time to build the
+    permutation.
     """
     grid = LatentGrid.parse(grid_spec, text_len=text_len, text_first=text_first)
     check_block(block)

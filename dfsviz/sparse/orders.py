@@ -515,6 +515,9 @@ def locality_report(order: TokenOrder, block: int = 128) -> dict:
         ``sq_spread`` (float, mean over blocks of the mean squared distance of a block's
         tokens to the block's centroid),
         ``frames_per_block`` (float, mean number of distinct frames per block),
+        ``raster_runs`` (float, mean over blocks of the number of runs of consecutive raster
+        positions among a block's tokens: the contiguous pieces of a tensor stored in raster
+        order that one block reads, 1 for every block of ``raster``),
         ``max_jump`` (int, largest L1 distance between consecutive video tokens).
     """
     if not isinstance(order, TokenOrder):
@@ -538,6 +541,13 @@ def locality_report(order: TokenOrder, block: int = 128) -> dict:
     pairs = np.unique(block_id * grid.frames + coords[:, 0])
     frames_per_block = np.bincount(pairs // grid.frames, minlength=m)
 
+    # a run starts at a block's smallest raster position and wherever its sorted positions skip one
+    ranked = np.sort(block_id.astype(np.int64) * n + vp)  # each block's positions ascending, blocks in turn
+    run_start = np.ones(n, dtype=np.int64)
+    run_start[1:] = np.diff(ranked) != 1
+    run_start[starts] = 1
+    runs = np.add.reduceat(run_start, starts)
+
     jump = int(np.abs(np.diff(coords, axis=0)).sum(axis=1).max()) if n > 1 else 0
     return {
         "order": order.name,
@@ -545,5 +555,6 @@ def locality_report(order: TokenOrder, block: int = 128) -> dict:
         "bbox_volume": float(bbox.mean()),
         "sq_spread": float(spread.mean()),
         "frames_per_block": float(frames_per_block.mean()),
+        "raster_runs": float(runs.mean()),
         "max_jump": jump,
     }

@@ -19,18 +19,21 @@ def test_table_lists_every_registered_order():
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "grid f7h9w12 (756 video + 0 text tokens), block 16"
-    assert lines[1].split() == ["order", "blocks", "bbox_volume", "sq_spread", "frames/block", "max_jump", "build_ms"]
+    assert lines[1].split() == [
+        "order", "blocks", "bbox_volume", "sq_spread", "frames/block", "raster_runs", "max_jump", "build_ms"
+    ]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert list(rows) == order_names()
     report = locality_report(make_order("hilbert3d", LatentGrid(7, 9, 12)), block=16)
-    assert rows["hilbert3d"][1:6] == [
+    assert rows["hilbert3d"][1:7] == [
         str(report["blocks"]),
         f"{report['bbox_volume']:.1f}",
         f"{report['sq_spread']:.2f}",
         f"{report['frames_per_block']:.2f}",
+        f"{report['raster_runs']:.1f}",
         str(report["max_jump"]),
     ]
-    assert float(rows["raster"][6]) >= 0.0
+    assert float(rows["raster"][7]) >= 0.0
 
 
 def test_json_output_parses_and_honours_text_and_order_subset():
@@ -47,7 +50,10 @@ def test_json_output_parses_and_honours_text_and_order_subset():
     assert raster["sq_spread"] == pytest.approx((8**2 - 1) / 12 + (4**2 - 1) / 12)
     assert raster["frames_per_block"] == 1.0
     assert raster["bbox_volume"] == 32.0 and raster["max_jump"] == 1 + 3 + 7
-    assert set(raster) == {"order", "blocks", "bbox_volume", "sq_spread", "frames_per_block", "max_jump", "build_ms"}
+    assert raster["raster_runs"] == 1.0
+    assert set(raster) == {
+        "order", "blocks", "bbox_volume", "sq_spread", "frames_per_block", "raster_runs", "max_jump", "build_ms"
+    }
 
 
 def test_help_shows_an_example_and_the_registered_orders():

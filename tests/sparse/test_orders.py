@@ -279,9 +279,11 @@ def test_raster_is_the_identity():
 
 def _brute_locality(grid: LatentGrid, video_perm: torch.Tensor, block: int) -> dict:
     coords = _fyx(grid, video_perm).astype(np.float64)
-    boxes, spreads, frames = [], [], []
+    boxes, spreads, frames, runs = [], [], [], []
     for start in range(0, len(coords), block):
         chunk = coords[start : start + block]
+        positions = sorted(video_perm[start : start + block].tolist())
+        runs.append(1 + sum(b != a + 1 for a, b in zip(positions, positions[1:])))
         boxes.append(np.prod(chunk.max(axis=0) - chunk.min(axis=0) + 1))
         centre = chunk.mean(axis=0)
         spreads.append(np.mean([np.sum((c - centre) ** 2) for c in chunk]))
@@ -292,6 +294,7 @@ def _brute_locality(grid: LatentGrid, video_perm: torch.Tensor, block: int) -> d
         "bbox_volume": float(np.mean(boxes)),
         "sq_spread": float(np.mean(spreads)),
         "frames_per_block": float(np.mean(frames)),
+        "raster_runs": float(np.mean(runs)),
         "max_jump": int(max(jumps, default=0)),
     }
 
@@ -306,15 +309,22 @@ def test_locality_report_matches_brute_force(name, dims, block):
     assert report["order"] == name
     assert report["blocks"] == expected["blocks"] == -(-grid.num_video // block)
     assert report["max_jump"] == expected["max_jump"]
-    for key in ("bbox_volume", "sq_spread", "frames_per_block"):
+    for key in ("bbox_volume", "sq_spread", "frames_per_block", "raster_runs"):
         assert report[key] == pytest.approx(expected[key], rel=1e-12), key
+
+
+def test_raster_runs_of_tiled_bricks_are_their_rows():
+    # a 4 x 4 x 4 brick of tiled lies in 16 runs of 4 raster positions (4 rows in each of 4 frames)
+    report = locality_report(make_order("tiled", LatentGrid(8, 8, 12)), block=64)
+    assert report["raster_runs"] == 16.0
+    assert locality_report(make_order("raster", LatentGrid(8, 8, 12)), block=64)["raster_runs"] == 1.0
 
 
 def test_raster_locality_on_wan_matches_brute_force_and_the_reference_table():
     grid = LatentGrid(21, 45, 80)
     report = locality_report(make_order("raster", grid), block=128)
     expected = _brute_locality(grid, torch.arange(grid.num_video), 128)
-    for key in ("bbox_volume", "sq_spread", "frames_per_block"):
+    for key in ("bbox_volume", "sq_spread", "frames_per_block", "raster_runs"):
         assert report[key] == pytest.approx(expected[key], rel=1e-12), key
     # the locality table of the DFSAttn analysis for raster blocks on Wan: 591 blocks, bbox 404.9,
     # 1.03 frames, spread 528.7, jump 124
