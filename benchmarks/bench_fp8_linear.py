@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python3 benchmarks/bench_fp8_linear.py --out benchmarks/results/fp8_linear_<card>.json
 
 Per layer shape (M token rows x K -> N; Wan2.1-1.3B 480p, Wan2.1-14B 720p, HunyuanVideo 720p: the
-attention projections and the FFN's two layers) it times, with bench_kernels.bench (do_bench median
+attention projections and the FFN's two layers) it times, with bench_kernels.bench (the GPU's time, median
 of at least 10 calls):
 
 * bf16: ``torch.nn.functional.linear`` (cuBLAS), the baseline;

@@ -12,7 +12,7 @@ budgets
 * ``bimodal``: alternate heads at 1/7 of each other's budget,
 * ``dense_heads``: one head in eight dense (gamma 1), the others sharing the rest,
 
-are timed with ``bench_kernels.bench`` (triton.testing.do_bench, median of at least 10 calls) in
+are timed with ``bench_kernels.bench`` (the GPU's time, median of at least 10 calls) in
 this process, B = 1 and 2 (CFG shares its mask). Scores are dfs_tile (tile 16) on hilbert3d-ordered
 token-model Q/K, as in ``bench_kernels.py``; timed inputs are random bf16. Target: per-head <= 1.05x uniform.
 """

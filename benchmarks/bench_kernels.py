@@ -9,7 +9,9 @@ Wan2.1-14B 720p (grid 21x45x80, N = 75600, H = 40), B = 1 and 2; HunyuanVideo 72
 (tile 16) top-k at gamma 0.1 / 0.2 / 0.3 on the hilbert3d order, scored on queries and
 keys of the token model (dfsviz.sparse.tokenmodel; 4 heads drawn, cycled over H) so that
 the kept blocks have real structure; timed inputs are random. Every baseline runs in
-this process with triton.testing.do_bench (median of at least 10 calls); the calls that a ratio target compares
+this process, timed by bench(): the median of at least 10 calls between CUDA events, the L2 cache flushed before
+each, and the host's launch path hidden behind a spin on the GPU, so that a time is the GPU's alone (the small
+section's calls include it: there it is the point); the calls that a ratio target compares
 (with and without the order; bf16 against FP8) run in --rounds interleaved rounds (default 3), and each
 one's best round is its time, every round recorded beside it (``*_rounds``). On Hopper the bf16 calls, with and without
 an order, run the Gluon kernel (dfsviz.kernels._jit.attention_sm90); the Triton kernels it
@@ -37,11 +39,12 @@ import functools
 import importlib
 import json
 import logging
+import math
+import statistics
 import sys
 import time
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -78,18 +81,61 @@ TARGETS = {"sparse_vs_flex": 0.8, "eff_vs_cudnn": 0.95, "order_overhead": 1.03, 
            "stats_vs_cudnn": 1.5, "small_vs_flex": 1.0, "fp8_speedup": 1.6}
 
 
-def bench(fn, rep_ms=200, min_calls=10):
-    """Median time of ``fn`` in ms over at least ``min_calls`` timed calls: do_bench times
-    rep_ms / (one call's time) calls, a single one for calls over rep_ms / 2, whose time then
-    depends on the clock the card happened to run at (HunyuanVideo B 2 with an order read
-    1.13-1.15x the unordered call that way, 1.01-1.02x over 11 calls each in alternating rounds)."""
+@functools.lru_cache(maxsize=None)
+def _spin_cycles_per_ms() -> float:
+    """Clock cycles that ``torch.cuda._sleep`` spins per millisecond on this card (at its clock now)."""
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    return cycles / start.elapsed_time(end)
+
+
+def bench(fn, rep_ms=200, min_calls=10, hide_host=True):
+    """Median time of ``fn`` in ms over at least ``min_calls`` timed calls (enough to fill rep_ms),
+    each after a flush of the L2 cache, between CUDA events, as triton.testing.do_bench times.
+
+    With ``hide_host`` (the default) a spin on the GPU, longer than the host takes to enqueue the
+    call, runs before each timed call, so the time is the GPU's alone, as in a pipeline whose host
+    runs ahead. Without it the GPU idles while the host runs the call's Python and launches (about
+    0.2 ms before the Gluon kernel starts on an H100), and that wait is timed too: what a lone
+    eager call costs, which is what the small section compares with CUDA-graph replays. do_bench
+    times that way, so before this the bf16 call at Wan2.1-1.3B read 2.16-2.22 ms against 1.97 ms
+    of kernel (CUPTI), while an FP8 call's launch path ran behind its quantization kernels."""
     fn()  # compile / autotune outside the timing
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
     call_ms = (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(fn, warmup=25, rep=max(rep_ms, min_calls * call_ms), return_mode="median")
+    for _ in range(max(1, math.ceil(25 / call_ms))):  # warm-up, about 25 ms
+        fn()
+    spin = 0
+    if hide_host:  # the host's time to enqueue one call, measured behind a long spin
+        torch.cuda._sleep(int(50 * _spin_cycles_per_ms()))
+        t0 = time.perf_counter()
+        fn()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        if host_ms > 25:  # the call waited for the GPU: no spin can run ahead of it
+            raise RuntimeError(f"the timed call synchronizes with the GPU ({host_ms:.1f} ms to enqueue behind a 50 ms "
+                               "spin): time it with hide_host=False")
+        spin = int((3 * host_ms + 0.05) * _spin_cycles_per_ms())
+    torch.cuda.synchronize()
+    calls = max(min_calls, math.ceil(rep_ms / call_ms))
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    for start, end in events:
+        flush.zero_()
+        if spin:
+            torch.cuda._sleep(spin)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def bench_rounds(calls: dict, rounds: int) -> dict[str, list[float]]:
@@ -260,13 +306,16 @@ def run_small(flex, gamma=0.3):
             return block_sparse_attention(qo, ko, vo, mask)
 
         qo, ko, vo = order.apply(q), order.apply(k), order.apply(v)
-        row["flex_ms"] = bench(lambda: flex(qo, ko, vo, block_mask=fmask))
+        row["flex_ms"] = bench(lambda: flex(qo, ko, vo, block_mask=fmask), hide_host=False)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            row["cudnn_dense_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+            row["cudnn_dense_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                          hide_host=False)
         calls = [("cached", cached), ("refresh", refresh), ("permuted", permuted)]
         for label, fn in calls + [(f"{label}_triton", fn) for label, fn in calls if label != "refresh"]:
             with check_gpu.triton_kernels() if label.endswith("_triton") else contextlib.nullcontext():
-                for mode, timed in (("eager", lambda: bench(fn)), ("graph", lambda: bench(graphed(fn)))):
+                # host included: an eager call's launch path is what a graph replay saves
+                for mode, timed in (("eager", lambda: bench(fn, hide_host=False)),
+                                    ("graph", lambda: bench(graphed(fn), hide_host=False))):
                     try:
                         row[f"{label}_{mode}_ms"] = timed()
                     except Exception as exc:  # not compilable or capturable: record why, keep measuring
@@ -438,6 +487,8 @@ def main() -> int:
     flex = torch.compile(flex_attention, dynamic=False)
     rows, small, fp8, candidates = [], [], [], []
     result = run_header(torch.device("cuda"))
+    result["timing"] = ("bench(): GPU time, the host's launch path hidden behind a GPU spin (the small section: "
+                        "host included); ratio pairs in --rounds interleaved rounds, best round")
 
     def write():
         result.update({

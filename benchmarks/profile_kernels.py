@@ -7,7 +7,8 @@
 Shape: Wan2.1-1.3B 480p (N = 32760, H = 12, D = 128, bf16, B = 1), the hilbert3d dfs_tile
 mask at gamma 0.2 (bench_kernels.realistic_masks). Cases: cuDNN dense SDPA, our block-sparse
 kernel with and without order and with the full mask, in bf16 and with FP8 Q and K
-(``precision="fp8"``), and block_scores (dfs_tile, tile 16).
+(``precision="fp8"``), sparse with P . V in FP8 too (``"fp8_pv"``), and block_scores (dfs_tile,
+tile 16); ``--cases`` picks some of them.
 For each case the JSON lists every GPU kernel launched by one call (name, count, device
 microseconds, from CUPTI), the call's device time between CUDA events, and the host time
 to enqueue it while the GPU is busy (launch overhead that a GPU-bound pipeline hides).
@@ -40,8 +41,8 @@ from dfsviz.sparse.orders import make_order  # noqa: E402
 GAMMA = 0.2
 
 
-def cases(shape: str) -> dict:
-    """Name -> zero-argument callable, on freshly drawn inputs of ``shape``."""
+def cases(shape: str) -> tuple[dict, float]:
+    """Name -> zero-argument callable, on freshly drawn inputs of ``shape``; and the mask's density."""
     grid, heads, d = SHAPES[shape]
     n = grid.num_tokens
     q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -61,9 +62,13 @@ def cases(shape: str) -> dict:
         "full_mask_order": lambda: block_sparse_attention(q, k, v, full, order=order),
         "sparse_fp8": lambda: block_sparse_attention(q, k, v, mask, precision="fp8"),
         "full_mask_fp8": lambda: block_sparse_attention(q, k, v, full, precision="fp8"),
+        "sparse_fp8_pv": lambda: block_sparse_attention(q, k, v, mask, precision="fp8_pv"),
         "block_scores": lambda: block_scores(q, k, method="dfs_tile", tile=16, block=BLOCK),
-        "density": float(mask.density().mean()),
-    }
+    }, float(mask.density().mean())
+
+
+CASES = ("cudnn_dense", "sparse", "sparse_order", "full_mask", "full_mask_order", "sparse_fp8", "full_mask_fp8",
+         "sparse_fp8_pv", "block_scores")
 
 
 def kernel_table(fn, calls: int) -> list[dict]:
@@ -98,14 +103,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="wan1.3b-480p", choices=sorted(SHAPES))
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which cases to run (default: all)")
     ap.add_argument("--ncu-region", action="store_true", help="one call per case inside cudaProfilerStart/Stop")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: run this on the GPU machine", file=sys.stderr)
         return 2
-    fns = cases(args.shape)
-    density = fns.pop("density")
+    fns, density = cases(args.shape)
+    fns = {name: fns[name] for name in args.cases}
     for fn in fns.values():  # compile and autotune outside any measurement
         fn()
     torch.cuda.synchronize()

@@ -4,7 +4,7 @@
 
 One diffusers ``WanTransformerBlock`` (C = 5,120, 40 heads, FFN 13,824, cross_attn_norm) with
 random bf16 weights, N = 75,600 video tokens, 512 text tokens, dense cuDNN attention. Times the
-block call (bench_kernels.bench: triton.testing.do_bench, median of at least 10 calls) and lists
+block call (bench_kernels.bench: the GPU's time, median of at least 10 calls) and lists
 its CUDA kernels (torch.profiler, mean of 3 calls) grouped as attention (SDPA), matrix products, and
 element-wise (everything else), for:
 
