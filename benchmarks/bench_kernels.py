@@ -138,21 +138,16 @@ def bench(fn, rep_ms=200, min_calls=10, hide_host=True):
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def bench_rounds(calls: dict, rounds: int) -> dict[str, list[float]]:
+def bench_rounds(row: dict, calls: dict, rounds: int) -> None:
     """Each of ``calls`` (name: thunk) timed by ``bench`` in ``rounds`` interleaved rounds, the
-    order of the calls reversed every other round: name -> its time in each round (ms). The calls
-    whose ratio is a target are timed this way and compared by their best round, so that the
-    card's clock, which can move a call by 10 % from one timing window to the next (an H100 at its
-    power limit), weighs on both sides of a ratio alike."""
+    order of the calls reversed every other round; into ``row`` each call's best round as
+    ``<name>`` (ms) and every round as ``<name>_rounds``. The calls whose ratio is a target are
+    timed this way, so that the card's clock, which can move a call by 10 % from one timing window
+    to the next (an H100 at its power limit), weighs on both sides of a ratio alike."""
     times = {name: [] for name in calls}
     for r in range(rounds):
         for name in (calls if r % 2 == 0 else reversed(list(calls))):
             times[name].append(bench(calls[name]))
-    return times
-
-
-def record_rounds(row: dict, times: dict[str, list[float]]) -> None:
-    """Into ``row``: each call's best round as ``<name>`` and every round as ``<name>_rounds``."""
     for name, ms in times.items():
         row[name] = min(ms)
         row[f"{name}_rounds"] = ms
@@ -212,9 +207,9 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts, rounds, rows: list, 
             fmask = mask.to_flex_block_mask()
             g = {"gamma": gamma, "density": density}
             g["flex_ms"] = bench(lambda: flex(q, k, v, block_mask=fmask))
-            record_rounds(g, bench_rounds({
+            bench_rounds(g, {
                 "sparse_ms": lambda: block_sparse_attention(q, k, v, mask),
-                "sparse_order_ms": lambda: block_sparse_attention(q, k, v, mask, order=order)}, rounds))
+                "sparse_order_ms": lambda: block_sparse_attention(q, k, v, mask, order=order)}, rounds)
             g["sparse_kernel"] = "gluon-sm90" if jit_attention.sm90_kernel_runs(q, mask) else "triton-descriptors"
             perm = order.perm_on("cuda", torch.int32)
             # what the Gluon kernel's launcher adds with an order: ordered copies of k and v
@@ -242,9 +237,9 @@ def run_shape(name, batches, gammas, flex, skip_fa2, parts, rounds, rows: list, 
                      g["sparse_eff_tflops"])
         if "attention" in parts:  # after the gammas: the autotuner chose on real masks
             full = BlockMask.full(bsz, heads, n, BLOCK, device="cuda")
-            record_rounds(row, bench_rounds({
+            bench_rounds(row, {
                 "full_mask_ms": lambda: block_sparse_attention(q, k, v, full),
-                "full_mask_order_ms": lambda: block_sparse_attention(q, k, v, full, order=order)}, rounds))
+                "full_mask_order_ms": lambda: block_sparse_attention(q, k, v, full, order=order)}, rounds)
             with check_gpu.triton_kernels():
                 row["full_mask_triton_ms"] = bench(lambda: block_sparse_attention(q, k, v, full))
             row["full_mask_tflops"] = dense_flops / row["full_mask_ms"] * 1e-9
@@ -347,9 +342,9 @@ def run_fp8(name, bsz, rounds, gamma=0.2):
            "sparse_kernel": "gluon-sm90" if jit_attention.sm90_kernel_runs(q, mask) else "triton"}
     precisions = {"bf16": "native", "fp8": "fp8", "fp8_pv": "fp8_pv"}  # row key: the call's precision
     variants = {"": {}, "_order": {"order": order}}
-    record_rounds(row, bench_rounds({
+    bench_rounds(row, {
         f"{key}{suffix}_ms": functools.partial(block_sparse_attention, q, k, v, mask, **orders, precision=precision)
-        for key, precision in precisions.items() for suffix, orders in variants.items()}, rounds))
+        for key, precision in precisions.items() for suffix, orders in variants.items()}, rounds)
     for key in ("fp8", "fp8_pv"):
         for suffix in variants:
             row[f"{key}{suffix}_speedup"] = row[f"bf16{suffix}_ms"] / row[f"{key}{suffix}_ms"]

@@ -77,7 +77,7 @@ def summarize(rows: list[dict]) -> dict:
     """One launch's samples: idle, loader, consumers, and the consumers' shares and opcodes."""
     ops = [opcode(r["Source"]) for r in rows]
     samples = [int(r[SAMPLES] or 0) for r in rows]
-    hot = [i for i, (op, s) in enumerate(zip(ops, samples)) if op == "NOP" and s > HOT_NOP]
+    hot = {i for i, (op, s) in enumerate(zip(ops, samples)) if op == "NOP" and s > HOT_NOP}
     if not hot:
         raise ValueError("no hot NOP in this launch: not the warp-specialized Gluon kernel")
     first, last = min(hot), max(hot)
