@@ -19,11 +19,13 @@ cudaProfilerStart/Stop so that ``ncu --profile-from-start off`` profiles only th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,34 +43,35 @@ from dfsviz.sparse.orders import make_order  # noqa: E402
 GAMMA = 0.2
 
 
-def cases(shape: str) -> tuple[dict, float]:
-    """Name -> zero-argument callable, on freshly drawn inputs of ``shape``; and the mask's density."""
+def _cudnn_dense(x):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(x.q, x.k, x.v)
+
+
+#: Case name -> the call it times, on the inputs that ``cases`` draws.
+CASES = {
+    "cudnn_dense": _cudnn_dense,
+    "sparse": lambda x: block_sparse_attention(x.q, x.k, x.v, x.mask),
+    "sparse_order": lambda x: block_sparse_attention(x.q, x.k, x.v, x.mask, order=x.order),
+    "full_mask": lambda x: block_sparse_attention(x.q, x.k, x.v, x.full),
+    "full_mask_order": lambda x: block_sparse_attention(x.q, x.k, x.v, x.full, order=x.order),
+    "sparse_fp8": lambda x: block_sparse_attention(x.q, x.k, x.v, x.mask, precision="fp8"),
+    "full_mask_fp8": lambda x: block_sparse_attention(x.q, x.k, x.v, x.full, precision="fp8"),
+    "sparse_fp8_pv": lambda x: block_sparse_attention(x.q, x.k, x.v, x.mask, precision="fp8_pv"),
+    "block_scores": lambda x: block_scores(x.q, x.k, method="dfs_tile", tile=16, block=BLOCK),
+}
+
+
+def cases(shape: str, names) -> tuple[dict, float]:
+    """Name -> zero-argument callable for each of ``names`` (keys of CASES), on freshly drawn
+    inputs of ``shape``; and the mask's density."""
     grid, heads, d = SHAPES[shape]
     n = grid.num_tokens
     q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     mask = realistic_masks(grid, heads, d, (GAMMA,), "cuda")[GAMMA]
-    full = BlockMask.full(1, heads, n, BLOCK, device="cuda")
-    order = make_order("hilbert3d", grid)
-
-    def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    return {
-        "cudnn_dense": cudnn,
-        "sparse": lambda: block_sparse_attention(q, k, v, mask),
-        "sparse_order": lambda: block_sparse_attention(q, k, v, mask, order=order),
-        "full_mask": lambda: block_sparse_attention(q, k, v, full),
-        "full_mask_order": lambda: block_sparse_attention(q, k, v, full, order=order),
-        "sparse_fp8": lambda: block_sparse_attention(q, k, v, mask, precision="fp8"),
-        "full_mask_fp8": lambda: block_sparse_attention(q, k, v, full, precision="fp8"),
-        "sparse_fp8_pv": lambda: block_sparse_attention(q, k, v, mask, precision="fp8_pv"),
-        "block_scores": lambda: block_scores(q, k, method="dfs_tile", tile=16, block=BLOCK),
-    }, float(mask.density().mean())
-
-
-CASES = ("cudnn_dense", "sparse", "sparse_order", "full_mask", "full_mask_order", "sparse_fp8", "full_mask_fp8",
-         "sparse_fp8_pv", "block_scores")
+    inputs = SimpleNamespace(q=q, k=k, v=v, mask=mask, full=BlockMask.full(1, heads, n, BLOCK, device="cuda"),
+                             order=make_order("hilbert3d", grid))
+    return {name: functools.partial(CASES[name], inputs) for name in names}, float(mask.density().mean())
 
 
 def kernel_table(fn, calls: int) -> list[dict]:
@@ -110,8 +113,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: run this on the GPU machine", file=sys.stderr)
         return 2
-    fns, density = cases(args.shape)
-    fns = {name: fns[name] for name in args.cases}
+    fns, density = cases(args.shape, args.cases)
     for fn in fns.values():  # compile and autotune outside any measurement
         fn()
     torch.cuda.synchronize()
