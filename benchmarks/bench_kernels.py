@@ -94,6 +94,18 @@ def _spin_cycles_per_ms() -> float:
     return cycles / start.elapsed_time(end)
 
 
+def host_enqueue_ms(fn, calls: int = 1) -> float:
+    """Host milliseconds per call to enqueue ``calls`` calls of ``fn`` behind a 50 ms spin on the
+    GPU, so that no launch waits for the device (unless the call itself synchronizes)."""
+    torch.cuda._sleep(int(50 * _spin_cycles_per_ms()))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    ms = (time.perf_counter() - t0) * 1e3 / calls
+    torch.cuda.synchronize()
+    return ms
+
+
 def bench(fn, rep_ms=200, min_calls=10, hide_host=True):
     """Median time of ``fn`` in ms over at least ``min_calls`` timed calls (enough to fill rep_ms),
     each after a flush of the L2 cache, between CUDA events, as triton.testing.do_bench times.
@@ -114,11 +126,8 @@ def bench(fn, rep_ms=200, min_calls=10, hide_host=True):
     for _ in range(max(1, math.ceil(25 / call_ms))):  # warm-up, about 25 ms
         fn()
     spin = 0
-    if hide_host:  # the host's time to enqueue one call, measured behind a long spin
-        torch.cuda._sleep(int(50 * _spin_cycles_per_ms()))
-        t0 = time.perf_counter()
-        fn()
-        host_ms = (time.perf_counter() - t0) * 1e3
+    if hide_host:
+        host_ms = host_enqueue_ms(fn)
         if host_ms > 25:  # the call waited for the GPU: no spin can run ahead of it
             raise RuntimeError(f"the timed call synchronizes with the GPU ({host_ms:.1f} ms to enqueue behind a 50 ms "
                                "spin): time it with hide_host=False")

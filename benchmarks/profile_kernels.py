@@ -22,7 +22,6 @@ import argparse
 import functools
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import BLOCK, SHAPES, bench, realistic_masks  # noqa: E402
+from bench_kernels import BLOCK, SHAPES, bench, host_enqueue_ms, realistic_masks  # noqa: E402
 from provenance import run_header  # noqa: E402
 
 from dfsviz.kernels.block_scores import block_scores  # noqa: E402
@@ -89,19 +88,6 @@ def kernel_table(fn, calls: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_call"])
 
 
-def host_enqueue_us(fn, calls: int) -> float:
-    """Host microseconds per call to enqueue ``fn`` behind a busy GPU (no waiting on the device)."""
-    busy = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(20):  # ~ tens of ms of queued work, so the enqueue never waits on the GPU
-        busy @ busy
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    dt = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return dt / calls * 1e6
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="wan1.3b-480p", choices=sorted(SHAPES))
@@ -132,7 +118,7 @@ def main() -> int:
         kernels = kernel_table(fn, args.calls)
         result["cases"][name] = {"device_ms": ms, "kernels": kernels,
                                  "kernel_us_sum": sum(r["us_per_call"] for r in kernels),
-                                 "host_enqueue_us": host_enqueue_us(fn, args.calls)}
+                                 "host_enqueue_us": host_enqueue_ms(fn, args.calls) * 1e3}
         print(f"{name}: {ms * 1e3:.1f} us per call (kernels {result['cases'][name]['kernel_us_sum']:.1f} us, "
               f"host enqueue {result['cases'][name]['host_enqueue_us']:.1f} us)")
         for r in kernels:
